@@ -1,0 +1,321 @@
+// attn: a command-line client for attnd. Inputs from .npy files or --random, outputs to .npy,
+// the server's timings as a short table or JSON.
+#include <google/protobuf/util/json_util.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <iostream>
+#include <random>
+#include <sstream>
+
+#include "attn/client.h"
+#include "attn/npy.h"
+#include "attn/wire.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+
+namespace {
+
+using attn::Result;
+using attn::Shape;
+using attn::Status;
+using attn::Tensor;
+
+struct Common {
+  std::string server = "127.0.0.1:50051";
+  std::int64_t timeout_ms = 0;
+  bool json = false;
+};
+
+struct OpFlags {
+  std::vector<std::string> inputs;
+  std::string random;
+  std::string dtype = "float32";
+  std::string kernel;
+  std::string output;
+  std::uint64_t seed = 0;
+  bool dtype_given = false;
+};
+
+Result<Shape> parse_shape(const std::string& text, const std::string& what) {
+  Shape shape;
+  std::stringstream ss(text);
+  for (std::string d; std::getline(ss, d, ',');) {
+    try {
+      std::size_t used = 0;
+      shape.push_back(std::stoll(d, &used));
+      if (used != d.size()) throw std::invalid_argument(d);
+    } catch (const std::exception&) {
+      return attn::invalid_argument(what + ": expected comma-separated integers, got \"" + text + "\"");
+    }
+  }
+  ATTN_RETURN_IF_ERROR(attn::checked_element_count(shape, what).status());
+  return shape;
+}
+
+Tensor random_tensor(attn::DType dtype, const Shape& shape, std::mt19937_64& rng) {
+  Tensor t(dtype, shape);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  for (std::size_t i = 0; i < static_cast<std::size_t>(t.numel()); ++i) t.set(i, dist(rng));
+  return t;
+}
+
+Result<attn::DType> dtype_of(const OpFlags& f) {
+  auto d = attn::parse_dtype(f.dtype);
+  if (!d) return attn::invalid_argument("--dtype: expected float32, float16 or bfloat16, got " + f.dtype);
+  return *d;
+}
+
+// Input i from its .npy file, converted to --dtype when one was given.
+Result<Tensor> load_input(const OpFlags& f, std::size_t i) {
+  ATTN_ASSIGN_OR_RETURN(t, attn::read_npy(f.inputs[i]));
+  if (!f.dtype_given) return t;
+  ATTN_ASSIGN_OR_RETURN(dtype, dtype_of(f));
+  if (dtype == t.dtype()) return t;
+  return Tensor::from_floats(dtype, t.shape(), t.to_floats());
+}
+
+std::string format_ns(std::int64_t ns) {
+  char buf[32];
+  if (ns >= 1000000000) std::snprintf(buf, sizeof buf, "%.3f s", ns / 1e9);
+  else if (ns >= 1000000) std::snprintf(buf, sizeof buf, "%.3f ms", ns / 1e6);
+  else std::snprintf(buf, sizeof buf, "%.1f us", ns / 1e3);
+  return buf;
+}
+
+int report(const Common& c, const Result<attn::OpResult>& r, const OpFlags& f, const char* lse_path) {
+  if (!r.ok()) {
+    std::cerr << "attn: " << r.status().to_string() << "\n";
+    return 1;
+  }
+  if (!f.output.empty()) {
+    Status s = attn::write_npy(f.output, r->output);
+    if (!s.ok()) return std::cerr << "attn: " << s.message() << "\n", 1;
+  }
+  if (lse_path && *lse_path) {
+    Status s = attn::write_npy(lse_path, r->lse);
+    if (!s.ok()) return std::cerr << "attn: " << s.message() << "\n", 1;
+  }
+  const auto& t = r->timings;
+  const double secs = t.kernel_ns() / 1e9;
+  if (c.json) {
+    std::string timings;
+    google::protobuf::util::JsonPrintOptions opts;
+    opts.always_print_primitive_fields = true;
+    opts.preserve_proto_field_names = true;
+    (void)google::protobuf::util::MessageToJsonString(t, &timings, opts);
+    std::cout << "{\"output_shape\": " << attn::shape_to_string(r->output.shape())
+              << ", \"output_dtype\": \"" << attn::dtype_name(r->output.dtype())
+              << "\", \"output\": \"" << f.output << "\", \"tflops\": "
+              << (secs > 0 ? t.flops() / secs / 1e12 : 0.0) << ", \"gbps\": "
+              << (secs > 0 ? t.bytes() / secs / 1e9 : 0.0) << ", \"timings\": " << timings << "}\n";
+    return 0;
+  }
+  std::printf("%-8s %s\n%-8s %s\n", "kernel", t.kernel().c_str(), "device", t.device().c_str());
+  std::printf("%-8s %s\n%-8s %s\n%-8s %s\n%-8s %s\n%-8s %s\n", "queue", format_ns(t.queue_ns()).c_str(),
+              "h2d", format_ns(t.h2d_ns()).c_str(), "compute", format_ns(t.kernel_ns()).c_str(), "d2h",
+              format_ns(t.d2h_ns()).c_str(), "total", format_ns(t.total_ns()).c_str());
+  if (secs > 0)
+    std::printf("%-8s %.3f TFLOP/s, %.1f GB/s\n", "rate", t.flops() / secs / 1e12, t.bytes() / secs / 1e9);
+  std::printf("%-8s %s %s%s%s\n", "output", attn::shape_to_string(r->output.shape()).c_str(),
+              std::string(attn::dtype_name(r->output.dtype())).c_str(), f.output.empty() ? "" : " -> ",
+              f.output.c_str());
+  return 0;
+}
+
+void add_op_flags(CLI::App* cmd, OpFlags& f, const char* inputs_help, const char* random_help) {
+  cmd->add_option("inputs", f.inputs, inputs_help);
+  cmd->add_option("--random", f.random, random_help);
+  cmd->add_option("--dtype", f.dtype, "float32, float16 or bfloat16 (random inputs, or to convert .npy inputs)")
+      ->each([&f](const std::string&) { f.dtype_given = true; });
+  cmd->add_option("--kernel", f.kernel, "variant name from `attn kernels` (default: the server picks)");
+  cmd->add_option("-o,--output", f.output, "write the result here (.npy)");
+  cmd->add_option("--seed", f.seed, "seed for --random");
+}
+
+Status need_inputs(const OpFlags& f, std::size_t n, const char* names) {
+  if (!f.random.empty() && !f.inputs.empty())
+    return attn::invalid_argument("give either --random or input files, not both");
+  if (f.random.empty() && f.inputs.size() != n)
+    return attn::invalid_argument(std::string("expected ") + std::to_string(n) + " input files (" + names +
+                                  ") or --random, got " + std::to_string(f.inputs.size()));
+  return Status::Ok();
+}
+
+int fail(const Status& s) {
+  std::cerr << "attn: " << s.message() << "\n";
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Common c;
+  CLI::App app{"attn: call an attnd server"};
+  app.add_option("-s,--server", c.server, "server address")->capture_default_str()->envname("ATTN_SERVER");
+  app.add_option("--timeout-ms", c.timeout_ms, "deadline per call (0: none)");
+  app.add_flag("--json", c.json, "print JSON instead of a table");
+  app.require_subcommand(1);
+
+  auto* info = app.add_subcommand("info", "server version, backend, devices and limits");
+  std::string health_service;
+  auto* health = app.add_subcommand("health", "the standard health check; exit 0 when SERVING");
+  health->add_option("--service", health_service, "service name (default: the whole server)");
+  std::string kernels_op;
+  auto* kernels = app.add_subcommand("kernels", "every op's variants and whether they can run here");
+  kernels->add_option("--op", kernels_op, "matmul, softmax or attention");
+
+  OpFlags mm;
+  bool ta = false, tb = false;
+  auto* matmul = app.add_subcommand("matmul", "C = A.B");
+  add_op_flags(matmul, mm, "A.npy B.npy", "M,K,N or B,M,K,N: random inputs of these sizes");
+  matmul->add_flag("--transpose-a", ta, "A is stored [K, M] and read transposed");
+  matmul->add_flag("--transpose-b", tb, "B is stored [N, K] and read transposed");
+
+  OpFlags sm;
+  auto* softmax = app.add_subcommand("softmax", "softmax over the last dimension");
+  add_op_flags(softmax, sm, "X.npy", "SHAPE: a random input of this shape, e.g. 8,1000");
+
+  OpFlags at;
+  bool causal = false;
+  float scale = 0.0f;
+  std::int64_t kv_heads = 0, kv_len = 0;
+  std::string lse_out;
+  auto* attention = app.add_subcommand("attention", "O = softmax(scale.QK^T) V");
+  add_op_flags(attention, at, "Q.npy K.npy V.npy", "B,Hq,Sq,D: random inputs of these sizes");
+  attention->add_flag("--causal", causal, "bottom-right aligned causal mask");
+  attention->add_option("--scale", scale, "score scale (0: 1/sqrt(D))");
+  attention->add_option("--kv-heads", kv_heads, "with --random: key/value heads (default Hq)");
+  attention->add_option("--kv-len", kv_len, "with --random: key/value length (default Sq)");
+  attention->add_option("--lse-out", lse_out, "also write the log-sum-exp [B,Hq,Sq] here (.npy)");
+
+  CLI11_PARSE(app, argc, argv);
+  attn::ClientOptions options;
+  options.timeout = std::chrono::milliseconds(c.timeout_ms);
+  attn::Client client(c.server, options);
+  google::protobuf::util::JsonPrintOptions json_opts;
+  json_opts.add_whitespace = true;
+  json_opts.preserve_proto_field_names = true;
+
+  if (info->parsed()) {
+    auto r = client.server_info();
+    if (!r.ok()) return std::cerr << "attn: " << r.status().to_string() << "\n", 1;
+    if (c.json) {
+      std::string s;
+      (void)google::protobuf::util::MessageToJsonString(*r, &s, json_opts);
+      std::cout << s;
+      return 0;
+    }
+    std::printf("attnd %s, %s backend\n", r->version().c_str(), r->backend().c_str());
+    for (const auto& d : r->devices())
+      std::printf("  device %s: %.1f GiB, %d %s%s%s\n", d.name().c_str(), d.memory_bytes() / 1073741824.0,
+                  d.multiprocessors(), d.backend() == "cuda" ? "SMs" : "threads",
+                  d.compute_capability().empty() ? "" : ", sm_", d.compute_capability().c_str());
+    std::printf("  limits: max message %lld MiB, max %lld elements per tensor, queue depth %d\n",
+                static_cast<long long>(r->limits().max_message_bytes() >> 20),
+                static_cast<long long>(r->limits().max_elements()), r->limits().queue_depth());
+    return 0;
+  }
+  if (health->parsed()) {
+    auto stub = grpc::health::v1::Health::NewStub(attn::make_channel(c.server, options));
+    grpc::health::v1::HealthCheckRequest req;
+    req.set_service(health_service);
+    grpc::health::v1::HealthCheckResponse resp;
+    auto ctx = client.make_context();
+    const grpc::Status s = stub->Check(ctx.get(), req, &resp);
+    if (!s.ok()) return std::cerr << "attn: health: " << s.error_message() << "\n", 1;
+    std::cout << grpc::health::v1::HealthCheckResponse::ServingStatus_Name(resp.status()) << "\n";
+    return resp.status() == grpc::health::v1::HealthCheckResponse::SERVING ? 0 : 1;
+  }
+  if (kernels->parsed()) {
+    auto r = client.list_kernels(kernels_op);
+    if (!r.ok()) return std::cerr << "attn: " << r.status().to_string() << "\n", 1;
+    if (c.json) {
+      std::string s;
+      (void)google::protobuf::util::MessageToJsonString(*r, &s, json_opts);
+      std::cout << s;
+      return 0;
+    }
+    for (const auto& k : r->kernels()) {
+      std::string dtypes;
+      for (int d : k.dtypes()) {
+        auto t = attn::wire::from_proto(static_cast<attn::v1::DType>(d));
+        dtypes += (dtypes.empty() ? "" : ",") + std::string(t ? attn::dtype_name(*t) : "?");
+      }
+      std::printf("%-28s %-5s %-9s %-26s %s\n", k.name().c_str(), k.backend().c_str(),
+                  k.available() ? "available" : "-", dtypes.c_str(), k.limits().c_str());
+    }
+    return 0;
+  }
+
+  std::mt19937_64 rng;
+  if (matmul->parsed()) {
+    if (Status s = need_inputs(mm, 2, "A.npy B.npy"); !s.ok()) return fail(s);
+    Tensor a, b;
+    if (!mm.random.empty()) {
+      auto dims = parse_shape(mm.random, "--random");
+      if (!dims.ok()) return fail(dims.status());
+      if (dims->size() != 3 && dims->size() != 4) return fail(attn::invalid_argument("--random: expected M,K,N or B,M,K,N"));
+      auto dtype = dtype_of(mm);
+      if (!dtype.ok()) return fail(dtype.status());
+      rng.seed(mm.seed);
+      const Shape& d = *dims;
+      const bool batched = d.size() == 4;
+      const std::int64_t m = d[batched], k = d[batched + 1], n = d[batched + 2];
+      Shape as = ta ? Shape{k, m} : Shape{m, k}, bs = tb ? Shape{n, k} : Shape{k, n};
+      if (batched) as.insert(as.begin(), d[0]), bs.insert(bs.begin(), d[0]);
+      a = random_tensor(*dtype, as, rng);
+      b = random_tensor(*dtype, bs, rng);
+    } else {
+      auto ra = load_input(mm, 0), rb = load_input(mm, 1);
+      if (!ra.ok()) return fail(ra.status());
+      if (!rb.ok()) return fail(rb.status());
+      a = std::move(*ra);
+      b = std::move(*rb);
+    }
+    return report(c, client.matmul(a, b, {ta, tb, mm.kernel}), mm, nullptr);
+  }
+  if (softmax->parsed()) {
+    if (Status s = need_inputs(sm, 1, "X.npy"); !s.ok()) return fail(s);
+    Tensor x;
+    if (!sm.random.empty()) {
+      auto shape = parse_shape(sm.random, "--random");
+      if (!shape.ok()) return fail(shape.status());
+      auto dtype = dtype_of(sm);
+      if (!dtype.ok()) return fail(dtype.status());
+      rng.seed(sm.seed);
+      x = random_tensor(*dtype, *shape, rng);
+    } else {
+      auto rx = load_input(sm, 0);
+      if (!rx.ok()) return fail(rx.status());
+      x = std::move(*rx);
+    }
+    return report(c, client.softmax(x, sm.kernel), sm, nullptr);
+  }
+  if (attention->parsed()) {
+    if (Status s = need_inputs(at, 3, "Q.npy K.npy V.npy"); !s.ok()) return fail(s);
+    Tensor q, k, v;
+    if (!at.random.empty()) {
+      auto dims = parse_shape(at.random, "--random");
+      if (!dims.ok()) return fail(dims.status());
+      if (dims->size() != 4) return fail(attn::invalid_argument("--random: expected B,Hq,Sq,D"));
+      auto dtype = dtype_of(at);
+      if (!dtype.ok()) return fail(dtype.status());
+      rng.seed(at.seed);
+      const Shape& d = *dims;
+      const Shape kv{d[0], kv_heads ? kv_heads : d[1], kv_len ? kv_len : d[2], d[3]};
+      q = random_tensor(*dtype, d, rng);
+      k = random_tensor(*dtype, kv, rng);
+      v = random_tensor(*dtype, kv, rng);
+    } else {
+      Tensor* outs[] = {&q, &k, &v};
+      for (std::size_t i = 0; i < 3; ++i) {
+        auto r = load_input(at, i);
+        if (!r.ok()) return fail(r.status());
+        *outs[i] = std::move(*r);
+      }
+    }
+    attn::AttentionOptions o{causal, scale, !lse_out.empty(), at.kernel};
+    return report(c, client.attention(q, k, v, o), at, lse_out.c_str());
+  }
+  return 0;
+}

@@ -1,0 +1,68 @@
+// attn::Client: typed calls to an attnd server, returning the result tensors and the server's
+// timings. Uses the proto API and the library's tensor type.
+#pragma once
+
+#include <grpcpp/channel.h>
+
+#include <chrono>
+#include <memory>
+#include <string>
+
+#include "attn/status.h"
+#include "attn/tensor.h"
+#include "attn/v1/attn.grpc.pb.h"
+
+namespace attn {
+
+struct ClientOptions {
+  std::int64_t max_message_mb = 1024;
+  std::chrono::milliseconds timeout{0};  // per call; 0 = none
+};
+
+struct MatmulOptions {
+  bool transpose_a = false;
+  bool transpose_b = false;
+  std::string kernel;  // empty: the server picks
+};
+
+struct AttentionOptions {
+  bool causal = false;
+  float scale = 0.0f;  // 0: 1/sqrt(D)
+  bool return_lse = false;
+  std::string kernel;
+};
+
+struct OpResult {
+  Tensor output;
+  Tensor lse;  // attention with return_lse only
+  v1::Timings timings;
+};
+
+class Client {
+ public:
+  // `target`: "host:port", or any gRPC target ("ipv4:127.0.0.1:1,127.0.0.1:2").
+  explicit Client(const std::string& target, const ClientOptions& options = {});
+  explicit Client(std::shared_ptr<grpc::Channel> channel, const ClientOptions& options = {});
+
+  Result<OpResult> matmul(const Tensor& a, const Tensor& b, const MatmulOptions& options = {});
+  Result<OpResult> softmax(const Tensor& x, const std::string& kernel = "");
+  Result<OpResult> attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                             const AttentionOptions& options = {});
+  Result<v1::ListKernelsResponse> list_kernels(const std::string& op = "");
+  Result<v1::GetServerInfoResponse> server_info();
+
+  // The generated stub, for requests built by hand.
+  v1::AttnService::Stub& stub() { return *stub_; }
+  // A context with this client's timeout applied.
+  std::unique_ptr<grpc::ClientContext> make_context() const;
+
+ private:
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::AttnService::Stub> stub_;
+  ClientOptions options_;
+};
+
+// Makes a channel to `target` with the message limits of `options`.
+std::shared_ptr<grpc::Channel> make_channel(const std::string& target, const ClientOptions& options);
+
+}  // namespace attn

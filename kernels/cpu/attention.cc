@@ -1,0 +1,79 @@
+// attention/cpu: one task per (batch, query head, block of 16 query rows). Q, K and V are read as
+// float32 (converted once per call for float16/bfloat16); each query row computes its scores
+// against the keys it may see, a max-subtracted softmax in float32, and the weighted sum of V.
+// K and V of a key/value head are shared by its Hq/Hkv query heads, never copied.
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "convert.h"
+#include "cpu_kernels.h"
+#include "parallel.h"
+
+namespace attn::cpu {
+namespace {
+
+constexpr std::int64_t kRowsPerTask = 16;
+
+// The tensor as float32: the data itself for float32, else a converted copy kept in `storage`.
+const float* as_floats(const TensorView& t, std::vector<float>& storage) {
+  if (t.dtype == DType::kFloat32) return static_cast<const float*>(t.data);
+  storage = to_float_vector(t);
+  return storage.data();
+}
+
+}  // namespace
+
+Status attention_rows(const AttentionArgs& args, Stream&) {
+  auto dims = attention_dims(args.q, args.k, args.v);
+  ATTN_RETURN_IF_ERROR(dims.status());
+  const auto [batch, hq, hkv, sq, sk, d] = *dims;
+  std::vector<float> q_store, k_store, v_store;
+  const float* q = as_floats(args.q, q_store);
+  const float* k = as_floats(args.k, k_store);
+  const float* v = as_floats(args.v, v_store);
+  const std::int64_t group = hq / hkv;
+  const std::int64_t blocks = (sq + kRowsPerTask - 1) / kRowsPerTask;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+
+  parallel_for(batch * hq * blocks, kRowsPerTask * sk * d * 2, [&](std::int64_t task) {
+    const std::int64_t bh = task / blocks, i0 = (task % blocks) * kRowsPerTask;
+    const std::int64_t b = bh / hq, h = bh % hq, kv_head = b * hkv + h / group;
+    const float* k_head = k + kv_head * sk * d;
+    const float* v_head = v + kv_head * sk * d;
+    thread_local std::vector<float> scores, out;
+    scores.resize(static_cast<std::size_t>(sk));
+    out.resize(static_cast<std::size_t>(d));
+    for (std::int64_t i = i0; i < std::min(sq, i0 + kRowsPerTask); ++i) {
+      const float* q_row = q + (bh * sq + i) * d;
+      // Keys [0, visible) are visible to query i.
+      const std::int64_t visible =
+          args.causal ? std::clamp<std::int64_t>(i + (sk - sq) + 1, 0, sk) : sk;
+      float mx = neg_inf;
+      for (std::int64_t j = 0; j < visible; ++j) {
+        const float* k_row = k_head + j * d;
+        float s = 0.0f;
+        for (std::int64_t c = 0; c < d; ++c) s += q_row[c] * k_row[c];
+        scores[j] = s * args.scale;
+        mx = std::max(mx, scores[j]);
+      }
+      std::fill(out.begin(), out.end(), 0.0f);
+      float sum = 0.0f;
+      for (std::int64_t j = 0; j < visible; ++j) {
+        const float p = std::exp(scores[j] - mx);
+        sum += p;
+        const float* v_row = v_head + j * d;
+        for (std::int64_t c = 0; c < d; ++c) out[c] += p * v_row[c];
+      }
+      const float inv = visible > 0 ? 1.0f / sum : 0.0f;
+      for (float& x : out) x *= inv;
+      store_floats(args.o, (bh * sq + i) * d, d, out.data());
+      if (!args.lse.empty()) {
+        static_cast<float*>(args.lse.data)[bh * sq + i] = visible > 0 ? mx + std::log(sum) : neg_inf;
+      }
+    }
+  });
+  return Status::Ok();
+}
+
+}  // namespace attn::cpu

@@ -1,0 +1,13 @@
+// The CPU backend's kernels, registered in register.cc.
+#pragma once
+
+#include "attn/executor.h"
+#include "attn/ops.h"
+
+namespace attn::cpu {
+
+Status matmul_blocked(const MatmulArgs& args, Stream& stream);
+Status softmax_rows(const SoftmaxArgs& args, Stream& stream);
+Status attention_rows(const AttentionArgs& args, Stream& stream);
+
+}  // namespace attn::cpu

@@ -1,0 +1,34 @@
+// Work splitting for the CPU kernels: OpenMP when the build has it, a plain loop otherwise.
+#pragma once
+
+#include <cstdint>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace attn::cpu {
+
+inline int hardware_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+// Calls body(i) for i in [0, n), in parallel when the total work (n x work_per_item, in rough
+// multiply-adds) is worth a thread team: tiny requests stay on the calling thread.
+template <class Body>
+void parallel_for(std::int64_t n, std::int64_t work_per_item, Body&& body) {
+#ifdef _OPENMP
+  const bool worth_it = n > 1 && n * work_per_item > (1 << 16);
+#pragma omp parallel for schedule(dynamic, 1) if (worth_it)
+  for (std::int64_t i = 0; i < n; ++i) body(i);
+#else
+  (void)work_per_item;
+  for (std::int64_t i = 0; i < n; ++i) body(i);
+#endif
+}
+
+}  // namespace attn::cpu

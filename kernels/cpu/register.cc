@@ -1,0 +1,62 @@
+// The CPU backend: the embedded default, every dtype, every shape.
+#include <chrono>
+#include <thread>
+
+#include <unistd.h>
+
+#include "attn/executor.h"
+#include "attn/registry.h"
+#include "cpu_kernels.h"
+#include "parallel.h"
+
+namespace attn {
+
+void register_cpu_variants(Registry& r) {
+  const std::vector<DType> all(std::begin(kAllDTypes), std::end(kAllDTypes));
+  r.matmul.add({{"matmul/cpu_blocked", Op::kMatmul, Backend::kCpu, all, "any shape",
+                 "64x256 output tiles across threads, float32 arithmetic", 0, 0},
+                [](const MatmulArgs& a) {
+                  return matmul_dims(a.a, a.b, a.transpose_a, a.transpose_b).status();
+                },
+                cpu::matmul_blocked});
+  r.softmax.add({{"softmax/cpu", Op::kSoftmax, Backend::kCpu, all, "any shape",
+                  "a row per task, float32 arithmetic", 0, 0},
+                 [](const SoftmaxArgs& a) { return softmax_dims(a.x).status(); },
+                 cpu::softmax_rows});
+  r.attention.add({{"attention/cpu", Op::kAttention, Backend::kCpu, all, "any head dim",
+                    "query rows across threads, float32 arithmetic", 0, 0},
+                   [](const AttentionArgs& a) { return attention_dims(a.q, a.k, a.v).status(); },
+                   cpu::attention_rows});
+}
+
+namespace {
+
+class CpuExecutor final : public Executor {
+ public:
+  CpuExecutor() {
+    info_.backend = Backend::kCpu;
+    info_.multiprocessors = cpu::hardware_threads();
+    info_.name = "cpu: " + std::to_string(info_.multiprocessors) + " threads";
+    info_.memory_bytes = static_cast<std::int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
+  }
+  const DeviceInfo& device() const override { return info_; }
+  Target target() const override { return {Backend::kCpu, 0}; }
+  Status execute(const OpCall& call, ExecTimings& timings) override {
+    Stream stream(Backend::kCpu);
+    const auto start = std::chrono::steady_clock::now();
+    Status s = call.launch(stream);
+    timings.kernel_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                            std::chrono::steady_clock::now() - start)
+                            .count();
+    return s;
+  }
+
+ private:
+  DeviceInfo info_;
+};
+
+}  // namespace
+
+std::unique_ptr<Executor> make_cpu_executor() { return std::make_unique<CpuExecutor>(); }
+
+}  // namespace attn

@@ -1,0 +1,212 @@
+// The CUDA executor: one per device, used by one worker thread. Inputs go host -> pinned staging
+// -> device on the executor's stream, into buffers from the device's stream-ordered pool (no
+// cudaMalloc per call); CUDA events time the copies and the kernel.
+#include <cuda_runtime.h>
+
+#include <chrono>
+#include <cstring>
+
+#include "attn/executor.h"
+#include "cuda_check.h"
+
+namespace attn {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::int64_t ns_between(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(b - a).count();
+}
+
+class CudaExecutor final : public Executor {
+ public:
+  static Result<std::unique_ptr<Executor>> create(int ordinal) {
+    std::unique_ptr<CudaExecutor> ex(new CudaExecutor());
+    ATTN_RETURN_IF_ERROR(ex->init(ordinal));
+    return std::unique_ptr<Executor>(std::move(ex));
+  }
+
+  ~CudaExecutor() override {
+    cudaSetDevice(info_.ordinal);
+    for (auto* e : events_)
+      if (e) cudaEventDestroy(e);
+    if (stream_) cudaStreamDestroy(stream_);
+    if (staging_) cudaFreeHost(staging_);
+  }
+
+  const DeviceInfo& device() const override { return info_; }
+  Target target() const override { return {Backend::kCuda, info_.cc_major * 10 + info_.cc_minor}; }
+  bool poisoned() const override { return poisoned_; }
+
+  Status execute(const OpCall& call, ExecTimings& timings) override {
+    if (poisoned_) return unavailable("device " + info_.label() + " faulted earlier; restart the server");
+    ATTN_CUDA_RETURN(cudaSetDevice(info_.ordinal));
+    std::size_t in_bytes = 0, out_bytes = 0;
+    for (auto* v : call.inputs) in_bytes += v->bytes();
+    for (auto* v : call.outputs) out_bytes += v->bytes();
+    ATTN_RETURN_IF_ERROR(ensure_staging(std::max(in_bytes, out_bytes)));
+
+    // Device buffers for every view, returned to the pool when this call ends.
+    std::vector<void*> device_ptrs;
+    std::vector<void*> host_ptrs;
+    struct Release {
+      CudaExecutor* self;
+      std::vector<void*>& ptrs;
+      const OpCall& call;
+      std::vector<void*>& host;
+      ~Release() {
+        for (void* p : ptrs) cudaFreeAsync(p, self->stream_);
+        std::size_t i = 0;  // point the views back at host memory
+        for (auto* v : call.inputs)
+          if (i < host.size()) v->data = host[i++], v->memory = MemoryKind::kHost;
+        for (auto* v : call.outputs)
+          if (i < host.size()) v->data = host[i++], v->memory = MemoryKind::kHost;
+      }
+    } release{this, device_ptrs, call, host_ptrs};
+
+    for (auto* views : {&call.inputs, &call.outputs})
+      for (TensorView* v : *views) {
+        void* p = nullptr;
+        ATTN_RETURN_IF_ERROR(check(cudaMallocAsync(&p, std::max<std::size_t>(v->bytes(), 1), stream_),
+                                   "cudaMallocAsync"));
+        device_ptrs.push_back(p);
+      }
+
+    const auto stage_in = Clock::now();
+    std::size_t off = 0;
+    for (TensorView* v : call.inputs) {
+      std::memcpy(staging_ + off, v->data, v->bytes());
+      off += v->bytes();
+    }
+    const auto staged = Clock::now();
+    ATTN_RETURN_IF_ERROR(check(cudaEventRecord(events_[0], stream_), "cudaEventRecord"));
+    off = 0;
+    std::size_t i = 0;
+    for (TensorView* v : call.inputs) {
+      ATTN_RETURN_IF_ERROR(check(cudaMemcpyAsync(device_ptrs[i], staging_ + off, v->bytes(),
+                                                 cudaMemcpyHostToDevice, stream_),
+                                 "cudaMemcpyAsync (host to device)"));
+      off += v->bytes();
+      ++i;
+    }
+    ATTN_RETURN_IF_ERROR(check(cudaEventRecord(events_[1], stream_), "cudaEventRecord"));
+    i = 0;
+    for (auto* views : {&call.inputs, &call.outputs})
+      for (TensorView* v : *views) {
+        host_ptrs.push_back(v->data);
+        v->data = device_ptrs[i++];
+        v->memory = MemoryKind::kDevice;
+      }
+
+    Stream stream(Backend::kCuda, stream_, info_.ordinal);
+    Status launched = call.launch(stream);
+    if (!launched.ok()) {
+      // A refusal before any launch leaves the device fine; a CUDA error may not.
+      ATTN_RETURN_IF_ERROR(check(cudaGetLastError(), "kernel launch"));
+      return launched;
+    }
+    ATTN_RETURN_IF_ERROR(check(cudaGetLastError(), "kernel launch"));
+    ATTN_RETURN_IF_ERROR(check(cudaEventRecord(events_[2], stream_), "cudaEventRecord"));
+    off = 0;
+    for (std::size_t o = 0; o < call.outputs.size(); ++o) {
+      TensorView* v = call.outputs[o];
+      ATTN_RETURN_IF_ERROR(check(cudaMemcpyAsync(staging_ + off, v->data, v->bytes(),
+                                                 cudaMemcpyDeviceToHost, stream_),
+                                 "cudaMemcpyAsync (device to host)"));
+      off += v->bytes();
+    }
+    ATTN_RETURN_IF_ERROR(check(cudaEventRecord(events_[3], stream_), "cudaEventRecord"));
+    ATTN_RETURN_IF_ERROR(check(cudaStreamSynchronize(stream_), "the kernel"));
+    const auto unstage = Clock::now();
+    off = 0;
+    for (std::size_t o = 0; o < call.outputs.size(); ++o) {
+      TensorView* v = call.outputs[o];
+      std::memcpy(host_ptrs[call.inputs.size() + o], staging_ + off, v->bytes());
+      off += v->bytes();
+    }
+    const auto done = Clock::now();
+
+    float h2d_ms = 0, kernel_ms = 0, d2h_ms = 0;
+    cudaEventElapsedTime(&h2d_ms, events_[0], events_[1]);
+    cudaEventElapsedTime(&kernel_ms, events_[1], events_[2]);
+    cudaEventElapsedTime(&d2h_ms, events_[2], events_[3]);
+    timings.h2d_ns = ns_between(stage_in, staged) + static_cast<std::int64_t>(h2d_ms * 1e6);
+    timings.kernel_ns = static_cast<std::int64_t>(kernel_ms * 1e6);
+    timings.d2h_ns = static_cast<std::int64_t>(d2h_ms * 1e6) + ns_between(unstage, done);
+    return Status::Ok();
+  }
+
+ private:
+  CudaExecutor() = default;
+
+  Status init(int ordinal) {
+    info_.backend = Backend::kCuda;
+    info_.ordinal = ordinal;
+    ATTN_CUDA_RETURN(cudaSetDevice(ordinal));
+    cudaDeviceProp prop{};
+    ATTN_CUDA_RETURN(cudaGetDeviceProperties(&prop, ordinal));
+    info_.name = prop.name;
+    info_.memory_bytes = static_cast<std::int64_t>(prop.totalGlobalMem);
+    info_.multiprocessors = prop.multiProcessorCount;
+    info_.cc_major = prop.major;
+    info_.cc_minor = prop.minor;
+    ATTN_CUDA_RETURN(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    for (auto*& e : events_) ATTN_CUDA_RETURN(cudaEventCreate(&e));
+    // Keep freed pool memory cached for the next call instead of returning it to the driver.
+    cudaMemPool_t pool;
+    ATTN_CUDA_RETURN(cudaDeviceGetDefaultMemPool(&pool, ordinal));
+    std::uint64_t keep = UINT64_MAX;
+    ATTN_CUDA_RETURN(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
+    return Status::Ok();
+  }
+
+  Status ensure_staging(std::size_t bytes) {
+    if (bytes <= staging_bytes_) return Status::Ok();
+    if (staging_) cudaFreeHost(staging_);
+    staging_ = nullptr;
+    staging_bytes_ = 0;
+    const std::size_t want = std::max(bytes, staging_bytes_ * 2);
+    void* p = nullptr;
+    ATTN_RETURN_IF_ERROR(check(cudaMallocHost(&p, want), "cudaMallocHost (pinned staging)"));
+    staging_ = static_cast<char*>(p);
+    staging_bytes_ = want;
+    return Status::Ok();
+  }
+
+  // Converts a CUDA error and, for an error that poisons the context, marks the device faulted.
+  Status check(cudaError_t e, const char* what) {
+    if (e == cudaSuccess) return Status::Ok();
+    if (cuda::is_sticky(e)) poisoned_ = true;
+    if (e == cudaErrorMemoryAllocation) cudaGetLastError();  // not sticky: clear it
+    return cuda::to_status(e, what);
+  }
+
+  DeviceInfo info_;
+  cudaStream_t stream_ = nullptr;
+  cudaEvent_t events_[4] = {};
+  char* staging_ = nullptr;
+  std::size_t staging_bytes_ = 0;
+  bool poisoned_ = false;
+};
+
+}  // namespace
+
+Result<std::vector<std::unique_ptr<Executor>>> make_cuda_executors() {
+  int count = 0;
+  cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return unavailable(std::string("CUDA reports ") + cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
+  }
+  if (count == 0) return unavailable("CUDA sees no device");
+  std::vector<std::unique_ptr<Executor>> out;
+  for (int d = 0; d < count; ++d) {
+    ATTN_ASSIGN_OR_RETURN(ex, CudaExecutor::create(d));
+    out.push_back(std::move(ex));
+  }
+  return Result<std::vector<std::unique_ptr<Executor>>>(std::move(out));
+}
+
+bool built_with_cuda() { return true; }
+
+}  // namespace attn

@@ -1,0 +1,84 @@
+// Executors run one op on one device: move the host inputs to the device, run the chosen variant
+// on a stream, time it, move the outputs back. The CPU executor runs in place; the CUDA executor
+// (kernels/cuda/) stages through pinned memory and a stream-ordered pool.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "attn/ops.h"
+#include "attn/registry.h"
+#include "attn/status.h"
+#include "attn/tensor.h"
+
+namespace attn {
+
+// Where a kernel runs: the CPU, or one CUDA stream on one device.
+class Stream {
+ public:
+  explicit Stream(Backend backend, void* cuda_stream = nullptr, int device = 0)
+      : backend_(backend), cuda_stream_(cuda_stream), device_(device) {}
+  Backend backend() const { return backend_; }
+  void* cuda_stream() const { return cuda_stream_; }  // a cudaStream_t; null on the CPU
+  int device() const { return device_; }
+
+ private:
+  Backend backend_;
+  void* cuda_stream_;
+  int device_;
+};
+
+struct DeviceInfo {
+  std::string name;  // "cpu: 16 threads", "NVIDIA H100 80GB HBM3"
+  Backend backend = Backend::kCpu;
+  int ordinal = 0;
+  std::int64_t memory_bytes = 0;
+  int multiprocessors = 0;  // SMs, or hardware threads on the CPU
+  int cc_major = 0, cc_minor = 0;
+
+  std::string label() const;  // "cpu" or "cuda:0 NVIDIA H100 80GB HBM3"
+};
+
+struct ExecTimings {
+  std::int64_t h2d_ns = 0;
+  std::int64_t kernel_ns = 0;
+  std::int64_t d2h_ns = 0;
+};
+
+// One op, ready to run: the views it reads and writes (inside the args that `launch` captured)
+// and the launch itself.
+struct OpCall {
+  std::vector<TensorView*> inputs;
+  std::vector<TensorView*> outputs;
+  std::function<Status(Stream&)> launch;
+};
+
+OpCall make_call(const MatmulVariant& v, MatmulArgs& args);
+OpCall make_call(const SoftmaxVariant& v, SoftmaxArgs& args);
+OpCall make_call(const AttentionVariant& v, AttentionArgs& args);
+
+class Executor {
+ public:
+  virtual ~Executor() = default;
+  virtual const DeviceInfo& device() const = 0;
+  virtual Target target() const = 0;
+  // Runs `call` with host views in and out. The views are restored before returning.
+  virtual Status execute(const OpCall& call, ExecTimings& timings) = 0;
+  // True once a fault has poisoned the device (a CUDA illegal address, say): nothing more can
+  // run on it and the process must be restarted.
+  virtual bool poisoned() const { return false; }
+};
+
+std::unique_ptr<Executor> make_cpu_executor();
+
+// One executor per visible CUDA device, or the reason there are none (built without CUDA, no
+// driver, no device).
+Result<std::vector<std::unique_ptr<Executor>>> make_cuda_executors();
+
+// True when this build includes the CUDA backend.
+bool built_with_cuda();
+
+}  // namespace attn

@@ -1,0 +1,88 @@
+// Status: how the kernel library reports a failure. The server maps it to a gRPC status in
+// exactly one place (server/status_map.cc).
+#pragma once
+
+#include <string>
+#include <utility>
+#include <variant>
+
+namespace attn {
+
+enum class StatusCode {
+  kOk,
+  kInvalidArgument,     // the request is wrong: a field, a shape, a dtype, a name
+  kResourceExhausted,   // too large for a limit, out of memory, queue full
+  kNotFound,            // no such variant / handle
+  kFailedPrecondition,  // a valid request this variant or backend cannot serve
+  kUnavailable,         // the backend or device is not there
+  kInternal,            // a bug or a device fault
+};
+
+const char* status_code_name(StatusCode code);
+
+class [[nodiscard]] Status {
+ public:
+  Status() = default;
+  Status(StatusCode code, std::string message) : code_(code), message_(std::move(message)) {}
+
+  static Status Ok() { return {}; }
+
+  bool ok() const { return code_ == StatusCode::kOk; }
+  StatusCode code() const { return code_; }
+  const std::string& message() const { return message_; }
+  std::string to_string() const;
+
+ private:
+  StatusCode code_ = StatusCode::kOk;
+  std::string message_;
+};
+
+inline Status invalid_argument(std::string m) { return {StatusCode::kInvalidArgument, std::move(m)}; }
+inline Status resource_exhausted(std::string m) {
+  return {StatusCode::kResourceExhausted, std::move(m)};
+}
+inline Status not_found(std::string m) { return {StatusCode::kNotFound, std::move(m)}; }
+inline Status failed_precondition(std::string m) {
+  return {StatusCode::kFailedPrecondition, std::move(m)};
+}
+inline Status unavailable(std::string m) { return {StatusCode::kUnavailable, std::move(m)}; }
+inline Status internal_error(std::string m) { return {StatusCode::kInternal, std::move(m)}; }
+
+// A value or the Status that explains why there is none.
+template <class T>
+class [[nodiscard]] Result {
+ public:
+  Result(T value) : v_(std::move(value)) {}  // NOLINT: implicit on purpose, like absl::StatusOr
+  Result(Status status) : v_(std::move(status)) {}  // NOLINT
+
+  bool ok() const { return std::holds_alternative<T>(v_); }
+  const Status& status() const {
+    static const Status kOk;
+    return ok() ? kOk : std::get<Status>(v_);
+  }
+  T& value() & { return std::get<T>(v_); }
+  const T& value() const& { return std::get<T>(v_); }
+  T&& value() && { return std::get<T>(std::move(v_)); }
+  T* operator->() { return &value(); }
+  const T* operator->() const { return &value(); }
+  T& operator*() & { return value(); }
+  const T& operator*() const& { return value(); }
+
+ private:
+  std::variant<T, Status> v_;
+};
+
+}  // namespace attn
+
+// Returns early from the enclosing function when `expr` (a Status) is not ok.
+#define ATTN_RETURN_IF_ERROR(expr)       \
+  do {                                   \
+    ::attn::Status attn_status_ = (expr); \
+    if (!attn_status_.ok()) return attn_status_; \
+  } while (0)
+
+// Declares `lhs` from `expr` (a Result) or returns its Status from the enclosing function.
+#define ATTN_ASSIGN_OR_RETURN(lhs, expr)                 \
+  auto lhs##_result_ = (expr);                           \
+  if (!lhs##_result_.ok()) return lhs##_result_.status(); \
+  auto lhs = std::move(lhs##_result_).value()

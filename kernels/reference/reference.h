@@ -1,0 +1,24 @@
+// Float64 reference implementations, for tests only: straightforward loops in double, reading
+// the inputs through the same views the kernels take.
+#pragma once
+
+#include <vector>
+
+#include "attn/ops.h"
+
+namespace attn::reference {
+
+// C as float64, shape of args.c.
+std::vector<double> matmul(const MatmulArgs& args);
+std::vector<double> softmax(const SoftmaxArgs& args);
+// O as float64; `lse` receives the log-sum-exp per row when non-null.
+std::vector<double> attention(const AttentionArgs& args, std::vector<double>* lse = nullptr);
+
+// ||got - want||_F / ||want||_F; infinite when got has a NaN or an infinity where want has not.
+double relative_frobenius_error(const TensorView& got, const std::vector<double>& want);
+double relative_frobenius_error(const std::vector<double>& got, const std::vector<double>& want);
+
+// The tolerance on relative_frobenius_error for results in dtype t.
+double tolerance(DType t);
+
+}  // namespace attn::reference

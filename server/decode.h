@@ -1,0 +1,34 @@
+// Requests to kernel-library arguments: every field checked, the variant chosen, the outputs
+// allocated inside the response (kernels write there directly), or a Status naming the problem.
+#pragma once
+
+#include <vector>
+
+#include "attn/registry.h"
+#include "attn/v1/attn.pb.h"
+#include "attn/wire.h"
+
+namespace attn::server {
+
+struct DecodeContext {
+  const Registry* registry = nullptr;
+  Target target;
+  wire::TensorLimits limits;
+};
+
+template <class Args>
+struct PreparedOp {
+  std::vector<wire::DecodedTensor> inputs;  // keeps inputs given as `values` alive
+  Args args;
+  const Variant<Args>* variant = nullptr;
+};
+
+Result<PreparedOp<MatmulArgs>> decode_matmul(const v1::MatmulRequest& req, v1::MatmulResponse* resp,
+                                             const DecodeContext& ctx);
+Result<PreparedOp<SoftmaxArgs>> decode_softmax(const v1::SoftmaxRequest& req,
+                                               v1::SoftmaxResponse* resp, const DecodeContext& ctx);
+Result<PreparedOp<AttentionArgs>> decode_attention(const v1::AttentionRequest& req,
+                                                   v1::AttentionResponse* resp,
+                                                   const DecodeContext& ctx);
+
+}  // namespace attn::server

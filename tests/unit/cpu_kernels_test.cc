@@ -1,0 +1,161 @@
+// Every CPU variant against the float64 reference: fresh random inputs, awkward sizes, every
+// dtype, outputs poisoned with NaN before the run.
+#include <gtest/gtest.h>
+
+#include "attn/executor.h"
+#include "reference.h"
+#include "support/random.h"
+
+namespace attn {
+namespace {
+
+using testing::poison;
+using testing::random_tensor;
+
+std::string dname(DType t) { return std::string(dtype_name(t)); }
+
+class CpuKernels : public ::testing::TestWithParam<DType> {
+ protected:
+  std::mt19937_64 rng{testing::seed()};
+  std::unique_ptr<Executor> cpu = make_cpu_executor();
+  const Registry& registry = default_registry();
+
+  template <class Args>
+  void run(const Variant<Args>& v, Args& args) {
+    ExecTimings t;
+    const OpCall call = make_call(v, args);
+    Status s = cpu->execute(call, t);
+    ASSERT_TRUE(s.ok()) << s.to_string();
+  }
+};
+
+struct MatmulCase {
+  Shape a, b;
+  bool ta, tb;
+};
+
+TEST_P(CpuKernels, MatmulMatchesReference) {
+  const DType dt = GetParam();
+  const MatmulCase cases[] = {
+      {{1, 1}, {1, 1}, false, false},      {{7, 33}, {33, 5}, false, false},
+      {{33, 7}, {1000, 33}, true, true},   {{65, 257}, {257, 300}, false, false},
+      {{257, 65}, {257, 300}, true, false}, {{65, 257}, {300, 257}, false, true},
+      {{3, 17, 9}, {9, 70}, false, false},  {{2, 9, 17}, {2, 70, 9}, true, true},
+  };
+  for (const auto& c : cases) {
+    for (const auto& v : registry.matmul.variants()) {
+      if (v.info.backend != Backend::kCpu) continue;
+      SCOPED_TRACE(v.info.name + " " + dname(dt) + " a" + shape_to_string(c.a) + " b" +
+                   shape_to_string(c.b) + " ta=" + std::to_string(c.ta) + " tb=" + std::to_string(c.tb) +
+                   " seed=" + std::to_string(testing::seed()));
+      Tensor a = random_tensor(dt, c.a, rng), b = random_tensor(dt, c.b, rng);
+      auto dims = matmul_dims(a.view(), b.view(), c.ta, c.tb);
+      ASSERT_TRUE(dims.ok()) << dims.status().to_string();
+      Tensor out(dt, matmul_output_shape(*dims, static_cast<int>(c.a.size())));
+      poison(out);
+      MatmulArgs args{a.view(), b.view(), out.view(), c.ta, c.tb};
+      run(v, args);
+      const double err = reference::relative_frobenius_error(out.view(), reference::matmul(args));
+      EXPECT_LE(err, reference::tolerance(dt));
+    }
+  }
+}
+
+TEST_P(CpuKernels, SoftmaxMatchesReference) {
+  const DType dt = GetParam();
+  const Shape shapes[] = {{1}, {7}, {3, 33}, {2, 5, 1000}, {1, 4097}, {2, 1, 1, 3}};
+  for (const auto& shape : shapes) {
+    for (float spread : {1.0f, 30.0f}) {  // 30: large logits, where a naive exp overflows
+      for (const auto& v : registry.softmax.variants()) {
+        if (v.info.backend != Backend::kCpu) continue;
+        SCOPED_TRACE(v.info.name + " " + dname(dt) + " " + shape_to_string(shape) +
+                     " spread=" + std::to_string(spread));
+        Tensor x = random_tensor(dt, shape, rng, spread), y(dt, shape);
+        poison(y);
+        SoftmaxArgs args{x.view(), y.view()};
+        run(v, args);
+        EXPECT_LE(reference::relative_frobenius_error(y.view(), reference::softmax(args)),
+                  reference::tolerance(dt));
+      }
+    }
+  }
+}
+
+struct AttentionCase {
+  std::int64_t b, hq, hkv, sq, sk, d;
+};
+
+TEST_P(CpuKernels, AttentionMatchesReference) {
+  const DType dt = GetParam();
+  const AttentionCase cases[] = {
+      {1, 1, 1, 1, 1, 64},     {2, 4, 2, 17, 33, 64}, {1, 8, 2, 1, 1000, 128},
+      {1, 2, 1, 33, 7, 32},    {1, 2, 2, 100, 100, 128}, {2, 3, 3, 7, 1, 16},
+  };
+  for (const auto& c : cases)
+    for (bool causal : {false, true})
+      for (float scale : {0.0f, 0.3f})
+        for (const auto& v : registry.attention.variants()) {
+          if (v.info.backend != Backend::kCpu) continue;
+          SCOPED_TRACE(v.info.name + " " + dname(dt) + " B" + std::to_string(c.b) + " Hq" +
+                       std::to_string(c.hq) + " Hkv" + std::to_string(c.hkv) + " Sq" +
+                       std::to_string(c.sq) + " Sk" + std::to_string(c.sk) + " D" +
+                       std::to_string(c.d) + (causal ? " causal" : "") + " scale=" +
+                       std::to_string(scale));
+          Tensor q = random_tensor(dt, {c.b, c.hq, c.sq, c.d}, rng);
+          Tensor k = random_tensor(dt, {c.b, c.hkv, c.sk, c.d}, rng);
+          Tensor vv = random_tensor(dt, {c.b, c.hkv, c.sk, c.d}, rng);
+          Tensor o(dt, q.shape()), lse(DType::kFloat32, {c.b, c.hq, c.sq});
+          poison(o);
+          poison(lse);
+          AttentionArgs args{q.view(), k.view(), vv.view(), o.view(), lse.view(), causal,
+                             resolve_attention_scale(scale, c.d)};
+          run(v, args);
+          std::vector<double> want_lse;
+          const auto want = reference::attention(args, &want_lse);
+          EXPECT_LE(reference::relative_frobenius_error(o.view(), want), reference::tolerance(dt));
+          EXPECT_LE(reference::relative_frobenius_error(lse.view(), want_lse), 1e-5);
+        }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllDTypes, CpuKernels,
+                         ::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
+                         [](const auto& param_info) { return dname(param_info.param); });
+
+// The checks above must be able to fail: a NaN, a missing element or a small error is caught.
+TEST(ReferenceCheck, RejectsNanMissingAndWrongValues) {
+  const std::vector<double> want{1.0, 2.0, 3.0};
+  EXPECT_EQ(reference::relative_frobenius_error(std::vector<double>{1.0, 2.0, 3.0}, want), 0.0);
+  EXPECT_TRUE(std::isinf(
+      reference::relative_frobenius_error(std::vector<double>{1.0, std::nan(""), 3.0}, want)));
+  EXPECT_TRUE(std::isinf(reference::relative_frobenius_error(std::vector<double>{1.0, 2.0}, want)));
+  EXPECT_GT(reference::relative_frobenius_error(std::vector<double>{1.0, 2.0, 3.001}, want),
+            reference::tolerance(DType::kFloat32));
+  // A poisoned tensor compared with anything finite fails.
+  Tensor t(DType::kBFloat16, {3});
+  testing::poison(t);
+  EXPECT_GT(reference::relative_frobenius_error(t.view(), want), 1.0);
+}
+
+TEST(Registry, SelectsByNameAndExplainsRefusals) {
+  const Registry& r = default_registry();
+  Tensor a(DType::kFloat32, {2, 3}), b(DType::kFloat32, {3, 4}), c(DType::kFloat32, {2, 4});
+  MatmulArgs args{a.view(), b.view(), c.view()};
+  const Target cpu{Backend::kCpu, 0};
+  auto picked = r.matmul.select(args, "", cpu);
+  ASSERT_TRUE(picked.ok());
+  EXPECT_EQ((*picked)->info.backend, Backend::kCpu);
+  auto unknown = r.matmul.select(args, "matmul/nope", cpu);
+  EXPECT_EQ(unknown.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(unknown.status().message().find("matmul/cpu_blocked"), std::string::npos);
+  // A CPU variant on a CUDA target is refused with the reason.
+  auto other = r.matmul.select(args, "matmul/cpu_blocked", Target{Backend::kCuda, 90});
+  EXPECT_EQ(other.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(other.status().message().find("cpu backend"), std::string::npos);
+  for (const VariantInfo* info : r.all()) {
+    EXPECT_EQ(info->name.rfind(std::string(op_name(info->op)) + "/", 0), 0u) << info->name;
+    EXPECT_FALSE(info->dtypes.empty()) << info->name;
+  }
+}
+
+}  // namespace
+}  // namespace attn

@@ -44,7 +44,7 @@ grpc::ServerUnaryReactor* AttnService::run(grpc::CallbackServerContext* ctx, con
   }
   auto op = std::make_shared<PreparedOp<Args>>(std::move(prepared).value());
   const std::int64_t decode_ns = ns_since(start);
-  Status queued = scheduler_.submit([=](Executor& executor, std::int64_t queue_ns) {
+  Status queued = scheduler_.submit([=, this](Executor& executor, std::int64_t queue_ns) {
     if (ctx->IsCancelled()) {
       reactor->Finish(grpc::Status::CANCELLED);
       return;
@@ -60,6 +60,11 @@ grpc::ServerUnaryReactor* AttnService::run(grpc::CallbackServerContext* ctx, con
     const OpCall call = make_call(*op->variant, op->args);
     Status status = executor.execute(call, t);
     if (!status.ok()) {
+      if (executor.poisoned() && config_.on_device_fault) {
+        spdlog::critical("device {} faulted running {}: {}; it cannot serve again until the server "
+                         "restarts", executor.device().label(), op->variant->info.name, status.to_string());
+        config_.on_device_fault(status.message());
+      }
       finish_failed(reactor, ctx, rpc, status);
       return;
     }

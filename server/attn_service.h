@@ -2,6 +2,7 @@
 // on the device's worker through the scheduler, encode and finish there.
 #pragma once
 
+#include <functional>
 #include <string>
 
 #include "attn/registry.h"
@@ -14,6 +15,8 @@ namespace attn::server {
 struct ServiceConfig {
   std::int64_t max_message_bytes = 0;
   wire::TensorLimits limits;
+  // Called once a device fault has poisoned a device (the server can no longer serve on it).
+  std::function<void(const std::string& why)> on_device_fault;
 };
 
 class AttnService final : public v1::AttnService::CallbackService {

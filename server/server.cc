@@ -34,6 +34,38 @@ Result<std::vector<std::unique_ptr<Executor>>> choose_executors(const std::strin
   return cpu;
 }
 
+// Runs every variant this device can run once on small inputs of each dtype it claims, so that
+// the first real calls do not pay for lazy kernel loading and library handles in their timings.
+void warm_up(Executor& executor) {
+  const Registry& registry = default_registry();
+  const Target target = executor.target();
+  int ran = 0;
+  auto run = [&](const auto& variant, auto& args) {
+    if (!available_on(variant.info, target).ok() || !variant.supports(args).ok()) return;
+    ExecTimings t;
+    const Status s = executor.execute(make_call(variant, args), t);
+    if (!s.ok()) spdlog::warn("warm-up of {} failed: {}", variant.info.name, s.to_string());
+    ++ran;
+  };
+  for (DType dt : kAllDTypes) {
+    Tensor a(dt, {64, 64}), b(dt, {64, 64}), c(dt, {64, 64}), x(dt, {8, 1024}), y(dt, {8, 1024});
+    Tensor q(dt, {1, 2, 64, 64}), o(dt, {1, 2, 64, 64}), lse(DType::kFloat32, {1, 2, 64});
+    for (const auto& v : registry.matmul.variants()) {
+      MatmulArgs args{a.view(), b.view(), c.view()};
+      run(v, args);
+    }
+    for (const auto& v : registry.softmax.variants()) {
+      SoftmaxArgs args{x.view(), y.view()};
+      run(v, args);
+    }
+    for (const auto& v : registry.attention.variants()) {
+      AttentionArgs args{q.view(), q.view(), q.view(), o.view(), lse.view(), false, 0.125f};
+      run(v, args);
+    }
+  }
+  spdlog::info("warm-up: ran {} variant/dtype pairs on {}", ran, executor.device().label());
+}
+
 }  // namespace
 
 Result<std::unique_ptr<Server>> Server::start(const ServerOptions& options) {
@@ -47,16 +79,22 @@ Result<std::unique_ptr<Server>> Server::start(const ServerOptions& options) {
   std::unique_ptr<Server> s(new Server());
   s->options_ = options;
   s->backend_ = backend_name(executors.front()->target().backend);
-  for (const auto& ex : executors) spdlog::info("device: {}", ex->device().label());
+  for (const auto& ex : executors) {
+    spdlog::info("device: {}", ex->device().label());
+    if (ex->target().backend == Backend::kCuda) warm_up(*ex);
+  }
   s->scheduler_ = std::make_unique<Scheduler>(std::move(executors), options.queue_depth);
 
   const std::int64_t max_bytes = options.max_message_mb * 1024 * 1024;
   ServiceConfig config;
   config.max_message_bytes = max_bytes;
   config.limits.max_elements = options.max_elements;
-  s->service_ = std::make_unique<AttnService>(*s->scheduler_, default_registry(), config);
   s->health_ = std::make_unique<HealthService>(
       std::set<std::string>{std::string(v1::AttnService::service_full_name())});
+  config.on_device_fault = [health = s->health_.get()](const std::string&) {
+    health->set_all(grpc::health::v1::HealthCheckResponse::NOT_SERVING);
+  };
+  s->service_ = std::make_unique<AttnService>(*s->scheduler_, default_registry(), config);
 
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;

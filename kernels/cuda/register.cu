@@ -1,9 +1,71 @@
-// The CUDA backend's variants. Each rung lives in its own numbered file under matmul/, softmax/
-// and attention/ and adds itself here.
+// The CUDA backend's variants. Each rung lives in its own numbered file under matmul/ and
+// softmax/; this table names them, says what they take, and ranks them for `auto`.
 #include "attn/registry.h"
+#include "matmul/matmul_common.cuh"
+#include "matmul/matmul_rungs.h"
+#include "softmax/softmax_rungs.h"
 
 namespace attn {
 
-void register_cuda_variants(Registry&) {}
+void register_cuda_variants(Registry& r) {
+  using namespace cuda;
+  const std::vector<DType> f32{DType::kFloat32};
+  const std::vector<DType> all(std::begin(kAllDTypes), std::end(kAllDTypes));
+  struct MatmulRung {
+    const char* name;
+    Status (*run)(const MatmulArgs&, Stream&);
+    const char* description;
+    int priority;
+  };
+  const MatmulRung matmul_rungs[] = {
+      {"matmul/01_naive", matmul_01_naive, "a thread per output, uncoalesced", 1},
+      {"matmul/02_coalesced", matmul_02_coalesced, "a thread per output, coalesced along N", 2},
+      {"matmul/03_smem_tiled", matmul_03_smem_tiled, "32x32 shared-memory tiles", 3},
+      {"matmul/04_1d_blocktile", matmul_04_1d_blocktile, "64x64 tiles, 8 outputs per thread", 4},
+      {"matmul/05_2d_blocktile", matmul_05_2d_blocktile, "128x128 tiles, 8x8 outputs per thread", 5},
+      {"matmul/06_vectorized", matmul_06_vectorized,
+       "128-bit loads, conflict-free warp tiles, double-buffered K tiles", 6},
+  };
+  for (const auto& m : matmul_rungs)
+    r.matmul.add({{m.name, Op::kMatmul, Backend::kCuda, f32, "float32; M, N, K < 2^31", m.description,
+                   m.priority, 0},
+                  fp32_supports, m.run, {}});
+  r.matmul.add({{"matmul/cublas", Op::kMatmul, Backend::kCuda, all,
+                 "cuBLAS; float32 without TF32, float16/bfloat16 with float32 accumulation",
+                 "the vendor library, the reference for the ladder", 100, 0},
+                matmul_cublas_supports, matmul_cublas, {}});
+
+  auto any_softmax = [](const SoftmaxArgs& a) { return softmax_dims(a.x).status(); };
+  struct SoftmaxRung {
+    const char* name;
+    Status (*run)(const SoftmaxArgs&, Stream&);
+    const char* limits;
+    const char* description;
+    int priority;
+  };
+  const SoftmaxRung softmax_rungs[] = {
+      {"softmax/01_naive", softmax_01_naive, "any width", "a thread per row, three passes", 1},
+      {"softmax/02_block_row", softmax_02_block_row, "any width", "a block per row, shared-memory reductions", 2},
+      {"softmax/03_warp_row", softmax_03_warp_row, "any width", "a warp per row, shuffle reductions", 3},
+      {"softmax/04_online", softmax_04_online, "any width", "max and sum in one pass: two reads, one write", 4},
+  };
+  for (const auto& s : softmax_rungs)
+    r.softmax.add({{s.name, Op::kSoftmax, Backend::kCuda, all, s.limits, s.description, s.priority, 0},
+                   any_softmax, s.run, {}});
+  r.softmax.add({{"softmax/05_vectorized", Op::kSoftmax, Backend::kCuda, all,
+                  "rows up to 32k columns",
+                  "128-bit access, the row in registers: one read, one write", 5, 0},
+                 softmax_05_supports, softmax_05_vectorized, {}});
+  // Split rows pay off when a row is wide enough to keep 8 blocks busy and rows are too few to
+  // fill the GPU one block each.
+  r.softmax.add({{"softmax/06_split_row", Op::kSoftmax, Backend::kCuda, all,
+                  "rows up to 256k columns; for rows >= 32k wide",
+                  "a cluster of 8 blocks per row, partial results through distributed shared memory",
+                  5, 90},
+                 softmax_06_supports, softmax_06_split_row, [](const SoftmaxArgs& a) {
+                   const auto d = softmax_dims(a.x);
+                   return d.ok() && d->cols >= 32768 ? 6 : 3;
+                 }});
+}
 
 }  // namespace attn

@@ -41,6 +41,7 @@ Result<const Variant<Args>*> OpRegistry<Args>::select(const Args& args, std::str
     return v;
   }
   const Variant<Args>* best = nullptr;
+  int best_rank = 0;
   Status first_refusal;
   for (const auto& v : variants_) {
     if (!available_on(v.info, target).ok()) continue;
@@ -49,7 +50,8 @@ Result<const Variant<Args>*> OpRegistry<Args>::select(const Args& args, std::str
       if (first_refusal.ok()) first_refusal = s;
       continue;
     }
-    if (!best || v.info.priority > best->info.priority) best = &v;
+    const int r = v.rank_for(args);
+    if (!best || r > best_rank) best = &v, best_rank = r;
   }
   if (best) return best;
   if (!first_refusal.ok()) return first_refusal;

@@ -39,6 +39,11 @@ struct Variant {
   std::function<Status(const Args&)> supports;
   // Runs on `stream`; the views in `args` are in the stream's memory.
   std::function<Status(const Args&, Stream&)> run;
+  // Optional: how good this variant is for these arguments (higher is faster), for variants
+  // whose best range depends on the shape; info.priority when unset.
+  std::function<int(const Args&)> rank;
+
+  int rank_for(const Args& args) const { return rank ? rank(args) : info.priority; }
 };
 
 using MatmulVariant = Variant<MatmulArgs>;

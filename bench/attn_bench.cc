@@ -1,0 +1,308 @@
+// attn-bench: every CUDA variant of matmul and softmax, checked and then timed, next to its
+// baseline timed in the same run (cuBLAS for matmul, a device-to-device copy of the same bytes
+// for softmax). CUDA events around each run, warm-up first, the median of >= 20 runs, inputs
+// rotated among enough copies to exceed L2. Prints a table; --json writes the numbers.
+#include <cuda_runtime.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <random>
+#include <sstream>
+
+#include "attn/executor.h"
+
+namespace {
+
+using namespace attn;
+
+#define CHECK_CUDA(x)                                                                  \
+  do {                                                                                 \
+    cudaError_t e_ = (x);                                                              \
+    if (e_ != cudaSuccess) {                                                           \
+      std::fprintf(stderr, "%s: %s\n", #x, cudaGetErrorString(e_));                    \
+      std::exit(1);                                                                    \
+    }                                                                                  \
+  } while (0)
+
+struct Row {
+  std::string op, variant, dtype, shape, status;
+  double ms = 0, rate = 0, baseline_rate = 0, error = 0;
+  int runs = 0;
+  std::string unit;
+};
+
+// A device buffer of random values in dtype t.
+struct DeviceTensor {
+  TensorView view;
+  Tensor host;
+  DeviceTensor(DType t, Shape shape, std::mt19937_64& rng) : host(t, shape) {
+    std::normal_distribution<float> dist(0.0f, 1.0f);
+    for (std::size_t i = 0; i < static_cast<std::size_t>(host.numel()); ++i) host.set(i, dist(rng));
+    view = host.view();
+    CHECK_CUDA(cudaMalloc(&view.data, host.bytes()));
+    CHECK_CUDA(cudaMemcpy(view.data, host.data(), host.bytes(), cudaMemcpyHostToDevice));
+    view.memory = MemoryKind::kDevice;
+  }
+  DeviceTensor(DType t, Shape shape) : host(t, shape) {  // output: poisoned with 0xff (NaN)
+    view = host.view();
+    CHECK_CUDA(cudaMalloc(&view.data, host.bytes()));
+    CHECK_CUDA(cudaMemset(view.data, 0xff, host.bytes()));
+    view.memory = MemoryKind::kDevice;
+  }
+  ~DeviceTensor() { cudaFree(view.data); }
+  DeviceTensor(const DeviceTensor&) = delete;
+  Tensor to_host() const {
+    Tensor t(view.dtype, view.shape);
+    CHECK_CUDA(cudaMemcpy(t.data(), view.data, t.bytes(), cudaMemcpyDeviceToHost));
+    return t;
+  }
+};
+
+// Median milliseconds of `fn(i)` over >= min_runs runs (and about 1 s), after warm-up.
+template <class Fn>
+std::pair<double, int> time_median(cudaStream_t s, Fn&& fn, int min_runs = 20) {
+  cudaEvent_t a, b;
+  CHECK_CUDA(cudaEventCreate(&a));
+  CHECK_CUDA(cudaEventCreate(&b));
+  for (int i = 0; i < 3; ++i) fn(i);
+  CHECK_CUDA(cudaStreamSynchronize(s));
+  CHECK_CUDA(cudaEventRecord(a, s));
+  fn(0);
+  CHECK_CUDA(cudaEventRecord(b, s));
+  CHECK_CUDA(cudaEventSynchronize(b));
+  float first = 0;
+  CHECK_CUDA(cudaEventElapsedTime(&first, a, b));
+  const int runs = std::clamp(static_cast<int>(1000.0 / std::max(first, 1e-3f)), min_runs, 200);
+  std::vector<float> ms(runs);
+  for (int i = 0; i < runs; ++i) {
+    CHECK_CUDA(cudaEventRecord(a, s));
+    fn(i);
+    CHECK_CUDA(cudaEventRecord(b, s));
+    CHECK_CUDA(cudaEventSynchronize(b));
+    CHECK_CUDA(cudaEventElapsedTime(&ms[i], a, b));
+  }
+  CHECK_CUDA(cudaGetLastError());
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::nth_element(ms.begin(), ms.begin() + runs / 2, ms.end());
+  return {ms[runs / 2], runs};
+}
+
+constexpr std::size_t kRotateBytes = 256u << 20;  // > 5x the H100's 50 MB L2
+
+int sets_for(std::size_t bytes) {
+  return static_cast<int>(std::clamp<std::size_t>((kRotateBytes + bytes - 1) / bytes, 1, 8));
+}
+
+// Relative error of C at 512 random entries against float64 dot products.
+double matmul_sampled_error(const Tensor& a, const Tensor& b, const Tensor& c, const MatmulDims& d,
+                            std::mt19937_64& rng) {
+  double num = 0, den = 0;
+  for (int s = 0; s < 512; ++s) {
+    const std::int64_t i = rng() % d.m, j = rng() % d.n;
+    double want = 0;
+    for (std::int64_t kk = 0; kk < d.k; ++kk) want += double(a.get(i * d.k + kk)) * b.get(kk * d.n + j);
+    const double got = c.get(i * d.n + j);
+    if (!std::isfinite(got)) return INFINITY;
+    num += (got - want) * (got - want);
+    den += want * want;
+  }
+  return std::sqrt(num / den);
+}
+
+double softmax_sampled_error(const Tensor& x, const Tensor& y, std::int64_t rows, std::int64_t cols,
+                             std::mt19937_64& rng) {
+  double num = 0, den = 0;
+  for (int s = 0; s < 4; ++s) {
+    const std::int64_t r = rng() % rows;
+    double m = -INFINITY, sum = 0;
+    for (std::int64_t c = 0; c < cols; ++c) m = std::max(m, double(x.get(r * cols + c)));
+    for (std::int64_t c = 0; c < cols; ++c) sum += std::exp(double(x.get(r * cols + c)) - m);
+    for (std::int64_t c = 0; c < cols; ++c) {
+      const double want = std::exp(double(x.get(r * cols + c)) - m) / sum, got = y.get(r * cols + c);
+      if (!std::isfinite(got)) return INFINITY;
+      num += (got - want) * (got - want);
+      den += want * want;
+    }
+  }
+  return std::sqrt(num / den);
+}
+
+double tolerance(DType t) { return t == DType::kFloat32 ? 1e-5 : 1e-2; }
+
+void print(const Row& r) {
+  std::printf("%-8s %-24s %-9s %-18s %9.3f ms %9.2f %-7s %6.3fx  err %.1e  %s\n", r.op.c_str(),
+              r.variant.c_str(), r.dtype.c_str(), r.shape.c_str(), r.ms, r.rate, r.unit.c_str(),
+              r.baseline_rate > 0 ? r.rate / r.baseline_rate : 0.0, r.error, r.status.c_str());
+  std::fflush(stdout);
+}
+
+void bench_matmul(const std::vector<std::int64_t>& sizes, const std::vector<DType>& dtypes,
+                  cudaStream_t s, std::vector<Row>& rows, bool skip_slow) {
+  const Registry& reg = default_registry();
+  std::mt19937_64 rng(42);
+  Stream stream(Backend::kCuda, s, 0);
+  for (DType dt : dtypes)
+    for (std::int64_t n : sizes) {
+      const std::size_t set_bytes = 3 * n * n * element_size(dt);
+      const int sets = sets_for(set_bytes);
+      std::vector<std::unique_ptr<DeviceTensor>> as, bs;
+      for (int i = 0; i < sets; ++i) {
+        as.push_back(std::make_unique<DeviceTensor>(dt, Shape{n, n}, rng));
+        bs.push_back(std::make_unique<DeviceTensor>(dt, Shape{n, n}, rng));
+      }
+      DeviceTensor c(dt, {n, n});
+      const MatmulDims dims{1, n, n, n, false};
+      const std::string shape = std::to_string(n) + "^3";
+      double cublas_rate = 0;
+      std::vector<const MatmulVariant*> variants;
+      for (const auto& v : reg.matmul.variants())
+        if (v.info.backend == Backend::kCuda && v.info.name == "matmul/cublas") variants.insert(variants.begin(), &v);
+        else if (v.info.backend == Backend::kCuda) variants.push_back(&v);
+      for (const MatmulVariant* v : variants) {
+        Row r{"matmul", v->info.name, std::string(dtype_name(dt)), shape};
+        r.unit = "TFLOP/s";
+        MatmulArgs args{as[0]->view, bs[0]->view, c.view};
+        if (Status st = v->supports(args); !st.ok()) continue;  // other dtypes
+        if (skip_slow && n > 4096 && v->info.priority <= 2) {
+          r.status = "skipped (slow rung, --quick)";
+          print(r);
+          rows.push_back(r);
+          continue;
+        }
+        CHECK_CUDA(cudaMemset(c.view.data, 0xff, c.host.bytes()));
+        Status st = v->run(args, stream);
+        CHECK_CUDA(cudaStreamSynchronize(s));
+        r.error = st.ok() ? matmul_sampled_error(as[0]->host, bs[0]->host, c.to_host(), dims, rng) : INFINITY;
+        const bool correct = st.ok() && r.error <= tolerance(dt);
+        auto [ms, runs] = time_median(s, [&](int i) {
+          MatmulArgs a{as[i % sets]->view, bs[i % sets]->view, c.view};
+          (void)v->run(a, stream);
+        });
+        r.ms = ms;
+        r.runs = runs;
+        r.rate = 2.0 * n * n * n / (ms * 1e-3) / 1e12;
+        if (v->info.name == "matmul/cublas") cublas_rate = r.rate;
+        r.baseline_rate = cublas_rate;
+        r.status = correct ? "ok" : ("WRONG " + st.to_string());
+        print(r);
+        rows.push_back(r);
+      }
+    }
+}
+
+void bench_softmax(const std::vector<std::int64_t>& widths, const std::vector<DType>& dtypes,
+                   std::int64_t elements, cudaStream_t s, std::vector<Row>& rows) {
+  const Registry& reg = default_registry();
+  std::mt19937_64 rng(7);
+  Stream stream(Backend::kCuda, s, 0);
+  const Target target{Backend::kCuda, 90};
+  for (DType dt : dtypes)
+    for (std::int64_t w : widths) {
+      const std::int64_t nrows = elements / w;
+      DeviceTensor x(dt, {nrows, w}, rng), y(dt, {nrows, w});
+      const double bytes = 2.0 * x.host.bytes();
+      const std::string shape = std::to_string(nrows) + "x" + std::to_string(w);
+      Row base{"softmax", "copy (baseline)", std::string(dtype_name(dt)), shape, "ok"};
+      base.unit = "GB/s";
+      auto [cms, cruns] = time_median(s, [&](int) {
+        CHECK_CUDA(cudaMemcpyAsync(y.view.data, x.view.data, x.host.bytes(), cudaMemcpyDeviceToDevice, s));
+      });
+      base.ms = cms;
+      base.runs = cruns;
+      base.rate = bytes / (cms * 1e-3) / 1e9;
+      base.baseline_rate = base.rate;
+      print(base);
+      rows.push_back(base);
+      SoftmaxArgs probe{x.view, y.view};
+      auto picked = reg.softmax.select(probe, "", target);
+      for (const auto& v : reg.softmax.variants()) {
+        if (v.info.backend != Backend::kCuda) continue;
+        Row r{"softmax", v.info.name, std::string(dtype_name(dt)), shape};
+        r.unit = "GB/s";
+        SoftmaxArgs args{x.view, y.view};
+        if (Status st = v.supports(args); !st.ok()) {
+          r.status = "refused: " + st.message().substr(0, 60);
+          print(r);
+          rows.push_back(r);
+          continue;
+        }
+        CHECK_CUDA(cudaMemset(y.view.data, 0xff, y.host.bytes()));
+        Status st = v.run(args, stream);
+        CHECK_CUDA(cudaStreamSynchronize(s));
+        r.error = st.ok() ? softmax_sampled_error(x.host, y.to_host(), nrows, w, rng) : INFINITY;
+        const bool correct = st.ok() && r.error <= tolerance(dt);
+        auto [ms, runs] = time_median(s, [&](int) { (void)v.run(args, stream); });
+        r.ms = ms;
+        r.runs = runs;
+        r.rate = bytes / (ms * 1e-3) / 1e9;
+        r.baseline_rate = base.rate;
+        r.status = correct ? "ok" : ("WRONG " + st.to_string());
+        if (picked.ok() && (*picked)->info.name == v.info.name) r.status += " (auto)";
+        print(r);
+        rows.push_back(r);
+      }
+    }
+}
+
+std::string json_escape(const std::string& s) {
+  std::string o;
+  for (char c : s) o += (c == '"' || c == '\\') ? std::string("\\") + c : std::string(1, c);
+  return o;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"attn-bench: the kernel ladders against their baselines"};
+  std::string op = "all", json;
+  bool quick = false;
+  std::vector<std::int64_t> matmul_sizes{2048, 4096, 8192};
+  std::vector<std::int64_t> softmax_widths{1024, 4096, 16384, 65536, 262144};
+  std::int64_t softmax_elements = 64LL << 20;
+  app.add_option("--op", op, "matmul, softmax or all")->check(CLI::IsMember({"matmul", "softmax", "all"}));
+  app.add_option("--json", json, "write the results here");
+  app.add_option("--matmul-sizes", matmul_sizes, "square sizes");
+  app.add_option("--softmax-widths", softmax_widths, "row widths");
+  app.add_option("--softmax-elements", softmax_elements, "rows x width");
+  app.add_flag("--quick", quick, "skip the slowest rungs at the largest size");
+  CLI11_PARSE(app, argc, argv);
+
+  int dev = 0;
+  cudaDeviceProp prop{};
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaGetDeviceProperties(&prop, dev) != cudaSuccess) {
+    std::fprintf(stderr, "attn-bench: no usable GPU\n");
+    return 2;
+  }
+  std::printf("device: %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20);
+  std::printf("%-8s %-24s %-9s %-18s %12s %17s %7s\n", "op", "variant", "dtype", "shape", "median", "rate",
+              "vs base");
+  cudaStream_t s;
+  CHECK_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  std::vector<Row> rows;
+  if (op != "softmax")
+    bench_matmul(matmul_sizes, {DType::kFloat32, DType::kBFloat16}, s, rows, quick);
+  if (op != "matmul")
+    bench_softmax(softmax_widths, {DType::kFloat32, DType::kBFloat16}, softmax_elements, s, rows);
+
+  if (!json.empty()) {
+    std::ofstream out(json);
+    out << "{\"device\": \"" << json_escape(prop.name) << "\", \"results\": [\n";
+    for (std::size_t i = 0; i < rows.size(); ++i) {
+      const Row& r = rows[i];
+      out << "  {\"op\": \"" << r.op << "\", \"variant\": \"" << r.variant << "\", \"dtype\": \"" << r.dtype
+          << "\", \"shape\": \"" << r.shape << "\", \"median_ms\": " << r.ms << ", \"runs\": " << r.runs
+          << ", \"rate\": " << r.rate << ", \"unit\": \"" << r.unit << "\", \"ratio_to_baseline\": "
+          << (r.baseline_rate > 0 ? r.rate / r.baseline_rate : 0) << ", \"max_rel_error\": "
+          << (std::isfinite(r.error) ? r.error : -1) << ", \"status\": \"" << json_escape(r.status) << "\"}"
+          << (i + 1 < rows.size() ? ",\n" : "\n");
+    }
+    out << "]}\n";
+  }
+  bool wrong = false;
+  for (const Row& r : rows) wrong |= r.status.rfind("WRONG", 0) == 0;
+  return wrong ? 1 : 0;
+}

@@ -1,0 +1,18 @@
+// The matmul ladder on CUDA, one file per rung.
+#pragma once
+
+#include "attn/executor.h"
+
+namespace attn::cuda {
+
+Status matmul_01_naive(const MatmulArgs& args, Stream& stream);
+Status matmul_02_coalesced(const MatmulArgs& args, Stream& stream);
+Status matmul_03_smem_tiled(const MatmulArgs& args, Stream& stream);
+Status matmul_04_1d_blocktile(const MatmulArgs& args, Stream& stream);
+Status matmul_05_2d_blocktile(const MatmulArgs& args, Stream& stream);
+Status matmul_06_vectorized(const MatmulArgs& args, Stream& stream);
+Status matmul_cublas(const MatmulArgs& args, Stream& stream);
+Status matmul_cublas_supports(const MatmulArgs& args);
+Status fp32_matmul_supports(const MatmulArgs& args);
+
+}  // namespace attn::cuda

@@ -1,0 +1,134 @@
+// attn_gpu_tests: every CUDA variant against the float64 reference, through the CUDA executor
+// (the same path the server takes): fresh random inputs, awkward sizes, every dtype a variant
+// claims, outputs poisoned with NaN. Skips, saying so, where there is no usable GPU.
+#include <gtest/gtest.h>
+
+#include "attn/executor.h"
+#include "reference.h"
+#include "support/random.h"
+
+namespace attn {
+namespace {
+
+using testing::poison;
+using testing::random_tensor;
+
+Executor* gpu() {
+  static std::vector<std::unique_ptr<Executor>> executors = [] {
+    auto r = make_cuda_executors();
+    if (!r.ok()) {
+      std::fprintf(stderr, "no usable GPU: %s\n", r.status().message().c_str());
+      return std::vector<std::unique_ptr<Executor>>{};
+    }
+    return std::move(r).value();
+  }();
+  return executors.empty() ? nullptr : executors.front().get();
+}
+
+std::vector<std::string> cuda_names(Op op) {
+  std::vector<std::string> names;
+  for (const VariantInfo* v : default_registry().all())
+    if (v->op == op && v->backend == Backend::kCuda) names.push_back(v->name);
+  if (names.empty()) names.push_back("none");  // keeps the suite valid in builds without CUDA
+  return names;
+}
+
+std::string test_name(const ::testing::TestParamInfo<std::string>& p) {
+  std::string s = p.param;
+  for (char& c : s)
+    if (c == '/') c = '_';
+  return s;
+}
+
+bool claims(const VariantInfo& info, DType t) {
+  return std::find(info.dtypes.begin(), info.dtypes.end(), t) != info.dtypes.end();
+}
+
+template <class Args>
+void run_on_gpu(const Variant<Args>& v, Args& args) {
+  ExecTimings t;
+  const OpCall call = make_call(v, args);
+  const Status s = gpu()->execute(call, t);
+  ASSERT_TRUE(s.ok()) << s.to_string();
+}
+
+#define REQUIRE_GPU()                                                        \
+  if (GetParam() == "none") GTEST_SKIP() << "this build has no CUDA variants"; \
+  if (!gpu()) GTEST_SKIP() << "no usable GPU on this machine"
+
+class GpuMatmul : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(GpuMatmul, MatchesReference) {
+  REQUIRE_GPU();
+  const auto* v = default_registry().matmul.find(GetParam());
+  ASSERT_NE(v, nullptr);
+  std::mt19937_64 rng(testing::seed());
+  struct Case {
+    Shape a, b;
+    bool ta, tb;
+  };
+  const Case cases[] = {
+      {{1, 1}, {1, 1}, false, false},        {{7, 33}, {33, 5}, false, false},
+      {{33, 7}, {1000, 33}, true, true},     {{257, 129}, {129, 1000}, false, false},
+      {{129, 257}, {129, 300}, true, false}, {{200, 130}, {68, 130}, false, true},
+      {{3, 17, 9}, {9, 70}, false, false},   {{2, 9, 17}, {2, 70, 9}, true, true},
+      {{256, 512}, {512, 384}, false, false},
+  };
+  for (DType dt : kAllDTypes) {
+    for (const auto& c : cases) {
+      SCOPED_TRACE(std::string(dtype_name(dt)) + " a" + shape_to_string(c.a) + " b" + shape_to_string(c.b) +
+                   " ta=" + std::to_string(c.ta) + " tb=" + std::to_string(c.tb) + " seed=" +
+                   std::to_string(testing::seed()));
+      Tensor a = random_tensor(dt, c.a, rng), b = random_tensor(dt, c.b, rng);
+      auto dims = matmul_dims(a.view(), b.view(), c.ta, c.tb);
+      ASSERT_TRUE(dims.ok());
+      Tensor out(dt, matmul_output_shape(*dims, static_cast<int>(c.a.size())));
+      poison(out);
+      MatmulArgs args{a.view(), b.view(), out.view(), c.ta, c.tb};
+      const Status supported = v->supports(args);
+      if (!claims(v->info, dt)) {
+        EXPECT_FALSE(supported.ok()) << "takes a dtype it does not claim";
+        continue;
+      }
+      ASSERT_TRUE(supported.ok()) << supported.to_string();
+      run_on_gpu(*v, args);
+      // K up to 1000 in float32: a few ulps of accumulated rounding, so 1e-5 relative holds.
+      EXPECT_LE(reference::relative_frobenius_error(out.view(), reference::matmul(args)),
+                reference::tolerance(dt));
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Cuda, GpuMatmul, ::testing::ValuesIn(cuda_names(Op::kMatmul)), test_name);
+
+class GpuSoftmax : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(GpuSoftmax, MatchesReference) {
+  REQUIRE_GPU();
+  const auto* v = default_registry().softmax.find(GetParam());
+  ASSERT_NE(v, nullptr);
+  std::mt19937_64 rng(testing::seed());
+  const Shape shapes[] = {{1},       {7},         {3, 33},    {5, 1000},  {2, 3, 1024}, {3, 4097},
+                          {2, 8191}, {1, 32768},  {2, 70001}, {1, 262144}, {1000, 7}, {4097, 33}};
+  for (DType dt : kAllDTypes)
+    for (const auto& shape : shapes) {
+      SCOPED_TRACE(std::string(dtype_name(dt)) + " " + shape_to_string(shape) + " seed=" +
+                   std::to_string(testing::seed()));
+      Tensor x = random_tensor(dt, shape, rng, 4.0f), y(dt, shape);
+      poison(y);
+      SoftmaxArgs args{x.view(), y.view()};
+      const Status supported = v->supports(args);
+      if (!supported.ok()) {  // a refusal must explain itself and be about the width
+        EXPECT_NE(supported.message().find("x.shape"), std::string::npos) << supported.message();
+        continue;
+      }
+      run_on_gpu(*v, args);
+      EXPECT_LE(reference::relative_frobenius_error(y.view(), reference::softmax(args)),
+                reference::tolerance(dt));
+    }
+}
+
+INSTANTIATE_TEST_SUITE_P(Cuda, GpuSoftmax, ::testing::ValuesIn(cuda_names(Op::kSoftmax)), test_name);
+
+}  // namespace
+}  // namespace attn

@@ -28,7 +28,12 @@ OpCost cost_of(const AttentionArgs& a) { return attention_cost(a); }
 AttnService::AttnService(Scheduler& scheduler, const Registry& registry, ServiceConfig config)
     : scheduler_(scheduler), registry_(registry), config_(config) {
   decode_.registry = &registry_;
-  decode_.target = scheduler_.executors().front()->target();
+  for (const auto& ex : scheduler_.executors()) {
+    const Target t = ex->target();
+    bool seen = false;
+    for (const Target& known : decode_.targets) seen |= known.backend == t.backend;
+    if (!seen) decode_.targets.push_back(t);
+  }
   decode_.limits = config_.limits;
 }
 
@@ -44,7 +49,7 @@ grpc::ServerUnaryReactor* AttnService::run(grpc::CallbackServerContext* ctx, con
   }
   auto op = std::make_shared<PreparedOp<Args>>(std::move(prepared).value());
   const std::int64_t decode_ns = ns_since(start);
-  Status queued = scheduler_.submit([=, this](Executor& executor, std::int64_t queue_ns) {
+  Status queued = scheduler_.submit(op->variant->info.backend, [=, this](Executor& executor, std::int64_t queue_ns) {
     if (ctx->IsCancelled()) {
       reactor->Finish(grpc::Status::CANCELLED);
       return;
@@ -136,7 +141,7 @@ grpc::ServerUnaryReactor* AttnService::ListKernels(grpc::CallbackServerContext* 
     for (DType t : info->dtypes) k->add_dtypes(wire::to_proto(t));
     k->set_limits(info->limits);
     k->set_description(info->description);
-    k->set_available(available_on(*info, decode_.target).ok());
+    k->set_available(available(*info, decode_));
   }
   reactor->Finish(grpc::Status::OK);
   return reactor;
@@ -147,7 +152,7 @@ grpc::ServerUnaryReactor* AttnService::GetServerInfo(grpc::CallbackServerContext
                                                      v1::GetServerInfoResponse* resp) {
   auto* reactor = ctx->DefaultReactor();
   resp->set_version(kVersion);
-  resp->set_backend(backend_name(decode_.target.backend));
+  resp->set_backend(backend_name(decode_.targets.front().backend));
   for (const auto& ex : scheduler_.executors()) {
     const DeviceInfo& d = ex->device();
     v1::DeviceInfo* out = resp->add_devices();

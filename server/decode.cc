@@ -25,7 +25,27 @@ Status check_output(const Shape& shape, const char* field, const DecodeContext& 
   return Status::Ok();
 }
 
+// The requested variant, or the best one, on the first target that can take the arguments. The
+// refusal reported is the primary target's, the one the client most likely meant.
+template <class Args>
+Result<const Variant<Args>*> select(const OpRegistry<Args>& registry, const Args& args,
+                                    const std::string& requested, const DecodeContext& ctx) {
+  Status first;
+  for (const Target& target : ctx.targets) {
+    auto picked = registry.select(args, requested, target);
+    if (picked.ok()) return picked;
+    if (first.ok()) first = picked.status();
+  }
+  return first;
+}
+
 }  // namespace
+
+bool available(const VariantInfo& info, const DecodeContext& ctx) {
+  for (const Target& t : ctx.targets)
+    if (available_on(info, t).ok()) return true;
+  return false;
+}
 
 Result<PreparedOp<MatmulArgs>> decode_matmul(const v1::MatmulRequest& req, v1::MatmulResponse* resp,
                                              const DecodeContext& ctx) {
@@ -40,7 +60,7 @@ Result<PreparedOp<MatmulArgs>> decode_matmul(const v1::MatmulRequest& req, v1::M
   op.args.b = b.view;
   op.args.transpose_a = req.transpose_a();
   op.args.transpose_b = req.transpose_b();
-  ATTN_ASSIGN_OR_RETURN(variant, ctx.registry->matmul.select(op.args, req.kernel(), ctx.target));
+  ATTN_ASSIGN_OR_RETURN(variant, select(ctx.registry->matmul, op.args, req.kernel(), ctx));
   op.variant = variant;
   op.args.c = wire::prepare_output(a.view.dtype, c_shape, resp->mutable_c());
   op.inputs.push_back(std::move(a));
@@ -53,7 +73,7 @@ Result<PreparedOp<SoftmaxArgs>> decode_softmax(const v1::SoftmaxRequest& req,
   ATTN_ASSIGN_OR_RETURN(x, input(req.x(), req.has_x(), "x", ctx));
   PreparedOp<SoftmaxArgs> op;
   op.args.x = x.view;
-  ATTN_ASSIGN_OR_RETURN(variant, ctx.registry->softmax.select(op.args, req.kernel(), ctx.target));
+  ATTN_ASSIGN_OR_RETURN(variant, select(ctx.registry->softmax, op.args, req.kernel(), ctx));
   op.variant = variant;
   op.args.y = wire::prepare_output(x.view.dtype, x.view.shape, resp->mutable_y());
   op.inputs.push_back(std::move(x));
@@ -77,7 +97,7 @@ Result<PreparedOp<AttentionArgs>> decode_attention(const v1::AttentionRequest& r
   op.args.v = v.view;
   op.args.causal = req.causal();
   op.args.scale = resolve_attention_scale(req.scale(), dims.head_dim);
-  ATTN_ASSIGN_OR_RETURN(variant, ctx.registry->attention.select(op.args, req.kernel(), ctx.target));
+  ATTN_ASSIGN_OR_RETURN(variant, select(ctx.registry->attention, op.args, req.kernel(), ctx));
   op.variant = variant;
   op.args.o = wire::prepare_output(q.view.dtype, q.view.shape, resp->mutable_o());
   if (req.return_lse()) {

@@ -12,9 +12,14 @@ namespace attn::server {
 
 struct DecodeContext {
   const Registry* registry = nullptr;
-  Target target;
+  // Where variants may run, the device first: a CUDA server keeps the CPU as a fallback for
+  // what its GPU variants cannot take.
+  std::vector<Target> targets;
   wire::TensorLimits limits;
 };
+
+// Whether `info` can run on one of the context's targets.
+bool available(const VariantInfo& info, const DecodeContext& ctx);
 
 template <class Args>
 struct PreparedOp {

@@ -48,15 +48,16 @@ Scheduler::Scheduler(std::vector<std::unique_ptr<Executor>> executors, std::size
 
 Scheduler::~Scheduler() { stop(); }
 
-Status Scheduler::submit(Job job) {
+Status Scheduler::submit(Backend backend, Job job) {
   Worker* best = nullptr;
   std::size_t best_load = 0;
   for (auto& w : workers_) {
+    if (w->executor->target().backend != backend) continue;
     std::lock_guard lock(w->mu);
     const std::size_t load = w->queue.size() + w->running;
     if (!best || load < best_load) best = w.get(), best_load = load;
   }
-  if (!best) return unavailable("no device to run on");
+  if (!best) return unavailable(std::string("no ") + backend_name(backend) + " device to run on");
   std::lock_guard lock(best->mu);
   if (best->stopping) return unavailable("the server is shutting down");
   if (best->queue.size() >= queue_depth_) {

@@ -23,8 +23,8 @@ class Scheduler {
   Scheduler(std::vector<std::unique_ptr<Executor>> executors, std::size_t queue_depth);
   ~Scheduler();
 
-  // Queues `job` on the least loaded device.
-  Status submit(Job job);
+  // Queues `job` on the least loaded device of `backend`.
+  Status submit(Backend backend, Job job);
   // Runs the queued jobs, then stops the workers.
   void stop();
 

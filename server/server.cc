@@ -23,12 +23,18 @@ Result<std::vector<std::unique_ptr<Executor>>> choose_executors(const std::strin
   auto cuda = make_cuda_executors();
   if (backend == "cuda") {
     if (!cuda.ok()) return unavailable("--backend cuda: " + cuda.status().message());
+    cuda->push_back(make_cpu_executor());  // fallback, as with auto
     return cuda;
   }
   if (backend != "auto") {
     return invalid_argument("--backend: expected auto, cpu or cuda, got \"" + backend + "\"");
   }
-  if (cuda.ok()) return cuda;
+  if (cuda.ok()) {
+    // The CPU stays available for what the GPU variants cannot take (an op or a dtype without a
+    // CUDA variant yet); requests go to it only when no GPU variant fits.
+    cuda->push_back(make_cpu_executor());
+    return cuda;
+  }
   spdlog::info("no usable GPU ({}): serving on the CPU backend", cuda.status().message());
   cpu.push_back(make_cpu_executor());
   return cpu;
@@ -80,7 +86,10 @@ Result<std::unique_ptr<Server>> Server::start(const ServerOptions& options) {
   s->options_ = options;
   s->backend_ = backend_name(executors.front()->target().backend);
   for (const auto& ex : executors) {
-    spdlog::info("device: {}", ex->device().label());
+    spdlog::info("device: {}{}", ex->device().label(),
+                 ex.get() != executors.front().get() && ex->target().backend == Backend::kCpu
+                     ? " (fallback for what the GPU variants cannot take)"
+                     : "");
     if (ex->target().backend == Backend::kCuda) warm_up(*ex);
   }
   s->scheduler_ = std::make_unique<Scheduler>(std::move(executors), options.queue_depth);

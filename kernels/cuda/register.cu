@@ -59,8 +59,8 @@ void register_cuda_variants(Registry& r) {
   // Split rows pay off when a row is wide enough to keep 8 blocks busy and rows are too few to
   // fill the GPU one block each.
   r.softmax.add({{"softmax/06_split_row", Op::kSoftmax, Backend::kCuda, all,
-                  "rows up to 256k columns; for rows >= 32k wide",
-                  "a cluster of 8 blocks per row, partial results through distributed shared memory",
+                  "rows up to 256k float32 / 512k 16-bit columns; for rows >= 32k wide",
+                  "a cluster of 2 to 16 blocks per row, partial results through distributed shared memory",
                   5, 90},
                  softmax_06_supports, softmax_06_split_row, [](const SoftmaxArgs& a) {
                    const auto d = softmax_dims(a.x);

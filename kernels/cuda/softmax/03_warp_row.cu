@@ -20,9 +20,12 @@ __global__ void __launch_bounds__(kWarps * 32) warp_row_kernel(SoftmaxProblem p)
     float m = -INFINITY;
     for (int c = lane; c < p.cols; c += 32) m = fmaxf(m, to_float(x[c]));
     m = warp_max(m);
-    float s = 0.0f;
+    // A lane adds cols/32 terms (8192 for a 256k row): in float that drifts past 1e-5.
+    double s = 0.0;
     for (int c = lane; c < p.cols; c += 32) s += __expf(to_float(x[c]) - m);
-    const float inv = 1.0f / warp_sum(s);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    const float inv = static_cast<float>(1.0 / s);
     for (int c = lane; c < p.cols; c += 32) y[c] = from_float<T>(__expf(to_float(x[c]) - m) * inv);
   }
 }

@@ -248,6 +248,106 @@ void bench_softmax(const std::vector<std::int64_t>& widths, const std::vector<DT
     }
 }
 
+// Relative error of O over 3 sampled (batch, head, row) rows against float64.
+double attention_sampled_error(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
+                               const AttentionDims& d, bool causal, float scale, std::mt19937_64& rng) {
+  double num = 0, den = 0;
+  for (int s = 0; s < 3; ++s) {
+    const std::int64_t b = rng() % d.batch, h = rng() % d.heads_q, i = rng() % d.len_q;
+    const std::int64_t kvh = h / (d.heads_q / d.heads_kv);
+    const std::int64_t qoff = ((b * d.heads_q + h) * d.len_q + i) * d.head_dim;
+    const std::int64_t kvoff = (b * d.heads_kv + kvh) * d.len_kv * d.head_dim;
+    const std::int64_t visible = causal ? std::clamp<std::int64_t>(i + d.len_kv - d.len_q + 1, 0, d.len_kv) : d.len_kv;
+    std::vector<double> sc(static_cast<std::size_t>(visible));
+    double mx = -INFINITY;
+    for (std::int64_t j = 0; j < visible; ++j) {
+      double dot = 0;
+      for (std::int64_t c = 0; c < d.head_dim; ++c) dot += double(q.get(qoff + c)) * k.get(kvoff + j * d.head_dim + c);
+      sc[j] = dot * scale;
+      mx = std::max(mx, sc[j]);
+    }
+    double sum = 0;
+    for (auto& x : sc) sum += (x = std::exp(x - mx));
+    for (std::int64_t c = 0; c < d.head_dim; ++c) {
+      double want = 0;
+      for (std::int64_t j = 0; j < visible; ++j) want += sc[j] / sum * v.get(kvoff + j * d.head_dim + c);
+      const double got = o.get(qoff + c);
+      if (!std::isfinite(got)) return INFINITY;
+      num += (got - want) * (got - want);
+      den += want * want;
+    }
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+struct AttentionShape {
+  std::int64_t b, hq, hkv, s_q, s_kv, d;
+  bool causal;
+};
+
+void bench_attention(const std::vector<AttentionShape>& shapes, const std::vector<std::string>& only,
+                     DType dt, cudaStream_t s, std::vector<Row>& rows, double copy_rate) {
+  const Registry& reg = default_registry();
+  std::mt19937_64 rng(11);
+  Stream stream(Backend::kCuda, s, 0);
+  const Target target{Backend::kCuda, 90};
+  for (const auto& sh : shapes) {
+    DeviceTensor q(dt, {sh.b, sh.hq, sh.s_q, sh.d}, rng), k(dt, {sh.b, sh.hkv, sh.s_kv, sh.d}, rng),
+        v(dt, {sh.b, sh.hkv, sh.s_kv, sh.d}, rng), o(dt, {sh.b, sh.hq, sh.s_q, sh.d});
+    const AttentionDims dims{sh.b, sh.hq, sh.hkv, sh.s_q, sh.s_kv, sh.d};
+    const float scale = resolve_attention_scale(0.0f, sh.d);
+    std::ostringstream shape;
+    shape << sh.b << "x" << sh.hq << "/" << sh.hkv << "x" << sh.s_q;
+    if (sh.s_kv != sh.s_q) shape << ":" << sh.s_kv;
+    shape << "x" << sh.d << (sh.causal ? " causal" : "");
+    AttentionArgs probe{q.view, k.view, v.view, o.view, {}, sh.causal, scale};
+    auto picked = reg.attention.select(probe, "", target);
+    for (const auto& var : reg.attention.variants()) {
+      if (var.info.backend != Backend::kCuda) continue;
+      if (!only.empty() && std::find(only.begin(), only.end(), var.info.name) == only.end()) continue;
+      AttentionArgs args{q.view, k.view, v.view, o.view, {}, sh.causal, scale};
+      if (!var.supports(args).ok()) continue;
+      const bool decode = sh.s_q == 1;
+      Row r{"attention", var.info.name, std::string(dtype_name(dt)), shape.str()};
+      r.unit = decode ? "GB/s" : "TFLOP/s";
+      CHECK_CUDA(cudaMemset(o.view.data, 0xff, o.host.bytes()));
+      Status st = var.run(args, stream);
+      CHECK_CUDA(cudaStreamSynchronize(s));
+      r.error = st.ok() ? attention_sampled_error(q.host, k.host, v.host, o.to_host(), dims, sh.causal, scale, rng)
+                        : INFINITY;
+      const bool correct = st.ok() && r.error <= tolerance(dt);
+      auto [ms, runs] = time_median(s, [&](int) { (void)var.run(args, stream); });
+      r.ms = ms;
+      r.runs = runs;
+      AttentionArgs cost_args{q.view, k.view, v.view, o.view, {}, sh.causal, scale};
+      if (decode) {
+        r.rate = double(k.host.bytes() + v.host.bytes()) / (ms * 1e-3) / 1e9;
+        r.baseline_rate = copy_rate;
+      } else {
+        r.rate = double(attention_cost(cost_args).flops) / (ms * 1e-3) / 1e12;
+      }
+      r.status = correct ? "ok" : ("WRONG " + st.to_string());
+      if (picked.ok() && (*picked)->info.name == var.info.name) r.status += " (auto)";
+      print(r);
+      rows.push_back(r);
+    }
+  }
+}
+
+// Copy bandwidth (read + write) of a 1 GiB device-to-device copy, the decode baseline.
+double copy_bandwidth(cudaStream_t s) {
+  const std::size_t bytes = 1u << 30;
+  void *a, *b;
+  CHECK_CUDA(cudaMalloc(&a, bytes));
+  CHECK_CUDA(cudaMalloc(&b, bytes));
+  CHECK_CUDA(cudaMemset(a, 1, bytes));
+  auto [ms, runs] = time_median(s, [&](int) { CHECK_CUDA(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, s)); });
+  (void)runs;
+  cudaFree(a);
+  cudaFree(b);
+  return 2.0 * bytes / (ms * 1e-3) / 1e9;
+}
+
 std::string json_escape(const std::string& s) {
   std::string o;
   for (char c : s) o += (c == '"' || c == '\\') ? std::string("\\") + c : std::string(1, c);
@@ -263,7 +363,8 @@ int main(int argc, char** argv) {
   std::vector<std::int64_t> matmul_sizes{2048, 4096, 8192};
   std::vector<std::int64_t> softmax_widths{1024, 4096, 16384, 65536, 262144};
   std::int64_t softmax_elements = 64LL << 20;
-  app.add_option("--op", op, "matmul, softmax or all")->check(CLI::IsMember({"matmul", "softmax", "all"}));
+  app.add_option("--op", op, "matmul, softmax, attention or all")
+      ->check(CLI::IsMember({"matmul", "softmax", "attention", "all"}));
   app.add_option("--json", json, "write the results here");
   app.add_option("--matmul-sizes", matmul_sizes, "square sizes");
   app.add_option("--softmax-widths", softmax_widths, "row widths");
@@ -283,10 +384,28 @@ int main(int argc, char** argv) {
   cudaStream_t s;
   CHECK_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
   std::vector<Row> rows;
-  if (op != "softmax")
+  if (op == "all" || op == "matmul")
     bench_matmul(matmul_sizes, {DType::kFloat32, DType::kBFloat16}, s, rows, quick);
-  if (op != "matmul")
+  if (op == "all" || op == "softmax")
     bench_softmax(softmax_widths, {DType::kFloat32, DType::kBFloat16}, softmax_elements, s, rows);
+  if (op == "all" || op == "attention") {
+    const double copy = copy_bandwidth(s);
+    std::printf("attention: copy bandwidth %.0f GB/s (read + write), the decode baseline\n", copy);
+    // The issue's grid: B x S = 16k tokens, Hq x D = 2048, bf16, causal and not.
+    std::vector<AttentionShape> grid, fp32_grid, decode;
+    for (std::int64_t d : {64, 128})
+      for (std::int64_t seq : {512, 1024, 2048, 4096, 8192, 16384})
+        for (bool causal : {false, true}) grid.push_back({16384 / seq, 2048 / d, 2048 / d, seq, seq, d, causal});
+    grid.push_back({4, 32, 8, 4096, 4096, 128, false});  // GQA
+    grid.push_back({4, 32, 8, 4096, 4096, 128, true});
+    for (std::int64_t seq : {512, 2048, 4096})
+      for (bool causal : {false, true}) fp32_grid.push_back({16384 / seq, 16, 16, seq, seq, 128, causal});
+    decode.push_back({1, 32, 8, 1, 32768, 128, false});
+    decode.push_back({16, 32, 8, 1, 16384, 128, false});
+    bench_attention(grid, {"attention/03_flash_mma"}, DType::kBFloat16, s, rows, copy);
+    bench_attention(fp32_grid, {"attention/01_naive", "attention/02_flash_fp32"}, DType::kFloat32, s, rows, copy);
+    bench_attention(decode, {"attention/03_flash_mma", "attention/decode_split_kv"}, DType::kBFloat16, s, rows, copy);
+  }
 
   if (!json.empty()) {
     std::ofstream out(json);

@@ -4,6 +4,7 @@
 #include "matmul/matmul_common.cuh"
 #include "matmul/matmul_rungs.h"
 #include "softmax/softmax_rungs.h"
+#include "attention/attention_rungs.h"
 
 namespace attn {
 
@@ -66,6 +67,22 @@ void register_cuda_variants(Registry& r) {
                    const auto d = softmax_dims(a.x);
                    return d.ok() && d->cols >= 32768 ? 6 : 3;
                  }});
+
+  const std::vector<DType> half{DType::kBFloat16, DType::kFloat16};
+  r.attention.add({{"attention/01_naive", Op::kAttention, Backend::kCuda, f32,
+                    "head dims 32, 64, 128, 256; S = B x Hq x Sq x Sk floats must fit in 8 GiB",
+                    "S = QK^T materialized, softmax, O = PV: three kernels", 1, 0},
+                   attention_01_supports, attention_01_naive, {}});
+  r.attention.add({{"attention/02_flash_fp32", Op::kAttention, Backend::kCuda, f32, "head dims 64, 128",
+                    "K/V tiles in shared memory, online softmax, S never stored; CUDA cores", 2, 0},
+                   attention_02_supports, attention_02_flash_fp32, {}});
+  r.attention.add({{"attention/03_flash_mma", Op::kAttention, Backend::kCuda, half, "head dims 64, 128",
+                    "FlashAttention-2 split on mma.sync tensor cores, cp.async double buffering", 3, 0},
+                   attention_03_supports, attention_03_flash_mma, {}});
+  r.attention.add({{"attention/decode_split_kv", Op::kAttention, Backend::kCuda, half,
+                    "Sq = 1 (decoding); head dims 64, 128; 1, 2, 4 or 8 query heads per key/value head",
+                    "flash-decoding: keys split across blocks, merged by log-sum-exp", 4, 0},
+                   attention_decode_supports, attention_decode_split_kv, {}});
 }
 
 }  // namespace attn

@@ -130,5 +130,58 @@ TEST_P(GpuSoftmax, MatchesReference) {
 
 INSTANTIATE_TEST_SUITE_P(Cuda, GpuSoftmax, ::testing::ValuesIn(cuda_names(Op::kSoftmax)), test_name);
 
+class GpuAttention : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(GpuAttention, MatchesReference) {
+  REQUIRE_GPU();
+  const auto* v = default_registry().attention.find(GetParam());
+  ASSERT_NE(v, nullptr);
+  std::mt19937_64 rng(testing::seed());
+  struct Case {
+    std::int64_t b, hq, hkv, sq, sk, d;
+  };
+  const Case cases[] = {
+      {1, 1, 1, 1, 1, 64},      {2, 4, 2, 17, 33, 64},     {1, 8, 2, 1, 1000, 128},
+      {1, 2, 1, 33, 7, 64},     {1, 2, 2, 100, 100, 128},  {1, 8, 1, 1, 4097, 128},
+      {1, 2, 2, 1000, 1000, 64}, {2, 4, 4, 130, 257, 128}, {1, 16, 2, 1, 333, 64},
+      {1, 4, 4, 64, 64, 32},    {1, 2, 1, 17, 300, 256},
+  };
+  int ran = 0;
+  for (DType dt : kAllDTypes)
+    for (const auto& c : cases)
+      for (bool causal : {false, true})
+        for (float scale : {0.0f, 0.07f}) {
+          SCOPED_TRACE(std::string(dtype_name(dt)) + " B" + std::to_string(c.b) + " Hq" + std::to_string(c.hq) +
+                       " Hkv" + std::to_string(c.hkv) + " Sq" + std::to_string(c.sq) + " Sk" + std::to_string(c.sk) +
+                       " D" + std::to_string(c.d) + (causal ? " causal" : "") + " scale=" + std::to_string(scale) +
+                       " seed=" + std::to_string(testing::seed()));
+          Tensor q = random_tensor(dt, {c.b, c.hq, c.sq, c.d}, rng);
+          Tensor k = random_tensor(dt, {c.b, c.hkv, c.sk, c.d}, rng);
+          Tensor vv = random_tensor(dt, {c.b, c.hkv, c.sk, c.d}, rng);
+          Tensor o(dt, q.shape()), lse(DType::kFloat32, {c.b, c.hq, c.sq});
+          poison(o);
+          poison(lse);
+          AttentionArgs args{q.view(), k.view(), vv.view(), o.view(), lse.view(), causal,
+                             resolve_attention_scale(scale, c.d)};
+          const Status supported = v->supports(args);
+          if (!supported.ok()) {  // a refusal names the field it is about
+            EXPECT_TRUE(supported.message().find("q.") == 0 || supported.message().find("k.") == 0)
+                << supported.message();
+            EXPECT_TRUE(!claims(v->info, dt) || supported.message().find("shape") != std::string::npos)
+                << "refused a dtype it claims: " << supported.message();
+            continue;
+          }
+          run_on_gpu(*v, args);
+          ++ran;
+          std::vector<double> want_lse;
+          const auto want = reference::attention(args, &want_lse);
+          EXPECT_LE(reference::relative_frobenius_error(o.view(), want), reference::tolerance(dt));
+          EXPECT_LE(reference::relative_frobenius_error(lse.view(), want_lse), 1e-4);
+        }
+  EXPECT_GT(ran, 0) << "the variant took none of the cases";
+}
+
+INSTANTIATE_TEST_SUITE_P(Cuda, GpuAttention, ::testing::ValuesIn(cuda_names(Op::kAttention)), test_name);
+
 }  // namespace
 }  // namespace attn

@@ -1,0 +1,111 @@
+// attention/02_flash_fp32: FlashAttention's idea on plain CUDA cores. A block owns 32 query rows
+// of one head and walks the keys in tiles of 32: K and V tiles are staged in shared memory, the
+// scores of a tile live only in registers, and an online softmax (running max and sum, the
+// output rescaled when the max grows) replaces the stored S of rung 01. Memory traffic drops
+// from O(Sq x Sk) to reading Q, K and V once per 32 query rows, so long sequences stop being
+// bound by S. Four threads share a row, each owning every fourth element of the head dim; a
+// tile's 32 scores are reduced across the four with shuffles. Causal tiles past the diagonal are
+// skipped. exp2 with the scale folded in. float32, head dims 64 and 128.
+#include "attention_common.cuh"
+#include "attention_rungs.h"
+
+namespace attn::cuda {
+namespace {
+
+constexpr int kRows = 32, kKeys = 32, kLanes = 4, kThreads = kRows * kLanes;
+
+template <int D>
+__global__ void __launch_bounds__(kThreads) flash_fp32_kernel(AttentionProblem p) {
+  constexpr int kSlice = D / kLanes;
+  __shared__ __align__(16) float ks[kKeys][D];
+  __shared__ __align__(16) float vs[kKeys][D];
+  const int bh = blockIdx.y, b = bh / p.heads_q, h = bh % p.heads_q;
+  const int row = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
+  const int i0 = blockIdx.x * kRows, i = i0 + row;
+  const bool active = i < p.len_q;
+
+  float q[kSlice], o[kSlice];
+  const float* qrow = static_cast<const float*>(p.q) + p.q_row(b, h, active ? i : 0);
+#pragma unroll
+  for (int c = 0; c < kSlice; ++c) {
+    q[c] = active ? qrow[lane + c * kLanes] * p.scale_log2 : 0.0f;  // scores come out in log2 units
+    o[c] = 0.0f;
+  }
+  float m = -INFINITY, l = 0.0f;
+  const int visible = active ? p.visible_keys(i) : 0;
+  // The last key any row of this block can see; tiles after it are skipped.
+  const int block_end = p.visible_keys(min(i0 + kRows, p.len_q) - 1);
+  const float* kbase = static_cast<const float*>(p.k) + p.kv_row(b, h, 0);
+  const float* vbase = static_cast<const float*>(p.v) + p.kv_row(b, h, 0);
+
+  for (int j0 = 0; j0 < block_end; j0 += kKeys) {
+    __syncthreads();  // the previous tile is no longer read
+    for (int idx = threadIdx.x; idx < kKeys * D / 4; idx += kThreads) {
+      const int r = idx / (D / 4), c4 = (idx % (D / 4)) * 4;
+      const bool in = j0 + r < p.len_kv;
+      const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
+      *reinterpret_cast<float4*>(&ks[r][c4]) =
+          in ? *reinterpret_cast<const float4*>(kbase + static_cast<long long>(j0 + r) * D + c4) : zero;
+      *reinterpret_cast<float4*>(&vs[r][c4]) =
+          in ? *reinterpret_cast<const float4*>(vbase + static_cast<long long>(j0 + r) * D + c4) : zero;
+    }
+    __syncthreads();
+    float s[kKeys];
+    float tile_max = -INFINITY;
+#pragma unroll
+    for (int jj = 0; jj < kKeys; ++jj) {
+      float part = 0.0f;
+#pragma unroll
+      for (int c = 0; c < kSlice; ++c) part += q[c] * ks[jj][lane + c * kLanes];
+      part += __shfl_xor_sync(0xffffffffu, part, 1);
+      part += __shfl_xor_sync(0xffffffffu, part, 2);
+      s[jj] = j0 + jj < visible ? part : -INFINITY;
+      tile_max = fmaxf(tile_max, s[jj]);
+    }
+    const float m_new = fmaxf(m, tile_max);
+    if (m_new == -INFINITY) continue;  // nothing visible yet for this row
+    const float alpha = exp2f(m - m_new);
+    l *= alpha;
+#pragma unroll
+    for (int c = 0; c < kSlice; ++c) o[c] *= alpha;
+#pragma unroll
+    for (int jj = 0; jj < kKeys; ++jj) {
+      const float pj = exp2f(s[jj] - m_new);
+      l += pj;
+#pragma unroll
+      for (int c = 0; c < kSlice; ++c) o[c] += pj * vs[jj][lane + c * kLanes];
+    }
+    m = m_new;
+  }
+  if (!active) return;
+  const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+  float* orow = static_cast<float*>(p.o) + p.q_row(b, h, i);
+#pragma unroll
+  for (int c = 0; c < kSlice; ++c) orow[lane + c * kLanes] = o[c] * inv;
+  if (p.lse && lane == 0) {
+    p.lse[(static_cast<long long>(b) * p.heads_q + h) * p.len_q + i] =
+        l > 0.0f ? (m + log2f(l)) * 0.6931471805599453f : -INFINITY;
+  }
+}
+
+}  // namespace
+
+Status attention_02_supports(const AttentionArgs& args) {
+  ATTN_ASSIGN_OR_RETURN(p, attention_problem(args, {DType::kFloat32}, {64, 128}, "attention/02_flash_fp32"));
+  if (static_cast<long long>(p.batch) * p.heads_q > 65535) {
+    return invalid_argument("q.shape: attention/02_flash_fp32 takes B x Hq <= 65535");
+  }
+  return Status::Ok();
+}
+
+Status attention_02_flash_fp32(const AttentionArgs& args, Stream& stream) {
+  ATTN_RETURN_IF_ERROR(attention_02_supports(args));
+  ATTN_ASSIGN_OR_RETURN(p, attention_problem(args, {DType::kFloat32}, {64, 128}, "attention/02_flash_fp32"));
+  const dim3 grid((p.len_q + kRows - 1) / kRows, p.batch * p.heads_q);
+  const cudaStream_t s = attention_stream(stream);
+  if (p.head_dim == 64) flash_fp32_kernel<64><<<grid, kThreads, 0, s>>>(p);
+  else flash_fp32_kernel<128><<<grid, kThreads, 0, s>>>(p);
+  return to_status(cudaGetLastError(), "attention/02_flash_fp32 launch");
+}
+
+}  // namespace attn::cuda

@@ -1,0 +1,85 @@
+// Shared by the attention rungs: the problem as plain numbers, where each head's rows live,
+// the bottom-right causal rule and the checks every rung makes.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <string>
+
+#include "attn/executor.h"
+#include "attn/ops.h"
+#include "../cuda_check.h"
+
+namespace attn::cuda {
+
+struct AttentionProblem {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* o;
+  float* lse;  // null when not wanted
+  int batch, heads_q, heads_kv, len_q, len_kv, head_dim, group;
+  float scale;       // natural-log scale
+  float scale_log2;  // scale * log2(e): scores go through exp2
+  bool causal;
+
+  // First element of row i of query head h (of batch b), and of key/value row j for that head.
+  __host__ __device__ long long q_row(int b, int h, int i) const {
+    return ((static_cast<long long>(b) * heads_q + h) * len_q + i) * head_dim;
+  }
+  __host__ __device__ long long kv_row(int b, int h, int j) const {
+    return ((static_cast<long long>(b) * heads_kv + h / group) * len_kv + j) * head_dim;
+  }
+  // Keys [0, visible_keys(i)) are visible to query i.
+  __host__ __device__ int visible_keys(int i) const {
+    if (!causal) return len_kv;
+    const long long v = static_cast<long long>(i) + (len_kv - len_q) + 1;
+    return v < 0 ? 0 : (v > len_kv ? len_kv : static_cast<int>(v));
+  }
+};
+
+// Checks dtype, head dim and sizes for a rung, and builds the problem.
+inline Result<AttentionProblem> attention_problem(const AttentionArgs& args, std::initializer_list<DType> dtypes,
+                                                  std::initializer_list<int> head_dims, const char* name) {
+  ATTN_ASSIGN_OR_RETURN(d, attention_dims(args.q, args.k, args.v));
+  bool dtype_ok = false;
+  std::string dtype_list;
+  for (DType t : dtypes) {
+    dtype_ok |= t == args.q.dtype;
+    dtype_list += (dtype_list.empty() ? "" : ", ") + std::string(dtype_name(t));
+  }
+  if (!dtype_ok) {
+    return invalid_argument(std::string("q.dtype: ") + name + " takes " + dtype_list + ", got " +
+                            std::string(dtype_name(args.q.dtype)));
+  }
+  bool dim_ok = false;
+  std::string dim_list;
+  for (int hd : head_dims) {
+    dim_ok |= hd == d.head_dim;
+    dim_list += (dim_list.empty() ? "" : ", ") + std::to_string(hd);
+  }
+  if (!dim_ok) {
+    return invalid_argument(std::string("q.shape[3]: ") + name + " takes head dims " + dim_list +
+                            ", got " + std::to_string(d.head_dim));
+  }
+  if (d.len_q > INT_MAX / 2 || d.len_kv > INT_MAX / 2 || d.batch * d.heads_q > 65535 * 64) {
+    return invalid_argument(std::string("q.shape: ") + name + " takes sequences < 2^30 and B x Hq <= 4M");
+  }
+  if (!args.lse.empty() && args.lse.dtype != DType::kFloat32) {
+    return invalid_argument("lse: expected float32");
+  }
+  AttentionProblem p{args.q.data, args.k.data, args.v.data, args.o.data,
+                     args.lse.empty() ? nullptr : static_cast<float*>(args.lse.data),
+                     static_cast<int>(d.batch), static_cast<int>(d.heads_q), static_cast<int>(d.heads_kv),
+                     static_cast<int>(d.len_q), static_cast<int>(d.len_kv), static_cast<int>(d.head_dim),
+                     static_cast<int>(d.heads_q / d.heads_kv), args.scale, args.scale * 1.4426950408889634f,
+                     args.causal};
+  return p;
+}
+
+inline cudaStream_t attention_stream(Stream& s) { return static_cast<cudaStream_t>(s.cuda_stream()); }
+
+}  // namespace attn::cuda

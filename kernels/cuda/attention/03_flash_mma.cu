@@ -12,10 +12,11 @@
 #include "attention_common.cuh"
 #include "attention_rungs.h"
 
+#include <cstdlib>
+
 namespace attn::cuda {
 namespace {
 
-constexpr int kWarps = 4, kThreads = kWarps * 32, kBlockM = 16 * kWarps, kBlockN = 64;
 
 // Element offset of (row, 16-byte chunk) in a [rows][D] tile whose chunks are XOR-swizzled.
 template <int D>
@@ -74,7 +75,7 @@ __device__ __forceinline__ unsigned pack(float lo, float hi) {
 }
 
 // Copies rows [row0, row0 + rows) of a [len][D] head (zero past `len`) into a swizzled tile.
-template <class T, int D>
+template <class T, int D, int kThreads>
 __device__ __forceinline__ void load_tile(T* tile, const T* head, int row0, int rows, int len) {
   constexpr int kChunks = D / 8;
   for (int idx = threadIdx.x; idx < rows * kChunks; idx += kThreads) {
@@ -85,12 +86,17 @@ __device__ __forceinline__ void load_tile(T* tile, const T* head, int row0, int 
   }
 }
 
-template <class T, int D>
-__global__ void __launch_bounds__(kThreads) flash_mma_kernel(AttentionProblem p) {
+// kMT: 16-row m-tiles per warp. With 2, every K and V fragment read from shared memory feeds
+// two mma instead of one and each warp has two independent chains in flight; Q is then re-read
+// from shared memory per k-step instead of held in registers, to stay within 255 registers.
+template <class T, int D, int kWarps, int kMT, int kBN>
+__global__ void __launch_bounds__(kWarps * 32) flash_mma_kernel(AttentionProblem p) {
+  constexpr int kThreads = kWarps * 32, kBlockM = 16 * kMT * kWarps;
+  constexpr bool kQInRegs = kMT == 1;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* qs = reinterpret_cast<T*>(smem_raw);
-  T* ks = qs + kBlockM * D;         // [2][kBlockN][D]
-  T* vs = ks + 2 * kBlockN * D;     // [2][kBlockN][D]
+  T* ks = qs + kBlockM * D;     // [2][kBN][D]
+  T* vs = ks + 2 * kBN * D;     // [2][kBN][D]
   const int bh = blockIdx.y, b = bh / p.heads_q, h = bh % p.heads_q;
   const int m_tile = gridDim.x - 1 - blockIdx.x;  // heaviest (latest, under causal) first
   const int i0 = m_tile * kBlockM;
@@ -102,138 +108,182 @@ __global__ void __launch_bounds__(kThreads) flash_mma_kernel(AttentionProblem p)
   const T* vhead = static_cast<const T*>(p.v) + p.kv_row(b, h, 0);
   const int last_row = min(i0 + kBlockM, p.len_q) - 1;
   const int block_end = p.visible_keys(last_row);  // keys past it are masked for every row
-  const int tiles = (block_end + kBlockN - 1) / kBlockN;
+  const int tiles = (block_end + kBN - 1) / kBN;
 
-  load_tile<T, D>(qs, qhead, i0, kBlockM, p.len_q);
+  load_tile<T, D, kThreads>(qs, qhead, i0, kBlockM, p.len_q);
   if (tiles > 0) {
-    load_tile<T, D>(ks, khead, 0, kBlockN, p.len_kv);
-    load_tile<T, D>(vs, vhead, 0, kBlockN, p.len_kv);
+    load_tile<T, D, kThreads>(ks, khead, 0, kBN, p.len_kv);
+    load_tile<T, D, kThreads>(vs, vhead, 0, kBN, p.len_kv);
   }
   cp_async_commit();
   cp_async_wait_all();
   __syncthreads();
 
-  // This warp's 16 query rows as A fragments, one per 16 dims.
-  unsigned qf[D / 16][4];
+  const int warp_row0 = warp * 16 * kMT;
+  // With one m-tile, this warp's 16 query rows stay in registers as A fragments.
+  unsigned qf[kQInRegs ? D / 16 : 1][4];
+  if constexpr (kQInRegs) {
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk)
-    ldmatrix_x4(qf[kk], qs + swizzled<D>(warp * 16 + (lane % 16), kk * 2 + lane / 16));
+    for (int kk = 0; kk < D / 16; ++kk)
+      ldmatrix_x4(qf[kk], qs + swizzled<D>(warp_row0 + (lane % 16), kk * 2 + lane / 16));
+  }
 
-  float o[D / 8][4];
+  float o[kMT][D / 8][4];
+  float m[kMT][2], l[kMT][2];
+  int rows[kMT][2], visible[kMT][2];
 #pragma unroll
-  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-  const int rows[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};
-  const int visible[2] = {rows[0] < p.len_q ? p.visible_keys(rows[0]) : 0,
-                          rows[1] < p.len_q ? p.visible_keys(rows[1]) : 0};
-
-  for (int t = 0; t < tiles; ++t) {
-    const int buf = t & 1, j0 = t * kBlockN;
-    if (t + 1 < tiles) {  // the next tile flies while this one is computed
-      load_tile<T, D>(ks + (buf ^ 1) * kBlockN * D, khead, j0 + kBlockN, kBlockN, p.len_kv);
-      load_tile<T, D>(vs + (buf ^ 1) * kBlockN * D, vhead, j0 + kBlockN, kBlockN, p.len_kv);
-    }
-    cp_async_commit();
-    const T* kt = ks + buf * kBlockN * D;
-    const T* vt = vs + buf * kBlockN * D;
-
-    float s[kBlockN / 8][4];
+  for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-    for (int n = 0; n < kBlockN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-#pragma unroll
-      for (int np = 0; np < kBlockN / 16; ++np) {
-        unsigned kf[4];
-        ldmatrix_x4(kf, kt + swizzled<D>(np * 16 + (lane % 8) + (lane / 16) * 8, kk * 2 + (lane / 8) % 2));
-        mma<T>(s[2 * np], qf[kk], kf[0], kf[1]);
-        mma<T>(s[2 * np + 1], qf[kk], kf[2], kf[3]);
-      }
-    }
-
-    // Scale into log2 units, mask, and the online softmax of rows g and g + 8.
-    float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int n = 0; n < kBlockN / 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e / 2, j = j0 + n * 8 + t4 * 2 + (e % 2);
-        s[n][e] = j < visible[r] ? s[n][e] * p.scale_log2 : -INFINITY;
-        tile_max[r] = fmaxf(tile_max[r], s[n][e]);
-      }
-    float scale_o[2];
+    for (int n = 0; n < D / 8; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.0f;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-      const float m_new = fmaxf(m[r], tile_max[r]);
-      const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing visible yet
-      scale_o[r] = exp2f(m[r] - m_use);
-      l[r] *= scale_o[r];
-      m[r] = m_new;
-      tile_max[r] = m_use;
+      m[mt][r] = -INFINITY;
+      l[mt][r] = 0.0f;
+      rows[mt][r] = i0 + warp_row0 + mt * 16 + g + 8 * r;
+      visible[mt][r] = rows[mt][r] < p.len_q ? p.visible_keys(rows[mt][r]) : 0;
     }
-    unsigned pf[kBlockN / 16][4];
+  }
+
+  for (int t = 0; t < tiles; ++t) {
+    const int buf = t & 1, j0 = t * kBN;
+    if (t + 1 < tiles) {  // the next tile flies while this one is computed
+      load_tile<T, D, kThreads>(ks + (buf ^ 1) * kBN * D, khead, j0 + kBN, kBN, p.len_kv);
+      load_tile<T, D, kThreads>(vs + (buf ^ 1) * kBN * D, vhead, j0 + kBN, kBN, p.len_kv);
+    }
+    cp_async_commit();
+    const T* kt = ks + buf * kBN * D;
+    const T* vt = vs + buf * kBN * D;
+
+    float s[kMT][kBN / 8][4];
 #pragma unroll
-    for (int n = 0; n < kBlockN / 8; ++n) {
-      const float p0 = exp2f(s[n][0] - tile_max[0]), p1 = exp2f(s[n][1] - tile_max[0]);
-      const float p2 = exp2f(s[n][2] - tile_max[1]), p3 = exp2f(s[n][3] - tile_max[1]);
-      l[0] += p0 + p1;
-      l[1] += p2 + p3;
-      // Two n-tiles of S make one k-step of P: [keys 0-7 | keys 8-15] of a 16-key step.
-      pf[n / 2][(n % 2) * 2 + 0] = pack<T>(p0, p1);
-      pf[n / 2][(n % 2) * 2 + 1] = pack<T>(p2, p3);
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int n = 0; n < kBN / 8; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      unsigned qk[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        if constexpr (kQInRegs) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) qk[mt][e] = qf[kk][e];
+        } else {
+          ldmatrix_x4(qk[mt], qs + swizzled<D>(warp_row0 + mt * 16 + (lane % 16), kk * 2 + lane / 16));
+        }
+      }
+#pragma unroll
+      for (int np = 0; np < kBN / 16; ++np) {
+        unsigned kf[4];
+        ldmatrix_x4(kf, kt + swizzled<D>(np * 16 + (lane % 8) + (lane / 16) * 8, kk * 2 + (lane / 8) % 2));
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          mma<T>(s[mt][2 * np], qk[mt], kf[0], kf[1]);
+          mma<T>(s[mt][2 * np + 1], qk[mt], kf[2], kf[3]);
+        }
+      }
+    }
+
+    // Scale into log2 units, mask, and the online softmax of rows g and g + 8 of each m-tile.
+    unsigned pf[kMT][kBN / 16][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+      float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int n = 0; n < kBN / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e / 2, j = j0 + n * 8 + t4 * 2 + (e % 2);
+          s[mt][n][e] = j < visible[mt][r] ? s[mt][n][e] * p.scale_log2 : -INFINITY;
+          tile_max[r] = fmaxf(tile_max[r], s[mt][n][e]);
+        }
+      float scale_o[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+        const float m_new = fmaxf(m[mt][r], tile_max[r]);
+        const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing visible yet
+        scale_o[r] = exp2f(m[mt][r] - m_use);
+        l[mt][r] *= scale_o[r];
+        m[mt][r] = m_new;
+        tile_max[r] = m_use;
+      }
+#pragma unroll
+      for (int n = 0; n < kBN / 8; ++n) {
+        const float p0 = exp2f(s[mt][n][0] - tile_max[0]), p1 = exp2f(s[mt][n][1] - tile_max[0]);
+        const float p2 = exp2f(s[mt][n][2] - tile_max[1]), p3 = exp2f(s[mt][n][3] - tile_max[1]);
+        l[mt][0] += p0 + p1;
+        l[mt][1] += p2 + p3;
+        // Two n-tiles of S make one k-step of P: [keys 0-7 | keys 8-15] of a 16-key step.
+        pf[mt][n / 2][(n % 2) * 2 + 0] = pack<T>(p0, p1);
+        pf[mt][n / 2][(n % 2) * 2 + 1] = pack<T>(p2, p3);
+      }
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        o[mt][n][0] *= scale_o[0];
+        o[mt][n][1] *= scale_o[0];
+        o[mt][n][2] *= scale_o[1];
+        o[mt][n][3] *= scale_o[1];
+      }
     }
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      o[n][0] *= scale_o[0];
-      o[n][1] *= scale_o[0];
-      o[n][2] *= scale_o[1];
-      o[n][3] *= scale_o[1];
-    }
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+    for (int kk = 0; kk < kBN / 16; ++kk) {
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         unsigned vf[4];
         ldmatrix_x4_trans(vf, vt + swizzled<D>(kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8, dp * 2 + lane / 16));
-        mma<T>(o[2 * dp], pf[kk], vf[0], vf[1]);
-        mma<T>(o[2 * dp + 1], pf[kk], vf[2], vf[3]);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          mma<T>(o[mt][2 * dp], pf[mt][kk], vf[0], vf[1]);
+          mma<T>(o[mt][2 * dp + 1], pf[mt][kk], vf[2], vf[3]);
+        }
       }
     }
     cp_async_wait_all();
     __syncthreads();  // tile t+1 has landed; nobody reads buffer `buf` any more
   }
 
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-  }
   T* ohead = static_cast<T*>(p.o) + p.q_row(b, h, 0);
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (rows[r] >= p.len_q) continue;
-    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-    T* orow = ohead + static_cast<long long>(rows[r]) * D;
+  for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n)
-      *reinterpret_cast<unsigned*>(orow + n * 8 + t4 * 2) = pack<T>(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
-    if (p.lse && t4 == 0) {
-      p.lse[(static_cast<long long>(b) * p.heads_q + h) * p.len_q + rows[r]] =
-          l[r] > 0.0f ? (m[r] + log2f(l[r])) * 0.6931471805599453f : -INFINITY;
+    for (int r = 0; r < 2; ++r) {
+      float lr = l[mt][r];
+      lr += __shfl_xor_sync(0xffffffffu, lr, 1);
+      lr += __shfl_xor_sync(0xffffffffu, lr, 2);
+      if (rows[mt][r] >= p.len_q) continue;
+      const float inv = lr > 0.0f ? 1.0f / lr : 0.0f;
+      T* orow = ohead + static_cast<long long>(rows[mt][r]) * D;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n)
+        *reinterpret_cast<unsigned*>(orow + n * 8 + t4 * 2) =
+            pack<T>(o[mt][n][2 * r] * inv, o[mt][n][2 * r + 1] * inv);
+      if (p.lse && t4 == 0) {
+        p.lse[(static_cast<long long>(b) * p.heads_q + h) * p.len_q + rows[mt][r]] =
+            lr > 0.0f ? (m[mt][r] + log2f(lr)) * 0.6931471805599453f : -INFINITY;
+      }
     }
-  }
+}
+
+template <class T, int D, int kWarps, int kMT, int kBN>
+cudaError_t launch_with(const AttentionProblem& p, cudaStream_t s) {
+  constexpr int kBlockM = 16 * kMT * kWarps;
+  constexpr int kSmem = (kBlockM + 4 * kBN) * D * static_cast<int>(sizeof(T));
+  auto kernel = flash_mma_kernel<T, D, kWarps, kMT, kBN>;
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (e != cudaSuccess) return e;
+  const dim3 grid((p.len_q + kBlockM - 1) / kBlockM, p.batch * p.heads_q);
+  kernel<<<grid, kWarps * 32, kSmem, s>>>(p);
+  return cudaGetLastError();
 }
 
 template <class T, int D>
 cudaError_t launch(const AttentionProblem& p, cudaStream_t s) {
-  constexpr int kSmem = (kBlockM + 4 * kBlockN) * D * static_cast<int>(sizeof(T));
-  cudaError_t e = cudaFuncSetAttribute(flash_mma_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  if (e != cudaSuccess) return e;
-  const dim3 grid((p.len_q + kBlockM - 1) / kBlockM, p.batch * p.heads_q);
-  flash_mma_kernel<T, D><<<grid, kThreads, kSmem, s>>>(p);
-  return cudaGetLastError();
+  static const char* forced = std::getenv("ATTN_EXPERIMENT_FLASH_CFG");  // measurement only
+  const char cfg = forced ? forced[0] : 'a';
+  if (cfg == 'b') return launch_with<T, D, 4, 2, 32>(p, s);
+  if (cfg == 'c') return launch_with<T, D, 4, 2, 64>(p, s);
+  return launch_with<T, D, 4, 1, 64>(p, s);
 }
 
 }  // namespace

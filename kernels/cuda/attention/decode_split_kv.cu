@@ -136,23 +136,43 @@ __global__ void __launch_bounds__(kThreads) split_kernel(AttentionProblem p, Par
 }
 
 // One block per query head: merges the splits by their maxima, normalizes, writes O and lse.
+// The splits' (max, sum) pairs are read in parallel into shared memory first; each thread then
+// sums its output element over the splits, the loads independent of each other.
 template <class T>
 __global__ void combine_kernel(AttentionProblem p, Partials part) {
+  extern __shared__ float weights[];  // [splits]: exp2(m_s - M), then divided by the total
+  __shared__ float red[128];
   const long long row = blockIdx.x;
+  const float* ms = part.m + row * part.splits;
+  const float* ls = part.l + row * part.splits;
   float mx = -INFINITY;
-  for (int s = 0; s < part.splits; ++s) mx = fmaxf(mx, part.m[row * part.splits + s]);
-  float total = 0.0f;
-  for (int s = 0; s < part.splits; ++s) {
-    const float ms = part.m[row * part.splits + s];
-    if (ms != -INFINITY) total += part.l[row * part.splits + s] * exp2f(ms - mx);
+  for (int s = threadIdx.x; s < part.splits; s += blockDim.x) mx = fmaxf(mx, ms[s]);
+  red[threadIdx.x] = mx;
+  __syncthreads();
+  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
+    if (threadIdx.x < w) red[threadIdx.x] = fmaxf(red[threadIdx.x], red[threadIdx.x + w]);
+    __syncthreads();
   }
+  mx = red[0];
+  __syncthreads();
+  float total = 0.0f;
+  for (int s = threadIdx.x; s < part.splits; s += blockDim.x) {
+    const float w = ms[s] == -INFINITY ? 0.0f : exp2f(ms[s] - mx);
+    weights[s] = w;
+    total += ls[s] * w;
+  }
+  red[threadIdx.x] = total;
+  __syncthreads();
+  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
+    if (threadIdx.x < w) red[threadIdx.x] += red[threadIdx.x + w];
+    __syncthreads();
+  }
+  total = red[0];
   const float inv = total > 0.0f ? 1.0f / total : 0.0f;
   for (int c = threadIdx.x; c < p.head_dim; c += blockDim.x) {
     float acc = 0.0f;
-    for (int s = 0; s < part.splits; ++s) {
-      const float ms = part.m[row * part.splits + s];
-      if (ms != -INFINITY) acc += part.o[(row * part.splits + s) * p.head_dim + c] * exp2f(ms - mx);
-    }
+#pragma unroll 8
+    for (int s = 0; s < part.splits; ++s) acc += part.o[(row * part.splits + s) * p.head_dim + c] * weights[s];
     static_cast<T*>(p.o)[row * p.head_dim + c] = from_float<T>(acc * inv);
   }
   if (p.lse && threadIdx.x == 0) p.lse[row] = total > 0.0f ? (mx + log2f(total)) * 0.6931471805599453f : -INFINITY;
@@ -160,9 +180,10 @@ __global__ void combine_kernel(AttentionProblem p, Partials part) {
 
 template <class T, int D>
 Status launch(const AttentionProblem& p, cudaStream_t s, int sms) {
-  // Enough blocks for about 4 per SM, but no slice shorter than 256 keys.
+  // As many blocks as fit on the GPU at once (3 per SM at this kernel's registers), in one wave
+  // with no straggler wave, but no slice shorter than 256 keys.
   const long long heads = static_cast<long long>(p.batch) * p.heads_kv;
-  int splits = static_cast<int>(std::max<long long>(1, (4LL * sms + heads - 1) / heads));
+  int splits = static_cast<int>(std::max<long long>(1, 3LL * sms / heads));
   splits = std::min(splits, std::max(1, (p.len_kv + 255) / 256));
   Partials part{};
   part.splits = splits;
@@ -181,7 +202,7 @@ Status launch(const AttentionProblem& p, cudaStream_t s, int sms) {
     case 4: split_kernel<T, D, 4><<<grid, kThreads, 0, s>>>(p, part); break;
     default: split_kernel<T, D, 8><<<grid, kThreads, 0, s>>>(p, part); break;
   }
-  combine_kernel<T><<<static_cast<unsigned>(rows), 128, 0, s>>>(p, part);
+  combine_kernel<T><<<static_cast<unsigned>(rows), 128, splits * sizeof(float), s>>>(p, part);
   const Status launched = to_status(cudaGetLastError(), "attention/decode_split_kv launch");
   cudaFreeAsync(ws, s);
   return launched;

@@ -3,7 +3,8 @@
 // blocks: a block owns one key/value head, one slice of the keys, and every query head of its
 // group (GQA), so each K/V byte is read once for the whole group. Within a block each half (or
 // quarter) warp streams one key at a time in 16-byte loads, keeps a running max, sum and output
-// per query head, and the partial results are merged in shared memory, then across blocks by a
+// per query head (the scores of 4 keys at a time, then one max and one rescale for the 4), and the
+// partial results are merged in shared memory, then across blocks by a
 // second small kernel using their log-sum-exps. Bound by reading K and V: its figure is GB/s.
 // bf16/fp16, head dims 64 and 128, up to 8 query heads per key/value head.
 #include "attention_common.cuh"
@@ -76,28 +77,59 @@ __global__ void __launch_bounds__(kThreads) split_kernel(AttentionProblem p, Par
       if (jj < k_end) {
         kr[u] = *reinterpret_cast<const uint4*>(kbase + static_cast<long long>(jj) * D);
         vr[u] = *reinterpret_cast<const uint4*>(vbase + static_cast<long long>(jj) * D);
+      } else {  // zeros, not garbage: a masked key's weight is 0, and 0 x NaN would not be
+        kr[u] = vr[u] = make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
+    // The scores of all kUnroll keys first (independent chains: dot products and shuffles
+    // overlap), then one max, one rescale and kUnroll updates per query head.
+    float sc[kUnroll][G];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      float kf[8];
+      unpack8<T>(kr[u], kf);
+#pragma unroll
+      for (int gq = 0; gq < G; ++gq) {
+        float dot = 0.0f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dot += q[gq][e] * kf[e];
+        sc[u][gq] = dot;
       }
     }
 #pragma unroll
+    for (int off = kLanesPerKey / 2; off > 0; off >>= 1)
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+        for (int gq = 0; gq < G; ++gq) sc[u][gq] += __shfl_xor_sync(0xffffffffu, sc[u][gq], off);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (j + u * kGroups >= k_end)
+#pragma unroll
+        for (int gq = 0; gq < G; ++gq) sc[u][gq] = -INFINITY;
+#pragma unroll
+    for (int gq = 0; gq < G; ++gq) {
+      float m_new = m[gq];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) m_new = fmaxf(m_new, sc[u][gq]);
+      if (m_new == -INFINITY) continue;  // nothing in this stream yet
+      const float alpha = exp2f(m[gq] - m_new);
+      l[gq] *= alpha;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) o[gq][e] *= alpha;
+      m[gq] = m_new;
+    }
+#pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int jj = j + u * kGroups;
-      float kf[8], vf[8];
-      unpack8<T>(kr[u], kf);
+      float vf[8];
       unpack8<T>(vr[u], vf);
 #pragma unroll
       for (int gq = 0; gq < G; ++gq) {
-        float s = 0.0f;
+        if (m[gq] == -INFINITY) continue;  // no key of this stream seen yet
+        const float pj = exp2f(sc[u][gq] - m[gq]);  // 0 for a masked key
+        l[gq] += pj;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) s += q[gq][e] * kf[e];
-#pragma unroll
-        for (int off = kLanesPerKey / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-        if (jj >= k_end) continue;
-        const float m_new = fmaxf(m[gq], s);
-        const float alpha = exp2f(m[gq] - m_new), pj = exp2f(s - m_new);
-        l[gq] = l[gq] * alpha + pj;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) o[gq][e] = o[gq][e] * alpha + pj * vf[e];
-        m[gq] = m_new;
+        for (int e = 0; e < 8; ++e) o[gq][e] += pj * vf[e];
       }
     }
   }
@@ -180,10 +212,17 @@ __global__ void combine_kernel(AttentionProblem p, Partials part) {
 
 template <class T, int D>
 Status launch(const AttentionProblem& p, cudaStream_t s, int sms) {
-  // As many blocks as fit on the GPU at once (3 per SM at this kernel's registers), in one wave
-  // with no straggler wave, but no slice shorter than 256 keys.
+  void (*kernel)(AttentionProblem, Partials) = p.group == 1   ? split_kernel<T, D, 1>
+                                               : p.group == 2 ? split_kernel<T, D, 2>
+                                               : p.group == 4 ? split_kernel<T, D, 4>
+                                                              : split_kernel<T, D, 8>;
+  // As many blocks as fit on the GPU at once, in one wave with no straggler wave, but no slice
+  // shorter than 256 keys.
+  int per_sm = 1;
+  ATTN_RETURN_IF_ERROR(to_status(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0),
+                                 "decode occupancy"));
   const long long heads = static_cast<long long>(p.batch) * p.heads_kv;
-  int splits = static_cast<int>(std::max<long long>(1, 3LL * sms / heads));
+  int splits = static_cast<int>(std::max<long long>(1, static_cast<long long>(std::max(per_sm, 1)) * sms / heads));
   splits = std::min(splits, std::max(1, (p.len_kv + 255) / 256));
   Partials part{};
   part.splits = splits;
@@ -196,12 +235,7 @@ Status launch(const AttentionProblem& p, cudaStream_t s, int sms) {
   part.m = reinterpret_cast<float*>(ws + o_bytes);
   part.l = reinterpret_cast<float*>(ws + o_bytes + ml_bytes);
   const dim3 grid(splits, static_cast<unsigned>(heads));
-  switch (p.group) {
-    case 1: split_kernel<T, D, 1><<<grid, kThreads, 0, s>>>(p, part); break;
-    case 2: split_kernel<T, D, 2><<<grid, kThreads, 0, s>>>(p, part); break;
-    case 4: split_kernel<T, D, 4><<<grid, kThreads, 0, s>>>(p, part); break;
-    default: split_kernel<T, D, 8><<<grid, kThreads, 0, s>>>(p, part); break;
-  }
+  kernel<<<grid, kThreads, 0, s>>>(p, part);
   combine_kernel<T><<<static_cast<unsigned>(rows), 128, splits * sizeof(float), s>>>(p, part);
   const Status launched = to_status(cudaGetLastError(), "attention/decode_split_kv launch");
   cudaFreeAsync(ws, s);

@@ -68,19 +68,28 @@ __global__ void __launch_bounds__(kThreads) split_kernel(AttentionProblem p, Par
 
   // The loop bound is the same for every stream of a warp, so the shuffles below never run with
   // part of a warp gone; keys past the slice are loaded by no one and skipped.
-  for (int jb = k_begin; jb < k_end; jb += kGroups * kUnroll) {
-    const int j = jb + stream;
-    uint4 kr[kUnroll], vr[kUnroll];
+  // Loads the kUnroll keys of this stream starting at jb (zeros past the slice: a masked key's
+  // weight is 0, and 0 x garbage could be NaN).
+  auto load_group = [&](int jb, uint4 (&kr)[kUnroll], uint4 (&vr)[kUnroll]) {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {  // all loads first: kUnroll keys in flight per stream
-      const int jj = j + u * kGroups;
+    for (int u = 0; u < kUnroll; ++u) {
+      const int jj = jb + stream + u * kGroups;
       if (jj < k_end) {
         kr[u] = *reinterpret_cast<const uint4*>(kbase + static_cast<long long>(jj) * D);
         vr[u] = *reinterpret_cast<const uint4*>(vbase + static_cast<long long>(jj) * D);
-      } else {  // zeros, not garbage: a masked key's weight is 0, and 0 x NaN would not be
+      } else {
         kr[u] = vr[u] = make_uint4(0u, 0u, 0u, 0u);
       }
     }
+  };
+  // Register double buffering: the next group's loads are in flight while this one is used, so
+  // each stream keeps 2 x kUnroll keys (2 x 2 KB at D = 128) outstanding.
+  uint4 kr[kUnroll], vr[kUnroll];
+  load_group(k_begin, kr, vr);
+  for (int jb = k_begin; jb < k_end; jb += kGroups * kUnroll) {
+    const int j = jb + stream;
+    uint4 kn[kUnroll], vn[kUnroll];
+    load_group(jb + kGroups * kUnroll, kn, vn);
     // The scores of all kUnroll keys first (independent chains: dot products and shuffles
     // overlap), then one max, one rescale and kUnroll updates per query head.
     float sc[kUnroll][G];
@@ -132,6 +141,8 @@ __global__ void __launch_bounds__(kThreads) split_kernel(AttentionProblem p, Par
         for (int e = 0; e < 8; ++e) o[gq][e] += pj * vf[e];
       }
     }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) kr[u] = kn[u], vr[u] = vn[u];
   }
 
   // Merge the block's key streams: the max first, then rescaled sums and outputs.

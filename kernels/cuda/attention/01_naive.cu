@@ -5,6 +5,7 @@
 // the arithmetic, is the time, and it is what the flash rungs remove. float32.
 #include "attention_common.cuh"
 #include "attention_rungs.h"
+#include "../softmax/softmax_common.cuh"
 
 namespace attn::cuda {
 namespace {
@@ -25,29 +26,16 @@ __global__ void scores_kernel(AttentionProblem p, float* s) {
 
 // A block per row of S: max, sum, then P = exp(S - max) / sum in place; lse = max + log(sum).
 __global__ void softmax_kernel(AttentionProblem p, float* s) {
-  __shared__ float red[256];
+  __shared__ float scratch[32];
   const long long row = blockIdx.x;
   float* r = s + row * p.len_kv;
   float m = -INFINITY;
   for (int j = threadIdx.x; j < p.len_kv; j += blockDim.x) m = fmaxf(m, r[j]);
-  red[threadIdx.x] = m;
-  __syncthreads();
-  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
-    if (threadIdx.x < w) red[threadIdx.x] = fmaxf(red[threadIdx.x], red[threadIdx.x + w]);
-    __syncthreads();
-  }
-  m = red[0];
-  __syncthreads();
+  m = block_reduce<true>(m, scratch);
   float sum = 0.0f;
   if (m != -INFINITY)
     for (int j = threadIdx.x; j < p.len_kv; j += blockDim.x) sum += __expf(r[j] - m);
-  red[threadIdx.x] = sum;
-  __syncthreads();
-  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
-    if (threadIdx.x < w) red[threadIdx.x] += red[threadIdx.x + w];
-    __syncthreads();
-  }
-  sum = red[0];
+  sum = block_reduce<false>(sum, scratch);
   const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;  // a row that sees no key: P = 0, O = 0
   for (int j = threadIdx.x; j < p.len_kv; j += blockDim.x) r[j] = m == -INFINITY ? 0.0f : __expf(r[j] - m) * inv;
   if (p.lse && threadIdx.x == 0) p.lse[row] = m == -INFINITY ? -INFINITY : m + logf(sum);

@@ -184,33 +184,20 @@ __global__ void __launch_bounds__(kThreads) split_kernel(AttentionProblem p, Par
 template <class T>
 __global__ void combine_kernel(AttentionProblem p, Partials part) {
   extern __shared__ float weights[];  // [splits]: exp2(m_s - M), then divided by the total
-  __shared__ float red[128];
+  __shared__ float scratch[32];
   const long long row = blockIdx.x;
   const float* ms = part.m + row * part.splits;
   const float* ls = part.l + row * part.splits;
   float mx = -INFINITY;
   for (int s = threadIdx.x; s < part.splits; s += blockDim.x) mx = fmaxf(mx, ms[s]);
-  red[threadIdx.x] = mx;
-  __syncthreads();
-  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
-    if (threadIdx.x < w) red[threadIdx.x] = fmaxf(red[threadIdx.x], red[threadIdx.x + w]);
-    __syncthreads();
-  }
-  mx = red[0];
-  __syncthreads();
+  mx = block_reduce<true>(mx, scratch);
   float total = 0.0f;
   for (int s = threadIdx.x; s < part.splits; s += blockDim.x) {
     const float w = ms[s] == -INFINITY ? 0.0f : exp2f(ms[s] - mx);
     weights[s] = w;
     total += ls[s] * w;
   }
-  red[threadIdx.x] = total;
-  __syncthreads();
-  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
-    if (threadIdx.x < w) red[threadIdx.x] += red[threadIdx.x + w];
-    __syncthreads();
-  }
-  total = red[0];
+  total = block_reduce<false>(total, scratch);
   const float inv = total > 0.0f ? 1.0f / total : 0.0f;
   for (int c = threadIdx.x; c < p.head_dim; c += blockDim.x) {
     float acc = 0.0f;

@@ -61,6 +61,19 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Max (kMax) or sum of v over the whole block, returned to every thread. blockDim.x a multiple
+// of 32; `scratch` holds one float per warp.
+template <bool kMax>
+__device__ __forceinline__ float block_reduce(float v, float* scratch) {
+  v = kMax ? warp_max(v) : warp_sum(v);
+  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  float r = scratch[0];
+  for (int w = 1; w < static_cast<int>(blockDim.x / 32); ++w) r = kMax ? fmaxf(r, scratch[w]) : r + scratch[w];
+  __syncthreads();
+  return r;
+}
+
 // A running (max, sum of exp(x - max)) pair; combining two is the heart of online softmax.
 struct MaxSum {
   float m, s;

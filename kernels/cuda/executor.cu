@@ -162,10 +162,11 @@ class CudaExecutor final : public Executor {
 
   Status ensure_staging(std::size_t bytes) {
     if (bytes <= staging_bytes_) return Status::Ok();
+    // Grow at least 2x, so a run of slowly growing requests does not re-pin memory every call.
+    const std::size_t want = std::max(bytes, staging_bytes_ * 2);
     if (staging_) cudaFreeHost(staging_);
     staging_ = nullptr;
     staging_bytes_ = 0;
-    const std::size_t want = std::max(bytes, staging_bytes_ * 2);
     void* p = nullptr;
     ATTN_RETURN_IF_ERROR(check(cudaMallocHost(&p, want), "cudaMallocHost (pinned staging)"));
     staging_ = static_cast<char*>(p);

@@ -111,6 +111,9 @@ grpc::Status to_grpc(const Status& s) {
     case StatusCode::kFailedPrecondition: code = grpc::StatusCode::FAILED_PRECONDITION; break;
     case StatusCode::kUnavailable: code = grpc::StatusCode::UNAVAILABLE; break;
     case StatusCode::kInternal: code = grpc::StatusCode::INTERNAL; break;
+    case StatusCode::kUnauthenticated: code = grpc::StatusCode::UNAUTHENTICATED; break;
+    case StatusCode::kDeadlineExceeded: code = grpc::StatusCode::DEADLINE_EXCEEDED; break;
+    case StatusCode::kCancelled: code = grpc::StatusCode::CANCELLED; break;
   }
   return {code, s.message()};
 }
@@ -122,10 +125,10 @@ Status from_grpc(const grpc::Status& s) {
     case grpc::StatusCode::RESOURCE_EXHAUSTED: return resource_exhausted(s.error_message());
     case grpc::StatusCode::NOT_FOUND: return not_found(s.error_message());
     case grpc::StatusCode::FAILED_PRECONDITION: return failed_precondition(s.error_message());
-    case grpc::StatusCode::UNAVAILABLE:
-    case grpc::StatusCode::DEADLINE_EXCEEDED:
-    case grpc::StatusCode::CANCELLED:
-      return unavailable(s.error_message());
+    case grpc::StatusCode::UNAVAILABLE: return unavailable(s.error_message());
+    case grpc::StatusCode::UNAUTHENTICATED: return unauthenticated(s.error_message());
+    case grpc::StatusCode::DEADLINE_EXCEEDED: return deadline_exceeded(s.error_message());
+    case grpc::StatusCode::CANCELLED: return cancelled(s.error_message());
     default: return internal_error(s.error_message());
   }
 }

@@ -13,20 +13,23 @@ std::int64_t ns_since(Clock::time_point t) {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t).count();
 }
 
-void finish_failed(grpc::ServerUnaryReactor* reactor, grpc::CallbackServerContext* ctx,
-                   const char* rpc, const Status& status) {
-  spdlog::warn("{} from {} failed: {}", rpc, ctx->peer(), status.to_string());
-  reactor->Finish(wire::to_grpc(status));
-}
-
 OpCost cost_of(const MatmulArgs& a) { return matmul_cost(a); }
 OpCost cost_of(const SoftmaxArgs& a) { return softmax_cost(a); }
 OpCost cost_of(const AttentionArgs& a) { return attention_cost(a); }
 
+// Why a queued call need not run any more, or OK.
+Status abandoned(grpc::CallbackServerContext* ctx) {
+  if (ctx->IsCancelled()) return cancelled("the caller cancelled the call while it waited in the queue");
+  if (ctx->deadline() < std::chrono::system_clock::now()) {
+    return deadline_exceeded("the call's deadline passed while it waited in the queue");
+  }
+  return Status::Ok();
+}
+
 }  // namespace
 
 AttnService::AttnService(Scheduler& scheduler, const Registry& registry, ServiceConfig config)
-    : scheduler_(scheduler), registry_(registry), config_(config) {
+    : scheduler_(scheduler), registry_(registry), config_(std::move(config)), token_(config_.token) {
   decode_.registry = &registry_;
   for (const auto& ex : scheduler_.executors()) {
     const Target t = ex->target();
@@ -37,47 +40,62 @@ AttnService::AttnService(Scheduler& scheduler, const Registry& registry, Service
   decode_.limits = config_.limits;
 }
 
-template <class Args, class Response>
-grpc::ServerUnaryReactor* AttnService::run(grpc::CallbackServerContext* ctx, const char* rpc,
-                                           Clock::time_point start,
-                                           Result<PreparedOp<Args>> prepared, Response* resp,
-                                           bool return_values, std::vector<v1::Tensor*> outputs) {
+void AttnService::finish(grpc::ServerUnaryReactor* reactor, grpc::CallbackServerContext* ctx,
+                         const char* op, const std::string& variant, const Status& status,
+                         const v1::Timings* timings, std::size_t bytes_in, std::size_t bytes_out) {
+  const grpc::Status g = wire::to_grpc(status);
+  if (!status.ok()) spdlog::warn("{} from {} failed: {}", op, ctx->peer(), status.to_string());
+  if (config_.metrics) config_.metrics->record(op, variant, g.error_code(), timings, bytes_in, bytes_out);
+  reactor->Finish(g);
+}
+
+grpc::ServerUnaryReactor* AttnService::refuse_unauthenticated(grpc::CallbackServerContext* ctx,
+                                                              const char* op, std::size_t bytes_in) {
+  const Status s = token_.check(*ctx);
+  if (s.ok()) return nullptr;
   auto* reactor = ctx->DefaultReactor();
+  finish(reactor, ctx, op, "", s, nullptr, bytes_in, 0);
+  return reactor;
+}
+
+void AttnService::device_faulted(Executor& executor, const std::string& what, const Status& status) {
+  if (!executor.poisoned()) return;
+  spdlog::critical("device {} faulted running {}: {}; it cannot serve again until the server restarts",
+                   executor.device().label(), what, status.to_string());
+  if (config_.on_device_fault) config_.on_device_fault(status.message());
+}
+
+template <class Args, class Request, class Response>
+grpc::ServerUnaryReactor* AttnService::run(grpc::CallbackServerContext* ctx, const char* op,
+                                           Clock::time_point start,
+                                           Result<PreparedOp<Args>> prepared, const Request* req,
+                                           Response* resp, bool return_values,
+                                           std::vector<v1::Tensor*> outputs) {
+  auto* reactor = ctx->DefaultReactor();
+  const std::size_t bytes_in = req->ByteSizeLong();
   if (!prepared.ok()) {
-    finish_failed(reactor, ctx, rpc, prepared.status());
+    finish(reactor, ctx, op, req->kernel(), prepared.status(), nullptr, bytes_in, 0);
     return reactor;
   }
-  auto op = std::make_shared<PreparedOp<Args>>(std::move(prepared).value());
-  const std::int64_t decode_ns = ns_since(start);
-  Status queued = scheduler_.submit(op->variant->info.backend, [=, this](Executor& executor, std::int64_t queue_ns) {
-    if (ctx->IsCancelled()) {
-      reactor->Finish(grpc::Status::CANCELLED);
-      return;
-    }
-    if (ctx->deadline() < std::chrono::system_clock::now()) {
-      spdlog::warn("{} from {} dropped: its deadline passed in the queue", rpc, ctx->peer());
-      reactor->Finish({grpc::StatusCode::DEADLINE_EXCEEDED,
-                       "the call's deadline passed while it waited in the queue (" +
-                           std::to_string(queue_ns / 1000) + " us)"});
-      return;
-    }
+  auto prepared_op = std::make_shared<PreparedOp<Args>>(std::move(prepared).value());
+  const std::string variant = prepared_op->variant->info.name;
+  Scheduler::Job job;
+  job.abandoned = [ctx] { return abandoned(ctx); };
+  job.drop = [=, this](const Status& why) { finish(reactor, ctx, op, variant, why, nullptr, bytes_in, 0); };
+  job.run = [=, this](Executor& executor, std::int64_t queue_ns) {
     ExecTimings t;
-    const OpCall call = make_call(*op->variant, op->args);
-    Status status = executor.execute(call, t);
+    const OpCall call = make_call(*prepared_op->variant, prepared_op->args);
+    const Status status = executor.execute(call, t);
     if (!status.ok()) {
-      if (executor.poisoned() && config_.on_device_fault) {
-        spdlog::critical("device {} faulted running {}: {}; it cannot serve again until the server "
-                         "restarts", executor.device().label(), op->variant->info.name, status.to_string());
-        config_.on_device_fault(status.message());
-      }
-      finish_failed(reactor, ctx, rpc, status);
+      device_faulted(executor, variant, status);
+      finish(reactor, ctx, op, variant, status, nullptr, bytes_in, 0);
       return;
     }
     if (return_values)
       for (v1::Tensor* out : outputs) wire::convert_to_values(out);
-    const OpCost cost = cost_of(op->args);
+    const OpCost cost = cost_of(prepared_op->args);
     v1::Timings* timings = resp->mutable_timings();
-    timings->set_kernel(op->variant->info.name);
+    timings->set_kernel(variant);
     timings->set_device(executor.device().label());
     timings->set_queue_ns(queue_ns);
     timings->set_h2d_ns(t.h2d_ns);
@@ -86,12 +104,30 @@ grpc::ServerUnaryReactor* AttnService::run(grpc::CallbackServerContext* ctx, con
     timings->set_flops(cost.flops);
     timings->set_bytes(cost.bytes);
     timings->set_total_ns(ns_since(start));
-    spdlog::debug("{} {} on {}: decode {} us, queue {} us, kernel {} us, total {} us", rpc,
-                  op->variant->info.name, timings->device(), decode_ns / 1000, queue_ns / 1000,
-                  t.kernel_ns / 1000, timings->total_ns() / 1000);
-    reactor->Finish(grpc::Status::OK);
-  });
-  if (!queued.ok()) finish_failed(reactor, ctx, rpc, queued);
+    spdlog::debug("{} {} on {}: queue {} us, kernel {} us, total {} us", op, variant,
+                  timings->device(), queue_ns / 1000, t.kernel_ns / 1000, timings->total_ns() / 1000);
+    finish(reactor, ctx, op, variant, Status::Ok(), timings, bytes_in, resp->ByteSizeLong());
+  };
+  const Status queued = scheduler_.submit(prepared_op->variant->info.backend, std::move(job));
+  if (!queued.ok()) finish(reactor, ctx, op, variant, queued, nullptr, bytes_in, 0);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* AttnService::inject_fault(grpc::CallbackServerContext* ctx) {
+  auto* reactor = ctx->DefaultReactor();
+  const Backend device = decode_.targets.front().backend;
+  Scheduler::Job job;
+  job.abandoned = [ctx] { return abandoned(ctx); };
+  job.drop = [=, this](const Status& why) { finish(reactor, ctx, "softmax", kFaultInjectionKernel, why, nullptr, 0, 0); };
+  job.run = [=, this](Executor& executor, std::int64_t) {
+    spdlog::warn("fault injection: making {} fault on purpose", executor.device().label());
+    const Status status = executor.inject_fault();
+    device_faulted(executor, kFaultInjectionKernel, status);
+    finish(reactor, ctx, "softmax", kFaultInjectionKernel,
+           status.ok() ? internal_error("fault injection: the device did not fault") : status, nullptr, 0, 0);
+  };
+  const Status queued = scheduler_.submit(device, std::move(job));
+  if (!queued.ok()) finish(reactor, ctx, "softmax", kFaultInjectionKernel, queued, nullptr, 0, 0);
   return reactor;
 }
 
@@ -99,37 +135,42 @@ grpc::ServerUnaryReactor* AttnService::Matmul(grpc::CallbackServerContext* ctx,
                                               const v1::MatmulRequest* req,
                                               v1::MatmulResponse* resp) {
   const auto start = Clock::now();
-  return run(ctx, "Matmul", start, decode_matmul(*req, resp, decode_), resp, req->return_values(),
-             {resp->mutable_c()});
+  if (auto* refused = refuse_unauthenticated(ctx, "matmul", req->ByteSizeLong())) return refused;
+  return run(ctx, "matmul", start, decode_matmul(*req, resp, decode_), req, resp,
+             req->return_values(), {resp->mutable_c()});
 }
 
 grpc::ServerUnaryReactor* AttnService::Softmax(grpc::CallbackServerContext* ctx,
                                                const v1::SoftmaxRequest* req,
                                                v1::SoftmaxResponse* resp) {
   const auto start = Clock::now();
-  return run(ctx, "Softmax", start, decode_softmax(*req, resp, decode_), resp, req->return_values(),
-             {resp->mutable_y()});
+  if (auto* refused = refuse_unauthenticated(ctx, "softmax", req->ByteSizeLong())) return refused;
+  if (config_.fault_injection && req->kernel() == kFaultInjectionKernel) return inject_fault(ctx);
+  return run(ctx, "softmax", start, decode_softmax(*req, resp, decode_), req, resp,
+             req->return_values(), {resp->mutable_y()});
 }
 
 grpc::ServerUnaryReactor* AttnService::Attention(grpc::CallbackServerContext* ctx,
                                                  const v1::AttentionRequest* req,
                                                  v1::AttentionResponse* resp) {
   const auto start = Clock::now();
+  if (auto* refused = refuse_unauthenticated(ctx, "attention", req->ByteSizeLong())) return refused;
   std::vector<v1::Tensor*> outputs{resp->mutable_o()};
   if (req->return_lse()) outputs.push_back(resp->mutable_lse());
-  return run(ctx, "Attention", start, decode_attention(*req, resp, decode_), resp,
+  return run(ctx, "attention", start, decode_attention(*req, resp, decode_), req, resp,
              req->return_values(), outputs);
 }
 
 grpc::ServerUnaryReactor* AttnService::ListKernels(grpc::CallbackServerContext* ctx,
                                                    const v1::ListKernelsRequest* req,
                                                    v1::ListKernelsResponse* resp) {
+  if (auto* refused = refuse_unauthenticated(ctx, "list_kernels", 0)) return refused;
   auto* reactor = ctx->DefaultReactor();
   const std::string& op = req->op();
   if (!op.empty() && op != "matmul" && op != "softmax" && op != "attention") {
-    finish_failed(reactor, ctx, "ListKernels",
-                  invalid_argument("op: expected \"matmul\", \"softmax\", \"attention\" or empty, got \"" +
-                                   op + "\""));
+    finish(reactor, ctx, "list_kernels", "",
+           invalid_argument("op: expected \"matmul\", \"softmax\", \"attention\" or empty, got \"" + op + "\""),
+           nullptr, 0, 0);
     return reactor;
   }
   for (const VariantInfo* info : registry_.all()) {
@@ -143,13 +184,14 @@ grpc::ServerUnaryReactor* AttnService::ListKernels(grpc::CallbackServerContext* 
     k->set_description(info->description);
     k->set_available(available(*info, decode_));
   }
-  reactor->Finish(grpc::Status::OK);
+  finish(reactor, ctx, "list_kernels", "", Status::Ok(), nullptr, 0, resp->ByteSizeLong());
   return reactor;
 }
 
 grpc::ServerUnaryReactor* AttnService::GetServerInfo(grpc::CallbackServerContext* ctx,
                                                      const v1::GetServerInfoRequest*,
                                                      v1::GetServerInfoResponse* resp) {
+  if (auto* refused = refuse_unauthenticated(ctx, "get_server_info", 0)) return refused;
   auto* reactor = ctx->DefaultReactor();
   resp->set_version(kVersion);
   resp->set_backend(backend_name(decode_.targets.front().backend));
@@ -167,7 +209,7 @@ grpc::ServerUnaryReactor* AttnService::GetServerInfo(grpc::CallbackServerContext
   limits->set_max_message_bytes(config_.max_message_bytes);
   limits->set_max_elements(config_.limits.max_elements);
   limits->set_queue_depth(static_cast<int>(scheduler_.queue_depth()));
-  reactor->Finish(grpc::Status::OK);
+  finish(reactor, ctx, "get_server_info", "", Status::Ok(), nullptr, 0, resp->ByteSizeLong());
   return reactor;
 }
 

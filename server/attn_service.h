@@ -8,7 +8,9 @@
 #include "attn/registry.h"
 #include "attn/v1/attn.grpc.pb.h"
 #include "decode.h"
+#include "metrics.h"
 #include "scheduler.h"
+#include "security.h"
 
 namespace attn::server {
 
@@ -17,7 +19,15 @@ struct ServiceConfig {
   wire::TensorLimits limits;
   // Called once a device fault has poisoned a device (the server can no longer serve on it).
   std::function<void(const std::string& why)> on_device_fault;
+  // Bearer token every call must carry; empty: none.
+  std::string token;
+  // Softmax with kernel "fault_injection/trap" makes the device fault (tests of the fault path).
+  bool fault_injection = false;
+  Metrics* metrics = nullptr;  // null: no metrics
 };
+
+// The kernel name that injects a device fault when the server allows it.
+inline constexpr const char* kFaultInjectionKernel = "fault_injection/trap";
 
 class AttnService final : public v1::AttnService::CallbackService {
  public:
@@ -38,16 +48,28 @@ class AttnService final : public v1::AttnService::CallbackService {
                                           v1::GetServerInfoResponse* resp) override;
 
  private:
-  template <class Args, class Response>
-  grpc::ServerUnaryReactor* run(grpc::CallbackServerContext* ctx, const char* rpc,
+  template <class Args, class Request, class Response>
+  grpc::ServerUnaryReactor* run(grpc::CallbackServerContext* ctx, const char* op,
                                 std::chrono::steady_clock::time_point start,
-                                Result<PreparedOp<Args>> prepared, Response* resp,
-                                bool return_values, std::vector<v1::Tensor*> outputs);
+                                Result<PreparedOp<Args>> prepared, const Request* req,
+                                Response* resp, bool return_values,
+                                std::vector<v1::Tensor*> outputs);
+  grpc::ServerUnaryReactor* inject_fault(grpc::CallbackServerContext* ctx);
+  // Finishes a call and counts it in the metrics.
+  void finish(grpc::ServerUnaryReactor* reactor, grpc::CallbackServerContext* ctx, const char* op,
+              const std::string& variant, const Status& status, const v1::Timings* timings,
+              std::size_t bytes_in, std::size_t bytes_out);
+  // Null when the call may go on; else the reactor, already finished UNAUTHENTICATED.
+  grpc::ServerUnaryReactor* refuse_unauthenticated(grpc::CallbackServerContext* ctx, const char* op,
+                                                   std::size_t bytes_in);
+  // A device fault poisoned `executor`: logs it and tells the server.
+  void device_faulted(Executor& executor, const std::string& what, const Status& status);
 
   Scheduler& scheduler_;
   const Registry& registry_;
   ServiceConfig config_;
   DecodeContext decode_;
+  TokenCheck token_;
 };
 
 }  // namespace attn::server

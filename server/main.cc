@@ -1,17 +1,52 @@
 // attnd: serves matmul, softmax and attention over gRPC, on a GPU when there is one.
+//
+// Exit codes: 0 after SIGINT/SIGTERM (in-flight calls drained), 1 when it cannot start, 3 when a
+// device fault left it unable to serve (a supervisor should restart it).
 #include <signal.h>
 #include <spdlog/spdlog.h>
 
 #include <CLI/CLI.hpp>
+#include <condition_variable>
 #include <cstdio>
 #include <fstream>
+#include <mutex>
+#include <thread>
 
 #include "attn/version.h"
 #include "server.h"
 
+namespace {
+
+constexpr int kExitDeviceFault = 3;
+
+// Why the process stops: a signal (exit 0) or a device fault (exit 3). Static: the signal thread
+// is detached and may outlive main's frame.
+struct StopReason {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool stop = false;
+  int exit_code = 0;
+
+  void set(int code) {
+    std::lock_guard lock(mu);
+    if (stop) return;
+    stop = true;
+    exit_code = code;
+    cv.notify_all();
+  }
+  int wait() {
+    std::unique_lock lock(mu);
+    cv.wait(lock, [&] { return stop; });
+    return exit_code;
+  }
+};
+StopReason stop_reason;
+
+}  // namespace
+
 int main(int argc, char** argv) {
   attn::server::ServerOptions options;
-  std::string log_level = "info", port_file;
+  std::string log_level = "info", port_file, token_file;
   std::int64_t grace_ms = options.shutdown_grace.count();
 
   CLI::App app{"attnd: attention operations served over gRPC"};
@@ -20,6 +55,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--backend", options.backend, "auto (CUDA when a GPU is usable), cpu or cuda")
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}))
+      ->capture_default_str();
+  app.add_option("--devices", options.devices, "CUDA devices to serve on: all, or ordinals like 0,1")
       ->capture_default_str();
   app.add_option("--max-message-mb", options.max_message_mb, "largest request or response, MiB")
       ->check(CLI::Range(1, 2047))
@@ -32,21 +69,45 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--shutdown-grace-ms", grace_ms, "how long in-flight calls may finish on SIGTERM")
       ->capture_default_str();
+  app.add_option("--tls-cert", options.security.tls_cert_file, "PEM certificate chain: serve TLS");
+  app.add_option("--tls-key", options.security.tls_key_file, "PEM private key of --tls-cert");
+  app.add_option("--tls-client-ca", options.security.tls_client_ca_file,
+                 "PEM CA bundle: require client certificates it signed (mutual TLS)");
+  app.add_option("--token-file", token_file,
+                 "file holding the bearer token every call must carry (else $ATTND_TOKEN; neither: "
+                 "no token)");
+  app.add_option("--metrics-listen", options.metrics_listen,
+                 "serve Prometheus metrics at http://ADDRESS:PORT/metrics (default: off)");
+  app.add_flag("--enable-fault-injection", options.fault_injection,
+               "tests only: softmax with kernel \"fault_injection/trap\" makes the device fault");
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error")
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "critical", "off"}))
       ->capture_default_str();
-  app.add_option("--port-file", port_file, "write the bound port here once serving (for tests)");
+  app.add_option("--port-file", port_file,
+                 "write the bound port (and the metrics port, second line) here once serving");
   CLI11_PARSE(app, argc, argv);
   options.shutdown_grace = std::chrono::milliseconds(grace_ms);
   spdlog::set_level(spdlog::level::from_str(log_level));
 
-  // Signals are taken by sigwait below, not by handlers: block them before any thread starts.
+  auto token = attn::server::load_token(token_file);
+  if (!token.ok()) {
+    spdlog::critical("cannot start: {}", token.status().message());
+    return 1;
+  }
+  options.security.token = *token;
+
+  // Signals are taken by sigwait, not by handlers: block them before any thread starts.
   sigset_t stop_signals;
   sigemptyset(&stop_signals);
   sigaddset(&stop_signals, SIGINT);
   sigaddset(&stop_signals, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
+  options.on_fatal = [](const std::string& why) {
+    spdlog::critical("stopping with exit code {} so that a supervisor restarts the server: {}",
+                     kExitDeviceFault, why);
+    stop_reason.set(kExitDeviceFault);
+  };
   auto server = attn::server::Server::start(options);
   if (!server.ok()) {
     spdlog::critical("cannot start: {}", server.status().message());
@@ -54,12 +115,21 @@ int main(int argc, char** argv) {
   }
   if (!port_file.empty()) {
     const std::string tmp = port_file + ".tmp";
-    std::ofstream(tmp) << (*server)->port() << "\n";
+    {
+      std::ofstream out(tmp);
+      out << (*server)->port() << "\n";
+      if ((*server)->metrics_port()) out << (*server)->metrics_port() << "\n";
+    }
     std::rename(tmp.c_str(), port_file.c_str());  // readers never see a half-written file
   }
-  int sig = 0;
-  sigwait(&stop_signals, &sig);
-  spdlog::info("received {}", sig == SIGINT ? "SIGINT" : "SIGTERM");
+  std::thread([stop_signals] {
+    int sig = 0;
+    sigwait(&stop_signals, &sig);
+    spdlog::info("received {}", sig == SIGINT ? "SIGINT" : "SIGTERM");
+    stop_reason.set(0);
+  }).detach();
+
+  const int exit_code = stop_reason.wait();
   (*server)->shutdown();
-  return 0;
+  return exit_code;
 }

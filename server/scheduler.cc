@@ -10,7 +10,7 @@ struct Scheduler::Worker {
     std::chrono::steady_clock::time_point enqueued;
   };
   Executor* executor = nullptr;
-  std::mutex mu;
+  mutable std::mutex mu;
   std::condition_variable cv;
   std::deque<Entry> queue;
   std::size_t running = 0;
@@ -28,11 +28,29 @@ struct Scheduler::Worker {
         queue.pop_front();
         ++running;
       }
-      const auto waited = std::chrono::steady_clock::now() - e.enqueued;
-      e.job(*executor, std::chrono::duration_cast<std::chrono::nanoseconds>(waited).count());
+      if (Status why = e.job.abandoned(); !why.ok()) {
+        e.job.drop(why);
+      } else {
+        const auto waited = std::chrono::steady_clock::now() - e.enqueued;
+        e.job.run(*executor, std::chrono::duration_cast<std::chrono::nanoseconds>(waited).count());
+      }
       std::lock_guard lock(mu);
       --running;
     }
+  }
+
+  // Takes the abandoned entries out of the queue (the caller drops them outside the lock).
+  std::vector<std::pair<Entry, Status>> take_abandoned() {
+    std::vector<std::pair<Entry, Status>> out;
+    for (auto it = queue.begin(); it != queue.end();) {
+      if (Status why = it->job.abandoned(); !why.ok()) {
+        out.emplace_back(std::move(*it), std::move(why));
+        it = queue.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    return out;
   }
 };
 
@@ -48,6 +66,11 @@ Scheduler::Scheduler(std::vector<std::unique_ptr<Executor>> executors, std::size
 
 Scheduler::~Scheduler() { stop(); }
 
+std::size_t Scheduler::load(std::size_t i) const {
+  std::lock_guard lock(workers_.at(i)->mu);
+  return workers_[i]->queue.size() + workers_[i]->running;
+}
+
 Status Scheduler::submit(Backend backend, Job job) {
   Worker* best = nullptr;
   std::size_t best_load = 0;
@@ -58,15 +81,23 @@ Status Scheduler::submit(Backend backend, Job job) {
     if (!best || load < best_load) best = w.get(), best_load = load;
   }
   if (!best) return unavailable(std::string("no ") + backend_name(backend) + " device to run on");
-  std::lock_guard lock(best->mu);
-  if (best->stopping) return unavailable("the server is shutting down");
-  if (best->queue.size() >= queue_depth_) {
-    return resource_exhausted("queue: all " + std::to_string(queue_depth_) +
-                              " slots of the device queue are taken; retry later");
+  std::vector<std::pair<Worker::Entry, Status>> dropped;
+  Status result = Status::Ok();
+  {
+    std::lock_guard lock(best->mu);
+    if (best->stopping) return unavailable("the server is shutting down");
+    // Full: first give the slots of callers that have gone (cancelled, out of time) back.
+    if (best->queue.size() >= queue_depth_) dropped = best->take_abandoned();
+    if (best->queue.size() >= queue_depth_) {
+      result = resource_exhausted("queue: all " + std::to_string(queue_depth_) +
+                                  " slots of the device queue are taken; retry later");
+    } else {
+      best->queue.push_back({std::move(job), std::chrono::steady_clock::now()});
+      best->cv.notify_one();
+    }
   }
-  best->queue.push_back({std::move(job), std::chrono::steady_clock::now()});
-  best->cv.notify_one();
-  return Status::Ok();
+  for (auto& [entry, why] : dropped) entry.job.drop(why);
+  return result;
 }
 
 void Scheduler::stop() {

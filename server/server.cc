@@ -9,18 +9,41 @@
 #include "attn/version.h"
 #include "attn_service.h"
 #include "health_service.h"
+#include "metrics.h"
 #include "scheduler.h"
 
 namespace attn::server {
 namespace {
 
-Result<std::vector<std::unique_ptr<Executor>>> choose_executors(const std::string& backend) {
+Result<std::vector<int>> parse_devices(const std::string& devices) {
+  std::vector<int> ordinals;
+  if (devices == "all") return ordinals;
+  std::size_t pos = 0;
+  while (pos <= devices.size()) {
+    const std::size_t comma = std::min(devices.find(',', pos), devices.size());
+    const std::string item = devices.substr(pos, comma - pos);
+    if (item.empty() || item.find_first_not_of("0123456789") != std::string::npos || item.size() > 4) {
+      return invalid_argument("--devices: expected \"all\" or CUDA ordinals like \"0,1\", got \"" +
+                              devices + "\"");
+    }
+    ordinals.push_back(std::stoi(item));
+    pos = comma + 1;
+  }
+  return ordinals;
+}
+
+Result<std::vector<std::unique_ptr<Executor>>> choose_executors(const std::string& backend,
+                                                                const std::string& devices) {
   std::vector<std::unique_ptr<Executor>> cpu;
+  ATTN_ASSIGN_OR_RETURN(ordinals, parse_devices(devices));
   if (backend == "cpu") {
     cpu.push_back(make_cpu_executor());
     return cpu;
   }
-  auto cuda = make_cuda_executors();
+  auto cuda = make_cuda_executors(ordinals);
+  if (!ordinals.empty() && !cuda.ok() && cuda.status().code() == StatusCode::kNotFound) {
+    return invalid_argument("--devices: " + cuda.status().message());
+  }
   if (backend == "cuda") {
     if (!cuda.ok()) return unavailable("--backend cuda: " + cuda.status().message());
     cuda->push_back(make_cpu_executor());  // fallback, as with auto
@@ -80,7 +103,8 @@ Result<std::unique_ptr<Server>> Server::start(const ServerOptions& options) {
                             std::to_string(options.max_message_mb));
   }
   if (options.queue_depth < 1) return invalid_argument("--queue-depth: expected >= 1, got 0");
-  ATTN_ASSIGN_OR_RETURN(executors, choose_executors(options.backend));
+  ATTN_ASSIGN_OR_RETURN(executors, choose_executors(options.backend, options.devices));
+  ATTN_ASSIGN_OR_RETURN(credentials, make_server_credentials(options.security));
 
   std::unique_ptr<Server> s(new Server());
   s->options_ = options;
@@ -100,14 +124,27 @@ Result<std::unique_ptr<Server>> Server::start(const ServerOptions& options) {
   config.limits.max_elements = options.max_elements;
   s->health_ = std::make_unique<HealthService>(
       std::set<std::string>{std::string(v1::AttnService::service_full_name())});
-  config.on_device_fault = [health = s->health_.get()](const std::string&) {
+  config.on_device_fault = [health = s->health_.get(), on_fatal = options.on_fatal](const std::string& why) {
     health->set_all(grpc::health::v1::HealthCheckResponse::NOT_SERVING);
+    if (on_fatal) on_fatal(why);
   };
+  config.token = options.security.token;
+  config.fault_injection = options.fault_injection;
+  if (options.fault_injection) spdlog::warn("fault injection is on: a call can make the device fault");
+  if (!options.metrics_listen.empty()) {
+    auto metrics = Metrics::start(options.metrics_listen, *s->scheduler_);
+    if (!metrics.ok()) {
+      s->scheduler_->stop();
+      return metrics.status();
+    }
+    s->metrics_ = std::move(metrics).value();
+    config.metrics = s->metrics_.get();
+  }
   s->service_ = std::make_unique<AttnService>(*s->scheduler_, default_registry(), config);
 
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &s->port_);
+  builder.AddListeningPort(options.listen, credentials, &s->port_);
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);  // a busy port is an error, not shared
   builder.SetMaxReceiveMessageSize(static_cast<int>(max_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(max_bytes));
@@ -120,16 +157,29 @@ Result<std::unique_ptr<Server>> Server::start(const ServerOptions& options) {
                        " (address in use, or not an address of this machine?)");
   }
   std::string host = options.listen.substr(0, options.listen.rfind(':'));
-  spdlog::info("attnd {} serving on {}:{} with the {} backend; max message {} MiB, max {} elements "
-               "per tensor, queue depth {}",
-               kVersion, host, s->port_, s->backend_, options.max_message_mb, options.max_elements,
-               options.queue_depth);
+  const bool tls = !options.security.tls_cert_file.empty();
+  const bool mtls = tls && !options.security.tls_client_ca_file.empty();
+  spdlog::info("attnd {} serving on {}:{} with the {} backend; {}, {}; max message {} MiB, max {} "
+               "elements per tensor, queue depth {}",
+               kVersion, host, s->port_, s->backend_,
+               mtls ? "mutual TLS" : (tls ? "TLS" : "plaintext"),
+               options.security.token.empty() ? "no token" : "bearer token required",
+               options.max_message_mb, options.max_elements, options.queue_depth);
+  if (!is_loopback_address(options.listen) && !tls && options.security.token.empty()) {
+    spdlog::warn("listening on {} beyond loopback with neither TLS nor a token: anyone who can reach "
+                 "the port can use the server (see --tls-cert, --token-file)", options.listen);
+  }
+  if (s->metrics_) spdlog::info("metrics on http://{}:{}/metrics", options.metrics_listen.substr(0, options.metrics_listen.rfind(':')), s->metrics_->port());
   return s;
 }
 
 void Server::shutdown() {
   if (stopped_) return;
   stopped_ = true;
+  if (!grpc_server_) {  // start() failed before serving
+    if (scheduler_) scheduler_->stop();
+    return;
+  }
   spdlog::info("shutting down: refusing new calls, waiting up to {} ms for in-flight ones",
                options_.shutdown_grace.count());
   health_->shutdown();
@@ -138,6 +188,8 @@ void Server::shutdown() {
   grpc_server_->Wait();
   spdlog::info("stopped");
 }
+
+int Server::metrics_port() const { return metrics_ ? metrics_->port() : 0; }
 
 Server::~Server() { shutdown(); }
 

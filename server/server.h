@@ -5,10 +5,12 @@
 #include <grpcpp/server.h>
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 
 #include "attn/status.h"
+#include "security.h"
 
 namespace attn::server {
 
@@ -19,7 +21,16 @@ struct ServerOptions {
   std::int64_t max_elements = std::int64_t{1} << 31;
   std::size_t queue_depth = 256;
   std::chrono::milliseconds shutdown_grace{10000};
+  std::string devices = "all";  // CUDA devices to own: "all" or ordinals, "0,2"
+  SecurityOptions security;
+  std::string metrics_listen;  // Prometheus endpoint, "127.0.0.1:9464"; empty: none
+  bool fault_injection = false;
+  // Called (once, from a worker thread) when a device fault leaves the server unable to serve:
+  // the process should shut down and exit non-zero so that its supervisor restarts it.
+  std::function<void(const std::string& why)> on_fatal;
 };
+
+class Metrics;
 
 class Scheduler;
 class AttnService;
@@ -34,6 +45,8 @@ class Server {
   // The port actually bound (useful with port 0).
   int port() const { return port_; }
   const std::string& backend() const { return backend_; }
+  // The Prometheus endpoint's port, 0 when metrics are off.
+  int metrics_port() const;
 
   // Health to NOT_SERVING, refuse new calls, let in-flight ones finish within the grace period,
   // then stop the device workers.
@@ -47,6 +60,7 @@ class Server {
   std::unique_ptr<Scheduler> scheduler_;
   std::unique_ptr<AttnService> service_;
   std::unique_ptr<HealthService> health_;
+  std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<grpc::Server> grpc_server_;
   bool stopped_ = false;
 };

@@ -24,6 +24,7 @@ struct Common {
   std::string server = "127.0.0.1:50051";
   std::int64_t timeout_ms = 0;
   bool json = false;
+  std::string token_file;
 };
 
 struct OpFlags {
@@ -154,6 +155,16 @@ int main(int argc, char** argv) {
   app.add_option("-s,--server", c.server, "server address")->capture_default_str()->envname("ATTN_SERVER");
   app.add_option("--timeout-ms", c.timeout_ms, "deadline per call (0: none)");
   app.add_flag("--json", c.json, "print JSON instead of a table");
+  attn::ClientOptions options;
+  app.add_flag("--tls", options.tls, "connect with TLS (implied by the other --tls-* flags)");
+  app.add_option("--tls-ca", options.tls_ca_file, "PEM CA bundle that signed the server's certificate");
+  app.add_option("--tls-cert", options.tls_cert_file, "PEM client certificate, for mutual TLS");
+  app.add_option("--tls-key", options.tls_key_file, "PEM key of --tls-cert");
+  app.add_option("--tls-server-name", options.tls_server_name,
+                 "check the server's certificate against this name instead of the address's");
+  app.add_option("--token-file", c.token_file, "file holding the server's bearer token (else $ATTN_TOKEN)");
+  app.add_option("--load-balancing", options.load_balancing,
+                 "gRPC policy over the addresses of --server, e.g. round_robin");
   app.require_subcommand(1);
 
   auto* info = app.add_subcommand("info", "server version, backend, devices and limits");
@@ -189,8 +200,11 @@ int main(int argc, char** argv) {
   attention->add_option("--lse-out", lse_out, "also write the log-sum-exp [B,Hq,Sq] here (.npy)");
 
   CLI11_PARSE(app, argc, argv);
-  attn::ClientOptions options;
   options.timeout = std::chrono::milliseconds(c.timeout_ms);
+  options.tls |= !options.tls_ca_file.empty() || !options.tls_cert_file.empty() || !options.tls_server_name.empty();
+  auto token = attn::load_client_token(c.token_file);
+  if (!token.ok()) return fail(token.status());
+  options.token = *token;
   attn::Client client(c.server, options);
   google::protobuf::util::JsonPrintOptions json_opts;
   json_opts.add_whitespace = true;
@@ -216,7 +230,8 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (health->parsed()) {
-    auto stub = grpc::health::v1::Health::NewStub(attn::make_channel(c.server, options));
+    if (!client.channel_status().ok()) return fail(client.channel_status());
+    auto stub = grpc::health::v1::Health::NewStub(client.channel());
     grpc::health::v1::HealthCheckRequest req;
     req.set_service(health_service);
     grpc::health::v1::HealthCheckResponse resp;

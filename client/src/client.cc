@@ -1,6 +1,11 @@
 #include "attn/client.h"
 
 #include <grpcpp/create_channel.h>
+#include <grpcpp/security/credentials.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
 
 #include "attn/wire.h"
 
@@ -18,18 +23,68 @@ Result<Tensor> to_tensor(const v1::Tensor& t, const char* field) {
   return out;
 }
 
+Result<std::string> read_file(const std::string& path, const char* what) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return invalid_argument(std::string(what) + ": cannot read \"" + path + "\"");
+  std::ostringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+std::string trim(std::string s) {
+  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.back()))) s.pop_back();
+  std::size_t i = 0;
+  while (i < s.size() && std::isspace(static_cast<unsigned char>(s[i]))) ++i;
+  return s.substr(i);
+}
+
 }  // namespace
 
-std::shared_ptr<grpc::Channel> make_channel(const std::string& target, const ClientOptions& options) {
+Result<std::string> load_client_token(const std::string& token_file) {
+  if (!token_file.empty()) {
+    ATTN_ASSIGN_OR_RETURN(text, read_file(token_file, "token file"));
+    return trim(text);
+  }
+  const char* env = std::getenv("ATTN_TOKEN");
+  return std::string(env ? trim(env) : "");
+}
+
+Result<std::shared_ptr<grpc::Channel>> make_channel(const std::string& target, const ClientOptions& options) {
   grpc::ChannelArguments args;
   const int max_bytes = static_cast<int>(std::min<std::int64_t>(options.max_message_mb, 2047) << 20);
   args.SetMaxReceiveMessageSize(max_bytes);
   args.SetMaxSendMessageSize(max_bytes);
-  return grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
+  if (!options.load_balancing.empty()) args.SetLoadBalancingPolicyName(options.load_balancing);
+  std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
+  if (options.tls) {
+    grpc::SslCredentialsOptions ssl;
+    if (!options.tls_ca_file.empty()) {
+      ATTN_ASSIGN_OR_RETURN(ca, read_file(options.tls_ca_file, "TLS CA file"));
+      ssl.pem_root_certs = ca;
+    }
+    if (!options.tls_cert_file.empty() || !options.tls_key_file.empty()) {
+      ATTN_ASSIGN_OR_RETURN(cert, read_file(options.tls_cert_file, "TLS client certificate"));
+      ATTN_ASSIGN_OR_RETURN(key, read_file(options.tls_key_file, "TLS client key"));
+      ssl.pem_cert_chain = cert;
+      ssl.pem_private_key = key;
+    }
+    if (!options.tls_server_name.empty()) args.SetSslTargetNameOverride(options.tls_server_name);
+    credentials = grpc::SslCredentials(ssl);
+  }
+  return grpc::CreateCustomChannel(target, credentials, args);
 }
 
-Client::Client(const std::string& target, const ClientOptions& options)
-    : Client(make_channel(target, options), options) {}
+Client::Client(const std::string& target, const ClientOptions& options) : options_(options) {
+  auto channel = make_channel(target, options);
+  if (!channel.ok()) {
+    channel_status_ = channel.status();
+    // Calls fail at once with the reason (see call paths below), on a channel that goes nowhere.
+    channel_ = grpc::CreateChannel("unix:/nonexistent", grpc::InsecureChannelCredentials());
+  } else {
+    channel_ = *channel;
+  }
+  stub_ = v1::AttnService::NewStub(channel_);
+}
 
 Client::Client(std::shared_ptr<grpc::Channel> channel, const ClientOptions& options)
     : channel_(std::move(channel)), stub_(v1::AttnService::NewStub(channel_)), options_(options) {}
@@ -37,6 +92,7 @@ Client::Client(std::shared_ptr<grpc::Channel> channel, const ClientOptions& opti
 std::unique_ptr<grpc::ClientContext> Client::make_context() const {
   auto ctx = std::make_unique<grpc::ClientContext>();
   if (options_.timeout.count() > 0) ctx->set_deadline(std::chrono::system_clock::now() + options_.timeout);
+  if (!options_.token.empty()) ctx->AddMetadata("authorization", "Bearer " + options_.token);
   return ctx;
 }
 
@@ -48,6 +104,7 @@ Result<OpResult> Client::matmul(const Tensor& a, const Tensor& b, const MatmulOp
   req.set_transpose_b(options.transpose_b);
   req.set_kernel(options.kernel);
   v1::MatmulResponse resp;
+  ATTN_RETURN_IF_ERROR(channel_status_);
   ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->Matmul(make_context().get(), req, &resp)));
   ATTN_ASSIGN_OR_RETURN(c, to_tensor(resp.c(), "c"));
   return OpResult{std::move(c), {}, resp.timings()};
@@ -58,6 +115,7 @@ Result<OpResult> Client::softmax(const Tensor& x, const std::string& kernel) {
   wire::encode_tensor(x.view(), req.mutable_x());
   req.set_kernel(kernel);
   v1::SoftmaxResponse resp;
+  ATTN_RETURN_IF_ERROR(channel_status_);
   ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->Softmax(make_context().get(), req, &resp)));
   ATTN_ASSIGN_OR_RETURN(y, to_tensor(resp.y(), "y"));
   return OpResult{std::move(y), {}, resp.timings()};
@@ -74,6 +132,7 @@ Result<OpResult> Client::attention(const Tensor& q, const Tensor& k, const Tenso
   req.set_return_lse(options.return_lse);
   req.set_kernel(options.kernel);
   v1::AttentionResponse resp;
+  ATTN_RETURN_IF_ERROR(channel_status_);
   ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->Attention(make_context().get(), req, &resp)));
   ATTN_ASSIGN_OR_RETURN(o, to_tensor(resp.o(), "o"));
   OpResult result{std::move(o), {}, resp.timings()};
@@ -88,12 +147,14 @@ Result<v1::ListKernelsResponse> Client::list_kernels(const std::string& op) {
   v1::ListKernelsRequest req;
   req.set_op(op);
   v1::ListKernelsResponse resp;
+  ATTN_RETURN_IF_ERROR(channel_status_);
   ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->ListKernels(make_context().get(), req, &resp)));
   return resp;
 }
 
 Result<v1::GetServerInfoResponse> Client::server_info() {
   v1::GetServerInfoResponse resp;
+  ATTN_RETURN_IF_ERROR(channel_status_);
   ATTN_RETURN_IF_ERROR(wire::from_grpc(
       stub_->GetServerInfo(make_context().get(), v1::GetServerInfoRequest(), &resp)));
   return resp;

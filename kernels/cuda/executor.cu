@@ -14,6 +14,10 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// Stops the kernel with a trap: the context is poisoned (cudaErrorLaunchFailure, sticky), as
+// after an out-of-bounds access in a real kernel.
+__global__ void trap_kernel() { asm volatile("trap;"); }
+
 std::int64_t ns_between(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(b - a).count();
 }
@@ -37,6 +41,19 @@ class CudaExecutor final : public Executor {
   const DeviceInfo& device() const override { return info_; }
   Target target() const override { return {Backend::kCuda, info_.cc_major * 10 + info_.cc_minor}; }
   bool poisoned() const override { return poisoned_; }
+  std::int64_t memory_in_use() const override {
+    std::uint64_t used = 0;
+    if (!pool_ || cudaMemPoolGetAttribute(pool_, cudaMemPoolAttrUsedMemCurrent, &used) != cudaSuccess)
+      return 0;
+    return static_cast<std::int64_t>(used);
+  }
+
+  Status inject_fault() override {
+    ATTN_CUDA_RETURN(cudaSetDevice(info_.ordinal));
+    trap_kernel<<<1, 1, 0, stream_>>>();
+    ATTN_RETURN_IF_ERROR(check(cudaGetLastError(), "trap_kernel launch"));
+    return check(cudaStreamSynchronize(stream_), "fault injection (trap_kernel)");
+  }
 
   Status execute(const OpCall& call, ExecTimings& timings) override {
     if (poisoned_) return unavailable("device " + info_.label() + " faulted earlier; restart the server");
@@ -153,8 +170,8 @@ class CudaExecutor final : public Executor {
     ATTN_CUDA_RETURN(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     for (auto*& e : events_) ATTN_CUDA_RETURN(cudaEventCreate(&e));
     // Keep freed pool memory cached for the next call instead of returning it to the driver.
-    cudaMemPool_t pool;
-    ATTN_CUDA_RETURN(cudaDeviceGetDefaultMemPool(&pool, ordinal));
+    ATTN_CUDA_RETURN(cudaDeviceGetDefaultMemPool(&pool_, ordinal));
+    cudaMemPool_t pool = pool_;
     std::uint64_t keep = UINT64_MAX;
     ATTN_CUDA_RETURN(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
     return Status::Ok();
@@ -184,6 +201,7 @@ class CudaExecutor final : public Executor {
 
   DeviceInfo info_;
   cudaStream_t stream_ = nullptr;
+  cudaMemPool_t pool_ = nullptr;
   cudaEvent_t events_[4] = {};
   char* staging_ = nullptr;
   std::size_t staging_bytes_ = 0;
@@ -192,7 +210,7 @@ class CudaExecutor final : public Executor {
 
 }  // namespace
 
-Result<std::vector<std::unique_ptr<Executor>>> make_cuda_executors() {
+Result<std::vector<std::unique_ptr<Executor>>> make_cuda_executors(const std::vector<int>& ordinals) {
   int count = 0;
   cudaError_t e = cudaGetDeviceCount(&count);
   if (e != cudaSuccess) {
@@ -200,8 +218,15 @@ Result<std::vector<std::unique_ptr<Executor>>> make_cuda_executors() {
     return unavailable(std::string("CUDA reports ") + cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
   }
   if (count == 0) return unavailable("CUDA sees no device");
+  std::vector<int> wanted = ordinals;
+  if (wanted.empty())
+    for (int d = 0; d < count; ++d) wanted.push_back(d);
   std::vector<std::unique_ptr<Executor>> out;
-  for (int d = 0; d < count; ++d) {
+  for (int d : wanted) {
+    if (d < 0 || d >= count) {
+      return not_found("CUDA device " + std::to_string(d) + ": expected 0.." + std::to_string(count - 1) +
+                       " (" + std::to_string(count) + " visible)");
+    }
     ATTN_ASSIGN_OR_RETURN(ex, CudaExecutor::create(d));
     out.push_back(std::move(ex));
   }

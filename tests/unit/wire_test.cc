@@ -73,7 +73,8 @@ TEST(Wire, Refusals) {
 TEST(Wire, StatusMappingRoundTrips) {
   for (auto code : {StatusCode::kInvalidArgument, StatusCode::kResourceExhausted,
                     StatusCode::kNotFound, StatusCode::kFailedPrecondition,
-                    StatusCode::kUnavailable, StatusCode::kInternal}) {
+                    StatusCode::kUnavailable, StatusCode::kInternal, StatusCode::kUnauthenticated,
+                    StatusCode::kDeadlineExceeded, StatusCode::kCancelled}) {
     Status s(code, "m");
     EXPECT_EQ(wire::from_grpc(wire::to_grpc(s)).code(), code);
   }

@@ -17,6 +17,15 @@ namespace attn {
 struct ClientOptions {
   std::int64_t max_message_mb = 1024;
   std::chrono::milliseconds timeout{0};  // per call; 0 = none
+  // TLS: set `tls` (the system's roots verify the server unless `tls_ca_file` is given); a client
+  // certificate and key for servers that require mutual TLS.
+  bool tls = false;
+  std::string tls_ca_file;
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  std::string tls_server_name;  // verify the certificate against this name instead of the target's
+  std::string token;            // bearer token sent with every call; empty: none
+  std::string load_balancing;   // gRPC policy, "round_robin"; empty: gRPC's default (pick_first)
 };
 
 struct MatmulOptions {
@@ -40,7 +49,8 @@ struct OpResult {
 
 class Client {
  public:
-  // `target`: "host:port", or any gRPC target ("ipv4:127.0.0.1:1,127.0.0.1:2").
+  // `target`: "host:port", or any gRPC target ("ipv4:127.0.0.1:1,127.0.0.1:2"). A TLS file that
+  // cannot be read makes every call fail with the reason.
   explicit Client(const std::string& target, const ClientOptions& options = {});
   explicit Client(std::shared_ptr<grpc::Channel> channel, const ClientOptions& options = {});
 
@@ -51,18 +61,28 @@ class Client {
   Result<v1::ListKernelsResponse> list_kernels(const std::string& op = "");
   Result<v1::GetServerInfoResponse> server_info();
 
+  // The channel, for other services on the same server (health, reflection).
+  const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
   // The generated stub, for requests built by hand.
   v1::AttnService::Stub& stub() { return *stub_; }
-  // A context with this client's timeout applied.
+  // A context with this client's timeout and token applied.
   std::unique_ptr<grpc::ClientContext> make_context() const;
+  // Why the channel could not be made, or OK.
+  const Status& channel_status() const { return channel_status_; }
 
  private:
+  Status channel_status_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::AttnService::Stub> stub_;
   ClientOptions options_;
 };
 
-// Makes a channel to `target` with the message limits of `options`.
-std::shared_ptr<grpc::Channel> make_channel(const std::string& target, const ClientOptions& options);
+// Makes a channel to `target` with the message limits, TLS and load balancing of `options`, or
+// says why the TLS files cannot be used.
+Result<std::shared_ptr<grpc::Channel>> make_channel(const std::string& target, const ClientOptions& options);
+
+// The bearer token in `token_file` when given, else in the ATTN_TOKEN environment variable, else
+// empty.
+Result<std::string> load_client_token(const std::string& token_file);
 
 }  // namespace attn

@@ -70,13 +70,22 @@ class Executor {
   // True once a fault has poisoned the device (a CUDA illegal address, say): nothing more can
   // run on it and the process must be restarted.
   virtual bool poisoned() const { return false; }
+  // Device memory the executor's buffers hold now, in bytes (0 on the CPU).
+  virtual std::int64_t memory_in_use() const { return 0; }
+  // Test hook: makes the device fault the way a buggy kernel would (a trap that poisons the
+  // CUDA context), so the server's fault path can be tested for real. The server only calls it
+  // when started with --enable-fault-injection.
+  virtual Status inject_fault() {
+    return failed_precondition("fault injection: the " + device().label() +
+                               " device has no fault to inject");
+  }
 };
 
 std::unique_ptr<Executor> make_cpu_executor();
 
-// One executor per visible CUDA device, or the reason there are none (built without CUDA, no
-// driver, no device).
-Result<std::vector<std::unique_ptr<Executor>>> make_cuda_executors();
+// One executor per CUDA device in `ordinals` (empty: every visible device), or the reason there
+// are none (built without CUDA, no driver, no device, an ordinal that is not there).
+Result<std::vector<std::unique_ptr<Executor>>> make_cuda_executors(const std::vector<int>& ordinals = {});
 
 // True when this build includes the CUDA backend.
 bool built_with_cuda();

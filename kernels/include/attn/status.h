@@ -16,6 +16,9 @@ enum class StatusCode {
   kFailedPrecondition,  // a valid request this variant or backend cannot serve
   kUnavailable,         // the backend or device is not there
   kInternal,            // a bug or a device fault
+  kUnauthenticated,     // no credentials, or wrong ones
+  kDeadlineExceeded,    // the caller's deadline passed
+  kCancelled,           // the caller gave up
 };
 
 const char* status_code_name(StatusCode code);
@@ -47,6 +50,11 @@ inline Status failed_precondition(std::string m) {
 }
 inline Status unavailable(std::string m) { return {StatusCode::kUnavailable, std::move(m)}; }
 inline Status internal_error(std::string m) { return {StatusCode::kInternal, std::move(m)}; }
+inline Status unauthenticated(std::string m) { return {StatusCode::kUnauthenticated, std::move(m)}; }
+inline Status deadline_exceeded(std::string m) {
+  return {StatusCode::kDeadlineExceeded, std::move(m)};
+}
+inline Status cancelled(std::string m) { return {StatusCode::kCancelled, std::move(m)}; }
 
 // A value or the Status that explains why there is none.
 template <class T>

@@ -1,0 +1,132 @@
+#include "metrics.h"
+
+#include <prometheus/collectable.h>
+#include <prometheus/counter.h>
+#include <prometheus/exposer.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+
+#include <map>
+#include <mutex>
+
+#include "scheduler.h"
+
+namespace attn::server {
+namespace {
+
+using prometheus::Histogram;
+
+// Latency buckets in seconds: 10 us to 30 s.
+Histogram::BucketBoundaries latency_buckets() {
+  return {1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1, 3, 10, 30};
+}
+
+std::string code_name(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::StatusCode::OK: return "OK";
+    case grpc::StatusCode::CANCELLED: return "CANCELLED";
+    case grpc::StatusCode::INVALID_ARGUMENT: return "INVALID_ARGUMENT";
+    case grpc::StatusCode::DEADLINE_EXCEEDED: return "DEADLINE_EXCEEDED";
+    case grpc::StatusCode::NOT_FOUND: return "NOT_FOUND";
+    case grpc::StatusCode::RESOURCE_EXHAUSTED: return "RESOURCE_EXHAUSTED";
+    case grpc::StatusCode::FAILED_PRECONDITION: return "FAILED_PRECONDITION";
+    case grpc::StatusCode::UNIMPLEMENTED: return "UNIMPLEMENTED";
+    case grpc::StatusCode::INTERNAL: return "INTERNAL";
+    case grpc::StatusCode::UNAVAILABLE: return "UNAVAILABLE";
+    case grpc::StatusCode::UNAUTHENTICATED: return "UNAUTHENTICATED";
+    default: return std::to_string(static_cast<int>(code));
+  }
+}
+
+// Gauges read from the scheduler and the devices at scrape time, so they are never stale.
+class DeviceCollector final : public prometheus::Collectable {
+ public:
+  explicit DeviceCollector(const Scheduler& scheduler) : scheduler_(scheduler) {}
+
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    prometheus::MetricFamily load{"attnd_queue_depth",
+                                  "requests waiting or running per device",
+                                  prometheus::MetricType::Gauge, {}};
+    prometheus::MetricFamily memory{"attnd_device_memory_in_use_bytes",
+                                    "device memory held by the server's buffers, per device",
+                                    prometheus::MetricType::Gauge, {}};
+    const auto& executors = scheduler_.executors();
+    for (std::size_t i = 0; i < executors.size(); ++i) {
+      const std::string device = executors[i]->device().label();
+      prometheus::ClientMetric m;
+      m.label = {{"device", device}};
+      m.gauge.value = static_cast<double>(scheduler_.load(i));
+      load.metric.push_back(m);
+      if (executors[i]->target().backend == Backend::kCuda) {
+        m.gauge.value = static_cast<double>(executors[i]->memory_in_use());
+        memory.metric.push_back(m);
+      }
+    }
+    return {load, memory};
+  }
+
+ private:
+  const Scheduler& scheduler_;
+};
+
+}  // namespace
+
+struct Metrics::Impl {
+  std::unique_ptr<prometheus::Exposer> exposer;
+  std::shared_ptr<prometheus::Registry> registry = std::make_shared<prometheus::Registry>();
+  std::shared_ptr<DeviceCollector> devices;
+  prometheus::Family<prometheus::Counter>& requests =
+      prometheus::BuildCounter()
+          .Name("attnd_requests_total")
+          .Help("finished calls by op, variant and gRPC status code")
+          .Register(*registry);
+  prometheus::Family<prometheus::Counter>& bytes =
+      prometheus::BuildCounter()
+          .Name("attnd_payload_bytes_total")
+          .Help("request (in) and response (out) message bytes by op")
+          .Register(*registry);
+  prometheus::Family<prometheus::Histogram>& latency =
+      prometheus::BuildHistogram()
+          .Name("attnd_latency_seconds")
+          .Help("time per call by op and phase: queue, copy (host<->device), kernel, total")
+          .Register(*registry);
+};
+
+Metrics::Metrics(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Metrics::~Metrics() = default;
+
+Result<std::unique_ptr<Metrics>> Metrics::start(const std::string& listen, const Scheduler& scheduler) {
+  auto impl = std::make_unique<Impl>();
+  try {
+    impl->exposer = std::make_unique<prometheus::Exposer>(listen);
+  } catch (const std::exception& e) {
+    return unavailable("--metrics-listen: cannot serve metrics on " + listen + ": " + e.what());
+  }
+  impl->devices = std::make_shared<DeviceCollector>(scheduler);
+  impl->exposer->RegisterCollectable(impl->registry);
+  impl->exposer->RegisterCollectable(impl->devices);
+  return std::unique_ptr<Metrics>(new Metrics(std::move(impl)));
+}
+
+int Metrics::port() const {
+  const auto ports = impl_->exposer->GetListeningPorts();
+  return ports.empty() ? 0 : ports.front();
+}
+
+void Metrics::record(const std::string& op, const std::string& variant, grpc::StatusCode code,
+                     const v1::Timings* timings, std::size_t bytes_in, std::size_t bytes_out) {
+  impl_->requests.Add({{"op", op}, {"variant", variant.empty() ? "none" : variant}, {"code", code_name(code)}})
+      .Increment();
+  impl_->bytes.Add({{"op", op}, {"direction", "in"}}).Increment(static_cast<double>(bytes_in));
+  impl_->bytes.Add({{"op", op}, {"direction", "out"}}).Increment(static_cast<double>(bytes_out));
+  if (!timings) return;
+  const auto observe = [&](const char* phase, std::int64_t ns) {
+    impl_->latency.Add({{"op", op}, {"phase", phase}}, latency_buckets()).Observe(static_cast<double>(ns) * 1e-9);
+  };
+  observe("queue", timings->queue_ns());
+  observe("copy", timings->h2d_ns() + timings->d2h_ns());
+  observe("kernel", timings->kernel_ns());
+  observe("total", timings->total_ns());
+}
+
+}  // namespace attn::server

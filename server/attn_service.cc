@@ -19,10 +19,11 @@ OpCost cost_of(const AttentionArgs& a) { return attention_cost(a); }
 
 // Why a queued call need not run any more, or OK.
 Status abandoned(grpc::CallbackServerContext* ctx) {
-  if (ctx->IsCancelled()) return cancelled("the caller cancelled the call while it waited in the queue");
+  // gRPC cancels a call whose deadline passed, so the deadline is looked at first.
   if (ctx->deadline() < std::chrono::system_clock::now()) {
     return deadline_exceeded("the call's deadline passed while it waited in the queue");
   }
+  if (ctx->IsCancelled()) return cancelled("the caller cancelled the call while it waited in the queue");
   return Status::Ok();
 }
 
@@ -74,7 +75,7 @@ grpc::ServerUnaryReactor* AttnService::run(grpc::CallbackServerContext* ctx, con
   auto* reactor = ctx->DefaultReactor();
   const std::size_t bytes_in = req->ByteSizeLong();
   if (!prepared.ok()) {
-    finish(reactor, ctx, op, req->kernel(), prepared.status(), nullptr, bytes_in, 0);
+    finish(reactor, ctx, op, "", prepared.status(), nullptr, bytes_in, 0);
     return reactor;
   }
   auto prepared_op = std::make_shared<PreparedOp<Args>>(std::move(prepared).value());

@@ -82,6 +82,7 @@ int main(int argc, char** argv) {
                "tests only: softmax with kernel \"fault_injection/trap\" makes the device fault");
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error")
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "critical", "off"}))
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast)
       ->capture_default_str();
   app.add_option("--port-file", port_file,
                  "write the bound port (and the metrics port, second line) here once serving");

@@ -1,5 +1,6 @@
 #include "metrics.h"
 
+#include <CivetServer.h>
 #include <prometheus/collectable.h>
 #include <prometheus/counter.h>
 #include <prometheus/exposer.h>
@@ -97,10 +98,16 @@ Metrics::~Metrics() = default;
 
 Result<std::unique_ptr<Metrics>> Metrics::start(const std::string& listen, const Scheduler& scheduler) {
   auto impl = std::make_unique<Impl>();
+  static std::string last_error;
   try {
-    impl->exposer = std::make_unique<prometheus::Exposer>(listen);
+    CivetCallbacks callbacks{};
+    callbacks.log_message = [](const mg_connection*, const char* message) {
+      last_error = message;
+      return 1;
+    };
+    impl->exposer = std::make_unique<prometheus::Exposer>(listen, 2, &callbacks);
   } catch (const std::exception& e) {
-    return unavailable("--metrics-listen: cannot serve metrics on " + listen + ": " + e.what());
+    return unavailable("--metrics-listen: cannot serve metrics on " + listen + ": " + e.what() + " " + last_error);
   }
   impl->devices = std::make_shared<DeviceCollector>(scheduler);
   impl->exposer->RegisterCollectable(impl->registry);

@@ -421,13 +421,22 @@ TEST(ServerLifecycle, SigtermFinishesInFlightCallsAndExitsZero) {
   std::thread caller([&] { slow = Client(server.address()).attention(q, k, k); });
   // Let the 24 MB request reach the server and start, then ask it to stop.
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  ASSERT_EQ(kill(server.pid(), SIGTERM), 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  // While it drains, new calls are refused.
+  Tensor x = Tensor::from_floats(DType::kFloat32, {2}, {0.0f, 0.0f});
+  auto late = Client(server.address()).softmax(x);
+  EXPECT_FALSE(late.ok());
   const int code = server.stop(SIGTERM);
   caller.join();
   EXPECT_EQ(code, 0);
   EXPECT_TRUE(slow.ok()) << slow.status().to_string() << "\n" << server.log();
   const std::string log = server.log();
   // The call was still running when the signal came, and finished before the exit.
-  EXPECT_LT(log.find("shutting down"), log.find("Attention attention/cpu")) << log;
+  const auto shutting_down = log.find("shutting down"), finished = log.find("attention attention/cpu");
+  ASSERT_NE(shutting_down, std::string::npos) << log;
+  ASSERT_NE(finished, std::string::npos) << log;
+  EXPECT_LT(shutting_down, finished) << log;
 }
 
 TEST(ServerLifecycle, RefusesABusyPort) {

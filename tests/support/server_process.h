@@ -15,17 +15,23 @@
 
 namespace attn::testing {
 
+struct ServerProcessOptions {
+  std::string listen = "127.0.0.1:0";
+  std::vector<std::pair<std::string, std::string>> env;  // set in the server's environment
+};
+
 class ServerProcess {
  public:
   // Runs `binary --listen 127.0.0.1:0 --port-file ... extra...` and waits until it serves.
-  explicit ServerProcess(const std::string& binary, std::vector<std::string> extra = {}) {
+  explicit ServerProcess(const std::string& binary, std::vector<std::string> extra = {},
+                         const ServerProcessOptions& options = {}) {
     char dir_template[] = "/tmp/attnd-test-XXXXXX";
     const char* dir = mkdtemp(dir_template);
     if (!dir) throw std::runtime_error("mkdtemp failed");
     dir_ = dir;
     port_file_ = dir_ + "/port";
     log_file_ = dir_ + "/attnd.log";
-    std::vector<std::string> args{binary, "--listen", "127.0.0.1:0", "--port-file", port_file_,
+    std::vector<std::string> args{binary, "--listen", options.listen, "--port-file", port_file_,
                                   "--log-level", "debug"};
     args.insert(args.end(), extra.begin(), extra.end());
     pid_ = fork();
@@ -35,6 +41,7 @@ class ServerProcess {
         dup2(fileno(log), 1);
         dup2(fileno(log), 2);
       }
+      for (const auto& [name, value] : options.env) setenv(name.c_str(), value.c_str(), 1);
       std::vector<char*> argv;
       for (auto& a : args) argv.push_back(a.data());
       argv.push_back(nullptr);
@@ -44,7 +51,10 @@ class ServerProcess {
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
     while (std::chrono::steady_clock::now() < deadline) {
       std::ifstream in(port_file_);
-      if (in >> port_ && port_ > 0) return;
+      if (in >> port_ && port_ > 0) {
+        in >> metrics_port_;
+        return;
+      }
       int status = 0;
       if (waitpid(pid_, &status, WNOHANG) == pid_) {
         pid_ = -1;
@@ -66,6 +76,7 @@ class ServerProcess {
   }
 
   int port() const { return port_; }
+  int metrics_port() const { return metrics_port_; }
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
   pid_t pid() const { return pid_; }
 
@@ -87,6 +98,33 @@ class ServerProcess {
     return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
   }
 
+  // Waits for the process to exit by itself; returns its exit code, or -1 on timeout.
+  int wait_exit(std::chrono::seconds timeout) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    int status = 0;
+    while (waitpid(pid_, &status, WNOHANG) == 0) {
+      if (std::chrono::steady_clock::now() > deadline) return -1;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    pid_ = -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  }
+
+  // Resident memory of the process, from /proc, in bytes.
+  std::int64_t rss_bytes() const {
+    std::ifstream in("/proc/" + std::to_string(pid_) + "/status");
+    std::string key;
+    while (in >> key) {
+      if (key == "VmRSS:") {
+        std::int64_t kb = 0;
+        in >> kb;
+        return kb * 1024;
+      }
+      std::getline(in, key);
+    }
+    return -1;
+  }
+
   std::string log() const {
     std::ifstream in(log_file_);
     return std::string(std::istreambuf_iterator<char>(in), {});
@@ -95,6 +133,7 @@ class ServerProcess {
  private:
   pid_t pid_ = -1;
   int port_ = 0;
+  int metrics_port_ = 0;
   std::string dir_, port_file_, log_file_;
 };
 

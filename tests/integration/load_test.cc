@@ -1,0 +1,146 @@
+// Overload and abandoned calls, against the real attnd on the CPU backend: a full queue refuses at
+// once, a call whose deadline passed in the queue is dropped before its kernel runs, and a call
+// its client cancelled gives its queue slot back.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <future>
+#include <thread>
+
+#include "attn/client.h"
+#include "attn/wire.h"
+#include "support/http_get.h"
+#include "support/random.h"
+#include "support/server_process.h"
+
+namespace attn {
+namespace {
+
+using ::testing::HasSubstr;
+using testing::random_tensor;
+using Clock = std::chrono::steady_clock;
+
+// A matmul that keeps two CPU cores busy for about a second (3.4e10 flops).
+struct SlowMatmul {
+  std::mt19937_64 rng{testing::seed()};
+  Tensor a = random_tensor(DType::kFloat32, {2560, 2560}, rng);
+  Tensor b = random_tensor(DType::kFloat32, {2560, 2560}, rng);
+};
+
+v1::MatmulRequest request_of(const SlowMatmul& m) {
+  v1::MatmulRequest req;
+  wire::encode_tensor(m.a.view(), req.mutable_a());
+  wire::encode_tensor(m.b.view(), req.mutable_b());
+  return req;
+}
+
+std::future<grpc::Status> call_async(Client& client, const v1::MatmulRequest& req,
+                                     grpc::ClientContext* ctx) {
+  return std::async(std::launch::async, [&client, &req, ctx] {
+    v1::MatmulResponse resp;
+    return client.stub().Matmul(ctx, req, &resp);
+  });
+}
+
+// Waits until the server's device has `n` calls waiting or running (from its metrics endpoint),
+// then a little more so that a first call has moved from the queue to the worker.
+void wait_for_load(const testing::ServerProcess& server, int n) {
+  const std::string want = "attnd_queue_depth{device=\"cpu";
+  const auto deadline = Clock::now() + std::chrono::seconds(30);
+  while (Clock::now() < deadline) {
+    const std::string text = testing::http_get(server.metrics_port(), "/metrics");
+    const auto pos = text.find(want);
+    if (pos != std::string::npos) {
+      const auto line_end = text.find('\n', pos);
+      const std::string line = text.substr(pos, line_end - pos);
+      if (std::stoi(line.substr(line.rfind(' ') + 1)) >= n) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        return;
+      }
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  FAIL() << "the server never had " << n << " calls in hand";
+}
+
+std::vector<std::string> server_flags(std::vector<std::string> extra) {
+  extra.insert(extra.end(), {"--backend", "cpu", "--metrics-listen", "127.0.0.1:0"});
+  return extra;
+}
+
+TEST(ServerLoad, FullQueueRefusesAtOnce) {
+  testing::ServerProcess server(ATTND_PATH, server_flags({"--queue-depth", "1"}));
+  Client client(server.address());
+  SlowMatmul slow;
+  const v1::MatmulRequest req = request_of(slow);
+  grpc::ClientContext running_ctx, queued_ctx;
+  auto running = call_async(client, req, &running_ctx);
+  wait_for_load(server, 1);  // it is on the worker now
+  auto queued = call_async(client, req, &queued_ctx);
+  wait_for_load(server, 2);  // it holds the one slot
+
+  Tensor x = Tensor::from_floats(DType::kFloat32, {2}, {0.0f, 1.0f});
+  const auto t0 = Clock::now();
+  auto refused = client.softmax(x);
+  const auto waited = Clock::now() - t0;
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), StatusCode::kResourceExhausted) << refused.status().to_string();
+  EXPECT_THAT(refused.status().message(), HasSubstr("queue"));
+  EXPECT_LT(waited, std::chrono::milliseconds(200)) << "refused only after waiting";
+  EXPECT_TRUE(running.get().ok());
+  EXPECT_TRUE(queued.get().ok());
+  EXPECT_TRUE(client.softmax(x).ok()) << "the queue has room again";
+}
+
+TEST(ServerLoad, CancelledCallGivesItsSlotBack) {
+  testing::ServerProcess server(ATTND_PATH, server_flags({"--queue-depth", "1"}));
+  Client client(server.address());
+  SlowMatmul slow;
+  const v1::MatmulRequest req = request_of(slow);
+  grpc::ClientContext running_ctx, cancelled_ctx;
+  auto running = call_async(client, req, &running_ctx);
+  wait_for_load(server, 1);
+  auto cancelled = call_async(client, req, &cancelled_ctx);
+  wait_for_load(server, 2);  // queued, holding the slot
+  cancelled_ctx.TryCancel();
+  EXPECT_EQ(cancelled.get().error_code(), grpc::StatusCode::CANCELLED);
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));  // the server sees the cancel
+
+  // The one slot is free again although the running call has not finished.
+  Tensor x = Tensor::from_floats(DType::kFloat32, {2}, {0.0f, 1.0f});
+  auto accepted = client.softmax(x);
+  EXPECT_TRUE(accepted.ok()) << accepted.status().to_string() << "\n" << server.log();
+  EXPECT_TRUE(running.get().ok());
+  EXPECT_THAT(server.log(), HasSubstr("CANCELLED: the caller cancelled the call while it waited"));
+}
+
+TEST(ServerLoad, ExpiredCallIsDroppedBeforeItsKernel) {
+  testing::ServerProcess server(ATTND_PATH, server_flags({}));
+  Client client(server.address());
+  SlowMatmul slow;
+  const v1::MatmulRequest req = request_of(slow);
+  // Two slow calls ahead of it (one running, one queued): at least a second of work on any
+  // machine this runs on, against 500 ms to live, which is ample for the request to arrive.
+  grpc::ClientContext first_ctx, second_ctx, expiring_ctx;
+  auto first = call_async(client, req, &first_ctx);
+  wait_for_load(server, 1);
+  auto second = call_async(client, req, &second_ctx);
+  wait_for_load(server, 2);
+  expiring_ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
+  auto expiring = call_async(client, req, &expiring_ctx);
+  EXPECT_EQ(expiring.get().error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_TRUE(first.get().ok());
+  EXPECT_TRUE(second.get().ok());
+  Tensor x = Tensor::from_floats(DType::kFloat32, {2}, {0.0f, 1.0f});
+  auto next = client.softmax(x);  // runs after the worker has looked at the expired call
+  ASSERT_TRUE(next.ok()) << next.status().to_string();
+  const std::string log = server.log();
+  EXPECT_THAT(log, HasSubstr("DEADLINE_EXCEEDED: the call's deadline passed while it waited"));
+  // Two matmul kernels ran, not three.
+  std::size_t ran = 0;
+  for (auto pos = log.find("matmul matmul/"); pos != std::string::npos; pos = log.find("matmul matmul/", pos + 1)) ++ran;
+  EXPECT_EQ(ran, 2u) << log;
+}
+
+}  // namespace
+}  // namespace attn

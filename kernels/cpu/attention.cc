@@ -27,7 +27,8 @@ const float* as_floats(const TensorView& t, std::vector<float>& storage) {
 Status attention_rows(const AttentionArgs& args, Stream&) {
   auto dims = attention_dims(args.q, args.k, args.v);
   ATTN_RETURN_IF_ERROR(dims.status());
-  const auto [batch, hq, hkv, sq, sk, d] = *dims;
+  const std::int64_t batch = dims->batch, hq = dims->heads_q, hkv = dims->heads_kv, sq = dims->len_q,
+                     sk = dims->len_kv, d = dims->head_dim;
   std::vector<float> q_store, k_store, v_store;
   const float* q = as_floats(args.q, q_store);
   const float* k = as_floats(args.k, k_store);

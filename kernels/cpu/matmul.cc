@@ -35,7 +35,8 @@ std::vector<float> pack(const TensorView& t, std::int64_t offset, std::int64_t r
 Status matmul_blocked(const MatmulArgs& args, Stream&) {
   auto dims = matmul_dims(args.a, args.b, args.transpose_a, args.transpose_b);
   ATTN_RETURN_IF_ERROR(dims.status());
-  const auto [batch, m, n, k, b_batched] = *dims;
+  const std::int64_t batch = dims->batch, m = dims->m, n = dims->n, k = dims->k;
+  const bool b_batched = dims->b_batched;
   std::vector<float> b_shared;
   if (!b_batched) b_shared = pack(args.b, 0, k, n, args.transpose_b);
 

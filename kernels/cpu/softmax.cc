@@ -13,7 +13,7 @@ namespace attn::cpu {
 Status softmax_rows(const SoftmaxArgs& args, Stream&) {
   auto dims = softmax_dims(args.x);
   ATTN_RETURN_IF_ERROR(dims.status());
-  const auto [rows, cols] = *dims;
+  const std::int64_t rows = dims->rows, cols = dims->cols;
   parallel_for(rows, cols * 4, [&](std::int64_t r) {
     thread_local std::vector<float> row;
     row.resize(static_cast<std::size_t>(cols));

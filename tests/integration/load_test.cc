@@ -12,6 +12,7 @@
 #include "support/http_get.h"
 #include "support/random.h"
 #include "support/server_process.h"
+#include "support/slow_call.h"
 
 namespace attn {
 namespace {
@@ -20,11 +21,13 @@ using ::testing::HasSubstr;
 using testing::random_tensor;
 using Clock = std::chrono::steady_clock;
 
-// A matmul that keeps two CPU cores busy for about a second (3.4e10 flops).
+// A matmul that keeps the server busy for about a second.
 struct SlowMatmul {
+  explicit SlowMatmul(Client& client) : n(testing::calibrated_matmul_size(client, 1.0)) {}
+  std::int64_t n;
   std::mt19937_64 rng{testing::seed()};
-  Tensor a = random_tensor(DType::kFloat32, {2560, 2560}, rng);
-  Tensor b = random_tensor(DType::kFloat32, {2560, 2560}, rng);
+  Tensor a = random_tensor(DType::kFloat32, {n, n}, rng);
+  Tensor b = random_tensor(DType::kFloat32, {n, n}, rng);
 };
 
 v1::MatmulRequest request_of(const SlowMatmul& m) {
@@ -71,7 +74,7 @@ std::vector<std::string> server_flags(std::vector<std::string> extra) {
 TEST(ServerLoad, FullQueueRefusesAtOnce) {
   testing::ServerProcess server(ATTND_PATH, server_flags({"--queue-depth", "1"}));
   Client client(server.address());
-  SlowMatmul slow;
+  SlowMatmul slow(client);
   const v1::MatmulRequest req = request_of(slow);
   grpc::ClientContext running_ctx, queued_ctx;
   auto running = call_async(client, req, &running_ctx);
@@ -95,7 +98,7 @@ TEST(ServerLoad, FullQueueRefusesAtOnce) {
 TEST(ServerLoad, CancelledCallGivesItsSlotBack) {
   testing::ServerProcess server(ATTND_PATH, server_flags({"--queue-depth", "1"}));
   Client client(server.address());
-  SlowMatmul slow;
+  SlowMatmul slow(client);
   const v1::MatmulRequest req = request_of(slow);
   grpc::ClientContext running_ctx, cancelled_ctx;
   auto running = call_async(client, req, &running_ctx);
@@ -117,8 +120,9 @@ TEST(ServerLoad, CancelledCallGivesItsSlotBack) {
 TEST(ServerLoad, ExpiredCallIsDroppedBeforeItsKernel) {
   testing::ServerProcess server(ATTND_PATH, server_flags({}));
   Client client(server.address());
-  SlowMatmul slow;
+  SlowMatmul slow(client);
   const v1::MatmulRequest req = request_of(slow);
+  const std::size_t log_start = server.log().size();  // after the calibration's matmuls
   // Two slow calls ahead of it (one running, one queued): at least a second of work on any
   // machine this runs on, against 500 ms to live, which is ample for the request to arrive.
   grpc::ClientContext first_ctx, second_ctx, expiring_ctx;
@@ -134,7 +138,7 @@ TEST(ServerLoad, ExpiredCallIsDroppedBeforeItsKernel) {
   Tensor x = Tensor::from_floats(DType::kFloat32, {2}, {0.0f, 1.0f});
   auto next = client.softmax(x);  // runs after the worker has looked at the expired call
   ASSERT_TRUE(next.ok()) << next.status().to_string();
-  const std::string log = server.log();
+  const std::string log = server.log().substr(log_start);
   EXPECT_THAT(log, HasSubstr("DEADLINE_EXCEEDED: the call's deadline passed while it waited"));
   // Two matmul kernels ran, not three.
   std::size_t ran = 0;

@@ -14,6 +14,7 @@
 #include "reflection/v1alpha/reflection.grpc.pb.h"
 #include "support/random.h"
 #include "support/server_process.h"
+#include "support/slow_call.h"
 
 namespace attn {
 namespace {
@@ -412,15 +413,16 @@ TEST(ServerLimits, MessageAndElementLimits) {
 }
 
 TEST(ServerLifecycle, SigtermFinishesInFlightCallsAndExitsZero) {
-  testing::ServerProcess server(ATTND_PATH);
+  testing::ServerProcess server(ATTND_PATH, {"--backend", "cpu"});
   std::mt19937_64 rng(testing::seed());
-  // A call that takes about a second on two CPU cores (1.7e10 flops).
-  Tensor q = random_tensor(DType::kFloat32, {1, 8, 2048, 128}, rng);
-  Tensor k = random_tensor(DType::kFloat32, {1, 8, 2048, 128}, rng);
+  // A call that takes about two seconds here.
+  Client client(server.address());
+  const std::int64_t n = testing::calibrated_matmul_size(client, 2.0);
+  Tensor a = random_tensor(DType::kFloat32, {n, n}, rng);
   Result<OpResult> slow = internal_error("not run");
-  std::thread caller([&] { slow = Client(server.address()).attention(q, k, k); });
-  // Let the 24 MB request reach the server and start, then ask it to stop.
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  std::thread caller([&] { slow = client.matmul(a, a); });
+  // Let the request reach the server and start, then ask it to stop.
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
   ASSERT_EQ(kill(server.pid(), SIGTERM), 0);
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
   // While it drains, new calls are refused.
@@ -433,10 +435,32 @@ TEST(ServerLifecycle, SigtermFinishesInFlightCallsAndExitsZero) {
   EXPECT_TRUE(slow.ok()) << slow.status().to_string() << "\n" << server.log();
   const std::string log = server.log();
   // The call was still running when the signal came, and finished before the exit.
-  const auto shutting_down = log.find("shutting down"), finished = log.find("attention attention/cpu");
+  const auto shutting_down = log.find("shutting down");
   ASSERT_NE(shutting_down, std::string::npos) << log;
-  ASSERT_NE(finished, std::string::npos) << log;
-  EXPECT_LT(shutting_down, finished) << log;
+  EXPECT_NE(log.find("matmul matmul/cpu", shutting_down), std::string::npos) << log;
+}
+
+TEST(ServerFaults, FaultInjectionIsOffByDefaultAndHarmlessOnTheCpu) {
+  v1::SoftmaxRequest req;
+  req.set_kernel("fault_injection/trap");
+  {
+    testing::ServerProcess server(ATTND_PATH, {"--backend", "cpu"});
+    Client client(server.address());
+    grpc::ClientContext ctx;
+    v1::SoftmaxResponse resp;
+    EXPECT_EQ(client.stub().Softmax(&ctx, req, &resp).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  }
+  testing::ServerProcess server(ATTND_PATH, {"--backend", "cpu", "--enable-fault-injection"});
+  Client client(server.address());
+  grpc::ClientContext ctx;
+  v1::SoftmaxResponse resp;
+  const grpc::Status s = client.stub().Softmax(&ctx, req, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << s.error_message();
+  EXPECT_THAT(s.error_message(), HasSubstr("no fault to inject"));
+  EXPECT_THAT(server.log(), HasSubstr("fault injection is on"));
+  Tensor x = Tensor::from_floats(DType::kFloat32, {2}, {0.0f, 0.0f});
+  EXPECT_TRUE(client.softmax(x).ok());
+  EXPECT_EQ(server.stop(SIGTERM), 0);
 }
 
 TEST(ServerLifecycle, RefusesABusyPort) {

@@ -22,9 +22,11 @@ struct ServerProcessOptions {
 
 class ServerProcess {
  public:
-  // Runs `binary --listen 127.0.0.1:0 --port-file ... extra...` and waits until it serves.
-  explicit ServerProcess(const std::string& binary, std::vector<std::string> extra = {},
+  // Runs `binary --listen 127.0.0.1:0 --port-file ... extra...` and waits until it serves. The
+  // ATTND environment variable, when set, names the binary instead (a build run elsewhere).
+  explicit ServerProcess(std::string binary, std::vector<std::string> extra = {},
                          const ServerProcessOptions& options = {}) {
+    if (const char* env = std::getenv("ATTND"); env && *env) binary = env;
     char dir_template[] = "/tmp/attnd-test-XXXXXX";
     const char* dir = mkdtemp(dir_template);
     if (!dir) throw std::runtime_error("mkdtemp failed");

@@ -1,0 +1,142 @@
+// attn_gpu_server_tests: the real attnd on a GPU, for what only a GPU can show: running out of
+// device memory is RESOURCE_EXHAUSTED and the next call is served; a device fault turns health
+// NOT_SERVING and the process exits 3 for its supervisor to restart it; with several GPUs, calls
+// spread over all of them. Skips where there is no usable GPU.
+#include <cuda_runtime.h>
+#include <gmock/gmock.h>
+#include <grpcpp/create_channel.h>
+#include <gtest/gtest.h>
+
+#include <map>
+#include <thread>
+
+#include "attn/client.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "support/random.h"
+#include "support/server_process.h"
+
+namespace attn {
+namespace {
+
+using ::testing::HasSubstr;
+using testing::random_tensor;
+
+int gpu_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) return 0;
+  return n;
+}
+
+#define SKIP_WITHOUT_GPU() \
+  if (gpu_count() == 0) GTEST_SKIP() << "no usable GPU"
+
+// Holds all but `leave` bytes of the device's free memory while it lives.
+class MemoryHog {
+ public:
+  explicit MemoryHog(std::size_t leave) {
+    std::size_t free = 0, total = 0;
+    cudaMemGetInfo(&free, &total);
+    std::size_t want = free > leave ? free - leave : 0;
+    for (std::size_t chunk = std::size_t{1} << 30; chunk >= (std::size_t{16} << 20) && want > 0;) {
+      void* p = nullptr;
+      if (want >= chunk && cudaMalloc(&p, chunk) == cudaSuccess) {
+        blocks_.push_back(p);
+        want -= chunk;
+      } else {
+        cudaGetLastError();
+        chunk /= 2;
+      }
+    }
+    cudaMemGetInfo(&free, &total);
+    left_ = free;
+  }
+  ~MemoryHog() {
+    for (void* p : blocks_) cudaFree(p);
+  }
+  std::size_t left() const { return left_; }
+
+ private:
+  std::vector<void*> blocks_;
+  std::size_t left_ = 0;
+};
+
+TEST(GpuServer, OutOfDeviceMemoryIsResourceExhaustedAndTheNextCallIsServed) {
+  SKIP_WITHOUT_GPU();
+  testing::ServerProcess server(ATTND_PATH, {"--backend", "cuda", "--devices", "0"});
+  ClientOptions options;
+  options.timeout = std::chrono::seconds(60);
+  Client client(server.address(), options);
+  std::mt19937_64 rng(testing::seed());
+  // 3 x 64 MiB on the device, against the ~100 MiB this test leaves free.
+  Tensor a = random_tensor(DType::kFloat32, {4096, 4096}, rng);
+  {
+    MemoryHog hog(100 << 20);
+    std::printf("device memory left free for the server: %.0f MiB\n", hog.left() / 1048576.0);
+    auto r = client.matmul(a, a);
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.status().code(), StatusCode::kResourceExhausted) << r.status().to_string();
+    EXPECT_THAT(r.status().message(), HasSubstr("memory"));
+    // Health stays SERVING: running out of memory is not a fault.
+    Tensor x = Tensor::from_floats(DType::kFloat32, {2}, {0.0f, 0.0f});
+    auto small = client.softmax(x);
+    EXPECT_TRUE(small.ok()) << small.status().to_string();
+  }
+  auto r = client.matmul(a, a);
+  ASSERT_TRUE(r.ok()) << r.status().to_string() << "\n" << server.log();
+  EXPECT_THAT(r->timings.device(), HasSubstr("cuda:0"));
+}
+
+TEST(GpuServer, DeviceFaultTurnsHealthNotServingAndExitsThree) {
+  SKIP_WITHOUT_GPU();
+  testing::ServerProcess server(ATTND_PATH, {"--backend", "cuda", "--devices", "0", "--enable-fault-injection"});
+  auto channel = grpc::CreateChannel(server.address(), grpc::InsecureChannelCredentials());
+  auto health = grpc::health::v1::Health::NewStub(channel);
+  grpc::ClientContext watch_ctx;
+  auto watch = health->Watch(&watch_ctx, {});
+  grpc::health::v1::HealthCheckResponse status;
+  ASSERT_TRUE(watch->Read(&status));
+  EXPECT_EQ(status.status(), grpc::health::v1::HealthCheckResponse::SERVING);
+
+  v1::SoftmaxRequest req;
+  req.set_kernel("fault_injection/trap");
+  v1::SoftmaxResponse resp;
+  grpc::ClientContext ctx;
+  const grpc::Status s = v1::AttnService::NewStub(channel)->Softmax(&ctx, req, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INTERNAL) << s.error_message();
+
+  // The watcher hears NOT_SERVING before the server goes away.
+  bool saw_not_serving = false;
+  while (watch->Read(&status))
+    saw_not_serving |= status.status() == grpc::health::v1::HealthCheckResponse::NOT_SERVING;
+  EXPECT_TRUE(saw_not_serving);
+  EXPECT_EQ(server.wait_exit(std::chrono::seconds(60)), 3) << server.log();
+  EXPECT_THAT(server.log(), HasSubstr("faulted"));
+}
+
+TEST(GpuServer, CallsSpreadOverEveryGpu) {
+  SKIP_WITHOUT_GPU();
+  if (gpu_count() < 2) GTEST_SKIP() << "one GPU: nothing to spread over";
+  testing::ServerProcess server(ATTND_PATH, {"--backend", "cuda", "--devices", "all"});
+  std::mt19937_64 rng(testing::seed());
+  Tensor a = random_tensor(DType::kBFloat16, {2048, 2048}, rng);
+  std::mutex mu;
+  std::map<std::string, int> by_device;
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 8; ++t)
+    threads.emplace_back([&] {
+      Client client(server.address());
+      for (int i = 0; i < 8; ++i) {
+        auto r = client.matmul(a, a);
+        ASSERT_TRUE(r.ok()) << r.status().to_string();
+        std::lock_guard lock(mu);
+        ++by_device[r->timings.device()];
+      }
+    });
+  for (auto& th : threads) th.join();
+  for (const auto& [device, n] : by_device) std::printf("calls on %s: %d\n", device.c_str(), n);
+  EXPECT_EQ(static_cast<int>(by_device.size()), gpu_count());
+  for (const auto& [device, n] : by_device) EXPECT_GT(n, 0) << device;
+}
+
+}  // namespace
+}  // namespace attn

@@ -4,7 +4,7 @@
 FROM nvidia/cuda:13.0.0-devel-ubuntu24.04 AS build
 WORKDIR /src
 COPY scripts/install-deps scripts/install-deps
-RUN scripts/install-deps
+RUN scripts/install-deps --build-only
 COPY . .
 RUN cmake --preset release -DATTN_BUILD_TESTS=OFF && cmake --build --preset release -j "$(nproc)" \
  && mkdir -p /out/bin /out/lib \
@@ -21,8 +21,9 @@ COPY --from=build /out/bin/ /usr/local/bin/
 COPY --from=build /out/lib/ /usr/local/lib/attnd/
 ENV LD_LIBRARY_PATH=/usr/local/lib/attnd
 USER attnd
-EXPOSE 50051
+EXPOSE 50051 9464
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s \
   CMD ["attn", "--server", "127.0.0.1:50051", "--timeout-ms", "2000", "health"]
 ENTRYPOINT ["attnd"]
-CMD ["--listen", "0.0.0.0:50051"]
+# Beyond loopback: set ATTND_TOKEN (or mount a --token-file) and/or TLS flags in production.
+CMD ["--listen", "0.0.0.0:50051", "--metrics-listen", "0.0.0.0:9464"]

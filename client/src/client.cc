@@ -55,6 +55,13 @@ Result<std::shared_ptr<grpc::Channel>> make_channel(const std::string& target, c
   args.SetMaxReceiveMessageSize(max_bytes);
   args.SetMaxSendMessageSize(max_bytes);
   if (!options.load_balancing.empty()) args.SetLoadBalancingPolicyName(options.load_balancing);
+  // Every op is a pure function of its inputs, so a call that never reached a server (a replica
+  // that just went away) is safe to send again; gRPC retries small requests (those within its
+  // retry buffer) this way.
+  args.SetServiceConfigJSON(R"({"methodConfig": [{
+      "name": [{"service": "attn.v1.AttnService"}],
+      "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "1s",
+                      "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]})");
   std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
   if (options.tls) {
     grpc::SslCredentialsOptions ssl;

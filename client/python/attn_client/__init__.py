@@ -1,0 +1,15 @@
+"""attn_client: a thin Python client for attnd (numpy arrays in and out, gRPC underneath).
+
+    from attn_client import Client
+    c = Client("127.0.0.1:50051")
+    r = c.softmax(np.random.rand(8, 1000).astype(np.float32))
+    r.output, r.timings.kernel_ns
+
+float32 and float16 arrays go as they are; bfloat16 travels as raw bits in a BFloat16 wrapper
+(numpy has no bfloat16): to_bfloat16(array) makes one, .to_float32() reads one back.
+"""
+
+from .client import AttnError, Client, Result, Timings
+from .tensors import BFloat16, to_bfloat16
+
+__all__ = ["AttnError", "BFloat16", "Client", "Result", "Timings", "to_bfloat16"]

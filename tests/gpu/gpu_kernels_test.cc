@@ -150,7 +150,7 @@ TEST_P(GpuAttention, MatchesReference) {
   for (DType dt : kAllDTypes)
     for (const auto& c : cases)
       for (bool causal : {false, true})
-        for (float scale : {0.0f, 0.07f}) {
+        for (float scale : {0.0f, 0.07f, -0.05f}) {
           SCOPED_TRACE(std::string(dtype_name(dt)) + " B" + std::to_string(c.b) + " Hq" + std::to_string(c.hq) +
                        " Hkv" + std::to_string(c.hkv) + " Sq" + std::to_string(c.sq) + " Sk" + std::to_string(c.sk) +
                        " D" + std::to_string(c.d) + (causal ? " causal" : "") + " scale=" + std::to_string(scale) +

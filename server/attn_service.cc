@@ -39,6 +39,8 @@ AttnService::AttnService(Scheduler& scheduler, const Registry& registry, Service
     if (!seen) decode_.targets.push_back(t);
   }
   decode_.limits = config_.limits;
+  decode_.store = config_.store;
+  for (const auto& ex : scheduler_.executors()) decode_.executor_targets.push_back(ex->target());
 }
 
 void AttnService::finish(grpc::ServerUnaryReactor* reactor, grpc::CallbackServerContext* ctx,
@@ -92,8 +94,9 @@ grpc::ServerUnaryReactor* AttnService::run(grpc::CallbackServerContext* ctx, con
       finish(reactor, ctx, op, variant, status, nullptr, bytes_in, 0);
       return;
     }
+    for (const auto& kept : prepared_op->kept) config_.store->publish(kept);
     if (return_values)
-      for (v1::Tensor* out : outputs) wire::convert_to_values(out);
+      for (v1::Tensor* out : outputs) wire::convert_to_values(out);  // kept outputs have no data
     const OpCost cost = cost_of(prepared_op->args);
     v1::Timings* timings = resp->mutable_timings();
     timings->set_kernel(variant);
@@ -109,7 +112,9 @@ grpc::ServerUnaryReactor* AttnService::run(grpc::CallbackServerContext* ctx, con
                   timings->device(), queue_ns / 1000, t.kernel_ns / 1000, timings->total_ns() / 1000);
     finish(reactor, ctx, op, variant, Status::Ok(), timings, bytes_in, resp->ByteSizeLong());
   };
-  const Status queued = scheduler_.submit(prepared_op->variant->info.backend, std::move(job));
+  const int pinned = prepared_op->executor;
+  const Status queued = pinned >= 0 ? scheduler_.submit_to(static_cast<std::size_t>(pinned), std::move(job))
+                                    : scheduler_.submit(prepared_op->variant->info.backend, std::move(job));
   if (!queued.ok()) finish(reactor, ctx, op, variant, queued, nullptr, bytes_in, 0);
   return reactor;
 }

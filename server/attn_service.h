@@ -24,6 +24,7 @@ struct ServiceConfig {
   // Softmax with kernel "fault_injection/trap" makes the device fault (tests of the fault path).
   bool fault_injection = false;
   Metrics* metrics = nullptr;  // null: no metrics
+  TensorStore* store = nullptr;  // resident tensors; null: none
 };
 
 // The kernel name that injects a device fault when the server allows it.
@@ -46,6 +47,26 @@ class AttnService final : public v1::AttnService::CallbackService {
   grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* ctx,
                                           const v1::GetServerInfoRequest* req,
                                           v1::GetServerInfoResponse* resp) override;
+  // Resident tensors (tensor_handlers.cc).
+  grpc::ServerReadReactor<v1::PutTensorRequest>* PutTensor(grpc::CallbackServerContext* ctx,
+                                                           v1::PutTensorResponse* resp) override;
+  grpc::ServerWriteReactor<v1::GetTensorResponse>* GetTensor(grpc::CallbackServerContext* ctx,
+                                                             const v1::GetTensorRequest* req) override;
+  grpc::ServerUnaryReactor* DeleteTensor(grpc::CallbackServerContext* ctx, const v1::DeleteTensorRequest* req,
+                                         v1::DeleteTensorResponse* resp) override;
+  grpc::ServerUnaryReactor* ListTensors(grpc::CallbackServerContext* ctx, const v1::ListTensorsRequest* req,
+                                        v1::ListTensorsResponse* resp) override;
+  // benchmark_handler.cc
+  grpc::ServerUnaryReactor* Benchmark(grpc::CallbackServerContext* ctx, const v1::BenchmarkRequest* req,
+                                      v1::BenchmarkResponse* resp) override;
+  grpc::ServerUnaryReactor* Echo(grpc::CallbackServerContext* ctx, const v1::EchoRequest* req,
+                                 v1::EchoResponse* resp) override;
+
+  // The executor index a tensor header asks for ("cuda:1", "cpu"), or the least used device of
+  // the serving backend.
+  Result<std::size_t> place(const std::string& device);
+  // A TensorInfo for a resident tensor.
+  void describe(const ResidentTensor& t, v1::TensorInfo* out) const;
 
  private:
   template <class Args, class Request, class Response>
@@ -56,6 +77,8 @@ class AttnService final : public v1::AttnService::CallbackService {
                                 std::vector<v1::Tensor*> outputs);
   grpc::ServerUnaryReactor* inject_fault(grpc::CallbackServerContext* ctx);
   // Finishes a call and counts it in the metrics.
+  friend class PutTensorReactor;
+  friend class GetTensorReactor;
   void finish(grpc::ServerUnaryReactor* reactor, grpc::CallbackServerContext* ctx, const char* op,
               const std::string& variant, const Status& status, const v1::Timings* timings,
               std::size_t bytes_in, std::size_t bytes_out);

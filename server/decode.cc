@@ -11,6 +11,79 @@ Result<wire::DecodedTensor> input(const v1::Tensor& t, bool present, const char*
   return wire::decode_tensor(t, field, ctx.limits);
 }
 
+// An input given by handle, or null: its view replaces `decoded`'s, and the op is pinned to the
+// device holding it.
+template <class Args>
+Status resolve_handle(const v1::Tensor& t, const char* field, const DecodeContext& ctx,
+                      wire::DecodedTensor& decoded, PreparedOp<Args>& op) {
+  const std::string f(field);
+  if (!ctx.store) return failed_precondition(f + ".handle: this server keeps no resident tensors");
+  if (!t.data().empty() || t.values_size() > 0) {
+    return invalid_argument(f + ": expected a handle or data/values, got both");
+  }
+  ATTN_ASSIGN_OR_RETURN(r, ctx.store->find(t.handle(), f + ".handle"));
+  if (t.dtype() != v1::D_TYPE_UNSPECIFIED && wire::from_proto(t.dtype()) != r->dtype) {
+    return invalid_argument(f + ".dtype: the handle holds " + std::string(dtype_name(r->dtype)) + ", the request says " +
+                            v1::DType_Name(t.dtype()));
+  }
+  if (t.shape_size() > 0 && Shape(t.shape().begin(), t.shape().end()) != r->shape) {
+    return invalid_argument(f + ".shape: the handle holds " + shape_to_string(r->shape) + ", the request says " +
+                            shape_to_string(Shape(t.shape().begin(), t.shape().end())));
+  }
+  if (op.executor >= 0 && op.executor != static_cast<int>(r->executor)) {
+    return failed_precondition(f + ".handle: lives on another device than the op's other resident "
+                               "inputs; put them on one device (PutTensor's header.device)");
+  }
+  op.executor = static_cast<int>(r->executor);
+  decoded.view = r->view();
+  op.resident.push_back(std::move(r));
+  return Status::Ok();
+}
+
+// Decodes an input that may be inline or a handle.
+template <class Args>
+Result<wire::DecodedTensor> any_input(const v1::Tensor& t, bool present, const char* field,
+                                      const DecodeContext& ctx, PreparedOp<Args>& op) {
+  if (present && !t.handle().empty()) {
+    wire::DecodedTensor d;
+    ATTN_RETURN_IF_ERROR(resolve_handle(t, field, ctx, d, op));
+    return d;
+  }
+  return input(t, present, field, ctx);
+}
+
+// The context to select a variant in: only the pinned device's target when there is one.
+template <class Args>
+DecodeContext placed(const DecodeContext& ctx, const PreparedOp<Args>& op) {
+  if (op.executor < 0) return ctx;
+  DecodeContext c = ctx;
+  c.targets = {ctx.executor_targets[static_cast<std::size_t>(op.executor)]};
+  return c;
+}
+
+// An output: in the response's bytes, or (keep_output) in a new resident tensor on the op's
+// device whose handle the response carries once the op has succeeded.
+template <class Args>
+Result<TensorView> output(DType dtype, const Shape& shape, v1::Tensor* out, bool keep, std::int64_t ttl_ms,
+                          const char* field, const DecodeContext& ctx, PreparedOp<Args>& op) {
+  if (!keep) return wire::prepare_output(dtype, shape, out);
+  if (!ctx.store) return failed_precondition("keep_output: this server keeps no resident tensors");
+  if (op.executor < 0) {  // no resident input: the least used device of the variant's backend
+    std::vector<std::size_t> candidates;
+    for (std::size_t i = 0; i < ctx.executor_targets.size(); ++i)
+      if (ctx.executor_targets[i].backend == op.variant->info.backend) candidates.push_back(i);
+    op.executor = static_cast<int>(ctx.store->least_used(candidates));
+  }
+  ATTN_ASSIGN_OR_RETURN(t, ctx.store->create(dtype, shape, ttl_ms, static_cast<std::size_t>(op.executor),
+                                             std::string(field)));
+  out->set_dtype(wire::to_proto(dtype));
+  out->mutable_shape()->Assign(shape.begin(), shape.end());
+  out->set_handle(t->handle);
+  const TensorView view = t->view();
+  op.kept.push_back(std::move(t));
+  return view;
+}
+
 // The output's shape must respect the same element limit as the inputs: small inputs can ask
 // for a huge output (a [M,1] x [1,N] matmul).
 Status check_output(const Shape& shape, const char* field, const DecodeContext& ctx) {
@@ -49,20 +122,22 @@ bool available(const VariantInfo& info, const DecodeContext& ctx) {
 
 Result<PreparedOp<MatmulArgs>> decode_matmul(const v1::MatmulRequest& req, v1::MatmulResponse* resp,
                                              const DecodeContext& ctx) {
-  ATTN_ASSIGN_OR_RETURN(a, input(req.a(), req.has_a(), "a", ctx));
-  ATTN_ASSIGN_OR_RETURN(b, input(req.b(), req.has_b(), "b", ctx));
+  PreparedOp<MatmulArgs> op;
+  ATTN_ASSIGN_OR_RETURN(a, any_input(req.a(), req.has_a(), "a", ctx, op));
+  ATTN_ASSIGN_OR_RETURN(b, any_input(req.b(), req.has_b(), "b", ctx, op));
   ATTN_ASSIGN_OR_RETURN(dims, matmul_dims(a.view, b.view, req.transpose_a(), req.transpose_b()));
   const Shape c_shape = matmul_output_shape(dims, a.view.rank());
   ATTN_RETURN_IF_ERROR(check_output(c_shape, "c", ctx));
 
-  PreparedOp<MatmulArgs> op;
   op.args.a = a.view;
   op.args.b = b.view;
   op.args.transpose_a = req.transpose_a();
   op.args.transpose_b = req.transpose_b();
-  ATTN_ASSIGN_OR_RETURN(variant, select(ctx.registry->matmul, op.args, req.kernel(), ctx));
+  ATTN_ASSIGN_OR_RETURN(variant, select(ctx.registry->matmul, op.args, req.kernel(), placed(ctx, op)));
   op.variant = variant;
-  op.args.c = wire::prepare_output(a.view.dtype, c_shape, resp->mutable_c());
+  ATTN_ASSIGN_OR_RETURN(c, output(a.view.dtype, c_shape, resp->mutable_c(), req.keep_output(),
+                                  req.output_ttl_ms(), "c", ctx, op));
+  op.args.c = c;
   op.inputs.push_back(std::move(a));
   op.inputs.push_back(std::move(b));
   return op;
@@ -70,12 +145,14 @@ Result<PreparedOp<MatmulArgs>> decode_matmul(const v1::MatmulRequest& req, v1::M
 
 Result<PreparedOp<SoftmaxArgs>> decode_softmax(const v1::SoftmaxRequest& req,
                                                v1::SoftmaxResponse* resp, const DecodeContext& ctx) {
-  ATTN_ASSIGN_OR_RETURN(x, input(req.x(), req.has_x(), "x", ctx));
   PreparedOp<SoftmaxArgs> op;
+  ATTN_ASSIGN_OR_RETURN(x, any_input(req.x(), req.has_x(), "x", ctx, op));
   op.args.x = x.view;
-  ATTN_ASSIGN_OR_RETURN(variant, select(ctx.registry->softmax, op.args, req.kernel(), ctx));
+  ATTN_ASSIGN_OR_RETURN(variant, select(ctx.registry->softmax, op.args, req.kernel(), placed(ctx, op)));
   op.variant = variant;
-  op.args.y = wire::prepare_output(x.view.dtype, x.view.shape, resp->mutable_y());
+  ATTN_ASSIGN_OR_RETURN(y, output(x.view.dtype, x.view.shape, resp->mutable_y(), req.keep_output(),
+                                  req.output_ttl_ms(), "y", ctx, op));
+  op.args.y = y;
   op.inputs.push_back(std::move(x));
   return op;
 }
@@ -83,26 +160,29 @@ Result<PreparedOp<SoftmaxArgs>> decode_softmax(const v1::SoftmaxRequest& req,
 Result<PreparedOp<AttentionArgs>> decode_attention(const v1::AttentionRequest& req,
                                                    v1::AttentionResponse* resp,
                                                    const DecodeContext& ctx) {
-  ATTN_ASSIGN_OR_RETURN(q, input(req.q(), req.has_q(), "q", ctx));
-  ATTN_ASSIGN_OR_RETURN(k, input(req.k(), req.has_k(), "k", ctx));
-  ATTN_ASSIGN_OR_RETURN(v, input(req.v(), req.has_v(), "v", ctx));
+  PreparedOp<AttentionArgs> op;
+  ATTN_ASSIGN_OR_RETURN(q, any_input(req.q(), req.has_q(), "q", ctx, op));
+  ATTN_ASSIGN_OR_RETURN(k, any_input(req.k(), req.has_k(), "k", ctx, op));
+  ATTN_ASSIGN_OR_RETURN(v, any_input(req.v(), req.has_v(), "v", ctx, op));
   ATTN_ASSIGN_OR_RETURN(dims, attention_dims(q.view, k.view, v.view));
   if (!std::isfinite(req.scale())) {
     return invalid_argument("scale: expected a finite number (0 for 1/sqrt(D)), got " +
                             std::to_string(req.scale()));
   }
-  PreparedOp<AttentionArgs> op;
   op.args.q = q.view;
   op.args.k = k.view;
   op.args.v = v.view;
   op.args.causal = req.causal();
   op.args.scale = resolve_attention_scale(req.scale(), dims.head_dim);
-  ATTN_ASSIGN_OR_RETURN(variant, select(ctx.registry->attention, op.args, req.kernel(), ctx));
+  ATTN_ASSIGN_OR_RETURN(variant, select(ctx.registry->attention, op.args, req.kernel(), placed(ctx, op)));
   op.variant = variant;
-  op.args.o = wire::prepare_output(q.view.dtype, q.view.shape, resp->mutable_o());
+  ATTN_ASSIGN_OR_RETURN(o, output(q.view.dtype, q.view.shape, resp->mutable_o(), req.keep_output(),
+                                  req.output_ttl_ms(), "o", ctx, op));
+  op.args.o = o;
   if (req.return_lse()) {
-    op.args.lse = wire::prepare_output(DType::kFloat32, {dims.batch, dims.heads_q, dims.len_q},
-                                       resp->mutable_lse());
+    ATTN_ASSIGN_OR_RETURN(lse, output(DType::kFloat32, {dims.batch, dims.heads_q, dims.len_q}, resp->mutable_lse(),
+                                      req.keep_output(), req.output_ttl_ms(), "lse", ctx, op));
+    op.args.lse = lse;
   }
   op.inputs.push_back(std::move(q));
   op.inputs.push_back(std::move(k));

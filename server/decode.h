@@ -7,6 +7,7 @@
 #include "attn/registry.h"
 #include "attn/v1/attn.pb.h"
 #include "attn/wire.h"
+#include "tensor_store.h"
 
 namespace attn::server {
 
@@ -16,6 +17,10 @@ struct DecodeContext {
   // what its GPU variants cannot take.
   std::vector<Target> targets;
   wire::TensorLimits limits;
+  // Resident tensors (null: none): inputs given by handle, outputs kept on a device.
+  TensorStore* store = nullptr;
+  // Every executor's target, by executor index (the index ResidentTensor::executor uses).
+  std::vector<Target> executor_targets;
 };
 
 // Whether `info` can run on one of the context's targets.
@@ -24,6 +29,10 @@ bool available(const VariantInfo& info, const DecodeContext& ctx);
 template <class Args>
 struct PreparedOp {
   std::vector<wire::DecodedTensor> inputs;  // keeps inputs given as `values` alive
+  std::vector<std::shared_ptr<ResidentTensor>> resident;  // inputs given by handle, held in use
+  std::vector<std::shared_ptr<ResidentTensor>> kept;      // outputs to publish once the op succeeds
+  // The executor that must run it (where its resident inputs or kept outputs live), or -1.
+  int executor = -1;
   Args args;
   const Variant<Args>* variant = nullptr;
 };

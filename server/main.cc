@@ -76,6 +76,13 @@ int main(int argc, char** argv) {
   app.add_option("--token-file", token_file,
                  "file holding the bearer token every call must carry (else $ATTND_TOKEN; neither: "
                  "no token)");
+  app.add_option("--tensor-quota-mb", options.tensor_quota_mb,
+                 "memory for resident tensors (PutTensor, keep_output), all devices together")
+      ->capture_default_str();
+  app.add_option("--tensor-ttl-s", options.tensor_ttl_s, "a resident tensor's life after its last use, by default")
+      ->capture_default_str();
+  app.add_option("--tensor-max-ttl-s", options.tensor_max_ttl_s, "the longest life a client may ask for")
+      ->capture_default_str();
   app.add_option("--metrics-listen", options.metrics_listen,
                  "serve Prometheus metrics at http://ADDRESS:PORT/metrics (default: off)");
   app.add_flag("--enable-fault-injection", options.fault_injection,

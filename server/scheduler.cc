@@ -81,6 +81,15 @@ Status Scheduler::submit(Backend backend, Job job) {
     if (!best || load < best_load) best = w.get(), best_load = load;
   }
   if (!best) return unavailable(std::string("no ") + backend_name(backend) + " device to run on");
+  return enqueue(best, std::move(job));
+}
+
+Status Scheduler::submit_to(std::size_t executor, Job job) {
+  if (executor >= workers_.size()) return internal_error("no executor " + std::to_string(executor));
+  return enqueue(workers_[executor].get(), std::move(job));
+}
+
+Status Scheduler::enqueue(Worker* best, Job job) {
   std::vector<std::pair<Worker::Entry, Status>> dropped;
   Status result = Status::Ok();
   {

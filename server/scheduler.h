@@ -32,6 +32,8 @@ class Scheduler {
 
   // Queues `job` on the least loaded device of `backend`.
   Status submit(Backend backend, Job job);
+  // Queues `job` on the i-th executor's device (where its resident data lives).
+  Status submit_to(std::size_t executor, Job job);
   // Runs the queued jobs, then stops the workers.
   void stop();
 
@@ -42,6 +44,7 @@ class Scheduler {
 
  private:
   struct Worker;
+  Status enqueue(Worker* worker, Job job);
   std::vector<std::unique_ptr<Executor>> executors_;
   std::vector<std::unique_ptr<Worker>> workers_;
   std::size_t queue_depth_;

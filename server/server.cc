@@ -11,6 +11,7 @@
 #include "health_service.h"
 #include "metrics.h"
 #include "scheduler.h"
+#include "tensor_store.h"
 
 namespace attn::server {
 namespace {
@@ -117,6 +118,17 @@ Result<std::unique_ptr<Server>> Server::start(const ServerOptions& options) {
     if (ex->target().backend == Backend::kCuda) warm_up(*ex);
   }
   s->scheduler_ = std::make_unique<Scheduler>(std::move(executors), options.queue_depth);
+  if (options.tensor_quota_mb < 0 || options.tensor_ttl_s < 1 || options.tensor_max_ttl_s < options.tensor_ttl_s) {
+    s->scheduler_->stop();
+    return invalid_argument("--tensor-quota-mb >= 0, --tensor-ttl-s >= 1 and --tensor-max-ttl-s >= --tensor-ttl-s");
+  }
+  std::vector<Executor*> devices;
+  for (const auto& ex : s->scheduler_->executors()) devices.push_back(ex.get());
+  TensorStoreOptions store_options;
+  store_options.quota_bytes = static_cast<std::size_t>(options.tensor_quota_mb) << 20;
+  store_options.default_ttl = std::chrono::seconds(options.tensor_ttl_s);
+  store_options.max_ttl = std::chrono::seconds(options.tensor_max_ttl_s);
+  s->store_ = std::make_unique<TensorStore>(std::move(devices), store_options);
 
   const std::int64_t max_bytes = options.max_message_mb * 1024 * 1024;
   ServiceConfig config;
@@ -129,6 +141,7 @@ Result<std::unique_ptr<Server>> Server::start(const ServerOptions& options) {
     if (on_fatal) on_fatal(why);
   };
   config.token = options.security.token;
+  config.store = s->store_.get();
   config.fault_injection = options.fault_injection;
   if (options.fault_injection) spdlog::warn("fault injection is on: a call can make the device fault");
   if (!options.metrics_listen.empty()) {

@@ -24,6 +24,9 @@ struct ServerOptions {
   std::string devices = "all";  // CUDA devices to own: "all" or ordinals, "0,2"
   SecurityOptions security;
   std::string metrics_listen;  // Prometheus endpoint, "127.0.0.1:9464"; empty: none
+  std::int64_t tensor_quota_mb = 8192;  // resident tensors, all devices together
+  std::int64_t tensor_ttl_s = 600;      // when PutTensor/keep_output give none
+  std::int64_t tensor_max_ttl_s = 86400;
   bool fault_injection = false;
   // Called (once, from a worker thread) when a device fault leaves the server unable to serve:
   // the process should shut down and exit non-zero so that its supervisor restarts it.
@@ -31,6 +34,7 @@ struct ServerOptions {
 };
 
 class Metrics;
+class TensorStore;
 
 class Scheduler;
 class AttnService;
@@ -58,6 +62,7 @@ class Server {
   int port_ = 0;
   std::string backend_;
   std::unique_ptr<Scheduler> scheduler_;
+  std::unique_ptr<TensorStore> store_;  // after the scheduler: its tensors go before the devices
   std::unique_ptr<AttnService> service_;
   std::unique_ptr<HealthService> health_;
   std::unique_ptr<Metrics> metrics_;

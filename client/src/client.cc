@@ -167,4 +167,95 @@ Result<v1::GetServerInfoResponse> Client::server_info() {
   return resp;
 }
 
+Result<v1::TensorInfo> Client::put_tensor(const Tensor& t, std::int64_t ttl_ms, const std::string& device,
+                                          std::size_t chunk_bytes) {
+  ATTN_RETURN_IF_ERROR(channel_status_);
+  if (chunk_bytes == 0) return invalid_argument("chunk_bytes: expected > 0");
+  auto ctx = make_context();
+  v1::PutTensorResponse resp;
+  auto writer = stub_->PutTensor(ctx.get(), &resp);
+  v1::PutTensorRequest header;
+  header.mutable_header()->set_dtype(wire::to_proto(t.dtype()));
+  header.mutable_header()->mutable_shape()->Assign(t.shape().begin(), t.shape().end());
+  header.mutable_header()->set_ttl_ms(ttl_ms);
+  header.mutable_header()->set_device(device);
+  bool ok = writer->Write(header);
+  const auto* bytes = static_cast<const char*>(t.data());
+  for (std::size_t off = 0; ok && off < t.bytes(); off += chunk_bytes) {
+    v1::PutTensorRequest chunk;
+    chunk.set_chunk(bytes + off, std::min(chunk_bytes, t.bytes() - off));
+    ok = writer->Write(chunk);
+  }
+  writer->WritesDone();
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(writer->Finish()));
+  return resp.tensor();
+}
+
+Result<Tensor> Client::get_tensor(const std::string& handle, std::size_t chunk_bytes) {
+  ATTN_RETURN_IF_ERROR(channel_status_);
+  auto ctx = make_context();
+  v1::GetTensorRequest req;
+  req.set_handle(handle);
+  req.set_chunk_bytes(static_cast<std::int64_t>(chunk_bytes));
+  auto reader = stub_->GetTensor(ctx.get(), req);
+  v1::GetTensorResponse msg;
+  Tensor out;
+  std::size_t got = 0;
+  bool have_header = false;
+  while (reader->Read(&msg)) {
+    if (msg.has_tensor()) {
+      const auto dtype = wire::from_proto(msg.tensor().dtype());
+      if (!dtype) return internal_error("GetTensor: the server sent an unknown dtype");
+      out = Tensor(*dtype, Shape(msg.tensor().shape().begin(), msg.tensor().shape().end()));
+      have_header = true;
+    } else if (have_header && got + msg.chunk().size() <= out.bytes()) {
+      std::memcpy(static_cast<char*>(out.data()) + got, msg.chunk().data(), msg.chunk().size());
+      got += msg.chunk().size();
+    } else {
+      return internal_error("GetTensor: the server sent more bytes than the shape holds");
+    }
+  }
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(reader->Finish()));
+  if (!have_header || got != out.bytes()) return internal_error("GetTensor: the stream ended early");
+  return out;
+}
+
+Result<std::int64_t> Client::delete_tensor(const std::string& handle) {
+  ATTN_RETURN_IF_ERROR(channel_status_);
+  v1::DeleteTensorRequest req;
+  req.set_handle(handle);
+  v1::DeleteTensorResponse resp;
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->DeleteTensor(make_context().get(), req, &resp)));
+  return resp.freed_bytes();
+}
+
+Result<v1::ListTensorsResponse> Client::list_tensors() {
+  ATTN_RETURN_IF_ERROR(channel_status_);
+  v1::ListTensorsResponse resp;
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->ListTensors(make_context().get(), {}, &resp)));
+  return resp;
+}
+
+v1::Tensor Client::resident(const std::string& handle) {
+  v1::Tensor t;
+  t.set_handle(handle);
+  return t;
+}
+
+Result<v1::BenchmarkResponse> Client::benchmark(const v1::BenchmarkRequest& request) {
+  ATTN_RETURN_IF_ERROR(channel_status_);
+  v1::BenchmarkResponse resp;
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->Benchmark(make_context().get(), request, &resp)));
+  return resp;
+}
+
+Result<v1::EchoResponse> Client::echo(const std::string& payload) {
+  ATTN_RETURN_IF_ERROR(channel_status_);
+  v1::EchoRequest req;
+  req.set_payload(payload);
+  v1::EchoResponse resp;
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->Echo(make_context().get(), req, &resp)));
+  return resp;
+}
+
 }  // namespace attn

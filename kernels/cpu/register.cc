@@ -4,7 +4,11 @@
 
 #include <unistd.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "attn/executor.h"
+#include "attn/hash_uniform.h"
 #include "attn/registry.h"
 #include "cpu_kernels.h"
 #include "parallel.h"
@@ -49,6 +53,28 @@ class CpuExecutor final : public Executor {
                             std::chrono::steady_clock::now() - start)
                             .count();
     return s;
+  }
+
+  MemoryKind resident_kind() const override { return MemoryKind::kHost; }
+  Result<void*> allocate(std::size_t bytes) override {
+    void* p = std::aligned_alloc(64, (std::max<std::size_t>(bytes, 1) + 63) / 64 * 64);
+    if (!p) return resource_exhausted("host memory: cannot allocate " + std::to_string(bytes) + " bytes");
+    return p;
+  }
+  void deallocate(void* p) override { std::free(p); }
+  Status write(void* dst, std::size_t offset, const void* src, std::size_t bytes) override {
+    std::memcpy(static_cast<char*>(dst) + offset, src, bytes);
+    return Status::Ok();
+  }
+  Status read(void* dst, const void* src, std::size_t offset, std::size_t bytes) override {
+    std::memcpy(dst, static_cast<const char*>(src) + offset, bytes);
+    return Status::Ok();
+  }
+  Status fill_random(void* dst, DType dtype, std::int64_t n, std::uint64_t seed) override {
+    cpu::parallel_for(n, 8, [&](std::int64_t i) {
+      store_from_float(dst, dtype, static_cast<std::size_t>(i), uniform_from_hash(seed, static_cast<std::uint64_t>(i)));
+    });
+    return Status::Ok();
   }
 
  private:

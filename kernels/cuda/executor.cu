@@ -3,10 +3,15 @@
 // cudaMalloc per call); CUDA events time the copies and the kernel.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstring>
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include "attn/executor.h"
+#include "attn/hash_uniform.h"
 #include "cuda_check.h"
 
 namespace attn {
@@ -17,6 +22,17 @@ using Clock = std::chrono::steady_clock;
 // Stops the kernel with a trap: the context is poisoned (cudaErrorLaunchFailure, sticky), as
 // after an out-of-bounds access in a real kernel.
 __global__ void trap_kernel() { asm volatile("trap;"); }
+
+template <class T>
+__global__ void fill_random_kernel(T* out, std::int64_t n, std::uint64_t seed) {
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const float f = uniform_from_hash(seed, static_cast<std::uint64_t>(i));
+    if constexpr (std::is_same_v<T, float>) out[i] = f;
+    else if constexpr (std::is_same_v<T, __half>) out[i] = __float2half_rn(f);
+    else out[i] = __float2bfloat16_rn(f);
+  }
+}
 
 std::int64_t ns_between(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(b - a).count();
@@ -35,6 +51,7 @@ class CudaExecutor final : public Executor {
     for (auto* e : events_)
       if (e) cudaEventDestroy(e);
     if (stream_) cudaStreamDestroy(stream_);
+    if (side_stream_) cudaStreamDestroy(side_stream_);
     if (staging_) cudaFreeHost(staging_);
   }
 
@@ -48,6 +65,50 @@ class CudaExecutor final : public Executor {
     return static_cast<std::int64_t>(used);
   }
 
+  // Resident memory comes from the same pool on a side stream, synchronized before it is handed
+  // out, so a store call never waits behind the worker's kernels (and never touches staging).
+  MemoryKind resident_kind() const override { return MemoryKind::kDevice; }
+  Result<void*> allocate(std::size_t bytes) override {
+    ATTN_CUDA_RETURN(cudaSetDevice(info_.ordinal));
+    void* p = nullptr;
+    ATTN_RETURN_IF_ERROR(check(cudaMallocAsync(&p, std::max<std::size_t>(bytes, 1), side_stream_),
+                               "cudaMallocAsync (resident)"));
+    ATTN_RETURN_IF_ERROR(check(cudaStreamSynchronize(side_stream_), "cudaMallocAsync (resident)"));
+    return p;
+  }
+  void deallocate(void* p) override {
+    cudaSetDevice(info_.ordinal);
+    cudaFreeAsync(p, side_stream_);
+  }
+  Status write(void* dst, std::size_t offset, const void* src, std::size_t bytes) override {
+    ATTN_CUDA_RETURN(cudaSetDevice(info_.ordinal));
+    ATTN_RETURN_IF_ERROR(check(cudaMemcpyAsync(static_cast<char*>(dst) + offset, src, bytes,
+                                               cudaMemcpyHostToDevice, side_stream_),
+                               "cudaMemcpyAsync (to a resident tensor)"));
+    return check(cudaStreamSynchronize(side_stream_), "cudaMemcpyAsync (to a resident tensor)");
+  }
+  Status read(void* dst, const void* src, std::size_t offset, std::size_t bytes) override {
+    ATTN_CUDA_RETURN(cudaSetDevice(info_.ordinal));
+    ATTN_RETURN_IF_ERROR(check(cudaMemcpyAsync(dst, static_cast<const char*>(src) + offset, bytes,
+                                               cudaMemcpyDeviceToHost, side_stream_),
+                               "cudaMemcpyAsync (from a resident tensor)"));
+    return check(cudaStreamSynchronize(side_stream_), "cudaMemcpyAsync (from a resident tensor)");
+  }
+  Status fill_random(void* dst, DType dtype, std::int64_t n, std::uint64_t seed) override {
+    ATTN_CUDA_RETURN(cudaSetDevice(info_.ordinal));
+    const int blocks = static_cast<int>(std::min<std::int64_t>((n + 255) / 256, 65535));
+    if (n > 0) {
+      if (dtype == DType::kFloat32)
+        fill_random_kernel<<<blocks, 256, 0, side_stream_>>>(static_cast<float*>(dst), n, seed);
+      else if (dtype == DType::kFloat16)
+        fill_random_kernel<<<blocks, 256, 0, side_stream_>>>(static_cast<__half*>(dst), n, seed);
+      else
+        fill_random_kernel<<<blocks, 256, 0, side_stream_>>>(static_cast<__nv_bfloat16*>(dst), n, seed);
+    }
+    ATTN_RETURN_IF_ERROR(check(cudaGetLastError(), "fill_random launch"));
+    return check(cudaStreamSynchronize(side_stream_), "fill_random");
+  }
+
   Status inject_fault() override {
     ATTN_CUDA_RETURN(cudaSetDevice(info_.ordinal));
     trap_kernel<<<1, 1, 0, stream_>>>();
@@ -58,30 +119,34 @@ class CudaExecutor final : public Executor {
   Status execute(const OpCall& call, ExecTimings& timings) override {
     if (poisoned_) return unavailable("device " + info_.label() + " faulted earlier; restart the server");
     ATTN_CUDA_RETURN(cudaSetDevice(info_.ordinal));
+    // Views in host memory go through staging; resident ones are used where they are.
+    std::vector<TensorView*> ins, outs;
     std::size_t in_bytes = 0, out_bytes = 0;
-    for (auto* v : call.inputs) in_bytes += v->bytes();
-    for (auto* v : call.outputs) out_bytes += v->bytes();
+    for (auto* v : call.inputs)
+      if (v->memory != MemoryKind::kDevice) ins.push_back(v), in_bytes += v->bytes();
+    for (auto* v : call.outputs)
+      if (v->memory != MemoryKind::kDevice) outs.push_back(v), out_bytes += v->bytes();
     ATTN_RETURN_IF_ERROR(ensure_staging(std::max(in_bytes, out_bytes)));
 
-    // Device buffers for every view, returned to the pool when this call ends.
+    // Device buffers for the staged views, returned to the pool when this call ends.
     std::vector<void*> device_ptrs;
     std::vector<void*> host_ptrs;
     struct Release {
       CudaExecutor* self;
       std::vector<void*>& ptrs;
-      const OpCall& call;
+      std::vector<TensorView*>& ins;
+      std::vector<TensorView*>& outs;
       std::vector<void*>& host;
       ~Release() {
         for (void* p : ptrs) cudaFreeAsync(p, self->stream_);
-        std::size_t i = 0;  // point the views back at host memory
-        for (auto* v : call.inputs)
-          if (i < host.size()) v->data = host[i++], v->memory = MemoryKind::kHost;
-        for (auto* v : call.outputs)
-          if (i < host.size()) v->data = host[i++], v->memory = MemoryKind::kHost;
+        std::size_t i = 0;  // point the staged views back at host memory
+        for (auto* views : {&ins, &outs})
+          for (TensorView* v : *views)
+            if (i < host.size()) v->data = host[i++], v->memory = MemoryKind::kHost;
       }
-    } release{this, device_ptrs, call, host_ptrs};
+    } release{this, device_ptrs, ins, outs, host_ptrs};
 
-    for (auto* views : {&call.inputs, &call.outputs})
+    for (auto* views : {&ins, &outs})
       for (TensorView* v : *views) {
         void* p = nullptr;
         ATTN_RETURN_IF_ERROR(check(cudaMallocAsync(&p, std::max<std::size_t>(v->bytes(), 1), stream_),
@@ -91,24 +156,22 @@ class CudaExecutor final : public Executor {
 
     const auto stage_in = Clock::now();
     std::size_t off = 0;
-    for (TensorView* v : call.inputs) {
+    for (TensorView* v : ins) {
       std::memcpy(staging_ + off, v->data, v->bytes());
       off += v->bytes();
     }
     const auto staged = Clock::now();
     ATTN_RETURN_IF_ERROR(check(cudaEventRecord(events_[0], stream_), "cudaEventRecord"));
     off = 0;
-    std::size_t i = 0;
-    for (TensorView* v : call.inputs) {
-      ATTN_RETURN_IF_ERROR(check(cudaMemcpyAsync(device_ptrs[i], staging_ + off, v->bytes(),
+    for (std::size_t i = 0; i < ins.size(); ++i) {
+      ATTN_RETURN_IF_ERROR(check(cudaMemcpyAsync(device_ptrs[i], staging_ + off, ins[i]->bytes(),
                                                  cudaMemcpyHostToDevice, stream_),
                                  "cudaMemcpyAsync (host to device)"));
-      off += v->bytes();
-      ++i;
+      off += ins[i]->bytes();
     }
     ATTN_RETURN_IF_ERROR(check(cudaEventRecord(events_[1], stream_), "cudaEventRecord"));
-    i = 0;
-    for (auto* views : {&call.inputs, &call.outputs})
+    std::size_t i = 0;
+    for (auto* views : {&ins, &outs})
       for (TensorView* v : *views) {
         host_ptrs.push_back(v->data);
         v->data = device_ptrs[i++];
@@ -125,8 +188,7 @@ class CudaExecutor final : public Executor {
     ATTN_RETURN_IF_ERROR(check(cudaGetLastError(), "kernel launch"));
     ATTN_RETURN_IF_ERROR(check(cudaEventRecord(events_[2], stream_), "cudaEventRecord"));
     off = 0;
-    for (std::size_t o = 0; o < call.outputs.size(); ++o) {
-      TensorView* v = call.outputs[o];
+    for (TensorView* v : outs) {
       ATTN_RETURN_IF_ERROR(check(cudaMemcpyAsync(staging_ + off, v->data, v->bytes(),
                                                  cudaMemcpyDeviceToHost, stream_),
                                  "cudaMemcpyAsync (device to host)"));
@@ -136,10 +198,9 @@ class CudaExecutor final : public Executor {
     ATTN_RETURN_IF_ERROR(check(cudaStreamSynchronize(stream_), "the kernel"));
     const auto unstage = Clock::now();
     off = 0;
-    for (std::size_t o = 0; o < call.outputs.size(); ++o) {
-      TensorView* v = call.outputs[o];
-      std::memcpy(host_ptrs[call.inputs.size() + o], staging_ + off, v->bytes());
-      off += v->bytes();
+    for (std::size_t o = 0; o < outs.size(); ++o) {
+      std::memcpy(host_ptrs[ins.size() + o], staging_ + off, outs[o]->bytes());
+      off += outs[o]->bytes();
     }
     const auto done = Clock::now();
 
@@ -168,6 +229,7 @@ class CudaExecutor final : public Executor {
     info_.cc_major = prop.major;
     info_.cc_minor = prop.minor;
     ATTN_CUDA_RETURN(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    ATTN_CUDA_RETURN(cudaStreamCreateWithFlags(&side_stream_, cudaStreamNonBlocking));
     for (auto*& e : events_) ATTN_CUDA_RETURN(cudaEventCreate(&e));
     // Keep freed pool memory cached for the next call instead of returning it to the driver.
     ATTN_CUDA_RETURN(cudaDeviceGetDefaultMemPool(&pool_, ordinal));
@@ -201,11 +263,12 @@ class CudaExecutor final : public Executor {
 
   DeviceInfo info_;
   cudaStream_t stream_ = nullptr;
+  cudaStream_t side_stream_ = nullptr;  // resident-memory work (the store), apart from the ops
   cudaMemPool_t pool_ = nullptr;
   cudaEvent_t events_[4] = {};
   char* staging_ = nullptr;
   std::size_t staging_bytes_ = 0;
-  bool poisoned_ = false;
+  std::atomic<bool> poisoned_{false};  // set by any thread that sees a sticky error
 };
 
 }  // namespace

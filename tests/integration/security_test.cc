@@ -128,6 +128,29 @@ std::vector<grpc::StatusCode> call_every_method(const std::string& address, cons
   codes.push_back(stub->ListKernels(ctx().get(), {}, &lk).error_code());
   v1::GetServerInfoResponse si;
   codes.push_back(stub->GetServerInfo(ctx().get(), {}, &si).error_code());
+  {
+    auto c = ctx();
+    v1::PutTensorResponse put;
+    auto writer = stub->PutTensor(c.get(), &put);
+    writer->WritesDone();
+    codes.push_back(writer->Finish().error_code());
+  }
+  {
+    auto c = ctx();
+    auto reader = stub->GetTensor(c.get(), {});
+    v1::GetTensorResponse msg;
+    while (reader->Read(&msg)) {
+    }
+    codes.push_back(reader->Finish().error_code());
+  }
+  v1::DeleteTensorResponse del;
+  codes.push_back(stub->DeleteTensor(ctx().get(), {}, &del).error_code());
+  v1::ListTensorsResponse lt;
+  codes.push_back(stub->ListTensors(ctx().get(), {}, &lt).error_code());
+  v1::BenchmarkResponse bm;
+  codes.push_back(stub->Benchmark(ctx().get(), {}, &bm).error_code());
+  v1::EchoResponse echo;
+  codes.push_back(stub->Echo(ctx().get(), {}, &echo).error_code());
   // A method added to the service must be added here too.
   EXPECT_EQ(static_cast<std::size_t>(google::protobuf::DescriptorPool::generated_pool()
                                          ->FindServiceByName("attn.v1.AttnService")

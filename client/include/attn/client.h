@@ -61,6 +61,22 @@ class Client {
   Result<v1::ListKernelsResponse> list_kernels(const std::string& op = "");
   Result<v1::GetServerInfoResponse> server_info();
 
+  // Resident tensors: stored on the server's device under a handle (streamed in chunks, so any
+  // size), read back, listed, deleted. An op takes a handle in place of an input through
+  // `resident(handle)`, and keeps its outputs on the device with keep_output (see the proto).
+  Result<v1::TensorInfo> put_tensor(const Tensor& t, std::int64_t ttl_ms = 0, const std::string& device = "",
+                                    std::size_t chunk_bytes = std::size_t{1} << 20);
+  Result<Tensor> get_tensor(const std::string& handle, std::size_t chunk_bytes = 0);
+  Result<std::int64_t> delete_tensor(const std::string& handle);
+  Result<v1::ListTensorsResponse> list_tensors();
+  // A request tensor that names a resident tensor.
+  static v1::Tensor resident(const std::string& handle);
+
+  // Times variants on the server's device with inputs made there (see BenchmarkRequest).
+  Result<v1::BenchmarkResponse> benchmark(const v1::BenchmarkRequest& request);
+  // The payload back, and the server's time in the handler.
+  Result<v1::EchoResponse> echo(const std::string& payload);
+
   // The channel, for other services on the same server (health, reflection).
   const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
   // The generated stub, for requests built by hand.

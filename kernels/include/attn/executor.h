@@ -65,8 +65,22 @@ class Executor {
   virtual ~Executor() = default;
   virtual const DeviceInfo& device() const = 0;
   virtual Target target() const = 0;
-  // Runs `call` with host views in and out. The views are restored before returning.
+  // Runs `call`. Views in host memory are copied in and out (and restored before returning);
+  // views already in this executor's resident memory (memory == resident_kind()) are used where
+  // they are, with no copy.
   virtual Status execute(const OpCall& call, ExecTimings& timings) = 0;
+
+  // Resident memory: buffers that stay on this device between calls (the server's tensor store,
+  // the Benchmark RPC's inputs). Device memory on a GPU, host memory on the CPU. Safe to call
+  // from any thread, alongside execute().
+  virtual MemoryKind resident_kind() const = 0;
+  virtual Result<void*> allocate(std::size_t bytes) = 0;
+  virtual void deallocate(void* p) = 0;
+  // host -> resident at `offset` bytes into `dst`, and resident -> host.
+  virtual Status write(void* dst, std::size_t offset, const void* src, std::size_t bytes) = 0;
+  virtual Status read(void* dst, const void* src, std::size_t offset, std::size_t bytes) = 0;
+  // Fills `n` elements at `dst` (resident) with uniform values in [-1, 1) from `seed`.
+  virtual Status fill_random(void* dst, DType dtype, std::int64_t n, std::uint64_t seed) = 0;
   // True once a fault has poisoned the device (a CUDA illegal address, say): nothing more can
   // run on it and the process must be restarted.
   virtual bool poisoned() const { return false; }

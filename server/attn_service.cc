@@ -13,6 +13,8 @@ std::int64_t ns_since(Clock::time_point t) {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t).count();
 }
 
+constexpr std::int64_t kInlineMaxFlops = 1 << 20, kInlineMaxBytes = 256 << 10;
+
 OpCost cost_of(const MatmulArgs& a) { return matmul_cost(a); }
 OpCost cost_of(const SoftmaxArgs& a) { return softmax_cost(a); }
 OpCost cost_of(const AttentionArgs& a) { return attention_cost(a); }
@@ -113,6 +115,21 @@ grpc::ServerUnaryReactor* AttnService::run(grpc::CallbackServerContext* ctx, con
     finish(reactor, ctx, op, variant, Status::Ok(), timings, bytes_in, resp->ByteSizeLong());
   };
   const int pinned = prepared_op->executor;
+  // A tiny op on the CPU runs right here when the CPU is idle: handing it to the worker thread
+  // (a queue push and a wake-up, ~20 us) would cost more than the op itself.
+  if (prepared_op->variant->info.backend == Backend::kCpu) {
+    const OpCost c = cost_of(prepared_op->args);
+    if (c.flops <= kInlineMaxFlops && c.bytes <= kInlineMaxBytes) {
+      const auto& executors = scheduler_.executors();
+      for (std::size_t i = 0; i < executors.size(); ++i) {
+        const bool here = pinned < 0 ? executors[i]->target().backend == Backend::kCpu : static_cast<int>(i) == pinned;
+        if (here && scheduler_.load(i) == 0) {
+          job.run(*executors[i], 0);
+          return reactor;
+        }
+      }
+    }
+  }
   const Status queued = pinned >= 0 ? scheduler_.submit_to(static_cast<std::size_t>(pinned), std::move(job))
                                     : scheduler_.submit(prepared_op->variant->info.backend, std::move(job));
   if (!queued.ok()) finish(reactor, ctx, op, variant, queued, nullptr, bytes_in, 0);

@@ -8,6 +8,7 @@
 #include <random>
 #include <sstream>
 
+#include "bench_rpc.h"
 #include "attn/client.h"
 #include "attn/npy.h"
 #include "attn/wire.h"
@@ -199,6 +200,33 @@ int main(int argc, char** argv) {
   attention->add_option("--kv-len", kv_len, "with --random: key/value length (default Sq)");
   attention->add_option("--lse-out", lse_out, "also write the log-sum-exp [B,Hq,Sq] here (.npy)");
 
+  attn::cli::BenchRpcOptions brpc;
+  auto* bench_rpc = app.add_subcommand("bench-rpc", "load generator: concurrent clients, latency percentiles, "
+                                                    "the server's breakdown, and a gRPC echo baseline");
+  bench_rpc->add_option("--clients", brpc.clients, "concurrent clients")->capture_default_str();
+  bench_rpc->add_option("--seconds", brpc.seconds, "how long to call")->capture_default_str();
+  bench_rpc->add_option("--mix", brpc.mix, "ops and input shapes: softmax:1,1 matmul:M,K,N attention:B,H,S,D")
+      ->capture_default_str();
+  bench_rpc->add_option("--dtype", brpc.dtype, "float32, float16 or bfloat16")->capture_default_str();
+  bench_rpc->add_flag("--resident", brpc.resident, "put the inputs once and keep outputs on the device");
+  bench_rpc->add_flag("--causal", brpc.causal, "attention entries are causal");
+  bench_rpc->add_option("--json-out", brpc.json_path, "also write the results as JSON here");
+
+  std::string bm_op, bm_shape, bm_dtype = "bfloat16";
+  std::vector<std::string> bm_kernels;
+  std::int64_t bm_kv_heads = 0, bm_kv_len = 0;
+  int bm_iterations = 0;
+  bool bm_causal = false;
+  auto* benchmark = app.add_subcommand("benchmark", "time variants on the server's device (Benchmark RPC)");
+  benchmark->add_option("op", bm_op, "matmul, softmax or attention")->required();
+  benchmark->add_option("shape", bm_shape, "M,K,N | ROWS,COLS | B,Hq,Sq,D")->required();
+  benchmark->add_option("--dtype", bm_dtype, "float32, float16 or bfloat16")->capture_default_str();
+  benchmark->add_option("--kernel", bm_kernels, "variants to time (default: all that fit)");
+  benchmark->add_option("--kv-heads", bm_kv_heads, "attention: key/value heads (default Hq)");
+  benchmark->add_option("--kv-len", bm_kv_len, "attention: key/value length (default Sq)");
+  benchmark->add_flag("--causal", bm_causal, "attention: causal");
+  benchmark->add_option("--iterations", bm_iterations, "timed runs per variant (default 20)");
+
   CLI11_PARSE(app, argc, argv);
   options.timeout = std::chrono::milliseconds(c.timeout_ms);
   options.tls |= !options.tls_ca_file.empty() || !options.tls_cert_file.empty() || !options.tls_server_name.empty();
@@ -210,6 +238,41 @@ int main(int argc, char** argv) {
   json_opts.add_whitespace = true;
   json_opts.preserve_proto_field_names = true;
 
+  if (bench_rpc->parsed()) {
+    brpc.server = c.server;
+    return attn::cli::run_bench_rpc(brpc, options);
+  }
+  if (benchmark->parsed()) {
+    attn::v1::BenchmarkRequest req;
+    req.set_op(bm_op);
+    auto dt = attn::parse_dtype(bm_dtype);
+    if (!dt) return fail(attn::invalid_argument("--dtype: expected float32, float16 or bfloat16"));
+    req.set_dtype(attn::wire::to_proto(*dt));
+    auto shape = parse_shape(bm_shape, "shape");
+    if (!shape.ok()) return fail(shape.status());
+    for (auto d : *shape) req.add_shape(d);
+    req.set_kv_heads(bm_kv_heads);
+    req.set_kv_len(bm_kv_len);
+    req.set_causal(bm_causal);
+    req.set_iterations(bm_iterations);
+    for (const auto& k : bm_kernels) req.add_kernels(k);
+    auto r = client.benchmark(req);
+    if (!r.ok()) return std::cerr << "attn: " << r.status().to_string() << "\n", 1;
+    if (c.json) {
+      std::string s;
+      (void)google::protobuf::util::MessageToJsonString(*r, &s, json_opts);
+      std::cout << s;
+      return 0;
+    }
+    std::printf("%-28s %-24s %11s %11s %11s %10s %10s %8s %s\n", "variant", "device", "median", "p10", "p90",
+                "TFLOP/s", "GB/s", "error", "");
+    for (const auto& x : r->results())
+      std::printf("%-28s %-24s %11s %11s %11s %10.2f %10.1f %8.1e %s\n", x.kernel().c_str(),
+                  x.device().substr(0, 24).c_str(), format_ns(x.median_ns()).c_str(), format_ns(x.p10_ns()).c_str(),
+                  format_ns(x.p90_ns()).c_str(), x.tflops(), x.gbps(), x.error(),
+                  x.correct() ? "ok" : ("WRONG " + x.message()).c_str());
+    return 0;
+  }
   if (info->parsed()) {
     auto r = client.server_info();
     if (!r.ok()) return std::cerr << "attn: " << r.status().to_string() << "\n", 1;

@@ -21,9 +21,10 @@ using ::testing::HasSubstr;
 using testing::random_tensor;
 using Clock = std::chrono::steady_clock;
 
-// A matmul that keeps the server busy for about a second.
+// A matmul that keeps the server busy for about two seconds (calibrated while other tests may
+// load the machine, so it may run several times faster; the tests need only a few hundred ms).
 struct SlowMatmul {
-  explicit SlowMatmul(Client& client) : n(testing::calibrated_matmul_size(client, 1.0)) {}
+  explicit SlowMatmul(Client& client) : n(testing::calibrated_matmul_size(client, 2.0)) {}
   std::int64_t n;
   std::mt19937_64 rng{testing::seed()};
   Tensor a = random_tensor(DType::kFloat32, {n, n}, rng);

@@ -1,0 +1,258 @@
+#include "bench_rpc.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <random>
+#include <sstream>
+#include <thread>
+
+#include "attn/wire.h"
+
+namespace attn::cli {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct Entry {
+  std::string op;
+  Shape shape;
+  std::vector<Tensor> inputs;  // a, b / x / q, k, v
+  std::vector<std::string> handles;
+  std::size_t request_bytes = 0;
+};
+
+struct Sample {
+  std::int64_t latency_ns = 0;
+  v1::Timings timings;
+  std::int64_t echo_server_ns = 0;
+};
+
+struct Stats {
+  std::vector<Sample> samples;
+  std::map<std::string, long> errors;
+};
+
+Result<Entry> parse_entry(const std::string& spec, DType dtype, std::mt19937_64& rng) {
+  const auto colon = spec.find(':');
+  if (colon == std::string::npos) return invalid_argument("--mix: expected op:dims, got \"" + spec + "\"");
+  Entry e;
+  e.op = spec.substr(0, colon);
+  std::stringstream ss(spec.substr(colon + 1));
+  for (std::string d; std::getline(ss, d, ',');) e.shape.push_back(std::stoll(d));
+  auto random = [&](const Shape& s) {
+    Tensor t(dtype, s);
+    std::normal_distribution<float> dist(0.0f, 1.0f);
+    for (std::size_t i = 0; i < static_cast<std::size_t>(t.numel()); ++i) t.set(i, dist(rng));
+    return t;
+  };
+  if (e.op == "softmax") {
+    e.inputs.push_back(random(e.shape));
+  } else if (e.op == "matmul" && e.shape.size() == 3) {
+    e.inputs.push_back(random({e.shape[0], e.shape[1]}));
+    e.inputs.push_back(random({e.shape[1], e.shape[2]}));
+  } else if (e.op == "attention" && e.shape.size() == 4) {
+    for (int i = 0; i < 3; ++i) e.inputs.push_back(random(e.shape));
+  } else {
+    return invalid_argument("--mix: expected softmax:SHAPE, matmul:M,K,N or attention:B,H,S,D, got \"" + spec + "\"");
+  }
+  for (const auto& t : e.inputs) e.request_bytes += t.bytes();
+  return e;
+}
+
+v1::Tensor tensor_or_handle(const Entry& e, std::size_t i) {
+  if (!e.handles.empty()) return Client::resident(e.handles[i]);
+  v1::Tensor t;
+  wire::encode_tensor(e.inputs[i].view(), &t);
+  return t;
+}
+
+// One call of `e`; returns the gRPC status and fills the sample. Kept outputs are deleted after
+// the timing.
+grpc::Status call(Client& client, const Entry& e, bool causal, Sample& s) {
+  auto ctx = client.make_context();
+  const bool keep = !e.handles.empty();
+  grpc::Status status;
+  std::vector<std::string> kept;
+  const auto start = Clock::now();
+  if (e.op == "softmax") {
+    v1::SoftmaxRequest req;
+    *req.mutable_x() = tensor_or_handle(e, 0);
+    req.set_keep_output(keep);
+    v1::SoftmaxResponse resp;
+    status = client.stub().Softmax(ctx.get(), req, &resp);
+    s.timings = resp.timings();
+    if (keep) kept.push_back(resp.y().handle());
+  } else if (e.op == "matmul") {
+    v1::MatmulRequest req;
+    *req.mutable_a() = tensor_or_handle(e, 0);
+    *req.mutable_b() = tensor_or_handle(e, 1);
+    req.set_keep_output(keep);
+    v1::MatmulResponse resp;
+    status = client.stub().Matmul(ctx.get(), req, &resp);
+    s.timings = resp.timings();
+    if (keep) kept.push_back(resp.c().handle());
+  } else {
+    v1::AttentionRequest req;
+    *req.mutable_q() = tensor_or_handle(e, 0);
+    *req.mutable_k() = tensor_or_handle(e, 1);
+    *req.mutable_v() = tensor_or_handle(e, 2);
+    req.set_causal(causal);
+    req.set_keep_output(keep);
+    v1::AttentionResponse resp;
+    status = client.stub().Attention(ctx.get(), req, &resp);
+    s.timings = resp.timings();
+    if (keep) kept.push_back(resp.o().handle());
+  }
+  s.latency_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start).count();
+  for (const auto& h : kept)
+    if (status.ok() && !h.empty()) (void)client.delete_tensor(h);
+  return status;
+}
+
+std::int64_t pct(std::vector<std::int64_t> v, double q) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[static_cast<std::size_t>(q * static_cast<double>(v.size() - 1) + 0.5)];
+}
+
+double mean(const std::vector<std::int64_t>& v) {
+  double s = 0;
+  for (auto x : v) s += static_cast<double>(x);
+  return v.empty() ? 0 : s / static_cast<double>(v.size());
+}
+
+// Runs `fn(client, entry index, sample) -> status` from `clients` threads for `seconds`.
+template <class Fn>
+std::vector<Stats> load(const std::string& server, const ClientOptions& opts, int clients, double seconds,
+                        std::size_t entries, Fn fn) {
+  std::vector<Stats> stats(entries);
+  std::mutex mu;
+  std::vector<std::thread> threads;
+  const auto until = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+  for (int c = 0; c < clients; ++c)
+    threads.emplace_back([&, c] {
+      Client client(server, opts);
+      std::vector<Stats> local(entries);
+      for (std::size_t i = static_cast<std::size_t>(c); Clock::now() < until; ++i) {
+        const std::size_t e = i % entries;
+        Sample s;
+        const grpc::Status status = fn(client, e, s);
+        if (status.ok()) local[e].samples.push_back(s);
+        else ++local[e].errors[std::to_string(static_cast<int>(status.error_code()))];
+      }
+      std::lock_guard lock(mu);
+      for (std::size_t e = 0; e < entries; ++e) {
+        stats[e].samples.insert(stats[e].samples.end(), local[e].samples.begin(), local[e].samples.end());
+        for (auto& [k, n] : local[e].errors) stats[e].errors[k] += n;
+      }
+    });
+  for (auto& t : threads) t.join();
+  return stats;
+}
+
+}  // namespace
+
+int run_bench_rpc(const BenchRpcOptions& o, const ClientOptions& client_options) {
+  auto dtype = parse_dtype(o.dtype);
+  if (!dtype) {
+    std::fprintf(stderr, "attn: --dtype: expected float32, float16 or bfloat16, got \"%s\"\n", o.dtype.c_str());
+    return 2;
+  }
+  std::mt19937_64 rng(1);
+  std::vector<Entry> entries;
+  for (const auto& spec : o.mix) {
+    auto e = parse_entry(spec, *dtype, rng);
+    if (!e.ok()) {
+      std::fprintf(stderr, "attn: %s\n", e.status().message().c_str());
+      return 2;
+    }
+    entries.push_back(std::move(e).value());
+  }
+  Client setup(o.server, client_options);
+  if (o.resident)
+    for (auto& e : entries)
+      for (const auto& t : e.inputs) {
+        auto info = setup.put_tensor(t);
+        if (!info.ok()) {
+          std::fprintf(stderr, "attn: PutTensor: %s\n", info.status().to_string().c_str());
+          return 1;
+        }
+        e.handles.push_back(info->handle());
+      }
+
+  auto ops = load(o.server, client_options, o.clients, o.seconds, entries.size(),
+                  [&](Client& c, std::size_t i, Sample& s) { return call(c, entries[i], o.causal, s); });
+  // The transport baseline: the same payload sizes echoed (a resident run sends no payload).
+  std::vector<std::string> payloads;
+  for (const auto& e : entries) payloads.emplace_back(o.resident ? 0 : e.request_bytes, 'x');
+  auto echoes = load(o.server, client_options, o.clients, std::max(1.0, o.seconds / 2), entries.size(),
+                     [&](Client& c, std::size_t i, Sample& s) {
+                       auto ctx = c.make_context();
+                       v1::EchoRequest req;
+                       req.set_payload(payloads[i]);
+                       v1::EchoResponse resp;
+                       const auto start = Clock::now();
+                       grpc::Status st = c.stub().Echo(ctx.get(), req, &resp);
+                       s.latency_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start).count();
+                       s.echo_server_ns = resp.server_ns();
+                       return st;
+                     });
+  if (o.resident)
+    for (auto& e : entries)
+      for (const auto& h : e.handles) (void)setup.delete_tensor(h);
+
+  std::ostringstream json;
+  json << "{\"clients\": " << o.clients << ", \"seconds\": " << o.seconds << ", \"resident\": "
+       << (o.resident ? "true" : "false") << ", \"dtype\": \"" << o.dtype << "\", \"entries\": [";
+  std::printf("%d clients, %.0f s, %s%s\n", o.clients, o.seconds, o.dtype.c_str(), o.resident ? ", resident inputs" : "");
+  std::printf("%-28s %9s %8s | %9s %9s %9s | %9s %9s %9s %9s | %9s %9s | %6s %6s %6s\n", "op", "payload", "calls/s",
+              "p50", "p90", "p99", "queue", "copy", "kernel", "total", "echo p50", "echo srv", "p50/e", "out/e", "kern%");
+  for (std::size_t i = 0; i < entries.size(); ++i) {
+    std::vector<std::int64_t> lat, queue, copy, kernel, total, outside, elat, esrv;
+    for (const auto& s : ops[i].samples) {
+      lat.push_back(s.latency_ns);
+      queue.push_back(s.timings.queue_ns());
+      copy.push_back(s.timings.h2d_ns() + s.timings.d2h_ns());
+      kernel.push_back(s.timings.kernel_ns());
+      total.push_back(s.timings.total_ns());
+      outside.push_back(s.timings.total_ns() - s.timings.kernel_ns());
+    }
+    for (const auto& s : echoes[i].samples) elat.push_back(s.latency_ns), esrv.push_back(s.echo_server_ns);
+    const double rate = static_cast<double>(ops[i].samples.size()) / o.seconds;
+    const double p50_ratio = pct(elat, 0.5) ? static_cast<double>(pct(lat, 0.5)) / static_cast<double>(pct(elat, 0.5)) : 0;
+    const double outside_ratio = mean(esrv) > 0 ? mean(outside) / mean(esrv) : 0;
+    const double kernel_share = mean(total) > 0 ? mean(kernel) / mean(total) : 0;
+    auto us = [](double ns) { return ns / 1e3; };
+    std::printf("%-28s %9zu %8.0f | %8.1fu %8.1fu %8.1fu | %8.1fu %8.1fu %8.1fu %8.1fu | %8.1fu %8.1fu | %6.2f %6.2f %5.1f%%\n",
+                o.mix[i].c_str(), entries[i].request_bytes, rate, us(pct(lat, 0.5)), us(pct(lat, 0.9)),
+                us(pct(lat, 0.99)), us(mean(queue)), us(mean(copy)), us(mean(kernel)), us(mean(total)),
+                us(pct(elat, 0.5)), us(mean(esrv)), p50_ratio, outside_ratio, 100 * kernel_share);
+    for (const auto& [code, n] : ops[i].errors) std::printf("  errors with gRPC code %s: %ld\n", code.c_str(), n);
+    json << (i ? ", " : "") << "{\"op\": \"" << o.mix[i] << "\", \"payload_bytes\": " << entries[i].request_bytes
+         << ", \"calls\": " << ops[i].samples.size() << ", \"calls_per_s\": " << rate
+         << ", \"p50_ns\": " << pct(lat, 0.5) << ", \"p90_ns\": " << pct(lat, 0.9) << ", \"p99_ns\": " << pct(lat, 0.99)
+         << ", \"mean_queue_ns\": " << mean(queue) << ", \"mean_copy_ns\": " << mean(copy)
+         << ", \"mean_kernel_ns\": " << mean(kernel) << ", \"mean_total_ns\": " << mean(total)
+         << ", \"mean_outside_kernel_ns\": " << mean(outside) << ", \"echo_p50_ns\": " << pct(elat, 0.5)
+         << ", \"echo_p90_ns\": " << pct(elat, 0.9) << ", \"echo_p99_ns\": " << pct(elat, 0.99)
+         << ", \"echo_mean_server_ns\": " << mean(esrv) << ", \"p50_over_echo_p50\": " << p50_ratio
+         << ", \"outside_kernel_over_echo_server\": " << outside_ratio << ", \"kernel_share_of_server_time\": "
+         << kernel_share << ", \"errors\": " << [&] {
+              long n = 0;
+              for (const auto& [c, k] : ops[i].errors) n += k;
+              return n;
+            }() << "}";
+  }
+  json << "]}\n";
+  std::printf("p50/e: the op's p50 latency over the echo's; out/e: the server's time outside the kernel over "
+              "the echo handler's; kern%%: kernel share of the server's time\n");
+  if (!o.json_path.empty()) std::ofstream(o.json_path) << json.str();
+  return 0;
+}
+
+}  // namespace attn::cli

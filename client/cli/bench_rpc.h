@@ -1,0 +1,27 @@
+// `attn bench-rpc`: a load generator. N concurrent clients call a mix of ops for a duration and
+// report throughput, client-side latency percentiles and the server's own breakdown; then the
+// same clients echo payloads of the same sizes (the transport baseline) for comparison.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "attn/client.h"
+
+namespace attn::cli {
+
+struct BenchRpcOptions {
+  std::string server;
+  int clients = 8;
+  double seconds = 5;
+  // "softmax:1,1", "matmul:256,256,256", "attention:1,8,1024,64": the op and its input shape.
+  std::vector<std::string> mix = {"softmax:1,1"};
+  std::string dtype = "float32";
+  bool resident = false;   // inputs put once as resident tensors, outputs kept (and deleted)
+  bool causal = false;     // attention entries
+  std::string json_path;   // also write the results here
+};
+
+int run_bench_rpc(const BenchRpcOptions& options, const ClientOptions& client_options);
+
+}  // namespace attn::cli

@@ -7,11 +7,8 @@
 //   registers: the accumulator layout of S is the A-operand layout of the next mma.
 // - K/V tiles are double-buffered with cp.async: tile j+1 is in flight while tile j is computed.
 // - Shared memory rows are XOR-swizzled in 16-byte chunks, so ldmatrix reads hit 8 banks apart.
-// - exp2 with the scale folded in (one FFMA and one MUFU.EX2 per score, ex2.approx.ftz); the
-//   mask is applied only on tiles that cross a row's last visible key (the diagonal under causal,
-//   the ragged end otherwise); O is rescaled only when a row's running max moved, which after the
-//   first tiles is rare. Causal tiles past the diagonal are skipped, and the query tiles are
-//   scheduled heaviest first.
+// - exp2 with the scale folded in; causal tiles past the diagonal are skipped, and the query
+//   tiles are scheduled heaviest first.
 // Head dims 64 and 128.
 #include "attention_common.cuh"
 #include "attention_rungs.h"
@@ -24,13 +21,6 @@ namespace {
 template <int D>
 __device__ __forceinline__ int swizzled(int row, int chunk) {
   return row * D + ((chunk ^ (row & 7)) << 3);
-}
-
-// 2^x on the SFU, flushing denormals: within bf16/fp16 rounding of exp2f at a fraction of its cost.
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
 }
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
@@ -98,9 +88,7 @@ __device__ __forceinline__ void load_tile(T* tile, const T* head, int row0, int 
 // kMT: 16-row m-tiles per warp. With 2, every K and V fragment read from shared memory feeds
 // two mma instead of one and each warp has two independent chains in flight; Q is then re-read
 // from shared memory per k-step instead of held in registers, to stay within 255 registers.
-// kNegScale: the scale is negative, so scores are negated once at the mask pass and the softmax
-// runs on |scale| (the max of the scaled scores is then the max of the negated raw ones).
-template <class T, int D, int kWarps, int kMT, int kBN, bool kNegScale>
+template <class T, int D, int kWarps, int kMT, int kBN>
 __global__ void __launch_bounds__(kWarps * 32) flash_mma_kernel(AttentionProblem p) {
   constexpr int kThreads = kWarps * 32, kBlockM = 16 * kMT * kWarps;
   constexpr bool kQInRegs = kMT == 1;
@@ -194,12 +182,7 @@ __global__ void __launch_bounds__(kWarps * 32) flash_mma_kernel(AttentionProblem
       }
     }
 
-    // The online softmax of rows g and g + 8 of each m-tile, on raw scores: m is kept in raw
-    // units and p = 2^(s * scale_log2 - m * scale_log2) is one FFMA and one MUFU.
-    bool crosses = false;  // does this tile pass some row's last visible key?
-#pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) crosses |= j0 + kBN > min(visible[mt][0], visible[mt][1]);
-    const bool mask = __any_sync(0xffffffffu, crosses);  // warp-uniform
+    // Scale into log2 units, mask, and the online softmax of rows g and g + 8 of each m-tile.
     unsigned pf[kMT][kBN / 16][4];
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
@@ -208,44 +191,38 @@ __global__ void __launch_bounds__(kWarps * 32) flash_mma_kernel(AttentionProblem
       for (int n = 0; n < kBN / 8; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int r = e / 2;
-          if constexpr (kNegScale) s[mt][n][e] = -s[mt][n][e];
-          if (mask && j0 + n * 8 + t4 * 2 + (e % 2) >= visible[mt][r]) s[mt][n][e] = -INFINITY;
+          const int r = e / 2, j = j0 + n * 8 + t4 * 2 + (e % 2);
+          s[mt][n][e] = j < visible[mt][r] ? s[mt][n][e] * p.scale_log2 : -INFINITY;
           tile_max[r] = fmaxf(tile_max[r], s[mt][n][e]);
         }
-      float scale_o[2], m_scaled[2];
+      float scale_o[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
         tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
         const float m_new = fmaxf(m[mt][r], tile_max[r]);
         const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing visible yet
-        scale_o[r] = m[mt][r] == m_new ? 1.0f : fast_exp2((m[mt][r] - m_use) * p.scale_log2);
+        scale_o[r] = exp2f(m[mt][r] - m_use);
         l[mt][r] *= scale_o[r];
         m[mt][r] = m_new;
-        m_scaled[r] = m_use * p.scale_log2;
+        tile_max[r] = m_use;
       }
 #pragma unroll
       for (int n = 0; n < kBN / 8; ++n) {
-        const float p0 = fast_exp2(fmaf(s[mt][n][0], p.scale_log2, -m_scaled[0]));
-        const float p1 = fast_exp2(fmaf(s[mt][n][1], p.scale_log2, -m_scaled[0]));
-        const float p2 = fast_exp2(fmaf(s[mt][n][2], p.scale_log2, -m_scaled[1]));
-        const float p3 = fast_exp2(fmaf(s[mt][n][3], p.scale_log2, -m_scaled[1]));
+        const float p0 = exp2f(s[mt][n][0] - tile_max[0]), p1 = exp2f(s[mt][n][1] - tile_max[0]);
+        const float p2 = exp2f(s[mt][n][2] - tile_max[1]), p3 = exp2f(s[mt][n][3] - tile_max[1]);
         l[mt][0] += p0 + p1;
         l[mt][1] += p2 + p3;
         // Two n-tiles of S make one k-step of P: [keys 0-7 | keys 8-15] of a 16-key step.
         pf[mt][n / 2][(n % 2) * 2 + 0] = pack<T>(p0, p1);
         pf[mt][n / 2][(n % 2) * 2 + 1] = pack<T>(p2, p3);
       }
-      // Rescale O only when some row of this warp's m-tile has a new max (warp-uniform).
-      if (__any_sync(0xffffffffu, scale_o[0] != 1.0f || scale_o[1] != 1.0f)) {
 #pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-          o[mt][n][0] *= scale_o[0];
-          o[mt][n][1] *= scale_o[0];
-          o[mt][n][2] *= scale_o[1];
-          o[mt][n][3] *= scale_o[1];
-        }
+      for (int n = 0; n < D / 8; ++n) {
+        o[mt][n][0] *= scale_o[0];
+        o[mt][n][1] *= scale_o[0];
+        o[mt][n][2] *= scale_o[1];
+        o[mt][n][3] *= scale_o[1];
       }
     }
 #pragma unroll
@@ -281,33 +258,22 @@ __global__ void __launch_bounds__(kWarps * 32) flash_mma_kernel(AttentionProblem
         *reinterpret_cast<unsigned*>(orow + n * 8 + t4 * 2) =
             pack<T>(o[mt][n][2 * r] * inv, o[mt][n][2 * r + 1] * inv);
       if (p.lse && t4 == 0) {
-        // m is in raw (negated, for a negative scale) units: back to natural-log units.
         p.lse[(static_cast<long long>(b) * p.heads_q + h) * p.len_q + rows[mt][r]] =
-            lr > 0.0f ? (m[mt][r] * p.scale_log2 + log2f(lr)) * 0.6931471805599453f : -INFINITY;
+            lr > 0.0f ? (m[mt][r] + log2f(lr)) * 0.6931471805599453f : -INFINITY;
       }
     }
-}
-
-template <class Kernel>
-cudaError_t launch_kernel(Kernel kernel, const AttentionProblem& p, int block_m, int warps, int smem,
-                          cudaStream_t s) {
-  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (e != cudaSuccess) return e;
-  const dim3 grid((p.len_q + block_m - 1) / block_m, p.batch * p.heads_q);
-  kernel<<<grid, warps * 32, smem, s>>>(p);
-  return cudaGetLastError();
 }
 
 template <class T, int D, int kWarps, int kMT, int kBN>
 cudaError_t launch_with(const AttentionProblem& p, cudaStream_t s) {
   constexpr int kBlockM = 16 * kMT * kWarps;
   constexpr int kSmem = (kBlockM + 4 * kBN) * D * static_cast<int>(sizeof(T));
-  if (p.scale_log2 < 0.0f) {
-    AttentionProblem positive = p;
-    positive.scale_log2 = -p.scale_log2;
-    return launch_kernel(flash_mma_kernel<T, D, kWarps, kMT, kBN, true>, positive, kBlockM, kWarps, kSmem, s);
-  }
-  return launch_kernel(flash_mma_kernel<T, D, kWarps, kMT, kBN, false>, p, kBlockM, kWarps, kSmem, s);
+  auto kernel = flash_mma_kernel<T, D, kWarps, kMT, kBN>;
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (e != cudaSuccess) return e;
+  const dim3 grid((p.len_q + kBlockM - 1) / kBlockM, p.batch * p.heads_q);
+  kernel<<<grid, kWarps * 32, kSmem, s>>>(p);
+  return cudaGetLastError();
 }
 
 // 4 warps x 2 m-tiles (128 query rows) x 64-key tiles: measured best on the H100 of three

@@ -13,8 +13,6 @@ std::int64_t ns_since(Clock::time_point t) {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t).count();
 }
 
-constexpr std::int64_t kInlineMaxFlops = 1 << 20, kInlineMaxBytes = 256 << 10;
-
 OpCost cost_of(const MatmulArgs& a) { return matmul_cost(a); }
 OpCost cost_of(const SoftmaxArgs& a) { return softmax_cost(a); }
 OpCost cost_of(const AttentionArgs& a) { return attention_cost(a); }
@@ -118,8 +116,7 @@ grpc::ServerUnaryReactor* AttnService::run(grpc::CallbackServerContext* ctx, con
   // A tiny op on the CPU runs right here when the CPU is idle: handing it to the worker thread
   // (a queue push and a wake-up, ~20 us) would cost more than the op itself.
   if (prepared_op->variant->info.backend == Backend::kCpu) {
-    const OpCost c = cost_of(prepared_op->args);
-    if (c.flops <= kInlineMaxFlops && c.bytes <= kInlineMaxBytes) {
+    if (tiny(cost_of(prepared_op->args))) {
       const auto& executors = scheduler_.executors();
       for (std::size_t i = 0; i < executors.size(); ++i) {
         const bool here = pinned < 0 ? executors[i]->target().backend == Backend::kCpu : static_cast<int>(i) == pinned;
@@ -220,6 +217,7 @@ grpc::ServerUnaryReactor* AttnService::GetServerInfo(grpc::CallbackServerContext
   resp->set_backend(backend_name(decode_.targets.front().backend));
   for (const auto& ex : scheduler_.executors()) {
     const DeviceInfo& d = ex->device();
+    if (d.stream > 0) continue;  // a GPU's further streams are the same device
     v1::DeviceInfo* out = resp->add_devices();
     out->set_name(d.name);
     out->set_backend(backend_name(d.backend));

@@ -1,5 +1,6 @@
 #include "decode.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace attn::server {
@@ -100,11 +101,19 @@ Status check_output(const Shape& shape, const char* field, const DecodeContext& 
 
 // The requested variant, or the best one, on the first target that can take the arguments. The
 // refusal reported is the primary target's, the one the client most likely meant.
+OpCost cost_of(const MatmulArgs& a) { return matmul_cost(a); }
+OpCost cost_of(const SoftmaxArgs& a) { return softmax_cost(a); }
+OpCost cost_of(const AttentionArgs& a) { return attention_cost(a); }
+
 template <class Args>
 Result<const Variant<Args>*> select(const OpRegistry<Args>& registry, const Args& args,
                                     const std::string& requested, const DecodeContext& ctx) {
+  std::vector<Target> order = ctx.targets;
+  if (requested.empty() && tiny(cost_of(args))) {  // outputs are not set yet: inputs' bytes only
+    std::stable_partition(order.begin(), order.end(), [](const Target& t) { return t.backend == Backend::kCpu; });
+  }
   Status first;
-  for (const Target& target : ctx.targets) {
+  for (const Target& target : order) {
     auto picked = registry.select(args, requested, target);
     if (picked.ok()) return picked;
     if (first.ok()) first = picked.status();

@@ -23,6 +23,13 @@ struct DecodeContext {
   std::vector<Target> executor_targets;
 };
 
+// A tiny op costs less than a GPU round trip (copies, a launch, a sync: ~30 us) or a hand-off to
+// a worker thread (~20 us): with no variant named it runs on the CPU, on the gRPC thread when the
+// CPU is idle.
+inline constexpr std::int64_t kTinyOpMaxFlops = 1 << 20;
+inline constexpr std::int64_t kTinyOpMaxBytes = 256 << 10;
+inline bool tiny(const OpCost& c) { return c.flops <= kTinyOpMaxFlops && c.bytes <= kTinyOpMaxBytes; }
+
 // Whether `info` can run on one of the context's targets.
 bool available(const VariantInfo& info, const DecodeContext& ctx);
 

@@ -58,6 +58,11 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--devices", options.devices, "CUDA devices to serve on: all, or ordinals like 0,1")
       ->capture_default_str();
+  app.add_option("--streams-per-device", options.streams_per_device,
+                 "workers per GPU, each with its own stream and queue: one call's copies overlap "
+                 "another's kernel")
+      ->check(CLI::Range(1, 8))
+      ->capture_default_str();
   app.add_option("--max-message-mb", options.max_message_mb, "largest request or response, MiB")
       ->check(CLI::Range(1, 2047))
       ->capture_default_str();

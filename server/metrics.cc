@@ -55,7 +55,7 @@ class DeviceCollector final : public prometheus::Collectable {
     for (std::size_t i = 0; i < executors.size(); ++i) {
       const std::string device = executors[i]->device().label();
       prometheus::ClientMetric m;
-      m.label = {{"device", device}};
+      m.label = {{"device", device}, {"stream", std::to_string(executors[i]->device().stream)}};
       m.gauge.value = static_cast<double>(scheduler_.load(i));
       load.metric.push_back(m);
       if (executors[i]->target().backend == Backend::kCuda) {

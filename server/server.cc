@@ -34,14 +34,14 @@ Result<std::vector<int>> parse_devices(const std::string& devices) {
 }
 
 Result<std::vector<std::unique_ptr<Executor>>> choose_executors(const std::string& backend,
-                                                                const std::string& devices) {
+                                                                const std::string& devices, int streams) {
   std::vector<std::unique_ptr<Executor>> cpu;
   ATTN_ASSIGN_OR_RETURN(ordinals, parse_devices(devices));
   if (backend == "cpu") {
     cpu.push_back(make_cpu_executor());
     return cpu;
   }
-  auto cuda = make_cuda_executors(ordinals);
+  auto cuda = make_cuda_executors(ordinals, streams);
   if (!ordinals.empty() && !cuda.ok() && cuda.status().code() == StatusCode::kNotFound) {
     return invalid_argument("--devices: " + cuda.status().message());
   }
@@ -104,14 +104,18 @@ Result<std::unique_ptr<Server>> Server::start(const ServerOptions& options) {
                             std::to_string(options.max_message_mb));
   }
   if (options.queue_depth < 1) return invalid_argument("--queue-depth: expected >= 1, got 0");
-  ATTN_ASSIGN_OR_RETURN(executors, choose_executors(options.backend, options.devices));
+  if (options.streams_per_device < 1 || options.streams_per_device > 8) {
+    return invalid_argument("--streams-per-device: expected 1..8, got " + std::to_string(options.streams_per_device));
+  }
+  ATTN_ASSIGN_OR_RETURN(executors, choose_executors(options.backend, options.devices, options.streams_per_device));
   ATTN_ASSIGN_OR_RETURN(credentials, make_server_credentials(options.security));
 
   std::unique_ptr<Server> s(new Server());
   s->options_ = options;
   s->backend_ = backend_name(executors.front()->target().backend);
   for (const auto& ex : executors) {
-    spdlog::info("device: {}{}", ex->device().label(),
+    spdlog::info("device: {}{}{}", ex->device().label(),
+                 ex->target().backend == Backend::kCuda ? " stream " + std::to_string(ex->device().stream) : "",
                  ex.get() != executors.front().get() && ex->target().backend == Backend::kCpu
                      ? " (fallback for what the GPU variants cannot take)"
                      : "");

@@ -22,6 +22,7 @@ struct ServerOptions {
   std::size_t queue_depth = 256;
   std::chrono::milliseconds shutdown_grace{10000};
   std::string devices = "all";  // CUDA devices to own: "all" or ordinals, "0,2"
+  int streams_per_device = 2;    // workers (each with a stream) per GPU: copies overlap kernels
   SecurityOptions security;
   std::string metrics_listen;  // Prometheus endpoint, "127.0.0.1:9464"; empty: none
   std::int64_t tensor_quota_mb = 8192;  // resident tensors, all devices together

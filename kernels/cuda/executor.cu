@@ -63,8 +63,9 @@ std::int64_t ns_between(Clock::time_point a, Clock::time_point b) {
 
 class CudaExecutor final : public Executor {
  public:
-  static Result<std::unique_ptr<Executor>> create(int ordinal) {
+  static Result<std::unique_ptr<Executor>> create(int ordinal, int stream) {
     std::unique_ptr<CudaExecutor> ex(new CudaExecutor());
+    ex->info_.stream = stream;
     ATTN_RETURN_IF_ERROR(ex->init(ordinal));
     return std::unique_ptr<Executor>(std::move(ex));
   }
@@ -296,7 +297,8 @@ class CudaExecutor final : public Executor {
 
 }  // namespace
 
-Result<std::vector<std::unique_ptr<Executor>>> make_cuda_executors(const std::vector<int>& ordinals) {
+Result<std::vector<std::unique_ptr<Executor>>> make_cuda_executors(const std::vector<int>& ordinals,
+                                                                  int streams_per_device) {
   int count = 0;
   cudaError_t e = cudaGetDeviceCount(&count);
   if (e != cudaSuccess) {
@@ -313,8 +315,10 @@ Result<std::vector<std::unique_ptr<Executor>>> make_cuda_executors(const std::ve
       return not_found("CUDA device " + std::to_string(d) + ": expected 0.." + std::to_string(count - 1) +
                        " (" + std::to_string(count) + " visible)");
     }
-    ATTN_ASSIGN_OR_RETURN(ex, CudaExecutor::create(d));
-    out.push_back(std::move(ex));
+    for (int s = 0; s < std::max(streams_per_device, 1); ++s) {
+      ATTN_ASSIGN_OR_RETURN(ex, CudaExecutor::create(d, s));
+      out.push_back(std::move(ex));
+    }
   }
   return Result<std::vector<std::unique_ptr<Executor>>>(std::move(out));
 }

@@ -5,7 +5,7 @@ namespace attn {
 
 void register_cuda_variants(Registry&) {}
 
-Result<std::vector<std::unique_ptr<Executor>>> make_cuda_executors(const std::vector<int>&) {
+Result<std::vector<std::unique_ptr<Executor>>> make_cuda_executors(const std::vector<int>&, int) {
   return unavailable("this build has no CUDA backend (configured with ATTN_WITH_CUDA=OFF)");
 }
 

@@ -12,18 +12,18 @@
 namespace attn::cuda {
 namespace {
 
-// One handle per device, created on first use (the server's warm-up) and kept: each device has
-// one worker, so a handle is never used by two threads at once.
-Result<cublasHandle_t> handle_for(int device) {
+// One handle per stream (each executor has its own stream and one worker), created on first use
+// (the server's warm-up) and kept: a handle is never used by two threads at once.
+Result<cublasHandle_t> handle_for(cudaStream_t stream) {
   static std::mutex mu;
-  static std::map<int, cublasHandle_t> handles;
+  static std::map<cudaStream_t, cublasHandle_t> handles;
   std::lock_guard lock(mu);
-  auto it = handles.find(device);
+  auto it = handles.find(stream);
   if (it != handles.end()) return it->second;
   cublasHandle_t h = nullptr;
   if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) return internal_error("cublasCreate failed");
   cublasSetMathMode(h, CUBLAS_PEDANTIC_MATH);
-  handles[device] = h;
+  handles[stream] = h;
   return h;
 }
 
@@ -47,7 +47,7 @@ Status matmul_cublas_supports(const MatmulArgs& args) {
 
 Status matmul_cublas(const MatmulArgs& args, Stream& stream) {
   ATTN_ASSIGN_OR_RETURN(d, matmul_dims(args.a, args.b, args.transpose_a, args.transpose_b));
-  ATTN_ASSIGN_OR_RETURN(h, handle_for(stream.device()));
+  ATTN_ASSIGN_OR_RETURN(h, handle_for(stream_of(stream)));
   cublasSetStream(h, stream_of(stream));
   const cudaDataType_t t = cuda_type(args.a.dtype);
   const float alpha = 1.0f, beta = 0.0f;

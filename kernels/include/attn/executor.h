@@ -38,6 +38,7 @@ struct DeviceInfo {
   std::int64_t memory_bytes = 0;
   int multiprocessors = 0;  // SMs, or hardware threads on the CPU
   int cc_major = 0, cc_minor = 0;
+  int stream = 0;  // which of the device's executors (streams), from 0
 
   std::string label() const;  // "cpu" or "cuda:0 NVIDIA H100 80GB HBM3"
 };
@@ -97,9 +98,12 @@ class Executor {
 
 std::unique_ptr<Executor> make_cpu_executor();
 
-// One executor per CUDA device in `ordinals` (empty: every visible device), or the reason there
-// are none (built without CUDA, no driver, no device, an ordinal that is not there).
-Result<std::vector<std::unique_ptr<Executor>>> make_cuda_executors(const std::vector<int>& ordinals = {});
+// `streams_per_device` executors per CUDA device in `ordinals` (empty: every visible device),
+// each with its own stream, so that one call's copies overlap another's kernel on the same GPU;
+// or the reason there are none (built without CUDA, no driver, no device, an ordinal that is not
+// there).
+Result<std::vector<std::unique_ptr<Executor>>> make_cuda_executors(const std::vector<int>& ordinals = {},
+                                                                  int streams_per_device = 1);
 
 // True when this build includes the CUDA backend.
 bool built_with_cuda();

@@ -40,7 +40,11 @@ AttnService::AttnService(Scheduler& scheduler, const Registry& registry, Service
   }
   decode_.limits = config_.limits;
   decode_.store = config_.store;
-  for (const auto& ex : scheduler_.executors()) decode_.executor_targets.push_back(ex->target());
+  for (const auto& ex : scheduler_.executors()) {
+    decode_.executor_targets.push_back(ex->target());
+    // GPUs by ordinal, the CPU apart from them.
+    decode_.executor_devices.push_back(ex->target().backend == Backend::kCuda ? ex->device().ordinal : -1);
+  }
 }
 
 void AttnService::finish(grpc::ServerUnaryReactor* reactor, grpc::CallbackServerContext* ctx,
@@ -112,7 +116,13 @@ grpc::ServerUnaryReactor* AttnService::run(grpc::CallbackServerContext* ctx, con
                   timings->device(), queue_ns / 1000, t.kernel_ns / 1000, timings->total_ns() / 1000);
     finish(reactor, ctx, op, variant, Status::Ok(), timings, bytes_in, resp->ByteSizeLong());
   };
-  const int pinned = prepared_op->executor;
+  int pinned = prepared_op->executor;
+  if (pinned >= 0) {  // the least loaded executor (stream) of the device holding the data
+    const int device = decode_.executor_devices[static_cast<std::size_t>(pinned)];
+    for (std::size_t i = 0; i < decode_.executor_devices.size(); ++i)
+      if (decode_.executor_devices[i] == device && scheduler_.load(i) < scheduler_.load(static_cast<std::size_t>(pinned)))
+        pinned = static_cast<int>(i);
+  }
   // A tiny op on the CPU runs right here when the CPU is idle: handing it to the worker thread
   // (a queue push and a wake-up, ~20 us) would cost more than the op itself.
   if (prepared_op->variant->info.backend == Backend::kCpu) {

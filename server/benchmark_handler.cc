@@ -236,19 +236,32 @@ Status validate(const v1::BenchmarkRequest& req, const Registry& registry, const
   const auto dt = wire::from_proto(req.dtype());
   if (!dt) return invalid_argument("dtype: expected FLOAT32, FLOAT16 or BFLOAT16, got " + v1::DType_Name(req.dtype()));
   const Shape shape(req.shape().begin(), req.shape().end());
-  ATTN_ASSIGN_OR_RETURN(count, checked_element_count(shape, "shape"));
-  if (count > limits.max_elements) {
-    return resource_exhausted("shape: " + std::to_string(count) + " elements, over this server's limit of " +
-                              std::to_string(limits.max_elements));
-  }
+  // Each tensor the benchmark makes must respect the server's element limit.
+  auto within = [&](const Shape& s, const char* what) -> Status {
+    ATTN_ASSIGN_OR_RETURN(count, checked_element_count(s, "shape"));
+    if (count > limits.max_elements) {
+      return resource_exhausted(std::string("shape: ") + what + " would have " + std::to_string(count) +
+                                " elements, over this server's limit of " + std::to_string(limits.max_elements));
+    }
+    return Status::Ok();
+  };
+  for (auto d : shape)
+    if (d < 1) return invalid_argument("shape: expected dims >= 1, got " + shape_to_string(shape));
   if (req.op() == "matmul") {
     if (shape.size() != 3 && shape.size() != 4) {
       return invalid_argument("shape: expected [M, K, N] or [B, M, K, N] for matmul, got " + shape_to_string(shape));
     }
+    const bool b = shape.size() == 4;
+    const std::int64_t B = b ? shape[0] : 1, M = shape[b], K = shape[b + 1], N = shape[b + 2];
+    ATTN_RETURN_IF_ERROR(within({B, M, K}, "A"));
+    ATTN_RETURN_IF_ERROR(within({B, K, N}, "B"));
+    ATTN_RETURN_IF_ERROR(within({B, M, N}, "C"));
   } else if (req.op() == "softmax") {
+    ATTN_RETURN_IF_ERROR(within(shape, "X"));
     if (shape.empty()) return invalid_argument("shape: expected at least one dimension, got none");
   } else if (req.op() == "attention") {
     if (shape.size() != 4) return invalid_argument("shape: expected [B, Hq, Sq, D] for attention, got " + shape_to_string(shape));
+    ATTN_RETURN_IF_ERROR(within(shape, "Q"));
     if (req.kv_heads() < 0 || req.kv_len() < 0) return invalid_argument("kv_heads, kv_len: expected >= 0");
     const std::int64_t hkv = req.kv_heads() ? req.kv_heads() : shape[1];
     if (shape[1] % hkv != 0) {

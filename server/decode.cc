@@ -31,7 +31,8 @@ Status resolve_handle(const v1::Tensor& t, const char* field, const DecodeContex
     return invalid_argument(f + ".shape: the handle holds " + shape_to_string(r->shape) + ", the request says " +
                             shape_to_string(Shape(t.shape().begin(), t.shape().end())));
   }
-  if (op.executor >= 0 && op.executor != static_cast<int>(r->executor)) {
+  if (op.executor >= 0 && ctx.executor_devices[static_cast<std::size_t>(op.executor)] !=
+                              ctx.executor_devices[r->executor]) {
     return failed_precondition(f + ".handle: lives on another device than the op's other resident "
                                "inputs; put them on one device (PutTensor's header.device)");
   }

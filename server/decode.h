@@ -19,8 +19,10 @@ struct DecodeContext {
   wire::TensorLimits limits;
   // Resident tensors (null: none): inputs given by handle, outputs kept on a device.
   TensorStore* store = nullptr;
-  // Every executor's target, by executor index (the index ResidentTensor::executor uses).
+  // Every executor's target, by executor index (the index ResidentTensor::executor uses), and
+  // the device it runs on: a GPU's executors (one per stream) share its memory.
   std::vector<Target> executor_targets;
+  std::vector<int> executor_devices;
 };
 
 // A tiny op costs less than a GPU round trip (copies, a launch, a sync: ~30 us) or a hand-off to
@@ -38,7 +40,8 @@ struct PreparedOp {
   std::vector<wire::DecodedTensor> inputs;  // keeps inputs given as `values` alive
   std::vector<std::shared_ptr<ResidentTensor>> resident;  // inputs given by handle, held in use
   std::vector<std::shared_ptr<ResidentTensor>> kept;      // outputs to publish once the op succeeds
-  // The executor that must run it (where its resident inputs or kept outputs live), or -1.
+  // An executor of the device that must run it (where its resident inputs or kept outputs live;
+  // any executor of that device will do), or -1.
   int executor = -1;
   Args args;
   const Variant<Args>* variant = nullptr;

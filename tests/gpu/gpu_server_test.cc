@@ -113,6 +113,39 @@ TEST(GpuServer, DeviceFaultTurnsHealthNotServingAndExitsThree) {
   EXPECT_THAT(server.log(), HasSubstr("faulted"));
 }
 
+TEST(GpuServer, ResidentTensorsServeEveryStreamOfTheirGpu) {
+  SKIP_WITHOUT_GPU();
+  testing::ServerProcess server(ATTND_PATH, {"--backend", "cuda", "--devices", "0", "--streams-per-device", "2"});
+  Client client(server.address());
+  std::mt19937_64 rng(testing::seed());
+  Tensor q = random_tensor(DType::kBFloat16, {2, 8, 300, 128}, rng);
+  Tensor k = random_tensor(DType::kBFloat16, {2, 2, 500, 128}, rng);
+  Tensor v = random_tensor(DType::kBFloat16, {2, 2, 500, 128}, rng);
+  auto inline_result = client.attention(q, k, v, {.causal = true});
+  ASSERT_TRUE(inline_result.ok()) << inline_result.status().to_string();
+  // Three puts: the store spreads them over the GPU's two executors.
+  auto hq = client.put_tensor(q), hk = client.put_tensor(k), hv = client.put_tensor(v);
+  ASSERT_TRUE(hq.ok() && hk.ok() && hv.ok());
+  for (int i = 0; i < 4; ++i) {
+    v1::AttentionRequest req;
+    *req.mutable_q() = Client::resident(hq->handle());
+    *req.mutable_k() = Client::resident(hk->handle());
+    *req.mutable_v() = Client::resident(hv->handle());
+    req.set_causal(true);
+    req.set_keep_output(true);
+    v1::AttentionResponse resp;
+    grpc::ClientContext ctx;
+    const grpc::Status s = client.stub().Attention(&ctx, req, &resp);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+    EXPECT_THAT(resp.timings().device(), HasSubstr("cuda:0"));
+    auto o = client.get_tensor(resp.o().handle());
+    ASSERT_TRUE(o.ok()) << o.status().to_string();
+    ASSERT_EQ(o->bytes(), inline_result->output.bytes());
+    EXPECT_EQ(std::memcmp(o->data(), inline_result->output.data(), o->bytes()), 0);
+    EXPECT_TRUE(client.delete_tensor(resp.o().handle()).ok());
+  }
+}
+
 TEST(GpuServer, CallsSpreadOverEveryGpu) {
   SKIP_WITHOUT_GPU();
   if (gpu_count() < 2) GTEST_SKIP() << "one GPU: nothing to spread over";

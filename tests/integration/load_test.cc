@@ -131,8 +131,15 @@ TEST(ServerLoad, ExpiredCallIsDroppedBeforeItsKernel) {
   wait_for_load(server, 1);
   auto second = call_async(client, req, &second_ctx);
   wait_for_load(server, 2);
+  // A small request (it must reach the handler well within its deadline), still too big for the
+  // inline path of tiny ops: it waits in the queue.
+  std::mt19937_64 rng(testing::seed());
+  Tensor small = random_tensor(DType::kFloat32, {256, 256}, rng);
+  v1::MatmulRequest small_req;
+  wire::encode_tensor(small.view(), small_req.mutable_a());
+  wire::encode_tensor(small.view(), small_req.mutable_b());
   expiring_ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
-  auto expiring = call_async(client, req, &expiring_ctx);
+  auto expiring = call_async(client, small_req, &expiring_ctx);
   EXPECT_EQ(expiring.get().error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
   EXPECT_TRUE(first.get().ok());
   EXPECT_TRUE(second.get().ok());

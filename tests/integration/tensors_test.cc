@@ -266,6 +266,23 @@ TEST(Benchmark, TimesAndChecksEveryVariantWithoutMovingData) {
   EXPECT_TRUE(named->results(0).correct());
 }
 
+TEST(Benchmark, ElementLimitAppliesToEachTensorItMakes) {
+  testing::ServerProcess server(ATTND_PATH, {"--backend", "cpu", "--max-elements", "1000"});
+  Client client(server.address());
+  v1::BenchmarkRequest req;
+  req.set_op("matmul");
+  req.set_dtype(v1::D_TYPE_FLOAT32);
+  req.set_iterations(1);
+  set_shape(req, {30, 30, 30});  // 27000 as a product, 900 per tensor
+  auto ok = client.benchmark(req);
+  ASSERT_TRUE(ok.ok()) << ok.status().to_string();
+  EXPECT_TRUE(ok->results(0).correct());
+  set_shape(req, {40, 20, 30});  // C is 1200
+  auto big = client.benchmark(req);
+  EXPECT_EQ(big.status().code(), StatusCode::kResourceExhausted);
+  EXPECT_THAT(big.status().message(), HasSubstr("C would have 1200"));
+}
+
 TEST(Echo, ReturnsThePayload) {
   testing::ServerProcess server(ATTND_PATH, {"--backend", "cpu"});
   Client client(server.address());

@@ -9,7 +9,7 @@
 
 #include "attn/client.h"
 #include "attn/wire.h"
-#include "support/http_get.h"
+#include "support/server_load.h"
 #include "support/random.h"
 #include "support/server_process.h"
 #include "support/slow_call.h"
@@ -46,27 +46,6 @@ std::future<grpc::Status> call_async(Client& client, const v1::MatmulRequest& re
   });
 }
 
-// Waits until the server's device has `n` calls waiting or running (from its metrics endpoint),
-// then a little more so that a first call has moved from the queue to the worker.
-void wait_for_load(const testing::ServerProcess& server, int n) {
-  const std::string want = "attnd_queue_depth{device=\"cpu";
-  const auto deadline = Clock::now() + std::chrono::seconds(30);
-  while (Clock::now() < deadline) {
-    const std::string text = testing::http_get(server.metrics_port(), "/metrics");
-    const auto pos = text.find(want);
-    if (pos != std::string::npos) {
-      const auto line_end = text.find('\n', pos);
-      const std::string line = text.substr(pos, line_end - pos);
-      if (std::stoi(line.substr(line.rfind(' ') + 1)) >= n) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(50));
-        return;
-      }
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  FAIL() << "the server never had " << n << " calls in hand";
-}
-
 std::vector<std::string> server_flags(std::vector<std::string> extra) {
   extra.insert(extra.end(), {"--backend", "cpu", "--metrics-listen", "127.0.0.1:0"});
   return extra;
@@ -79,9 +58,9 @@ TEST(ServerLoad, FullQueueRefusesAtOnce) {
   const v1::MatmulRequest req = request_of(slow);
   grpc::ClientContext running_ctx, queued_ctx;
   auto running = call_async(client, req, &running_ctx);
-  wait_for_load(server, 1);  // it is on the worker now
+  testing::wait_for_load(server, 1);  // it is on the worker now
   auto queued = call_async(client, req, &queued_ctx);
-  wait_for_load(server, 2);  // it holds the one slot
+  testing::wait_for_load(server, 2);  // it holds the one slot
 
   Tensor x = Tensor::from_floats(DType::kFloat32, {2}, {0.0f, 1.0f});
   const auto t0 = Clock::now();
@@ -103,9 +82,9 @@ TEST(ServerLoad, CancelledCallGivesItsSlotBack) {
   const v1::MatmulRequest req = request_of(slow);
   grpc::ClientContext running_ctx, cancelled_ctx;
   auto running = call_async(client, req, &running_ctx);
-  wait_for_load(server, 1);
+  testing::wait_for_load(server, 1);
   auto cancelled = call_async(client, req, &cancelled_ctx);
-  wait_for_load(server, 2);  // queued, holding the slot
+  testing::wait_for_load(server, 2);  // queued, holding the slot
   cancelled_ctx.TryCancel();
   EXPECT_EQ(cancelled.get().error_code(), grpc::StatusCode::CANCELLED);
   std::this_thread::sleep_for(std::chrono::milliseconds(50));  // the server sees the cancel
@@ -128,9 +107,9 @@ TEST(ServerLoad, ExpiredCallIsDroppedBeforeItsKernel) {
   // machine this runs on, against 500 ms to live, which is ample for the request to arrive.
   grpc::ClientContext first_ctx, second_ctx, expiring_ctx;
   auto first = call_async(client, req, &first_ctx);
-  wait_for_load(server, 1);
+  testing::wait_for_load(server, 1);
   auto second = call_async(client, req, &second_ctx);
-  wait_for_load(server, 2);
+  testing::wait_for_load(server, 2);
   // A small request (it must reach the handler well within its deadline), still too big for the
   // inline path of tiny ops: it waits in the queue.
   std::mt19937_64 rng(testing::seed());

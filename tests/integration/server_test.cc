@@ -14,6 +14,7 @@
 #include "reflection/v1alpha/reflection.grpc.pb.h"
 #include "support/random.h"
 #include "support/server_process.h"
+#include "support/server_load.h"
 #include "support/slow_call.h"
 
 namespace attn {
@@ -413,7 +414,7 @@ TEST(ServerLimits, MessageAndElementLimits) {
 }
 
 TEST(ServerLifecycle, SigtermFinishesInFlightCallsAndExitsZero) {
-  testing::ServerProcess server(ATTND_PATH, {"--backend", "cpu"});
+  testing::ServerProcess server(ATTND_PATH, {"--backend", "cpu", "--metrics-listen", "127.0.0.1:0"});
   std::mt19937_64 rng(testing::seed());
   // A call that takes about two seconds here.
   Client client(server.address());
@@ -421,8 +422,8 @@ TEST(ServerLifecycle, SigtermFinishesInFlightCallsAndExitsZero) {
   Tensor a = random_tensor(DType::kFloat32, {n, n}, rng);
   Result<OpResult> slow = internal_error("not run");
   std::thread caller([&] { slow = client.matmul(a, a); });
-  // Let the request reach the server and start, then ask it to stop.
-  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  // Once the server has the call in hand, ask it to stop.
+  testing::wait_for_load(server, 1);
   ASSERT_EQ(kill(server.pid(), SIGTERM), 0);
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
   // While it drains, new calls are refused.

@@ -48,10 +48,25 @@ class Timings:
 
 
 @dataclass
+class Resident:
+    """An op input given by the handle of a resident tensor."""
+
+    handle: str
+
+
+@dataclass
 class Result:
     output: object  # numpy array, or BFloat16
     timings: Timings
     lse: Optional[np.ndarray] = None  # attention with return_lse
+
+
+def _input(x) -> attn_pb2.Tensor:
+    return attn_pb2.Tensor(handle=x.handle) if isinstance(x, Resident) else encode(x)
+
+
+def _output(t: attn_pb2.Tensor):
+    return Resident(t.handle) if t.handle else decode(t)
 
 
 class Client:
@@ -105,26 +120,91 @@ class Client:
         except grpc.RpcError as e:
             raise AttnError(e.code(), e.details()) from None
 
-    def matmul(self, a, b, *, transpose_a=False, transpose_b=False, kernel="") -> Result:
+    # Inputs may be arrays or Resident handles; keep_output=True leaves the outputs on the device
+    # and returns Resident handles in their place.
+
+    def matmul(self, a, b, *, transpose_a=False, transpose_b=False, kernel="", keep_output=False,
+               output_ttl_ms=0) -> Result:
         """C = op(A) . op(B); rank 3 operands are batched."""
-        req = attn_pb2.MatmulRequest(a=encode(a), b=encode(b), transpose_a=transpose_a,
-                                     transpose_b=transpose_b, kernel=kernel)
+        req = attn_pb2.MatmulRequest(a=_input(a), b=_input(b), transpose_a=transpose_a,
+                                     transpose_b=transpose_b, kernel=kernel, keep_output=keep_output,
+                                     output_ttl_ms=output_ttl_ms)
         resp = self._call(self._stub.Matmul, req)
-        return Result(decode(resp.c), Timings.from_proto(resp.timings))
+        return Result(_output(resp.c), Timings.from_proto(resp.timings))
 
-    def softmax(self, x, *, kernel="") -> Result:
+    def softmax(self, x, *, kernel="", keep_output=False, output_ttl_ms=0) -> Result:
         """Softmax over the last dimension."""
-        resp = self._call(self._stub.Softmax, attn_pb2.SoftmaxRequest(x=encode(x), kernel=kernel))
-        return Result(decode(resp.y), Timings.from_proto(resp.timings))
+        req = attn_pb2.SoftmaxRequest(x=_input(x), kernel=kernel, keep_output=keep_output,
+                                      output_ttl_ms=output_ttl_ms)
+        resp = self._call(self._stub.Softmax, req)
+        return Result(_output(resp.y), Timings.from_proto(resp.timings))
 
-    def attention(self, q, k, v, *, causal=False, scale=0.0, return_lse=False, kernel="") -> Result:
+    def attention(self, q, k, v, *, causal=False, scale=0.0, return_lse=False, kernel="",
+                  keep_output=False, output_ttl_ms=0) -> Result:
         """O = softmax(scale . Q K^T [causal, bottom-right]) V for [B, H, S, D] tensors (GQA when
         K/V have fewer heads). scale 0 means 1/sqrt(D)."""
-        req = attn_pb2.AttentionRequest(q=encode(q), k=encode(k), v=encode(v), causal=causal,
-                                        scale=scale, return_lse=return_lse, kernel=kernel)
+        req = attn_pb2.AttentionRequest(q=_input(q), k=_input(k), v=_input(v), causal=causal,
+                                        scale=scale, return_lse=return_lse, kernel=kernel,
+                                        keep_output=keep_output, output_ttl_ms=output_ttl_ms)
         resp = self._call(self._stub.Attention, req)
-        lse = decode(resp.lse) if return_lse else None
-        return Result(decode(resp.o), Timings.from_proto(resp.timings), lse)
+        lse = _output(resp.lse) if return_lse else None
+        return Result(_output(resp.o), Timings.from_proto(resp.timings), lse)
+
+    # ---- resident tensors ----
+
+    def put_tensor(self, x, *, ttl_ms=0, device="", chunk_bytes=1 << 20) -> attn_pb2.TensorInfo:
+        """Stores `x` on the server's device, streamed in chunks (any size); returns its TensorInfo
+        (`.handle`, `.expires_unix_ms`, ...)."""
+        t = encode(x)
+        header = attn_pb2.PutTensorRequest(header=attn_pb2.TensorHeader(
+            dtype=t.dtype, shape=list(t.shape), ttl_ms=ttl_ms, device=device))
+
+        def parts():
+            yield header
+            for off in range(0, len(t.data), chunk_bytes):
+                yield attn_pb2.PutTensorRequest(chunk=t.data[off:off + chunk_bytes])
+
+        return self._call(self._stub.PutTensor, parts()).tensor
+
+    def get_tensor(self, handle: str, *, chunk_bytes=0):
+        """A resident tensor's values (a numpy array, or BFloat16)."""
+        try:
+            stream = self._stub.GetTensor(attn_pb2.GetTensorRequest(handle=handle, chunk_bytes=chunk_bytes),
+                                          timeout=self._timeout, metadata=self._metadata)
+            info, chunks = None, []
+            for msg in stream:
+                if msg.HasField("tensor"):
+                    info = msg.tensor
+                else:
+                    chunks.append(msg.chunk)
+        except grpc.RpcError as e:
+            raise AttnError(e.code(), e.details()) from None
+        return decode(attn_pb2.Tensor(dtype=info.dtype, shape=list(info.shape), data=b"".join(chunks)))
+
+    def delete_tensor(self, handle: str) -> int:
+        """Forgets a resident tensor; returns the bytes freed."""
+        return self._call(self._stub.DeleteTensor, attn_pb2.DeleteTensorRequest(handle=handle)).freed_bytes
+
+    def list_tensors(self) -> attn_pb2.ListTensorsResponse:
+        return self._call(self._stub.ListTensors, attn_pb2.ListTensorsRequest())
+
+    @staticmethod
+    def resident(handle: str) -> "Resident":
+        """An op input that names a resident tensor: c.softmax(Client.resident(h))."""
+        return Resident(handle)
+
+    def benchmark(self, op: str, shape, *, dtype="bfloat16", kernels=(), kv_heads=0, kv_len=0,
+                  causal=False, iterations=0, warmup=0) -> list:
+        """Times variants on the server's device with inputs made there; BenchmarkResult list."""
+        dtypes = {"float32": attn_pb2.D_TYPE_FLOAT32, "float16": attn_pb2.D_TYPE_FLOAT16,
+                  "bfloat16": attn_pb2.D_TYPE_BFLOAT16}
+        req = attn_pb2.BenchmarkRequest(op=op, dtype=dtypes[dtype], shape=list(shape), kernels=list(kernels),
+                                        kv_heads=kv_heads, kv_len=kv_len, causal=causal,
+                                        iterations=iterations, warmup=warmup)
+        return list(self._call(self._stub.Benchmark, req).results)
+
+    def echo(self, payload: bytes) -> attn_pb2.EchoResponse:
+        return self._call(self._stub.Echo, attn_pb2.EchoRequest(payload=payload))
 
     def list_kernels(self, op="") -> list:
         """The variants of `op` (or of every op): name, backend, dtypes, limits, available."""

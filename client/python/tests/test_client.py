@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from attn_client import AttnError, BFloat16, Client, to_bfloat16
+from attn_client import AttnError, BFloat16, Client, Resident, to_bfloat16
 from conftest import Server
 
 
@@ -115,3 +115,32 @@ def test_token_is_sent_and_required():
         np.testing.assert_allclose(r.output, [[0.5, 0.5]])
     finally:
         assert s.stop() == 0
+
+
+def test_resident_tensors_chain_and_lifecycle(server, rng):
+    c = Client(server.address, timeout=30)
+    a = rng.standard_normal((33, 70)).astype(np.float32)
+    b = rng.standard_normal((70, 17)).astype(np.float32)
+    inline = c.softmax(c.matmul(a, b).output).output
+    ha, hb = c.put_tensor(a, chunk_bytes=1000), c.put_tensor(b)
+    assert ha.bytes == a.nbytes and ha.handle.startswith("t-")
+    np.testing.assert_array_equal(c.get_tensor(ha.handle, chunk_bytes=999), a)
+    kept = c.matmul(Client.resident(ha.handle), Client.resident(hb.handle), keep_output=True).output
+    assert isinstance(kept, Resident)
+    chained = c.softmax(kept).output
+    np.testing.assert_array_equal(chained, inline)
+    assert {t.handle for t in c.list_tensors().tensors} == {ha.handle, hb.handle, kept.handle}
+    for h in (ha.handle, hb.handle, kept.handle):
+        assert c.delete_tensor(h) > 0
+    with pytest.raises(AttnError) as e:
+        c.get_tensor(ha.handle)
+    assert e.value.code.name == "NOT_FOUND"
+    assert c.list_tensors().used_bytes == 0
+
+
+def test_benchmark_and_echo(server):
+    c = Client(server.address, timeout=60)
+    results = c.benchmark("softmax", [8, 1000], dtype="float16", iterations=3)
+    assert [r.kernel for r in results] == ["softmax/cpu"]
+    assert results[0].correct and results[0].median_ns > 0
+    assert c.echo(b"abc").payload == b"abc"

@@ -88,6 +88,20 @@ std::vector<double> attention(const AttentionArgs& args, std::vector<double>* ls
   return o;
 }
 
+double lse_error(const TensorView& got, const std::vector<double>& want) {
+  if (static_cast<std::size_t>(got.numel()) != want.size()) return std::numeric_limits<double>::infinity();
+  double worst = 0.0;
+  for (std::size_t i = 0; i < want.size(); ++i) {
+    const double g = load_as_float(got.data, got.dtype, i);
+    if (!std::isfinite(g) || !std::isfinite(want[i])) {
+      if (g == want[i]) continue;
+      return std::numeric_limits<double>::infinity();
+    }
+    worst = std::max(worst, std::abs(g - want[i]) / std::max(1.0, std::abs(want[i])));
+  }
+  return worst;
+}
+
 double relative_frobenius_error(const std::vector<double>& got, const std::vector<double>& want) {
   if (got.size() != want.size()) return std::numeric_limits<double>::infinity();
   double num = 0.0, den = 0.0;

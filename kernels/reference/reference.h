@@ -18,6 +18,11 @@ std::vector<double> attention(const AttentionArgs& args, std::vector<double>* ls
 double relative_frobenius_error(const TensorView& got, const std::vector<double>& want);
 double relative_frobenius_error(const std::vector<double>& got, const std::vector<double>& want);
 
+// The log-sum-exp's error: max over rows of |got - want| / max(1, |want|). A row's LSE can be
+// near 0 (one visible key with a small score), where a relative error means nothing; the
+// absolute error is what the scores' rounding sets. Infinite on a NaN or a mismatched infinity.
+double lse_error(const TensorView& got, const std::vector<double>& want);
+
 // The tolerance on relative_frobenius_error for results in dtype t.
 double tolerance(DType t);
 

@@ -113,7 +113,7 @@ TEST_P(CpuKernels, AttentionMatchesReference) {
           std::vector<double> want_lse;
           const auto want = reference::attention(args, &want_lse);
           EXPECT_LE(reference::relative_frobenius_error(o.view(), want), reference::tolerance(dt));
-          EXPECT_LE(reference::relative_frobenius_error(lse.view(), want_lse), 1e-5);
+          EXPECT_LE(reference::lse_error(lse.view(), want_lse), 1e-5);
         }
 }
 
@@ -130,6 +130,14 @@ TEST(ReferenceCheck, RejectsNanMissingAndWrongValues) {
   EXPECT_TRUE(std::isinf(reference::relative_frobenius_error(std::vector<double>{1.0, 2.0}, want)));
   EXPECT_GT(reference::relative_frobenius_error(std::vector<double>{1.0, 2.0, 3.001}, want),
             reference::tolerance(DType::kFloat32));
+  // The LSE check: absolute near 0, relative beyond 1, NaN and a missing -inf fail.
+  Tensor l = Tensor::from_floats(DType::kFloat32, {3}, {0.001f, -5.0f, -INFINITY});
+  EXPECT_LT(reference::lse_error(l.view(), {0.001, -5.0, -INFINITY}), 1e-7);
+  EXPECT_NEAR(reference::lse_error(l.view(), {0.001 + 2e-5, -5.0, -INFINITY}), 2e-5, 1e-7);
+  EXPECT_NEAR(reference::lse_error(l.view(), {0.001, -5.0005, -INFINITY}), 1e-4, 1e-6);
+  EXPECT_TRUE(std::isinf(reference::lse_error(l.view(), {0.001, -5.0, 0.0})));
+  l.set(0, std::nanf(""));
+  EXPECT_TRUE(std::isinf(reference::lse_error(l.view(), {0.001, -5.0, -INFINITY})));
   // A poisoned tensor compared with anything finite fails.
   Tensor t(DType::kBFloat16, {3});
   testing::poison(t);

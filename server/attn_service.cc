@@ -13,9 +13,6 @@ std::int64_t ns_since(Clock::time_point t) {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t).count();
 }
 
-OpCost cost_of(const MatmulArgs& a) { return matmul_cost(a); }
-OpCost cost_of(const SoftmaxArgs& a) { return softmax_cost(a); }
-OpCost cost_of(const AttentionArgs& a) { return attention_cost(a); }
 
 // Why a queued call need not run any more, or OK.
 Status abandoned(grpc::CallbackServerContext* ctx) {

@@ -139,10 +139,6 @@ Result<double> check(Executor& ex, const AttentionArgs& a, std::mt19937_64& rng)
 
 double tolerance(DType t) { return t == DType::kFloat32 ? 1e-4 : 2e-2; }
 
-OpCost cost(const MatmulArgs& a) { return matmul_cost(a); }
-OpCost cost(const SoftmaxArgs& a) { return softmax_cost(a); }
-OpCost cost(const AttentionArgs& a) { return attention_cost(a); }
-
 std::int64_t percentile(std::vector<std::int64_t> v, double q) {
   std::sort(v.begin(), v.end());
   return v[static_cast<std::size_t>(q * static_cast<double>(v.size() - 1) + 0.5)];
@@ -186,7 +182,7 @@ void time_variants(Executor& ex, const OpRegistry<Args>& registry, Args& args, c
     r->set_median_ns(percentile(ns, 0.5));
     r->set_p10_ns(percentile(ns, 0.1));
     r->set_p90_ns(percentile(ns, 0.9));
-    const OpCost c = cost(args);
+    const OpCost c = cost_of(args);
     const double median = static_cast<double>(std::max<std::int64_t>(r->median_ns(), 1));
     r->set_tflops(static_cast<double>(c.flops) / median / 1e3);
     r->set_gbps(static_cast<double>(c.bytes) / median);

@@ -102,10 +102,6 @@ Status check_output(const Shape& shape, const char* field, const DecodeContext& 
 
 // The requested variant, or the best one, on the first target that can take the arguments. The
 // refusal reported is the primary target's, the one the client most likely meant.
-OpCost cost_of(const MatmulArgs& a) { return matmul_cost(a); }
-OpCost cost_of(const SoftmaxArgs& a) { return softmax_cost(a); }
-OpCost cost_of(const AttentionArgs& a) { return attention_cost(a); }
-
 template <class Args>
 Result<const Variant<Args>*> select(const OpRegistry<Args>& registry, const Args& args,
                                     const std::string& requested, const DecodeContext& ctx) {

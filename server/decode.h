@@ -25,6 +25,11 @@ struct DecodeContext {
   std::vector<int> executor_devices;
 };
 
+// The op's FLOPs and bytes, by argument type (for templates over the three ops).
+inline OpCost cost_of(const MatmulArgs& a) { return matmul_cost(a); }
+inline OpCost cost_of(const SoftmaxArgs& a) { return softmax_cost(a); }
+inline OpCost cost_of(const AttentionArgs& a) { return attention_cost(a); }
+
 // A tiny op costs less than a GPU round trip (copies, a launch, a sync: ~30 us) or a hand-off to
 // a worker thread (~20 us): with no variant named it runs on the CPU, on the gRPC thread when the
 // CPU is idle.

@@ -143,6 +143,17 @@ Status need_inputs(const OpFlags& f, std::size_t n, const char* names) {
   return Status::Ok();
 }
 
+// A response as indented JSON with the proto's field names, for --json.
+int print_json(const google::protobuf::Message& m) {
+  google::protobuf::util::JsonPrintOptions opts;
+  opts.add_whitespace = true;
+  opts.preserve_proto_field_names = true;
+  std::string s;
+  (void)google::protobuf::util::MessageToJsonString(m, &s, opts);
+  std::cout << s;
+  return 0;
+}
+
 int fail(const Status& s) {
   std::cerr << "attn: " << s.message() << "\n";
   return 2;
@@ -234,9 +245,6 @@ int main(int argc, char** argv) {
   if (!token.ok()) return fail(token.status());
   options.token = *token;
   attn::Client client(c.server, options);
-  google::protobuf::util::JsonPrintOptions json_opts;
-  json_opts.add_whitespace = true;
-  json_opts.preserve_proto_field_names = true;
 
   if (bench_rpc->parsed()) {
     brpc.server = c.server;
@@ -258,12 +266,7 @@ int main(int argc, char** argv) {
     for (const auto& k : bm_kernels) req.add_kernels(k);
     auto r = client.benchmark(req);
     if (!r.ok()) return std::cerr << "attn: " << r.status().to_string() << "\n", 1;
-    if (c.json) {
-      std::string s;
-      (void)google::protobuf::util::MessageToJsonString(*r, &s, json_opts);
-      std::cout << s;
-      return 0;
-    }
+    if (c.json) return print_json(*r);
     std::printf("%-28s %-24s %11s %11s %11s %10s %10s %8s %s\n", "variant", "device", "median", "p10", "p90",
                 "TFLOP/s", "GB/s", "error", "");
     for (const auto& x : r->results())
@@ -276,12 +279,7 @@ int main(int argc, char** argv) {
   if (info->parsed()) {
     auto r = client.server_info();
     if (!r.ok()) return std::cerr << "attn: " << r.status().to_string() << "\n", 1;
-    if (c.json) {
-      std::string s;
-      (void)google::protobuf::util::MessageToJsonString(*r, &s, json_opts);
-      std::cout << s;
-      return 0;
-    }
+    if (c.json) return print_json(*r);
     std::printf("attnd %s, %s backend\n", r->version().c_str(), r->backend().c_str());
     for (const auto& d : r->devices())
       std::printf("  device %s: %.1f GiB, %d %s%s%s\n", d.name().c_str(), d.memory_bytes() / 1073741824.0,
@@ -307,12 +305,7 @@ int main(int argc, char** argv) {
   if (kernels->parsed()) {
     auto r = client.list_kernels(kernels_op);
     if (!r.ok()) return std::cerr << "attn: " << r.status().to_string() << "\n", 1;
-    if (c.json) {
-      std::string s;
-      (void)google::protobuf::util::MessageToJsonString(*r, &s, json_opts);
-      std::cout << s;
-      return 0;
-    }
+    if (c.json) return print_json(*r);
     for (const auto& k : r->kernels()) {
       std::string dtypes;
       for (int d : k.dtypes()) {

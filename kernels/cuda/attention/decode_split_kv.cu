@@ -1,11 +1,16 @@
 // attention/decode_split_kv: flash-decoding for one query row per head (Sq = 1) over long keys.
 // A single query row cannot fill the GPU one block per head, so the keys are split across
 // blocks: a block owns one key/value head, one slice of the keys, and every query head of its
-// group (GQA), so each K/V byte is read once for the whole group. Within a block each half (or
-// quarter) warp streams one key at a time in 16-byte loads, keeps a running max, sum and output
-// per query head (the scores of 4 keys at a time, then one max and one rescale for the 4), and the
-// partial results are merged in shared memory, then across blocks by a
-// second small kernel using their log-sum-exps. Bound by reading K and V: its figure is GB/s.
+// group (GQA), so each K/V byte is read once for the whole group. Bound by reading K and V: its
+// figure is GB/s.
+// - K and V stream into shared memory through a ring of 4 stages of 32 keys, each filled by two
+//   bulk asynchronous copies (one thread issues them; an mbarrier counts the bytes in), so each
+//   block keeps 3 stages (48 KB at D = 128) in flight without holding them in registers.
+// - Each half (or quarter) warp takes one key at a time from shared memory in 16-byte reads and
+//   keeps a running max, sum and output per query head: the scores of 4 keys, then one max and
+//   one rescale for the 4.
+// - The block's key streams merge in shared memory; the last block of a head to finish (an atomic
+//   count) merges the head's splits by their log-sum-exps, so there is no second kernel.
 // bf16/fp16, head dims 64 and 128, up to 8 query heads per key/value head.
 #include "attention_common.cuh"
 #include "attention_rungs.h"
@@ -14,12 +19,13 @@
 namespace attn::cuda {
 namespace {
 
-constexpr int kThreads = 128, kUnroll = 4;
+constexpr int kThreads = 128, kStages = 4, kChunkKeys = 32;
 
 struct Partials {
-  float* o;  // [B*Hq][splits][D], unnormalized
-  float* m;  // [B*Hq][splits], log2 units
-  float* l;  // [B*Hq][splits]
+  float* o;        // [B*Hq][splits][D], unnormalized
+  float* m;        // [B*Hq][splits], log2 units
+  float* l;        // [B*Hq][splits]
+  int* finished;   // [B*Hkv]: blocks of that head done (zeroed before the launch)
   int splits, keys_per_split;
 };
 
@@ -30,20 +36,69 @@ __device__ __forceinline__ void unpack8(const uint4& raw, float (&out)[8]) {
   for (int i = 0; i < 8; ++i) out[i] = to_float(e[i]);
 }
 
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void bar_init(unsigned long long* bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count));
+}
+__device__ __forceinline__ void bar_expect_bytes(unsigned long long* bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bar_wait(unsigned long long* bar, unsigned phase) {
+  asm volatile(
+      "{\n .reg .pred done;\n wait:\n"
+      " mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      " @!done bra wait;\n}\n" ::"r"(smem_u32(bar)),
+      "r"(phase)
+      : "memory");
+}
+// Copies `bytes` (a multiple of 16) from global memory into shared memory; the barrier hears them land.
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes, unsigned long long* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+          smem_u32(dst)),
+      "l"(src), "r"(bytes), "r"(smem_u32(bar))
+      : "memory");
+}
+
 template <class T, int D, int G>
 __global__ void __launch_bounds__(kThreads) split_kernel(AttentionProblem p, Partials part) {
-  constexpr int kLanesPerKey = D / 8;            // 16 for D=128, 8 for D=64
-  constexpr int kGroups = kThreads / kLanesPerKey;  // independent key streams in the block
+  constexpr int kLanesPerKey = D / 8;               // 16 for D=128, 8 for D=64
+  constexpr int kStreams = kThreads / kLanesPerKey;  // keys read at once by the block
+  constexpr int kUnroll = kChunkKeys / kStreams;     // keys per stream per chunk
+  static_assert(kChunkKeys % kStreams == 0);
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* ring = reinterpret_cast<T*>(smem_raw);  // [kStages][2][kChunkKeys][D]: K then V
+  __shared__ unsigned long long full[kStages];
   __shared__ float qs[G][D];
-  __shared__ float red_m[kGroups][G], red_l[kGroups][G];
-  __shared__ float red_o[G][D];
+  __shared__ float red_m[kStreams][G], red_l[kStreams][G];
+  __shared__ bool last_block;
 
   const int split = blockIdx.x, bkv = blockIdx.y, b = bkv / p.heads_kv, hkv = bkv % p.heads_kv;
   const int h0 = hkv * p.group;
+  const int k_begin = split * part.keys_per_split;
+  const int k_end = min(p.len_kv, k_begin + part.keys_per_split);
+  const int chunks = max(0, (k_end - k_begin + kChunkKeys - 1) / kChunkKeys);
+  const T* khead = static_cast<const T*>(p.k) + p.kv_row(b, h0, 0);
+  const T* vhead = static_cast<const T*>(p.v) + p.kv_row(b, h0, 0);
+  auto issue = [&](int c) {  // chunk c of the slice into stage c % kStages
+    const int j = k_begin + c * kChunkKeys, rows = min(kChunkKeys, k_end - j);
+    const unsigned bytes = static_cast<unsigned>(rows * D * sizeof(T));
+    T* stage = ring + (c % kStages) * 2 * kChunkKeys * D;
+    bar_expect_bytes(&full[c % kStages], 2 * bytes);
+    bulk_copy(stage, khead + static_cast<long long>(j) * D, bytes, &full[c % kStages]);
+    bulk_copy(stage + kChunkKeys * D, vhead + static_cast<long long>(j) * D, bytes, &full[c % kStages]);
+  };
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) bar_init(&full[s], 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    for (int c = 0; c < min(chunks, kStages); ++c) issue(c);
+  }
   for (int idx = threadIdx.x; idx < G * D; idx += kThreads) {
     const int gq = idx / D, c = idx % D;
     qs[gq][c] = to_float(static_cast<const T*>(p.q)[p.q_row(b, h0 + gq, 0) + c]) * p.scale_log2;
-    red_o[gq][c] = 0.0f;
   }
   __syncthreads();
 
@@ -61,42 +116,19 @@ __global__ void __launch_bounds__(kThreads) split_kernel(AttentionProblem p, Par
 #pragma unroll
     for (int e = 0; e < 8; ++e) o[gq][e] = 0.0f;
   }
-  const int k_begin = split * part.keys_per_split;
-  const int k_end = min(p.len_kv, k_begin + part.keys_per_split);
-  const T* kbase = static_cast<const T*>(p.k) + p.kv_row(b, h0, 0) + lane * 8;
-  const T* vbase = static_cast<const T*>(p.v) + p.kv_row(b, h0, 0) + lane * 8;
 
-  // The loop bound is the same for every stream of a warp, so the shuffles below never run with
-  // part of a warp gone; keys past the slice are loaded by no one and skipped.
-  // Loads the kUnroll keys of this stream starting at jb (zeros past the slice: a masked key's
-  // weight is 0, and 0 x garbage could be NaN).
-  auto load_group = [&](int jb, uint4 (&kr)[kUnroll], uint4 (&vr)[kUnroll]) {
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int jj = jb + stream + u * kGroups;
-      if (jj < k_end) {
-        kr[u] = *reinterpret_cast<const uint4*>(kbase + static_cast<long long>(jj) * D);
-        vr[u] = *reinterpret_cast<const uint4*>(vbase + static_cast<long long>(jj) * D);
-      } else {
-        kr[u] = vr[u] = make_uint4(0u, 0u, 0u, 0u);
-      }
-    }
-  };
-  // Register double buffering: the next group's loads are in flight while this one is used, so
-  // each stream keeps 2 x kUnroll keys (2 x 2 KB at D = 128) outstanding.
-  uint4 kr[kUnroll], vr[kUnroll];
-  load_group(k_begin, kr, vr);
-  for (int jb = k_begin; jb < k_end; jb += kGroups * kUnroll) {
-    const int j = jb + stream;
-    uint4 kn[kUnroll], vn[kUnroll];
-    load_group(jb + kGroups * kUnroll, kn, vn);
-    // The scores of all kUnroll keys first (independent chains: dot products and shuffles
-    // overlap), then one max, one rescale and kUnroll updates per query head.
+  for (int c = 0; c < chunks; ++c) {
+    bar_wait(&full[c % kStages], (c / kStages) & 1);
+    const T* kt = ring + (c % kStages) * 2 * kChunkKeys * D;
+    const T* vt = kt + kChunkKeys * D;
+    const int j0 = k_begin + c * kChunkKeys;
+    // The scores of this stream's kUnroll keys first (independent chains: dot products and
+    // shuffles overlap), then one max, one rescale and kUnroll updates per query head.
     float sc[kUnroll][G];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       float kf[8];
-      unpack8<T>(kr[u], kf);
+      unpack8<T>(*reinterpret_cast<const uint4*>(kt + (stream + u * kStreams) * D + lane * 8), kf);
 #pragma unroll
       for (int gq = 0; gq < G; ++gq) {
         float dot = 0.0f;
@@ -111,11 +143,14 @@ __global__ void __launch_bounds__(kThreads) split_kernel(AttentionProblem p, Par
       for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
         for (int gq = 0; gq < G; ++gq) sc[u][gq] += __shfl_xor_sync(0xffffffffu, sc[u][gq], off);
+    bool valid[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (j + u * kGroups >= k_end)
+    for (int u = 0; u < kUnroll; ++u) {
+      valid[u] = j0 + stream + u * kStreams < k_end;  // rows past the slice hold stale data
+      if (!valid[u])
 #pragma unroll
         for (int gq = 0; gq < G; ++gq) sc[u][gq] = -INFINITY;
+    }
 #pragma unroll
     for (int gq = 0; gq < G; ++gq) {
       float m_new = m[gq];
@@ -130,82 +165,100 @@ __global__ void __launch_bounds__(kThreads) split_kernel(AttentionProblem p, Par
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
+      if (!valid[u]) continue;
       float vf[8];
-      unpack8<T>(vr[u], vf);
+      unpack8<T>(*reinterpret_cast<const uint4*>(vt + (stream + u * kStreams) * D + lane * 8), vf);
 #pragma unroll
       for (int gq = 0; gq < G; ++gq) {
-        if (m[gq] == -INFINITY) continue;  // no key of this stream seen yet
-        const float pj = exp2f(sc[u][gq] - m[gq]);  // 0 for a masked key
+        const float pj = exp2f(sc[u][gq] - m[gq]);
         l[gq] += pj;
 #pragma unroll
         for (int e = 0; e < 8; ++e) o[gq][e] += pj * vf[e];
       }
     }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) kr[u] = kn[u], vr[u] = vn[u];
+    __syncthreads();  // every thread is done with this stage: refill it
+    if (threadIdx.x == 0 && c + kStages < chunks) issue(c + kStages);
   }
 
-  // Merge the block's key streams: the max first, then rescaled sums and outputs.
+  // Merge the block's key streams: each stream's (max, sum) and output go to shared memory (the
+  // ring, free now), then each thread sums its output elements over the streams. (Shared-memory
+  // float atomics here cost 13 us of an 86 us call at [1, 32/8, 32k, 128].)
+  float* staged = reinterpret_cast<float*>(smem_raw);  // [kStreams][G][D]
+  static_assert(kStreams * G * D * sizeof(float) <= kStages * 2 * kChunkKeys * D * sizeof(T));
   if (lane == 0)
 #pragma unroll
     for (int gq = 0; gq < G; ++gq) red_m[stream][gq] = m[gq], red_l[stream][gq] = l[gq];
-  __syncthreads();
-  float mb[G];
 #pragma unroll
   for (int gq = 0; gq < G; ++gq) {
-    mb[gq] = -INFINITY;
-    for (int s = 0; s < kGroups; ++s) mb[gq] = fmaxf(mb[gq], red_m[s][gq]);
-  }
-#pragma unroll
-  for (int gq = 0; gq < G; ++gq) {
-    const float w = mb[gq] == -INFINITY ? 0.0f : exp2f(m[gq] - mb[gq]);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) atomicAdd(&red_o[gq][lane * 8 + e], o[gq][e] * w);
+    float4* dst = reinterpret_cast<float4*>(staged + (stream * G + gq) * D + lane * 8);
+    dst[0] = make_float4(o[gq][0], o[gq][1], o[gq][2], o[gq][3]);
+    dst[1] = make_float4(o[gq][4], o[gq][5], o[gq][6], o[gq][7]);
   }
   __syncthreads();
   const long long row_base = static_cast<long long>(b) * p.heads_q + h0;
   for (int idx = threadIdx.x; idx < G * D; idx += kThreads) {
     const int gq = idx / D, c = idx % D;
-    part.o[((row_base + gq) * part.splits + split) * D + c] = red_o[gq][c];
+    float mb = -INFINITY, acc = 0.0f;
+    for (int s = 0; s < kStreams; ++s) mb = fmaxf(mb, red_m[s][gq]);
+    for (int s = 0; s < kStreams; ++s)
+      if (red_m[s][gq] != -INFINITY) acc += staged[(s * G + gq) * D + c] * exp2f(red_m[s][gq] - mb);
+    part.o[((row_base + gq) * part.splits + split) * D + c] = acc;
   }
   if (threadIdx.x < G) {
     const int gq = threadIdx.x;
-    float lb = 0.0f;
-    for (int s = 0; s < kGroups; ++s)
-      if (red_m[s][gq] != -INFINITY) lb += red_l[s][gq] * exp2f(red_m[s][gq] - mb[gq]);
-    part.m[(row_base + gq) * part.splits + split] = mb[gq];
+    float mb = -INFINITY, lb = 0.0f;
+    for (int s = 0; s < kStreams; ++s) mb = fmaxf(mb, red_m[s][gq]);
+    for (int s = 0; s < kStreams; ++s)
+      if (red_m[s][gq] != -INFINITY) lb += red_l[s][gq] * exp2f(red_m[s][gq] - mb);
+    part.m[(row_base + gq) * part.splits + split] = mb;
     part.l[(row_base + gq) * part.splits + split] = lb;
   }
-}
 
-// One block per query head: merges the splits by their maxima, normalizes, writes O and lse.
-// The splits' (max, sum) pairs are read in parallel into shared memory first; each thread then
-// sums its output element over the splits, the loads independent of each other.
-template <class T>
-__global__ void combine_kernel(AttentionProblem p, Partials part) {
-  extern __shared__ float weights[];  // [splits]: exp2(m_s - M), then divided by the total
-  __shared__ float scratch[32];
-  const long long row = blockIdx.x;
-  const float* ms = part.m + row * part.splits;
-  const float* ls = part.l + row * part.splits;
-  float mx = -INFINITY;
-  for (int s = threadIdx.x; s < part.splits; s += blockDim.x) mx = fmaxf(mx, ms[s]);
-  mx = block_reduce<true>(mx, scratch);
-  float total = 0.0f;
-  for (int s = threadIdx.x; s < part.splits; s += blockDim.x) {
-    const float w = ms[s] == -INFINITY ? 0.0f : exp2f(ms[s] - mx);
-    weights[s] = w;
-    total += ls[s] * w;
+  // The last block of this head to finish merges every split of its query heads by their
+  // log-sum-exps: a warp per head finds the weights exp2(m_s - M) / total (kept in the ring's
+  // shared memory, free now), then each thread sums output elements over the splits.
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last_block = atomicAdd(&part.finished[bkv], 1) == part.splits - 1;
+  __syncthreads();
+  if (!last_block) return;
+  __threadfence();
+  float* weights = reinterpret_cast<float*>(smem_raw);  // [G][splits]
+  const int warp = threadIdx.x / 32, wl = threadIdx.x % 32;
+  for (int gq = warp; gq < G; gq += kThreads / 32) {
+    const float* ms = part.m + (row_base + gq) * part.splits;
+    const float* ls = part.l + (row_base + gq) * part.splits;
+    float mx = -INFINITY;
+    for (int s = wl; s < part.splits; s += 32) mx = fmaxf(mx, __ldcg(ms + s));
+    mx = warp_max(mx);
+    float total = 0.0f;
+    for (int s = wl; s < part.splits; s += 32) {
+      const float ms_s = __ldcg(ms + s);
+      const float w = ms_s == -INFINITY ? 0.0f : exp2f(ms_s - mx);
+      weights[gq * part.splits + s] = w;
+      total += __ldcg(ls + s) * w;
+    }
+    total = warp_sum(total);
+    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+    for (int s = wl; s < part.splits; s += 32) weights[gq * part.splits + s] *= inv;
+    if (p.lse && wl == 0)
+      p.lse[row_base + gq] = total > 0.0f ? (mx + log2f(total)) * 0.6931471805599453f : -INFINITY;
   }
-  total = block_reduce<false>(total, scratch);
-  const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-  for (int c = threadIdx.x; c < p.head_dim; c += blockDim.x) {
-    float acc = 0.0f;
-#pragma unroll 8
-    for (int s = 0; s < part.splits; ++s) acc += part.o[(row * part.splits + s) * p.head_dim + c] * weights[s];
-    static_cast<T*>(p.o)[row * p.head_dim + c] = from_float<T>(acc * inv);
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < G * D / 4; idx += kThreads) {  // 4 elements per thread and load
+    const int gq = idx / (D / 4), c = idx % (D / 4) * 4;
+    const float4* po = reinterpret_cast<const float4*>(part.o + (row_base + gq) * part.splits * D + c);
+    const float* w = weights + gq * part.splits;
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 16
+    for (int s = 0; s < part.splits; ++s) {
+      const float4 x = __ldcg(po + static_cast<long long>(s) * (D / 4));
+      acc.x += x.x * w[s], acc.y += x.y * w[s], acc.z += x.z * w[s], acc.w += x.w * w[s];
+    }
+    T* out = static_cast<T*>(p.o) + (row_base + gq) * D + c;
+    out[0] = from_float<T>(acc.x), out[1] = from_float<T>(acc.y), out[2] = from_float<T>(acc.z),
+    out[3] = from_float<T>(acc.w);
   }
-  if (p.lse && threadIdx.x == 0) p.lse[row] = total > 0.0f ? (mx + log2f(total)) * 0.6931471805599453f : -INFINITY;
 }
 
 template <class T, int D>
@@ -216,25 +269,36 @@ Status launch(const AttentionProblem& p, cudaStream_t s, int sms) {
                                                               : split_kernel<T, D, 8>;
   // As many blocks as fit on the GPU at once, in one wave with no straggler wave, but no slice
   // shorter than 256 keys.
+  constexpr int kRingBytes = kStages * 2 * kChunkKeys * D * static_cast<int>(sizeof(T));
+  ATTN_RETURN_IF_ERROR(to_status(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRingBytes), "decode shared memory"));
   int per_sm = 1;
-  ATTN_RETURN_IF_ERROR(to_status(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0),
-                                 "decode occupancy"));
+  ATTN_RETURN_IF_ERROR(to_status(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, kRingBytes), "decode occupancy"));
   const long long heads = static_cast<long long>(p.batch) * p.heads_kv;
   int splits = static_cast<int>(std::max<long long>(1, static_cast<long long>(std::max(per_sm, 1)) * sms / heads));
   splits = std::min(splits, std::max(1, (p.len_kv + 255) / 256));
+  // The merging block keeps [G][splits] weights in the ring's shared memory.
+  splits = std::min(splits, kRingBytes / static_cast<int>(sizeof(float)) / p.group);
   Partials part{};
   part.splits = splits;
   part.keys_per_split = (p.len_kv + splits - 1) / splits;
   const long long rows = static_cast<long long>(p.batch) * p.heads_q;
   char* ws = nullptr;
   const std::size_t o_bytes = rows * splits * D * sizeof(float), ml_bytes = rows * splits * sizeof(float);
-  ATTN_RETURN_IF_ERROR(to_status(cudaMallocAsync(&ws, o_bytes + 2 * ml_bytes, s), "decode workspace"));
-  part.o = reinterpret_cast<float*>(ws);
-  part.m = reinterpret_cast<float*>(ws + o_bytes);
-  part.l = reinterpret_cast<float*>(ws + o_bytes + ml_bytes);
+  const std::size_t count_bytes = (heads * sizeof(int) + 255) / 256 * 256;
+  ATTN_RETURN_IF_ERROR(to_status(cudaMallocAsync(&ws, count_bytes + o_bytes + 2 * ml_bytes, s), "decode workspace"));
+  part.finished = reinterpret_cast<int*>(ws);
+  part.o = reinterpret_cast<float*>(ws + count_bytes);
+  part.m = reinterpret_cast<float*>(ws + count_bytes + o_bytes);
+  part.l = reinterpret_cast<float*>(ws + count_bytes + o_bytes + ml_bytes);
+  const Status zeroed = to_status(cudaMemsetAsync(part.finished, 0, count_bytes, s), "decode workspace");
+  if (!zeroed.ok()) {
+    cudaFreeAsync(ws, s);
+    return zeroed;
+  }
   const dim3 grid(splits, static_cast<unsigned>(heads));
-  kernel<<<grid, kThreads, 0, s>>>(p, part);
-  combine_kernel<T><<<static_cast<unsigned>(rows), 128, splits * sizeof(float), s>>>(p, part);
+  kernel<<<grid, kThreads, kRingBytes, s>>>(p, part);
   const Status launched = to_status(cudaGetLastError(), "attention/decode_split_kv launch");
   cudaFreeAsync(ws, s);
   return launched;

@@ -31,6 +31,11 @@ void register_cuda_variants(Registry& r) {
     r.matmul.add({{m.name, Op::kMatmul, Backend::kCuda, f32, "float32; M, N, K < 2^31", m.description,
                    m.priority, 0},
                   fp32_supports, m.run, {}});
+  const std::vector<DType> half{DType::kBFloat16, DType::kFloat16};
+  r.matmul.add({{"matmul/08_wgmma_tma", Op::kMatmul, Backend::kCuda, half,
+                 "Hopper (sm_90); bfloat16/float16; contiguous dimensions multiples of 8",
+                 "wgmma from TMA-filled 128-byte-swizzled stages, producer/consumer warpgroups, persistent", 8, 0},
+                matmul_08_supports, matmul_08_wgmma_tma, {}});
   r.matmul.add({{"matmul/cublas", Op::kMatmul, Backend::kCuda, all,
                  "cuBLAS; float32 without TF32, float16/bfloat16 with float32 accumulation",
                  "the vendor library, the reference for the ladder", 100, 0},
@@ -68,7 +73,6 @@ void register_cuda_variants(Registry& r) {
                    return d.ok() && d->cols >= 32768 ? 6 : 3;
                  }});
 
-  const std::vector<DType> half{DType::kBFloat16, DType::kFloat16};
   r.attention.add({{"attention/01_naive", Op::kAttention, Backend::kCuda, f32,
                     "head dims 32, 64, 128, 256; S = B x Hq x Sq x Sk floats must fit in 8 GiB",
                     "S = QK^T materialized, softmax, O = PV: three kernels", 1, 0},

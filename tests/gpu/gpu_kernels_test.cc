@@ -73,7 +73,12 @@ TEST_P(GpuMatmul, MatchesReference) {
       {{129, 257}, {129, 300}, true, false}, {{200, 130}, {68, 130}, false, true},
       {{3, 17, 9}, {9, 70}, false, false},   {{2, 9, 17}, {2, 70, 9}, true, true},
       {{256, 512}, {512, 384}, false, false},
+      // Contiguous dimensions in multiples of 8 (what TMA-fed rungs take), the others awkward.
+      {{1, 64}, {64, 8}, false, false},      {{1000, 72}, {72, 1000}, false, false},
+      {{136, 33}, {33, 136}, true, true},    {{2, 130, 264}, {2, 264, 520}, false, false},
+      {{7, 1000}, {1000, 24}, false, false}, {{2, 136, 16}, {8, 136}, true, true},
   };
+  int ran = 0;
   for (DType dt : kAllDTypes) {
     for (const auto& c : cases) {
       SCOPED_TRACE(std::string(dtype_name(dt)) + " a" + shape_to_string(c.a) + " b" + shape_to_string(c.b) +
@@ -90,13 +95,19 @@ TEST_P(GpuMatmul, MatchesReference) {
         EXPECT_FALSE(supported.ok()) << "takes a dtype it does not claim";
         continue;
       }
-      ASSERT_TRUE(supported.ok()) << supported.to_string();
+      if (!supported.ok()) {  // a variant may refuse shapes it documents, naming the operand
+        EXPECT_TRUE(supported.message().rfind("a.shape", 0) == 0 || supported.message().rfind("b.shape", 0) == 0)
+            << supported.to_string();
+        continue;
+      }
       run_on_gpu(*v, args);
+      ++ran;
       // K up to 1000 in float32: a few ulps of accumulated rounding, so 1e-5 relative holds.
       EXPECT_LE(reference::relative_frobenius_error(out.view(), reference::matmul(args)),
                 reference::tolerance(dt));
     }
   }
+  EXPECT_GT(ran, 0) << "the variant took none of the cases";
 }
 
 INSTANTIATE_TEST_SUITE_P(Cuda, GpuMatmul, ::testing::ValuesIn(cuda_names(Op::kMatmul)), test_name);

@@ -140,23 +140,32 @@ void print(const Row& r) {
   std::fflush(stdout);
 }
 
-void bench_matmul(const std::vector<std::int64_t>& sizes, const std::vector<DType>& dtypes,
-                  cudaStream_t s, std::vector<Row>& rows, bool skip_slow) {
+struct MatmulShape {
+  std::int64_t m, n, k;
+  std::string str() const {
+    return m == n && n == k ? std::to_string(m) + "^3"
+                            : std::to_string(m) + "x" + std::to_string(n) + "x" + std::to_string(k);
+  }
+};
+
+void bench_matmul(const std::vector<MatmulShape>& shapes, const std::vector<DType>& dtypes, cudaStream_t s,
+                  std::vector<Row>& rows, bool skip_slow) {
   const Registry& reg = default_registry();
   std::mt19937_64 rng(42);
   Stream stream(Backend::kCuda, s, 0);
   for (DType dt : dtypes)
-    for (std::int64_t n : sizes) {
-      const std::size_t set_bytes = 3 * n * n * element_size(dt);
+    for (const MatmulShape& sh : shapes) {
+      const std::int64_t m = sh.m, n = sh.n, k = sh.k;
+      const std::size_t set_bytes = (m * k + k * n + m * n) * element_size(dt);
       const int sets = sets_for(set_bytes);
       std::vector<std::unique_ptr<DeviceTensor>> as, bs;
       for (int i = 0; i < sets; ++i) {
-        as.push_back(std::make_unique<DeviceTensor>(dt, Shape{n, n}, rng));
-        bs.push_back(std::make_unique<DeviceTensor>(dt, Shape{n, n}, rng));
+        as.push_back(std::make_unique<DeviceTensor>(dt, Shape{m, k}, rng));
+        bs.push_back(std::make_unique<DeviceTensor>(dt, Shape{k, n}, rng));
       }
-      DeviceTensor c(dt, {n, n});
-      const MatmulDims dims{1, n, n, n, false};
-      const std::string shape = std::to_string(n) + "^3";
+      DeviceTensor c(dt, {m, n});
+      const MatmulDims dims{1, m, n, k, false};
+      const std::string shape = sh.str();
       double cublas_rate = 0;
       std::vector<const MatmulVariant*> variants;
       for (const auto& v : reg.matmul.variants())
@@ -167,7 +176,7 @@ void bench_matmul(const std::vector<std::int64_t>& sizes, const std::vector<DTyp
         r.unit = "TFLOP/s";
         MatmulArgs args{as[0]->view, bs[0]->view, c.view};
         if (Status st = v->supports(args); !st.ok()) continue;  // other dtypes
-        if (skip_slow && n > 4096 && v->info.priority <= 2) {
+        if (skip_slow && m * n * k > 4096LL * 4096 * 4096 && v->info.priority <= 2) {
           r.status = "skipped (slow rung, --quick)";
           print(r);
           rows.push_back(r);
@@ -184,7 +193,7 @@ void bench_matmul(const std::vector<std::int64_t>& sizes, const std::vector<DTyp
         });
         r.ms = ms;
         r.runs = runs;
-        r.rate = 2.0 * n * n * n / (ms * 1e-3) / 1e12;
+        r.rate = 2.0 * m * n * k / (ms * 1e-3) / 1e12;
         if (v->info.name == "matmul/cublas") cublas_rate = r.rate;
         r.baseline_rate = cublas_rate;
         r.status = correct ? "ok" : ("WRONG " + st.to_string());
@@ -367,6 +376,8 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"matmul", "softmax", "attention", "all"}));
   app.add_option("--json", json, "write the results here");
   app.add_option("--matmul-sizes", matmul_sizes, "square sizes");
+  std::vector<std::int64_t> matmul_skinny{128, 256, 512, 1024};
+  app.add_option("--matmul-skinny", matmul_skinny, "M of the 16-bit M x 8192 x 8192 shapes (none: skip)");
   app.add_option("--softmax-widths", softmax_widths, "row widths");
   app.add_option("--softmax-elements", softmax_elements, "rows x width");
   app.add_flag("--quick", quick, "skip the slowest rungs at the largest size");
@@ -393,8 +404,13 @@ int main(int argc, char** argv) {
   std::uint64_t keep = UINT64_MAX;
   CHECK_CUDA(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
   std::vector<Row> rows;
-  if (op == "all" || op == "matmul")
-    bench_matmul(matmul_sizes, {DType::kFloat32, DType::kBFloat16}, s, rows, quick);
+  if (op == "all" || op == "matmul") {
+    std::vector<MatmulShape> squares, skinny;
+    for (std::int64_t n : matmul_sizes) squares.push_back({n, n, n});
+    for (std::int64_t m : matmul_skinny) skinny.push_back({m, 8192, 8192});
+    bench_matmul(squares, {DType::kFloat32, DType::kBFloat16}, s, rows, quick);
+    bench_matmul(skinny, {DType::kBFloat16}, s, rows, quick);
+  }
   if (op == "all" || op == "softmax")
     bench_softmax(softmax_widths, {DType::kFloat32, DType::kBFloat16}, softmax_elements, s, rows);
   if (op == "all" || op == "attention") {

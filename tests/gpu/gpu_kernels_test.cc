@@ -77,6 +77,7 @@ TEST_P(GpuMatmul, MatchesReference) {
       {{1, 64}, {64, 8}, false, false},      {{1000, 72}, {72, 1000}, false, false},
       {{136, 33}, {33, 136}, true, true},    {{2, 130, 264}, {2, 264, 520}, false, false},
       {{7, 1000}, {1000, 24}, false, false}, {{2, 136, 16}, {8, 136}, true, true},
+      {{64, 72}, {33, 72}, false, true},     {{100, 2048}, {2048, 264}, false, false},
   };
   int ran = 0;
   for (DType dt : kAllDTypes) {

@@ -12,6 +12,8 @@
 // - Persistent: one block per SM walks the output tiles (grouped 8 tall, so neighbouring blocks
 //   share A and B in L2); while the consumers store one tile, the producer already loads the
 //   next tile's stages, so the epilogue does not stall the loads.
+// - With too few output tiles to fill the GPU (skinny M), K is split across blocks, and the last
+//   split of a tile adds the others' fp32 partial sums.
 // bf16/fp16 in, fp32 accumulation, bf16/fp16 out; any transpose flags (M- or N-major operands go
 // through wgmma's transpose bits); batched. Refuses operands whose contiguous dimension is not a
 // multiple of 8 elements (TMA needs 16-byte row strides).
@@ -31,26 +33,29 @@ using namespace hopper;
 constexpr int kBM = 128, kBN = 256, kBK = 64, kStages = 4, kGroupM = 8;
 constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1);
 constexpr int kABytes = kBM * kBK * 2, kBBytes = kBN * kBK * 2, kStageBytes = kABytes + kBBytes;
-constexpr int kSmemBytes = kStages * kStageBytes + 1024;  // + room to align the ring to 1024 bytes
+// Each consumer warpgroup stages half of its 64 x 256 output at a time (64 x 128) for TMA stores.
+constexpr int kCBytes = 64 * 128 * 2;
+constexpr int kSmemBytes = kStages * kStageBytes + kConsumers * kCBytes + 1024;  // + room to align to 1024
 // A 64-element (128-byte) slab of an M- or N-major tile: kBK rows of 128 bytes.
 constexpr int kSlabBytes = kBK * 128;
-#ifndef ATTN_WGMMA_MN_SWAP
-#define ATTN_WGMMA_MN_SWAP 0
-#endif
-// M/N-major descriptors: byte offsets between 64-wide slabs and between 8-row k groups.
-constexpr std::uint32_t kMNLead = ATTN_WGMMA_MN_SWAP ? 1024 : kSlabBytes;
-constexpr std::uint32_t kMNStride = ATTN_WGMMA_MN_SWAP ? kSlabBytes : 1024;
 
 struct Tiles {
   int batch, m, n, k, tiles_m, tiles_n, k_tiles;
+  int splits;      // > 1: K split across blocks, partial sums in `partial`, merged by the last
   bool b_batched;
+  bool tma_store;  // C leaves through shared memory and TMA (needs rows of 16-byte multiples)
   void* c;
+  float* partial;  // [tile][split][128 values][256 consumer threads]
+  int* arrived;    // [tile]: splits done (zeroed before the launch)
 
-  __device__ int count() const { return batch * tiles_m * tiles_n; }
-  // Tile t as (batch, m tile, n tile), walking groups of kGroupM m-tiles column by column.
-  __device__ void at(int t, int& bt, int& tm, int& tn) const {
-    const int per_batch = tiles_m * tiles_n, r = t % per_batch;
-    bt = t / per_batch;
+  __device__ int count() const { return batch * tiles_m * tiles_n * splits; }
+  // Work unit u as (batch, m tile, n tile, split), walking groups of kGroupM m-tiles column by
+  // column so that neighbouring blocks share A and B in L2.
+  __device__ void at(int u, int& bt, int& tm, int& tn, int& split) const {
+    split = u % splits;
+    u /= splits;
+    const int per_batch = tiles_m * tiles_n, r = u % per_batch;
+    bt = u / per_batch;
     const int group = r / (kGroupM * tiles_n), first = group * kGroupM;
     const int rows = min(tiles_m - first, kGroupM), in_group = r % (kGroupM * tiles_n);
     tm = first + in_group % rows;
@@ -58,13 +63,21 @@ struct Tiles {
   }
 };
 
-template <class T, bool TA, bool TB>
+// kSplitK: each unit covers a share of K; its fp32 sums are parked in `partial` and the last
+// split of a tile to finish adds the others' and stores (for too few tiles to fill the GPU).
+template <class T, bool TA, bool TB, bool kSplitK>
 __global__ void __launch_bounds__(kThreads, 1)
-    wgmma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b, Tiles tiles) {
+    wgmma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
+                 const __grid_constant__ CUtensorMap map_c, Tiles tiles) {
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   __shared__ __align__(8) std::uint64_t full[kStages], empty[kStages];
+  __shared__ int last_split;
   unsigned char* ring = reinterpret_cast<unsigned char*>((reinterpret_cast<std::uintptr_t>(smem_raw) + 1023) & ~std::uintptr_t{1023});
   const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
+  auto k_range = [&](int split, int& kt0, int& kt1) {
+    kt0 = kSplitK ? split * tiles.k_tiles / tiles.splits : 0;
+    kt1 = kSplitK ? (split + 1) * tiles.k_tiles / tiles.splits : tiles.k_tiles;
+  };
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -77,17 +90,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
 
-  if (wg == 0) {  // producer
+  if (wg == 0) {  // producer: one thread issues every copy
     regs_decrease<40>();
     if (tid != 0) return;
     int s = 0;
     std::uint32_t phase = 0;
-    for (int t = blockIdx.x; t < tiles.count(); t += gridDim.x) {
-      int bt, tm, tn;
-      tiles.at(t, bt, tm, tn);
+    for (int u = blockIdx.x; u < tiles.count(); u += gridDim.x) {
+      int bt, tm, tn, split, kt0, kt1;
+      tiles.at(u, bt, tm, tn, split);
+      k_range(split, kt0, kt1);
       const int m0 = tm * kBM, n0 = tn * kBN, bb = tiles.b_batched ? bt : 0;
-      for (int kt = 0; kt < tiles.k_tiles; ++kt) {
-        mbar_wait(&empty[s], phase ^ 1);
+      for (int kt = kt0; kt < kt1; ++kt) {
+        mbar_wait(&empty[s], phase ^ 1);  // both consumers are done with the stage
         mbar_expect_tx(&full[s], kStageBytes);
         unsigned char* a = ring + s * kStageBytes;
         unsigned char* b = a + kABytes;
@@ -116,12 +130,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   int s = 0;
   std::uint32_t phase = 0;
   float d[128];
-  for (int t = blockIdx.x; t < tiles.count(); t += gridDim.x) {
-    int bt, tm, tn;
-    tiles.at(t, bt, tm, tn);
+  for (int u = blockIdx.x; u < tiles.count(); u += gridDim.x) {
+    int bt, tm, tn, split, kt0, kt1;
+    tiles.at(u, bt, tm, tn, split);
+    k_range(split, kt0, kt1);
 #pragma unroll
     for (int i = 0; i < 128; ++i) d[i] = 0.0f;
-    for (int kt = 0; kt < tiles.k_tiles; ++kt) {
+    for (int kt = kt0; kt < kt1; ++kt) {
       mbar_wait(&full[s], phase);
       const unsigned char* a = ring + s * kStageBytes;
       const unsigned char* b = a + kABytes;
@@ -131,10 +146,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int kk = 0; kk < kBK / 16; ++kk) {
         // K-major tiles: rows of 64 k (128 bytes), 8-row groups 1024 bytes apart; a k-step of 16
         // is 32 bytes along the row. M/N-major tiles: 64-wide slabs of kBK rows; a k-step is 16
-        // rows (2048 bytes); 8-row k groups are 1024 bytes apart, slabs kSlabBytes apart.
-        const std::uint64_t da = TA ? smem_desc(a + half * kSlabBytes + kk * 2048, kMNLead, kMNStride)
+        // rows (2048 bytes); the descriptor's leading offset is the slab stride, its stride
+        // offset the 1024 bytes between 8-row k groups (checked on the H100 against cuBLAS).
+        const std::uint64_t da = TA ? smem_desc(a + half * kSlabBytes + kk * 2048, kSlabBytes, 1024)
                                     : smem_desc(a + half * 64 * 128 + kk * 32, 16, 1024);
-        const std::uint64_t db = TB ? smem_desc(b + kk * 32, 16, 1024) : smem_desc(b + kk * 2048, kMNLead, kMNStride);
+        const std::uint64_t db = TB ? smem_desc(b + kk * 32, 16, 1024) : smem_desc(b + kk * 2048, kSlabBytes, 1024);
         wgmma_m64n256k16<T, TA ? 1 : 0, TB ? 0 : 1>(d, da, db, 1);
       }
       wgmma_commit();
@@ -142,15 +158,70 @@ __global__ void __launch_bounds__(kThreads, 1)
       // The group before this one has retired: its stage can be refilled.
       wgmma_wait<1>();
       const int prev = s == 0 ? kStages - 1 : s - 1;
-      if (kt > 0 && tid == 0) mbar_arrive(&empty[prev]);
+      if (kt > kt0 && tid == 0) mbar_arrive(&empty[prev]);
       if (++s == kStages) s = 0, phase ^= 1;
     }
     wgmma_wait<0>();
     fence_registers(d);
-    if (tiles.k_tiles > 0 && tid == 0) mbar_arrive(&empty[s == 0 ? kStages - 1 : s - 1]);
+    if (kt1 > kt0 && tid == 0) mbar_arrive(&empty[s == 0 ? kStages - 1 : s - 1]);
+
+    if constexpr (kSplitK) {
+      const int tile = u / tiles.splits, ct = half * 128 + tid;
+      float* mine = tiles.partial + (static_cast<long long>(tile) * tiles.splits + split) * 128 * 256;
+#pragma unroll
+      for (int j = 0; j < 128; ++j) mine[j * 256 + ct] = d[j];
+      __threadfence();
+      named_barrier(1, 256);  // both consumer warpgroups have parked their sums
+      if (threadIdx.x == 128) last_split = atomicAdd(&tiles.arrived[tile], 1) == tiles.splits - 1;
+      named_barrier(1, 256);
+      if (!last_split) continue;
+      __threadfence();
+      for (int other = 0; other < tiles.splits; ++other) {
+        if (other == split) continue;
+        const float* theirs = tiles.partial + (static_cast<long long>(tile) * tiles.splits + other) * 128 * 256;
+#pragma unroll
+        for (int j = 0; j < 128; ++j) d[j] += __ldcg(theirs + j * 256 + ct);
+      }
+    }
 
     // Epilogue: thread (warp, lane) holds rows r and r + 8 of its warp's 16, two columns of
-    // every 8. Stored straight from registers, two elements at a time where N allows.
+    // every 8. Stored straight from registers these are 4-byte pieces of 8 rows per warp store,
+    // which cost 16% of the time at 4096^3; instead each half of the warpgroup's 64 x 256 goes to
+    // shared memory (two 64 x 64 slabs in the 128-byte swizzle the C map expects: chunk c of
+    // row r at c ^ (r % 8), so a warp's 8 rows hit different banks) and leaves by TMA.
+    if (tiles.tma_store) {
+      unsigned char* cbuf = ring + kStages * kStageBytes + half * kCBytes;
+#pragma unroll
+      for (int pass = 0; pass < 2; ++pass) {
+        if (tid == 0) tma_store_wait_read();  // the previous store has read the buffer
+        named_barrier(2 + half, 128);
+#pragma unroll
+        for (int j = 16 * pass; j < 16 * pass + 16; ++j)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int row = warp * 16 + lane / 4 + 8 * h, chunk = j % 8;
+            const int offset = ((j - 16 * pass) / 8) * 64 * 128 + row * 128 + ((chunk ^ (row % 8)) << 4) + (lane % 4) * 4;
+            const float x = d[4 * j + 2 * h], y = d[4 * j + 2 * h + 1];
+            std::uint32_t packed;
+            if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+              __nv_bfloat162 v = __floats2bfloat162_rn(x, y);
+              packed = *reinterpret_cast<std::uint32_t*>(&v);
+            } else {
+              __half2 v = __floats2half2_rn(x, y);
+              packed = *reinterpret_cast<std::uint32_t*>(&v);
+            }
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(smem_u32(cbuf + offset)), "r"(packed) : "memory");
+          }
+        fence_async_shared();
+        named_barrier(2 + half, 128);
+        if (tid == 0) {
+          for (int slab = 0; slab < 2; ++slab)
+            tma_store_3d(&map_c, cbuf + slab * 64 * 128, tn * kBN + 128 * pass + 64 * slab, tm * kBM + half * 64, bt);
+          tma_store_commit();
+        }
+      }
+      continue;
+    }
     T* c = static_cast<T*>(tiles.c) + static_cast<long long>(bt) * tiles.m * tiles.n;
     const int r0 = tm * kBM + half * 64 + warp * 16 + lane / 4;
     const int c0 = tn * kBN + (lane % 4) * 2;
@@ -176,6 +247,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   }
+  if (tiles.tma_store && tid == 0) tma_store_wait_all();  // the buffer outlives its last store
 }
 
 // The driver's tensor-map encoder, reached through the runtime (no link against libcuda).
@@ -254,6 +326,16 @@ Status matmul_08_supports(const MatmulArgs& args) {
 Status matmul_08_wgmma_tma(const MatmulArgs& args, Stream& stream) {
   ATTN_RETURN_IF_ERROR(matmul_08_supports(args));
   ATTN_ASSIGN_OR_RETURN(d, matmul_dims(args.a, args.b, args.transpose_a, args.transpose_b));
+  const cudaStream_t cs = stream_of(stream);
+  const int sms = device_sms(stream.device());
+  Tiles tiles{static_cast<int>(d.batch), static_cast<int>(d.m), static_cast<int>(d.n), static_cast<int>(d.k),
+              ceil_div(d.m, kBM), ceil_div(d.n, kBN), ceil_div(d.k, kBK), 1, d.b_batched, false, args.c.data,
+              nullptr, nullptr};
+  const int tile_count = tiles.batch * tiles.tiles_m * tiles.tiles_n;
+  // Fewer tiles than half the GPU (skinny M): split K so that every SM streams its share of B,
+  // at least 8 k-tiles a split.
+  if (tile_count <= sms / 2) tiles.splits = std::max(1, std::min(sms / tile_count, tiles.k_tiles / 8));
+
   const long long b_batch = d.b_batched ? d.batch : 1;
   // A as stored: [batch][M][K] (K-major) or [batch][K][M] with transpose_a; B: [N][K] with
   // transpose_b (K-major) or [K][N].
@@ -261,30 +343,53 @@ Status matmul_08_wgmma_tma(const MatmulArgs& args, Stream& stream) {
                                                 : make_map(args.a.data, args.a.dtype, d.k, d.m, d.batch, kBM));
   ATTN_ASSIGN_OR_RETURN(map_b, args.transpose_b ? make_map(args.b.data, args.b.dtype, d.k, d.n, b_batch, kBN)
                                                 : make_map(args.b.data, args.b.dtype, d.n, d.k, b_batch, kBK));
-  Tiles tiles{static_cast<int>(d.batch), static_cast<int>(d.m), static_cast<int>(d.n), static_cast<int>(d.k),
-              ceil_div(d.m, kBM), ceil_div(d.n, kBN), ceil_div(d.k, kBK), d.b_batched, args.c.data};
-  const int count = tiles.batch * tiles.tiles_m * tiles.tiles_n;
-  const int grid = std::min(count, device_sms(stream.device()));
+  // C: [batch][M][N], stored in 64 x 64 boxes (TMA clips the edges); rows must be 16-byte multiples.
+  tiles.tma_store = d.n % 8 == 0;
+  CUtensorMap map_c{};
+  if (tiles.tma_store) {
+    ATTN_ASSIGN_OR_RETURN(m, make_map(args.c.data, args.c.dtype, d.n, d.m, d.batch, 64));
+    map_c = m;
+  }
+  char* workspace = nullptr;
+  if (tiles.splits > 1) {
+    const std::size_t counts = (tile_count * sizeof(int) + 255) / 256 * 256;
+    const std::size_t partial = static_cast<std::size_t>(tile_count) * tiles.splits * 128 * 256 * sizeof(float);
+    ATTN_RETURN_IF_ERROR(to_status(cudaMallocAsync(&workspace, counts + partial, cs), "matmul/08 workspace"));
+    tiles.arrived = reinterpret_cast<int*>(workspace);
+    tiles.partial = reinterpret_cast<float*>(workspace + counts);
+    const Status zeroed = to_status(cudaMemsetAsync(tiles.arrived, 0, counts, cs), "matmul/08 workspace");
+    if (!zeroed.ok()) {
+      cudaFreeAsync(workspace, cs);
+      return zeroed;
+    }
+  }
+
+  const int grid = std::min(tile_count * tiles.splits, sms);
   cudaError_t e = cudaSuccess;
   auto launch = [&](auto kernel) {
     e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-    if (e == cudaSuccess) {
-      kernel<<<grid, kThreads, kSmemBytes, stream_of(stream)>>>(map_a, map_b, tiles);
-      e = cudaGetLastError();
-    }
+    if (e != cudaSuccess) return;
+    kernel<<<grid, kThreads, kSmemBytes, cs>>>(map_a, map_b, map_c, tiles);
+    e = cudaGetLastError();
+  };
+  auto with_layout_of = [&](auto type, auto ta, auto tb) {
+    using T = decltype(type);
+    constexpr bool TA = decltype(ta)::value, TB = decltype(tb)::value;
+    if (tiles.splits > 1) launch(wgmma_kernel<T, TA, TB, true>);
+    else launch(wgmma_kernel<T, TA, TB, false>);
   };
   auto with_type = [&](auto type) {
-    using T = decltype(type);
     if (args.transpose_a) {
-      if (args.transpose_b) launch(wgmma_kernel<T, true, true>);
-      else launch(wgmma_kernel<T, true, false>);
+      if (args.transpose_b) with_layout_of(type, std::true_type{}, std::true_type{});
+      else with_layout_of(type, std::true_type{}, std::false_type{});
     } else {
-      if (args.transpose_b) launch(wgmma_kernel<T, false, true>);
-      else launch(wgmma_kernel<T, false, false>);
+      if (args.transpose_b) with_layout_of(type, std::false_type{}, std::true_type{});
+      else with_layout_of(type, std::false_type{}, std::false_type{});
     }
   };
   if (args.a.dtype == DType::kBFloat16) with_type(__nv_bfloat16{});
   else with_type(__half{});
+  if (workspace) cudaFreeAsync(workspace, cs);
   return to_status(e, "matmul/08_wgmma_tma launch");
 }
 

@@ -32,6 +32,10 @@ void register_cuda_variants(Registry& r) {
                    m.priority, 0},
                   fp32_supports, m.run, {}});
   const std::vector<DType> half{DType::kBFloat16, DType::kFloat16};
+  r.matmul.add({{"matmul/07_mma_pipelined", Op::kMatmul, Backend::kCuda, half,
+                 "bfloat16/float16; contiguous dimensions multiples of 8",
+                 "mma.sync tensor cores, ldmatrix from swizzled tiles, 3-stage cp.async pipeline", 7, 0},
+                matmul_07_supports, matmul_07_mma_pipelined, {}});
   r.matmul.add({{"matmul/08_wgmma_tma", Op::kMatmul, Backend::kCuda, half,
                  "Hopper (sm_90); bfloat16/float16; contiguous dimensions multiples of 8",
                  "wgmma from TMA-filled 128-byte-swizzled stages, producer/consumer warpgroups, persistent", 8, 0},

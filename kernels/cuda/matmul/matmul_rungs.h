@@ -11,6 +11,8 @@ Status matmul_03_smem_tiled(const MatmulArgs& args, Stream& stream);
 Status matmul_04_1d_blocktile(const MatmulArgs& args, Stream& stream);
 Status matmul_05_2d_blocktile(const MatmulArgs& args, Stream& stream);
 Status matmul_06_vectorized(const MatmulArgs& args, Stream& stream);
+Status matmul_07_mma_pipelined(const MatmulArgs& args, Stream& stream);
+Status matmul_07_supports(const MatmulArgs& args);
 Status matmul_08_wgmma_tma(const MatmulArgs& args, Stream& stream);
 Status matmul_08_supports(const MatmulArgs& args);
 Status matmul_cublas(const MatmulArgs& args, Stream& stream);

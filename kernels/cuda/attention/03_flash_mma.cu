@@ -12,45 +12,14 @@
 // - exp2 with the scale folded in; only tiles that cross a row's last visible key are masked;
 //   causal tiles past the diagonal are skipped, and the query tiles run heaviest first.
 // Head dims 64 and 128.
+#include "../common/mma_sync.cuh"
 #include "attention_common.cuh"
 #include "attention_rungs.h"
 
 namespace attn::cuda {
 namespace {
 
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
-
-template <class T>
-__device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-template <class T>
-__device__ __forceinline__ unsigned pack(float lo, float hi) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<unsigned*>(&v);
-  } else {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<unsigned*>(&v);
-  }
-}
+using namespace mma_sync;
 
 // Byte offset of (row, 16-byte chunk) in a [rows][D] tile whose chunks are XOR-swizzled by row & 7.
 // Every lane's ldmatrix rows below start at a multiple of 8, so row & 7 is fixed per lane and the
@@ -75,20 +44,8 @@ __device__ __forceinline__ void load_tile(unsigned tile, const T* head, int row0
     const int row = row0 + r + pass * kRowsPerPass;
     const bool valid = row < len;
     const T* from = valid ? src + static_cast<long long>(pass) * kRowsPerPass * D : head;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst + pass * kRowsPerPass * D * 2),
-                 "l"(from), "r"(valid ? 16 : 0));
+    cp_async16(dst + pass * kRowsPerPass * D * 2, from, valid);
   }
-}
-
-__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], unsigned addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], unsigned addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
 }
 
 // One K/V tile for the warp: S = Q K^T for its kMT m-tiles, the online softmax, O += P V.
@@ -116,8 +73,8 @@ __device__ __forceinline__ void attend_tile(const AttentionProblem& p, unsigned 
       ldsm_x4(kf, k_kk + np * 16 * D * 2);
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
-        mma<T>(s[mt][2 * np], qk[mt], kf[0], kf[1]);
-        mma<T>(s[mt][2 * np + 1], qk[mt], kf[2], kf[3]);
+        mma16816<T>(s[mt][2 * np], qk[mt], kf[0], kf[1]);
+        mma16816<T>(s[mt][2 * np + 1], qk[mt], kf[2], kf[3]);
       }
     }
   }
@@ -158,8 +115,8 @@ __device__ __forceinline__ void attend_tile(const AttentionProblem& p, unsigned 
       l[mt][0] += p0 + p1;
       l[mt][1] += p2 + p3;
       // Two n-tiles of S make one k-step of P: [keys 0-7 | keys 8-15] of a 16-key step.
-      pf[mt][n / 2][(n % 2) * 2 + 0] = pack<T>(p0, p1);
-      pf[mt][n / 2][(n % 2) * 2 + 1] = pack<T>(p2, p3);
+      pf[mt][n / 2][(n % 2) * 2 + 0] = pack2<T>(p0, p1);
+      pf[mt][n / 2][(n % 2) * 2 + 1] = pack2<T>(p2, p3);
     }
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
@@ -177,8 +134,8 @@ __device__ __forceinline__ void attend_tile(const AttentionProblem& p, unsigned 
       ldsm_x4_trans(vf, (v_lane ^ (dp << 5)) + kk * 16 * D * 2);
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
-        mma<T>(o[mt][2 * dp], pf[mt][kk], vf[0], vf[1]);
-        mma<T>(o[mt][2 * dp + 1], pf[mt][kk], vf[2], vf[3]);
+        mma16816<T>(o[mt][2 * dp], pf[mt][kk], vf[0], vf[1]);
+        mma16816<T>(o[mt][2 * dp + 1], pf[mt][kk], vf[2], vf[3]);
       }
     }
   }
@@ -217,7 +174,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) flash_mma_kernel(Atte
     load_tile<T, D, kThreads, kBN>(vs, vhead, 0, p.len_kv);
   }
   cp_async_commit();
-  cp_async_wait_all();
+  cp_async_wait<0>();
   __syncthreads();
 
   const int warp_row0 = warp * 16 * kMT;
@@ -250,7 +207,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) flash_mma_kernel(Atte
       attend_tile<T, D, kMT, kBN, true>(p, q_lane, ks + buf + k_lane0, vs + buf + v_lane0, j0, row0, o, m, l);
     else
       attend_tile<T, D, kMT, kBN, false>(p, q_lane, ks + buf + k_lane0, vs + buf + v_lane0, j0, row0, o, m, l);
-    cp_async_wait_all();
+    cp_async_wait<0>();
     __syncthreads();  // tile t+1 has landed; nobody reads buffer `buf` any more
   }
 
@@ -269,7 +226,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) flash_mma_kernel(Atte
 #pragma unroll
       for (int n = 0; n < D / 8; ++n)
         *reinterpret_cast<unsigned*>(orow + n * 8 + t4 * 2) =
-            pack<T>(o[mt][n][2 * r] * inv, o[mt][n][2 * r + 1] * inv);
+            pack2<T>(o[mt][n][2 * r] * inv, o[mt][n][2 * r + 1] * inv);
       if (p.lse && t4 == 0) {
         p.lse[(static_cast<long long>(b) * p.heads_q + h) * p.len_q + row] =
             lr > 0.0f ? (m[mt][r] + log2f(lr)) * 0.6931471805599453f : -INFINITY;

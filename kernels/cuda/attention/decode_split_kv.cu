@@ -12,9 +12,10 @@
 // - The block's key streams merge in shared memory; the last block of a head to finish (an atomic
 //   count) merges the head's splits by their log-sum-exps, so there is no second kernel.
 // bf16/fp16, head dims 64 and 128, up to 8 query heads per key/value head.
+#include "../hopper/hopper.cuh"
+#include "../softmax/softmax_common.cuh"
 #include "attention_common.cuh"
 #include "attention_rungs.h"
-#include "../softmax/softmax_common.cuh"
 
 namespace attn::cuda {
 namespace {
@@ -36,32 +37,7 @@ __device__ __forceinline__ void unpack8(const uint4& raw, float (&out)[8]) {
   for (int i = 0; i < 8; ++i) out[i] = to_float(e[i]);
 }
 
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void bar_init(unsigned long long* bar, unsigned count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count));
-}
-__device__ __forceinline__ void bar_expect_bytes(unsigned long long* bar, unsigned bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void bar_wait(unsigned long long* bar, unsigned phase) {
-  asm volatile(
-      "{\n .reg .pred done;\n wait:\n"
-      " mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      " @!done bra wait;\n}\n" ::"r"(smem_u32(bar)),
-      "r"(phase)
-      : "memory");
-}
-// Copies `bytes` (a multiple of 16) from global memory into shared memory; the barrier hears them land.
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes, unsigned long long* bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-          smem_u32(dst)),
-      "l"(src), "r"(bytes), "r"(smem_u32(bar))
-      : "memory");
-}
+using namespace hopper;
 
 template <class T, int D, int G>
 __global__ void __launch_bounds__(kThreads) split_kernel(AttentionProblem p, Partials part) {
@@ -71,7 +47,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(AttentionProblem p, Par
   static_assert(kChunkKeys % kStreams == 0);
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* ring = reinterpret_cast<T*>(smem_raw);  // [kStages][2][kChunkKeys][D]: K then V
-  __shared__ unsigned long long full[kStages];
+  __shared__ std::uint64_t full[kStages];
   __shared__ float qs[G][D];
   __shared__ float red_m[kStreams][G], red_l[kStreams][G];
   __shared__ bool last_block;
@@ -87,13 +63,13 @@ __global__ void __launch_bounds__(kThreads) split_kernel(AttentionProblem p, Par
     const int j = k_begin + c * kChunkKeys, rows = min(kChunkKeys, k_end - j);
     const unsigned bytes = static_cast<unsigned>(rows * D * sizeof(T));
     T* stage = ring + (c % kStages) * 2 * kChunkKeys * D;
-    bar_expect_bytes(&full[c % kStages], 2 * bytes);
-    bulk_copy(stage, khead + static_cast<long long>(j) * D, bytes, &full[c % kStages]);
-    bulk_copy(stage + kChunkKeys * D, vhead + static_cast<long long>(j) * D, bytes, &full[c % kStages]);
+    mbar_expect_tx(&full[c % kStages], 2 * bytes);
+    bulk_load(stage, khead + static_cast<long long>(j) * D, bytes, &full[c % kStages]);
+    bulk_load(stage + kChunkKeys * D, vhead + static_cast<long long>(j) * D, bytes, &full[c % kStages]);
   };
   if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) bar_init(&full[s], 1);
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    for (int s = 0; s < kStages; ++s) mbar_init(&full[s], 1);
+    mbar_fence_init();
     for (int c = 0; c < min(chunks, kStages); ++c) issue(c);
   }
   for (int idx = threadIdx.x; idx < G * D; idx += kThreads) {
@@ -118,7 +94,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(AttentionProblem p, Par
   }
 
   for (int c = 0; c < chunks; ++c) {
-    bar_wait(&full[c % kStages], (c / kStages) & 1);
+    mbar_wait(&full[c % kStages], (c / kStages) & 1);
     const T* kt = ring + (c % kStages) * 2 * kChunkKeys * D;
     const T* vt = kt + kChunkKeys * D;
     const int j0 = k_begin + c * kChunkKeys;

@@ -10,9 +10,7 @@
 // - A 3-stage cp.async pipeline: tiles k+1 and k+2 are in flight while tile k is multiplied; 96 KB
 //   of shared memory and <= 128 registers a thread let two blocks share an SM.
 // bf16/fp16 in and out; contiguous dimensions must be multiples of 8 (16-byte copies).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
+#include "../common/mma_sync.cuh"
 #include "matmul_common.cuh"
 #include "matmul_rungs.h"
 
@@ -31,40 +29,12 @@ struct Problem16 {
   long long stride_a, stride_b, stride_c;
 };
 
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
+using namespace mma_sync;
+
 // Byte offset of 16-byte chunk `chunk` of row `row` in a tile of `row_bytes`-long rows.
 __device__ __forceinline__ unsigned swz(int row, int chunk, int row_bytes) {
   return static_cast<unsigned>(row * row_bytes + ((chunk ^ (row & 7)) << 4));
 }
-__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], unsigned addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldsm_x4_t(unsigned (&r)[4], unsigned addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-template <class T>
-__device__ __forceinline__ void mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
 // Copies one operand's tile as stored: `rows` rows of `row_elems` contiguous elements starting at
 // (row0, col0) of a [rows_total][cols_total] matrix; zeros outside it.
 __device__ __forceinline__ void load_tile(unsigned tile, const char* base, int row0, int col0, int rows,
@@ -75,8 +45,7 @@ __device__ __forceinline__ void load_tile(unsigned tile, const char* base, int r
     const int gr = row0 + r, gc = col0 + ch * 8;
     const bool valid = gr < rows_total && gc < cols_total;
     const char* src = valid ? base + (static_cast<long long>(gr) * cols_total + gc) * 2 : base;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(tile + swz(r, ch, row_bytes)), "l"(src),
-                 "r"(valid ? 16 : 0));
+    cp_async16(tile + swz(r, ch, row_bytes), src, valid);
   }
 }
 
@@ -106,13 +75,13 @@ __global__ void __launch_bounds__(kThreads, 2) mma_kernel(Problem16 p) {
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < k_tiles) load_stage(s);
-    asm volatile("cp.async.commit_group;\n" ::);
+    cp_async_commit();
   }
   for (int kt = 0; kt < k_tiles; ++kt) {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(kStages - 2));
+    cp_async_wait<kStages - 2>();
     __syncthreads();  // tile kt has landed for everyone; tile kt - 1's buffer is free
     if (kt + kStages - 1 < k_tiles) load_stage(kt + kStages - 1);
-    asm volatile("cp.async.commit_group;\n" ::);
+    cp_async_commit();
     const unsigned at = base + (kt % kStages) * 2 * kTileBytes, bt = at + kTileBytes;
 #pragma unroll
     for (int kk = 0; kk < kBK / 16; ++kk) {
@@ -121,7 +90,7 @@ __global__ void __launch_bounds__(kThreads, 2) mma_kernel(Problem16 p) {
       for (int i = 0; i < 4; ++i) {  // A fragments of m16 tile i: rows wm + 16 i .., k 16 kk ..
         const int mr = wm + 16 * i;
         if (TA)  // stored [k][m]: matrices (m 0-7 | 8-15) x (k 0-7 | 8-15), read transposed
-          ldsm_x4_t(af[i], at + swz(16 * kk + lane % 8 + (lane / 16) * 8, mr / 8 + (lane / 8) % 2, kBM * 2));
+          ldsm_x4_trans(af[i], at + swz(16 * kk + lane % 8 + (lane / 16) * 8, mr / 8 + (lane / 8) % 2, kBM * 2));
         else
           ldsm_x4(af[i], at + swz(mr + lane % 16, 2 * kk + lane / 16, kBK * 2));
       }
@@ -131,7 +100,7 @@ __global__ void __launch_bounds__(kThreads, 2) mma_kernel(Problem16 p) {
         if (TB)  // stored [n][k]: rows are n, as mma's "col" B wants
           ldsm_x4(bf[j], bt + swz(nc + lane % 8 + (lane / 16) * 8, 2 * kk + (lane / 8) % 2, kBK * 2));
         else  // stored [k][n]: read transposed
-          ldsm_x4_t(bf[j], bt + swz(16 * kk + lane % 8 + ((lane / 8) % 2) * 8, nc / 8 + lane / 16, kBN * 2));
+          ldsm_x4_trans(bf[j], bt + swz(16 * kk + lane % 8 + ((lane / 8) % 2) * 8, nc / 8 + lane / 16, kBN * 2));
       }
 #pragma unroll
       for (int i = 0; i < 4; ++i)
@@ -142,7 +111,7 @@ __global__ void __launch_bounds__(kThreads, 2) mma_kernel(Problem16 p) {
         }
     }
   }
-  asm volatile("cp.async.wait_group 0;\n" ::);
+  cp_async_wait<0>();
 
   // Thread (lane / 4, lane % 4) holds rows g and g + 8, columns 2 (lane % 4) + {0, 1} of each tile.
   T* c = static_cast<T*>(p.c) + bz * p.stride_c;
@@ -175,25 +144,8 @@ __global__ void __launch_bounds__(kThreads, 2) mma_kernel(Problem16 p) {
 
 Status matmul_07_supports(const MatmulArgs& args) {
   ATTN_ASSIGN_OR_RETURN(d, matmul_dims(args.a, args.b, args.transpose_a, args.transpose_b));
-  if (args.a.dtype != DType::kBFloat16 && args.a.dtype != DType::kFloat16) {
-    return invalid_argument("a.dtype: matmul/07_mma_pipelined takes bfloat16, float16, got " +
-                            std::string(dtype_name(args.a.dtype)));
-  }
-  const long long a_inner = args.transpose_a ? d.m : d.k, b_inner = args.transpose_b ? d.k : d.n;
-  if (a_inner % 8 != 0) {
-    return invalid_argument(std::string("a.shape: matmul/07_mma_pipelined needs a's contiguous dimension (") +
-                            (args.transpose_a ? "M" : "K") + ") to be a multiple of 8, got " + std::to_string(a_inner));
-  }
-  if (b_inner % 8 != 0) {
-    return invalid_argument(std::string("b.shape: matmul/07_mma_pipelined needs b's contiguous dimension (") +
-                            (args.transpose_b ? "K" : "N") + ") to be a multiple of 8, got " + std::to_string(b_inner));
-  }
-  if (d.m > INT_MAX / 2 || d.n > INT_MAX / 2 || d.k > INT_MAX / 2 || d.batch > 65535 || (d.m + kBM - 1) / kBM > 65535) {
-    return invalid_argument("a.shape: matmul/07_mma_pipelined takes M, N, K < 2^30, M < 2^23 and a batch <= 65535");
-  }
-  for (const TensorView* t : {&args.a, &args.b, &args.c})
-    if (reinterpret_cast<std::uintptr_t>(t->data) % 16 != 0)
-      return invalid_argument("a.data: matmul/07_mma_pipelined needs 16-byte aligned operands");
+  ATTN_RETURN_IF_ERROR(sixteen_bit_supports(args, d, "matmul/07_mma_pipelined"));
+  if ((d.m + kBM - 1) / kBM > 65535) return invalid_argument("a.shape: matmul/07_mma_pipelined takes M < 2^23");
   return Status::Ok();
 }
 

@@ -293,10 +293,7 @@ int device_sms(int device) {
 
 Status matmul_08_supports(const MatmulArgs& args) {
   ATTN_ASSIGN_OR_RETURN(d, matmul_dims(args.a, args.b, args.transpose_a, args.transpose_b));
-  if (args.a.dtype != DType::kBFloat16 && args.a.dtype != DType::kFloat16) {
-    return invalid_argument("a.dtype: matmul/08_wgmma_tma takes bfloat16, float16, got " +
-                            std::string(dtype_name(args.a.dtype)));
-  }
+  ATTN_RETURN_IF_ERROR(sixteen_bit_supports(args, d, "matmul/08_wgmma_tma"));
   int device = 0, major = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
@@ -304,22 +301,9 @@ Status matmul_08_supports(const MatmulArgs& args) {
     return failed_precondition("matmul/08_wgmma_tma needs a Hopper GPU (compute capability 9.x), this one is " +
                                std::to_string(major) + ".x");
   }
-  const long long a_inner = args.transpose_a ? d.m : d.k, b_inner = args.transpose_b ? d.k : d.n;
-  if (a_inner % 8 != 0) {
-    return invalid_argument(std::string("a.shape: matmul/08_wgmma_tma needs a's contiguous dimension (") +
-                            (args.transpose_a ? "M" : "K") + ") to be a multiple of 8, got " + std::to_string(a_inner));
+  if (d.batch * ((d.m + kBM - 1) / kBM) * ((d.n + kBN - 1) / kBN) > INT_MAX / 64) {
+    return invalid_argument("a.shape: matmul/08_wgmma_tma takes fewer than 2^25 output tiles");
   }
-  if (b_inner % 8 != 0) {
-    return invalid_argument(std::string("b.shape: matmul/08_wgmma_tma needs b's contiguous dimension (") +
-                            (args.transpose_b ? "K" : "N") + ") to be a multiple of 8, got " + std::to_string(b_inner));
-  }
-  if (d.m > INT_MAX / 2 || d.n > INT_MAX / 2 || d.k > INT_MAX / 2 || d.batch > 65535 ||
-      d.batch * ((d.m + kBM - 1) / kBM) * ((d.n + kBN - 1) / kBN) > INT_MAX) {
-    return invalid_argument("a.shape: matmul/08_wgmma_tma takes M, N, K < 2^30 and a batch <= 65535");
-  }
-  for (const TensorView* t : {&args.a, &args.b, &args.c})
-    if (reinterpret_cast<std::uintptr_t>(t->data) % 16 != 0)
-      return invalid_argument("a.data: matmul/08_wgmma_tma needs 16-byte aligned operands");
   return Status::Ok();
 }
 

@@ -6,6 +6,8 @@
 #include <cuda_runtime.h>
 
 #include <climits>
+#include <cstdint>
+#include <string>
 #include <type_traits>
 
 #include "attn/executor.h"
@@ -40,6 +42,30 @@ inline Result<MatmulProblem> fp32_problem(const MatmulArgs& args) {
 }
 
 inline Status fp32_supports(const MatmulArgs& args) { return fp32_problem(args).status(); }
+
+// What the 16-bit tensor-core rungs (07, 08) take: bfloat16/float16, each operand's contiguous
+// dimension a multiple of 8 elements (16-byte copies), 16-byte aligned data, sizes below 2^30.
+inline Status sixteen_bit_supports(const MatmulArgs& args, const MatmulDims& d, const std::string& name) {
+  if (args.a.dtype != DType::kBFloat16 && args.a.dtype != DType::kFloat16) {
+    return invalid_argument("a.dtype: " + name + " takes bfloat16, float16, got " + std::string(dtype_name(args.a.dtype)));
+  }
+  const long long a_inner = args.transpose_a ? d.m : d.k, b_inner = args.transpose_b ? d.k : d.n;
+  if (a_inner % 8 != 0) {
+    return invalid_argument("a.shape: " + name + " needs a's contiguous dimension (" + (args.transpose_a ? "M" : "K") +
+                            ") to be a multiple of 8, got " + std::to_string(a_inner));
+  }
+  if (b_inner % 8 != 0) {
+    return invalid_argument("b.shape: " + name + " needs b's contiguous dimension (" + (args.transpose_b ? "K" : "N") +
+                            ") to be a multiple of 8, got " + std::to_string(b_inner));
+  }
+  if (d.m > INT_MAX / 2 || d.n > INT_MAX / 2 || d.k > INT_MAX / 2 || d.batch > 65535) {
+    return invalid_argument("a.shape: " + name + " takes M, N, K < 2^30 and a batch <= 65535");
+  }
+  for (const TensorView* t : {&args.a, &args.b, &args.c})
+    if (reinterpret_cast<std::uintptr_t>(t->data) % 16 != 0)
+      return invalid_argument("a.data: " + name + " needs 16-byte aligned operands");
+  return Status::Ok();
+}
 
 // A(i, kk) and B(kk, j) of the logical product, read from the operands as stored.
 template <bool TA>

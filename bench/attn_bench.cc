@@ -431,7 +431,7 @@ int main(int argc, char** argv) {
     }
     decode.push_back({1, 32, 8, 1, 32768, 128, false});
     decode.push_back({16, 32, 8, 1, 16384, 128, false});
-    bench_attention(grid, {"attention/03_flash_mma"}, DType::kBFloat16, s, rows, copy);
+    bench_attention(grid, {"attention/03_flash_mma", "attention/04_wgmma_tma"}, DType::kBFloat16, s, rows, copy);
     bench_attention(fp32_grid, {"attention/01_naive", "attention/02_flash_fp32"}, DType::kFloat32, s, rows, copy);
     bench_attention(decode, {"attention/03_flash_mma", "attention/decode_split_kv"}, DType::kBFloat16, s, rows, copy);
   }

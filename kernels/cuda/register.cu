@@ -93,6 +93,15 @@ void register_cuda_variants(Registry& r) {
   r.attention.add({{"attention/03_flash_mma", Op::kAttention, Backend::kCuda, half, "head dims 64, 128",
                     "FlashAttention-2 split on mma.sync tensor cores, cp.async double buffering", 3, 0},
                    attention_03_supports, attention_03_flash_mma, {}});
+  r.attention.add({{"attention/04_wgmma_tma", Op::kAttention, Backend::kCuda, half, "Hopper (sm_90); head dims 64, 128",
+                    "wgmma for QK^T and PV (P from registers), TMA-fed K/V ring, producer/consumer warpgroups",
+                    2, 0},
+                   attention_04_supports, attention_04_wgmma_tma, [](const AttentionArgs& a) {
+                     // Ahead of rung 03 at head dim 128 (1.26-1.33x on the H100); at 64 they are even,
+                     // and one query row goes to decode_split_kv (priority 4).
+                     const auto d = attention_dims(a.q, a.k, a.v);
+                     return d.ok() && d->head_dim == 128 && d->len_q > 1 ? 4 : 2;
+                   }});
   r.attention.add({{"attention/decode_split_kv", Op::kAttention, Backend::kCuda, half,
                     "Sq = 1 (decoding); head dims 64, 128; 1, 2, 4 or 8 query heads per key/value head",
                     "flash-decoding: keys split across blocks, merged by log-sum-exp", 4, 0},

@@ -149,4 +149,90 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], std::uint64_t 
 }
 #undef ATTN_WGMMA_M64N256K16
 
+// D (64 x 128, fp32, 64 registers a thread) += A (64 x 16) . B (16 x 128), both in shared memory.
+#define ATTN_WGMMA_M64N128K16(TY)   \
+  asm volatile(   \
+      "{\n .reg .pred p;\n setp.ne.b32 p, %66, 0;\n"   \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " "   \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "   \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "   \
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "   \
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "   \
+      "%64, %65, p, 1, 1, %67, %68;\n}\n"   \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),   \
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),   \
+      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),   \
+      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),   \
+      "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),   \
+      "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),   \
+      "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),   \
+      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])   \
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransA), "n"(kTransB))
+
+template <class T, int kTransA, int kTransB>
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], std::uint64_t desc_a, std::uint64_t desc_b,
+                                                 int accumulate) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    ATTN_WGMMA_M64N128K16("bf16");
+  else
+    ATTN_WGMMA_M64N128K16("f16");
+}
+#undef ATTN_WGMMA_M64N128K16
+
+// D (64 x 128, fp32, 64 registers a thread) += A (64 x 16, registers: the m16n8k16 A fragment of
+// each warp's 16 rows) . B (16 x 128, shared memory). TY: "bf16" or "f16".
+#define ATTN_WGMMA_M64N128K16_RS(TY)   \
+  asm volatile(   \
+      "{\n .reg .pred p;\n setp.ne.b32 p, %69, 0;\n"   \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " "   \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "   \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "   \
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "   \
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "   \
+      "{%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"   \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),   \
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),   \
+      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),   \
+      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),   \
+      "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),   \
+      "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),   \
+      "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),   \
+      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])   \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(kTransB))
+
+template <class T, int kTransB>
+__device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[64], const unsigned (&a)[4], std::uint64_t desc_b,
+                                                 int accumulate) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    ATTN_WGMMA_M64N128K16_RS("bf16");
+  else
+    ATTN_WGMMA_M64N128K16_RS("f16");
+}
+#undef ATTN_WGMMA_M64N128K16_RS
+
+// D (64 x 64, fp32, 32 registers a thread) += A (64 x 16, registers: the m16n8k16 A fragment of
+// each warp's 16 rows) . B (16 x 64, shared memory). TY: "bf16" or "f16".
+#define ATTN_WGMMA_M64N64K16_RS(TY)   \
+  asm volatile(   \
+      "{\n .reg .pred p;\n setp.ne.b32 p, %37, 0;\n"   \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " "   \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "   \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "   \
+      "{%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"   \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),   \
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),   \
+      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),   \
+      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])   \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(kTransB))
+
+template <class T, int kTransB>
+__device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[32], const unsigned (&a)[4], std::uint64_t desc_b,
+                                                 int accumulate) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    ATTN_WGMMA_M64N64K16_RS("bf16");
+  else
+    ATTN_WGMMA_M64N64K16_RS("f16");
+}
+#undef ATTN_WGMMA_M64N64K16_RS
+
 }  // namespace attn::cuda::hopper

@@ -17,11 +17,8 @@
 // bf16/fp16 in, fp32 accumulation, bf16/fp16 out; any transpose flags (M- or N-major operands go
 // through wgmma's transpose bits); batched. Refuses operands whose contiguous dimension is not a
 // multiple of 8 elements (TMA needs 16-byte row strides).
-#include <cudaTypedefs.h>
-
-#include <mutex>
-
 #include "../hopper/hopper.cuh"
+#include "../hopper/tensor_map.h"
 #include "matmul_common.cuh"
 #include "matmul_rungs.h"
 
@@ -250,39 +247,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (tiles.tma_store && tid == 0) tma_store_wait_all();  // the buffer outlives its last store
 }
 
-// The driver's tensor-map encoder, reached through the runtime (no link against libcuda).
-Result<PFN_cuTensorMapEncodeTiled_v12000> tensor_map_encoder() {
-  static std::once_flag once;
-  static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
-  std::call_once(once, [] {
-    void* p = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q) == cudaSuccess &&
-        q == cudaDriverEntryPointSuccess)
-      fn = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
-  });
-  if (!fn) return internal_error("matmul/08_wgmma_tma: cuTensorMapEncodeTiled is not available");
-  return fn;
-}
-
-// A 3-D map over a [batch][outer][inner] operand, boxes of [box_outer][64] with 128-byte swizzle.
-Result<CUtensorMap> make_map(const void* base, DType dt, long long inner, long long outer, long long batch,
-                             int box_outer) {
-  ATTN_ASSIGN_OR_RETURN(encode, tensor_map_encoder());
-  CUtensorMap map{};
-  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(inner), static_cast<cuuint64_t>(outer),
-                              static_cast<cuuint64_t>(batch)};
-  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(inner * 2), static_cast<cuuint64_t>(inner * outer * 2)};
-  const cuuint32_t box[3] = {64, static_cast<cuuint32_t>(box_outer), 1};
-  const cuuint32_t unit[3] = {1, 1, 1};
-  const CUresult r = encode(&map, dt == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-                            3, const_cast<void*>(base), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS) return internal_error("matmul/08_wgmma_tma: cuTensorMapEncodeTiled failed (" + std::to_string(r) + ")");
-  return map;
-}
-
 int device_sms(int device) {
   int sms = 132;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
@@ -323,15 +287,15 @@ Status matmul_08_wgmma_tma(const MatmulArgs& args, Stream& stream) {
   const long long b_batch = d.b_batched ? d.batch : 1;
   // A as stored: [batch][M][K] (K-major) or [batch][K][M] with transpose_a; B: [N][K] with
   // transpose_b (K-major) or [K][N].
-  ATTN_ASSIGN_OR_RETURN(map_a, args.transpose_a ? make_map(args.a.data, args.a.dtype, d.m, d.k, d.batch, kBK)
-                                                : make_map(args.a.data, args.a.dtype, d.k, d.m, d.batch, kBM));
-  ATTN_ASSIGN_OR_RETURN(map_b, args.transpose_b ? make_map(args.b.data, args.b.dtype, d.k, d.n, b_batch, kBN)
-                                                : make_map(args.b.data, args.b.dtype, d.n, d.k, b_batch, kBK));
+  ATTN_ASSIGN_OR_RETURN(map_a, args.transpose_a ? tensor_map_3d(args.a.data, args.a.dtype, d.m, d.k, d.batch, kBK)
+                                                : tensor_map_3d(args.a.data, args.a.dtype, d.k, d.m, d.batch, kBM));
+  ATTN_ASSIGN_OR_RETURN(map_b, args.transpose_b ? tensor_map_3d(args.b.data, args.b.dtype, d.k, d.n, b_batch, kBN)
+                                                : tensor_map_3d(args.b.data, args.b.dtype, d.n, d.k, b_batch, kBK));
   // C: [batch][M][N], stored in 64 x 64 boxes (TMA clips the edges); rows must be 16-byte multiples.
   tiles.tma_store = d.n % 8 == 0;
   CUtensorMap map_c{};
   if (tiles.tma_store) {
-    ATTN_ASSIGN_OR_RETURN(m, make_map(args.c.data, args.c.dtype, d.n, d.m, d.batch, 64));
+    ATTN_ASSIGN_OR_RETURN(m, tensor_map_3d(args.c.data, args.c.dtype, d.n, d.m, d.batch, 64));
     map_c = m;
   }
   char* workspace = nullptr;

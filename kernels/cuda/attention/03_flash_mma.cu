@@ -211,27 +211,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) flash_mma_kernel(Atte
     __syncthreads();  // tile t+1 has landed; nobody reads buffer `buf` any more
   }
 
-  T* ohead = static_cast<T*>(p.o) + p.q_row(b, h, 0);
 #pragma unroll
-  for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = row0 + mt * 16 + 8 * r;
-      float lr = l[mt][r];
-      lr += __shfl_xor_sync(0xffffffffu, lr, 1);
-      lr += __shfl_xor_sync(0xffffffffu, lr, 2);
-      if (row >= p.len_q) continue;
-      const float inv = lr > 0.0f ? 1.0f / lr : 0.0f;
-      T* orow = ohead + static_cast<long long>(row) * D;
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n)
-        *reinterpret_cast<unsigned*>(orow + n * 8 + t4 * 2) =
-            pack2<T>(o[mt][n][2 * r] * inv, o[mt][n][2 * r + 1] * inv);
-      if (p.lse && t4 == 0) {
-        p.lse[(static_cast<long long>(b) * p.heads_q + h) * p.len_q + row] =
-            lr > 0.0f ? (m[mt][r] + log2f(lr)) * 0.6931471805599453f : -INFINITY;
-      }
-    }
+  for (int mt = 0; mt < kMT; ++mt) store_output_rows<T, D>(p, b, h, row0 + mt * 16, t4, &o[mt][0][0], m[mt], l[mt]);
 }
 
 template <class T, int D, int kWarps, int kMT, int kBN, int kMinBlocks = 1>
@@ -257,18 +238,11 @@ cudaError_t launch(const AttentionProblem& p, cudaStream_t s) {
 }  // namespace
 
 Status attention_03_supports(const AttentionArgs& args) {
-  ATTN_ASSIGN_OR_RETURN(p, attention_problem(args, {DType::kBFloat16, DType::kFloat16}, {64, 128},
-                                             "attention/03_flash_mma"));
-  if (static_cast<long long>(p.batch) * p.heads_q > 65535) {
-    return invalid_argument("q.shape: attention/03_flash_mma takes B x Hq <= 65535");
-  }
-  return Status::Ok();
+  return tensor_core_problem(args, "attention/03_flash_mma").status();
 }
 
 Status attention_03_flash_mma(const AttentionArgs& args, Stream& stream) {
-  ATTN_RETURN_IF_ERROR(attention_03_supports(args));
-  ATTN_ASSIGN_OR_RETURN(p, attention_problem(args, {DType::kBFloat16, DType::kFloat16}, {64, 128},
-                                             "attention/03_flash_mma"));
+  ATTN_ASSIGN_OR_RETURN(p, tensor_core_problem(args, "attention/03_flash_mma"));
   const cudaStream_t s = attention_stream(stream);
   cudaError_t e;
   if (args.q.dtype == DType::kBFloat16)

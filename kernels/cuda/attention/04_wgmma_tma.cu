@@ -172,25 +172,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (++s == kStages) s = 0, phase ^= 1;
   }
 
-  T* ohead = static_cast<T*>(p.o) + p.q_row(b, h, 0);
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = row0 + 8 * r;
-    float lr = l[r];
-    lr += __shfl_xor_sync(0xffffffffu, lr, 1);
-    lr += __shfl_xor_sync(0xffffffffu, lr, 2);
-    if (row >= p.len_q) continue;
-    const float inv = lr > 0.0f ? 1.0f / lr : 0.0f;
-    T* orow = ohead + static_cast<long long>(row) * D;
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j)
-      *reinterpret_cast<unsigned*>(orow + 8 * j + 2 * t4) =
-          mma_sync::pack2<T>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
-    if (p.lse && t4 == 0) {
-      p.lse[(static_cast<long long>(b) * p.heads_q + h) * p.len_q + row] =
-          lr > 0.0f ? (m[r] + log2f(lr)) * 0.6931471805599453f : -INFINITY;
-    }
-  }
+  store_output_rows<T, D>(p, b, h, row0, t4, o, m, l);
 }
 
 template <class T, int D>
@@ -207,18 +189,8 @@ cudaError_t launch(const AttentionProblem& p, const CUtensorMap& q, const CUtens
 }  // namespace
 
 Status attention_04_supports(const AttentionArgs& args) {
-  ATTN_ASSIGN_OR_RETURN(p, attention_problem(args, {DType::kBFloat16, DType::kFloat16}, {64, 128},
-                                             "attention/04_wgmma_tma"));
-  if (static_cast<long long>(p.batch) * p.heads_q > 65535) {
-    return invalid_argument("q.shape: attention/04_wgmma_tma takes B x Hq <= 65535");
-  }
-  int device = 0, major = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (major != 9) {
-    return failed_precondition("attention/04_wgmma_tma needs a Hopper GPU (compute capability 9.x), this one is " +
-                               std::to_string(major) + ".x");
-  }
+  ATTN_RETURN_IF_ERROR(tensor_core_problem(args, "attention/04_wgmma_tma").status());
+  ATTN_RETURN_IF_ERROR(require_hopper("attention/04_wgmma_tma"));
   for (const TensorView* t : {&args.q, &args.k, &args.v})
     if (reinterpret_cast<std::uintptr_t>(t->data) % 16 != 0)
       return invalid_argument("q.data: attention/04_wgmma_tma needs 16-byte aligned q, k and v");
@@ -227,8 +199,7 @@ Status attention_04_supports(const AttentionArgs& args) {
 
 Status attention_04_wgmma_tma(const AttentionArgs& args, Stream& stream) {
   ATTN_RETURN_IF_ERROR(attention_04_supports(args));
-  ATTN_ASSIGN_OR_RETURN(p, attention_problem(args, {DType::kBFloat16, DType::kFloat16}, {64, 128},
-                                             "attention/04_wgmma_tma"));
+  ATTN_ASSIGN_OR_RETURN(p, tensor_core_problem(args, "attention/04_wgmma_tma"));
   const DType dt = args.q.dtype;
   // [heads][len][D], boxes of 128 rows x 64 of the head dim.
   ATTN_ASSIGN_OR_RETURN(mq, tensor_map_3d(p.q, dt, p.head_dim, p.len_q, static_cast<long long>(p.batch) * p.heads_q, 128));

@@ -11,6 +11,7 @@
 
 #include "attn/executor.h"
 #include "attn/ops.h"
+#include "../common/mma_sync.cuh"
 #include "../cuda_check.h"
 
 namespace attn::cuda {
@@ -78,6 +79,44 @@ inline Result<AttentionProblem> attention_problem(const AttentionArgs& args, std
                      static_cast<int>(d.heads_q / d.heads_kv), args.scale, args.scale * 1.4426950408889634f,
                      args.causal};
   return p;
+}
+
+// The problem for the bf16/fp16 tensor-core rungs (03, 04): head dims 64 and 128, one block row
+// of the grid per (batch, query head).
+inline Result<AttentionProblem> tensor_core_problem(const AttentionArgs& args, const char* name) {
+  ATTN_ASSIGN_OR_RETURN(p, attention_problem(args, {DType::kBFloat16, DType::kFloat16}, {64, 128}, name));
+  if (static_cast<long long>(p.batch) * p.heads_q > 65535) {
+    return invalid_argument(std::string("q.shape: ") + name + " takes B x Hq <= 65535");
+  }
+  return p;
+}
+
+// Normalizes and stores the two output rows (row, row + 8) a thread holds in the m16n8
+// accumulator layout of the tensor-core rungs — o[4 j + 2 r + e] is column 8 j + 2 t4 + e of row
+// row + 8 r — with their log-sum-exps; m and l are the rows' running max (log2 units) and sum,
+// the sum still to be added over the 4 threads of a row.
+template <class T, int D>
+__device__ __forceinline__ void store_output_rows(const AttentionProblem& p, int b, int h, int row, int t4,
+                                                  const float* o, const float (&m)[2], const float (&l)[2]) {
+  T* ohead = static_cast<T*>(p.o) + p.q_row(b, h, 0);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = row + 8 * r;
+    float lr = l[r];
+    lr += __shfl_xor_sync(0xffffffffu, lr, 1);
+    lr += __shfl_xor_sync(0xffffffffu, lr, 2);
+    if (i >= p.len_q) continue;
+    const float inv = lr > 0.0f ? 1.0f / lr : 0.0f;
+    T* orow = ohead + static_cast<long long>(i) * D;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+      *reinterpret_cast<unsigned*>(orow + 8 * j + 2 * t4) =
+          mma_sync::pack2<T>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
+    if (p.lse && t4 == 0) {
+      p.lse[(static_cast<long long>(b) * p.heads_q + h) * p.len_q + i] =
+          lr > 0.0f ? (m[r] + log2f(lr)) * 0.6931471805599453f : -INFINITY;
+    }
+  }
 }
 
 inline cudaStream_t attention_stream(Stream& s) { return static_cast<cudaStream_t>(s.cuda_stream()); }

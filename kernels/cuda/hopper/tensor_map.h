@@ -1,4 +1,4 @@
-// Host side of TMA: building CUtensorMap descriptors for 16-bit tensors. The driver's encoder is
+// Host side of the Hopper rungs: the architecture check and CUtensorMap descriptors for 16-bit tensors. The driver's encoder is
 // reached through the runtime, so nothing links against libcuda.
 #pragma once
 
@@ -13,6 +13,16 @@
 #include "attn/status.h"
 
 namespace attn::cuda::hopper {
+
+// The rungs built on wgmma and TMA run on compute capability 9.x only.
+inline Status require_hopper(const std::string& name) {
+  int device = 0, major = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (major == 9) return Status::Ok();
+  return failed_precondition(name + " needs a Hopper GPU (compute capability 9.x), this one is " +
+                             std::to_string(major) + ".x");
+}
 
 inline Result<PFN_cuTensorMapEncodeTiled_v12000> tensor_map_encoder() {
   static std::once_flag once;

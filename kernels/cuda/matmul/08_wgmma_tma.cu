@@ -258,13 +258,7 @@ int device_sms(int device) {
 Status matmul_08_supports(const MatmulArgs& args) {
   ATTN_ASSIGN_OR_RETURN(d, matmul_dims(args.a, args.b, args.transpose_a, args.transpose_b));
   ATTN_RETURN_IF_ERROR(sixteen_bit_supports(args, d, "matmul/08_wgmma_tma"));
-  int device = 0, major = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (major != 9) {
-    return failed_precondition("matmul/08_wgmma_tma needs a Hopper GPU (compute capability 9.x), this one is " +
-                               std::to_string(major) + ".x");
-  }
+  ATTN_RETURN_IF_ERROR(require_hopper("matmul/08_wgmma_tma"));
   if (d.batch * ((d.m + kBM - 1) / kBM) * ((d.n + kBN - 1) / kBN) > INT_MAX / 64) {
     return invalid_argument("a.shape: matmul/08_wgmma_tma takes fewer than 2^25 output tiles");
   }

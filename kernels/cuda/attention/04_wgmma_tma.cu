@@ -1,17 +1,25 @@
-// attention/04_wgmma_tma: rung 03's algorithm on Hopper's warpgroup MMA (sm_90a). What changes
-// from rung 03 and why it is faster:
-// - S = Q K^T is one wgmma.m64n128k16 chain per 16 of the head dim, straight from shared memory
-//   (no ldmatrix, no fragment registers for Q or K), at the wgmma rate mma.sync cannot reach.
-// - O += P V takes P from registers (the accumulator layout of S is the A-register layout of
-//   wgmma, as with mma.sync) and V from shared memory through wgmma's transpose bit.
-// - TMA copies Q once and K/V tiles into a 2-stage ring (128-byte swizzle, mbarriers); a producer
-//   warpgroup (24 registers) issues them, two consumer warpgroups (240 registers) own 64 query
-//   rows each of the block's 128, so a block keeps 8 warps of math and one thread of loading.
-// - As in rung 03: exp2 with the scale folded in, masks only on tiles that cross a row's last
-//   visible key, causal tiles past the diagonal skipped, query tiles heaviest first.
-// Not yet here (FlashAttention-3's rest): the softmax of one tile overlapped with the wgmma of the
-// next, two consumer warpgroups ping-ponging, a persistent scheduler.
-// bf16/fp16, head dims 64 and 128.
+// attention/04_wgmma_tma: rung 03's algorithm on Hopper's warpgroup MMA (sm_90a), scheduled the
+// way FlashAttention-3 does it. What changes from rung 03 and why it is faster:
+// - S = Q K^T is one wgmma.m64n128k16 chain per 16 of the head dim with K straight from shared
+//   memory and Q from registers (head dim 128: loaded once per query tile, so the tensor cores
+//   read only K) or shared memory (64); O += P V takes P from registers (the accumulator layout of
+//   S is wgmma's A-register layout) and V through wgmma's transpose bit.
+// - TMA copies Q and K/V tiles into a 2-stage ring (128-byte swizzle; K and V with their own
+//   full/empty mbarriers, so QK^T starts before V lands); a producer warpgroup (24 registers)
+//   issues them, two consumer warpgroups (240 registers) own 64 query rows each of 128.
+// - The tensor cores do not wait on the softmax: inside a warpgroup, tile t's QK^T and tile t-1's
+//   PV are issued together and tile t's softmax runs while PV t-1 is in flight; across the two
+//   warpgroups, named barriers hand the tensor cores back and forth (ping-pong), so one
+//   warpgroup's softmax runs under the other's matrix work.
+// - The softmax is cut to what the FP32 pipe must do: max on raw scores, the scale folded into
+//   the exponent's FFMA, ex2.approx.ftz (exp2f's subnormal handling is three more instructions).
+// - Persistent blocks (one per SM) without causal masking: the next query tile's Q and K/V load
+//   while the current one finishes and stores. Under causal the uneven tiles balance better as
+//   one block each, heaviest first, left to the hardware's block scheduler.
+// - As in rung 03: masks only on tiles that cross a row's last visible key, causal tiles past
+//   the diagonal skipped. bf16/fp16, head dims 64 and 128.
+#include <algorithm>
+
 #include "../common/mma_sync.cuh"
 #include "../hopper/hopper.cuh"
 #include "../hopper/tensor_map.h"
@@ -23,38 +31,191 @@ namespace {
 
 using namespace hopper;
 
-constexpr int kBM = 128, kBN = 128, kStages = 2, kThreads = 384;
+constexpr int kBM = 128, kBN = 128, kThreads = 384;
+// Named barriers kTurn and kTurn + 1: consumer warpgroup 0's and 1's turn to issue wgmma;
+// kWarpgroupSync + 0 / 1: the 128 threads of one consumer warpgroup.
+constexpr int kTurn = 1, kWarpgroupSync = 3;
 
-template <int D>
+template <int D, int kStagesIn = 2>
 struct Smem {
-  static constexpr int kSlab = 128 * 128;          // [128 rows][64 columns] of 16-bit, 128-byte rows
-  static constexpr int kQBytes = (D / 64) * kSlab;  // Q: D / 64 slabs of the block's 128 rows
-  static constexpr int kTileBytes = (D / 64) * kSlab;
-  static constexpr int kStageBytes = 2 * kTileBytes;  // K then V
-  static constexpr int kBytes = kQBytes + kStages * kStageBytes + 1024;
+  static constexpr int kStages = kStagesIn;
+  static constexpr int kSlab = 128 * 128;           // [128 rows][64 columns] of 16-bit, 128-byte rows
+  static constexpr int kTileBytes = (D / 64) * kSlab;  // Q, a K tile or a V tile: D / 64 slabs
+  static constexpr int kBytes = kTileBytes + kStages * 2 * kTileBytes + 1024;
 };
 
+// S = Q K^T for a warpgroup's 64 rows, issued and committed, not waited. K is K-major (head dim
+// contiguous) in 64-wide slabs; a k-step of 16 is 32 bytes along a 128-byte row, 8-row groups
+// 1024 bytes apart. Q comes from registers (kQRegs: the A fragments loaded once per query tile,
+// so the tensor cores read only K from shared memory) or, like K, from shared memory.
+template <class T, int D, bool kQRegs>
+__device__ __forceinline__ void issue_scores(float (&sc)[64], const unsigned (&qf)[D / 16][4], const unsigned char* q,
+                                             const unsigned char* k) {
+  constexpr int kSlab = Smem<D>::kSlab;
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const std::uint64_t dk = smem_desc(k + (kk / 4) * kSlab + (kk % 4) * 32, 16, 1024);
+    if constexpr (kQRegs) {
+      wgmma_m64n128k16_rs<T, 0>(sc, qf[kk], dk, kk > 0);
+    } else {
+      const std::uint64_t dq = smem_desc(q + (kk / 4) * kSlab + (kk % 4) * 32, 16, 1024);
+      wgmma_m64n128k16<T, 0, 0>(sc, dq, dk, kk > 0);
+    }
+  }
+  wgmma_commit();
+}
+
+// A warp's A fragments of its 16 query rows (of the block's 128) from the swizzled Q tile:
+// ldmatrix matrices [rows 0-7 | 8-15] x [k 0-7 | 8-15] of each k-step; a row's 16-byte chunk c
+// sits at chunk c ^ (row % 8) of its 128-byte row.
+template <int D>
+__device__ __forceinline__ void load_q_fragments(unsigned (&qf)[D / 16][4], const unsigned char* qs, int warp_row0,
+                                                 int lane) {
+  const int row = warp_row0 + (lane % 8) + 8 * ((lane / 8) % 2);
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int chunk = 2 * (kk % 4) + lane / 16;
+    mma_sync::ldsm_x4(qf[kk], mma_sync::smem_addr(qs + (kk / 4) * Smem<D>::kSlab + row * 128 + ((chunk ^ (lane % 8)) * 16)));
+  }
+}
+
+// O += P V, issued and committed. V is [keys][head dim], N-major for this product: 64-wide
+// head-dim slabs, a k-step of 16 keys is 16 rows (2048 bytes), 8-row groups 1024 apart.
 template <class T, int D>
+__device__ __forceinline__ void issue_pv(float (&o)[D / 2], const unsigned (&pf)[kBN / 16][4], const unsigned char* v) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk) {
+    const std::uint64_t dv = smem_desc(v + kk * 2048, Smem<D>::kSlab, 1024);
+    if constexpr (D == 128) wgmma_m64n128k16_rs<T, 1>(o, pf[kk], dv, 1);
+    else wgmma_m64n64k16_rs<T, 1>(o, pf[kk], dv, 1);
+  }
+  wgmma_commit();
+}
+
+// 2^x in one MUFU instruction: exp2f's ex2.approx.f32 also scales subnormal results, three more
+// instructions per element for values a softmax rounds away anyway.
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Online softmax of a thread's rows row0 (r = 0) and row0 + 8 (r = 1) over one tile of keys:
+// element (r, j, e) is sc[4 j + 2 r + e], key key0 + 8 j + 2 t4 + e. Turns the raw scores into
+// unnormalized probabilities in place, updates the running max m (scaled, log2 units) and sum l,
+// and returns in scale_o the factor the output rows must be multiplied by before this tile's P V
+// is added. The max is taken on raw scores so that the scale folds into the exponent's FFMA.
+__device__ __forceinline__ void softmax_tile(float (&sc)[64], float (&m)[2], float (&l)[2], float (&scale_o)[2],
+                                             const AttentionProblem& p, bool masked, int key0, int row0, int t4) {
+  if (p.scale_log2 < 0.0f) {  // s x = (-s)(-x): the max below must be of the scaled scores
+#pragma unroll
+    for (int i = 0; i < 64; ++i) sc[i] = -sc[i];
+  }
+  const float scale = fabsf(p.scale_log2);
+  // Two partial maxima and sums per row (by e) halve the dependent chains.
+  float part[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}}, tile_max[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int visible = masked ? p.visible_keys(row0 + 8 * r) : 0;
+#pragma unroll
+    for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& x = sc[4 * j + 2 * r + e];
+        if (masked && key0 + 8 * j + 2 * t4 + e >= visible) x = -INFINITY;
+        part[r][e] = fmaxf(part[r][e], x);
+      }
+  }
+  float neg_max[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    tile_max[r] = fmaxf(part[r][0], part[r][1]);
+    tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+    tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+    const float m_new = fmaxf(m[r], tile_max[r] * scale);
+    const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing visible yet
+    scale_o[r] = exp2_ftz(m[r] - m_use);
+    m[r] = m_new;
+    neg_max[r] = -m_use;
+    part[r][0] = part[r][1] = 0.0f;
+  }
+#pragma unroll
+  for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& x = sc[4 * j + 2 * r + e];
+        x = exp2_ftz(fmaf(x, scale, neg_max[r]));
+        part[r][e] += x;
+      }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) l[r] = l[r] * scale_o[r] + (part[r][0] + part[r][1]);
+}
+
+// P as wgmma's A operand: keys 16 kk .. 16 kk + 15 make k-step kk, [keys 0-7 | keys 8-15].
+template <class T>
+__device__ __forceinline__ void pack_probabilities(unsigned (&pf)[kBN / 16][4], const float (&sc)[64]) {
+#pragma unroll
+  for (int j = 0; j < kBN / 8; ++j) {
+    pf[j / 2][(j % 2) * 2 + 0] = mma_sync::pack2<T>(sc[4 * j], sc[4 * j + 1]);
+    pf[j / 2][(j % 2) * 2 + 1] = mma_sync::pack2<T>(sc[4 * j + 2], sc[4 * j + 3]);
+  }
+}
+
+template <int D>
+__device__ __forceinline__ void rescale_rows(float (&o)[D / 2], const float (&scale_o)[2]) {
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) {
+    o[4 * j] *= scale_o[0];
+    o[4 * j + 1] *= scale_o[0];
+    o[4 * j + 2] *= scale_o[1];
+    o[4 * j + 3] *= scale_o[1];
+  }
+}
+
+// A block's work item: one query tile of one (batch, head). Items are numbered head-major with a
+// head's query tiles heaviest (latest, under causal) first, so that the blocks running at any time
+// share a few heads' K and V in L2 and the long causal tiles start early.
+struct WorkItem {
+  int bh, i0, tiles, first_masked;
+  __device__ WorkItem(const AttentionProblem& p, int q_tiles, int w) {
+    bh = w / q_tiles;
+    i0 = (q_tiles - 1 - w % q_tiles) * kBM;
+    const int last_row = min(i0 + kBM, p.len_q) - 1;
+    tiles = (p.visible_keys(last_row) + kBN - 1) / kBN;
+    first_masked = min(p.visible_keys(i0), p.len_kv) / kBN;
+  }
+};
+
+// Persistent when launched with fewer blocks than work items: block x takes items x, x + grid,
+// x + 2 grid, ...; the producer loads the next item's Q and K/V while the consumers finish and
+// store the current one.
+template <class T, int D, int kStages, bool kPingPong, bool kQRegs>
 __global__ void __launch_bounds__(kThreads, 1)
     wgmma_attention_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
                            const __grid_constant__ CUtensorMap map_v, AttentionProblem p) {
-  using S = Smem<D>;
+  using S = Smem<D, kStages>;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  __shared__ __align__(8) std::uint64_t q_full, full[kStages], empty[kStages];
+  // K and V of a stage have their own barriers: "full" hears the TMA bytes land, "empty" hears
+  // both consumer warpgroups finish with the tile. Q likewise, once per work item.
+  __shared__ __align__(8) std::uint64_t q_full, q_empty, k_full[kStages], k_empty[kStages], v_full[kStages],
+      v_empty[kStages];
   unsigned char* qs = reinterpret_cast<unsigned char*>((reinterpret_cast<std::uintptr_t>(smem_raw) + 1023) & ~std::uintptr_t{1023});
-  unsigned char* ring = qs + S::kQBytes;
+  unsigned char* ring = qs + S::kTileBytes;  // stage s: K at ring + 2 s kTileBytes, then V
   const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
-  const int bh = blockIdx.y, b = bh / p.heads_q, h = bh % p.heads_q, bkv = b * p.heads_kv + h / p.group;
-  const int i0 = (gridDim.x - 1 - blockIdx.x) * kBM;  // heaviest (latest, under causal) first
-  const int last_row = min(i0 + kBM, p.len_q) - 1;
-  const int tiles = (p.visible_keys(last_row) + kBN - 1) / kBN;
-  const int first_masked = min(p.visible_keys(i0), p.len_kv) / kBN;
+  const int q_tiles = (p.len_q + kBM - 1) / kBM, items = q_tiles * p.batch * p.heads_q;
 
   if (threadIdx.x == 0) {
     mbar_init(&q_full, 1);
+    mbar_init(&q_empty, 2);
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(&full[s], 1);
-      mbar_init(&empty[s], 2);
+      mbar_init(&k_full[s], 1);
+      mbar_init(&v_full[s], 1);
+      mbar_init(&k_empty[s], 2);
+      mbar_init(&v_empty[s], 2);
     }
     mbar_fence_init();
   }
@@ -63,137 +224,146 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (wg == 0) {  // producer
     regs_decrease<24>();
     if (tid != 0) return;
-    mbar_expect_tx(&q_full, S::kQBytes);
-    for (int slab = 0; slab < D / 64; ++slab) tma_load_3d(qs + slab * S::kSlab, &map_q, &q_full, 64 * slab, i0, bh);
     int s = 0;
-    std::uint32_t phase = 0;
-    for (int t = 0; t < tiles; ++t) {
-      mbar_wait(&empty[s], phase ^ 1);
-      mbar_expect_tx(&full[s], S::kStageBytes);
-      unsigned char* kt = ring + s * S::kStageBytes;
-      for (int slab = 0; slab < D / 64; ++slab) {
-        tma_load_3d(kt + slab * S::kSlab, &map_k, &full[s], 64 * slab, t * kBN, bkv);
-        tma_load_3d(kt + S::kTileBytes + slab * S::kSlab, &map_v, &full[s], 64 * slab, t * kBN, bkv);
+    std::uint32_t phase = 0, q_phase = 0;
+    for (int w = blockIdx.x; w < items; w += gridDim.x) {
+      const WorkItem item(p, q_tiles, w);
+      const int bkv = (item.bh / p.heads_q) * p.heads_kv + (item.bh % p.heads_q) / p.group;
+      mbar_wait(&q_empty, q_phase ^ 1);
+      mbar_expect_tx(&q_full, S::kTileBytes);
+      for (int slab = 0; slab < D / 64; ++slab)
+        tma_load_3d(qs + slab * S::kSlab, &map_q, &q_full, 64 * slab, item.i0, item.bh);
+      q_phase ^= 1;
+      for (int t = 0; t < item.tiles; ++t) {
+        unsigned char* kt = ring + s * 2 * S::kTileBytes;
+        mbar_wait(&k_empty[s], phase ^ 1);
+        mbar_expect_tx(&k_full[s], S::kTileBytes);
+        for (int slab = 0; slab < D / 64; ++slab)
+          tma_load_3d(kt + slab * S::kSlab, &map_k, &k_full[s], 64 * slab, t * kBN, bkv);
+        mbar_wait(&v_empty[s], phase ^ 1);
+        mbar_expect_tx(&v_full[s], S::kTileBytes);
+        for (int slab = 0; slab < D / 64; ++slab)
+          tma_load_3d(kt + S::kTileBytes + slab * S::kSlab, &map_v, &v_full[s], 64 * slab, t * kBN, bkv);
+        if (++s == kStages) s = 0, phase ^= 1;
       }
-      if (++s == kStages) s = 0, phase ^= 1;
     }
     return;
   }
 
   regs_increase<240>();
   const int half = wg - 1, warp = tid / 32, lane = tid % 32, t4 = lane % 4;
-  const int row0 = i0 + half * 64 + warp * 16 + lane / 4;  // this thread's rows: row0 and row0 + 8
-  float o[D / 2], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  const unsigned char* q = qs + half * 64 * 128;  // this warpgroup's 64 rows of each Q slab
+  // Turns at the tensor cores alternate 0, 1, 0, 1, ...: a warpgroup waits at its own barrier,
+  // issues, and arrives at the other's. Warpgroup 1 opens warpgroup 0's first turn, and warpgroup
+  // 0 takes one more turn at the end, so every barrier sees as many arrivals as waits.
+  const auto take_turn = [&] {
+    if constexpr (kPingPong) named_barrier(kTurn + half, 256);
+  };
+  const auto pass_turn = [&] {
+    if constexpr (kPingPong) named_barrier_arrive(kTurn + 1 - half, 256);
+  };
+  if (kPingPong && half == 1) named_barrier_arrive(kTurn, 256);
+  int s = 0;  // the ring's next stage and its phase, continued across work items
+  std::uint32_t phase = 0, q_phase = 0;
+  for (int w = blockIdx.x; w < items; w += gridDim.x) {
+    const WorkItem item(p, q_tiles, w);
+    const int b = item.bh / p.heads_q, h = item.bh % p.heads_q;
+    const int row0 = item.i0 + half * 64 + warp * 16 + lane / 4;  // this thread's rows: row0 and row0 + 8
+    float o[D / 2], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, sc[64], scale_o[2];
+    unsigned pf[kBN / 16][4], qf[D / 16][4];  // qf: unused (optimized away) without kQRegs
 #pragma unroll
-  for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
-  mbar_wait(&q_full, 0);
-  int s = 0;
-  std::uint32_t phase = 0;
-  for (int t = 0; t < tiles; ++t) {
-    mbar_wait(&full[s], phase);
-    const unsigned char* kt = ring + s * S::kStageBytes;
-    const unsigned char* vt = kt + S::kTileBytes;
-    // S = Q K^T: both K-major (head dim contiguous) in 64-wide slabs; a k-step of 16 is 32 bytes
-    // along a 128-byte row, 8-row groups 1024 bytes apart.
-    float sc[64];
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const std::uint64_t dq = smem_desc(qs + (kk / 4) * S::kSlab + half * 64 * 128 + (kk % 4) * 32, 16, 1024);
-      const std::uint64_t dk = smem_desc(kt + (kk / 4) * S::kSlab + (kk % 4) * 32, 16, 1024);
-      wgmma_m64n128k16<T, 0, 0>(sc, dq, dk, kk > 0);
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
+    mbar_wait(&q_full, q_phase);
+    q_phase ^= 1;
+    const auto release_q = [&] {
+      if (tid == 0) mbar_arrive(&q_empty);
+    };
+    if constexpr (kQRegs) {
+      load_q_fragments<D>(qf, qs, half * 64 + warp * 16, lane);
+      named_barrier(kWarpgroupSync + half, 128);  // every warp's ldmatrix done before Q is refilled
+      release_q();
     }
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_registers(sc);
-
-    // Online softmax of rows row0 (r = 0) and row0 + 8 (r = 1): element (r, j, e) of this thread
-    // is sc[4 j + 2 r + e], key t * kBN + 8 j + 2 t4 + e.
-    const bool masked = t >= first_masked;
-    float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int visible = masked ? p.visible_keys(row0 + 8 * r) : 0;
-#pragma unroll
-      for (int j = 0; j < kBN / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float& x = sc[4 * j + 2 * r + e];
-          x *= p.scale_log2;
-          if (masked && t * kBN + 8 * j + 2 * t4 + e >= visible) x = -INFINITY;
-          tile_max[r] = fmaxf(tile_max[r], x);
-        }
+    if (item.tiles == 0) {
+      if (!kQRegs) release_q();
+    } else {
+      mbar_wait(&k_full[s], phase);
+      take_turn();
+      issue_scores<T, D, kQRegs>(sc, qf, q, ring + s * 2 * S::kTileBytes);
+      pass_turn();
+      wgmma_wait<0>();
+      fence_registers(sc);
+      if (tid == 0) mbar_arrive(&k_empty[s]);
+      if (!kQRegs && item.tiles == 1) release_q();
+      softmax_tile(sc, m, l, scale_o, p, item.first_masked == 0, 0, row0, t4);
+      pack_probabilities<T>(pf, sc);
+      for (int t = 1; t < item.tiles; ++t) {  // s, phase: the stage of tile t - 1
+        const int sn = s + 1 == kStages ? 0 : s + 1;
+        const std::uint32_t phase_n = sn == 0 ? phase ^ 1 : phase;
+        mbar_wait(&k_full[sn], phase_n);
+        take_turn();
+        issue_scores<T, D, kQRegs>(sc, qf, q, ring + sn * 2 * S::kTileBytes);
+        rescale_rows<D>(o, scale_o);  // under QK^T: tile t - 1's factor, before its P V is added
+        mbar_wait(&v_full[s], phase);
+        issue_pv<T, D>(o, pf, ring + s * 2 * S::kTileBytes + S::kTileBytes);
+        pass_turn();
+        wgmma_wait<1>();  // QK^T of tile t done; P V of tile t - 1 still running
+        fence_registers(sc);
+        if (tid == 0) mbar_arrive(&k_empty[sn]);
+        if (!kQRegs && t == item.tiles - 1) release_q();
+        softmax_tile(sc, m, l, scale_o, p, t >= item.first_masked, t * kBN, row0, t4);
+        wgmma_wait<0>();
+        fence_registers(o);
+        if (tid == 0) mbar_arrive(&v_empty[s]);
+        pack_probabilities<T>(pf, sc);
+        s = sn, phase = phase_n;
+      }
+      rescale_rows<D>(o, scale_o);
+      mbar_wait(&v_full[s], phase);
+      issue_pv<T, D>(o, pf, ring + s * 2 * S::kTileBytes + S::kTileBytes);
+      wgmma_wait<0>();
+      fence_registers(o);
+      if (tid == 0) mbar_arrive(&v_empty[s]);
+      if (++s == kStages) s = 0, phase ^= 1;
     }
-    float scale_o[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-      const float m_new = fmaxf(m[r], tile_max[r]);
-      const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing visible yet
-      scale_o[r] = exp2f(m[r] - m_use);
-      l[r] *= scale_o[r];
-      m[r] = m_new;
-      tile_max[r] = m_use;
-    }
-    unsigned pf[kBN / 16][4];
-#pragma unroll
-    for (int j = 0; j < kBN / 8; ++j) {
-      const float p0 = exp2f(sc[4 * j] - tile_max[0]), p1 = exp2f(sc[4 * j + 1] - tile_max[0]);
-      const float p2 = exp2f(sc[4 * j + 2] - tile_max[1]), p3 = exp2f(sc[4 * j + 3] - tile_max[1]);
-      l[0] += p0 + p1;
-      l[1] += p2 + p3;
-      // Keys 16 kk .. 16 kk + 15 make the A fragment of k-step kk: [keys 0-7 | keys 8-15].
-      pf[j / 2][(j % 2) * 2 + 0] = mma_sync::pack2<T>(p0, p1);
-      pf[j / 2][(j % 2) * 2 + 1] = mma_sync::pack2<T>(p2, p3);
-    }
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-      o[4 * j] *= scale_o[0];
-      o[4 * j + 1] *= scale_o[0];
-      o[4 * j + 2] *= scale_o[1];
-      o[4 * j + 3] *= scale_o[1];
-    }
-
-    // O += P V: V is [keys][head dim], N-major for this product: 64-wide head-dim slabs
-    // (S::kSlab apart), a k-step of 16 keys is 16 rows (2048 bytes), 8-row groups 1024 apart.
-    fence_registers(o);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      const std::uint64_t dv = smem_desc(vt + kk * 2048, S::kSlab, 1024);
-      if constexpr (D == 128) wgmma_m64n128k16_rs<T, 1>(o, pf[kk], dv, 1);
-      else wgmma_m64n64k16_rs<T, 1>(o, pf[kk], dv, 1);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_registers(o);
-    if (tid == 0) mbar_arrive(&empty[s]);
-    if (++s == kStages) s = 0, phase ^= 1;
+    store_output_rows<T, D>(p, b, h, row0, t4, o, m, l);
   }
-
-  store_output_rows<T, D>(p, b, h, row0, t4, o, m, l);
+  if (kPingPong && half == 0) named_barrier(kTurn, 256);
 }
 
-template <class T, int D>
+// kPersistent: 0 one block per work item, 1 one block per SM, 2 one per SM unless causal (the
+// hardware's block scheduler balances the uneven causal items better than a static round robin).
+template <class T, int D, int kStages = Smem<D>::kStages, bool kPingPong = true, bool kQRegs = D == 128,
+          int kPersistent = 2>
 cudaError_t launch(const AttentionProblem& p, const CUtensorMap& q, const CUtensorMap& k, const CUtensorMap& v,
                    cudaStream_t s) {
-  auto kernel = wgmma_attention_kernel<T, D>;
-  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Smem<D>::kBytes);
+  auto kernel = wgmma_attention_kernel<T, D, kStages, kPingPong, kQRegs>;
+  constexpr int kBytes = Smem<D, kStages>::kBytes;
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
   if (e != cudaSuccess) return e;
-  const dim3 grid((p.len_q + kBM - 1) / kBM, p.batch * p.heads_q);
-  kernel<<<grid, kThreads, Smem<D>::kBytes, s>>>(q, k, v, p);
+  const long long items = static_cast<long long>((p.len_q + kBM - 1) / kBM) * p.batch * p.heads_q;
+  int blocks = static_cast<int>(std::min<long long>(items, INT_MAX));
+  if (kPersistent == 1 || (kPersistent == 2 && !p.causal)) {
+    int device = 0, sms = 0;
+    if ((e = cudaGetDevice(&device)) != cudaSuccess) return e;
+    if ((e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return e;
+    blocks = static_cast<int>(std::min<long long>(items, sms));
+  }
+  kernel<<<blocks, kThreads, kBytes, s>>>(q, k, v, p);
   return cudaGetLastError();
 }
 
 }  // namespace
 
 Status attention_04_supports(const AttentionArgs& args) {
-  ATTN_RETURN_IF_ERROR(tensor_core_problem(args, "attention/04_wgmma_tma").status());
+  ATTN_ASSIGN_OR_RETURN(p, tensor_core_problem(args, "attention/04_wgmma_tma"));
   ATTN_RETURN_IF_ERROR(require_hopper("attention/04_wgmma_tma"));
   for (const TensorView* t : {&args.q, &args.k, &args.v})
     if (reinterpret_cast<std::uintptr_t>(t->data) % 16 != 0)
       return invalid_argument("q.data: attention/04_wgmma_tma needs 16-byte aligned q, k and v");
+  const long long tiles = (static_cast<long long>(p.len_q) + kBM - 1) / kBM * p.batch * p.heads_q;
+  if (tiles > INT_MAX)
+    return invalid_argument("q.shape: attention/04_wgmma_tma takes at most 2^31 - 1 tiles of 128 query rows, got " +
+                            std::to_string(tiles));
   return Status::Ok();
 }
 

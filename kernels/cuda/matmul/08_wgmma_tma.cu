@@ -134,6 +134,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int i = 0; i < 128; ++i) d[i] = 0.0f;
     for (int kt = kt0; kt < kt1; ++kt) {
+      // Never true; without it ptxas cannot place a split's first wgmma (kt0 not a constant) and
+      // serializes every wgmma of the split-K kernel (C7515).
+      if (kt < kt0) __builtin_unreachable();
       mbar_wait(&full[s], phase);
       const unsigned char* a = ring + s * kStageBytes;
       const unsigned char* b = a + kABytes;

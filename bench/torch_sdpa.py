@@ -19,19 +19,24 @@ def shapes():
     yield (16, 32, 8, 1, 16384, 128, False)
 
 
-def median_ms(fn, runs=30):
+def median_ms(fn, min_runs=20):
+    """attn-bench's protocol, so that both sides run as long under load: warm-up, one timed run,
+    then as many runs as fill about a second (20 to 200), each between CUDA events; the median."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
+
+    def timed():
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         fn()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
+        return a.elapsed_time(b)
+
+    first = timed()
+    runs = min(max(int(1000.0 / max(first, 1e-3)), min_runs), 200)
+    times = sorted(timed() for _ in range(runs))
     return times[len(times) // 2]
 
 

@@ -98,7 +98,7 @@ void register_cuda_variants(Registry& r) {
                     "softmax under the next tile's matmuls, persistent blocks",
                     2, 0},
                    attention_04_supports, attention_04_wgmma_tma, [](const AttentionArgs& a) {
-                     // Ahead of rung 03 at both head dims (1.6-1.8x at 128, 1.3x at 64 on the H100);
+                     // Ahead of rung 03 at both head dims (about 1.6x at 128, 1.3x at 64 on the H100);
                      // one query row goes to decode_split_kv (priority 4).
                      const auto d = attention_dims(a.q, a.k, a.v);
                      return d.ok() && d->len_q > 1 ? 4 : 2;

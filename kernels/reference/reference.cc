@@ -1,5 +1,6 @@
 #include "reference.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -12,7 +13,11 @@ double at(const TensorView& t, std::int64_t i) {
 
 }  // namespace
 
-std::vector<double> matmul(const MatmulArgs& args) {
+namespace {
+
+// C = op(A) op(B) in float64; with `magnitudes`, |op(A)| |op(B)| instead (each product's size,
+// what rounding errors scale with).
+std::vector<double> matmul_products(const MatmulArgs& args, bool magnitudes) {
   const auto d = matmul_dims(args.a, args.b, args.transpose_a, args.transpose_b).value();
   std::vector<double> c(static_cast<std::size_t>(d.batch * d.m * d.n), 0.0);
   for (std::int64_t b = 0; b < d.batch; ++b) {
@@ -23,12 +28,36 @@ std::vector<double> matmul(const MatmulArgs& args) {
         for (std::int64_t kk = 0; kk < d.k; ++kk) {
           const double a = at(args.a, a_off + (args.transpose_a ? kk * d.m + i : i * d.k + kk));
           const double bb = at(args.b, b_off + (args.transpose_b ? j * d.k + kk : kk * d.n + j));
-          s += a * bb;
+          s += magnitudes ? std::abs(a * bb) : a * bb;
         }
         c[static_cast<std::size_t>((b * d.m + i) * d.n + j)] = s;
       }
   }
   return c;
+}
+
+}  // namespace
+
+std::vector<double> matmul(const MatmulArgs& args) { return matmul_products(args, false); }
+
+double matmul_error(const TensorView& got, const MatmulArgs& args) {
+  const std::vector<double> want = matmul_products(args, false);
+  const std::vector<double> size = matmul_products(args, true);
+  const std::int64_t k = matmul_dims(args.a, args.b, args.transpose_a, args.transpose_b).value().k;
+  if (static_cast<std::size_t>(got.numel()) != want.size()) return std::numeric_limits<double>::infinity();
+  double num = 0.0, want_sq = 0.0, size_sq = 0.0;
+  for (std::size_t i = 0; i < want.size(); ++i) {
+    const double g = at(got, static_cast<std::int64_t>(i));
+    if (!std::isfinite(g)) return std::numeric_limits<double>::infinity();
+    num += (g - want[i]) * (g - want[i]);
+    want_sq += want[i] * want[i];
+    size_sq += size[i] * size[i];
+  }
+  // Random inputs give ||C|| about sqrt(k) * (size per product), above the floor, so the floor
+  // only acts where the sums cancel.
+  const double den = std::max(want_sq, size_sq / static_cast<double>(std::max<std::int64_t>(k, 1)));
+  if (den == 0.0) return num == 0.0 ? 0.0 : std::sqrt(num);
+  return std::sqrt(num / den);
 }
 
 std::vector<double> softmax(const SoftmaxArgs& args) {

@@ -144,6 +144,29 @@ TEST(ReferenceCheck, RejectsNanMissingAndWrongValues) {
   EXPECT_GT(reference::relative_frobenius_error(t.view(), want), 1.0);
 }
 
+// The matmul check: a sum that cancels (3 - 2.9999998 in float32: the true result is one ulp of
+// 3, a float32 kernel may round it to 0) passes on its rounding; a wrong element, a NaN and
+// well-spread inputs are judged exactly as relative_frobenius_error judges them.
+TEST(ReferenceCheck, MatmulErrorFloorsCancellingSumsAndStillCatchesWrongValues) {
+  Tensor a = Tensor::from_floats(DType::kFloat32, {1, 2}, {1.0f, 1.0f});
+  Tensor b = Tensor::from_floats(DType::kFloat32, {2, 1}, {3.0f, std::nextafter(-3.0f, 0.0f)});
+  Tensor c = Tensor::from_floats(DType::kFloat32, {1, 1}, {0.0f});
+  MatmulArgs args{a.view(), b.view(), c.view()};
+  EXPECT_GT(reference::relative_frobenius_error(c.view(), reference::matmul(args)), 0.5);
+  EXPECT_LT(reference::matmul_error(c.view(), args), 1e-7);  // 2.4e-7 against products of size 3
+  c.set(0, 0.01f);
+  EXPECT_GT(reference::matmul_error(c.view(), args), reference::tolerance(DType::kFloat32));
+  c.set(0, std::nanf(""));
+  EXPECT_TRUE(std::isinf(reference::matmul_error(c.view(), args)));
+  // Well-spread inputs: the same number as relative_frobenius_error.
+  std::mt19937_64 r(testing::seed());
+  Tensor x = random_tensor(DType::kFloat32, {9, 70}, r), y = random_tensor(DType::kFloat32, {70, 11}, r);
+  Tensor z = random_tensor(DType::kFloat32, {9, 11}, r);
+  MatmulArgs unrelated{x.view(), y.view(), z.view()};
+  EXPECT_DOUBLE_EQ(reference::matmul_error(z.view(), unrelated),
+                   reference::relative_frobenius_error(z.view(), reference::matmul(unrelated)));
+}
+
 TEST(Registry, SelectsByNameAndExplainsRefusals) {
   const Registry& r = default_registry();
   Tensor a(DType::kFloat32, {2, 3}), b(DType::kFloat32, {3, 4}), c(DType::kFloat32, {2, 4});

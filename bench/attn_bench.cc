@@ -148,6 +148,12 @@ struct MatmulShape {
   }
 };
 
+// --variants: the rungs to time (empty: all); baselines always run.
+std::vector<std::string> g_variants;
+bool selected(const std::string& name) {
+  return g_variants.empty() || std::find(g_variants.begin(), g_variants.end(), name) != g_variants.end();
+}
+
 void bench_matmul(const std::vector<MatmulShape>& shapes, const std::vector<DType>& dtypes, cudaStream_t s,
                   std::vector<Row>& rows, bool skip_slow) {
   const Registry& reg = default_registry();
@@ -170,7 +176,7 @@ void bench_matmul(const std::vector<MatmulShape>& shapes, const std::vector<DTyp
       std::vector<const MatmulVariant*> variants;
       for (const auto& v : reg.matmul.variants())
         if (v.info.backend == Backend::kCuda && v.info.name == "matmul/cublas") variants.insert(variants.begin(), &v);
-        else if (v.info.backend == Backend::kCuda) variants.push_back(&v);
+        else if (v.info.backend == Backend::kCuda && selected(v.info.name)) variants.push_back(&v);
       for (const MatmulVariant* v : variants) {
         Row r{"matmul", v->info.name, std::string(dtype_name(dt)), shape};
         r.unit = "TFLOP/s";
@@ -229,7 +235,7 @@ void bench_softmax(const std::vector<std::int64_t>& widths, const std::vector<DT
       SoftmaxArgs probe{x.view, y.view};
       auto picked = reg.softmax.select(probe, "", target);
       for (const auto& v : reg.softmax.variants()) {
-        if (v.info.backend != Backend::kCuda) continue;
+        if (v.info.backend != Backend::kCuda || !selected(v.info.name)) continue;
         Row r{"softmax", v.info.name, std::string(dtype_name(dt)), shape};
         r.unit = "GB/s";
         SoftmaxArgs args{x.view, y.view};
@@ -312,7 +318,7 @@ void bench_attention(const std::vector<AttentionShape>& shapes, const std::vecto
     AttentionArgs probe{q.view, k.view, v.view, o.view, {}, sh.causal, scale};
     auto picked = reg.attention.select(probe, "", target);
     for (const auto& var : reg.attention.variants()) {
-      if (var.info.backend != Backend::kCuda) continue;
+      if (var.info.backend != Backend::kCuda || !selected(var.info.name)) continue;
       if (!only.empty() && std::find(only.begin(), only.end(), var.info.name) == only.end()) continue;
       AttentionArgs args{q.view, k.view, v.view, o.view, {}, sh.causal, scale};
       if (!var.supports(args).ok()) continue;
@@ -384,6 +390,7 @@ int main(int argc, char** argv) {
   std::vector<std::int64_t> attention_seqs{512, 1024, 2048, 4096, 8192, 16384}, attention_dims{64, 128};
   app.add_option("--attention-seqs", attention_seqs, "sequence lengths of the attention grid");
   app.add_option("--attention-dims", attention_dims, "head dims of the attention grid");
+  app.add_option("--variants", g_variants, "only these rungs (e.g. matmul/08_wgmma_tma); baselines always run");
   CLI11_PARSE(app, argc, argv);
 
   int dev = 0;

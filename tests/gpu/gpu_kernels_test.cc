@@ -78,6 +78,11 @@ TEST_P(GpuMatmul, MatchesReference) {
       {{136, 33}, {33, 136}, true, true},    {{2, 130, 264}, {2, 264, 520}, false, false},
       {{7, 1000}, {1000, 24}, false, false}, {{2, 136, 16}, {8, 136}, true, true},
       {{64, 72}, {33, 72}, false, true},     {{100, 2048}, {2048, 264}, false, false},
+      // Rung 08's tile forms on an H100: 128 x 256 (enough of them to fill half the GPU), 128 x 128,
+      // 128 x 64; the smaller ones above split K over 128 x 128 tiles (or not, with few k-tiles).
+      {{1100, 72}, {72, 2056}, false, false}, {{264, 1100}, {2056, 264}, true, true},
+      {{300, 136}, {3000, 136}, false, true}, {{136, 300}, {136, 3000}, true, false},
+      {{100, 264}, {264, 8200}, false, false}, {{264, 100}, {8200, 264}, true, true},
   };
   int ran = 0;
   for (DType dt : kAllDTypes) {

@@ -169,6 +169,27 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], std::uint64_t d
 }
 #undef ATTN_WGMMA_M64N128K16
 
+// D (64 x 64, fp32, 32 registers a thread) += A (64 x 16) . B (16 x 64), both in shared memory.
+#define ATTN_WGMMA_M64N64K16(TY)   \
+  asm volatile(   \
+      "{\n .reg .pred p;\n setp.ne.b32 p, %34, 0;\n"   \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " "   \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "   \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "   \
+      "%32, %33, p, 1, 1, %35, %36;\n}\n"   \
+      : ATTN_ACC32(0)   \
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransA), "n"(kTransB))
+
+template <class T, int kTransA, int kTransB>
+__device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], std::uint64_t desc_a, std::uint64_t desc_b,
+                                                int accumulate) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    ATTN_WGMMA_M64N64K16("bf16");
+  else
+    ATTN_WGMMA_M64N64K16("f16");
+}
+#undef ATTN_WGMMA_M64N64K16
+
 // D (64 x 128, fp32, 64 registers a thread) += A (64 x 16, registers: the m16n8k16 A fragment of
 // each warp's 16 rows) . B (16 x 128, shared memory). TY: "bf16" or "f16".
 #define ATTN_WGMMA_M64N128K16_RS(TY)   \

@@ -12,8 +12,11 @@
 // - Persistent: one block per SM walks the output tiles (grouped 8 tall, so neighbouring blocks
 //   share A and B in L2); while the consumers store one tile, the producer already loads the
 //   next tile's stages, so the epilogue does not stall the loads.
-// - With too few output tiles to fill the GPU (skinny M), K is split across blocks, and the last
-//   split of a tile adds the others' fp32 partial sums.
+// - Skinny M (too few 128 x 256 tiles to fill the GPU): 128 x 128 or 128 x 64 tiles, with 6 or
+//   8 stages, so that every SM streams its own share of B; a skinny matmul is a stream of B from
+//   memory, and narrower tiles fill the GPU without split-K's fp32 partial sums (measured: split
+//   K was 10-25% slower than no split at M = 128..384). Only where even 128 x 64 tiles leave half
+//   the GPU idle is K split, the last split of a tile adding the others' partial sums.
 // bf16/fp16 in, fp32 accumulation, bf16/fp16 out; any transpose flags (M- or N-major operands go
 // through wgmma's transpose bits); batched. Refuses operands whose contiguous dimension is not a
 // multiple of 8 elements (TMA needs 16-byte row strides).
@@ -27,14 +30,31 @@ namespace {
 
 using namespace hopper;
 
-constexpr int kBM = 128, kBN = 256, kBK = 64, kStages = 4, kGroupM = 8;
+constexpr int kBM = 128, kBK = 64, kGroupM = 8;
 constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1);
-constexpr int kABytes = kBM * kBK * 2, kBBytes = kBN * kBK * 2, kStageBytes = kABytes + kBBytes;
-// Each consumer warpgroup stages half of its 64 x 256 output at a time (64 x 128) for TMA stores.
+constexpr int kABytes = kBM * kBK * 2;
+// Each consumer warpgroup stages 64 x 128 of its output at a time for TMA stores.
 constexpr int kCBytes = 64 * 128 * 2;
-constexpr int kSmemBytes = kStages * kStageBytes + kConsumers * kCBytes + 1024;  // + room to align to 1024
 // A 64-element (128-byte) slab of an M- or N-major tile: kBK rows of 128 bytes.
 constexpr int kSlabBytes = kBK * 128;
+
+// The output tile is 128 x kBN; kBN = 256 for the square and wide shapes, 128 or 64 for skinny M.
+// The ring takes what shared memory allows: 4 stages of 48 KiB, 6 of 32 KiB or 8 of 24 KiB.
+template <int kBN>
+struct TileShape {
+  static constexpr int kBBytes = kBN * kBK * 2, kStageBytes = kABytes + kBBytes;
+  static constexpr int kStages = kBN == 256 ? 4 : kBN == 128 ? 6 : 8;
+  static constexpr int kPassCols = kBN < 128 ? kBN : 128;  // columns of C staged per TMA store pass
+  static constexpr int kSmemBytes = kStages * kStageBytes + kConsumers * kCBytes + 1024;  // + room to align
+  static constexpr int kAcc = kBN / 2;  // fp32 accumulators per consumer thread (64 x kBN / 128)
+};
+
+template <class T, int kTransA, int kTransB, int kBN>
+__device__ __forceinline__ void wgmma_tile(float (&d)[kBN / 2], std::uint64_t da, std::uint64_t db) {
+  if constexpr (kBN == 256) wgmma_m64n256k16<T, kTransA, kTransB>(d, da, db, 1);
+  else if constexpr (kBN == 128) wgmma_m64n128k16<T, kTransA, kTransB>(d, da, db, 1);
+  else wgmma_m64n64k16<T, kTransA, kTransB>(d, da, db, 1);
+}
 
 struct Tiles {
   int batch, m, n, k, tiles_m, tiles_n, k_tiles;
@@ -42,7 +62,7 @@ struct Tiles {
   bool b_batched;
   bool tma_store;  // C leaves through shared memory and TMA (needs rows of 16-byte multiples)
   void* c;
-  float* partial;  // [tile][split][128 values][256 consumer threads]
+  float* partial;  // [tile][split][kBN / 2 values][256 consumer threads]
   int* arrived;    // [tile]: splits done (zeroed before the launch)
 
   __device__ int count() const { return batch * tiles_m * tiles_n * splits; }
@@ -62,10 +82,12 @@ struct Tiles {
 
 // kSplitK: each unit covers a share of K; its fp32 sums are parked in `partial` and the last
 // split of a tile to finish adds the others' and stores (for too few tiles to fill the GPU).
-template <class T, bool TA, bool TB, bool kSplitK>
+template <class T, bool TA, bool TB, bool kSplitK, int kBN>
 __global__ void __launch_bounds__(kThreads, 1)
     wgmma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                  const __grid_constant__ CUtensorMap map_c, Tiles tiles) {
+  using Shape = TileShape<kBN>;
+  constexpr int kStages = Shape::kStages, kStageBytes = Shape::kStageBytes, kAcc = Shape::kAcc;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   __shared__ __align__(8) std::uint64_t full[kStages], empty[kStages];
   __shared__ int last_split;
@@ -126,13 +148,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int half = wg - 1, warp = tid / 32, lane = tid % 32;
   int s = 0;
   std::uint32_t phase = 0;
-  float d[128];
+  float d[kAcc];
   for (int u = blockIdx.x; u < tiles.count(); u += gridDim.x) {
     int bt, tm, tn, split, kt0, kt1;
     tiles.at(u, bt, tm, tn, split);
     k_range(split, kt0, kt1);
 #pragma unroll
-    for (int i = 0; i < 128; ++i) d[i] = 0.0f;
+    for (int i = 0; i < kAcc; ++i) d[i] = 0.0f;
     for (int kt = kt0; kt < kt1; ++kt) {
       // Never true; without it ptxas cannot place a split's first wgmma (kt0 not a constant) and
       // serializes every wgmma of the split-K kernel (C7515).
@@ -151,7 +173,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const std::uint64_t da = TA ? smem_desc(a + half * kSlabBytes + kk * 2048, kSlabBytes, 1024)
                                     : smem_desc(a + half * 64 * 128 + kk * 32, 16, 1024);
         const std::uint64_t db = TB ? smem_desc(b + kk * 32, 16, 1024) : smem_desc(b + kk * 2048, kSlabBytes, 1024);
-        wgmma_m64n256k16<T, TA ? 1 : 0, TB ? 0 : 1>(d, da, db, 1);
+        wgmma_tile<T, TA ? 1 : 0, TB ? 0 : 1, kBN>(d, da, db);
       }
       wgmma_commit();
       fence_registers(d);
@@ -167,9 +189,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     if constexpr (kSplitK) {
       const int tile = u / tiles.splits, ct = half * 128 + tid;
-      float* mine = tiles.partial + (static_cast<long long>(tile) * tiles.splits + split) * 128 * 256;
+      float* mine = tiles.partial + (static_cast<long long>(tile) * tiles.splits + split) * kAcc * 256;
 #pragma unroll
-      for (int j = 0; j < 128; ++j) mine[j * 256 + ct] = d[j];
+      for (int j = 0; j < kAcc; ++j) mine[j * 256 + ct] = d[j];
       __threadfence();
       named_barrier(1, 256);  // both consumer warpgroups have parked their sums
       if (threadIdx.x == 128) last_split = atomicAdd(&tiles.arrived[tile], 1) == tiles.splits - 1;
@@ -178,29 +200,30 @@ __global__ void __launch_bounds__(kThreads, 1)
       __threadfence();
       for (int other = 0; other < tiles.splits; ++other) {
         if (other == split) continue;
-        const float* theirs = tiles.partial + (static_cast<long long>(tile) * tiles.splits + other) * 128 * 256;
+        const float* theirs = tiles.partial + (static_cast<long long>(tile) * tiles.splits + other) * kAcc * 256;
 #pragma unroll
-        for (int j = 0; j < 128; ++j) d[j] += __ldcg(theirs + j * 256 + ct);
+        for (int j = 0; j < kAcc; ++j) d[j] += __ldcg(theirs + j * 256 + ct);
       }
     }
 
     // Epilogue: thread (warp, lane) holds rows r and r + 8 of its warp's 16, two columns of
     // every 8. Stored straight from registers these are 4-byte pieces of 8 rows per warp store,
-    // which cost 16% of the time at 4096^3; instead each half of the warpgroup's 64 x 256 goes to
+    // which cost 16% of the time at 4096^3; instead each 64 x 128 of the warpgroup's 64 x kBN goes to
     // shared memory (two 64 x 64 slabs in the 128-byte swizzle the C map expects: chunk c of
     // row r at c ^ (r % 8), so a warp's 8 rows hit different banks) and leaves by TMA.
     if (tiles.tma_store) {
       unsigned char* cbuf = ring + kStages * kStageBytes + half * kCBytes;
 #pragma unroll
-      for (int pass = 0; pass < 2; ++pass) {
+      for (int pass = 0; pass < kBN / Shape::kPassCols; ++pass) {
+        constexpr int kJ = Shape::kPassCols / 8;  // 8-column groups per pass
         if (tid == 0) tma_store_wait_read();  // the previous store has read the buffer
         named_barrier(2 + half, 128);
 #pragma unroll
-        for (int j = 16 * pass; j < 16 * pass + 16; ++j)
+        for (int j = kJ * pass; j < kJ * pass + kJ; ++j)
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const int row = warp * 16 + lane / 4 + 8 * h, chunk = j % 8;
-            const int offset = ((j - 16 * pass) / 8) * 64 * 128 + row * 128 + ((chunk ^ (row % 8)) << 4) + (lane % 4) * 4;
+            const int offset = ((j - kJ * pass) / 8) * 64 * 128 + row * 128 + ((chunk ^ (row % 8)) << 4) + (lane % 4) * 4;
             const float x = d[4 * j + 2 * h], y = d[4 * j + 2 * h + 1];
             std::uint32_t packed;
             if constexpr (std::is_same_v<T, __nv_bfloat16>) {
@@ -215,8 +238,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         fence_async_shared();
         named_barrier(2 + half, 128);
         if (tid == 0) {
-          for (int slab = 0; slab < 2; ++slab)
-            tma_store_3d(&map_c, cbuf + slab * 64 * 128, tn * kBN + 128 * pass + 64 * slab, tm * kBM + half * 64, bt);
+          for (int slab = 0; slab < Shape::kPassCols / 64; ++slab)
+            tma_store_3d(&map_c, cbuf + slab * 64 * 128, tn * kBN + Shape::kPassCols * pass + 64 * slab,
+                         tm * kBM + half * 64, bt);
           tma_store_commit();
         }
       }
@@ -262,24 +286,24 @@ Status matmul_08_supports(const MatmulArgs& args) {
   ATTN_ASSIGN_OR_RETURN(d, matmul_dims(args.a, args.b, args.transpose_a, args.transpose_b));
   ATTN_RETURN_IF_ERROR(sixteen_bit_supports(args, d, "matmul/08_wgmma_tma"));
   ATTN_RETURN_IF_ERROR(require_hopper("matmul/08_wgmma_tma"));
-  if (d.batch * ((d.m + kBM - 1) / kBM) * ((d.n + kBN - 1) / kBN) > INT_MAX / 64) {
+  if (d.batch * ((d.m + kBM - 1) / kBM) * ((d.n + 255) / 256) > INT_MAX / 64) {
     return invalid_argument("a.shape: matmul/08_wgmma_tma takes fewer than 2^25 output tiles");
   }
   return Status::Ok();
 }
 
-Status matmul_08_wgmma_tma(const MatmulArgs& args, Stream& stream) {
-  ATTN_RETURN_IF_ERROR(matmul_08_supports(args));
-  ATTN_ASSIGN_OR_RETURN(d, matmul_dims(args.a, args.b, args.transpose_a, args.transpose_b));
-  const cudaStream_t cs = stream_of(stream);
-  const int sms = device_sms(stream.device());
+namespace {
+
+// Launches the 128 x kBN form with K split `splits` ways (128-wide tiles only): makes the tensor
+// maps and the workspace.
+template <int kBN>
+Status launch_tiles(const MatmulArgs& args, const MatmulDims& d, cudaStream_t cs, int sms, int splits) {
+  using Shape = TileShape<kBN>;
+  if (splits > 1 && kBN != 128) return internal_error("matmul/08 splits K of 128-wide tiles only");
   Tiles tiles{static_cast<int>(d.batch), static_cast<int>(d.m), static_cast<int>(d.n), static_cast<int>(d.k),
-              ceil_div(d.m, kBM), ceil_div(d.n, kBN), ceil_div(d.k, kBK), 1, d.b_batched, false, args.c.data,
+              ceil_div(d.m, kBM), ceil_div(d.n, kBN), ceil_div(d.k, kBK), splits, d.b_batched, false, args.c.data,
               nullptr, nullptr};
   const int tile_count = tiles.batch * tiles.tiles_m * tiles.tiles_n;
-  // Fewer tiles than half the GPU (skinny M): split K so that every SM streams its share of B,
-  // at least 8 k-tiles a split.
-  if (tile_count <= sms / 2) tiles.splits = std::max(1, std::min(sms / tile_count, tiles.k_tiles / 8));
 
   const long long b_batch = d.b_batched ? d.batch : 1;
   // A as stored: [batch][M][K] (K-major) or [batch][K][M] with transpose_a; B: [N][K] with
@@ -298,7 +322,7 @@ Status matmul_08_wgmma_tma(const MatmulArgs& args, Stream& stream) {
   char* workspace = nullptr;
   if (tiles.splits > 1) {
     const std::size_t counts = (tile_count * sizeof(int) + 255) / 256 * 256;
-    const std::size_t partial = static_cast<std::size_t>(tile_count) * tiles.splits * 128 * 256 * sizeof(float);
+    const std::size_t partial = static_cast<std::size_t>(tile_count) * tiles.splits * Shape::kAcc * 256 * sizeof(float);
     ATTN_RETURN_IF_ERROR(to_status(cudaMallocAsync(&workspace, counts + partial, cs), "matmul/08 workspace"));
     tiles.arrived = reinterpret_cast<int*>(workspace);
     tiles.partial = reinterpret_cast<float*>(workspace + counts);
@@ -312,16 +336,18 @@ Status matmul_08_wgmma_tma(const MatmulArgs& args, Stream& stream) {
   const int grid = std::min(tile_count * tiles.splits, sms);
   cudaError_t e = cudaSuccess;
   auto launch = [&](auto kernel) {
-    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes);
     if (e != cudaSuccess) return;
-    kernel<<<grid, kThreads, kSmemBytes, cs>>>(map_a, map_b, map_c, tiles);
+    kernel<<<grid, kThreads, Shape::kSmemBytes, cs>>>(map_a, map_b, map_c, tiles);
     e = cudaGetLastError();
   };
   auto with_layout_of = [&](auto type, auto ta, auto tb) {
     using T = decltype(type);
     constexpr bool TA = decltype(ta)::value, TB = decltype(tb)::value;
-    if (tiles.splits > 1) launch(wgmma_kernel<T, TA, TB, true>);
-    else launch(wgmma_kernel<T, TA, TB, false>);
+    if constexpr (kBN == 128) {
+      if (tiles.splits > 1) return launch(wgmma_kernel<T, TA, TB, true, kBN>);
+    }
+    launch(wgmma_kernel<T, TA, TB, false, kBN>);
   };
   auto with_type = [&](auto type) {
     if (args.transpose_a) {
@@ -336,6 +362,26 @@ Status matmul_08_wgmma_tma(const MatmulArgs& args, Stream& stream) {
   else with_type(__half{});
   if (workspace) cudaFreeAsync(workspace, cs);
   return to_status(e, "matmul/08_wgmma_tma launch");
+}
+
+}  // namespace
+
+Status matmul_08_wgmma_tma(const MatmulArgs& args, Stream& stream) {
+  ATTN_RETURN_IF_ERROR(matmul_08_supports(args));
+  ATTN_ASSIGN_OR_RETURN(d, matmul_dims(args.a, args.b, args.transpose_a, args.transpose_b));
+  const int sms = device_sms(stream.device());
+  const cudaStream_t cs = stream_of(stream);
+  // The widest tile that still gives more tiles than half the SMs: 128 x 256 for the square and
+  // wide shapes; for skinny M narrower tiles fill the GPU instead (at N = K = 8192: M = 256 takes
+  // 128 x 128, M = 128 takes 128 x 64, as cuBLAS does), each streaming its own share of B with
+  // no partial sums. Only where even 128 x 64 tiles leave half the GPU idle is K split (128 x 128
+  // tiles, at least 8 k-tiles a split) and the fp32 partial sums merged by the last split.
+  auto tiles_of = [&](int bn) { return d.batch * ceil_div(d.m, kBM) * static_cast<long long>(ceil_div(d.n, bn)); };
+  if (tiles_of(256) > sms / 2) return launch_tiles<256>(args, d, cs, sms, 1);
+  if (tiles_of(128) > sms / 2) return launch_tiles<128>(args, d, cs, sms, 1);
+  if (tiles_of(64) > sms / 2) return launch_tiles<64>(args, d, cs, sms, 1);
+  const int tiles = static_cast<int>(tiles_of(128));
+  return launch_tiles<128>(args, d, cs, sms, std::max(1, std::min(sms / tiles, ceil_div(d.k, kBK) / 8)));
 }
 
 }  // namespace attn::cuda

@@ -40,11 +40,14 @@ void register_cuda_variants(Registry& r) {
                  "Hopper (sm_90); bfloat16/float16; contiguous dimensions multiples of 8",
                  "wgmma from TMA-filled 128-byte-swizzled stages, producer/consumer warpgroups, persistent", 8, 0},
                 matmul_08_supports, matmul_08_wgmma_tma, [](const MatmulArgs& a) {
-                  // Ahead of cuBLAS (priority 100) once its 128 x 256 tiles fill half an H100's SMs:
-                  // 1.03-1.14x there; with fewer tiles (M <= 256 at N = 8192) split K reaches 0.8x.
+                  // Ahead of cuBLAS (priority 100) where its tiles fill the GPU without splitting K:
+                  // 1.04-1.11x there on an H100 (M = 128..1024 x 8192 x 8192, 2048^3, 4096^3);
+                  // 0.78-0.91x at M = 192 and 384 (fill 0.73: padded rows, a partial last wave)
+                  // and 0.8-0.9x with split K.
                   const auto d = matmul_dims(a.a, a.b, a.transpose_a, a.transpose_b);
                   if (!d.ok()) return 8;
-                  return d->batch * ((d->m + 127) / 128) * ((d->n + 255) / 256) >= 64 ? 101 : 8;
+                  const Matmul08Form f = matmul_08_form(*d, device_sms_of_current());
+                  return f.splits == 1 && f.fill >= 0.85 ? 101 : 8;
                 }});
   r.matmul.add({{"matmul/cublas", Op::kMatmul, Backend::kCuda, all,
                  "cuBLAS; float32 without TF32, float16/bfloat16 with float32 accumulation",

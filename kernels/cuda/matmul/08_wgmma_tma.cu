@@ -366,22 +366,42 @@ Status launch_tiles(const MatmulArgs& args, const MatmulDims& d, cudaStream_t cs
 
 }  // namespace
 
-Status matmul_08_wgmma_tma(const MatmulArgs& args, Stream& stream) {
-  ATTN_RETURN_IF_ERROR(matmul_08_supports(args));
-  ATTN_ASSIGN_OR_RETURN(d, matmul_dims(args.a, args.b, args.transpose_a, args.transpose_b));
-  const int sms = device_sms(stream.device());
-  const cudaStream_t cs = stream_of(stream);
+Matmul08Form matmul_08_form(const MatmulDims& d, int sms) {
   // The widest tile that still gives more tiles than half the SMs: 128 x 256 for the square and
   // wide shapes; for skinny M narrower tiles fill the GPU instead (at N = K = 8192: M = 256 takes
   // 128 x 128, M = 128 takes 128 x 64, as cuBLAS does), each streaming its own share of B with
   // no partial sums. Only where even 128 x 64 tiles leave half the GPU idle is K split (128 x 128
   // tiles, at least 8 k-tiles a split) and the fp32 partial sums merged by the last split.
   auto tiles_of = [&](int bn) { return d.batch * ceil_div(d.m, kBM) * static_cast<long long>(ceil_div(d.n, bn)); };
-  if (tiles_of(256) > sms / 2) return launch_tiles<256>(args, d, cs, sms, 1);
-  if (tiles_of(128) > sms / 2) return launch_tiles<128>(args, d, cs, sms, 1);
-  if (tiles_of(64) > sms / 2) return launch_tiles<64>(args, d, cs, sms, 1);
-  const int tiles = static_cast<int>(tiles_of(128));
-  return launch_tiles<128>(args, d, cs, sms, std::max(1, std::min(sms / tiles, ceil_div(d.k, kBK) / 8)));
+  Matmul08Form f{256, 1, 0.0};
+  if (tiles_of(256) <= sms / 2) f.tile_n = tiles_of(128) > sms / 2 ? 128 : tiles_of(64) > sms / 2 ? 64 : 128;
+  const long long tiles = tiles_of(f.tile_n);
+  if (tiles <= sms / 2) {
+    f.splits = std::max(1, std::min(static_cast<int>(sms / tiles), ceil_div(d.k, kBK) / 8));
+  } else {
+    // Busy SMs in the last wave, times the rows of the tiles that hold data.
+    const long long waves = (tiles + sms - 1) / sms;
+    f.fill = static_cast<double>(tiles) / static_cast<double>(waves * sms) * static_cast<double>(d.m) /
+             (static_cast<double>(ceil_div(d.m, kBM)) * kBM);
+  }
+  return f;
+}
+
+int device_sms_of_current() {
+  int device = 0;
+  cudaGetDevice(&device);
+  return device_sms(device);
+}
+
+Status matmul_08_wgmma_tma(const MatmulArgs& args, Stream& stream) {
+  ATTN_RETURN_IF_ERROR(matmul_08_supports(args));
+  ATTN_ASSIGN_OR_RETURN(d, matmul_dims(args.a, args.b, args.transpose_a, args.transpose_b));
+  const int sms = device_sms(stream.device());
+  const cudaStream_t cs = stream_of(stream);
+  const Matmul08Form f = matmul_08_form(d, sms);
+  if (f.tile_n == 256) return launch_tiles<256>(args, d, cs, sms, f.splits);
+  if (f.tile_n == 64) return launch_tiles<64>(args, d, cs, sms, f.splits);
+  return launch_tiles<128>(args, d, cs, sms, f.splits);
 }
 
 }  // namespace attn::cuda

@@ -105,14 +105,16 @@ class Soaker {
     return s;
   }
 
-  void check_valid(const std::string& kind, const grpc::Status& s, double error, double tol) {
+  // `what`: the op, dtype and shapes, so that a wrong value can be reproduced.
+  void check_valid(const std::string& kind, const std::string& what, const grpc::Status& s, double error,
+                   double tol) {
     tally_.add(kind, s.error_code());
     if (!acceptable_for_valid(s.error_code()) ||
         (kind == "valid" && (s.error_code() == grpc::StatusCode::CANCELLED ||
                              s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED))) {
       tally_.flag(tally_.unexpected, kind + " call got " + code_name(s.error_code()) + ": " + s.error_message());
     } else if (s.ok() && !(error <= tol)) {  // NaN fails too
-      tally_.flag(tally_.wrong, kind + " call returned values off by " + std::to_string(error));
+      tally_.flag(tally_.wrong, kind + " " + what + " returned values off by " + std::to_string(error));
     }
   }
 
@@ -131,7 +133,9 @@ class Soaker {
       // A 1 x 1 result of a few cancelling products is off by their rounding, not its own.
       error = c.ok() ? reference::matmul_error(c->view, MatmulArgs{a.view(), b.view(), c->view}) : 1e9;
     }
-    check_valid(kind, s, error, reference::tolerance(dt));
+    check_valid(kind, "matmul " + std::string(dtype_name(dt)) + " a" + shape_to_string(a.shape()) + " b" +
+                          shape_to_string(b.shape()),
+                s, error, reference::tolerance(dt));
   }
 
   void valid_softmax(const std::string& kind, Mode mode) {
@@ -147,7 +151,8 @@ class Soaker {
       SoftmaxArgs args{x.view(), x.view()};
       error = y.ok() ? reference::relative_frobenius_error(y->view, reference::softmax(args)) : 1e9;
     }
-    check_valid(kind, s, error, reference::tolerance(dt));
+    check_valid(kind, "softmax " + std::string(dtype_name(dt)) + " x" + shape_to_string(x.shape()), s, error,
+                reference::tolerance(dt));
   }
 
   void valid_attention() {
@@ -169,7 +174,10 @@ class Soaker {
       AttentionArgs args{q.view(), k.view(), v.view(), q.view(), {}, req.causal(), 0.125f};
       error = o.ok() ? reference::relative_frobenius_error(o->view, reference::attention(args)) : 1e9;
     }
-    check_valid("valid", s, error, reference::tolerance(DType::kFloat32));
+    check_valid("valid",
+                "attention float32 q" + shape_to_string(q.shape()) + " k" + shape_to_string(k.shape()) +
+                    (req.causal() ? " causal" : ""),
+                s, error, reference::tolerance(DType::kFloat32));
   }
 
   // Requests with one thing wrong; each must be refused with its code and nothing else.
@@ -232,8 +240,9 @@ TEST(Soak, ThirtyTwoClientsMixedTrafficStaysCorrectAndBounded) {
   const std::int64_t rss_after = server.rss_bytes();
 
   long total = 0;
-  std::printf("soak: %d clients, %d s, server RSS after warm-up %.1f MiB, after the soak %.1f MiB\n",
-              kClients, seconds, rss_before / 1048576.0, rss_after / 1048576.0);
+  std::printf("soak: %d clients, %d s, seed %llu, server RSS after warm-up %.1f MiB, after the soak %.1f MiB\n",
+              kClients, seconds, static_cast<unsigned long long>(testing::seed()), rss_before / 1048576.0,
+              rss_after / 1048576.0);
   for (const auto& [kind, codes] : tally.by_kind)
     for (const auto& [code, n] : codes) {
       std::printf("soak:   %-14s %-19s %ld\n", kind.c_str(), code_name(code), n);

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <random>
 
@@ -9,9 +10,13 @@
 
 namespace attn::testing {
 
-// Fresh random inputs each run (a seed from the device), reported on failure via `seed()`.
+// Fresh random inputs each run (a seed from the device), reported on failure via `seed()`;
+// ATTN_TEST_SEED=<n> replays a reported run.
 inline std::uint64_t seed() {
-  static const std::uint64_t s = std::random_device{}();
+  static const std::uint64_t s = [] {
+    if (const char* replay = std::getenv("ATTN_TEST_SEED")) return std::strtoull(replay, nullptr, 10);
+    return static_cast<unsigned long long>(std::random_device{}());
+  }();
   return s;
 }
 

@@ -15,7 +15,7 @@
 // - Skinny M (too few 128 x 256 tiles to fill the GPU): 128 x 128 or 128 x 64 tiles, with 6 or
 //   8 stages, so that every SM streams its own share of B; a skinny matmul is a stream of B from
 //   memory, and narrower tiles fill the GPU without split-K's fp32 partial sums (measured: split
-//   K was 10-25% slower than no split at M = 128..384). Only where even 128 x 64 tiles leave half
+//   K was 11-34% slower than no split at M = 128..384). Only where even 128 x 64 tiles leave half
 //   the GPU idle is K split, the last split of a tile adding the others' partial sums.
 // bf16/fp16 in, fp32 accumulation, bf16/fp16 out; any transpose flags (M- or N-major operands go
 // through wgmma's transpose bits); batched. Refuses operands whose contiguous dimension is not a

@@ -118,6 +118,13 @@ __device__ __forceinline__ void regs_decrease() { asm volatile("setmaxnreg.dec.s
 #define ATTN_ACC64 ATTN_ACC32(0), ATTN_ACC32(32)
 #define ATTN_ACC128 ATTN_ACC64, ATTN_ACC32(64), ATTN_ACC32(96)
 
+// Emits the instruction for T's PTX type: EMIT("bf16") or EMIT("f16").
+#define ATTN_WGMMA_FOR_TYPE(EMIT)                    \
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) \
+    EMIT("bf16");                                    \
+  else                                               \
+    EMIT("f16")
+
 // D (64 x 256, fp32, 128 registers a thread) += A (64 x 16) . B (16 x 256), both in shared memory;
 // TY is the PTX type of A and B ("bf16" or "f16"). The register list is part of the instruction.
 #define ATTN_WGMMA_M64N256K16(TY)                                                             \
@@ -139,10 +146,7 @@ __device__ __forceinline__ void regs_decrease() { asm volatile("setmaxnreg.dec.s
 template <class T, int kTransA, int kTransB>
 __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], std::uint64_t desc_a, std::uint64_t desc_b,
                                                  int accumulate) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>)
-    ATTN_WGMMA_M64N256K16("bf16");
-  else
-    ATTN_WGMMA_M64N256K16("f16");
+  ATTN_WGMMA_FOR_TYPE(ATTN_WGMMA_M64N256K16);
 }
 #undef ATTN_WGMMA_M64N256K16
 
@@ -162,10 +166,7 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], std::uint64_t 
 template <class T, int kTransA, int kTransB>
 __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], std::uint64_t desc_a, std::uint64_t desc_b,
                                                  int accumulate) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>)
-    ATTN_WGMMA_M64N128K16("bf16");
-  else
-    ATTN_WGMMA_M64N128K16("f16");
+  ATTN_WGMMA_FOR_TYPE(ATTN_WGMMA_M64N128K16);
 }
 #undef ATTN_WGMMA_M64N128K16
 
@@ -183,10 +184,7 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], std::uint64_t d
 template <class T, int kTransA, int kTransB>
 __device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], std::uint64_t desc_a, std::uint64_t desc_b,
                                                 int accumulate) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>)
-    ATTN_WGMMA_M64N64K16("bf16");
-  else
-    ATTN_WGMMA_M64N64K16("f16");
+  ATTN_WGMMA_FOR_TYPE(ATTN_WGMMA_M64N64K16);
 }
 #undef ATTN_WGMMA_M64N64K16
 
@@ -207,10 +205,7 @@ __device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], std::uint64_t de
 template <class T, int kTransB>
 __device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[64], const unsigned (&a)[4], std::uint64_t desc_b,
                                                  int accumulate) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>)
-    ATTN_WGMMA_M64N128K16_RS("bf16");
-  else
-    ATTN_WGMMA_M64N128K16_RS("f16");
+  ATTN_WGMMA_FOR_TYPE(ATTN_WGMMA_M64N128K16_RS);
 }
 #undef ATTN_WGMMA_M64N128K16_RS
 
@@ -229,13 +224,11 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[64], const unsign
 template <class T, int kTransB>
 __device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[32], const unsigned (&a)[4], std::uint64_t desc_b,
                                                  int accumulate) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>)
-    ATTN_WGMMA_M64N64K16_RS("bf16");
-  else
-    ATTN_WGMMA_M64N64K16_RS("f16");
+  ATTN_WGMMA_FOR_TYPE(ATTN_WGMMA_M64N64K16_RS);
 }
 #undef ATTN_WGMMA_M64N64K16_RS
 
+#undef ATTN_WGMMA_FOR_TYPE
 #undef ATTN_ACC128
 #undef ATTN_ACC64
 #undef ATTN_ACC32

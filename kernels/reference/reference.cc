@@ -11,10 +11,6 @@ double at(const TensorView& t, std::int64_t i) {
   return static_cast<double>(load_as_float(t.data, t.dtype, static_cast<std::size_t>(i)));
 }
 
-}  // namespace
-
-namespace {
-
 // C = op(A) op(B) in float64; with `magnitudes`, |op(A)| |op(B)| instead (each product's size,
 // what rounding errors scale with).
 std::vector<double> matmul_products(const MatmulArgs& args, bool magnitudes) {

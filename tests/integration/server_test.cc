@@ -425,8 +425,12 @@ TEST(ServerLifecycle, SigtermFinishesInFlightCallsAndExitsZero) {
   // Once the server has the call in hand, ask it to stop.
   testing::wait_for_load(server, 1);
   ASSERT_EQ(kill(server.pid(), SIGTERM), 0);
-  std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  // While it drains, new calls are refused.
+  // Once it has begun to drain (it logs that just before it stops taking calls), new calls are
+  // refused; waiting on the log rather than a fixed time holds however slow this machine is.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (server.log().find("shutting down") == std::string::npos && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
   Tensor x = Tensor::from_floats(DType::kFloat32, {2}, {0.0f, 0.0f});
   auto late = Client(server.address()).softmax(x);
   EXPECT_FALSE(late.ok());

@@ -174,7 +174,7 @@ void bench_matmul(const std::vector<MatmulShape>& shapes, const std::vector<DTyp
       const std::string shape = sh.str();
       double cublas_rate = 0;
       std::vector<const MatmulVariant*> variants;
-      for (const auto& v : reg.matmul.variants())
+      for (const auto& v : reg.of<MatmulArgs>().variants())
         if (v.info.backend == Backend::kCuda && v.info.name == "matmul/cublas") variants.insert(variants.begin(), &v);
         else if (v.info.backend == Backend::kCuda && selected(v.info.name)) variants.push_back(&v);
       for (const MatmulVariant* v : variants) {
@@ -233,8 +233,8 @@ void bench_softmax(const std::vector<std::int64_t>& widths, const std::vector<DT
       print(base);
       rows.push_back(base);
       SoftmaxArgs probe{x.view, y.view};
-      auto picked = reg.softmax.select(probe, "", target);
-      for (const auto& v : reg.softmax.variants()) {
+      auto picked = reg.of<SoftmaxArgs>().select(probe, "", target);
+      for (const auto& v : reg.of<SoftmaxArgs>().variants()) {
         if (v.info.backend != Backend::kCuda || !selected(v.info.name)) continue;
         Row r{"softmax", v.info.name, std::string(dtype_name(dt)), shape};
         r.unit = "GB/s";
@@ -316,8 +316,8 @@ void bench_attention(const std::vector<AttentionShape>& shapes, const std::vecto
     if (sh.s_kv != sh.s_q) shape << ":" << sh.s_kv;
     shape << "x" << sh.d << (sh.causal ? " causal" : "");
     AttentionArgs probe{q.view, k.view, v.view, o.view, {}, sh.causal, scale};
-    auto picked = reg.attention.select(probe, "", target);
-    for (const auto& var : reg.attention.variants()) {
+    auto picked = reg.of<AttentionArgs>().select(probe, "", target);
+    for (const auto& var : reg.of<AttentionArgs>().variants()) {
       if (var.info.backend != Backend::kCuda || !selected(var.info.name)) continue;
       if (!only.empty() && std::find(only.begin(), only.end(), var.info.name) == only.end()) continue;
       AttentionArgs args{q.view, k.view, v.view, o.view, {}, sh.causal, scale};
@@ -339,7 +339,7 @@ void bench_attention(const std::vector<AttentionShape>& shapes, const std::vecto
         r.rate = double(k.host.bytes() + v.host.bytes()) / (ms * 1e-3) / 1e9;
         r.baseline_rate = copy_rate;
       } else {
-        r.rate = double(attention_cost(cost_args).flops) / (ms * 1e-3) / 1e12;
+        r.rate = double(cost_of(cost_args).flops) / (ms * 1e-3) / 1e12;
       }
       r.status = correct ? "ok" : ("WRONG " + st.to_string());
       if (picked.ok() && (*picked)->info.name == var.info.name) r.status += " (auto)";

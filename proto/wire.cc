@@ -22,28 +22,33 @@ v1::DType to_proto(DType t) {
   return v1::D_TYPE_UNSPECIFIED;
 }
 
+Result<DType> dtype_from_proto(v1::DType t, const std::string& field) {
+  if (const auto dtype = from_proto(t)) return *dtype;
+  const std::string got = t == v1::D_TYPE_UNSPECIFIED ? "D_TYPE_UNSPECIFIED (unset)"
+                          : v1::DType_IsValid(t)      ? v1::DType_Name(t)
+                                                      : std::to_string(static_cast<int>(t));
+  return invalid_argument(field + ": expected D_TYPE_FLOAT32, D_TYPE_FLOAT16 or D_TYPE_BFLOAT16, got " + got);
+}
+
+Result<std::int64_t> TensorLimits::check(const Shape& shape, const std::string& field) const {
+  ATTN_ASSIGN_OR_RETURN(count, checked_element_count(shape, field));
+  if (count > max_elements) {
+    return resource_exhausted(field + ": " + shape_to_string(shape) + " has " + std::to_string(count) +
+                              " elements, over this server's limit of " + std::to_string(max_elements));
+  }
+  return count;
+}
+
 Result<DecodedTensor> decode_tensor(const v1::Tensor& t, const std::string& field,
                                     const TensorLimits& limits) {
-  const auto dtype = from_proto(t.dtype());
-  if (!dtype) {
-    return invalid_argument(field + ".dtype: expected D_TYPE_FLOAT32, D_TYPE_FLOAT16 or " +
-                            "D_TYPE_BFLOAT16, got " +
-                            (t.dtype() == v1::D_TYPE_UNSPECIFIED
-                                 ? std::string("D_TYPE_UNSPECIFIED (unset)")
-                                 : std::to_string(static_cast<int>(t.dtype()))));
-  }
+  ATTN_ASSIGN_OR_RETURN(dtype, dtype_from_proto(t.dtype(), field + ".dtype"));
   if (t.shape_size() == 0) {
     return invalid_argument(field + ".shape: expected at least one dimension, got none (is " +
                             field + " set?)");
   }
   Shape shape(t.shape().begin(), t.shape().end());
-  auto count = checked_element_count(shape, field + ".shape");
+  auto count = limits.check(shape, field + ".shape");
   ATTN_RETURN_IF_ERROR(count.status());
-  if (*count > limits.max_elements) {
-    return resource_exhausted(field + ".shape: " + shape_to_string(shape) + " has " +
-                              std::to_string(*count) + " elements, over this server's limit of " +
-                              std::to_string(limits.max_elements));
-  }
   const bool has_data = !t.data().empty(), has_values = t.values_size() > 0;
   if (has_data == has_values) {
     return invalid_argument(field + ": expected exactly one of data (raw bytes) or values (floats), got " +
@@ -51,14 +56,14 @@ Result<DecodedTensor> decode_tensor(const v1::Tensor& t, const std::string& fiel
   }
   DecodedTensor out;
   if (has_data) {
-    const std::size_t expected = static_cast<std::size_t>(*count) * element_size(*dtype);
+    const std::size_t expected = static_cast<std::size_t>(*count) * element_size(dtype);
     if (t.data().size() != expected) {
       return invalid_argument(field + ".data: expected " + std::to_string(expected) + " bytes (" +
-                              std::to_string(*count) + " x " + std::string(dtype_name(*dtype)) +
+                              std::to_string(*count) + " x " + std::string(dtype_name(dtype)) +
                               " for shape " + shape_to_string(shape) + "), got " +
                               std::to_string(t.data().size()));
     }
-    out.view = {*dtype, std::move(shape), const_cast<char*>(t.data().data()), MemoryKind::kHost};
+    out.view = {dtype, std::move(shape), const_cast<char*>(t.data().data()), MemoryKind::kHost};
     return out;
   }
   if (t.values_size() != *count) {
@@ -66,8 +71,8 @@ Result<DecodedTensor> decode_tensor(const v1::Tensor& t, const std::string& fiel
                             " values for shape " + shape_to_string(shape) + ", got " +
                             std::to_string(t.values_size()));
   }
-  out.owned = Tensor(*dtype, shape);
-  if (*dtype == DType::kFloat32) {
+  out.owned = Tensor(dtype, shape);
+  if (dtype == DType::kFloat32) {
     std::memcpy(out.owned.data(), t.values().data(), out.owned.bytes());
   } else {
     for (int i = 0; i < t.values_size(); ++i) out.owned.set(static_cast<std::size_t>(i), t.values(i));
@@ -101,36 +106,15 @@ void encode_tensor(const TensorView& view, v1::Tensor* out) {
   out->set_data(static_cast<const char*>(view.data), view.bytes());
 }
 
+// StatusCode is numbered as gRPC's codes are (status.h).
 grpc::Status to_grpc(const Status& s) {
-  grpc::StatusCode code = grpc::StatusCode::UNKNOWN;
-  switch (s.code()) {
-    case StatusCode::kOk: return grpc::Status::OK;
-    case StatusCode::kInvalidArgument: code = grpc::StatusCode::INVALID_ARGUMENT; break;
-    case StatusCode::kResourceExhausted: code = grpc::StatusCode::RESOURCE_EXHAUSTED; break;
-    case StatusCode::kNotFound: code = grpc::StatusCode::NOT_FOUND; break;
-    case StatusCode::kFailedPrecondition: code = grpc::StatusCode::FAILED_PRECONDITION; break;
-    case StatusCode::kUnavailable: code = grpc::StatusCode::UNAVAILABLE; break;
-    case StatusCode::kInternal: code = grpc::StatusCode::INTERNAL; break;
-    case StatusCode::kUnauthenticated: code = grpc::StatusCode::UNAUTHENTICATED; break;
-    case StatusCode::kDeadlineExceeded: code = grpc::StatusCode::DEADLINE_EXCEEDED; break;
-    case StatusCode::kCancelled: code = grpc::StatusCode::CANCELLED; break;
-  }
-  return {code, s.message()};
+  if (s.ok()) return grpc::Status::OK;
+  return {static_cast<grpc::StatusCode>(s.code()), s.message()};
 }
 
 Status from_grpc(const grpc::Status& s) {
-  switch (s.error_code()) {
-    case grpc::StatusCode::OK: return Status::Ok();
-    case grpc::StatusCode::INVALID_ARGUMENT: return invalid_argument(s.error_message());
-    case grpc::StatusCode::RESOURCE_EXHAUSTED: return resource_exhausted(s.error_message());
-    case grpc::StatusCode::NOT_FOUND: return not_found(s.error_message());
-    case grpc::StatusCode::FAILED_PRECONDITION: return failed_precondition(s.error_message());
-    case grpc::StatusCode::UNAVAILABLE: return unavailable(s.error_message());
-    case grpc::StatusCode::UNAUTHENTICATED: return unauthenticated(s.error_message());
-    case grpc::StatusCode::DEADLINE_EXCEEDED: return deadline_exceeded(s.error_message());
-    case grpc::StatusCode::CANCELLED: return cancelled(s.error_message());
-    default: return internal_error(s.error_message());
-  }
+  if (s.ok()) return Status::Ok();
+  return {status_code_from_canonical(static_cast<int>(s.error_code())), s.error_message()};
 }
 
 }  // namespace attn::wire

@@ -26,6 +26,18 @@ Status abandoned(grpc::CallbackServerContext* ctx) {
 
 }  // namespace
 
+bool known_op(const std::string& name) {
+  bool known = false;
+  for_each_op([&](auto desc) { known |= name == decltype(desc)::kName; });
+  return known;
+}
+
+std::string op_names() {
+  std::string names;
+  for_each_op([&](auto desc) { names += (names.empty() ? "\"" : ", \"") + std::string(decltype(desc)::kName) + "\""; });
+  return names;
+}
+
 AttnService::AttnService(Scheduler& scheduler, const Registry& registry, ServiceConfig config)
     : scheduler_(scheduler), registry_(registry), config_(std::move(config)), token_(config_.token) {
   decode_.registry = &registry_;
@@ -37,10 +49,9 @@ AttnService::AttnService(Scheduler& scheduler, const Registry& registry, Service
   }
   decode_.limits = config_.limits;
   decode_.store = config_.store;
-  for (const auto& ex : scheduler_.executors()) {
-    decode_.executor_targets.push_back(ex->target());
-    // GPUs by ordinal, the CPU apart from them.
-    decode_.executor_devices.push_back(ex->target().backend == Backend::kCuda ? ex->device().ordinal : -1);
+  for (std::size_t i = 0; i < scheduler_.executors().size(); ++i) {
+    decode_.executor_targets.push_back(scheduler_.executors()[i]->target());
+    decode_.executor_devices.push_back(scheduler_.device_of(i));
   }
 }
 
@@ -69,30 +80,48 @@ void AttnService::device_faulted(Executor& executor, const std::string& what, co
   if (config_.on_device_fault) config_.on_device_fault(status.message());
 }
 
-template <class Args, class Request, class Response>
-grpc::ServerUnaryReactor* AttnService::run(grpc::CallbackServerContext* ctx, const char* op,
-                                           Clock::time_point start,
-                                           Result<PreparedOp<Args>> prepared, const Request* req,
-                                           Response* resp, bool return_values,
-                                           std::vector<v1::Tensor*> outputs) {
-  auto* reactor = ctx->DefaultReactor();
+void AttnService::submit(grpc::CallbackServerContext* ctx, grpc::ServerUnaryReactor* reactor, const char* op,
+                         const std::string& variant, std::size_t bytes_in, const Placement& placement,
+                         std::function<void(Executor&, std::int64_t queue_ns)> run) {
+  Scheduler::Job job;
+  job.abandoned = [ctx] { return abandoned(ctx); };
+  job.drop = [=, this](const Status& why) { finish(reactor, ctx, op, variant, why, nullptr, bytes_in, 0); };
+  job.run = std::move(run);
+  const Status queued = scheduler_.submit(placement, std::move(job));
+  if (!queued.ok()) finish(reactor, ctx, op, variant, queued, nullptr, bytes_in, 0);
+}
+
+template <class Request, class Response>
+grpc::ServerUnaryReactor* AttnService::serve(grpc::CallbackServerContext* ctx, const Request* req, Response* resp) {
+  using Rpc = RpcOp<Request>;
+  using Args = typename Rpc::Args;
+  const char* op = OpDesc<Args>::kName;
+  const auto start = Clock::now();
   const std::size_t bytes_in = req->ByteSizeLong();
+  if (auto* refused = refuse_unauthenticated(ctx, op, bytes_in)) return refused;
+  auto* reactor = ctx->DefaultReactor();
+  auto prepared = Rpc::decode(*req, resp, decode_);
   if (!prepared.ok()) {
     finish(reactor, ctx, op, "", prepared.status(), nullptr, bytes_in, 0);
     return reactor;
   }
   auto prepared_op = std::make_shared<PreparedOp<Args>>(std::move(prepared).value());
-  const std::string variant = prepared_op->variant->info.name;
-  Scheduler::Job job;
-  job.abandoned = [ctx] { return abandoned(ctx); };
-  job.drop = [=, this](const Status& why) { finish(reactor, ctx, op, variant, why, nullptr, bytes_in, 0); };
-  job.run = [=, this](Executor& executor, std::int64_t queue_ns) {
+  const VariantInfo& variant = prepared_op->variant->info;
+  Placement placement;
+  placement.backend = variant.backend;
+  // Pinned to the device holding its resident data (any of its streams), else the backend's.
+  if (prepared_op->executor >= 0) placement.device = scheduler_.device_of(static_cast<std::size_t>(prepared_op->executor));
+  // A tiny op on the CPU runs on this thread when the CPU is idle: handing it to the worker
+  // (a queue push and a wake-up, ~20 us) would cost more than the op itself.
+  placement.inline_when_idle = variant.backend == Backend::kCpu && tiny(cost_of(prepared_op->args));
+  const std::vector<v1::Tensor*> outputs = Rpc::outputs(*req, resp);
+  const bool return_values = req->return_values();
+  submit(ctx, reactor, op, variant.name, bytes_in, placement, [=, this](Executor& executor, std::int64_t queue_ns) {
     ExecTimings t;
-    const OpCall call = make_call(*prepared_op->variant, prepared_op->args);
-    const Status status = executor.execute(call, t);
+    const Status status = executor.execute(make_call(*prepared_op->variant, prepared_op->args), t);
     if (!status.ok()) {
-      device_faulted(executor, variant, status);
-      finish(reactor, ctx, op, variant, status, nullptr, bytes_in, 0);
+      device_faulted(executor, variant.name, status);
+      finish(reactor, ctx, op, variant.name, status, nullptr, bytes_in, 0);
       return;
     }
     for (const auto& kept : prepared_op->kept) config_.store->publish(kept);
@@ -100,7 +129,7 @@ grpc::ServerUnaryReactor* AttnService::run(grpc::CallbackServerContext* ctx, con
       for (v1::Tensor* out : outputs) wire::convert_to_values(out);  // kept outputs have no data
     const OpCost cost = cost_of(prepared_op->args);
     v1::Timings* timings = resp->mutable_timings();
-    timings->set_kernel(variant);
+    timings->set_kernel(variant.name);
     timings->set_device(executor.device().label());
     timings->set_queue_ns(queue_ns);
     timings->set_h2d_ns(t.h2d_ns);
@@ -109,83 +138,44 @@ grpc::ServerUnaryReactor* AttnService::run(grpc::CallbackServerContext* ctx, con
     timings->set_flops(cost.flops);
     timings->set_bytes(cost.bytes);
     timings->set_total_ns(ns_since(start));
-    spdlog::debug("{} {} on {}: queue {} us, kernel {} us, total {} us", op, variant,
-                  timings->device(), queue_ns / 1000, t.kernel_ns / 1000, timings->total_ns() / 1000);
-    finish(reactor, ctx, op, variant, Status::Ok(), timings, bytes_in, resp->ByteSizeLong());
-  };
-  int pinned = prepared_op->executor;
-  if (pinned >= 0) {  // the least loaded executor (stream) of the device holding the data
-    const int device = decode_.executor_devices[static_cast<std::size_t>(pinned)];
-    for (std::size_t i = 0; i < decode_.executor_devices.size(); ++i)
-      if (decode_.executor_devices[i] == device && scheduler_.load(i) < scheduler_.load(static_cast<std::size_t>(pinned)))
-        pinned = static_cast<int>(i);
-  }
-  // A tiny op on the CPU runs right here when the CPU is idle: handing it to the worker thread
-  // (a queue push and a wake-up, ~20 us) would cost more than the op itself.
-  if (prepared_op->variant->info.backend == Backend::kCpu) {
-    if (tiny(cost_of(prepared_op->args))) {
-      const auto& executors = scheduler_.executors();
-      for (std::size_t i = 0; i < executors.size(); ++i) {
-        const bool here = pinned < 0 ? executors[i]->target().backend == Backend::kCpu : static_cast<int>(i) == pinned;
-        if (here && scheduler_.load(i) == 0) {
-          job.run(*executors[i], 0);
-          return reactor;
-        }
-      }
-    }
-  }
-  const Status queued = pinned >= 0 ? scheduler_.submit_to(static_cast<std::size_t>(pinned), std::move(job))
-                                    : scheduler_.submit(prepared_op->variant->info.backend, std::move(job));
-  if (!queued.ok()) finish(reactor, ctx, op, variant, queued, nullptr, bytes_in, 0);
+    spdlog::debug("{} {} on {}: queue {} us, kernel {} us, total {} us", op, variant.name, timings->device(),
+                  queue_ns / 1000, t.kernel_ns / 1000, timings->total_ns() / 1000);
+    finish(reactor, ctx, op, variant.name, Status::Ok(), timings, bytes_in, resp->ByteSizeLong());
+  });
   return reactor;
 }
 
 grpc::ServerUnaryReactor* AttnService::inject_fault(grpc::CallbackServerContext* ctx) {
   auto* reactor = ctx->DefaultReactor();
-  const Backend device = decode_.targets.front().backend;
-  Scheduler::Job job;
-  job.abandoned = [ctx] { return abandoned(ctx); };
-  job.drop = [=, this](const Status& why) { finish(reactor, ctx, "softmax", kFaultInjectionKernel, why, nullptr, 0, 0); };
-  job.run = [=, this](Executor& executor, std::int64_t) {
+  Placement placement;
+  placement.backend = decode_.targets.front().backend;
+  submit(ctx, reactor, "softmax", kFaultInjectionKernel, 0, placement, [=, this](Executor& executor, std::int64_t) {
     spdlog::warn("fault injection: making {} fault on purpose", executor.device().label());
     const Status status = executor.inject_fault();
     device_faulted(executor, kFaultInjectionKernel, status);
     finish(reactor, ctx, "softmax", kFaultInjectionKernel,
            status.ok() ? internal_error("fault injection: the device did not fault") : status, nullptr, 0, 0);
-  };
-  const Status queued = scheduler_.submit(device, std::move(job));
-  if (!queued.ok()) finish(reactor, ctx, "softmax", kFaultInjectionKernel, queued, nullptr, 0, 0);
+  });
   return reactor;
 }
 
-grpc::ServerUnaryReactor* AttnService::Matmul(grpc::CallbackServerContext* ctx,
-                                              const v1::MatmulRequest* req,
+grpc::ServerUnaryReactor* AttnService::Matmul(grpc::CallbackServerContext* ctx, const v1::MatmulRequest* req,
                                               v1::MatmulResponse* resp) {
-  const auto start = Clock::now();
-  if (auto* refused = refuse_unauthenticated(ctx, "matmul", req->ByteSizeLong())) return refused;
-  return run(ctx, "matmul", start, decode_matmul(*req, resp, decode_), req, resp,
-             req->return_values(), {resp->mutable_c()});
+  return serve(ctx, req, resp);
 }
 
-grpc::ServerUnaryReactor* AttnService::Softmax(grpc::CallbackServerContext* ctx,
-                                               const v1::SoftmaxRequest* req,
+grpc::ServerUnaryReactor* AttnService::Softmax(grpc::CallbackServerContext* ctx, const v1::SoftmaxRequest* req,
                                                v1::SoftmaxResponse* resp) {
-  const auto start = Clock::now();
-  if (auto* refused = refuse_unauthenticated(ctx, "softmax", req->ByteSizeLong())) return refused;
-  if (config_.fault_injection && req->kernel() == kFaultInjectionKernel) return inject_fault(ctx);
-  return run(ctx, "softmax", start, decode_softmax(*req, resp, decode_), req, resp,
-             req->return_values(), {resp->mutable_y()});
+  if (config_.fault_injection && req->kernel() == kFaultInjectionKernel) {
+    if (auto* refused = refuse_unauthenticated(ctx, "softmax", req->ByteSizeLong())) return refused;
+    return inject_fault(ctx);
+  }
+  return serve(ctx, req, resp);
 }
 
-grpc::ServerUnaryReactor* AttnService::Attention(grpc::CallbackServerContext* ctx,
-                                                 const v1::AttentionRequest* req,
+grpc::ServerUnaryReactor* AttnService::Attention(grpc::CallbackServerContext* ctx, const v1::AttentionRequest* req,
                                                  v1::AttentionResponse* resp) {
-  const auto start = Clock::now();
-  if (auto* refused = refuse_unauthenticated(ctx, "attention", req->ByteSizeLong())) return refused;
-  std::vector<v1::Tensor*> outputs{resp->mutable_o()};
-  if (req->return_lse()) outputs.push_back(resp->mutable_lse());
-  return run(ctx, "attention", start, decode_attention(*req, resp, decode_), req, resp,
-             req->return_values(), outputs);
+  return serve(ctx, req, resp);
 }
 
 grpc::ServerUnaryReactor* AttnService::ListKernels(grpc::CallbackServerContext* ctx,
@@ -194,9 +184,8 @@ grpc::ServerUnaryReactor* AttnService::ListKernels(grpc::CallbackServerContext* 
   if (auto* refused = refuse_unauthenticated(ctx, "list_kernels", 0)) return refused;
   auto* reactor = ctx->DefaultReactor();
   const std::string& op = req->op();
-  if (!op.empty() && op != "matmul" && op != "softmax" && op != "attention") {
-    finish(reactor, ctx, "list_kernels", "",
-           invalid_argument("op: expected \"matmul\", \"softmax\", \"attention\" or empty, got \"" + op + "\""),
+  if (!op.empty() && !known_op(op)) {
+    finish(reactor, ctx, "list_kernels", "", invalid_argument("op: expected " + op_names() + " or empty, got \"" + op + "\""),
            nullptr, 0, 0);
     return reactor;
   }

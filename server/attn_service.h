@@ -27,6 +27,10 @@ struct ServiceConfig {
   TensorStore* store = nullptr;  // resident tensors; null: none
 };
 
+// Whether `name` is an op ("matmul", ...), and all their names quoted, for messages.
+bool known_op(const std::string& name);
+std::string op_names();
+
 // The kernel name that injects a device fault when the server allows it.
 inline constexpr const char* kFaultInjectionKernel = "fault_injection/trap";
 
@@ -69,12 +73,13 @@ class AttnService final : public v1::AttnService::CallbackService {
   void describe(const ResidentTensor& t, v1::TensorInfo* out) const;
 
  private:
-  template <class Args, class Request, class Response>
-  grpc::ServerUnaryReactor* run(grpc::CallbackServerContext* ctx, const char* op,
-                                std::chrono::steady_clock::time_point start,
-                                Result<PreparedOp<Args>> prepared, const Request* req,
-                                Response* resp, bool return_values,
-                                std::vector<v1::Tensor*> outputs);
+  // An op's call (RpcOp<Request>): authenticated, decoded, placed, run, encoded.
+  template <class Request, class Response>
+  grpc::ServerUnaryReactor* serve(grpc::CallbackServerContext* ctx, const Request* req, Response* resp);
+  // Queues `run` for the call; a refusal, or the call abandoned in the queue, finishes it.
+  void submit(grpc::CallbackServerContext* ctx, grpc::ServerUnaryReactor* reactor, const char* op,
+              const std::string& variant, std::size_t bytes_in, const Placement& placement,
+              std::function<void(Executor&, std::int64_t queue_ns)> run);
   grpc::ServerUnaryReactor* inject_fault(grpc::CallbackServerContext* ctx);
   // Finishes a call and counts it in the metrics.
   friend class PutTensorReactor;

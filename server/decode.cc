@@ -89,15 +89,7 @@ Result<TensorView> output(DType dtype, const Shape& shape, v1::Tensor* out, bool
 // The output's shape must respect the same element limit as the inputs: small inputs can ask
 // for a huge output (a [M,1] x [1,N] matmul).
 Status check_output(const Shape& shape, const char* field, const DecodeContext& ctx) {
-  auto count = checked_element_count(shape, field);
-  ATTN_RETURN_IF_ERROR(count.status());
-  if (*count > ctx.limits.max_elements) {
-    return resource_exhausted(std::string(field) + ": the result " + shape_to_string(shape) +
-                              " would have " + std::to_string(*count) +
-                              " elements, over this server's limit of " +
-                              std::to_string(ctx.limits.max_elements));
-  }
-  return Status::Ok();
+  return ctx.limits.check(shape, field).status();
 }
 
 // The requested variant, or the best one, on the first target that can take the arguments. The
@@ -139,7 +131,7 @@ Result<PreparedOp<MatmulArgs>> decode_matmul(const v1::MatmulRequest& req, v1::M
   op.args.b = b.view;
   op.args.transpose_a = req.transpose_a();
   op.args.transpose_b = req.transpose_b();
-  ATTN_ASSIGN_OR_RETURN(variant, select(ctx.registry->matmul, op.args, req.kernel(), placed(ctx, op)));
+  ATTN_ASSIGN_OR_RETURN(variant, select(ctx.registry->of<MatmulArgs>(), op.args, req.kernel(), placed(ctx, op)));
   op.variant = variant;
   ATTN_ASSIGN_OR_RETURN(c, output(a.view.dtype, c_shape, resp->mutable_c(), req.keep_output(),
                                   req.output_ttl_ms(), "c", ctx, op));
@@ -154,7 +146,7 @@ Result<PreparedOp<SoftmaxArgs>> decode_softmax(const v1::SoftmaxRequest& req,
   PreparedOp<SoftmaxArgs> op;
   ATTN_ASSIGN_OR_RETURN(x, any_input(req.x(), req.has_x(), "x", ctx, op));
   op.args.x = x.view;
-  ATTN_ASSIGN_OR_RETURN(variant, select(ctx.registry->softmax, op.args, req.kernel(), placed(ctx, op)));
+  ATTN_ASSIGN_OR_RETURN(variant, select(ctx.registry->of<SoftmaxArgs>(), op.args, req.kernel(), placed(ctx, op)));
   op.variant = variant;
   ATTN_ASSIGN_OR_RETURN(y, output(x.view.dtype, x.view.shape, resp->mutable_y(), req.keep_output(),
                                   req.output_ttl_ms(), "y", ctx, op));
@@ -180,7 +172,7 @@ Result<PreparedOp<AttentionArgs>> decode_attention(const v1::AttentionRequest& r
   op.args.v = v.view;
   op.args.causal = req.causal();
   op.args.scale = resolve_attention_scale(req.scale(), dims.head_dim);
-  ATTN_ASSIGN_OR_RETURN(variant, select(ctx.registry->attention, op.args, req.kernel(), placed(ctx, op)));
+  ATTN_ASSIGN_OR_RETURN(variant, select(ctx.registry->of<AttentionArgs>(), op.args, req.kernel(), placed(ctx, op)));
   op.variant = variant;
   ATTN_ASSIGN_OR_RETURN(o, output(q.view.dtype, q.view.shape, resp->mutable_o(), req.keep_output(),
                                   req.output_ttl_ms(), "o", ctx, op));

@@ -25,11 +25,6 @@ struct DecodeContext {
   std::vector<int> executor_devices;
 };
 
-// The op's FLOPs and bytes, by argument type (for templates over the three ops).
-inline OpCost cost_of(const MatmulArgs& a) { return matmul_cost(a); }
-inline OpCost cost_of(const SoftmaxArgs& a) { return softmax_cost(a); }
-inline OpCost cost_of(const AttentionArgs& a) { return attention_cost(a); }
-
 // A tiny op costs less than a GPU round trip (copies, a launch, a sync: ~30 us) or a hand-off to
 // a worker thread (~20 us): with no variant named it runs on the CPU, on the gRPC thread when the
 // CPU is idle.
@@ -59,5 +54,34 @@ Result<PreparedOp<SoftmaxArgs>> decode_softmax(const v1::SoftmaxRequest& req,
 Result<PreparedOp<AttentionArgs>> decode_attention(const v1::AttentionRequest& req,
                                                    v1::AttentionResponse* resp,
                                                    const DecodeContext& ctx);
+
+// Each RPC of an op, described once for the generic handler (AttnService::serve): its Args, its
+// decoding and the response tensors that carry its outputs.
+template <class Request>
+struct RpcOp;
+
+template <>
+struct RpcOp<v1::MatmulRequest> {
+  using Args = MatmulArgs;
+  static constexpr auto decode = decode_matmul;
+  static std::vector<v1::Tensor*> outputs(const v1::MatmulRequest&, v1::MatmulResponse* r) { return {r->mutable_c()}; }
+};
+
+template <>
+struct RpcOp<v1::SoftmaxRequest> {
+  using Args = SoftmaxArgs;
+  static constexpr auto decode = decode_softmax;
+  static std::vector<v1::Tensor*> outputs(const v1::SoftmaxRequest&, v1::SoftmaxResponse* r) { return {r->mutable_y()}; }
+};
+
+template <>
+struct RpcOp<v1::AttentionRequest> {
+  using Args = AttentionArgs;
+  static constexpr auto decode = decode_attention;
+  static std::vector<v1::Tensor*> outputs(const v1::AttentionRequest& req, v1::AttentionResponse* r) {
+    if (!req.return_lse()) return {r->mutable_o()};
+    return {r->mutable_o(), r->mutable_lse()};
+  }
+};
 
 }  // namespace attn::server

@@ -42,14 +42,13 @@ struct StopReason {
 };
 StopReason stop_reason;
 
-}  // namespace
-
-int main(int argc, char** argv) {
-  attn::server::ServerOptions options;
+// Flags that are not ServerOptions fields as they are.
+struct ProcessFlags {
   std::string log_level = "info", port_file, token_file;
-  std::int64_t grace_ms = options.shutdown_grace.count();
+  std::int64_t grace_ms = 0;
+};
 
-  CLI::App app{"attnd: attention operations served over gRPC"};
+void add_flags(CLI::App& app, attn::server::ServerOptions& options, ProcessFlags& flags) {
   app.set_version_flag("--version", attn::kVersion);
   app.add_option("--listen", options.listen, "address:port to listen on (port 0 picks a free one)")
       ->capture_default_str();
@@ -72,13 +71,13 @@ int main(int argc, char** argv) {
   app.add_option("--queue-depth", options.queue_depth, "requests waiting per device before refusing")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  app.add_option("--shutdown-grace-ms", grace_ms, "how long in-flight calls may finish on SIGTERM")
+  app.add_option("--shutdown-grace-ms", flags.grace_ms, "how long in-flight calls may finish on SIGTERM")
       ->capture_default_str();
   app.add_option("--tls-cert", options.security.tls_cert_file, "PEM certificate chain: serve TLS");
   app.add_option("--tls-key", options.security.tls_key_file, "PEM private key of --tls-cert");
   app.add_option("--tls-client-ca", options.security.tls_client_ca_file,
                  "PEM CA bundle: require client certificates it signed (mutual TLS)");
-  app.add_option("--token-file", token_file,
+  app.add_option("--token-file", flags.token_file,
                  "file holding the bearer token every call must carry (else $ATTND_TOKEN; neither: "
                  "no token)");
   app.add_option("--tensor-quota-mb", options.tensor_quota_mb,
@@ -92,30 +91,64 @@ int main(int argc, char** argv) {
                  "serve Prometheus metrics at http://ADDRESS:PORT/metrics (default: off)");
   app.add_flag("--enable-fault-injection", options.fault_injection,
                "tests only: softmax with kernel \"fault_injection/trap\" makes the device fault");
-  app.add_option("--log-level", log_level, "trace, debug, info, warn, error")
+  app.add_option("--log-level", flags.log_level, "trace, debug, info, warn, error")
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "critical", "off"}))
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast)
       ->capture_default_str();
-  app.add_option("--port-file", port_file,
+  app.add_option("--port-file", flags.port_file,
                  "write the bound port (and the metrics port, second line) here once serving");
-  CLI11_PARSE(app, argc, argv);
-  options.shutdown_grace = std::chrono::milliseconds(grace_ms);
-  spdlog::set_level(spdlog::level::from_str(log_level));
+}
 
-  auto token = attn::server::load_token(token_file);
-  if (!token.ok()) {
-    spdlog::critical("cannot start: {}", token.status().message());
-    return 1;
+// The bound port (and the metrics port) for whoever started the server with port 0.
+void write_port_file(const std::string& path, int port, int metrics_port) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp);
+    out << port << "\n";
+    if (metrics_port) out << metrics_port << "\n";
   }
-  options.security.token = *token;
+  std::rename(tmp.c_str(), path.c_str());  // readers never see a half-written file
+}
 
-  // Signals are taken by sigwait, not by handlers: block them before any thread starts.
+// Signals are taken by sigwait on a thread of their own, not by handlers: they are blocked here,
+// before any other thread starts, and the thread sets the stop reason.
+sigset_t block_stop_signals() {
   sigset_t stop_signals;
   sigemptyset(&stop_signals);
   sigaddset(&stop_signals, SIGINT);
   sigaddset(&stop_signals, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  return stop_signals;
+}
 
+void wait_for_signals(sigset_t stop_signals) {
+  std::thread([stop_signals] {
+    int sig = 0;
+    sigwait(&stop_signals, &sig);
+    spdlog::info("received {}", sig == SIGINT ? "SIGINT" : "SIGTERM");
+    stop_reason.set(0);
+  }).detach();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  attn::server::ServerOptions options;
+  ProcessFlags flags;
+  flags.grace_ms = options.shutdown_grace.count();
+  CLI::App app{"attnd: attention operations served over gRPC"};
+  add_flags(app, options, flags);
+  CLI11_PARSE(app, argc, argv);
+  options.shutdown_grace = std::chrono::milliseconds(flags.grace_ms);
+  spdlog::set_level(spdlog::level::from_str(flags.log_level));
+
+  auto token = attn::server::load_token(flags.token_file);
+  if (!token.ok()) {
+    spdlog::critical("cannot start: {}", token.status().message());
+    return 1;
+  }
+  options.security.token = *token;
+  const sigset_t stop_signals = block_stop_signals();
   options.on_fatal = [](const std::string& why) {
     spdlog::critical("stopping with exit code {} so that a supervisor restarts the server: {}",
                      kExitDeviceFault, why);
@@ -126,22 +159,8 @@ int main(int argc, char** argv) {
     spdlog::critical("cannot start: {}", server.status().message());
     return 1;
   }
-  if (!port_file.empty()) {
-    const std::string tmp = port_file + ".tmp";
-    {
-      std::ofstream out(tmp);
-      out << (*server)->port() << "\n";
-      if ((*server)->metrics_port()) out << (*server)->metrics_port() << "\n";
-    }
-    std::rename(tmp.c_str(), port_file.c_str());  // readers never see a half-written file
-  }
-  std::thread([stop_signals] {
-    int sig = 0;
-    sigwait(&stop_signals, &sig);
-    spdlog::info("received {}", sig == SIGINT ? "SIGINT" : "SIGTERM");
-    stop_reason.set(0);
-  }).detach();
-
+  if (!flags.port_file.empty()) write_port_file(flags.port_file, (*server)->port(), (*server)->metrics_port());
+  wait_for_signals(stop_signals);
   const int exit_code = stop_reason.wait();
   (*server)->shutdown();
   return exit_code;

@@ -1,14 +1,22 @@
-// One bounded queue and one worker thread per device. Handlers submit jobs; a full queue refuses
-// at once (RESOURCE_EXHAUSTED) instead of growing without bound. A job whose caller cancelled or
-// whose deadline passed gives its slot back: it is dropped, never run.
+// One bounded queue and one worker thread per executor (a device, or one stream of a GPU).
+// Handlers submit jobs with a placement; a full queue refuses at once (RESOURCE_EXHAUSTED)
+// instead of growing without bound. A job whose caller cancelled or whose deadline passed gives
+// its slot back: it is dropped, never run.
+//
+// State: a job may name the state object it touches (a KV cache, anything mutable on a device).
+// Jobs on one state object run one at a time in the order they were submitted, on one worker
+// (whichever the first of them went to, while any is queued or running); jobs on other state
+// objects, or on none, go to the least loaded worker and run in parallel.
 #pragma once
 
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -16,10 +24,25 @@
 
 namespace attn::server {
 
+// The identity of a state object (its address: the job keeps the object alive until it ends).
+using StateKey = const void*;
+
+// Where a job may run.
+struct Placement {
+  Backend backend = Backend::kCpu;
+  // A CUDA ordinal: any executor (stream) of that GPU; -1: any executor of `backend`.
+  int device = -1;
+  // The state the job touches, or null.
+  StateKey state = nullptr;
+  // The job may run on the submitting thread when its executor is idle (tiny ops: a hand-off
+  // to the worker would cost more than the op). Never for a job whose state has jobs pending.
+  bool inline_when_idle = false;
+};
+
 class Scheduler {
  public:
   struct Job {
-    // Runs on the device's worker thread with the time the job waited in the queue.
+    // Runs on the executor's worker thread (or inline) with the time the job waited in the queue.
     std::function<void(Executor& executor, std::int64_t queue_ns)> run;
     // Why the job need not run any more (its caller cancelled, its deadline passed), or OK.
     std::function<Status()> abandoned;
@@ -30,24 +53,39 @@ class Scheduler {
   Scheduler(std::vector<std::unique_ptr<Executor>> executors, std::size_t queue_depth);
   ~Scheduler();
 
-  // Queues `job` on the least loaded device of `backend`.
-  Status submit(Backend backend, Job job);
-  // Queues `job` on the i-th executor's device (where its resident data lives).
-  Status submit_to(std::size_t executor, Job job);
+  // Queues `job` where `placement` allows: on the worker holding its state's earlier jobs, else
+  // the least loaded one. UNAVAILABLE when no executor fits or the scheduler stops,
+  // RESOURCE_EXHAUSTED when the chosen queue is full.
+  Status submit(const Placement& placement, Job job);
   // Runs the queued jobs, then stops the workers.
   void stop();
 
   const std::vector<std::unique_ptr<Executor>>& executors() const { return executors_; }
   std::size_t queue_depth() const { return queue_depth_; }
-  // Jobs waiting or running on the i-th executor's device.
+  // Jobs waiting or running on the i-th executor.
   std::size_t load(std::size_t i) const;
+  // The least loaded executor where `placement` may run (state aside), or none.
+  std::optional<std::size_t> least_loaded(const Placement& placement) const;
+  // The CUDA ordinal of the i-th executor, or -1 for the CPU.
+  int device_of(std::size_t i) const;
 
  private:
   struct Worker;
-  Status enqueue(Worker* worker, Job job);
+  struct StateQueue {
+    Worker* worker = nullptr;
+    std::size_t pending = 0;  // jobs queued or running
+  };
+  bool fits(std::size_t i, const Placement& placement) const;
+  // The worker for `placement` (state_mu_ held), or null.
+  Worker* choose(const Placement& placement);
+  Status enqueue(Worker* worker, Job job, std::int64_t* inline_ran);
+  void state_done(StateKey state);
+
   std::vector<std::unique_ptr<Executor>> executors_;
   std::vector<std::unique_ptr<Worker>> workers_;
   std::size_t queue_depth_;
+  std::mutex state_mu_;  // taken before a worker's mutex, never after
+  std::map<StateKey, StateQueue> states_;
 };
 
 }  // namespace attn::server

@@ -64,41 +64,35 @@ Result<std::vector<std::unique_ptr<Executor>>> choose_executors(const std::strin
   return cpu;
 }
 
-// Runs every variant this device can run once on small inputs of each dtype it claims, so that
-// the first real calls do not pay for lazy kernel loading and library handles in their timings.
+// Runs every variant this device can run once on each op's example of each dtype it claims, so
+// that the first real calls do not pay for lazy kernel loading and library handles.
 void warm_up(Executor& executor) {
   const Registry& registry = default_registry();
   const Target target = executor.target();
   int ran = 0;
-  auto run = [&](const auto& variant, auto& args) {
-    if (!available_on(variant.info, target).ok() || !variant.supports(args).ok()) return;
-    ExecTimings t;
-    const Status s = executor.execute(make_call(variant, args), t);
-    if (!s.ok()) spdlog::warn("warm-up of {} failed: {}", variant.info.name, s.to_string());
-    ++ran;
-  };
-  for (DType dt : kAllDTypes) {
-    Tensor a(dt, {64, 64}), b(dt, {64, 64}), c(dt, {64, 64}), x(dt, {8, 1024}), y(dt, {8, 1024});
-    Tensor q(dt, {1, 2, 64, 64}), o(dt, {1, 2, 64, 64}), lse(DType::kFloat32, {1, 2, 64});
-    for (const auto& v : registry.matmul.variants()) {
-      MatmulArgs args{a.view(), b.view(), c.view()};
-      run(v, args);
+  for_each_op([&](auto desc) {
+    using Args = typename decltype(desc)::Args;
+    for (DType dt : kAllDTypes) {
+      const Problem<Args> problem = decltype(desc)::problem(decltype(desc)::example(dt)).value();
+      std::vector<Tensor> tensors;
+      tensors.reserve(problem.inputs.size() + problem.outputs.size());
+      std::vector<TensorView> in, out;
+      for (const TensorSpec& t : problem.inputs) in.push_back(tensors.emplace_back(t.dtype, t.shape).view());
+      for (const TensorSpec& t : problem.outputs) out.push_back(tensors.emplace_back(t.dtype, t.shape).view());
+      for (const auto& variant : registry.of<Args>().variants()) {
+        Args args = problem.bind(in, out);
+        if (!available_on(variant.info, target).ok() || !variant.supports(args).ok()) continue;
+        ExecTimings t;
+        const Status s = executor.execute(make_call(variant, args), t);
+        if (!s.ok()) spdlog::warn("warm-up of {} failed: {}", variant.info.name, s.to_string());
+        ++ran;
+      }
     }
-    for (const auto& v : registry.softmax.variants()) {
-      SoftmaxArgs args{x.view(), y.view()};
-      run(v, args);
-    }
-    for (const auto& v : registry.attention.variants()) {
-      AttentionArgs args{q.view(), q.view(), q.view(), o.view(), lse.view(), false, 0.125f};
-      run(v, args);
-    }
-  }
+  });
   spdlog::info("warm-up: ran {} variant/dtype pairs on {}", ran, executor.device().label());
 }
 
-}  // namespace
-
-Result<std::unique_ptr<Server>> Server::start(const ServerOptions& options) {
+Status check_options(const ServerOptions& options) {
   if (options.max_message_mb < 1 || options.max_message_mb > 2047) {
     return invalid_argument("--max-message-mb: expected 1..2047 (protobuf's limit is 2 GiB), got " +
                             std::to_string(options.max_message_mb));
@@ -107,12 +101,14 @@ Result<std::unique_ptr<Server>> Server::start(const ServerOptions& options) {
   if (options.streams_per_device < 1 || options.streams_per_device > 8) {
     return invalid_argument("--streams-per-device: expected 1..8, got " + std::to_string(options.streams_per_device));
   }
-  ATTN_ASSIGN_OR_RETURN(executors, choose_executors(options.backend, options.devices, options.streams_per_device));
-  ATTN_ASSIGN_OR_RETURN(credentials, make_server_credentials(options.security));
+  if (options.tensor_quota_mb < 0 || options.tensor_ttl_s < 1 || options.tensor_max_ttl_s < options.tensor_ttl_s) {
+    return invalid_argument("--tensor-quota-mb >= 0, --tensor-ttl-s >= 1 and --tensor-max-ttl-s >= --tensor-ttl-s");
+  }
+  return Status::Ok();
+}
 
-  std::unique_ptr<Server> s(new Server());
-  s->options_ = options;
-  s->backend_ = backend_name(executors.front()->target().backend);
+// Logs each device and warms the GPUs' variants up.
+void announce_and_warm_up(const std::vector<std::unique_ptr<Executor>>& executors) {
   for (const auto& ex : executors) {
     spdlog::info("device: {}{}{}", ex->device().label(),
                  ex->target().backend == Backend::kCuda ? " stream " + std::to_string(ex->device().stream) : "",
@@ -121,73 +117,101 @@ Result<std::unique_ptr<Server>> Server::start(const ServerOptions& options) {
                      : "");
     if (ex->target().backend == Backend::kCuda) warm_up(*ex);
   }
-  s->scheduler_ = std::make_unique<Scheduler>(std::move(executors), options.queue_depth);
-  if (options.tensor_quota_mb < 0 || options.tensor_ttl_s < 1 || options.tensor_max_ttl_s < options.tensor_ttl_s) {
-    s->scheduler_->stop();
-    return invalid_argument("--tensor-quota-mb >= 0, --tensor-ttl-s >= 1 and --tensor-max-ttl-s >= --tensor-ttl-s");
-  }
+}
+
+std::unique_ptr<TensorStore> make_store(const ServerOptions& options, const Scheduler& scheduler) {
   std::vector<Executor*> devices;
-  for (const auto& ex : s->scheduler_->executors()) devices.push_back(ex.get());
+  for (const auto& ex : scheduler.executors()) devices.push_back(ex.get());
   TensorStoreOptions store_options;
   store_options.quota_bytes = static_cast<std::size_t>(options.tensor_quota_mb) << 20;
   store_options.default_ttl = std::chrono::seconds(options.tensor_ttl_s);
   store_options.max_ttl = std::chrono::seconds(options.tensor_max_ttl_s);
-  s->store_ = std::make_unique<TensorStore>(std::move(devices), store_options);
+  return std::make_unique<TensorStore>(std::move(devices), store_options);
+}
 
-  const std::int64_t max_bytes = options.max_message_mb * 1024 * 1024;
-  ServiceConfig config;
-  config.max_message_bytes = max_bytes;
-  config.limits.max_elements = options.max_elements;
-  s->health_ = std::make_unique<HealthService>(
-      std::set<std::string>{std::string(v1::AttnService::service_full_name())});
-  config.on_device_fault = [health = s->health_.get(), on_fatal = options.on_fatal](const std::string& why) {
-    health->set_all(grpc::health::v1::HealthCheckResponse::NOT_SERVING);
-    if (on_fatal) on_fatal(why);
-  };
-  config.token = options.security.token;
-  config.store = s->store_.get();
-  config.fault_injection = options.fault_injection;
-  if (options.fault_injection) spdlog::warn("fault injection is on: a call can make the device fault");
-  if (!options.metrics_listen.empty()) {
-    auto metrics = Metrics::start(options.metrics_listen, *s->scheduler_);
-    if (!metrics.ok()) {
-      s->scheduler_->stop();
-      return metrics.status();
-    }
-    s->metrics_ = std::move(metrics).value();
-    config.metrics = s->metrics_.get();
-  }
-  s->service_ = std::make_unique<AttnService>(*s->scheduler_, default_registry(), config);
-
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.listen, credentials, &s->port_);
-  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);  // a busy port is an error, not shared
-  builder.SetMaxReceiveMessageSize(static_cast<int>(max_bytes));
-  builder.SetMaxSendMessageSize(static_cast<int>(max_bytes));
-  builder.RegisterService(s->service_.get());
-  builder.RegisterService(s->health_.get());
-  s->grpc_server_ = builder.BuildAndStart();
-  if (!s->grpc_server_ || s->port_ == 0) {
-    s->scheduler_->stop();
-    return unavailable("--listen: could not listen on " + options.listen +
-                       " (address in use, or not an address of this machine?)");
-  }
-  std::string host = options.listen.substr(0, options.listen.rfind(':'));
+void log_serving(const ServerOptions& options, int port, const std::string& backend, int metrics_port) {
+  const std::string host = options.listen.substr(0, options.listen.rfind(':'));
   const bool tls = !options.security.tls_cert_file.empty();
   const bool mtls = tls && !options.security.tls_client_ca_file.empty();
   spdlog::info("attnd {} serving on {}:{} with the {} backend; {}, {}; max message {} MiB, max {} "
                "elements per tensor, queue depth {}",
-               kVersion, host, s->port_, s->backend_,
-               mtls ? "mutual TLS" : (tls ? "TLS" : "plaintext"),
-               options.security.token.empty() ? "no token" : "bearer token required",
-               options.max_message_mb, options.max_elements, options.queue_depth);
+               kVersion, host, port, backend, mtls ? "mutual TLS" : (tls ? "TLS" : "plaintext"),
+               options.security.token.empty() ? "no token" : "bearer token required", options.max_message_mb,
+               options.max_elements, options.queue_depth);
   if (!is_loopback_address(options.listen) && !tls && options.security.token.empty()) {
     spdlog::warn("listening on {} beyond loopback with neither TLS nor a token: anyone who can reach "
                  "the port can use the server (see --tls-cert, --token-file)", options.listen);
   }
-  if (s->metrics_) spdlog::info("metrics on http://{}:{}/metrics", options.metrics_listen.substr(0, options.metrics_listen.rfind(':')), s->metrics_->port());
+  if (metrics_port) {
+    spdlog::info("metrics on http://{}:{}/metrics", options.metrics_listen.substr(0, options.metrics_listen.rfind(':')),
+                 metrics_port);
+  }
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Server>> Server::start(const ServerOptions& options) {
+  ATTN_RETURN_IF_ERROR(check_options(options));
+  ATTN_ASSIGN_OR_RETURN(executors, choose_executors(options.backend, options.devices, options.streams_per_device));
+  ATTN_ASSIGN_OR_RETURN(credentials, make_server_credentials(options.security));
+
+  std::unique_ptr<Server> s(new Server());
+  s->options_ = options;
+  s->backend_ = backend_name(executors.front()->target().backend);
+  announce_and_warm_up(executors);
+  s->scheduler_ = std::make_unique<Scheduler>(std::move(executors), options.queue_depth);
+  s->store_ = make_store(options, *s->scheduler_);
+  if (Status started = s->start_services(); !started.ok()) {
+    s->scheduler_->stop();
+    return started;
+  }
+  if (Status listening = s->listen(credentials); !listening.ok()) {
+    s->scheduler_->stop();
+    return listening;
+  }
+  log_serving(options, s->port_, s->backend_, s->metrics_port());
   return s;
+}
+
+Status Server::start_services() {
+  const std::int64_t max_bytes = options_.max_message_mb * 1024 * 1024;
+  ServiceConfig config;
+  config.max_message_bytes = max_bytes;
+  config.limits.max_elements = options_.max_elements;
+  health_ = std::make_unique<HealthService>(std::set<std::string>{std::string(v1::AttnService::service_full_name())});
+  config.on_device_fault = [health = health_.get(), on_fatal = options_.on_fatal](const std::string& why) {
+    health->set_all(grpc::health::v1::HealthCheckResponse::NOT_SERVING);
+    if (on_fatal) on_fatal(why);
+  };
+  config.token = options_.security.token;
+  config.store = store_.get();
+  config.fault_injection = options_.fault_injection;
+  if (options_.fault_injection) spdlog::warn("fault injection is on: a call can make the device fault");
+  if (!options_.metrics_listen.empty()) {
+    ATTN_ASSIGN_OR_RETURN(metrics, Metrics::start(options_.metrics_listen, *scheduler_));
+    metrics_ = std::move(metrics);
+    config.metrics = metrics_.get();
+  }
+  service_ = std::make_unique<AttnService>(*scheduler_, default_registry(), config);
+  return Status::Ok();
+}
+
+Status Server::listen(const std::shared_ptr<grpc::ServerCredentials>& credentials) {
+  const int max_bytes = static_cast<int>(options_.max_message_mb * 1024 * 1024);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(options_.listen, credentials, &port_);
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);  // a busy port is an error, not shared
+  builder.SetMaxReceiveMessageSize(max_bytes);
+  builder.SetMaxSendMessageSize(max_bytes);
+  builder.RegisterService(service_.get());
+  builder.RegisterService(health_.get());
+  grpc_server_ = builder.BuildAndStart();
+  if (!grpc_server_ || port_ == 0) {
+    return unavailable("--listen: could not listen on " + options_.listen +
+                       " (address in use, or not an address of this machine?)");
+  }
+  return Status::Ok();
 }
 
 void Server::shutdown() {

@@ -2,6 +2,7 @@
 // reflection), listens, and shuts down gracefully.
 #pragma once
 
+#include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server.h>
 
 #include <chrono>
@@ -59,6 +60,10 @@ class Server {
 
  private:
   Server() = default;
+  // The services (AttnService, health, metrics) over the scheduler and store.
+  Status start_services();
+  // Builds the gRPC server and binds options_.listen.
+  Status listen(const std::shared_ptr<grpc::ServerCredentials>& credentials);
   ServerOptions options_;
   int port_ = 0;
   std::string backend_;

@@ -67,12 +67,10 @@ class PutTensorReactor final : public grpc::ServerReadReactor<v1::PutTensorReque
   Status header() {
     if (tensor_) return invalid_argument("header: expected once, at the start of the stream, got a second");
     const v1::TensorHeader& h = req_.header();
-    const auto dtype = wire::from_proto(h.dtype());
-    if (!dtype) return invalid_argument("header.dtype: expected FLOAT32, FLOAT16 or BFLOAT16, got " +
-                                        v1::DType_Name(h.dtype()));
+    ATTN_ASSIGN_OR_RETURN(dtype, wire::dtype_from_proto(h.dtype(), "header.dtype"));
     if (h.shape_size() == 0) return invalid_argument("header.shape: expected at least one dimension, got none");
     ATTN_ASSIGN_OR_RETURN(executor, service_.place(h.device()));
-    ATTN_ASSIGN_OR_RETURN(t, service_.config_.store->create(*dtype, Shape(h.shape().begin(), h.shape().end()),
+    ATTN_ASSIGN_OR_RETURN(t, service_.config_.store->create(dtype, Shape(h.shape().begin(), h.shape().end()),
                                                             h.ttl_ms(), executor, "header"));
     tensor_ = std::move(t);
     return Status::Ok();

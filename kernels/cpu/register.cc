@@ -17,17 +17,17 @@ namespace attn {
 
 void register_cpu_variants(Registry& r) {
   const std::vector<DType> all(std::begin(kAllDTypes), std::end(kAllDTypes));
-  r.matmul.add({{"matmul/cpu_blocked", Op::kMatmul, Backend::kCpu, all, "any shape",
+  r.of<MatmulArgs>().add({{"matmul/cpu_blocked", Op::kMatmul, Backend::kCpu, all, "any shape",
                  "64x256 output tiles across threads, float32 arithmetic", 0, 0},
                 [](const MatmulArgs& a) {
                   return matmul_dims(a.a, a.b, a.transpose_a, a.transpose_b).status();
                 },
                 cpu::matmul_blocked});
-  r.softmax.add({{"softmax/cpu", Op::kSoftmax, Backend::kCpu, all, "any shape",
+  r.of<SoftmaxArgs>().add({{"softmax/cpu", Op::kSoftmax, Backend::kCpu, all, "any shape",
                   "a row per task, float32 arithmetic", 0, 0},
                  [](const SoftmaxArgs& a) { return softmax_dims(a.x).status(); },
                  cpu::softmax_rows});
-  r.attention.add({{"attention/cpu", Op::kAttention, Backend::kCpu, all, "any head dim",
+  r.of<AttentionArgs>().add({{"attention/cpu", Op::kAttention, Backend::kCpu, all, "any head dim",
                     "query rows across threads, float32 arithmetic", 0, 0},
                    [](const AttentionArgs& a) { return attention_dims(a.q, a.k, a.v).status(); },
                    cpu::attention_rows});

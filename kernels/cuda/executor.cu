@@ -143,103 +143,132 @@ class CudaExecutor final : public Executor {
   Status execute(const OpCall& call, ExecTimings& timings) override {
     if (poisoned_) return unavailable("device " + info_.label() + " faulted earlier; restart the server");
     ATTN_CUDA_RETURN(cudaSetDevice(info_.ordinal));
-    // Views in host memory go through staging; resident ones are used where they are.
-    std::vector<TensorView*> ins, outs;
-    std::size_t in_bytes = 0, out_bytes = 0;
-    for (auto* v : call.inputs)
-      if (v->memory != MemoryKind::kDevice) ins.push_back(v), in_bytes += v->bytes();
-    for (auto* v : call.outputs)
-      if (v->memory != MemoryKind::kDevice) outs.push_back(v), out_bytes += v->bytes();
-    ATTN_RETURN_IF_ERROR(ensure_staging(std::max(in_bytes, out_bytes)));
-
-    // Device buffers for the staged views, returned to the pool when this call ends.
-    std::vector<void*> device_ptrs;
-    std::vector<void*> host_ptrs;
-    struct Release {
-      CudaExecutor* self;
-      std::vector<void*>& ptrs;
-      std::vector<TensorView*>& ins;
-      std::vector<TensorView*>& outs;
-      std::vector<void*>& host;
-      ~Release() {
-        for (void* p : ptrs) cudaFreeAsync(p, self->stream_);
-        std::size_t i = 0;  // point the staged views back at host memory
-        for (auto* views : {&ins, &outs})
-          for (TensorView* v : *views)
-            if (i < host.size()) v->data = host[i++], v->memory = MemoryKind::kHost;
-      }
-    } release{this, device_ptrs, ins, outs, host_ptrs};
-
-    for (auto* views : {&ins, &outs})
-      for (TensorView* v : *views) {
-        void* p = nullptr;
-        ATTN_RETURN_IF_ERROR(check(cudaMallocAsync(&p, std::max<std::size_t>(v->bytes(), 1), stream_),
-                                   "cudaMallocAsync"));
-        device_ptrs.push_back(p);
-      }
-
-    const auto stage_in = Clock::now();
-    std::size_t off = 0;
-    for (TensorView* v : ins) {
-      parallel_memcpy(staging_ + off, v->data, v->bytes());
-      off += v->bytes();
-    }
-    const auto staged = Clock::now();
+    StagedCall staged(*this, call);  // its views point back at host memory when it ends
+    ATTN_RETURN_IF_ERROR(staged.allocate());
+    const auto pack = Clock::now();
+    staged.pack_inputs();
+    const auto packed = Clock::now();
     ATTN_RETURN_IF_ERROR(check(cudaEventRecord(events_[0], stream_), "cudaEventRecord"));
-    off = 0;
-    for (std::size_t i = 0; i < ins.size(); ++i) {
-      ATTN_RETURN_IF_ERROR(check(cudaMemcpyAsync(device_ptrs[i], staging_ + off, ins[i]->bytes(),
-                                                 cudaMemcpyHostToDevice, stream_),
-                                 "cudaMemcpyAsync (host to device)"));
-      off += ins[i]->bytes();
-    }
+    ATTN_RETURN_IF_ERROR(staged.copy_in());
     ATTN_RETURN_IF_ERROR(check(cudaEventRecord(events_[1], stream_), "cudaEventRecord"));
-    std::size_t i = 0;
-    for (auto* views : {&ins, &outs})
-      for (TensorView* v : *views) {
-        host_ptrs.push_back(v->data);
-        v->data = device_ptrs[i++];
-        v->memory = MemoryKind::kDevice;
-      }
-
-    Stream stream(Backend::kCuda, stream_, info_.ordinal);
-    Status launched = call.launch(stream);
-    if (!launched.ok()) {
-      // A refusal before any launch leaves the device fine; a CUDA error may not.
-      ATTN_RETURN_IF_ERROR(check(cudaGetLastError(), "kernel launch"));
-      return launched;
-    }
-    ATTN_RETURN_IF_ERROR(check(cudaGetLastError(), "kernel launch"));
+    staged.point_at_device();
+    ATTN_RETURN_IF_ERROR(launch(call));
     ATTN_RETURN_IF_ERROR(check(cudaEventRecord(events_[2], stream_), "cudaEventRecord"));
-    off = 0;
-    for (TensorView* v : outs) {
-      ATTN_RETURN_IF_ERROR(check(cudaMemcpyAsync(staging_ + off, v->data, v->bytes(),
-                                                 cudaMemcpyDeviceToHost, stream_),
-                                 "cudaMemcpyAsync (device to host)"));
-      off += v->bytes();
-    }
+    ATTN_RETURN_IF_ERROR(staged.copy_out());
     ATTN_RETURN_IF_ERROR(check(cudaEventRecord(events_[3], stream_), "cudaEventRecord"));
     ATTN_RETURN_IF_ERROR(check(cudaStreamSynchronize(stream_), "the kernel"));
-    const auto unstage = Clock::now();
-    off = 0;
-    for (std::size_t o = 0; o < outs.size(); ++o) {
-      parallel_memcpy(host_ptrs[ins.size() + o], staging_ + off, outs[o]->bytes());
-      off += outs[o]->bytes();
-    }
+    const auto unpack = Clock::now();
+    staged.unpack_outputs();
     const auto done = Clock::now();
 
     float h2d_ms = 0, kernel_ms = 0, d2h_ms = 0;
     cudaEventElapsedTime(&h2d_ms, events_[0], events_[1]);
     cudaEventElapsedTime(&kernel_ms, events_[1], events_[2]);
     cudaEventElapsedTime(&d2h_ms, events_[2], events_[3]);
-    timings.h2d_ns = ns_between(stage_in, staged) + static_cast<std::int64_t>(h2d_ms * 1e6);
+    timings.h2d_ns = ns_between(pack, packed) + static_cast<std::int64_t>(h2d_ms * 1e6);
     timings.kernel_ns = static_cast<std::int64_t>(kernel_ms * 1e6);
-    timings.d2h_ns = static_cast<std::int64_t>(d2h_ms * 1e6) + ns_between(unstage, done);
+    timings.d2h_ns = static_cast<std::int64_t>(d2h_ms * 1e6) + ns_between(unpack, done);
     return Status::Ok();
   }
 
  private:
   CudaExecutor() = default;
+
+  // One call's views in host memory, moved through pinned staging into device buffers from the
+  // pool (resident views are used where they are). While the kernel runs the views point at the
+  // device buffers; when the StagedCall ends the buffers go back to the pool and the views point
+  // at host memory again.
+  class StagedCall {
+   public:
+    StagedCall(CudaExecutor& ex, const OpCall& call) : ex_(ex) {
+      for (auto* v : call.inputs)
+        if (v->memory != MemoryKind::kDevice) ins_.push_back(v), in_bytes_ += v->bytes();
+      for (auto* v : call.outputs)
+        if (v->memory != MemoryKind::kDevice) outs_.push_back(v), out_bytes_ += v->bytes();
+    }
+    ~StagedCall() {
+      for (void* p : device_) cudaFreeAsync(p, ex_.stream_);
+      std::size_t i = 0;
+      for (auto* views : {&ins_, &outs_})
+        for (TensorView* v : *views)
+          if (i < host_.size()) v->data = host_[i++], v->memory = MemoryKind::kHost;
+    }
+    StagedCall(const StagedCall&) = delete;
+    StagedCall& operator=(const StagedCall&) = delete;
+
+    Status allocate() {
+      ATTN_RETURN_IF_ERROR(ex_.ensure_staging(std::max(in_bytes_, out_bytes_)));
+      for (auto* views : {&ins_, &outs_})
+        for (TensorView* v : *views) {
+          void* p = nullptr;
+          ATTN_RETURN_IF_ERROR(ex_.check(cudaMallocAsync(&p, std::max<std::size_t>(v->bytes(), 1), ex_.stream_),
+                                         "cudaMallocAsync"));
+          device_.push_back(p);
+        }
+      return Status::Ok();
+    }
+    // Host -> pinned staging, on the calling thread.
+    void pack_inputs() {
+      std::size_t off = 0;
+      for (TensorView* v : ins_) {
+        parallel_memcpy(ex_.staging_ + off, v->data, v->bytes());
+        off += v->bytes();
+      }
+    }
+    Status copy_in() {
+      std::size_t off = 0;
+      for (std::size_t i = 0; i < ins_.size(); ++i) {
+        ATTN_RETURN_IF_ERROR(ex_.check(cudaMemcpyAsync(device_[i], ex_.staging_ + off, ins_[i]->bytes(),
+                                                       cudaMemcpyHostToDevice, ex_.stream_),
+                                       "cudaMemcpyAsync (host to device)"));
+        off += ins_[i]->bytes();
+      }
+      return Status::Ok();
+    }
+    void point_at_device() {
+      std::size_t i = 0;
+      for (auto* views : {&ins_, &outs_})
+        for (TensorView* v : *views) {
+          host_.push_back(v->data);
+          v->data = device_[i++];
+          v->memory = MemoryKind::kDevice;
+        }
+    }
+    Status copy_out() {
+      std::size_t off = 0;
+      for (TensorView* v : outs_) {
+        ATTN_RETURN_IF_ERROR(ex_.check(
+            cudaMemcpyAsync(ex_.staging_ + off, v->data, v->bytes(), cudaMemcpyDeviceToHost, ex_.stream_),
+            "cudaMemcpyAsync (device to host)"));
+        off += v->bytes();
+      }
+      return Status::Ok();
+    }
+    // Pinned staging -> the host outputs, once the stream has finished.
+    void unpack_outputs() {
+      std::size_t off = 0;
+      for (std::size_t o = 0; o < outs_.size(); ++o) {
+        parallel_memcpy(host_[ins_.size() + o], ex_.staging_ + off, outs_[o]->bytes());
+        off += outs_[o]->bytes();
+      }
+    }
+
+   private:
+    CudaExecutor& ex_;
+    std::vector<TensorView*> ins_, outs_;
+    std::size_t in_bytes_ = 0, out_bytes_ = 0;
+    std::vector<void*> device_;  // one per staged view, inputs first
+    std::vector<void*> host_;    // the views' host pointers while they point at device_
+  };
+
+  // The op's kernels on the stream. A refusal before any launch leaves the device fine; a CUDA
+  // error may not (check marks it poisoned).
+  Status launch(const OpCall& call) {
+    Stream stream(Backend::kCuda, stream_, info_.ordinal);
+    const Status launched = call.launch(stream);
+    ATTN_RETURN_IF_ERROR(check(cudaGetLastError(), "kernel launch"));
+    return launched;
+  }
 
   Status init(int ordinal) {
     info_.backend = Backend::kCuda;

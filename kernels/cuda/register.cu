@@ -28,15 +28,15 @@ void register_cuda_variants(Registry& r) {
        "128-bit loads, conflict-free warp tiles, double-buffered K tiles", 6},
   };
   for (const auto& m : matmul_rungs)
-    r.matmul.add({{m.name, Op::kMatmul, Backend::kCuda, f32, "float32; M, N, K < 2^31", m.description,
+    r.of<MatmulArgs>().add({{m.name, Op::kMatmul, Backend::kCuda, f32, "float32; M, N, K < 2^31", m.description,
                    m.priority, 0},
                   fp32_supports, m.run, {}});
   const std::vector<DType> half{DType::kBFloat16, DType::kFloat16};
-  r.matmul.add({{"matmul/07_mma_pipelined", Op::kMatmul, Backend::kCuda, half,
+  r.of<MatmulArgs>().add({{"matmul/07_mma_pipelined", Op::kMatmul, Backend::kCuda, half,
                  "bfloat16/float16; contiguous dimensions multiples of 8",
                  "mma.sync tensor cores, ldmatrix from swizzled tiles, 3-stage cp.async pipeline", 7, 0},
                 matmul_07_supports, matmul_07_mma_pipelined, {}});
-  r.matmul.add({{"matmul/08_wgmma_tma", Op::kMatmul, Backend::kCuda, half,
+  r.of<MatmulArgs>().add({{"matmul/08_wgmma_tma", Op::kMatmul, Backend::kCuda, half,
                  "Hopper (sm_90); bfloat16/float16; contiguous dimensions multiples of 8",
                  "wgmma from TMA-filled 128-byte-swizzled stages, producer/consumer warpgroups, persistent", 8, 0},
                 matmul_08_supports, matmul_08_wgmma_tma, [](const MatmulArgs& a) {
@@ -49,7 +49,7 @@ void register_cuda_variants(Registry& r) {
                   const Matmul08Form f = matmul_08_form(*d, device_sms_of_current());
                   return f.splits == 1 && f.fill >= 0.85 ? 101 : 8;
                 }});
-  r.matmul.add({{"matmul/cublas", Op::kMatmul, Backend::kCuda, all,
+  r.of<MatmulArgs>().add({{"matmul/cublas", Op::kMatmul, Backend::kCuda, all,
                  "cuBLAS; float32 without TF32, float16/bfloat16 with float32 accumulation",
                  "the vendor library, the reference for the ladder", 100, 0},
                 matmul_cublas_supports, matmul_cublas, {}});
@@ -69,15 +69,15 @@ void register_cuda_variants(Registry& r) {
       {"softmax/04_online", softmax_04_online, "any width", "max and sum in one pass: two reads, one write", 4},
   };
   for (const auto& s : softmax_rungs)
-    r.softmax.add({{s.name, Op::kSoftmax, Backend::kCuda, all, s.limits, s.description, s.priority, 0},
+    r.of<SoftmaxArgs>().add({{s.name, Op::kSoftmax, Backend::kCuda, all, s.limits, s.description, s.priority, 0},
                    any_softmax, s.run, {}});
-  r.softmax.add({{"softmax/05_vectorized", Op::kSoftmax, Backend::kCuda, all,
+  r.of<SoftmaxArgs>().add({{"softmax/05_vectorized", Op::kSoftmax, Backend::kCuda, all,
                   "rows up to 32k columns",
                   "128-bit access, the row in registers: one read, one write", 5, 0},
                  softmax_05_supports, softmax_05_vectorized, {}});
   // Split rows pay off when a row is wide enough to keep 8 blocks busy and rows are too few to
   // fill the GPU one block each.
-  r.softmax.add({{"softmax/06_split_row", Op::kSoftmax, Backend::kCuda, all,
+  r.of<SoftmaxArgs>().add({{"softmax/06_split_row", Op::kSoftmax, Backend::kCuda, all,
                   "rows up to 256k float32 / 512k 16-bit columns; for rows >= 32k wide",
                   "a cluster of 2 to 16 blocks per row, partial results through distributed shared memory",
                   5, 90},
@@ -86,17 +86,17 @@ void register_cuda_variants(Registry& r) {
                    return d.ok() && d->cols >= 32768 ? 6 : 3;
                  }});
 
-  r.attention.add({{"attention/01_naive", Op::kAttention, Backend::kCuda, f32,
+  r.of<AttentionArgs>().add({{"attention/01_naive", Op::kAttention, Backend::kCuda, f32,
                     "head dims 32, 64, 128, 256; S = B x Hq x Sq x Sk floats must fit in 8 GiB",
                     "S = QK^T materialized, softmax, O = PV: three kernels", 1, 0},
                    attention_01_supports, attention_01_naive, {}});
-  r.attention.add({{"attention/02_flash_fp32", Op::kAttention, Backend::kCuda, f32, "head dims 64, 128",
+  r.of<AttentionArgs>().add({{"attention/02_flash_fp32", Op::kAttention, Backend::kCuda, f32, "head dims 64, 128",
                     "K/V tiles in shared memory, online softmax, S never stored; CUDA cores", 2, 0},
                    attention_02_supports, attention_02_flash_fp32, {}});
-  r.attention.add({{"attention/03_flash_mma", Op::kAttention, Backend::kCuda, half, "head dims 64, 128",
+  r.of<AttentionArgs>().add({{"attention/03_flash_mma", Op::kAttention, Backend::kCuda, half, "head dims 64, 128",
                     "FlashAttention-2 split on mma.sync tensor cores, cp.async double buffering", 3, 0},
                    attention_03_supports, attention_03_flash_mma, {}});
-  r.attention.add({{"attention/04_wgmma_tma", Op::kAttention, Backend::kCuda, half, "Hopper (sm_90); head dims 64, 128",
+  r.of<AttentionArgs>().add({{"attention/04_wgmma_tma", Op::kAttention, Backend::kCuda, half, "Hopper (sm_90); head dims 64, 128",
                     "FlashAttention-3 style: wgmma + TMA ring, producer/consumer warpgroups ping-ponging, "
                     "softmax under the next tile's matmuls, persistent blocks",
                     2, 0},
@@ -106,7 +106,7 @@ void register_cuda_variants(Registry& r) {
                      const auto d = attention_dims(a.q, a.k, a.v);
                      return d.ok() && d->len_q > 1 ? 4 : 2;
                    }});
-  r.attention.add({{"attention/decode_split_kv", Op::kAttention, Backend::kCuda, half,
+  r.of<AttentionArgs>().add({{"attention/decode_split_kv", Op::kAttention, Backend::kCuda, half,
                     "Sq = 1 (decoding); head dims 64, 128; 1, 2, 4 or 8 query heads per key/value head",
                     "flash-decoding: keys split across blocks, merged by log-sum-exp", 4, 0},
                    attention_decode_supports, attention_decode_split_kv, {}});

@@ -11,26 +11,94 @@ double at(const TensorView& t, std::int64_t i) {
   return static_cast<double>(load_as_float(t.data, t.dtype, static_cast<std::size_t>(i)));
 }
 
-// C = op(A) op(B) in float64; with `magnitudes`, |op(A)| |op(B)| instead (each product's size,
-// what rounding errors scale with).
+// C[b, i, j] = op(A) op(B) in float64, the inputs read through `a` and `b` (index -> value); with
+// `magnitudes`, |op(A)| |op(B)| instead (each product's size, what rounding errors scale with).
+template <class A, class B>
+double matmul_value(const MatmulDims& d, bool ta, bool tb, const A& a, const B& b, std::int64_t batch,
+                    std::int64_t i, std::int64_t j, bool magnitudes) {
+  const std::int64_t a_off = batch * d.m * d.k, b_off = d.b_batched ? batch * d.k * d.n : 0;
+  double s = 0.0;
+  for (std::int64_t kk = 0; kk < d.k; ++kk) {
+    const double x = a(a_off + (ta ? kk * d.m + i : i * d.k + kk));
+    const double y = b(b_off + (tb ? j * d.k + kk : kk * d.n + j));
+    s += magnitudes ? std::abs(x * y) : x * y;
+  }
+  return s;
+}
+
 std::vector<double> matmul_products(const MatmulArgs& args, bool magnitudes) {
   const auto d = matmul_dims(args.a, args.b, args.transpose_a, args.transpose_b).value();
   std::vector<double> c(static_cast<std::size_t>(d.batch * d.m * d.n), 0.0);
-  for (std::int64_t b = 0; b < d.batch; ++b) {
-    const std::int64_t a_off = b * d.m * d.k, b_off = d.b_batched ? b * d.k * d.n : 0;
+  auto a = [&](std::int64_t i) { return at(args.a, i); };
+  auto b = [&](std::int64_t i) { return at(args.b, i); };
+  for (std::int64_t bt = 0; bt < d.batch; ++bt)
     for (std::int64_t i = 0; i < d.m; ++i)
-      for (std::int64_t j = 0; j < d.n; ++j) {
-        double s = 0.0;
-        for (std::int64_t kk = 0; kk < d.k; ++kk) {
-          const double a = at(args.a, a_off + (args.transpose_a ? kk * d.m + i : i * d.k + kk));
-          const double bb = at(args.b, b_off + (args.transpose_b ? j * d.k + kk : kk * d.n + j));
-          s += magnitudes ? std::abs(a * bb) : a * bb;
-        }
-        c[static_cast<std::size_t>((b * d.m + i) * d.n + j)] = s;
-      }
-  }
+      for (std::int64_t j = 0; j < d.n; ++j)
+        c[static_cast<std::size_t>((bt * d.m + i) * d.n + j)] =
+            matmul_value(d, args.transpose_a, args.transpose_b, a, b, bt, i, j, magnitudes);
   return c;
 }
+
+// Row r of softmax(x) in float64 into y[0, cols).
+template <class X>
+void softmax_row(std::int64_t cols, const X& x, std::int64_t r, double* y) {
+  double mx = -std::numeric_limits<double>::infinity();
+  for (std::int64_t c = 0; c < cols; ++c) mx = std::max(mx, y[c] = x(r * cols + c));
+  double sum = 0.0;
+  for (std::int64_t c = 0; c < cols; ++c) sum += (y[c] = std::exp(y[c] - mx));
+  for (std::int64_t c = 0; c < cols; ++c) y[c] /= sum;
+}
+
+// Output row (b, h, i) of attention in float64 into o[0, D); returns its log-sum-exp (-inf and
+// zeros when the row sees no key). `s` is scratch of len_kv values.
+template <class Q, class K, class V>
+double attention_row(const AttentionDims& d, bool causal, double scale, const Q& q, const K& k, const V& v,
+                     std::int64_t b, std::int64_t h, std::int64_t i, double* o, std::vector<double>& s) {
+  const std::int64_t kvh = h / (d.heads_q / d.heads_kv);
+  const std::int64_t q_off = ((b * d.heads_q + h) * d.len_q + i) * d.head_dim;
+  const std::int64_t kv_off = ((b * d.heads_kv + kvh) * d.len_kv) * d.head_dim;
+  s.resize(static_cast<std::size_t>(d.len_kv));
+  for (std::int64_t c = 0; c < d.head_dim; ++c) o[c] = 0.0;
+  double mx = -std::numeric_limits<double>::infinity();
+  for (std::int64_t j = 0; j < d.len_kv; ++j) {
+    if (causal && !causal_visible(i, j, d.len_q, d.len_kv)) {
+      s[j] = -std::numeric_limits<double>::infinity();
+      continue;
+    }
+    double dot = 0.0;
+    for (std::int64_t c = 0; c < d.head_dim; ++c) dot += q(q_off + c) * k(kv_off + j * d.head_dim + c);
+    s[j] = dot * scale;
+    mx = std::max(mx, s[j]);
+  }
+  if (std::isinf(mx)) return -std::numeric_limits<double>::infinity();  // no visible key
+  double sum = 0.0;
+  for (std::int64_t j = 0; j < d.len_kv; ++j) sum += std::isinf(s[j]) ? 0.0 : std::exp(s[j] - mx);
+  for (std::int64_t j = 0; j < d.len_kv; ++j) {
+    if (std::isinf(s[j])) continue;
+    const double p = std::exp(s[j] - mx) / sum;
+    for (std::int64_t c = 0; c < d.head_dim; ++c) o[c] += p * v(kv_off + j * d.head_dim + c);
+  }
+  return mx + std::log(sum);
+}
+
+std::int64_t draw(std::mt19937_64& rng, std::int64_t n) {
+  return static_cast<std::int64_t>(rng() % static_cast<std::uint64_t>(n));
+}
+
+// Sums of squared differences and of squared wanted values, for a relative Frobenius error.
+struct ErrorSum {
+  double diff = 0, want = 0;
+  bool finite = true;
+  void add(double got, double wanted) {
+    finite &= std::isfinite(got);
+    diff += (got - wanted) * (got - wanted);
+    want += wanted * wanted;
+  }
+  double relative() const {
+    if (!finite) return std::numeric_limits<double>::infinity();
+    return want == 0.0 ? std::sqrt(diff) : std::sqrt(diff / want);
+  }
+};
 
 }  // namespace
 
@@ -59,14 +127,8 @@ double matmul_error(const TensorView& got, const MatmulArgs& args) {
 std::vector<double> softmax(const SoftmaxArgs& args) {
   const auto d = softmax_dims(args.x).value();
   std::vector<double> y(static_cast<std::size_t>(d.rows * d.cols));
-  for (std::int64_t r = 0; r < d.rows; ++r) {
-    double mx = -std::numeric_limits<double>::infinity();
-    for (std::int64_t c = 0; c < d.cols; ++c) mx = std::max(mx, at(args.x, r * d.cols + c));
-    double sum = 0.0;
-    for (std::int64_t c = 0; c < d.cols; ++c) sum += std::exp(at(args.x, r * d.cols + c) - mx);
-    for (std::int64_t c = 0; c < d.cols; ++c)
-      y[static_cast<std::size_t>(r * d.cols + c)] = std::exp(at(args.x, r * d.cols + c) - mx) / sum;
-  }
+  auto x = [&](std::int64_t i) { return at(args.x, i); };
+  for (std::int64_t r = 0; r < d.rows; ++r) softmax_row(d.cols, x, r, y.data() + r * d.cols);
   return y;
 }
 
@@ -75,42 +137,61 @@ std::vector<double> attention(const AttentionArgs& args, std::vector<double>* ls
   const double scale = resolve_attention_scale(args.scale, d.head_dim);
   std::vector<double> o(static_cast<std::size_t>(d.batch * d.heads_q * d.len_q * d.head_dim), 0.0);
   if (lse) lse->assign(static_cast<std::size_t>(d.batch * d.heads_q * d.len_q), 0.0);
-  std::vector<double> s(static_cast<std::size_t>(d.len_kv));
+  std::vector<double> s;
+  auto q = [&](std::int64_t i) { return at(args.q, i); };
+  auto k = [&](std::int64_t i) { return at(args.k, i); };
+  auto v = [&](std::int64_t i) { return at(args.v, i); };
   for (std::int64_t b = 0; b < d.batch; ++b)
-    for (std::int64_t h = 0; h < d.heads_q; ++h) {
-      const std::int64_t kvh = h / (d.heads_q / d.heads_kv);
-      const std::int64_t q_off = ((b * d.heads_q + h) * d.len_q) * d.head_dim;
-      const std::int64_t kv_off = ((b * d.heads_kv + kvh) * d.len_kv) * d.head_dim;
+    for (std::int64_t h = 0; h < d.heads_q; ++h)
       for (std::int64_t i = 0; i < d.len_q; ++i) {
-        double mx = -std::numeric_limits<double>::infinity();
-        for (std::int64_t j = 0; j < d.len_kv; ++j) {
-          if (args.causal && !causal_visible(i, j, d.len_q, d.len_kv)) {
-            s[j] = -std::numeric_limits<double>::infinity();
-            continue;
-          }
-          double dot = 0.0;
-          for (std::int64_t c = 0; c < d.head_dim; ++c)
-            dot += at(args.q, q_off + i * d.head_dim + c) * at(args.k, kv_off + j * d.head_dim + c);
-          s[j] = dot * scale;
-          mx = std::max(mx, s[j]);
-        }
         const std::size_t row = static_cast<std::size_t>((b * d.heads_q + h) * d.len_q + i);
-        if (std::isinf(mx)) {  // no visible key: zeros, lse = -inf
-          if (lse) (*lse)[row] = -std::numeric_limits<double>::infinity();
-          continue;
-        }
-        double sum = 0.0;
-        for (std::int64_t j = 0; j < d.len_kv; ++j) sum += std::isinf(s[j]) ? 0.0 : std::exp(s[j] - mx);
-        for (std::int64_t j = 0; j < d.len_kv; ++j) {
-          if (std::isinf(s[j])) continue;
-          const double p = std::exp(s[j] - mx) / sum;
-          for (std::int64_t c = 0; c < d.head_dim; ++c)
-            o[row * d.head_dim + c] += p * at(args.v, kv_off + j * d.head_dim + c);
-        }
-        if (lse) (*lse)[row] = mx + std::log(sum);
+        const double row_lse = attention_row(d, args.causal, scale, q, k, v, b, h, i, o.data() + row * d.head_dim, s);
+        if (lse) (*lse)[row] = row_lse;
       }
-    }
   return o;
+}
+
+Result<SampledCheck> sampled_error(const MatmulArgs& args, const std::vector<Elements>& in, const OutputReader& out,
+                                   std::mt19937_64& rng) {
+  ATTN_ASSIGN_OR_RETURN(d, matmul_dims(args.a, args.b, args.transpose_a, args.transpose_b));
+  ErrorSum e;
+  std::vector<double> got;
+  for (int s = 0; s < 48; ++s) {
+    const std::int64_t b = draw(rng, d.batch), i = draw(rng, d.m), j = draw(rng, d.n);
+    const double want = matmul_value(d, args.transpose_a, args.transpose_b, in[0], in[1], b, i, j, false);
+    ATTN_RETURN_IF_ERROR(out((b * d.m + i) * d.n + j, 1, got));
+    e.add(got[0], want);
+  }
+  return SampledCheck{e.relative(), tolerance(args.c.dtype, d.k)};
+}
+
+Result<SampledCheck> sampled_error(const SoftmaxArgs& args, const std::vector<Elements>& in, const OutputReader& out,
+                                   std::mt19937_64& rng) {
+  ATTN_ASSIGN_OR_RETURN(d, softmax_dims(args.x));
+  ErrorSum e;
+  std::vector<double> got, want(static_cast<std::size_t>(d.cols));
+  for (int s = 0; s < 6; ++s) {
+    const std::int64_t r = draw(rng, d.rows);
+    softmax_row(d.cols, in[0], r, want.data());
+    ATTN_RETURN_IF_ERROR(out(r * d.cols, d.cols, got));
+    for (std::int64_t c = 0; c < d.cols; ++c) e.add(got[c], want[c]);
+  }
+  return SampledCheck{e.relative(), tolerance(args.y.dtype, d.cols)};
+}
+
+Result<SampledCheck> sampled_error(const AttentionArgs& args, const std::vector<Elements>& in, const OutputReader& out,
+                                   std::mt19937_64& rng) {
+  ATTN_ASSIGN_OR_RETURN(d, attention_dims(args.q, args.k, args.v));
+  const double scale = resolve_attention_scale(args.scale, d.head_dim);
+  ErrorSum e;
+  std::vector<double> got, want(static_cast<std::size_t>(d.head_dim)), scratch;
+  for (int s = 0; s < 4; ++s) {
+    const std::int64_t b = draw(rng, d.batch), h = draw(rng, d.heads_q), i = draw(rng, d.len_q);
+    attention_row(d, args.causal, scale, in[0], in[1], in[2], b, h, i, want.data(), scratch);
+    ATTN_RETURN_IF_ERROR(out(((b * d.heads_q + h) * d.len_q + i) * d.head_dim, d.head_dim, got));
+    for (std::int64_t c = 0; c < d.head_dim; ++c) e.add(got[c], want[c]);
+  }
+  return SampledCheck{e.relative(), tolerance(args.o.dtype, std::max(d.len_kv, d.head_dim))};
 }
 
 double lse_error(const TensorView& got, const std::vector<double>& want) {
@@ -150,9 +231,9 @@ double relative_frobenius_error(const TensorView& got, const std::vector<double>
   return relative_frobenius_error(g, want);
 }
 
-double tolerance(DType t) {
+double tolerance(DType t, std::int64_t terms) {
   switch (t) {
-    case DType::kFloat32: return 1e-5;
+    case DType::kFloat32: return std::max(1e-5, 2e-7 * std::sqrt(static_cast<double>(std::max<std::int64_t>(terms, 1))));
     case DType::kFloat16: return 1e-2;
     case DType::kBFloat16: return 1e-2;
   }

@@ -1,7 +1,10 @@
-// Float64 reference implementations, for tests only: straightforward loops in double, reading
-// the inputs through the same views the kernels take.
+// Float64 reference implementations, for the tests and the Benchmark RPC's checks:
+// straightforward loops in double, reading the inputs through the same views the kernels take, or
+// element by element (sampled_error) for inputs that live on a device.
 #pragma once
 
+#include <functional>
+#include <random>
 #include <vector>
 
 #include "attn/ops.h"
@@ -30,7 +33,29 @@ double matmul_error(const TensorView& got, const MatmulArgs& args);
 // absolute error is what the scores' rounding sets. Infinite on a NaN or a mismatched infinity.
 double lse_error(const TensorView& got, const std::vector<double>& want);
 
-// The tolerance on relative_frobenius_error for results in dtype t.
-double tolerance(DType t);
+// The tolerance on relative_frobenius_error for results in dtype t whose values are sums of
+// `terms` products (K of a matmul, the keys of attention): float32 rounding grows with
+// sqrt(terms), 1e-5 up to ~2500 terms; float16/bfloat16 results are bound by their own rounding.
+double tolerance(DType t, std::int64_t terms = 1);
+
+// Inputs read one element at a time (row-major index), as float64.
+using Elements = std::function<double(std::int64_t index)>;
+// Reads `count` output elements from row-major index `first` into `out`, as float64.
+using OutputReader = std::function<Status(std::int64_t first, std::int64_t count, std::vector<double>& out)>;
+
+// The relative error of an op's output at positions drawn from `rng` (a few dozen values),
+// against float64 values computed from the inputs (`inputs` in OpDesc<Args>::inputs order), and
+// the tolerance for it. NaN in the output gives an infinite error.
+struct SampledCheck {
+  double error = 0;
+  double tolerance = 0;
+  bool passed() const { return error <= tolerance; }  // false for NaN
+};
+Result<SampledCheck> sampled_error(const MatmulArgs& args, const std::vector<Elements>& inputs,
+                                   const OutputReader& output, std::mt19937_64& rng);
+Result<SampledCheck> sampled_error(const SoftmaxArgs& args, const std::vector<Elements>& inputs,
+                                   const OutputReader& output, std::mt19937_64& rng);
+Result<SampledCheck> sampled_error(const AttentionArgs& args, const std::vector<Elements>& inputs,
+                                   const OutputReader& output, std::mt19937_64& rng);
 
 }  // namespace attn::reference

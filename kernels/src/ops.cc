@@ -116,19 +116,67 @@ float resolve_attention_scale(float scale, std::int64_t head_dim) {
   return scale != 0.0f ? scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
 }
 
-OpCost matmul_cost(const MatmulArgs& args) {
+Status OpDesc<MatmulArgs>::check(const MatmulArgs& a) {
+  return matmul_dims(a.a, a.b, a.transpose_a, a.transpose_b).status();
+}
+
+OpCost OpDesc<MatmulArgs>::cost(const MatmulArgs& args) {
   auto d = matmul_dims(args.a, args.b, args.transpose_a, args.transpose_b);
   if (!d.ok()) return {};
   return {2 * d->batch * d->m * d->n * d->k,
           static_cast<std::int64_t>(args.a.bytes() + args.b.bytes() + args.c.bytes())};
 }
 
-OpCost softmax_cost(const SoftmaxArgs& args) {
+namespace {
+
+Status dims_at_least_one(const Shape& shape) {
+  for (auto d : shape)
+    if (d < 1) return invalid_argument("shape: expected dims >= 1, got " + shape_to_string(shape));
+  return Status::Ok();
+}
+
+}  // namespace
+
+Result<Problem<MatmulArgs>> OpDesc<MatmulArgs>::problem(const ProblemSpec& spec) {
+  const Shape& s = spec.shape;
+  if (s.size() != 3 && s.size() != 4) {
+    return invalid_argument("shape: expected [M, K, N] or [B, M, K, N] for matmul, got " + shape_to_string(s));
+  }
+  ATTN_RETURN_IF_ERROR(dims_at_least_one(s));
+  const bool batched = s.size() == 4;
+  const std::int64_t B = batched ? s[0] : 1, M = s[batched], K = s[batched + 1], N = s[batched + 2];
+  auto shape = [&](std::int64_t rows, std::int64_t cols) { return batched ? Shape{B, rows, cols} : Shape{rows, cols}; };
+  Problem<MatmulArgs> p;
+  p.inputs = {{"a", spec.dtype, shape(M, K)}, {"b", spec.dtype, shape(K, N)}};
+  p.outputs = {{"c", spec.dtype, shape(M, N)}};
+  p.bind = [](const std::vector<TensorView>& in, const std::vector<TensorView>& out) {
+    return MatmulArgs{in[0], in[1], out[0]};
+  };
+  return p;
+}
+
+Status OpDesc<SoftmaxArgs>::check(const SoftmaxArgs& a) { return softmax_dims(a.x).status(); }
+
+OpCost OpDesc<SoftmaxArgs>::cost(const SoftmaxArgs& args) {
   // exp, subtract, divide, max and sum per element, by the usual count.
   return {5 * args.x.numel(), static_cast<std::int64_t>(args.x.bytes() + args.y.bytes())};
 }
 
-OpCost attention_cost(const AttentionArgs& args) {
+Result<Problem<SoftmaxArgs>> OpDesc<SoftmaxArgs>::problem(const ProblemSpec& spec) {
+  if (spec.shape.empty()) return invalid_argument("shape: expected at least one dimension, got none");
+  ATTN_RETURN_IF_ERROR(dims_at_least_one(spec.shape));
+  Problem<SoftmaxArgs> p;
+  p.inputs = {{"x", spec.dtype, spec.shape}};
+  p.outputs = {{"y", spec.dtype, spec.shape}};
+  p.bind = [](const std::vector<TensorView>& in, const std::vector<TensorView>& out) {
+    return SoftmaxArgs{in[0], out[0]};
+  };
+  return p;
+}
+
+Status OpDesc<AttentionArgs>::check(const AttentionArgs& a) { return attention_dims(a.q, a.k, a.v).status(); }
+
+OpCost OpDesc<AttentionArgs>::cost(const AttentionArgs& args) {
   auto d = attention_dims(args.q, args.k, args.v);
   if (!d.ok()) return {};
   std::int64_t flops = 4 * d->batch * d->heads_q * d->len_q * d->len_kv * d->head_dim;
@@ -136,6 +184,28 @@ OpCost attention_cost(const AttentionArgs& args) {
   const auto bytes = args.q.bytes() + args.k.bytes() + args.v.bytes() + args.o.bytes() +
                      (args.lse.empty() ? 0 : args.lse.bytes());
   return {flops, static_cast<std::int64_t>(bytes)};
+}
+
+Result<Problem<AttentionArgs>> OpDesc<AttentionArgs>::problem(const ProblemSpec& spec) {
+  const Shape& s = spec.shape;
+  if (s.size() != 4) return invalid_argument("shape: expected [B, Hq, Sq, D] for attention, got " + shape_to_string(s));
+  ATTN_RETURN_IF_ERROR(dims_at_least_one(s));
+  if (spec.kv_heads < 0 || spec.kv_len < 0) return invalid_argument("kv_heads, kv_len: expected >= 0");
+  const std::int64_t hkv = spec.kv_heads ? spec.kv_heads : s[1], sk = spec.kv_len ? spec.kv_len : s[2];
+  if (s[1] % hkv != 0) {
+    return invalid_argument("kv_heads: expected a divisor of Hq = " + std::to_string(s[1]) + ", got " +
+                            std::to_string(hkv));
+  }
+  const Shape kv{s[0], hkv, sk, s[3]};
+  Problem<AttentionArgs> p;
+  p.inputs = {{"q", spec.dtype, s}, {"k", spec.dtype, kv}, {"v", spec.dtype, kv}};
+  p.outputs = {{"o", spec.dtype, s}};
+  if (spec.lse) p.outputs.push_back({"lse", DType::kFloat32, {s[0], s[1], s[2]}});
+  p.bind = [causal = spec.causal, scale = resolve_attention_scale(0.0f, s[3])](const std::vector<TensorView>& in,
+                                                                               const std::vector<TensorView>& out) {
+    return AttentionArgs{in[0], in[1], in[2], out[0], out.size() > 1 ? out[1] : TensorView{}, causal, scale};
+  };
+  return p;
 }
 
 }  // namespace attn

@@ -14,10 +14,17 @@ namespace attn::wire {
 
 std::optional<DType> from_proto(v1::DType t);
 v1::DType to_proto(DType t);
+// The dtype, or INVALID_ARGUMENT naming `field` ("x.dtype"), the dtypes expected and what came.
+Result<DType> dtype_from_proto(v1::DType t, const std::string& field);
 
 // What decoding accepts.
 struct TensorLimits {
   std::int64_t max_elements = std::int64_t{1} << 31;
+
+  // The element count of `shape`, or why it cannot be had: INVALID_ARGUMENT for a dim < 1 or an
+  // overflow, RESOURCE_EXHAUSTED over max_elements; messages start with `field`. Every tensor the
+  // server receives or makes (inputs, outputs, Benchmark inputs) passes here.
+  Result<std::int64_t> check(const Shape& shape, const std::string& field) const;
 };
 
 // A decoded input tensor: a view of the request's own bytes when it came as `data` (read in

@@ -60,7 +60,7 @@ class GpuMatmul : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(GpuMatmul, MatchesReference) {
   REQUIRE_GPU();
-  const auto* v = default_registry().matmul.find(GetParam());
+  const auto* v = default_registry().of<MatmulArgs>().find(GetParam());
   ASSERT_NE(v, nullptr);
   std::mt19937_64 rng(testing::seed());
   struct Case {
@@ -131,7 +131,7 @@ TEST(GpuAuto, MatmulTakesRung08WhereItsTilesFillTheGpu) {
     TensorView a{DType::kBFloat16, {m, k}, nullptr, MemoryKind::kDevice};
     TensorView b{DType::kBFloat16, {k, n}, nullptr, MemoryKind::kDevice};
     TensorView c{DType::kBFloat16, {m, n}, nullptr, MemoryKind::kDevice};
-    auto v = default_registry().matmul.select(MatmulArgs{a, b, c}, "", target);
+    auto v = default_registry().of<MatmulArgs>().select(MatmulArgs{a, b, c}, "", target);
     return v.ok() ? (*v)->info.name : v.status().to_string();
   };
   for (std::int64_t m : {128, 256, 512, 1024}) EXPECT_EQ(picked(m, 8192, 8192), "matmul/08_wgmma_tma") << m;
@@ -142,7 +142,7 @@ TEST(GpuAuto, MatmulTakesRung08WhereItsTilesFillTheGpu) {
 
 TEST_P(GpuSoftmax, MatchesReference) {
   REQUIRE_GPU();
-  const auto* v = default_registry().softmax.find(GetParam());
+  const auto* v = default_registry().of<SoftmaxArgs>().find(GetParam());
   ASSERT_NE(v, nullptr);
   std::mt19937_64 rng(testing::seed());
   const Shape shapes[] = {{1},       {7},         {3, 33},    {5, 1000},  {2, 3, 1024}, {3, 4097},
@@ -171,7 +171,7 @@ class GpuAttention : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(GpuAttention, MatchesReference) {
   REQUIRE_GPU();
-  const auto* v = default_registry().attention.find(GetParam());
+  const auto* v = default_registry().of<AttentionArgs>().find(GetParam());
   ASSERT_NE(v, nullptr);
   std::mt19937_64 rng(testing::seed());
   struct Case {

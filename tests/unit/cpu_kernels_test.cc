@@ -43,7 +43,7 @@ TEST_P(CpuKernels, MatmulMatchesReference) {
       {{3, 17, 9}, {9, 70}, false, false},  {{2, 9, 17}, {2, 70, 9}, true, true},
   };
   for (const auto& c : cases) {
-    for (const auto& v : registry.matmul.variants()) {
+    for (const auto& v : registry.of<MatmulArgs>().variants()) {
       if (v.info.backend != Backend::kCpu) continue;
       SCOPED_TRACE(v.info.name + " " + dname(dt) + " a" + shape_to_string(c.a) + " b" +
                    shape_to_string(c.b) + " ta=" + std::to_string(c.ta) + " tb=" + std::to_string(c.tb) +
@@ -66,7 +66,7 @@ TEST_P(CpuKernels, SoftmaxMatchesReference) {
   const Shape shapes[] = {{1}, {7}, {3, 33}, {2, 5, 1000}, {1, 4097}, {2, 1, 1, 3}};
   for (const auto& shape : shapes) {
     for (float spread : {1.0f, 30.0f}) {  // 30: large logits, where a naive exp overflows
-      for (const auto& v : registry.softmax.variants()) {
+      for (const auto& v : registry.of<SoftmaxArgs>().variants()) {
         if (v.info.backend != Backend::kCpu) continue;
         SCOPED_TRACE(v.info.name + " " + dname(dt) + " " + shape_to_string(shape) +
                      " spread=" + std::to_string(spread));
@@ -94,7 +94,7 @@ TEST_P(CpuKernels, AttentionMatchesReference) {
   for (const auto& c : cases)
     for (bool causal : {false, true})
       for (float scale : {0.0f, 0.3f})
-        for (const auto& v : registry.attention.variants()) {
+        for (const auto& v : registry.of<AttentionArgs>().variants()) {
           if (v.info.backend != Backend::kCpu) continue;
           SCOPED_TRACE(v.info.name + " " + dname(dt) + " B" + std::to_string(c.b) + " Hq" +
                        std::to_string(c.hq) + " Hkv" + std::to_string(c.hkv) + " Sq" +
@@ -172,14 +172,14 @@ TEST(Registry, SelectsByNameAndExplainsRefusals) {
   Tensor a(DType::kFloat32, {2, 3}), b(DType::kFloat32, {3, 4}), c(DType::kFloat32, {2, 4});
   MatmulArgs args{a.view(), b.view(), c.view()};
   const Target cpu{Backend::kCpu, 0};
-  auto picked = r.matmul.select(args, "", cpu);
+  auto picked = r.of<MatmulArgs>().select(args, "", cpu);
   ASSERT_TRUE(picked.ok());
   EXPECT_EQ((*picked)->info.backend, Backend::kCpu);
-  auto unknown = r.matmul.select(args, "matmul/nope", cpu);
+  auto unknown = r.of<MatmulArgs>().select(args, "matmul/nope", cpu);
   EXPECT_EQ(unknown.status().code(), StatusCode::kInvalidArgument);
   EXPECT_NE(unknown.status().message().find("matmul/cpu_blocked"), std::string::npos);
   // A CPU variant on a CUDA target is refused with the reason.
-  auto other = r.matmul.select(args, "matmul/cpu_blocked", Target{Backend::kCuda, 90});
+  auto other = r.of<MatmulArgs>().select(args, "matmul/cpu_blocked", Target{Backend::kCuda, 90});
   EXPECT_EQ(other.status().code(), StatusCode::kInvalidArgument);
   EXPECT_NE(other.status().message().find("cpu backend"), std::string::npos);
   for (const VariantInfo* info : r.all()) {

@@ -78,14 +78,14 @@ TEST(Shapes, CausalIsBottomRightAligned) {
 TEST(Shapes, Costs) {
   MatmulArgs m{view(DType::kFloat32, {8, 16}), view(DType::kFloat32, {16, 4}),
                view(DType::kFloat32, {8, 4})};
-  EXPECT_EQ(matmul_cost(m).flops, 2 * 8 * 16 * 4);
-  EXPECT_EQ(matmul_cost(m).bytes, (8 * 16 + 16 * 4 + 8 * 4) * 4);
+  EXPECT_EQ(cost_of(m).flops, 2 * 8 * 16 * 4);
+  EXPECT_EQ(cost_of(m).bytes, (8 * 16 + 16 * 4 + 8 * 4) * 4);
   AttentionArgs a;
   a.q = a.o = view(DType::kBFloat16, {2, 4, 128, 64});
   a.k = a.v = view(DType::kBFloat16, {2, 2, 128, 64});
-  EXPECT_EQ(attention_cost(a).flops, 4LL * 2 * 4 * 128 * 128 * 64);
+  EXPECT_EQ(cost_of(a).flops, 4LL * 2 * 4 * 128 * 128 * 64);
   a.causal = true;
-  EXPECT_EQ(attention_cost(a).flops, 2LL * 2 * 4 * 128 * 128 * 64);
+  EXPECT_EQ(cost_of(a).flops, 2LL * 2 * 4 * 128 * 128 * 64);
 }
 
 }  // namespace

@@ -57,9 +57,11 @@ struct OpCall {
   std::function<Status(Stream&)> launch;
 };
 
-OpCall make_call(const MatmulVariant& v, MatmulArgs& args);
-OpCall make_call(const SoftmaxVariant& v, SoftmaxArgs& args);
-OpCall make_call(const AttentionVariant& v, AttentionArgs& args);
+// `v` on `args`; both must outlive the call.
+template <class Args>
+OpCall make_call(const Variant<Args>& v, Args& args) {
+  return {OpDesc<Args>::inputs(args), OpDesc<Args>::outputs(args), [&v, &args](Stream& s) { return v.run(args, s); }};
+}
 
 class Executor {
  public:

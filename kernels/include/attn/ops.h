@@ -1,9 +1,18 @@
-// The three ops: their arguments, their shape rules and their cost formulas. Shape rules live here
-// once, used by the server's validation, by every backend and by the tests.
+// The ops: their arguments, their shape rules and their cost formulas, and for each op one
+// description (OpDesc<Args>) that everything generic reads: the registry, the executors, the
+// server's validation, costs, warm-up and Benchmark, and ListKernels. Shape rules live here once,
+// used by the server's validation, by every backend and by the tests.
+//
+// Adding an op: its Args and an OpDesc specialization here (with the rules in ops.cc), its entry
+// in OpArgs below, its float64 reference (kernels/reference), its kernels registered by the
+// backends; on the server its request decoding (server/rpc_ops.h) and RPC.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "attn/status.h"
 #include "attn/tensor.h"
@@ -74,8 +83,101 @@ struct OpCost {
   std::int64_t flops = 0;
   std::int64_t bytes = 0;
 };
-OpCost matmul_cost(const MatmulArgs& args);
-OpCost softmax_cost(const SoftmaxArgs& args);
-OpCost attention_cost(const AttentionArgs& args);
+
+// An op's problem by sizes, before any memory exists: what the Benchmark RPC and the warm-up ask
+// for. `shape` is the op's own form: matmul [M, K, N] or [B, M, K, N]; softmax the shape of x;
+// attention q's [B, Hq, Sq, D] with `kv_heads`/`kv_len` for K and V (0: Hq, Sq).
+struct ProblemSpec {
+  DType dtype = DType::kFloat32;
+  Shape shape;
+  std::int64_t kv_heads = 0, kv_len = 0;
+  bool causal = false;
+  bool lse = false;
+};
+
+// One tensor of a problem: its name in the API ("a", "q"), dtype and shape.
+struct TensorSpec {
+  std::string name;
+  DType dtype = DType::kFloat32;
+  Shape shape;
+};
+
+// The tensors of a problem and how views of them (made anywhere) become the op's Args.
+template <class Args>
+struct Problem {
+  std::vector<TensorSpec> inputs, outputs;
+  std::function<Args(const std::vector<TensorView>& inputs, const std::vector<TensorView>& outputs)> bind;
+};
+
+// What the generic code knows of an op; one specialization per op, below.
+//   kOp, kName                       the op and its name in the API
+//   check(args)                      the shape rules: Ok, or INVALID_ARGUMENT naming the field
+//   cost(args)                       FLOPs and bytes by the formula
+//   inputs(args), outputs(args)      the views the executor moves in and out
+//   problem(spec)                    the tensors of a problem by sizes (errors name "shape", ...)
+//   example(dtype)                   a small problem every variant can take: the warm-up's
+template <class Args>
+struct OpDesc;
+
+template <>
+struct OpDesc<MatmulArgs> {
+  using Args = MatmulArgs;
+  static constexpr Op kOp = Op::kMatmul;
+  static constexpr const char* kName = "matmul";
+  static Status check(const MatmulArgs& a);
+  static OpCost cost(const MatmulArgs& a);
+  static std::vector<TensorView*> inputs(MatmulArgs& a) { return {&a.a, &a.b}; }
+  static std::vector<TensorView*> outputs(MatmulArgs& a) { return {&a.c}; }
+  static Result<Problem<MatmulArgs>> problem(const ProblemSpec& spec);
+  static ProblemSpec example(DType dt) { return {dt, {64, 64, 64}}; }
+};
+
+template <>
+struct OpDesc<SoftmaxArgs> {
+  using Args = SoftmaxArgs;
+  static constexpr Op kOp = Op::kSoftmax;
+  static constexpr const char* kName = "softmax";
+  static Status check(const SoftmaxArgs& a);
+  static OpCost cost(const SoftmaxArgs& a);
+  static std::vector<TensorView*> inputs(SoftmaxArgs& a) { return {&a.x}; }
+  static std::vector<TensorView*> outputs(SoftmaxArgs& a) { return {&a.y}; }
+  static Result<Problem<SoftmaxArgs>> problem(const ProblemSpec& spec);
+  static ProblemSpec example(DType dt) { return {dt, {8, 1024}}; }
+};
+
+template <>
+struct OpDesc<AttentionArgs> {
+  using Args = AttentionArgs;
+  static constexpr Op kOp = Op::kAttention;
+  static constexpr const char* kName = "attention";
+  static Status check(const AttentionArgs& a);
+  static OpCost cost(const AttentionArgs& a);
+  static std::vector<TensorView*> inputs(AttentionArgs& a) { return {&a.q, &a.k, &a.v}; }
+  static std::vector<TensorView*> outputs(AttentionArgs& a) {
+    if (a.lse.empty()) return {&a.o};
+    return {&a.o, &a.lse};
+  }
+  static Result<Problem<AttentionArgs>> problem(const ProblemSpec& spec);
+  static ProblemSpec example(DType dt) {
+    ProblemSpec s{dt, {1, 2, 64, 64}};
+    s.lse = true;
+    return s;
+  }
+};
+
+// Every op, in the order ListKernels and the registry show them.
+using OpArgs = std::tuple<MatmulArgs, SoftmaxArgs, AttentionArgs>;
+
+// Calls f(OpDesc<Args>{}) for each op.
+template <class F>
+void for_each_op(F&& f) {
+  std::apply([&](const auto&... args) { (f(OpDesc<std::decay_t<decltype(args)>>{}), ...); }, OpArgs{});
+}
+
+// The op's FLOPs and bytes, by argument type.
+template <class Args>
+OpCost cost_of(const Args& a) {
+  return OpDesc<Args>::cost(a);
+}
 
 }  // namespace attn

@@ -5,6 +5,7 @@
 #include <functional>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <vector>
 
 #include "attn/dtype.h"
@@ -62,7 +63,12 @@ Status available_on(const VariantInfo& info, const Target& target);
 template <class Args>
 class OpRegistry {
  public:
-  void add(Variant<Args> v) { variants_.push_back(std::move(v)); }
+  using Desc = OpDesc<Args>;
+
+  void add(Variant<Args> v) {
+    v.info.op = Desc::kOp;  // the op is the registry's, whatever the registration says
+    variants_.push_back(std::move(v));
+  }
   const std::vector<Variant<Args>>& variants() const { return variants_; }
   const Variant<Args>* find(std::string_view name) const {
     for (const auto& v : variants_)
@@ -73,20 +79,67 @@ class OpRegistry {
   // `requested` empty: the highest-priority variant available on `target` that supports `args`.
   // Otherwise that variant, or INVALID_ARGUMENT naming the reason: an unknown name, a variant of
   // another backend or architecture, or arguments it cannot take.
-  Result<const Variant<Args>*> select(const Args& args, std::string_view requested,
-                                      const Target& target) const;
+  Result<const Variant<Args>*> select(const Args& args, std::string_view requested, const Target& target) const {
+    if (!requested.empty()) {
+      const Variant<Args>* v = find(requested);
+      if (!v) {
+        std::string known;
+        for (const auto& x : variants_) known += (known.empty() ? "" : ", ") + x.info.name;
+        return invalid_argument("kernel: no variant named \"" + std::string(requested) + "\"; expected one of: " + known);
+      }
+      ATTN_RETURN_IF_ERROR(available_on(v->info, target));
+      ATTN_RETURN_IF_ERROR(v->supports(args));
+      return v;
+    }
+    const Variant<Args>* best = nullptr;
+    int best_rank = 0;
+    Status first_refusal;
+    for (const auto& v : variants_) {
+      if (!available_on(v.info, target).ok()) continue;
+      Status s = v.supports(args);
+      if (!s.ok()) {
+        if (first_refusal.ok()) first_refusal = s;
+        continue;
+      }
+      const int r = v.rank_for(args);
+      if (!best || r > best_rank) best = &v, best_rank = r;
+    }
+    if (best) return best;
+    if (!first_refusal.ok()) return first_refusal;
+    return failed_precondition("kernel: no variant on the " + std::string(backend_name(target.backend)) + " backend");
+  }
 
  private:
   std::vector<Variant<Args>> variants_;
 };
 
-// All variants of all ops, filled by each backend's register function.
-struct Registry {
-  OpRegistry<MatmulArgs> matmul;
-  OpRegistry<SoftmaxArgs> softmax;
-  OpRegistry<AttentionArgs> attention;
+// All variants of all ops (OpArgs), filled by each backend's register function.
+class Registry {
+ public:
+  template <class Args>
+  OpRegistry<Args>& of() {
+    return std::get<OpRegistry<Args>>(ops_);
+  }
+  template <class Args>
+  const OpRegistry<Args>& of() const {
+    return std::get<OpRegistry<Args>>(ops_);
+  }
+  // Calls f(op_registry) for each op, in OpArgs order.
+  template <class F>
+  void for_each(F&& f) const {
+    std::apply([&](const auto&... r) { (f(r), ...); }, ops_);
+  }
 
   std::vector<const VariantInfo*> all() const;
+
+ private:
+  template <class Tuple>
+  struct RegistriesOf;
+  template <class... A>
+  struct RegistriesOf<std::tuple<A...>> {
+    using type = std::tuple<OpRegistry<A>...>;
+  };
+  RegistriesOf<OpArgs>::type ops_;
 };
 
 // The registry with every backend compiled into this build (CPU always; CUDA when built with it).

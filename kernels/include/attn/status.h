@@ -1,5 +1,5 @@
 // Status: how the kernel library reports a failure. The server maps it to a gRPC status in
-// exactly one place (server/status_map.cc).
+// exactly one place (wire::to_grpc, proto/wire.cc).
 #pragma once
 
 #include <string>
@@ -8,20 +8,28 @@
 
 namespace attn {
 
+// Numbered as the canonical codes (google.rpc.Code, which gRPC uses), so that the mapping to any
+// RPC status is the number itself and the names live in one table (status.cc).
 enum class StatusCode {
-  kOk,
-  kInvalidArgument,     // the request is wrong: a field, a shape, a dtype, a name
-  kResourceExhausted,   // too large for a limit, out of memory, queue full
-  kNotFound,            // no such variant / handle
-  kFailedPrecondition,  // a valid request this variant or backend cannot serve
-  kUnavailable,         // the backend or device is not there
-  kInternal,            // a bug or a device fault
-  kUnauthenticated,     // no credentials, or wrong ones
-  kDeadlineExceeded,    // the caller's deadline passed
-  kCancelled,           // the caller gave up
+  kOk = 0,
+  kCancelled = 1,           // the caller gave up
+  kInvalidArgument = 3,     // the request is wrong: a field, a shape, a dtype, a name
+  kDeadlineExceeded = 4,    // the caller's deadline passed
+  kNotFound = 5,            // no such variant / handle
+  kResourceExhausted = 8,   // too large for a limit, out of memory, queue full
+  kFailedPrecondition = 9,  // a valid request this variant or backend cannot serve
+  kInternal = 13,           // a bug or a device fault
+  kUnavailable = 14,        // the backend or device is not there
+  kUnauthenticated = 16,    // no credentials, or wrong ones
 };
 
-const char* status_code_name(StatusCode code);
+// "INVALID_ARGUMENT", ...: the canonical name of a code, also of the canonical codes this enum
+// does not use ("UNIMPLEMENTED"); the number for one that is not canonical.
+std::string status_code_name(int canonical_code);
+inline std::string status_code_name(StatusCode code) { return status_code_name(static_cast<int>(code)); }
+// The StatusCode of a canonical code; kInternal for one the library does not use.
+StatusCode status_code_from_canonical(int canonical_code);
+
 
 class [[nodiscard]] Status {
  public:

@@ -115,8 +115,9 @@ Status Scheduler::submit(const Placement& placement, Job job) {
     if (placement.state) state_lock.lock();
     Worker* w = choose(placement);
     if (!w) {
-      return unavailable(std::string("no ") + backend_name(placement.backend) + " device" +
-                         (placement.device >= 0 ? " " + std::to_string(placement.device) : "") + " to run on");
+      std::string what = std::string("no ") + backend_name(placement.backend) + " device";
+      if (placement.device >= 0) what.append(" ").append(std::to_string(placement.device));
+      return unavailable(what + " to run on");
     }
     if (placement.state) {
       auto done = [this, state = placement.state] { state_done(state); };

@@ -75,6 +75,8 @@ def image():
     image and the layer cache stay for the next run)."""
     podman_cmd()  # fails here, loudly, without podman
     which_or_fail("runc", "the container image")
+    with open(os.path.join(LOG_DIR, "container-timings.txt"), "w"):
+        pass
     t0 = time.monotonic()
     run([os.path.join(ROOT, "scripts", "container-base-image")], timeout=1200,
         env={"ATTN_BASE_IMAGE": BASE_IMAGE, "PODMAN": PODMAN_PROGRAM})

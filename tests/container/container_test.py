@@ -86,7 +86,8 @@ def image():
     log = os.path.join(LOG_DIR, "container-build.log")
     t0 = time.monotonic()
     with open(log, "w") as out:  # each line with the seconds since the build started
-        build = subprocess.Popen([*podman_cmd(), "build", "--format", "docker", "--pull=never", *ULIMITS,
+        build = subprocess.Popen([*podman_cmd(), "build", "--runtime", RUNTIME, "--format", "docker",
+                                  "--pull=never", *ULIMITS,
                                   "--build-arg", f"BUILD_IMAGE={BASE_IMAGE}",
                                   "--build-arg", f"RUNTIME_IMAGE={BASE_IMAGE}",
                                   "-f", os.path.join(ROOT, "Dockerfile"), "-t", tag, ROOT],

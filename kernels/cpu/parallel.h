@@ -1,7 +1,11 @@
 // Work splitting for the CPU kernels: OpenMP when the build has it, a plain loop otherwise.
+// Teams have usable_cpus() threads, the CPUs the process is given (affinity, cgroup quota): the
+// OpenMP runtime's default counts the host's CPUs, ignoring a container's quota.
 #pragma once
 
 #include <cstdint>
+
+#include "cpu_count.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -11,7 +15,7 @@ namespace attn::cpu {
 
 inline int hardware_threads() {
 #ifdef _OPENMP
-  return omp_get_max_threads();
+  return usable_cpus();
 #else
   return 1;
 #endif
@@ -23,7 +27,7 @@ template <class Body>
 void parallel_for(std::int64_t n, std::int64_t work_per_item, Body&& body) {
 #ifdef _OPENMP
   const bool worth_it = n > 1 && n * work_per_item > (1 << 16);
-#pragma omp parallel for schedule(dynamic, 1) if (worth_it)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(usable_cpus()) if (worth_it)
   for (std::int64_t i = 0; i < n; ++i) body(i);
 #else
   (void)work_per_item;

@@ -3,6 +3,7 @@
 #include <cblas.h>
 #include <dlfcn.h>
 
+#include <cstdlib>
 #include <mutex>
 #include <sstream>
 
@@ -31,6 +32,16 @@ void configure_openblas_threads() {
   std::call_once(once, [] {
     const std::lock_guard<std::mutex> lock(threads_mutex);
     openblas_set_num_threads(usable_cpus());
+    // After a threaded call the pool's threads spin (sched_yield) for 2^28 cycles, ~0.1 s,
+    // before they sleep: an attention right after a matmul ran 2x slower, its threads sharing
+    // the CPUs with that spin. 2^20 cycles (~0.4 ms) instead; waking a sleeping pool costs
+    // microseconds, next to milliseconds of a matmul worth threading. OpenBLAS reads the variable
+    // when it loads and builds its pool; read again here, the pool restarted below takes it. A
+    // value the user set is kept.
+    setenv("OPENBLAS_THREAD_TIMEOUT", "20", /*overwrite=*/0);
+    using Hook = int (*)();
+    if (auto read_env = reinterpret_cast<void (*)()>(dlsym(RTLD_DEFAULT, "openblas_read_env")))
+      read_env();
     // The pthread build starts its pool when the library loads, before main() runs, so those
     // threads have no signal blocked. attnd blocks SIGINT/SIGTERM in main() and takes them with
     // sigwait (server/main.cc): a signal sent to the process would go to a pool thread instead
@@ -38,9 +49,8 @@ void configure_openblas_threads() {
     // made after main() blocked them) makes OpenBLAS start it again at its next threaded call,
     // from the calling thread, whose signal mask the new threads inherit. blas_thread_shutdown_
     // is the pool's own exported stop, the one its fork handler uses; builds without a pool
-    // (OpenMP, serial) lack it, hence the lookup.
-    using Shutdown = int (*)();
-    if (auto shutdown = reinterpret_cast<Shutdown>(dlsym(RTLD_DEFAULT, "blas_thread_shutdown_")))
+    // (OpenMP, serial) lack it, hence the lookups.
+    if (auto shutdown = reinterpret_cast<Hook>(dlsym(RTLD_DEFAULT, "blas_thread_shutdown_")))
       shutdown();
   });
 }

@@ -21,6 +21,16 @@ inline int hardware_threads() {
 #endif
 }
 
+// Lets go of the calling thread's idle OpenMP team. After a parallel region its threads spin for
+// a few milliseconds before sleeping: a matmul that OpenBLAS threads right after an attention ran
+// 1.6x slower, OpenBLAS's threads sharing the CPUs with that spin. The next region starts a team
+// again (tens of microseconds).
+inline void release_openmp_threads() {
+#ifdef _OPENMP
+  omp_pause_resource_all(omp_pause_soft);
+#endif
+}
+
 // Calls body(i) for i in [0, n), in parallel when the total work (n x work_per_item, in rough
 // multiply-adds) is worth a thread team: tiny requests stay on the calling thread.
 template <class Body>

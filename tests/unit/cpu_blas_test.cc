@@ -58,11 +58,16 @@ TEST_P(CpuBlas, MatmulOpenBlasMatchesReference) {
       {{33, 7}, {1000, 33}, true, true},
       {{1000, 33}, {7, 33}, false, true},
       {{33, 1000}, {33, 7}, true, false},
-      // Past the 1024 x 1024 conversion blocks in M, K and N (two blocks each, the second short).
-      {{1030, 1100}, {1100, 9}, false, false},
-      {{1100, 1030}, {9, 1100}, true, true},
-      {{5, 1030}, {1030, 1100}, false, false},
-      {{1030, 5}, {1100, 1030}, true, true},
+      // Past the 2048 x 2048 conversion blocks of a single product in M, K and N (two blocks
+      // each, the second short).
+      {{2100, 2200}, {2200, 9}, false, false},
+      {{2200, 2100}, {9, 2200}, true, true},
+      {{5, 2100}, {2100, 2200}, false, false},
+      {{2100, 5}, {2200, 2100}, true, true},
+      // Past the 1024 x 1024 blocks of a batch's products (one per thread) in M, K and N.
+      {{4, 1030, 6}, {4, 6, 9}, false, false},
+      {{4, 7, 1100}, {4, 7, 1030}, true, false},
+      {{4, 5, 1030}, {4, 1030, 3}, false, false},
       // Batches: a shared B under untransposed A (one product of 3 x 17 rows), under transposed A
       // (a product each), batched B; many small products (one per thread) and a few large ones
       // (each threaded by OpenBLAS).

@@ -88,8 +88,8 @@ Status attention_flash(const AttentionArgs& args, Stream&) {
     buf.o.assign(static_cast<std::size_t>(active * d), 0.0f);
     buf.m.assign(static_cast<std::size_t>(active), neg_inf);
     buf.l.assign(static_cast<std::size_t>(active), 0.0f);
-    buf.s.resize(static_cast<std::size_t>(active * kBlockK));
     const std::int64_t key_end = visible(i0 + rows - 1);
+    buf.s.resize(static_cast<std::size_t>(active * std::min(kBlockK, key_end)));
     const auto n_d = static_cast<blasint>(d);
 
     // Key blocks end at key_end and go backwards (online softmax takes them in any order). A block

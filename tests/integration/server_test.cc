@@ -429,7 +429,9 @@ TEST(ServerLifecycle, SigtermFinishesInFlightCallsAndExitsZero) {
   const std::int64_t n = testing::calibrated_matmul_size(client, 2.0);
   Tensor a = random_tensor(DType::kFloat32, {n, n}, rng);
   Result<OpResult> slow = internal_error("not run");
-  std::thread caller([&] { slow = client.matmul(a, a); });
+  std::thread caller([&] {
+    slow = client.matmul(a, a, {false, false, testing::kSlowMatmulKernel});
+  });
   // Once the server has the call in hand, ask it to stop.
   testing::wait_for_load(server, 1);
   ASSERT_EQ(kill(server.pid(), SIGTERM), 0);

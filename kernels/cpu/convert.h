@@ -6,25 +6,22 @@
 #include <vector>
 
 #include "attn/tensor.h"
+#include "vectorized.h"
 
 namespace attn::cpu {
 
 // Elements [begin, begin + count) of `t` as float32, into `out`.
 inline void load_floats(const TensorView& t, std::int64_t begin, std::int64_t count, float* out) {
-  if (t.dtype == DType::kFloat32) {
-    std::memcpy(out, static_cast<const float*>(t.data) + begin, sizeof(float) * count);
-    return;
-  }
-  for (std::int64_t i = 0; i < count; ++i) out[i] = load_as_float(t.data, t.dtype, begin + i);
+  const auto* bytes = static_cast<const char*>(t.data);
+  convert_to_float(bytes + begin * static_cast<std::int64_t>(element_size(t.dtype)), t.dtype, count,
+                   out);
 }
 
 inline void store_floats(const TensorView& t, std::int64_t begin, std::int64_t count,
                          const float* in) {
-  if (t.dtype == DType::kFloat32) {
-    std::memcpy(static_cast<float*>(t.data) + begin, in, sizeof(float) * count);
-    return;
-  }
-  for (std::int64_t i = 0; i < count; ++i) store_from_float(t.data, t.dtype, begin + i, in[i]);
+  auto* bytes = static_cast<char*>(t.data);
+  convert_from_float(in, t.dtype, count,
+                     bytes + begin * static_cast<std::int64_t>(element_size(t.dtype)));
 }
 
 // The whole tensor as float32.

@@ -7,7 +7,10 @@
 namespace attn::cpu {
 
 Status matmul_blocked(const MatmulArgs& args, Stream& stream);
+Status matmul_openblas(const MatmulArgs& args, Stream& stream);
+Status matmul_openblas_supports(const MatmulArgs& args);
 Status softmax_rows(const SoftmaxArgs& args, Stream& stream);
 Status attention_rows(const AttentionArgs& args, Stream& stream);
+Status attention_flash(const AttentionArgs& args, Stream& stream);
 
 }  // namespace attn::cpu

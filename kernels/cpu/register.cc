@@ -11,12 +11,23 @@
 #include "attn/hash_uniform.h"
 #include "attn/registry.h"
 #include "cpu_kernels.h"
+#include "openblas.h"
 #include "parallel.h"
 
 namespace attn {
 
 void register_cpu_variants(Registry& r) {
   const std::vector<DType> all(std::begin(kAllDTypes), std::end(kAllDTypes));
+  const std::string blas = cpu::openblas_description();
+  // Priorities: auto takes the OpenBLAS variants; the hand-written ones stay, by name.
+  r.of<MatmulArgs>().add(
+      {{"matmul/cpu_openblas", Op::kMatmul, Backend::kCpu, all,
+        "M, N, K below 2^31; served by " + blas,
+        "cblas_sgemm of " + blas +
+            ", transposes passed to sgemm; float16/bfloat16 converted in 1024 x 1024 blocks",
+        10, 0},
+       cpu::matmul_openblas_supports,
+       cpu::matmul_openblas});
   r.of<MatmulArgs>().add({{"matmul/cpu_blocked", Op::kMatmul, Backend::kCpu, all, "any shape",
                  "64x256 output tiles across threads, float32 arithmetic", 0, 0},
                 [](const MatmulArgs& a) {
@@ -27,6 +38,13 @@ void register_cpu_variants(Registry& r) {
                   "a row per task, float32 arithmetic", 0, 0},
                  [](const SoftmaxArgs& a) { return softmax_dims(a.x).status(); },
                  cpu::softmax_rows});
+  r.of<AttentionArgs>().add({{"attention/cpu_flash", Op::kAttention, Backend::kCpu, all,
+                    "any head dim; served by " + blas,
+                    "flash attention on cblas_sgemm tiles of 64 queries x 128 keys (" + blas +
+                        "), online softmax, (batch, head, query block) across threads",
+                    10, 0},
+                   [](const AttentionArgs& a) { return attention_dims(a.q, a.k, a.v).status(); },
+                   cpu::attention_flash});
   r.of<AttentionArgs>().add({{"attention/cpu", Op::kAttention, Backend::kCpu, all, "any head dim",
                     "query rows across threads, float32 arithmetic", 0, 0},
                    [](const AttentionArgs& a) { return attention_dims(a.q, a.k, a.v).status(); },
@@ -39,8 +57,11 @@ class CpuExecutor final : public Executor {
  public:
   CpuExecutor() {
     info_.backend = Backend::kCpu;
-    info_.multiprocessors = cpu::hardware_threads();
-    info_.name = "cpu: " + std::to_string(info_.multiprocessors) + " threads";
+    info_.multiprocessors = cpu::usable_cpus();
+    // GetServerInfo and the startup log show this name: it says which BLAS serves.
+    info_.name = "cpu: " + std::to_string(info_.multiprocessors) + " threads, " +
+                 cpu::openblas_description();
+    cpu::configure_openblas_threads();
     info_.memory_bytes = static_cast<std::int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
   }
   const DeviceInfo& device() const override { return info_; }

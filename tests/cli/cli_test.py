@@ -72,7 +72,7 @@ class CliTest(unittest.TestCase):
             np.save(self.path("a.npy"), a)
             np.save(self.path("b.npy"), b)
             out = self.attn("matmul", self.path("a.npy"), self.path("b.npy"), "-o", self.path("c.npy"))
-            self.assertIn("matmul/cpu_blocked", out.stdout)
+            self.assertIn("matmul/cpu_openblas", out.stdout)
             c = np.load(self.path("c.npy"))
             self.assertEqual(c.dtype, dtype)
             self.assertLess(rel_err(c, a.astype(np.float64) @ b.astype(np.float64)), tol)
@@ -121,7 +121,7 @@ class CliTest(unittest.TestCase):
         doc = json.loads(out.stdout)
         self.assertEqual(doc["output_shape"], [2, 64, 16])
         self.assertEqual(doc["output_dtype"], "bfloat16")
-        self.assertEqual(doc["timings"]["kernel"], "matmul/cpu_blocked")
+        self.assertEqual(doc["timings"]["kernel"], "matmul/cpu_openblas")
         self.assertEqual(int(doc["timings"]["flops"]), 2 * 2 * 64 * 32 * 16)
 
     def test_info_and_kernels(self):
@@ -129,8 +129,10 @@ class CliTest(unittest.TestCase):
         self.assertEqual(info["backend"], "cpu")
         self.assertEqual(self.attn("health").stdout.strip(), "SERVING")
         kernels = self.attn("kernels").stdout
-        for name in ("matmul/cpu_blocked", "softmax/cpu", "attention/cpu"):
+        for name in ("matmul/cpu_blocked", "matmul/cpu_openblas", "softmax/cpu", "attention/cpu",
+                     "attention/cpu_flash"):
             self.assertIn(name, kernels)
+        self.assertIn("OpenBLAS", self.attn("info").stdout)  # the CPU device says which BLAS serves
 
     def test_errors_are_reported_not_crashed(self):
         np.save(self.path("m1.npy"), np.ones((4, 5), np.float32))

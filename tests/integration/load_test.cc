@@ -34,6 +34,7 @@ v1::MatmulRequest request_of(const SlowMatmul& m) {
   v1::MatmulRequest req;
   wire::encode_tensor(m.a.view(), req.mutable_a());
   wire::encode_tensor(m.b.view(), req.mutable_b());
+  req.set_kernel(testing::kSlowMatmulKernel);
   return req;
 }
 

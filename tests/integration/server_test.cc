@@ -93,6 +93,7 @@ TEST_F(ServerTest, ServerInfoSaysCpuBackend) {
   EXPECT_EQ(info->backend(), "cpu");
   ASSERT_EQ(info->devices_size(), 1);
   EXPECT_EQ(info->devices(0).backend(), "cpu");
+  EXPECT_THAT(info->devices(0).name(), HasSubstr("OpenBLAS"));  // which BLAS serves
   EXPECT_GT(info->devices(0).multiprocessors(), 0);
   EXPECT_GT(info->devices(0).memory_bytes(), 0);
   EXPECT_FALSE(info->version().empty());
@@ -108,8 +109,15 @@ TEST_F(ServerTest, ListKernels) {
   for (const auto& k : all->kernels())
     if (k.available()) available.insert(k.name());
   EXPECT_TRUE(available.count("matmul/cpu_blocked"));
+  EXPECT_TRUE(available.count("matmul/cpu_openblas"));
   EXPECT_TRUE(available.count("softmax/cpu"));
   EXPECT_TRUE(available.count("attention/cpu"));
+  EXPECT_TRUE(available.count("attention/cpu_flash"));
+  for (const auto& k : all->kernels()) {
+    if (k.name() == "matmul/cpu_openblas" || k.name() == "attention/cpu_flash") {
+      EXPECT_THAT(k.description(), HasSubstr("OpenBLAS")) << k.name();
+    }
+  }
   auto mm = client_.list_kernels("matmul");
   ASSERT_TRUE(mm.ok());
   for (const auto& k : mm->kernels()) EXPECT_EQ(k.op(), "matmul");
@@ -135,7 +143,7 @@ TEST_F(ServerTest, MatmulEveryDtypeAndTransposeIsCorrect) {
         EXPECT_LE(reference::relative_frobenius_error(r->output.view(), reference::matmul(args)),
                   reference::tolerance(dt));
         const auto& t = r->timings;
-        EXPECT_EQ(t.kernel(), "matmul/cpu_blocked");
+        EXPECT_EQ(t.kernel(), "matmul/cpu_openblas");
         EXPECT_THAT(t.device(), HasSubstr("cpu"));
         EXPECT_EQ(t.flops(), 2 * m * n * k);
         EXPECT_EQ(t.bytes(), static_cast<std::int64_t>((m * k + k * n + m * n) * element_size(dt)));
@@ -421,7 +429,9 @@ TEST(ServerLifecycle, SigtermFinishesInFlightCallsAndExitsZero) {
   const std::int64_t n = testing::calibrated_matmul_size(client, 2.0);
   Tensor a = random_tensor(DType::kFloat32, {n, n}, rng);
   Result<OpResult> slow = internal_error("not run");
-  std::thread caller([&] { slow = client.matmul(a, a); });
+  std::thread caller([&] {
+    slow = client.matmul(a, a, {false, false, testing::kSlowMatmulKernel});
+  });
   // Once the server has the call in hand, ask it to stop.
   testing::wait_for_load(server, 1);
   ASSERT_EQ(kill(server.pid(), SIGTERM), 0);

@@ -1,6 +1,8 @@
 // A matmul sized to keep the server's CPU backend busy for about a given time on this machine
 // (release, sanitizer or debug build alike): a small one is timed first, and the size scaled by
-// the cube root of the ratio.
+// the cube root of the ratio. It runs the hand-written variant (kSlowMatmulKernel): OpenBLAS's
+// would need inputs so large that sending and decoding them (under ASan, seconds) would outlast
+// the call they are meant to queue behind.
 #pragma once
 
 #include <algorithm>
@@ -12,13 +14,15 @@
 
 namespace attn::testing {
 
+inline constexpr const char* kSlowMatmulKernel = "matmul/cpu_blocked";
+
 inline std::int64_t calibrated_matmul_size(Client& client, double seconds) {
   std::mt19937_64 rng(seed());
   constexpr std::int64_t kProbe = 256;
   Tensor a = random_tensor(DType::kFloat32, {kProbe, kProbe}, rng);
   double best = 1e30;
   for (int i = 0; i < 3; ++i) {
-    auto r = client.matmul(a, a);
+    auto r = client.matmul(a, a, {false, false, kSlowMatmulKernel});
     if (!r.ok()) throw std::runtime_error("calibration matmul failed: " + r.status().to_string());
     best = std::min(best, static_cast<double>(r->timings.kernel_ns()) * 1e-9);
   }

@@ -267,6 +267,32 @@ TEST(CpuCount, TightestQuotaAlongTheCgroupPath) {
   EXPECT_LE(cpu::usable_cpus(), static_cast<int>(sysconf(_SC_NPROCESSORS_CONF)));
 }
 
+// cgroup v1 (hosts whose cpu controller is still on v1, as a docker --cpus container there):
+// cpu.cfs_quota_us over cpu.cfs_period_us, -1 for no limit, the tightest along the path.
+TEST(CpuCount, CgroupV1CfsQuota) {
+  EXPECT_EQ(cpu::parse_cfs_quota("150000\n", "100000\n"), 1.5);
+  EXPECT_EQ(cpu::parse_cfs_quota("-1\n", "100000\n"), std::nullopt);
+  EXPECT_EQ(cpu::parse_cfs_quota("", "100000"), std::nullopt);
+  EXPECT_EQ(cpu::parse_cfs_quota("50000", "x"), std::nullopt);
+  namespace fs = std::filesystem;
+  const fs::path root = fs::temp_directory_path() / ("attn-cgroup-v1-" + std::to_string(getpid()));
+  fs::create_directories(root / "docker/abc");
+  auto write = [](const fs::path& p, const char* text) { std::ofstream(p) << text; };
+  write(root / "cpu.cfs_quota_us", "-1\n");
+  write(root / "cpu.cfs_period_us", "100000\n");
+  write(root / "docker/cpu.cfs_quota_us", "-1\n");
+  write(root / "docker/cpu.cfs_period_us", "100000\n");
+  write(root / "docker/abc/cpu.cfs_quota_us", "250000\n");
+  write(root / "docker/abc/cpu.cfs_period_us", "100000\n");
+  EXPECT_EQ(cpu::cgroup_v1_cpu_quota(root.string(), "/docker/abc"), 2.5);
+  EXPECT_EQ(cpu::cgroup_v1_cpu_quota(root.string(), "/docker"), std::nullopt);
+  EXPECT_EQ(cpu::cgroup_v1_cpu_quota(root.string(), "/"), std::nullopt);
+  write(root / "cpu.cfs_quota_us", "50000\n");  // the mount itself: a container's own cgroup
+  EXPECT_EQ(cpu::cgroup_v1_cpu_quota(root.string(), "/"), 0.5);
+  EXPECT_EQ(cpu::cgroup_v1_cpu_quota(root.string(), "/docker/abc"), 0.5);
+  fs::remove_all(root);
+}
+
 // Every float16 and bfloat16 bit pattern converts exactly as the scalar functions of dtype.h do,
 // both ways, at lengths that leave a tail past the 8-lane loop.
 TEST(Vectorized, ConversionsMatchTheScalarOnes) {

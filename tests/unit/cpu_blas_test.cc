@@ -88,7 +88,7 @@ TEST_P(CpuBlas, MatmulOpenBlasMatchesReference) {
     Tensor out(dt, matmul_output_shape(*dims, static_cast<int>(c.a.size())));
     poison(out);
     MatmulArgs args{a.view(), b.view(), out.view(), c.ta, c.tb};
-    run(registry.matmul, "matmul/cpu_openblas", args);
+    run(registry.of<MatmulArgs>(), "matmul/cpu_openblas", args);
     EXPECT_LE(reference::matmul_error(out.view(), args), reference::tolerance(dt));
   }
 }
@@ -129,7 +129,7 @@ TEST_P(CpuBlas, FlashAttentionMatchesReference) {
                            lse.view(),
                            causal,
                            resolve_attention_scale(scale, c.d)};
-        run(registry.attention, "attention/cpu_flash", args);
+        run(registry.of<AttentionArgs>(), "attention/cpu_flash", args);
         std::vector<double> want_lse;
         const auto want = reference::attention(args, &want_lse);
         EXPECT_LE(reference::relative_frobenius_error(o.view(), want), reference::tolerance(dt));
@@ -155,7 +155,7 @@ TEST_P(CpuBlas, FlashAttentionWithoutLse) {
   poison(o);
   AttentionArgs args{
       q.view(), k.view(), v.view(), o.view(), {}, true, resolve_attention_scale(0, 64)};
-  run(registry.attention, "attention/cpu_flash", args);
+  run(registry.of<AttentionArgs>(), "attention/cpu_flash", args);
   EXPECT_LE(reference::relative_frobenius_error(o.view(), reference::attention(args)),
             reference::tolerance(dt))
       << seed_note();

@@ -4,6 +4,8 @@
 #include <grpcpp/server_builder.h>
 #include <spdlog/spdlog.h>
 
+#include <thread>
+
 #include "attn/executor.h"
 #include "attn/registry.h"
 #include "attn/version.h"
@@ -15,6 +17,9 @@
 
 namespace attn::server {
 namespace {
+
+// How long connections stay open after the last call finished, for clients to read its response.
+constexpr std::chrono::milliseconds kLinger{500};
 
 Result<std::vector<int>> parse_devices(const std::string& devices) {
   std::vector<int> ordinals;
@@ -224,9 +229,16 @@ void Server::shutdown() {
   spdlog::info("shutting down: refusing new calls, waiting up to {} ms for in-flight ones",
                options_.shutdown_grace.count());
   health_->shutdown();
-  grpc_server_->Shutdown(std::chrono::system_clock::now() + options_.shutdown_grace);
+  const auto deadline = std::chrono::system_clock::now() + options_.shutdown_grace;
+  grpc_server_->Shutdown(deadline);
   scheduler_->stop();
   grpc_server_->Wait();
+  // The calls are done, but their last responses may still be on their way to the clients, who
+  // answer with flow-control frames. Exiting now closes the connections with those frames unread,
+  // which resets them (TCP RST), and a client loses the tail of a response the server finished
+  // (seen: a 9 MB matmul result drained on SIGTERM, then "recvmsg: Connection reset by peer").
+  // The connections stay served a moment longer, within the grace period.
+  std::this_thread::sleep_until(std::min(deadline, std::chrono::system_clock::now() + kLinger));
   spdlog::info("stopped");
 }
 

@@ -106,22 +106,23 @@ grpc::ServerUnaryReactor* AttnService::serve(grpc::CallbackServerContext* ctx, c
     return reactor;
   }
   auto prepared_op = std::make_shared<PreparedOp<Args>>(std::move(prepared).value());
-  const VariantInfo& variant = prepared_op->variant->info;
+  // The registry outlives every call: the job holds a pointer, not a copy of the variant's info.
+  const VariantInfo* variant = &prepared_op->variant->info;
   Placement placement;
-  placement.backend = variant.backend;
+  placement.backend = variant->backend;
   // Pinned to the device holding its resident data (any of its streams), else the backend's.
   if (prepared_op->executor >= 0) placement.device = scheduler_.device_of(static_cast<std::size_t>(prepared_op->executor));
   // A tiny op on the CPU runs on this thread when the CPU is idle: handing it to the worker
   // (a queue push and a wake-up, ~20 us) would cost more than the op itself.
-  placement.inline_when_idle = variant.backend == Backend::kCpu && tiny(cost_of(prepared_op->args));
+  placement.inline_when_idle = variant->backend == Backend::kCpu && tiny(cost_of(prepared_op->args));
   const std::vector<v1::Tensor*> outputs = Rpc::outputs(*req, resp);
   const bool return_values = req->return_values();
-  submit(ctx, reactor, op, variant.name, bytes_in, placement, [=, this](Executor& executor, std::int64_t queue_ns) {
+  submit(ctx, reactor, op, variant->name, bytes_in, placement, [=, this](Executor& executor, std::int64_t queue_ns) {
     ExecTimings t;
     const Status status = executor.execute(make_call(*prepared_op->variant, prepared_op->args), t);
     if (!status.ok()) {
-      device_faulted(executor, variant.name, status);
-      finish(reactor, ctx, op, variant.name, status, nullptr, bytes_in, 0);
+      device_faulted(executor, variant->name, status);
+      finish(reactor, ctx, op, variant->name, status, nullptr, bytes_in, 0);
       return;
     }
     for (const auto& kept : prepared_op->kept) config_.store->publish(kept);
@@ -129,7 +130,7 @@ grpc::ServerUnaryReactor* AttnService::serve(grpc::CallbackServerContext* ctx, c
       for (v1::Tensor* out : outputs) wire::convert_to_values(out);  // kept outputs have no data
     const OpCost cost = cost_of(prepared_op->args);
     v1::Timings* timings = resp->mutable_timings();
-    timings->set_kernel(variant.name);
+    timings->set_kernel(variant->name);
     timings->set_device(executor.device().label());
     timings->set_queue_ns(queue_ns);
     timings->set_h2d_ns(t.h2d_ns);
@@ -138,9 +139,9 @@ grpc::ServerUnaryReactor* AttnService::serve(grpc::CallbackServerContext* ctx, c
     timings->set_flops(cost.flops);
     timings->set_bytes(cost.bytes);
     timings->set_total_ns(ns_since(start));
-    spdlog::debug("{} {} on {}: queue {} us, kernel {} us, total {} us", op, variant.name, timings->device(),
+    spdlog::debug("{} {} on {}: queue {} us, kernel {} us, total {} us", op, variant->name, timings->device(),
                   queue_ns / 1000, t.kernel_ns / 1000, timings->total_ns() / 1000);
-    finish(reactor, ctx, op, variant.name, Status::Ok(), timings, bytes_in, resp->ByteSizeLong());
+    finish(reactor, ctx, op, variant->name, Status::Ok(), timings, bytes_in, resp->ByteSizeLong());
   });
   return reactor;
 }

@@ -22,8 +22,6 @@ Histogram::BucketBoundaries latency_buckets() {
   return {1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1, 3, 10, 30};
 }
 
-std::string code_name(grpc::StatusCode code) { return status_code_name(static_cast<int>(code)); }
-
 // Gauges read from the scheduler and the devices at scrape time, so they are never stale.
 class DeviceCollector final : public prometheus::Collectable {
  public:
@@ -107,7 +105,7 @@ int Metrics::port() const {
 
 void Metrics::record(const std::string& op, const std::string& variant, grpc::StatusCode code,
                      const v1::Timings* timings, std::size_t bytes_in, std::size_t bytes_out) {
-  impl_->requests.Add({{"op", op}, {"variant", variant.empty() ? "none" : variant}, {"code", code_name(code)}})
+  impl_->requests.Add({{"op", op}, {"variant", variant.empty() ? "none" : variant}, {"code", status_code_name(static_cast<int>(code))}})
       .Increment();
   impl_->bytes.Add({{"op", op}, {"direction", "in"}}).Increment(static_cast<double>(bytes_in));
   impl_->bytes.Add({{"op", op}, {"direction", "out"}}).Increment(static_cast<double>(bytes_out));

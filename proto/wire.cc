@@ -18,6 +18,7 @@ v1::DType to_proto(DType t) {
     case DType::kFloat32: return v1::D_TYPE_FLOAT32;
     case DType::kFloat16: return v1::D_TYPE_FLOAT16;
     case DType::kBFloat16: return v1::D_TYPE_BFLOAT16;
+    case DType::kInt32: break;  // internal to the library: never on the wire
   }
   return v1::D_TYPE_UNSPECIFIED;
 }

@@ -3,6 +3,7 @@
 
 #include "attn/executor.h"
 #include "attn/ops.h"
+#include "attn/paged_ops.h"
 
 namespace attn::cpu {
 
@@ -12,5 +13,7 @@ Status matmul_openblas_supports(const MatmulArgs& args);
 Status softmax_rows(const SoftmaxArgs& args, Stream& stream);
 Status attention_rows(const AttentionArgs& args, Stream& stream);
 Status attention_flash(const AttentionArgs& args, Stream& stream);
+Status paged_decode(const PagedDecodeArgs& args, Stream& stream);
+Status paged_prefill(const PagedPrefillArgs& args, Stream& stream);
 
 }  // namespace attn::cpu

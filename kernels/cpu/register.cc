@@ -49,6 +49,17 @@ void register_cpu_variants(Registry& r) {
                     "query rows across threads, float32 arithmetic", 0, 0},
                    [](const AttentionArgs& a) { return attention_dims(a.q, a.k, a.v).status(); },
                    cpu::attention_rows});
+  r.of<PagedDecodeArgs>().add({{"paged_decode/cpu", Op::kPagedDecode, Backend::kCpu, all, "any head dim, page size",
+                                "a (sequence, kv head) per task: append, then one pass over the pages for the "
+                                "whole GQA group, online softmax in float32",
+                                0, 0},
+                               check_paged_decode, cpu::paged_decode});
+  r.of<PagedPrefillArgs>().add({{"paged_prefill/cpu", Op::kPagedPrefill, Backend::kCpu, all,
+                                 "any head dim, page size",
+                                 "a (sequence, kv head) per task: append, then one pass over the pages for "
+                                 "every new token of the group, causal, online softmax in float32",
+                                 0, 0},
+                                check_paged_prefill, cpu::paged_prefill});
 }
 
 namespace {

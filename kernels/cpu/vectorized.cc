@@ -123,6 +123,11 @@ void convert_to_float(const void* src, DType dtype, std::int64_t n, float* out) 
       for (std::int64_t i = 0; i < n; ++i) out[i] = half_bits_to_float(h[i]);
       return;
     }
+    case DType::kInt32: {
+      const auto* x = static_cast<const std::int32_t*>(src);
+      for (std::int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(x[i]);
+      return;
+    }
   }
 }
 
@@ -138,6 +143,11 @@ void convert_from_float(const float* in, DType dtype, std::int64_t n, void* dst)
       auto* h = static_cast<std::uint16_t*>(dst);
       if (avx2()) return float_to_half_avx2(in, n, h);
       for (std::int64_t i = 0; i < n; ++i) h[i] = float_to_half_bits(in[i]);
+      return;
+    }
+    case DType::kInt32: {
+      auto* x = static_cast<std::int32_t*>(dst);
+      for (std::int64_t i = 0; i < n; ++i) x[i] = static_cast<std::int32_t>(in[i]);
       return;
     }
   }

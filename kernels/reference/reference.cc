@@ -100,7 +100,76 @@ struct ErrorSum {
   }
 };
 
+// Sequence i's tokens 0..len-1 of one layer: the first len - fresh from the pages, the rest
+// from the call's new rows starting at row `first_new` of k_new/v_new.
+struct PagedSequenceReader {
+  const PagedKvLayer& cache;
+  const TensorView &k_new, &v_new;
+  const std::int32_t* pages;  // the sequence's page table
+  std::int64_t cached, first_new;
+
+  double key(std::int64_t t, std::int64_t head, std::int64_t c) const { return element(cache.k, k_new, t, head, c); }
+  double value(std::int64_t t, std::int64_t head, std::int64_t c) const { return element(cache.v, v_new, t, head, c); }
+  double element(const void* pool, const TensorView& fresh, std::int64_t t, std::int64_t head, std::int64_t c) const {
+    if (t >= cached) return at(fresh, ((first_new + t - cached) * cache.heads_kv + head) * cache.head_dim + c);
+    const std::int64_t page = pages[t / cache.page_size];
+    return load_as_float(pool, cache.dtype, static_cast<std::size_t>(cache.offset(page, head, t % cache.page_size) + c));
+  }
+};
+
+// Rows [first_row, first_row + fresh) of q: sequence `seq`'s new tokens; token j (0-based among
+// the new) sits at position len - fresh + j and sees keys <= that when causal, all otherwise.
+void paged_rows(const TensorView& q, const TensorView& k_new, const TensorView& v_new, const PagedKvLayer& cache,
+                const PagedSequences& seqs, float scale_in, bool causal, std::int64_t seq, std::int64_t first_row,
+                std::int64_t fresh, std::vector<double>& o, std::vector<double>* lse) {
+  const auto* indptr = static_cast<const std::int32_t*>(seqs.page_indptr.data);
+  const std::int64_t len = static_cast<const std::int32_t*>(seqs.seq_lens.data)[seq];
+  const PagedSequenceReader r{cache, k_new, v_new, static_cast<const std::int32_t*>(seqs.page_indices.data) + indptr[seq],
+                              len - fresh, first_row};
+  const std::int64_t hq = q.dim(1), d = q.dim(2), group = hq / cache.heads_kv;
+  const double scale = resolve_attention_scale(scale_in, d);
+  std::vector<double> s(static_cast<std::size_t>(len));
+  for (std::int64_t j = 0; j < fresh; ++j) {
+    const std::int64_t row = first_row + j, visible = causal ? len - fresh + j + 1 : len;
+    for (std::int64_t h = 0; h < hq; ++h) {
+      const std::int64_t hk = h / group;
+      double mx = -std::numeric_limits<double>::infinity();
+      for (std::int64_t t = 0; t < visible; ++t) {
+        double dot = 0.0;
+        for (std::int64_t c = 0; c < d; ++c) dot += at(q, (row * hq + h) * d + c) * r.key(t, hk, c);
+        s[t] = dot * scale;
+        mx = std::max(mx, s[t]);
+      }
+      double sum = 0.0;
+      for (std::int64_t t = 0; t < visible; ++t) sum += std::exp(s[t] - mx);
+      double* out = o.data() + (row * hq + h) * d;
+      for (std::int64_t t = 0; t < visible; ++t) {
+        const double p = std::exp(s[t] - mx) / sum;
+        for (std::int64_t c = 0; c < d; ++c) out[c] += p * r.value(t, hk, c);
+      }
+      if (lse) (*lse)[static_cast<std::size_t>(row * hq + h)] = mx + std::log(sum);
+    }
+  }
+}
+
 }  // namespace
+
+std::vector<double> paged_decode(const PagedDecodeArgs& a, std::vector<double>* lse) {
+  std::vector<double> o(static_cast<std::size_t>(a.q.numel()), 0.0);
+  if (lse) lse->assign(static_cast<std::size_t>(a.q.dim(0) * a.q.dim(1)), 0.0);
+  for (std::int64_t i = 0; i < a.seqs.count(); ++i)
+    paged_rows(a.q, a.k_new, a.v_new, a.cache, a.seqs, a.scale, false, i, i, 1, o, lse);
+  return o;
+}
+
+std::vector<double> paged_prefill(const PagedPrefillArgs& a, std::vector<double>* lse) {
+  std::vector<double> o(static_cast<std::size_t>(a.q.numel()), 0.0);
+  if (lse) lse->assign(static_cast<std::size_t>(a.q.dim(0) * a.q.dim(1)), 0.0);
+  const auto* qi = static_cast<const std::int32_t*>(a.q_indptr.data);
+  for (std::int64_t i = 0; i < a.seqs.count(); ++i)
+    paged_rows(a.q, a.k_new, a.v_new, a.cache, a.seqs, a.scale, a.causal, i, qi[i], qi[i + 1] - qi[i], o, lse);
+  return o;
+}
 
 std::vector<double> matmul(const MatmulArgs& args) { return matmul_products(args, false); }
 
@@ -236,6 +305,7 @@ double tolerance(DType t, std::int64_t terms) {
     case DType::kFloat32: return std::max(1e-5, 2e-7 * std::sqrt(static_cast<double>(std::max<std::int64_t>(terms, 1))));
     case DType::kFloat16: return 1e-2;
     case DType::kBFloat16: return 1e-2;
+    case DType::kInt32: return 0.0;  // exact
   }
   return 0.0;
 }

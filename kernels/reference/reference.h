@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "attn/ops.h"
+#include "attn/paged_ops.h"
 
 namespace attn::reference {
 
@@ -16,6 +17,11 @@ std::vector<double> matmul(const MatmulArgs& args);
 std::vector<double> softmax(const SoftmaxArgs& args);
 // O as float64; `lse` receives the log-sum-exp per row when non-null.
 std::vector<double> attention(const AttentionArgs& args, std::vector<double>* lse = nullptr);
+
+// The KV-cache ops as float64, [tokens, Hq, D], from host views: cached tokens read through
+// the page tables, the call's new tokens from k_new/v_new (the reference never writes the cache).
+std::vector<double> paged_decode(const PagedDecodeArgs& args, std::vector<double>* lse = nullptr);
+std::vector<double> paged_prefill(const PagedPrefillArgs& args, std::vector<double>* lse = nullptr);
 
 // ||got - want||_F / ||want||_F; infinite when got has a NaN or an infinity where want has not.
 double relative_frobenius_error(const TensorView& got, const std::vector<double>& want);

@@ -22,6 +22,8 @@ const char* op_name(Op op) {
     case Op::kMatmul: return "matmul";
     case Op::kSoftmax: return "softmax";
     case Op::kAttention: return "attention";
+    case Op::kPagedDecode: return "paged_decode";
+    case Op::kPagedPrefill: return "paged_prefill";
   }
   return "?";
 }

@@ -9,11 +9,14 @@
 
 namespace attn {
 
-enum class DType : std::uint8_t { kFloat32, kFloat16, kBFloat16 };
+// kInt32 is internal to the library: the index arrays of the KV-cache ops (page tables,
+// lengths) travel through the executors as int32 tensors. It is never a tensor's dtype on the
+// wire, never in kAllDTypes, and no variant claims it.
+enum class DType : std::uint8_t { kFloat32, kFloat16, kBFloat16, kInt32 };
 
 inline constexpr DType kAllDTypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
 
-constexpr std::size_t element_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+constexpr std::size_t element_size(DType t) { return t == DType::kFloat32 || t == DType::kInt32 ? 4 : 2; }
 
 // "float32", "float16", "bfloat16".
 std::string_view dtype_name(DType t);
@@ -48,6 +51,11 @@ inline float load_as_float(const void* data, DType t, std::size_t i) {
       std::memcpy(&b, static_cast<const char*>(data) + 2 * i, 2);
       return bfloat16_bits_to_float(b);
     }
+    case DType::kInt32: {
+      std::int32_t v;
+      std::memcpy(&v, static_cast<const char*>(data) + 4 * i, 4);
+      return static_cast<float>(v);
+    }
   }
   return 0.0f;
 }
@@ -66,6 +74,11 @@ inline void store_from_float(void* data, DType t, std::size_t i, float f) {
     case DType::kBFloat16: {
       std::uint16_t b = float_to_bfloat16_bits(f);
       std::memcpy(static_cast<char*>(data) + 2 * i, &b, 2);
+      return;
+    }
+    case DType::kInt32: {
+      const auto v = static_cast<std::int32_t>(f);
+      std::memcpy(static_cast<char*>(data) + 4 * i, &v, 4);
       return;
     }
   }

@@ -19,8 +19,9 @@
 
 namespace attn {
 
-enum class Op : std::uint8_t { kMatmul, kSoftmax, kAttention };
-const char* op_name(Op op);  // "matmul", "softmax", "attention"
+enum class Op : std::uint8_t { kMatmul, kSoftmax, kAttention, kPagedDecode, kPagedPrefill };
+// "matmul", "softmax", "attention", "paged_decode", "paged_prefill"
+const char* op_name(Op op);
 
 // C[b] = op(A[b]) . op(B[b]); op transposes when the flag is set. The kernels read A and B as
 // stored. A 2-D B with a 3-D A is shared by every batch.
@@ -165,7 +166,8 @@ struct OpDesc<AttentionArgs> {
   }
 };
 
-// Every op, in the order ListKernels and the registry show them.
+// The one-shot ops (stateless: Benchmark and the warm-up make their problems), in the order
+// ListKernels and the registry show them; the KV-cache ops follow (attn/paged_ops.h).
 using OpArgs = std::tuple<MatmulArgs, SoftmaxArgs, AttentionArgs>;
 
 // Calls f(OpDesc<Args>{}) for each op.

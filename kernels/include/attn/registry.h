@@ -10,6 +10,7 @@
 
 #include "attn/dtype.h"
 #include "attn/ops.h"
+#include "attn/paged_ops.h"
 #include "attn/status.h"
 
 namespace attn {
@@ -50,6 +51,8 @@ struct Variant {
 using MatmulVariant = Variant<MatmulArgs>;
 using SoftmaxVariant = Variant<SoftmaxArgs>;
 using AttentionVariant = Variant<AttentionArgs>;
+using PagedDecodeVariant = Variant<PagedDecodeArgs>;
+using PagedPrefillVariant = Variant<PagedPrefillArgs>;
 
 // What a backend offers to selection: which backend it is and its compute capability.
 struct Target {
@@ -113,7 +116,7 @@ class OpRegistry {
   std::vector<Variant<Args>> variants_;
 };
 
-// All variants of all ops (OpArgs), filled by each backend's register function.
+// All variants of all ops (OpArgs, then PagedOpArgs), filled by each backend's register function.
 class Registry {
  public:
   template <class Args>
@@ -139,7 +142,7 @@ class Registry {
   struct RegistriesOf<std::tuple<A...>> {
     using type = std::tuple<OpRegistry<A>...>;
   };
-  RegistriesOf<OpArgs>::type ops_;
+  RegistriesOf<decltype(std::tuple_cat(OpArgs{}, PagedOpArgs{}))>::type ops_;
 };
 
 // The registry with every backend compiled into this build (CPU always; CUDA when built with it).

@@ -1,0 +1,150 @@
+#include "attn/paged_ops.h"
+
+#include <string>
+
+namespace attn {
+namespace {
+
+std::string str(std::int64_t v) { return std::to_string(v); }
+
+Status expect_shape(const TensorView& t, const Shape& want, const std::string& field) {
+  if (t.shape != want) {
+    return invalid_argument(field + ".shape: expected " + shape_to_string(want) + ", got " + shape_to_string(t.shape));
+  }
+  return Status::Ok();
+}
+
+Status expect_dtype(const TensorView& t, DType want, const std::string& field) {
+  if (t.dtype != want) {
+    return invalid_argument(field + ".dtype: expected " + std::string(dtype_name(want)) + ", got " +
+                            std::string(dtype_name(t.dtype)));
+  }
+  return Status::Ok();
+}
+
+Status check_cache(const PagedKvLayer& c) {
+  if (c.pages < 1 || c.heads_kv < 1 || c.page_size < 1 || c.head_dim < 1) {
+    return invalid_argument("cache: expected pages, heads_kv, page_size and head_dim >= 1");
+  }
+  if (c.dtype == DType::kInt32) return invalid_argument("cache.dtype: expected a floating-point dtype, got int32");
+  return Status::Ok();
+}
+
+// q [rows, Hq, D], k_new/v_new [rows, Hkv, D], o like q, lse [rows, Hq]; the sequences' arrays.
+Status check_rows(const TensorView& q, const TensorView& k_new, const TensorView& v_new, const TensorView& o,
+                  const TensorView& lse, const PagedKvLayer& cache, const PagedSequences& seqs) {
+  ATTN_RETURN_IF_ERROR(check_cache(cache));
+  if (q.rank() != 3) return invalid_argument("q.shape: expected [tokens, Hq, D], got " + shape_to_string(q.shape));
+  const std::int64_t rows = q.dim(0), hq = q.dim(1), d = q.dim(2);
+  if (d != cache.head_dim) {
+    return invalid_argument("q.shape: expected head dim " + str(cache.head_dim) + " (the cache's), got " + str(d));
+  }
+  if (hq % cache.heads_kv != 0) {
+    return invalid_argument("q.shape: expected Hq a multiple of the cache's " + str(cache.heads_kv) +
+                            " kv heads, got " + str(hq));
+  }
+  ATTN_RETURN_IF_ERROR(expect_dtype(q, cache.dtype, "q"));
+  ATTN_RETURN_IF_ERROR(expect_shape(k_new, {rows, cache.heads_kv, d}, "k_new"));
+  ATTN_RETURN_IF_ERROR(expect_dtype(k_new, cache.dtype, "k_new"));
+  ATTN_RETURN_IF_ERROR(expect_shape(v_new, {rows, cache.heads_kv, d}, "v_new"));
+  ATTN_RETURN_IF_ERROR(expect_dtype(v_new, cache.dtype, "v_new"));
+  ATTN_RETURN_IF_ERROR(expect_shape(o, q.shape, "o"));
+  ATTN_RETURN_IF_ERROR(expect_dtype(o, cache.dtype, "o"));
+  if (!lse.empty() || !lse.shape.empty()) {
+    ATTN_RETURN_IF_ERROR(expect_shape(lse, {rows, hq}, "lse"));
+    ATTN_RETURN_IF_ERROR(expect_dtype(lse, DType::kFloat32, "lse"));
+  }
+  if (seqs.seq_lens.rank() != 1 || seqs.seq_lens.dim(0) < 1) {
+    return invalid_argument("seq_lens.shape: expected [n >= 1], got " + shape_to_string(seqs.seq_lens.shape));
+  }
+  const std::int64_t n = seqs.seq_lens.dim(0);
+  ATTN_RETURN_IF_ERROR(expect_dtype(seqs.seq_lens, DType::kInt32, "seq_lens"));
+  ATTN_RETURN_IF_ERROR(expect_shape(seqs.page_indptr, {n + 1}, "page_indptr"));
+  ATTN_RETURN_IF_ERROR(expect_dtype(seqs.page_indptr, DType::kInt32, "page_indptr"));
+  if (seqs.page_indices.rank() != 1) {
+    return invalid_argument("page_indices.shape: expected [pages], got " + shape_to_string(seqs.page_indices.shape));
+  }
+  ATTN_RETURN_IF_ERROR(expect_dtype(seqs.page_indices, DType::kInt32, "page_indices"));
+  if (seqs.max_seq_len < 1) return invalid_argument("max_seq_len: expected >= 1");
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status check_paged_decode(const PagedDecodeArgs& a) {
+  ATTN_RETURN_IF_ERROR(check_rows(a.q, a.k_new, a.v_new, a.o, a.lse, a.cache, a.seqs));
+  if (a.q.dim(0) != a.seqs.count()) {
+    return invalid_argument("q.shape: expected one row per sequence (" + str(a.seqs.count()) + "), got " +
+                            str(a.q.dim(0)));
+  }
+  return Status::Ok();
+}
+
+Status check_paged_prefill(const PagedPrefillArgs& a) {
+  ATTN_RETURN_IF_ERROR(check_rows(a.q, a.k_new, a.v_new, a.o, a.lse, a.cache, a.seqs));
+  ATTN_RETURN_IF_ERROR(expect_shape(a.q_indptr, {a.seqs.count() + 1}, "q_indptr"));
+  ATTN_RETURN_IF_ERROR(expect_dtype(a.q_indptr, DType::kInt32, "q_indptr"));
+  if (a.max_new_tokens < 1) return invalid_argument("max_new_tokens: expected >= 1");
+  return Status::Ok();
+}
+
+std::int64_t paged_kv_bytes_read(const PagedKvLayer& cache, const PagedSequences& seqs) {
+  std::int64_t tokens = 0;
+  if (seqs.seq_lens_host)
+    for (std::int64_t i = 0; i < seqs.count(); ++i) tokens += seqs.seq_lens_host[i];
+  return 2 * tokens * cache.heads_kv * cache.head_dim * static_cast<std::int64_t>(element_size(cache.dtype));
+}
+
+OpCost OpDesc<PagedDecodeArgs>::cost(const PagedDecodeArgs& a) {
+  std::int64_t keys = 0;
+  if (a.seqs.seq_lens_host)
+    for (std::int64_t i = 0; i < a.seqs.count(); ++i) keys += a.seqs.seq_lens_host[i];
+  const std::int64_t hq = a.q.rank() == 3 ? a.q.dim(1) : 0;
+  const std::int64_t flops = 4 * keys * hq * a.cache.head_dim;
+  const auto bytes = paged_kv_bytes_read(a.cache, a.seqs) +
+                     static_cast<std::int64_t>(a.q.bytes() + a.k_new.bytes() + a.v_new.bytes() + a.o.bytes());
+  return {flops, bytes};
+}
+
+OpCost OpDesc<PagedPrefillArgs>::cost(const PagedPrefillArgs& a) {
+  // Keys each new token sees, summed: the earlier cache, plus (causal) the new tokens up to itself.
+  std::int64_t pairs = 0;
+  if (a.seqs.seq_lens_host && a.q_indptr_host)
+    for (std::int64_t i = 0; i < a.seqs.count(); ++i) {
+      const std::int64_t len = a.seqs.seq_lens_host[i], fresh = a.q_indptr_host[i + 1] - a.q_indptr_host[i];
+      pairs += a.causal ? fresh * (len - fresh) + fresh * (fresh + 1) / 2 : fresh * len;
+    }
+  const std::int64_t hq = a.q.rank() == 3 ? a.q.dim(1) : 0;
+  const auto bytes = paged_kv_bytes_read(a.cache, a.seqs) +
+                     static_cast<std::int64_t>(a.q.bytes() + a.k_new.bytes() + a.v_new.bytes() + a.o.bytes());
+  return {4 * pairs * hq * a.cache.head_dim, bytes};
+}
+
+namespace {
+
+TensorView int32_view(const std::vector<std::int32_t>& v) {
+  return {DType::kInt32, {static_cast<std::int64_t>(v.size())}, const_cast<std::int32_t*>(v.data()), MemoryKind::kHost};
+}
+
+}  // namespace
+
+void PagedPlan::bind(PagedSequences& seqs) const {
+  seqs.page_indptr = int32_view(page_indptr);
+  seqs.page_indices = int32_view(page_indices);
+  seqs.seq_lens = int32_view(seq_lens);
+  seqs.page_indptr_host = page_indptr.data();
+  seqs.seq_lens_host = seq_lens.data();
+  seqs.max_seq_len = 0;
+  for (auto l : seq_lens) seqs.max_seq_len = std::max<std::int64_t>(seqs.max_seq_len, l);
+}
+
+void PagedPlan::bind(PagedPrefillArgs& args) const {
+  bind(args.seqs);
+  args.q_indptr = int32_view(q_indptr);
+  args.q_indptr_host = q_indptr.data();
+  args.max_new_tokens = 0;
+  for (std::size_t i = 0; i + 1 < q_indptr.size(); ++i)
+    args.max_new_tokens = std::max<std::int64_t>(args.max_new_tokens, q_indptr[i + 1] - q_indptr[i]);
+}
+
+}  // namespace attn

@@ -38,6 +38,22 @@ std::string op_names() {
   return names;
 }
 
+namespace {
+constexpr Op kAllOps[] = {Op::kMatmul, Op::kSoftmax, Op::kAttention, Op::kPagedDecode, Op::kPagedPrefill};
+}  // namespace
+
+bool known_any_op(const std::string& name) {
+  for (Op op : kAllOps)
+    if (name == op_name(op)) return true;
+  return false;
+}
+
+std::string any_op_names() {
+  std::string names;
+  for (Op op : kAllOps) names += (names.empty() ? "\"" : ", \"") + std::string(op_name(op)) + "\"";
+  return names;
+}
+
 AttnService::AttnService(Scheduler& scheduler, const Registry& registry, ServiceConfig config)
     : scheduler_(scheduler), registry_(registry), config_(std::move(config)), token_(config_.token) {
   decode_.registry = &registry_;
@@ -185,8 +201,8 @@ grpc::ServerUnaryReactor* AttnService::ListKernels(grpc::CallbackServerContext* 
   if (auto* refused = refuse_unauthenticated(ctx, "list_kernels", 0)) return refused;
   auto* reactor = ctx->DefaultReactor();
   const std::string& op = req->op();
-  if (!op.empty() && !known_op(op)) {
-    finish(reactor, ctx, "list_kernels", "", invalid_argument("op: expected " + op_names() + " or empty, got \"" + op + "\""),
+  if (!op.empty() && !known_any_op(op)) {
+    finish(reactor, ctx, "list_kernels", "", invalid_argument("op: expected " + any_op_names() + " or empty, got \"" + op + "\""),
            nullptr, 0, 0);
     return reactor;
   }

@@ -3,11 +3,13 @@
 #pragma once
 
 #include <functional>
+#include <mutex>
 #include <string>
 
 #include "attn/registry.h"
 #include "attn/v1/attn.grpc.pb.h"
 #include "decode.h"
+#include "kv_cache.h"
 #include "metrics.h"
 #include "scheduler.h"
 #include "security.h"
@@ -25,11 +27,15 @@ struct ServiceConfig {
   bool fault_injection = false;
   Metrics* metrics = nullptr;  // null: no metrics
   TensorStore* store = nullptr;  // resident tensors; null: none
+  KvCacheStore* kv_caches = nullptr;  // KV caches; null: none
 };
 
-// Whether `name` is an op ("matmul", ...), and all their names quoted, for messages.
+// Whether `name` is a one-shot op ("matmul", ...), and all their names quoted, for messages.
 bool known_op(const std::string& name);
 std::string op_names();
+// The same over every op, the KV-cache ops included (ListKernels).
+bool known_any_op(const std::string& name);
+std::string any_op_names();
 
 // The kernel name that injects a device fault when the server allows it.
 inline constexpr const char* kFaultInjectionKernel = "fault_injection/trap";
@@ -65,12 +71,37 @@ class AttnService final : public v1::AttnService::CallbackService {
                                       v1::BenchmarkResponse* resp) override;
   grpc::ServerUnaryReactor* Echo(grpc::CallbackServerContext* ctx, const v1::EchoRequest* req,
                                  v1::EchoResponse* resp) override;
+  // KV caches (kv_handlers.cc).
+  grpc::ServerUnaryReactor* CreateKvCache(grpc::CallbackServerContext* ctx, const v1::CreateKvCacheRequest* req,
+                                          v1::CreateKvCacheResponse* resp) override;
+  grpc::ServerUnaryReactor* DescribeKvCache(grpc::CallbackServerContext* ctx, const v1::DescribeKvCacheRequest* req,
+                                            v1::DescribeKvCacheResponse* resp) override;
+  grpc::ServerUnaryReactor* ListKvCaches(grpc::CallbackServerContext* ctx, const v1::ListKvCachesRequest* req,
+                                         v1::ListKvCachesResponse* resp) override;
+  grpc::ServerUnaryReactor* DeleteKvCache(grpc::CallbackServerContext* ctx, const v1::DeleteKvCacheRequest* req,
+                                          v1::DeleteKvCacheResponse* resp) override;
+  grpc::ServerUnaryReactor* ReleaseSequences(grpc::CallbackServerContext* ctx,
+                                             const v1::ReleaseSequencesRequest* req,
+                                             v1::ReleaseSequencesResponse* resp) override;
+  grpc::ServerUnaryReactor* ForkSequence(grpc::CallbackServerContext* ctx, const v1::ForkSequenceRequest* req,
+                                         v1::ForkSequenceResponse* resp) override;
+  grpc::ServerUnaryReactor* Decode(grpc::CallbackServerContext* ctx, const v1::DecodeRequest* req,
+                                   v1::DecodeResponse* resp) override;
+  grpc::ServerUnaryReactor* Prefill(grpc::CallbackServerContext* ctx, const v1::PrefillRequest* req,
+                                    v1::PrefillResponse* resp) override;
+  grpc::ServerWriteReactor<v1::ReadKvResponse>* ReadKv(grpc::CallbackServerContext* ctx,
+                                                       const v1::ReadKvRequest* req) override;
 
   // The executor index a tensor header asks for ("cuda:1", "cpu"), or the least used device of
   // the serving backend.
   Result<std::size_t> place(const std::string& device);
   // A TensorInfo for a resident tensor.
   void describe(const ResidentTensor& t, v1::TensorInfo* out) const;
+  // This server's address as clients of several replicas reach it (KvCacheInfo.replica), set
+  // once the port is bound.
+  void set_advertise_address(const std::string& address);
+  // A KvCacheInfo for a cache, with its sequences when asked.
+  void describe(const KvCache& c, bool with_sequences, v1::KvCacheInfo* out) const;
 
  private:
   // An op's call (RpcOp<Request>): authenticated, decoded, placed, run, encoded.
@@ -81,9 +112,18 @@ class AttnService final : public v1::AttnService::CallbackService {
               const std::string& variant, std::size_t bytes_in, const Placement& placement,
               std::function<void(Executor&, std::int64_t queue_ns)> run);
   grpc::ServerUnaryReactor* inject_fault(grpc::CallbackServerContext* ctx);
+  // Decode and Prefill: checked against the cache, planned and run in the cache's order.
+  template <class Args, class Request, class Response>
+  grpc::ServerUnaryReactor* serve_kv(grpc::CallbackServerContext* ctx, const Request* req, Response* resp,
+                                     std::vector<std::int64_t> fresh, bool create_missing);
+  Result<std::shared_ptr<KvCache>> find_cache(const std::string& handle, const std::string& field);
+  // Where a cache's calls run: its device, in its order.
+  Placement placement_of(const KvCache& c) const;
+  Status kv_servable(const KvCacheConfig& cfg, const Target& target) const;
   // Finishes a call and counts it in the metrics.
   friend class PutTensorReactor;
   friend class GetTensorReactor;
+  friend class ReadKvReactor;
   void finish(grpc::ServerUnaryReactor* reactor, grpc::CallbackServerContext* ctx, const char* op,
               const std::string& variant, const Status& status, const v1::Timings* timings,
               std::size_t bytes_in, std::size_t bytes_out);
@@ -98,6 +138,8 @@ class AttnService final : public v1::AttnService::CallbackService {
   ServiceConfig config_;
   DecodeContext decode_;
   TokenCheck token_;
+  mutable std::mutex advertise_mu_;
+  std::string advertise_address_;
 };
 
 }  // namespace attn::server

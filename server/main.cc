@@ -81,12 +81,15 @@ void add_flags(CLI::App& app, attn::server::ServerOptions& options, ProcessFlags
                  "file holding the bearer token every call must carry (else $ATTND_TOKEN; neither: "
                  "no token)");
   app.add_option("--tensor-quota-mb", options.tensor_quota_mb,
-                 "memory for resident tensors (PutTensor, keep_output), all devices together")
+                 "memory for resident tensors (PutTensor, keep_output) and KV caches, all devices together")
       ->capture_default_str();
   app.add_option("--tensor-ttl-s", options.tensor_ttl_s, "a resident tensor's life after its last use, by default")
       ->capture_default_str();
   app.add_option("--tensor-max-ttl-s", options.tensor_max_ttl_s, "the longest life a client may ask for")
       ->capture_default_str();
+  app.add_option("--advertise-address", options.advertise_address,
+                 "HOST:PORT clients of several replicas reach this one at; KV caches name it (default: "
+                 "--listen's address, a wildcard host replaced by the host name)");
   app.add_option("--metrics-listen", options.metrics_listen,
                  "serve Prometheus metrics at http://ADDRESS:PORT/metrics (default: off)");
   app.add_flag("--enable-fault-injection", options.fault_injection,

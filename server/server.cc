@@ -14,6 +14,9 @@
 #include "metrics.h"
 #include "scheduler.h"
 #include "tensor_store.h"
+#include "kv_cache.h"
+
+#include <unistd.h>
 
 namespace attn::server {
 namespace {
@@ -134,6 +137,18 @@ std::unique_ptr<TensorStore> make_store(const ServerOptions& options, const Sche
   return std::make_unique<TensorStore>(std::move(devices), store_options);
 }
 
+// --advertise-address, else the listen address with the bound port, a wildcard host replaced by
+// the host name.
+std::string advertise_address(const ServerOptions& options, int port) {
+  if (!options.advertise_address.empty()) return options.advertise_address;
+  std::string host = options.listen.substr(0, options.listen.rfind(':'));
+  if (host.empty() || host == "0.0.0.0" || host == "[::]" || host == "::") {
+    char name[256] = {};
+    host = gethostname(name, sizeof name - 1) == 0 ? name : "localhost";
+  }
+  return host + ":" + std::to_string(port);
+}
+
 void log_serving(const ServerOptions& options, int port, const std::string& backend, int metrics_port) {
   const std::string host = options.listen.substr(0, options.listen.rfind(':'));
   const bool tls = !options.security.tls_cert_file.empty();
@@ -166,6 +181,14 @@ Result<std::unique_ptr<Server>> Server::start(const ServerOptions& options) {
   announce_and_warm_up(executors);
   s->scheduler_ = std::make_unique<Scheduler>(std::move(executors), options.queue_depth);
   s->store_ = make_store(options, *s->scheduler_);
+  {
+    std::vector<Executor*> devices;
+    for (const auto& ex : s->scheduler_->executors()) devices.push_back(ex.get());
+    TensorStoreOptions kv_options;
+    kv_options.default_ttl = std::chrono::seconds(options.tensor_ttl_s);
+    kv_options.max_ttl = std::chrono::seconds(options.tensor_max_ttl_s);
+    s->kv_caches_ = std::make_unique<KvCacheStore>(std::move(devices), s->store_.get(), kv_options);
+  }
   if (Status started = s->start_services(); !started.ok()) {
     s->scheduler_->stop();
     return started;
@@ -174,6 +197,7 @@ Result<std::unique_ptr<Server>> Server::start(const ServerOptions& options) {
     s->scheduler_->stop();
     return listening;
   }
+  s->service_->set_advertise_address(advertise_address(options, s->port_));
   log_serving(options, s->port_, s->backend_, s->metrics_port());
   return s;
 }
@@ -190,6 +214,7 @@ Status Server::start_services() {
   };
   config.token = options_.security.token;
   config.store = store_.get();
+  config.kv_caches = kv_caches_.get();
   config.fault_injection = options_.fault_injection;
   if (options_.fault_injection) spdlog::warn("fault injection is on: a call can make the device fault");
   if (!options_.metrics_listen.empty()) {

@@ -30,6 +30,9 @@ struct ServerOptions {
   std::int64_t tensor_ttl_s = 600;      // when PutTensor/keep_output give none
   std::int64_t tensor_max_ttl_s = 86400;
   bool fault_injection = false;
+  // The address clients of several replicas reach this one at (KV caches live on one replica);
+  // empty: --listen's, with a wildcard host replaced by the host name.
+  std::string advertise_address;
   // Called (once, from a worker thread) when a device fault leaves the server unable to serve:
   // the process should shut down and exit non-zero so that its supervisor restarts it.
   std::function<void(const std::string& why)> on_fatal;
@@ -37,6 +40,7 @@ struct ServerOptions {
 
 class Metrics;
 class TensorStore;
+class KvCacheStore;
 
 class Scheduler;
 class AttnService;
@@ -69,6 +73,7 @@ class Server {
   std::string backend_;
   std::unique_ptr<Scheduler> scheduler_;
   std::unique_ptr<TensorStore> store_;  // after the scheduler: its tensors go before the devices
+  std::unique_ptr<KvCacheStore> kv_caches_;  // after the store, whose quota it shares
   std::unique_ptr<AttnService> service_;
   std::unique_ptr<HealthService> health_;
   std::unique_ptr<Metrics> metrics_;

@@ -87,6 +87,25 @@ Result<std::shared_ptr<ResidentTensor>> TensorStore::create(DType dtype, const S
   return t;
 }
 
+Status TensorStore::reserve(std::size_t bytes, std::size_t executor, const std::string& field) {
+  std::lock_guard lock(mu_);
+  if (used_ + bytes > options_.quota_bytes) {
+    return resource_exhausted(field + ": " + std::to_string(bytes) + " bytes would take the server's device state "
+                              "(resident tensors and KV caches) to " + std::to_string(used_ + bytes) +
+                              " bytes, over its quota of " + std::to_string(options_.quota_bytes) +
+                              "; delete some or wait for them to expire");
+  }
+  used_ += bytes;
+  used_by_executor_[executor] += bytes;
+  return Status::Ok();
+}
+
+void TensorStore::unreserve(std::size_t bytes, std::size_t executor) {
+  std::lock_guard lock(mu_);
+  used_ -= bytes;
+  used_by_executor_[executor] -= bytes;
+}
+
 void TensorStore::publish(const std::shared_ptr<ResidentTensor>& t) {
   std::lock_guard lock(mu_);
   entries_[t->handle] = {t, std::chrono::steady_clock::now() + t->ttl};

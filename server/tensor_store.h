@@ -52,6 +52,10 @@ class TensorStore {
   Result<std::shared_ptr<ResidentTensor>> create(DType dtype, const Shape& shape, std::int64_t ttl_ms,
                                                  std::size_t executor, const std::string& field);
   void publish(const std::shared_ptr<ResidentTensor>& t);
+  // Quota for other device state (KV caches) on `executor`: RESOURCE_EXHAUSTED naming `field`
+  // when the bytes would exceed it. unreserve gives it back.
+  Status reserve(std::size_t bytes, std::size_t executor, const std::string& field);
+  void unreserve(std::size_t bytes, std::size_t executor);
 
   // The tensor, its lifetime renewed; NOT_FOUND (naming `field`) when unknown or expired.
   Result<std::shared_ptr<ResidentTensor>> find(const std::string& handle, const std::string& field);

@@ -1,0 +1,513 @@
+// The KV-cache half of AttnService: CreateKvCache .. ReadKv. Requests are checked on the gRPC
+// thread against the cache's configuration; everything that reads or changes a cache's
+// sequences runs as a job on the cache's state (Placement::state), so calls on one cache happen
+// in arrival order and calls on different caches run freely.
+#include <spdlog/spdlog.h>
+
+#include <cmath>
+#include <set>
+
+#include "attn_service.h"
+#include "kv_cache.h"
+
+namespace attn::server {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::string str(std::int64_t v) { return std::to_string(v); }
+
+std::int64_t unix_ms(std::chrono::system_clock::time_point t) {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(t.time_since_epoch()).count();
+}
+
+template <class Base>
+class Refused final : public Base {
+ public:
+  explicit Refused(const Status& status) { this->Finish(wire::to_grpc(status)); }
+  void OnDone() override { delete this; }
+};
+
+Status check_layer(const KvCache& c, std::int64_t layer) {
+  if (layer < 0 || layer >= c.config().layers) {
+    return invalid_argument("layer: expected 0.." + str(c.config().layers - 1) + " (the cache has " +
+                            str(c.config().layers) + " layers), got " + str(layer));
+  }
+  return Status::Ok();
+}
+
+Status check_ids(const google::protobuf::RepeatedPtrField<std::string>& ids) {
+  if (ids.empty()) return invalid_argument("sequence_ids: expected at least one sequence, got none");
+  std::set<std::string> seen;
+  for (int i = 0; i < ids.size(); ++i) {
+    if (ids[i].empty()) return invalid_argument("sequence_ids[" + str(i) + "]: expected a sequence id, got \"\"");
+    if (!seen.insert(ids[i]).second) {
+      return invalid_argument("sequence_ids[" + str(i) + "]: \"" + ids[i] + "\" appears twice in one call");
+    }
+  }
+  return Status::Ok();
+}
+
+// An inline tensor of the cache's dtype and shape [rows, heads, D].
+Result<wire::DecodedTensor> kv_input(const v1::Tensor& t, bool present, const std::string& field, const KvCache& c,
+                                     std::int64_t rows, std::int64_t heads, const wire::TensorLimits& limits) {
+  if (!present) return invalid_argument(field + ": expected a tensor, got none");
+  if (!t.handle().empty()) return invalid_argument(field + ".handle: KV-cache calls take inline tensors, got a handle");
+  ATTN_ASSIGN_OR_RETURN(d, wire::decode_tensor(t, field, limits));
+  const KvCacheConfig& cfg = c.config();
+  if (d.view.dtype != cfg.dtype) {
+    return invalid_argument(field + ".dtype: expected " + std::string(dtype_name(cfg.dtype)) + " (the cache's), got " +
+                            std::string(dtype_name(d.view.dtype)));
+  }
+  const std::string want = heads > 0 ? "[" + str(rows) + ", " + str(heads) + ", " + str(cfg.head_dim) + "]"
+                                     : "[" + str(rows) + ", Hq (a multiple of " + str(cfg.heads_kv) + "), " +
+                                           str(cfg.head_dim) + "]";
+  const Shape& s = d.view.shape;
+  const bool ok = s.size() == 3 && s[0] == rows && s[2] == cfg.head_dim &&
+                  (heads > 0 ? s[1] == heads : s[1] % cfg.heads_kv == 0);
+  if (!ok) return invalid_argument(field + ".shape: expected " + want + ", got " + shape_to_string(s));
+  return d;
+}
+
+// Placeholder views of the index arrays, shaped for n sequences, for variant selection before
+// the plan exists.
+void placeholder_sequences(PagedSequences& s, std::int64_t n) {
+  s.seq_lens = {DType::kInt32, {n}, nullptr, MemoryKind::kHost};
+  s.page_indptr = {DType::kInt32, {n + 1}, nullptr, MemoryKind::kHost};
+  s.page_indices = {DType::kInt32, {1}, nullptr, MemoryKind::kHost};
+  s.max_seq_len = 1;
+}
+
+void fill_sequence(const KvSequenceSummary& s, v1::KvSequenceInfo* out) {
+  out->set_id(s.id);
+  out->mutable_lengths()->Assign(s.lengths.begin(), s.lengths.end());
+  out->set_pages(s.pages);
+  out->set_shared_pages(s.shared_pages);
+}
+
+}  // namespace
+
+void AttnService::set_advertise_address(const std::string& address) {
+  std::lock_guard lock(advertise_mu_);
+  advertise_address_ = address;
+}
+
+void AttnService::describe(const KvCache& c, bool with_sequences, v1::KvCacheInfo* out) const {
+  const KvCacheConfig& cfg = c.config();
+  out->set_handle(c.handle());
+  v1::KvCacheConfig* conf = out->mutable_config();
+  conf->set_layers(cfg.layers);
+  conf->set_kv_heads(cfg.heads_kv);
+  conf->set_head_dim(cfg.head_dim);
+  conf->set_dtype(wire::to_proto(cfg.dtype));
+  conf->set_page_size(cfg.page_size);
+  conf->set_capacity_tokens(cfg.capacity_tokens());
+  out->set_device(c.owner().device().label());
+  {
+    std::lock_guard lock(advertise_mu_);
+    out->set_replica(advertise_address_);
+  }
+  const KvCacheSummary s = c.summary(with_sequences);
+  out->set_pages_total(cfg.pages);
+  out->set_pages_used(s.pages_used);
+  out->set_pages_free(s.pages_free);
+  out->set_bytes(static_cast<std::int64_t>(c.bytes()));
+  out->set_sequence_count(s.sequences);
+  out->set_pages_unshared(s.pages_unshared);
+  out->set_expires_unix_ms(unix_ms(config_.kv_caches->expires(c)));
+  for (const auto& q : s.sequence_list) fill_sequence(q, out->add_sequences());
+}
+
+// Finds the cache a request names; refusals name `field`.
+Result<std::shared_ptr<KvCache>> AttnService::find_cache(const std::string& handle, const std::string& field) {
+  if (!config_.kv_caches) return failed_precondition(field + ": this server keeps no KV caches");
+  return config_.kv_caches->find(handle, field);
+}
+
+Placement AttnService::placement_of(const KvCache& c) const {
+  Placement p;
+  p.backend = c.owner().target().backend;
+  p.device = scheduler_.device_of(c.executor());
+  p.state = &c;
+  return p;
+}
+
+// Whether some paged variant on `target` can take a cache of `cfg` (checked at creation, so a
+// cache is not placed where no kernel can serve it).
+Status AttnService::kv_servable(const KvCacheConfig& cfg, const Target& target) const {
+  PagedDecodeArgs a;
+  const std::int64_t hq = cfg.heads_kv;
+  a.q = {cfg.dtype, {1, hq, cfg.head_dim}, nullptr, MemoryKind::kHost};
+  a.k_new = a.v_new = {cfg.dtype, {1, cfg.heads_kv, cfg.head_dim}, nullptr, MemoryKind::kHost};
+  a.o = a.q;
+  a.cache.dtype = cfg.dtype;
+  a.cache.pages = cfg.pages;
+  a.cache.heads_kv = cfg.heads_kv;
+  a.cache.page_size = cfg.page_size;
+  a.cache.head_dim = cfg.head_dim;
+  placeholder_sequences(a.seqs, 1);
+  a.scale = 1.0f;
+  PagedPrefillArgs p;
+  p.q = a.q;
+  p.k_new = a.k_new;
+  p.v_new = a.v_new;
+  p.o = a.o;
+  p.cache = a.cache;
+  p.seqs = a.seqs;
+  p.q_indptr = {DType::kInt32, {2}, nullptr, MemoryKind::kHost};
+  p.max_new_tokens = 1;
+  p.scale = 1.0f;
+  ATTN_RETURN_IF_ERROR(registry_.of<PagedDecodeArgs>().select(a, "", target).status());
+  return registry_.of<PagedPrefillArgs>().select(p, "", target).status();
+}
+
+grpc::ServerUnaryReactor* AttnService::CreateKvCache(grpc::CallbackServerContext* ctx,
+                                                     const v1::CreateKvCacheRequest* req,
+                                                     v1::CreateKvCacheResponse* resp) {
+  const char* op = "create_kv_cache";
+  if (auto* refused = refuse_unauthenticated(ctx, op, 0)) return refused;
+  auto* reactor = ctx->DefaultReactor();
+  auto created = [&]() -> Result<std::shared_ptr<KvCache>> {
+    if (!config_.kv_caches) return failed_precondition("CreateKvCache: this server keeps no KV caches");
+    const v1::KvCacheConfig& c = req->config();
+    KvCacheConfig cfg;
+    cfg.layers = c.layers();
+    cfg.heads_kv = c.kv_heads();
+    cfg.head_dim = c.head_dim();
+    cfg.page_size = c.page_size() == 0 ? 16 : c.page_size();
+    ATTN_ASSIGN_OR_RETURN(dtype, wire::dtype_from_proto(c.dtype(), "config.dtype"));
+    cfg.dtype = dtype;
+    ATTN_RETURN_IF_ERROR(check_kv_config(cfg, c.capacity_tokens(), config_.limits.max_elements));
+    cfg.pages = (c.capacity_tokens() + cfg.page_size - 1) / cfg.page_size;
+    ATTN_ASSIGN_OR_RETURN(executor, place(req->device()));
+    const auto& executors = scheduler_.executors();
+    Status servable = kv_servable(cfg, executors[executor]->target());
+    if (!servable.ok() && req->device().empty()) {
+      // No kernel of the serving device takes this configuration: the CPU, which takes any, holds it.
+      for (std::size_t i = 0; i < executors.size(); ++i)
+        if (executors[i]->target().backend == Backend::kCpu) {
+          spdlog::warn("kv cache: {} cannot serve {} layers x {} heads x D {} {} pages of {} ({}); placing it on the CPU",
+                       executors[executor]->device().label(), cfg.layers, cfg.heads_kv, cfg.head_dim,
+                       dtype_name(cfg.dtype), cfg.page_size, servable.message());
+          executor = i;
+          servable = Status::Ok();
+          break;
+        }
+    }
+    if (!servable.ok()) return invalid_argument("config: " + executors[executor]->device().label() + " cannot serve it: " + servable.message());
+    return config_.kv_caches->create(cfg, req->ttl_ms(), executor);
+  }();
+  if (created.ok()) {
+    describe(**created, false, resp->mutable_cache());
+    spdlog::info("kv cache {} created on {}: {} bytes", (*created)->handle(), (*created)->owner().device().label(),
+                 (*created)->bytes());
+  }
+  finish(reactor, ctx, op, "", created.status(), nullptr, 0, 0);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* AttnService::DescribeKvCache(grpc::CallbackServerContext* ctx,
+                                                       const v1::DescribeKvCacheRequest* req,
+                                                       v1::DescribeKvCacheResponse* resp) {
+  const char* op = "describe_kv_cache";
+  if (auto* refused = refuse_unauthenticated(ctx, op, 0)) return refused;
+  auto* reactor = ctx->DefaultReactor();
+  auto c = find_cache(req->handle(), "handle");
+  if (c.ok()) describe(**c, true, resp->mutable_cache());
+  finish(reactor, ctx, op, "", c.status(), nullptr, 0, 0);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* AttnService::ListKvCaches(grpc::CallbackServerContext* ctx, const v1::ListKvCachesRequest*,
+                                                    v1::ListKvCachesResponse* resp) {
+  const char* op = "list_kv_caches";
+  if (auto* refused = refuse_unauthenticated(ctx, op, 0)) return refused;
+  auto* reactor = ctx->DefaultReactor();
+  if (config_.kv_caches)
+    for (const auto& l : config_.kv_caches->list()) {
+      v1::KvCacheInfo* info = resp->add_caches();
+      describe(*l.cache, false, info);
+      info->set_expires_unix_ms(unix_ms(l.expires));
+    }
+  if (config_.store) {
+    resp->set_used_bytes(static_cast<std::int64_t>(config_.store->used_bytes()));
+    resp->set_quota_bytes(static_cast<std::int64_t>(config_.store->quota_bytes()));
+  }
+  finish(reactor, ctx, op, "", Status::Ok(), nullptr, 0, 0);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* AttnService::DeleteKvCache(grpc::CallbackServerContext* ctx,
+                                                     const v1::DeleteKvCacheRequest* req,
+                                                     v1::DeleteKvCacheResponse* resp) {
+  const char* op = "delete_kv_cache";
+  if (auto* refused = refuse_unauthenticated(ctx, op, 0)) return refused;
+  auto* reactor = ctx->DefaultReactor();
+  Result<std::size_t> freed = config_.kv_caches ? config_.kv_caches->erase(req->handle())
+                                                : Result<std::size_t>(failed_precondition("DeleteKvCache: this server keeps no KV caches"));
+  if (freed.ok()) resp->set_freed_bytes(static_cast<std::int64_t>(*freed));
+  finish(reactor, ctx, op, "", freed.status(), nullptr, 0, 0);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* AttnService::ReleaseSequences(grpc::CallbackServerContext* ctx,
+                                                        const v1::ReleaseSequencesRequest* req,
+                                                        v1::ReleaseSequencesResponse* resp) {
+  const char* op = "release_sequences";
+  if (auto* refused = refuse_unauthenticated(ctx, op, 0)) return refused;
+  auto* reactor = ctx->DefaultReactor();
+  auto c = find_cache(req->cache(), "cache");
+  Status valid = c.status();
+  if (valid.ok()) valid = check_ids(req->sequence_ids());
+  if (!valid.ok()) {
+    finish(reactor, ctx, op, "", valid, nullptr, 0, 0);
+    return reactor;
+  }
+  std::shared_ptr<KvCache> cache = std::move(c).value();
+  submit(ctx, reactor, op, "", 0, placement_of(*cache), [=, this](Executor&, std::int64_t) {
+    auto freed = cache->release({req->sequence_ids().begin(), req->sequence_ids().end()});
+    if (freed.ok()) resp->set_freed_pages(*freed);
+    finish(reactor, ctx, op, "", freed.status(), nullptr, 0, 0);
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* AttnService::ForkSequence(grpc::CallbackServerContext* ctx,
+                                                    const v1::ForkSequenceRequest* req,
+                                                    v1::ForkSequenceResponse* resp) {
+  const char* op = "fork_sequence";
+  if (auto* refused = refuse_unauthenticated(ctx, op, 0)) return refused;
+  auto* reactor = ctx->DefaultReactor();
+  auto c = find_cache(req->cache(), "cache");
+  if (!c.ok()) {
+    finish(reactor, ctx, op, "", c.status(), nullptr, 0, 0);
+    return reactor;
+  }
+  std::shared_ptr<KvCache> cache = std::move(c).value();
+  submit(ctx, reactor, op, "", 0, placement_of(*cache), [=, this](Executor& executor, std::int64_t) {
+    KvSequenceSummary s;
+    auto copied = cache->fork(req->source_id(), req->new_id(), &s);
+    if (copied.ok()) {
+      fill_sequence(s, resp->mutable_sequence());
+      resp->set_copied_pages(*copied);
+    }
+    device_faulted(executor, op, copied.status());
+    finish(reactor, ctx, op, "", copied.status(), nullptr, 0, 0);
+  });
+  return reactor;
+}
+
+// Decode and Prefill: one generic path. `fresh` is each sequence's new-token count.
+template <class Args, class Request, class Response>
+grpc::ServerUnaryReactor* AttnService::serve_kv(grpc::CallbackServerContext* ctx, const Request* req, Response* resp,
+                                                std::vector<std::int64_t> fresh, bool create_missing) {
+  const char* op = OpDesc<Args>::kName;
+  const auto start = Clock::now();
+  const std::size_t bytes_in = req->ByteSizeLong();
+  if (auto* refused = refuse_unauthenticated(ctx, op, bytes_in)) return refused;
+  auto* reactor = ctx->DefaultReactor();
+
+  struct Call {
+    std::shared_ptr<KvCache> cache;
+    std::vector<wire::DecodedTensor> inputs;
+    Args args;
+    const Variant<Args>* variant = nullptr;
+  };
+  auto call = std::make_shared<Call>();
+  auto prepared = [&]() -> Status {
+    ATTN_ASSIGN_OR_RETURN(cache, find_cache(req->cache(), "cache"));
+    call->cache = cache;
+    ATTN_RETURN_IF_ERROR(check_layer(*cache, req->layer()));
+    ATTN_RETURN_IF_ERROR(check_ids(req->sequence_ids()));
+    std::int64_t rows = 0;
+    for (auto f : fresh) rows += f;
+    ATTN_ASSIGN_OR_RETURN(q, kv_input(req->q(), req->has_q(), "q", *cache, rows, 0, decode_.limits));
+    const char* k_field = std::is_same_v<Args, PagedDecodeArgs> ? "k_new" : "k";
+    const char* v_field = std::is_same_v<Args, PagedDecodeArgs> ? "v_new" : "v";
+    const auto& k_msg = [&]() -> const v1::Tensor& {
+      if constexpr (std::is_same_v<Args, PagedDecodeArgs>) return req->k_new(); else return req->k();
+    }();
+    const auto& v_msg = [&]() -> const v1::Tensor& {
+      if constexpr (std::is_same_v<Args, PagedDecodeArgs>) return req->v_new(); else return req->v();
+    }();
+    const bool has_k = [&] {
+      if constexpr (std::is_same_v<Args, PagedDecodeArgs>) return req->has_k_new(); else return req->has_k();
+    }();
+    const bool has_v = [&] {
+      if constexpr (std::is_same_v<Args, PagedDecodeArgs>) return req->has_v_new(); else return req->has_v();
+    }();
+    const std::int64_t hkv = cache->config().heads_kv;
+    ATTN_ASSIGN_OR_RETURN(k, kv_input(k_msg, has_k, k_field, *cache, rows, hkv, decode_.limits));
+    ATTN_ASSIGN_OR_RETURN(v, kv_input(v_msg, has_v, v_field, *cache, rows, hkv, decode_.limits));
+    if (!std::isfinite(req->scale())) {
+      return invalid_argument("scale: expected a finite number (0 for 1/sqrt(D)), got " + std::to_string(req->scale()));
+    }
+    Args& a = call->args;
+    a.q = q.view;
+    a.k_new = k.view;
+    a.v_new = v.view;
+    a.cache = cache->layer(req->layer());
+    a.scale = resolve_attention_scale(req->scale(), cache->config().head_dim);
+    placeholder_sequences(a.seqs, static_cast<std::int64_t>(fresh.size()));
+    if constexpr (std::is_same_v<Args, PagedPrefillArgs>) {
+      a.causal = !req->non_causal();
+      a.q_indptr = {DType::kInt32, {static_cast<std::int64_t>(fresh.size()) + 1}, nullptr, MemoryKind::kHost};
+      a.max_new_tokens = *std::max_element(fresh.begin(), fresh.end());
+    }
+    a.o = wire::prepare_output(cache->config().dtype, q.view.shape, resp->mutable_o());
+    if (req->return_lse()) a.lse = wire::prepare_output(DType::kFloat32, {rows, q.view.dim(1)}, resp->mutable_lse());
+    ATTN_ASSIGN_OR_RETURN(variant, registry_.of<Args>().select(a, req->kernel(), cache->owner().target()));
+    call->variant = variant;
+    call->inputs.push_back(std::move(q));
+    call->inputs.push_back(std::move(k));
+    call->inputs.push_back(std::move(v));
+    return Status::Ok();
+  }();
+  if (!prepared.ok()) {
+    finish(reactor, ctx, op, "", prepared, nullptr, bytes_in, 0);
+    return reactor;
+  }
+  const VariantInfo* variant = &call->variant->info;
+  Placement placement = placement_of(*call->cache);
+  placement.inline_when_idle = variant->backend == Backend::kCpu && tiny(cost_of(call->args));
+  const bool return_values = req->return_values();
+  std::vector<std::string> ids(req->sequence_ids().begin(), req->sequence_ids().end());
+  const int layer = req->layer();
+  submit(ctx, reactor, op, variant->name, bytes_in, placement,
+         [=, this, fresh = std::move(fresh), ids = std::move(ids)](Executor& executor, std::int64_t queue_ns) {
+           Args& a = call->args;
+           auto pending = call->cache->plan_append(layer, ids, fresh, create_missing);
+           if (!pending.ok()) {
+             finish(reactor, ctx, op, variant->name, pending.status(), nullptr, bytes_in, 0);
+             return;
+           }
+           if constexpr (std::is_same_v<Args, PagedPrefillArgs>) {
+             pending->plan.bind(a);
+           } else {
+             pending->plan.bind(a.seqs);
+           }
+           ExecTimings t;
+           const Status status = executor.execute(make_call(*call->variant, a), t);
+           if (!status.ok()) {
+             call->cache->abort(*pending);
+             device_faulted(executor, variant->name, status);
+             finish(reactor, ctx, op, variant->name, status, nullptr, bytes_in, 0);
+             return;
+           }
+           call->cache->commit(*pending);
+           for (auto len : pending->new_lengths) resp->add_lengths(len);
+           if (return_values) {
+             wire::convert_to_values(resp->mutable_o());
+             if (resp->has_lse()) wire::convert_to_values(resp->mutable_lse());
+           }
+           const OpCost cost = cost_of(a);
+           v1::Timings* timings = resp->mutable_timings();
+           timings->set_kernel(variant->name);
+           timings->set_device(executor.device().label());
+           timings->set_queue_ns(queue_ns);
+           timings->set_h2d_ns(t.h2d_ns);
+           timings->set_kernel_ns(t.kernel_ns);
+           timings->set_d2h_ns(t.d2h_ns);
+           timings->set_flops(cost.flops);
+           timings->set_bytes(cost.bytes);
+           timings->set_total_ns(std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start).count());
+           finish(reactor, ctx, op, variant->name, Status::Ok(), timings, bytes_in, resp->ByteSizeLong());
+         });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* AttnService::Decode(grpc::CallbackServerContext* ctx, const v1::DecodeRequest* req,
+                                              v1::DecodeResponse* resp) {
+  return serve_kv<PagedDecodeArgs>(ctx, req, resp, std::vector<std::int64_t>(static_cast<std::size_t>(req->sequence_ids_size()), 1),
+                                   false);
+}
+
+grpc::ServerUnaryReactor* AttnService::Prefill(grpc::CallbackServerContext* ctx, const v1::PrefillRequest* req,
+                                               v1::PrefillResponse* resp) {
+  std::vector<std::int64_t> fresh(req->lens().begin(), req->lens().end());
+  Status valid = Status::Ok();
+  if (fresh.size() != static_cast<std::size_t>(req->sequence_ids_size())) {
+    valid = invalid_argument("lens: expected one count per sequence (" + str(req->sequence_ids_size()) + "), got " +
+                             str(static_cast<std::int64_t>(fresh.size())));
+  }
+  std::int64_t total = 0;
+  for (std::size_t i = 0; i < fresh.size() && valid.ok(); ++i) {
+    if (fresh[i] < 1 || fresh[i] > std::numeric_limits<std::int32_t>::max()) {
+      valid = invalid_argument("lens[" + str(static_cast<std::int64_t>(i)) + "]: expected 1..2^31-1 new tokens, got " +
+                               str(fresh[i]));
+    }
+    total += fresh[i];
+    if (total > std::numeric_limits<std::int32_t>::max()) valid = invalid_argument("lens: expected a sum below 2^31");
+  }
+  if (!valid.ok()) {
+    if (auto* refused = refuse_unauthenticated(ctx, "paged_prefill", req->ByteSizeLong())) return refused;
+    auto* reactor = ctx->DefaultReactor();
+    finish(reactor, ctx, "paged_prefill", "", valid, nullptr, req->ByteSizeLong(), 0);
+    return reactor;
+  }
+  return serve_kv<PagedPrefillArgs>(ctx, req, resp, std::move(fresh), true);
+}
+
+// The header, then K's bytes and V's, from a copy gathered on the cache's worker (in order with
+// the cache's other calls).
+class ReadKvReactor final : public grpc::ServerWriteReactor<v1::ReadKvResponse> {
+ public:
+  ReadKvReactor(AttnService& service, grpc::CallbackServerContext* ctx, std::shared_ptr<KvCache> cache,
+                const v1::ReadKvRequest& req, std::size_t chunk_bytes)
+      : cache_(std::move(cache)), chunk_bytes_(chunk_bytes) {
+    Scheduler::Job job;
+    job.abandoned = [ctx] {
+      return ctx->IsCancelled() ? cancelled("the caller cancelled the call while it waited in the queue") : Status::Ok();
+    };
+    job.drop = [this](const Status& why) { Finish(wire::to_grpc(why)); };
+    job.run = [this, id = req.sequence_id(), layer = req.layer()](Executor&, std::int64_t) {
+      Shape shape;
+      const Status s = cache_->read(id, layer, &shape, &k_, &v_);
+      if (!s.ok()) return Finish(wire::to_grpc(s));
+      v1::ReadKvHeader* h = msg_.mutable_header();
+      h->set_dtype(wire::to_proto(cache_->config().dtype));
+      h->mutable_shape()->Assign(shape.begin(), shape.end());
+      StartWrite(&msg_);
+    };
+    const Status queued = service.scheduler_.submit(service.placement_of(*cache_), std::move(job));
+    if (!queued.ok()) Finish(wire::to_grpc(queued));
+  }
+  void OnWriteDone(bool ok) override {
+    if (!ok) return Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the client went away"));
+    const std::size_t total = k_.size() + v_.size();
+    if (sent_ == total) return Finish(grpc::Status::OK);
+    // A chunk never straddles K and V.
+    const bool in_k = sent_ < k_.size();
+    const std::vector<unsigned char>& src = in_k ? k_ : v_;
+    const std::size_t at = in_k ? sent_ : sent_ - k_.size();
+    const std::size_t n = std::min(chunk_bytes_, src.size() - at);
+    msg_.set_chunk(src.data() + at, n);
+    sent_ += n;
+    StartWrite(&msg_);
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  std::shared_ptr<KvCache> cache_;
+  std::size_t chunk_bytes_;
+  std::vector<unsigned char> k_, v_;
+  std::size_t sent_ = 0;
+  v1::ReadKvResponse msg_;
+};
+
+grpc::ServerWriteReactor<v1::ReadKvResponse>* AttnService::ReadKv(grpc::CallbackServerContext* ctx,
+                                                                  const v1::ReadKvRequest* req) {
+  using Base = grpc::ServerWriteReactor<v1::ReadKvResponse>;
+  if (Status s = token_.check(*ctx); !s.ok()) return new Refused<Base>(s);
+  if (req->chunk_bytes() < 0 || req->chunk_bytes() > config_.max_message_bytes / 2) {
+    return new Refused<Base>(invalid_argument("chunk_bytes: expected 0 (1 MiB) to " +
+                                              str(config_.max_message_bytes / 2) + ", got " + str(req->chunk_bytes())));
+  }
+  auto c = find_cache(req->cache(), "cache");
+  if (!c.ok()) return new Refused<Base>(c.status());
+  if (Status s = check_layer(**c, req->layer()); !s.ok()) return new Refused<Base>(s);
+  const std::size_t chunk = req->chunk_bytes() == 0 ? std::size_t{1} << 20 : static_cast<std::size_t>(req->chunk_bytes());
+  return new ReadKvReactor(*this, ctx, std::move(c).value(), *req, chunk);
+}
+
+}  // namespace attn::server

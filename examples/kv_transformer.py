@@ -91,10 +91,16 @@ def silu(x):
 class ServedAttention:
     """Attention through attnd: one KV cache holds every layer of every sequence."""
 
-    def __init__(self, client, cfg: Config, capacity_tokens: int, dtype="float32"):
+    PAGE_SIZE = 16
+
+    def __init__(self, client, cfg: Config, max_lengths, dtype="float32"):
+        """max_lengths: the most tokens each sequence will hold. Each sequence fills whole pages of
+        its own, so the capacity is counted per sequence, in pages."""
         self.client, self.dtype = client, dtype
+        pages = sum(-(-n // self.PAGE_SIZE) for n in max_lengths)
         self.info = client.create_kv_cache(layers=cfg.layers, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim,
-                                           capacity_tokens=capacity_tokens, dtype=dtype, page_size=16)
+                                           capacity_tokens=pages * self.PAGE_SIZE, dtype=dtype,
+                                           page_size=self.PAGE_SIZE)
         self.cache = self.info.handle
         self.kernel_ns = 0
         self.calls = 0
@@ -253,8 +259,7 @@ def main(argv=None):
     weights = random_weights(cfg, args.seed)
     prompts = make_prompts(cfg, lengths, args.seed)
     with Client(args.server, timeout=60) as client:
-        attention = ServedAttention(client, cfg, capacity_tokens=sum(lengths) + len(lengths) * args.steps,
-                                    dtype=args.dtype)
+        attention = ServedAttention(client, cfg, [n + args.steps for n in lengths], dtype=args.dtype)
         try:
             start = time.perf_counter()
             served = Model(cfg, weights.astype(np.float32), attention).generate(prompts, args.steps)

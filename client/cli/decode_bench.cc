@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <random>
 #include <sstream>
@@ -226,6 +227,7 @@ int run_decode_bench(const DecodeBenchOptions& o, Client& client) {
   const std::int64_t cache_bytes = described.ok() ? described->bytes() : info->bytes();
 
   std::ostringstream json;
+  json.precision(10);
   json << "{\"cache\": \"" << cache << "\", \"replica\": \"" << info->replica() << "\", \"device\": \""
        << info->device() << "\", \"kernel\": \"" << kernel_name << "\", \"dtype\": \"" << o.dtype
        << "\", \"seqs\": " << o.seqs << ", \"context\": \"" << o.context << "\", \"prompt_tokens\": " << prompt_tokens

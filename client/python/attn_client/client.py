@@ -3,6 +3,8 @@
 from dataclasses import dataclass
 from typing import Optional
 
+import threading
+
 import grpc
 import numpy as np
 
@@ -28,6 +30,15 @@ _SERVICE_CONFIG = """{"methodConfig": [{
 
 _DTYPES = {"float32": attn_pb2.D_TYPE_FLOAT32, "float16": attn_pb2.D_TYPE_FLOAT16,
            "bfloat16": attn_pb2.D_TYPE_BFLOAT16}
+_DTYPE_ALIASES = {"f32": "float32", "fp32": "float32", "f16": "float16", "fp16": "float16", "half": "float16",
+                  "bf16": "bfloat16"}
+
+
+def _sequence_ids(ids) -> list:
+    """A list of sequence ids; a lone string would otherwise become one id per character."""
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(f"sequence_ids: expected a list of ids, got the string {ids!r}")
+    return list(ids)
 
 
 class AttnError(Exception):
@@ -133,6 +144,7 @@ class Client:
         self._replica_of = {}  # handle -> replica address
         self._pinned = set()  # handles placed by set_kv_cache_replica
         self._replica_channels = {}  # address -> (channel, stub)
+        self._replica_lock = threading.Lock()  # one channel per address, whichever thread asks first
         token = token if token is not None else os.environ.get("ATTN_TOKEN", "").strip()
         self._metadata = [("authorization", f"Bearer {token}")] if token else []
         self._timeout = timeout
@@ -288,13 +300,14 @@ class Client:
     def _stub_for_replica(self, replica: str):
         if not replica or replica == self._target:
             return self._stub
-        if replica not in self._replica_channels:
-            if self._creds is not None:
-                channel = grpc.secure_channel(replica, self._creds, self._replica_options)
-            else:
-                channel = grpc.insecure_channel(replica, self._replica_options)
-            self._replica_channels[replica] = (channel, attn_pb2_grpc.AttnServiceStub(channel))
-        return self._replica_channels[replica][1]
+        with self._replica_lock:
+            if replica not in self._replica_channels:
+                if self._creds is not None:
+                    channel = grpc.secure_channel(replica, self._creds, self._replica_options)
+                else:
+                    channel = grpc.insecure_channel(replica, self._replica_options)
+                self._replica_channels[replica] = (channel, attn_pb2_grpc.AttnServiceStub(channel))
+            return self._replica_channels[replica][1]
 
     def _kv_stub(self, cache: str):
         return self._stub_for_replica(self._replica_of.get(cache, ""))
@@ -302,9 +315,10 @@ class Client:
     def create_kv_cache(self, *, layers: int, kv_heads: int, head_dim: int, capacity_tokens: int,
                         dtype="float32", page_size=0, ttl_ms=0, device="") -> attn_pb2.KvCacheInfo:
         """A paged K/V store for `layers` layers of `kv_heads` heads of `head_dim`, holding
-        `capacity_tokens` tokens over all its sequences; dtype "float32", "float16" or "bfloat16".
+        `capacity_tokens` tokens over all its sequences (each sequence fills whole pages of its
+        own); dtype "float32", "float16" or "bfloat16" (or a numpy dtype).
         Returns its KvCacheInfo (`.handle`, `.replica`, `.pages_total`, ...)."""
-        name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+        name = np.dtype(dtype).name if not isinstance(dtype, str) else _DTYPE_ALIASES.get(dtype, dtype)
         if name not in _DTYPES:
             raise ValueError(f"dtype: expected float32, float16 or bfloat16, got {dtype!r}")
         config = attn_pb2.KvCacheConfig(layers=layers, kv_heads=kv_heads, head_dim=head_dim,
@@ -340,7 +354,7 @@ class Client:
 
     def release_sequences(self, cache: str, sequence_ids) -> int:
         """Frees the sequences' pages; returns the pages returned to the free list."""
-        req = attn_pb2.ReleaseSequencesRequest(cache=cache, sequence_ids=list(sequence_ids))
+        req = attn_pb2.ReleaseSequencesRequest(cache=cache, sequence_ids=_sequence_ids(sequence_ids))
         return self._call(self._kv_stub(cache).ReleaseSequences, req).freed_pages
 
     def fork_sequence(self, cache: str, source_id: str, new_id: str) -> attn_pb2.ForkSequenceResponse:
@@ -352,7 +366,7 @@ class Client:
                return_lse=False, kernel="") -> KvResult:
         """One token per sequence at one layer: appends k_new/v_new [n, Hkv, D], then attends
         q [n, Hq, D] over each sequence's whole cache. Arrays in the cache's dtype."""
-        req = attn_pb2.DecodeRequest(cache=cache, layer=layer, sequence_ids=list(sequence_ids),
+        req = attn_pb2.DecodeRequest(cache=cache, layer=layer, sequence_ids=_sequence_ids(sequence_ids),
                                      q=encode(q), k_new=encode(k_new), v_new=encode(v_new),
                                      scale=scale, return_lse=return_lse, kernel=kernel)
         resp = self._call(self._kv_stub(cache).Decode, req)
@@ -364,7 +378,7 @@ class Client:
         """lens[i] new tokens of sequence i (packed: q [sum(lens), Hq, D], k/v [sum(lens), Hkv,
         D]) appended at one layer, with causal attention over each sequence's cache; unknown ids
         are created."""
-        req = attn_pb2.PrefillRequest(cache=cache, layer=layer, sequence_ids=list(sequence_ids),
+        req = attn_pb2.PrefillRequest(cache=cache, layer=layer, sequence_ids=_sequence_ids(sequence_ids),
                                       lens=[int(n) for n in lens], q=encode(q), k=encode(k),
                                       v=encode(v), non_causal=non_causal, scale=scale,
                                       return_lse=return_lse, kernel=kernel)

@@ -228,6 +228,8 @@ def test_errors_name_the_problem_and_change_nothing(server, rng):
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         with pytest.raises(ValueError):
             c.create_kv_cache(layers=1, kv_heads=1, head_dim=8, capacity_tokens=8, dtype="int8")
+        with pytest.raises(TypeError):  # one id per character is never what was meant
+            c.decode(h, 0, "a", *one)
         # None of the failed calls touched the cache.
         described = c.describe_kv_cache(h)
         assert {s.id: list(s.lengths) for s in described.sequences} == {"a": [4, 0]}

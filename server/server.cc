@@ -156,6 +156,12 @@ Status check_options(const ServerOptions& options) {
                             std::to_string(options.max_message_mb));
   }
   if (options.queue_depth < 1) return invalid_argument("--queue-depth: expected >= 1, got 0");
+  if (options.batch_window_us < 0 || options.batch_window_us > 1000000) {
+    return invalid_argument("--batch-window-us: expected 0 (off) to 1000000, got " + std::to_string(options.batch_window_us));
+  }
+  if (options.max_batch_calls < 1 || options.max_batch_calls > 1024) {
+    return invalid_argument("--max-batch-calls: expected 1..1024, got " + std::to_string(options.max_batch_calls));
+  }
   if (options.streams_per_device < 1 || options.streams_per_device > 8) {
     return invalid_argument("--streams-per-device: expected 1..8, got " + std::to_string(options.streams_per_device));
   }
@@ -229,7 +235,10 @@ Result<std::unique_ptr<Server>> Server::start(const ServerOptions& options) {
   s->options_ = options;
   s->backend_ = backend_name(executors.front()->target().backend);
   announce_and_warm_up(executors);
-  s->scheduler_ = std::make_unique<Scheduler>(std::move(executors), options.queue_depth);
+  BatchingOptions batching;
+  batching.window = std::chrono::microseconds(options.batch_window_us);
+  batching.max_calls = static_cast<std::size_t>(options.max_batch_calls);
+  s->scheduler_ = std::make_unique<Scheduler>(std::move(executors), options.queue_depth, batching);
   s->store_ = make_store(options, *s->scheduler_);
   {
     std::vector<Executor*> devices;

@@ -13,9 +13,9 @@ std::int64_t ns_since(Clock::time_point t) {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t).count();
 }
 
+}  // namespace
 
-// Why a queued call need not run any more, or OK.
-Status abandoned(grpc::CallbackServerContext* ctx) {
+Status call_abandoned(grpc::CallbackServerContext* ctx) {
   // gRPC cancels a call whose deadline passed, so the deadline is looked at first.
   if (ctx->deadline() < std::chrono::system_clock::now()) {
     return deadline_exceeded("the call's deadline passed while it waited in the queue");
@@ -23,8 +23,6 @@ Status abandoned(grpc::CallbackServerContext* ctx) {
   if (ctx->IsCancelled()) return cancelled("the caller cancelled the call while it waited in the queue");
   return Status::Ok();
 }
-
-}  // namespace
 
 bool known_op(const std::string& name) {
   bool known = false;
@@ -100,7 +98,7 @@ void AttnService::submit(grpc::CallbackServerContext* ctx, grpc::ServerUnaryReac
                          const std::string& variant, std::size_t bytes_in, const Placement& placement,
                          std::function<void(Executor&, std::int64_t queue_ns)> run) {
   Scheduler::Job job;
-  job.abandoned = [ctx] { return abandoned(ctx); };
+  job.abandoned = [ctx] { return call_abandoned(ctx); };
   job.drop = [=, this](const Status& why) { finish(reactor, ctx, op, variant, why, nullptr, bytes_in, 0); };
   job.run = std::move(run);
   const Status queued = scheduler_.submit(placement, std::move(job));

@@ -37,6 +37,12 @@ std::string op_names();
 bool known_any_op(const std::string& name);
 std::string any_op_names();
 
+// Why a queued call need not run any more (its deadline passed, its caller cancelled), or OK.
+Status call_abandoned(grpc::CallbackServerContext* ctx);
+
+template <class Args, class Response>
+class KvCall;
+
 // The kernel name that injects a device fault when the server allows it.
 inline constexpr const char* kFaultInjectionKernel = "fault_injection/trap";
 
@@ -124,6 +130,8 @@ class AttnService final : public v1::AttnService::CallbackService {
   friend class PutTensorReactor;
   friend class GetTensorReactor;
   friend class ReadKvReactor;
+  template <class Args, class Response>
+  friend class KvCall;
   void finish(grpc::ServerUnaryReactor* reactor, grpc::CallbackServerContext* ctx, const char* op,
               const std::string& variant, const Status& status, const v1::Timings* timings,
               std::size_t bytes_in, std::size_t bytes_out);

@@ -4,7 +4,10 @@
 // in arrival order and calls on different caches run freely.
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstring>
 #include <set>
 
 #include "attn_service.h"
@@ -297,48 +300,225 @@ grpc::ServerUnaryReactor* AttnService::ForkSequence(grpc::CallbackServerContext*
   return reactor;
 }
 
-// Decode and Prefill: one generic path. `fresh` is each sequence's new-token count.
+// One Decode or Prefill call, from its checks to its response; a BatchMember, so that calls on
+// the same cache and layer waiting together share one launch.
+template <class Args, class Response>
+class KvCall final : public BatchMember {
+ public:
+  AttnService* service = nullptr;
+  grpc::CallbackServerContext* ctx = nullptr;
+  grpc::ServerUnaryReactor* reactor = nullptr;
+  Response* resp = nullptr;
+  Clock::time_point start;
+  std::size_t bytes_in = 0;
+  bool return_values = false, create_missing = false;
+  std::shared_ptr<KvCache> cache;
+  int layer = 0;
+  std::vector<std::string> ids;
+  std::vector<std::int64_t> fresh;
+  std::vector<wire::DecodedTensor> inputs;
+  Args args;
+  const Variant<Args>* variant = nullptr;
+  std::string key;
+
+  const char* op() const { return OpDesc<Args>::kName; }
+  // Finishes the call with an error (a refusal, a drop from the queue).
+  void fail(const Status& s) {
+    service->finish(reactor, ctx, op(), variant ? variant->info.name : "", s, nullptr, bytes_in, 0);
+  }
+  const std::string& batch_key() const override { return key; }
+
+  bool joins(const std::vector<const BatchMember*>& batch) const override {
+    for (const BatchMember* m : batch)
+      for (const std::string& id : static_cast<const KvCall*>(m)->ids)
+        if (std::find(ids.begin(), ids.end(), id) != ids.end()) return false;  // must see the other's append
+    return true;
+  }
+
+  // Alone: plan, run, commit.
+  void run_alone(Executor& executor, std::int64_t queue_ns) {
+    auto pending = plan();
+    if (!pending.ok()) return fail(pending.status());
+    bind(*pending, args);
+    ExecTimings t;
+    const Status status = executor.execute(make_call(*variant, args), t);
+    if (!status.ok()) {
+      cache->abort(*pending);
+      return failed_to_run(executor, status);
+    }
+    cache->commit(*pending);
+    succeed(executor, *pending, t, queue_ns, 1);
+  }
+
+  // Together: each member planned (one that cannot be, fails alone), their rows packed into one
+  // call, run once, the rows handed back.
+  void run_together(Executor& executor, const std::vector<Merged>& members) override {
+    std::vector<KvCall*> live;
+    std::vector<std::int64_t> waits;
+    std::vector<KvCache::PendingAppend> plans;
+    for (const Merged& m : members) {
+      auto* call = static_cast<KvCall*>(m.member);
+      auto p = call->plan();
+      if (!p.ok()) {
+        call->fail(p.status());
+        continue;
+      }
+      live.push_back(call);
+      waits.push_back(m.queue_ns);
+      plans.push_back(std::move(p).value());
+    }
+    if (live.empty()) return;
+    if (live.size() == 1) {  // the others failed: run it as it would have run alone
+      KvCall& c = *live.front();
+      c.bind(plans.front(), c.args);
+      ExecTimings t;
+      const Status status = executor.execute(make_call(*c.variant, c.args), t);
+      if (!status.ok()) {
+        c.cache->abort(plans.front());
+        return c.failed_to_run(executor, status);
+      }
+      c.cache->commit(plans.front());
+      return c.succeed(executor, plans.front(), t, waits.front(), 1);
+    }
+    // The union: rows of every member in order, one plan over all their sequences.
+    const Args& first = live.front()->args;
+    std::int64_t rows = 0;
+    for (KvCall* c : live) rows += c->args.q.dim(0);
+    const std::int64_t hq = first.q.dim(1), hkv = first.k_new.dim(1), d = first.q.dim(2);
+    const DType dt = first.q.dtype;
+    Tensor q(dt, {rows, hq, d}), k(dt, {rows, hkv, d}), v(dt, {rows, hkv, d}), o(dt, {rows, hq, d});
+    Tensor lse = first.lse.empty() ? Tensor() : Tensor(DType::kFloat32, {rows, hq});
+    PagedPlan merged{{0}, {}, {}, {0}};
+    std::size_t q_at = 0, kv_at = 0;
+    for (std::size_t i = 0; i < live.size(); ++i) {
+      const Args& a = live[i]->args;
+      std::memcpy(static_cast<char*>(q.data()) + q_at, a.q.data, a.q.bytes());
+      std::memcpy(static_cast<char*>(k.data()) + kv_at, a.k_new.data, a.k_new.bytes());
+      std::memcpy(static_cast<char*>(v.data()) + kv_at, a.v_new.data, a.v_new.bytes());
+      q_at += a.q.bytes();
+      kv_at += a.k_new.bytes();
+      const PagedPlan& p = plans[i].plan;
+      for (std::size_t s = 0; s + 1 < p.page_indptr.size(); ++s) {
+        merged.page_indptr.push_back(merged.page_indptr.back() + p.page_indptr[s + 1] - p.page_indptr[s]);
+        merged.q_indptr.push_back(merged.q_indptr.back() + p.q_indptr[s + 1] - p.q_indptr[s]);
+      }
+      merged.page_indices.insert(merged.page_indices.end(), p.page_indices.begin(), p.page_indices.end());
+      merged.seq_lens.insert(merged.seq_lens.end(), p.seq_lens.begin(), p.seq_lens.end());
+    }
+    Args all = first;
+    all.q = q.view();
+    all.k_new = k.view();
+    all.v_new = v.view();
+    all.o = o.view();
+    all.lse = lse.numel() > 0 && !first.lse.empty() ? lse.view() : TensorView{};
+    bind_plan(merged, all);
+    ExecTimings t;
+    const Status status = executor.execute(make_call(*variant, all), t);
+    if (!status.ok()) {
+      for (std::size_t i = live.size(); i-- > 0;) live[i]->cache->abort(plans[i]);
+      for (KvCall* c : live) c->failed_to_run(executor, status);
+      return;
+    }
+    if (service->config_.metrics) service->config_.metrics->record_batch(op(), live.size());
+    std::size_t o_at = 0, lse_at = 0;
+    for (std::size_t i = 0; i < live.size(); ++i) {
+      KvCall& c = *live[i];
+      c.cache->commit(plans[i]);
+      std::memcpy(c.args.o.data, static_cast<const char*>(o.data()) + o_at, c.args.o.bytes());
+      o_at += c.args.o.bytes();
+      if (!c.args.lse.empty()) {
+        std::memcpy(c.args.lse.data, static_cast<const char*>(lse.data()) + lse_at, c.args.lse.bytes());
+        lse_at += c.args.lse.bytes();
+      }
+      c.bind(plans[i], c.args);  // for its own cost
+      c.succeed(executor, plans[i], t, waits[i], static_cast<int>(live.size()));
+    }
+  }
+
+ private:
+  Result<KvCache::PendingAppend> plan() { return cache->plan_append(layer, ids, fresh, create_missing); }
+
+  static void bind_plan(const PagedPlan& plan, Args& a) {
+    if constexpr (std::is_same_v<Args, PagedPrefillArgs>) {
+      plan.bind(a);
+    } else {
+      plan.bind(a.seqs);
+    }
+  }
+  void bind(const KvCache::PendingAppend& p, Args& a) const { bind_plan(p.plan, a); }
+
+  void failed_to_run(Executor& executor, const Status& s) {
+    service->device_faulted(executor, variant->info.name, s);
+    fail(s);
+  }
+
+  void succeed(Executor& executor, const KvCache::PendingAppend& p, const ExecTimings& t, std::int64_t queue_ns,
+               int batched) {
+    for (auto len : p.new_lengths) resp->add_lengths(len);
+    if (return_values) {
+      wire::convert_to_values(resp->mutable_o());
+      if (resp->has_lse()) wire::convert_to_values(resp->mutable_lse());
+    }
+    const OpCost cost = cost_of(args);
+    v1::Timings* timings = resp->mutable_timings();
+    timings->set_kernel(variant->info.name);
+    timings->set_device(executor.device().label());
+    timings->set_queue_ns(queue_ns);
+    timings->set_h2d_ns(t.h2d_ns);
+    timings->set_kernel_ns(t.kernel_ns);
+    timings->set_d2h_ns(t.d2h_ns);
+    timings->set_flops(cost.flops);
+    timings->set_bytes(cost.bytes);
+    timings->set_batched_calls(batched);
+    timings->set_total_ns(std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start).count());
+    service->finish(reactor, ctx, op(), variant->info.name, Status::Ok(), timings, bytes_in, resp->ByteSizeLong());
+  }
+};
+
+// Decode and Prefill: checked on this thread, then queued on the cache's state. `fresh` is
+// each sequence's new-token count.
 template <class Args, class Request, class Response>
 grpc::ServerUnaryReactor* AttnService::serve_kv(grpc::CallbackServerContext* ctx, const Request* req, Response* resp,
                                                 std::vector<std::int64_t> fresh, bool create_missing) {
   const char* op = OpDesc<Args>::kName;
-  const auto start = Clock::now();
   const std::size_t bytes_in = req->ByteSizeLong();
   if (auto* refused = refuse_unauthenticated(ctx, op, bytes_in)) return refused;
-  auto* reactor = ctx->DefaultReactor();
-
-  struct Call {
-    std::shared_ptr<KvCache> cache;
-    std::vector<wire::DecodedTensor> inputs;
-    Args args;
-    const Variant<Args>* variant = nullptr;
-  };
-  auto call = std::make_shared<Call>();
+  auto call = std::make_shared<KvCall<Args, Response>>();
+  call->service = this;
+  call->ctx = ctx;
+  call->reactor = ctx->DefaultReactor();
+  call->resp = resp;
+  call->start = Clock::now();
+  call->bytes_in = bytes_in;
+  call->return_values = req->return_values();
+  call->create_missing = create_missing;
+  call->layer = req->layer();
+  call->ids.assign(req->sequence_ids().begin(), req->sequence_ids().end());
+  call->fresh = std::move(fresh);
   auto prepared = [&]() -> Status {
     ATTN_ASSIGN_OR_RETURN(cache, find_cache(req->cache(), "cache"));
     call->cache = cache;
     ATTN_RETURN_IF_ERROR(check_layer(*cache, req->layer()));
     ATTN_RETURN_IF_ERROR(check_ids(req->sequence_ids()));
     std::int64_t rows = 0;
-    for (auto f : fresh) rows += f;
+    for (auto f : call->fresh) rows += f;
     ATTN_ASSIGN_OR_RETURN(q, kv_input(req->q(), req->has_q(), "q", *cache, rows, 0, decode_.limits));
-    const char* k_field = std::is_same_v<Args, PagedDecodeArgs> ? "k_new" : "k";
-    const char* v_field = std::is_same_v<Args, PagedDecodeArgs> ? "v_new" : "v";
+    constexpr bool kDecode = std::is_same_v<Args, PagedDecodeArgs>;
     const auto& k_msg = [&]() -> const v1::Tensor& {
-      if constexpr (std::is_same_v<Args, PagedDecodeArgs>) return req->k_new(); else return req->k();
+      if constexpr (kDecode) return req->k_new(); else return req->k();
     }();
     const auto& v_msg = [&]() -> const v1::Tensor& {
-      if constexpr (std::is_same_v<Args, PagedDecodeArgs>) return req->v_new(); else return req->v();
+      if constexpr (kDecode) return req->v_new(); else return req->v();
     }();
     const bool has_k = [&] {
-      if constexpr (std::is_same_v<Args, PagedDecodeArgs>) return req->has_k_new(); else return req->has_k();
+      if constexpr (kDecode) return req->has_k_new(); else return req->has_k();
     }();
     const bool has_v = [&] {
-      if constexpr (std::is_same_v<Args, PagedDecodeArgs>) return req->has_v_new(); else return req->has_v();
+      if constexpr (kDecode) return req->has_v_new(); else return req->has_v();
     }();
     const std::int64_t hkv = cache->config().heads_kv;
-    ATTN_ASSIGN_OR_RETURN(k, kv_input(k_msg, has_k, k_field, *cache, rows, hkv, decode_.limits));
-    ATTN_ASSIGN_OR_RETURN(v, kv_input(v_msg, has_v, v_field, *cache, rows, hkv, decode_.limits));
+    ATTN_ASSIGN_OR_RETURN(k, kv_input(k_msg, has_k, kDecode ? "k_new" : "k", *cache, rows, hkv, decode_.limits));
+    ATTN_ASSIGN_OR_RETURN(v, kv_input(v_msg, has_v, kDecode ? "v_new" : "v", *cache, rows, hkv, decode_.limits));
     if (!std::isfinite(req->scale())) {
       return invalid_argument("scale: expected a finite number (0 for 1/sqrt(D)), got " + std::to_string(req->scale()));
     }
@@ -348,11 +528,12 @@ grpc::ServerUnaryReactor* AttnService::serve_kv(grpc::CallbackServerContext* ctx
     a.v_new = v.view;
     a.cache = cache->layer(req->layer());
     a.scale = resolve_attention_scale(req->scale(), cache->config().head_dim);
-    placeholder_sequences(a.seqs, static_cast<std::int64_t>(fresh.size()));
-    if constexpr (std::is_same_v<Args, PagedPrefillArgs>) {
-      a.causal = !req->non_causal();
-      a.q_indptr = {DType::kInt32, {static_cast<std::int64_t>(fresh.size()) + 1}, nullptr, MemoryKind::kHost};
-      a.max_new_tokens = *std::max_element(fresh.begin(), fresh.end());
+    placeholder_sequences(a.seqs, static_cast<std::int64_t>(call->fresh.size()));
+    bool causal = false;
+    if constexpr (!kDecode) {
+      causal = a.causal = !req->non_causal();
+      a.q_indptr = {DType::kInt32, {static_cast<std::int64_t>(call->fresh.size()) + 1}, nullptr, MemoryKind::kHost};
+      a.max_new_tokens = *std::max_element(call->fresh.begin(), call->fresh.end());
     }
     a.o = wire::prepare_output(cache->config().dtype, q.view.shape, resp->mutable_o());
     if (req->return_lse()) a.lse = wire::prepare_output(DType::kFloat32, {rows, q.view.dim(1)}, resp->mutable_lse());
@@ -361,59 +542,30 @@ grpc::ServerUnaryReactor* AttnService::serve_kv(grpc::CallbackServerContext* ctx
     call->inputs.push_back(std::move(q));
     call->inputs.push_back(std::move(k));
     call->inputs.push_back(std::move(v));
+    // Calls merge when one launch can serve them all: the same cache, layer, variant, query
+    // heads, scale, mask and outputs.
+    char key[256];
+    std::snprintf(key, sizeof key, "%s %p %d %s %lld %a %d %d", op, static_cast<const void*>(cache.get()), call->layer,
+                  variant->info.name.c_str(), static_cast<long long>(a.q.dim(1)), static_cast<double>(a.scale),
+                  causal ? 1 : 0, req->return_lse() ? 1 : 0);
+    call->key = key;
     return Status::Ok();
   }();
   if (!prepared.ok()) {
-    finish(reactor, ctx, op, "", prepared, nullptr, bytes_in, 0);
-    return reactor;
+    finish(call->reactor, ctx, op, "", prepared, nullptr, bytes_in, 0);
+    return call->reactor;
   }
   const VariantInfo* variant = &call->variant->info;
   Placement placement = placement_of(*call->cache);
   placement.inline_when_idle = variant->backend == Backend::kCpu && tiny(cost_of(call->args));
-  const bool return_values = req->return_values();
-  std::vector<std::string> ids(req->sequence_ids().begin(), req->sequence_ids().end());
-  const int layer = req->layer();
-  submit(ctx, reactor, op, variant->name, bytes_in, placement,
-         [=, this, fresh = std::move(fresh), ids = std::move(ids)](Executor& executor, std::int64_t queue_ns) {
-           Args& a = call->args;
-           auto pending = call->cache->plan_append(layer, ids, fresh, create_missing);
-           if (!pending.ok()) {
-             finish(reactor, ctx, op, variant->name, pending.status(), nullptr, bytes_in, 0);
-             return;
-           }
-           if constexpr (std::is_same_v<Args, PagedPrefillArgs>) {
-             pending->plan.bind(a);
-           } else {
-             pending->plan.bind(a.seqs);
-           }
-           ExecTimings t;
-           const Status status = executor.execute(make_call(*call->variant, a), t);
-           if (!status.ok()) {
-             call->cache->abort(*pending);
-             device_faulted(executor, variant->name, status);
-             finish(reactor, ctx, op, variant->name, status, nullptr, bytes_in, 0);
-             return;
-           }
-           call->cache->commit(*pending);
-           for (auto len : pending->new_lengths) resp->add_lengths(len);
-           if (return_values) {
-             wire::convert_to_values(resp->mutable_o());
-             if (resp->has_lse()) wire::convert_to_values(resp->mutable_lse());
-           }
-           const OpCost cost = cost_of(a);
-           v1::Timings* timings = resp->mutable_timings();
-           timings->set_kernel(variant->name);
-           timings->set_device(executor.device().label());
-           timings->set_queue_ns(queue_ns);
-           timings->set_h2d_ns(t.h2d_ns);
-           timings->set_kernel_ns(t.kernel_ns);
-           timings->set_d2h_ns(t.d2h_ns);
-           timings->set_flops(cost.flops);
-           timings->set_bytes(cost.bytes);
-           timings->set_total_ns(std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start).count());
-           finish(reactor, ctx, op, variant->name, Status::Ok(), timings, bytes_in, resp->ByteSizeLong());
-         });
-  return reactor;
+  Scheduler::Job job;
+  job.abandoned = [ctx] { return call_abandoned(ctx); };
+  job.drop = [call](const Status& why) { call->fail(why); };
+  job.run = [call](Executor& executor, std::int64_t queue_ns) { call->run_alone(executor, queue_ns); };
+  job.batch = call;
+  const Status queued = scheduler_.submit(placement, std::move(job));
+  if (!queued.ok()) call->fail(queued);
+  return call->reactor;
 }
 
 grpc::ServerUnaryReactor* AttnService::Decode(grpc::CallbackServerContext* ctx, const v1::DecodeRequest* req,

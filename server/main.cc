@@ -87,6 +87,12 @@ void add_flags(CLI::App& app, attn::server::ServerOptions& options, ProcessFlags
       ->capture_default_str();
   app.add_option("--tensor-max-ttl-s", options.tensor_max_ttl_s, "the longest life a client may ask for")
       ->capture_default_str();
+  app.add_option("--batch-window-us", options.batch_window_us,
+                 "dynamic batching: how long a Decode call may wait for others on its cache and layer to "
+                 "share one launch (only where that key had company before; 0: batching off)")
+      ->capture_default_str();
+  app.add_option("--max-batch-calls", options.max_batch_calls, "dynamic batching: the most calls one launch serves")
+      ->capture_default_str();
   app.add_option("--advertise-address", options.advertise_address,
                  "HOST:PORT clients of several replicas reach this one at; KV caches name it (default: "
                  "--listen's address, a wildcard host replaced by the host name)");

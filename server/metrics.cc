@@ -74,6 +74,16 @@ struct Metrics::Impl {
           .Name("attnd_latency_seconds")
           .Help("time per call by op and phase: queue, copy (host<->device), kernel, total")
           .Register(*registry);
+  prometheus::Family<prometheus::Counter>& merged =
+      prometheus::BuildCounter()
+          .Name("attnd_merged_launches_total")
+          .Help("kernel launches that served several calls together (dynamic batching), by op")
+          .Register(*registry);
+  prometheus::Family<prometheus::Histogram>& merged_calls =
+      prometheus::BuildHistogram()
+          .Name("attnd_merged_launch_calls")
+          .Help("calls served by one merged launch, by op")
+          .Register(*registry);
 };
 
 Metrics::Metrics(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -117,6 +127,12 @@ void Metrics::record(const std::string& op, const std::string& variant, grpc::St
   observe("copy", timings->h2d_ns() + timings->d2h_ns());
   observe("kernel", timings->kernel_ns());
   observe("total", timings->total_ns());
+}
+
+void Metrics::record_batch(const std::string& op, std::size_t calls) {
+  impl_->merged.Add({{"op", op}}).Increment();
+  impl_->merged_calls.Add({{"op", op}}, Histogram::BucketBoundaries{2, 4, 8, 16, 32, 64, 128})
+      .Observe(static_cast<double>(calls));
 }
 
 }  // namespace attn::server

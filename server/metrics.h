@@ -25,6 +25,8 @@ class Metrics {
   // One finished call. `timings` is null when the call failed before it ran.
   void record(const std::string& op, const std::string& variant, grpc::StatusCode code,
               const v1::Timings* timings, std::size_t bytes_in, std::size_t bytes_out);
+  // One launch that served `calls` calls of `op` together (dynamic batching).
+  void record_batch(const std::string& op, std::size_t calls);
 
  private:
   struct Impl;

@@ -1,6 +1,8 @@
 #include "scheduler.h"
 
 #include <chrono>
+#include <map>
+#include <string>
 
 namespace attn::server {
 
@@ -10,9 +12,11 @@ struct Scheduler::Worker {
   struct Entry {
     Job job;
     Clock::time_point enqueued;
+    StateKey state = nullptr;
   };
   using Dropped = std::vector<std::pair<Entry, Status>>;
 
+  Scheduler* owner = nullptr;
   Executor* executor = nullptr;
   mutable std::mutex mu;
   std::condition_variable cv;
@@ -20,32 +24,95 @@ struct Scheduler::Worker {
   std::size_t running = 0;
   bool stopping = false;
   std::thread thread;
+  // Batching: per key, whether its last launch had company (only then is it worth waiting for).
+  std::map<std::string, bool> had_company;
+  BatchStats stats;
 
   std::size_t load() const {
     std::lock_guard lock(mu);
     return queue.size() + running;
   }
 
+  static std::int64_t waited_ns(const Entry& e) {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - e.enqueued).count();
+  }
+
+  // Moves the queued jobs that may join the batch into `batch` (mu held): same key, joinable,
+  // still wanted. A job on the same state is passed over only when everything taken after it
+  // also joins it (commutes with it); a job of the state that is no member of the key stops the
+  // search, so nothing overtakes it.
+  void gather(std::vector<Entry>& batch, std::size_t max_calls) {
+    // By value: `batch` grows below.
+    const std::string key = batch.front().job.batch->batch_key();
+    const StateKey state = batch.front().state;
+    std::vector<const BatchMember*> members, passed;
+    for (const Entry& b : batch) members.push_back(b.job.batch.get());
+    for (auto it = queue.begin(); it != queue.end() && batch.size() < max_calls;) {
+      const BatchMember* m = it->job.batch.get();
+      const bool same_key = m && m->batch_key() == key;
+      const bool same_state = state && it->state == state;
+      if (same_key && m->joins(members) && m->joins(passed) && it->job.abandoned().ok()) {
+        members.push_back(m);
+        batch.push_back(std::move(*it));
+        it = queue.erase(it);
+      } else if (same_state && !same_key) {
+        break;
+      } else {
+        if (same_state) passed.push_back(m);
+        ++it;
+      }
+    }
+  }
+
   void loop() {
     for (;;) {
-      Entry e;
+      std::vector<Entry> batch;
       {
         std::unique_lock lock(mu);
         cv.wait(lock, [&] { return stopping || !queue.empty(); });
         if (queue.empty()) return;  // stopping and drained
-        e = std::move(queue.front());
+        batch.push_back(std::move(queue.front()));
         queue.pop_front();
-        ++running;
+        const BatchingOptions& opts = owner->batching_;
+        const Job& first = batch.front().job;
+        if (first.batch && !first.batch->batch_key().empty() && opts.window.count() > 0 && opts.max_calls > 1 &&
+            first.abandoned().ok()) {
+          const std::string key = first.batch->batch_key();
+          const auto deadline = batch.front().enqueued + opts.window;
+          gather(batch, opts.max_calls);
+          // Wait for company only where the key had company last time: a lone caller never waits.
+          while (batch.size() < opts.max_calls && had_company[key] && !stopping && Clock::now() < deadline) {
+            const std::size_t before = queue.size();
+            cv.wait_until(lock, deadline, [&] { return stopping || queue.size() > before; });
+            gather(batch, opts.max_calls);
+          }
+          had_company[key] = batch.size() > 1;
+          if (had_company.size() > 4096) had_company.clear();  // keys of long-gone caches
+          if (batch.size() > 1) ++stats.launches, stats.calls += batch.size();
+        }
+        running += batch.size();
       }
+      run(batch);
+      std::lock_guard lock(mu);
+      running -= batch.size();
+    }
+  }
+
+  void run(std::vector<Entry>& batch) {
+    if (batch.size() == 1) {
+      Entry& e = batch.front();
       if (Status why = e.job.abandoned(); !why.ok()) {
         e.job.drop(why);
       } else {
-        const auto waited = Clock::now() - e.enqueued;
-        e.job.run(*executor, std::chrono::duration_cast<std::chrono::nanoseconds>(waited).count());
+        e.job.run(*executor, waited_ns(e));
       }
-      std::lock_guard lock(mu);
-      --running;
+    } else {
+      std::vector<BatchMember::Merged> members;
+      for (Entry& e : batch) members.push_back({e.job.batch.get(), waited_ns(e)});
+      batch.front().job.batch->run_together(*executor, members);
     }
+    for (Entry& e : batch)
+      if (e.state) owner->state_done(e.state);
   }
 
   // Takes the abandoned entries out of the queue (mu held; the caller drops them with no lock).
@@ -63,10 +130,12 @@ struct Scheduler::Worker {
   }
 };
 
-Scheduler::Scheduler(std::vector<std::unique_ptr<Executor>> executors, std::size_t queue_depth)
-    : executors_(std::move(executors)), queue_depth_(queue_depth) {
+Scheduler::Scheduler(std::vector<std::unique_ptr<Executor>> executors, std::size_t queue_depth,
+                     BatchingOptions batching)
+    : executors_(std::move(executors)), queue_depth_(queue_depth), batching_(batching) {
   for (auto& ex : executors_) {
     auto w = std::make_unique<Worker>();
+    w->owner = this;
     w->executor = ex.get();
     w->thread = std::thread([raw = w.get()] { raw->loop(); });
     workers_.push_back(std::move(w));
@@ -119,17 +188,6 @@ Status Scheduler::submit(const Placement& placement, Job job) {
       if (placement.device >= 0) what.append(" ").append(std::to_string(placement.device));
       return unavailable(what + " to run on");
     }
-    if (placement.state) {
-      auto done = [this, state = placement.state] { state_done(state); };
-      job.run = [run = std::move(job.run), done](Executor& ex, std::int64_t queue_ns) {
-        run(ex, queue_ns);
-        done();
-      };
-      job.drop = [drop = std::move(job.drop), done](const Status& why) {
-        drop(why);
-        done();
-      };
-    }
     std::unique_lock lock(w->mu);
     if (w->stopping) return unavailable("the server is shutting down");
     if (placement.inline_when_idle && !placement.state && w->queue.empty() && w->running == 0) {
@@ -146,7 +204,7 @@ Status Scheduler::submit(const Placement& placement, Job job) {
       result = resource_exhausted("queue: all " + std::to_string(queue_depth_) +
                                   " slots of the device queue are taken; retry later");
     } else {
-      w->queue.push_back({std::move(job), Clock::now()});
+      w->queue.push_back({std::move(job), Clock::now(), placement.state});
       w->cv.notify_one();
       if (placement.state) {
         StateQueue& s = states_[placement.state];
@@ -155,8 +213,21 @@ Status Scheduler::submit(const Placement& placement, Job job) {
       }
     }
   }
-  for (auto& [entry, why] : dropped) entry.job.drop(why);  // with no lock held: drops finish calls
+  for (auto& [entry, why] : dropped) {  // with no lock held: drops finish calls
+    entry.job.drop(why);
+    if (entry.state) state_done(entry.state);
+  }
   return result;
+}
+
+Scheduler::BatchStats Scheduler::batch_stats() const {
+  BatchStats total;
+  for (const auto& w : workers_) {
+    std::lock_guard lock(w->mu);
+    total.launches += w->stats.launches;
+    total.calls += w->stats.calls;
+  }
+  return total;
 }
 
 void Scheduler::state_done(StateKey state) {

@@ -9,6 +9,7 @@
 // objects, or on none, go to the least loaded worker and run in parallel.
 #pragma once
 
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -17,6 +18,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -26,6 +28,33 @@ namespace attn::server {
 
 // The identity of a state object (its address: the job keeps the object alive until it ends).
 using StateKey = const void*;
+
+// Dynamic batching: a job that may share one launch with other jobs of the same key waiting in
+// the same queue (decode calls on one cache and layer, softmax calls of one row width, ...).
+class BatchMember {
+ public:
+  virtual ~BatchMember() = default;
+  // Jobs merge only when their keys are equal; an empty key never merges.
+  virtual const std::string& batch_key() const = 0;
+  // Whether this job may join `batch` (the members so far, in queue order): e.g. it touches no
+  // sequence they touch.
+  virtual bool joins(const std::vector<const BatchMember*>& batch) const = 0;
+  struct Merged {
+    BatchMember* member;
+    std::int64_t queue_ns;  // its wait, the wait for company included
+  };
+  // Runs `members` (this one first, at least two) as one launch and finishes each member's call
+  // with its own result or its own error.
+  virtual void run_together(Executor& executor, const std::vector<Merged>& members) = 0;
+};
+
+struct BatchingOptions {
+  // The longest the first job of a batch waits for company after it was queued; 0: batching off
+  // (every job runs alone).
+  std::chrono::microseconds window{0};
+  // The most jobs one launch takes.
+  std::size_t max_calls = 64;
+};
 
 // Where a job may run.
 struct Placement {
@@ -48,9 +77,18 @@ class Scheduler {
     std::function<Status()> abandoned;
     // Finishes an abandoned job without running it.
     std::function<void(const Status& why)> drop;
+    // Set when the job may be merged with others (BatchMember); null: it always runs alone.
+    std::shared_ptr<BatchMember> batch;
   };
 
-  Scheduler(std::vector<std::unique_ptr<Executor>> executors, std::size_t queue_depth);
+  // What the workers saw of batching, for the metrics and the tests.
+  struct BatchStats {
+    std::uint64_t launches = 0;  // merged launches (two calls or more)
+    std::uint64_t calls = 0;     // calls they served
+  };
+
+  Scheduler(std::vector<std::unique_ptr<Executor>> executors, std::size_t queue_depth,
+            BatchingOptions batching = {});
   ~Scheduler();
 
   // Queues `job` where `placement` allows: on the worker holding its state's earlier jobs, else
@@ -68,6 +106,8 @@ class Scheduler {
   std::optional<std::size_t> least_loaded(const Placement& placement) const;
   // The CUDA ordinal of the i-th executor, or -1 for the CPU.
   int device_of(std::size_t i) const;
+  const BatchingOptions& batching() const { return batching_; }
+  BatchStats batch_stats() const;
 
  private:
   struct Worker;
@@ -84,6 +124,7 @@ class Scheduler {
   std::vector<std::unique_ptr<Executor>> executors_;
   std::vector<std::unique_ptr<Worker>> workers_;
   std::size_t queue_depth_;
+  BatchingOptions batching_;
   std::mutex state_mu_;  // taken before a worker's mutex, never after
   std::map<StateKey, StateQueue> states_;
 };

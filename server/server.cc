@@ -72,6 +72,55 @@ Result<std::vector<std::unique_ptr<Executor>>> choose_executors(const std::strin
   return cpu;
 }
 
+// The KV-cache ops' variants, once each per dtype on a one-token call into a small cache of
+// head dims 64 and 128 made on the device (they have no generated problems: their state is a cache).
+int warm_up_paged(Executor& executor) {
+  const Registry& registry = default_registry();
+  const Target target = executor.target();
+  int ran = 0;
+  for (DType dt : kAllDTypes)
+    for (std::int64_t d : {64, 128}) {
+      PagedKvLayer layer{dt, 1, 1, 16, d, nullptr, nullptr, executor.resident_kind()};
+      const std::size_t pool = static_cast<std::size_t>(16 * d) * element_size(dt);
+      auto memory = executor.allocate(2 * pool);
+      if (!memory.ok()) return ran;
+      layer.k = *memory;
+      layer.v = static_cast<char*>(*memory) + pool;
+      PagedPlan plan{{0, 1}, {0}, {1}, {0, 1}};
+      Tensor q(dt, {1, 1, d}), k(dt, {1, 1, d}), v(dt, {1, 1, d}), o(dt, {1, 1, d});
+      auto run = [&](auto& args, const auto& variants) {
+        for (const auto& variant : variants) {
+          if (!available_on(variant.info, target).ok() || !variant.supports(args).ok()) continue;
+          ExecTimings t;
+          auto copy = args;
+          const Status s = executor.execute(make_call(variant, copy), t);
+          if (!s.ok()) spdlog::warn("warm-up of {} failed: {}", variant.info.name, s.to_string());
+          ++ran;
+        }
+      };
+      PagedDecodeArgs decode;
+      decode.q = q.view();
+      decode.k_new = k.view();
+      decode.v_new = v.view();
+      decode.o = o.view();
+      decode.cache = layer;
+      decode.scale = 1.0f;
+      plan.bind(decode.seqs);
+      run(decode, registry.of<PagedDecodeArgs>().variants());
+      PagedPrefillArgs prefill;
+      prefill.q = q.view();
+      prefill.k_new = k.view();
+      prefill.v_new = v.view();
+      prefill.o = o.view();
+      prefill.cache = layer;
+      prefill.scale = 1.0f;
+      plan.bind(prefill);
+      run(prefill, registry.of<PagedPrefillArgs>().variants());
+      executor.deallocate(*memory);
+    }
+  return ran;
+}
+
 // Runs every variant this device can run once on each op's example of each dtype it claims, so
 // that the first real calls do not pay for lazy kernel loading and library handles.
 void warm_up(Executor& executor) {
@@ -97,6 +146,7 @@ void warm_up(Executor& executor) {
       }
     }
   });
+  ran += warm_up_paged(executor);
   spdlog::info("warm-up: ran {} variant/dtype pairs on {}", ran, executor.device().label());
 }
 
@@ -106,6 +156,12 @@ Status check_options(const ServerOptions& options) {
                             std::to_string(options.max_message_mb));
   }
   if (options.queue_depth < 1) return invalid_argument("--queue-depth: expected >= 1, got 0");
+  if (options.batch_window_us < 0 || options.batch_window_us > 1000000) {
+    return invalid_argument("--batch-window-us: expected 0 (off) to 1000000, got " + std::to_string(options.batch_window_us));
+  }
+  if (options.max_batch_calls < 1 || options.max_batch_calls > 1024) {
+    return invalid_argument("--max-batch-calls: expected 1..1024, got " + std::to_string(options.max_batch_calls));
+  }
   if (options.streams_per_device < 1 || options.streams_per_device > 8) {
     return invalid_argument("--streams-per-device: expected 1..8, got " + std::to_string(options.streams_per_device));
   }
@@ -179,7 +235,10 @@ Result<std::unique_ptr<Server>> Server::start(const ServerOptions& options) {
   s->options_ = options;
   s->backend_ = backend_name(executors.front()->target().backend);
   announce_and_warm_up(executors);
-  s->scheduler_ = std::make_unique<Scheduler>(std::move(executors), options.queue_depth);
+  BatchingOptions batching;
+  batching.window = std::chrono::microseconds(options.batch_window_us);
+  batching.max_calls = static_cast<std::size_t>(options.max_batch_calls);
+  s->scheduler_ = std::make_unique<Scheduler>(std::move(executors), options.queue_depth, batching);
   s->store_ = make_store(options, *s->scheduler_);
   {
     std::vector<Executor*> devices;

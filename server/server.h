@@ -24,6 +24,10 @@ struct ServerOptions {
   std::chrono::milliseconds shutdown_grace{10000};
   std::string devices = "all";  // CUDA devices to own: "all" or ordinals, "0,2"
   int streams_per_device = 2;    // workers (each with a stream) per GPU: copies overlap kernels
+  // Dynamic batching: how long a call may wait for company to share its launch (0: off), and
+  // the most calls one launch serves.
+  std::int64_t batch_window_us = 200;
+  std::int64_t max_batch_calls = 64;
   SecurityOptions security;
   std::string metrics_listen;  // Prometheus endpoint, "127.0.0.1:9464"; empty: none
   std::int64_t tensor_quota_mb = 8192;  // resident tensors, all devices together

@@ -1,7 +1,7 @@
 // attn_gpu_server_tests: the real attnd on a GPU, for what only a GPU can show: running out of
 // device memory is RESOURCE_EXHAUSTED and the next call is served; a device fault turns health
 // NOT_SERVING and the process exits 3 for its supervisor to restart it; with several GPUs, calls
-// spread over all of them. Skips where there is no usable GPU.
+// spread over all of them; KV caches on the GPU's paged kernels. Skips where there is no usable GPU.
 #include <cuda_runtime.h>
 #include <gmock/gmock.h>
 #include <grpcpp/create_channel.h>
@@ -12,6 +12,8 @@
 
 #include "attn/client.h"
 #include "grpc/health/v1/health.grpc.pb.h"
+#include "reference.h"
+#include "support/kv_mirror.h"
 #include "support/random.h"
 #include "support/server_process.h"
 
@@ -169,6 +171,127 @@ TEST(GpuServer, CallsSpreadOverEveryGpu) {
   for (const auto& [device, n] : by_device) std::printf("calls on %s: %d\n", device.c_str(), n);
   EXPECT_EQ(static_cast<int>(by_device.size()), gpu_count());
   for (const auto& [device, n] : by_device) EXPECT_GT(n, 0) << device;
+}
+
+// A KV cache on the GPU through the real server: ragged prefill (1, 17, 1000, 4097 tokens) and
+// decode steps across page boundaries on the CUDA paged kernels, every output against float64
+// attention over the test's mirror, ReadKv bit for bit, and a fork copied on the device.
+TEST(GpuServer, KvCacheDecodeAndPrefillOnTheGpuMatchFloat64) {
+  SKIP_WITHOUT_GPU();
+  testing::ServerProcess server(ATTND_PATH, {"--backend", "cuda", "--devices", "0", "--streams-per-device", "2"});
+  Client client(server.address());
+  std::mt19937_64 rng(testing::seed());
+  const int layers = 2, hkv = 4, hq = 16, d = 128;
+  for (int page : {16, 64}) {
+    SCOPED_TRACE("page " + std::to_string(page) + " seed " + std::to_string(testing::seed()));
+    v1::CreateKvCacheRequest creq;
+    auto* c = creq.mutable_config();
+    c->set_layers(layers);
+    c->set_kv_heads(hkv);
+    c->set_head_dim(d);
+    c->set_dtype(v1::D_TYPE_BFLOAT16);
+    c->set_page_size(page);
+    c->set_capacity_tokens(16384);
+    v1::CreateKvCacheResponse cresp;
+    {
+      grpc::ClientContext ctx;
+      const grpc::Status s = client.stub().CreateKvCache(&ctx, creq, &cresp);
+      ASSERT_TRUE(s.ok()) << s.error_message();
+    }
+    const std::string handle = cresp.cache().handle();
+    EXPECT_THAT(cresp.cache().device(), HasSubstr("cuda:0"));
+    testing::Mirror mirror{hkv, d, {}, {}};
+    const std::vector<std::string> ids{"a", "b", "c", "d"};
+    const std::vector<std::int64_t> lens{1, 17, 1000, 4097};
+    const std::int64_t total = 1 + 17 + 1000 + 4097;
+    for (int layer = 0; layer < layers; ++layer) {
+      Tensor q = random_tensor(DType::kBFloat16, {total, hq, d}, rng), k = random_tensor(DType::kBFloat16, {total, hkv, d}, rng),
+             v = random_tensor(DType::kBFloat16, {total, hkv, d}, rng);
+      v1::PrefillRequest req;
+      req.set_cache(handle);
+      req.set_layer(layer);
+      for (std::size_t i = 0; i < ids.size(); ++i) req.add_sequence_ids(ids[i]), req.add_lens(lens[i]);
+      *req.mutable_q() = testing::to_wire(q);
+      *req.mutable_k() = testing::to_wire(k);
+      *req.mutable_v() = testing::to_wire(v);
+      v1::PrefillResponse resp;
+      grpc::ClientContext ctx;
+      const grpc::Status s = client.stub().Prefill(&ctx, req, &resp);
+      ASSERT_TRUE(s.ok()) << s.error_message();
+      EXPECT_THAT(resp.timings().device(), HasSubstr("cuda"));
+      EXPECT_THAT(resp.timings().kernel(), ::testing::Not(HasSubstr("/cpu")));
+      const Tensor o = testing::from_wire(resp.o());
+      std::vector<double> want, got;
+      std::int64_t row = 0;
+      for (std::size_t i = 0; i < ids.size(); ++i) {
+        mirror.append(ids[i], layer, layers, k, v, row, lens[i]);
+        for (std::int64_t j : {std::int64_t{0}, lens[i] / 2, lens[i] - 1}) {
+          mirror.attend(q, row + j, ids[i], layer, j + 1, want);
+          for (std::int64_t e = 0; e < hq * d; ++e) got.push_back(o.get(static_cast<std::size_t>((row + j) * hq * d + e)));
+        }
+        row += lens[i];
+      }
+      EXPECT_LE(reference::relative_frobenius_error(got, want), 1e-2) << "prefill layer " << layer;
+    }
+    for (int step = 0; step < 70; ++step)
+      for (int layer = 0; layer < layers; ++layer) {
+        const auto n = static_cast<std::int64_t>(ids.size());
+        Tensor q = random_tensor(DType::kBFloat16, {n, hq, d}, rng), k = random_tensor(DType::kBFloat16, {n, hkv, d}, rng),
+               v = random_tensor(DType::kBFloat16, {n, hkv, d}, rng);
+        v1::DecodeRequest req;
+        req.set_cache(handle);
+        req.set_layer(layer);
+        for (const auto& id : ids) req.add_sequence_ids(id);
+        *req.mutable_q() = testing::to_wire(q);
+        *req.mutable_k_new() = testing::to_wire(k);
+        *req.mutable_v_new() = testing::to_wire(v);
+        v1::DecodeResponse resp;
+        grpc::ClientContext ctx;
+        const grpc::Status s = client.stub().Decode(&ctx, req, &resp);
+        ASSERT_TRUE(s.ok()) << s.error_message();
+        EXPECT_THAT(resp.timings().kernel(), ::testing::Not(HasSubstr("/cpu")));
+        std::vector<double> want;
+        for (std::int64_t i = 0; i < n; ++i) {
+          const std::string& id = ids[static_cast<std::size_t>(i)];
+          mirror.append(id, layer, layers, k, v, i, 1);
+          mirror.attend(q, i, id, layer, mirror.length(id, layer), want);
+        }
+        if (step % 10 == 0 || step == 69) {  // the float64 check is the slow part: a sample of steps
+          EXPECT_LE(reference::relative_frobenius_error(testing::from_wire(resp.o()).view(), want), 1e-2)
+              << "decode step " << step << " layer " << layer;
+        }
+      }
+    v1::ForkSequenceResponse fork;
+    {
+      grpc::ClientContext ctx;
+      v1::ForkSequenceRequest req;
+      req.set_cache(handle);
+      req.set_source_id("d");
+      req.set_new_id("d2");
+      ASSERT_TRUE(client.stub().ForkSequence(&ctx, req, &fork).ok());
+    }
+    EXPECT_LE(fork.copied_pages(), 1);
+    for (const char* id : {"c", "d2"}) {
+      grpc::ClientContext ctx;
+      v1::ReadKvRequest req;
+      req.set_cache(handle);
+      req.set_sequence_id(id);
+      req.set_layer(1);
+      auto reader = client.stub().ReadKv(&ctx, req);
+      v1::ReadKvResponse msg;
+      std::string bytes;
+      while (reader->Read(&msg))
+        if (!msg.has_header()) bytes += msg.chunk();
+      ASSERT_TRUE(reader->Finish().ok());
+      const auto& mk = mirror.k[id == std::string("d2") ? "d" : id][1];
+      ASSERT_EQ(bytes.size(), 2 * mk.size() * 2);
+      Tensor k(DType::kBFloat16, {static_cast<std::int64_t>(mk.size())});
+      std::memcpy(k.data(), bytes.data(), k.bytes());
+      bool same = true;
+      for (std::size_t e = 0; e < mk.size(); ++e) same &= k.get(e) == mk[e];
+      EXPECT_TRUE(same) << id;
+    }
+  }
 }
 
 }  // namespace

@@ -151,6 +151,30 @@ std::vector<grpc::StatusCode> call_every_method(const std::string& address, cons
   codes.push_back(stub->Benchmark(ctx().get(), {}, &bm).error_code());
   v1::EchoResponse echo;
   codes.push_back(stub->Echo(ctx().get(), {}, &echo).error_code());
+  v1::CreateKvCacheResponse ckv;
+  codes.push_back(stub->CreateKvCache(ctx().get(), {}, &ckv).error_code());
+  v1::DescribeKvCacheResponse dkv;
+  codes.push_back(stub->DescribeKvCache(ctx().get(), {}, &dkv).error_code());
+  v1::ListKvCachesResponse lkv;
+  codes.push_back(stub->ListKvCaches(ctx().get(), {}, &lkv).error_code());
+  v1::DeleteKvCacheResponse delkv;
+  codes.push_back(stub->DeleteKvCache(ctx().get(), {}, &delkv).error_code());
+  v1::ReleaseSequencesResponse rel;
+  codes.push_back(stub->ReleaseSequences(ctx().get(), {}, &rel).error_code());
+  v1::ForkSequenceResponse fork;
+  codes.push_back(stub->ForkSequence(ctx().get(), {}, &fork).error_code());
+  v1::DecodeResponse dec;
+  codes.push_back(stub->Decode(ctx().get(), {}, &dec).error_code());
+  v1::PrefillResponse pre;
+  codes.push_back(stub->Prefill(ctx().get(), {}, &pre).error_code());
+  {
+    auto c = ctx();
+    auto reader = stub->ReadKv(c.get(), {});
+    v1::ReadKvResponse msg;
+    while (reader->Read(&msg)) {
+    }
+    codes.push_back(reader->Finish().error_code());
+  }
   // A method added to the service must be added here too.
   EXPECT_EQ(static_cast<std::size_t>(google::protobuf::DescriptorPool::generated_pool()
                                          ->FindServiceByName("attn.v1.AttnService")

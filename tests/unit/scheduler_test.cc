@@ -143,5 +143,155 @@ TEST(Scheduler, NoExecutorForThePlacementIsUnavailable) {
   EXPECT_EQ(scheduler.submit(p, job([](Executor&) {})).code(), StatusCode::kUnavailable);
 }
 
+// Dynamic batching with a BatchMember that records how it ran.
+struct Recorder {
+  std::mutex mu;
+  std::vector<std::vector<int>> launches;  // ids per launch, in launch order
+};
+
+class TestMember final : public BatchMember {
+ public:
+  TestMember(Recorder& r, int id, std::string key, int conflict) : r_(r), id_(id), key_(std::move(key)), conflict_(conflict) {}
+  const std::string& batch_key() const override { return key_; }
+  bool joins(const std::vector<const BatchMember*>& batch) const override {
+    for (const BatchMember* m : batch)
+      if (static_cast<const TestMember*>(m)->conflict_ == conflict_) return false;
+    return true;
+  }
+  void run_together(Executor&, const std::vector<Merged>& members) override {
+    std::vector<int> ids;
+    for (const Merged& m : members) ids.push_back(static_cast<TestMember*>(m.member)->id_);
+    std::lock_guard lock(r_.mu);
+    r_.launches.push_back(ids);
+  }
+  void run_alone() {
+    std::lock_guard lock(r_.mu);
+    r_.launches.push_back({id_});
+  }
+
+ private:
+  Recorder& r_;
+  int id_;
+  std::string key_;
+  int conflict_;
+};
+
+// Jobs queued behind a busy worker: those of one key merge (up to the limit), a job that does
+// not join (a conflict) or of another key runs alone, and nothing overtakes a job of the same
+// state that cannot join.
+TEST(SchedulerBatching, QueuedJobsOfOneKeyMergeInOrder) {
+  std::vector<std::unique_ptr<Executor>> one;
+  one.push_back(make_cpu_executor());
+  BatchingOptions batching;
+  batching.window = std::chrono::microseconds(1);  // on, but no waiting to speak of
+  batching.max_calls = 3;
+  Scheduler scheduler(std::move(one), 100, batching);
+  Recorder rec;
+  std::atomic<bool> release{false};
+  int state = 0;
+  Placement p;
+  p.state = &state;
+  // A blocker holds the worker while the rest queue up.
+  ASSERT_TRUE(scheduler.submit(p, job([&](Executor&) {
+                while (!release) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+              })).ok());
+  auto submit = [&](int id, const std::string& key, int conflict, std::atomic<int>* dropped = nullptr,
+                    bool gone = false) {
+    auto m = std::make_shared<TestMember>(rec, id, key, conflict);
+    Scheduler::Job j;
+    j.run = [m](Executor&, std::int64_t) { m->run_alone(); };
+    j.abandoned = [gone] { return gone ? cancelled("gone") : Status::Ok(); };
+    j.drop = [dropped](const Status&) {
+      if (dropped) ++*dropped;
+    };
+    j.batch = m;
+    ASSERT_TRUE(scheduler.submit(p, std::move(j)).ok());
+  };
+  std::atomic<int> dropped{0};
+  submit(1, "a", 1);
+  submit(2, "a", 2);
+  submit(3, "a", 2);  // conflicts with 2: cannot join that batch
+  submit(4, "a", 4, &dropped, /*gone=*/true);  // its caller went away: dropped, never merged
+  submit(5, "a", 5);
+  submit(6, "a", 6);  // over the limit of 3
+  submit(7, "b", 7);  // another key, the same state: nothing of key a may pass it
+  submit(8, "a", 8);
+  release = true;
+  scheduler.stop();
+  std::vector<std::vector<int>> want{{1, 2, 5}, {3, 6}, {7}, {8}};
+  // 4 was dropped: by the gatherer (skipped) and then by the worker when it reached it.
+  EXPECT_EQ(rec.launches, want);
+  EXPECT_EQ(dropped.load(), 1);
+  EXPECT_EQ(scheduler.batch_stats().launches, 2u);
+  EXPECT_EQ(scheduler.batch_stats().calls, 5u);
+}
+
+TEST(SchedulerBatching, WindowZeroMeansEveryJobRunsAlone) {
+  std::vector<std::unique_ptr<Executor>> one;
+  one.push_back(make_cpu_executor());
+  Scheduler scheduler(std::move(one), 100, BatchingOptions{});
+  Recorder rec;
+  std::atomic<bool> release{false};
+  ASSERT_TRUE(scheduler.submit({}, job([&](Executor&) {
+                while (!release) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+              })).ok());
+  for (int id = 1; id <= 4; ++id) {
+    auto m = std::make_shared<TestMember>(rec, id, "a", id);
+    Scheduler::Job j = job([m](Executor&) { m->run_alone(); });
+    j.batch = m;
+    ASSERT_TRUE(scheduler.submit({}, std::move(j)).ok());
+  }
+  release = true;
+  scheduler.stop();
+  EXPECT_EQ(rec.launches, (std::vector<std::vector<int>>{{1}, {2}, {3}, {4}}));
+  EXPECT_EQ(scheduler.batch_stats().launches, 0u);
+}
+
+// A key that had company waits up to the window for more; a lone key never waits.
+TEST(SchedulerBatching, WaitsForCompanyOnlyWhereItCameBefore) {
+  std::vector<std::unique_ptr<Executor>> one;
+  one.push_back(make_cpu_executor());
+  BatchingOptions batching;
+  batching.window = std::chrono::milliseconds(1000);  // wide: the sanitizer build and a loaded machine
+  Scheduler scheduler(std::move(one), 100, batching);
+  Recorder rec;
+  auto submit = [&](int id) {
+    auto m = std::make_shared<TestMember>(rec, id, "a", id);
+    Scheduler::Job j = job([m](Executor&) { m->run_alone(); });
+    j.batch = m;
+    ASSERT_TRUE(scheduler.submit({}, std::move(j)).ok());
+  };
+  auto wait_for = [&](std::size_t launches) {
+    for (int i = 0; i < 5000; ++i) {
+      {
+        std::lock_guard lock(rec.mu);
+        if (rec.launches.size() >= launches) return;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+  };
+  // Alone, with no history: runs at once, well inside the window.
+  auto t0 = std::chrono::steady_clock::now();
+  submit(1);
+  wait_for(1);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(800));
+  // Two together (queued behind a blocker) give the key company...
+  std::atomic<bool> release{false};
+  ASSERT_TRUE(scheduler.submit({}, job([&](Executor&) {
+                while (!release) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+              })).ok());
+  submit(2);
+  submit(3);
+  release = true;
+  wait_for(2);
+  // ...so the next one waits for a partner that comes 50 ms later, and they share a launch.
+  submit(4);
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  submit(5);
+  wait_for(3);
+  scheduler.stop();
+  EXPECT_EQ(rec.launches, (std::vector<std::vector<int>>{{1}, {2, 3}, {4, 5}}));
+}
+
 }  // namespace
 }  // namespace attn::server

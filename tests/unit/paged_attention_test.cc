@@ -1,0 +1,205 @@
+// The CPU variants of the KV-cache ops against the float64 reference: ragged batches on awkward
+// lengths (1, 15, 16, 17, 1000, 4097: non-multiples of every page), page sizes 16 and 64, pages
+// assigned in shuffled order, GQA, every dtype, outputs poisoned; and the append itself: the new
+// rows land bit for bit in the slots the page tables give them, and nothing else in the pools
+// changes.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstring>
+#include <numeric>
+
+#include "attn/executor.h"
+#include "attn/registry.h"
+#include "reference.h"
+#include "support/random.h"
+
+namespace attn {
+namespace {
+
+using testing::poison;
+using testing::random_tensor;
+
+// One sequence of a call: tokens already cached, and the call's new ones.
+struct SeqSpec {
+  std::int64_t cached, fresh;
+};
+
+// A cache layer in host memory with pages handed out in shuffled order, and one call's inputs.
+struct PagedCase {
+  std::int64_t hq, hkv, d, page_size;
+  DType dtype;
+  Tensor k_pool, v_pool, q, k_new, v_new, o, lse;
+  PagedPlan plan;
+  PagedKvLayer layer;
+
+  PagedCase(const std::vector<SeqSpec>& seqs, std::int64_t hq_, std::int64_t hkv_, std::int64_t d_,
+            std::int64_t page_size_, DType dt, std::mt19937_64& rng)
+      : hq(hq_), hkv(hkv_), d(d_), page_size(page_size_), dtype(dt) {
+    std::int64_t pages = 0, rows = 0;
+    for (const auto& s : seqs) pages += (s.cached + s.fresh + page_size - 1) / page_size, rows += s.fresh;
+    pages += 3;  // spare pages nobody owns: the kernel must leave them alone
+    k_pool = random_tensor(dt, {pages, hkv, page_size, d}, rng);
+    v_pool = random_tensor(dt, {pages, hkv, page_size, d}, rng);
+    std::vector<std::int32_t> order(static_cast<std::size_t>(pages));
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), rng);
+    std::size_t next = 0;
+    plan.page_indptr = {0};
+    plan.q_indptr = {0};
+    for (const auto& s : seqs) {
+      const std::int64_t len = s.cached + s.fresh;
+      for (std::int64_t p = 0; p < (len + page_size - 1) / page_size; ++p) plan.page_indices.push_back(order[next++]);
+      plan.page_indptr.push_back(static_cast<std::int32_t>(plan.page_indices.size()));
+      plan.seq_lens.push_back(static_cast<std::int32_t>(len));
+      plan.q_indptr.push_back(plan.q_indptr.back() + static_cast<std::int32_t>(s.fresh));
+    }
+    q = random_tensor(dt, {rows, hq, d}, rng);
+    k_new = random_tensor(dt, {rows, hkv, d}, rng);
+    v_new = random_tensor(dt, {rows, hkv, d}, rng);
+    o = Tensor(dt, {rows, hq, d});
+    lse = Tensor(DType::kFloat32, {rows, hq});
+    poison(o);
+    poison(lse);
+    layer = {dt, pages, hkv, page_size, d, k_pool.data(), v_pool.data(), MemoryKind::kHost};
+  }
+
+  template <class Args>
+  Args args() {
+    Args a;
+    a.q = q.view();
+    a.k_new = k_new.view();
+    a.v_new = v_new.view();
+    a.o = o.view();
+    a.lse = lse.view();
+    a.cache = layer;
+    a.scale = resolve_attention_scale(0.0f, d);
+    if constexpr (std::is_same_v<Args, PagedPrefillArgs>) {
+      plan.bind(a);
+    } else {
+      plan.bind(a.seqs);
+    }
+    return a;
+  }
+};
+
+std::vector<const VariantInfo*> cpu_variants(Op op) {
+  std::vector<const VariantInfo*> out;
+  for (const VariantInfo* v : default_registry().all())
+    if (v->op == op && v->backend == Backend::kCpu) out.push_back(v);
+  return out;
+}
+
+// Runs `variant` and checks o, lse and the pools against the reference and the inputs.
+template <class Args>
+void check(const Variant<Args>& variant, PagedCase& c, bool causal = true) {
+  Args a = c.args<Args>();
+  if constexpr (std::is_same_v<Args, PagedPrefillArgs>) a.causal = causal;
+  ASSERT_TRUE(variant.supports(a).ok()) << variant.supports(a).to_string();
+  std::vector<double> want_lse;
+  std::vector<double> want;
+  if constexpr (std::is_same_v<Args, PagedPrefillArgs>) {
+    want = reference::paged_prefill(a, &want_lse);
+  } else {
+    want = reference::paged_decode(a, &want_lse);
+  }
+  const Tensor k_before = c.k_pool, v_before = c.v_pool;
+  Stream stream(Backend::kCpu);
+  const Status s = variant.run(a, stream);
+  ASSERT_TRUE(s.ok()) << s.to_string();
+  std::int64_t longest = 0;
+  for (auto l : c.plan.seq_lens) longest = std::max<std::int64_t>(longest, l);
+  EXPECT_LE(reference::relative_frobenius_error(c.o.view(), want), reference::tolerance(c.dtype, longest))
+      << variant.info.name << " seed " << testing::seed();
+  EXPECT_LE(reference::lse_error(c.lse.view(), want_lse), 1e-3) << variant.info.name << " seed " << testing::seed();
+
+  // The pools: each new row in its slot, bit for bit; every other byte as before.
+  Tensor k_want = k_before, v_want = v_before;
+  const std::size_t row = static_cast<std::size_t>(c.d) * element_size(c.dtype);
+  for (std::size_t i = 0; i + 1 < c.plan.q_indptr.size(); ++i) {
+    const std::int64_t fresh = c.plan.q_indptr[i + 1] - c.plan.q_indptr[i], len = c.plan.seq_lens[i];
+    for (std::int64_t j = 0; j < fresh; ++j) {
+      const std::int64_t t = len - fresh + j;
+      const std::int64_t page = c.plan.page_indices[static_cast<std::size_t>(c.plan.page_indptr[i] + t / c.page_size)];
+      for (std::int64_t h = 0; h < c.hkv; ++h) {
+        const std::size_t slot = static_cast<std::size_t>(c.layer.offset(page, h, t % c.page_size)) * element_size(c.dtype);
+        const std::size_t src = static_cast<std::size_t>(((c.plan.q_indptr[i] + j) * c.hkv + h) * c.d) * element_size(c.dtype);
+        std::memcpy(static_cast<char*>(k_want.data()) + slot, static_cast<const char*>(c.k_new.data()) + src, row);
+        std::memcpy(static_cast<char*>(v_want.data()) + slot, static_cast<const char*>(c.v_new.data()) + src, row);
+      }
+    }
+  }
+  EXPECT_EQ(std::memcmp(k_want.data(), c.k_pool.data(), k_want.bytes()), 0) << "K pool";
+  EXPECT_EQ(std::memcmp(v_want.data(), c.v_pool.data(), v_want.bytes()), 0) << "V pool";
+}
+
+class PagedCpu : public ::testing::TestWithParam<std::tuple<DType, int>> {};
+
+TEST_P(PagedCpu, DecodeRaggedBatchOnAwkwardLengths) {
+  const auto [dtype, page_size] = GetParam();
+  std::mt19937_64 rng(testing::seed());
+  // Cached lengths such that the caches (cached + 1) are 1, 15, 16, 17, 1000 and 4097 long.
+  const std::vector<SeqSpec> seqs{{0, 1}, {14, 1}, {15, 1}, {16, 1}, {999, 1}, {4096, 1}};
+  for (const VariantInfo* info : cpu_variants(Op::kPagedDecode)) {
+    const auto* v = default_registry().of<PagedDecodeArgs>().find(info->name);
+    for (auto [hq, hkv] : {std::pair{4, 4}, std::pair{8, 2}}) {
+      PagedCase c(seqs, hq, hkv, 64, page_size, dtype, rng);
+      SCOPED_TRACE(info->name + " Hq " + std::to_string(hq) + " Hkv " + std::to_string(hkv));
+      check(*v, c);
+    }
+  }
+}
+
+TEST_P(PagedCpu, PrefillOntoEmptyAndExistingCaches) {
+  const auto [dtype, page_size] = GetParam();
+  std::mt19937_64 rng(testing::seed());
+  // Chunks of 1, 15, 16, 17 and 100 tokens onto empty caches and onto caches of awkward lengths.
+  const std::vector<SeqSpec> seqs{{0, 1}, {0, 17}, {15, 16}, {16, 15}, {1000, 17}, {4097, 100}, {7, 1}};
+  for (const VariantInfo* info : cpu_variants(Op::kPagedPrefill)) {
+    const auto* v = default_registry().of<PagedPrefillArgs>().find(info->name);
+    PagedCase c(seqs, 8, 2, 32, page_size, dtype, rng);
+    SCOPED_TRACE(info->name);
+    check(*v, c);
+  }
+}
+
+TEST_P(PagedCpu, NonCausalPrefillSeesTheWholeSequence) {
+  const auto [dtype, page_size] = GetParam();
+  std::mt19937_64 rng(testing::seed());
+  for (const VariantInfo* info : cpu_variants(Op::kPagedPrefill)) {
+    const auto* v = default_registry().of<PagedPrefillArgs>().find(info->name);
+    PagedCase c({{33, 7}, {0, 20}}, 4, 1, 16, page_size, dtype, rng);
+    check(*v, c, /*causal=*/false);
+  }
+}
+
+std::string name_of(const ::testing::TestParamInfo<std::tuple<DType, int>>& p) {
+  return std::string(dtype_name(std::get<0>(p.param))) + "_page" + std::to_string(std::get<1>(p.param));
+}
+
+INSTANTIATE_TEST_SUITE_P(AllDtypes, PagedCpu,
+                         ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
+                                            ::testing::Values(16, 64)),
+                         name_of);
+
+TEST(PagedChecks, RefuseMismatchedShapesNamingTheField) {
+  std::mt19937_64 rng(testing::seed());
+  PagedCase c({{3, 1}}, 4, 2, 16, 16, DType::kFloat32, rng);
+  PagedDecodeArgs a = c.args<PagedDecodeArgs>();
+  EXPECT_TRUE(check_paged_decode(a).ok());
+  PagedDecodeArgs bad = a;
+  bad.q.shape = {1, 3, 16};  // Hq not a multiple of Hkv
+  EXPECT_NE(check_paged_decode(bad).message().find("q.shape"), std::string::npos);
+  bad = a;
+  bad.k_new.shape = {1, 4, 16};
+  EXPECT_NE(check_paged_decode(bad).message().find("k_new.shape"), std::string::npos);
+  bad = a;
+  bad.v_new.dtype = DType::kBFloat16;
+  EXPECT_NE(check_paged_decode(bad).message().find("v_new.dtype"), std::string::npos);
+  bad = a;
+  bad.q.shape = {1, 4, 8};  // not the cache's head dim
+  EXPECT_NE(check_paged_decode(bad).message().find("head dim"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace attn

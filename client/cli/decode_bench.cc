@@ -1,12 +1,15 @@
 #include "decode_bench.h"
 
 #include <algorithm>
+#include <atomic>
+#include <barrier>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <random>
 #include <sstream>
+#include <thread>
 
 #include "attn/wire.h"
 
@@ -101,6 +104,9 @@ int run_decode_bench(const DecodeBenchOptions& o, Client& client) {
       o.head_dim < 1 || o.prefill_chunk < 1)
     return fail("options", invalid_argument("--seqs, --steps, --layers, the heads, --head-dim and "
                                             "--prefill-chunk must be >= 1, --warmup >= 0"));
+  if (o.clients < 1 || o.clients > o.seqs)
+    return fail("--clients", invalid_argument("expected 1 to --seqs (" + std::to_string(o.seqs) + ") streams, got " +
+                                              std::to_string(o.clients)));
   std::mt19937_64 rng(o.seed);
   auto lens = context_lengths(o.context, o.seqs, rng);
   if (!lens.ok()) return fail("options", lens.status());
@@ -167,61 +173,105 @@ int run_decode_bench(const DecodeBenchOptions& o, Client& client) {
   }
   const std::int64_t prefill_ns = since_ns(prefill_start);
 
-  // Decode: the same request at every layer and step (the values do not change the work).
-  v1::DecodeRequest req;
-  req.set_cache(cache);
-  for (const auto& id : ids) req.add_sequence_ids(id);
-  set_tensor(req.mutable_q(), *dtype, o.seqs, o.q_heads, o.head_dim, q_pool);
-  set_tensor(req.mutable_k_new(), *dtype, o.seqs, o.kv_heads, o.head_dim, kv_pool);
-  set_tensor(req.mutable_v_new(), *dtype, o.seqs, o.kv_heads, o.head_dim, kv_pool);
-  req.set_kernel(o.kernel);
+  // Decode: `clients` streams, each with its own sequences (round robin), each sending one Decode
+  // per layer per step over them; the same request every time (the values do not change the
+  // work). Concurrent streams' calls on one layer may share a launch (the server's batching).
+  struct Stream {
+    v1::DecodeRequest req;
+    std::vector<CallSample> calls;
+    std::vector<std::int64_t> step_ns, step_kernel_ns, step_server_ns;
+    Clock::time_point start, end;
+    Status status;
+  };
+  std::vector<Stream> streams(static_cast<std::size_t>(o.clients));
+  for (int c = 0; c < o.clients; ++c) {
+    auto& req = streams[static_cast<std::size_t>(c)].req;
+    req.set_cache(cache);
+    for (int i = c; i < o.seqs; i += o.clients) req.add_sequence_ids(ids[static_cast<std::size_t>(i)]);
+    const int n = req.sequence_ids_size();
+    set_tensor(req.mutable_q(), *dtype, n, o.q_heads, o.head_dim, q_pool);
+    set_tensor(req.mutable_k_new(), *dtype, n, o.kv_heads, o.head_dim, kv_pool);
+    set_tensor(req.mutable_v_new(), *dtype, n, o.kv_heads, o.head_dim, kv_pool);
+    req.set_kernel(o.kernel);
+  }
+  std::barrier timed(o.clients);  // every stream starts its timed steps together
+  std::atomic<bool> failed{false};
+  auto run_stream = [&](Stream& s) {
+    bool joined = false;
+    for (std::int64_t step = 0; step < decoded && !failed; ++step) {
+      if (step == o.warmup) {
+        timed.arrive_and_wait();
+        joined = true;
+        s.start = Clock::now();
+      }
+      const auto step_start = Clock::now();
+      std::int64_t kernel = 0, server = 0;
+      for (int layer = 0; layer < o.layers; ++layer) {
+        s.req.set_layer(layer);
+        v1::DecodeResponse resp;
+        auto ctx = client.make_context();
+        const auto call_start = Clock::now();
+        Status st = wire::from_grpc((*stub)->Decode(ctx.get(), s.req, &resp));
+        const std::int64_t latency = since_ns(call_start);
+        if (!st.ok()) {
+          char where[64];
+          std::snprintf(where, sizeof where, "Decode (layer %d, step %lld): ", layer, static_cast<long long>(step));
+          s.status = Status(st.code(), where + st.message());
+          failed = true;
+          break;
+        }
+        if (step < o.warmup) continue;
+        s.calls.push_back({latency, resp.timings()});
+        kernel += resp.timings().kernel_ns();
+        server += resp.timings().total_ns();
+      }
+      if (step < o.warmup || !s.status.ok()) continue;
+      s.step_ns.push_back(since_ns(step_start));
+      s.step_kernel_ns.push_back(kernel);
+      s.step_server_ns.push_back(server);
+    }
+    s.end = Clock::now();
+    if (!joined) timed.arrive_and_drop();  // failed during the warm-up: the others go on without it
+  };
+  {
+    std::vector<std::thread> threads;
+    for (auto& s : streams) threads.emplace_back(run_stream, std::ref(s));
+    for (auto& t : threads) t.join();
+  }
+  for (const auto& s : streams)
+    if (!s.status.ok()) return finish(fail("Decode", s.status));
+
   std::vector<CallSample> calls;
   std::vector<std::int64_t> step_ns, step_kernel_ns, step_server_ns;
-  std::string kernel_name, device_name;
-  Clock::time_point timed_start;
-  for (std::int64_t step = 0; step < decoded; ++step) {
-    if (step == o.warmup) timed_start = Clock::now();
-    const auto step_start = Clock::now();
-    std::int64_t kernel = 0, server = 0;
-    for (int layer = 0; layer < o.layers; ++layer) {
-      req.set_layer(layer);
-      v1::DecodeResponse resp;
-      auto ctx = client.make_context();
-      const auto call_start = Clock::now();
-      Status s = wire::from_grpc((*stub)->Decode(ctx.get(), req, &resp));
-      const std::int64_t latency = since_ns(call_start);
-      if (!s.ok()) {
-        char where[64];
-        std::snprintf(where, sizeof where, "Decode (layer %d, step %lld)", layer, static_cast<long long>(step));
-        return finish(fail(where, s));
-      }
-      if (step < o.warmup) continue;
-      calls.push_back({latency, resp.timings()});
-      kernel += resp.timings().kernel_ns();
-      server += resp.timings().total_ns();
-      kernel_name = resp.timings().kernel();
-      device_name = resp.timings().device();
-    }
-    if (step < o.warmup) continue;
-    step_ns.push_back(since_ns(step_start));
-    step_kernel_ns.push_back(kernel);
-    step_server_ns.push_back(server);
+  Clock::time_point timed_start = streams[0].start, timed_end = streams[0].end;
+  for (const auto& s : streams) {
+    calls.insert(calls.end(), s.calls.begin(), s.calls.end());
+    step_ns.insert(step_ns.end(), s.step_ns.begin(), s.step_ns.end());
+    step_kernel_ns.insert(step_kernel_ns.end(), s.step_kernel_ns.begin(), s.step_kernel_ns.end());
+    step_server_ns.insert(step_server_ns.end(), s.step_server_ns.begin(), s.step_server_ns.end());
+    timed_start = std::min(timed_start, s.start);
+    timed_end = std::max(timed_end, s.end);
   }
-  const double timed_s = static_cast<double>(since_ns(timed_start)) / 1e9;
+  const double timed_s = std::chrono::duration<double>(timed_end - timed_start).count();
+  const std::string kernel_name = calls.back().timings.kernel(), device_name = calls.back().timings.device();
 
-  std::vector<std::int64_t> call_ns, call_kernel, call_server, call_queue, call_copy;
-  double kv_bytes = 0, kernel_total = 0;
+  std::vector<std::int64_t> call_ns, call_kernel, call_server, call_queue, call_copy, call_batched;
+  // A merged launch's kernel time comes with each of its calls, and each call's bytes are its
+  // share: the launch's bytes over its time is sum(bytes) / sum(kernel / calls in the launch).
+  double kv_bytes = 0, launch_ns = 0;
   for (const auto& c : calls) {
     call_ns.push_back(c.latency_ns);
     call_kernel.push_back(c.timings.kernel_ns());
     call_server.push_back(c.timings.total_ns());
     call_queue.push_back(c.timings.queue_ns());
     call_copy.push_back(c.timings.h2d_ns() + c.timings.d2h_ns());
+    call_batched.push_back(std::max(1, c.timings.batched_calls()));
     kv_bytes += static_cast<double>(c.timings.bytes());
-    kernel_total += static_cast<double>(c.timings.kernel_ns());
+    launch_ns += static_cast<double>(c.timings.kernel_ns()) / std::max(1, c.timings.batched_calls());
   }
+  // Steps of each stream: each sequence advances once per step of its stream.
   const double steps_per_s = o.steps / timed_s;
-  const double gbps = kernel_total > 0 ? kv_bytes / kernel_total : 0;
+  const double gbps = launch_ns > 0 ? kv_bytes / launch_ns : 0;
   const double kernel_share = mean(step_ns) > 0 ? mean(step_kernel_ns) / mean(step_ns) : 0;
   auto described = client.describe_kv_cache(cache);
   const std::int64_t cache_bytes = described.ok() ? described->bytes() : info->bytes();
@@ -235,13 +285,13 @@ int run_decode_bench(const DecodeBenchOptions& o, Client& client) {
        << ", \"head_dim\": " << o.head_dim << ", \"page_size\": " << page << ", \"cache_bytes\": " << cache_bytes
        << ", \"prefill_calls\": " << prefill_calls << ", \"prefill_ns\": " << prefill_ns
        << ", \"prefill_kernel_ns\": " << prefill_kernel_ns << ", \"steps\": " << o.steps << ", \"warmup\": " << o.warmup
-       << ", \"steps_per_s\": " << steps_per_s << ", \"sequence_steps_per_s\": " << steps_per_s * o.seqs
+       << ", \"clients\": " << o.clients << ", \"steps_per_s\": " << steps_per_s << ", \"sequence_steps_per_s\": " << steps_per_s * o.seqs
        << ", \"step_p50_ns\": " << pct(step_ns, 0.5) << ", \"step_p99_ns\": " << pct(step_ns, 0.99)
        << ", \"step_mean_kernel_ns\": " << mean(step_kernel_ns) << ", \"step_mean_server_ns\": " << mean(step_server_ns)
        << ", \"call_p50_ns\": " << pct(call_ns, 0.5) << ", \"call_p99_ns\": " << pct(call_ns, 0.99)
        << ", \"call_mean_kernel_ns\": " << mean(call_kernel) << ", \"call_mean_server_ns\": " << mean(call_server)
        << ", \"call_mean_queue_ns\": " << mean(call_queue) << ", \"call_mean_copy_ns\": " << mean(call_copy)
-       << ", \"kernel_gbps\": " << gbps << ", \"kernel_share_of_step\": " << kernel_share << "}\n";
+       << ", \"call_mean_batched_calls\": " << mean(call_batched) << ", \"kernel_gbps\": " << gbps << ", \"kernel_share_of_step\": " << kernel_share << "}\n";
   if (!o.json_path.empty()) std::ofstream(o.json_path) << json.str();
   if (o.json) {
     std::fputs(json.str().c_str(), stdout);
@@ -254,16 +304,17 @@ int run_decode_bench(const DecodeBenchOptions& o, Client& client) {
   std::printf("prefill: %lld calls, %.3f s, %.0f tokens/s over all layers (kernel %.3f s)\n",
               static_cast<long long>(prefill_calls), prefill_ns / 1e9, prompt_tokens / (prefill_ns / 1e9),
               prefill_kernel_ns / 1e9);
-  std::printf("decode: %d steps x %d layers after %d warm-up steps, kernel %s\n", o.steps, o.layers, o.warmup,
-              kernel_name.c_str());
+  std::printf("decode: %d steps x %d layers after %d warm-up steps, %d stream%s, kernel %s\n", o.steps, o.layers,
+              o.warmup, o.clients, o.clients == 1 ? "" : "s (sequences split among them)", kernel_name.c_str());
   std::printf("  %.2f steps/s, %.1f sequence-steps/s (tokens/s)\n", steps_per_s, steps_per_s * o.seqs);
   std::printf("  per step: p50 %s  p99 %s | server: kernel %s, total %s (mean) | kernel share %.1f%%\n",
               ms(pct(step_ns, 0.5)).c_str(), ms(pct(step_ns, 0.99)).c_str(), ms(mean(step_kernel_ns)).c_str(),
               ms(mean(step_server_ns)).c_str(), 100 * kernel_share);
   std::printf("  per call: p50 %s  p99 %s | server: queue %s, copies %s, kernel %s, total %s (mean) | "
-              "%.1f GB/s of K/V in the kernel\n",
+              "%.1f GB/s in the kernel; %.2f calls per launch\n",
               ms(pct(call_ns, 0.5)).c_str(), ms(pct(call_ns, 0.99)).c_str(), ms(mean(call_queue)).c_str(),
-              ms(mean(call_copy)).c_str(), ms(mean(call_kernel)).c_str(), ms(mean(call_server)).c_str(), gbps);
+              ms(mean(call_copy)).c_str(), ms(mean(call_kernel)).c_str(), ms(mean(call_server)).c_str(), gbps,
+              mean(call_batched));
   std::printf("  device: %s\n", device_name.c_str());
   return finish(0);
 }

@@ -14,6 +14,9 @@ namespace attn::cli {
 
 struct DecodeBenchOptions {
   int seqs = 32;
+  // Concurrent decode streams, the sequences split among them (a step of each is one Decode per
+  // layer over its share): what the server's dynamic batching merges.
+  int clients = 1;
   // Prompt tokens per sequence: "N", or "MIN:MAX" for lengths drawn uniformly (seeded).
   std::string context = "4096";
   int steps = 32;

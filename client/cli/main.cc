@@ -228,6 +228,8 @@ int main(int argc, char** argv) {
   auto* decode_bench = app.add_subcommand(
       "decode-bench", "decode serving over a KV cache: prefill N sequences, then S steps of one Decode per layer");
   decode_bench->add_option("--seqs", dbench.seqs, "sequences decoded together")->capture_default_str();
+  decode_bench->add_option("--clients", dbench.clients, "concurrent decode streams, the sequences split among them")
+      ->capture_default_str();
   decode_bench->add_option("--context", dbench.context, "prompt tokens per sequence: N, or MIN:MAX (uniform)")
       ->capture_default_str();
   decode_bench->add_option("--steps", dbench.steps, "timed decode steps")->capture_default_str();

@@ -61,11 +61,26 @@ class DecodeBenchTest(unittest.TestCase):
         self.assertEqual(self.caches(), [], "the benchmark deletes its cache")
         as_json = json.loads(self.attn("--json", *args).stdout)  # --json prints the same record
         self.assertEqual(set(as_json), set(r))
+        self.assertEqual(as_json["clients"], 1)
+        self.assertEqual(as_json["call_mean_batched_calls"], 1)  # one stream: nothing to merge with
+
+    def test_decode_bench_concurrent_streams(self):
+        r = json.loads(self.attn("--json", "decode-bench", "--clients", "3", "--seqs", "6", "--context", "20",
+                                 "--steps", "6", "--layers", "2", "--q-heads", "4", "--kv-heads", "2", "--head-dim",
+                                 "16", "--dtype", "float32").stdout)
+        self.assertEqual((r["clients"], r["seqs"]), (3, 6))
+        self.assertAlmostEqual(r["sequence_steps_per_s"], 6 * r["steps_per_s"], delta=1e-6 * r["sequence_steps_per_s"])
+        self.assertGreaterEqual(r["call_mean_batched_calls"], 1)  # merged launches show as more than 1
+        self.assertLessEqual(r["call_mean_batched_calls"], 3)
+        self.assertEqual(self.caches(), [])
 
     def test_decode_bench_bad_options(self):
         r = self.attn("decode-bench", "--context", "9:3", check=False)
         self.assertNotEqual(r.returncode, 0)
         self.assertIn("--context", r.stderr)
+        r = self.attn("decode-bench", "--seqs", "2", "--clients", "3", check=False)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("--clients", r.stderr)
         r = self.attn("decode-bench", "--dtype", "int8", check=False)
         self.assertNotEqual(r.returncode, 0)
         self.assertIn("--dtype", r.stderr)

@@ -63,11 +63,12 @@ class Timings:
     total_ns: int
     flops: int
     bytes: int
+    batched_calls: int = 1  # calls that shared this call's kernel launch (dynamic batching)
 
     @classmethod
     def from_proto(cls, t: attn_pb2.Timings) -> "Timings":
         return cls(t.kernel, t.device, t.queue_ns, t.h2d_ns, t.kernel_ns, t.d2h_ns, t.total_ns,
-                   t.flops, t.bytes)
+                   t.flops, t.bytes, t.batched_calls)
 
 
 @dataclass

@@ -226,7 +226,9 @@ int main(int argc, char** argv) {
 
   attn::cli::DecodeBenchOptions dbench;
   auto* decode_bench = app.add_subcommand(
-      "decode-bench", "decode serving over a KV cache: prefill N sequences, then S steps of one Decode per layer");
+      "decode-bench", "decode serving over a KV cache: prefill N sequences, then S steps of one Decode per layer "
+                      "(the defaults are a GPU's load: a CPU server wants --context 256 --layers 4 --q-heads 8 "
+                      "--kv-heads 2 --head-dim 64)");
   decode_bench->add_option("--seqs", dbench.seqs, "sequences decoded together")->capture_default_str();
   decode_bench->add_option("--clients", dbench.clients, "concurrent decode streams, the sequences split among them")
       ->capture_default_str();

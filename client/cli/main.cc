@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "bench_rpc.h"
+#include "decode_bench.h"
 #include "attn/client.h"
 #include "attn/npy.h"
 #include "attn/wire.h"
@@ -223,6 +224,54 @@ int main(int argc, char** argv) {
   bench_rpc->add_flag("--causal", brpc.causal, "attention entries are causal");
   bench_rpc->add_option("--json-out", brpc.json_path, "also write the results as JSON here");
 
+  attn::cli::DecodeBenchOptions dbench;
+  auto* decode_bench = app.add_subcommand(
+      "decode-bench", "decode serving over a KV cache: prefill N sequences, then S steps of one Decode per layer");
+  decode_bench->add_option("--seqs", dbench.seqs, "sequences decoded together")->capture_default_str();
+  decode_bench->add_option("--context", dbench.context, "prompt tokens per sequence: N, or MIN:MAX (uniform)")
+      ->capture_default_str();
+  decode_bench->add_option("--steps", dbench.steps, "timed decode steps")->capture_default_str();
+  decode_bench->add_option("--warmup", dbench.warmup, "untimed steps first")->capture_default_str();
+  decode_bench->add_option("--layers", dbench.layers, "layers: one Decode call each per step")->capture_default_str();
+  decode_bench->add_option("--q-heads", dbench.q_heads, "query heads")->capture_default_str();
+  decode_bench->add_option("--kv-heads", dbench.kv_heads, "key/value heads")->capture_default_str();
+  decode_bench->add_option("--head-dim", dbench.head_dim, "head dimension")->capture_default_str();
+  decode_bench->add_option("--dtype", dbench.dtype, "float32, float16 or bfloat16")->capture_default_str();
+  decode_bench->add_option("--page-size", dbench.page_size, "tokens per page (8 .. 128)")->capture_default_str();
+  decode_bench->add_option("--prefill-chunk", dbench.prefill_chunk, "tokens per Prefill call at most")
+      ->capture_default_str();
+  decode_bench->add_option("--kernel", dbench.kernel, "Decode's variant (default: the server picks)");
+  decode_bench->add_option("--device", dbench.device, "the cache's device, e.g. cuda:1 (default: the server picks)");
+  decode_bench->add_option("--seed", dbench.seed, "seed of the lengths and values")->capture_default_str();
+  decode_bench->add_flag("--keep", dbench.keep, "leave the cache on the server");
+  decode_bench->add_option("--json-out", dbench.json_path, "also write the results as JSON here");
+
+  // KV caches by hand: create, describe, list, delete (JSON with --json).
+  auto* kv_cmd = app.add_subcommand("kv", "KV caches: create, describe, list, delete");
+  kv_cmd->require_subcommand(1);
+  attn::v1::KvCacheConfig kv_config;
+  std::string kv_dtype = "bfloat16", kv_device, kv_handle, kv_replica;
+  std::int64_t kv_ttl_ms = 0;
+  int kv_layers = 0, kv_heads_n = 0, kv_head_dim = 0, kv_page = 0;
+  std::int64_t kv_capacity = 0;
+  auto* kv_create = kv_cmd->add_subcommand("create", "make a cache; prints its handle and replica");
+  kv_create->add_option("--layers", kv_layers, "model layers")->required();
+  kv_create->add_option("--kv-heads", kv_heads_n, "key/value heads")->required();
+  kv_create->add_option("--head-dim", kv_head_dim, "head dimension")->required();
+  kv_create->add_option("--capacity", kv_capacity, "tokens over all sequences")->required();
+  kv_create->add_option("--dtype", kv_dtype, "float32, float16 or bfloat16")->capture_default_str();
+  kv_create->add_option("--page-size", kv_page, "tokens per page (0: the server's default)");
+  kv_create->add_option("--ttl-ms", kv_ttl_ms, "kept this long after its last use (0: the server's default)");
+  kv_create->add_option("--device", kv_device, "e.g. cuda:1 (default: the server picks)");
+  auto* kv_describe = kv_cmd->add_subcommand("describe", "pages, bytes and each sequence's lengths");
+  kv_describe->add_option("handle", kv_handle, "the cache's handle")->required();
+  auto* kv_list = kv_cmd->add_subcommand("list", "the caches of one server");
+  auto* kv_delete = kv_cmd->add_subcommand("delete", "drop a cache");
+  kv_delete->add_option("handle", kv_handle, "the cache's handle")->required();
+  for (auto* sub : {kv_describe, kv_list, kv_delete})
+    sub->add_option("--replica", kv_replica, "the server holding the cache (its KvCacheInfo.replica); "
+                                             "default: --server");
+
   std::string bm_op, bm_shape, bm_dtype = "bfloat16";
   std::vector<std::string> bm_kernels;
   std::int64_t bm_kv_heads = 0, bm_kv_len = 0;
@@ -249,6 +298,67 @@ int main(int argc, char** argv) {
   if (bench_rpc->parsed()) {
     brpc.server = c.server;
     return attn::cli::run_bench_rpc(brpc, options);
+  }
+  if (decode_bench->parsed()) {
+    dbench.json = c.json;
+    return attn::cli::run_decode_bench(dbench, client);
+  }
+  if (kv_cmd->parsed()) {
+    auto print_cache = [&](const attn::v1::KvCacheInfo& x) {
+      std::printf("%s on %s (%s): %d layers, Hkv %d, D %d, %s, page %d; pages %lld used / %lld total, "
+                  "%.1f MiB, %lld sequences\n",
+                  x.handle().c_str(), x.replica().c_str(), x.device().c_str(), x.config().layers(),
+                  x.config().kv_heads(), x.config().head_dim(),
+                  attn::v1::DType_Name(x.config().dtype()).c_str(), x.config().page_size(),
+                  static_cast<long long>(x.pages_used()), static_cast<long long>(x.pages_total()),
+                  x.bytes() / 1048576.0, static_cast<long long>(x.sequence_count()));
+      for (const auto& q : x.sequences()) {
+        std::string lengths;
+        for (auto n : q.lengths()) {
+          if (!lengths.empty()) lengths += ',';
+          lengths += std::to_string(n);
+        }
+        std::printf("  %s: lengths %s, %lld pages (%lld shared)\n", q.id().c_str(), lengths.c_str(),
+                    static_cast<long long>(q.pages()), static_cast<long long>(q.shared_pages()));
+      }
+    };
+    if (!kv_handle.empty() && !kv_replica.empty()) client.set_kv_cache_replica(kv_handle, kv_replica);
+    if (kv_create->parsed()) {
+      auto dt = attn::parse_dtype(kv_dtype);
+      if (!dt) return fail(attn::invalid_argument("--dtype: expected float32, float16 or bfloat16"));
+      kv_config.set_layers(kv_layers);
+      kv_config.set_kv_heads(kv_heads_n);
+      kv_config.set_head_dim(kv_head_dim);
+      kv_config.set_dtype(attn::wire::to_proto(*dt));
+      kv_config.set_page_size(kv_page);
+      kv_config.set_capacity_tokens(kv_capacity);
+      auto r = client.create_kv_cache(kv_config, kv_ttl_ms, kv_device);
+      if (!r.ok()) return std::cerr << "attn: " << r.status().to_string() << "\n", 1;
+      if (c.json) return print_json(*r);
+      print_cache(*r);
+      return 0;
+    }
+    if (kv_describe->parsed()) {
+      auto r = client.describe_kv_cache(kv_handle);
+      if (!r.ok()) return std::cerr << "attn: " << r.status().to_string() << "\n", 1;
+      if (c.json) return print_json(*r);
+      print_cache(*r);
+      return 0;
+    }
+    if (kv_list->parsed()) {
+      auto r = client.list_kv_caches(kv_replica);
+      if (!r.ok()) return std::cerr << "attn: " << r.status().to_string() << "\n", 1;
+      if (c.json) return print_json(*r);
+      for (const auto& x : r->caches()) print_cache(x);
+      std::printf("%d caches; %.1f MiB used of a %.1f MiB quota (tensors and caches)\n", r->caches_size(),
+                  r->used_bytes() / 1048576.0, r->quota_bytes() / 1048576.0);
+      return 0;
+    }
+    auto r = client.delete_kv_cache(kv_handle);
+    if (!r.ok()) return std::cerr << "attn: " << r.status().to_string() << "\n", 1;
+    if (c.json) return std::printf("{\"freed_bytes\": %lld}\n", static_cast<long long>(*r)), 0;
+    std::printf("freed %lld bytes\n", static_cast<long long>(*r));
+    return 0;
   }
   if (benchmark->parsed()) {
     attn::v1::BenchmarkRequest req;

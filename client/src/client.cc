@@ -3,7 +3,9 @@
 #include <grpcpp/create_channel.h>
 #include <grpcpp/security/credentials.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 
@@ -57,11 +59,19 @@ Result<std::shared_ptr<grpc::Channel>> make_channel(const std::string& target, c
   if (!options.load_balancing.empty()) args.SetLoadBalancingPolicyName(options.load_balancing);
   // Every op is a pure function of its inputs, so a call that never reached a server (a replica
   // that just went away) is safe to send again; gRPC retries small requests (those within its
-  // retry buffer) this way.
+  // retry buffer) this way. The calls that change a KV cache are not: an UNAVAILABLE may come
+  // after the server applied one (a reset connection), and a second Decode would append the token
+  // twice. They get gRPC's transparent retries only (sent nowhere yet).
   args.SetServiceConfigJSON(R"({"methodConfig": [{
       "name": [{"service": "attn.v1.AttnService"}],
       "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "1s",
-                      "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]})");
+                      "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}, {
+      "name": [{"service": "attn.v1.AttnService", "method": "CreateKvCache"},
+               {"service": "attn.v1.AttnService", "method": "DeleteKvCache"},
+               {"service": "attn.v1.AttnService", "method": "ReleaseSequences"},
+               {"service": "attn.v1.AttnService", "method": "ForkSequence"},
+               {"service": "attn.v1.AttnService", "method": "Decode"},
+               {"service": "attn.v1.AttnService", "method": "Prefill"}]}]})");
   std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
   if (options.tls) {
     grpc::SslCredentialsOptions ssl;
@@ -81,7 +91,7 @@ Result<std::shared_ptr<grpc::Channel>> make_channel(const std::string& target, c
   return grpc::CreateCustomChannel(target, credentials, args);
 }
 
-Client::Client(const std::string& target, const ClientOptions& options) : options_(options) {
+Client::Client(const std::string& target, const ClientOptions& options) : options_(options), target_(target) {
   auto channel = make_channel(target, options);
   if (!channel.ok()) {
     channel_status_ = channel.status();
@@ -256,6 +266,212 @@ Result<v1::EchoResponse> Client::echo(const std::string& payload) {
   v1::EchoResponse resp;
   ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->Echo(make_context().get(), req, &resp)));
   return resp;
+}
+
+// ---- KV caches ----
+
+void Client::learn_replica(const v1::KvCacheInfo& info) {
+  std::lock_guard lock(routes_->mu);
+  if (routes_->pinned.count(info.handle())) return;
+  if (info.replica().empty()) routes_->replica_of.erase(info.handle());
+  else routes_->replica_of[info.handle()] = info.replica();
+}
+
+void Client::set_kv_cache_replica(const std::string& handle, const std::string& replica) {
+  std::lock_guard lock(routes_->mu);
+  routes_->replica_of[handle] = replica;
+  routes_->pinned.insert(handle);
+}
+
+std::string Client::kv_cache_replica(const std::string& handle) const {
+  std::lock_guard lock(routes_->mu);
+  auto it = routes_->replica_of.find(handle);
+  return it == routes_->replica_of.end() ? std::string() : it->second;
+}
+
+Result<v1::AttnService::Stub*> Client::stub_for_replica(const std::string& replica) {
+  ATTN_RETURN_IF_ERROR(channel_status_);
+  if (replica.empty() || replica == target_) return stub_.get();
+  std::lock_guard lock(routes_->mu);
+  auto& stub = routes_->stubs[replica];
+  if (!stub) {
+    // One replica: pick_first, whatever policy spreads the main channel's calls.
+    ClientOptions one = options_;
+    one.load_balancing.clear();
+    auto channel = make_channel(replica, one);
+    if (!channel.ok()) {
+      routes_->stubs.erase(replica);
+      return channel.status();
+    }
+    stub = v1::AttnService::NewStub(*channel);
+  }
+  return stub.get();  // stubs are never dropped while the client lives
+}
+
+Result<v1::AttnService::Stub*> Client::kv_stub(const std::string& cache) {
+  return stub_for_replica(kv_cache_replica(cache));
+}
+
+Result<v1::KvCacheInfo> Client::create_kv_cache(const v1::KvCacheConfig& config, std::int64_t ttl_ms,
+                                                const std::string& device) {
+  ATTN_RETURN_IF_ERROR(channel_status_);
+  v1::CreateKvCacheRequest req;
+  *req.mutable_config() = config;
+  req.set_ttl_ms(ttl_ms);
+  req.set_device(device);
+  v1::CreateKvCacheResponse resp;
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->CreateKvCache(make_context().get(), req, &resp)));
+  learn_replica(resp.cache());
+  return resp.cache();
+}
+
+Result<v1::KvCacheInfo> Client::describe_kv_cache(const std::string& handle) {
+  ATTN_ASSIGN_OR_RETURN(stub, kv_stub(handle));
+  v1::DescribeKvCacheRequest req;
+  req.set_handle(handle);
+  v1::DescribeKvCacheResponse resp;
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub->DescribeKvCache(make_context().get(), req, &resp)));
+  learn_replica(resp.cache());
+  return resp.cache();
+}
+
+Result<v1::ListKvCachesResponse> Client::list_kv_caches(const std::string& replica) {
+  ATTN_ASSIGN_OR_RETURN(stub, stub_for_replica(replica));
+  v1::ListKvCachesResponse resp;
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub->ListKvCaches(make_context().get(), {}, &resp)));
+  for (const auto& info : resp.caches()) learn_replica(info);
+  return resp;
+}
+
+Result<std::int64_t> Client::delete_kv_cache(const std::string& handle) {
+  ATTN_ASSIGN_OR_RETURN(stub, kv_stub(handle));
+  v1::DeleteKvCacheRequest req;
+  req.set_handle(handle);
+  v1::DeleteKvCacheResponse resp;
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub->DeleteKvCache(make_context().get(), req, &resp)));
+  std::lock_guard lock(routes_->mu);
+  routes_->replica_of.erase(handle);
+  routes_->pinned.erase(handle);
+  return resp.freed_bytes();
+}
+
+Result<std::int64_t> Client::release_sequences(const std::string& cache,
+                                               const std::vector<std::string>& sequence_ids) {
+  ATTN_ASSIGN_OR_RETURN(stub, kv_stub(cache));
+  v1::ReleaseSequencesRequest req;
+  req.set_cache(cache);
+  for (const auto& id : sequence_ids) req.add_sequence_ids(id);
+  v1::ReleaseSequencesResponse resp;
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub->ReleaseSequences(make_context().get(), req, &resp)));
+  return resp.freed_pages();
+}
+
+Result<v1::ForkSequenceResponse> Client::fork_sequence(const std::string& cache, const std::string& source_id,
+                                                       const std::string& new_id) {
+  ATTN_ASSIGN_OR_RETURN(stub, kv_stub(cache));
+  v1::ForkSequenceRequest req;
+  req.set_cache(cache);
+  req.set_source_id(source_id);
+  req.set_new_id(new_id);
+  v1::ForkSequenceResponse resp;
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub->ForkSequence(make_context().get(), req, &resp)));
+  return resp;
+}
+
+namespace {
+
+template <class Response>
+Result<KvOpResult> kv_op_result(const Response& resp, bool with_lse) {
+  ATTN_ASSIGN_OR_RETURN(o, to_tensor(resp.o(), "o"));
+  KvOpResult result{std::move(o), {}, resp.timings(), {resp.lengths().begin(), resp.lengths().end()}};
+  if (with_lse) {
+    ATTN_ASSIGN_OR_RETURN(lse, to_tensor(resp.lse(), "lse"));
+    result.lse = std::move(lse);
+  }
+  return result;
+}
+
+}  // namespace
+
+Result<KvOpResult> Client::decode(const std::string& cache, int layer, const std::vector<std::string>& sequence_ids,
+                                  const Tensor& q, const Tensor& k_new, const Tensor& v_new,
+                                  const DecodeOptions& options) {
+  ATTN_ASSIGN_OR_RETURN(stub, kv_stub(cache));
+  v1::DecodeRequest req;
+  req.set_cache(cache);
+  req.set_layer(layer);
+  for (const auto& id : sequence_ids) req.add_sequence_ids(id);
+  wire::encode_tensor(q.view(), req.mutable_q());
+  wire::encode_tensor(k_new.view(), req.mutable_k_new());
+  wire::encode_tensor(v_new.view(), req.mutable_v_new());
+  req.set_scale(options.scale);
+  req.set_kernel(options.kernel);
+  req.set_return_lse(options.return_lse);
+  v1::DecodeResponse resp;
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub->Decode(make_context().get(), req, &resp)));
+  return kv_op_result(resp, options.return_lse);
+}
+
+Result<KvOpResult> Client::prefill(const std::string& cache, int layer, const std::vector<std::string>& sequence_ids,
+                                   const std::vector<std::int64_t>& lens, const Tensor& q, const Tensor& k,
+                                   const Tensor& v, const PrefillOptions& options) {
+  ATTN_ASSIGN_OR_RETURN(stub, kv_stub(cache));
+  v1::PrefillRequest req;
+  req.set_cache(cache);
+  req.set_layer(layer);
+  for (const auto& id : sequence_ids) req.add_sequence_ids(id);
+  req.mutable_lens()->Assign(lens.begin(), lens.end());
+  wire::encode_tensor(q.view(), req.mutable_q());
+  wire::encode_tensor(k.view(), req.mutable_k());
+  wire::encode_tensor(v.view(), req.mutable_v());
+  req.set_non_causal(options.non_causal);
+  req.set_scale(options.scale);
+  req.set_kernel(options.kernel);
+  req.set_return_lse(options.return_lse);
+  v1::PrefillResponse resp;
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub->Prefill(make_context().get(), req, &resp)));
+  return kv_op_result(resp, options.return_lse);
+}
+
+Result<KvContents> Client::read_kv(const std::string& cache, const std::string& sequence_id, int layer,
+                                   std::size_t chunk_bytes) {
+  ATTN_ASSIGN_OR_RETURN(stub, kv_stub(cache));
+  auto ctx = make_context();
+  v1::ReadKvRequest req;
+  req.set_cache(cache);
+  req.set_sequence_id(sequence_id);
+  req.set_layer(layer);
+  req.set_chunk_bytes(static_cast<std::int64_t>(chunk_bytes));
+  auto reader = stub->ReadKv(ctx.get(), req);
+  v1::ReadKvResponse msg;
+  KvContents out;
+  std::size_t got = 0;  // over K's bytes, then V's
+  bool have_header = false;
+  while (reader->Read(&msg)) {
+    if (msg.has_header()) {
+      const auto dtype = wire::from_proto(msg.header().dtype());
+      if (!dtype || have_header) return internal_error("ReadKv: the server sent a bad or second header");
+      const Shape shape(msg.header().shape().begin(), msg.header().shape().end());
+      out.k = Tensor(*dtype, shape);
+      out.v = Tensor(*dtype, shape);
+      have_header = true;
+      continue;
+    }
+    const std::string& chunk = msg.chunk();
+    if (!have_header || got + chunk.size() > out.k.bytes() + out.v.bytes())
+      return internal_error("ReadKv: the server sent more bytes than the shape holds");
+    for (std::size_t used = 0; used < chunk.size();) {
+      Tensor& dst = got < out.k.bytes() ? out.k : out.v;
+      const std::size_t at = got < out.k.bytes() ? got : got - out.k.bytes();
+      const std::size_t n = std::min(chunk.size() - used, dst.bytes() - at);
+      std::memcpy(static_cast<char*>(dst.data()) + at, chunk.data() + used, n);
+      used += n;
+      got += n;
+    }
+  }
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(reader->Finish()));
+  if (!have_header || got != out.k.bytes() + out.v.bytes()) return internal_error("ReadKv: the stream ended early");
+  return out;
 }
 
 }  // namespace attn

@@ -5,8 +5,12 @@
 #include <grpcpp/channel.h>
 
 #include <chrono>
+#include <map>
 #include <memory>
+#include <mutex>
+#include <set>
 #include <string>
+#include <vector>
 
 #include "attn/status.h"
 #include "attn/tensor.h"
@@ -47,6 +51,34 @@ struct OpResult {
   v1::Timings timings;
 };
 
+struct DecodeOptions {
+  float scale = 0.0f;  // 0: 1/sqrt(D)
+  bool return_lse = false;
+  std::string kernel;
+};
+
+struct PrefillOptions {
+  bool non_causal = false;  // each new token sees all of its sequence (encoders)
+  float scale = 0.0f;
+  bool return_lse = false;
+  std::string kernel;
+};
+
+// A Decode or Prefill result: o [rows, Hq, D], lse float32 [rows, Hq] when asked for, and each
+// sequence's length at that layer after the call.
+struct KvOpResult {
+  Tensor output;
+  Tensor lse;
+  v1::Timings timings;
+  std::vector<std::int64_t> lengths;
+};
+
+// One sequence's cached K and V at one layer, each [len, Hkv, D] in the cache's dtype.
+struct KvContents {
+  Tensor k;
+  Tensor v;
+};
+
 class Client {
  public:
   // `target`: "host:port", or any gRPC target ("ipv4:127.0.0.1:1,127.0.0.1:2"). A TLS file that
@@ -77,6 +109,39 @@ class Client {
   // The payload back, and the server's time in the handler.
   Result<v1::EchoResponse> echo(const std::string& payload);
 
+  // KV caches (decode serving). A cache lives on one replica; every call on it goes to the
+  // replica its KvCacheInfo names (learned from create, describe and list, or told through
+  // set_kv_cache_replica), over a pick_first channel made on first use with this client's options.
+  // A handle the client has not learned goes over the main channel.
+  Result<v1::KvCacheInfo> create_kv_cache(const v1::KvCacheConfig& config, std::int64_t ttl_ms = 0,
+                                          const std::string& device = "");
+  Result<v1::KvCacheInfo> describe_kv_cache(const std::string& handle);
+  // The caches of one server: the main channel's pick (one replica of several), or `replica`'s.
+  Result<v1::ListKvCachesResponse> list_kv_caches(const std::string& replica = "");
+  // Returns the bytes freed.
+  Result<std::int64_t> delete_kv_cache(const std::string& handle);
+  // Returns the pages freed.
+  Result<std::int64_t> release_sequences(const std::string& cache, const std::vector<std::string>& sequence_ids);
+  Result<v1::ForkSequenceResponse> fork_sequence(const std::string& cache, const std::string& source_id,
+                                                 const std::string& new_id);
+  // q [n, Hq, D], k_new/v_new [n, Hkv, D]: one token per sequence, at one layer.
+  Result<KvOpResult> decode(const std::string& cache, int layer, const std::vector<std::string>& sequence_ids,
+                            const Tensor& q, const Tensor& k_new, const Tensor& v_new,
+                            const DecodeOptions& options = {});
+  // q [sum(lens), Hq, D], k/v [sum(lens), Hkv, D]: lens[i] new tokens of sequence i, packed.
+  Result<KvOpResult> prefill(const std::string& cache, int layer, const std::vector<std::string>& sequence_ids,
+                             const std::vector<std::int64_t>& lens, const Tensor& q, const Tensor& k,
+                             const Tensor& v, const PrefillOptions& options = {});
+  Result<KvContents> read_kv(const std::string& cache, const std::string& sequence_id, int layer,
+                             std::size_t chunk_bytes = 0);
+  // Where a cache made elsewhere (another process) lives: its KvCacheInfo.replica.
+  void set_kv_cache_replica(const std::string& handle, const std::string& replica);
+  // The replica this client sends `handle`'s calls to; empty: the main channel.
+  std::string kv_cache_replica(const std::string& handle) const;
+  // The stub that reaches `cache`'s replica, for requests built by hand; fails only when that
+  // replica's channel cannot be made (a TLS file that cannot be read).
+  Result<v1::AttnService::Stub*> kv_stub(const std::string& cache);
+
   // The channel, for other services on the same server (health, reflection).
   const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
   // The generated stub, for requests built by hand.
@@ -87,10 +152,23 @@ class Client {
   const Status& channel_status() const { return channel_status_; }
 
  private:
+  // Handle -> replica address, and a stub per replica address (made on first use).
+  struct KvRoutes {
+    mutable std::mutex mu;
+    std::map<std::string, std::string> replica_of;
+    std::set<std::string> pinned;  // told by set_kv_cache_replica: what the server says won't move it
+    std::map<std::string, std::unique_ptr<v1::AttnService::Stub>> stubs;
+  };
+
+  void learn_replica(const v1::KvCacheInfo& info);
+  Result<v1::AttnService::Stub*> stub_for_replica(const std::string& replica);
+
   Status channel_status_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::AttnService::Stub> stub_;
   ClientOptions options_;
+  std::string target_;  // empty when made from a channel
+  std::unique_ptr<KvRoutes> routes_ = std::make_unique<KvRoutes>();
 };
 
 // Makes a channel to `target` with the message limits, TLS and load balancing of `options`, or

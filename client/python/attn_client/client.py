@@ -3,6 +3,8 @@
 from dataclasses import dataclass
 from typing import Optional
 
+import threading
+
 import grpc
 import numpy as np
 
@@ -12,10 +14,31 @@ from .tensors import decode, encode
 
 # Every op is a pure function of its inputs: a call that never reached a server is safe to send
 # again, so small calls are retried once or twice on UNAVAILABLE (a replica that went away).
+# The calls that change a KV cache are not: an UNAVAILABLE may come after the server applied one
+# (a reset connection), and a second Decode would append the token twice; they get gRPC's
+# transparent retries only (calls sent nowhere yet).
 _SERVICE_CONFIG = """{"methodConfig": [{
   "name": [{"service": "attn.v1.AttnService"}],
   "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "1s",
-                  "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]}"""
+                  "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}, {
+  "name": [{"service": "attn.v1.AttnService", "method": "CreateKvCache"},
+           {"service": "attn.v1.AttnService", "method": "DeleteKvCache"},
+           {"service": "attn.v1.AttnService", "method": "ReleaseSequences"},
+           {"service": "attn.v1.AttnService", "method": "ForkSequence"},
+           {"service": "attn.v1.AttnService", "method": "Decode"},
+           {"service": "attn.v1.AttnService", "method": "Prefill"}]}]}"""
+
+_DTYPES = {"float32": attn_pb2.D_TYPE_FLOAT32, "float16": attn_pb2.D_TYPE_FLOAT16,
+           "bfloat16": attn_pb2.D_TYPE_BFLOAT16}
+_DTYPE_ALIASES = {"f32": "float32", "fp32": "float32", "f16": "float16", "fp16": "float16", "half": "float16",
+                  "bf16": "bfloat16"}
+
+
+def _sequence_ids(ids) -> list:
+    """A list of sequence ids; a lone string would otherwise become one id per character."""
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(f"sequence_ids: expected a list of ids, got the string {ids!r}")
+    return list(ids)
 
 
 class AttnError(Exception):
@@ -45,6 +68,17 @@ class Timings:
     def from_proto(cls, t: attn_pb2.Timings) -> "Timings":
         return cls(t.kernel, t.device, t.queue_ns, t.h2d_ns, t.kernel_ns, t.d2h_ns, t.total_ns,
                    t.flops, t.bytes)
+
+
+@dataclass
+class KvResult:
+    """A Decode or Prefill result: o [rows, Hq, D], each sequence's length at that layer after the
+    call, the server's timings, and the log-sum-exp float32 [rows, Hq] when asked for."""
+
+    output: object  # numpy array, or BFloat16
+    lengths: list
+    timings: Timings
+    lse: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -95,18 +129,31 @@ class Client:
             options.append(("grpc.lb_policy_name", load_balancing))
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
+        creds = None
         if tls or root_certificates or certificate_chain:
             creds = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
             self._channel = grpc.secure_channel(target, creds, options)
         else:
             self._channel = grpc.insecure_channel(target, options)
         self._stub = attn_pb2_grpc.AttnServiceStub(self._channel)
+        # KV-cache routing: a cache lives on one replica, named in its KvCacheInfo.replica. Each
+        # replica gets its own pick_first channel (same credentials and limits) on first use.
+        self._target = target
+        self._replica_options = [o for o in options if o[0] != "grpc.lb_policy_name"]
+        self._creds = creds
+        self._replica_of = {}  # handle -> replica address
+        self._pinned = set()  # handles placed by set_kv_cache_replica
+        self._replica_channels = {}  # address -> (channel, stub)
+        self._replica_lock = threading.Lock()  # one channel per address, whichever thread asks first
         token = token if token is not None else os.environ.get("ATTN_TOKEN", "").strip()
         self._metadata = [("authorization", f"Bearer {token}")] if token else []
         self._timeout = timeout
 
     def close(self):
         self._channel.close()
+        for channel, _ in self._replica_channels.values():
+            channel.close()
+        self._replica_channels.clear()
 
     def __enter__(self):
         return self
@@ -226,3 +273,138 @@ class Client:
         except grpc.RpcError as e:
             raise AttnError(e.code(), e.details()) from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    # ---- KV caches ----
+    # Every call on a cache goes to the replica its KvCacheInfo names (learned from create,
+    # describe and list, or told with set_kv_cache_replica); a handle this client has not learned
+    # goes over the main channel.
+
+    def set_kv_cache_replica(self, handle: str, replica: str):
+        """Where a cache made elsewhere (another process) lives: its KvCacheInfo.replica. What a
+        server later says does not move it."""
+        self._replica_of[handle] = replica
+        self._pinned.add(handle)
+
+    def kv_cache_replica(self, handle: str) -> str:
+        """The replica this client sends `handle`'s calls to; "" for the main channel."""
+        return self._replica_of.get(handle, "")
+
+    def _learn(self, info: attn_pb2.KvCacheInfo):
+        if info.handle in self._pinned:
+            return
+        if info.replica:
+            self._replica_of[info.handle] = info.replica
+        else:
+            self._replica_of.pop(info.handle, None)
+
+    def _stub_for_replica(self, replica: str):
+        if not replica or replica == self._target:
+            return self._stub
+        with self._replica_lock:
+            if replica not in self._replica_channels:
+                if self._creds is not None:
+                    channel = grpc.secure_channel(replica, self._creds, self._replica_options)
+                else:
+                    channel = grpc.insecure_channel(replica, self._replica_options)
+                self._replica_channels[replica] = (channel, attn_pb2_grpc.AttnServiceStub(channel))
+            return self._replica_channels[replica][1]
+
+    def _kv_stub(self, cache: str):
+        return self._stub_for_replica(self._replica_of.get(cache, ""))
+
+    def create_kv_cache(self, *, layers: int, kv_heads: int, head_dim: int, capacity_tokens: int,
+                        dtype="float32", page_size=0, ttl_ms=0, device="") -> attn_pb2.KvCacheInfo:
+        """A paged K/V store for `layers` layers of `kv_heads` heads of `head_dim`, holding
+        `capacity_tokens` tokens over all its sequences (each sequence fills whole pages of its
+        own); dtype "float32", "float16" or "bfloat16" (or a numpy dtype).
+        Returns its KvCacheInfo (`.handle`, `.replica`, `.pages_total`, ...)."""
+        name = np.dtype(dtype).name if not isinstance(dtype, str) else _DTYPE_ALIASES.get(dtype, dtype)
+        if name not in _DTYPES:
+            raise ValueError(f"dtype: expected float32, float16 or bfloat16, got {dtype!r}")
+        config = attn_pb2.KvCacheConfig(layers=layers, kv_heads=kv_heads, head_dim=head_dim,
+                                        dtype=_DTYPES[name], page_size=page_size,
+                                        capacity_tokens=capacity_tokens)
+        req = attn_pb2.CreateKvCacheRequest(config=config, ttl_ms=ttl_ms, device=device)
+        info = self._call(self._stub.CreateKvCache, req).cache
+        self._learn(info)
+        return info
+
+    def describe_kv_cache(self, handle: str) -> attn_pb2.KvCacheInfo:
+        """Pages used and free, bytes, and each sequence's lengths (`.sequences`)."""
+        info = self._call(self._kv_stub(handle).DescribeKvCache,
+                          attn_pb2.DescribeKvCacheRequest(handle=handle)).cache
+        self._learn(info)
+        return info
+
+    def list_kv_caches(self, replica: str = "") -> attn_pb2.ListKvCachesResponse:
+        """The caches of one server: the main channel's pick (one of several replicas), or
+        `replica`'s."""
+        resp = self._call(self._stub_for_replica(replica).ListKvCaches, attn_pb2.ListKvCachesRequest())
+        for info in resp.caches:
+            self._learn(info)
+        return resp
+
+    def delete_kv_cache(self, handle: str) -> int:
+        """Drops a cache; returns the bytes freed."""
+        freed = self._call(self._kv_stub(handle).DeleteKvCache,
+                           attn_pb2.DeleteKvCacheRequest(handle=handle)).freed_bytes
+        self._replica_of.pop(handle, None)
+        self._pinned.discard(handle)
+        return freed
+
+    def release_sequences(self, cache: str, sequence_ids) -> int:
+        """Frees the sequences' pages; returns the pages returned to the free list."""
+        req = attn_pb2.ReleaseSequencesRequest(cache=cache, sequence_ids=_sequence_ids(sequence_ids))
+        return self._call(self._kv_stub(cache).ReleaseSequences, req).freed_pages
+
+    def fork_sequence(self, cache: str, source_id: str, new_id: str) -> attn_pb2.ForkSequenceResponse:
+        """A new sequence sharing the source's full pages; `.sequence`, `.copied_pages`."""
+        req = attn_pb2.ForkSequenceRequest(cache=cache, source_id=source_id, new_id=new_id)
+        return self._call(self._kv_stub(cache).ForkSequence, req)
+
+    def decode(self, cache: str, layer: int, sequence_ids, q, k_new, v_new, *, scale=0.0,
+               return_lse=False, kernel="") -> KvResult:
+        """One token per sequence at one layer: appends k_new/v_new [n, Hkv, D], then attends
+        q [n, Hq, D] over each sequence's whole cache. Arrays in the cache's dtype."""
+        req = attn_pb2.DecodeRequest(cache=cache, layer=layer, sequence_ids=_sequence_ids(sequence_ids),
+                                     q=encode(q), k_new=encode(k_new), v_new=encode(v_new),
+                                     scale=scale, return_lse=return_lse, kernel=kernel)
+        resp = self._call(self._kv_stub(cache).Decode, req)
+        return KvResult(decode(resp.o), list(resp.lengths), Timings.from_proto(resp.timings),
+                        decode(resp.lse) if return_lse else None)
+
+    def prefill(self, cache: str, layer: int, sequence_ids, lens, q, k, v, *, non_causal=False,
+                scale=0.0, return_lse=False, kernel="") -> KvResult:
+        """lens[i] new tokens of sequence i (packed: q [sum(lens), Hq, D], k/v [sum(lens), Hkv,
+        D]) appended at one layer, with causal attention over each sequence's cache; unknown ids
+        are created."""
+        req = attn_pb2.PrefillRequest(cache=cache, layer=layer, sequence_ids=_sequence_ids(sequence_ids),
+                                      lens=[int(n) for n in lens], q=encode(q), k=encode(k),
+                                      v=encode(v), non_causal=non_causal, scale=scale,
+                                      return_lse=return_lse, kernel=kernel)
+        resp = self._call(self._kv_stub(cache).Prefill, req)
+        return KvResult(decode(resp.o), list(resp.lengths), Timings.from_proto(resp.timings),
+                        decode(resp.lse) if return_lse else None)
+
+    def read_kv(self, cache: str, sequence_id: str, layer: int, *, chunk_bytes=0):
+        """One sequence's cached (K, V) at one layer, each [len, Hkv, D] in the cache's dtype."""
+        req = attn_pb2.ReadKvRequest(cache=cache, sequence_id=sequence_id, layer=layer,
+                                     chunk_bytes=chunk_bytes)
+        try:
+            header, chunks = None, []
+            for msg in self._kv_stub(cache).ReadKv(req, timeout=self._timeout, metadata=self._metadata):
+                if msg.HasField("header"):
+                    header = msg.header
+                else:
+                    chunks.append(msg.chunk)
+        except grpc.RpcError as e:
+            raise AttnError(e.code(), e.details()) from None
+        if header is None:
+            raise AttnError(grpc.StatusCode.INTERNAL, "ReadKv: the stream had no header")
+        data = b"".join(chunks)
+        if len(data) % 2:
+            raise AttnError(grpc.StatusCode.INTERNAL, "ReadKv: K and V differ in size")
+        half = len(data) // 2
+        k = decode(attn_pb2.Tensor(dtype=header.dtype, shape=list(header.shape), data=data[:half]))
+        v = decode(attn_pb2.Tensor(dtype=header.dtype, shape=list(header.shape), data=data[half:]))
+        return k, v

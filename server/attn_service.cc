@@ -2,6 +2,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include <cstring>
+
 #include "attn/version.h"
 
 namespace attn::server {
@@ -96,21 +98,130 @@ void AttnService::device_faulted(Executor& executor, const std::string& what, co
 
 void AttnService::submit(grpc::CallbackServerContext* ctx, grpc::ServerUnaryReactor* reactor, const char* op,
                          const std::string& variant, std::size_t bytes_in, const Placement& placement,
-                         std::function<void(Executor&, std::int64_t queue_ns)> run) {
+                         std::function<void(Executor&, std::int64_t queue_ns)> run,
+                         std::shared_ptr<BatchMember> batch) {
   Scheduler::Job job;
   job.abandoned = [ctx] { return call_abandoned(ctx); };
   job.drop = [=, this](const Status& why) { finish(reactor, ctx, op, variant, why, nullptr, bytes_in, 0); };
   job.run = std::move(run);
+  job.batch = std::move(batch);
   const Status queued = scheduler_.submit(placement, std::move(job));
   if (!queued.ok()) finish(reactor, ctx, op, variant, queued, nullptr, bytes_in, 0);
 }
+
+// One call of a one-shot op, from its decoded arguments to its response. Softmax calls of one
+// dtype, row width and variant waiting together merge: their rows run as one launch (a row's
+// result does not depend on the other rows, so each caller gets what it would have alone).
+template <class Request, class Response>
+class OneShotCall final : public BatchMember {
+ public:
+  using Args = typename RpcOp<Request>::Args;
+  AttnService* service = nullptr;
+  grpc::CallbackServerContext* ctx = nullptr;
+  grpc::ServerUnaryReactor* reactor = nullptr;
+  Response* resp = nullptr;
+  Clock::time_point start;
+  std::size_t bytes_in = 0;
+  bool return_values = false;
+  std::shared_ptr<PreparedOp<Args>> op;
+  std::vector<v1::Tensor*> outputs;
+  std::string key;
+
+  const char* name() const { return OpDesc<Args>::kName; }
+  const VariantInfo& variant() const { return op->variant->info; }
+  const std::string& batch_key() const override { return key; }
+  bool joins(const std::vector<const BatchMember*>&) const override { return true; }
+
+  // The key of calls that can share a launch, or empty.
+  static std::string key_of(const PreparedOp<Args>& op) {
+    if constexpr (std::is_same_v<Args, SoftmaxArgs>) {
+      // Inline inputs and outputs only: a resident input pins the call to its device's memory.
+      if (!op.resident.empty() || !op.kept.empty()) return "";
+      return "softmax " + op.variant->info.name + " " + std::string(dtype_name(op.args.x.dtype)) + " " +
+             std::to_string(op.args.x.dim(-1));
+    } else {
+      return "";
+    }
+  }
+
+  void fail(const Status& s) { service->finish(reactor, ctx, name(), variant().name, s, nullptr, bytes_in, 0); }
+
+  void run_alone(Executor& executor, std::int64_t queue_ns) {
+    ExecTimings t;
+    const Status status = executor.execute(make_call(*op->variant, op->args), t);
+    if (!status.ok()) {
+      service->device_faulted(executor, variant().name, status);
+      return fail(status);
+    }
+    succeed(executor, t, queue_ns, 1);
+  }
+
+  void run_together(Executor& executor, const std::vector<Merged>& members) override {
+    if constexpr (std::is_same_v<Args, SoftmaxArgs>) {
+      std::vector<OneShotCall*> calls;
+      for (const Merged& m : members) calls.push_back(static_cast<OneShotCall*>(m.member));
+      std::int64_t rows = 0;
+      const std::int64_t cols = op->args.x.dim(-1);
+      for (OneShotCall* c : calls) rows += c->op->args.x.numel() / cols;
+      const DType dt = op->args.x.dtype;
+      Tensor x(dt, {rows, cols}), y(dt, {rows, cols});
+      std::size_t at = 0;
+      for (OneShotCall* c : calls) {
+        std::memcpy(static_cast<char*>(x.data()) + at, c->op->args.x.data, c->op->args.x.bytes());
+        at += c->op->args.x.bytes();
+      }
+      SoftmaxArgs all{x.view(), y.view()};
+      ExecTimings t;
+      const Status status = executor.execute(make_call(*op->variant, all), t);
+      if (!status.ok()) {
+        service->device_faulted(executor, variant().name, status);
+        for (OneShotCall* c : calls) c->fail(status);
+        return;
+      }
+      if (service->config_.metrics) service->config_.metrics->record_batch(name(), calls.size());
+      at = 0;
+      for (std::size_t i = 0; i < calls.size(); ++i) {
+        OneShotCall& c = *calls[i];
+        std::memcpy(c.op->args.y.data, static_cast<const char*>(y.data()) + at, c.op->args.y.bytes());
+        at += c.op->args.y.bytes();
+        c.succeed(executor, t, members[i].queue_ns, static_cast<int>(calls.size()));
+      }
+    } else {
+      // No key, no company: only ever called with merged members of a key.
+      for (const Merged& m : members) static_cast<OneShotCall*>(m.member)->run_alone(executor, m.queue_ns);
+    }
+  }
+
+ private:
+  void succeed(Executor& executor, const ExecTimings& t, std::int64_t queue_ns, int batched) {
+    for (const auto& kept : op->kept) service->config_.store->publish(kept);
+    if (return_values)
+      for (v1::Tensor* out : outputs) wire::convert_to_values(out);  // kept outputs have no data
+    const OpCost cost = cost_of(op->args);
+    v1::Timings* timings = resp->mutable_timings();
+    timings->set_kernel(variant().name);
+    timings->set_device(executor.device().label());
+    timings->set_queue_ns(queue_ns);
+    timings->set_h2d_ns(t.h2d_ns);
+    timings->set_kernel_ns(t.kernel_ns);
+    timings->set_d2h_ns(t.d2h_ns);
+    timings->set_flops(cost.flops);
+    timings->set_bytes(cost.bytes);
+    timings->set_batched_calls(batched);
+    timings->set_total_ns(ns_since(start));
+    spdlog::debug("{} {} on {}: queue {} us, kernel {} us, total {} us", name(), variant().name, timings->device(),
+                  queue_ns / 1000, t.kernel_ns / 1000, timings->total_ns() / 1000);
+    service->finish(reactor, ctx, name(), variant().name, Status::Ok(), timings, bytes_in, resp->ByteSizeLong());
+  }
+};
 
 template <class Request, class Response>
 grpc::ServerUnaryReactor* AttnService::serve(grpc::CallbackServerContext* ctx, const Request* req, Response* resp) {
   using Rpc = RpcOp<Request>;
   using Args = typename Rpc::Args;
   const char* op = OpDesc<Args>::kName;
-  const auto start = Clock::now();
+  auto call = std::make_shared<OneShotCall<Request, Response>>();
+  call->start = Clock::now();
   const std::size_t bytes_in = req->ByteSizeLong();
   if (auto* refused = refuse_unauthenticated(ctx, op, bytes_in)) return refused;
   auto* reactor = ctx->DefaultReactor();
@@ -119,44 +230,27 @@ grpc::ServerUnaryReactor* AttnService::serve(grpc::CallbackServerContext* ctx, c
     finish(reactor, ctx, op, "", prepared.status(), nullptr, bytes_in, 0);
     return reactor;
   }
-  auto prepared_op = std::make_shared<PreparedOp<Args>>(std::move(prepared).value());
+  call->service = this;
+  call->ctx = ctx;
+  call->reactor = reactor;
+  call->resp = resp;
+  call->bytes_in = bytes_in;
+  call->return_values = req->return_values();
+  call->op = std::make_shared<PreparedOp<Args>>(std::move(prepared).value());
+  call->outputs = Rpc::outputs(*req, resp);
+  call->key = call->key_of(*call->op);
   // The registry outlives every call: the job holds a pointer, not a copy of the variant's info.
-  const VariantInfo* variant = &prepared_op->variant->info;
+  const VariantInfo* variant = &call->variant();
   Placement placement;
   placement.backend = variant->backend;
   // Pinned to the device holding its resident data (any of its streams), else the backend's.
-  if (prepared_op->executor >= 0) placement.device = scheduler_.device_of(static_cast<std::size_t>(prepared_op->executor));
+  if (call->op->executor >= 0) placement.device = scheduler_.device_of(static_cast<std::size_t>(call->op->executor));
   // A tiny op on the CPU runs on this thread when the CPU is idle: handing it to the worker
   // (a queue push and a wake-up, ~20 us) would cost more than the op itself.
-  placement.inline_when_idle = variant->backend == Backend::kCpu && tiny(cost_of(prepared_op->args));
-  const std::vector<v1::Tensor*> outputs = Rpc::outputs(*req, resp);
-  const bool return_values = req->return_values();
-  submit(ctx, reactor, op, variant->name, bytes_in, placement, [=, this](Executor& executor, std::int64_t queue_ns) {
-    ExecTimings t;
-    const Status status = executor.execute(make_call(*prepared_op->variant, prepared_op->args), t);
-    if (!status.ok()) {
-      device_faulted(executor, variant->name, status);
-      finish(reactor, ctx, op, variant->name, status, nullptr, bytes_in, 0);
-      return;
-    }
-    for (const auto& kept : prepared_op->kept) config_.store->publish(kept);
-    if (return_values)
-      for (v1::Tensor* out : outputs) wire::convert_to_values(out);  // kept outputs have no data
-    const OpCost cost = cost_of(prepared_op->args);
-    v1::Timings* timings = resp->mutable_timings();
-    timings->set_kernel(variant->name);
-    timings->set_device(executor.device().label());
-    timings->set_queue_ns(queue_ns);
-    timings->set_h2d_ns(t.h2d_ns);
-    timings->set_kernel_ns(t.kernel_ns);
-    timings->set_d2h_ns(t.d2h_ns);
-    timings->set_flops(cost.flops);
-    timings->set_bytes(cost.bytes);
-    timings->set_total_ns(ns_since(start));
-    spdlog::debug("{} {} on {}: queue {} us, kernel {} us, total {} us", op, variant->name, timings->device(),
-                  queue_ns / 1000, t.kernel_ns / 1000, timings->total_ns() / 1000);
-    finish(reactor, ctx, op, variant->name, Status::Ok(), timings, bytes_in, resp->ByteSizeLong());
-  });
+  placement.inline_when_idle = variant->backend == Backend::kCpu && tiny(cost_of(call->op->args));
+  submit(ctx, reactor, op, variant->name, bytes_in, placement,
+         [call](Executor& executor, std::int64_t queue_ns) { call->run_alone(executor, queue_ns); },
+         call->key.empty() ? nullptr : call);
   return reactor;
 }
 

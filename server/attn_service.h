@@ -42,6 +42,8 @@ Status call_abandoned(grpc::CallbackServerContext* ctx);
 
 template <class Args, class Response>
 class KvCall;
+template <class Request, class Response>
+class OneShotCall;
 
 // The kernel name that injects a device fault when the server allows it.
 inline constexpr const char* kFaultInjectionKernel = "fault_injection/trap";
@@ -116,7 +118,8 @@ class AttnService final : public v1::AttnService::CallbackService {
   // Queues `run` for the call; a refusal, or the call abandoned in the queue, finishes it.
   void submit(grpc::CallbackServerContext* ctx, grpc::ServerUnaryReactor* reactor, const char* op,
               const std::string& variant, std::size_t bytes_in, const Placement& placement,
-              std::function<void(Executor&, std::int64_t queue_ns)> run);
+              std::function<void(Executor&, std::int64_t queue_ns)> run,
+              std::shared_ptr<BatchMember> batch = nullptr);
   grpc::ServerUnaryReactor* inject_fault(grpc::CallbackServerContext* ctx);
   // Decode and Prefill: checked against the cache, planned and run in the cache's order.
   template <class Args, class Request, class Response>
@@ -132,6 +135,8 @@ class AttnService final : public v1::AttnService::CallbackService {
   friend class ReadKvReactor;
   template <class Args, class Response>
   friend class KvCall;
+  template <class Request, class Response>
+  friend class OneShotCall;
   void finish(grpc::ServerUnaryReactor* reactor, grpc::CallbackServerContext* ctx, const char* op,
               const std::string& variant, const Status& status, const v1::Timings* timings,
               std::size_t bytes_in, std::size_t bytes_out);

@@ -134,5 +134,40 @@ TEST(DynamicBatching, ConcurrentDecodeCallersGetTheirOwnRowsBitForBit) {
   EXPECT_GT(merged_calls, 0) << "no call shared a launch";
 }
 
+// Softmax calls of one width waiting together share a launch; each caller gets its own rows,
+// bit for bit what a server with batching off returns.
+TEST(DynamicBatching, ConcurrentSoftmaxCallersShareLaunches) {
+  constexpr int kCallers = 12, kCalls = 15;
+  auto run = [&](const std::vector<std::string>& flags) {
+    testing::ServerProcess server(ATTND_PATH, flags);
+    std::vector<std::vector<std::string>> out(kCallers);
+    std::atomic<int> merged{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kCallers; ++t)
+      threads.emplace_back([&, t] {
+        Client client(server.address());
+        std::mt19937_64 rng(testing::seed() * 1000 + static_cast<std::uint64_t>(t));
+        for (int i = 0; i < kCalls; ++i) {
+          v1::SoftmaxRequest req;
+          *req.mutable_x() = to_wire(random_tensor(DType::kFloat32, {1 + static_cast<std::int64_t>(rng() % 200), 1024}, rng));
+          v1::SoftmaxResponse resp;
+          grpc::ClientContext ctx;
+          const grpc::Status s = client.stub().Softmax(&ctx, req, &resp);
+          EXPECT_TRUE(s.ok()) << s.error_message();
+          merged += resp.timings().batched_calls() > 1;
+          out[static_cast<std::size_t>(t)].push_back(resp.y().data());
+        }
+      });
+    for (auto& th : threads) th.join();
+    return std::pair{out, merged.load()};
+  };
+  const auto [alone, merged_off] = run({"--backend", "cpu", "--batch-window-us", "0"});
+  const auto [together, merged_on] = run({"--backend", "cpu", "--batch-window-us", "2000"});
+  EXPECT_EQ(merged_off, 0);
+  EXPECT_GT(merged_on, 0) << "no softmax call shared a launch";
+  std::printf("softmax calls that shared a launch: %d of %d\n", merged_on, kCallers * kCalls);
+  EXPECT_EQ(alone, together);
+}
+
 }  // namespace
 }  // namespace attn

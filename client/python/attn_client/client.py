@@ -112,6 +112,8 @@ class Client:
     tls: connect with TLS; root_certificates / certificate_chain / private_key are PEM bytes
     (the latter two for mutual TLS); server_name checks the certificate against that name.
     load_balancing: "round_robin" to spread calls over every address the target resolves to.
+    KV caches stay on the replica that made them: calls on a cache go there (its KvCacheInfo's
+    `replica`, over a channel of its own with these options), whatever the policy.
     """
 
     def __init__(self, target: str, *, token: Optional[str] = None, tls: bool = False,

@@ -13,6 +13,7 @@
 #include "attn/client.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "reference.h"
+#include "support/decode_callers.h"
 #include "support/kv_mirror.h"
 #include "support/random.h"
 #include "support/server_process.h"
@@ -292,6 +293,41 @@ TEST(GpuServer, KvCacheDecodeAndPrefillOnTheGpuMatchFloat64) {
       EXPECT_TRUE(same) << id;
     }
   }
+}
+
+// Dynamic batching on the GPU: 16 concurrent decode callers get, bit for bit, what they get from
+// a server with batching off (the paged kernel computes a sequence the same way whatever else is
+// in its launch), a caller with a bad sequence fails alone.
+TEST(GpuServer, BatchedDecodeOnTheGpuMatchesUnbatchedBitForBit) {
+  SKIP_WITHOUT_GPU();
+  constexpr int kCallers = 16, kBad = 3, kHurried = 5;
+  const testing::DecodeShape shape{32, 8, 128};
+  std::vector<testing::CallerLog> alone, merged;
+  {
+    testing::ServerProcess server(ATTND_PATH, {"--backend", "cuda", "--devices", "0", "--batch-window-us", "0"});
+    alone = testing::run_decode_callers(server.address(), kCallers, kBad, kHurried, shape);
+  }
+  {
+    testing::ServerProcess server(ATTND_PATH, {"--backend", "cuda", "--devices", "0", "--batch-window-us", "2000"});
+    merged = testing::run_decode_callers(server.address(), kCallers, kBad, kHurried, shape);
+  }
+  int merged_calls = 0;
+  for (int t = 0; t < kCallers; ++t) {
+    const auto& a = alone[static_cast<std::size_t>(t)];
+    const auto& b = merged[static_cast<std::size_t>(t)];
+    merged_calls += b.merged;
+    if (t == kBad) {
+      EXPECT_EQ(b.codes.at(grpc::StatusCode::NOT_FOUND), testing::kDecodeSteps * testing::kDecodeLayers);
+      continue;
+    }
+    if (t == kHurried) continue;
+    EXPECT_EQ(b.ok, testing::kDecodeSteps * testing::kDecodeLayers) << "caller " << t;
+    ASSERT_EQ(a.outputs.size(), b.outputs.size());
+    for (const auto& [at, bytes] : a.outputs)
+      EXPECT_EQ(b.outputs.at(at), bytes) << "caller " << t << " step " << at.first << " layer " << at.second;
+  }
+  std::printf("calls that shared a launch: %d\n", merged_calls);
+  EXPECT_GT(merged_calls, 0) << "no call shared a launch";
 }
 
 }  // namespace

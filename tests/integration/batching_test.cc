@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "attn/client.h"
+#include "support/decode_callers.h"
 #include "support/kv_mirror.h"
 #include "support/random.h"
 #include "support/server_process.h"
@@ -18,95 +19,23 @@
 namespace attn {
 namespace {
 
+using testing::CallerLog;
+using testing::kDecodeLayers;
+using testing::kDecodeSteps;
 using testing::random_tensor;
+using testing::run_decode_callers;
 using testing::to_wire;
-
-constexpr int kLayers = 2, kHkv = 2, kHq = 8, kD = 32, kSteps = 25;
-
-struct CallerLog {
-  std::map<std::pair<int, int>, std::string> outputs;  // (step, layer) -> o bytes
-  int ok = 0, merged = 0;
-  std::map<grpc::StatusCode, int> codes;
-};
-
-// Runs `callers` concurrent decoders (each its own sequence, prefilled first) against `address`
-// and returns what each got. Caller `bad` names a sequence that does not exist; caller `hurried`
-// sends every call with a deadline too short to survive the queue.
-std::vector<CallerLog> run_callers(const std::string& address, int callers, int bad, int hurried) {
-  Client client(address);
-  v1::CreateKvCacheRequest creq;
-  auto* c = creq.mutable_config();
-  c->set_layers(kLayers);
-  c->set_kv_heads(kHkv);
-  c->set_head_dim(kD);
-  c->set_dtype(v1::D_TYPE_BFLOAT16);
-  c->set_page_size(16);
-  c->set_capacity_tokens(1 << 16);
-  v1::CreateKvCacheResponse cresp;
-  {
-    grpc::ClientContext ctx;
-    const grpc::Status s = client.stub().CreateKvCache(&ctx, creq, &cresp);
-    EXPECT_TRUE(s.ok()) << s.error_message();
-  }
-  const std::string cache = cresp.cache().handle();
-  std::vector<CallerLog> logs(static_cast<std::size_t>(callers));
-  std::vector<std::thread> threads;
-  for (int t = 0; t < callers; ++t)
-    threads.emplace_back([&, t] {
-      Client own(address);
-      const std::string id = "seq" + std::to_string(t);
-      // The same inputs on every server: a generator per caller from the run's seed.
-      std::mt19937_64 rng(testing::seed() * 1000 + static_cast<std::uint64_t>(t));
-      const std::int64_t prompt = 1 + static_cast<std::int64_t>(rng() % 200);
-      for (int layer = 0; layer < kLayers; ++layer) {
-        v1::PrefillRequest req;
-        req.set_cache(cache);
-        req.set_layer(layer);
-        req.add_sequence_ids(id);
-        req.add_lens(prompt);
-        *req.mutable_q() = to_wire(random_tensor(DType::kBFloat16, {prompt, kHq, kD}, rng));
-        *req.mutable_k() = to_wire(random_tensor(DType::kBFloat16, {prompt, kHkv, kD}, rng));
-        *req.mutable_v() = to_wire(random_tensor(DType::kBFloat16, {prompt, kHkv, kD}, rng));
-        v1::PrefillResponse resp;
-        grpc::ClientContext ctx;
-        const grpc::Status s = own.stub().Prefill(&ctx, req, &resp);
-        EXPECT_TRUE(s.ok()) << s.error_message();
-      }
-      CallerLog& log = logs[static_cast<std::size_t>(t)];
-      for (int step = 0; step < kSteps; ++step)
-        for (int layer = 0; layer < kLayers; ++layer) {
-          v1::DecodeRequest req;
-          req.set_cache(cache);
-          req.set_layer(layer);
-          req.add_sequence_ids(t == bad ? "nobody" : id);
-          *req.mutable_q() = to_wire(random_tensor(DType::kBFloat16, {1, kHq, kD}, rng));
-          *req.mutable_k_new() = to_wire(random_tensor(DType::kBFloat16, {1, kHkv, kD}, rng));
-          *req.mutable_v_new() = to_wire(random_tensor(DType::kBFloat16, {1, kHkv, kD}, rng));
-          v1::DecodeResponse resp;
-          grpc::ClientContext ctx;
-          if (t == hurried) ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::microseconds(200));
-          const grpc::Status s = own.stub().Decode(&ctx, req, &resp);
-          ++log.codes[s.error_code()];
-          if (!s.ok()) continue;
-          ++log.ok;
-          log.merged += resp.timings().batched_calls() > 1;
-          log.outputs[{step, layer}] = resp.o().data();
-        }
-    });
-  for (auto& th : threads) th.join();
-  return logs;
-}
 
 TEST(DynamicBatching, ConcurrentDecodeCallersGetTheirOwnRowsBitForBit) {
   constexpr int kCallers = 16, kBad = 3, kHurried = 5;
   std::vector<CallerLog> alone, merged;
   {
     testing::ServerProcess server(ATTND_PATH, {"--backend", "cpu", "--batch-window-us", "0"});
-    alone = run_callers(server.address(), kCallers, kBad, kHurried);
+    alone = run_decode_callers(server.address(), kCallers, kBad, kHurried);
   }
   {
     testing::ServerProcess server(ATTND_PATH, {"--backend", "cpu", "--batch-window-us", "2000"});
-    merged = run_callers(server.address(), kCallers, kBad, kHurried);
+    merged = run_decode_callers(server.address(), kCallers, kBad, kHurried);
   }
   int merged_calls = 0;
   for (int t = 0; t < kCallers; ++t) {
@@ -115,7 +44,7 @@ TEST(DynamicBatching, ConcurrentDecodeCallersGetTheirOwnRowsBitForBit) {
     EXPECT_EQ(a.merged, 0) << "batching off, yet caller " << t << " shared a launch";
     merged_calls += b.merged;
     if (t == kBad) {
-      EXPECT_EQ(b.codes.at(grpc::StatusCode::NOT_FOUND), kSteps * kLayers) << "the bad caller fails alone, every time";
+      EXPECT_EQ(b.codes.at(grpc::StatusCode::NOT_FOUND), kDecodeSteps * kDecodeLayers) << "the bad caller fails alone, every time";
       continue;
     }
     if (t == kHurried) {
@@ -123,13 +52,13 @@ TEST(DynamicBatching, ConcurrentDecodeCallersGetTheirOwnRowsBitForBit) {
         EXPECT_TRUE(code == grpc::StatusCode::OK || code == grpc::StatusCode::DEADLINE_EXCEEDED) << code;
       continue;
     }
-    EXPECT_EQ(b.ok, kSteps * kLayers) << "caller " << t;
+    EXPECT_EQ(b.ok, kDecodeSteps * kDecodeLayers) << "caller " << t;
     ASSERT_EQ(a.outputs.size(), b.outputs.size());
     for (const auto& [at, bytes] : a.outputs)
       EXPECT_EQ(b.outputs.at(at), bytes) << "caller " << t << " step " << at.first << " layer " << at.second;
   }
   ::testing::Test::RecordProperty("merged_calls", merged_calls);
-  std::printf("calls that shared a launch: %d of %d\n", merged_calls, (kCallers - 2) * kSteps * kLayers);
+  std::printf("calls that shared a launch: %d of %d\n", merged_calls, (kCallers - 2) * kDecodeSteps * kDecodeLayers);
   // The comparison means something only if calls did share launches.
   EXPECT_GT(merged_calls, 0) << "no call shared a launch";
 }

@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <cstdio>
 #include <cstring>
 
 #include "attn/version.h"
@@ -133,12 +134,27 @@ class OneShotCall final : public BatchMember {
   bool joins(const std::vector<const BatchMember*>&) const override { return true; }
 
   // The key of calls that can share a launch, or empty.
-  static std::string key_of(const PreparedOp<Args>& op) {
+  // The key of calls that can share a launch, or empty. `named`: the caller named its variant
+  // (a merged attention may need another one, so those stay alone).
+  static std::string key_of(const PreparedOp<Args>& op, bool named) {
     if constexpr (std::is_same_v<Args, SoftmaxArgs>) {
       // Inline inputs and outputs only: a resident input pins the call to its device's memory.
       if (!op.resident.empty() || !op.kept.empty()) return "";
       return "softmax " + op.variant->info.name + " " + std::string(dtype_name(op.args.x.dtype)) + " " +
              std::to_string(op.args.x.dim(-1));
+    } else if constexpr (std::is_same_v<Args, AttentionArgs>) {
+      // One query row per (batch, head) against the same resident K and V (sampling several
+      // continuations of one context): the rows stack along Sq, a query seeing every key.
+      const AttentionArgs& a = op.args;
+      if (named || op.resident.size() != 2 || !op.kept.empty() || a.q.dim(2) != 1 || a.q.memory != MemoryKind::kHost) {
+        return "";
+      }
+      char key[256];
+      std::snprintf(key, sizeof key, "attention %p %p %s %lld %lld %lld %a %d", a.k.data, a.v.data,
+                    std::string(dtype_name(a.q.dtype)).c_str(), static_cast<long long>(a.q.dim(0)),
+                    static_cast<long long>(a.q.dim(1)), static_cast<long long>(a.q.dim(3)),
+                    static_cast<double>(a.scale), a.lse.empty() ? 0 : 1);
+      return key;
     } else {
       return "";
     }
@@ -186,6 +202,49 @@ class OneShotCall final : public BatchMember {
         at += c.op->args.y.bytes();
         c.succeed(executor, t, members[i].queue_ns, static_cast<int>(calls.size()));
       }
+    } else if constexpr (std::is_same_v<Args, AttentionArgs>) {
+      std::vector<OneShotCall*> calls;
+      for (const Merged& m : members) calls.push_back(static_cast<OneShotCall*>(m.member));
+      const AttentionArgs& a = op->args;
+      const std::int64_t b = a.q.dim(0), hq = a.q.dim(1), d = a.q.dim(3), n = static_cast<std::int64_t>(calls.size());
+      const std::size_t row = static_cast<std::size_t>(d) * element_size(a.q.dtype);
+      Tensor q(a.q.dtype, {b, hq, n, d}), o(a.q.dtype, {b, hq, n, d});
+      Tensor lse = a.lse.empty() ? Tensor() : Tensor(DType::kFloat32, {b, hq, n});
+      // q_all[bh, i] = q_i[bh, 0]: call i's row of every (batch, head) at position i.
+      for (std::int64_t i = 0; i < n; ++i)
+        for (std::int64_t bh = 0; bh < b * hq; ++bh)
+          std::memcpy(static_cast<char*>(q.data()) + static_cast<std::size_t>(bh * n + i) * row,
+                      static_cast<const char*>(calls[static_cast<std::size_t>(i)]->op->args.q.data) +
+                          static_cast<std::size_t>(bh) * row,
+                      row);
+      AttentionArgs all = a;
+      all.q = q.view();
+      all.o = o.view();
+      all.lse = a.lse.empty() ? TensorView{} : lse.view();
+      all.causal = false;  // with one query row, causal or not, every key is seen
+      auto chosen = service->registry_.of<AttentionArgs>().select(all, "", executor.target());
+      if (!chosen.ok()) {  // no variant takes the union here: each runs alone
+        for (const Merged& m : members) static_cast<OneShotCall*>(m.member)->run_alone(executor, m.queue_ns);
+        return;
+      }
+      ExecTimings t;
+      const Status status = executor.execute(make_call(**chosen, all), t);
+      if (!status.ok()) {
+        service->device_faulted(executor, (*chosen)->info.name, status);
+        for (OneShotCall* c : calls) c->fail(status);
+        return;
+      }
+      if (service->config_.metrics) service->config_.metrics->record_batch(name(), calls.size());
+      for (std::int64_t i = 0; i < n; ++i) {
+        OneShotCall& c = *calls[static_cast<std::size_t>(i)];
+        for (std::int64_t bh = 0; bh < b * hq; ++bh) {
+          std::memcpy(static_cast<char*>(c.op->args.o.data) + static_cast<std::size_t>(bh) * row,
+                      static_cast<const char*>(o.data()) + static_cast<std::size_t>(bh * n + i) * row, row);
+          if (!a.lse.empty())
+            static_cast<float*>(c.op->args.lse.data)[bh] = static_cast<const float*>(lse.data())[bh * n + i];
+        }
+        c.succeed(executor, t, members[static_cast<std::size_t>(i)].queue_ns, static_cast<int>(n), &(*chosen)->info);
+      }
     } else {
       // No key, no company: only ever called with merged members of a key.
       for (const Merged& m : members) static_cast<OneShotCall*>(m.member)->run_alone(executor, m.queue_ns);
@@ -193,13 +252,16 @@ class OneShotCall final : public BatchMember {
   }
 
  private:
-  void succeed(Executor& executor, const ExecTimings& t, std::int64_t queue_ns, int batched) {
+  // `ran`: the variant that ran, when a merged launch took another than the call's own.
+  void succeed(Executor& executor, const ExecTimings& t, std::int64_t queue_ns, int batched,
+               const VariantInfo* ran = nullptr) {
+    const VariantInfo& v = ran ? *ran : variant();
     for (const auto& kept : op->kept) service->config_.store->publish(kept);
     if (return_values)
       for (v1::Tensor* out : outputs) wire::convert_to_values(out);  // kept outputs have no data
     const OpCost cost = cost_of(op->args);
     v1::Timings* timings = resp->mutable_timings();
-    timings->set_kernel(variant().name);
+    timings->set_kernel(v.name);
     timings->set_device(executor.device().label());
     timings->set_queue_ns(queue_ns);
     timings->set_h2d_ns(t.h2d_ns);
@@ -209,9 +271,9 @@ class OneShotCall final : public BatchMember {
     timings->set_bytes(cost.bytes);
     timings->set_batched_calls(batched);
     timings->set_total_ns(ns_since(start));
-    spdlog::debug("{} {} on {}: queue {} us, kernel {} us, total {} us", name(), variant().name, timings->device(),
+    spdlog::debug("{} {} on {}: queue {} us, kernel {} us, total {} us", name(), v.name, timings->device(),
                   queue_ns / 1000, t.kernel_ns / 1000, timings->total_ns() / 1000);
-    service->finish(reactor, ctx, name(), variant().name, Status::Ok(), timings, bytes_in, resp->ByteSizeLong());
+    service->finish(reactor, ctx, name(), v.name, Status::Ok(), timings, bytes_in, resp->ByteSizeLong());
   }
 };
 
@@ -238,7 +300,7 @@ grpc::ServerUnaryReactor* AttnService::serve(grpc::CallbackServerContext* ctx, c
   call->return_values = req->return_values();
   call->op = std::make_shared<PreparedOp<Args>>(std::move(prepared).value());
   call->outputs = Rpc::outputs(*req, resp);
-  call->key = call->key_of(*call->op);
+  call->key = call->key_of(*call->op, !req->kernel().empty());
   // The registry outlives every call: the job holds a pointer, not a copy of the variant's info.
   const VariantInfo* variant = &call->variant();
   Placement placement;

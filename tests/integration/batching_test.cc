@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "attn/client.h"
+#include "reference.h"
 #include "support/decode_callers.h"
 #include "support/kv_mirror.h"
 #include "support/random.h"
@@ -96,6 +97,50 @@ TEST(DynamicBatching, ConcurrentSoftmaxCallersShareLaunches) {
   EXPECT_GT(merged_on, 0) << "no softmax call shared a launch";
   std::printf("softmax calls that shared a launch: %d of %d\n", merged_on, kCallers * kCalls);
   EXPECT_EQ(alone, together);
+}
+
+// One-row attention calls on the same resident K and V (continuations of one context) share a
+// launch, their rows stacked; each caller's output matches float64 attention for its own row.
+TEST(DynamicBatching, OneRowAttentionOnSharedResidentKvShareLaunches) {
+  constexpr int kCallers = 12, kCalls = 15;
+  testing::ServerProcess server(ATTND_PATH, {"--backend", "cpu", "--batch-window-us", "2000"});
+  Client client(server.address());
+  std::mt19937_64 rng(testing::seed());
+  const Tensor k = random_tensor(DType::kFloat32, {2, 2, 3000, 64}, rng), v = random_tensor(DType::kFloat32, {2, 2, 3000, 64}, rng);
+  auto kh = client.put_tensor(k), vh = client.put_tensor(v);
+  ASSERT_TRUE(kh.ok() && vh.ok());
+  std::atomic<int> merged{0}, checked{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kCallers; ++t)
+    threads.emplace_back([&, t] {
+      Client own(server.address());
+      std::mt19937_64 r(testing::seed() * 1000 + static_cast<std::uint64_t>(t));
+      for (int i = 0; i < kCalls; ++i) {
+        const Tensor q = random_tensor(DType::kFloat32, {2, 8, 1, 64}, r);
+        v1::AttentionRequest req;
+        *req.mutable_q() = to_wire(q);
+        *req.mutable_k() = Client::resident(kh->handle());
+        *req.mutable_v() = Client::resident(vh->handle());
+        req.set_causal(i % 2 == 0);  // one row sees every key either way
+        req.set_return_lse(true);
+        v1::AttentionResponse resp;
+        grpc::ClientContext ctx;
+        const grpc::Status s = own.stub().Attention(&ctx, req, &resp);
+        ASSERT_TRUE(s.ok()) << s.error_message();
+        merged += resp.timings().batched_calls() > 1;
+        AttentionArgs args{q.view(), k.view(), v.view(), q.view(), {}, false, resolve_attention_scale(0, 64)};
+        std::vector<double> want_lse;
+        const std::vector<double> want = reference::attention(args, &want_lse);
+        EXPECT_LE(reference::relative_frobenius_error(testing::from_wire(resp.o()).view(), want),
+                  reference::tolerance(DType::kFloat32, 3000));
+        EXPECT_LE(reference::lse_error(testing::from_wire(resp.lse()).view(), want_lse), 1e-4);
+        ++checked;
+      }
+    });
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(checked.load(), kCallers * kCalls);
+  EXPECT_GT(merged.load(), 0) << "no attention call shared a launch";
+  std::printf("attention calls that shared a launch: %d of %d\n", merged.load(), kCallers * kCalls);
 }
 
 }  // namespace

@@ -180,14 +180,18 @@ class CudaExecutor final : public Executor {
   // at host memory again.
   class StagedCall {
    public:
+    // Each view at a 256-byte aligned offset: the inputs, then the outputs, in one device block,
+    // so a call makes one pool allocation, one copy in and one copy out however many views it
+    // has (a decode call has six inputs: three tensors and its page tables).
     StagedCall(CudaExecutor& ex, const OpCall& call) : ex_(ex) {
       for (auto* v : call.inputs)
-        if (v->memory != MemoryKind::kDevice) ins_.push_back(v), in_bytes_ += v->bytes();
+        if (v->memory != MemoryKind::kDevice) ins_.push_back(v), in_at_.push_back(in_bytes_), in_bytes_ += aligned(v->bytes());
       for (auto* v : call.outputs)
-        if (v->memory != MemoryKind::kDevice) outs_.push_back(v), out_bytes_ += v->bytes();
+        if (v->memory != MemoryKind::kDevice)
+          outs_.push_back(v), out_at_.push_back(out_bytes_), out_bytes_ += aligned(v->bytes());
     }
     ~StagedCall() {
-      for (void* p : device_) cudaFreeAsync(p, ex_.stream_);
+      if (device_) cudaFreeAsync(device_, ex_.stream_);
       std::size_t i = 0;
       for (auto* views : {&ins_, &outs_})
         for (TensorView* v : *views)
@@ -198,67 +202,48 @@ class CudaExecutor final : public Executor {
 
     Status allocate() {
       ATTN_RETURN_IF_ERROR(ex_.ensure_staging(std::max(in_bytes_, out_bytes_)));
-      for (auto* views : {&ins_, &outs_})
-        for (TensorView* v : *views) {
-          void* p = nullptr;
-          ATTN_RETURN_IF_ERROR(ex_.check(cudaMallocAsync(&p, std::max<std::size_t>(v->bytes(), 1), ex_.stream_),
-                                         "cudaMallocAsync"));
-          device_.push_back(p);
-        }
-      return Status::Ok();
+      if (in_bytes_ + out_bytes_ == 0) return Status::Ok();
+      return ex_.check(cudaMallocAsync(&device_, in_bytes_ + out_bytes_, ex_.stream_), "cudaMallocAsync");
     }
     // Host -> pinned staging, on the calling thread.
     void pack_inputs() {
-      std::size_t off = 0;
-      for (TensorView* v : ins_) {
-        parallel_memcpy(ex_.staging_ + off, v->data, v->bytes());
-        off += v->bytes();
-      }
+      for (std::size_t i = 0; i < ins_.size(); ++i) parallel_memcpy(ex_.staging_ + in_at_[i], ins_[i]->data, ins_[i]->bytes());
     }
     Status copy_in() {
-      std::size_t off = 0;
-      for (std::size_t i = 0; i < ins_.size(); ++i) {
-        ATTN_RETURN_IF_ERROR(ex_.check(cudaMemcpyAsync(device_[i], ex_.staging_ + off, ins_[i]->bytes(),
-                                                       cudaMemcpyHostToDevice, ex_.stream_),
-                                       "cudaMemcpyAsync (host to device)"));
-        off += ins_[i]->bytes();
-      }
-      return Status::Ok();
+      if (in_bytes_ == 0) return Status::Ok();
+      return ex_.check(cudaMemcpyAsync(device_, ex_.staging_, in_bytes_, cudaMemcpyHostToDevice, ex_.stream_),
+                       "cudaMemcpyAsync (host to device)");
     }
     void point_at_device() {
-      std::size_t i = 0;
-      for (auto* views : {&ins_, &outs_})
-        for (TensorView* v : *views) {
-          host_.push_back(v->data);
-          v->data = device_[i++];
-          v->memory = MemoryKind::kDevice;
-        }
+      for (std::size_t i = 0; i < ins_.size(); ++i) point(ins_[i], in_at_[i]);
+      for (std::size_t o = 0; o < outs_.size(); ++o) point(outs_[o], in_bytes_ + out_at_[o]);
     }
     Status copy_out() {
-      std::size_t off = 0;
-      for (TensorView* v : outs_) {
-        ATTN_RETURN_IF_ERROR(ex_.check(
-            cudaMemcpyAsync(ex_.staging_ + off, v->data, v->bytes(), cudaMemcpyDeviceToHost, ex_.stream_),
-            "cudaMemcpyAsync (device to host)"));
-        off += v->bytes();
-      }
-      return Status::Ok();
+      if (out_bytes_ == 0) return Status::Ok();
+      return ex_.check(cudaMemcpyAsync(ex_.staging_, static_cast<char*>(device_) + in_bytes_, out_bytes_,
+                                       cudaMemcpyDeviceToHost, ex_.stream_),
+                       "cudaMemcpyAsync (device to host)");
     }
     // Pinned staging -> the host outputs, once the stream has finished.
     void unpack_outputs() {
-      std::size_t off = 0;
-      for (std::size_t o = 0; o < outs_.size(); ++o) {
-        parallel_memcpy(host_[ins_.size() + o], ex_.staging_ + off, outs_[o]->bytes());
-        off += outs_[o]->bytes();
-      }
+      for (std::size_t o = 0; o < outs_.size(); ++o)
+        parallel_memcpy(host_[ins_.size() + o], ex_.staging_ + out_at_[o], outs_[o]->bytes());
     }
 
    private:
+    static std::size_t aligned(std::size_t bytes) { return (std::max<std::size_t>(bytes, 1) + 255) / 256 * 256; }
+    void point(TensorView* v, std::size_t at) {
+      host_.push_back(v->data);
+      v->data = static_cast<char*>(device_) + at;
+      v->memory = MemoryKind::kDevice;
+    }
+
     CudaExecutor& ex_;
     std::vector<TensorView*> ins_, outs_;
+    std::vector<std::size_t> in_at_, out_at_;  // offsets in the staging buffer and the device block
     std::size_t in_bytes_ = 0, out_bytes_ = 0;
-    std::vector<void*> device_;  // one per staged view, inputs first
-    std::vector<void*> host_;    // the views' host pointers while they point at device_
+    void* device_ = nullptr;
+    std::vector<void*> host_;  // the views' host pointers while they point at the device block
   };
 
   // The op's kernels on the stream. A refusal before any launch leaves the device fine; a CUDA

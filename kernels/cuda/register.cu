@@ -5,6 +5,7 @@
 #include "matmul/matmul_rungs.h"
 #include "softmax/softmax_rungs.h"
 #include "attention/attention_rungs.h"
+#include "paged_decode/paged_decode_rungs.h"
 
 namespace attn {
 
@@ -110,6 +111,28 @@ void register_cuda_variants(Registry& r) {
                     "Sq = 1 (decoding); head dims 64, 128; 1, 2, 4 or 8 query heads per key/value head",
                     "flash-decoding: keys split across blocks, merged by log-sum-exp", 4, 0},
                    attention_decode_supports, attention_decode_split_kv, {}});
+  // The KV-cache ops: the append is part of every call (one launch for the batch before the
+  // attention kernel on the same stream).
+  const std::vector<DType> paged_all{DType::kBFloat16, DType::kFloat16, DType::kFloat32};
+  r.of<PagedDecodeArgs>().add({{"paged_decode/01_block_per_head", Op::kPagedDecode, Backend::kCuda, paged_all,
+                                "head dims 64, 128 (256 in 16-bit types); 1, 2, 4 or 8 query heads per kv head; "
+                                "any page size",
+                                "a block per (sequence, kv head) walking its pages, the GQA group sharing each row",
+                                1, 0},
+                               paged_decode_01_supports, paged_decode_01_block_per_head, {}});
+  r.of<PagedDecodeArgs>().add({{"paged_decode/02_split_kv", Op::kPagedDecode, Backend::kCuda, paged_all,
+                                "head dims 64, 128 (256 in 16-bit types); 1, 2, 4 or 8 query heads per kv head; "
+                                "any page size",
+                                "keys split into equal chunks planned from the lengths (about 4 waves), pages "
+                                "through bulk copies into a shared-memory ring, chunks merged by log-sum-exp",
+                                2, 90},
+                               paged_decode_02_supports, paged_decode_02_split_kv, {}});
+  r.of<PagedPrefillArgs>().add({{"paged_prefill/01_flash_mma", Op::kPagedPrefill, Backend::kCuda, half,
+                                 "head dims 64, 128; 1, 2, 4 or 8 query heads per kv head; any page size",
+                                 "FlashAttention-2 on mma.sync over (token, group head) rows, K/V tiles gathered "
+                                 "from the pages with cp.async, causal bottom-right per sequence",
+                                 1, 0},
+                                paged_prefill_01_supports, paged_prefill_01_flash_mma, {}});
 }
 
 }  // namespace attn

@@ -767,7 +767,8 @@ int main(int argc, char** argv) {
       const std::string name = std::to_string(batch) + "x" + std::to_string(len);
       bench_paged({decode_of(name, std::vector<std::int32_t>(static_cast<std::size_t>(batch), len), 64)}, false, bf16,
                   hq, hkv, d, s, rows, copy);
-      bench_dense("attention/decode_split_kv", {batch, hq, hkv, 1, len, d, false}, name, bf16, s, rows, copy, rng);
+      for (const char* dense : {"attention/decode_split_kv", "attention/decode_mma_split"})
+        bench_dense(dense, {batch, hq, hkv, 1, len, d, false}, name, bf16, s, rows, copy, rng);
     }
     // (c) chunked prefill, causal, against attention/04 on dense tensors of the same counts.
     struct Chunked {

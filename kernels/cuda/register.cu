@@ -127,6 +127,24 @@ void register_cuda_variants(Registry& r) {
                                 "through bulk copies into a shared-memory ring, chunks merged by log-sum-exp",
                                 2, 90},
                                paged_decode_02_supports, paged_decode_02_split_kv, {}});
+  r.of<PagedDecodeArgs>().add({{"paged_decode/03_split_kv_mma", Op::kPagedDecode, Backend::kCuda, half,
+                                "head dims 64, 128; 1 to 16 query heads per kv head; any page size",
+                                "rung 02's plan and merge with the GQA group's scores and output on mma.sync "
+                                "tensor cores, pages gathered by cp.async into swizzled 3-stage tiles",
+                                3, 0},
+                               paged_decode_03_supports, paged_decode_03_split_kv_mma, {}});
+  r.of<AttentionArgs>().add({{"attention/decode_mma_split", Op::kAttention, Backend::kCuda, half,
+                    "Sq = 1 (decoding); head dims 64, 128; 1 to 16 query heads per key/value head",
+                    "paged_decode/03's kernel on dense K/V: equal key chunks over about 4 waves, the GQA "
+                    "group on mma.sync, merged by log-sum-exp",
+                    3, 0},
+                   attention_decode_mma_supports, attention_decode_mma_split, [](const AttentionArgs& a) {
+                     // Ahead of decode_split_kv (4) from 4 sequences on (H200, bf16, 32/8 heads, D = 128:
+                     // 1.14x at 32 x 4k, 1.09x at 16 x 16k, 1.39x at 64 x 8k); behind it at batch 1
+                     // (0.91x at 1 x 32k, 0.96x at 1 x 4k), where the chunk merge is the tail.
+                     const auto d = attention_dims(a.q, a.k, a.v);
+                     return d.ok() && d->batch >= 4 ? 5 : 3;
+                   }});
   r.of<PagedPrefillArgs>().add({{"paged_prefill/01_flash_mma", Op::kPagedPrefill, Backend::kCuda, half,
                                  "head dims 64, 128; 1, 2, 4 or 8 query heads per kv head; any page size",
                                  "FlashAttention-2 on mma.sync over (token, group head) rows, K/V tiles gathered "

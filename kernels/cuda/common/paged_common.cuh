@@ -26,11 +26,25 @@ struct PagedProblem {
   void* v_pool;
   const int* page_indptr;   // [n + 1]
   const int* page_indices;  // [page_indptr[n]]
-  const int* seq_lens;      // [n]
+  const int* seq_lens;      // [n]; null: every sequence holds fixed_len keys (dense K/V)
   const int* q_indptr;      // [n + 1]; null for decode (one new row per sequence)
   int n, tokens, heads_q, heads_kv, group, page_size, head_dim;
   float scale, scale_log2;
   bool causal;
+  int fixed_len;   // with seq_lens null and page_indices null: dense [n, Hkv, fixed_len, D] K/V
+  int page_shift;  // log2(page_size) when a power of two (a shift and a mask per key), else -1
+
+  __device__ __forceinline__ int seq_len(int i) const { return seq_lens ? __ldg(seq_lens + i) : fixed_len; }
+  // The page holding key j of sequence i, whose page table starts at `pages` (dense: page i).
+  __device__ __forceinline__ int page_of(const int* pages, int i, int j) const {
+    if (!page_indices) return i;
+    return __ldg(pages + (page_shift >= 0 ? j >> page_shift : j / page_size));
+  }
+  // Element offset of key j of sequence i (page table `pages`) for kv head hkv in a pool.
+  __device__ __forceinline__ long long key_offset(const int* pages, int i, int hkv, int j) const {
+    const int row = page_shift >= 0 ? j & (page_size - 1) : j % page_size;
+    return pool_offset(page_of(pages, i, j), hkv, row);
+  }
 
   // First new row of sequence i in the packed q / k_new / v_new, and how many it brings.
   __device__ __forceinline__ int first_new(int i) const { return q_indptr ? q_indptr[i] : i; }
@@ -40,6 +54,12 @@ struct PagedProblem {
     return ((static_cast<long long>(page) * heads_kv + hkv) * page_size + row) * head_dim;
   }
 };
+
+inline int page_shift_of(std::int64_t page_size) {
+  for (int s = 0; s < 31; ++s)
+    if ((std::int64_t{1} << s) == page_size) return s;
+  return -1;
+}
 
 // Checks what every paged CUDA rung needs (the op's shape rules, device memory, int32 ranges)
 // and the rung's own dtypes, head dims and group sizes; builds the problem.
@@ -102,6 +122,7 @@ Result<PagedProblem> paged_problem(const Args& a, const TensorView& q_indptr, st
   p.scale = a.scale;
   p.scale_log2 = a.scale * 1.4426950408889634f;
   p.causal = false;
+  p.page_shift = page_shift_of(p.page_size);
   return p;
 }
 
@@ -131,7 +152,7 @@ __global__ void __launch_bounds__(128) paged_append_kernel(PagedProblem p, Paged
         const int i = base + lane;
         int tiles = 0;
         if (i < p.n) {
-          const int units = prep.units_are_new_rows ? p.new_count(i) * p.group : p.seq_lens[i];
+          const int units = prep.units_are_new_rows ? p.new_count(i) * p.group : p.seq_len(i);
           tiles = (units + prep.per_tile - 1) / prep.per_tile;
         }
 #pragma unroll

@@ -18,9 +18,8 @@
 // bfloat16/float16 (head dims 64, 128, 256) and float32 (64, 128); 1, 2, 4 or 8 query heads per
 // key/value head; any page size (best at 16 and up: one copy per page segment).
 #include <algorithm>
-#include <vector>
 
-#include "../common/paged_common.cuh"
+#include "../common/paged_split.cuh"
 #include "../hopper/hopper.cuh"
 #include "paged_decode_rungs.h"
 
@@ -32,25 +31,16 @@ using namespace hopper;
 constexpr int kThreads = 128, kStageKeys = 32, kMinChunk = 128, kWaves = 4;
 
 template <class T, int D>
-struct Shape {
+struct Ring {
   static constexpr int kStageBytes = 2 * kStageKeys * D * static_cast<int>(sizeof(T));  // K then V
   static constexpr int kStages = std::max(3, 65536 / kStageBytes);
   static constexpr int kRingBytes = kStages * kStageBytes;
 };
 
-struct Split {
-  const int* chunk_indptr;  // [n + 1], written by the append launch
-  int* finished;            // [n * Hkv], zeroed by the append launch
-  float* o;                 // [chunks][Hq][D], unnormalized
-  float* m;                 // [chunks][Hq], log2 units
-  float* l;                 // [chunks][Hq]
-  int chunk;                // keys per chunk, a multiple of kStageKeys
-};
-
 template <class T, int D, int G>
-__global__ void __launch_bounds__(kThreads) split_kernel(PagedProblem p, Split sp) {
+__global__ void __launch_bounds__(kThreads) split_kernel(PagedProblem p, SplitPartials sp) {
   constexpr int kVec = 16 / sizeof(T), kLanes = D / kVec, kStreams = kThreads / kLanes;
-  constexpr int kUnroll = kStageKeys / kStreams, kStages = Shape<T, D>::kStages;
+  constexpr int kUnroll = kStageKeys / kStreams, kStages = Ring<T, D>::kStages;
   static_assert(kLanes <= 32 && kStageKeys % kStreams == 0);
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* ring = reinterpret_cast<T*>(smem_raw);  // [kStages][2][kStageKeys][D]
@@ -75,8 +65,9 @@ __global__ void __launch_bounds__(kThreads) split_kernel(PagedProblem p, Split s
     T* vst = kst + kStageKeys * D;
     mbar_expect_tx(&full[c % kStages], 2u * rows * D * sizeof(T));
     for (int r = 0; r < rows;) {  // one copy per page segment
-      const int pos = j + r, off = pos % p.page_size, seg = min(rows - r, p.page_size - off);
-      const long long src = p.pool_offset(__ldg(pages + pos / p.page_size), hkv, off);
+      const int pos = j + r, off = p.page_shift >= 0 ? pos & (p.page_size - 1) : pos % p.page_size;
+      const int seg = min(rows - r, p.page_size - off);
+      const long long src = p.key_offset(pages, i, hkv, pos);
       const unsigned bytes = static_cast<unsigned>(seg * D * sizeof(T));
       bulk_load(kst + r * D, kpool + src, bytes, &full[c % kStages]);
       bulk_load(vst + r * D, vpool + src, bytes, &full[c % kStages]);
@@ -167,7 +158,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(PagedProblem p, Split s
 
   // The block's streams merge through shared memory (the ring, free now).
   float* staged = reinterpret_cast<float*>(smem_raw);  // [kStreams][G][D]
-  static_assert(kStreams * G * D * sizeof(float) <= Shape<T, D>::kRingBytes);
+  static_assert(kStreams * G * D * sizeof(float) <= Ring<T, D>::kRingBytes);
   if (lane == 0)
 #pragma unroll
     for (int g = 0; g < G; ++g) red_m[stream][g] = m[g], red_l[stream][g] = l[g];
@@ -198,104 +189,29 @@ __global__ void __launch_bounds__(kThreads) split_kernel(PagedProblem p, Split s
   }
   if (chunks == 1) return;
 
-  // The last block of this (sequence, kv head) merges its chunks: per query head the weights
-  // exp2(m_s - M) / total (in the ring's shared memory), then each thread sums its output
-  // elements over the chunks.
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last_block = atomicAdd(&sp.finished[i * p.heads_kv + hkv], 1) == chunks - 1;
-  __syncthreads();
-  if (!last_block) return;
-  __threadfence();
-  float* weights = reinterpret_cast<float*>(smem_raw);  // [G][chunks]
-  const int warp = threadIdx.x / 32, wl = threadIdx.x % 32;
-  for (int g = warp; g < G; g += kThreads / 32) {
-    float mx = -INFINITY;
-    for (int s = wl; s < chunks; s += 32) mx = fmaxf(mx, __ldcg(sp.m + static_cast<long long>(x0 + s) * p.heads_q + h0 + g));
-    mx = warp_max(mx);
-    float total = 0.0f;
-    for (int s = wl; s < chunks; s += 32) {
-      const long long prow = static_cast<long long>(x0 + s) * p.heads_q + h0 + g;
-      const float w = exp2f(__ldcg(sp.m + prow) - mx);  // every chunk has >= 1 key: m finite
-      weights[g * chunks + s] = w;
-      total += __ldcg(sp.l + prow) * w;
-    }
-    total = warp_sum(total);
-    for (int s = wl; s < chunks; s += 32) weights[g * chunks + s] /= total;
-    if (p.lse && wl == 0) p.lse[row0 + g] = (mx + log2f(total)) * 0.6931471805599453f;
-  }
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < G * D / 4; idx += kThreads) {
-    const int g = idx / (D / 4), c = idx % (D / 4) * 4;
-    const float* w = weights + g * chunks;
-    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    for (int s = 0; s < chunks; ++s) {
-      const float4 v = __ldcg(reinterpret_cast<const float4*>(sp.o + (static_cast<long long>(x0 + s) * p.heads_q + h0 + g) * D + c));
-      acc.x += v.x * w[s], acc.y += v.y * w[s], acc.z += v.z * w[s], acc.w += v.w * w[s];
-    }
-    T* out = static_cast<T*>(p.o) + (row0 + g) * D + c;
-    out[0] = from_float<T>(acc.x), out[1] = from_float<T>(acc.y), out[2] = from_float<T>(acc.z),
-    out[3] = from_float<T>(acc.w);
-  }
-}
-
-// The chunk length: about kWaves waves of resident blocks over all (sequence, kv head) pairs, no
-// chunk under kMinChunk keys, and few enough chunks per sequence for the merge's weights to fit.
-int plan_chunk(const PagedDecodeArgs& a, int resident, int max_chunks) {
-  long long keys = 0;
-  for (std::int64_t i = 0; i < a.seqs.count(); ++i) keys += a.seqs.seq_lens_host[i];
-  const long long items = std::max<long long>(1, static_cast<long long>(resident) * kWaves);
-  long long chunk = (keys * a.cache.heads_kv + items - 1) / items;
-  chunk = std::max<long long>(chunk, kMinChunk);
-  chunk = std::max<long long>(chunk, (a.seqs.max_seq_len + max_chunks - 1) / max_chunks);
-  return static_cast<int>((chunk + kStageKeys - 1) / kStageKeys * kStageKeys);
+  // The last block of this (sequence, kv head) to finish merges its chunks (the ring's shared
+  // memory holds the weights).
+  merge_chunks_if_last<T, D, kThreads>(p, sp, i, hkv, x0, chunks, reinterpret_cast<float*>(smem_raw), last_block);
 }
 
 template <class T, int D>
 Status launch(const PagedDecodeArgs& a, const PagedProblem& p, cudaStream_t s, int device) {
-  void (*kernel)(PagedProblem, Split) = p.group == 1   ? split_kernel<T, D, 1>
+  void (*kernel)(PagedProblem, SplitPartials) = p.group == 1   ? split_kernel<T, D, 1>
                                         : p.group == 2 ? split_kernel<T, D, 2>
                                         : p.group == 4 ? split_kernel<T, D, 4>
                                                        : split_kernel<T, D, 8>;
-  constexpr int kRing = Shape<T, D>::kRingBytes;
+  constexpr int kRing = Ring<T, D>::kRingBytes;
   ATTN_RETURN_IF_ERROR(to_status(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRing),
                                  "paged_decode/02 shared memory"));
   int per_sm = 1, sms = 132;
   ATTN_RETURN_IF_ERROR(to_status(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, kRing),
                                  "paged_decode/02 occupancy"));
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  const int chunk = plan_chunk(a, std::max(per_sm, 1) * sms, kRing / static_cast<int>(sizeof(float)) / p.group);
-  long long total_chunks = 0;
-  for (int i = 0; i < p.n; ++i) total_chunks += (a.seqs.seq_lens_host[i] + chunk - 1) / chunk;
-  if (total_chunks > INT_MAX / 2) return invalid_argument("seq_lens: paged_decode/02 takes < 2^30 chunks");
-
-  // Workspace: chunk offsets, merge counters, then the partials.
-  const std::size_t ints = static_cast<std::size_t>(p.n + 1) + static_cast<std::size_t>(p.n) * p.heads_kv;
-  const std::size_t head_bytes = (ints * sizeof(int) + 255) / 256 * 256;
-  const std::size_t rows = static_cast<std::size_t>(total_chunks) * p.heads_q;
-  const std::size_t o_bytes = rows * D * sizeof(float), ml_bytes = (rows * sizeof(float) + 255) / 256 * 256;
-  char* ws = nullptr;
-  ATTN_RETURN_IF_ERROR(to_status(cudaMallocAsync(&ws, head_bytes + o_bytes + 2 * ml_bytes, s), "paged_decode/02 workspace"));
-  Split sp{};
-  int* ints_base = reinterpret_cast<int*>(ws);
-  sp.chunk_indptr = ints_base;
-  sp.finished = ints_base + p.n + 1;
-  sp.o = reinterpret_cast<float*>(ws + head_bytes);
-  sp.m = reinterpret_cast<float*>(ws + head_bytes + o_bytes);
-  sp.l = reinterpret_cast<float*>(ws + head_bytes + o_bytes + ml_bytes);
-  sp.chunk = chunk;
-  PagedPrep prep;
-  prep.tile_indptr = ints_base;
-  prep.per_tile = chunk;
-  prep.zeroed = sp.finished;
-  prep.zero_count = p.n * p.heads_kv;
-  const Status st = launch_paged_append<T>(p, prep, s, "paged_decode/02 append");
-  if (st.ok()) {
-    kernel<<<dim3(static_cast<unsigned>(total_chunks), p.heads_kv), kThreads, kRing, s>>>(p, sp);
-  }
-  const Status launched = st.ok() ? to_status(cudaGetLastError(), "paged_decode/02_split_kv launch") : st;
-  cudaFreeAsync(ws, s);
-  return launched;
+  const int chunk = plan_split_chunk(a.seqs, p.heads_kv, std::max(per_sm, 1) * sms, kWaves, kMinChunk,
+                                     kRing / static_cast<int>(sizeof(float)) / p.group, kStageKeys);
+  return run_split<T, D>(a.seqs, p, chunk, s, "paged_decode/02_split_kv", [&](int chunks, const SplitPartials& sp) {
+    kernel<<<dim3(static_cast<unsigned>(chunks), p.heads_kv), kThreads, kRing, s>>>(p, sp);
+  });
 }
 
 Result<PagedProblem> problem(const PagedDecodeArgs& a) {

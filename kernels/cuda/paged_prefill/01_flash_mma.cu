@@ -171,16 +171,20 @@ __global__ void __launch_bounds__(kThreads) paged_flash_kernel(PagedProblem p, c
     if (row >= row_count) return nullptr;
     return qbase + (static_cast<long long>(first + row / p.group) * p.heads_q + h0 + row % p.group) * D;
   };
+  // K and V rows of keys [j0, j0 + kBN) into buffer `buf`: one page-table read per row for both,
+  // zeros past the sequence.
+  constexpr int kChunks = D / 8, kRowsPerPass = kThreads / kChunks;
+  const int load_row = threadIdx.x / kChunks, load_chunk = threadIdx.x % kChunks;
   auto load_kv = [&](unsigned buf, int j0) {
-    auto src_of = [&](const T* pool) {
-      return [&, pool](int r) -> const T* {
-        const int j = j0 + r;
-        if (j >= len) return nullptr;
-        return pool + p.pool_offset(__ldg(pages + j / p.page_size), hkv, j % p.page_size);
-      };
-    };
-    load_rows<T, D, kBN>(ks + buf, kpool, src_of(kpool));
-    load_rows<T, D, kBN>(vs + buf, vpool, src_of(vpool));
+#pragma unroll
+    for (int pass = 0; pass < kBN / kRowsPerPass; ++pass) {
+      const int row = load_row + pass * kRowsPerPass, j = j0 + row;
+      const bool valid = j < len;
+      const long long off = valid ? p.key_offset(pages, i, hkv, j) + load_chunk * 8 : 0;
+      const unsigned dst = swizzled_bytes<D>(row, load_chunk);
+      cp_async16(ks + buf + dst, kpool + off, valid);
+      cp_async16(vs + buf + dst, vpool + off, valid);
+    }
   };
   load_rows<T, D, kBlockM>(qs, qbase, q_src);
   if (tiles > 0) load_kv(0, 0);

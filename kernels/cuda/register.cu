@@ -133,6 +133,12 @@ void register_cuda_variants(Registry& r) {
                                 "tensor cores, pages gathered by cp.async into swizzled 3-stage tiles",
                                 3, 0},
                                paged_decode_03_supports, paged_decode_03_split_kv_mma, {}});
+  r.of<PagedDecodeArgs>().add({{"paged_decode/04_warp_pipes", Op::kPagedDecode, Backend::kCuda, half,
+                                "head dims 64, 128; 1 to 16 query heads per kv head; any page size",
+                                "rung 03 with a cp.async pipeline per warp (16-key tiles, 3 stages, __syncwarp "
+                                "only): 8 independent page streams per SM instead of 2",
+                                4, 0},
+                               paged_decode_04_supports, paged_decode_04_warp_pipes, {}});
   r.of<AttentionArgs>().add({{"attention/decode_mma_split", Op::kAttention, Backend::kCuda, half,
                     "Sq = 1 (decoding); head dims 64, 128; 1 to 16 query heads per key/value head",
                     "paged_decode/03's kernel on dense K/V: equal key chunks over about 4 waves, the GQA "

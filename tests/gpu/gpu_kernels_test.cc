@@ -468,7 +468,7 @@ TEST(GpuAuto, PagedOpsTakeTheTopRungs) {
   batch.plan.bind(d.seqs);
   auto picked = default_registry().of<PagedDecodeArgs>().select(d, "", target);
   ASSERT_TRUE(picked.ok()) << picked.status().to_string();
-  EXPECT_EQ((*picked)->info.name, "paged_decode/03_split_kv_mma");
+  EXPECT_EQ((*picked)->info.name, "paged_decode/04_warp_pipes");
 }
 
 }  // namespace

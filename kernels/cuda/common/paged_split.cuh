@@ -68,6 +68,16 @@ __device__ __forceinline__ void merge_chunks_if_last(const PagedProblem& p, cons
   }
 }
 
+// Keys [first, last) of chunk c of a sequence of `len` keys in `chunks` chunks: the sequence's
+// chunks are equal (rounded up to `granule` keys) rather than `chunk` keys and a short last one,
+// so the items of one sequence take equal time. Never empty: the planned chunk length C is a
+// multiple of the granule and chunks = ceil(len / C), so (chunks - 1) x per < len.
+__device__ __forceinline__ int2 chunk_keys(int len, int chunks, int c, int granule) {
+  const int per = ((len + chunks - 1) / chunks + granule - 1) / granule * granule;
+  const int first = c * per;
+  return make_int2(first, min(len, first + per));
+}
+
 // The chunk length: about `waves` waves of `resident` blocks over all (sequence, kv head) pairs,
 // no chunk under `min_chunk` keys, at most `max_chunks` chunks per sequence (the merge's weights),
 // a multiple of `granule` keys.

@@ -53,7 +53,8 @@ __global__ void __launch_bounds__(kThreads) split_kernel(PagedProblem p, SplitPa
   const int i = owner_of_tile(sp.chunk_indptr, p.n, x);
   const int x0 = __ldg(sp.chunk_indptr + i), chunks = __ldg(sp.chunk_indptr + i + 1) - x0;
   const int len = __ldg(p.seq_lens + i);
-  const int k_begin = (x - x0) * sp.chunk, k_end = min(len, k_begin + sp.chunk);
+  const int2 keys = chunk_keys(len, chunks, x - x0, kStageKeys);
+  const int k_begin = keys.x, k_end = keys.y;
   const int stages = (k_end - k_begin + kStageKeys - 1) / kStageKeys;
   const int* pages = p.page_indices + __ldg(p.page_indptr + i);
   const T* kpool = static_cast<const T*>(p.k_pool);

@@ -55,7 +55,8 @@ __global__ void __launch_bounds__(kThreads) mma_split_kernel(PagedProblem p, Spl
   const int i = owner_of_tile(sp.chunk_indptr, p.n, x);
   const int x0 = __ldg(sp.chunk_indptr + i), chunks = __ldg(sp.chunk_indptr + i + 1) - x0;
   const int len = p.seq_len(i);
-  const int k_begin = (x - x0) * sp.chunk, k_end = min(len, k_begin + sp.chunk);
+  const int2 keys = chunk_keys(len, chunks, x - x0, kTileKeys);
+  const int k_begin = keys.x, k_end = keys.y;
   const int tiles = (k_end - k_begin + kTileKeys - 1) / kTileKeys;
   const int* pages = p.page_indices ? p.page_indices + __ldg(p.page_indptr + i) : nullptr;
   const T* kpool = static_cast<const T*>(p.k_pool);

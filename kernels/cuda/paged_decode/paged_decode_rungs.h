@@ -12,6 +12,8 @@ Status paged_decode_02_supports(const PagedDecodeArgs& args);
 Status paged_decode_02_split_kv(const PagedDecodeArgs& args, Stream& stream);
 Status paged_decode_03_supports(const PagedDecodeArgs& args);
 Status paged_decode_03_split_kv_mma(const PagedDecodeArgs& args, Stream& stream);
+Status paged_decode_04_supports(const PagedDecodeArgs& args);
+Status paged_decode_04_warp_pipes(const PagedDecodeArgs& args, Stream& stream);
 // Rung 03's kernel on dense K/V (Sq = 1): a sequence per batch item, one page each.
 Status attention_decode_mma_supports(const AttentionArgs& args);
 Status attention_decode_mma_split(const AttentionArgs& args, Stream& stream);

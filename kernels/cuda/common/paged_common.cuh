@@ -9,10 +9,10 @@
 #include <climits>
 #include <string>
 
-#include "attn/executor.h"
-#include "attn/paged_ops.h"
 #include "../cuda_check.h"
 #include "../softmax/softmax_common.cuh"
+#include "attn/executor.h"
+#include "attn/paged_ops.h"
 
 namespace attn::cuda {
 
@@ -34,7 +34,9 @@ struct PagedProblem {
   int fixed_len;   // with seq_lens null and page_indices null: dense [n, Hkv, fixed_len, D] K/V
   int page_shift;  // log2(page_size) when a power of two (a shift and a mask per key), else -1
 
-  __device__ __forceinline__ int seq_len(int i) const { return seq_lens ? __ldg(seq_lens + i) : fixed_len; }
+  __device__ __forceinline__ int seq_len(int i) const {
+    return seq_lens ? __ldg(seq_lens + i) : fixed_len;
+  }
   // The page holding key j of sequence i, whose page table starts at `pages` (dense: page i).
   __device__ __forceinline__ int page_of(const int* pages, int i, int j) const {
     if (!page_indices) return i;
@@ -48,7 +50,9 @@ struct PagedProblem {
 
   // First new row of sequence i in the packed q / k_new / v_new, and how many it brings.
   __device__ __forceinline__ int first_new(int i) const { return q_indptr ? q_indptr[i] : i; }
-  __device__ __forceinline__ int new_count(int i) const { return q_indptr ? q_indptr[i + 1] - q_indptr[i] : 1; }
+  __device__ __forceinline__ int new_count(int i) const {
+    return q_indptr ? q_indptr[i + 1] - q_indptr[i] : 1;
+  }
   // Element offset of (page, kv head, row) in a pool.
   __device__ __forceinline__ long long pool_offset(int page, int hkv, int row) const {
     return ((static_cast<long long>(page) * heads_kv + hkv) * page_size + row) * head_dim;
@@ -64,9 +68,10 @@ inline int page_shift_of(std::int64_t page_size) {
 // Checks what every paged CUDA rung needs (the op's shape rules, device memory, int32 ranges)
 // and the rung's own dtypes, head dims and group sizes; builds the problem.
 template <class Args>
-Result<PagedProblem> paged_problem(const Args& a, const TensorView& q_indptr, std::initializer_list<DType> dtypes,
-                                   std::initializer_list<int> head_dims, std::initializer_list<int> groups,
-                                   const char* name) {
+Result<PagedProblem> paged_problem(const Args& a, const TensorView& q_indptr,
+                                   std::initializer_list<DType> dtypes,
+                                   std::initializer_list<int> head_dims,
+                                   std::initializer_list<int> groups, const char* name) {
   ATTN_RETURN_IF_ERROR(OpDesc<Args>::check(a));
   bool ok = false;
   std::string list;
@@ -84,8 +89,8 @@ Result<PagedProblem> paged_problem(const Args& a, const TensorView& q_indptr, st
     list += (list.empty() ? "" : ", ") + std::to_string(d);
   }
   if (!ok) {
-    return invalid_argument(std::string("q.shape: ") + name + " takes head dims " + list + ", got " +
-                            std::to_string(a.cache.head_dim));
+    return invalid_argument(std::string("q.shape: ") + name + " takes head dims " + list +
+                            ", got " + std::to_string(a.cache.head_dim));
   }
   const std::int64_t group = a.q.dim(1) / a.cache.heads_kv;
   ok = false, list.clear();
@@ -97,12 +102,15 @@ Result<PagedProblem> paged_problem(const Args& a, const TensorView& q_indptr, st
     return invalid_argument(std::string("q.shape: ") + name + " takes " + list +
                             " query heads per key/value head, got " + std::to_string(group));
   }
-  if (a.cache.pages * a.cache.heads_kv * a.cache.page_size > INT_MAX || a.seqs.max_seq_len > INT_MAX / 2 ||
-      a.q.dim(0) > INT_MAX / 64 || a.seqs.count() > 65535 * 64 || a.cache.heads_kv > 65535) {
-    return invalid_argument(std::string("cache: ") + name + " takes pages x Hkv x page_size < 2^31 and sequences < 2^30");
+  if (a.cache.pages * a.cache.heads_kv * a.cache.page_size > INT_MAX ||
+      a.seqs.max_seq_len > INT_MAX / 2 || a.q.dim(0) > INT_MAX / 64 ||
+      a.seqs.count() > 65535 * 64 || a.cache.heads_kv > 65535) {
+    return invalid_argument(std::string("cache: ") + name +
+                            " takes pages x Hkv x page_size < 2^31 and sequences < 2^30");
   }
   if (!a.seqs.seq_lens_host || !a.seqs.page_indptr_host) {
-    return invalid_argument(std::string("seq_lens: ") + name + " plans from the host copies of the arrays");
+    return invalid_argument(std::string("seq_lens: ") + name +
+                            " plans from the host copies of the arrays");
   }
   PagedProblem p{};
   p.q = a.q.data, p.k_new = a.k_new.data, p.v_new = a.v_new.data, p.o = a.o.data;
@@ -173,7 +181,10 @@ __global__ void __launch_bounds__(128) paged_append_kernel(PagedProblem p, Paged
     int lo = 0, hi = p.n - 1;
     while (lo < hi) {
       const int mid = (lo + hi + 1) / 2;
-      if (p.q_indptr[mid] <= t) lo = mid; else hi = mid - 1;
+      if (p.q_indptr[mid] <= t)
+        lo = mid;
+      else
+        hi = mid - 1;
     }
     i = lo;
   }
@@ -193,18 +204,23 @@ __global__ void __launch_bounds__(128) paged_append_kernel(PagedProblem p, Paged
 }
 
 template <class T>
-Status launch_paged_append(const PagedProblem& p, const PagedPrep& prep, cudaStream_t s, const char* name) {
+Status launch_paged_append(const PagedProblem& p, const PagedPrep& prep, cudaStream_t s,
+                           const char* name) {
   const bool extra = prep.tile_indptr || prep.zeroed;
   paged_append_kernel<T><<<p.tokens + (extra ? 1 : 0), 128, 0, s>>>(p, prep);
   return to_status(cudaGetLastError(), name);
 }
 
-// The sequence that owns tile x: the last i with tile_indptr[i] <= x (binary search, n + 1 entries).
+// The sequence that owns tile x: the last i with tile_indptr[i] <= x (binary search, n + 1
+// entries).
 __device__ __forceinline__ int owner_of_tile(const int* tile_indptr, int n, int x) {
   int lo = 0, hi = n - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
-    if (__ldg(tile_indptr + mid) <= x) lo = mid; else hi = mid - 1;
+    if (__ldg(tile_indptr + mid) <= x)
+      lo = mid;
+    else
+      hi = mid - 1;
   }
   return lo;
 }

@@ -23,8 +23,9 @@ struct SplitPartials {
 // + group) of chunk x of sequence i: the last block of the (sequence, kv head) to get here merges
 // all `chunks` partials from chunk x0 on into o (and lse). `smem` holds group x chunks floats.
 template <class T, int D, int kThreads>
-__device__ __forceinline__ void merge_chunks_if_last(const PagedProblem& p, const SplitPartials& sp, int i, int hkv,
-                                                     int x0, int chunks, float* smem, bool& last_block) {
+__device__ __forceinline__ void merge_chunks_if_last(const PagedProblem& p, const SplitPartials& sp,
+                                                     int i, int hkv, int x0, int chunks,
+                                                     float* smem, bool& last_block) {
   const int h0 = hkv * p.group, group = p.group;
   __threadfence();
   __syncthreads();
@@ -37,7 +38,8 @@ __device__ __forceinline__ void merge_chunks_if_last(const PagedProblem& p, cons
   const int warp = threadIdx.x / 32, wl = threadIdx.x % 32;
   for (int g = warp; g < group; g += kThreads / 32) {
     float mx = -INFINITY;
-    for (int s = wl; s < chunks; s += 32) mx = fmaxf(mx, __ldcg(sp.m + static_cast<long long>(x0 + s) * p.heads_q + h0 + g));
+    for (int s = wl; s < chunks; s += 32)
+      mx = fmaxf(mx, __ldcg(sp.m + static_cast<long long>(x0 + s) * p.heads_q + h0 + g));
     mx = warp_max(mx);
     float total = 0.0f;
     for (int s = wl; s < chunks; s += 32) {
@@ -54,11 +56,12 @@ __device__ __forceinline__ void merge_chunks_if_last(const PagedProblem& p, cons
   for (int idx = threadIdx.x; idx < group * D / 4; idx += kThreads) {
     const int g = idx / (D / 4), c = idx % (D / 4) * 4;
     const float* w = weights + g * chunks;
-    const float4* po = reinterpret_cast<const float4*>(sp.o + (static_cast<long long>(x0) * p.heads_q + h0 + g) * D + c);
+    const float4* po = reinterpret_cast<const float4*>(
+        sp.o + (static_cast<long long>(x0) * p.heads_q + h0 + g) * D + c);
     const long long stride = static_cast<long long>(p.heads_q) * D / 4;
     float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll 8
-    for (int s = 0; s < chunks; ++s) {  // unrolled: 8 independent loads in flight, not one
+#pragma unroll 16
+    for (int s = 0; s < chunks; ++s) {  // unrolled: 16 independent loads in flight, not one
       const float4 v = __ldcg(po + s * stride);
       acc.x += v.x * w[s], acc.y += v.y * w[s], acc.z += v.z * w[s], acc.w += v.w * w[s];
     }
@@ -81,8 +84,8 @@ __device__ __forceinline__ int2 chunk_keys(int len, int chunks, int c, int granu
 // The chunk length: about `waves` waves of `resident` blocks over all (sequence, kv head) pairs,
 // no chunk under `min_chunk` keys, at most `max_chunks` chunks per sequence (the merge's weights),
 // a multiple of `granule` keys.
-inline int plan_split_chunk(const PagedSequences& seqs, std::int64_t heads_kv, int resident, int waves, int min_chunk,
-                            int max_chunks, int granule) {
+inline int plan_split_chunk(const PagedSequences& seqs, std::int64_t heads_kv, int resident,
+                            int waves, int min_chunk, int max_chunks, int granule) {
   long long keys = 0;
   for (std::int64_t i = 0; i < seqs.count(); ++i) keys += seqs.seq_lens_host[i];
   const long long items = std::max<long long>(1, static_cast<long long>(resident) * waves);
@@ -96,17 +99,21 @@ inline int plan_split_chunk(const PagedSequences& seqs, std::int64_t heads_kv, i
 // launch(total_chunks, partials) to launch the attention kernel; frees the workspace in stream
 // order.
 template <class T, int D, class Launch>
-Status run_split(const PagedSequences& seqs, const PagedProblem& p, int chunk, cudaStream_t s, const char* name,
-                 Launch&& launch) {
+Status run_split(const PagedSequences& seqs, const PagedProblem& p, int chunk, cudaStream_t s,
+                 const char* name, Launch&& launch) {
   long long total_chunks = 0;
   for (int i = 0; i < p.n; ++i) total_chunks += (seqs.seq_lens_host[i] + chunk - 1) / chunk;
-  if (total_chunks > INT_MAX / 2) return invalid_argument(std::string("seq_lens: ") + name + " takes < 2^30 chunks");
-  const std::size_t ints = static_cast<std::size_t>(p.n + 1) + static_cast<std::size_t>(p.n) * p.heads_kv;
+  if (total_chunks > INT_MAX / 2)
+    return invalid_argument(std::string("seq_lens: ") + name + " takes < 2^30 chunks");
+  const std::size_t ints =
+      static_cast<std::size_t>(p.n + 1) + static_cast<std::size_t>(p.n) * p.heads_kv;
   const std::size_t head_bytes = (ints * sizeof(int) + 255) / 256 * 256;
   const std::size_t rows = static_cast<std::size_t>(total_chunks) * p.heads_q;
-  const std::size_t o_bytes = rows * D * sizeof(float), ml_bytes = (rows * sizeof(float) + 255) / 256 * 256;
+  const std::size_t o_bytes = rows * D * sizeof(float),
+                    ml_bytes = (rows * sizeof(float) + 255) / 256 * 256;
   char* ws = nullptr;
-  ATTN_RETURN_IF_ERROR(to_status(cudaMallocAsync(&ws, head_bytes + o_bytes + 2 * ml_bytes, s), name));
+  ATTN_RETURN_IF_ERROR(
+      to_status(cudaMallocAsync(&ws, head_bytes + o_bytes + 2 * ml_bytes, s), name));
   SplitPartials sp{};
   int* ints_base = reinterpret_cast<int*>(ws);
   sp.chunk_indptr = ints_base;

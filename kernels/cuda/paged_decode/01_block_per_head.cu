@@ -29,7 +29,8 @@ __global__ void __launch_bounds__(kThreads) block_per_head_kernel(PagedProblem p
   const int* pages = p.page_indices + p.page_indptr[i];
   for (int idx = threadIdx.x; idx < G * D; idx += kThreads) {
     const int g = idx / D, c = idx % D;
-    qs[g][c] = to_float(static_cast<const T*>(p.q)[(static_cast<long long>(i) * p.heads_q + h0 + g) * D + c]) *
+    qs[g][c] = to_float(static_cast<const T*>(
+                   p.q)[(static_cast<long long>(i) * p.heads_q + h0 + g) * D + c]) *
                p.scale_log2;
   }
   __syncthreads();
@@ -48,7 +49,8 @@ __global__ void __launch_bounds__(kThreads) block_per_head_kernel(PagedProblem p
     const int j = j0 + stream;
     const bool valid = j < len;
     const int jj = valid ? j : len - 1;
-    const long long row = p.pool_offset(pages[jj / p.page_size], hkv, jj % p.page_size) + lane * kVec;
+    const long long row =
+        p.pool_offset(pages[jj / p.page_size], hkv, jj % p.page_size) + lane * kVec;
     float kf[kVec], vf[kVec];
     unpack16<T>(*reinterpret_cast<const uint4*>(kpool + row), kf);
     unpack16<T>(*reinterpret_cast<const uint4*>(vpool + row), vf);
@@ -68,7 +70,8 @@ __global__ void __launch_bounds__(kThreads) block_per_head_kernel(PagedProblem p
 #pragma unroll
     for (int g = 0; g < G; ++g) {
       const float m_new = fmaxf(m[g], s[g]);
-      const float alpha = exp2f(m[g] - m_new), pj = exp2f(s[g] - m_new);  // alpha = 0 on the first key
+      const float alpha = exp2f(m[g] - m_new),
+                  pj = exp2f(s[g] - m_new);  // alpha = 0 on the first key
       l[g] = l[g] * alpha + pj;
 #pragma unroll
       for (int e = 0; e < kVec; ++e) o[g][e] = o[g][e] * alpha + pj * vf[e];
@@ -111,10 +114,12 @@ Status launch(const PagedProblem& p, cudaStream_t s) {
 }
 
 Result<PagedProblem> problem(const PagedDecodeArgs& a) {
-  ATTN_ASSIGN_OR_RETURN(p, paged_problem(a, {}, {DType::kFloat32, DType::kBFloat16, DType::kFloat16}, {64, 128, 256},
-                                         {1, 2, 4, 8}, "paged_decode/01_block_per_head"));
+  ATTN_ASSIGN_OR_RETURN(
+      p, paged_problem(a, {}, {DType::kFloat32, DType::kBFloat16, DType::kFloat16}, {64, 128, 256},
+                       {1, 2, 4, 8}, "paged_decode/01_block_per_head"));
   if (a.cache.dtype == DType::kFloat32 && p.head_dim == 256)
-    return invalid_argument("q.shape: paged_decode/01_block_per_head takes head dim 256 in 16-bit types only");
+    return invalid_argument(
+        "q.shape: paged_decode/01_block_per_head takes head dim 256 in 16-bit types only");
   return p;
 }
 
@@ -126,14 +131,18 @@ Status paged_decode_01_block_per_head(const PagedDecodeArgs& args, Stream& strea
   ATTN_ASSIGN_OR_RETURN(p, problem(args));
   const cudaStream_t s = paged_stream(stream);
   switch (args.cache.dtype) {
-    case DType::kFloat32: return p.head_dim == 64 ? launch<float, 64>(p, s) : launch<float, 128>(p, s);
+    case DType::kFloat32:
+      return p.head_dim == 64 ? launch<float, 64>(p, s) : launch<float, 128>(p, s);
     case DType::kBFloat16:
       return p.head_dim == 64    ? launch<__nv_bfloat16, 64>(p, s)
              : p.head_dim == 128 ? launch<__nv_bfloat16, 128>(p, s)
                                  : launch<__nv_bfloat16, 256>(p, s);
     case DType::kFloat16:
-      return p.head_dim == 64 ? launch<__half, 64>(p, s) : p.head_dim == 128 ? launch<__half, 128>(p, s) : launch<__half, 256>(p, s);
-    default: return invalid_argument("q.dtype: unexpected");
+      return p.head_dim == 64    ? launch<__half, 64>(p, s)
+             : p.head_dim == 128 ? launch<__half, 128>(p, s)
+                                 : launch<__half, 256>(p, s);
+    default:
+      return invalid_argument("q.dtype: unexpected");
   }
 }
 

@@ -2,9 +2,9 @@
 // planned from the lengths, pages streamed through bulk copies, partials merged by LSE.
 // - Balance: rung 01 gives a sequence's whole length to one block, so one 32k sequence beside
 //   many short ones (or a batch of 1) runs on a few SMs. Here the host picks one chunk length C
-//   (a multiple of 32 keys) so that the batch makes about 4 waves of equal (sequence, kv head,
-//   chunk) work items whatever the length mix; the hardware hands the items to SMs as they free
-//   up, and only each sequence's last chunk is shorter. The append launch before this kernel
+//   (a multiple of 32 keys) so that the batch makes about 4 waves of (sequence, kv head, chunk)
+//   work items of at most C keys whatever the length mix, a sequence's chunks equal; the hardware
+//   hands the items to SMs as they free up. The append launch before this kernel
 //   also writes the chunk offsets per sequence (a scan of ceil(len / C)) and zeroes the merge
 //   counters, so nothing else is launched or copied per call.
 // - Pages stream into a shared-memory ring (4 stages of 32 keys at D = 128) by bulk asynchronous
@@ -82,7 +82,8 @@ __global__ void __launch_bounds__(kThreads) split_kernel(PagedProblem p, SplitPa
   }
   for (int idx = threadIdx.x; idx < G * D; idx += kThreads) {
     const int g = idx / D, c = idx % D;
-    qs[g][c] = to_float(static_cast<const T*>(p.q)[(static_cast<long long>(i) * p.heads_q + h0 + g) * D + c]) *
+    qs[g][c] = to_float(static_cast<const T*>(
+                   p.q)[(static_cast<long long>(i) * p.heads_q + h0 + g) * D + c]) *
                p.scale_log2;
   }
   __syncthreads();
@@ -105,7 +106,8 @@ __global__ void __launch_bounds__(kThreads) split_kernel(PagedProblem p, SplitPa
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       float kf[kVec];
-      unpack16<T>(*reinterpret_cast<const uint4*>(kt + (stream + u * kStreams) * D + lane * kVec), kf);
+      unpack16<T>(*reinterpret_cast<const uint4*>(kt + (stream + u * kStreams) * D + lane * kVec),
+                  kf);
 #pragma unroll
       for (int g = 0; g < G; ++g) {
         float dot = 0.0f;
@@ -144,7 +146,8 @@ __global__ void __launch_bounds__(kThreads) split_kernel(PagedProblem p, SplitPa
     for (int u = 0; u < kUnroll; ++u) {
       if (!valid[u]) continue;
       float vf[kVec];
-      unpack16<T>(*reinterpret_cast<const uint4*>(vt + (stream + u * kStreams) * D + lane * kVec), vf);
+      unpack16<T>(*reinterpret_cast<const uint4*>(vt + (stream + u * kStreams) * D + lane * kVec),
+                  vf);
 #pragma unroll
       for (int g = 0; g < G; ++g) {
         const float pj = exp2f(sc[u][g] - m[g]);
@@ -192,34 +195,41 @@ __global__ void __launch_bounds__(kThreads) split_kernel(PagedProblem p, SplitPa
 
   // The last block of this (sequence, kv head) to finish merges its chunks (the ring's shared
   // memory holds the weights).
-  merge_chunks_if_last<T, D, kThreads>(p, sp, i, hkv, x0, chunks, reinterpret_cast<float*>(smem_raw), last_block);
+  merge_chunks_if_last<T, D, kThreads>(p, sp, i, hkv, x0, chunks,
+                                       reinterpret_cast<float*>(smem_raw), last_block);
 }
 
 template <class T, int D>
 Status launch(const PagedDecodeArgs& a, const PagedProblem& p, cudaStream_t s, int device) {
   void (*kernel)(PagedProblem, SplitPartials) = p.group == 1   ? split_kernel<T, D, 1>
-                                        : p.group == 2 ? split_kernel<T, D, 2>
-                                        : p.group == 4 ? split_kernel<T, D, 4>
-                                                       : split_kernel<T, D, 8>;
+                                                : p.group == 2 ? split_kernel<T, D, 2>
+                                                : p.group == 4 ? split_kernel<T, D, 4>
+                                                               : split_kernel<T, D, 8>;
   constexpr int kRing = Ring<T, D>::kRingBytes;
-  ATTN_RETURN_IF_ERROR(to_status(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRing),
-                                 "paged_decode/02 shared memory"));
+  ATTN_RETURN_IF_ERROR(
+      to_status(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRing),
+                "paged_decode/02 shared memory"));
   int per_sm = 1, sms = 132;
-  ATTN_RETURN_IF_ERROR(to_status(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, kRing),
-                                 "paged_decode/02 occupancy"));
+  ATTN_RETURN_IF_ERROR(
+      to_status(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, kRing),
+                "paged_decode/02 occupancy"));
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  const int chunk = plan_split_chunk(a.seqs, p.heads_kv, std::max(per_sm, 1) * sms, kWaves, kMinChunk,
-                                     kRing / static_cast<int>(sizeof(float)) / p.group, kStageKeys);
-  return run_split<T, D>(a.seqs, p, chunk, s, "paged_decode/02_split_kv", [&](int chunks, const SplitPartials& sp) {
-    kernel<<<dim3(static_cast<unsigned>(chunks), p.heads_kv), kThreads, kRing, s>>>(p, sp);
-  });
+  const int chunk =
+      plan_split_chunk(a.seqs, p.heads_kv, std::max(per_sm, 1) * sms, kWaves, kMinChunk,
+                       kRing / static_cast<int>(sizeof(float)) / p.group, kStageKeys);
+  return run_split<T, D>(
+      a.seqs, p, chunk, s, "paged_decode/02_split_kv", [&](int chunks, const SplitPartials& sp) {
+        kernel<<<dim3(static_cast<unsigned>(chunks), p.heads_kv), kThreads, kRing, s>>>(p, sp);
+      });
 }
 
 Result<PagedProblem> problem(const PagedDecodeArgs& a) {
-  ATTN_ASSIGN_OR_RETURN(p, paged_problem(a, {}, {DType::kBFloat16, DType::kFloat16, DType::kFloat32}, {64, 128, 256},
-                                         {1, 2, 4, 8}, "paged_decode/02_split_kv"));
+  ATTN_ASSIGN_OR_RETURN(
+      p, paged_problem(a, {}, {DType::kBFloat16, DType::kFloat16, DType::kFloat32}, {64, 128, 256},
+                       {1, 2, 4, 8}, "paged_decode/02_split_kv"));
   if (a.cache.dtype == DType::kFloat32 && p.head_dim == 256)
-    return invalid_argument("q.shape: paged_decode/02_split_kv takes head dim 256 in 16-bit types only");
+    return invalid_argument(
+        "q.shape: paged_decode/02_split_kv takes head dim 256 in 16-bit types only");
   return p;
 }
 
@@ -232,7 +242,9 @@ Status paged_decode_02_split_kv(const PagedDecodeArgs& args, Stream& stream) {
   const cudaStream_t s = paged_stream(stream);
   const int dev = stream.device();
   switch (args.cache.dtype) {
-    case DType::kFloat32: return p.head_dim == 64 ? launch<float, 64>(args, p, s, dev) : launch<float, 128>(args, p, s, dev);
+    case DType::kFloat32:
+      return p.head_dim == 64 ? launch<float, 64>(args, p, s, dev)
+                              : launch<float, 128>(args, p, s, dev);
     case DType::kBFloat16:
       return p.head_dim == 64    ? launch<__nv_bfloat16, 64>(args, p, s, dev)
              : p.head_dim == 128 ? launch<__nv_bfloat16, 128>(args, p, s, dev)
@@ -241,7 +253,8 @@ Status paged_decode_02_split_kv(const PagedDecodeArgs& args, Stream& stream) {
       return p.head_dim == 64    ? launch<__half, 64>(args, p, s, dev)
              : p.head_dim == 128 ? launch<__half, 128>(args, p, s, dev)
                                  : launch<__half, 256>(args, p, s, dev);
-    default: return invalid_argument("q.dtype: unexpected");
+    default:
+      return invalid_argument("q.dtype: unexpected");
   }
 }
 

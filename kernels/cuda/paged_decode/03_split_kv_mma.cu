@@ -26,7 +26,7 @@ namespace {
 using namespace mma_sync;
 
 constexpr int kWarps = 4, kThreads = kWarps * 32, kTileKeys = 16 * kWarps, kMaxGroup = 16;
-constexpr int kMinChunk = 256, kWaves = 4;
+constexpr int kMinChunk = 256, kWaves = 4, kMaxChunksPerSeq = 32;
 
 template <int D>
 struct Pipe {
@@ -85,9 +85,11 @@ __global__ void __launch_bounds__(kThreads) mma_split_kernel(PagedProblem p, Spl
 
   // The group's query rows as the A operand (rows g and g + 8 of the m16 tile), zero past group.
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
-  const unsigned* q0 = g < group ? reinterpret_cast<const unsigned*>(static_cast<const T*>(p.q) +
-                                                                     (static_cast<long long>(i) * p.heads_q + h0 + g) * D)
-                                 : nullptr;
+  const unsigned* q0 =
+      g < group
+          ? reinterpret_cast<const unsigned*>(static_cast<const T*>(p.q) +
+                                              (static_cast<long long>(i) * p.heads_q + h0 + g) * D)
+          : nullptr;
   const unsigned* q1 = g + 8 < group ? q0 + 8 * D / 2 : nullptr;  // heads are D apart
   unsigned qf[D / 16][4];
 #pragma unroll
@@ -149,8 +151,8 @@ __global__ void __launch_bounds__(kThreads) mma_split_kernel(PagedProblem p, Spl
 #pragma unroll
       for (int n = 0; n < D / 8; ++n) o[n][2 * r] *= alpha, o[n][2 * r + 1] *= alpha;
     }
-    const unsigned pf[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]), pack2<T>(s[1][0], s[1][1]),
-                            pack2<T>(s[1][2], s[1][3])};
+    const unsigned pf[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]),
+                            pack2<T>(s[1][0], s[1][1]), pack2<T>(s[1][2], s[1][3])};
 #pragma unroll
     for (int dp = 0; dp < D / 16; ++dp) {
       unsigned vf[4];
@@ -173,7 +175,8 @@ __global__ void __launch_bounds__(kThreads) mma_split_kernel(PagedProblem p, Spl
     if (t4 == 0) red_m[warp][row] = m[r], red_l[warp][row] = l[r];
 #pragma unroll
     for (int n = 0; n < D / 8; ++n)
-      *reinterpret_cast<float2*>(staged + (warp * 16 + row) * D + n * 8 + 2 * t4) = make_float2(o[n][2 * r], o[n][2 * r + 1]);
+      *reinterpret_cast<float2*>(staged + (warp * 16 + row) * D + n * 8 + 2 * t4) =
+          make_float2(o[n][2 * r], o[n][2 * r + 1]);
   }
   __syncthreads();
   const long long row0 = static_cast<long long>(i) * p.heads_q + h0;
@@ -199,34 +202,42 @@ __global__ void __launch_bounds__(kThreads) mma_split_kernel(PagedProblem p, Spl
     }
   }
   if (chunks == 1) return;
-  merge_chunks_if_last<T, D, kThreads>(p, sp, i, hkv, x0, chunks, reinterpret_cast<float*>(smem), last_block);
+  merge_chunks_if_last<T, D, kThreads>(p, sp, i, hkv, x0, chunks, reinterpret_cast<float*>(smem),
+                                       last_block);
 }
 
 template <class T, int D>
-Status launch(const PagedSequences& seqs, const PagedProblem& p, cudaStream_t s, int device, const char* name) {
+Status launch(const PagedSequences& seqs, const PagedProblem& p, cudaStream_t s, int device,
+              const char* name) {
   using P = Pipe<D>;
   auto kernel = mma_split_kernel<T, D>;
-  ATTN_RETURN_IF_ERROR(
-      to_status(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, P::kSmem), name));
+  ATTN_RETURN_IF_ERROR(to_status(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, P::kSmem), name));
   int per_sm = 1, sms = 132;
-  ATTN_RETURN_IF_ERROR(
-      to_status(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, P::kSmem), name));
+  ATTN_RETURN_IF_ERROR(to_status(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, P::kSmem), name));
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  const int max_chunks = P::kStages * P::kStageBytes / static_cast<int>(sizeof(float)) / p.group;
-  const int chunk =
-      plan_split_chunk(seqs, p.heads_kv, std::max(per_sm, 1) * sms, kWaves, kMinChunk, max_chunks, kTileKeys);
+  // At most 32 chunks a sequence: a batch of one long sequence gets about one wave of long chunks
+  // (each block streams long enough to hide its start) and a short merge, not 4 waves of 256-key
+  // chunks and a 128-way merge (78 us at 1 x 32k, 1 x 8 heads, on the H200).
+  const int max_chunks = std::min(
+      kMaxChunksPerSeq, P::kStages * P::kStageBytes / static_cast<int>(sizeof(float)) / p.group);
+  const int chunk = plan_split_chunk(seqs, p.heads_kv, std::max(per_sm, 1) * sms, kWaves, kMinChunk,
+                                     max_chunks, kTileKeys);
   return run_split<T, D>(seqs, p, chunk, s, name, [&](int chunks, const SplitPartials& sp) {
     kernel<<<dim3(static_cast<unsigned>(chunks), p.heads_kv), kThreads, P::kSmem, s>>>(p, sp);
   });
 }
 
-Status dispatch(DType dt, const PagedSequences& seqs, const PagedProblem& p, Stream& stream, const char* name) {
+Status dispatch(DType dt, const PagedSequences& seqs, const PagedProblem& p, Stream& stream,
+                const char* name) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream.cuda_stream());
   const int dev = stream.device();
   if (dt == DType::kBFloat16)
     return p.head_dim == 64 ? launch<__nv_bfloat16, 64>(seqs, p, s, dev, name)
                             : launch<__nv_bfloat16, 128>(seqs, p, s, dev, name);
-  return p.head_dim == 64 ? launch<__half, 64>(seqs, p, s, dev, name) : launch<__half, 128>(seqs, p, s, dev, name);
+  return p.head_dim == 64 ? launch<__half, 64>(seqs, p, s, dev, name)
+                          : launch<__half, 128>(seqs, p, s, dev, name);
 }
 
 constexpr const char* kPagedName = "paged_decode/03_split_kv_mma";
@@ -241,24 +252,27 @@ Result<PagedProblem> paged(const PagedDecodeArgs& a) {
 Result<PagedProblem> dense(const AttentionArgs& a) {
   ATTN_ASSIGN_OR_RETURN(d, attention_dims(a.q, a.k, a.v));
   if (a.q.dtype != DType::kBFloat16 && a.q.dtype != DType::kFloat16) {
-    return invalid_argument(std::string("q.dtype: ") + kDenseName + " takes bfloat16, float16, got " +
-                            std::string(dtype_name(a.q.dtype)));
+    return invalid_argument(std::string("q.dtype: ") + kDenseName +
+                            " takes bfloat16, float16, got " + std::string(dtype_name(a.q.dtype)));
   }
   if (d.head_dim != 64 && d.head_dim != 128) {
-    return invalid_argument(std::string("q.shape[3]: ") + kDenseName + " takes head dims 64, 128, got " +
-                            std::to_string(d.head_dim));
+    return invalid_argument(std::string("q.shape[3]: ") + kDenseName +
+                            " takes head dims 64, 128, got " + std::to_string(d.head_dim));
   }
   if (d.len_q != 1) {
-    return invalid_argument(std::string("q.shape[2]: ") + kDenseName + " takes one query row per head (decoding), got " +
+    return invalid_argument(std::string("q.shape[2]: ") + kDenseName +
+                            " takes one query row per head (decoding), got " +
                             std::to_string(d.len_q));
   }
   if (d.heads_q / d.heads_kv > kMaxGroup) {
-    return invalid_argument(std::string("k.shape[1]: ") + kDenseName + " takes up to 16 query heads per key/value head");
+    return invalid_argument(std::string("k.shape[1]: ") + kDenseName +
+                            " takes up to 16 query heads per key/value head");
   }
   if (d.batch > 65535 * 64 || d.heads_kv > 65535 || d.batch * d.heads_kv * d.len_kv > INT_MAX) {
     return invalid_argument(std::string("k.shape: ") + kDenseName + " takes B x Hkv x Sk < 2^31");
   }
-  if (!a.lse.empty() && a.lse.dtype != DType::kFloat32) return invalid_argument("lse: expected float32");
+  if (!a.lse.empty() && a.lse.dtype != DType::kFloat32)
+    return invalid_argument("lse: expected float32");
   PagedProblem p{};
   p.q = a.q.data, p.o = a.o.data, p.k_pool = a.k.data, p.v_pool = a.v.data;
   p.lse = a.lse.empty() ? nullptr : static_cast<float*>(a.lse.data);

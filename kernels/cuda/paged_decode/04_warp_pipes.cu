@@ -16,7 +16,7 @@ namespace {
 using namespace mma_sync;
 
 constexpr int kWarps = 4, kThreads = kWarps * 32, kTileKeys = 16 * kWarps, kMaxGroup = 16;
-constexpr int kMinChunk = 256, kWaves = 4;
+constexpr int kMinChunk = 256, kWaves = 4, kMaxChunksPerSeq = 32;
 
 template <int D>
 struct Pipe {
@@ -78,9 +78,11 @@ __global__ void __launch_bounds__(kThreads) warp_pipes_kernel(PagedProblem p, Sp
   }
 
   // The group's query rows as the A operand (rows g and g + 8 of the m16 tile), zero past group.
-  const unsigned* q0 = g < group ? reinterpret_cast<const unsigned*>(static_cast<const T*>(p.q) +
-                                                                     (static_cast<long long>(i) * p.heads_q + h0 + g) * D)
-                                 : nullptr;
+  const unsigned* q0 =
+      g < group
+          ? reinterpret_cast<const unsigned*>(static_cast<const T*>(p.q) +
+                                              (static_cast<long long>(i) * p.heads_q + h0 + g) * D)
+          : nullptr;
   const unsigned* q1 = g + 8 < group ? q0 + 8 * D / 2 : nullptr;  // heads are D apart
   unsigned qf[D / 16][4];
 #pragma unroll
@@ -142,8 +144,8 @@ __global__ void __launch_bounds__(kThreads) warp_pipes_kernel(PagedProblem p, Sp
 #pragma unroll
       for (int n = 0; n < D / 8; ++n) o[n][2 * r] *= alpha, o[n][2 * r + 1] *= alpha;
     }
-    const unsigned pf[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]), pack2<T>(s[1][0], s[1][1]),
-                            pack2<T>(s[1][2], s[1][3])};
+    const unsigned pf[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]),
+                            pack2<T>(s[1][0], s[1][1]), pack2<T>(s[1][2], s[1][3])};
 #pragma unroll
     for (int dp = 0; dp < D / 16; ++dp) {
       unsigned vf[4];
@@ -166,7 +168,8 @@ __global__ void __launch_bounds__(kThreads) warp_pipes_kernel(PagedProblem p, Sp
     if (t4 == 0) red_m[warp][row] = m[r], red_l[warp][row] = l[r];
 #pragma unroll
     for (int n = 0; n < D / 8; ++n)
-      *reinterpret_cast<float2*>(staged + (warp * 16 + row) * D + n * 8 + 2 * t4) = make_float2(o[n][2 * r], o[n][2 * r + 1]);
+      *reinterpret_cast<float2*>(staged + (warp * 16 + row) * D + n * 8 + 2 * t4) =
+          make_float2(o[n][2 * r], o[n][2 * r + 1]);
   }
   __syncthreads();
   const long long row0 = static_cast<long long>(i) * p.heads_q + h0;
@@ -192,34 +195,42 @@ __global__ void __launch_bounds__(kThreads) warp_pipes_kernel(PagedProblem p, Sp
     }
   }
   if (chunks == 1) return;
-  merge_chunks_if_last<T, D, kThreads>(p, sp, i, hkv, x0, chunks, reinterpret_cast<float*>(smem), last_block);
+  merge_chunks_if_last<T, D, kThreads>(p, sp, i, hkv, x0, chunks, reinterpret_cast<float*>(smem),
+                                       last_block);
 }
 
 template <class T, int D>
-Status launch(const PagedSequences& seqs, const PagedProblem& p, cudaStream_t s, int device, const char* name) {
+Status launch(const PagedSequences& seqs, const PagedProblem& p, cudaStream_t s, int device,
+              const char* name) {
   using P = Pipe<D>;
   auto kernel = warp_pipes_kernel<T, D>;
-  ATTN_RETURN_IF_ERROR(
-      to_status(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, P::kSmem), name));
+  ATTN_RETURN_IF_ERROR(to_status(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, P::kSmem), name));
   int per_sm = 1, sms = 132;
-  ATTN_RETURN_IF_ERROR(
-      to_status(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, P::kSmem), name));
+  ATTN_RETURN_IF_ERROR(to_status(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, P::kSmem), name));
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  const int max_chunks = kWarps * P::kWarpBytes / static_cast<int>(sizeof(float)) / p.group;
-  const int chunk =
-      plan_split_chunk(seqs, p.heads_kv, std::max(per_sm, 1) * sms, kWaves, kMinChunk, max_chunks, kTileKeys);
+  // At most 32 chunks a sequence: a batch of one long sequence gets about one wave of long chunks
+  // (each block streams long enough to hide its start) and a short merge, not 4 waves of 256-key
+  // chunks and a 128-way merge (78 us at 1 x 32k, 1 x 8 heads, on the H200).
+  const int max_chunks = std::min(
+      kMaxChunksPerSeq, kWarps * P::kWarpBytes / static_cast<int>(sizeof(float)) / p.group);
+  const int chunk = plan_split_chunk(seqs, p.heads_kv, std::max(per_sm, 1) * sms, kWaves, kMinChunk,
+                                     max_chunks, kTileKeys);
   return run_split<T, D>(seqs, p, chunk, s, name, [&](int chunks, const SplitPartials& sp) {
     kernel<<<dim3(static_cast<unsigned>(chunks), p.heads_kv), kThreads, P::kSmem, s>>>(p, sp);
   });
 }
 
-Status dispatch(DType dt, const PagedSequences& seqs, const PagedProblem& p, Stream& stream, const char* name) {
+Status dispatch(DType dt, const PagedSequences& seqs, const PagedProblem& p, Stream& stream,
+                const char* name) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream.cuda_stream());
   const int dev = stream.device();
   if (dt == DType::kBFloat16)
     return p.head_dim == 64 ? launch<__nv_bfloat16, 64>(seqs, p, s, dev, name)
                             : launch<__nv_bfloat16, 128>(seqs, p, s, dev, name);
-  return p.head_dim == 64 ? launch<__half, 64>(seqs, p, s, dev, name) : launch<__half, 128>(seqs, p, s, dev, name);
+  return p.head_dim == 64 ? launch<__half, 64>(seqs, p, s, dev, name)
+                          : launch<__half, 128>(seqs, p, s, dev, name);
 }
 
 constexpr const char* kPagedName = "paged_decode/04_warp_pipes";

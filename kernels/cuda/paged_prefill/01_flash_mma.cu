@@ -56,9 +56,10 @@ struct Rows {
 // One K/V tile for the warp: S = Q K^T, online softmax, O += P V (attention/03's attend_tile,
 // with the paged rows' own visibility rule).
 template <class T, int D, bool kMask>
-__device__ __forceinline__ void attend_tile(const Rows& rows, float scale_log2, unsigned q_lane, unsigned k_lane,
-                                            unsigned v_lane, int j0, int row0, float (&o)[kMT][D / 8][4],
-                                            float (&m)[kMT][2], float (&l)[kMT][2]) {
+__device__ __forceinline__ void attend_tile(const Rows& rows, float scale_log2, unsigned q_lane,
+                                            unsigned k_lane, unsigned v_lane, int j0, int row0,
+                                            float (&o)[kMT][D / 8][4], float (&m)[kMT][2],
+                                            float (&l)[kMT][2]) {
   const int lane = threadIdx.x % 32, t4 = lane % 4;
   float s[kMT][kBN / 8][4];
 #pragma unroll
@@ -143,7 +144,8 @@ __device__ __forceinline__ void attend_tile(const Rows& rows, float scale_log2, 
 }
 
 template <class T, int D>
-__global__ void __launch_bounds__(kThreads) paged_flash_kernel(PagedProblem p, const int* tile_indptr) {
+__global__ void __launch_bounds__(kThreads)
+    paged_flash_kernel(PagedProblem p, const int* tile_indptr) {
   constexpr unsigned kTileBytes = kBN * D * 2;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const unsigned qs = (smem_addr(smem_raw) + 255u) & ~255u;
@@ -164,12 +166,14 @@ __global__ void __launch_bounds__(kThreads) paged_flash_kernel(PagedProblem p, c
   const int last_row = min(r0 + kBlockM, row_count) - 1;
   const int block_end = rows.visible(last_row);  // keys past it are masked for every row
   const int tiles = (block_end + kBN - 1) / kBN;
-  const int first_masked = rows.visible(r0) / kBN;  // from here on a tile holds a key some row can't see
+  const int first_masked =
+      rows.visible(r0) / kBN;  // from here on a tile holds a key some row can't see
 
   auto q_src = [&](int r) -> const T* {
     const int row = r0 + r;
     if (row >= row_count) return nullptr;
-    return qbase + (static_cast<long long>(first + row / p.group) * p.heads_q + h0 + row % p.group) * D;
+    return qbase +
+           (static_cast<long long>(first + row / p.group) * p.heads_q + h0 + row % p.group) * D;
   };
   // K and V rows of keys [j0, j0 + kBN) into buffer `buf`: one page-table read per row for both,
   // zeros past the sequence.
@@ -215,9 +219,11 @@ __global__ void __launch_bounds__(kThreads) paged_flash_kernel(PagedProblem p, c
     if (t + 1 < tiles) load_kv(next, j0 + kBN);  // the next tile flies while this one is computed
     cp_async_commit();
     if (t >= first_masked)
-      attend_tile<T, D, true>(rows, p.scale_log2, q_lane, ks + buf + k_lane0, vs + buf + v_lane0, j0, row0, o, m, l);
+      attend_tile<T, D, true>(rows, p.scale_log2, q_lane, ks + buf + k_lane0, vs + buf + v_lane0,
+                              j0, row0, o, m, l);
     else
-      attend_tile<T, D, false>(rows, p.scale_log2, q_lane, ks + buf + k_lane0, vs + buf + v_lane0, j0, row0, o, m, l);
+      attend_tile<T, D, false>(rows, p.scale_log2, q_lane, ks + buf + k_lane0, vs + buf + v_lane0,
+                               j0, row0, o, m, l);
     cp_async_wait<0>();
     __syncthreads();
   }
@@ -232,7 +238,8 @@ __global__ void __launch_bounds__(kThreads) paged_flash_kernel(PagedProblem p, c
       lr += __shfl_xor_sync(0xffffffffu, lr, 1);
       lr += __shfl_xor_sync(0xffffffffu, lr, 2);
       if (row >= row_count) continue;
-      const long long orow = static_cast<long long>(first + row / p.group) * p.heads_q + h0 + row % p.group;
+      const long long orow =
+          static_cast<long long>(first + row / p.group) * p.heads_q + h0 + row % p.group;
       const float inv = 1.0f / lr;  // every row sees at least its own key
       T* out = static_cast<T*>(p.o) + orow * D;
 #pragma unroll
@@ -247,14 +254,19 @@ template <class T, int D>
 Status launch(const PagedPrefillArgs& a, const PagedProblem& p, cudaStream_t s) {
   long long tiles = 0;
   for (int i = 0; i < p.n; ++i)
-    tiles += (static_cast<long long>(a.q_indptr_host[i + 1] - a.q_indptr_host[i]) * p.group + kBlockM - 1) / kBlockM;
-  if (tiles > INT_MAX / 2) return invalid_argument("q.shape: paged_prefill/01 takes < 2^30 query tiles");
+    tiles += (static_cast<long long>(a.q_indptr_host[i + 1] - a.q_indptr_host[i]) * p.group +
+              kBlockM - 1) /
+             kBlockM;
+  if (tiles > INT_MAX / 2)
+    return invalid_argument("q.shape: paged_prefill/01 takes < 2^30 query tiles");
   constexpr int kSmem = (kBlockM + 4 * kBN) * D * static_cast<int>(sizeof(T)) + 256;
   auto kernel = paged_flash_kernel<T, D>;
-  ATTN_RETURN_IF_ERROR(to_status(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
-                                 "paged_prefill/01 shared memory"));
+  ATTN_RETURN_IF_ERROR(
+      to_status(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
+                "paged_prefill/01 shared memory"));
   int* tile_indptr = nullptr;
-  ATTN_RETURN_IF_ERROR(to_status(cudaMallocAsync(&tile_indptr, (p.n + 1) * sizeof(int), s), "paged_prefill/01 workspace"));
+  ATTN_RETURN_IF_ERROR(to_status(cudaMallocAsync(&tile_indptr, (p.n + 1) * sizeof(int), s),
+                                 "paged_prefill/01 workspace"));
   PagedPrep prep;
   prep.tile_indptr = tile_indptr;
   prep.per_tile = kBlockM;
@@ -263,15 +275,17 @@ Status launch(const PagedPrefillArgs& a, const PagedProblem& p, cudaStream_t s) 
   if (st.ok()) {
     kernel<<<dim3(static_cast<unsigned>(tiles), p.heads_kv), kThreads, kSmem, s>>>(p, tile_indptr);
   }
-  const Status launched = st.ok() ? to_status(cudaGetLastError(), "paged_prefill/01_flash_mma launch") : st;
+  const Status launched =
+      st.ok() ? to_status(cudaGetLastError(), "paged_prefill/01_flash_mma launch") : st;
   cudaFreeAsync(tile_indptr, s);
   return launched;
 }
 
 Result<PagedProblem> problem(const PagedPrefillArgs& a) {
-  ATTN_ASSIGN_OR_RETURN(p, paged_problem(a, a.q_indptr, {DType::kBFloat16, DType::kFloat16}, {64, 128}, {1, 2, 4, 8},
-                                         "paged_prefill/01_flash_mma"));
-  if (!a.q_indptr_host) return invalid_argument("q_indptr: paged_prefill/01_flash_mma plans from its host copy");
+  ATTN_ASSIGN_OR_RETURN(p, paged_problem(a, a.q_indptr, {DType::kBFloat16, DType::kFloat16},
+                                         {64, 128}, {1, 2, 4, 8}, "paged_prefill/01_flash_mma"));
+  if (!a.q_indptr_host)
+    return invalid_argument("q_indptr: paged_prefill/01_flash_mma plans from its host copy");
   p.causal = a.causal;
   return p;
 }
@@ -284,7 +298,8 @@ Status paged_prefill_01_flash_mma(const PagedPrefillArgs& args, Stream& stream) 
   ATTN_ASSIGN_OR_RETURN(p, problem(args));
   const cudaStream_t s = paged_stream(stream);
   if (args.cache.dtype == DType::kBFloat16)
-    return p.head_dim == 64 ? launch<__nv_bfloat16, 64>(args, p, s) : launch<__nv_bfloat16, 128>(args, p, s);
+    return p.head_dim == 64 ? launch<__nv_bfloat16, 64>(args, p, s)
+                            : launch<__nv_bfloat16, 128>(args, p, s);
   return p.head_dim == 64 ? launch<__half, 64>(args, p, s) : launch<__half, 128>(args, p, s);
 }
 

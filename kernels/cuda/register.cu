@@ -145,11 +145,11 @@ void register_cuda_variants(Registry& r) {
                     "group on mma.sync, merged by log-sum-exp",
                     3, 0},
                    attention_decode_mma_supports, attention_decode_mma_split, [](const AttentionArgs& a) {
-                     // Ahead of decode_split_kv (4) from 4 sequences on (H200, bf16, 32/8 heads, D = 128:
-                     // 1.14x at 32 x 4k, 1.09x at 16 x 16k, 1.39x at 64 x 8k); behind it at batch 1
-                     // (0.91x at 1 x 32k, 0.96x at 1 x 4k), where the chunk merge is the tail.
+                     // Ahead of decode_split_kv (4) from 32k keys per kv head on (H200, bf16, 32/8 heads,
+                     // D = 128: 1.10x at 1 x 32k, 1.14x at 32 x 4k, 1.09x at 16 x 16k, 1.43x at 64 x 8k);
+                     // behind it at 1 x 4k (0.89x: 128 blocks, the chunk merge is the tail).
                      const auto d = attention_dims(a.q, a.k, a.v);
-                     return d.ok() && d->batch >= 4 ? 5 : 3;
+                     return d.ok() && d->batch * d->len_kv >= 32768 ? 5 : 3;
                    }});
   r.of<PagedPrefillArgs>().add({{"paged_prefill/01_flash_mma", Op::kPagedPrefill, Backend::kCuda, half,
                                  "head dims 64, 128; 1, 2, 4 or 8 query heads per kv head; any page size",

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <climits>
+#include <cstdint>
 #include <string>
 
 #include "../cuda_check.h"
@@ -111,6 +112,12 @@ Result<PagedProblem> paged_problem(const Args& a, const TensorView& q_indptr,
   if (!a.seqs.seq_lens_host || !a.seqs.page_indptr_host) {
     return invalid_argument(std::string("seq_lens: ") + name +
                             " plans from the host copies of the arrays");
+  }
+  // Pages move in 16-byte pieces (cp.async, bulk copies): the pools must start 16-byte aligned
+  // (Executor::allocate's are); a row is D x the element size, a multiple of 16 for every D taken.
+  if (reinterpret_cast<std::uintptr_t>(a.cache.k) % 16 != 0 ||
+      reinterpret_cast<std::uintptr_t>(a.cache.v) % 16 != 0) {
+    return invalid_argument(std::string("cache: ") + name + " takes 16-byte aligned pools");
   }
   PagedProblem p{};
   p.q = a.q.data, p.k_new = a.k_new.data, p.v_new = a.v_new.data, p.o = a.o.data;

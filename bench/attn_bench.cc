@@ -1,6 +1,6 @@
 // attn-bench: every CUDA variant of matmul and softmax, checked and then timed, next to its
 // baseline timed in the same run (cuBLAS for matmul, a device-to-device copy of the same bytes
-// for softmax). CUDA events around each run, warm-up first, the median of >= 20 runs, inputs
+// for softmax; for the KV-cache ops a 1 GiB copy, and attention/04 on dense tensors for prefill). CUDA events around each run, warm-up first, the median of >= 20 runs, inputs
 // rotated among enough copies to exceed L2. Prints a table; --json writes the numbers.
 #include <cuda_runtime.h>
 
@@ -9,10 +9,13 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <numeric>
 #include <random>
 #include <sstream>
+#include <type_traits>
 
 #include "attn/executor.h"
+#include "attn/paged_ops.h"
 
 namespace {
 
@@ -150,6 +153,8 @@ struct MatmulShape {
 
 // --variants: the rungs to time (empty: all); baselines always run.
 std::vector<std::string> g_variants;
+// The ragged batch's lengths, written to the JSON so that torch's baselines time the same batch.
+std::vector<std::int64_t> g_ragged_lengths;
 bool selected(const std::string& name) {
   return g_variants.empty() || std::find(g_variants.begin(), g_variants.end(), name) != g_variants.end();
 }
@@ -349,6 +354,300 @@ void bench_attention(const std::vector<AttentionShape>& shapes, const std::vecto
   }
 }
 
+// --- The KV-cache ops ----------------------------------------------------------------------------
+
+// int32 arrays on the device.
+struct DeviceInts {
+  int* ptr = nullptr;
+  std::int64_t n = 0;
+  explicit DeviceInts(const std::vector<std::int32_t>& v) : n(static_cast<std::int64_t>(v.size())) {
+    CHECK_CUDA(cudaMalloc(&ptr, std::max<std::size_t>(1, v.size()) * sizeof(int)));
+    CHECK_CUDA(cudaMemcpy(ptr, v.data(), v.size() * sizeof(int), cudaMemcpyHostToDevice));
+  }
+  ~DeviceInts() { cudaFree(ptr); }
+  DeviceInts(const DeviceInts&) = delete;
+  TensorView view() const { return {DType::kInt32, {n}, ptr, MemoryKind::kDevice}; }
+};
+
+// One batch's page tables (host and device) over its own shuffled pages of the shared pools.
+struct PagedSet {
+  PagedPlan plan;
+  std::unique_ptr<DeviceInts> indptr, indices, lens, q_indptr;
+  void bind(PagedSequences& s) const {
+    plan.bind(s);  // host copies and max_seq_len; then the device views
+    s.page_indptr = indptr->view(), s.page_indices = indices->view(), s.seq_lens = lens->view();
+  }
+  void bind(PagedPrefillArgs& a) const {
+    plan.bind(a);
+    bind(a.seqs);
+    a.q_indptr = q_indptr->view();
+  }
+};
+
+// Pools of `sets` x (pages of one batch), random values, and `sets` page tables over disjoint
+// shuffled pages: rotating among the sets keeps a small batch from being timed out of L2.
+struct PagedBench {
+  PagedKvLayer cache;
+  std::vector<std::unique_ptr<PagedSet>> sets;
+  std::int64_t kv_bytes = 0;  // K and V of one batch, as read by a call
+
+  PagedBench(DType dt, std::int64_t hkv, std::int64_t d, std::int64_t page_size, const std::vector<std::int32_t>& cached,
+             const std::vector<std::int32_t>& fresh, std::mt19937_64& rng) {
+    std::int64_t pages = 0, tokens = 0;
+    for (std::size_t i = 0; i < cached.size(); ++i) {
+      pages += (cached[i] + fresh[i] + page_size - 1) / page_size;
+      tokens += cached[i] + fresh[i];
+    }
+    kv_bytes = 2 * tokens * hkv * d * static_cast<std::int64_t>(element_size(dt));
+    const int count = sets_for(static_cast<std::size_t>(kv_bytes));
+    cache = PagedKvLayer{dt, pages * count, hkv, page_size, d, nullptr, nullptr, MemoryKind::kDevice};
+    const std::size_t pool_bytes = static_cast<std::size_t>(cache.pages * cache.page_elements()) * element_size(dt);
+    CHECK_CUDA(cudaMalloc(&cache.k, pool_bytes));
+    CHECK_CUDA(cudaMalloc(&cache.v, pool_bytes));
+    fill_random(cache.k, pool_bytes, dt, rng);
+    fill_random(cache.v, pool_bytes, dt, rng);
+    std::vector<std::int32_t> ids(static_cast<std::size_t>(cache.pages));
+    std::iota(ids.begin(), ids.end(), 0);
+    std::shuffle(ids.begin(), ids.end(), rng);
+    std::size_t next = 0;
+    for (int c = 0; c < count; ++c) {
+      auto set = std::make_unique<PagedSet>();
+      PagedPlan& plan = set->plan;
+      plan.page_indptr.push_back(0);
+      plan.q_indptr.push_back(0);
+      for (std::size_t i = 0; i < cached.size(); ++i) {
+        const std::int64_t len = cached[i] + fresh[i];
+        for (std::int64_t k = 0; k < (len + page_size - 1) / page_size; ++k) plan.page_indices.push_back(ids[next++]);
+        plan.page_indptr.push_back(static_cast<std::int32_t>(plan.page_indices.size()));
+        plan.seq_lens.push_back(static_cast<std::int32_t>(len));
+        plan.q_indptr.push_back(plan.q_indptr.back() + fresh[i]);
+      }
+      set->indptr = std::make_unique<DeviceInts>(plan.page_indptr);
+      set->indices = std::make_unique<DeviceInts>(plan.page_indices);
+      set->lens = std::make_unique<DeviceInts>(plan.seq_lens);
+      set->q_indptr = std::make_unique<DeviceInts>(plan.q_indptr);
+      sets.push_back(std::move(set));
+    }
+  }
+  ~PagedBench() {
+    cudaFree(cache.k);
+    cudaFree(cache.v);
+  }
+  PagedBench(const PagedBench&) = delete;
+
+  // Random 16-bit or float32 values: one 32 MiB random block copied over the pool.
+  static void fill_random(void* dst, std::size_t bytes, DType dt, std::mt19937_64& rng) {
+    const std::size_t block = std::min<std::size_t>(bytes, 32u << 20);
+    Tensor host(dt, {static_cast<std::int64_t>(block / element_size(dt))});
+    std::normal_distribution<float> dist(0.0f, 1.0f);
+    for (std::size_t i = 0; i < static_cast<std::size_t>(host.numel()); ++i) host.set(i, dist(rng));
+    for (std::size_t off = 0; off < bytes; off += block)
+      CHECK_CUDA(cudaMemcpy(static_cast<char*>(dst) + off, host.data(), std::min(block, bytes - off),
+                            cudaMemcpyHostToDevice));
+  }
+
+  // Row t of sequence i's head hkv (K or V) from the device.
+  std::vector<float> rows(const PagedSet& set, std::size_t i, std::int64_t hkv, bool v, std::int64_t count) const {
+    const std::size_t es = element_size(cache.dtype);
+    Tensor buf(cache.dtype, {count, cache.head_dim});
+    const std::int64_t ps = cache.page_size;
+    for (std::int64_t t = 0; t < count; t += ps) {
+      const std::int64_t page = set.plan.page_indices[set.plan.page_indptr[i] + t / ps];
+      const std::int64_t n = std::min(ps, count - t);
+      CHECK_CUDA(cudaMemcpy(static_cast<char*>(buf.data()) + t * cache.head_dim * es,
+                            static_cast<const char*>(v ? cache.v : cache.k) + cache.offset(page, hkv, 0) * es,
+                            n * cache.head_dim * es, cudaMemcpyDeviceToHost));
+    }
+    return buf.to_floats();
+  }
+};
+
+// Relative error of a few output rows (query head h of new token `row` of sequence i, which sees
+// `visible` keys) against float64 over the cache as the call left it; infinite if a new K row in
+// the cache differs from k_new.
+double paged_sampled_error(const PagedBench& b, const PagedSet& set, const Tensor& q, const Tensor& k_new,
+                           const DeviceTensor& o_dev, std::int64_t hq, bool causal, std::mt19937_64& rng) {
+  const std::int64_t d = b.cache.head_dim, group = hq / b.cache.heads_kv;
+  const float scale = resolve_attention_scale(0.0f, d);
+  const Tensor o = o_dev.to_host();
+  double num = 0, den = 0;
+  const std::size_t n = set.plan.seq_lens.size();
+  for (std::size_t i : {std::size_t{0}, n - 1, static_cast<std::size_t>(rng() % n)}) {
+    const std::int64_t len = set.plan.seq_lens[i], first = set.plan.q_indptr[i];
+    const std::int64_t fresh = set.plan.q_indptr[i + 1] - first;
+    const std::int64_t j = static_cast<std::int64_t>(rng() % fresh), h = static_cast<std::int64_t>(rng() % hq);
+    const std::int64_t hkv = h / group, row = first + j;
+    const std::int64_t visible = causal ? len - fresh + j + 1 : len;
+    const auto keys = b.rows(set, i, hkv, false, len), values = b.rows(set, i, hkv, true, len);
+    for (std::int64_t x = 0; x < d; ++x)  // the append: the new row in its slot
+      if (keys[(len - fresh + j) * d + x] != k_new.get((row * b.cache.heads_kv + hkv) * d + x)) return INFINITY;
+    std::vector<double> sc(static_cast<std::size_t>(visible));
+    double mx = -INFINITY, sum = 0;
+    for (std::int64_t t = 0; t < visible; ++t) {
+      double dot = 0;
+      for (std::int64_t x = 0; x < d; ++x) dot += double(q.get((row * hq + h) * d + x)) * keys[t * d + x];
+      sc[t] = dot * scale;
+      mx = std::max(mx, sc[t]);
+    }
+    for (auto& e : sc) sum += (e = std::exp(e - mx));
+    for (std::int64_t x = 0; x < d; ++x) {
+      double want = 0;
+      for (std::int64_t t = 0; t < visible; ++t) want += sc[t] / sum * values[t * d + x];
+      const double got = o.get((row * hq + h) * d + x);
+      if (!std::isfinite(got)) return INFINITY;
+      num += (got - want) * (got - want);
+      den += want * want;
+    }
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+struct PagedShape {
+  std::string name;
+  std::vector<std::int32_t> cached, fresh;
+  std::int64_t page_size;
+};
+
+// Paged decode (fresh = 1 each) or prefill: every selected CUDA rung, GB/s of K/V read for decode
+// (against the copy) and TFLOP/s for prefill (against attention/04 on the same query/key counts,
+// dense, when `dense_seconds` gives its time).
+void bench_paged(const std::vector<PagedShape>& shapes, bool prefill, DType dt, std::int64_t hq, std::int64_t hkv,
+                 std::int64_t d, cudaStream_t s, std::vector<Row>& rows, double copy_rate,
+                 const std::vector<double>& dense_ms = {}) {
+  const Registry& reg = default_registry();
+  std::mt19937_64 rng(23);
+  Stream stream(Backend::kCuda, s, 0);
+  const Target target{Backend::kCuda, 90};
+  for (std::size_t si = 0; si < shapes.size(); ++si) {
+    const PagedShape& sh = shapes[si];
+    PagedBench b(dt, hkv, d, sh.page_size, sh.cached, sh.fresh, rng);
+    const std::int64_t tokens = b.sets[0]->plan.q_indptr.back();
+    Tensor q_host(dt, {tokens, hq, d}), kn_host(dt, {tokens, hkv, d}), vn_host(dt, {tokens, hkv, d});
+    for (Tensor* t : {&q_host, &kn_host, &vn_host}) {
+      std::normal_distribution<float> dist(0.0f, 1.0f);
+      for (std::size_t i = 0; i < static_cast<std::size_t>(t->numel()); ++i) t->set(i, dist(rng));
+    }
+    DeviceTensor q(dt, {tokens, hq, d}), k_new(dt, {tokens, hkv, d}), v_new(dt, {tokens, hkv, d}),
+        o(dt, {tokens, hq, d});
+    CHECK_CUDA(cudaMemcpy(q.view.data, q_host.data(), q_host.bytes(), cudaMemcpyHostToDevice));
+    CHECK_CUDA(cudaMemcpy(k_new.view.data, kn_host.data(), kn_host.bytes(), cudaMemcpyHostToDevice));
+    CHECK_CUDA(cudaMemcpy(v_new.view.data, vn_host.data(), vn_host.bytes(), cudaMemcpyHostToDevice));
+    const float scale = resolve_attention_scale(0.0f, d);
+    std::ostringstream shape;
+    shape << sh.name << " p" << sh.page_size;
+    auto decode_args = [&](int set) {
+      PagedDecodeArgs a{q.view, k_new.view, v_new.view, o.view, {}, b.cache, {}, scale};
+      b.sets[static_cast<std::size_t>(set)]->bind(a.seqs);
+      return a;
+    };
+    auto prefill_args = [&](int set) {
+      PagedPrefillArgs a;
+      a.q = q.view, a.k_new = k_new.view, a.v_new = v_new.view, a.o = o.view, a.cache = b.cache, a.causal = true;
+      a.scale = scale;
+      b.sets[static_cast<std::size_t>(set)]->bind(a);
+      return a;
+    };
+    const int count = static_cast<int>(b.sets.size());
+    auto run_one = [&](const auto& var, int set) -> Status {
+      if constexpr (std::is_same_v<std::decay_t<decltype(var)>, PagedPrefillVariant>) {
+        const PagedPrefillArgs a = prefill_args(set);
+        return var.run(a, stream);
+      } else {
+        const PagedDecodeArgs a = decode_args(set);
+        return var.run(a, stream);
+      }
+    };
+    auto bench_variants = [&](const auto& registry, const auto& probe, double flops) {
+      auto picked = registry.select(probe, "", target);
+      for (const auto& var : registry.variants()) {
+        if (var.info.backend != Backend::kCuda || !selected(var.info.name)) continue;
+        if (!var.supports(probe).ok()) continue;
+        Row r{prefill ? "prefill" : "decode", var.info.name, std::string(dtype_name(dt)), shape.str()};
+        r.unit = prefill ? "TFLOP/s" : "GB/s";
+        CHECK_CUDA(cudaMemset(o.view.data, 0xff, o.host.bytes()));
+        Status st = run_one(var, 0);
+        CHECK_CUDA(cudaStreamSynchronize(s));
+        r.error = st.ok() ? paged_sampled_error(b, *b.sets[0], q_host, kn_host, o, hq, prefill, rng) : INFINITY;
+        const bool correct = st.ok() && r.error <= tolerance(dt);
+        auto [ms, runs] = time_median(s, [&](int i) { (void)run_one(var, i % count); });
+        r.ms = ms;
+        r.runs = runs;
+        if (prefill) {
+          r.rate = flops / (ms * 1e-3) / 1e12;
+          if (si < dense_ms.size() && dense_ms[si] > 0) r.baseline_rate = flops / (dense_ms[si] * 1e-3) / 1e12;
+        } else {
+          r.rate = double(b.kv_bytes) / (ms * 1e-3) / 1e9;
+          r.baseline_rate = copy_rate;
+        }
+        r.status = correct ? "ok" : ("WRONG " + st.to_string());
+        if (picked.ok() && (*picked)->info.name == var.info.name) r.status += " (auto)";
+        print(r);
+        rows.push_back(r);
+      }
+    };
+    if (prefill) {
+      const PagedPrefillArgs probe = prefill_args(0);
+      bench_variants(reg.of<PagedPrefillArgs>(), probe, double(cost_of(probe).flops));
+    } else {
+      const PagedDecodeArgs probe = decode_args(0);
+      bench_variants(reg.of<PagedDecodeArgs>(), probe, 0.0);
+    }
+  }
+}
+
+// A dense attention rung on [B, Hq, Sq, D] x [B, Hkv, Sk, D] random tensors (rotated among enough
+// copies to exceed L2), timed as the baseline of the paged rows: returns its median ms and adds
+// its row (GB/s of K/V for Sq = 1, else TFLOP/s), or 0 when the rung refuses the shape.
+double bench_dense(const std::string& name, const AttentionShape& sh, const std::string& label, DType dt,
+                   cudaStream_t s, std::vector<Row>& rows, double copy_rate, std::mt19937_64& rng) {
+  const auto* var = default_registry().of<AttentionArgs>().find(name);
+  if (!var) return 0;
+  Stream stream(Backend::kCuda, s, 0);
+  const Shape qs{sh.b, sh.hq, sh.s_q, sh.d}, kvs{sh.b, sh.hkv, sh.s_kv, sh.d};
+  const std::size_t es = element_size(dt);
+  const std::size_t q_bytes = static_cast<std::size_t>(element_count(qs)) * es;
+  const std::size_t kv_bytes = static_cast<std::size_t>(element_count(kvs)) * es;
+  const int sets = sets_for(2 * kv_bytes);
+  void *q, *o, *kv;
+  CHECK_CUDA(cudaMalloc(&q, q_bytes));
+  CHECK_CUDA(cudaMalloc(&o, q_bytes));
+  CHECK_CUDA(cudaMalloc(&kv, 2 * kv_bytes * sets));
+  PagedBench::fill_random(q, q_bytes, dt, rng);
+  PagedBench::fill_random(kv, 2 * kv_bytes * sets, dt, rng);
+  const float scale = resolve_attention_scale(0.0f, sh.d);
+  auto args = [&](int i) {
+    char* k = static_cast<char*>(kv) + 2 * kv_bytes * static_cast<std::size_t>(i % sets);
+    return AttentionArgs{{dt, qs, q, MemoryKind::kDevice}, {dt, kvs, k, MemoryKind::kDevice},
+                         {dt, kvs, k + kv_bytes, MemoryKind::kDevice}, {dt, qs, o, MemoryKind::kDevice}, {},
+                         sh.causal, scale};
+  };
+  double result = 0;
+  if (var->supports(args(0)).ok()) {
+    Row r{sh.s_q == 1 ? "decode" : "prefill", name + " (dense)", std::string(dtype_name(dt)), label};
+    const Status st = var->run(args(0), stream);
+    CHECK_CUDA(cudaStreamSynchronize(s));
+    auto [ms, runs] = time_median(s, [&](int i) { (void)var->run(args(i), stream); });
+    r.ms = ms;
+    r.runs = runs;
+    if (sh.s_q == 1) {
+      r.unit = "GB/s";
+      r.rate = 2.0 * kv_bytes / (ms * 1e-3) / 1e9;
+      r.baseline_rate = copy_rate;
+    } else {
+      r.unit = "ms";
+      r.rate = ms;
+    }
+    r.status = st.ok() ? "baseline (checked by the tests)" : "WRONG " + st.to_string();
+    print(r);
+    rows.push_back(r);
+    result = ms;
+  }
+  cudaFree(q);
+  cudaFree(o);
+  cudaFree(kv);
+  return result;
+}
+
 // Copy bandwidth (read + write) of a 1 GiB device-to-device copy, the decode baseline.
 double copy_bandwidth(cudaStream_t s) {
   const std::size_t bytes = 1u << 30;
@@ -378,8 +677,8 @@ int main(int argc, char** argv) {
   std::vector<std::int64_t> matmul_sizes{2048, 4096, 8192};
   std::vector<std::int64_t> softmax_widths{1024, 4096, 16384, 65536, 262144};
   std::int64_t softmax_elements = 64LL << 20;
-  app.add_option("--op", op, "matmul, softmax, attention or all")
-      ->check(CLI::IsMember({"matmul", "softmax", "attention", "all"}));
+  app.add_option("--op", op, "matmul, softmax, attention, paged or all")
+      ->check(CLI::IsMember({"matmul", "softmax", "attention", "paged", "all"}));
   app.add_option("--json", json, "write the results here");
   app.add_option("--matmul-sizes", matmul_sizes, "square sizes");
   std::vector<std::int64_t> matmul_skinny{128, 256, 512, 1024};
@@ -443,9 +742,55 @@ int main(int argc, char** argv) {
     bench_attention(decode, {"attention/03_flash_mma", "attention/decode_split_kv"}, DType::kBFloat16, s, rows, copy);
   }
 
+  if (op == "all" || op == "paged") {
+    const double copy = copy_bandwidth(s);
+    std::printf("paged: copy bandwidth %.0f GB/s (read + write), the decode baseline\n", copy);
+    const DType bf16 = DType::kBFloat16;
+    const std::int64_t hq = 32, hkv = 8, d = 128;
+    std::mt19937_64 rng(5);
+    // (a) ragged: 64 sequences, lengths log-uniform in 512..32k (one new token each).
+    std::vector<std::int32_t> ragged;
+    std::uniform_real_distribution<double> u(std::log(512.0), std::log(32768.0));
+    for (int i = 0; i < 64; ++i) ragged.push_back(static_cast<std::int32_t>(std::exp(u(rng))));
+    auto decode_of = [](const std::string& name, std::vector<std::int32_t> lens, std::int64_t ps) {
+      PagedShape sh{name, {}, {}, ps};
+      for (auto l : lens) sh.cached.push_back(l - 1), sh.fresh.push_back(1);
+      return sh;
+    };
+    const std::int64_t ragged_tokens = std::accumulate(ragged.begin(), ragged.end(), std::int64_t{0});
+    std::printf("paged: ragged batch of 64, %lld tokens\n", static_cast<long long>(ragged_tokens));
+    for (auto l : ragged) g_ragged_lengths.push_back(l);
+    bench_paged({decode_of("ragged64", ragged, 16), decode_of("ragged64", ragged, 64)}, false, bf16, hq, hkv, d, s,
+                rows, copy);
+    // (b) equal lengths, paged (page 64) and dense.
+    for (auto [batch, len] : std::vector<std::pair<int, int>>{{1, 32768}, {32, 4096}, {16, 16384}, {64, 8192}, {1, 4096}}) {
+      const std::string name = std::to_string(batch) + "x" + std::to_string(len);
+      bench_paged({decode_of(name, std::vector<std::int32_t>(static_cast<std::size_t>(batch), len), 64)}, false, bf16,
+                  hq, hkv, d, s, rows, copy);
+      for (const char* dense : {"attention/decode_split_kv", "attention/decode_mma_split"})
+        bench_dense(dense, {batch, hq, hkv, 1, len, d, false}, name, bf16, s, rows, copy, rng);
+    }
+    // (c) chunked prefill, causal, against attention/04 on dense tensors of the same counts.
+    struct Chunked {
+      std::string name;
+      int batch, cached, fresh;
+    };
+    for (const Chunked& c : {Chunked{"16x(8192+64)", 16, 8192, 64}, Chunked{"1x(0+2048)", 1, 0, 2048},
+                             Chunked{"8x(0+2048)", 8, 0, 2048}}) {
+      const double dense = bench_dense("attention/04_wgmma_tma", {c.batch, hq, hkv, c.fresh, c.cached + c.fresh, d, true},
+                                       c.name, bf16, s, rows, copy, rng);
+      const auto n = static_cast<std::size_t>(c.batch);
+      for (std::int64_t ps : {16, 64})
+        bench_paged({{c.name, std::vector<std::int32_t>(n, c.cached), std::vector<std::int32_t>(n, c.fresh), ps}}, true,
+                    bf16, hq, hkv, d, s, rows, copy, {dense});
+    }
+  }
+
   if (!json.empty()) {
     std::ofstream out(json);
-    out << "{\"device\": \"" << json_escape(prop.name) << "\", \"results\": [\n";
+    out << "{\"device\": \"" << json_escape(prop.name) << "\", \"ragged_lengths\": [";
+    for (std::size_t i = 0; i < g_ragged_lengths.size(); ++i) out << (i ? ", " : "") << g_ragged_lengths[i];
+    out << "], \"results\": [\n";
     for (std::size_t i = 0; i < rows.size(); ++i) {
       const Row& r = rows[i];
       out << "  {\"op\": \"" << r.op << "\", \"variant\": \"" << r.variant << "\", \"dtype\": \"" << r.dtype

@@ -5,6 +5,7 @@
 #include "matmul/matmul_rungs.h"
 #include "softmax/softmax_rungs.h"
 #include "attention/attention_rungs.h"
+#include "paged_decode/paged_decode_rungs.h"
 
 namespace attn {
 
@@ -110,6 +111,52 @@ void register_cuda_variants(Registry& r) {
                     "Sq = 1 (decoding); head dims 64, 128; 1, 2, 4 or 8 query heads per key/value head",
                     "flash-decoding: keys split across blocks, merged by log-sum-exp", 4, 0},
                    attention_decode_supports, attention_decode_split_kv, {}});
+  // The KV-cache ops: the append is part of every call (one launch for the batch before the
+  // attention kernel on the same stream).
+  const std::vector<DType> paged_all{DType::kBFloat16, DType::kFloat16, DType::kFloat32};
+  r.of<PagedDecodeArgs>().add({{"paged_decode/01_block_per_head", Op::kPagedDecode, Backend::kCuda, paged_all,
+                                "head dims 64, 128 (256 in 16-bit types); 1, 2, 4 or 8 query heads per kv head; "
+                                "any page size",
+                                "a block per (sequence, kv head) walking its pages, the GQA group sharing each row",
+                                1, 0},
+                               paged_decode_01_supports, paged_decode_01_block_per_head, {}});
+  r.of<PagedDecodeArgs>().add({{"paged_decode/02_split_kv", Op::kPagedDecode, Backend::kCuda, paged_all,
+                                "head dims 64, 128 (256 in 16-bit types); 1, 2, 4 or 8 query heads per kv head; "
+                                "any page size",
+                                "keys split into equal chunks planned from the lengths (about 4 waves), pages "
+                                "through bulk copies into a shared-memory ring, chunks merged by log-sum-exp",
+                                2, 90},
+                               paged_decode_02_supports, paged_decode_02_split_kv, {}});
+  r.of<PagedDecodeArgs>().add({{"paged_decode/03_split_kv_mma", Op::kPagedDecode, Backend::kCuda, half,
+                                "head dims 64, 128; 1 to 16 query heads per kv head; any page size",
+                                "rung 02's plan and merge with the GQA group's scores and output on mma.sync "
+                                "tensor cores, pages gathered by cp.async into swizzled 3-stage tiles",
+                                3, 0},
+                               paged_decode_03_supports, paged_decode_03_split_kv_mma, {}});
+  r.of<PagedDecodeArgs>().add({{"paged_decode/04_warp_pipes", Op::kPagedDecode, Backend::kCuda, half,
+                                "head dims 64, 128; 1 to 16 query heads per kv head; any page size",
+                                "rung 03 with a cp.async pipeline per warp (16-key tiles, 3 stages, __syncwarp "
+                                "only): 8 independent page streams per SM instead of 2",
+                                4, 0},
+                               paged_decode_04_supports, paged_decode_04_warp_pipes, {}});
+  r.of<AttentionArgs>().add({{"attention/decode_mma_split", Op::kAttention, Backend::kCuda, half,
+                    "Sq = 1 (decoding); head dims 64, 128; 1 to 16 query heads per key/value head",
+                    "paged_decode/03's kernel on dense K/V: equal key chunks over about 4 waves, the GQA "
+                    "group on mma.sync, merged by log-sum-exp",
+                    3, 0},
+                   attention_decode_mma_supports, attention_decode_mma_split, [](const AttentionArgs& a) {
+                     // Ahead of decode_split_kv (4) from 32k keys per kv head on (H200, bf16, 32/8 heads,
+                     // D = 128: 1.10x at 1 x 32k, 1.14x at 32 x 4k, 1.09x at 16 x 16k, 1.43x at 64 x 8k);
+                     // behind it at 1 x 4k (0.89x: 128 blocks, the chunk merge is the tail).
+                     const auto d = attention_dims(a.q, a.k, a.v);
+                     return d.ok() && d->batch * d->len_kv >= 32768 ? 5 : 3;
+                   }});
+  r.of<PagedPrefillArgs>().add({{"paged_prefill/01_flash_mma", Op::kPagedPrefill, Backend::kCuda, half,
+                                 "head dims 64, 128; 1, 2, 4 or 8 query heads per kv head; any page size",
+                                 "FlashAttention-2 on mma.sync over (token, group head) rows, K/V tiles gathered "
+                                 "from the pages with cp.async, causal bottom-right per sequence",
+                                 1, 0},
+                                paged_prefill_01_supports, paged_prefill_01_flash_mma, {}});
 }
 
 }  // namespace attn

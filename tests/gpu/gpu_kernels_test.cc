@@ -3,6 +3,11 @@
 // claims, outputs poisoned with NaN. Skips, saying so, where there is no usable GPU.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <numeric>
+
 #include "attn/executor.h"
 #include "reference.h"
 #include "support/random.h"
@@ -221,6 +226,250 @@ TEST_P(GpuAttention, MatchesReference) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Cuda, GpuAttention, ::testing::ValuesIn(cuda_names(Op::kAttention)), test_name);
+
+// --- The KV-cache ops -------------------------------------------------------------------------
+// A ragged batch over a device cache: each sequence brings `fresh` new tokens onto `cached` ones.
+// The pools start as NaN everywhere (unused pages, the slots the call must fill, the tails of
+// last pages) but for the cached tokens, so a missing append, a read past a sequence's end or
+// of another sequence's page turns the output into NaN. Pages are handed out in shuffled order.
+struct PagedCase {
+  std::int64_t hq, hkv, d;
+  std::vector<std::int32_t> cached, fresh;
+};
+
+struct PagedBatch {
+  PagedPlan plan;
+  PagedKvLayer host, device;  // the same pools: host copy (as before the call) and device
+  Tensor k_host, v_host;
+  std::int64_t tokens = 0;
+
+  PagedBatch(DType dt, const PagedCase& c, std::int64_t page_size, std::mt19937_64& rng) {
+    const std::size_t n = c.cached.size();
+    std::vector<std::int64_t> pages_of(n);
+    std::int64_t pages = 3;  // three pages nobody owns
+    for (std::size_t i = 0; i < n; ++i) {
+      pages_of[i] = (c.cached[i] + c.fresh[i] + page_size - 1) / page_size;
+      pages += pages_of[i];
+    }
+    std::vector<std::int32_t> ids(static_cast<std::size_t>(pages));
+    std::iota(ids.begin(), ids.end(), 0);
+    std::shuffle(ids.begin(), ids.end(), rng);
+    plan.page_indptr.push_back(0);
+    plan.q_indptr.push_back(0);
+    std::size_t next = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      for (std::int64_t k = 0; k < pages_of[i]; ++k) plan.page_indices.push_back(ids[next++]);
+      plan.page_indptr.push_back(static_cast<std::int32_t>(plan.page_indices.size()));
+      plan.seq_lens.push_back(c.cached[i] + c.fresh[i]);
+      plan.q_indptr.push_back(plan.q_indptr.back() + c.fresh[i]);
+    }
+    tokens = plan.q_indptr.back();
+    host = PagedKvLayer{dt, pages, c.hkv, page_size, c.d, nullptr, nullptr, MemoryKind::kHost};
+    const Shape pool_shape{pages, c.hkv, page_size, c.d};
+    k_host = Tensor(dt, pool_shape);
+    v_host = Tensor(dt, pool_shape);
+    poison(k_host);
+    poison(v_host);
+    std::normal_distribution<float> dist(0.0f, 1.0f);
+    for (std::size_t i = 0; i < n; ++i)
+      for (std::int64_t t = 0; t < c.cached[i]; ++t) {
+        const std::int64_t page = plan.page_indices[plan.page_indptr[i] + t / page_size];
+        for (std::int64_t h = 0; h < c.hkv; ++h)
+          for (std::int64_t x = 0; x < c.d; ++x) {
+            const auto at = static_cast<std::size_t>(host.offset(page, h, t % page_size) + x);
+            k_host.set(at, dist(rng));
+            v_host.set(at, dist(rng));
+          }
+      }
+    host.k = k_host.data();
+    host.v = v_host.data();
+    device = host;
+    device.memory = MemoryKind::kDevice;
+    device.k = must(gpu()->allocate(k_host.bytes()));
+    device.v = must(gpu()->allocate(v_host.bytes()));
+    EXPECT_TRUE(gpu()->write(device.k, 0, k_host.data(), k_host.bytes()).ok());
+    EXPECT_TRUE(gpu()->write(device.v, 0, v_host.data(), v_host.bytes()).ok());
+  }
+  ~PagedBatch() {
+    gpu()->deallocate(device.k);
+    gpu()->deallocate(device.v);
+  }
+  PagedBatch(const PagedBatch&) = delete;
+  PagedBatch& operator=(const PagedBatch&) = delete;
+
+  static void* must(Result<void*> r) {
+    EXPECT_TRUE(r.ok()) << r.status().to_string();
+    return r.ok() ? *r : nullptr;
+  }
+
+  // The device pools after the call must equal the host pools with exactly the new rows written
+  // (bit for bit): nothing else in the cache may change.
+  void expect_appended(const Tensor& k_new, const Tensor& v_new) const {
+    Tensor k_want = k_host, v_want = v_host;
+    const std::size_t es = element_size(host.dtype), row = static_cast<std::size_t>(host.head_dim) * es;
+    for (std::size_t i = 0; i + 1 < plan.q_indptr.size(); ++i)
+      for (std::int32_t r = plan.q_indptr[i]; r < plan.q_indptr[i + 1]; ++r) {
+        const std::int64_t t = plan.seq_lens[i] - (plan.q_indptr[i + 1] - r);
+        const std::int64_t page = plan.page_indices[plan.page_indptr[i] + t / host.page_size];
+        for (std::int64_t h = 0; h < host.heads_kv; ++h) {
+          const std::size_t dst = static_cast<std::size_t>(host.offset(page, h, t % host.page_size)) * es;
+          const std::size_t src = static_cast<std::size_t>((r * host.heads_kv + h) * host.head_dim) * es;
+          std::memcpy(static_cast<char*>(k_want.data()) + dst, static_cast<const char*>(k_new.data()) + src, row);
+          std::memcpy(static_cast<char*>(v_want.data()) + dst, static_cast<const char*>(v_new.data()) + src, row);
+        }
+      }
+    Tensor k_got(host.dtype, k_host.shape()), v_got(host.dtype, v_host.shape());
+    ASSERT_TRUE(gpu()->read(k_got.data(), device.k, 0, k_got.bytes()).ok());
+    ASSERT_TRUE(gpu()->read(v_got.data(), device.v, 0, v_got.bytes()).ok());
+    EXPECT_EQ(std::memcmp(k_got.data(), k_want.data(), k_want.bytes()), 0) << "K pool: appended rows or others differ";
+    EXPECT_EQ(std::memcmp(v_got.data(), v_want.data(), v_want.bytes()), 0) << "V pool: appended rows or others differ";
+  }
+};
+
+std::string paged_trace(DType dt, const PagedCase& c, std::int64_t ps) {
+  std::string s = std::string(dtype_name(dt)) + " Hq" + std::to_string(c.hq) + " Hkv" + std::to_string(c.hkv) + " D" +
+                  std::to_string(c.d) + " page " + std::to_string(ps) + " cached/new:";
+  for (std::size_t i = 0; i < c.cached.size(); ++i)
+    s.append(" ").append(std::to_string(c.cached[i])).append("+").append(std::to_string(c.fresh[i]));
+  return s + " seed=" + std::to_string(testing::seed());
+}
+
+std::int64_t longest(const PagedCase& c) {
+  std::int64_t m = 1;
+  for (std::size_t i = 0; i < c.cached.size(); ++i) m = std::max<std::int64_t>(m, c.cached[i] + c.fresh[i]);
+  return m;
+}
+
+// A refusal names the field it is about, and never a dtype the variant claims.
+template <class Args>
+bool refused(const Variant<Args>& v, const Args& args, DType dt) {
+  const Status supported = v.supports(args);
+  if (supported.ok()) return false;
+  EXPECT_EQ(supported.message().rfind("q.", 0), 0u) << supported.message();
+  EXPECT_TRUE(!claims(v.info, dt) || supported.message().find("shape") != std::string::npos)
+      << "refused a dtype it claims: " << supported.message();
+  return true;
+}
+
+class GpuPagedDecode : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(GpuPagedDecode, AppendsAndMatchesReference) {
+  REQUIRE_GPU();
+  const auto* v = default_registry().of<PagedDecodeArgs>().find(GetParam());
+  ASSERT_NE(v, nullptr);
+  std::mt19937_64 rng(testing::seed());
+  auto decode = [](std::int64_t hq, std::int64_t hkv, std::int64_t d, std::vector<std::int32_t> lens) {
+    PagedCase c{hq, hkv, d, {}, {}};
+    for (auto l : lens) c.cached.push_back(l - 1), c.fresh.push_back(1);
+    return c;
+  };
+  const PagedCase cases[] = {
+      decode(8, 2, 128, {1, 15, 16, 17, 1000, 4097}),
+      decode(32, 8, 64, {17, 4097, 1, 1000, 63, 64, 65}),
+      decode(32, 8, 128, {4097, 15, 16, 1}),
+      decode(4, 4, 256, {33, 300, 1}),
+      decode(16, 2, 128, {5000, 2}),
+      decode(8, 1, 128, {9000}),
+      decode(6, 2, 64, {100}),  // 3 query heads per kv head: most rungs refuse it, by name
+  };
+  int ran = 0;
+  for (DType dt : kAllDTypes)
+    for (const auto& c : cases)
+      for (std::int64_t ps : {16, 64}) {
+        SCOPED_TRACE(paged_trace(dt, c, ps));
+        PagedBatch batch(dt, c, ps, rng);
+        const std::int64_t n = static_cast<std::int64_t>(c.cached.size());
+        Tensor q = random_tensor(dt, {n, c.hq, c.d}, rng);
+        Tensor k_new = random_tensor(dt, {n, c.hkv, c.d}, rng), v_new = random_tensor(dt, {n, c.hkv, c.d}, rng);
+        Tensor o(dt, q.shape()), lse(DType::kFloat32, {n, c.hq});
+        poison(o);
+        poison(lse);
+        PagedDecodeArgs args{q.view(), k_new.view(), v_new.view(), o.view(), lse.view(), batch.device, {},
+                             resolve_attention_scale(0.0f, c.d)};
+        batch.plan.bind(args.seqs);
+        if (refused(*v, args, dt)) continue;
+        run_on_gpu(*v, args);
+        ++ran;
+        PagedDecodeArgs ref_args = args;
+        ref_args.cache = batch.host;
+        std::vector<double> want_lse;
+        const auto want = reference::paged_decode(ref_args, &want_lse);
+        EXPECT_LE(reference::relative_frobenius_error(o.view(), want), reference::tolerance(dt, longest(c)));
+        EXPECT_LE(reference::lse_error(lse.view(), want_lse), 1e-4);
+        batch.expect_appended(k_new, v_new);
+      }
+  EXPECT_GT(ran, 0) << "the variant took none of the cases";
+}
+
+INSTANTIATE_TEST_SUITE_P(Cuda, GpuPagedDecode, ::testing::ValuesIn(cuda_names(Op::kPagedDecode)), test_name);
+
+class GpuPagedPrefill : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(GpuPagedPrefill, AppendsAndMatchesReference) {
+  REQUIRE_GPU();
+  const auto* v = default_registry().of<PagedPrefillArgs>().find(GetParam());
+  ASSERT_NE(v, nullptr);
+  std::mt19937_64 rng(testing::seed());
+  const PagedCase cases[] = {
+      // Onto empty caches, onto existing ones, one token and many, tile edges and past them.
+      {8, 2, 128, {0, 15, 1000, 4092, 16, 1, 0}, {1, 17, 5, 64, 16, 300, 129}},
+      {32, 8, 64, {0, 0, 17}, {300, 17, 33}},
+      {4, 4, 128, {100, 0}, {129, 1}},
+      {16, 2, 128, {4097, 0}, {33, 65}},
+      {32, 8, 128, {8, 64}, {64, 64}},
+      {6, 2, 64, {10}, {10}},  // 3 query heads per kv head: refused by name
+  };
+  int ran = 0;
+  for (DType dt : kAllDTypes)
+    for (const auto& c : cases)
+      for (std::int64_t ps : {16, 64})
+        for (bool causal : {true, false}) {
+          SCOPED_TRACE(paged_trace(dt, c, ps) + (causal ? " causal" : ""));
+          PagedBatch batch(dt, c, ps, rng);
+          const std::int64_t t = batch.tokens;
+          Tensor q = random_tensor(dt, {t, c.hq, c.d}, rng);
+          Tensor k_new = random_tensor(dt, {t, c.hkv, c.d}, rng), v_new = random_tensor(dt, {t, c.hkv, c.d}, rng);
+          Tensor o(dt, q.shape()), lse(DType::kFloat32, {t, c.hq});
+          poison(o);
+          poison(lse);
+          PagedPrefillArgs args;
+          args.q = q.view(), args.k_new = k_new.view(), args.v_new = v_new.view(), args.o = o.view();
+          args.lse = lse.view();
+          args.cache = batch.device;
+          args.causal = causal;
+          args.scale = resolve_attention_scale(0.0f, c.d);
+          batch.plan.bind(args);
+          if (refused(*v, args, dt)) continue;
+          run_on_gpu(*v, args);
+          ++ran;
+          PagedPrefillArgs ref_args = args;
+          ref_args.cache = batch.host;
+          std::vector<double> want_lse;
+          const auto want = reference::paged_prefill(ref_args, &want_lse);
+          EXPECT_LE(reference::relative_frobenius_error(o.view(), want), reference::tolerance(dt, longest(c)));
+          EXPECT_LE(reference::lse_error(lse.view(), want_lse), 1e-4);
+          batch.expect_appended(k_new, v_new);
+        }
+  EXPECT_GT(ran, 0) << "the variant took none of the cases";
+}
+
+INSTANTIATE_TEST_SUITE_P(Cuda, GpuPagedPrefill, ::testing::ValuesIn(cuda_names(Op::kPagedPrefill)), test_name);
+
+// `auto` takes the top paged rungs on sm_90.
+TEST(GpuAuto, PagedOpsTakeTheTopRungs) {
+  if (!gpu()) GTEST_SKIP() << "no usable GPU on this machine";
+  const Target target = gpu()->target();
+  if (target.compute_capability != 90) GTEST_SKIP() << "the top decode rung is for sm_90";
+  std::mt19937_64 rng(1);
+  PagedCase c{32, 8, 128, {99, 4000}, {1, 1}};
+  PagedBatch batch(DType::kBFloat16, c, 16, rng);
+  Tensor q(DType::kBFloat16, {2, 32, 128}), kv(DType::kBFloat16, {2, 8, 128}), o(DType::kBFloat16, {2, 32, 128});
+  PagedDecodeArgs d{q.view(), kv.view(), kv.view(), o.view(), {}, batch.device, {}, 0.088f};
+  batch.plan.bind(d.seqs);
+  auto picked = default_registry().of<PagedDecodeArgs>().select(d, "", target);
+  ASSERT_TRUE(picked.ok()) << picked.status().to_string();
+  EXPECT_EQ((*picked)->info.name, "paged_decode/04_warp_pipes");
+}
 
 }  // namespace
 }  // namespace attn

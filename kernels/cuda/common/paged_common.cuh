@@ -1,0 +1,244 @@
+// Shared by the paged (KV-cache) rungs: the call as plain numbers, the one launch that appends
+// the new K/V rows to their pages (and plans the work on the device), and the checks.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+#include <string>
+
+#include "../cuda_check.h"
+#include "../softmax/softmax_common.cuh"
+#include "attn/executor.h"
+#include "attn/paged_ops.h"
+
+namespace attn::cuda {
+
+struct PagedProblem {
+  const void* q;
+  const void* k_new;
+  const void* v_new;
+  void* o;
+  float* lse;  // null when not wanted
+  void* k_pool;
+  void* v_pool;
+  const int* page_indptr;   // [n + 1]
+  const int* page_indices;  // [page_indptr[n]]
+  const int* seq_lens;      // [n]; null: every sequence holds fixed_len keys (dense K/V)
+  const int* q_indptr;      // [n + 1]; null for decode (one new row per sequence)
+  int n, tokens, heads_q, heads_kv, group, page_size, head_dim;
+  float scale, scale_log2;
+  bool causal;
+  int fixed_len;   // with seq_lens null and page_indices null: dense [n, Hkv, fixed_len, D] K/V
+  int page_shift;  // log2(page_size) when a power of two (a shift and a mask per key), else -1
+
+  __device__ __forceinline__ int seq_len(int i) const {
+    return seq_lens ? __ldg(seq_lens + i) : fixed_len;
+  }
+  // The page holding key j of sequence i, whose page table starts at `pages` (dense: page i).
+  __device__ __forceinline__ int page_of(const int* pages, int i, int j) const {
+    if (!page_indices) return i;
+    return __ldg(pages + (page_shift >= 0 ? j >> page_shift : j / page_size));
+  }
+  // Element offset of key j of sequence i (page table `pages`) for kv head hkv in a pool.
+  __device__ __forceinline__ long long key_offset(const int* pages, int i, int hkv, int j) const {
+    const int row = page_shift >= 0 ? j & (page_size - 1) : j % page_size;
+    return pool_offset(page_of(pages, i, j), hkv, row);
+  }
+
+  // First new row of sequence i in the packed q / k_new / v_new, and how many it brings.
+  __device__ __forceinline__ int first_new(int i) const { return q_indptr ? q_indptr[i] : i; }
+  __device__ __forceinline__ int new_count(int i) const {
+    return q_indptr ? q_indptr[i + 1] - q_indptr[i] : 1;
+  }
+  // Element offset of (page, kv head, row) in a pool.
+  __device__ __forceinline__ long long pool_offset(int page, int hkv, int row) const {
+    return ((static_cast<long long>(page) * heads_kv + hkv) * page_size + row) * head_dim;
+  }
+};
+
+inline int page_shift_of(std::int64_t page_size) {
+  for (int s = 0; s < 31; ++s)
+    if ((std::int64_t{1} << s) == page_size) return s;
+  return -1;
+}
+
+// Checks what every paged CUDA rung needs (the op's shape rules, device memory, int32 ranges)
+// and the rung's own dtypes, head dims and group sizes; builds the problem.
+template <class Args>
+Result<PagedProblem> paged_problem(const Args& a, const TensorView& q_indptr,
+                                   std::initializer_list<DType> dtypes,
+                                   std::initializer_list<int> head_dims,
+                                   std::initializer_list<int> groups, const char* name) {
+  ATTN_RETURN_IF_ERROR(OpDesc<Args>::check(a));
+  bool ok = false;
+  std::string list;
+  for (DType t : dtypes) {
+    ok |= t == a.cache.dtype;
+    list += (list.empty() ? "" : ", ") + std::string(dtype_name(t));
+  }
+  if (!ok) {
+    return invalid_argument(std::string("q.dtype: ") + name + " takes " + list + ", got " +
+                            std::string(dtype_name(a.cache.dtype)));
+  }
+  ok = false, list.clear();
+  for (int d : head_dims) {
+    ok |= d == a.cache.head_dim;
+    list += (list.empty() ? "" : ", ") + std::to_string(d);
+  }
+  if (!ok) {
+    return invalid_argument(std::string("q.shape: ") + name + " takes head dims " + list +
+                            ", got " + std::to_string(a.cache.head_dim));
+  }
+  const std::int64_t group = a.q.dim(1) / a.cache.heads_kv;
+  ok = false, list.clear();
+  for (int g : groups) {
+    ok |= g == group;
+    list += (list.empty() ? "" : ", ") + std::to_string(g);
+  }
+  if (!ok) {
+    return invalid_argument(std::string("q.shape: ") + name + " takes " + list +
+                            " query heads per key/value head, got " + std::to_string(group));
+  }
+  if (a.cache.pages * a.cache.heads_kv * a.cache.page_size > INT_MAX ||
+      a.seqs.max_seq_len > INT_MAX / 2 || a.q.dim(0) > INT_MAX / 64 ||
+      a.seqs.count() > 65535 * 64 || a.cache.heads_kv > 65535) {
+    return invalid_argument(std::string("cache: ") + name +
+                            " takes pages x Hkv x page_size < 2^31 and sequences < 2^30");
+  }
+  if (!a.seqs.seq_lens_host || !a.seqs.page_indptr_host) {
+    return invalid_argument(std::string("seq_lens: ") + name +
+                            " plans from the host copies of the arrays");
+  }
+  // Pages move in 16-byte pieces (cp.async, bulk copies): the pools must start 16-byte aligned
+  // (Executor::allocate's are); a row is D x the element size, a multiple of 16 for every D taken.
+  if (reinterpret_cast<std::uintptr_t>(a.cache.k) % 16 != 0 ||
+      reinterpret_cast<std::uintptr_t>(a.cache.v) % 16 != 0) {
+    return invalid_argument(std::string("cache: ") + name + " takes 16-byte aligned pools");
+  }
+  PagedProblem p{};
+  p.q = a.q.data, p.k_new = a.k_new.data, p.v_new = a.v_new.data, p.o = a.o.data;
+  p.lse = a.lse.empty() ? nullptr : static_cast<float*>(a.lse.data);
+  p.k_pool = a.cache.k, p.v_pool = a.cache.v;
+  p.page_indptr = static_cast<const int*>(a.seqs.page_indptr.data);
+  p.page_indices = static_cast<const int*>(a.seqs.page_indices.data);
+  p.seq_lens = static_cast<const int*>(a.seqs.seq_lens.data);
+  p.q_indptr = q_indptr.empty() ? nullptr : static_cast<const int*>(q_indptr.data);
+  p.n = static_cast<int>(a.seqs.count());
+  p.tokens = static_cast<int>(a.q.dim(0));
+  p.heads_q = static_cast<int>(a.q.dim(1));
+  p.heads_kv = static_cast<int>(a.cache.heads_kv);
+  p.group = static_cast<int>(group);
+  p.page_size = static_cast<int>(a.cache.page_size);
+  p.head_dim = static_cast<int>(a.cache.head_dim);
+  p.scale = a.scale;
+  p.scale_log2 = a.scale * 1.4426950408889634f;
+  p.causal = false;
+  p.page_shift = page_shift_of(p.page_size);
+  return p;
+}
+
+// What the append launch also prepares for the attention kernel that follows it on the stream:
+// tile_indptr[i] = sum over sequences before i of ceil(units(i) / per_tile), where units are the
+// sequence's keys (decode: split into chunks) or its new rows x group (prefill: query tiles); and
+// `zero_count` ints zeroed (the merge counters). Both optional.
+struct PagedPrep {
+  int* tile_indptr = nullptr;  // [n + 1]
+  int per_tile = 1;
+  bool units_are_new_rows = false;  // false: seq_lens
+  int* zeroed = nullptr;
+  int zero_count = 0;
+};
+
+// Block b < tokens appends new row b (every kv head); block `tokens` runs the scan and zeroing.
+template <class T>
+__global__ void __launch_bounds__(128) paged_append_kernel(PagedProblem p, PagedPrep prep) {
+  if (blockIdx.x == static_cast<unsigned>(p.tokens)) {
+    if (prep.zeroed)
+      for (int i = threadIdx.x; i < prep.zero_count; i += blockDim.x) prep.zeroed[i] = 0;
+    if (prep.tile_indptr && threadIdx.x < 32) {
+      const int lane = threadIdx.x;
+      int carry = 0;
+      if (lane == 0) prep.tile_indptr[0] = 0;
+      for (int base = 0; base < p.n; base += 32) {
+        const int i = base + lane;
+        int tiles = 0;
+        if (i < p.n) {
+          const int units = prep.units_are_new_rows ? p.new_count(i) * p.group : p.seq_len(i);
+          tiles = (units + prep.per_tile - 1) / prep.per_tile;
+        }
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {  // inclusive scan across the warp
+          const int x = __shfl_up_sync(0xffffffffu, tiles, off);
+          if (lane >= off) tiles += x;
+        }
+        if (i < p.n) prep.tile_indptr[i + 1] = carry + tiles;
+        carry += __shfl_sync(0xffffffffu, tiles, 31);
+      }
+    }
+    return;
+  }
+  const int t = blockIdx.x;
+  // The sequence of new row t: the last i with first_new(i) <= t.
+  int i = t;
+  if (p.q_indptr) {
+    int lo = 0, hi = p.n - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (p.q_indptr[mid] <= t)
+        lo = mid;
+      else
+        hi = mid - 1;
+    }
+    i = lo;
+  }
+  const int pos = p.seq_lens[i] - p.new_count(i) + (t - p.first_new(i));
+  const int page = p.page_indices[p.page_indptr[i] + pos / p.page_size];
+  constexpr int kVec = 16 / sizeof(T);
+  const int vecs = p.head_dim / kVec;
+  for (int idx = threadIdx.x; idx < p.heads_kv * vecs; idx += blockDim.x) {
+    const int h = idx / vecs, c = idx % vecs;
+    const long long src = (static_cast<long long>(t) * p.heads_kv + h) * p.head_dim + c * kVec;
+    const long long dst = p.pool_offset(page, h, pos % p.page_size) + c * kVec;
+    reinterpret_cast<uint4*>(static_cast<T*>(p.k_pool) + dst)[0] =
+        reinterpret_cast<const uint4*>(static_cast<const T*>(p.k_new) + src)[0];
+    reinterpret_cast<uint4*>(static_cast<T*>(p.v_pool) + dst)[0] =
+        reinterpret_cast<const uint4*>(static_cast<const T*>(p.v_new) + src)[0];
+  }
+}
+
+template <class T>
+Status launch_paged_append(const PagedProblem& p, const PagedPrep& prep, cudaStream_t s,
+                           const char* name) {
+  const bool extra = prep.tile_indptr || prep.zeroed;
+  paged_append_kernel<T><<<p.tokens + (extra ? 1 : 0), 128, 0, s>>>(p, prep);
+  return to_status(cudaGetLastError(), name);
+}
+
+// The sequence that owns tile x: the last i with tile_indptr[i] <= x (binary search, n + 1
+// entries).
+__device__ __forceinline__ int owner_of_tile(const int* tile_indptr, int n, int x) {
+  int lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (__ldg(tile_indptr + mid) <= x)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
+
+template <class T>
+__device__ __forceinline__ void unpack16(const uint4& raw, float (&out)[16 / sizeof(T)]) {
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(16 / sizeof(T)); ++i) out[i] = to_float(e[i]);
+}
+
+inline cudaStream_t paged_stream(Stream& s) { return static_cast<cudaStream_t>(s.cuda_stream()); }
+
+}  // namespace attn::cuda

@@ -1,0 +1,261 @@
+// paged_decode/02_split_kv: rung 01 with the keys of every sequence split into equal chunks
+// planned from the lengths, pages streamed through bulk copies, partials merged by LSE.
+// - Balance: rung 01 gives a sequence's whole length to one block, so one 32k sequence beside
+//   many short ones (or a batch of 1) runs on a few SMs. Here the host picks one chunk length C
+//   (a multiple of 32 keys) so that the batch makes about 4 waves of (sequence, kv head, chunk)
+//   work items of at most C keys whatever the length mix, a sequence's chunks equal; the hardware
+//   hands the items to SMs as they free up. The append launch before this kernel
+//   also writes the chunk offsets per sequence (a scan of ceil(len / C)) and zeroes the merge
+//   counters, so nothing else is launched or copied per call.
+// - Pages stream into a shared-memory ring (4 stages of 32 keys at D = 128) by bulk asynchronous
+//   copies, one per page segment in a stage, counted in by an mbarrier: 3 stages stay in flight
+//   without registers, and the page table read sits with the one issuing thread, off the
+//   compute path.
+// - The GQA group shares each K/V byte (one block per kv head); the scores of 4 keys per stream
+//   are formed before one max and one rescale.
+// - A sequence of one chunk writes its output directly; otherwise the last block of the
+//   (sequence, kv head) to finish (an atomic count) merges its chunks by their log-sum-exps.
+// bfloat16/float16 (head dims 64, 128, 256) and float32 (64, 128); 1, 2, 4 or 8 query heads per
+// key/value head; any page size (best at 16 and up: one copy per page segment).
+#include <algorithm>
+
+#include "../common/paged_split.cuh"
+#include "../hopper/hopper.cuh"
+#include "paged_decode_rungs.h"
+
+namespace attn::cuda {
+namespace {
+
+using namespace hopper;
+
+constexpr int kThreads = 128, kStageKeys = 32, kMinChunk = 128, kWaves = 4;
+
+template <class T, int D>
+struct Ring {
+  static constexpr int kStageBytes = 2 * kStageKeys * D * static_cast<int>(sizeof(T));  // K then V
+  static constexpr int kStages = std::max(3, 65536 / kStageBytes);
+  static constexpr int kRingBytes = kStages * kStageBytes;
+};
+
+template <class T, int D, int G>
+__global__ void __launch_bounds__(kThreads) split_kernel(PagedProblem p, SplitPartials sp) {
+  constexpr int kVec = 16 / sizeof(T), kLanes = D / kVec, kStreams = kThreads / kLanes;
+  constexpr int kUnroll = kStageKeys / kStreams, kStages = Ring<T, D>::kStages;
+  static_assert(kLanes <= 32 && kStageKeys % kStreams == 0);
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* ring = reinterpret_cast<T*>(smem_raw);  // [kStages][2][kStageKeys][D]
+  __shared__ std::uint64_t full[kStages];
+  __shared__ float qs[G][D];
+  __shared__ float red_m[kStreams][G], red_l[kStreams][G];
+  __shared__ bool last_block;
+
+  const int x = blockIdx.x, hkv = blockIdx.y, h0 = hkv * G;
+  const int i = owner_of_tile(sp.chunk_indptr, p.n, x);
+  const int x0 = __ldg(sp.chunk_indptr + i), chunks = __ldg(sp.chunk_indptr + i + 1) - x0;
+  const int len = __ldg(p.seq_lens + i);
+  const int2 keys = chunk_keys(len, chunks, x - x0, kStageKeys);
+  const int k_begin = keys.x, k_end = keys.y;
+  const int stages = (k_end - k_begin + kStageKeys - 1) / kStageKeys;
+  const int* pages = p.page_indices + __ldg(p.page_indptr + i);
+  const T* kpool = static_cast<const T*>(p.k_pool);
+  const T* vpool = static_cast<const T*>(p.v_pool);
+
+  auto issue = [&](int c) {  // keys [j, j + 32) of the chunk into stage c % kStages
+    const int j = k_begin + c * kStageKeys, rows = min(kStageKeys, k_end - j);
+    T* kst = ring + (c % kStages) * 2 * kStageKeys * D;
+    T* vst = kst + kStageKeys * D;
+    mbar_expect_tx(&full[c % kStages], 2u * rows * D * sizeof(T));
+    for (int r = 0; r < rows;) {  // one copy per page segment
+      const int pos = j + r, off = p.page_shift >= 0 ? pos & (p.page_size - 1) : pos % p.page_size;
+      const int seg = min(rows - r, p.page_size - off);
+      const long long src = p.key_offset(pages, i, hkv, pos);
+      const unsigned bytes = static_cast<unsigned>(seg * D * sizeof(T));
+      bulk_load(kst + r * D, kpool + src, bytes, &full[c % kStages]);
+      bulk_load(vst + r * D, vpool + src, bytes, &full[c % kStages]);
+      r += seg;
+    }
+  };
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) mbar_init(&full[s], 1);
+    mbar_fence_init();
+    for (int c = 0; c < min(stages, kStages); ++c) issue(c);
+  }
+  for (int idx = threadIdx.x; idx < G * D; idx += kThreads) {
+    const int g = idx / D, c = idx % D;
+    qs[g][c] = to_float(static_cast<const T*>(
+                   p.q)[(static_cast<long long>(i) * p.heads_q + h0 + g) * D + c]) *
+               p.scale_log2;
+  }
+  __syncthreads();
+
+  const int lane = threadIdx.x % kLanes, stream = threadIdx.x / kLanes;
+  float q[G][kVec], o[G][kVec], m[G], l[G];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    m[g] = -INFINITY, l[g] = 0.0f;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) q[g][e] = qs[g][lane * kVec + e], o[g][e] = 0.0f;
+  }
+
+  for (int c = 0; c < stages; ++c) {
+    mbar_wait(&full[c % kStages], (c / kStages) & 1);
+    const T* kt = ring + (c % kStages) * 2 * kStageKeys * D;
+    const T* vt = kt + kStageKeys * D;
+    const int j0 = k_begin + c * kStageKeys;
+    float sc[kUnroll][G];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      float kf[kVec];
+      unpack16<T>(*reinterpret_cast<const uint4*>(kt + (stream + u * kStreams) * D + lane * kVec),
+                  kf);
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        float dot = 0.0f;
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) dot += q[g][e] * kf[e];
+        sc[u][g] = dot;
+      }
+    }
+#pragma unroll
+    for (int off = kLanes / 2; off > 0; off >>= 1)
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+        for (int g = 0; g < G; ++g) sc[u][g] += __shfl_xor_sync(0xffffffffu, sc[u][g], off);
+    bool valid[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      valid[u] = j0 + stream + u * kStreams < k_end;  // rows past the chunk hold stale data
+      if (!valid[u])
+#pragma unroll
+        for (int g = 0; g < G; ++g) sc[u][g] = -INFINITY;
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      float m_new = m[g];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) m_new = fmaxf(m_new, sc[u][g]);
+      if (m_new == -INFINITY) continue;  // nothing in this stream yet
+      const float alpha = exp2f(m[g] - m_new);
+      l[g] *= alpha;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) o[g][e] *= alpha;
+      m[g] = m_new;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (!valid[u]) continue;
+      float vf[kVec];
+      unpack16<T>(*reinterpret_cast<const uint4*>(vt + (stream + u * kStreams) * D + lane * kVec),
+                  vf);
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        const float pj = exp2f(sc[u][g] - m[g]);
+        l[g] += pj;
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) o[g][e] += pj * vf[e];
+      }
+    }
+    __syncthreads();  // every thread is done with this stage: refill it
+    if (threadIdx.x == 0 && c + kStages < stages) issue(c + kStages);
+  }
+
+  // The block's streams merge through shared memory (the ring, free now).
+  float* staged = reinterpret_cast<float*>(smem_raw);  // [kStreams][G][D]
+  static_assert(kStreams * G * D * sizeof(float) <= Ring<T, D>::kRingBytes);
+  if (lane == 0)
+#pragma unroll
+    for (int g = 0; g < G; ++g) red_m[stream][g] = m[g], red_l[stream][g] = l[g];
+#pragma unroll
+  for (int g = 0; g < G; ++g)
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) staged[(stream * G + g) * D + lane * kVec + e] = o[g][e];
+  __syncthreads();
+  const long long row0 = static_cast<long long>(i) * p.heads_q + h0;  // output row of query head h0
+  for (int idx = threadIdx.x; idx < G * D; idx += kThreads) {
+    const int g = idx / D, c = idx % D;
+    float mb = -INFINITY, lb = 0.0f, acc = 0.0f;
+    for (int s = 0; s < kStreams; ++s) mb = fmaxf(mb, red_m[s][g]);
+    for (int s = 0; s < kStreams; ++s)
+      if (red_m[s][g] != -INFINITY) {
+        const float w = exp2f(red_m[s][g] - mb);
+        lb += red_l[s][g] * w;
+        acc += staged[(s * G + g) * D + c] * w;
+      }
+    if (chunks == 1) {  // the whole sequence: final output
+      static_cast<T*>(p.o)[(row0 + g) * D + c] = from_float<T>(acc / lb);
+      if (p.lse && c == 0) p.lse[row0 + g] = (mb + log2f(lb)) * 0.6931471805599453f;
+    } else {
+      const long long prow = static_cast<long long>(x) * p.heads_q + h0 + g;
+      sp.o[prow * D + c] = acc;
+      if (c == 0) sp.m[prow] = mb, sp.l[prow] = lb;
+    }
+  }
+  if (chunks == 1) return;
+
+  // The last block of this (sequence, kv head) to finish merges its chunks (the ring's shared
+  // memory holds the weights).
+  merge_chunks_if_last<T, D, kThreads>(p, sp, i, hkv, x0, chunks,
+                                       reinterpret_cast<float*>(smem_raw), last_block);
+}
+
+template <class T, int D>
+Status launch(const PagedDecodeArgs& a, const PagedProblem& p, cudaStream_t s, int device) {
+  void (*kernel)(PagedProblem, SplitPartials) = p.group == 1   ? split_kernel<T, D, 1>
+                                                : p.group == 2 ? split_kernel<T, D, 2>
+                                                : p.group == 4 ? split_kernel<T, D, 4>
+                                                               : split_kernel<T, D, 8>;
+  constexpr int kRing = Ring<T, D>::kRingBytes;
+  ATTN_RETURN_IF_ERROR(
+      to_status(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRing),
+                "paged_decode/02 shared memory"));
+  int per_sm = 1, sms = 132;
+  ATTN_RETURN_IF_ERROR(
+      to_status(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, kRing),
+                "paged_decode/02 occupancy"));
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const int chunk =
+      plan_split_chunk(a.seqs, p.heads_kv, std::max(per_sm, 1) * sms, kWaves, kMinChunk,
+                       kRing / static_cast<int>(sizeof(float)) / p.group, kStageKeys);
+  return run_split<T, D>(
+      a.seqs, p, chunk, s, "paged_decode/02_split_kv", [&](int chunks, const SplitPartials& sp) {
+        kernel<<<dim3(static_cast<unsigned>(chunks), p.heads_kv), kThreads, kRing, s>>>(p, sp);
+      });
+}
+
+Result<PagedProblem> problem(const PagedDecodeArgs& a) {
+  ATTN_ASSIGN_OR_RETURN(
+      p, paged_problem(a, {}, {DType::kBFloat16, DType::kFloat16, DType::kFloat32}, {64, 128, 256},
+                       {1, 2, 4, 8}, "paged_decode/02_split_kv"));
+  if (a.cache.dtype == DType::kFloat32 && p.head_dim == 256)
+    return invalid_argument(
+        "q.shape: paged_decode/02_split_kv takes head dim 256 in 16-bit types only");
+  return p;
+}
+
+}  // namespace
+
+Status paged_decode_02_supports(const PagedDecodeArgs& args) { return problem(args).status(); }
+
+Status paged_decode_02_split_kv(const PagedDecodeArgs& args, Stream& stream) {
+  ATTN_ASSIGN_OR_RETURN(p, problem(args));
+  const cudaStream_t s = paged_stream(stream);
+  const int dev = stream.device();
+  switch (args.cache.dtype) {
+    case DType::kFloat32:
+      return p.head_dim == 64 ? launch<float, 64>(args, p, s, dev)
+                              : launch<float, 128>(args, p, s, dev);
+    case DType::kBFloat16:
+      return p.head_dim == 64    ? launch<__nv_bfloat16, 64>(args, p, s, dev)
+             : p.head_dim == 128 ? launch<__nv_bfloat16, 128>(args, p, s, dev)
+                                 : launch<__nv_bfloat16, 256>(args, p, s, dev);
+    case DType::kFloat16:
+      return p.head_dim == 64    ? launch<__half, 64>(args, p, s, dev)
+             : p.head_dim == 128 ? launch<__half, 128>(args, p, s, dev)
+                                 : launch<__half, 256>(args, p, s, dev);
+    default:
+      return invalid_argument("q.dtype: unexpected");
+  }
+}
+
+}  // namespace attn::cuda

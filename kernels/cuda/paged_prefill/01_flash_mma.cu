@@ -1,0 +1,306 @@
+// paged_prefill/01_flash_mma: attention/03's FlashAttention-2 loop on mma.sync, over a paged
+// cache. One launch appends every new K/V row to its page (and plans the query tiles); then:
+// - A block owns 128 query rows of one sequence and one key/value head, the rows being (new
+//   token, query head of the group) pairs: the whole GQA group shares each K/V tile, so a chunk
+//   of 64 new tokens at Hq / Hkv = 4 fills two blocks that read the cache once each, not four
+//   blocks of 64 rows reading it four times.
+// - K/V tiles of 64 keys are gathered from the pages with cp.async, 16 bytes a thread, each row
+//   from its page (the table read is per row, cached in L1), double-buffered into XOR-swizzled
+//   shared memory; Q/K fragments through ldmatrix, V with .trans; P stays in registers.
+// - Causal bottom-right per sequence: new token j of a sequence of len keys with `fresh` new ones
+//   sees keys < len - fresh + j + 1; tiles past the block's last visible key are skipped and only
+//   tiles crossing a row's limit are masked.
+// bfloat16/float16; head dims 64, 128; 1, 2, 4 or 8 query heads per key/value head; any page size.
+#include "../common/mma_sync.cuh"
+#include "../common/paged_common.cuh"
+#include "../paged_decode/paged_decode_rungs.h"
+
+namespace attn::cuda {
+namespace {
+
+using namespace mma_sync;
+
+constexpr int kWarps = 4, kThreads = kWarps * 32, kMT = 2, kBlockM = 16 * kMT * kWarps, kBN = 64;
+
+// Byte offset of (row, 16-byte chunk) in a [rows][D] tile whose chunks are XOR-swizzled by row & 7.
+template <int D>
+__device__ __forceinline__ unsigned swizzled_bytes(int row, int chunk) {
+  return static_cast<unsigned>(row * D * 2 + ((chunk ^ (row & 7)) << 4));
+}
+
+// Copies kRows rows into a swizzled tile; row_src(r) gives row r's first element, or null for a
+// row to zero-fill.
+template <class T, int D, int kRows, class RowSrc>
+__device__ __forceinline__ void load_rows(unsigned tile, const T* any_valid, RowSrc row_src) {
+  constexpr int kChunks = D / 8, kRowsPerPass = kThreads / kChunks;
+  static_assert(kThreads % kChunks == 0 && kRows % kRowsPerPass == 0);
+  const int r = threadIdx.x / kChunks, c = threadIdx.x % kChunks;
+#pragma unroll
+  for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {
+    const int row = r + pass * kRowsPerPass;
+    const T* src = row_src(row);
+    cp_async16(tile + swizzled_bytes<D>(row, c), src ? src + c * 8 : any_valid, src != nullptr);
+  }
+}
+
+struct Rows {
+  int len;            // keys of the sequence, new ones included
+  int first_visible;  // causal: row token t sees keys < first_visible + t; else len for all
+  bool causal;
+  int group;
+  __device__ __forceinline__ int visible(int row) const {
+    return causal ? min(len, first_visible + row / group) : len;
+  }
+};
+
+// One K/V tile for the warp: S = Q K^T, online softmax, O += P V (attention/03's attend_tile,
+// with the paged rows' own visibility rule).
+template <class T, int D, bool kMask>
+__device__ __forceinline__ void attend_tile(const Rows& rows, float scale_log2, unsigned q_lane,
+                                            unsigned k_lane, unsigned v_lane, int j0, int row0,
+                                            float (&o)[kMT][D / 8][4], float (&m)[kMT][2],
+                                            float (&l)[kMT][2]) {
+  const int lane = threadIdx.x % 32, t4 = lane % 4;
+  float s[kMT][kBN / 8][4];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int n = 0; n < kBN / 8; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.0f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const unsigned q_kk = q_lane ^ (kk << 5), k_kk = k_lane ^ (kk << 5);
+    unsigned qk[kMT][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) ldsm_x4(qk[mt], q_kk + mt * 16 * D * 2);
+#pragma unroll
+    for (int np = 0; np < kBN / 16; ++np) {
+      unsigned kf[4];
+      ldsm_x4(kf, k_kk + np * 16 * D * 2);
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        mma16816<T>(s[mt][2 * np], qk[mt], kf[0], kf[1]);
+        mma16816<T>(s[mt][2 * np + 1], qk[mt], kf[2], kf[3]);
+      }
+    }
+  }
+  unsigned pf[kMT][kBN / 16][4];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int visible = kMask ? rows.visible(row0 + mt * 16 + 8 * r) : 0;
+#pragma unroll
+      for (int n = 0; n < kBN / 8; ++n)
+#pragma unroll
+        for (int e = 2 * r; e < 2 * r + 2; ++e) {
+          s[mt][n][e] *= scale_log2;
+          if (kMask && j0 + n * 8 + t4 * 2 + (e % 2) >= visible) s[mt][n][e] = -INFINITY;
+          tile_max[r] = fmaxf(tile_max[r], s[mt][n][e]);
+        }
+    }
+    float scale_o[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+      const float m_new = fmaxf(m[mt][r], tile_max[r]);
+      const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+      scale_o[r] = exp2f(m[mt][r] - m_use);
+      l[mt][r] *= scale_o[r];
+      m[mt][r] = m_new;
+      tile_max[r] = m_use;
+    }
+#pragma unroll
+    for (int n = 0; n < kBN / 8; ++n) {
+      const float p0 = exp2f(s[mt][n][0] - tile_max[0]), p1 = exp2f(s[mt][n][1] - tile_max[0]);
+      const float p2 = exp2f(s[mt][n][2] - tile_max[1]), p3 = exp2f(s[mt][n][3] - tile_max[1]);
+      l[mt][0] += p0 + p1;
+      l[mt][1] += p2 + p3;
+      pf[mt][n / 2][(n % 2) * 2 + 0] = pack2<T>(p0, p1);
+      pf[mt][n / 2][(n % 2) * 2 + 1] = pack2<T>(p2, p3);
+    }
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      o[mt][n][0] *= scale_o[0];
+      o[mt][n][1] *= scale_o[0];
+      o[mt][n][2] *= scale_o[1];
+      o[mt][n][3] *= scale_o[1];
+    }
+  }
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk) {
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+      unsigned vf[4];
+      ldsm_x4_trans(vf, (v_lane ^ (dp << 5)) + kk * 16 * D * 2);
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        mma16816<T>(o[mt][2 * dp], pf[mt][kk], vf[0], vf[1]);
+        mma16816<T>(o[mt][2 * dp + 1], pf[mt][kk], vf[2], vf[3]);
+      }
+    }
+  }
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(kThreads)
+    paged_flash_kernel(PagedProblem p, const int* tile_indptr) {
+  constexpr unsigned kTileBytes = kBN * D * 2;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const unsigned qs = (smem_addr(smem_raw) + 255u) & ~255u;
+  const unsigned ks = qs + kBlockM * D * 2;  // [2][kBN][D]
+  const unsigned vs = ks + 2 * kTileBytes;   // [2][kBN][D]
+  const int x = gridDim.x - 1 - blockIdx.x;  // the last tiles (latest tokens, most keys) first
+  const int hkv = blockIdx.y, h0 = hkv * p.group;
+  const int i = owner_of_tile(tile_indptr, p.n, x);
+  const int r0 = (x - __ldg(tile_indptr + i)) * kBlockM;  // first (token, group head) row
+  const int first = p.first_new(i), fresh = p.new_count(i), len = __ldg(p.seq_lens + i);
+  const int row_count = fresh * p.group;
+  const Rows rows{len, len - fresh + 1, p.causal, p.group};
+  const int* pages = p.page_indices + __ldg(p.page_indptr + i);
+  const T* qbase = static_cast<const T*>(p.q);
+  const T* kpool = static_cast<const T*>(p.k_pool);
+  const T* vpool = static_cast<const T*>(p.v_pool);
+
+  const int last_row = min(r0 + kBlockM, row_count) - 1;
+  const int block_end = rows.visible(last_row);  // keys past it are masked for every row
+  const int tiles = (block_end + kBN - 1) / kBN;
+  const int first_masked =
+      rows.visible(r0) / kBN;  // from here on a tile holds a key some row can't see
+
+  auto q_src = [&](int r) -> const T* {
+    const int row = r0 + r;
+    if (row >= row_count) return nullptr;
+    return qbase +
+           (static_cast<long long>(first + row / p.group) * p.heads_q + h0 + row % p.group) * D;
+  };
+  // K and V rows of keys [j0, j0 + kBN) into buffer `buf`: one page-table read per row for both,
+  // zeros past the sequence.
+  constexpr int kChunks = D / 8, kRowsPerPass = kThreads / kChunks;
+  const int load_row = threadIdx.x / kChunks, load_chunk = threadIdx.x % kChunks;
+  auto load_kv = [&](unsigned buf, int j0) {
+#pragma unroll
+    for (int pass = 0; pass < kBN / kRowsPerPass; ++pass) {
+      const int row = load_row + pass * kRowsPerPass, j = j0 + row;
+      const bool valid = j < len;
+      const long long off = valid ? p.key_offset(pages, i, hkv, j) + load_chunk * 8 : 0;
+      const unsigned dst = swizzled_bytes<D>(row, load_chunk);
+      cp_async16(ks + buf + dst, kpool + off, valid);
+      cp_async16(vs + buf + dst, vpool + off, valid);
+    }
+  };
+  load_rows<T, D, kBlockM>(qs, qbase, q_src);
+  if (tiles > 0) load_kv(0, 0);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+  const int warp_row0 = warp * 16 * kMT;
+  const unsigned q_lane = qs + swizzled_bytes<D>(warp_row0 + lane % 16, lane / 16);
+  const unsigned k_lane0 = swizzled_bytes<D>(lane % 8 + (lane / 16) * 8, (lane / 8) % 2);
+  const unsigned v_lane0 = swizzled_bytes<D>(lane % 8 + ((lane / 8) % 2) * 8, lane / 16);
+
+  float o[kMT][D / 8][4];
+  float m[kMT][2], l[kMT][2];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.0f;
+    m[mt][0] = m[mt][1] = -INFINITY;
+    l[mt][0] = l[mt][1] = 0.0f;
+  }
+  const int row0 = r0 + warp_row0 + g;  // this lane's first row; the others are +8, +16, +24
+
+  for (int t = 0; t < tiles; ++t) {
+    const unsigned buf = (t & 1) * kTileBytes, next = kTileBytes - buf;
+    const int j0 = t * kBN;
+    if (t + 1 < tiles) load_kv(next, j0 + kBN);  // the next tile flies while this one is computed
+    cp_async_commit();
+    if (t >= first_masked)
+      attend_tile<T, D, true>(rows, p.scale_log2, q_lane, ks + buf + k_lane0, vs + buf + v_lane0,
+                              j0, row0, o, m, l);
+    else
+      attend_tile<T, D, false>(rows, p.scale_log2, q_lane, ks + buf + k_lane0, vs + buf + v_lane0,
+                               j0, row0, o, m, l);
+    cp_async_wait<0>();
+    __syncthreads();
+  }
+
+  // Rows row0 + 16 mt + 8 r: (token, head) -> output row first + token, head h0 + row % group.
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = row0 + mt * 16 + 8 * r;
+      float lr = l[mt][r];
+      lr += __shfl_xor_sync(0xffffffffu, lr, 1);
+      lr += __shfl_xor_sync(0xffffffffu, lr, 2);
+      if (row >= row_count) continue;
+      const long long orow =
+          static_cast<long long>(first + row / p.group) * p.heads_q + h0 + row % p.group;
+      const float inv = 1.0f / lr;  // every row sees at least its own key
+      T* out = static_cast<T*>(p.o) + orow * D;
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j)
+        *reinterpret_cast<unsigned*>(out + 8 * j + 2 * t4) =
+            pack2<T>(o[mt][j][2 * r] * inv, o[mt][j][2 * r + 1] * inv);
+      if (p.lse && t4 == 0) p.lse[orow] = (m[mt][r] + log2f(lr)) * 0.6931471805599453f;
+    }
+}
+
+template <class T, int D>
+Status launch(const PagedPrefillArgs& a, const PagedProblem& p, cudaStream_t s) {
+  long long tiles = 0;
+  for (int i = 0; i < p.n; ++i)
+    tiles += (static_cast<long long>(a.q_indptr_host[i + 1] - a.q_indptr_host[i]) * p.group +
+              kBlockM - 1) /
+             kBlockM;
+  if (tiles > INT_MAX / 2)
+    return invalid_argument("q.shape: paged_prefill/01 takes < 2^30 query tiles");
+  constexpr int kSmem = (kBlockM + 4 * kBN) * D * static_cast<int>(sizeof(T)) + 256;
+  auto kernel = paged_flash_kernel<T, D>;
+  ATTN_RETURN_IF_ERROR(
+      to_status(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
+                "paged_prefill/01 shared memory"));
+  int* tile_indptr = nullptr;
+  ATTN_RETURN_IF_ERROR(to_status(cudaMallocAsync(&tile_indptr, (p.n + 1) * sizeof(int), s),
+                                 "paged_prefill/01 workspace"));
+  PagedPrep prep;
+  prep.tile_indptr = tile_indptr;
+  prep.per_tile = kBlockM;
+  prep.units_are_new_rows = true;
+  const Status st = launch_paged_append<T>(p, prep, s, "paged_prefill/01 append");
+  if (st.ok()) {
+    kernel<<<dim3(static_cast<unsigned>(tiles), p.heads_kv), kThreads, kSmem, s>>>(p, tile_indptr);
+  }
+  const Status launched =
+      st.ok() ? to_status(cudaGetLastError(), "paged_prefill/01_flash_mma launch") : st;
+  cudaFreeAsync(tile_indptr, s);
+  return launched;
+}
+
+Result<PagedProblem> problem(const PagedPrefillArgs& a) {
+  ATTN_ASSIGN_OR_RETURN(p, paged_problem(a, a.q_indptr, {DType::kBFloat16, DType::kFloat16},
+                                         {64, 128}, {1, 2, 4, 8}, "paged_prefill/01_flash_mma"));
+  if (!a.q_indptr_host)
+    return invalid_argument("q_indptr: paged_prefill/01_flash_mma plans from its host copy");
+  p.causal = a.causal;
+  return p;
+}
+
+}  // namespace
+
+Status paged_prefill_01_supports(const PagedPrefillArgs& args) { return problem(args).status(); }
+
+Status paged_prefill_01_flash_mma(const PagedPrefillArgs& args, Stream& stream) {
+  ATTN_ASSIGN_OR_RETURN(p, problem(args));
+  const cudaStream_t s = paged_stream(stream);
+  if (args.cache.dtype == DType::kBFloat16)
+    return p.head_dim == 64 ? launch<__nv_bfloat16, 64>(args, p, s)
+                            : launch<__nv_bfloat16, 128>(args, p, s);
+  return p.head_dim == 64 ? launch<__half, 64>(args, p, s) : launch<__half, 128>(args, p, s);
+}
+
+}  // namespace attn::cuda

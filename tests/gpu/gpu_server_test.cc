@@ -295,10 +295,12 @@ TEST(GpuServer, KvCacheDecodeAndPrefillOnTheGpuMatchFloat64) {
   }
 }
 
-// Dynamic batching on the GPU: 16 concurrent decode callers get, bit for bit, what they get from
-// a server with batching off (the paged kernel computes a sequence the same way whatever else is
-// in its launch), a caller with a bad sequence fails alone.
-TEST(GpuServer, BatchedDecodeOnTheGpuMatchesUnbatchedBitForBit) {
+// Dynamic batching on the GPU: 16 concurrent decode callers each get their own rows — what a
+// server with batching off returns for the same calls, within the dtype's rounding (the paged
+// rungs plan their split-KV chunks from the whole launch, so a merged call may split a sequence
+// differently than a lone one: the same values, rounded in another order) — and a caller with a
+// bad sequence fails alone.
+TEST(GpuServer, BatchedDecodeOnTheGpuMatchesUnbatched) {
   SKIP_WITHOUT_GPU();
   constexpr int kCallers = 16, kBad = 3, kHurried = 5;
   const testing::DecodeShape shape{32, 8, 128};
@@ -311,7 +313,7 @@ TEST(GpuServer, BatchedDecodeOnTheGpuMatchesUnbatchedBitForBit) {
     testing::ServerProcess server(ATTND_PATH, {"--backend", "cuda", "--devices", "0", "--batch-window-us", "2000"});
     merged = testing::run_decode_callers(server.address(), kCallers, kBad, kHurried, shape);
   }
-  int merged_calls = 0;
+  int merged_calls = 0, identical = 0, compared = 0;
   for (int t = 0; t < kCallers; ++t) {
     const auto& a = alone[static_cast<std::size_t>(t)];
     const auto& b = merged[static_cast<std::size_t>(t)];
@@ -323,10 +325,22 @@ TEST(GpuServer, BatchedDecodeOnTheGpuMatchesUnbatchedBitForBit) {
     if (t == kHurried) continue;
     EXPECT_EQ(b.ok, testing::kDecodeSteps * testing::kDecodeLayers) << "caller " << t;
     ASSERT_EQ(a.outputs.size(), b.outputs.size());
-    for (const auto& [at, bytes] : a.outputs)
-      EXPECT_EQ(b.outputs.at(at), bytes) << "caller " << t << " step " << at.first << " layer " << at.second;
+    for (const auto& [at, bytes] : a.outputs) {
+      const std::string& other = b.outputs.at(at);
+      ASSERT_EQ(other.size(), bytes.size());
+      Tensor x(DType::kBFloat16, {static_cast<std::int64_t>(bytes.size() / 2)}), y = x;
+      std::memcpy(x.data(), bytes.data(), bytes.size());
+      std::memcpy(y.data(), other.data(), other.size());
+      std::vector<double> want(static_cast<std::size_t>(x.numel()));
+      for (std::size_t e = 0; e < want.size(); ++e) want[e] = x.get(e);
+      EXPECT_LE(reference::relative_frobenius_error(y.view(), want), 1e-2)
+          << "caller " << t << " step " << at.first << " layer " << at.second;
+      identical += other == bytes;
+      ++compared;
+    }
   }
-  std::printf("calls that shared a launch: %d\n", merged_calls);
+  std::printf("calls that shared a launch: %d; outputs identical to the unbatched run: %d of %d\n", merged_calls,
+              identical, compared);
   EXPECT_GT(merged_calls, 0) << "no call shared a launch";
 }
 

@@ -18,30 +18,39 @@ std::string new_handle() {
 
 std::string str(std::int64_t v) { return std::to_string(v); }
 
-std::int64_t pages_for(std::int64_t tokens, std::int64_t page_size) { return (tokens + page_size - 1) / page_size; }
+std::int64_t pages_for(std::int64_t tokens, std::int64_t page_size) {
+  return (tokens + page_size - 1) / page_size;
+}
 
 }  // namespace
 
-Status check_kv_config(const KvCacheConfig& c, std::int64_t capacity_tokens, std::int64_t max_elements) {
+Status check_kv_config(const KvCacheConfig& c, std::int64_t capacity_tokens,
+                       std::int64_t max_elements) {
   const std::string f = "config.";
-  if (c.layers < 1 || c.layers > 4096) return invalid_argument(f + "layers: expected 1..4096, got " + str(c.layers));
+  if (c.layers < 1 || c.layers > 4096)
+    return invalid_argument(f + "layers: expected 1..4096, got " + str(c.layers));
   if (c.heads_kv < 1 || c.heads_kv > 1024) {
     return invalid_argument(f + "kv_heads: expected 1..1024, got " + str(c.heads_kv));
   }
   if (c.head_dim < 1 || c.head_dim > 1024) {
     return invalid_argument(f + "head_dim: expected 1..1024, got " + str(c.head_dim));
   }
-  if (c.page_size != 8 && c.page_size != 16 && c.page_size != 32 && c.page_size != 64 && c.page_size != 128) {
-    return invalid_argument(f + "page_size: expected 8, 16, 32, 64 or 128 (0 for 16), got " + str(c.page_size));
+  if (c.page_size != 8 && c.page_size != 16 && c.page_size != 32 && c.page_size != 64 &&
+      c.page_size != 128) {
+    return invalid_argument(f + "page_size: expected 8, 16, 32, 64 or 128 (0 for 16), got " +
+                            str(c.page_size));
   }
   if (capacity_tokens < 1 || capacity_tokens > std::numeric_limits<std::int32_t>::max()) {
     return invalid_argument(f + "capacity_tokens: expected 1..2^31-1, got " + str(capacity_tokens));
   }
   // One pool (K or V of one layer) is a tensor like any other: the element limit applies.
-  const std::int64_t pool = pages_for(capacity_tokens, c.page_size) * c.page_size * c.heads_kv * c.head_dim;
-  if (pool / c.page_size / c.heads_kv != pages_for(capacity_tokens, c.page_size) * c.head_dim || pool > max_elements) {
-    return resource_exhausted(f + "capacity_tokens: " + str(capacity_tokens) + " tokens x " + str(c.heads_kv) +
-                              " heads x " + str(c.head_dim) + " exceeds the server's limit of " + str(max_elements) +
+  const std::int64_t pool =
+      pages_for(capacity_tokens, c.page_size) * c.page_size * c.heads_kv * c.head_dim;
+  if (pool / c.page_size / c.heads_kv != pages_for(capacity_tokens, c.page_size) * c.head_dim ||
+      pool > max_elements) {
+    return resource_exhausted(f + "capacity_tokens: " + str(capacity_tokens) + " tokens x " +
+                              str(c.heads_kv) + " heads x " + str(c.head_dim) +
+                              " exceeds the server's limit of " + str(max_elements) +
                               " elements per layer pool");
   }
   return Status::Ok();
@@ -67,13 +76,14 @@ PagedKvLayer KvCache::layer(int l) const {
 }
 
 std::string KvCache::capacity_words() const {
-  return str(static_cast<std::int64_t>(free_.size()) - reserved_) + " of " + str(config_.pages) + " pages of " +
-         str(config_.page_size) + " tokens free (capacity " + str(config_.capacity_tokens()) +
-         " tokens); release sequences or create a larger cache";
+  return str(static_cast<std::int64_t>(free_.size()) - reserved_) + " of " + str(config_.pages) +
+         " pages of " + str(config_.page_size) + " tokens free (capacity " +
+         str(config_.capacity_tokens()) + " tokens); release sequences or create a larger cache";
 }
 
 Result<KvCache::PendingAppend> KvCache::plan_append(int layer, const std::vector<std::string>& ids,
-                                                    const std::vector<std::int64_t>& fresh, bool create_missing) {
+                                                    const std::vector<std::int64_t>& fresh,
+                                                    bool create_missing) {
   std::lock_guard lock(mu_);
   PendingAppend p;
   p.layer = layer;
@@ -84,16 +94,19 @@ Result<KvCache::PendingAppend> KvCache::plan_append(int layer, const std::vector
   for (std::size_t i = 0; i < ids.size(); ++i) {
     auto it = sequences_.find(ids[i]);
     if (it == sequences_.end() && !create_missing) {
-      return not_found("sequence_ids[" + str(static_cast<std::int64_t>(i)) + "]: no sequence \"" + ids[i] +
-                       "\" in kv cache " + handle_ + " (Prefill creates sequences)");
+      return not_found("sequence_ids[" + str(static_cast<std::int64_t>(i)) + "]: no sequence \"" +
+                       ids[i] + "\" in kv cache " + handle_ + " (Prefill creates sequences)");
     }
-    const std::int64_t len = it == sequences_.end() ? 0 : it->second.lengths[static_cast<std::size_t>(layer)];
-    const std::int64_t held = it == sequences_.end() ? 0 : static_cast<std::int64_t>(it->second.pages.size());
+    const std::int64_t len =
+        it == sequences_.end() ? 0 : it->second.lengths[static_cast<std::size_t>(layer)];
+    const std::int64_t held =
+        it == sequences_.end() ? 0 : static_cast<std::int64_t>(it->second.pages.size());
     const std::int64_t new_len = len + fresh[i];
     if (new_len > config_.capacity_tokens()) {
-      return resource_exhausted("sequence_ids[" + str(static_cast<std::int64_t>(i)) + "]: sequence \"" + ids[i] +
-                                "\" would hold " + str(new_len) + " tokens at layer " + str(layer) +
-                                ", more than the cache's capacity of " + str(config_.capacity_tokens()));
+      return resource_exhausted(
+          "sequence_ids[" + str(static_cast<std::int64_t>(i)) + "]: sequence \"" + ids[i] +
+          "\" would hold " + str(new_len) + " tokens at layer " + str(layer) +
+          ", more than the cache's capacity of " + str(config_.capacity_tokens()));
     }
     need[i] = std::max<std::int64_t>(0, pages_for(new_len, ps) - held);
     needed += need[i];
@@ -102,8 +115,8 @@ Result<KvCache::PendingAppend> KvCache::plan_append(int layer, const std::vector
   }
   const std::int64_t available = static_cast<std::int64_t>(free_.size()) - reserved_;
   if (needed > available) {
-    return resource_exhausted("kv cache " + handle_ + ": the call needs " + str(needed) + " more pages, " +
-                              capacity_words());
+    return resource_exhausted("kv cache " + handle_ + ": the call needs " + str(needed) +
+                              " more pages, " + capacity_words());
   }
   // Reserve from the back of the free list without taking them yet: pages [size - reserved -
   // needed, size - reserved) belong to this call until commit or abort. Calls on a cache run one
@@ -114,7 +127,8 @@ Result<KvCache::PendingAppend> KvCache::plan_append(int layer, const std::vector
   for (std::size_t i = 0; i < ids.size(); ++i) {
     auto it = sequences_.find(ids[i]);
     if (it != sequences_.end())
-      p.plan.page_indices.insert(p.plan.page_indices.end(), it->second.pages.begin(), it->second.pages.end());
+      p.plan.page_indices.insert(p.plan.page_indices.end(), it->second.pages.begin(),
+                                 it->second.pages.end());
     std::vector<std::int32_t> mine;
     for (std::int64_t k = 0; k < need[i]; ++k) mine.push_back(free_[--next]);
     p.plan.page_indices.insert(p.plan.page_indices.end(), mine.begin(), mine.end());
@@ -123,7 +137,8 @@ Result<KvCache::PendingAppend> KvCache::plan_append(int layer, const std::vector
     p.plan.seq_lens.push_back(static_cast<std::int32_t>(p.new_lengths[i]));
   }
   p.plan.q_indptr.push_back(0);
-  for (std::size_t i = 0; i < ids.size(); ++i) p.plan.q_indptr.push_back(p.plan.q_indptr.back() + static_cast<std::int32_t>(fresh[i]));
+  for (std::size_t i = 0; i < ids.size(); ++i)
+    p.plan.q_indptr.push_back(p.plan.q_indptr.back() + static_cast<std::int32_t>(fresh[i]));
   return p;
 }
 
@@ -158,12 +173,12 @@ Result<std::int64_t> KvCache::release(const std::vector<std::string>& ids) {
   std::set<std::string> seen;
   for (std::size_t i = 0; i < ids.size(); ++i) {
     if (!sequences_.count(ids[i])) {
-      return not_found("sequence_ids[" + str(static_cast<std::int64_t>(i)) + "]: no sequence \"" + ids[i] +
-                       "\" in kv cache " + handle_);
+      return not_found("sequence_ids[" + str(static_cast<std::int64_t>(i)) + "]: no sequence \"" +
+                       ids[i] + "\" in kv cache " + handle_);
     }
     if (!seen.insert(ids[i]).second) {
-      return invalid_argument("sequence_ids[" + str(static_cast<std::int64_t>(i)) + "]: \"" + ids[i] +
-                              "\" appears twice");
+      return invalid_argument("sequence_ids[" + str(static_cast<std::int64_t>(i)) + "]: \"" +
+                              ids[i] + "\" appears twice");
     }
   }
   std::int64_t freed = 0;
@@ -179,27 +194,32 @@ Result<std::int64_t> KvCache::release(const std::vector<std::string>& ids) {
   return freed;
 }
 
-Result<std::int64_t> KvCache::fork(const std::string& from, const std::string& to, KvSequenceSummary* out) {
+Result<std::int64_t> KvCache::fork(const std::string& from, const std::string& to,
+                                   KvSequenceSummary* out) {
   std::unique_lock lock(mu_);
   auto src = sequences_.find(from);
-  if (src == sequences_.end()) return not_found("source_id: no sequence \"" + from + "\" in kv cache " + handle_);
+  if (src == sequences_.end())
+    return not_found("source_id: no sequence \"" + from + "\" in kv cache " + handle_);
   if (to.empty()) return invalid_argument("new_id: expected a sequence id, got an empty string");
   if (sequences_.count(to)) {
-    return invalid_argument("new_id: sequence \"" + to + "\" already exists in kv cache " + handle_ +
-                            " (release it first)");
+    return invalid_argument("new_id: sequence \"" + to + "\" already exists in kv cache " +
+                            handle_ + " (release it first)");
   }
   const std::int64_t ps = config_.page_size;
-  const std::int64_t shortest = *std::min_element(src->second.lengths.begin(), src->second.lengths.end());
+  const std::int64_t shortest =
+      *std::min_element(src->second.lengths.begin(), src->second.lengths.end());
   // Pages every layer has filled are never written again: shared. The rest are copied.
-  const std::size_t shared = static_cast<std::size_t>(std::min<std::int64_t>(
-      shortest / ps, static_cast<std::int64_t>(src->second.pages.size())));
+  const std::size_t shared = static_cast<std::size_t>(
+      std::min<std::int64_t>(shortest / ps, static_cast<std::int64_t>(src->second.pages.size())));
   const std::int64_t copies = static_cast<std::int64_t>(src->second.pages.size() - shared);
   if (copies > static_cast<std::int64_t>(free_.size()) - reserved_) {
-    return resource_exhausted("kv cache " + handle_ + ": the fork needs " + str(copies) + " pages, " + capacity_words());
+    return resource_exhausted("kv cache " + handle_ + ": the fork needs " + str(copies) +
+                              " pages, " + capacity_words());
   }
   Sequence fork;
   fork.lengths = src->second.lengths;
-  fork.pages.assign(src->second.pages.begin(), src->second.pages.begin() + static_cast<std::ptrdiff_t>(shared));
+  fork.pages.assign(src->second.pages.begin(),
+                    src->second.pages.begin() + static_cast<std::ptrdiff_t>(shared));
   std::vector<std::pair<std::int32_t, std::int32_t>> copy;  // (from page, to page)
   for (std::size_t i = shared; i < src->second.pages.size(); ++i) {
     const std::int32_t page = free_.back();
@@ -208,8 +228,9 @@ Result<std::int64_t> KvCache::fork(const std::string& from, const std::string& t
     fork.pages.push_back(page);
   }
   // The copies, page by page through the host (a fork copies at most a page or two per layer).
-  const std::size_t page_bytes = static_cast<std::size_t>(config_.heads_kv * ps * config_.head_dim) *
-                                 element_size(config_.dtype);
+  const std::size_t page_bytes =
+      static_cast<std::size_t>(config_.heads_kv * ps * config_.head_dim) *
+      element_size(config_.dtype);
   std::vector<unsigned char> buf(page_bytes);
   Status copied = Status::Ok();
   for (int l = 0; l < config_.layers && copied.ok(); ++l) {
@@ -217,8 +238,11 @@ Result<std::int64_t> KvCache::fork(const std::string& from, const std::string& t
     for (std::size_t pool = 0; pool < 2 && copied.ok(); ++pool)
       for (const auto& [a, b] : copy) {
         const std::size_t base = layer_base + pool * config_.pool_bytes();
-        copied = owner_->read(buf.data(), data_, base + static_cast<std::size_t>(a) * page_bytes, page_bytes);
-        if (copied.ok()) copied = owner_->write(data_, base + static_cast<std::size_t>(b) * page_bytes, buf.data(), page_bytes);
+        copied = owner_->read(buf.data(), data_, base + static_cast<std::size_t>(a) * page_bytes,
+                              page_bytes);
+        if (copied.ok())
+          copied = owner_->write(data_, base + static_cast<std::size_t>(b) * page_bytes, buf.data(),
+                                 page_bytes);
         if (!copied.ok()) break;
       }
   }
@@ -245,7 +269,8 @@ Status KvCache::read(const std::string& id, int layer, Shape* shape, std::vector
   {
     std::lock_guard lock(mu_);
     auto it = sequences_.find(id);
-    if (it == sequences_.end()) return not_found("sequence_id: no sequence \"" + id + "\" in kv cache " + handle_);
+    if (it == sequences_.end())
+      return not_found("sequence_id: no sequence \"" + id + "\" in kv cache " + handle_);
     pages = it->second.pages;
     len = it->second.lengths[static_cast<std::size_t>(layer)];
   }
@@ -261,7 +286,9 @@ Status KvCache::read(const std::string& id, int layer, Shape* shape, std::vector
     std::vector<unsigned char>& out = pool == 0 ? *k : *v;
     for (std::int64_t p0 = 0; p0 < len; p0 += ps) {
       const std::size_t page = static_cast<std::size_t>(pages[static_cast<std::size_t>(p0 / ps)]);
-      ATTN_RETURN_IF_ERROR(owner_->read(buf.data(), data_, layer_base + pool * config_.pool_bytes() + page * page_bytes, page_bytes));
+      ATTN_RETURN_IF_ERROR(
+          owner_->read(buf.data(), data_,
+                       layer_base + pool * config_.pool_bytes() + page * page_bytes, page_bytes));
       // Page [Hkv, page_size, D] -> rows [len, Hkv, D].
       for (std::int64_t t = 0; t < std::min(ps, len - p0); ++t)
         for (std::int64_t h = 0; h < hkv; ++h)
@@ -292,7 +319,8 @@ KvCacheSummary KvCache::summary(bool with_sequences) const {
   return s;
 }
 
-KvCacheStore::KvCacheStore(std::vector<Executor*> executors, TensorStore* quota, TensorStoreOptions options)
+KvCacheStore::KvCacheStore(std::vector<Executor*> executors, TensorStore* quota,
+                           TensorStoreOptions options)
     : executors_(std::move(executors)), quota_(quota), options_(options) {}
 
 KvCacheStore::~KvCacheStore() {
@@ -319,8 +347,8 @@ void KvCacheStore::drop_expired() {
   }
 }
 
-Result<std::shared_ptr<KvCache>> KvCacheStore::create(const KvCacheConfig& config, std::int64_t ttl_ms,
-                                                      std::size_t executor) {
+Result<std::shared_ptr<KvCache>> KvCacheStore::create(const KvCacheConfig& config,
+                                                      std::int64_t ttl_ms, std::size_t executor) {
   if (ttl_ms < 0) return invalid_argument("ttl_ms: expected >= 0, got " + str(ttl_ms));
   drop_expired();
   ATTN_RETURN_IF_ERROR(quota_->reserve(config.bytes(), executor, "config.capacity_tokens"));
@@ -330,19 +358,22 @@ Result<std::shared_ptr<KvCache>> KvCacheStore::create(const KvCacheConfig& confi
   c->config_ = config;
   c->executor_ = executor;
   c->owner_ = executors_[executor];
-  c->ttl_ = ttl_ms == 0 ? options_.default_ttl : std::min(std::chrono::milliseconds(ttl_ms), options_.max_ttl);
+  c->ttl_ = ttl_ms == 0 ? options_.default_ttl
+                        : std::min(std::chrono::milliseconds(ttl_ms), options_.max_ttl);
   auto p = c->owner_->allocate(config.bytes());
   if (!p.ok()) return resource_exhausted("config.capacity_tokens: " + p.status().message());
   c->data_ = *p;
   c->refs_.assign(static_cast<std::size_t>(config.pages), 0);
   // Pages are taken from the back: page 0 first.
-  for (std::int64_t i = config.pages - 1; i >= 0; --i) c->free_.push_back(static_cast<std::int32_t>(i));
+  for (std::int64_t i = config.pages - 1; i >= 0; --i)
+    c->free_.push_back(static_cast<std::int32_t>(i));
   std::lock_guard lock(mu_);
   entries_[c->handle_] = {c, std::chrono::steady_clock::now() + c->ttl_};
   return c;
 }
 
-Result<std::shared_ptr<KvCache>> KvCacheStore::find(const std::string& handle, const std::string& field) {
+Result<std::shared_ptr<KvCache>> KvCacheStore::find(const std::string& handle,
+                                                    const std::string& field) {
   std::shared_ptr<KvCache> expired;  // freed after the lock
   std::unique_lock lock(mu_);
   const auto now = std::chrono::steady_clock::now();
@@ -353,7 +384,8 @@ Result<std::shared_ptr<KvCache>> KvCacheStore::find(const std::string& handle, c
       entries_.erase(it);
     }
     lock.unlock();
-    return not_found(field + ": no kv cache \"" + handle + "\" on this server (never created here, deleted, or "
+    return not_found(field + ": no kv cache \"" + handle +
+                     "\" on this server (never created here, deleted, or "
                      "expired; a cache lives on the replica its info names)");
   }
   it->second.expires = now + it->second.cache->ttl();
@@ -366,7 +398,8 @@ Result<std::size_t> KvCacheStore::erase(const std::string& handle) {
     std::lock_guard lock(mu_);
     auto it = entries_.find(handle);
     if (it == entries_.end() || it->second.expires <= std::chrono::steady_clock::now()) {
-      return not_found("handle: no kv cache \"" + handle + "\" on this server (never created here, deleted, or expired)");
+      return not_found("handle: no kv cache \"" + handle +
+                       "\" on this server (never created here, deleted, or expired)");
     }
     gone = std::move(it->second.cache);
     entries_.erase(it);
@@ -381,7 +414,8 @@ std::vector<KvCacheStore::Listing> KvCacheStore::list() {
   const auto now = std::chrono::steady_clock::now();
   const auto wall = std::chrono::system_clock::now();
   for (const auto& [handle, e] : entries_)
-    out.push_back({e.cache, wall + std::chrono::duration_cast<std::chrono::system_clock::duration>(e.expires - now)});
+    out.push_back({e.cache, wall + std::chrono::duration_cast<std::chrono::system_clock::duration>(
+                                       e.expires - now)});
   return out;
 }
 
@@ -390,7 +424,8 @@ std::chrono::system_clock::time_point KvCacheStore::expires(const KvCache& c) co
   auto it = entries_.find(c.handle());
   const auto now = std::chrono::steady_clock::now();
   const auto left = it == entries_.end() ? c.ttl() : it->second.expires - now;
-  return std::chrono::system_clock::now() + std::chrono::duration_cast<std::chrono::system_clock::duration>(left);
+  return std::chrono::system_clock::now() +
+         std::chrono::duration_cast<std::chrono::system_clock::duration>(left);
 }
 
 }  // namespace attn::server

@@ -39,7 +39,8 @@ struct KvCacheConfig {
 
 // Page sizes a cache may have, and the checks of a requested configuration (fields named as in
 // CreateKvCacheRequest.config). `max_elements` bounds one pool, like any tensor.
-Status check_kv_config(const KvCacheConfig& c, std::int64_t capacity_tokens, std::int64_t max_elements);
+Status check_kv_config(const KvCacheConfig& c, std::int64_t capacity_tokens,
+                       std::int64_t max_elements);
 
 struct KvSequenceSummary {
   std::string id;
@@ -131,7 +132,8 @@ class KvCacheStore {
   KvCacheStore(std::vector<Executor*> executors, TensorStore* quota, TensorStoreOptions options);
   ~KvCacheStore();
 
-  Result<std::shared_ptr<KvCache>> create(const KvCacheConfig& config, std::int64_t ttl_ms, std::size_t executor);
+  Result<std::shared_ptr<KvCache>> create(const KvCacheConfig& config, std::int64_t ttl_ms,
+                                          std::size_t executor);
   // The cache, its lifetime renewed; NOT_FOUND naming `field` when unknown or expired.
   Result<std::shared_ptr<KvCache>> find(const std::string& handle, const std::string& field);
   // Forgets the handle; the memory goes once no call in flight holds the cache.

@@ -33,42 +33,50 @@ class Refused final : public Base {
 
 Status check_layer(const KvCache& c, std::int64_t layer) {
   if (layer < 0 || layer >= c.config().layers) {
-    return invalid_argument("layer: expected 0.." + str(c.config().layers - 1) + " (the cache has " +
-                            str(c.config().layers) + " layers), got " + str(layer));
+    return invalid_argument("layer: expected 0.." + str(c.config().layers - 1) +
+                            " (the cache has " + str(c.config().layers) + " layers), got " +
+                            str(layer));
   }
   return Status::Ok();
 }
 
 Status check_ids(const google::protobuf::RepeatedPtrField<std::string>& ids) {
-  if (ids.empty()) return invalid_argument("sequence_ids: expected at least one sequence, got none");
+  if (ids.empty())
+    return invalid_argument("sequence_ids: expected at least one sequence, got none");
   std::set<std::string> seen;
   for (int i = 0; i < ids.size(); ++i) {
-    if (ids[i].empty()) return invalid_argument("sequence_ids[" + str(i) + "]: expected a sequence id, got \"\"");
+    if (ids[i].empty())
+      return invalid_argument("sequence_ids[" + str(i) + "]: expected a sequence id, got \"\"");
     if (!seen.insert(ids[i]).second) {
-      return invalid_argument("sequence_ids[" + str(i) + "]: \"" + ids[i] + "\" appears twice in one call");
+      return invalid_argument("sequence_ids[" + str(i) + "]: \"" + ids[i] +
+                              "\" appears twice in one call");
     }
   }
   return Status::Ok();
 }
 
 // An inline tensor of the cache's dtype and shape [rows, heads, D].
-Result<wire::DecodedTensor> kv_input(const v1::Tensor& t, bool present, const std::string& field, const KvCache& c,
-                                     std::int64_t rows, std::int64_t heads, const wire::TensorLimits& limits) {
+Result<wire::DecodedTensor> kv_input(const v1::Tensor& t, bool present, const std::string& field,
+                                     const KvCache& c, std::int64_t rows, std::int64_t heads,
+                                     const wire::TensorLimits& limits) {
   if (!present) return invalid_argument(field + ": expected a tensor, got none");
-  if (!t.handle().empty()) return invalid_argument(field + ".handle: KV-cache calls take inline tensors, got a handle");
+  if (!t.handle().empty())
+    return invalid_argument(field + ".handle: KV-cache calls take inline tensors, got a handle");
   ATTN_ASSIGN_OR_RETURN(d, wire::decode_tensor(t, field, limits));
   const KvCacheConfig& cfg = c.config();
   if (d.view.dtype != cfg.dtype) {
-    return invalid_argument(field + ".dtype: expected " + std::string(dtype_name(cfg.dtype)) + " (the cache's), got " +
-                            std::string(dtype_name(d.view.dtype)));
+    return invalid_argument(field + ".dtype: expected " + std::string(dtype_name(cfg.dtype)) +
+                            " (the cache's), got " + std::string(dtype_name(d.view.dtype)));
   }
-  const std::string want = heads > 0 ? "[" + str(rows) + ", " + str(heads) + ", " + str(cfg.head_dim) + "]"
-                                     : "[" + str(rows) + ", Hq (a multiple of " + str(cfg.heads_kv) + "), " +
-                                           str(cfg.head_dim) + "]";
+  const std::string want =
+      heads > 0 ? "[" + str(rows) + ", " + str(heads) + ", " + str(cfg.head_dim) + "]"
+                : "[" + str(rows) + ", Hq (a multiple of " + str(cfg.heads_kv) + "), " +
+                      str(cfg.head_dim) + "]";
   const Shape& s = d.view.shape;
   const bool ok = s.size() == 3 && s[0] == rows && s[2] == cfg.head_dim &&
                   (heads > 0 ? s[1] == heads : s[1] % cfg.heads_kv == 0);
-  if (!ok) return invalid_argument(field + ".shape: expected " + want + ", got " + shape_to_string(s));
+  if (!ok)
+    return invalid_argument(field + ".shape: expected " + want + ", got " + shape_to_string(s));
   return d;
 }
 
@@ -122,7 +130,8 @@ void AttnService::describe(const KvCache& c, bool with_sequences, v1::KvCacheInf
 }
 
 // Finds the cache a request names; refusals name `field`.
-Result<std::shared_ptr<KvCache>> AttnService::find_cache(const std::string& handle, const std::string& field) {
+Result<std::shared_ptr<KvCache>> AttnService::find_cache(const std::string& handle,
+                                                         const std::string& field) {
   if (!config_.kv_caches) return failed_precondition(field + ": this server keeps no KV caches");
   return config_.kv_caches->find(handle, field);
 }
@@ -171,7 +180,8 @@ grpc::ServerUnaryReactor* AttnService::CreateKvCache(grpc::CallbackServerContext
   if (auto* refused = refuse_unauthenticated(ctx, op, 0)) return refused;
   auto* reactor = ctx->DefaultReactor();
   auto created = [&]() -> Result<std::shared_ptr<KvCache>> {
-    if (!config_.kv_caches) return failed_precondition("CreateKvCache: this server keeps no KV caches");
+    if (!config_.kv_caches)
+      return failed_precondition("CreateKvCache: this server keeps no KV caches");
     const v1::KvCacheConfig& c = req->config();
     KvCacheConfig cfg;
     cfg.layers = c.layers();
@@ -186,24 +196,29 @@ grpc::ServerUnaryReactor* AttnService::CreateKvCache(grpc::CallbackServerContext
     const auto& executors = scheduler_.executors();
     Status servable = kv_servable(cfg, executors[executor]->target());
     if (!servable.ok() && req->device().empty()) {
-      // No kernel of the serving device takes this configuration: the CPU, which takes any, holds it.
+      // No kernel of the serving device takes this configuration: the CPU, which takes any, holds
+      // it.
       for (std::size_t i = 0; i < executors.size(); ++i)
         if (executors[i]->target().backend == Backend::kCpu) {
-          spdlog::warn("kv cache: {} cannot serve {} layers x {} heads x D {} {} pages of {} ({}); placing it on the CPU",
-                       executors[executor]->device().label(), cfg.layers, cfg.heads_kv, cfg.head_dim,
-                       dtype_name(cfg.dtype), cfg.page_size, servable.message());
+          spdlog::warn(
+              "kv cache: {} cannot serve {} layers x {} heads x D {} {} pages of {} ({}); placing "
+              "it on the CPU",
+              executors[executor]->device().label(), cfg.layers, cfg.heads_kv, cfg.head_dim,
+              dtype_name(cfg.dtype), cfg.page_size, servable.message());
           executor = i;
           servable = Status::Ok();
           break;
         }
     }
-    if (!servable.ok()) return invalid_argument("config: " + executors[executor]->device().label() + " cannot serve it: " + servable.message());
+    if (!servable.ok())
+      return invalid_argument("config: " + executors[executor]->device().label() +
+                              " cannot serve it: " + servable.message());
     return config_.kv_caches->create(cfg, req->ttl_ms(), executor);
   }();
   if (created.ok()) {
     describe(**created, false, resp->mutable_cache());
-    spdlog::info("kv cache {} created on {}: {} bytes", (*created)->handle(), (*created)->owner().device().label(),
-                 (*created)->bytes());
+    spdlog::info("kv cache {} created on {}: {} bytes", (*created)->handle(),
+                 (*created)->owner().device().label(), (*created)->bytes());
   }
   finish(reactor, ctx, op, "", created.status(), nullptr, 0, 0);
   return reactor;
@@ -221,7 +236,8 @@ grpc::ServerUnaryReactor* AttnService::DescribeKvCache(grpc::CallbackServerConte
   return reactor;
 }
 
-grpc::ServerUnaryReactor* AttnService::ListKvCaches(grpc::CallbackServerContext* ctx, const v1::ListKvCachesRequest*,
+grpc::ServerUnaryReactor* AttnService::ListKvCaches(grpc::CallbackServerContext* ctx,
+                                                    const v1::ListKvCachesRequest*,
                                                     v1::ListKvCachesResponse* resp) {
   const char* op = "list_kv_caches";
   if (auto* refused = refuse_unauthenticated(ctx, op, 0)) return refused;
@@ -246,8 +262,10 @@ grpc::ServerUnaryReactor* AttnService::DeleteKvCache(grpc::CallbackServerContext
   const char* op = "delete_kv_cache";
   if (auto* refused = refuse_unauthenticated(ctx, op, 0)) return refused;
   auto* reactor = ctx->DefaultReactor();
-  Result<std::size_t> freed = config_.kv_caches ? config_.kv_caches->erase(req->handle())
-                                                : Result<std::size_t>(failed_precondition("DeleteKvCache: this server keeps no KV caches"));
+  Result<std::size_t> freed =
+      config_.kv_caches ? config_.kv_caches->erase(req->handle())
+                        : Result<std::size_t>(
+                              failed_precondition("DeleteKvCache: this server keeps no KV caches"));
   if (freed.ok()) resp->set_freed_bytes(static_cast<std::int64_t>(*freed));
   finish(reactor, ctx, op, "", freed.status(), nullptr, 0, 0);
   return reactor;
@@ -287,16 +305,17 @@ grpc::ServerUnaryReactor* AttnService::ForkSequence(grpc::CallbackServerContext*
     return reactor;
   }
   std::shared_ptr<KvCache> cache = std::move(c).value();
-  submit(ctx, reactor, op, "", 0, placement_of(*cache), [=, this](Executor& executor, std::int64_t) {
-    KvSequenceSummary s;
-    auto copied = cache->fork(req->source_id(), req->new_id(), &s);
-    if (copied.ok()) {
-      fill_sequence(s, resp->mutable_sequence());
-      resp->set_copied_pages(*copied);
-    }
-    device_faulted(executor, op, copied.status());
-    finish(reactor, ctx, op, "", copied.status(), nullptr, 0, 0);
-  });
+  submit(ctx, reactor, op, "", 0, placement_of(*cache),
+         [=, this](Executor& executor, std::int64_t) {
+           KvSequenceSummary s;
+           auto copied = cache->fork(req->source_id(), req->new_id(), &s);
+           if (copied.ok()) {
+             fill_sequence(s, resp->mutable_sequence());
+             resp->set_copied_pages(*copied);
+           }
+           device_faulted(executor, op, copied.status());
+           finish(reactor, ctx, op, "", copied.status(), nullptr, 0, 0);
+         });
   return reactor;
 }
 
@@ -331,7 +350,8 @@ class KvCall final : public BatchMember {
   bool joins(const std::vector<const BatchMember*>& batch) const override {
     for (const BatchMember* m : batch)
       for (const std::string& id : static_cast<const KvCall*>(m)->ids)
-        if (std::find(ids.begin(), ids.end(), id) != ids.end()) return false;  // must see the other's append
+        if (std::find(ids.begin(), ids.end(), id) != ids.end())
+          return false;  // must see the other's append
     return true;
   }
 
@@ -399,10 +419,12 @@ class KvCall final : public BatchMember {
       kv_at += a.k_new.bytes();
       const PagedPlan& p = plans[i].plan;
       for (std::size_t s = 0; s + 1 < p.page_indptr.size(); ++s) {
-        merged.page_indptr.push_back(merged.page_indptr.back() + p.page_indptr[s + 1] - p.page_indptr[s]);
+        merged.page_indptr.push_back(merged.page_indptr.back() + p.page_indptr[s + 1] -
+                                     p.page_indptr[s]);
         merged.q_indptr.push_back(merged.q_indptr.back() + p.q_indptr[s + 1] - p.q_indptr[s]);
       }
-      merged.page_indices.insert(merged.page_indices.end(), p.page_indices.begin(), p.page_indices.end());
+      merged.page_indices.insert(merged.page_indices.end(), p.page_indices.begin(),
+                                 p.page_indices.end());
       merged.seq_lens.insert(merged.seq_lens.end(), p.seq_lens.begin(), p.seq_lens.end());
     }
     Args all = first;
@@ -427,7 +449,8 @@ class KvCall final : public BatchMember {
       std::memcpy(c.args.o.data, static_cast<const char*>(o.data()) + o_at, c.args.o.bytes());
       o_at += c.args.o.bytes();
       if (!c.args.lse.empty()) {
-        std::memcpy(c.args.lse.data, static_cast<const char*>(lse.data()) + lse_at, c.args.lse.bytes());
+        std::memcpy(c.args.lse.data, static_cast<const char*>(lse.data()) + lse_at,
+                    c.args.lse.bytes());
         lse_at += c.args.lse.bytes();
       }
       c.bind(plans[i], c.args);  // for its own cost
@@ -436,7 +459,9 @@ class KvCall final : public BatchMember {
   }
 
  private:
-  Result<KvCache::PendingAppend> plan() { return cache->plan_append(layer, ids, fresh, create_missing); }
+  Result<KvCache::PendingAppend> plan() {
+    return cache->plan_append(layer, ids, fresh, create_missing);
+  }
 
   static void bind_plan(const PagedPlan& plan, Args& a) {
     if constexpr (std::is_same_v<Args, PagedPrefillArgs>) {
@@ -452,8 +477,8 @@ class KvCall final : public BatchMember {
     fail(s);
   }
 
-  void succeed(Executor& executor, const KvCache::PendingAppend& p, const ExecTimings& t, std::int64_t queue_ns,
-               int batched) {
+  void succeed(Executor& executor, const KvCache::PendingAppend& p, const ExecTimings& t,
+               std::int64_t queue_ns, int batched) {
     for (auto len : p.new_lengths) resp->add_lengths(len);
     if (return_values) {
       wire::convert_to_values(resp->mutable_o());
@@ -470,16 +495,20 @@ class KvCall final : public BatchMember {
     timings->set_flops(cost.flops);
     timings->set_bytes(cost.bytes);
     timings->set_batched_calls(batched);
-    timings->set_total_ns(std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start).count());
-    service->finish(reactor, ctx, op(), variant->info.name, Status::Ok(), timings, bytes_in, resp->ByteSizeLong());
+    timings->set_total_ns(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start).count());
+    service->finish(reactor, ctx, op(), variant->info.name, Status::Ok(), timings, bytes_in,
+                    resp->ByteSizeLong());
   }
 };
 
 // Decode and Prefill: checked on this thread, then queued on the cache's state. `fresh` is
 // each sequence's new-token count.
 template <class Args, class Request, class Response>
-grpc::ServerUnaryReactor* AttnService::serve_kv(grpc::CallbackServerContext* ctx, const Request* req, Response* resp,
-                                                std::vector<std::int64_t> fresh, bool create_missing) {
+grpc::ServerUnaryReactor* AttnService::serve_kv(grpc::CallbackServerContext* ctx,
+                                                const Request* req, Response* resp,
+                                                std::vector<std::int64_t> fresh,
+                                                bool create_missing) {
   const char* op = OpDesc<Args>::kName;
   const std::size_t bytes_in = req->ByteSizeLong();
   if (auto* refused = refuse_unauthenticated(ctx, op, bytes_in)) return refused;
@@ -502,25 +531,41 @@ grpc::ServerUnaryReactor* AttnService::serve_kv(grpc::CallbackServerContext* ctx
     ATTN_RETURN_IF_ERROR(check_ids(req->sequence_ids()));
     std::int64_t rows = 0;
     for (auto f : call->fresh) rows += f;
-    ATTN_ASSIGN_OR_RETURN(q, kv_input(req->q(), req->has_q(), "q", *cache, rows, 0, decode_.limits));
+    ATTN_ASSIGN_OR_RETURN(q,
+                          kv_input(req->q(), req->has_q(), "q", *cache, rows, 0, decode_.limits));
     constexpr bool kDecode = std::is_same_v<Args, PagedDecodeArgs>;
     const auto& k_msg = [&]() -> const v1::Tensor& {
-      if constexpr (kDecode) return req->k_new(); else return req->k();
+      if constexpr (kDecode)
+        return req->k_new();
+      else
+        return req->k();
     }();
     const auto& v_msg = [&]() -> const v1::Tensor& {
-      if constexpr (kDecode) return req->v_new(); else return req->v();
+      if constexpr (kDecode)
+        return req->v_new();
+      else
+        return req->v();
     }();
     const bool has_k = [&] {
-      if constexpr (kDecode) return req->has_k_new(); else return req->has_k();
+      if constexpr (kDecode)
+        return req->has_k_new();
+      else
+        return req->has_k();
     }();
     const bool has_v = [&] {
-      if constexpr (kDecode) return req->has_v_new(); else return req->has_v();
+      if constexpr (kDecode)
+        return req->has_v_new();
+      else
+        return req->has_v();
     }();
     const std::int64_t hkv = cache->config().heads_kv;
-    ATTN_ASSIGN_OR_RETURN(k, kv_input(k_msg, has_k, kDecode ? "k_new" : "k", *cache, rows, hkv, decode_.limits));
-    ATTN_ASSIGN_OR_RETURN(v, kv_input(v_msg, has_v, kDecode ? "v_new" : "v", *cache, rows, hkv, decode_.limits));
+    ATTN_ASSIGN_OR_RETURN(
+        k, kv_input(k_msg, has_k, kDecode ? "k_new" : "k", *cache, rows, hkv, decode_.limits));
+    ATTN_ASSIGN_OR_RETURN(
+        v, kv_input(v_msg, has_v, kDecode ? "v_new" : "v", *cache, rows, hkv, decode_.limits));
     if (!std::isfinite(req->scale())) {
-      return invalid_argument("scale: expected a finite number (0 for 1/sqrt(D)), got " + std::to_string(req->scale()));
+      return invalid_argument("scale: expected a finite number (0 for 1/sqrt(D)), got " +
+                              std::to_string(req->scale()));
     }
     Args& a = call->args;
     a.q = q.view;
@@ -532,12 +577,17 @@ grpc::ServerUnaryReactor* AttnService::serve_kv(grpc::CallbackServerContext* ctx
     bool causal = false;
     if constexpr (!kDecode) {
       causal = a.causal = !req->non_causal();
-      a.q_indptr = {DType::kInt32, {static_cast<std::int64_t>(call->fresh.size()) + 1}, nullptr, MemoryKind::kHost};
+      a.q_indptr = {DType::kInt32,
+                    {static_cast<std::int64_t>(call->fresh.size()) + 1},
+                    nullptr,
+                    MemoryKind::kHost};
       a.max_new_tokens = *std::max_element(call->fresh.begin(), call->fresh.end());
     }
     a.o = wire::prepare_output(cache->config().dtype, q.view.shape, resp->mutable_o());
-    if (req->return_lse()) a.lse = wire::prepare_output(DType::kFloat32, {rows, q.view.dim(1)}, resp->mutable_lse());
-    ATTN_ASSIGN_OR_RETURN(variant, registry_.of<Args>().select(a, req->kernel(), cache->owner().target()));
+    if (req->return_lse())
+      a.lse = wire::prepare_output(DType::kFloat32, {rows, q.view.dim(1)}, resp->mutable_lse());
+    ATTN_ASSIGN_OR_RETURN(variant,
+                          registry_.of<Args>().select(a, req->kernel(), cache->owner().target()));
     call->variant = variant;
     call->inputs.push_back(std::move(q));
     call->inputs.push_back(std::move(k));
@@ -545,9 +595,10 @@ grpc::ServerUnaryReactor* AttnService::serve_kv(grpc::CallbackServerContext* ctx
     // Calls merge when one launch can serve them all: the same cache, layer, variant, query
     // heads, scale, mask and outputs.
     char key[256];
-    std::snprintf(key, sizeof key, "%s %p %d %s %lld %a %d %d", op, static_cast<const void*>(cache.get()), call->layer,
-                  variant->info.name.c_str(), static_cast<long long>(a.q.dim(1)), static_cast<double>(a.scale),
-                  causal ? 1 : 0, req->return_lse() ? 1 : 0);
+    std::snprintf(key, sizeof key, "%s %p %d %s %lld %a %d %d", op,
+                  static_cast<const void*>(cache.get()), call->layer, variant->info.name.c_str(),
+                  static_cast<long long>(a.q.dim(1)), static_cast<double>(a.scale), causal ? 1 : 0,
+                  req->return_lse() ? 1 : 0);
     call->key = key;
     return Status::Ok();
   }();
@@ -561,38 +612,46 @@ grpc::ServerUnaryReactor* AttnService::serve_kv(grpc::CallbackServerContext* ctx
   Scheduler::Job job;
   job.abandoned = [ctx] { return call_abandoned(ctx); };
   job.drop = [call](const Status& why) { call->fail(why); };
-  job.run = [call](Executor& executor, std::int64_t queue_ns) { call->run_alone(executor, queue_ns); };
+  job.run = [call](Executor& executor, std::int64_t queue_ns) {
+    call->run_alone(executor, queue_ns);
+  };
   job.batch = call;
   const Status queued = scheduler_.submit(placement, std::move(job));
   if (!queued.ok()) call->fail(queued);
   return call->reactor;
 }
 
-grpc::ServerUnaryReactor* AttnService::Decode(grpc::CallbackServerContext* ctx, const v1::DecodeRequest* req,
+grpc::ServerUnaryReactor* AttnService::Decode(grpc::CallbackServerContext* ctx,
+                                              const v1::DecodeRequest* req,
                                               v1::DecodeResponse* resp) {
-  return serve_kv<PagedDecodeArgs>(ctx, req, resp, std::vector<std::int64_t>(static_cast<std::size_t>(req->sequence_ids_size()), 1),
-                                   false);
+  return serve_kv<PagedDecodeArgs>(
+      ctx, req, resp,
+      std::vector<std::int64_t>(static_cast<std::size_t>(req->sequence_ids_size()), 1), false);
 }
 
-grpc::ServerUnaryReactor* AttnService::Prefill(grpc::CallbackServerContext* ctx, const v1::PrefillRequest* req,
+grpc::ServerUnaryReactor* AttnService::Prefill(grpc::CallbackServerContext* ctx,
+                                               const v1::PrefillRequest* req,
                                                v1::PrefillResponse* resp) {
   std::vector<std::int64_t> fresh(req->lens().begin(), req->lens().end());
   Status valid = Status::Ok();
   if (fresh.size() != static_cast<std::size_t>(req->sequence_ids_size())) {
-    valid = invalid_argument("lens: expected one count per sequence (" + str(req->sequence_ids_size()) + "), got " +
-                             str(static_cast<std::int64_t>(fresh.size())));
+    valid =
+        invalid_argument("lens: expected one count per sequence (" + str(req->sequence_ids_size()) +
+                         "), got " + str(static_cast<std::int64_t>(fresh.size())));
   }
   std::int64_t total = 0;
   for (std::size_t i = 0; i < fresh.size() && valid.ok(); ++i) {
     if (fresh[i] < 1 || fresh[i] > std::numeric_limits<std::int32_t>::max()) {
-      valid = invalid_argument("lens[" + str(static_cast<std::int64_t>(i)) + "]: expected 1..2^31-1 new tokens, got " +
-                               str(fresh[i]));
+      valid = invalid_argument("lens[" + str(static_cast<std::int64_t>(i)) +
+                               "]: expected 1..2^31-1 new tokens, got " + str(fresh[i]));
     }
     total += fresh[i];
-    if (total > std::numeric_limits<std::int32_t>::max()) valid = invalid_argument("lens: expected a sum below 2^31");
+    if (total > std::numeric_limits<std::int32_t>::max())
+      valid = invalid_argument("lens: expected a sum below 2^31");
   }
   if (!valid.ok()) {
-    if (auto* refused = refuse_unauthenticated(ctx, "paged_prefill", req->ByteSizeLong())) return refused;
+    if (auto* refused = refuse_unauthenticated(ctx, "paged_prefill", req->ByteSizeLong()))
+      return refused;
     auto* reactor = ctx->DefaultReactor();
     finish(reactor, ctx, "paged_prefill", "", valid, nullptr, req->ByteSizeLong(), 0);
     return reactor;
@@ -604,12 +663,15 @@ grpc::ServerUnaryReactor* AttnService::Prefill(grpc::CallbackServerContext* ctx,
 // the cache's other calls).
 class ReadKvReactor final : public grpc::ServerWriteReactor<v1::ReadKvResponse> {
  public:
-  ReadKvReactor(AttnService& service, grpc::CallbackServerContext* ctx, std::shared_ptr<KvCache> cache,
-                const v1::ReadKvRequest& req, std::size_t chunk_bytes)
+  ReadKvReactor(AttnService& service, grpc::CallbackServerContext* ctx,
+                std::shared_ptr<KvCache> cache, const v1::ReadKvRequest& req,
+                std::size_t chunk_bytes)
       : cache_(std::move(cache)), chunk_bytes_(chunk_bytes) {
     Scheduler::Job job;
     job.abandoned = [ctx] {
-      return ctx->IsCancelled() ? cancelled("the caller cancelled the call while it waited in the queue") : Status::Ok();
+      return ctx->IsCancelled()
+                 ? cancelled("the caller cancelled the call while it waited in the queue")
+                 : Status::Ok();
     };
     job.drop = [this](const Status& why) { Finish(wire::to_grpc(why)); };
     job.run = [this, id = req.sequence_id(), layer = req.layer()](Executor&, std::int64_t) {
@@ -653,12 +715,14 @@ grpc::ServerWriteReactor<v1::ReadKvResponse>* AttnService::ReadKv(grpc::Callback
   if (Status s = token_.check(*ctx); !s.ok()) return new Refused<Base>(s);
   if (req->chunk_bytes() < 0 || req->chunk_bytes() > config_.max_message_bytes / 2) {
     return new Refused<Base>(invalid_argument("chunk_bytes: expected 0 (1 MiB) to " +
-                                              str(config_.max_message_bytes / 2) + ", got " + str(req->chunk_bytes())));
+                                              str(config_.max_message_bytes / 2) + ", got " +
+                                              str(req->chunk_bytes())));
   }
   auto c = find_cache(req->cache(), "cache");
   if (!c.ok()) return new Refused<Base>(c.status());
   if (Status s = check_layer(**c, req->layer()); !s.ok()) return new Refused<Base>(s);
-  const std::size_t chunk = req->chunk_bytes() == 0 ? std::size_t{1} << 20 : static_cast<std::size_t>(req->chunk_bytes());
+  const std::size_t chunk =
+      req->chunk_bytes() == 0 ? std::size_t{1} << 20 : static_cast<std::size_t>(req->chunk_bytes());
   return new ReadKvReactor(*this, ctx, std::move(c).value(), *req, chunk);
 }
 

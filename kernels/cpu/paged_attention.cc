@@ -23,9 +23,11 @@ struct PagedWork {
   float scale;
 };
 
-void copy_row(const TensorView& src, std::int64_t src_elem, void* pool, DType dt, std::int64_t dst_elem, std::int64_t d) {
+void copy_row(const TensorView& src, std::int64_t src_elem, void* pool, DType dt,
+              std::int64_t dst_elem, std::int64_t d) {
   const std::size_t es = element_size(dt);
-  std::copy_n(static_cast<const char*>(src.data) + src_elem * static_cast<std::int64_t>(es), d * static_cast<std::int64_t>(es),
+  std::copy_n(static_cast<const char*>(src.data) + src_elem * static_cast<std::int64_t>(es),
+              d * static_cast<std::int64_t>(es),
               static_cast<char*>(pool) + dst_elem * static_cast<std::int64_t>(es));
 }
 
@@ -34,7 +36,8 @@ void run_task(const PagedWork& w, std::int64_t seq, std::int64_t hk) {
   const std::int64_t d = c.head_dim, hq = w.q.dim(1), group = hq / c.heads_kv, ps = c.page_size;
   const auto* lens = static_cast<const std::int32_t*>(w.seqs.seq_lens.data);
   const auto* indptr = static_cast<const std::int32_t*>(w.seqs.page_indptr.data);
-  const std::int32_t* pages = static_cast<const std::int32_t*>(w.seqs.page_indices.data) + indptr[seq];
+  const std::int32_t* pages =
+      static_cast<const std::int32_t*>(w.seqs.page_indices.data) + indptr[seq];
   const std::int64_t len = lens[seq];
   const std::int64_t first = w.q_indptr ? w.q_indptr[seq] : seq;
   const std::int64_t fresh = w.q_indptr ? w.q_indptr[seq + 1] - first : 1;
@@ -49,7 +52,8 @@ void run_task(const PagedWork& w, std::int64_t seq, std::int64_t hk) {
 
   // Query rows of the group, scaled; running max, sum and output per row.
   const std::int64_t rows = fresh * group;
-  std::vector<float> qf(static_cast<std::size_t>(rows * d)), acc(static_cast<std::size_t>(rows * d), 0.0f);
+  std::vector<float> qf(static_cast<std::size_t>(rows * d)),
+      acc(static_cast<std::size_t>(rows * d), 0.0f);
   std::vector<float> m(static_cast<std::size_t>(rows), -std::numeric_limits<float>::infinity());
   std::vector<float> l(static_cast<std::size_t>(rows), 0.0f);
   for (std::int64_t j = 0; j < fresh; ++j)
@@ -59,7 +63,8 @@ void run_task(const PagedWork& w, std::int64_t seq, std::int64_t hk) {
       for (std::int64_t x = 0; x < d; ++x) dst[x] *= w.scale;
     }
 
-  std::vector<float> kf(static_cast<std::size_t>(ps * d)), vf(static_cast<std::size_t>(ps * d)), s(static_cast<std::size_t>(ps));
+  std::vector<float> kf(static_cast<std::size_t>(ps * d)), vf(static_cast<std::size_t>(ps * d)),
+      s(static_cast<std::size_t>(ps));
   const TensorView k_pool{c.dtype, {c.pages * c.page_elements()}, c.k, MemoryKind::kHost};
   const TensorView v_pool{c.dtype, {c.pages * c.page_elements()}, c.v, MemoryKind::kHost};
   for (std::int64_t p0 = 0; p0 < len; p0 += ps) {
@@ -102,13 +107,15 @@ void run_task(const PagedWork& w, std::int64_t seq, std::int64_t hk) {
     for (std::int64_t x = 0; x < d; ++x) out[x] *= inv;
     store_floats(w.o, (row * hq + h) * d, d, out);
     if (!w.lse.empty())
-      static_cast<float*>(w.lse.data)[row * hq + h] = m[static_cast<std::size_t>(r)] + std::log(l[static_cast<std::size_t>(r)]);
+      static_cast<float*>(w.lse.data)[row * hq + h] =
+          m[static_cast<std::size_t>(r)] + std::log(l[static_cast<std::size_t>(r)]);
   }
 }
 
 Status run(const PagedWork& w) {
   const std::int64_t n = w.seqs.count(), hkv = w.cache.heads_kv;
-  const std::int64_t work = std::max<std::int64_t>(1, w.seqs.max_seq_len * w.q.dim(1) / hkv * w.cache.head_dim * 2);
+  const std::int64_t work =
+      std::max<std::int64_t>(1, w.seqs.max_seq_len * w.q.dim(1) / hkv * w.cache.head_dim * 2);
   parallel_for(n * hkv, work, [&](std::int64_t i) { run_task(w, i / hkv, i % hkv); });
   release_openmp_threads();
   return Status::Ok();
@@ -121,8 +128,8 @@ Status paged_decode(const PagedDecodeArgs& a, Stream&) {
 }
 
 Status paged_prefill(const PagedPrefillArgs& a, Stream&) {
-  return run({a.q, a.k_new, a.v_new, a.o, a.lse, a.cache, a.seqs, static_cast<const std::int32_t*>(a.q_indptr.data),
-              a.causal, a.scale});
+  return run({a.q, a.k_new, a.v_new, a.o, a.lse, a.cache, a.seqs,
+              static_cast<const std::int32_t*>(a.q_indptr.data), a.causal, a.scale});
 }
 
 }  // namespace attn::cpu

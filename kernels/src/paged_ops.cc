@@ -9,7 +9,8 @@ std::string str(std::int64_t v) { return std::to_string(v); }
 
 Status expect_shape(const TensorView& t, const Shape& want, const std::string& field) {
   if (t.shape != want) {
-    return invalid_argument(field + ".shape: expected " + shape_to_string(want) + ", got " + shape_to_string(t.shape));
+    return invalid_argument(field + ".shape: expected " + shape_to_string(want) + ", got " +
+                            shape_to_string(t.shape));
   }
   return Status::Ok();
 }
@@ -26,22 +27,26 @@ Status check_cache(const PagedKvLayer& c) {
   if (c.pages < 1 || c.heads_kv < 1 || c.page_size < 1 || c.head_dim < 1) {
     return invalid_argument("cache: expected pages, heads_kv, page_size and head_dim >= 1");
   }
-  if (c.dtype == DType::kInt32) return invalid_argument("cache.dtype: expected a floating-point dtype, got int32");
+  if (c.dtype == DType::kInt32)
+    return invalid_argument("cache.dtype: expected a floating-point dtype, got int32");
   return Status::Ok();
 }
 
 // q [rows, Hq, D], k_new/v_new [rows, Hkv, D], o like q, lse [rows, Hq]; the sequences' arrays.
-Status check_rows(const TensorView& q, const TensorView& k_new, const TensorView& v_new, const TensorView& o,
-                  const TensorView& lse, const PagedKvLayer& cache, const PagedSequences& seqs) {
+Status check_rows(const TensorView& q, const TensorView& k_new, const TensorView& v_new,
+                  const TensorView& o, const TensorView& lse, const PagedKvLayer& cache,
+                  const PagedSequences& seqs) {
   ATTN_RETURN_IF_ERROR(check_cache(cache));
-  if (q.rank() != 3) return invalid_argument("q.shape: expected [tokens, Hq, D], got " + shape_to_string(q.shape));
+  if (q.rank() != 3)
+    return invalid_argument("q.shape: expected [tokens, Hq, D], got " + shape_to_string(q.shape));
   const std::int64_t rows = q.dim(0), hq = q.dim(1), d = q.dim(2);
   if (d != cache.head_dim) {
-    return invalid_argument("q.shape: expected head dim " + str(cache.head_dim) + " (the cache's), got " + str(d));
+    return invalid_argument("q.shape: expected head dim " + str(cache.head_dim) +
+                            " (the cache's), got " + str(d));
   }
   if (hq % cache.heads_kv != 0) {
-    return invalid_argument("q.shape: expected Hq a multiple of the cache's " + str(cache.heads_kv) +
-                            " kv heads, got " + str(hq));
+    return invalid_argument("q.shape: expected Hq a multiple of the cache's " +
+                            str(cache.heads_kv) + " kv heads, got " + str(hq));
   }
   ATTN_RETURN_IF_ERROR(expect_dtype(q, cache.dtype, "q"));
   ATTN_RETURN_IF_ERROR(expect_shape(k_new, {rows, cache.heads_kv, d}, "k_new"));
@@ -55,14 +60,16 @@ Status check_rows(const TensorView& q, const TensorView& k_new, const TensorView
     ATTN_RETURN_IF_ERROR(expect_dtype(lse, DType::kFloat32, "lse"));
   }
   if (seqs.seq_lens.rank() != 1 || seqs.seq_lens.dim(0) < 1) {
-    return invalid_argument("seq_lens.shape: expected [n >= 1], got " + shape_to_string(seqs.seq_lens.shape));
+    return invalid_argument("seq_lens.shape: expected [n >= 1], got " +
+                            shape_to_string(seqs.seq_lens.shape));
   }
   const std::int64_t n = seqs.seq_lens.dim(0);
   ATTN_RETURN_IF_ERROR(expect_dtype(seqs.seq_lens, DType::kInt32, "seq_lens"));
   ATTN_RETURN_IF_ERROR(expect_shape(seqs.page_indptr, {n + 1}, "page_indptr"));
   ATTN_RETURN_IF_ERROR(expect_dtype(seqs.page_indptr, DType::kInt32, "page_indptr"));
   if (seqs.page_indices.rank() != 1) {
-    return invalid_argument("page_indices.shape: expected [pages], got " + shape_to_string(seqs.page_indices.shape));
+    return invalid_argument("page_indices.shape: expected [pages], got " +
+                            shape_to_string(seqs.page_indices.shape));
   }
   ATTN_RETURN_IF_ERROR(expect_dtype(seqs.page_indices, DType::kInt32, "page_indices"));
   if (seqs.max_seq_len < 1) return invalid_argument("max_seq_len: expected >= 1");
@@ -74,8 +81,8 @@ Status check_rows(const TensorView& q, const TensorView& k_new, const TensorView
 Status check_paged_decode(const PagedDecodeArgs& a) {
   ATTN_RETURN_IF_ERROR(check_rows(a.q, a.k_new, a.v_new, a.o, a.lse, a.cache, a.seqs));
   if (a.q.dim(0) != a.seqs.count()) {
-    return invalid_argument("q.shape: expected one row per sequence (" + str(a.seqs.count()) + "), got " +
-                            str(a.q.dim(0)));
+    return invalid_argument("q.shape: expected one row per sequence (" + str(a.seqs.count()) +
+                            "), got " + str(a.q.dim(0)));
   }
   return Status::Ok();
 }
@@ -92,7 +99,8 @@ std::int64_t paged_kv_bytes_read(const PagedKvLayer& cache, const PagedSequences
   std::int64_t tokens = 0;
   if (seqs.seq_lens_host)
     for (std::int64_t i = 0; i < seqs.count(); ++i) tokens += seqs.seq_lens_host[i];
-  return 2 * tokens * cache.heads_kv * cache.head_dim * static_cast<std::int64_t>(element_size(cache.dtype));
+  return 2 * tokens * cache.heads_kv * cache.head_dim *
+         static_cast<std::int64_t>(element_size(cache.dtype));
 }
 
 OpCost OpDesc<PagedDecodeArgs>::cost(const PagedDecodeArgs& a) {
@@ -101,8 +109,9 @@ OpCost OpDesc<PagedDecodeArgs>::cost(const PagedDecodeArgs& a) {
     for (std::int64_t i = 0; i < a.seqs.count(); ++i) keys += a.seqs.seq_lens_host[i];
   const std::int64_t hq = a.q.rank() == 3 ? a.q.dim(1) : 0;
   const std::int64_t flops = 4 * keys * hq * a.cache.head_dim;
-  const auto bytes = paged_kv_bytes_read(a.cache, a.seqs) +
-                     static_cast<std::int64_t>(a.q.bytes() + a.k_new.bytes() + a.v_new.bytes() + a.o.bytes());
+  const auto bytes =
+      paged_kv_bytes_read(a.cache, a.seqs) +
+      static_cast<std::int64_t>(a.q.bytes() + a.k_new.bytes() + a.v_new.bytes() + a.o.bytes());
   return {flops, bytes};
 }
 
@@ -111,19 +120,24 @@ OpCost OpDesc<PagedPrefillArgs>::cost(const PagedPrefillArgs& a) {
   std::int64_t pairs = 0;
   if (a.seqs.seq_lens_host && a.q_indptr_host)
     for (std::int64_t i = 0; i < a.seqs.count(); ++i) {
-      const std::int64_t len = a.seqs.seq_lens_host[i], fresh = a.q_indptr_host[i + 1] - a.q_indptr_host[i];
+      const std::int64_t len = a.seqs.seq_lens_host[i],
+                         fresh = a.q_indptr_host[i + 1] - a.q_indptr_host[i];
       pairs += a.causal ? fresh * (len - fresh) + fresh * (fresh + 1) / 2 : fresh * len;
     }
   const std::int64_t hq = a.q.rank() == 3 ? a.q.dim(1) : 0;
-  const auto bytes = paged_kv_bytes_read(a.cache, a.seqs) +
-                     static_cast<std::int64_t>(a.q.bytes() + a.k_new.bytes() + a.v_new.bytes() + a.o.bytes());
+  const auto bytes =
+      paged_kv_bytes_read(a.cache, a.seqs) +
+      static_cast<std::int64_t>(a.q.bytes() + a.k_new.bytes() + a.v_new.bytes() + a.o.bytes());
   return {4 * pairs * hq * a.cache.head_dim, bytes};
 }
 
 namespace {
 
 TensorView int32_view(const std::vector<std::int32_t>& v) {
-  return {DType::kInt32, {static_cast<std::int64_t>(v.size())}, const_cast<std::int32_t*>(v.data()), MemoryKind::kHost};
+  return {DType::kInt32,
+          {static_cast<std::int64_t>(v.size())},
+          const_cast<std::int32_t*>(v.data()),
+          MemoryKind::kHost};
 }
 
 }  // namespace
@@ -144,7 +158,8 @@ void PagedPlan::bind(PagedPrefillArgs& args) const {
   args.q_indptr_host = q_indptr.data();
   args.max_new_tokens = 0;
   for (std::size_t i = 0; i + 1 < q_indptr.size(); ++i)
-    args.max_new_tokens = std::max<std::int64_t>(args.max_new_tokens, q_indptr[i + 1] - q_indptr[i]);
+    args.max_new_tokens =
+        std::max<std::int64_t>(args.max_new_tokens, q_indptr[i + 1] - q_indptr[i]);
 }
 
 }  // namespace attn

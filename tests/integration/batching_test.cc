@@ -45,21 +45,25 @@ TEST(DynamicBatching, ConcurrentDecodeCallersGetTheirOwnRowsBitForBit) {
     EXPECT_EQ(a.merged, 0) << "batching off, yet caller " << t << " shared a launch";
     merged_calls += b.merged;
     if (t == kBad) {
-      EXPECT_EQ(b.codes.at(grpc::StatusCode::NOT_FOUND), kDecodeSteps * kDecodeLayers) << "the bad caller fails alone, every time";
+      EXPECT_EQ(b.codes.at(grpc::StatusCode::NOT_FOUND), kDecodeSteps * kDecodeLayers)
+          << "the bad caller fails alone, every time";
       continue;
     }
     if (t == kHurried) {
       for (const auto& [code, n] : b.codes)
-        EXPECT_TRUE(code == grpc::StatusCode::OK || code == grpc::StatusCode::DEADLINE_EXCEEDED) << code;
+        EXPECT_TRUE(code == grpc::StatusCode::OK || code == grpc::StatusCode::DEADLINE_EXCEEDED)
+            << code;
       continue;
     }
     EXPECT_EQ(b.ok, kDecodeSteps * kDecodeLayers) << "caller " << t;
     ASSERT_EQ(a.outputs.size(), b.outputs.size());
     for (const auto& [at, bytes] : a.outputs)
-      EXPECT_EQ(b.outputs.at(at), bytes) << "caller " << t << " step " << at.first << " layer " << at.second;
+      EXPECT_EQ(b.outputs.at(at), bytes)
+          << "caller " << t << " step " << at.first << " layer " << at.second;
   }
   ::testing::Test::RecordProperty("merged_calls", merged_calls);
-  std::printf("calls that shared a launch: %d of %d\n", merged_calls, (kCallers - 2) * kDecodeSteps * kDecodeLayers);
+  std::printf("calls that shared a launch: %d of %d\n", merged_calls,
+              (kCallers - 2) * kDecodeSteps * kDecodeLayers);
   // The comparison means something only if calls did share launches.
   EXPECT_GT(merged_calls, 0) << "no call shared a launch";
 }
@@ -79,7 +83,8 @@ TEST(DynamicBatching, ConcurrentSoftmaxCallersShareLaunches) {
         std::mt19937_64 rng(testing::seed() * 1000 + static_cast<std::uint64_t>(t));
         for (int i = 0; i < kCalls; ++i) {
           v1::SoftmaxRequest req;
-          *req.mutable_x() = to_wire(random_tensor(DType::kFloat32, {1 + static_cast<std::int64_t>(rng() % 200), 1024}, rng));
+          *req.mutable_x() = to_wire(random_tensor(
+              DType::kFloat32, {1 + static_cast<std::int64_t>(rng() % 200), 1024}, rng));
           v1::SoftmaxResponse resp;
           grpc::ClientContext ctx;
           const grpc::Status s = client.stub().Softmax(&ctx, req, &resp);
@@ -106,7 +111,8 @@ TEST(DynamicBatching, OneRowAttentionOnSharedResidentKvShareLaunches) {
   testing::ServerProcess server(ATTND_PATH, {"--backend", "cpu", "--batch-window-us", "2000"});
   Client client(server.address());
   std::mt19937_64 rng(testing::seed());
-  const Tensor k = random_tensor(DType::kFloat32, {2, 2, 3000, 64}, rng), v = random_tensor(DType::kFloat32, {2, 2, 3000, 64}, rng);
+  const Tensor k = random_tensor(DType::kFloat32, {2, 2, 3000, 64}, rng),
+               v = random_tensor(DType::kFloat32, {2, 2, 3000, 64}, rng);
   auto kh = client.put_tensor(k), vh = client.put_tensor(v);
   ASSERT_TRUE(kh.ok() && vh.ok());
   std::atomic<int> merged{0}, checked{0};
@@ -128,7 +134,8 @@ TEST(DynamicBatching, OneRowAttentionOnSharedResidentKvShareLaunches) {
         const grpc::Status s = own.stub().Attention(&ctx, req, &resp);
         ASSERT_TRUE(s.ok()) << s.error_message();
         merged += resp.timings().batched_calls() > 1;
-        AttentionArgs args{q.view(), k.view(), v.view(), q.view(), {}, false, resolve_attention_scale(0, 64)};
+        AttentionArgs args{
+            q.view(), k.view(), v.view(), q.view(), {}, false, resolve_attention_scale(0, 64)};
         std::vector<double> want_lse;
         const std::vector<double> want = reference::attention(args, &want_lse);
         EXPECT_LE(reference::relative_frobenius_error(testing::from_wire(resp.o()).view(), want),

@@ -12,15 +12,15 @@
 #include "attn/client.h"
 #include "attn/wire.h"
 #include "reference.h"
-#include "support/random.h"
 #include "support/kv_mirror.h"
+#include "support/random.h"
 #include "support/server_process.h"
 
 namespace attn {
 namespace {
 
-using ::testing::HasSubstr;
 using testing::from_wire;
+using ::testing::HasSubstr;
 using testing::Mirror;
 using testing::random_tensor;
 using testing::to_wire;
@@ -29,8 +29,9 @@ class KvCacheServer : public ::testing::Test {
  protected:
   KvCacheServer() : server_(ATTND_PATH, {"--backend", "cpu"}), client_(server_.address()) {}
 
-  v1::KvCacheInfo create(int layers, int hkv, int d, v1::DType dtype, int page, std::int64_t capacity,
-                         grpc::StatusCode want = grpc::StatusCode::OK, const std::string& message = "") {
+  v1::KvCacheInfo create(int layers, int hkv, int d, v1::DType dtype, int page,
+                         std::int64_t capacity, grpc::StatusCode want = grpc::StatusCode::OK,
+                         const std::string& message = "") {
     v1::CreateKvCacheRequest req;
     auto* c = req.mutable_config();
     c->set_layers(layers);
@@ -78,13 +79,16 @@ class KvCacheServer : public ::testing::Test {
     std::string bytes;
     v1::ReadKvHeader header;
     while (reader->Read(&msg)) {
-      if (msg.has_header()) header = msg.header();
-      else bytes += msg.chunk();
+      if (msg.has_header())
+        header = msg.header();
+      else
+        bytes += msg.chunk();
     }
     const grpc::Status s = reader->Finish();
     EXPECT_EQ(s.error_code(), want) << s.error_message();
     if (!s.ok()) return {};
-    Tensor k(*wire::from_proto(header.dtype()), Shape(header.shape().begin(), header.shape().end()));
+    Tensor k(*wire::from_proto(header.dtype()),
+             Shape(header.shape().begin(), header.shape().end()));
     Tensor v(k.dtype(), k.shape());
     EXPECT_EQ(bytes.size(), k.bytes() + v.bytes());
     std::memcpy(k.data(), bytes.data(), k.bytes());
@@ -112,12 +116,14 @@ TEST_F(KvCacheServer, PrefillThenDecodeMatchFloat64InEveryDtype) {
     const std::vector<std::int64_t> lens{1, 15, 16, 17, 1000};
     const std::int64_t total = 1 + 15 + 16 + 17 + 1000;
     for (int layer = 0; layer < layers; ++layer) {
-      Tensor q = random_tensor(dt, {total, hq, d}, rng), k = random_tensor(dt, {total, hkv, d}, rng),
+      Tensor q = random_tensor(dt, {total, hq, d}, rng),
+             k = random_tensor(dt, {total, hkv, d}, rng),
              v = random_tensor(dt, {total, hkv, d}, rng);
       v1::PrefillRequest req;
       req.set_cache(cache.handle());
       req.set_layer(layer);
-      for (std::size_t i = 0; i < ids.size(); ++i) req.add_sequence_ids(ids[i]), req.add_lens(lens[i]);
+      for (std::size_t i = 0; i < ids.size(); ++i)
+        req.add_sequence_ids(ids[i]), req.add_lens(lens[i]);
       *req.mutable_q() = to_wire(q);
       *req.mutable_k() = to_wire(k);
       *req.mutable_v() = to_wire(v);
@@ -134,11 +140,13 @@ TEST_F(KvCacheServer, PrefillThenDecodeMatchFloat64InEveryDtype) {
         // A sample of each prompt's rows: the first, the last and a few between.
         for (std::int64_t j : {std::int64_t{0}, lens[i] / 3, lens[i] / 2, lens[i] - 1}) {
           mirror.attend(q, row + j, ids[i], layer, j + 1, want);
-          for (std::int64_t e = 0; e < hq * d; ++e) got.push_back(o.get(static_cast<std::size_t>((row + j) * hq * d + e)));
+          for (std::int64_t e = 0; e < hq * d; ++e)
+            got.push_back(o.get(static_cast<std::size_t>((row + j) * hq * d + e)));
         }
         row += lens[i];
       }
-      EXPECT_LE(reference::relative_frobenius_error(got, want), reference::tolerance(dt, 1000)) << "prefill layer " << layer;
+      EXPECT_LE(reference::relative_frobenius_error(got, want), reference::tolerance(dt, 1000))
+          << "prefill layer " << layer;
     }
     // Decode steps: s15 crosses into its second page at once, s16 at once too, s17 at 32.
     for (int step = 0; step < 20; ++step)
@@ -164,7 +172,8 @@ TEST_F(KvCacheServer, PrefillThenDecodeMatchFloat64InEveryDtype) {
           EXPECT_EQ(resp.lengths(static_cast<int>(i)), len);
           mirror.attend(q, i, ids[static_cast<std::size_t>(i)], layer, len, want);
         }
-        EXPECT_LE(reference::relative_frobenius_error(from_wire(resp.o()).view(), want), reference::tolerance(dt, 1020))
+        EXPECT_LE(reference::relative_frobenius_error(from_wire(resp.o()).view(), want),
+                  reference::tolerance(dt, 1020))
             << "decode step " << step << " layer " << layer;
         EXPECT_EQ(from_wire(resp.lse()).shape(), (Shape{n, hq}));
       }
@@ -224,24 +233,32 @@ TEST_F(KvCacheServer, LifecycleListDescribeDeleteAndQuota) {
     v1::DeleteKvCacheRequest req;
     req.set_handle(a.handle());
     v1::DeleteKvCacheResponse resp;
-    EXPECT_EQ(client_.stub().DeleteKvCache(&ctx, req, &resp).error_code(), grpc::StatusCode::NOT_FOUND);
+    EXPECT_EQ(client_.stub().DeleteKvCache(&ctx, req, &resp).error_code(),
+              grpc::StatusCode::NOT_FOUND);
   }
   {
     grpc::ClientContext ctx;
     v1::DescribeKvCacheRequest req;
     req.set_handle(a.handle());
     v1::DescribeKvCacheResponse resp;
-    EXPECT_EQ(client_.stub().DescribeKvCache(&ctx, req, &resp).error_code(), grpc::StatusCode::NOT_FOUND);
+    EXPECT_EQ(client_.stub().DescribeKvCache(&ctx, req, &resp).error_code(),
+              grpc::StatusCode::NOT_FOUND);
   }
   // Bad configurations, each named.
   create(0, 1, 8, v1::D_TYPE_FLOAT32, 16, 16, grpc::StatusCode::INVALID_ARGUMENT, "config.layers");
-  create(1, 0, 8, v1::D_TYPE_FLOAT32, 16, 16, grpc::StatusCode::INVALID_ARGUMENT, "config.kv_heads");
-  create(1, 1, 0, v1::D_TYPE_FLOAT32, 16, 16, grpc::StatusCode::INVALID_ARGUMENT, "config.head_dim");
-  create(1, 1, 8, v1::D_TYPE_UNSPECIFIED, 16, 16, grpc::StatusCode::INVALID_ARGUMENT, "config.dtype");
-  create(1, 1, 8, v1::D_TYPE_FLOAT32, 24, 16, grpc::StatusCode::INVALID_ARGUMENT, "config.page_size");
-  create(1, 1, 8, v1::D_TYPE_FLOAT32, 16, 0, grpc::StatusCode::INVALID_ARGUMENT, "config.capacity_tokens");
+  create(1, 0, 8, v1::D_TYPE_FLOAT32, 16, 16, grpc::StatusCode::INVALID_ARGUMENT,
+         "config.kv_heads");
+  create(1, 1, 0, v1::D_TYPE_FLOAT32, 16, 16, grpc::StatusCode::INVALID_ARGUMENT,
+         "config.head_dim");
+  create(1, 1, 8, v1::D_TYPE_UNSPECIFIED, 16, 16, grpc::StatusCode::INVALID_ARGUMENT,
+         "config.dtype");
+  create(1, 1, 8, v1::D_TYPE_FLOAT32, 24, 16, grpc::StatusCode::INVALID_ARGUMENT,
+         "config.page_size");
+  create(1, 1, 8, v1::D_TYPE_FLOAT32, 16, 0, grpc::StatusCode::INVALID_ARGUMENT,
+         "config.capacity_tokens");
   // Over the memory quota (8 GiB by default): refused before any memory is taken.
-  create(64, 8, 128, v1::D_TYPE_FLOAT32, 16, 1 << 20, grpc::StatusCode::RESOURCE_EXHAUSTED, "quota");
+  create(64, 8, 128, v1::D_TYPE_FLOAT32, 16, 1 << 20, grpc::StatusCode::RESOURCE_EXHAUSTED,
+         "quota");
 }
 
 TEST_F(KvCacheServer, TimeToLiveExpiresAnIdleCache) {
@@ -263,7 +280,8 @@ TEST_F(KvCacheServer, TimeToLiveExpiresAnIdleCache) {
   v1::DescribeKvCacheRequest d;
   d.set_handle(resp.cache().handle());
   v1::DescribeKvCacheResponse out;
-  EXPECT_EQ(client_.stub().DescribeKvCache(&ctx, d, &out).error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(client_.stub().DescribeKvCache(&ctx, d, &out).error_code(),
+            grpc::StatusCode::NOT_FOUND);
 }
 
 // Fork shares the full pages and copies only the partial last one; the two sequences then go
@@ -276,7 +294,8 @@ TEST_F(KvCacheServer, ForkSharesFullPagesAndCopiesThePartialOne) {
   Mirror mirror{hkv, d, {}, {}};
   const std::int64_t len = 1000;  // 62 full pages and 8 tokens
   for (int layer = 0; layer < 2; ++layer) {
-    Tensor q = random_tensor(DType::kFloat32, {len, hq, d}, rng), k = random_tensor(DType::kFloat32, {len, hkv, d}, rng),
+    Tensor q = random_tensor(DType::kFloat32, {len, hq, d}, rng),
+           k = random_tensor(DType::kFloat32, {len, hkv, d}, rng),
            v = random_tensor(DType::kFloat32, {len, hkv, d}, rng);
     v1::PrefillRequest req;
     req.set_cache(cache.handle());
@@ -310,7 +329,8 @@ TEST_F(KvCacheServer, ForkSharesFullPagesAndCopiesThePartialOne) {
   // Both decode 30 steps with different rows, crossing a page boundary; each sees only its own.
   for (int step = 0; step < 30; ++step)
     for (int layer = 0; layer < 2; ++layer) {
-      Tensor q = random_tensor(DType::kFloat32, {2, hq, d}, rng), k = random_tensor(DType::kFloat32, {2, hkv, d}, rng),
+      Tensor q = random_tensor(DType::kFloat32, {2, hq, d}, rng),
+             k = random_tensor(DType::kFloat32, {2, hkv, d}, rng),
              v = random_tensor(DType::kFloat32, {2, hkv, d}, rng);
       v1::DecodeRequest req;
       req.set_cache(cache.handle());
@@ -327,7 +347,8 @@ TEST_F(KvCacheServer, ForkSharesFullPagesAndCopiesThePartialOne) {
       std::vector<double> want;
       mirror.attend(q, 0, "child", layer, mirror.length("child", layer), want);
       mirror.attend(q, 1, "root", layer, mirror.length("root", layer), want);
-      EXPECT_LE(reference::relative_frobenius_error(from_wire(resp.o()).view(), want), reference::tolerance(DType::kFloat32, 1030));
+      EXPECT_LE(reference::relative_frobenius_error(from_wire(resp.o()).view(), want),
+                reference::tolerance(DType::kFloat32, 1030));
     }
   for (const char* id : {"root", "child"}) {
     auto [k, v] = read_kv(cache.handle(), id, 1);
@@ -417,76 +438,127 @@ TEST_F(KvCacheServer, BadCallsFailAloneAndChangeNothing) {
     std::string message;
   };
   std::vector<Case> cases;
-  auto decode_case = [&](std::string what, std::function<void(v1::DecodeRequest&)> edit, grpc::StatusCode code,
-                         std::string message) {
+  auto decode_case = [&](std::string what, std::function<void(v1::DecodeRequest&)> edit,
+                         grpc::StatusCode code, std::string message) {
     v1::DecodeRequest req = good_decode({"a", "b"}, 0);
     edit(req);
-    cases.push_back({std::move(what), [this, req] {
+    cases.push_back({std::move(what),
+                     [this, req] {
                        v1::DecodeResponse resp;
                        return decode(req, &resp);
                      },
                      code, std::move(message)});
   };
-  auto prefill_case = [&](std::string what, std::function<void(v1::PrefillRequest&)> edit, grpc::StatusCode code,
-                          std::string message) {
+  auto prefill_case = [&](std::string what, std::function<void(v1::PrefillRequest&)> edit,
+                          grpc::StatusCode code, std::string message) {
     v1::PrefillRequest req = good_prefill("a", 3, 0);
     edit(req);
-    cases.push_back({std::move(what), [this, req] {
+    cases.push_back({std::move(what),
+                     [this, req] {
                        v1::PrefillResponse resp;
                        return prefill(req, &resp);
                      },
                      code, std::move(message)});
   };
   using C = grpc::StatusCode;
-  // b at layer 0 holds 20 tokens in 2 pages, a 30 in 2: decoding a at layer 0 fits (31 <= 32), but b
-  // needs nothing new either; a prefill of 3 more onto a (33) needs a page the cache does not have.
-  prefill_case("capacity", [](auto&) {}, C::RESOURCE_EXHAUSTED, "capacity");
-  prefill_case("a new sequence over capacity", [&](auto& r) { r = good_prefill("c", 1, 0); }, C::RESOURCE_EXHAUSTED,
-               "capacity");
-  prefill_case("longer than the cache", [&](auto& r) { r = good_prefill("c", 65, 0); }, C::RESOURCE_EXHAUSTED,
-               "capacity");
-  decode_case("unknown sequence", [](auto& r) { r.set_sequence_ids(1, "zz"); }, C::NOT_FOUND, "sequence_ids[1]");
-  decode_case("duplicate sequence", [](auto& r) { r.set_sequence_ids(1, "a"); }, C::INVALID_ARGUMENT, "appears twice");
-  decode_case("empty id", [](auto& r) { r.set_sequence_ids(0, ""); }, C::INVALID_ARGUMENT, "sequence_ids[0]");
-  decode_case("no sequences", [](auto& r) { r.clear_sequence_ids(); }, C::INVALID_ARGUMENT, "sequence_ids");
-  decode_case("layer out of range", [](auto& r) { r.set_layer(2); }, C::INVALID_ARGUMENT, "layer");
-  decode_case("negative layer", [](auto& r) { r.set_layer(-1); }, C::INVALID_ARGUMENT, "layer");
-  decode_case("unknown cache", [](auto& r) { r.set_cache("kv-nope"); }, C::NOT_FOUND, "cache");
-  decode_case("Hq not a multiple of Hkv", [&](auto& r) { *r.mutable_q() = to_wire(random_tensor(DType::kFloat32, {2, 3, d}, rng)); },
-              C::INVALID_ARGUMENT, "q.shape");
-  decode_case("q rows != sequences", [&](auto& r) { *r.mutable_q() = to_wire(random_tensor(DType::kFloat32, {3, hq, d}, rng)); },
-              C::INVALID_ARGUMENT, "q.shape");
-  decode_case("head dim", [&](auto& r) { *r.mutable_q() = to_wire(random_tensor(DType::kFloat32, {2, hq, 16}, rng)); },
-              C::INVALID_ARGUMENT, "q.shape");
-  decode_case("dtype", [&](auto& r) { *r.mutable_q() = to_wire(random_tensor(DType::kFloat16, {2, hq, d}, rng)); },
-              C::INVALID_ARGUMENT, "q.dtype");
-  decode_case("k_new heads", [&](auto& r) { *r.mutable_k_new() = to_wire(random_tensor(DType::kFloat32, {2, 1, d}, rng)); },
-              C::INVALID_ARGUMENT, "k_new.shape");
-  decode_case("v_new missing", [](auto& r) { r.clear_v_new(); }, C::INVALID_ARGUMENT, "v_new");
-  decode_case("v_new bytes", [](auto& r) { r.mutable_v_new()->mutable_data()->pop_back(); }, C::INVALID_ARGUMENT, "v_new");
-  decode_case("handle input", [](auto& r) { r.mutable_q()->set_handle("t-x"); }, C::INVALID_ARGUMENT, "q");
-  decode_case("scale", [](auto& r) { r.set_scale(NAN); }, C::INVALID_ARGUMENT, "scale");
-  decode_case("kernel", [](auto& r) { r.set_kernel("paged_decode/none"); }, C::INVALID_ARGUMENT, "kernel");
-  prefill_case("lens count", [](auto& r) { r.add_lens(1); }, C::INVALID_ARGUMENT, "lens");
-  prefill_case("lens zero", [](auto& r) { r.set_lens(0, 0); }, C::INVALID_ARGUMENT, "lens[0]");
-  prefill_case("lens sum != rows", [](auto& r) { r.set_lens(0, 2); }, C::INVALID_ARGUMENT, "q.shape");
-  prefill_case("k rows", [&](auto& r) { *r.mutable_k() = to_wire(random_tensor(DType::kFloat32, {2, hkv, d}, rng)); },
-               C::INVALID_ARGUMENT, "k.shape");
+  // b at layer 0 holds 20 tokens in 2 pages, a 30 in 2: decoding a at layer 0 fits (31 <= 32), but
+  // b needs nothing new either; a prefill of 3 more onto a (33) needs a page the cache does not
+  // have.
+  prefill_case(
+      "capacity", [](auto&) {}, C::RESOURCE_EXHAUSTED, "capacity");
+  prefill_case(
+      "a new sequence over capacity", [&](auto& r) { r = good_prefill("c", 1, 0); },
+      C::RESOURCE_EXHAUSTED, "capacity");
+  prefill_case(
+      "longer than the cache", [&](auto& r) { r = good_prefill("c", 65, 0); },
+      C::RESOURCE_EXHAUSTED, "capacity");
+  decode_case(
+      "unknown sequence", [](auto& r) { r.set_sequence_ids(1, "zz"); }, C::NOT_FOUND,
+      "sequence_ids[1]");
+  decode_case(
+      "duplicate sequence", [](auto& r) { r.set_sequence_ids(1, "a"); }, C::INVALID_ARGUMENT,
+      "appears twice");
+  decode_case(
+      "empty id", [](auto& r) { r.set_sequence_ids(0, ""); }, C::INVALID_ARGUMENT,
+      "sequence_ids[0]");
+  decode_case(
+      "no sequences", [](auto& r) { r.clear_sequence_ids(); }, C::INVALID_ARGUMENT, "sequence_ids");
+  decode_case(
+      "layer out of range", [](auto& r) { r.set_layer(2); }, C::INVALID_ARGUMENT, "layer");
+  decode_case(
+      "negative layer", [](auto& r) { r.set_layer(-1); }, C::INVALID_ARGUMENT, "layer");
+  decode_case(
+      "unknown cache", [](auto& r) { r.set_cache("kv-nope"); }, C::NOT_FOUND, "cache");
+  decode_case(
+      "Hq not a multiple of Hkv",
+      [&](auto& r) {
+        *r.mutable_q() = to_wire(random_tensor(DType::kFloat32, {2, 3, d}, rng));
+      },
+      C::INVALID_ARGUMENT, "q.shape");
+  decode_case(
+      "q rows != sequences",
+      [&](auto& r) {
+        *r.mutable_q() = to_wire(random_tensor(DType::kFloat32, {3, hq, d}, rng));
+      },
+      C::INVALID_ARGUMENT, "q.shape");
+  decode_case(
+      "head dim",
+      [&](auto& r) {
+        *r.mutable_q() = to_wire(random_tensor(DType::kFloat32, {2, hq, 16}, rng));
+      },
+      C::INVALID_ARGUMENT, "q.shape");
+  decode_case(
+      "dtype",
+      [&](auto& r) {
+        *r.mutable_q() = to_wire(random_tensor(DType::kFloat16, {2, hq, d}, rng));
+      },
+      C::INVALID_ARGUMENT, "q.dtype");
+  decode_case(
+      "k_new heads",
+      [&](auto& r) {
+        *r.mutable_k_new() = to_wire(random_tensor(DType::kFloat32, {2, 1, d}, rng));
+      },
+      C::INVALID_ARGUMENT, "k_new.shape");
+  decode_case(
+      "v_new missing", [](auto& r) { r.clear_v_new(); }, C::INVALID_ARGUMENT, "v_new");
+  decode_case(
+      "v_new bytes", [](auto& r) { r.mutable_v_new()->mutable_data()->pop_back(); },
+      C::INVALID_ARGUMENT, "v_new");
+  decode_case(
+      "handle input", [](auto& r) { r.mutable_q()->set_handle("t-x"); }, C::INVALID_ARGUMENT, "q");
+  decode_case(
+      "scale", [](auto& r) { r.set_scale(NAN); }, C::INVALID_ARGUMENT, "scale");
+  decode_case(
+      "kernel", [](auto& r) { r.set_kernel("paged_decode/none"); }, C::INVALID_ARGUMENT, "kernel");
+  prefill_case(
+      "lens count", [](auto& r) { r.add_lens(1); }, C::INVALID_ARGUMENT, "lens");
+  prefill_case(
+      "lens zero", [](auto& r) { r.set_lens(0, 0); }, C::INVALID_ARGUMENT, "lens[0]");
+  prefill_case(
+      "lens sum != rows", [](auto& r) { r.set_lens(0, 2); }, C::INVALID_ARGUMENT, "q.shape");
+  prefill_case(
+      "k rows",
+      [&](auto& r) {
+        *r.mutable_k() = to_wire(random_tensor(DType::kFloat32, {2, hkv, d}, rng));
+      },
+      C::INVALID_ARGUMENT, "k.shape");
   for (const Case& c : cases) {
     const grpc::Status s = c.call();
     EXPECT_EQ(s.error_code(), c.code) << c.what << ": " << s.error_message();
     EXPECT_THAT(s.error_message(), HasSubstr(c.message)) << c.what;
   }
   // A fork that needs a page the cache does not have, into an existing id, from an unknown one.
-  for (auto [from, to, code] : {std::tuple{"a", "a2", C::RESOURCE_EXHAUSTED}, std::tuple{"a", "b", C::INVALID_ARGUMENT},
-                                std::tuple{"zz", "a3", C::NOT_FOUND}}) {
+  for (auto [from, to, code] :
+       {std::tuple{"a", "a2", C::RESOURCE_EXHAUSTED}, std::tuple{"a", "b", C::INVALID_ARGUMENT},
+        std::tuple{"zz", "a3", C::NOT_FOUND}}) {
     grpc::ClientContext ctx;
     v1::ForkSequenceRequest req;
     req.set_cache(cache.handle());
     req.set_source_id(from);
     req.set_new_id(to);
     v1::ForkSequenceResponse resp;
-    EXPECT_EQ(client_.stub().ForkSequence(&ctx, req, &resp).error_code(), code) << from << " -> " << to;
+    EXPECT_EQ(client_.stub().ForkSequence(&ctx, req, &resp).error_code(), code)
+        << from << " -> " << to;
   }
   {  // Releasing a known and an unknown id releases neither.
     grpc::ClientContext ctx;
@@ -520,7 +592,8 @@ TEST_F(KvCacheServer, ConcurrentCallsOnOneCacheAndAcrossCaches) {
       const std::string& handle = t % 2 ? other.handle() : shared.handle();
       const std::string id = "t" + std::to_string(t);
       for (int s = 0; s < steps; ++s) {
-        v1::PrefillRequest req;  // a sequence of its own (created by the first call), and a shared one
+        v1::PrefillRequest
+            req;  // a sequence of its own (created by the first call), and a shared one
         req.set_cache(handle);
         req.add_sequence_ids(id);
         req.add_lens(1);

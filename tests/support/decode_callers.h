@@ -31,9 +31,10 @@ struct CallerLog {
 // Runs `callers` concurrent decoders (each its own sequence, prefilled first) against `address`
 // and returns what each got. Caller `bad` names a sequence that does not exist; caller `hurried`
 // sends every call with a deadline too short to survive the queue.
-inline std::vector<CallerLog> run_decode_callers(const std::string& address, int callers, int bad, int hurried,
-                                                 DecodeShape shape = {}) {
-  const int kLayers = kDecodeLayers, kSteps = kDecodeSteps, kHq = shape.hq, kHkv = shape.hkv, kD = shape.d;
+inline std::vector<CallerLog> run_decode_callers(const std::string& address, int callers, int bad,
+                                                 int hurried, DecodeShape shape = {}) {
+  const int kLayers = kDecodeLayers, kSteps = kDecodeSteps, kHq = shape.hq, kHkv = shape.hkv,
+            kD = shape.d;
   Client client(address);
   v1::CreateKvCacheRequest creq;
   auto* c = creq.mutable_config();
@@ -85,7 +86,8 @@ inline std::vector<CallerLog> run_decode_callers(const std::string& address, int
           *req.mutable_v_new() = to_wire(random_tensor(DType::kBFloat16, {1, kHkv, kD}, rng));
           v1::DecodeResponse resp;
           grpc::ClientContext ctx;
-          if (t == hurried) ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::microseconds(200));
+          if (t == hurried)
+            ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::microseconds(200));
           const grpc::Status s = own.stub().Decode(&ctx, req, &resp);
           ++log.codes[s.error_code()];
           if (!s.ok()) continue;

@@ -37,7 +37,8 @@ struct PagedCase {
             std::int64_t page_size_, DType dt, std::mt19937_64& rng)
       : hq(hq_), hkv(hkv_), d(d_), page_size(page_size_), dtype(dt) {
     std::int64_t pages = 0, rows = 0;
-    for (const auto& s : seqs) pages += (s.cached + s.fresh + page_size - 1) / page_size, rows += s.fresh;
+    for (const auto& s : seqs)
+      pages += (s.cached + s.fresh + page_size - 1) / page_size, rows += s.fresh;
     pages += 3;  // spare pages nobody owns: the kernel must leave them alone
     k_pool = random_tensor(dt, {pages, hkv, page_size, d}, rng);
     v_pool = random_tensor(dt, {pages, hkv, page_size, d}, rng);
@@ -49,7 +50,8 @@ struct PagedCase {
     plan.q_indptr = {0};
     for (const auto& s : seqs) {
       const std::int64_t len = s.cached + s.fresh;
-      for (std::int64_t p = 0; p < (len + page_size - 1) / page_size; ++p) plan.page_indices.push_back(order[next++]);
+      for (std::int64_t p = 0; p < (len + page_size - 1) / page_size; ++p)
+        plan.page_indices.push_back(order[next++]);
       plan.page_indptr.push_back(static_cast<std::int32_t>(plan.page_indices.size()));
       plan.seq_lens.push_back(static_cast<std::int32_t>(len));
       plan.q_indptr.push_back(plan.q_indptr.back() + static_cast<std::int32_t>(s.fresh));
@@ -109,23 +111,33 @@ void check(const Variant<Args>& variant, PagedCase& c, bool causal = true) {
   ASSERT_TRUE(s.ok()) << s.to_string();
   std::int64_t longest = 0;
   for (auto l : c.plan.seq_lens) longest = std::max<std::int64_t>(longest, l);
-  EXPECT_LE(reference::relative_frobenius_error(c.o.view(), want), reference::tolerance(c.dtype, longest))
+  EXPECT_LE(reference::relative_frobenius_error(c.o.view(), want),
+            reference::tolerance(c.dtype, longest))
       << variant.info.name << " seed " << testing::seed();
-  EXPECT_LE(reference::lse_error(c.lse.view(), want_lse), 1e-3) << variant.info.name << " seed " << testing::seed();
+  EXPECT_LE(reference::lse_error(c.lse.view(), want_lse), 1e-3)
+      << variant.info.name << " seed " << testing::seed();
 
   // The pools: each new row in its slot, bit for bit; every other byte as before.
   Tensor k_want = k_before, v_want = v_before;
   const std::size_t row = static_cast<std::size_t>(c.d) * element_size(c.dtype);
   for (std::size_t i = 0; i + 1 < c.plan.q_indptr.size(); ++i) {
-    const std::int64_t fresh = c.plan.q_indptr[i + 1] - c.plan.q_indptr[i], len = c.plan.seq_lens[i];
+    const std::int64_t fresh = c.plan.q_indptr[i + 1] - c.plan.q_indptr[i],
+                       len = c.plan.seq_lens[i];
     for (std::int64_t j = 0; j < fresh; ++j) {
       const std::int64_t t = len - fresh + j;
-      const std::int64_t page = c.plan.page_indices[static_cast<std::size_t>(c.plan.page_indptr[i] + t / c.page_size)];
+      const std::int64_t page =
+          c.plan.page_indices[static_cast<std::size_t>(c.plan.page_indptr[i] + t / c.page_size)];
       for (std::int64_t h = 0; h < c.hkv; ++h) {
-        const std::size_t slot = static_cast<std::size_t>(c.layer.offset(page, h, t % c.page_size)) * element_size(c.dtype);
-        const std::size_t src = static_cast<std::size_t>(((c.plan.q_indptr[i] + j) * c.hkv + h) * c.d) * element_size(c.dtype);
-        std::memcpy(static_cast<char*>(k_want.data()) + slot, static_cast<const char*>(c.k_new.data()) + src, row);
-        std::memcpy(static_cast<char*>(v_want.data()) + slot, static_cast<const char*>(c.v_new.data()) + src, row);
+        const std::size_t slot =
+            static_cast<std::size_t>(c.layer.offset(page, h, t % c.page_size)) *
+            element_size(c.dtype);
+        const std::size_t src =
+            static_cast<std::size_t>(((c.plan.q_indptr[i] + j) * c.hkv + h) * c.d) *
+            element_size(c.dtype);
+        std::memcpy(static_cast<char*>(k_want.data()) + slot,
+                    static_cast<const char*>(c.k_new.data()) + src, row);
+        std::memcpy(static_cast<char*>(v_want.data()) + slot,
+                    static_cast<const char*>(c.v_new.data()) + src, row);
       }
     }
   }
@@ -154,7 +166,8 @@ TEST_P(PagedCpu, PrefillOntoEmptyAndExistingCaches) {
   const auto [dtype, page_size] = GetParam();
   std::mt19937_64 rng(testing::seed());
   // Chunks of 1, 15, 16, 17 and 100 tokens onto empty caches and onto caches of awkward lengths.
-  const std::vector<SeqSpec> seqs{{0, 1}, {0, 17}, {15, 16}, {16, 15}, {1000, 17}, {4097, 100}, {7, 1}};
+  const std::vector<SeqSpec> seqs{{0, 1},     {0, 17},     {15, 16}, {16, 15},
+                                  {1000, 17}, {4097, 100}, {7, 1}};
   for (const VariantInfo* info : cpu_variants(Op::kPagedPrefill)) {
     const auto* v = default_registry().of<PagedPrefillArgs>().find(info->name);
     PagedCase c(seqs, 8, 2, 32, page_size, dtype, rng);
@@ -174,11 +187,13 @@ TEST_P(PagedCpu, NonCausalPrefillSeesTheWholeSequence) {
 }
 
 std::string name_of(const ::testing::TestParamInfo<std::tuple<DType, int>>& p) {
-  return std::string(dtype_name(std::get<0>(p.param))) + "_page" + std::to_string(std::get<1>(p.param));
+  return std::string(dtype_name(std::get<0>(p.param))) + "_page" +
+         std::to_string(std::get<1>(p.param));
 }
 
 INSTANTIATE_TEST_SUITE_P(AllDtypes, PagedCpu,
-                         ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
+                         ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16,
+                                                              DType::kBFloat16),
                                             ::testing::Values(16, 64)),
                          name_of);
 

@@ -119,7 +119,13 @@ struct OpDesc<PagedPrefillArgs> {
   static Status check(const PagedPrefillArgs& a) { return check_paged_prefill(a); }
   static OpCost cost(const PagedPrefillArgs& a);
   static std::vector<TensorView*> inputs(PagedPrefillArgs& a) {
-    return {&a.q, &a.k_new, &a.v_new, &a.q_indptr, &a.seqs.page_indptr, &a.seqs.page_indices, &a.seqs.seq_lens};
+    return {&a.q,
+            &a.k_new,
+            &a.v_new,
+            &a.q_indptr,
+            &a.seqs.page_indptr,
+            &a.seqs.page_indices,
+            &a.seqs.seq_lens};
   }
   static std::vector<TensorView*> outputs(PagedPrefillArgs& a) {
     if (a.lse.empty()) return {&a.o};

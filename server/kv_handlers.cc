@@ -80,15 +80,6 @@ Result<wire::DecodedTensor> kv_input(const v1::Tensor& t, bool present, const st
   return d;
 }
 
-// Placeholder views of the index arrays, shaped for n sequences, for variant selection before
-// the plan exists.
-void placeholder_sequences(PagedSequences& s, std::int64_t n) {
-  s.seq_lens = {DType::kInt32, {n}, nullptr, MemoryKind::kHost};
-  s.page_indptr = {DType::kInt32, {n + 1}, nullptr, MemoryKind::kHost};
-  s.page_indices = {DType::kInt32, {1}, nullptr, MemoryKind::kHost};
-  s.max_seq_len = 1;
-}
-
 void fill_sequence(const KvSequenceSummary& s, v1::KvSequenceInfo* out) {
   out->set_id(s.id);
   out->mutable_lengths()->Assign(s.lengths.begin(), s.lengths.end());
@@ -157,7 +148,8 @@ Status AttnService::kv_servable(const KvCacheConfig& cfg, const Target& target) 
   a.cache.heads_kv = cfg.heads_kv;
   a.cache.page_size = cfg.page_size;
   a.cache.head_dim = cfg.head_dim;
-  placeholder_sequences(a.seqs, 1);
+  const PagedPlan placeholder = PagedPlan::placeholder(1);
+  placeholder.bind(a.seqs);
   a.scale = 1.0f;
   PagedPrefillArgs p;
   p.q = a.q;
@@ -165,9 +157,7 @@ Status AttnService::kv_servable(const KvCacheConfig& cfg, const Target& target) 
   p.v_new = a.v_new;
   p.o = a.o;
   p.cache = a.cache;
-  p.seqs = a.seqs;
-  p.q_indptr = {DType::kInt32, {2}, nullptr, MemoryKind::kHost};
-  p.max_new_tokens = 1;
+  placeholder.bind(p);
   p.scale = 1.0f;
   ATTN_RETURN_IF_ERROR(registry_.of<PagedDecodeArgs>().select(a, "", target).status());
   return registry_.of<PagedPrefillArgs>().select(p, "", target).status();
@@ -339,6 +329,7 @@ class KvCall final : public BatchMember {
   Args args;
   const Variant<Args>* variant = nullptr;
   std::string key;
+  PagedPlan placeholder;  // the arrays' shapes while the variant is chosen
 
   const char* op() const { return OpDesc<Args>::kName; }
   // Finishes the call with an error (a refusal, a drop from the queue).
@@ -573,14 +564,16 @@ grpc::ServerUnaryReactor* AttnService::serve_kv(grpc::CallbackServerContext* ctx
     a.v_new = v.view;
     a.cache = cache->layer(req->layer());
     a.scale = resolve_attention_scale(req->scale(), cache->config().head_dim);
-    placeholder_sequences(a.seqs, static_cast<std::int64_t>(call->fresh.size()));
+    // The plan comes on the worker, in the cache's order; variants are chosen now, on its shape.
+    call->placeholder = PagedPlan::placeholder(static_cast<std::int64_t>(call->fresh.size()));
+    if constexpr (kDecode) {
+      call->placeholder.bind(a.seqs);
+    } else {
+      call->placeholder.bind(a);
+    }
     bool causal = false;
     if constexpr (!kDecode) {
       causal = a.causal = !req->non_causal();
-      a.q_indptr = {DType::kInt32,
-                    {static_cast<std::int64_t>(call->fresh.size()) + 1},
-                    nullptr,
-                    MemoryKind::kHost};
       a.max_new_tokens = *std::max_element(call->fresh.begin(), call->fresh.end());
     }
     a.o = wire::prepare_output(cache->config().dtype, q.view.shape, resp->mutable_o());

@@ -142,6 +142,19 @@ TensorView int32_view(const std::vector<std::int32_t>& v) {
 
 }  // namespace
 
+PagedPlan PagedPlan::placeholder(std::int64_t n) {
+  PagedPlan p;
+  for (std::int64_t i = 0; i <= n; ++i) {
+    p.page_indptr.push_back(static_cast<std::int32_t>(i));
+    p.q_indptr.push_back(static_cast<std::int32_t>(i));
+  }
+  for (std::int64_t i = 0; i < n; ++i) {
+    p.page_indices.push_back(static_cast<std::int32_t>(i));
+    p.seq_lens.push_back(1);
+  }
+  return p;
+}
+
 void PagedPlan::bind(PagedSequences& seqs) const {
   seqs.page_indptr = int32_view(page_indptr);
   seqs.page_indices = int32_view(page_indices);

@@ -216,5 +216,43 @@ TEST(PagedChecks, RefuseMismatchedShapesNamingTheField) {
   EXPECT_NE(check_paged_decode(bad).message().find("head dim"), std::string::npos);
 }
 
+// The server chooses a call's variant before its plan exists (the plan is made on the worker, in
+// the cache's order), from PagedPlan::placeholder: the GPU rungs must take that shape for the
+// configurations they serve, or every cache on a GPU would fall back to the CPU. Needs no GPU:
+// `supports` runs on the host. Skips in builds without CUDA variants.
+TEST(PagedSelection, GpuRungsTakeACallBeforeItsPlan) {
+  if (!built_with_cuda()) GTEST_SKIP() << "this build has no CUDA variants";
+  const Target hopper{Backend::kCuda, 90};
+  for (DType dt : {DType::kBFloat16, DType::kFloat16})
+    for (std::int64_t d : {64, 128})
+      for (std::int64_t page : {16, 64})
+        for (std::int64_t group : {1, 4}) {
+          for (std::int64_t n : {1, 32}) {
+            const std::int64_t hkv = 8;
+            const PagedPlan plan = PagedPlan::placeholder(n);
+            PagedDecodeArgs a;
+            a.q = {dt, {n, hkv * group, d}, nullptr, MemoryKind::kHost};
+            a.k_new = a.v_new = {dt, {n, hkv, d}, nullptr, MemoryKind::kHost};
+            a.o = a.q;
+            a.cache = {dt, 1024, hkv, page, d, nullptr, nullptr, MemoryKind::kDevice};
+            a.scale = 1.0f;
+            plan.bind(a.seqs);
+            auto decode = default_registry().of<PagedDecodeArgs>().select(a, "", hopper);
+            ASSERT_TRUE(decode.ok()) << decode.status().to_string();
+            EXPECT_EQ((*decode)->info.backend, Backend::kCuda);
+            PagedPrefillArgs p;
+            p.q = a.q;
+            p.k_new = a.k_new;
+            p.v_new = a.v_new;
+            p.o = a.o;
+            p.cache = a.cache;
+            p.scale = 1.0f;
+            plan.bind(p);
+            auto prefill = default_registry().of<PagedPrefillArgs>().select(p, "", hopper);
+            ASSERT_TRUE(prefill.ok()) << prefill.status().to_string();
+          }
+        }
+}
+
 }  // namespace
 }  // namespace attn

@@ -142,6 +142,11 @@ using PagedOpArgs = std::tuple<PagedDecodeArgs, PagedPrefillArgs>;
 struct PagedPlan {
   std::vector<std::int32_t> page_indptr, page_indices, seq_lens, q_indptr;
 
+  // n sequences of one token each, sequence i in page i: the shape of a call of n sequences
+  // before its real plan exists, for choosing a variant (whose `supports` looks at the arrays'
+  // shapes and at the host copies being there, not at their values).
+  static PagedPlan placeholder(std::int64_t n);
+
   // Fills `seqs` (and, for prefill, q_indptr) with host views of these arrays.
   void bind(PagedSequences& seqs) const;
   void bind(PagedPrefillArgs& args) const;

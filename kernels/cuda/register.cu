@@ -157,6 +157,19 @@ void register_cuda_variants(Registry& r) {
                                  "from the pages with cp.async, causal bottom-right per sequence",
                                  1, 0},
                                 paged_prefill_01_supports, paged_prefill_01_flash_mma, {}});
+  // paged_prefill/02_wgmma is built but stays out of the registry until its GPU test has passed
+  // on a Hopper machine; flip this to register it (priority 2: ahead of rung 01 wherever it
+  // supports the call).
+  constexpr bool kRegisterPagedPrefill02 = false;
+  if constexpr (kRegisterPagedPrefill02)
+    r.of<PagedPrefillArgs>().add({{"paged_prefill/02_wgmma", Op::kPagedPrefill, Backend::kCuda, half,
+                                 "Hopper (sm_90); head dims 64, 128; 1, 2, 4 or 8 query heads per kv head; page "
+                                 "sizes 16, 32, 64, 128",
+                                 "attention/04's wgmma + TMA ring over the pages (a box per page), producer/consumer "
+                                 "warpgroups ping-ponging, persistent blocks on a queue of (sequence, kv head, "
+                                 "tile) items, latest first",
+                                 2, 90},
+                                paged_prefill_02_supports, paged_prefill_02_wgmma, {}});
 }
 
 }  // namespace attn

@@ -20,5 +20,7 @@ Status attention_decode_mma_split(const AttentionArgs& args, Stream& stream);
 
 Status paged_prefill_01_supports(const PagedPrefillArgs& args);
 Status paged_prefill_01_flash_mma(const PagedPrefillArgs& args, Stream& stream);
+Status paged_prefill_02_supports(const PagedPrefillArgs& args);
+Status paged_prefill_02_wgmma(const PagedPrefillArgs& args, Stream& stream);
 
 }  // namespace attn::cuda

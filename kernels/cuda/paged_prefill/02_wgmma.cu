@@ -1,0 +1,516 @@
+// paged_prefill/02_wgmma: attention/04's Hopper machinery (wgmma, TMA ring, producer/consumer
+// warpgroups ping-ponging, persistent blocks on a queue) over a paged cache and a packed, ragged
+// batch. What changes from rung 01 and why it should be faster:
+// - S = Q K^T and O += P V are wgmma.m64n128k16 chains (64 rows a warpgroup, 128-key tiles) out of
+//   128-byte swizzled shared memory instead of ldmatrix + mma.sync: the tensor cores run at the
+//   Hopper rate and the registers and issue slots go to the softmax, which runs under the other
+//   warpgroup's matrix work (ping-pong) and under this warpgroup's own P V of the previous tile.
+// - K/V tiles come by TMA, one box per page (page_size rows of one kv head: in the pool viewed as
+//   rows of D, (page, head) starts at row (page x Hkv + head) x page_size) into the same swizzled
+//   layout a 128-row box would make, since a page's rows start a multiple of 1024 bytes in; one
+//   producer thread keeps a 2-stage ring full while 256 consumer threads only compute.
+// - Query rows stay rung 01's (new token, query head of the group) pairs, so the GQA group shares
+//   each K/V tile: the 128 rows of a tile are one 4-D TMA box [tokens][group heads][64 of D].
+// - Work items (sequence, kv head, 128-row tile) go to one block per SM through an atomic queue,
+//   the latest tiles (the most keys under causal) first; the append launch plans the tile offsets
+//   on the device and zeroes the queue, so there is no host-to-device copy per call.
+// Ragged edges: rows past a sequence's new tokens are computed but not stored; pages past the
+// sequence are not loaded and keys past its length are masked, their V rows zeroed (a pool's
+// unused slots may hold anything, NaN included, and 0 x NaN would reach the output).
+// bf16/fp16; head dims 64, 128; 1, 2, 4 or 8 query heads per kv head; page sizes 16 to 128.
+// Not yet run on a GPU: out of the registry (register.cu) until its GPU test passes, unmeasured.
+#include <algorithm>
+
+#include "../common/mma_sync.cuh"
+#include "../common/paged_common.cuh"
+#include "../hopper/hopper.cuh"
+#include "../hopper/tensor_map.h"
+#include "../paged_decode/paged_decode_rungs.h"
+
+namespace attn::cuda {
+namespace {
+
+using namespace hopper;
+
+constexpr const char* kName = "paged_prefill/02_wgmma";
+constexpr int kBM = 128, kBN = 128, kThreads = 384;
+constexpr int kTurn = 1, kWarpgroupSync = 3;  // named barriers, as in attention/04
+
+template <int D>
+struct Smem {
+  static constexpr int kStages = 2;
+  static constexpr int kSlab = 128 * 128;              // [128 rows][64 columns] of 16-bit
+  static constexpr int kTileBytes = (D / 64) * kSlab;  // Q, a K tile or a V tile
+  static constexpr int kBytes = kTileBytes + kStages * 2 * kTileBytes + 1024;
+};
+
+__device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, std::uint64_t* bar,
+                                            int c0, int c1, int c2, int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, "
+      "{%3, %4, %5, "
+      "%6}], [%2];\n" ::"r"(smem_u32(dst)),
+      "l"(map), "r"(smem_u32(bar)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+}
+
+// attention/04's building blocks, unchanged: the operands sit in the same swizzled layout.
+template <class T, int D, bool kQRegs>
+__device__ __forceinline__ void issue_scores(float (&sc)[64], const unsigned (&qf)[D / 16][4],
+                                             const unsigned char* q, const unsigned char* k) {
+  constexpr int kSlab = Smem<D>::kSlab;
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const std::uint64_t dk = smem_desc(k + (kk / 4) * kSlab + (kk % 4) * 32, 16, 1024);
+    if constexpr (kQRegs) {
+      wgmma_m64n128k16_rs<T, 0>(sc, qf[kk], dk, kk > 0);
+    } else {
+      const std::uint64_t dq = smem_desc(q + (kk / 4) * kSlab + (kk % 4) * 32, 16, 1024);
+      wgmma_m64n128k16<T, 0, 0>(sc, dq, dk, kk > 0);
+    }
+  }
+  wgmma_commit();
+}
+
+template <int D>
+__device__ __forceinline__ void load_q_fragments(unsigned (&qf)[D / 16][4], const unsigned char* qs,
+                                                 int warp_row0, int lane) {
+  const int row = warp_row0 + (lane % 8) + 8 * ((lane / 8) % 2);
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int chunk = 2 * (kk % 4) + lane / 16;
+    mma_sync::ldsm_x4(qf[kk], mma_sync::smem_addr(qs + (kk / 4) * Smem<D>::kSlab + row * 128 +
+                                                  ((chunk ^ (lane % 8)) * 16)));
+  }
+}
+
+template <class T, int D>
+__device__ __forceinline__ void issue_pv(float (&o)[D / 2], const unsigned (&pf)[kBN / 16][4],
+                                         const unsigned char* v) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk) {
+    const std::uint64_t dv = smem_desc(v + kk * 2048, Smem<D>::kSlab, 1024);
+    if constexpr (D == 128)
+      wgmma_m64n128k16_rs<T, 1>(o, pf[kk], dv, 1);
+    else
+      wgmma_m64n64k16_rs<T, 1>(o, pf[kk], dv, 1);
+  }
+  wgmma_commit();
+}
+
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Which keys a packed row (new token row / group, query head row % group of the group) sees:
+// keys < first_visible + token under causal (bottom-right: first_visible = len - new + 1), else
+// all len.
+struct Rows {
+  int len, first_visible, group;
+  bool causal;
+  __device__ __forceinline__ int visible(int row) const {
+    return causal ? min(len, first_visible + row / group) : len;
+  }
+};
+
+// attention/04's online softmax with the paged rows' visibility rule.
+__device__ __forceinline__ void softmax_tile(float (&sc)[64], float (&m)[2], float (&l)[2],
+                                             float (&scale_o)[2], float scale_log2,
+                                             const Rows& rows, bool masked, int key0, int row0,
+                                             int t4) {
+  if (scale_log2 < 0.0f) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) sc[i] = -sc[i];
+  }
+  const float scale = fabsf(scale_log2);
+  float part[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}}, tile_max[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int visible = masked ? rows.visible(row0 + 8 * r) : 0;
+#pragma unroll
+    for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& x = sc[4 * j + 2 * r + e];
+        if (masked && key0 + 8 * j + 2 * t4 + e >= visible) x = -INFINITY;
+        part[r][e] = fmaxf(part[r][e], x);
+      }
+  }
+  float neg_max[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    tile_max[r] = fmaxf(part[r][0], part[r][1]);
+    tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+    tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+    const float m_new = fmaxf(m[r], tile_max[r] * scale);
+    const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+    scale_o[r] = exp2_ftz(m[r] - m_use);
+    m[r] = m_new;
+    neg_max[r] = -m_use;
+    part[r][0] = part[r][1] = 0.0f;
+  }
+#pragma unroll
+  for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& x = sc[4 * j + 2 * r + e];
+        x = exp2_ftz(fmaf(x, scale, neg_max[r]));
+        part[r][e] += x;
+      }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) l[r] = l[r] * scale_o[r] + (part[r][0] + part[r][1]);
+}
+
+template <class T>
+__device__ __forceinline__ void pack_probabilities(unsigned (&pf)[kBN / 16][4],
+                                                   const float (&sc)[64]) {
+#pragma unroll
+  for (int j = 0; j < kBN / 8; ++j) {
+    pf[j / 2][(j % 2) * 2 + 0] = mma_sync::pack2<T>(sc[4 * j], sc[4 * j + 1]);
+    pf[j / 2][(j % 2) * 2 + 1] = mma_sync::pack2<T>(sc[4 * j + 2], sc[4 * j + 3]);
+  }
+}
+
+template <int D>
+__device__ __forceinline__ void rescale_rows(float (&o)[D / 2], const float (&scale_o)[2]) {
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) {
+    o[4 * j] *= scale_o[0];
+    o[4 * j + 1] *= scale_o[0];
+    o[4 * j + 2] *= scale_o[1];
+    o[4 * j + 3] *= scale_o[1];
+  }
+}
+
+// Work item w: kv head w % Hkv of query tile x = tiles - 1 - w / Hkv in the batch's tile order
+// (tile_indptr from the append launch), so the latest tiles of the latest sequences go first and
+// the kv heads of one tile run side by side.
+struct WorkItem {
+  int seq, hkv, r0, first, row_count, tiles, first_masked;
+  Rows rows;
+  __device__ WorkItem(const PagedProblem& p, const int* tile_indptr, int total_tiles, int w) {
+    hkv = w % p.heads_kv;
+    const int x = total_tiles - 1 - w / p.heads_kv;
+    seq = owner_of_tile(tile_indptr, p.n, x);
+    r0 = (x - __ldg(tile_indptr + seq)) * kBM;
+    first = __ldg(p.q_indptr + seq);
+    const int fresh = __ldg(p.q_indptr + seq + 1) - first, len = __ldg(p.seq_lens + seq);
+    row_count = fresh * p.group;
+    rows = Rows{len, len - fresh + 1, p.group, p.causal};
+    tiles = (rows.visible(min(r0 + kBM, row_count) - 1) + kBN - 1) / kBN;
+    first_masked = rows.visible(r0) / kBN;  // every tile from here holds a key some row can't see
+  }
+};
+
+template <class T, int D, bool kQRegs>
+__global__ void __launch_bounds__(kThreads, 1)
+    paged_wgmma_kernel(const __grid_constant__ CUtensorMap map_q,
+                       const __grid_constant__ CUtensorMap map_k,
+                       const __grid_constant__ CUtensorMap map_v, PagedProblem p,
+                       const int* tile_indptr, int* next_item, int items, int total_tiles) {
+  using S = Smem<D>;
+  constexpr int kStages = S::kStages;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  __shared__ __align__(8) std::uint64_t q_full, q_empty, k_full[kStages], k_empty[kStages],
+      v_full[kStages], v_empty[kStages];
+  __shared__ int item_slot;
+  unsigned char* qs = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<std::uintptr_t>(smem_raw) + 1023) & ~std::uintptr_t{1023});
+  unsigned char* ring = qs + S::kTileBytes;
+  const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
+
+  if (threadIdx.x == 0) {
+    mbar_init(&q_full, 1);
+    mbar_init(&q_empty, 2);
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&k_full[s], 1);
+      mbar_init(&v_full[s], 1);
+      mbar_init(&k_empty[s], 2);
+      mbar_init(&v_empty[s], 2);
+    }
+    mbar_fence_init();
+  }
+  __syncthreads();
+
+  if (wg == 0) {  // producer
+    regs_decrease<40>();
+    if (tid != 0) return;
+    int s = 0;
+    std::uint32_t phase = 0, q_phase = 0;
+    const int ps = p.page_size, pages_per_tile = kBN / ps;
+    const std::uint32_t page_bytes =
+        static_cast<std::uint32_t>(ps) * 128u;  // one page of one 64-wide slab
+    for (int w = blockIdx.x;;) {
+      mbar_wait(&q_empty, q_phase ^ 1);
+      *static_cast<volatile int*>(&item_slot) = w < items ? w : -1;
+      if (w >= items) {
+        mbar_arrive(&q_full);
+        break;
+      }
+      const WorkItem item(p, tile_indptr, total_tiles, w);
+      // Q: [128 / group tokens][group heads][64] per slab; tokens past the batch read as zeros,
+      // those of the next sequence are computed and dropped.
+      mbar_expect_tx(&q_full, S::kTileBytes);
+      for (int slab = 0; slab < D / 64; ++slab)
+        tma_load_4d(qs + slab * S::kSlab, &map_q, &q_full, 64 * slab, 0, item.hkv,
+                    item.first + item.r0 / p.group);
+      q_phase ^= 1;
+      const int* pages = p.page_indices + __ldg(p.page_indptr + item.seq);
+      for (int t = 0; t < item.tiles; ++t) {
+        const int key0 = t * kBN;
+        // Only the pages holding keys < len: the page table ends there.
+        const int loaded = min(pages_per_tile, (item.rows.len - key0 + ps - 1) / ps);
+        const std::uint32_t bytes = static_cast<std::uint32_t>(loaded) * page_bytes * (D / 64);
+        unsigned char* kt = ring + s * 2 * S::kTileBytes;
+        mbar_wait(&k_empty[s], phase ^ 1);
+        mbar_expect_tx(&k_full[s], bytes);
+        for (int pg = 0; pg < loaded; ++pg) {
+          const int page_row = __ldg(pages + key0 / ps + pg) * p.heads_kv + item.hkv;
+          for (int slab = 0; slab < D / 64; ++slab)
+            tma_load_3d(kt + slab * S::kSlab + pg * page_bytes, &map_k, &k_full[s], 64 * slab, 0,
+                        page_row);
+        }
+        mbar_wait(&v_empty[s], phase ^ 1);
+        mbar_expect_tx(&v_full[s], bytes);
+        for (int pg = 0; pg < loaded; ++pg) {
+          const int page_row = __ldg(pages + key0 / ps + pg) * p.heads_kv + item.hkv;
+          for (int slab = 0; slab < D / 64; ++slab)
+            tma_load_3d(kt + S::kTileBytes + slab * S::kSlab + pg * page_bytes, &map_v, &v_full[s],
+                        64 * slab, 0, page_row);
+        }
+        if (++s == kStages) s = 0, phase ^= 1;
+      }
+      w = next_item ? atomicAdd(next_item, 1) + static_cast<int>(gridDim.x)
+                    : w + static_cast<int>(gridDim.x);
+    }
+    return;
+  }
+
+  regs_increase<232>();
+  const int half = wg - 1, warp = tid / 32, lane = tid % 32, t4 = lane % 4;
+  const unsigned char* q = qs + half * 64 * 128;
+  const auto take_turn = [&] { named_barrier(kTurn + half, 256); };
+  const auto pass_turn = [&] { named_barrier_arrive(kTurn + 1 - half, 256); };
+  if (half == 1) named_barrier_arrive(kTurn, 256);
+  int s = 0;
+  std::uint32_t phase = 0, q_phase = 0;
+  for (;;) {
+    mbar_wait(&q_full, q_phase);
+    q_phase ^= 1;
+    const int w = *static_cast<volatile int*>(&item_slot);
+    named_barrier(kWarpgroupSync + half, 128);
+    if (w < 0) break;
+    const WorkItem item(p, tile_indptr, total_tiles, w);
+    const int row0 =
+        item.r0 + half * 64 + warp * 16 + lane / 4;  // rows row0 and row0 + 8 of the sequence
+    float o[D / 2], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, sc[64], scale_o[2];
+    unsigned pf[kBN / 16][4], qf[D / 16][4];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
+    const auto release_q = [&] {
+      if (tid == 0) mbar_arrive(&q_empty);
+    };
+    if constexpr (kQRegs) {
+      load_q_fragments<D>(qf, qs, half * 64 + warp * 16, lane);
+      named_barrier(kWarpgroupSync + half, 128);
+      release_q();
+    }
+    if (item.tiles == 0) {
+      if (!kQRegs) release_q();
+    } else {
+      mbar_wait(&k_full[s], phase);
+      take_turn();
+      issue_scores<T, D, kQRegs>(sc, qf, q, ring + s * 2 * S::kTileBytes);
+      pass_turn();
+      wgmma_wait<0>();
+      fence_registers(sc);
+      if (tid == 0) mbar_arrive(&k_empty[s]);
+      if (!kQRegs && item.tiles == 1) release_q();
+      softmax_tile(sc, m, l, scale_o, p.scale_log2, item.rows, item.first_masked == 0, 0, row0, t4);
+      pack_probabilities<T>(pf, sc);
+      for (int t = 1; t < item.tiles; ++t) {
+        const int sn = s + 1 == kStages ? 0 : s + 1;
+        const std::uint32_t phase_n = sn == 0 ? phase ^ 1 : phase;
+        mbar_wait(&k_full[sn], phase_n);
+        take_turn();
+        issue_scores<T, D, kQRegs>(sc, qf, q, ring + sn * 2 * S::kTileBytes);
+        rescale_rows<D>(o, scale_o);
+        mbar_wait(&v_full[s], phase);
+        issue_pv<T, D>(o, pf, ring + s * 2 * S::kTileBytes + S::kTileBytes);
+        pass_turn();
+        wgmma_wait<1>();
+        fence_registers(sc);
+        if (tid == 0) mbar_arrive(&k_empty[sn]);
+        if (!kQRegs && t == item.tiles - 1) release_q();
+        softmax_tile(sc, m, l, scale_o, p.scale_log2, item.rows, t >= item.first_masked, t * kBN,
+                     row0, t4);
+        wgmma_wait<0>();
+        fence_registers(o);
+        if (tid == 0) mbar_arrive(&v_empty[s]);
+        pack_probabilities<T>(pf, sc);
+        s = sn, phase = phase_n;
+      }
+      rescale_rows<D>(o, scale_o);
+      unsigned char* vt = ring + s * 2 * S::kTileBytes + S::kTileBytes;
+      mbar_wait(&v_full[s], phase);
+      // Only the last tile can hold keys >= len. Their P is 0, but their V rows are whatever the
+      // pool's slot (or an earlier tile, where no page was loaded) left, possibly NaN: zero them.
+      // Both warpgroups write the same zeros, so the second writing under the first's P V is
+      // harmless; the proxy fence makes the stores visible to wgmma.
+      const int kept = item.rows.len - (item.tiles - 1) * kBN;
+      if (kept < kBN) {
+        const int chunks = (kBN - kept) * 8;  // 16-byte pieces per slab
+        for (int c = tid; c < chunks * (D / 64); c += 128) {
+          const int slab = c / chunks, rc = c % chunks;
+          *reinterpret_cast<uint4*>(vt + slab * S::kSlab + (kept + rc / 8) * 128 + (rc % 8) * 16) =
+              make_uint4(0u, 0u, 0u, 0u);
+        }
+        fence_async_shared();
+        named_barrier(kWarpgroupSync + half, 128);
+      }
+      issue_pv<T, D>(o, pf, vt);
+      wgmma_wait<0>();
+      fence_registers(o);
+      if (tid == 0) mbar_arrive(&v_empty[s]);
+      if (++s == kStages) s = 0, phase ^= 1;
+    }
+    // Row r of the sequence's packed rows: token first + r / group, query head hkv x group + r %
+    // group.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = row0 + 8 * r;
+      float lr = l[r];
+      lr += __shfl_xor_sync(0xffffffffu, lr, 1);
+      lr += __shfl_xor_sync(0xffffffffu, lr, 2);
+      if (row >= item.row_count) continue;
+      const long long orow = static_cast<long long>(item.first + row / p.group) * p.heads_q +
+                             item.hkv * p.group + row % p.group;
+      const float inv = 1.0f / lr;  // every row sees at least its own key
+      T* out = static_cast<T*>(p.o) + orow * D;
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j)
+        *reinterpret_cast<unsigned*>(out + 8 * j + 2 * t4) =
+            mma_sync::pack2<T>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
+      if (p.lse && t4 == 0) p.lse[orow] = (m[r] + log2f(lr)) * 0.6931471805599453f;
+    }
+  }
+  if (half == 0) named_barrier(kTurn, 256);
+}
+
+// Q [T, Hq, D] as [T][Hkv][group][D]: a box of [128 / group][1][group][64] is the 128 (token,
+// group head) rows of one kv head's tile, in rung 01's row order.
+Result<CUtensorMap> q_map(const PagedProblem& p, DType dt) {
+  ATTN_ASSIGN_OR_RETURN(encode, tensor_map_encoder());
+  CUtensorMap map{};
+  const auto d = static_cast<cuuint64_t>(p.head_dim);
+  const cuuint64_t dims[4] = {d, static_cast<cuuint64_t>(p.group),
+                              static_cast<cuuint64_t>(p.heads_kv),
+                              static_cast<cuuint64_t>(p.tokens)};
+  const cuuint64_t strides[3] = {d * 2, d * 2 * p.group, d * 2 * p.heads_q};
+  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(p.group), 1,
+                             static_cast<cuuint32_t>(kBM / p.group)};
+  const cuuint32_t unit[4] = {1, 1, 1, 1};
+  const CUresult r = encode(
+      &map,
+      dt == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+      4, const_cast<void*>(p.q), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    return internal_error("cuTensorMapEncodeTiled failed (CUresult " + std::to_string(r) + ")");
+  return map;
+}
+
+long long total_tiles(const PagedPrefillArgs& a, const PagedProblem& p) {
+  long long tiles = 0;
+  for (int i = 0; i < p.n; ++i)
+    tiles +=
+        (static_cast<long long>(a.q_indptr_host[i + 1] - a.q_indptr_host[i]) * p.group + kBM - 1) /
+        kBM;
+  return tiles;
+}
+
+template <class T, int D>
+Status launch(const PagedPrefillArgs& a, const PagedProblem& p, cudaStream_t s) {
+  const DType dt = a.cache.dtype;
+  const long long pool_rows = a.cache.pages * a.cache.heads_kv;
+  ATTN_ASSIGN_OR_RETURN(mq, q_map(p, dt));
+  ATTN_ASSIGN_OR_RETURN(mk, tensor_map_3d(p.k_pool, dt, D, p.page_size, pool_rows, p.page_size));
+  ATTN_ASSIGN_OR_RETURN(mv, tensor_map_3d(p.v_pool, dt, D, p.page_size, pool_rows, p.page_size));
+  const long long tiles = total_tiles(a, p), items = tiles * p.heads_kv;
+  constexpr bool kQRegs =
+      D == 128;  // as attention/04: Q in registers at 128, from shared memory at 64
+  auto kernel = paged_wgmma_kernel<T, D, kQRegs>;
+  constexpr int kBytes = Smem<D>::kBytes;
+  ATTN_RETURN_IF_ERROR(
+      to_status(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes),
+                "paged_prefill/02 shared memory"));
+  int device = 0, sms = 0;
+  ATTN_RETURN_IF_ERROR(to_status(cudaGetDevice(&device), "paged_prefill/02 device"));
+  ATTN_RETURN_IF_ERROR(
+      to_status(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+                "paged_prefill/02 device"));
+  const int blocks = static_cast<int>(std::min<long long>(items, sms));
+  // tile_indptr [n + 1] then the queue's counter, both written by the append launch.
+  int* ws = nullptr;
+  ATTN_RETURN_IF_ERROR(
+      to_status(cudaMallocAsync(&ws, (p.n + 2) * sizeof(int), s), "paged_prefill/02 workspace"));
+  PagedPrep prep;
+  prep.tile_indptr = ws;
+  prep.per_tile = kBM;
+  prep.units_are_new_rows = true;
+  prep.zeroed = ws + p.n + 1;
+  prep.zero_count = 1;
+  const Status st = launch_paged_append<T>(p, prep, s, "paged_prefill/02 append");
+  if (st.ok() && blocks > 0)
+    kernel<<<blocks, kThreads, kBytes, s>>>(mq, mk, mv, p, ws,
+                                            blocks < items ? ws + p.n + 1 : nullptr,
+                                            static_cast<int>(items), static_cast<int>(tiles));
+  const Status launched =
+      st.ok() ? to_status(cudaGetLastError(), "paged_prefill/02_wgmma launch") : st;
+  cudaFreeAsync(ws, s);
+  return launched;
+}
+
+Result<PagedProblem> problem(const PagedPrefillArgs& a) {
+  ATTN_ASSIGN_OR_RETURN(p, paged_problem(a, a.q_indptr, {DType::kBFloat16, DType::kFloat16},
+                                         {64, 128}, {1, 2, 4, 8}, kName));
+  ATTN_RETURN_IF_ERROR(require_hopper(kName));
+  if (!a.q_indptr_host)
+    return invalid_argument(std::string("q_indptr: ") + kName + " plans from its host copy");
+  // A page is one TMA box of page_size rows landing a multiple of 1024 bytes into a 128-key tile
+  // (so that the 128-byte swizzle lines up): powers of two from 16 to 128.
+  const std::int64_t ps = a.cache.page_size;
+  if (ps != 16 && ps != 32 && ps != 64 && ps != 128)
+    return invalid_argument(std::string("cache.page_size: ") + kName +
+                            " takes page sizes 16, 32, 64, 128, got " + std::to_string(ps));
+  for (const TensorView* t : {&a.q, &a.o})
+    if (reinterpret_cast<std::uintptr_t>(t->data) % 16 != 0)
+      return invalid_argument(std::string("q.data: ") + kName + " needs 16-byte aligned q and o");
+  p.causal = a.causal;
+  if (total_tiles(a, p) * p.heads_kv >
+      INT_MAX / 2)  // item numbers run past the count by up to a grid
+    return invalid_argument(std::string("q.shape: ") + kName + " takes < 2^30 work items");
+  return p;
+}
+
+}  // namespace
+
+Status paged_prefill_02_supports(const PagedPrefillArgs& args) { return problem(args).status(); }
+
+Status paged_prefill_02_wgmma(const PagedPrefillArgs& args, Stream& stream) {
+  ATTN_ASSIGN_OR_RETURN(p, problem(args));
+  const cudaStream_t s = paged_stream(stream);
+  if (args.cache.dtype == DType::kBFloat16)
+    return p.head_dim == 64 ? launch<__nv_bfloat16, 64>(args, p, s)
+                            : launch<__nv_bfloat16, 128>(args, p, s);
+  return p.head_dim == 64 ? launch<__half, 64>(args, p, s) : launch<__half, 128>(args, p, s);
+}
+
+}  // namespace attn::cuda

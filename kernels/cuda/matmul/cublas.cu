@@ -32,6 +32,7 @@ cudaDataType_t cuda_type(DType t) {
     case DType::kFloat32: return CUDA_R_32F;
     case DType::kFloat16: return CUDA_R_16F;
     case DType::kBFloat16: return CUDA_R_16BF;
+    case DType::kInt32: break;  // no matmul operand is int32: supports() refuses it
   }
   return CUDA_R_32F;
 }

@@ -47,6 +47,7 @@ void with_dtype(DType dtype, F&& f) {
     case DType::kFloat32: f(float{}); break;
     case DType::kFloat16: f(__half{}); break;
     case DType::kBFloat16: f(__nv_bfloat16{}); break;
+    case DType::kInt32: break;  // index arrays only; no softmax takes them
   }
 }
 

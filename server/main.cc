@@ -150,8 +150,14 @@ void wait_for_signals(sigset_t stop_signals) {
 // before main, so the server runs itself again with the policy set, unless the user set one.
 void ensure_passive_openmp(char** argv) {
   if (std::getenv("OMP_WAIT_POLICY")) return;
+  // By the binary's own path, so that the process keeps its name (exec names it after the file:
+  // through /proc/self/exe, ps and podman top would show "exe").
+  char self[4096];
+  const ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+  if (n <= 0) return;
+  self[n] = '\0';
   setenv("OMP_WAIT_POLICY", "passive", 1);
-  execv("/proc/self/exe", argv);  // returns only on failure: then carry on as we are
+  execv(self, argv);  // returns only on failure (the file replaced, say): then carry on as we are
 }
 
 int main(int argc, char** argv) {

@@ -12,6 +12,7 @@
 
 #include "attn_service.h"
 #include "kv_cache.h"
+#include "kv_decode.h"
 
 namespace attn::server {
 namespace {
@@ -30,55 +31,6 @@ class Refused final : public Base {
   explicit Refused(const Status& status) { this->Finish(wire::to_grpc(status)); }
   void OnDone() override { delete this; }
 };
-
-Status check_layer(const KvCache& c, std::int64_t layer) {
-  if (layer < 0 || layer >= c.config().layers) {
-    return invalid_argument("layer: expected 0.." + str(c.config().layers - 1) +
-                            " (the cache has " + str(c.config().layers) + " layers), got " +
-                            str(layer));
-  }
-  return Status::Ok();
-}
-
-Status check_ids(const google::protobuf::RepeatedPtrField<std::string>& ids) {
-  if (ids.empty())
-    return invalid_argument("sequence_ids: expected at least one sequence, got none");
-  std::set<std::string> seen;
-  for (int i = 0; i < ids.size(); ++i) {
-    if (ids[i].empty())
-      return invalid_argument("sequence_ids[" + str(i) + "]: expected a sequence id, got \"\"");
-    if (!seen.insert(ids[i]).second) {
-      return invalid_argument("sequence_ids[" + str(i) + "]: \"" + ids[i] +
-                              "\" appears twice in one call");
-    }
-  }
-  return Status::Ok();
-}
-
-// An inline tensor of the cache's dtype and shape [rows, heads, D].
-Result<wire::DecodedTensor> kv_input(const v1::Tensor& t, bool present, const std::string& field,
-                                     const KvCache& c, std::int64_t rows, std::int64_t heads,
-                                     const wire::TensorLimits& limits) {
-  if (!present) return invalid_argument(field + ": expected a tensor, got none");
-  if (!t.handle().empty())
-    return invalid_argument(field + ".handle: KV-cache calls take inline tensors, got a handle");
-  ATTN_ASSIGN_OR_RETURN(d, wire::decode_tensor(t, field, limits));
-  const KvCacheConfig& cfg = c.config();
-  if (d.view.dtype != cfg.dtype) {
-    return invalid_argument(field + ".dtype: expected " + std::string(dtype_name(cfg.dtype)) +
-                            " (the cache's), got " + std::string(dtype_name(d.view.dtype)));
-  }
-  const std::string want =
-      heads > 0 ? "[" + str(rows) + ", " + str(heads) + ", " + str(cfg.head_dim) + "]"
-                : "[" + str(rows) + ", Hq (a multiple of " + str(cfg.heads_kv) + "), " +
-                      str(cfg.head_dim) + "]";
-  const Shape& s = d.view.shape;
-  const bool ok = s.size() == 3 && s[0] == rows && s[2] == cfg.head_dim &&
-                  (heads > 0 ? s[1] == heads : s[1] % cfg.heads_kv == 0);
-  if (!ok)
-    return invalid_argument(field + ".shape: expected " + want + ", got " + shape_to_string(s));
-  return d;
-}
 
 void fill_sequence(const KvSequenceSummary& s, v1::KvSequenceInfo* out) {
   out->set_id(s.id);
@@ -518,80 +470,19 @@ grpc::ServerUnaryReactor* AttnService::serve_kv(grpc::CallbackServerContext* ctx
   auto prepared = [&]() -> Status {
     ATTN_ASSIGN_OR_RETURN(cache, find_cache(req->cache(), "cache"));
     call->cache = cache;
-    ATTN_RETURN_IF_ERROR(check_layer(*cache, req->layer()));
-    ATTN_RETURN_IF_ERROR(check_ids(req->sequence_ids()));
-    std::int64_t rows = 0;
-    for (auto f : call->fresh) rows += f;
-    ATTN_ASSIGN_OR_RETURN(q,
-                          kv_input(req->q(), req->has_q(), "q", *cache, rows, 0, decode_.limits));
-    constexpr bool kDecode = std::is_same_v<Args, PagedDecodeArgs>;
-    const auto& k_msg = [&]() -> const v1::Tensor& {
-      if constexpr (kDecode)
-        return req->k_new();
-      else
-        return req->k();
-    }();
-    const auto& v_msg = [&]() -> const v1::Tensor& {
-      if constexpr (kDecode)
-        return req->v_new();
-      else
-        return req->v();
-    }();
-    const bool has_k = [&] {
-      if constexpr (kDecode)
-        return req->has_k_new();
-      else
-        return req->has_k();
-    }();
-    const bool has_v = [&] {
-      if constexpr (kDecode)
-        return req->has_v_new();
-      else
-        return req->has_v();
-    }();
-    const std::int64_t hkv = cache->config().heads_kv;
     ATTN_ASSIGN_OR_RETURN(
-        k, kv_input(k_msg, has_k, kDecode ? "k_new" : "k", *cache, rows, hkv, decode_.limits));
-    ATTN_ASSIGN_OR_RETURN(
-        v, kv_input(v_msg, has_v, kDecode ? "v_new" : "v", *cache, rows, hkv, decode_.limits));
-    if (!std::isfinite(req->scale())) {
-      return invalid_argument("scale: expected a finite number (0 for 1/sqrt(D)), got " +
-                              std::to_string(req->scale()));
-    }
-    Args& a = call->args;
-    a.q = q.view;
-    a.k_new = k.view;
-    a.v_new = v.view;
-    a.cache = cache->layer(req->layer());
-    a.scale = resolve_attention_scale(req->scale(), cache->config().head_dim);
-    // The plan comes on the worker, in the cache's order; variants are chosen now, on its shape.
-    call->placeholder = PagedPlan::placeholder(static_cast<std::int64_t>(call->fresh.size()));
-    if constexpr (kDecode) {
-      call->placeholder.bind(a.seqs);
-    } else {
-      call->placeholder.bind(a);
-    }
-    bool causal = false;
-    if constexpr (!kDecode) {
-      causal = a.causal = !req->non_causal();
-      a.max_new_tokens = *std::max_element(call->fresh.begin(), call->fresh.end());
-    }
-    a.o = wire::prepare_output(cache->config().dtype, q.view.shape, resp->mutable_o());
-    if (req->return_lse())
-      a.lse = wire::prepare_output(DType::kFloat32, {rows, q.view.dim(1)}, resp->mutable_lse());
-    ATTN_ASSIGN_OR_RETURN(variant,
-                          registry_.of<Args>().select(a, req->kernel(), cache->owner().target()));
-    call->variant = variant;
-    call->inputs.push_back(std::move(q));
-    call->inputs.push_back(std::move(k));
-    call->inputs.push_back(std::move(v));
+        r, decode_kv_request(*req, resp, *cache, call->fresh, registry_, decode_.limits));
+    call->inputs = std::move(r.inputs);
+    call->args = r.args;
+    call->placeholder = std::move(r.placeholder);  // its arrays keep their storage: args stay valid
+    call->variant = r.variant;
     // Calls merge when one launch can serve them all: the same cache, layer, variant, query
     // heads, scale, mask and outputs.
     char key[256];
-    std::snprintf(key, sizeof key, "%s %p %d %s %lld %a %d %d", op,
-                  static_cast<const void*>(cache.get()), call->layer, variant->info.name.c_str(),
-                  static_cast<long long>(a.q.dim(1)), static_cast<double>(a.scale), causal ? 1 : 0,
-                  req->return_lse() ? 1 : 0);
+    std::snprintf(
+        key, sizeof key, "%s %p %d %s %lld %a %d %d", op, static_cast<const void*>(cache.get()),
+        call->layer, r.variant->info.name.c_str(), static_cast<long long>(call->args.q.dim(1)),
+        static_cast<double>(call->args.scale), r.causal ? 1 : 0, req->return_lse() ? 1 : 0);
     call->key = key;
     return Status::Ok();
   }();
@@ -625,31 +516,15 @@ grpc::ServerUnaryReactor* AttnService::Decode(grpc::CallbackServerContext* ctx,
 grpc::ServerUnaryReactor* AttnService::Prefill(grpc::CallbackServerContext* ctx,
                                                const v1::PrefillRequest* req,
                                                v1::PrefillResponse* resp) {
-  std::vector<std::int64_t> fresh(req->lens().begin(), req->lens().end());
-  Status valid = Status::Ok();
-  if (fresh.size() != static_cast<std::size_t>(req->sequence_ids_size())) {
-    valid =
-        invalid_argument("lens: expected one count per sequence (" + str(req->sequence_ids_size()) +
-                         "), got " + str(static_cast<std::int64_t>(fresh.size())));
-  }
-  std::int64_t total = 0;
-  for (std::size_t i = 0; i < fresh.size() && valid.ok(); ++i) {
-    if (fresh[i] < 1 || fresh[i] > std::numeric_limits<std::int32_t>::max()) {
-      valid = invalid_argument("lens[" + str(static_cast<std::int64_t>(i)) +
-                               "]: expected 1..2^31-1 new tokens, got " + str(fresh[i]));
-    }
-    total += fresh[i];
-    if (total > std::numeric_limits<std::int32_t>::max())
-      valid = invalid_argument("lens: expected a sum below 2^31");
-  }
-  if (!valid.ok()) {
+  auto fresh = prefill_lens(*req);
+  if (!fresh.ok()) {
     if (auto* refused = refuse_unauthenticated(ctx, "paged_prefill", req->ByteSizeLong()))
       return refused;
     auto* reactor = ctx->DefaultReactor();
-    finish(reactor, ctx, "paged_prefill", "", valid, nullptr, req->ByteSizeLong(), 0);
+    finish(reactor, ctx, "paged_prefill", "", fresh.status(), nullptr, req->ByteSizeLong(), 0);
     return reactor;
   }
-  return serve_kv<PagedPrefillArgs>(ctx, req, resp, std::move(fresh), true);
+  return serve_kv<PagedPrefillArgs>(ctx, req, resp, std::move(fresh).value(), true);
 }
 
 // The header, then K's bytes and V's, from a copy gathered on the cache's worker (in order with

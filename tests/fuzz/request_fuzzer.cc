@@ -1,7 +1,8 @@
 // libFuzzer target: arbitrary bytes as each request message, through the server's validation and
 // dispatch path on the CPU backend. The first byte picks the request type (0 matmul, 1 softmax,
-// 2 attention), the rest is parsed as that message; whatever decodes is run and its outputs
-// encoded as a response would be. Any crash, sanitizer report or leak is a finding.
+// 2 attention, 3 Decode, 4 Prefill), the rest is parsed as that message; whatever decodes is run
+// and its outputs encoded as a response would be (Decode and Prefill into a small KV cache made
+// for the input: planned, run, committed). Any crash, sanitizer report or leak is a finding.
 #include <cstddef>
 #include <cstdint>
 
@@ -10,12 +11,16 @@
 #include "attn/executor.h"
 #include "attn/registry.h"
 #include "decode.h"
+#include "kv_cache.h"
+#include "kv_decode.h"
 
 namespace {
 
 struct Env {
   std::unique_ptr<attn::Executor> cpu = attn::make_cpu_executor();
   attn::server::DecodeContext ctx;
+  attn::server::TensorStore quota{{cpu.get()}, {}};
+  attn::server::KvCacheStore caches{{cpu.get()}, &quota, {}};
   Env() {
     google::protobuf::SetLogHandler(nullptr);  // parse errors of invalid UTF-8 are expected here
     ctx.registry = &attn::default_registry();
@@ -35,12 +40,48 @@ void run(Env& env, attn::Result<attn::server::PreparedOp<Args>> op, std::initial
     for (auto* out : outputs) attn::wire::convert_to_values(out);
 }
 
+// A Decode or Prefill into a fresh cache of 2 layers, 2 kv heads, D 8, 16 pages of 4 tokens.
+template <class Request, class Response>
+void run_kv(Env& env, const Request& req, const attn::Result<std::vector<std::int64_t>>& fresh, bool create) {
+  if (!fresh.ok()) return;
+  attn::server::KvCacheConfig config;
+  config.layers = 2;
+  config.heads_kv = 2;
+  config.head_dim = 8;
+  config.page_size = 4;
+  config.dtype = attn::DType::kFloat32;
+  config.pages = 16;
+  auto cache = env.caches.create(config, 0, 0);
+  if (!cache.ok()) return;
+  Response resp;
+  auto call = attn::server::decode_kv_request(req, &resp, **cache, *fresh, *env.ctx.registry, env.ctx.limits);
+  if (call.ok()) {
+    const std::vector<std::string> ids(req.sequence_ids().begin(), req.sequence_ids().end());
+    auto plan = (*cache)->plan_append(req.layer(), ids, *fresh, create);
+    if (plan.ok()) {
+      auto& args = call->args;
+      if constexpr (std::is_same_v<Request, attn::v1::PrefillRequest>) {
+        plan->plan.bind(args);
+      } else {
+        plan->plan.bind(args.seqs);
+      }
+      attn::ExecTimings t;
+      if (env.cpu->execute(attn::make_call(*call->variant, args), t).ok()) {
+        (*cache)->commit(*plan);
+      } else {
+        (*cache)->abort(*plan);
+      }
+    }
+  }
+  (void)env.caches.erase((*cache)->handle());
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   static Env env;
   if (size < 1) return 0;
-  const int which = data[0] % 3;
+  const int which = data[0] % 5;
   const void* body = data + 1;
   const int body_size = static_cast<int>(size - 1);
   using namespace attn;
@@ -57,6 +98,19 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       if (!req.ParseFromArray(body, body_size)) return 0;
       v1::SoftmaxResponse resp;
       run(env, server::decode_softmax(req, &resp, env.ctx), {resp.mutable_y()}, req.return_values());
+      break;
+    }
+    case 3: {
+      v1::DecodeRequest req;
+      if (!req.ParseFromArray(body, body_size)) return 0;
+      run_kv<v1::DecodeRequest, v1::DecodeResponse>(
+          env, req, std::vector<std::int64_t>(static_cast<std::size_t>(req.sequence_ids_size()), 1), false);
+      break;
+    }
+    case 4: {
+      v1::PrefillRequest req;
+      if (!req.ParseFromArray(body, body_size)) return 0;
+      run_kv<v1::PrefillRequest, v1::PrefillResponse>(env, req, server::prefill_lens(req), true);
       break;
     }
     default: {

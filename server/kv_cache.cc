@@ -40,8 +40,11 @@ Status check_kv_config(const KvCacheConfig& c, std::int64_t capacity_tokens,
     return invalid_argument(f + "page_size: expected 8, 16, 32, 64 or 128 (0 for 16), got " +
                             str(c.page_size));
   }
-  if (capacity_tokens < 1 || capacity_tokens > std::numeric_limits<std::int32_t>::max()) {
-    return invalid_argument(f + "capacity_tokens: expected 1..2^31-1, got " + str(capacity_tokens));
+  // Positions and lengths travel as int32: the capacity, rounded up to whole pages, must fit.
+  if (capacity_tokens < 1 || pages_for(capacity_tokens, c.page_size) * c.page_size >
+                                 std::numeric_limits<std::int32_t>::max()) {
+    return invalid_argument(f + "capacity_tokens: expected 1..2^31-1 (in whole pages), got " +
+                            str(capacity_tokens));
   }
   // One pool (K or V of one layer) is a tensor like any other: the element limit applies.
   const std::int64_t pool =
@@ -112,6 +115,16 @@ Result<KvCache::PendingAppend> KvCache::plan_append(int layer, const std::vector
     needed += need[i];
     p.new_lengths.push_back(new_len);
     p.created.push_back(it == sequences_.end());
+  }
+  // page_indptr is int32: the page references of one call must fit (forks share pages, so they
+  // can exceed the cache's pages).
+  std::int64_t references = needed;
+  for (const std::string& id : ids)
+    if (auto it = sequences_.find(id); it != sequences_.end())
+      references += static_cast<std::int64_t>(it->second.pages.size());
+  if (references > std::numeric_limits<std::int32_t>::max()) {
+    return invalid_argument("sequence_ids: the call's sequences hold " + str(references) +
+                            " page references, over 2^31-1; split the call");
   }
   const std::int64_t available = static_cast<std::int64_t>(free_.size()) - reserved_;
   if (needed > available) {
@@ -205,6 +218,10 @@ Result<std::int64_t> KvCache::fork(const std::string& from, const std::string& t
     return invalid_argument("new_id: sequence \"" + to + "\" already exists in kv cache " +
                             handle_ + " (release it first)");
   }
+  // Forks take pages from the back of the free list, where pending appends reserve theirs: the
+  // cache's order never runs a fork while an append is pending.
+  if (reserved_ != 0)
+    return internal_error("kv cache " + handle_ + ": a fork while an append is pending");
   const std::int64_t ps = config_.page_size;
   const std::int64_t shortest =
       *std::min_element(src->second.lengths.begin(), src->second.lengths.end());
@@ -374,6 +391,7 @@ Result<std::shared_ptr<KvCache>> KvCacheStore::create(const KvCacheConfig& confi
 
 Result<std::shared_ptr<KvCache>> KvCacheStore::find(const std::string& handle,
                                                     const std::string& field) {
+  drop_expired();  // every cache's TTL, not only this one's: an abandoned cache frees its memory
   std::shared_ptr<KvCache> expired;  // freed after the lock
   std::unique_lock lock(mu_);
   const auto now = std::chrono::steady_clock::now();

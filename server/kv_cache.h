@@ -144,11 +144,12 @@ class KvCacheStore {
   };
   std::vector<Listing> list();
   std::chrono::system_clock::time_point expires(const KvCache& c) const;
+  // Frees the caches whose time to live has passed (their memory and quota).
+  void drop_expired();
 
  private:
   friend class KvCache;
   void released(const KvCache& c);
-  void drop_expired();
 
   struct Entry {
     std::shared_ptr<KvCache> cache;

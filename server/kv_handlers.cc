@@ -248,14 +248,15 @@ grpc::ServerUnaryReactor* AttnService::ForkSequence(grpc::CallbackServerContext*
   }
   std::shared_ptr<KvCache> cache = std::move(c).value();
   submit(ctx, reactor, op, "", 0, placement_of(*cache),
-         [=, this](Executor& executor, std::int64_t) {
+         [=, this](Executor&, std::int64_t) {
            KvSequenceSummary s;
            auto copied = cache->fork(req->source_id(), req->new_id(), &s);
            if (copied.ok()) {
              fill_sequence(s, resp->mutable_sequence());
              resp->set_copied_pages(*copied);
            }
-           device_faulted(executor, op, copied.status());
+           device_faulted(cache->owner(), op,
+                          copied.status());  // the copies ran on the cache's executor
            finish(reactor, ctx, op, "", copied.status(), nullptr, 0, 0);
          });
   return reactor;
@@ -534,7 +535,7 @@ class ReadKvReactor final : public grpc::ServerWriteReactor<v1::ReadKvResponse> 
   ReadKvReactor(AttnService& service, grpc::CallbackServerContext* ctx,
                 std::shared_ptr<KvCache> cache, const v1::ReadKvRequest& req,
                 std::size_t chunk_bytes)
-      : cache_(std::move(cache)), chunk_bytes_(chunk_bytes) {
+      : service_(service), cache_(std::move(cache)), chunk_bytes_(chunk_bytes) {
     Scheduler::Job job;
     job.abandoned = [ctx] {
       return ctx->IsCancelled()
@@ -545,7 +546,10 @@ class ReadKvReactor final : public grpc::ServerWriteReactor<v1::ReadKvResponse> 
     job.run = [this, id = req.sequence_id(), layer = req.layer()](Executor&, std::int64_t) {
       Shape shape;
       const Status s = cache_->read(id, layer, &shape, &k_, &v_);
-      if (!s.ok()) return Finish(wire::to_grpc(s));
+      if (!s.ok()) {
+        service_.device_faulted(cache_->owner(), "read_kv", s);
+        return Finish(wire::to_grpc(s));
+      }
       v1::ReadKvHeader* h = msg_.mutable_header();
       h->set_dtype(wire::to_proto(cache_->config().dtype));
       h->mutable_shape()->Assign(shape.begin(), shape.end());
@@ -570,6 +574,7 @@ class ReadKvReactor final : public grpc::ServerWriteReactor<v1::ReadKvResponse> 
   void OnDone() override { delete this; }
 
  private:
+  AttnService& service_;
   std::shared_ptr<KvCache> cache_;
   std::size_t chunk_bytes_;
   std::vector<unsigned char> k_, v_;

@@ -38,27 +38,28 @@ struct Scheduler::Worker {
   }
 
   // Moves the queued jobs that may join the batch into `batch` (mu held): same key, joinable,
-  // still wanted. A job on the same state is passed over only when everything taken after it
-  // also joins it (commutes with it); a job of the state that is no member of the key stops the
-  // search, so nothing overtakes it.
+  // still wanted. A job on the same state that cannot join stops the search, so nothing overtakes
+  // it (its turn may matter: two calls on one cache draw on one free list); jobs whose callers
+  // have gone are passed over (they will be dropped, never run).
   void gather(std::vector<Entry>& batch, std::size_t max_calls) {
     // By value: `batch` grows below.
     const std::string key = batch.front().job.batch->batch_key();
     const StateKey state = batch.front().state;
-    std::vector<const BatchMember*> members, passed;
+    std::vector<const BatchMember*> members;
     for (const Entry& b : batch) members.push_back(b.job.batch.get());
     for (auto it = queue.begin(); it != queue.end() && batch.size() < max_calls;) {
+      if (!it->job.abandoned().ok()) {
+        ++it;
+        continue;
+      }
       const BatchMember* m = it->job.batch.get();
-      const bool same_key = m && m->batch_key() == key;
-      const bool same_state = state && it->state == state;
-      if (same_key && m->joins(members) && m->joins(passed) && it->job.abandoned().ok()) {
+      if (m && m->batch_key() == key && m->joins(members)) {
         members.push_back(m);
         batch.push_back(std::move(*it));
         it = queue.erase(it);
-      } else if (same_state && !same_key) {
+      } else if (state && it->state == state) {
         break;
       } else {
-        if (same_state) passed.push_back(m);
         ++it;
       }
     }
@@ -73,15 +74,19 @@ struct Scheduler::Worker {
         if (queue.empty()) return;  // stopping and drained
         batch.push_back(std::move(queue.front()));
         queue.pop_front();
+        // Busy from now on: while it waits for company, no one may run a job inline on its
+        // executor, and it counts in the load.
+        ++running;
         const BatchingOptions& opts = owner->batching_;
         const Job& first = batch.front().job;
-        if (first.batch && !first.batch->batch_key().empty() && opts.window.count() > 0 && opts.max_calls > 1 &&
-            first.abandoned().ok()) {
+        if (first.batch && !first.batch->batch_key().empty() && opts.window.count() > 0 &&
+            opts.max_calls > 1 && first.abandoned().ok()) {
           const std::string key = first.batch->batch_key();
           const auto deadline = batch.front().enqueued + opts.window;
           gather(batch, opts.max_calls);
           // Wait for company only where the key had company last time: a lone caller never waits.
-          while (batch.size() < opts.max_calls && had_company[key] && !stopping && Clock::now() < deadline) {
+          while (batch.size() < opts.max_calls && had_company[key] && !stopping &&
+                 Clock::now() < deadline) {
             const std::size_t before = queue.size();
             cv.wait_until(lock, deadline, [&] { return stopping || queue.size() > before; });
             gather(batch, opts.max_calls);
@@ -90,7 +95,7 @@ struct Scheduler::Worker {
           if (had_company.size() > 4096) had_company.clear();  // keys of long-gone caches
           if (batch.size() > 1) ++stats.launches, stats.calls += batch.size();
         }
-        running += batch.size();
+        running += batch.size() - 1;
       }
       run(batch);
       std::lock_guard lock(mu);

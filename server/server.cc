@@ -247,6 +247,7 @@ Result<std::unique_ptr<Server>> Server::start(const ServerOptions& options) {
     kv_options.default_ttl = std::chrono::seconds(options.tensor_ttl_s);
     kv_options.max_ttl = std::chrono::seconds(options.tensor_max_ttl_s);
     s->kv_caches_ = std::make_unique<KvCacheStore>(std::move(devices), s->store_.get(), kv_options);
+    s->store_->set_reclaim([caches = s->kv_caches_.get()] { caches->drop_expired(); });
   }
   if (Status started = s->start_services(); !started.ok()) {
     s->scheduler_->stop();

@@ -60,6 +60,14 @@ Result<std::shared_ptr<ResidentTensor>> TensorStore::create(DType dtype, const S
     }
   }
   expired.clear();
+  if (reclaim_) {
+    bool over = false;
+    {
+      std::lock_guard lock(mu_);
+      over = used_ + bytes > options_.quota_bytes;
+    }
+    if (over) reclaim_();
+  }
   {
     std::lock_guard lock(mu_);
     if (used_ + bytes > options_.quota_bytes) {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -55,6 +56,9 @@ class TensorStore {
   // Quota for other device state (KV caches) on `executor`: RESOURCE_EXHAUSTED naming `field`
   // when the bytes would exceed it. unreserve gives it back.
   Status reserve(std::size_t bytes, std::size_t executor, const std::string& field);
+  // Called (with no lock held) before a tensor is refused for the quota, so that other state
+  // whose time to live has passed (KV caches) gives its memory back first.
+  void set_reclaim(std::function<void()> reclaim) { reclaim_ = std::move(reclaim); }
   void unreserve(std::size_t bytes, std::size_t executor);
 
   // The tensor, its lifetime renewed; NOT_FOUND (naming `field`) when unknown or expired.
@@ -87,6 +91,7 @@ class TensorStore {
   std::map<std::string, Entry> entries_;
   std::size_t used_ = 0;                   // reserved bytes, published or not
   std::vector<std::size_t> used_by_executor_;
+  std::function<void()> reclaim_;
 };
 
 }  // namespace attn::server

@@ -258,6 +258,9 @@ TEST_F(KvCacheServer, LifecycleListDescribeDeleteAndQuota) {
          "config.page_size");
   create(1, 1, 8, v1::D_TYPE_FLOAT32, 16, 0, grpc::StatusCode::INVALID_ARGUMENT,
          "config.capacity_tokens");
+  // Positions are int32: 2^31-1 tokens round up past it in pages of 16.
+  create(1, 1, 1, v1::D_TYPE_FLOAT32, 16, 2147483647, grpc::StatusCode::INVALID_ARGUMENT,
+         "config.capacity_tokens");
   // Over the memory quota (8 GiB by default): refused before any memory is taken.
   create(64, 8, 128, v1::D_TYPE_FLOAT32, 16, 1 << 20, grpc::StatusCode::RESOURCE_EXHAUSTED,
          "quota");
@@ -284,6 +287,33 @@ TEST_F(KvCacheServer, TimeToLiveExpiresAnIdleCache) {
   v1::DescribeKvCacheResponse out;
   EXPECT_EQ(client_.stub().DescribeKvCache(&ctx, d, &out).error_code(),
             grpc::StatusCode::NOT_FOUND);
+}
+
+// A cache whose time to live has passed gives its memory and quota back by itself: a resident
+// tensor that needs the quota gets it without anyone touching the cache.
+TEST(KvCacheQuota, AnExpiredCacheGivesItsQuotaBack) {
+  testing::ServerProcess server(ATTND_PATH, {"--backend", "cpu", "--tensor-quota-mb", "1"});
+  Client client(server.address());
+  v1::CreateKvCacheRequest req;
+  auto* c = req.mutable_config();
+  c->set_layers(2);
+  c->set_kv_heads(2);
+  c->set_head_dim(64);
+  c->set_dtype(v1::D_TYPE_FLOAT32);
+  c->set_capacity_tokens(512);  // 2 x 2 x 512 x 2 x 64 x 4 = 1 MiB: the whole quota
+  req.set_ttl_ms(1500);         // long enough for the refused put below, in any build
+  v1::CreateKvCacheResponse resp;
+  {
+    grpc::ClientContext ctx;
+    const grpc::Status s = client.stub().CreateKvCache(&ctx, req, &resp);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+  }
+  Tensor t(DType::kFloat32, {256, 256});  // 256 KiB
+  EXPECT_EQ(client.put_tensor(t).status().code(), StatusCode::kResourceExhausted)
+      << "the cache holds the quota";
+  std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+  auto put = client.put_tensor(t);
+  EXPECT_TRUE(put.ok()) << put.status().to_string();
 }
 
 // Fork shares the full pages and copies only the partial last one; the two sequences then go

@@ -176,9 +176,8 @@ class TestMember final : public BatchMember {
   int conflict_;
 };
 
-// Jobs queued behind a busy worker: those of one key merge (up to the limit), a job that does
-// not join (a conflict) or of another key runs alone, and nothing overtakes a job of the same
-// state that cannot join.
+// Jobs queued behind a busy worker: those of one key merge (up to the limit); nothing overtakes
+// a job of the same state that cannot join (a conflict, another key); abandoned jobs are dropped.
 TEST(SchedulerBatching, QueuedJobsOfOneKeyMergeInOrder) {
   std::vector<std::unique_ptr<Executor>> one;
   one.push_back(make_cpu_executor());
@@ -213,13 +212,15 @@ TEST(SchedulerBatching, QueuedJobsOfOneKeyMergeInOrder) {
   submit(3, "a", 2);  // conflicts with 2: cannot join that batch
   submit(4, "a", 4, &dropped, /*gone=*/true);  // its caller went away: dropped, never merged
   submit(5, "a", 5);
-  submit(6, "a", 6);  // over the limit of 3
+  submit(6, "a", 6);
   submit(7, "b", 7);  // another key, the same state: nothing of key a may pass it
   submit(8, "a", 8);
   release = true;
   scheduler.stop();
-  std::vector<std::vector<int>> want{{1, 2, 5}, {3, 6}, {7}, {8}};
-  // 4 was dropped: by the gatherer (skipped) and then by the worker when it reached it.
+  // 3 cannot join 1 and 2 (a conflict), so nothing after it may: it leads the next batch, which
+  // passes over 4 (its caller went away: dropped when reached) and takes 5 and 6 up to the limit;
+  // 7 is another key on the same state, 8 comes after it.
+  std::vector<std::vector<int>> want{{1, 2}, {3, 5, 6}, {7}, {8}};
   EXPECT_EQ(rec.launches, want);
   EXPECT_EQ(dropped.load(), 1);
   EXPECT_EQ(scheduler.batch_stats().launches, 2u);

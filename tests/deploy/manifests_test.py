@@ -49,3 +49,26 @@ def test_compose_reserves_a_gpu_and_restarts_on_failure():
     assert dev["driver"] == "nvidia" and "gpu" in dev["capabilities"]
     assert s["restart"] == "on-failure"
     assert s["build"]["dockerfile"] == "Dockerfile"
+
+
+def test_kv_statefulset_gives_each_pod_an_address_its_caches_carry():
+    pods, ready, sts = load("k8s", "kv-statefulset.yaml")
+    assert (pods["kind"], ready["kind"], sts["kind"]) == ("Service", "Service", "StatefulSet")
+    # The governing service keeps every pod's DNS record, ready or draining; the other lists the
+    # ready ones for round_robin; both headless and selecting the StatefulSet's pods.
+    assert sts["spec"]["serviceName"] == pods["metadata"]["name"]
+    assert pods["spec"].get("publishNotReadyAddresses") is True
+    labels = sts["spec"]["template"]["metadata"]["labels"]
+    for s in (pods, ready):
+        assert s["spec"]["clusterIP"] == "None"
+        assert s["spec"]["selector"] == labels
+    c = sts["spec"]["template"]["spec"]["containers"][0]
+    advertise = c["args"][c["args"].index("--advertise-address") + 1]
+    assert advertise.startswith("$(POD_NAME)." + pods["metadata"]["name"] + ".$(POD_NAMESPACE).svc")
+    env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in c["env"]}
+    assert env["POD_NAME"] == "metadata.name" and env["POD_NAMESPACE"] == "metadata.namespace"
+    port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
+    assert advertise.endswith(f":{port}")
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    grace_ms = int(c["args"][c["args"].index("--shutdown-grace-ms") + 1])
+    assert sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] * 1000 > grace_ms

@@ -6,15 +6,12 @@
 #include <cstring>
 
 #include "attn/version.h"
+#include "handler_support.h"
 
 namespace attn::server {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-std::int64_t ns_since(Clock::time_point t) {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t).count();
-}
 
 }  // namespace
 
@@ -259,18 +256,8 @@ class OneShotCall final : public BatchMember {
     for (const auto& kept : op->kept) service->config_.store->publish(kept);
     if (return_values)
       for (v1::Tensor* out : outputs) wire::convert_to_values(out);  // kept outputs have no data
-    const OpCost cost = cost_of(op->args);
     v1::Timings* timings = resp->mutable_timings();
-    timings->set_kernel(v.name);
-    timings->set_device(executor.device().label());
-    timings->set_queue_ns(queue_ns);
-    timings->set_h2d_ns(t.h2d_ns);
-    timings->set_kernel_ns(t.kernel_ns);
-    timings->set_d2h_ns(t.d2h_ns);
-    timings->set_flops(cost.flops);
-    timings->set_bytes(cost.bytes);
-    timings->set_batched_calls(batched);
-    timings->set_total_ns(ns_since(start));
+    fill_timings(timings, v.name, executor, queue_ns, t, cost_of(op->args), batched, start);
     spdlog::debug("{} {} on {}: queue {} us, kernel {} us, total {} us", name(), v.name, timings->device(),
                   queue_ns / 1000, t.kernel_ns / 1000, timings->total_ns() / 1000);
     service->finish(reactor, ctx, name(), v.name, Status::Ok(), timings, bytes_in, resp->ByteSizeLong());

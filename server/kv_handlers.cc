@@ -11,6 +11,7 @@
 #include <set>
 
 #include "attn_service.h"
+#include "handler_support.h"
 #include "kv_cache.h"
 #include "kv_decode.h"
 
@@ -20,17 +21,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 std::string str(std::int64_t v) { return std::to_string(v); }
-
-std::int64_t unix_ms(std::chrono::system_clock::time_point t) {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(t.time_since_epoch()).count();
-}
-
-template <class Base>
-class Refused final : public Base {
- public:
-  explicit Refused(const Status& status) { this->Finish(wire::to_grpc(status)); }
-  void OnDone() override { delete this; }
-};
 
 void fill_sequence(const KvSequenceSummary& s, v1::KvSequenceInfo* out) {
   out->set_id(s.id);
@@ -303,15 +293,20 @@ class KvCall final : public BatchMember {
   void run_alone(Executor& executor, std::int64_t queue_ns) {
     auto pending = plan();
     if (!pending.ok()) return fail(pending.status());
-    bind(*pending, args);
+    run_planned(executor, *pending, queue_ns);
+  }
+
+  // Runs this call alone on its plan, then commits it (or gives its pages back).
+  void run_planned(Executor& executor, KvCache::PendingAppend& pending, std::int64_t queue_ns) {
+    bind(pending, args);
     ExecTimings t;
     const Status status = executor.execute(make_call(*variant, args), t);
     if (!status.ok()) {
-      cache->abort(*pending);
+      cache->abort(pending);
       return failed_to_run(executor, status);
     }
-    cache->commit(*pending);
-    succeed(executor, *pending, t, queue_ns, 1);
+    cache->commit(pending);
+    succeed(executor, pending, t, queue_ns, 1);
   }
 
   // Together: each member planned (one that cannot be, fails alone), their rows packed into one
@@ -333,16 +328,7 @@ class KvCall final : public BatchMember {
     }
     if (live.empty()) return;
     if (live.size() == 1) {  // the others failed: run it as it would have run alone
-      KvCall& c = *live.front();
-      c.bind(plans.front(), c.args);
-      ExecTimings t;
-      const Status status = executor.execute(make_call(*c.variant, c.args), t);
-      if (!status.ok()) {
-        c.cache->abort(plans.front());
-        return c.failed_to_run(executor, status);
-      }
-      c.cache->commit(plans.front());
-      return c.succeed(executor, plans.front(), t, waits.front(), 1);
+      return live.front()->run_planned(executor, plans.front(), waits.front());
     }
     // The union: rows of every member in order, one plan over all their sequences.
     const Args& first = live.front()->args;
@@ -428,19 +414,8 @@ class KvCall final : public BatchMember {
       wire::convert_to_values(resp->mutable_o());
       if (resp->has_lse()) wire::convert_to_values(resp->mutable_lse());
     }
-    const OpCost cost = cost_of(args);
     v1::Timings* timings = resp->mutable_timings();
-    timings->set_kernel(variant->info.name);
-    timings->set_device(executor.device().label());
-    timings->set_queue_ns(queue_ns);
-    timings->set_h2d_ns(t.h2d_ns);
-    timings->set_kernel_ns(t.kernel_ns);
-    timings->set_d2h_ns(t.d2h_ns);
-    timings->set_flops(cost.flops);
-    timings->set_bytes(cost.bytes);
-    timings->set_batched_calls(batched);
-    timings->set_total_ns(
-        std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start).count());
+    fill_timings(timings, variant->info.name, executor, queue_ns, t, cost_of(args), batched, start);
     service->finish(reactor, ctx, op(), variant->info.name, Status::Ok(), timings, bytes_in,
                     resp->ByteSizeLong());
   }

@@ -2,23 +2,9 @@
 #include <spdlog/spdlog.h>
 
 #include "attn_service.h"
+#include "handler_support.h"
 
 namespace attn::server {
-namespace {
-
-// A streaming call refused before it starts (no token, no store): finishes with `status`.
-template <class Base>
-class Refused final : public Base {
- public:
-  explicit Refused(const Status& status) { this->Finish(wire::to_grpc(status)); }
-  void OnDone() override { delete this; }
-};
-
-std::int64_t unix_ms(std::chrono::system_clock::time_point t) {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(t.time_since_epoch()).count();
-}
-
-}  // namespace
 
 void AttnService::describe(const ResidentTensor& t, v1::TensorInfo* out) const {
   out->set_handle(t.handle);

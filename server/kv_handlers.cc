@@ -237,18 +237,17 @@ grpc::ServerUnaryReactor* AttnService::ForkSequence(grpc::CallbackServerContext*
     return reactor;
   }
   std::shared_ptr<KvCache> cache = std::move(c).value();
-  submit(ctx, reactor, op, "", 0, placement_of(*cache),
-         [=, this](Executor&, std::int64_t) {
-           KvSequenceSummary s;
-           auto copied = cache->fork(req->source_id(), req->new_id(), &s);
-           if (copied.ok()) {
-             fill_sequence(s, resp->mutable_sequence());
-             resp->set_copied_pages(*copied);
-           }
-           device_faulted(cache->owner(), op,
-                          copied.status());  // the copies ran on the cache's executor
-           finish(reactor, ctx, op, "", copied.status(), nullptr, 0, 0);
-         });
+  submit(ctx, reactor, op, "", 0, placement_of(*cache), [=, this](Executor&, std::int64_t) {
+    KvSequenceSummary s;
+    auto copied = cache->fork(req->source_id(), req->new_id(), &s);
+    if (copied.ok()) {
+      fill_sequence(s, resp->mutable_sequence());
+      resp->set_copied_pages(*copied);
+    }
+    device_faulted(cache->owner(), op,
+                   copied.status());  // the copies ran on the cache's executor
+    finish(reactor, ctx, op, "", copied.status(), nullptr, 0, 0);
+  });
   return reactor;
 }
 
@@ -331,15 +330,20 @@ class KvCall final : public BatchMember {
       return live.front()->run_planned(executor, plans.front(), waits.front());
     }
     // The union: rows of every member in order, one plan over all their sequences.
-    const Args& first = live.front()->args;
+    const KvCall& first = *live.front();
     std::int64_t rows = 0;
     for (KvCall* c : live) rows += c->args.q.dim(0);
-    const std::int64_t hq = first.q.dim(1), hkv = first.k_new.dim(1), d = first.q.dim(2);
-    const DType dt = first.q.dtype;
+    const std::int64_t hq = first.args.q.dim(1), hkv = first.args.k_new.dim(1),
+                       d = first.args.q.dim(2);
+    const DType dt = first.args.q.dtype;
     Tensor q(dt, {rows, hq, d}), k(dt, {rows, hkv, d}), v(dt, {rows, hkv, d}), o(dt, {rows, hq, d});
-    Tensor lse = first.lse.empty() ? Tensor() : Tensor(DType::kFloat32, {rows, hq});
+    Tensor lse = first.args.lse.empty() ? Tensor() : Tensor(DType::kFloat32, {rows, hq});
     PagedPlan merged{{0}, {}, {}, {0}};
+    std::vector<std::int32_t> members_at{0};  // each member's first sequence
     std::size_t q_at = 0, kv_at = 0;
+    // Members on other layers than the first: one view of every layer, pages renumbered into it.
+    bool layers_differ = false;
+    for (KvCall* c : live) layers_differ |= c->layer != first.layer;
     for (std::size_t i = 0; i < live.size(); ++i) {
       const Args& a = live[i]->args;
       std::memcpy(static_cast<char*>(q.data()) + q_at, a.q.data, a.q.bytes());
@@ -353,17 +357,24 @@ class KvCall final : public BatchMember {
                                      p.page_indptr[s]);
         merged.q_indptr.push_back(merged.q_indptr.back() + p.q_indptr[s + 1] - p.q_indptr[s]);
       }
-      merged.page_indices.insert(merged.page_indices.end(), p.page_indices.begin(),
-                                 p.page_indices.end());
+      const std::int32_t offset = layers_differ ? cache->layer_page_offset(live[i]->layer) : 0;
+      for (std::int32_t page : p.page_indices) merged.page_indices.push_back(page + offset);
       merged.seq_lens.insert(merged.seq_lens.end(), p.seq_lens.begin(), p.seq_lens.end());
+      members_at.push_back(static_cast<std::int32_t>(merged.seq_lens.size()));
     }
-    Args all = first;
+    Args all = first.args;
+    if (layers_differ) all.cache = cache->all_layers();
     all.q = q.view();
     all.k_new = k.view();
     all.v_new = v.view();
     all.o = o.view();
-    all.lse = lse.numel() > 0 && !first.lse.empty() ? lse.view() : TensorView{};
+    all.lse = lse.numel() > 0 && !first.args.lse.empty() ? lse.view() : TensorView{};
     bind_plan(merged, all);
+    if constexpr (std::is_same_v<Args, PagedDecodeArgs>) {
+      // Each member's sequences planned as its call alone: the same bits as unbatched.
+      all.merged_calls_host = members_at.data();
+      all.merged_calls = static_cast<std::int64_t>(live.size());
+    }
     ExecTimings t;
     const Status status = executor.execute(make_call(*variant, all), t);
     if (!status.ok()) {
@@ -452,13 +463,14 @@ grpc::ServerUnaryReactor* AttnService::serve_kv(grpc::CallbackServerContext* ctx
     call->args = r.args;
     call->placeholder = std::move(r.placeholder);  // its arrays keep their storage: args stay valid
     call->variant = r.variant;
-    // Calls merge when one launch can serve them all: the same cache, layer, variant, query
-    // heads, scale, mask and outputs.
+    // Calls merge when one launch can serve them all: the same cache, variant, query heads,
+    // scale, mask and outputs; any layers (one view of all of them), where its page numbers fit.
     char key[256];
     std::snprintf(
         key, sizeof key, "%s %p %d %s %lld %a %d %d", op, static_cast<const void*>(cache.get()),
-        call->layer, r.variant->info.name.c_str(), static_cast<long long>(call->args.q.dim(1)),
-        static_cast<double>(call->args.scale), r.causal ? 1 : 0, req->return_lse() ? 1 : 0);
+        cache->multi_layer_view() ? -1 : call->layer, r.variant->info.name.c_str(),
+        static_cast<long long>(call->args.q.dim(1)), static_cast<double>(call->args.scale),
+        r.causal ? 1 : 0, req->return_lse() ? 1 : 0);
     call->key = key;
     return Status::Ok();
   }();

@@ -141,8 +141,8 @@ void register_cuda_variants(Registry& r) {
                                paged_decode_04_supports, paged_decode_04_warp_pipes, {}});
   r.of<AttentionArgs>().add({{"attention/decode_mma_split", Op::kAttention, Backend::kCuda, half,
                     "Sq = 1 (decoding); head dims 64, 128; 1 to 16 query heads per key/value head",
-                    "paged_decode/03's kernel on dense K/V: equal key chunks over about 4 waves, the GQA "
-                    "group on mma.sync, merged by log-sum-exp",
+                    "paged_decode/04's kernel on dense K/V: equal key chunks over about 4 waves, the GQA "
+                    "group on mma.sync, a cp.async pipeline per warp, merged by log-sum-exp",
                     3, 0},
                    attention_decode_mma_supports, attention_decode_mma_split, [](const AttentionArgs& a) {
                      // Ahead of decode_split_kv (4) from 32k keys per kv head on (H200, bf16, 32/8 heads,

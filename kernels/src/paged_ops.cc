@@ -84,6 +84,15 @@ Status check_paged_decode(const PagedDecodeArgs& a) {
     return invalid_argument("q.shape: expected one row per sequence (" + str(a.seqs.count()) +
                             "), got " + str(a.q.dim(0)));
   }
+  if (a.merged_calls_host) {
+    const std::int32_t* at = a.merged_calls_host;
+    bool ordered = a.merged_calls >= 1 && at[0] == 0 && at[a.merged_calls] == a.seqs.count();
+    for (std::int64_t c = 0; ordered && c < a.merged_calls; ++c) ordered = at[c] < at[c + 1];
+    if (!ordered) {
+      return invalid_argument("merged_calls_host: expected " + str(a.merged_calls) +
+                              " + 1 increasing offsets from 0 to " + str(a.seqs.count()));
+    }
+  }
   return Status::Ok();
 }
 

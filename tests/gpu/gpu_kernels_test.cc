@@ -401,6 +401,65 @@ TEST_P(GpuPagedDecode, AppendsAndMatchesReference) {
   EXPECT_GT(ran, 0) << "the variant took none of the cases";
 }
 
+// Merged calls (dynamic batching) name their sequence ranges: each call's sequences must come out
+// with the same bits as when that call runs alone, whatever the variant plans across a batch.
+// The merged batch is first checked against float64, so equal garbage cannot pass.
+TEST_P(GpuPagedDecode, MergedCallsGiveEachCallTheBitsItGetsAlone) {
+  REQUIRE_GPU();
+  const auto* v = default_registry().of<PagedDecodeArgs>().find(GetParam());
+  ASSERT_NE(v, nullptr);
+  std::mt19937_64 rng(testing::seed());
+  const DType dt = DType::kBFloat16;
+  PagedCase c{32, 8, 128, {}, {}};
+  for (std::int32_t len : {4097, 17, 20000, 1000, 1, 9000, 513, 4096}) c.cached.push_back(len - 1), c.fresh.push_back(1);
+  const std::int64_t n = static_cast<std::int64_t>(c.cached.size());
+  const std::size_t es = element_size(dt);
+  // Calls of one sequence each, and calls of several (a lone long call beside short ones).
+  const std::vector<std::vector<std::int32_t>> groupings = {{0, 1, 2, 3, 4, 5, 6, 7, 8}, {0, 3, 4, 7, 8}, {0, 1, 8}};
+  for (const auto& calls : groupings) {
+    SCOPED_TRACE(paged_trace(dt, c, 16) + " calls " + std::to_string(calls.size() - 1));
+    PagedBatch batch(dt, c, 16, rng);
+    Tensor q = random_tensor(dt, {n, c.hq, c.d}, rng);
+    Tensor k_new = random_tensor(dt, {n, c.hkv, c.d}, rng), v_new = random_tensor(dt, {n, c.hkv, c.d}, rng);
+    Tensor o(dt, q.shape());
+    poison(o);
+    PagedDecodeArgs args{q.view(), k_new.view(), v_new.view(), o.view(), {}, batch.device, {},
+                         resolve_attention_scale(0.0f, c.d)};
+    batch.plan.bind(args.seqs);
+    args.merged_calls_host = calls.data();
+    args.merged_calls = static_cast<std::int64_t>(calls.size()) - 1;
+    if (!v->supports(args).ok()) GTEST_SKIP() << v->supports(args).to_string();
+    run_on_gpu(*v, args);
+    PagedDecodeArgs ref_args = args;
+    ref_args.cache = batch.host;
+    EXPECT_LE(reference::relative_frobenius_error(o.view(), reference::paged_decode(ref_args, nullptr)),
+              reference::tolerance(dt, longest(c)));
+    for (std::size_t call = 0; call + 1 < calls.size(); ++call) {
+      // The call alone: its rows of q/k_new/v_new, its page tables (the append rewrites the same
+      // slots with the same rows).
+      const std::size_t first = static_cast<std::size_t>(calls[call]), last = static_cast<std::size_t>(calls[call + 1]);
+      const std::int64_t m = static_cast<std::int64_t>(last - first);
+      PagedPlan alone{{0}, {}, {}, {}};
+      for (std::size_t i = first; i < last; ++i) {
+        alone.page_indices.insert(alone.page_indices.end(), batch.plan.page_indices.begin() + batch.plan.page_indptr[i],
+                                  batch.plan.page_indices.begin() + batch.plan.page_indptr[i + 1]);
+        alone.page_indptr.push_back(static_cast<std::int32_t>(alone.page_indices.size()));
+        alone.seq_lens.push_back(batch.plan.seq_lens[i]);
+      }
+      Tensor qi(dt, {m, c.hq, c.d}), ki(dt, {m, c.hkv, c.d}), vi(dt, {m, c.hkv, c.d}), oi(dt, {m, c.hq, c.d});
+      std::memcpy(qi.data(), static_cast<const char*>(q.data()) + first * c.hq * c.d * es, qi.bytes());
+      std::memcpy(ki.data(), static_cast<const char*>(k_new.data()) + first * c.hkv * c.d * es, ki.bytes());
+      std::memcpy(vi.data(), static_cast<const char*>(v_new.data()) + first * c.hkv * c.d * es, vi.bytes());
+      poison(oi);
+      PagedDecodeArgs one{qi.view(), ki.view(), vi.view(), oi.view(), {}, batch.device, {}, args.scale};
+      alone.bind(one.seqs);
+      run_on_gpu(*v, one);
+      EXPECT_EQ(std::memcmp(oi.data(), static_cast<const char*>(o.data()) + first * c.hq * c.d * es, oi.bytes()), 0)
+          << "call " << call << " (sequences " << first << ".." << last - 1 << "): alone it differs from its rows merged";
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Cuda, GpuPagedDecode, ::testing::ValuesIn(cuda_names(Op::kPagedDecode)), test_name);
 
 class GpuPagedPrefill : public ::testing::TestWithParam<std::string> {};

@@ -295,11 +295,10 @@ TEST(GpuServer, KvCacheDecodeAndPrefillOnTheGpuMatchFloat64) {
   }
 }
 
-// Dynamic batching on the GPU: 16 concurrent decode callers each get their own rows — what a
-// server with batching off returns for the same calls, within the dtype's rounding (the paged
-// rungs plan their split-KV chunks from the whole launch, so a merged call may split a sequence
-// differently than a lone one: the same values, rounded in another order) — and a caller with a
-// bad sequence fails alone.
+// Dynamic batching on the GPU: 16 concurrent decode callers each get their own rows — bit for bit
+// what a server with batching off returns for the same calls (Decode cuts each sequence into
+// split-KV chunks by its own length, so sharing a launch changes no rounding) — and a caller with
+// a bad sequence fails alone.
 TEST(GpuServer, BatchedDecodeOnTheGpuMatchesUnbatched) {
   SKIP_WITHOUT_GPU();
   constexpr int kCallers = 16, kBad = 3, kHurried = 5;
@@ -335,6 +334,8 @@ TEST(GpuServer, BatchedDecodeOnTheGpuMatchesUnbatched) {
       for (std::size_t e = 0; e < want.size(); ++e) want[e] = x.get(e);
       EXPECT_LE(reference::relative_frobenius_error(y.view(), want), 1e-2)
           << "caller " << t << " step " << at.first << " layer " << at.second;
+      EXPECT_TRUE(other == bytes) << "caller " << t << " step " << at.first << " layer " << at.second
+                                  << ": merged output differs from the unbatched one";
       identical += other == bytes;
       ++compared;
     }

@@ -68,6 +68,39 @@ TEST(DynamicBatching, ConcurrentDecodeCallersGetTheirOwnRowsBitForBit) {
   EXPECT_GT(merged_calls, 0) << "no call shared a launch";
 }
 
+// Callers on different layers of one cache share launches too (one view of every layer, pages
+// renumbered into it): here each caller keeps to its own layer, so every shared launch mixes
+// layers, and each caller still gets bit for bit what it gets with batching off.
+TEST(DynamicBatching, DecodeCallersOnDifferentLayersShareLaunches) {
+  constexpr int kCallers = 8;
+  testing::DecodeShape shape;
+  shape.layers = kCallers;
+  shape.one_layer_each = true;
+  std::vector<CallerLog> alone, merged;
+  {
+    testing::ServerProcess server(ATTND_PATH, {"--backend", "cpu", "--batch-window-us", "0"});
+    alone = run_decode_callers(server.address(), kCallers, -1, -1, shape);
+  }
+  {
+    testing::ServerProcess server(ATTND_PATH, {"--backend", "cpu", "--batch-window-us", "2000"});
+    merged = run_decode_callers(server.address(), kCallers, -1, -1, shape);
+  }
+  int merged_calls = 0;
+  for (int t = 0; t < kCallers; ++t) {
+    const CallerLog& a = alone[static_cast<std::size_t>(t)];
+    const CallerLog& b = merged[static_cast<std::size_t>(t)];
+    merged_calls += b.merged;
+    EXPECT_EQ(b.ok, kDecodeSteps * kCallers) << "caller " << t;
+    ASSERT_EQ(a.outputs.size(), b.outputs.size());
+    for (const auto& [at, bytes] : a.outputs)
+      EXPECT_EQ(b.outputs.at(at), bytes)
+          << "caller " << t << " step " << at.first << " call " << at.second;
+  }
+  std::printf("calls that shared a launch across layers: %d of %d\n", merged_calls,
+              kCallers * kDecodeSteps * kCallers);
+  EXPECT_GT(merged_calls, 0) << "no call shared a launch";
+}
+
 // Softmax calls of one width waiting together share a launch; each caller gets its own rows,
 // bit for bit what a server with batching off returns.
 TEST(DynamicBatching, ConcurrentSoftmaxCallersShareLaunches) {

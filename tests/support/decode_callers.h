@@ -20,6 +20,10 @@ constexpr int kDecodeLayers = 2, kDecodeSteps = 25;
 // The heads and head dim of the callers' cache.
 struct DecodeShape {
   int hq = 8, hkv = 2, d = 32;
+  int layers = kDecodeLayers;
+  // Each caller decodes only layer (caller % layers), layers x steps times: concurrent callers
+  // are then on different layers.
+  bool one_layer_each = false;
 };
 
 struct CallerLog {
@@ -29,11 +33,12 @@ struct CallerLog {
 };
 
 // Runs `callers` concurrent decoders (each its own sequence, prefilled first) against `address`
-// and returns what each got. Caller `bad` names a sequence that does not exist; caller `hurried`
-// sends every call with a deadline too short to survive the queue.
+// and returns what each got (outputs by step and by call within the step). Caller `bad` names a
+// sequence that does not exist; caller `hurried` sends every call with a deadline too short to
+// survive the queue.
 inline std::vector<CallerLog> run_decode_callers(const std::string& address, int callers, int bad,
                                                  int hurried, DecodeShape shape = {}) {
-  const int kLayers = kDecodeLayers, kSteps = kDecodeSteps, kHq = shape.hq, kHkv = shape.hkv,
+  const int kLayers = shape.layers, kSteps = kDecodeSteps, kHq = shape.hq, kHkv = shape.hkv,
             kD = shape.d;
   Client client(address);
   v1::CreateKvCacheRequest creq;
@@ -79,7 +84,7 @@ inline std::vector<CallerLog> run_decode_callers(const std::string& address, int
         for (int layer = 0; layer < kLayers; ++layer) {
           v1::DecodeRequest req;
           req.set_cache(cache);
-          req.set_layer(layer);
+          req.set_layer(shape.one_layer_each ? t % kLayers : layer);
           req.add_sequence_ids(t == bad ? "nobody" : id);
           *req.mutable_q() = to_wire(random_tensor(DType::kBFloat16, {1, kHq, kD}, rng));
           *req.mutable_k_new() = to_wire(random_tensor(DType::kBFloat16, {1, kHkv, kD}, rng));

@@ -214,6 +214,20 @@ TEST(PagedChecks, RefuseMismatchedShapesNamingTheField) {
   bad = a;
   bad.q.shape = {1, 4, 8};  // not the cache's head dim
   EXPECT_NE(check_paged_decode(bad).message().find("head dim"), std::string::npos);
+  // Merged calls' sequence offsets: increasing, from 0 to n (here n = 1).
+  const std::int32_t whole[] = {0, 1}, empty_call[] = {0, 0, 1}, short_of_n[] = {0, 0};
+  bad = a;
+  bad.merged_calls_host = whole;
+  bad.merged_calls = 1;
+  EXPECT_TRUE(check_paged_decode(bad).ok());
+  bad.merged_calls_host = empty_call;
+  bad.merged_calls = 2;
+  EXPECT_NE(check_paged_decode(bad).message().find("merged_calls_host"), std::string::npos);
+  bad.merged_calls_host = short_of_n;
+  bad.merged_calls = 1;
+  EXPECT_NE(check_paged_decode(bad).message().find("merged_calls_host"), std::string::npos);
+  bad.merged_calls = 0;
+  EXPECT_NE(check_paged_decode(bad).message().find("merged_calls_host"), std::string::npos);
 }
 
 // The server chooses a call's variant before its plan exists (the plan is made on the worker, in

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <algorithm>
+#include <vector>
 
 #include "paged_common.cuh"
 
@@ -81,28 +82,68 @@ __device__ __forceinline__ int2 chunk_keys(int len, int chunks, int c, int granu
   return make_int2(first, min(len, first + per));
 }
 
-// The chunk length: about `waves` waves of `resident` blocks over all (sequence, kv head) pairs,
-// no chunk under `min_chunk` keys, at most `max_chunks` chunks per sequence (the merge's weights),
-// a multiple of `granule` keys.
-inline int plan_split_chunk(const PagedSequences& seqs, std::int64_t heads_kv, int resident,
-                            int waves, int min_chunk, int max_chunks, int granule) {
-  long long keys = 0;
-  for (std::int64_t i = 0; i < seqs.count(); ++i) keys += seqs.seq_lens_host[i];
+// How a call's sequences are cut into chunks: `chunk` keys each, or (merged calls) each
+// sequence's first chunk, built on the host.
+struct SplitPlan {
+  int chunk = 0;
+  std::vector<std::int32_t> chunk_indptr;  // [n + 1] when the calls' chunk lengths differ
+};
+
+// The chunk length for sequences [first, last): about `waves` waves of `resident` blocks over all
+// their (sequence, kv head) pairs, no chunk under `min_chunk` keys (a block must stream long
+// enough to hide its start), at most `max_chunks` chunks per sequence (the merge's weights), a
+// multiple of `granule` keys.
+inline int balanced_chunk(const std::int32_t* lens, std::int64_t first, std::int64_t last,
+                          std::int64_t heads_kv, int resident, int waves, int min_chunk,
+                          int max_chunks, int granule) {
+  long long keys = 0, longest = 0;
+  for (std::int64_t i = first; i < last; ++i) {
+    keys += lens[i];
+    longest = std::max<long long>(longest, lens[i]);
+  }
   const long long items = std::max<long long>(1, static_cast<long long>(resident) * waves);
   long long chunk = (keys * heads_kv + items - 1) / items;
   chunk = std::max<long long>(chunk, min_chunk);
-  chunk = std::max<long long>(chunk, (seqs.max_seq_len + max_chunks - 1) / max_chunks);
+  chunk = std::max<long long>(chunk, (longest + max_chunks - 1) / max_chunks);
   return static_cast<int>((chunk + granule - 1) / granule * granule);
+}
+
+// The plan of a call, or of merged calls: each call's sequences cut as that call alone would be.
+inline SplitPlan plan_split(const PagedDecodeArgs& a, std::int64_t heads_kv, int resident,
+                            int waves, int min_chunk, int max_chunks, int granule) {
+  const std::int32_t* lens = a.seqs.seq_lens_host;
+  const std::int64_t n = a.seqs.count();
+  SplitPlan plan;
+  if (!a.merged_calls_host || a.merged_calls <= 1) {
+    plan.chunk =
+        balanced_chunk(lens, 0, n, heads_kv, resident, waves, min_chunk, max_chunks, granule);
+    return plan;
+  }
+  plan.chunk_indptr.reserve(static_cast<std::size_t>(n) + 1);
+  plan.chunk_indptr.push_back(0);
+  for (std::int64_t c = 0; c < a.merged_calls; ++c) {
+    const std::int64_t first = a.merged_calls_host[c], last = a.merged_calls_host[c + 1];
+    const int chunk = balanced_chunk(lens, first, last, heads_kv, resident, waves, min_chunk,
+                                     max_chunks, granule);
+    for (std::int64_t i = first; i < last; ++i)
+      plan.chunk_indptr.push_back(plan.chunk_indptr.back() + (lens[i] + chunk - 1) / chunk);
+  }
+  return plan;
 }
 
 // Plans, allocates the workspace, appends (with the scan and the zeroing), then calls
 // launch(total_chunks, partials) to launch the attention kernel; frees the workspace in stream
 // order.
 template <class T, int D, class Launch>
-Status run_split(const PagedSequences& seqs, const PagedProblem& p, int chunk, cudaStream_t s,
-                 const char* name, Launch&& launch) {
+Status run_split(const PagedSequences& seqs, const PagedProblem& p, const SplitPlan& plan,
+                 cudaStream_t s, const char* name, Launch&& launch) {
   long long total_chunks = 0;
-  for (int i = 0; i < p.n; ++i) total_chunks += (seqs.seq_lens_host[i] + chunk - 1) / chunk;
+  if (plan.chunk_indptr.empty()) {
+    for (int i = 0; i < p.n; ++i)
+      total_chunks += (seqs.seq_lens_host[i] + plan.chunk - 1) / plan.chunk;
+  } else {
+    total_chunks = plan.chunk_indptr.back();
+  }
   if (total_chunks > INT_MAX / 2)
     return invalid_argument(std::string("seq_lens: ") + name + " takes < 2^30 chunks");
   const std::size_t ints =
@@ -121,15 +162,25 @@ Status run_split(const PagedSequences& seqs, const PagedProblem& p, int chunk, c
   sp.o = reinterpret_cast<float*>(ws + head_bytes);
   sp.m = reinterpret_cast<float*>(ws + head_bytes + o_bytes);
   sp.l = reinterpret_cast<float*>(ws + head_bytes + o_bytes + ml_bytes);
-  sp.chunk = chunk;
+  sp.chunk = plan.chunk;
   PagedPrep prep;
-  prep.tile_indptr = ints_base;
-  prep.per_tile = chunk;
+  if (plan.chunk_indptr.empty()) {  // the append launch's scan writes it
+    prep.tile_indptr = ints_base;
+    prep.per_tile = plan.chunk;
+  }
   prep.zeroed = sp.finished;
   prep.zero_count = p.n * p.heads_kv;
-  const Status st = launch_paged_append<T>(p, prep, s, name);
-  if (st.ok()) launch(static_cast<int>(total_chunks), sp);
-  const Status launched = st.ok() ? to_status(cudaGetLastError(), name) : st;
+  // Merged calls' chunk offsets come from the host (pageable: staged before the call returns).
+  const Status copied =
+      plan.chunk_indptr.empty()
+          ? Status::Ok()
+          : to_status(cudaMemcpyAsync(ints_base, plan.chunk_indptr.data(),
+                                      plan.chunk_indptr.size() * sizeof(std::int32_t),
+                                      cudaMemcpyHostToDevice, s),
+                      name);
+  const Status appended = copied.ok() ? launch_paged_append<T>(p, prep, s, name) : copied;
+  if (appended.ok()) launch(static_cast<int>(total_chunks), sp);
+  const Status launched = appended.ok() ? to_status(cudaGetLastError(), name) : appended;
   cudaFreeAsync(ws, s);
   return launched;
 }

@@ -214,11 +214,10 @@ Status launch(const PagedDecodeArgs& a, const PagedProblem& p, cudaStream_t s, i
       to_status(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, kRing),
                 "paged_decode/02 occupancy"));
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  const int chunk =
-      plan_split_chunk(a.seqs, p.heads_kv, std::max(per_sm, 1) * sms, kWaves, kMinChunk,
-                       kRing / static_cast<int>(sizeof(float)) / p.group, kStageKeys);
+  const SplitPlan plan = plan_split(a, p.heads_kv, std::max(per_sm, 1) * sms, kWaves, kMinChunk,
+                                    kRing / static_cast<int>(sizeof(float)) / p.group, kStageKeys);
   return run_split<T, D>(
-      a.seqs, p, chunk, s, "paged_decode/02_split_kv", [&](int chunks, const SplitPartials& sp) {
+      a.seqs, p, plan, s, "paged_decode/02_split_kv", [&](int chunks, const SplitPartials& sp) {
         kernel<<<dim3(static_cast<unsigned>(chunks), p.heads_kv), kThreads, kRing, s>>>(p, sp);
       });
 }

@@ -11,11 +11,7 @@
 // - Pages gather with cp.async, 16 bytes a thread, into XOR-swizzled rows (ldmatrix conflict
 //   free), 3 stages of 64 keys at D = 128 (6 at D = 64) in flight: 96 KB a block, 2 blocks an SM.
 //   Keys past the chunk are zero-filled by the copy itself, so masked V rows stay finite.
-// - The same kernel reads dense [B, Hkv, Sk, D] K/V as one page per sequence: registered also as
-//   attention/decode_mma_split for Sq = 1.
 // bfloat16/float16; head dims 64, 128; 1 to 16 query heads per key/value head; any page size.
-#include <vector>
-
 #include "../common/mma_sync.cuh"
 #include "../common/paged_split.cuh"
 #include "paged_decode_rungs.h"
@@ -207,7 +203,7 @@ __global__ void __launch_bounds__(kThreads) mma_split_kernel(PagedProblem p, Spl
 }
 
 template <class T, int D>
-Status launch(const PagedSequences& seqs, const PagedProblem& p, cudaStream_t s, int device,
+Status launch(const PagedDecodeArgs& a, const PagedProblem& p, cudaStream_t s, int device,
               const char* name) {
   using P = Pipe<D>;
   auto kernel = mma_split_kernel<T, D>;
@@ -222,67 +218,29 @@ Status launch(const PagedSequences& seqs, const PagedProblem& p, cudaStream_t s,
   // chunks and a 128-way merge (78 us at 1 x 32k, 1 x 8 heads, on the H200).
   const int max_chunks = std::min(
       kMaxChunksPerSeq, P::kStages * P::kStageBytes / static_cast<int>(sizeof(float)) / p.group);
-  const int chunk = plan_split_chunk(seqs, p.heads_kv, std::max(per_sm, 1) * sms, kWaves, kMinChunk,
-                                     max_chunks, kTileKeys);
-  return run_split<T, D>(seqs, p, chunk, s, name, [&](int chunks, const SplitPartials& sp) {
+  const SplitPlan plan = plan_split(a, p.heads_kv, std::max(per_sm, 1) * sms, kWaves, kMinChunk,
+                                    max_chunks, kTileKeys);
+  return run_split<T, D>(a.seqs, p, plan, s, name, [&](int chunks, const SplitPartials& sp) {
     kernel<<<dim3(static_cast<unsigned>(chunks), p.heads_kv), kThreads, P::kSmem, s>>>(p, sp);
   });
 }
 
-Status dispatch(DType dt, const PagedSequences& seqs, const PagedProblem& p, Stream& stream,
+Status dispatch(DType dt, const PagedDecodeArgs& a, const PagedProblem& p, Stream& stream,
                 const char* name) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream.cuda_stream());
   const int dev = stream.device();
   if (dt == DType::kBFloat16)
-    return p.head_dim == 64 ? launch<__nv_bfloat16, 64>(seqs, p, s, dev, name)
-                            : launch<__nv_bfloat16, 128>(seqs, p, s, dev, name);
-  return p.head_dim == 64 ? launch<__half, 64>(seqs, p, s, dev, name)
-                          : launch<__half, 128>(seqs, p, s, dev, name);
+    return p.head_dim == 64 ? launch<__nv_bfloat16, 64>(a, p, s, dev, name)
+                            : launch<__nv_bfloat16, 128>(a, p, s, dev, name);
+  return p.head_dim == 64 ? launch<__half, 64>(a, p, s, dev, name)
+                          : launch<__half, 128>(a, p, s, dev, name);
 }
 
 constexpr const char* kPagedName = "paged_decode/03_split_kv_mma";
-constexpr const char* kDenseName = "attention/decode_mma_split";
 
 Result<PagedProblem> paged(const PagedDecodeArgs& a) {
   return paged_problem(a, {}, {DType::kBFloat16, DType::kFloat16}, {64, 128},
                        {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16}, kPagedName);
-}
-
-// Dense decode as a paged problem: sequence b is page b of pools [B, Hkv, Sk, D], Sk keys each.
-Result<PagedProblem> dense(const AttentionArgs& a) {
-  ATTN_ASSIGN_OR_RETURN(d, attention_dims(a.q, a.k, a.v));
-  if (a.q.dtype != DType::kBFloat16 && a.q.dtype != DType::kFloat16) {
-    return invalid_argument(std::string("q.dtype: ") + kDenseName +
-                            " takes bfloat16, float16, got " + std::string(dtype_name(a.q.dtype)));
-  }
-  if (d.head_dim != 64 && d.head_dim != 128) {
-    return invalid_argument(std::string("q.shape[3]: ") + kDenseName +
-                            " takes head dims 64, 128, got " + std::to_string(d.head_dim));
-  }
-  if (d.len_q != 1) {
-    return invalid_argument(std::string("q.shape[2]: ") + kDenseName +
-                            " takes one query row per head (decoding), got " +
-                            std::to_string(d.len_q));
-  }
-  if (d.heads_q / d.heads_kv > kMaxGroup) {
-    return invalid_argument(std::string("k.shape[1]: ") + kDenseName +
-                            " takes up to 16 query heads per key/value head");
-  }
-  if (d.batch > 65535 * 64 || d.heads_kv > 65535 || d.batch * d.heads_kv * d.len_kv > INT_MAX) {
-    return invalid_argument(std::string("k.shape: ") + kDenseName + " takes B x Hkv x Sk < 2^31");
-  }
-  if (!a.lse.empty() && a.lse.dtype != DType::kFloat32)
-    return invalid_argument("lse: expected float32");
-  PagedProblem p{};
-  p.q = a.q.data, p.o = a.o.data, p.k_pool = a.k.data, p.v_pool = a.v.data;
-  p.lse = a.lse.empty() ? nullptr : static_cast<float*>(a.lse.data);
-  p.n = static_cast<int>(d.batch), p.tokens = 0;
-  p.heads_q = static_cast<int>(d.heads_q), p.heads_kv = static_cast<int>(d.heads_kv);
-  p.group = static_cast<int>(d.heads_q / d.heads_kv), p.head_dim = static_cast<int>(d.head_dim);
-  p.page_size = static_cast<int>(d.len_kv), p.fixed_len = static_cast<int>(d.len_kv);
-  p.page_shift = -1;  // one page per sequence: the page is the sequence, the row the key
-  p.scale = a.scale, p.scale_log2 = a.scale * 1.4426950408889634f;
-  return p;
 }
 
 }  // namespace
@@ -291,20 +249,7 @@ Status paged_decode_03_supports(const PagedDecodeArgs& args) { return paged(args
 
 Status paged_decode_03_split_kv_mma(const PagedDecodeArgs& args, Stream& stream) {
   ATTN_ASSIGN_OR_RETURN(p, paged(args));
-  return dispatch(args.cache.dtype, args.seqs, p, stream, kPagedName);
-}
-
-Status attention_decode_mma_supports(const AttentionArgs& args) { return dense(args).status(); }
-
-Status attention_decode_mma_split(const AttentionArgs& args, Stream& stream) {
-  ATTN_ASSIGN_OR_RETURN(p, dense(args));
-  // The planner reads the lengths from the host: B copies of Sk.
-  std::vector<std::int32_t> lens(static_cast<std::size_t>(p.n), p.fixed_len);
-  PagedSequences seqs;
-  seqs.seq_lens = TensorView{DType::kInt32, {p.n}, nullptr, MemoryKind::kDevice};
-  seqs.seq_lens_host = lens.data();
-  seqs.max_seq_len = p.fixed_len;
-  return dispatch(args.q.dtype, seqs, p, stream, kDenseName);
+  return dispatch(args.cache.dtype, args, p, stream, kPagedName);
 }
 
 }  // namespace attn::cuda

@@ -63,6 +63,13 @@ struct PagedDecodeArgs {
   PagedKvLayer cache;
   PagedSequences seqs;
   float scale = 0.0f;  // resolved: never 0 once it reaches a kernel
+  // Calls merged into this one (dynamic batching), on the host: call c owns sequences
+  // merged_calls_host[c] .. merged_calls_host[c + 1] - 1 (merged_calls + 1 offsets, 0 to n).
+  // Variants that plan their work across the batch (split-KV chunk lengths) plan each call's
+  // sequences as they would plan that call alone, so each sequence's output has the same bits as
+  // when its call runs alone. Null: one call.
+  const std::int32_t* merged_calls_host = nullptr;
+  std::int64_t merged_calls = 0;
 };
 
 // Prefill / extend: sequence i brings new_i = q_indptr[i + 1] - q_indptr[i] tokens (rows

@@ -157,17 +157,15 @@ void register_cuda_variants(Registry& r) {
                                  "from the pages with cp.async, causal bottom-right per sequence",
                                  1, 0},
                                 paged_prefill_01_supports, paged_prefill_01_flash_mma, {}});
-  // Rung 02 passed attn-bench's checks on the H200 (sampled outputs against float64, the appended
-  // rows bit for bit; 16x(8192+64), 1x(0+2048), 8x(0+2048) at pages 16 and 64) but its full GPU
-  // test did not finish within the session's device time: by name only until it has (priority
-  // below rung 01, so `auto` keeps rung 01).
+  // Rung 02 ahead of rung 01 wherever it applies (page sizes 16 to 128): 1.4x to 2.2x rung 01 on the
+  // H200 at 64-onto-8k and 2k-onto-0, pages 16 and 64 (bench/results/2026-11-30-h200-serving.md).
   r.of<PagedPrefillArgs>().add({{"paged_prefill/02_wgmma", Op::kPagedPrefill, Backend::kCuda, half,
                                  "Hopper (sm_90); head dims 64, 128; 1, 2, 4 or 8 query heads per kv head; page "
-                                 "sizes 16, 32, 64, 128; by name (auto picks rung 01 until its GPU test has run)",
+                                 "sizes 16, 32, 64, 128",
                                  "attention/04's wgmma + TMA ring over the pages (a box per page), producer/consumer "
                                  "warpgroups ping-ponging, persistent blocks on a queue of (sequence, kv head, "
                                  "tile) items, latest first",
-                                 0, 90},
+                                 2, 90},
                                 paged_prefill_02_supports, paged_prefill_02_wgmma, {}});
 }
 

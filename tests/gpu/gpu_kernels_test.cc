@@ -528,6 +528,12 @@ TEST(GpuAuto, PagedOpsTakeTheTopRungs) {
   auto picked = default_registry().of<PagedDecodeArgs>().select(d, "", target);
   ASSERT_TRUE(picked.ok()) << picked.status().to_string();
   EXPECT_EQ((*picked)->info.name, "paged_decode/04_warp_pipes");
+  PagedPrefillArgs p;
+  p.q = q.view(), p.k_new = kv.view(), p.v_new = kv.view(), p.o = o.view(), p.cache = batch.device, p.scale = 0.088f;
+  batch.plan.bind(p);
+  auto prefill = default_registry().of<PagedPrefillArgs>().select(p, "", target);
+  ASSERT_TRUE(prefill.ok()) << prefill.status().to_string();
+  EXPECT_EQ((*prefill)->info.name, "paged_prefill/02_wgmma");
 }
 
 }  // namespace

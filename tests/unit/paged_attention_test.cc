@@ -264,6 +264,7 @@ TEST(PagedSelection, GpuRungsTakeACallBeforeItsPlan) {
             plan.bind(p);
             auto prefill = default_registry().of<PagedPrefillArgs>().select(p, "", hopper);
             ASSERT_TRUE(prefill.ok()) << prefill.status().to_string();
+            EXPECT_EQ((*prefill)->info.backend, Backend::kCuda);
           }
         }
 }

@@ -306,11 +306,11 @@ TEST(GpuServer, BatchedDecodeOnTheGpuMatchesUnbatched) {
   std::vector<testing::CallerLog> alone, merged;
   {
     testing::ServerProcess server(ATTND_PATH, {"--backend", "cuda", "--devices", "0", "--batch-window-us", "0"});
-    alone = testing::run_decode_callers(server.address(), kCallers, kBad, kHurried, shape);
+    alone = testing::run_decode_callers(server.address(), kCallers, {kBad, kHurried}, shape);
   }
   {
     testing::ServerProcess server(ATTND_PATH, {"--backend", "cuda", "--devices", "0", "--batch-window-us", "2000"});
-    merged = testing::run_decode_callers(server.address(), kCallers, kBad, kHurried, shape);
+    merged = testing::run_decode_callers(server.address(), kCallers, {kBad, kHurried}, shape);
   }
   int merged_calls = 0, identical = 0, compared = 0;
   for (int t = 0; t < kCallers; ++t) {

@@ -97,8 +97,7 @@ void add_flags(CLI::App& app, attn::server::ServerOptions& options, ProcessFlags
       ->capture_default_str();
   app.add_option("--batch-window-us", options.batch_window_us,
                  "dynamic batching: how long a Decode call may wait for others on its cache to "
-                 "share one launch (only up to as many calls as that key's last launch took; 0: "
-                 "batching off)")
+                 "share one launch (only where that key had company before; 0: batching off)")
       ->capture_default_str();
   app.add_option("--max-batch-calls", options.max_batch_calls,
                  "dynamic batching: the most calls one launch serves")

@@ -1,6 +1,5 @@
 #include "scheduler.h"
 
-#include <algorithm>
 #include <chrono>
 #include <map>
 #include <string>
@@ -25,10 +24,8 @@ struct Scheduler::Worker {
   std::size_t running = 0;
   bool stopping = false;
   std::thread thread;
-  // Batching: per key, how many calls its last launch took. A launch waits for company only up
-  // to that many: a lone caller never waits, and steady callers do not idle out the window for
-  // company that is still away on its round trip.
-  std::map<std::string, std::size_t> last_size;
+  // Batching: per key, whether its last launch had company (only then is it worth waiting for).
+  std::map<std::string, bool> had_company;
   BatchStats stats;
 
   std::size_t load() const {
@@ -87,14 +84,15 @@ struct Scheduler::Worker {
           const std::string key = first.batch->batch_key();
           const auto deadline = batch.front().enqueued + opts.window;
           gather(batch, opts.max_calls);
-          const std::size_t wanted = std::min(opts.max_calls, last_size[key]);
-          while (batch.size() < wanted && !stopping && Clock::now() < deadline) {
+          // Wait for company only where the key had company last time: a lone caller never waits.
+          while (batch.size() < opts.max_calls && had_company[key] && !stopping &&
+                 Clock::now() < deadline) {
             const std::size_t before = queue.size();
             cv.wait_until(lock, deadline, [&] { return stopping || queue.size() > before; });
             gather(batch, opts.max_calls);
           }
-          last_size[key] = batch.size();
-          if (last_size.size() > 4096) last_size.clear();  // keys of long-gone caches
+          had_company[key] = batch.size() > 1;
+          if (had_company.size() > 4096) had_company.clear();  // keys of long-gone caches
           if (batch.size() > 1) ++stats.launches, stats.calls += batch.size();
         }
         running += batch.size() - 1;

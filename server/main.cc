@@ -3,8 +3,8 @@
 // Exit codes: 0 after SIGINT/SIGTERM (in-flight calls drained), 1 when it cannot start, 3 when a
 // device fault left it unable to serve (a supervisor should restart it).
 #include <signal.h>
-#include <spdlog/spdlog.h>
 #include <unistd.h>
+#include <spdlog/spdlog.h>
 
 #include <CLI/CLI.hpp>
 #include <condition_variable>
@@ -57,8 +57,7 @@ void add_flags(CLI::App& app, attn::server::ServerOptions& options, ProcessFlags
   app.add_option("--backend", options.backend, "auto (CUDA when a GPU is usable), cpu or cuda")
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}))
       ->capture_default_str();
-  app.add_option("--devices", options.devices,
-                 "CUDA devices to serve on: all, or ordinals like 0,1")
+  app.add_option("--devices", options.devices, "CUDA devices to serve on: all, or ordinals like 0,1")
       ->capture_default_str();
   app.add_option("--streams-per-device", options.streams_per_device,
                  "workers per GPU, each with its own stream and queue: one call's copies overlap "
@@ -71,12 +70,10 @@ void add_flags(CLI::App& app, attn::server::ServerOptions& options, ProcessFlags
   app.add_option("--max-elements", options.max_elements, "largest tensor accepted, in elements")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  app.add_option("--queue-depth", options.queue_depth,
-                 "requests waiting per device before refusing")
+  app.add_option("--queue-depth", options.queue_depth, "requests waiting per device before refusing")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  app.add_option("--shutdown-grace-ms", flags.grace_ms,
-                 "how long in-flight calls may finish on SIGTERM")
+  app.add_option("--shutdown-grace-ms", flags.grace_ms, "how long in-flight calls may finish on SIGTERM")
       ->capture_default_str();
   app.add_option("--tls-cert", options.security.tls_cert_file, "PEM certificate chain: serve TLS");
   app.add_option("--tls-key", options.security.tls_key_file, "PEM private key of --tls-cert");
@@ -85,27 +82,22 @@ void add_flags(CLI::App& app, attn::server::ServerOptions& options, ProcessFlags
   app.add_option("--token-file", flags.token_file,
                  "file holding the bearer token every call must carry (else $ATTND_TOKEN; neither: "
                  "no token)");
-  app.add_option(
-         "--tensor-quota-mb", options.tensor_quota_mb,
-         "memory for resident tensors (PutTensor, keep_output) and KV caches, all devices together")
+  app.add_option("--tensor-quota-mb", options.tensor_quota_mb,
+                 "memory for resident tensors (PutTensor, keep_output) and KV caches, all devices together")
       ->capture_default_str();
-  app.add_option("--tensor-ttl-s", options.tensor_ttl_s,
-                 "a resident tensor's life after its last use, by default")
+  app.add_option("--tensor-ttl-s", options.tensor_ttl_s, "a resident tensor's life after its last use, by default")
       ->capture_default_str();
-  app.add_option("--tensor-max-ttl-s", options.tensor_max_ttl_s,
-                 "the longest life a client may ask for")
+  app.add_option("--tensor-max-ttl-s", options.tensor_max_ttl_s, "the longest life a client may ask for")
       ->capture_default_str();
   app.add_option("--batch-window-us", options.batch_window_us,
                  "dynamic batching: how long a Decode call may wait for others on its cache to "
                  "share one launch (only where that key had company before; 0: batching off)")
       ->capture_default_str();
-  app.add_option("--max-batch-calls", options.max_batch_calls,
-                 "dynamic batching: the most calls one launch serves")
+  app.add_option("--max-batch-calls", options.max_batch_calls, "dynamic batching: the most calls one launch serves")
       ->capture_default_str();
-  app.add_option(
-      "--advertise-address", options.advertise_address,
-      "HOST:PORT clients of several replicas reach this one at; KV caches name it (default: "
-      "--listen's address, a wildcard host replaced by the host name)");
+  app.add_option("--advertise-address", options.advertise_address,
+                 "HOST:PORT clients of several replicas reach this one at; KV caches name it (default: "
+                 "--listen's address, a wildcard host replaced by the host name)");
   app.add_option("--metrics-listen", options.metrics_listen,
                  "serve Prometheus metrics at http://ADDRESS:PORT/metrics (default: off)");
   app.add_flag("--enable-fault-injection", options.fault_injection,
@@ -196,8 +188,7 @@ int main(int argc, char** argv) {
     spdlog::critical("cannot start: {}", server.status().message());
     return 1;
   }
-  if (!flags.port_file.empty())
-    write_port_file(flags.port_file, (*server)->port(), (*server)->metrics_port());
+  if (!flags.port_file.empty()) write_port_file(flags.port_file, (*server)->port(), (*server)->metrics_port());
   wait_for_signals(stop_signals);
   const int exit_code = stop_reason.wait();
   (*server)->shutdown();

@@ -78,11 +78,6 @@ PagedKvLayer KvCache::layer(int l) const {
   return p;
 }
 
-bool KvCache::multi_layer_view() const {
-  return 2 * static_cast<std::int64_t>(config_.layers) * config_.pages <=
-         std::numeric_limits<std::int32_t>::max();
-}
-
 PagedKvLayer KvCache::all_layers() const {
   PagedKvLayer p = layer(0);
   p.pages = (2 * static_cast<std::int64_t>(config_.layers) - 1) * config_.pages;

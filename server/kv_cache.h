@@ -11,6 +11,7 @@
 #pragma once
 
 #include <chrono>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -35,6 +36,13 @@ struct KvCacheConfig {
     return static_cast<std::size_t>(pages * heads_kv * page_size * head_dim) * element_size(dtype);
   }
   std::size_t bytes() const { return static_cast<std::size_t>(layers) * 2 * pool_bytes(); }
+  // Whether every layer fits one pool view (KvCache::all_layers): its page numbers, and the rows
+  // of all the pools (pages x Hkv x page_size, what the CUDA rungs index with int32), below 2^31.
+  bool layers_fit_one_view() const {
+    const std::int64_t pages_all = 2 * static_cast<std::int64_t>(layers) * pages;
+    return pages_all <= std::numeric_limits<std::int32_t>::max() &&
+           pages_all * heads_kv * page_size <= std::numeric_limits<std::int32_t>::max();
+  }
 };
 
 // Page sizes a cache may have, and the checks of a requested configuration (fields named as in
@@ -73,8 +81,8 @@ class KvCache {
   // Every layer as one pool pair, so that one launch can serve calls on different layers: page p
   // of layer l is page p + layer_page_offset(l) of it (the layers' K and V pools alternate in the
   // cache's block, so V stays one pool after K). Usable while multi_layer_view() holds (the page
-  // numbers fit in int32).
-  bool multi_layer_view() const;
+  // numbers fit in int32; see KvCacheConfig::layers_fit_one_view).
+  bool multi_layer_view() const { return config_.layers_fit_one_view(); }
   PagedKvLayer all_layers() const;
   std::int32_t layer_page_offset(int l) const {
     return static_cast<std::int32_t>(2 * static_cast<std::int64_t>(l) * config_.pages);

@@ -11,6 +11,7 @@
 
 #include "attn/executor.h"
 #include "attn/registry.h"
+#include "kv_cache.h"
 #include "reference.h"
 #include "support/random.h"
 
@@ -228,6 +229,23 @@ TEST(PagedChecks, RefuseMismatchedShapesNamingTheField) {
   EXPECT_NE(check_paged_decode(bad).message().find("merged_calls_host"), std::string::npos);
   bad.merged_calls = 0;
   EXPECT_NE(check_paged_decode(bad).message().find("merged_calls_host"), std::string::npos);
+}
+
+// Decode calls on different layers of a cache merge through one view of all its layers: only
+// where that view's page numbers and pool rows stay below 2^31 (what the CUDA rungs index with),
+// else a merged launch would be refused for every member.
+TEST(KvCacheConfig, LayersFitOneViewOnlyBelowTheInt32Rows) {
+  server::KvCacheConfig c;
+  c.layers = 32, c.heads_kv = 8, c.head_dim = 128, c.page_size = 16;
+  c.pages = 65536;  // 1M tokens: 64 x 65536 x 8 x 16 = 2^29 rows
+  EXPECT_TRUE(c.layers_fit_one_view());
+  c.pages = 262144;  // 4M tokens: 2^31 rows
+  EXPECT_FALSE(c.layers_fit_one_view());
+  c.layers = 1, c.heads_kv = 1, c.page_size = 1;
+  c.pages = (std::int64_t{1} << 30) - 1;
+  EXPECT_TRUE(c.layers_fit_one_view());
+  c.pages = std::int64_t{1} << 30;  // 2^31 page numbers
+  EXPECT_FALSE(c.layers_fit_one_view());
 }
 
 // The server chooses a call's variant before its plan exists (the plan is made on the worker, in

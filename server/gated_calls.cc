@@ -1,5 +1,8 @@
 #include "gated_calls.h"
 
+#include <google/protobuf/io/coded_stream.h>
+#include <google/protobuf/io/zero_copy_stream_impl_lite.h>
+#include <google/protobuf/wire_format_lite.h>
 #include <grpcpp/impl/rpc_service_method.h>
 #include <grpcpp/support/proto_buffer_reader.h>
 #include <grpcpp/support/server_callback.h>
@@ -25,6 +28,132 @@ namespace {
 
 // After a call that held this much, freed memory goes back to the system at once.
 constexpr std::size_t kReturnMemoryAfterBytes = std::size_t{64} << 20;
+// Requests and response fields from this size on are read and sent without extra copies.
+constexpr std::size_t kLargeBytes = std::size_t{1} << 20;
+
+// A request's bytes as gRPC received them (a chain of slices), handed to the parser one slice at a
+// time, each let go as soon as the parser has moved past it (protobuf keeps no pointer into a
+// buffer once it asks for the next), so the request never exists twice in full.
+class ConsumingSliceStream final : public google::protobuf::io::ZeroCopyInputStream {
+ public:
+  explicit ConsumingSliceStream(grpc::ByteBuffer& buffer) {
+    (void)buffer.Dump(&slices_);  // references, not copies; fails only on a compressed buffer
+    buffer.Clear();
+  }
+  bool Next(const void** data, int* size) override {
+    if (backed_up_ > 0) {
+      const grpc::Slice& s = slices_[next_ - 1];
+      *data = s.end() - backed_up_;
+      *size = backed_up_;
+      position_ += backed_up_;
+      backed_up_ = 0;
+      return true;
+    }
+    if (next_ > 0) slices_[next_ - 1] = grpc::Slice();
+    if (next_ == slices_.size()) return false;
+    const grpc::Slice& s = slices_[next_++];
+    *data = s.begin();
+    *size = static_cast<int>(s.size());
+    position_ += static_cast<std::int64_t>(s.size());
+    return true;
+  }
+  void BackUp(int count) override {
+    backed_up_ = count;
+    position_ -= count;
+  }
+  bool Skip(int count) override {
+    const void* data;
+    int size;
+    while (count > 0) {
+      if (!Next(&data, &size)) return false;
+      if (size > count) {
+        BackUp(size - count);
+        return true;
+      }
+      count -= size;
+    }
+    return true;
+  }
+  std::int64_t ByteCount() const override { return position_; }
+
+ private:
+  std::vector<grpc::Slice> slices_;
+  std::size_t next_ = 0;
+  int backed_up_ = 0;
+  std::int64_t position_ = 0;
+};
+
+bool is_tensor(const google::protobuf::FieldDescriptor* f) {
+  return f->type() == google::protobuf::FieldDescriptor::TYPE_MESSAGE && !f->is_repeated() &&
+         f->message_type() == v1::Tensor::descriptor();
+}
+
+// Parses a large request so that its big fields (its Tensors' data) are read into
+// strings that already have room for them: protobuf would otherwise grow them by doubling, and a
+// 1 GB field would exist twice while it is copied to its next size. The room is address space
+// (the pages are touched only as bytes arrive). Tensor fields the request did not carry are
+// left unset as before.
+bool parse_large(grpc::ByteBuffer& buffer, std::size_t size, google::protobuf::Message& message) {
+  const auto* descriptor = message.GetDescriptor();
+  const auto* reflection = message.GetReflection();
+  for (int i = 0; i < descriptor->field_count(); ++i) {
+    const auto* f = descriptor->field(i);
+    if (is_tensor(f)) static_cast<v1::Tensor*>(reflection->MutableMessage(&message, f))->mutable_data()->reserve(size);
+  }
+  ConsumingSliceStream stream(buffer);
+  google::protobuf::io::CodedInputStream coded(&stream);
+  if (!message.MergeFromCodedStream(&coded)) return false;
+  for (int i = 0; i < descriptor->field_count(); ++i) {
+    const auto* f = descriptor->field(i);
+    if (is_tensor(f) && reflection->GetMessage(message, f).ByteSizeLong() == 0) reflection->ClearField(&message, f);
+  }
+  return true;
+}
+
+// A response whose large tensors' bytes go out from where the handler wrote them, without a serialized
+// copy: the message without them, then for each tensor a second occurrence of its field holding only
+// its data (protobuf merges repeated occurrences of a message field, so every parser reads the
+// same message). The strings live until gRPC has sent them.
+grpc::Status serialize_large(google::protobuf::Message& message, grpc::ByteBuffer* out) {
+  using google::protobuf::internal::WireFormatLite;
+  const auto* descriptor = message.GetDescriptor();
+  const auto* reflection = message.GetReflection();
+  const auto* data_field = v1::Tensor::descriptor()->FindFieldByName("data");
+  struct Taken {
+    int field;
+    std::string* bytes;
+  };
+  std::vector<Taken> taken;
+  for (int i = 0; i < descriptor->field_count(); ++i) {
+    const auto* f = descriptor->field(i);
+    if (!is_tensor(f) || !reflection->HasField(message, f)) continue;
+    auto* tensor = static_cast<v1::Tensor*>(reflection->MutableMessage(&message, f));
+    if (tensor->data().size() < kLargeBytes) continue;
+    auto* bytes = new std::string;
+    tensor->mutable_data()->swap(*bytes);
+    taken.push_back({f->number(), bytes});
+  }
+  std::vector<grpc::Slice> slices;
+  slices.emplace_back(message.SerializeAsString());
+  for (const Taken& t : taken) {
+    std::string frame;
+    google::protobuf::io::StringOutputStream frame_stream(&frame);
+    {
+      google::protobuf::io::CodedOutputStream coded(&frame_stream);
+      const std::uint32_t n = static_cast<std::uint32_t>(t.bytes->size());
+      coded.WriteTag(WireFormatLite::MakeTag(t.field, WireFormatLite::WIRETYPE_LENGTH_DELIMITED));
+      const std::uint32_t data_tag = WireFormatLite::MakeTag(data_field->number(), WireFormatLite::WIRETYPE_LENGTH_DELIMITED);
+      coded.WriteVarint32(static_cast<std::uint32_t>(google::protobuf::io::CodedOutputStream::VarintSize32(data_tag) +
+                                                     google::protobuf::io::CodedOutputStream::VarintSize32(n)) + n);
+      coded.WriteTag(data_tag);
+      coded.WriteVarint32(n);
+    }
+    slices.emplace_back(std::move(frame));
+    slices.emplace_back(t.bytes->data(), t.bytes->size(), [](void* s) { delete static_cast<std::string*>(s); }, t.bytes);
+  }
+  *out = grpc::ByteBuffer(slices.data(), slices.size());
+  return grpc::Status::OK;
+}
 
 // The call object a unary handler's reactor finishes through: it forwards to the streaming call
 // that carries it.
@@ -62,6 +191,12 @@ class GatedUnaryCall final : public grpc::ServerBidiReactor<grpc::ByteBuffer, gr
   }
 
   void OnReadDone(bool ok) override {
+    if (!ok && ctx_->IsCancelled()) {
+      // Reset while its request arrived: by its client, or by gRPC's resource quota (the client
+      // then has RESOURCE_EXHAUSTED).
+      refuse(cancelled("request: the call ended while its message arrived"));
+      return;
+    }
     if (!ok) {
       refuse(invalid_argument("request: expected one " + Request::descriptor()->full_name() +
                               ", got none (the call ended before its message)"));
@@ -73,8 +208,13 @@ class GatedUnaryCall final : public grpc::ServerBidiReactor<grpc::ByteBuffer, gr
       refuse(s);
       return;
     }
-    grpc::ProtoBufferReader reader(&request_bytes_);
-    const bool parsed = request_.ParseFromZeroCopyStream(&reader);
+    bool parsed;
+    if (bytes_in_ >= kLargeBytes) {
+      parsed = parse_large(request_bytes_, bytes_in_, request_);
+    } else {
+      grpc::ProtoBufferReader reader(&request_bytes_);
+      parsed = request_.ParseFromZeroCopyStream(&reader);
+    }
     request_bytes_.Clear();
     if (!parsed) {
       refuse(invalid_argument("request: expected a serialized " + Request::descriptor()->full_name() + " of " +
@@ -117,9 +257,13 @@ class GatedUnaryCall final : public grpc::ServerBidiReactor<grpc::ByteBuffer, gr
       Finish(std::move(s));
       return;
     }
+    // The request is no longer needed (the handler is done): its memory goes first.
+    request_.Clear();
     bool own_buffer = false;
     const grpc::Status serialized =
-        grpc::SerializationTraits<Response>::Serialize(response_, &response_bytes_, &own_buffer);
+        response_.ByteSizeLong() >= kLargeBytes
+            ? serialize_large(response_, &response_bytes_)
+            : grpc::SerializationTraits<Response>::Serialize(response_, &response_bytes_, &own_buffer);
     response_.Clear();
     if (!serialized.ok()) {
       Finish(serialized);

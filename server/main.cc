@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "attn/version.h"
+#include "memory_budget.h"
 #include "server.h"
 
 namespace {
@@ -167,6 +168,7 @@ void ensure_passive_openmp(char** argv) {
 
 int main(int argc, char** argv) {
   ensure_passive_openmp(argv);
+  attn::server::release_freed_memory_promptly();
   attn::server::ServerOptions options;
   ProcessFlags flags;
   flags.grace_ms = options.shutdown_grace.count();

@@ -55,4 +55,6 @@ std::size_t default_inflight_bytes() {
 
 void return_free_memory() { malloc_trim(0); }
 
+void release_freed_memory_promptly() { mallopt(M_MMAP_THRESHOLD, 64 * 1024); }
+
 }  // namespace attn::server

@@ -66,4 +66,10 @@ std::size_t default_inflight_bytes();
 // Gives freed heap memory back to the system (glibc keeps it in its arenas otherwise).
 void return_free_memory();
 
+// Makes glibc serve allocations from 64 KiB up (gRPC's receive buffers, tensors) with their own
+// mappings, unmapped when freed. Otherwise a request's receive buffers, freed one by one as it is
+// parsed, stay resident in the heap beside the parsed copy (measured: 1.9x a request's size at
+// peak instead of 1.07x), and the process stays at its high-water mark after big calls.
+void release_freed_memory_promptly();
+
 }  // namespace attn::server

@@ -69,9 +69,11 @@ class RssSampler {
   std::thread thread_;
 };
 
-// A float32 Softmax request of `bytes` (rounded down to whole rows of 1024), serialized once.
-inline grpc::ByteBuffer softmax_request_bytes(std::int64_t bytes) {
+// A float32 Softmax request of `bytes` (rounded down to whole rows of 1024), serialized once;
+// `kernel` names its variant (an unknown one: refused once parsed, before any output exists).
+inline grpc::ByteBuffer softmax_request_bytes(std::int64_t bytes, const std::string& kernel = "") {
   v1::SoftmaxRequest req;
+  req.set_kernel(kernel);
   const std::int64_t cols = 1024, rows = std::max<std::int64_t>(1, bytes / (cols * 4));
   v1::Tensor* x = req.mutable_x();
   x->set_dtype(v1::D_TYPE_FLOAT32);

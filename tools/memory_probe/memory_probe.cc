@@ -19,11 +19,13 @@ int main(int argc, char** argv) {
   app.add_option("--pid", pid, "attnd's process id (its RSS is sampled)")->required();
   app.add_option("--mb", mb, "payload of each call in MB (10^6 bytes)");
   app.add_option("--calls", calls, "concurrent calls");
+  std::string kernel;
+  app.add_option("--kernel", kernel, "the variant to ask for (an unknown one: refused after parsing)");
   app.add_option("--token", token, "bearer token to send (empty: none)");
   app.add_option("--settle-s", settle_s, "seconds to wait after the load before the last RSS sample");
   CLI11_PARSE(app, argc, argv);
 
-  const grpc::ByteBuffer request = attn::testing::softmax_request_bytes(mb * 1000 * 1000);
+  const grpc::ByteBuffer request = attn::testing::softmax_request_bytes(mb * 1000 * 1000, kernel);
   constexpr double kMB = 1e6;
   attn::testing::RssSampler rss(pid);
   attn::testing::SmallCalls small(server, token);

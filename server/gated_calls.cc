@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <functional>
+#include <thread>
 
 #include "attn/wire.h"
 #include "attn_service.h"
@@ -22,6 +23,7 @@ struct GatedMethods::Shared {
   TokenCheck token;
   MemoryBudget* budget;
   Metrics* metrics;
+  std::size_t max_message_bytes;
 };
 
 namespace {
@@ -30,6 +32,8 @@ namespace {
 constexpr std::size_t kReturnMemoryAfterBytes = std::size_t{64} << 20;
 // Requests and response fields from this size on are read and sent without extra copies.
 constexpr std::size_t kLargeBytes = std::size_t{1} << 20;
+// Requests from this size on are parsed and handed to their handler on a thread of their own.
+constexpr std::size_t kOwnThreadBytes = std::size_t{16} << 20;
 
 // A request's bytes as gRPC received them (a chain of slices), handed to the parser one slice at a
 // time, each let go as soon as the parser has moved past it (protobuf keeps no pointer into a
@@ -149,7 +153,9 @@ grpc::Status serialize_large(google::protobuf::Message& message, grpc::ByteBuffe
       coded.WriteVarint32(n);
     }
     slices.emplace_back(std::move(frame));
-    slices.emplace_back(t.bytes->data(), t.bytes->size(), [](void* s) { delete static_cast<std::string*>(s); }, t.bytes);
+    // gRPC lets go of it on its own thread: unmapping a GB takes ~50 ms, which are not its to spend.
+    slices.emplace_back(t.bytes->data(), t.bytes->size(),
+                        [](void* s) { std::thread([s] { delete static_cast<std::string*>(s); }).detach(); }, t.bytes);
   }
   *out = grpc::ByteBuffer(slices.data(), slices.size());
   return grpc::Status::OK;
@@ -180,12 +186,22 @@ class GatedUnaryCall final : public grpc::ServerBidiReactor<grpc::ByteBuffer, gr
  public:
   using Handler = grpc::ServerUnaryReactor* (AttnService::*)(grpc::CallbackServerContext*, const Request*, Response*);
 
-  GatedUnaryCall(const GatedMethods::Shared& shared, Handler handler, const char* op,
+  GatedUnaryCall(const GatedMethods::Shared& shared, Handler handler, const char* op, bool bulk,
                  grpc::CallbackServerContext* ctx)
       : shared_(shared), handler_(handler), op_(op), ctx_(ctx), hold_(shared.budget) {
     if (Status s = shared_.token.check(*ctx_); !s.ok()) {
       refuse(s);
       return;
+    }
+    // A request that may be large holds room for the largest before it is read (its size is
+    // not known until all of it has arrived), so that a call past the limit is refused before its
+    // bytes come; once read, the hold shrinks to what came.
+    if (bulk) {
+      if (Status s = hold_.add(shared_.max_message_bytes, "request (up to --max-message-mb before it is read)");
+          !s.ok()) {
+        refuse(s);
+        return;
+      }
     }
     StartRead(&request_bytes_);
   }
@@ -203,11 +219,36 @@ class GatedUnaryCall final : public grpc::ServerBidiReactor<grpc::ByteBuffer, gr
       return;
     }
     bytes_in_ = request_bytes_.Length();
+    hold_.release();
     if (Status s = hold_.add(bytes_in_, "request"); !s.ok()) {
       request_bytes_.Clear();
       refuse(s);
       return;
     }
+    if (bytes_in_ >= kOwnThreadBytes) {
+      // Parsing it and allocating its outputs take a while (~0.3 s a GB): on gRPC's thread they
+      // would hold up every other call's I/O, so a large request gets a thread of its own (the
+      // budget bounds how many there are).
+      std::thread([this] { dispatch(); }).detach();
+      return;
+    }
+    dispatch();
+  }
+
+  void OnCancel() override {
+    if (auto* reactor = unary_.load()) reactor->OnCancel();
+  }
+
+  void OnDone() override {
+    if (auto* reactor = unary_.load()) reactor->OnDone();
+    const bool big = hold_.bytes() >= kReturnMemoryAfterBytes;
+    delete this;
+    if (big) return_free_memory();
+  }
+
+ private:
+  // Parses the request and hands it to the unary handler.
+  void dispatch() {
     bool parsed;
     if (bytes_in_ >= kLargeBytes) {
       parsed = parse_large(request_bytes_, bytes_in_, request_);
@@ -232,18 +273,6 @@ class GatedUnaryCall final : public grpc::ServerBidiReactor<grpc::ByteBuffer, gr
     bridge_.bind(reactor);
   }
 
-  void OnCancel() override {
-    if (auto* reactor = unary_.load()) reactor->OnCancel();
-  }
-
-  void OnDone() override {
-    if (auto* reactor = unary_.load()) reactor->OnDone();
-    const bool big = hold_.bytes() >= kReturnMemoryAfterBytes;
-    delete this;
-    if (big) return_free_memory();
-  }
-
- private:
   void refuse(const Status& s) {
     spdlog::warn("{} from {} failed: {}", op_, ctx_->peer(), s.to_string());
     const grpc::Status g = wire::to_grpc(s);
@@ -296,7 +325,7 @@ class UnimplementedCall final : public grpc::ServerGenericBidiReactor {
 }  // namespace
 
 template <class Request, class Response>
-void GatedMethods::add(const char* method, const char* op,
+void GatedMethods::add(const char* method, const char* op, bool bulk,
                        grpc::ServerUnaryReactor* (AttnService::*handler)(grpc::CallbackServerContext*, const Request*,
                                                                          Response*)) {
   const std::string& path = paths_.emplace_back("/attn.v1.AttnService/" + std::string(method));
@@ -305,32 +334,35 @@ void GatedMethods::add(const char* method, const char* op,
   MarkMethodRawCallback(
       static_cast<int>(paths_.size() - 1),
       new grpc::internal::CallbackBidiHandler<grpc::ByteBuffer, grpc::ByteBuffer>(
-          [shared, handler, op](grpc::CallbackServerContext* ctx) {
-            return new GatedUnaryCall<Request, Response>(*shared, handler, op, ctx);
+          [shared, handler, op, bulk](grpc::CallbackServerContext* ctx) {
+            return new GatedUnaryCall<Request, Response>(*shared, handler, op, bulk, ctx);
           }));
 }
 
 GatedMethods::GatedMethods(AttnService& service, GateConfig config)
-    : shared_(new Shared{service, TokenCheck(config.token), config.budget, config.metrics}) {
-  // Every unary method of attn.v1.AttnService (AttnService leaves them to this service); the
-  // labels are the ones their handlers log and count under.
-  add("Matmul", "matmul", &AttnService::Matmul);
-  add("Softmax", "softmax", &AttnService::Softmax);
-  add("Attention", "attention", &AttnService::Attention);
-  add("ListKernels", "list_kernels", &AttnService::ListKernels);
-  add("GetServerInfo", "get_server_info", &AttnService::GetServerInfo);
-  add("DeleteTensor", "delete_tensor", &AttnService::DeleteTensor);
-  add("ListTensors", "list_tensors", &AttnService::ListTensors);
-  add("Benchmark", "benchmark", &AttnService::Benchmark);
-  add("Echo", "echo", &AttnService::Echo);
-  add("CreateKvCache", "create_kv_cache", &AttnService::CreateKvCache);
-  add("DescribeKvCache", "describe_kv_cache", &AttnService::DescribeKvCache);
-  add("ListKvCaches", "list_kv_caches", &AttnService::ListKvCaches);
-  add("DeleteKvCache", "delete_kv_cache", &AttnService::DeleteKvCache);
-  add("ReleaseSequences", "release_sequences", &AttnService::ReleaseSequences);
-  add("ForkSequence", "fork_sequence", &AttnService::ForkSequence);
-  add("Decode", "paged_decode", &AttnService::Decode);
-  add("Prefill", "paged_prefill", &AttnService::Prefill);
+    : shared_(new Shared{service, TokenCheck(config.token), config.budget, config.metrics,
+                         config.max_message_bytes}) {
+  // Every unary method of attn.v1.AttnService (AttnService leaves them to this service), with the
+  // label its handler logs and counts it under, and whether its request may be large (bulk): the
+  // others carry names and numbers.
+  constexpr bool kBulk = true, kSmall = false;
+  add("Matmul", "matmul", kBulk, &AttnService::Matmul);
+  add("Softmax", "softmax", kBulk, &AttnService::Softmax);
+  add("Attention", "attention", kBulk, &AttnService::Attention);
+  add("ListKernels", "list_kernels", kSmall, &AttnService::ListKernels);
+  add("GetServerInfo", "get_server_info", kSmall, &AttnService::GetServerInfo);
+  add("DeleteTensor", "delete_tensor", kSmall, &AttnService::DeleteTensor);
+  add("ListTensors", "list_tensors", kSmall, &AttnService::ListTensors);
+  add("Benchmark", "benchmark", kSmall, &AttnService::Benchmark);
+  add("Echo", "echo", kBulk, &AttnService::Echo);
+  add("CreateKvCache", "create_kv_cache", kSmall, &AttnService::CreateKvCache);
+  add("DescribeKvCache", "describe_kv_cache", kSmall, &AttnService::DescribeKvCache);
+  add("ListKvCaches", "list_kv_caches", kSmall, &AttnService::ListKvCaches);
+  add("DeleteKvCache", "delete_kv_cache", kSmall, &AttnService::DeleteKvCache);
+  add("ReleaseSequences", "release_sequences", kSmall, &AttnService::ReleaseSequences);
+  add("ForkSequence", "fork_sequence", kSmall, &AttnService::ForkSequence);
+  add("Decode", "paged_decode", kBulk, &AttnService::Decode);
+  add("Prefill", "paged_prefill", kBulk, &AttnService::Prefill);
   int unary = 0;
   const auto* methods = v1::MatmulRequest::descriptor()->file()->FindServiceByName("AttnService");
   for (int i = 0; i < methods->method_count(); ++i)

@@ -5,9 +5,9 @@
 // handler starts with only the metadata. On the wire a unary call and a bidi-streaming call that
 // sends one message each way are the same, so these methods are registered as bidi-streaming
 // calls of raw bytes: the token is checked first (a refused call's body stays unread but for one
-// HTTP/2 flow-control window), then the one request is read, charged to the in-flight memory
-// budget, parsed, and handed to AttnService's unary handler as before; its response goes back as
-// the one message. (gRPC 1.51's AuthMetadataProcessor would decide before the body too, but only
+// HTTP/2 flow-control window), then room for the request is held in the in-flight memory budget
+// (a call past it is refused, its body unread), the one request is read, parsed, and handed to
+// AttnService's unary handler as before; its response goes back as the one message. (gRPC 1.51's AuthMetadataProcessor would decide before the body too, but only
 // under TLS: InsecureServerCredentials asserts on it.)
 #pragma once
 
@@ -30,6 +30,7 @@ struct GateConfig {
   std::string token;               // empty: no token required
   MemoryBudget* budget = nullptr;  // null: no limit
   Metrics* metrics = nullptr;      // null: no metrics
+  std::size_t max_message_bytes = 0;  // the largest request gRPC accepts
 };
 
 class GatedMethods final : public grpc::Service {
@@ -41,7 +42,7 @@ class GatedMethods final : public grpc::Service {
 
  private:
   template <class Request, class Response>
-  void add(const char* method, const char* op,
+  void add(const char* method, const char* op, bool bulk,
            grpc::ServerUnaryReactor* (AttnService::*handler)(grpc::CallbackServerContext*, const Request*,
                                                              Response*));
   std::unique_ptr<Shared> shared_;

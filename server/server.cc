@@ -162,6 +162,13 @@ Status check_options(const ServerOptions& options) {
     return invalid_argument("--max-inflight-mb: expected 0 (half of this machine's memory) or more, got " +
                             std::to_string(options.max_inflight_mb));
   }
+  // A request that may be large holds room for the largest message while it arrives.
+  if (inflight_bytes(options) < static_cast<std::size_t>(options.max_message_mb) << 20) {
+    return invalid_argument("--max-inflight-mb: expected at least --max-message-mb (" +
+                            std::to_string(options.max_message_mb) + "), got " +
+                            std::to_string(inflight_bytes(options) >> 20) +
+                            (options.max_inflight_mb > 0 ? "" : " (half of this machine's memory)"));
+  }
   if (options.max_message_mb < 1 || options.max_message_mb > 2047) {
     return invalid_argument("--max-message-mb: expected 1..2047 (protobuf's limit is 2 GiB), got " +
                             std::to_string(options.max_message_mb));
@@ -299,6 +306,7 @@ Status Server::start_services() {
   gate.token = options_.security.token;
   gate.budget = budget_.get();
   gate.metrics = metrics_.get();
+  gate.max_message_bytes = static_cast<std::size_t>(max_bytes);
   gated_ = std::make_unique<GatedMethods>(*service_, gate);
   unknown_ = std::make_unique<UnknownMethods>();
   return Status::Ok();

@@ -104,7 +104,9 @@ inline std::vector<CallResult> concurrent_calls(const std::string& address, cons
       grpc::ChannelArguments args;
       args.SetMaxSendMessageSize(-1);
       args.SetMaxReceiveMessageSize(-1);
-      args.SetInt("attn.probe.channel", i);  // a connection of its own, not a shared subchannel
+      // A connection of its own, not one shared with earlier calls' channels.
+      static std::atomic<int> channels{0};
+      args.SetInt("attn.probe.channel", channels++);
       auto channel = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
       grpc::GenericStub stub(channel);
       grpc::ClientContext ctx;

@@ -61,11 +61,12 @@ AttnService::AttnService(Scheduler& scheduler, const Registry& registry, Service
     for (const Target& known : decode_.targets) seen |= known.backend == t.backend;
     if (!seen) decode_.targets.push_back(t);
   }
-  // The unary methods are served by GatedMethods (gated_calls.h), which judges a call before its
-  // body is read and then calls the handlers below.
+  // The methods with one request are served by GatedMethods (gated_calls.h), which judges a call
+  // before its body is read and then calls the handlers below. PutTensor's handler starts before
+  // any message and checks the token before its first read.
   const auto* methods = v1::MatmulRequest::descriptor()->file()->FindServiceByName("AttnService");
   for (int i = 0; i < methods->method_count(); ++i) {
-    if (!methods->method(i)->client_streaming() && !methods->method(i)->server_streaming()) MarkMethodGeneric(i);
+    if (!methods->method(i)->client_streaming()) MarkMethodGeneric(i);
   }
   decode_.limits = config_.limits;
   decode_.store = config_.store;

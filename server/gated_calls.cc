@@ -9,6 +9,7 @@
 #include <spdlog/spdlog.h>
 
 #include <atomic>
+#include <charconv>
 #include <functional>
 #include <thread>
 
@@ -161,6 +162,30 @@ grpc::Status serialize_large(google::protobuf::Message& message, grpc::ByteBuffe
   return grpc::Status::OK;
 }
 
+// Room held for a request whose client did not declare its size.
+constexpr std::size_t kUndeclaredRequestBytes = std::size_t{4} << 20;
+
+// The size a call's client declares for its request (kRequestBytesKey), -1 when it declares
+// none, or why the declaration is refused.
+Result<std::int64_t> declared_request_bytes(const grpc::ServerContextBase& ctx, std::size_t max_message_bytes) {
+  const auto& metadata = ctx.client_metadata();
+  const auto it = metadata.find(kRequestBytesKey);
+  if (it == metadata.end()) return std::int64_t{-1};
+  const std::string value(it->second.data(), it->second.size());
+  std::int64_t bytes = -1;
+  const auto [end, error] = std::from_chars(value.data(), value.data() + value.size(), bytes);
+  if (error != std::errc() || end != value.data() + value.size() || bytes < 0) {
+    return invalid_argument(std::string(kRequestBytesKey) + ": expected the request's size in bytes, got \"" +
+                            value.substr(0, 32) + "\"");
+  }
+  if (static_cast<std::size_t>(bytes) > max_message_bytes) {
+    return resource_exhausted(std::string(kRequestBytesKey) + ": " + std::to_string(bytes) +
+                              " bytes, over this server's largest message of " + std::to_string(max_message_bytes) +
+                              " (--max-message-mb)");
+  }
+  return bytes;
+}
+
 // The call object a unary handler's reactor finishes through: it forwards to the streaming call
 // that carries it.
 class UnaryCallBridge final : public grpc::ServerCallbackUnary {
@@ -186,22 +211,26 @@ class GatedUnaryCall final : public grpc::ServerBidiReactor<grpc::ByteBuffer, gr
  public:
   using Handler = grpc::ServerUnaryReactor* (AttnService::*)(grpc::CallbackServerContext*, const Request*, Response*);
 
-  GatedUnaryCall(const GatedMethods::Shared& shared, Handler handler, const char* op, bool bulk,
+  GatedUnaryCall(const GatedMethods::Shared& shared, Handler handler, const char* op,
                  grpc::CallbackServerContext* ctx)
       : shared_(shared), handler_(handler), op_(op), ctx_(ctx), hold_(shared.budget) {
     if (Status s = shared_.token.check(*ctx_); !s.ok()) {
       refuse(s);
       return;
     }
-    // A request that may be large holds room for the largest before it is read (its size is
-    // not known until all of it has arrived), so that a call past the limit is refused before its
-    // bytes come; once read, the hold shrinks to what came.
-    if (bulk) {
-      if (Status s = hold_.add(shared_.max_message_bytes, "request (up to --max-message-mb before it is read)");
-          !s.ok()) {
-        refuse(s);
-        return;
-      }
+    // Room for the request before it is read, so that a call past the limit is refused before
+    // its bytes come: the size its client declares, else room for a small one (a larger body
+    // must then find room once it has come, and gRPC's quota bounds it while it arrives).
+    auto declared = declared_request_bytes(*ctx_, shared_.max_message_bytes);
+    if (!declared.ok()) {
+      refuse(declared.status());
+      return;
+    }
+    declared_ = *declared;
+    const std::size_t room = declared_ >= 0 ? static_cast<std::size_t>(declared_) : kUndeclaredRequestBytes;
+    if (Status s = hold_.add(room, declared_ >= 0 ? std::string(kRequestBytesKey) : "request (undeclared)"); !s.ok()) {
+      refuse(s);
+      return;
     }
     StartRead(&request_bytes_);
   }
@@ -219,6 +248,12 @@ class GatedUnaryCall final : public grpc::ServerBidiReactor<grpc::ByteBuffer, gr
       return;
     }
     bytes_in_ = request_bytes_.Length();
+    if (declared_ >= 0 && bytes_in_ != static_cast<std::size_t>(declared_)) {
+      request_bytes_.Clear();
+      refuse(invalid_argument(std::string(kRequestBytesKey) + ": declared " + std::to_string(declared_) +
+                              " bytes, the request brought " + std::to_string(bytes_in_)));
+      return;
+    }
     hold_.release();
     if (Status s = hold_.add(bytes_in_, "request"); !s.ok()) {
       request_bytes_.Clear();
@@ -306,12 +341,121 @@ class GatedUnaryCall final : public grpc::ServerBidiReactor<grpc::ByteBuffer, gr
   const char* op_;
   grpc::CallbackServerContext* ctx_;
   MemoryHold hold_;
+  std::int64_t declared_ = -1;  // attn-request-bytes, -1: not sent
   std::size_t bytes_in_ = 0;
   grpc::ByteBuffer request_bytes_, response_bytes_;
   Request request_;
   Response response_;
   UnaryCallBridge bridge_;
   std::atomic<grpc::ServerUnaryReactor*> unary_{nullptr};
+};
+
+// The call object a server-streaming handler's reactor writes through: each message is
+// serialized and written on the streaming call that carries it.
+template <class Response>
+class WriterCallBridge final : public grpc::ServerCallbackWriter<Response> {
+ public:
+  std::function<void(const Response*, grpc::WriteOptions, const grpc::Status*)> on_write;
+  std::function<void(grpc::Status)> on_finish;
+  std::function<void()> on_send_initial_metadata;
+
+  void Finish(grpc::Status s) override { on_finish(std::move(s)); }
+  void SendInitialMetadata() override { on_send_initial_metadata(); }
+  void Write(const Response* msg, grpc::WriteOptions options) override { on_write(msg, options, nullptr); }
+  void WriteAndFinish(const Response* msg, grpc::WriteOptions options, grpc::Status s) override {
+    on_write(msg, options, &s);
+  }
+  void bind(grpc::ServerWriteReactor<Response>* reactor) {
+    reactor_ = reactor;
+    this->BindReactor(reactor);
+  }
+
+ private:
+  grpc::internal::ServerReactor* reactor() override { return reactor_; }
+  void CallOnDone() override {}
+  grpc::ServerWriteReactor<Response>* reactor_ = nullptr;
+};
+
+// A server-streaming method (GetTensor, ReadKv) judged like the unary ones: the token before its
+// request is read, then the request handed to its handler, whose writes go out one by one.
+template <class Request, class Response>
+class GatedWriterCall final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+ public:
+  using Handler = grpc::ServerWriteReactor<Response>* (AttnService::*)(grpc::CallbackServerContext*, const Request*);
+
+  GatedWriterCall(const GatedMethods::Shared& shared, Handler handler, const char* op, grpc::CallbackServerContext* ctx)
+      : shared_(shared), handler_(handler), op_(op), ctx_(ctx), hold_(shared.budget) {
+    if (Status s = shared_.token.check(*ctx_); !s.ok()) {
+      refuse(s);
+      return;
+    }
+    StartRead(&request_bytes_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      refuse(ctx_->IsCancelled() ? cancelled("request: the call ended while its message arrived")
+                                 : invalid_argument("request: expected one " + Request::descriptor()->full_name() +
+                                                    ", got none (the call ended before its message)"));
+      return;
+    }
+    const std::size_t bytes = request_bytes_.Length();
+    grpc::ProtoBufferReader reader(&request_bytes_);
+    Status held = hold_.add(bytes, "request");
+    const bool parsed = held.ok() && request_.ParseFromZeroCopyStream(&reader);
+    request_bytes_.Clear();
+    if (!held.ok()) return refuse(held);
+    if (!parsed) {
+      refuse(invalid_argument("request: expected a serialized " + Request::descriptor()->full_name() + " of " +
+                              std::to_string(bytes) + " bytes, got bytes that do not parse as one"));
+      return;
+    }
+    bridge_.on_write = [this](const Response* msg, grpc::WriteOptions options, const grpc::Status* last) {
+      response_bytes_.Clear();
+      bool own_buffer = false;
+      const grpc::Status serialized = grpc::SerializationTraits<Response>::Serialize(*msg, &response_bytes_, &own_buffer);
+      if (!serialized.ok()) return Finish(serialized);
+      if (last) return StartWriteAndFinish(&response_bytes_, options, *last);
+      StartWrite(&response_bytes_, options);
+    };
+    bridge_.on_finish = [this](grpc::Status s) { Finish(std::move(s)); };
+    bridge_.on_send_initial_metadata = [this] { StartSendInitialMetadata(); };
+    grpc::ServerWriteReactor<Response>* reactor = (shared_.service.*handler_)(ctx_, &request_);
+    writer_.store(reactor);
+    bridge_.bind(reactor);
+  }
+
+  void OnSendInitialMetadataDone(bool ok) override {
+    if (auto* reactor = writer_.load()) reactor->OnSendInitialMetadataDone(ok);
+  }
+  void OnWriteDone(bool ok) override {
+    if (auto* reactor = writer_.load()) reactor->OnWriteDone(ok);
+  }
+  void OnCancel() override {
+    if (auto* reactor = writer_.load()) reactor->OnCancel();
+  }
+  void OnDone() override {
+    if (auto* reactor = writer_.load()) reactor->OnDone();
+    delete this;
+  }
+
+ private:
+  void refuse(const Status& s) {
+    spdlog::warn("{} from {} failed: {}", op_, ctx_->peer(), s.to_string());
+    const grpc::Status g = wire::to_grpc(s);
+    if (shared_.metrics) shared_.metrics->record(op_, "", g.error_code(), nullptr, 0, 0);
+    Finish(g);
+  }
+
+  const GatedMethods::Shared& shared_;
+  Handler handler_;
+  const char* op_;
+  grpc::CallbackServerContext* ctx_;
+  MemoryHold hold_;
+  grpc::ByteBuffer request_bytes_, response_bytes_;
+  Request request_;
+  WriterCallBridge<Response> bridge_;
+  std::atomic<grpc::ServerWriteReactor<Response>*> writer_{nullptr};
 };
 
 class UnimplementedCall final : public grpc::ServerGenericBidiReactor {
@@ -325,7 +469,7 @@ class UnimplementedCall final : public grpc::ServerGenericBidiReactor {
 }  // namespace
 
 template <class Request, class Response>
-void GatedMethods::add(const char* method, const char* op, bool bulk,
+void GatedMethods::add(const char* method, const char* op,
                        grpc::ServerUnaryReactor* (AttnService::*handler)(grpc::CallbackServerContext*, const Request*,
                                                                          Response*)) {
   const std::string& path = paths_.emplace_back("/attn.v1.AttnService/" + std::string(method));
@@ -334,42 +478,57 @@ void GatedMethods::add(const char* method, const char* op, bool bulk,
   MarkMethodRawCallback(
       static_cast<int>(paths_.size() - 1),
       new grpc::internal::CallbackBidiHandler<grpc::ByteBuffer, grpc::ByteBuffer>(
-          [shared, handler, op, bulk](grpc::CallbackServerContext* ctx) {
-            return new GatedUnaryCall<Request, Response>(*shared, handler, op, bulk, ctx);
+          [shared, handler, op](grpc::CallbackServerContext* ctx) {
+            return new GatedUnaryCall<Request, Response>(*shared, handler, op, ctx);
+          }));
+}
+
+template <class Request, class Response>
+void GatedMethods::add_streaming(const char* method, const char* op,
+                                 grpc::ServerWriteReactor<Response>* (AttnService::*handler)(grpc::CallbackServerContext*,
+                                                                                             const Request*)) {
+  const std::string& path = paths_.emplace_back("/attn.v1.AttnService/" + std::string(method));
+  Shared* shared = shared_.get();
+  AddMethod(new grpc::internal::RpcServiceMethod(path.c_str(), grpc::internal::RpcMethod::BIDI_STREAMING, nullptr));
+  MarkMethodRawCallback(
+      static_cast<int>(paths_.size() - 1),
+      new grpc::internal::CallbackBidiHandler<grpc::ByteBuffer, grpc::ByteBuffer>(
+          [shared, handler, op](grpc::CallbackServerContext* ctx) {
+            return new GatedWriterCall<Request, Response>(*shared, handler, op, ctx);
           }));
 }
 
 GatedMethods::GatedMethods(AttnService& service, GateConfig config)
     : shared_(new Shared{service, TokenCheck(config.token), config.budget, config.metrics,
                          config.max_message_bytes}) {
-  // Every unary method of attn.v1.AttnService (AttnService leaves them to this service), with the
-  // label its handler logs and counts it under, and whether its request may be large (bulk): the
-  // others carry names and numbers.
-  constexpr bool kBulk = true, kSmall = false;
-  add("Matmul", "matmul", kBulk, &AttnService::Matmul);
-  add("Softmax", "softmax", kBulk, &AttnService::Softmax);
-  add("Attention", "attention", kBulk, &AttnService::Attention);
-  add("ListKernels", "list_kernels", kSmall, &AttnService::ListKernels);
-  add("GetServerInfo", "get_server_info", kSmall, &AttnService::GetServerInfo);
-  add("DeleteTensor", "delete_tensor", kSmall, &AttnService::DeleteTensor);
-  add("ListTensors", "list_tensors", kSmall, &AttnService::ListTensors);
-  add("Benchmark", "benchmark", kSmall, &AttnService::Benchmark);
-  add("Echo", "echo", kBulk, &AttnService::Echo);
-  add("CreateKvCache", "create_kv_cache", kSmall, &AttnService::CreateKvCache);
-  add("DescribeKvCache", "describe_kv_cache", kSmall, &AttnService::DescribeKvCache);
-  add("ListKvCaches", "list_kv_caches", kSmall, &AttnService::ListKvCaches);
-  add("DeleteKvCache", "delete_kv_cache", kSmall, &AttnService::DeleteKvCache);
-  add("ReleaseSequences", "release_sequences", kSmall, &AttnService::ReleaseSequences);
-  add("ForkSequence", "fork_sequence", kSmall, &AttnService::ForkSequence);
-  add("Decode", "paged_decode", kBulk, &AttnService::Decode);
-  add("Prefill", "paged_prefill", kBulk, &AttnService::Prefill);
-  int unary = 0;
+  // Every method of attn.v1.AttnService with one request (AttnService leaves them to this
+  // service), with the label its handler logs and counts it under.
+  add("Matmul", "matmul", &AttnService::Matmul);
+  add("Softmax", "softmax", &AttnService::Softmax);
+  add("Attention", "attention", &AttnService::Attention);
+  add("ListKernels", "list_kernels", &AttnService::ListKernels);
+  add("GetServerInfo", "get_server_info", &AttnService::GetServerInfo);
+  add("DeleteTensor", "delete_tensor", &AttnService::DeleteTensor);
+  add("ListTensors", "list_tensors", &AttnService::ListTensors);
+  add("Benchmark", "benchmark", &AttnService::Benchmark);
+  add("Echo", "echo", &AttnService::Echo);
+  add("CreateKvCache", "create_kv_cache", &AttnService::CreateKvCache);
+  add("DescribeKvCache", "describe_kv_cache", &AttnService::DescribeKvCache);
+  add("ListKvCaches", "list_kv_caches", &AttnService::ListKvCaches);
+  add("DeleteKvCache", "delete_kv_cache", &AttnService::DeleteKvCache);
+  add("ReleaseSequences", "release_sequences", &AttnService::ReleaseSequences);
+  add("ForkSequence", "fork_sequence", &AttnService::ForkSequence);
+  add("Decode", "paged_decode", &AttnService::Decode);
+  add("Prefill", "paged_prefill", &AttnService::Prefill);
+  add_streaming("GetTensor", "get_tensor", &AttnService::GetTensor);
+  add_streaming("ReadKv", "read_kv", &AttnService::ReadKv);
+  int gated = 0;
   const auto* methods = v1::MatmulRequest::descriptor()->file()->FindServiceByName("AttnService");
-  for (int i = 0; i < methods->method_count(); ++i)
-    unary += !methods->method(i)->client_streaming() && !methods->method(i)->server_streaming();
-  if (static_cast<std::size_t>(unary) != paths_.size()) {
-    // AttnService leaves every unary method to this service: one missing here would be unserved.
-    spdlog::critical("GatedMethods serves {} methods, attn.v1.AttnService has {} unary ones", paths_.size(), unary);
+  for (int i = 0; i < methods->method_count(); ++i) gated += !methods->method(i)->client_streaming();
+  if (static_cast<std::size_t>(gated) != paths_.size()) {
+    // AttnService leaves these methods to this service: one missing here would be unserved.
+    spdlog::critical("GatedMethods serves {} methods, attn.v1.AttnService has {} with one request", paths_.size(),
+                     gated);
     std::abort();
   }
 }

@@ -162,7 +162,7 @@ Status check_options(const ServerOptions& options) {
     return invalid_argument("--max-inflight-mb: expected 0 (half of this machine's memory) or more, got " +
                             std::to_string(options.max_inflight_mb));
   }
-  // A request that may be large holds room for the largest message while it arrives.
+  // Else the largest requests could never be served.
   if (inflight_bytes(options) < static_cast<std::size_t>(options.max_message_mb) << 20) {
     return invalid_argument("--max-inflight-mb: expected at least --max-message-mb (" +
                             std::to_string(options.max_message_mb) + "), got " +

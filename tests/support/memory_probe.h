@@ -93,9 +93,11 @@ struct CallResult {
 };
 
 // `n` concurrent calls of `method` ("/attn.v1.AttnService/Softmax") with `request`, each on its
-// own channel (as separate clients would), the token (if any) as "authorization: Bearer".
+// own channel (as separate clients would), the token (if any) as "authorization: Bearer", the
+// request's size as "attn-request-bytes" unless `declare_size` is false (or `declared` instead).
 inline std::vector<CallResult> concurrent_calls(const std::string& address, const std::string& method,
                                                 const grpc::ByteBuffer& request, int n, const std::string& token,
+                                                bool declare_size = true, const std::string& declared = "",
                                                 std::chrono::seconds deadline = std::chrono::seconds(120)) {
   std::vector<CallResult> results(static_cast<std::size_t>(n));
   std::vector<std::thread> threads;
@@ -112,6 +114,7 @@ inline std::vector<CallResult> concurrent_calls(const std::string& address, cons
       grpc::ClientContext ctx;
       ctx.set_deadline(std::chrono::system_clock::now() + deadline);
       if (!token.empty()) ctx.AddMetadata("authorization", "Bearer " + token);
+      if (declare_size) ctx.AddMetadata("attn-request-bytes", declared.empty() ? std::to_string(request.Length()) : declared);
       grpc::ByteBuffer response;
       std::mutex mu;
       std::condition_variable cv;

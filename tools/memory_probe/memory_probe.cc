@@ -20,6 +20,8 @@ int main(int argc, char** argv) {
   app.add_option("--mb", mb, "payload of each call in MB (10^6 bytes)");
   app.add_option("--calls", calls, "concurrent calls");
   std::string kernel;
+  bool undeclared = false;
+  app.add_flag("--undeclared", undeclared, "do not send the request's size (attn-request-bytes)");
   app.add_option("--kernel", kernel, "the variant to ask for (an unknown one: refused after parsing)");
   app.add_option("--token", token, "bearer token to send (empty: none)");
   app.add_option("--settle-s", settle_s, "seconds to wait after the load before the last RSS sample");
@@ -29,12 +31,13 @@ int main(int argc, char** argv) {
   constexpr double kMB = 1e6;
   attn::testing::RssSampler rss(pid);
   attn::testing::SmallCalls small(server, token);
-  const auto results = attn::testing::concurrent_calls(server, "/attn.v1.AttnService/Softmax", request, calls, token);
+  const auto results = attn::testing::concurrent_calls(server, "/attn.v1.AttnService/Softmax", request, calls, token,
+                                                      !undeclared);
   const std::int64_t after = rss.now();
   small.stop();
   std::this_thread::sleep_for(std::chrono::seconds(settle_s));
-  std::printf("request %.0f MB x %d calls, %s token\n", static_cast<double>(request.Length()) / kMB, calls,
-              token.empty() ? "no" : "with");
+  std::printf("request %.0f MB x %d calls, %s token, size %s\n", static_cast<double>(request.Length()) / kMB, calls,
+              token.empty() ? "no" : "with", undeclared ? "undeclared" : "declared");
   for (const auto& r : results)
     std::printf("  call: %s (%s) in %lld ms\n", grpc::StatusCode(r.status.error_code()) == grpc::StatusCode::OK ? "OK" : std::to_string(r.status.error_code()).c_str(),
                 r.status.error_message().substr(0, 120).c_str(), static_cast<long long>(r.took.count()));

@@ -65,13 +65,19 @@ std::int64_t idle_rss(const testing::ServerProcess& server) {
 TEST(Memory, StrangersBodiesStayUnread) {
   testing::ServerProcess server(ATTND_PATH, {"--backend", "cpu"}, with_token());
   const grpc::ByteBuffer request = testing::softmax_request_bytes(kBigRequest);
-  for (const std::string token : {"", "wrong-token"}) {
-    testing::RssSampler rss(server.pid());
-    const auto results = testing::concurrent_calls(server.address(), kSoftmax, request, 1, token);
-    EXPECT_EQ(results[0].status.error_code(), grpc::StatusCode::UNAUTHENTICATED) << results[0].status.error_message();
-    EXPECT_LT(results[0].took, ms(1000));
-    EXPECT_LT(rss.peak() - rss.first(), 32 * kMiB) << "token \"" << token << "\"";
-  }
+  // An op, a method whose requests are small, a server-streaming one; with and without a
+  // declared size.
+  for (const std::string method : {"Softmax", "GetServerInfo", "GetTensor"})
+    for (const std::string token : {"", "wrong-token"})
+      for (const bool declare : {true, false}) {
+        testing::RssSampler rss(server.pid());
+        const auto results = testing::concurrent_calls(server.address(), "/attn.v1.AttnService/" + method, request, 1,
+                                                       token, declare);
+        EXPECT_EQ(results[0].status.error_code(), grpc::StatusCode::UNAUTHENTICATED)
+            << method << ": " << results[0].status.error_message();
+        EXPECT_LT(results[0].took, ms(1000)) << method;
+        EXPECT_LT(rss.peak() - rss.first(), 32 * kMiB) << method << ", token \"" << token << "\"";
+      }
   // A method no service has: refused unread too.
   testing::RssSampler rss(server.pid());
   const auto unknown = testing::concurrent_calls(server.address(), "/attn.v1.AttnService/NoSuchMethod", request, 1, kToken);
@@ -124,6 +130,28 @@ TEST(Memory, InflightBoundRefusesWhatIsPastIt) {
   }
   const auto alone = testing::concurrent_calls(server.address(), kSoftmax, request, 1, kToken);
   EXPECT_TRUE(alone[0].status.ok()) << alone[0].status.error_message();
+}
+
+// The declared size is checked before the body is read (a malformed or too large one) and
+// against the body once it has come.
+TEST(Memory, DeclaredSizeIsChecked) {
+  testing::ServerProcess server(ATTND_PATH, {"--backend", "cpu", "--max-message-mb", "64"}, with_token());
+  const grpc::ByteBuffer request = testing::softmax_request_bytes(kMiB);
+  const std::string size = std::to_string(request.Length());
+  struct Case {
+    std::string declared;
+    grpc::StatusCode code;
+    std::string says;
+  };
+  for (const Case& c : {Case{size, grpc::StatusCode::OK, ""},
+                        Case{"12abc", grpc::StatusCode::INVALID_ARGUMENT, "attn-request-bytes: expected the request's size in bytes, got \"12abc\""},
+                        Case{"-1", grpc::StatusCode::INVALID_ARGUMENT, "attn-request-bytes: expected"},
+                        Case{std::to_string(65 * kMiB), grpc::StatusCode::RESOURCE_EXHAUSTED, "(--max-message-mb)"},
+                        Case{"1000", grpc::StatusCode::INVALID_ARGUMENT, "attn-request-bytes: declared 1000 bytes, the request brought " + size}}) {
+    const auto r = testing::concurrent_calls(server.address(), kSoftmax, request, 1, kToken, true, c.declared);
+    EXPECT_EQ(r[0].status.error_code(), c.code) << c.declared << ": " << r[0].status.error_message();
+    EXPECT_THAT(r[0].status.error_message(), ::testing::HasSubstr(c.says)) << c.declared;
+  }
 }
 
 // One big call costs about its payload, not 2.7-3.5 times it: its request is parsed from gRPC's

@@ -45,12 +45,12 @@ MemoryHold* current_call_hold() { return t_current_hold; }
 CurrentCallHold::CurrentCallHold(MemoryHold* hold) : previous_(t_current_hold) { t_current_hold = hold; }
 CurrentCallHold::~CurrentCallHold() { t_current_hold = previous_; }
 
-std::size_t default_inflight_bytes() {
+std::size_t process_memory_bytes() {
   std::size_t memory = static_cast<std::size_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
   std::ifstream cgroup("/sys/fs/cgroup/memory.max");  // "max" when unlimited
   std::size_t limit = 0;
   if (cgroup >> limit && limit > 0) memory = std::min(memory, limit);
-  return memory / 2;
+  return memory;
 }
 
 void return_free_memory() { malloc_trim(0); }

@@ -59,9 +59,11 @@ class CurrentCallHold {
   MemoryHold* previous_;
 };
 
-// The default limit: half of what this process may use, the smaller of the machine's memory
-// and its cgroup's memory.max (a container's limit).
-std::size_t default_inflight_bytes();
+// What this process may use: the smaller of the machine's memory and its cgroup's memory.max (a
+// container's limit).
+std::size_t process_memory_bytes();
+// The default limit: half of that.
+inline std::size_t default_inflight_bytes() { return process_memory_bytes() / 2; }
 
 // Gives freed heap memory back to the system (glibc keeps it in its arenas otherwise).
 void return_free_memory();

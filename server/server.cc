@@ -277,6 +277,13 @@ Result<std::unique_ptr<Server>> Server::start(const ServerOptions& options) {
   }
   s->service_->set_advertise_address(advertise_address(options, s->port_));
   log_serving(options, s->port_, s->backend_, s->metrics_port());
+  // On the CPU backend resident tensors and KV caches live in the same memory as calls' bytes.
+  const std::size_t quota = static_cast<std::size_t>(options.tensor_quota_mb) << 20;
+  if (s->backend_ == "cpu" && inflight_bytes(options) + quota > process_memory_bytes()) {
+    spdlog::warn("--max-inflight-mb ({} MiB) and --tensor-quota-mb ({} MiB) together exceed the {} MiB this "
+                 "process may use: traffic that fills both can exhaust the machine",
+                 inflight_bytes(options) >> 20, quota >> 20, process_memory_bytes() >> 20);
+  }
   return s;
 }
 

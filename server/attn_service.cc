@@ -13,6 +13,9 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// Softmax inputs up to this size may share a launch.
+constexpr std::size_t kMaxMergedBytes = std::size_t{16} << 20;
+
 }  // namespace
 
 Status call_abandoned(grpc::CallbackServerContext* ctx) {
@@ -144,6 +147,9 @@ class OneShotCall final : public BatchMember {
     if constexpr (std::is_same_v<Args, SoftmaxArgs>) {
       // Inline inputs and outputs only: a resident input pins the call to its device's memory.
       if (!op.resident.empty() || !op.kept.empty()) return "";
+      // A large input fills the device alone; merged, its rows and results would be copied into
+      // and out of the batch's tensors, twice its bytes more (a 4 x 500 MB burst peaked 1 GB higher).
+      if (op.args.x.bytes() > kMaxMergedBytes) return "";
       return "softmax " + op.variant->info.name + " " + std::string(dtype_name(op.args.x.dtype)) + " " +
              std::to_string(op.args.x.dim(-1));
     } else if constexpr (std::is_same_v<Args, AttentionArgs>) {

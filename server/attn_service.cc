@@ -13,6 +13,9 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// Softmax inputs up to this size may share a launch.
+constexpr std::size_t kMaxMergedBytes = std::size_t{16} << 20;
+
 }  // namespace
 
 Status call_abandoned(grpc::CallbackServerContext* ctx) {
@@ -60,6 +63,13 @@ AttnService::AttnService(Scheduler& scheduler, const Registry& registry, Service
     bool seen = false;
     for (const Target& known : decode_.targets) seen |= known.backend == t.backend;
     if (!seen) decode_.targets.push_back(t);
+  }
+  // The methods with one request are served by GatedMethods (gated_calls.h), which judges a call
+  // before its body is read and then calls the handlers below. PutTensor's handler starts before
+  // any message and checks the token before its first read.
+  const auto* methods = v1::MatmulRequest::descriptor()->file()->FindServiceByName("AttnService");
+  for (int i = 0; i < methods->method_count(); ++i) {
+    if (!methods->method(i)->client_streaming()) MarkMethodGeneric(i);
   }
   decode_.limits = config_.limits;
   decode_.store = config_.store;
@@ -137,6 +147,9 @@ class OneShotCall final : public BatchMember {
     if constexpr (std::is_same_v<Args, SoftmaxArgs>) {
       // Inline inputs and outputs only: a resident input pins the call to its device's memory.
       if (!op.resident.empty() || !op.kept.empty()) return "";
+      // A large input fills the device alone; merged, its rows and results would be copied into
+      // and out of the batch's tensors, twice its bytes more (a 4 x 500 MB burst peaked 1 GB higher).
+      if (op.args.x.bytes() > kMaxMergedBytes) return "";
       return "softmax " + op.variant->info.name + " " + std::string(dtype_name(op.args.x.dtype)) + " " +
              std::to_string(op.args.x.dim(-1));
     } else if constexpr (std::is_same_v<Args, AttentionArgs>) {

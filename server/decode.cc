@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "memory_budget.h"
+
 namespace attn::server {
 namespace {
 
@@ -68,7 +70,13 @@ DecodeContext placed(const DecodeContext& ctx, const PreparedOp<Args>& op) {
 template <class Args>
 Result<TensorView> output(DType dtype, const Shape& shape, v1::Tensor* out, bool keep, std::int64_t ttl_ms,
                           const char* field, const DecodeContext& ctx, PreparedOp<Args>& op) {
-  if (!keep) return wire::prepare_output(dtype, shape, out);
+  if (!keep) {
+    // The response's bytes, charged to the call before they are allocated.
+    if (MemoryHold* hold = current_call_hold()) {
+      ATTN_RETURN_IF_ERROR(hold->add(static_cast<std::size_t>(element_count(shape)) * element_size(dtype), field));
+    }
+    return wire::prepare_output(dtype, shape, out);
+  }
   if (!ctx.store) return failed_precondition("keep_output: this server keeps no resident tensors");
   if (op.executor < 0) {  // no resident input: the least used device of the variant's backend
     std::vector<std::size_t> candidates;

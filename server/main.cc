@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "attn/version.h"
+#include "memory_budget.h"
 #include "server.h"
 
 namespace {
@@ -82,6 +83,11 @@ void add_flags(CLI::App& app, attn::server::ServerOptions& options, ProcessFlags
   app.add_option("--token-file", flags.token_file,
                  "file holding the bearer token every call must carry (else $ATTND_TOKEN; neither: "
                  "no token)");
+  app.add_option("--max-inflight-mb", options.max_inflight_mb,
+                 "request and response bytes all calls together may hold at once, MiB; a call past it gets "
+                 "RESOURCE_EXHAUSTED (0: half of the memory this process may use)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   app.add_option("--tensor-quota-mb", options.tensor_quota_mb,
                  "memory for resident tensors (PutTensor, keep_output) and KV caches, all devices together")
       ->capture_default_str();
@@ -162,6 +168,7 @@ void ensure_passive_openmp(char** argv) {
 
 int main(int argc, char** argv) {
   ensure_passive_openmp(argv);
+  attn::server::release_freed_memory_promptly();
   attn::server::ServerOptions options;
   ProcessFlags flags;
   flags.grace_ms = options.shutdown_grace.count();

@@ -1,6 +1,7 @@
 #include "server.h"
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/resource_quota.h>
 #include <grpcpp/server_builder.h>
 #include <spdlog/spdlog.h>
 
@@ -10,6 +11,8 @@
 #include "attn/registry.h"
 #include "attn/version.h"
 #include "attn_service.h"
+#include "gated_calls.h"
+#include "memory_budget.h"
 #include "health_service.h"
 #include "metrics.h"
 #include "scheduler.h"
@@ -150,7 +153,22 @@ void warm_up(Executor& executor) {
   spdlog::info("warm-up: ran {} variant/dtype pairs on {}", ran, executor.device().label());
 }
 
+std::size_t inflight_bytes(const ServerOptions& options) {
+  return options.max_inflight_mb > 0 ? static_cast<std::size_t>(options.max_inflight_mb) << 20 : default_inflight_bytes();
+}
+
 Status check_options(const ServerOptions& options) {
+  if (options.max_inflight_mb < 0) {
+    return invalid_argument("--max-inflight-mb: expected 0 (half of this machine's memory) or more, got " +
+                            std::to_string(options.max_inflight_mb));
+  }
+  // Else the largest requests could never be served.
+  if (inflight_bytes(options) < static_cast<std::size_t>(options.max_message_mb) << 20) {
+    return invalid_argument("--max-inflight-mb: expected at least --max-message-mb (" +
+                            std::to_string(options.max_message_mb) + "), got " +
+                            std::to_string(inflight_bytes(options) >> 20) +
+                            (options.max_inflight_mb > 0 ? "" : " (half of this machine's memory)"));
+  }
   if (options.max_message_mb < 1 || options.max_message_mb > 2047) {
     return invalid_argument("--max-message-mb: expected 1..2047 (protobuf's limit is 2 GiB), got " +
                             std::to_string(options.max_message_mb));
@@ -210,10 +228,10 @@ void log_serving(const ServerOptions& options, int port, const std::string& back
   const bool tls = !options.security.tls_cert_file.empty();
   const bool mtls = tls && !options.security.tls_client_ca_file.empty();
   spdlog::info("attnd {} serving on {}:{} with the {} backend; {}, {}; max message {} MiB, max {} "
-               "elements per tensor, queue depth {}",
+               "elements per tensor, queue depth {}, {} MiB in flight",
                kVersion, host, port, backend, mtls ? "mutual TLS" : (tls ? "TLS" : "plaintext"),
                options.security.token.empty() ? "no token" : "bearer token required", options.max_message_mb,
-               options.max_elements, options.queue_depth);
+               options.max_elements, options.queue_depth, inflight_bytes(options) >> 20);
   if (!is_loopback_address(options.listen) && !tls && options.security.token.empty()) {
     spdlog::warn("listening on {} beyond loopback with neither TLS nor a token: anyone who can reach "
                  "the port can use the server (see --tls-cert, --token-file)", options.listen);
@@ -259,6 +277,13 @@ Result<std::unique_ptr<Server>> Server::start(const ServerOptions& options) {
   }
   s->service_->set_advertise_address(advertise_address(options, s->port_));
   log_serving(options, s->port_, s->backend_, s->metrics_port());
+  // On the CPU backend resident tensors and KV caches live in the same memory as calls' bytes.
+  const std::size_t quota = static_cast<std::size_t>(options.tensor_quota_mb) << 20;
+  if (s->backend_ == "cpu" && inflight_bytes(options) + quota > process_memory_bytes()) {
+    spdlog::warn("--max-inflight-mb ({} MiB) and --tensor-quota-mb ({} MiB) together exceed the {} MiB this "
+                 "process may use: traffic that fills both can exhaust the machine",
+                 inflight_bytes(options) >> 20, quota >> 20, process_memory_bytes() >> 20);
+  }
   return s;
 }
 
@@ -283,6 +308,14 @@ Status Server::start_services() {
     config.metrics = metrics_.get();
   }
   service_ = std::make_unique<AttnService>(*scheduler_, default_registry(), config);
+  budget_ = std::make_unique<MemoryBudget>(inflight_bytes(options_));
+  GateConfig gate;
+  gate.token = options_.security.token;
+  gate.budget = budget_.get();
+  gate.metrics = metrics_.get();
+  gate.max_message_bytes = static_cast<std::size_t>(max_bytes);
+  gated_ = std::make_unique<GatedMethods>(*service_, gate);
+  unknown_ = std::make_unique<UnknownMethods>();
   return Status::Ok();
 }
 
@@ -294,7 +327,14 @@ Status Server::listen(const std::shared_ptr<grpc::ServerCredentials>& credential
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);  // a busy port is an error, not shared
   builder.SetMaxReceiveMessageSize(max_bytes);
   builder.SetMaxSendMessageSize(max_bytes);
+  // gRPC's own account of the bytes its transports hold (a request still arriving): past the
+  // same limit it resets streams with RESOURCE_EXHAUSTED. Once read, a request is the budget's.
+  grpc::ResourceQuota quota("attnd");
+  quota.Resize(budget_->limit());
+  builder.SetResourceQuota(quota);
   builder.RegisterService(service_.get());
+  builder.RegisterService(gated_.get());
+  builder.RegisterCallbackGenericService(unknown_.get());
   builder.RegisterService(health_.get());
   grpc_server_ = builder.BuildAndStart();
   if (!grpc_server_ || port_ == 0) {

@@ -19,6 +19,8 @@ struct ServerOptions {
   std::string listen = "127.0.0.1:50051";
   std::string backend = "auto";  // auto | cpu | cuda
   std::int64_t max_message_mb = 1024;
+  // Request and response bytes held by all calls at once (0: default_inflight_bytes()).
+  std::int64_t max_inflight_mb = 0;
   std::int64_t max_elements = std::int64_t{1} << 31;
   std::size_t queue_depth = 256;
   std::chrono::milliseconds shutdown_grace{10000};
@@ -48,6 +50,9 @@ class KvCacheStore;
 
 class Scheduler;
 class AttnService;
+class GatedMethods;
+class UnknownMethods;
+class MemoryBudget;
 class HealthService;
 
 class Server {
@@ -78,7 +83,10 @@ class Server {
   std::unique_ptr<Scheduler> scheduler_;
   std::unique_ptr<TensorStore> store_;  // after the scheduler: its tensors go before the devices
   std::unique_ptr<KvCacheStore> kv_caches_;  // after the store, whose quota it shares
+  std::unique_ptr<MemoryBudget> budget_;
   std::unique_ptr<AttnService> service_;
+  std::unique_ptr<GatedMethods> gated_;
+  std::unique_ptr<UnknownMethods> unknown_;
   std::unique_ptr<HealthService> health_;
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<grpc::Server> grpc_server_;

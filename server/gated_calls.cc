@@ -227,6 +227,7 @@ class GatedUnaryCall final : public grpc::ServerBidiReactor<grpc::ByteBuffer, gr
       return;
     }
     declared_ = *declared;
+    if (shared_.metrics) shared_.metrics->record_request_size(op_, declared_ >= 0);
     const std::size_t room = declared_ >= 0 ? static_cast<std::size_t>(declared_) : kUndeclaredRequestBytes;
     if (Status s = hold_.add(room, declared_ >= 0 ? std::string(kRequestBytesKey) : "request (undeclared)"); !s.ok()) {
       refuse(s);

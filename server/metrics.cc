@@ -84,6 +84,12 @@ struct Metrics::Impl {
           .Name("attnd_merged_launch_calls")
           .Help("calls served by one merged launch, by op")
           .Register(*registry);
+  prometheus::Family<prometheus::Counter>& declared =
+      prometheus::BuildCounter()
+          .Name("attnd_request_size_declared_total")
+          .Help("authenticated calls by op and whether their client declared the request's size "
+                "(attn-request-bytes): undeclared large requests are bounded only once read")
+          .Register(*registry);
 };
 
 Metrics::Metrics(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -127,6 +133,10 @@ void Metrics::record(const std::string& op, const std::string& variant, grpc::St
   observe("copy", timings->h2d_ns() + timings->d2h_ns());
   observe("kernel", timings->kernel_ns());
   observe("total", timings->total_ns());
+}
+
+void Metrics::record_request_size(const std::string& op, bool declared) {
+  impl_->declared.Add({{"op", op}, {"declared", declared ? "yes" : "no"}}).Increment();
 }
 
 void Metrics::record_batch(const std::string& op, std::size_t calls) {

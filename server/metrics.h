@@ -27,6 +27,9 @@ class Metrics {
               const v1::Timings* timings, std::size_t bytes_in, std::size_t bytes_out);
   // One launch that served `calls` calls of `op` together (dynamic batching).
   void record_batch(const std::string& op, std::size_t calls);
+  // One authenticated call of `op` before its body was read: whether its client declared the
+  // request's size (attn-request-bytes), which is what lets the memory bound refuse it unread.
+  void record_request_size(const std::string& op, bool declared);
 
  private:
   struct Impl;

@@ -74,7 +74,6 @@ v1::Tensor tensor_or_handle(const Entry& e, std::size_t i) {
 // One call of `e`; returns the gRPC status and fills the sample. Kept outputs are deleted after
 // the timing.
 grpc::Status call(Client& client, const Entry& e, bool causal, Sample& s) {
-  auto ctx = client.make_context();
   const bool keep = !e.handles.empty();
   grpc::Status status;
   std::vector<std::string> kept;
@@ -84,7 +83,7 @@ grpc::Status call(Client& client, const Entry& e, bool causal, Sample& s) {
     *req.mutable_x() = tensor_or_handle(e, 0);
     req.set_keep_output(keep);
     v1::SoftmaxResponse resp;
-    status = client.stub().Softmax(ctx.get(), req, &resp);
+    status = client.stub().Softmax(client.make_context(req).get(), req, &resp);
     s.timings = resp.timings();
     if (keep) kept.push_back(resp.y().handle());
   } else if (e.op == "matmul") {
@@ -93,7 +92,7 @@ grpc::Status call(Client& client, const Entry& e, bool causal, Sample& s) {
     *req.mutable_b() = tensor_or_handle(e, 1);
     req.set_keep_output(keep);
     v1::MatmulResponse resp;
-    status = client.stub().Matmul(ctx.get(), req, &resp);
+    status = client.stub().Matmul(client.make_context(req).get(), req, &resp);
     s.timings = resp.timings();
     if (keep) kept.push_back(resp.c().handle());
   } else {
@@ -104,7 +103,7 @@ grpc::Status call(Client& client, const Entry& e, bool causal, Sample& s) {
     req.set_causal(causal);
     req.set_keep_output(keep);
     v1::AttentionResponse resp;
-    status = client.stub().Attention(ctx.get(), req, &resp);
+    status = client.stub().Attention(client.make_context(req).get(), req, &resp);
     s.timings = resp.timings();
     if (keep) kept.push_back(resp.o().handle());
   }
@@ -192,9 +191,9 @@ int run_bench_rpc(const BenchRpcOptions& o, const ClientOptions& client_options)
   for (const auto& e : entries) payloads.emplace_back(o.resident ? 0 : e.request_bytes, 'x');
   auto echoes = load(o.server, client_options, o.clients, std::max(1.0, o.seconds / 2), entries.size(),
                      [&](Client& c, std::size_t i, Sample& s) {
-                       auto ctx = c.make_context();
                        v1::EchoRequest req;
                        req.set_payload(payloads[i]);
+                       auto ctx = c.make_context(req);
                        v1::EchoResponse resp;
                        const auto start = Clock::now();
                        grpc::Status st = c.stub().Echo(ctx.get(), req, &resp);

@@ -164,7 +164,7 @@ int run_decode_bench(const DecodeBenchOptions& o, Client& client) {
     for (int layer = 0; layer < o.layers; ++layer) {
       req.set_layer(layer);
       v1::PrefillResponse resp;
-      auto ctx = client.make_context();
+      auto ctx = client.make_context(req);
       Status s = wire::from_grpc((*stub)->Prefill(ctx.get(), req, &resp));
       if (!s.ok()) return finish(fail("Prefill", s));
       ++prefill_calls;
@@ -209,7 +209,7 @@ int run_decode_bench(const DecodeBenchOptions& o, Client& client) {
       for (int layer = 0; layer < o.layers; ++layer) {
         s.req.set_layer(layer);
         v1::DecodeResponse resp;
-        auto ctx = client.make_context();
+        auto ctx = client.make_context(s.req);
         const auto call_start = Clock::now();
         Status st = wire::from_grpc((*stub)->Decode(ctx.get(), s.req, &resp));
         const std::int64_t latency = since_ns(call_start);

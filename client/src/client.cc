@@ -113,6 +113,12 @@ std::unique_ptr<grpc::ClientContext> Client::make_context() const {
   return ctx;
 }
 
+std::unique_ptr<grpc::ClientContext> Client::make_context(const google::protobuf::MessageLite& request) const {
+  auto ctx = make_context();
+  ctx->AddMetadata("attn-request-bytes", std::to_string(request.ByteSizeLong()));
+  return ctx;
+}
+
 Result<OpResult> Client::matmul(const Tensor& a, const Tensor& b, const MatmulOptions& options) {
   v1::MatmulRequest req;
   wire::encode_tensor(a.view(), req.mutable_a());
@@ -122,7 +128,7 @@ Result<OpResult> Client::matmul(const Tensor& a, const Tensor& b, const MatmulOp
   req.set_kernel(options.kernel);
   v1::MatmulResponse resp;
   ATTN_RETURN_IF_ERROR(channel_status_);
-  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->Matmul(make_context().get(), req, &resp)));
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->Matmul(make_context(req).get(), req, &resp)));
   ATTN_ASSIGN_OR_RETURN(c, to_tensor(resp.c(), "c"));
   return OpResult{std::move(c), {}, resp.timings()};
 }
@@ -133,7 +139,7 @@ Result<OpResult> Client::softmax(const Tensor& x, const std::string& kernel) {
   req.set_kernel(kernel);
   v1::SoftmaxResponse resp;
   ATTN_RETURN_IF_ERROR(channel_status_);
-  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->Softmax(make_context().get(), req, &resp)));
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->Softmax(make_context(req).get(), req, &resp)));
   ATTN_ASSIGN_OR_RETURN(y, to_tensor(resp.y(), "y"));
   return OpResult{std::move(y), {}, resp.timings()};
 }
@@ -150,7 +156,7 @@ Result<OpResult> Client::attention(const Tensor& q, const Tensor& k, const Tenso
   req.set_kernel(options.kernel);
   v1::AttentionResponse resp;
   ATTN_RETURN_IF_ERROR(channel_status_);
-  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->Attention(make_context().get(), req, &resp)));
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->Attention(make_context(req).get(), req, &resp)));
   ATTN_ASSIGN_OR_RETURN(o, to_tensor(resp.o(), "o"));
   OpResult result{std::move(o), {}, resp.timings()};
   if (options.return_lse) {
@@ -165,7 +171,7 @@ Result<v1::ListKernelsResponse> Client::list_kernels(const std::string& op) {
   req.set_op(op);
   v1::ListKernelsResponse resp;
   ATTN_RETURN_IF_ERROR(channel_status_);
-  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->ListKernels(make_context().get(), req, &resp)));
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->ListKernels(make_context(req).get(), req, &resp)));
   return resp;
 }
 
@@ -173,7 +179,7 @@ Result<v1::GetServerInfoResponse> Client::server_info() {
   v1::GetServerInfoResponse resp;
   ATTN_RETURN_IF_ERROR(channel_status_);
   ATTN_RETURN_IF_ERROR(wire::from_grpc(
-      stub_->GetServerInfo(make_context().get(), v1::GetServerInfoRequest(), &resp)));
+      stub_->GetServerInfo(make_context(v1::GetServerInfoRequest()).get(), v1::GetServerInfoRequest(), &resp)));
   return resp;
 }
 
@@ -235,14 +241,14 @@ Result<std::int64_t> Client::delete_tensor(const std::string& handle) {
   v1::DeleteTensorRequest req;
   req.set_handle(handle);
   v1::DeleteTensorResponse resp;
-  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->DeleteTensor(make_context().get(), req, &resp)));
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->DeleteTensor(make_context(req).get(), req, &resp)));
   return resp.freed_bytes();
 }
 
 Result<v1::ListTensorsResponse> Client::list_tensors() {
   ATTN_RETURN_IF_ERROR(channel_status_);
   v1::ListTensorsResponse resp;
-  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->ListTensors(make_context().get(), {}, &resp)));
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->ListTensors(make_context(v1::ListTensorsRequest()).get(), {}, &resp)));
   return resp;
 }
 
@@ -255,7 +261,7 @@ v1::Tensor Client::resident(const std::string& handle) {
 Result<v1::BenchmarkResponse> Client::benchmark(const v1::BenchmarkRequest& request) {
   ATTN_RETURN_IF_ERROR(channel_status_);
   v1::BenchmarkResponse resp;
-  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->Benchmark(make_context().get(), request, &resp)));
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->Benchmark(make_context(request).get(), request, &resp)));
   return resp;
 }
 
@@ -264,7 +270,7 @@ Result<v1::EchoResponse> Client::echo(const std::string& payload) {
   v1::EchoRequest req;
   req.set_payload(payload);
   v1::EchoResponse resp;
-  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->Echo(make_context().get(), req, &resp)));
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->Echo(make_context(req).get(), req, &resp)));
   return resp;
 }
 
@@ -320,7 +326,7 @@ Result<v1::KvCacheInfo> Client::create_kv_cache(const v1::KvCacheConfig& config,
   req.set_ttl_ms(ttl_ms);
   req.set_device(device);
   v1::CreateKvCacheResponse resp;
-  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->CreateKvCache(make_context().get(), req, &resp)));
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->CreateKvCache(make_context(req).get(), req, &resp)));
   learn_replica(resp.cache());
   return resp.cache();
 }
@@ -330,7 +336,7 @@ Result<v1::KvCacheInfo> Client::describe_kv_cache(const std::string& handle) {
   v1::DescribeKvCacheRequest req;
   req.set_handle(handle);
   v1::DescribeKvCacheResponse resp;
-  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub->DescribeKvCache(make_context().get(), req, &resp)));
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub->DescribeKvCache(make_context(req).get(), req, &resp)));
   learn_replica(resp.cache());
   return resp.cache();
 }
@@ -338,7 +344,7 @@ Result<v1::KvCacheInfo> Client::describe_kv_cache(const std::string& handle) {
 Result<v1::ListKvCachesResponse> Client::list_kv_caches(const std::string& replica) {
   ATTN_ASSIGN_OR_RETURN(stub, stub_for_replica(replica));
   v1::ListKvCachesResponse resp;
-  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub->ListKvCaches(make_context().get(), {}, &resp)));
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub->ListKvCaches(make_context(v1::ListKvCachesRequest()).get(), {}, &resp)));
   for (const auto& info : resp.caches()) learn_replica(info);
   return resp;
 }
@@ -348,7 +354,7 @@ Result<std::int64_t> Client::delete_kv_cache(const std::string& handle) {
   v1::DeleteKvCacheRequest req;
   req.set_handle(handle);
   v1::DeleteKvCacheResponse resp;
-  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub->DeleteKvCache(make_context().get(), req, &resp)));
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub->DeleteKvCache(make_context(req).get(), req, &resp)));
   std::lock_guard lock(routes_->mu);
   routes_->replica_of.erase(handle);
   routes_->pinned.erase(handle);
@@ -362,7 +368,7 @@ Result<std::int64_t> Client::release_sequences(const std::string& cache,
   req.set_cache(cache);
   for (const auto& id : sequence_ids) req.add_sequence_ids(id);
   v1::ReleaseSequencesResponse resp;
-  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub->ReleaseSequences(make_context().get(), req, &resp)));
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub->ReleaseSequences(make_context(req).get(), req, &resp)));
   return resp.freed_pages();
 }
 
@@ -374,7 +380,7 @@ Result<v1::ForkSequenceResponse> Client::fork_sequence(const std::string& cache,
   req.set_source_id(source_id);
   req.set_new_id(new_id);
   v1::ForkSequenceResponse resp;
-  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub->ForkSequence(make_context().get(), req, &resp)));
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub->ForkSequence(make_context(req).get(), req, &resp)));
   return resp;
 }
 
@@ -408,7 +414,7 @@ Result<KvOpResult> Client::decode(const std::string& cache, int layer, const std
   req.set_kernel(options.kernel);
   req.set_return_lse(options.return_lse);
   v1::DecodeResponse resp;
-  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub->Decode(make_context().get(), req, &resp)));
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub->Decode(make_context(req).get(), req, &resp)));
   return kv_op_result(resp, options.return_lse);
 }
 
@@ -429,7 +435,7 @@ Result<KvOpResult> Client::prefill(const std::string& cache, int layer, const st
   req.set_kernel(options.kernel);
   req.set_return_lse(options.return_lse);
   v1::PrefillResponse resp;
-  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub->Prefill(make_context().get(), req, &resp)));
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub->Prefill(make_context(req).get(), req, &resp)));
   return kv_op_result(resp, options.return_lse);
 }
 

@@ -53,6 +53,18 @@ TEST(Metrics, CountsCallsByOpVariantAndCode) {
   EXPECT_GE(sample(text, {"attnd_payload_bytes_total{", "op=\"softmax\"", "direction=\"in\""}), 3 * 528) << text;
   EXPECT_GE(sample(text, {"attnd_payload_bytes_total{", "op=\"softmax\"", "direction=\"out\""}), 3 * 528) << text;
   EXPECT_EQ(sample(text, {"attnd_queue_depth{", "device=\"cpu"}), 0) << text;
+  // attn::Client declares every request's size, so the memory bound can refuse one unread.
+  EXPECT_EQ(sample(text, {"attnd_request_size_declared_total{", "op=\"softmax\"", "declared=\"yes\""}), 4) << text;
+  EXPECT_EQ(sample(text, {"attnd_request_size_declared_total{", "op=\"matmul\"", "declared=\"yes\""}), 2) << text;
+  EXPECT_EQ(sample(text, {"attnd_request_size_declared_total{", "declared=\"no\""}), -1) << text;
+  // A request sent by hand without the declaration counts as undeclared.
+  v1::SoftmaxRequest bare;
+  v1::SoftmaxResponse resp;
+  grpc::ClientContext ctx;
+  EXPECT_FALSE(client.stub().Softmax(&ctx, bare, &resp).ok());  // no input: refused, but counted first
+  EXPECT_EQ(sample(testing::http_get(server.metrics_port(), "/metrics"),
+                   {"attnd_request_size_declared_total{", "op=\"softmax\"", "declared=\"no\""}),
+            1);
 }
 
 TEST(Metrics, OffByDefault) {

@@ -148,6 +148,9 @@ class Client {
   v1::AttnService::Stub& stub() { return *stub_; }
   // A context with this client's timeout and token applied.
   std::unique_ptr<grpc::ClientContext> make_context() const;
+  // The same, declaring `request`'s serialized size (attn-request-bytes), so that the server can
+  // set room aside for it, or refuse it, before its bytes come: for every call with one request.
+  std::unique_ptr<grpc::ClientContext> make_context(const google::protobuf::MessageLite& request) const;
   // Why the channel could not be made, or OK.
   const Status& channel_status() const { return channel_status_; }
 

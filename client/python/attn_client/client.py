@@ -165,8 +165,12 @@ class Client:
         self.close()
 
     def _call(self, method, request):
+        metadata = self._metadata
+        if hasattr(request, "ByteSize"):  # one request (not a stream of them): declare its size, so
+            # that the server can set room aside for it, or refuse it, before its bytes come
+            metadata = metadata + [("attn-request-bytes", str(request.ByteSize()))]
         try:
-            return method(request, timeout=self._timeout, metadata=self._metadata)
+            return method(request, timeout=self._timeout, metadata=metadata)
         except grpc.RpcError as e:
             raise AttnError(e.code(), e.details()) from None
 

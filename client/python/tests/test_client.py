@@ -1,5 +1,8 @@
 """attn_client against the real server, results checked against numpy in float64."""
 
+import os
+import urllib.request
+
 import numpy as np
 import pytest
 
@@ -113,6 +116,23 @@ def test_token_is_sent_and_required():
         assert e.value.code.name == "UNAUTHENTICATED"
         r = Client(s.address, timeout=10, token="py-secret").softmax(x)
         np.testing.assert_allclose(r.output, [[0.5, 0.5]])
+    finally:
+        assert s.stop() == 0
+
+
+def test_requests_declare_their_size():
+    """The client declares each request's size (attn-request-bytes), so that the server's memory bound
+    can refuse a call before its bytes come; the server counts declared calls in its metrics."""
+    s = Server("--metrics-listen", "127.0.0.1:0")
+    try:
+        metrics_port = int(open(os.path.join(s.dir, "port")).read().split()[1])
+        c = Client(s.address, timeout=10)
+        c.softmax(np.zeros((3, 5), dtype=np.float32))
+        c.list_kernels()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        declared = [line for line in text.splitlines() if line.startswith("attnd_request_size_declared_total{")]
+        assert any('op="softmax"' in line and 'declared="yes"' in line and line.endswith(" 1") for line in declared), text
+        assert not any('declared="no"' in line for line in declared), declared
     finally:
         assert s.stop() == 0
 

@@ -6,6 +6,8 @@
 #include <set>
 #include <string>
 
+#include "memory_budget.h"
+
 namespace attn::server {
 namespace {
 
@@ -130,6 +132,14 @@ Result<KvRequest<Args>> decode_request(const Request& req, Response* resp, const
   if constexpr (!kDecode) {
     causal = a.causal = !req.non_causal();
     a.max_new_tokens = *std::max_element(fresh.begin(), fresh.end());
+  }
+  // The response's bytes, charged to the call (the server's memory bound) before they exist.
+  if (MemoryHold* hold = current_call_hold()) {
+    const std::size_t o_bytes = static_cast<std::size_t>(element_count(q.view.shape)) *
+                                element_size(cache.config().dtype);
+    ATTN_RETURN_IF_ERROR(hold->add(o_bytes, "o"));
+    if (req.return_lse())
+      ATTN_RETURN_IF_ERROR(hold->add(static_cast<std::size_t>(rows * q.view.dim(1)) * 4, "lse"));
   }
   a.o = wire::prepare_output(cache.config().dtype, q.view.shape, resp->mutable_o());
   if (req.return_lse())

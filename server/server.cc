@@ -201,11 +201,13 @@ void announce_and_warm_up(const std::vector<std::unique_ptr<Executor>>& executor
   }
 }
 
-std::unique_ptr<TensorStore> make_store(const ServerOptions& options, const Scheduler& scheduler) {
+std::unique_ptr<TensorStore> make_store(const ServerOptions& options, const Scheduler& scheduler,
+                                        MemoryBudget* budget) {
   std::vector<Executor*> devices;
   for (const auto& ex : scheduler.executors()) devices.push_back(ex.get());
   TensorStoreOptions store_options;
   store_options.quota_bytes = static_cast<std::size_t>(options.tensor_quota_mb) << 20;
+  store_options.host_budget = budget;
   store_options.default_ttl = std::chrono::seconds(options.tensor_ttl_s);
   store_options.max_ttl = std::chrono::seconds(options.tensor_max_ttl_s);
   return std::make_unique<TensorStore>(std::move(devices), store_options);
@@ -257,7 +259,10 @@ Result<std::unique_ptr<Server>> Server::start(const ServerOptions& options) {
   batching.window = std::chrono::microseconds(options.batch_window_us);
   batching.max_calls = static_cast<std::size_t>(options.max_batch_calls);
   s->scheduler_ = std::make_unique<Scheduler>(std::move(executors), options.queue_depth, batching);
-  s->store_ = make_store(options, *s->scheduler_);
+  // One budget for the host memory the process holds: calls' bytes and, on the CPU backend,
+  // resident tensors and KV caches.
+  s->budget_ = std::make_unique<MemoryBudget>(inflight_bytes(options));
+  s->store_ = make_store(options, *s->scheduler_, s->budget_.get());
   {
     std::vector<Executor*> devices;
     for (const auto& ex : s->scheduler_->executors()) devices.push_back(ex.get());
@@ -277,13 +282,6 @@ Result<std::unique_ptr<Server>> Server::start(const ServerOptions& options) {
   }
   s->service_->set_advertise_address(advertise_address(options, s->port_));
   log_serving(options, s->port_, s->backend_, s->metrics_port());
-  // On the CPU backend resident tensors and KV caches live in the same memory as calls' bytes.
-  const std::size_t quota = static_cast<std::size_t>(options.tensor_quota_mb) << 20;
-  if (s->backend_ == "cpu" && inflight_bytes(options) + quota > process_memory_bytes()) {
-    spdlog::warn("--max-inflight-mb ({} MiB) and --tensor-quota-mb ({} MiB) together exceed the {} MiB this "
-                 "process may use: traffic that fills both can exhaust the machine",
-                 inflight_bytes(options) >> 20, quota >> 20, process_memory_bytes() >> 20);
-  }
   return s;
 }
 
@@ -308,7 +306,6 @@ Status Server::start_services() {
     config.metrics = metrics_.get();
   }
   service_ = std::make_unique<AttnService>(*scheduler_, default_registry(), config);
-  budget_ = std::make_unique<MemoryBudget>(inflight_bytes(options_));
   GateConfig gate;
   gate.token = options_.security.token;
   gate.budget = budget_.get();

@@ -81,9 +81,10 @@ class Server {
   int port_ = 0;
   std::string backend_;
   std::unique_ptr<Scheduler> scheduler_;
+  // Before the store: resident tensors and KV caches give their host bytes back to it as they go.
+  std::unique_ptr<MemoryBudget> budget_;
   std::unique_ptr<TensorStore> store_;  // after the scheduler: its tensors go before the devices
   std::unique_ptr<KvCacheStore> kv_caches_;  // after the store, whose quota it shares
-  std::unique_ptr<MemoryBudget> budget_;
   std::unique_ptr<AttnService> service_;
   std::unique_ptr<GatedMethods> gated_;
   std::unique_ptr<UnknownMethods> unknown_;

@@ -3,6 +3,8 @@
 #include <cstdio>
 #include <random>
 
+#include "memory_budget.h"
+
 namespace attn::server {
 namespace {
 
@@ -34,9 +36,12 @@ TensorStore::~TensorStore() {
 }
 
 void TensorStore::released(const ResidentTensor& t) {
-  std::lock_guard lock(mu_);
-  used_ -= t.bytes;
-  used_by_executor_[t.executor] -= t.bytes;
+  {
+    std::lock_guard lock(mu_);
+    used_ -= t.bytes;
+    used_by_executor_[t.executor] -= t.bytes;
+  }
+  if (on_host(t.executor)) options_.host_budget->give_back(t.bytes);
 }
 
 Result<std::shared_ptr<ResidentTensor>> TensorStore::create(DType dtype, const Shape& shape,
@@ -79,6 +84,12 @@ Result<std::shared_ptr<ResidentTensor>> TensorStore::create(DType dtype, const S
     used_ += bytes;
     used_by_executor_[executor] += bytes;
   }
+  if (Status held = take_host(bytes, executor, field); !held.ok()) {
+    std::lock_guard lock(mu_);
+    used_ -= bytes;
+    used_by_executor_[executor] -= bytes;
+    return held;
+  }
   auto t = std::make_shared<ResidentTensor>();
   t->store = this;  // from here on the destructor gives the quota back
   t->dtype = dtype;
@@ -95,8 +106,17 @@ Result<std::shared_ptr<ResidentTensor>> TensorStore::create(DType dtype, const S
   return t;
 }
 
+bool TensorStore::on_host(std::size_t executor) const {
+  return options_.host_budget && executors_[executor]->resident_kind() == MemoryKind::kHost;
+}
+
+Status TensorStore::take_host(std::size_t bytes, std::size_t executor, const std::string& field) {
+  if (!on_host(executor)) return Status::Ok();
+  return options_.host_budget->take(bytes, field + " (held in host memory)");
+}
+
 Status TensorStore::reserve(std::size_t bytes, std::size_t executor, const std::string& field) {
-  std::lock_guard lock(mu_);
+  std::unique_lock lock(mu_);
   if (used_ + bytes > options_.quota_bytes) {
     return resource_exhausted(field + ": " + std::to_string(bytes) + " bytes would take the server's device state "
                               "(resident tensors and KV caches) to " + std::to_string(used_ + bytes) +
@@ -105,13 +125,23 @@ Status TensorStore::reserve(std::size_t bytes, std::size_t executor, const std::
   }
   used_ += bytes;
   used_by_executor_[executor] += bytes;
+  lock.unlock();
+  if (Status held = take_host(bytes, executor, field); !held.ok()) {
+    lock.lock();
+    used_ -= bytes;
+    used_by_executor_[executor] -= bytes;
+    return held;
+  }
   return Status::Ok();
 }
 
 void TensorStore::unreserve(std::size_t bytes, std::size_t executor) {
-  std::lock_guard lock(mu_);
-  used_ -= bytes;
-  used_by_executor_[executor] -= bytes;
+  {
+    std::lock_guard lock(mu_);
+    used_ -= bytes;
+    used_by_executor_[executor] -= bytes;
+  }
+  if (on_host(executor)) options_.host_budget->give_back(bytes);
 }
 
 void TensorStore::publish(const std::shared_ptr<ResidentTensor>& t) {

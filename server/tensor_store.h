@@ -37,8 +37,13 @@ struct ResidentTensor {
   TensorView view() const { return {dtype, shape, data, owner->resident_kind()}; }
 };
 
+class MemoryBudget;
+
 struct TensorStoreOptions {
   std::size_t quota_bytes = std::size_t{8} << 30;
+  // Tensors and KV caches on a device whose resident memory is the host's (the CPU backend) are
+  // charged here too, beside calls' bytes, so that no mix of the two passes the process's bound.
+  MemoryBudget* host_budget = nullptr;
   std::chrono::milliseconds default_ttl{10 * 60 * 1000};
   std::chrono::milliseconds max_ttl{24 * 60 * 60 * 1000};
 };
@@ -60,6 +65,9 @@ class TensorStore {
   // whose time to live has passed (KV caches) gives its memory back first.
   void set_reclaim(std::function<void()> reclaim) { reclaim_ = std::move(reclaim); }
   void unreserve(std::size_t bytes, std::size_t executor);
+  // Whether `executor`'s resident memory is charged to the host budget, and the charge.
+  bool on_host(std::size_t executor) const;
+  Status take_host(std::size_t bytes, std::size_t executor, const std::string& field);
 
   // The tensor, its lifetime renewed; NOT_FOUND (naming `field`) when unknown or expired.
   Result<std::shared_ptr<ResidentTensor>> find(const std::string& handle, const std::string& field);

@@ -166,6 +166,40 @@ TEST(ResidentTensors, QuotaIsEnforcedForPutsAndKeptOutputs) {
   EXPECT_TRUE(client.put_tensor(x).ok()) << "room again after the delete";
 }
 
+// On the CPU backend resident tensors and KV caches are host memory, like calls' bytes: they are
+// charged to the same bound (--max-inflight-mb), so that no mix of the two passes it. Here a
+// 40 MB tensor leaves too little of a 64 MB bound for a 24 MB call or a 64 MB KV cache, and
+// deleting it makes room for both.
+TEST(ResidentTensors, HostTensorsAndCallsShareOneMemoryBound) {
+  testing::ServerProcess server(ATTND_PATH,
+                                {"--backend", "cpu", "--max-inflight-mb", "64", "--max-message-mb", "64"});
+  Client client(server.address());
+  std::mt19937_64 rng(testing::seed());
+  Tensor big(DType::kFloat32, {10, 1 << 20});  // 40 MiB
+  auto held = client.put_tensor(big);
+  ASSERT_TRUE(held.ok()) << held.status().to_string();
+  Tensor x = random_tensor(DType::kFloat32, {6, 1 << 20}, rng);  // 24 MiB in, 24 MiB out
+  auto refused = client.softmax(x);
+  EXPECT_EQ(refused.status().code(), StatusCode::kResourceExhausted);
+  EXPECT_THAT(refused.status().message(), HasSubstr("--max-inflight-mb"));
+  v1::KvCacheConfig config;
+  config.set_layers(1);
+  config.set_kv_heads(8);
+  config.set_head_dim(128);
+  config.set_dtype(v1::D_TYPE_FLOAT32);
+  config.set_page_size(16);
+  config.set_capacity_tokens(8192);  // 2 x 8192 x 8 x 128 x 4 bytes = 64 MiB
+  auto cache = client.create_kv_cache(config);
+  EXPECT_EQ(cache.status().code(), StatusCode::kResourceExhausted);
+  EXPECT_THAT(cache.status().message(), HasSubstr("host memory"));
+  ASSERT_TRUE(client.delete_tensor(held->handle()).ok());
+  auto served = client.softmax(x);
+  EXPECT_TRUE(served.ok()) << served.status().to_string();
+  config.set_capacity_tokens(2048);  // 16 MiB
+  auto made = client.create_kv_cache(config);
+  EXPECT_TRUE(made.ok()) << made.status().to_string();
+}
+
 TEST(ResidentTensors, ChainedOpsOnHandlesEqualTheInlineResult) {
   testing::ServerProcess server(ATTND_PATH, {"--backend", "cpu"});
   Client client(server.address());

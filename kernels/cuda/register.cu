@@ -143,14 +143,11 @@ void register_cuda_variants(Registry& r) {
                     "Sq = 1 (decoding); head dims 64, 128; 1 to 16 query heads per key/value head",
                     "paged_decode/04's kernel on dense K/V: equal key chunks over about 4 waves, the GQA "
                     "group on mma.sync, a cp.async pipeline per warp, merged by log-sum-exp",
-                    3, 0},
-                   attention_decode_mma_supports, attention_decode_mma_split, [](const AttentionArgs& a) {
-                     // Ahead of decode_split_kv (4) from 32k keys per kv head on (H200, bf16, 32/8 heads,
-                     // D = 128: 1.10x at 1 x 32k, 1.14x at 32 x 4k, 1.09x at 16 x 16k, 1.43x at 64 x 8k);
-                     // behind it at 1 x 4k (0.89x: 128 blocks, the chunk merge is the tail).
-                     const auto d = attention_dims(a.q, a.k, a.v);
-                     return d.ok() && d->batch * d->len_kv >= 32768 ? 5 : 3;
-                   }});
+                    // Ahead of decode_split_kv (4) at every measured shape since it runs rung 04's kernel
+                    // (H200, bf16, 32/8 heads, D = 128, one job: 1.31x at 1 x 32k, 1.41x at 32 x 4k, 1.38x
+                    // at 16 x 16k, 1.83x at 64 x 8k, 1.0x at 1 x 4k; bench/results/2026-11-30-h200-serving.md).
+                    5, 0},
+                   attention_decode_mma_supports, attention_decode_mma_split, {}});
   r.of<PagedPrefillArgs>().add({{"paged_prefill/01_flash_mma", Op::kPagedPrefill, Backend::kCuda, half,
                                  "head dims 64, 128; 1, 2, 4 or 8 query heads per kv head; any page size",
                                  "FlashAttention-2 on mma.sync over (token, group head) rows, K/V tiles gathered "

@@ -23,6 +23,7 @@
 #include "../common/mma_sync.cuh"
 #include "../hopper/hopper.cuh"
 #include "../hopper/tensor_map.h"
+#include "../hopper/wgmma_attention.cuh"
 #include "attention_common.cuh"
 #include "attention_rungs.h"
 
@@ -31,7 +32,9 @@ namespace {
 
 using namespace hopper;
 
-constexpr int kBM = 128, kBN = 128, kThreads = 384;
+using namespace wgmma_attention;
+
+constexpr int kBM = 128, kThreads = 384;
 // Named barriers kTurn and kTurn + 1: consumer warpgroup 0's and 1's turn to issue wgmma;
 // kWarpgroupSync + 0 / 1: the 128 threads of one consumer warpgroup.
 constexpr int kTurn = 1, kWarpgroupSync = 3;
@@ -39,142 +42,10 @@ constexpr int kTurn = 1, kWarpgroupSync = 3;
 template <int D, int kStagesIn = 2>
 struct Smem {
   static constexpr int kStages = kStagesIn;
-  static constexpr int kSlab = 128 * 128;           // [128 rows][64 columns] of 16-bit, 128-byte rows
+  static constexpr int kSlab = wgmma_attention::kSlab;
   static constexpr int kTileBytes = (D / 64) * kSlab;  // Q, a K tile or a V tile: D / 64 slabs
   static constexpr int kBytes = kTileBytes + kStages * 2 * kTileBytes + 1024;
 };
-
-// S = Q K^T for a warpgroup's 64 rows, issued and committed, not waited. K is K-major (head dim
-// contiguous) in 64-wide slabs; a k-step of 16 is 32 bytes along a 128-byte row, 8-row groups
-// 1024 bytes apart. Q comes from registers (kQRegs: the A fragments loaded once per query tile,
-// so the tensor cores read only K from shared memory) or, like K, from shared memory.
-template <class T, int D, bool kQRegs>
-__device__ __forceinline__ void issue_scores(float (&sc)[64], const unsigned (&qf)[D / 16][4], const unsigned char* q,
-                                             const unsigned char* k) {
-  constexpr int kSlab = Smem<D>::kSlab;
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const std::uint64_t dk = smem_desc(k + (kk / 4) * kSlab + (kk % 4) * 32, 16, 1024);
-    if constexpr (kQRegs) {
-      wgmma_m64n128k16_rs<T, 0>(sc, qf[kk], dk, kk > 0);
-    } else {
-      const std::uint64_t dq = smem_desc(q + (kk / 4) * kSlab + (kk % 4) * 32, 16, 1024);
-      wgmma_m64n128k16<T, 0, 0>(sc, dq, dk, kk > 0);
-    }
-  }
-  wgmma_commit();
-}
-
-// A warp's A fragments of its 16 query rows (of the block's 128) from the swizzled Q tile:
-// ldmatrix matrices [rows 0-7 | 8-15] x [k 0-7 | 8-15] of each k-step; a row's 16-byte chunk c
-// sits at chunk c ^ (row % 8) of its 128-byte row.
-template <int D>
-__device__ __forceinline__ void load_q_fragments(unsigned (&qf)[D / 16][4], const unsigned char* qs, int warp_row0,
-                                                 int lane) {
-  const int row = warp_row0 + (lane % 8) + 8 * ((lane / 8) % 2);
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const int chunk = 2 * (kk % 4) + lane / 16;
-    mma_sync::ldsm_x4(qf[kk], mma_sync::smem_addr(qs + (kk / 4) * Smem<D>::kSlab + row * 128 + ((chunk ^ (lane % 8)) * 16)));
-  }
-}
-
-// O += P V, issued and committed. V is [keys][head dim], N-major for this product: 64-wide
-// head-dim slabs, a k-step of 16 keys is 16 rows (2048 bytes), 8-row groups 1024 apart.
-template <class T, int D>
-__device__ __forceinline__ void issue_pv(float (&o)[D / 2], const unsigned (&pf)[kBN / 16][4], const unsigned char* v) {
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < kBN / 16; ++kk) {
-    const std::uint64_t dv = smem_desc(v + kk * 2048, Smem<D>::kSlab, 1024);
-    if constexpr (D == 128) wgmma_m64n128k16_rs<T, 1>(o, pf[kk], dv, 1);
-    else wgmma_m64n64k16_rs<T, 1>(o, pf[kk], dv, 1);
-  }
-  wgmma_commit();
-}
-
-// 2^x in one MUFU instruction: exp2f's ex2.approx.f32 also scales subnormal results, three more
-// instructions per element for values a softmax rounds away anyway.
-__device__ __forceinline__ float exp2_ftz(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// Online softmax of a thread's rows row0 (r = 0) and row0 + 8 (r = 1) over one tile of keys:
-// element (r, j, e) is sc[4 j + 2 r + e], key key0 + 8 j + 2 t4 + e. Turns the raw scores into
-// unnormalized probabilities in place, updates the running max m (scaled, log2 units) and sum l,
-// and returns in scale_o the factor the output rows must be multiplied by before this tile's P V
-// is added. The max is taken on raw scores so that the scale folds into the exponent's FFMA.
-__device__ __forceinline__ void softmax_tile(float (&sc)[64], float (&m)[2], float (&l)[2], float (&scale_o)[2],
-                                             const AttentionProblem& p, bool masked, int key0, int row0, int t4) {
-  if (p.scale_log2 < 0.0f) {  // s x = (-s)(-x): the max below must be of the scaled scores
-#pragma unroll
-    for (int i = 0; i < 64; ++i) sc[i] = -sc[i];
-  }
-  const float scale = fabsf(p.scale_log2);
-  // Two partial maxima and sums per row (by e) halve the dependent chains.
-  float part[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}}, tile_max[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int visible = masked ? p.visible_keys(row0 + 8 * r) : 0;
-#pragma unroll
-    for (int j = 0; j < kBN / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        float& x = sc[4 * j + 2 * r + e];
-        if (masked && key0 + 8 * j + 2 * t4 + e >= visible) x = -INFINITY;
-        part[r][e] = fmaxf(part[r][e], x);
-      }
-  }
-  float neg_max[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    tile_max[r] = fmaxf(part[r][0], part[r][1]);
-    tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-    tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-    const float m_new = fmaxf(m[r], tile_max[r] * scale);
-    const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing visible yet
-    scale_o[r] = exp2_ftz(m[r] - m_use);
-    m[r] = m_new;
-    neg_max[r] = -m_use;
-    part[r][0] = part[r][1] = 0.0f;
-  }
-#pragma unroll
-  for (int j = 0; j < kBN / 8; ++j)
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        float& x = sc[4 * j + 2 * r + e];
-        x = exp2_ftz(fmaf(x, scale, neg_max[r]));
-        part[r][e] += x;
-      }
-#pragma unroll
-  for (int r = 0; r < 2; ++r) l[r] = l[r] * scale_o[r] + (part[r][0] + part[r][1]);
-}
-
-// P as wgmma's A operand: keys 16 kk .. 16 kk + 15 make k-step kk, [keys 0-7 | keys 8-15].
-template <class T>
-__device__ __forceinline__ void pack_probabilities(unsigned (&pf)[kBN / 16][4], const float (&sc)[64]) {
-#pragma unroll
-  for (int j = 0; j < kBN / 8; ++j) {
-    pf[j / 2][(j % 2) * 2 + 0] = mma_sync::pack2<T>(sc[4 * j], sc[4 * j + 1]);
-    pf[j / 2][(j % 2) * 2 + 1] = mma_sync::pack2<T>(sc[4 * j + 2], sc[4 * j + 3]);
-  }
-}
-
-template <int D>
-__device__ __forceinline__ void rescale_rows(float (&o)[D / 2], const float (&scale_o)[2]) {
-#pragma unroll
-  for (int j = 0; j < D / 8; ++j) {
-    o[4 * j] *= scale_o[0];
-    o[4 * j + 1] *= scale_o[0];
-    o[4 * j + 2] *= scale_o[1];
-    o[4 * j + 3] *= scale_o[1];
-  }
-}
 
 // A block's work item: one query tile of one (batch, head). Items are numbered head-major with a
 // head's query tiles heaviest (latest, under causal) first, so that the blocks running at any time
@@ -290,6 +161,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const auto release_q = [&] {
       if (tid == 0) mbar_arrive(&q_empty);
     };
+    const auto visible = [&p](int row) { return p.visible_keys(row); };
     if constexpr (kQRegs) {
       load_q_fragments<D>(qf, qs, half * 64 + warp * 16, lane);
       named_barrier(kWarpgroupSync + half, 128);  // every warp's ldmatrix done before Q is refilled
@@ -306,7 +178,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_registers(sc);
       if (tid == 0) mbar_arrive(&k_empty[s]);
       if (!kQRegs && item.tiles == 1) release_q();
-      softmax_tile(sc, m, l, scale_o, p, item.first_masked == 0, 0, row0, t4);
+      softmax_tile(sc, m, l, scale_o, p.scale_log2, visible, item.first_masked == 0, 0, row0, t4);
       pack_probabilities<T>(pf, sc);
       for (int t = 1; t < item.tiles; ++t) {  // s, phase: the stage of tile t - 1
         const int sn = s + 1 == kStages ? 0 : s + 1;
@@ -322,7 +194,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         fence_registers(sc);
         if (tid == 0) mbar_arrive(&k_empty[sn]);
         if (!kQRegs && t == item.tiles - 1) release_q();
-        softmax_tile(sc, m, l, scale_o, p, t >= item.first_masked, t * kBN, row0, t4);
+        softmax_tile(sc, m, l, scale_o, p.scale_log2, visible, t >= item.first_masked, t * kBN, row0, t4);
         wgmma_wait<0>();
         fence_registers(o);
         if (tid == 0) mbar_arrive(&v_empty[s]);

@@ -18,13 +18,14 @@
 // sequence are not loaded and keys past its length are masked, their V rows zeroed (a pool's
 // unused slots may hold anything, NaN included, and 0 x NaN would reach the output).
 // bf16/fp16; head dims 64, 128; 1, 2, 4 or 8 query heads per kv head; page sizes 16 to 128.
-// Not yet run on a GPU: out of the registry (register.cu) until its GPU test passes, unmeasured.
+// Passed its GPU test on the H200; the auto prefill rung on Hopper (bench/results/2026-11-30-h200-serving.md).
 #include <algorithm>
 
 #include "../common/mma_sync.cuh"
 #include "../common/paged_common.cuh"
 #include "../hopper/hopper.cuh"
 #include "../hopper/tensor_map.h"
+#include "../hopper/wgmma_attention.cuh"
 #include "../paged_decode/paged_decode_rungs.h"
 
 namespace attn::cuda {
@@ -33,13 +34,15 @@ namespace {
 using namespace hopper;
 
 constexpr const char* kName = "paged_prefill/02_wgmma";
-constexpr int kBM = 128, kBN = 128, kThreads = 384;
+using namespace wgmma_attention;  // attention/04's building blocks: the same swizzled layout
+
+constexpr int kBM = 128, kThreads = 384;
 constexpr int kTurn = 1, kWarpgroupSync = 3;  // named barriers, as in attention/04
 
 template <int D>
 struct Smem {
   static constexpr int kStages = 2;
-  static constexpr int kSlab = 128 * 128;              // [128 rows][64 columns] of 16-bit
+  static constexpr int kSlab = wgmma_attention::kSlab;
   static constexpr int kTileBytes = (D / 64) * kSlab;  // Q, a K tile or a V tile
   static constexpr int kBytes = kTileBytes + kStages * 2 * kTileBytes + 1024;
 };
@@ -54,58 +57,6 @@ __device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, s
       : "memory");
 }
 
-// attention/04's building blocks, unchanged: the operands sit in the same swizzled layout.
-template <class T, int D, bool kQRegs>
-__device__ __forceinline__ void issue_scores(float (&sc)[64], const unsigned (&qf)[D / 16][4],
-                                             const unsigned char* q, const unsigned char* k) {
-  constexpr int kSlab = Smem<D>::kSlab;
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const std::uint64_t dk = smem_desc(k + (kk / 4) * kSlab + (kk % 4) * 32, 16, 1024);
-    if constexpr (kQRegs) {
-      wgmma_m64n128k16_rs<T, 0>(sc, qf[kk], dk, kk > 0);
-    } else {
-      const std::uint64_t dq = smem_desc(q + (kk / 4) * kSlab + (kk % 4) * 32, 16, 1024);
-      wgmma_m64n128k16<T, 0, 0>(sc, dq, dk, kk > 0);
-    }
-  }
-  wgmma_commit();
-}
-
-template <int D>
-__device__ __forceinline__ void load_q_fragments(unsigned (&qf)[D / 16][4], const unsigned char* qs,
-                                                 int warp_row0, int lane) {
-  const int row = warp_row0 + (lane % 8) + 8 * ((lane / 8) % 2);
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const int chunk = 2 * (kk % 4) + lane / 16;
-    mma_sync::ldsm_x4(qf[kk], mma_sync::smem_addr(qs + (kk / 4) * Smem<D>::kSlab + row * 128 +
-                                                  ((chunk ^ (lane % 8)) * 16)));
-  }
-}
-
-template <class T, int D>
-__device__ __forceinline__ void issue_pv(float (&o)[D / 2], const unsigned (&pf)[kBN / 16][4],
-                                         const unsigned char* v) {
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < kBN / 16; ++kk) {
-    const std::uint64_t dv = smem_desc(v + kk * 2048, Smem<D>::kSlab, 1024);
-    if constexpr (D == 128)
-      wgmma_m64n128k16_rs<T, 1>(o, pf[kk], dv, 1);
-    else
-      wgmma_m64n64k16_rs<T, 1>(o, pf[kk], dv, 1);
-  }
-  wgmma_commit();
-}
-
-__device__ __forceinline__ float exp2_ftz(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // Which keys a packed row (new token row / group, query head row % group of the group) sees:
 // keys < first_visible + token under causal (bottom-right: first_visible = len - new + 1), else
 // all len.
@@ -115,78 +66,8 @@ struct Rows {
   __device__ __forceinline__ int visible(int row) const {
     return causal ? min(len, first_visible + row / group) : len;
   }
+  __device__ __forceinline__ int operator()(int row) const { return visible(row); }  // softmax_tile's rule
 };
-
-// attention/04's online softmax with the paged rows' visibility rule.
-__device__ __forceinline__ void softmax_tile(float (&sc)[64], float (&m)[2], float (&l)[2],
-                                             float (&scale_o)[2], float scale_log2,
-                                             const Rows& rows, bool masked, int key0, int row0,
-                                             int t4) {
-  if (scale_log2 < 0.0f) {
-#pragma unroll
-    for (int i = 0; i < 64; ++i) sc[i] = -sc[i];
-  }
-  const float scale = fabsf(scale_log2);
-  float part[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}}, tile_max[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int visible = masked ? rows.visible(row0 + 8 * r) : 0;
-#pragma unroll
-    for (int j = 0; j < kBN / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        float& x = sc[4 * j + 2 * r + e];
-        if (masked && key0 + 8 * j + 2 * t4 + e >= visible) x = -INFINITY;
-        part[r][e] = fmaxf(part[r][e], x);
-      }
-  }
-  float neg_max[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    tile_max[r] = fmaxf(part[r][0], part[r][1]);
-    tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-    tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-    const float m_new = fmaxf(m[r], tile_max[r] * scale);
-    const float m_use = m_new == -INFINITY ? 0.0f : m_new;
-    scale_o[r] = exp2_ftz(m[r] - m_use);
-    m[r] = m_new;
-    neg_max[r] = -m_use;
-    part[r][0] = part[r][1] = 0.0f;
-  }
-#pragma unroll
-  for (int j = 0; j < kBN / 8; ++j)
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        float& x = sc[4 * j + 2 * r + e];
-        x = exp2_ftz(fmaf(x, scale, neg_max[r]));
-        part[r][e] += x;
-      }
-#pragma unroll
-  for (int r = 0; r < 2; ++r) l[r] = l[r] * scale_o[r] + (part[r][0] + part[r][1]);
-}
-
-template <class T>
-__device__ __forceinline__ void pack_probabilities(unsigned (&pf)[kBN / 16][4],
-                                                   const float (&sc)[64]) {
-#pragma unroll
-  for (int j = 0; j < kBN / 8; ++j) {
-    pf[j / 2][(j % 2) * 2 + 0] = mma_sync::pack2<T>(sc[4 * j], sc[4 * j + 1]);
-    pf[j / 2][(j % 2) * 2 + 1] = mma_sync::pack2<T>(sc[4 * j + 2], sc[4 * j + 3]);
-  }
-}
-
-template <int D>
-__device__ __forceinline__ void rescale_rows(float (&o)[D / 2], const float (&scale_o)[2]) {
-#pragma unroll
-  for (int j = 0; j < D / 8; ++j) {
-    o[4 * j] *= scale_o[0];
-    o[4 * j + 1] *= scale_o[0];
-    o[4 * j + 2] *= scale_o[1];
-    o[4 * j + 3] *= scale_o[1];
-  }
-}
 
 // Work item w: kv head w % Hkv of query tile x = tiles - 1 - w / Hkv in the batch's tile order
 // (tile_indptr from the append launch), so the latest tiles of the latest sequences go first and

@@ -12,6 +12,7 @@
 // - exp2 with the scale folded in; only tiles that cross a row's last visible key are masked;
 //   causal tiles past the diagonal are skipped, and the query tiles run heaviest first.
 // Head dims 64 and 128.
+#include "../common/flash_mma_tile.cuh"
 #include "../common/mma_sync.cuh"
 #include "attention_common.cuh"
 #include "attention_rungs.h"
@@ -20,6 +21,7 @@ namespace attn::cuda {
 namespace {
 
 using namespace mma_sync;
+using flash_mma::attend_tile;
 
 // Byte offset of (row, 16-byte chunk) in a [rows][D] tile whose chunks are XOR-swizzled by row & 7.
 // Every lane's ldmatrix rows below start at a multiple of 8, so row & 7 is fixed per lane and the
@@ -45,99 +47,6 @@ __device__ __forceinline__ void load_tile(unsigned tile, const T* head, int row0
     const bool valid = row < len;
     const T* from = valid ? src + static_cast<long long>(pass) * kRowsPerPass * D : head;
     cp_async16(dst + pass * kRowsPerPass * D * 2, from, valid);
-  }
-}
-
-// One K/V tile for the warp: S = Q K^T for its kMT m-tiles, the online softmax, O += P V.
-// kMask: the tile holds keys some of this block's rows must not see (past len_kv, or past the
-// causal diagonal); every other tile skips the compares.
-template <class T, int D, int kMT, int kBN, bool kMask>
-__device__ __forceinline__ void attend_tile(const AttentionProblem& p, unsigned q_lane, unsigned k_lane,
-                                            unsigned v_lane, int j0, int row0, float (&o)[kMT][D / 8][4],
-                                            float (&m)[kMT][2], float (&l)[kMT][2]) {
-  const int lane = threadIdx.x % 32, t4 = lane % 4;
-  float s[kMT][kBN / 8][4];
-#pragma unroll
-  for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-    for (int n = 0; n < kBN / 8; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.0f;
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const unsigned q_kk = q_lane ^ (kk << 5), k_kk = k_lane ^ (kk << 5);
-    unsigned qk[kMT][4];
-#pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) ldsm_x4(qk[mt], q_kk + mt * 16 * D * 2);
-#pragma unroll
-    for (int np = 0; np < kBN / 16; ++np) {
-      unsigned kf[4];
-      ldsm_x4(kf, k_kk + np * 16 * D * 2);
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) {
-        mma16816<T>(s[mt][2 * np], qk[mt], kf[0], kf[1]);
-        mma16816<T>(s[mt][2 * np + 1], qk[mt], kf[2], kf[3]);
-      }
-    }
-  }
-
-  // Scale into log2 units, mask, and the online softmax of rows g and g + 8 of each m-tile.
-  unsigned pf[kMT][kBN / 16][4];
-#pragma unroll
-  for (int mt = 0; mt < kMT; ++mt) {
-    float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int visible = kMask ? p.visible_keys(row0 + mt * 16 + 8 * r) : 0;
-#pragma unroll
-      for (int n = 0; n < kBN / 8; ++n)
-#pragma unroll
-        for (int e = 2 * r; e < 2 * r + 2; ++e) {
-          s[mt][n][e] *= p.scale_log2;
-          if (kMask && j0 + n * 8 + t4 * 2 + (e % 2) >= visible) s[mt][n][e] = -INFINITY;
-          tile_max[r] = fmaxf(tile_max[r], s[mt][n][e]);
-        }
-    }
-    float scale_o[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-      const float m_new = fmaxf(m[mt][r], tile_max[r]);
-      const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing visible yet
-      scale_o[r] = exp2f(m[mt][r] - m_use);
-      l[mt][r] *= scale_o[r];
-      m[mt][r] = m_new;
-      tile_max[r] = m_use;
-    }
-#pragma unroll
-    for (int n = 0; n < kBN / 8; ++n) {
-      const float p0 = exp2f(s[mt][n][0] - tile_max[0]), p1 = exp2f(s[mt][n][1] - tile_max[0]);
-      const float p2 = exp2f(s[mt][n][2] - tile_max[1]), p3 = exp2f(s[mt][n][3] - tile_max[1]);
-      l[mt][0] += p0 + p1;
-      l[mt][1] += p2 + p3;
-      // Two n-tiles of S make one k-step of P: [keys 0-7 | keys 8-15] of a 16-key step.
-      pf[mt][n / 2][(n % 2) * 2 + 0] = pack2<T>(p0, p1);
-      pf[mt][n / 2][(n % 2) * 2 + 1] = pack2<T>(p2, p3);
-    }
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      o[mt][n][0] *= scale_o[0];
-      o[mt][n][1] *= scale_o[0];
-      o[mt][n][2] *= scale_o[1];
-      o[mt][n][3] *= scale_o[1];
-    }
-  }
-#pragma unroll
-  for (int kk = 0; kk < kBN / 16; ++kk) {
-#pragma unroll
-    for (int dp = 0; dp < D / 16; ++dp) {
-      unsigned vf[4];
-      ldsm_x4_trans(vf, (v_lane ^ (dp << 5)) + kk * 16 * D * 2);
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) {
-        mma16816<T>(o[mt][2 * dp], pf[mt][kk], vf[0], vf[1]);
-        mma16816<T>(o[mt][2 * dp + 1], pf[mt][kk], vf[2], vf[3]);
-      }
-    }
   }
 }
 
@@ -194,6 +103,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) flash_mma_kernel(Atte
     l[mt][0] = l[mt][1] = 0.0f;
   }
   const int row0 = i0 + warp_row0 + g;  // this lane's first row; the others are +8, +16, +24
+  const auto visible = [&p](int row) { return p.visible_keys(row); };
 
   for (int t = 0; t < tiles; ++t) {
     const unsigned buf = (t & 1) * kTileBytes, next = kTileBytes - buf;
@@ -204,9 +114,9 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) flash_mma_kernel(Atte
     }
     cp_async_commit();
     if (t >= first_masked)
-      attend_tile<T, D, kMT, kBN, true>(p, q_lane, ks + buf + k_lane0, vs + buf + v_lane0, j0, row0, o, m, l);
+      attend_tile<T, D, kMT, kBN, true>(visible, p.scale_log2, q_lane, ks + buf + k_lane0, vs + buf + v_lane0, j0, row0, o, m, l);
     else
-      attend_tile<T, D, kMT, kBN, false>(p, q_lane, ks + buf + k_lane0, vs + buf + v_lane0, j0, row0, o, m, l);
+      attend_tile<T, D, kMT, kBN, false>(visible, p.scale_log2, q_lane, ks + buf + k_lane0, vs + buf + v_lane0, j0, row0, o, m, l);
     cp_async_wait<0>();
     __syncthreads();  // tile t+1 has landed; nobody reads buffer `buf` any more
   }

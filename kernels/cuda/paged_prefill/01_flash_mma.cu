@@ -11,6 +11,7 @@
 //   sees keys < len - fresh + j + 1; tiles past the block's last visible key are skipped and only
 //   tiles crossing a row's limit are masked.
 // bfloat16/float16; head dims 64, 128; 1, 2, 4 or 8 query heads per key/value head; any page size.
+#include "../common/flash_mma_tile.cuh"
 #include "../common/mma_sync.cuh"
 #include "../common/paged_common.cuh"
 #include "../paged_decode/paged_decode_rungs.h"
@@ -19,6 +20,7 @@ namespace attn::cuda {
 namespace {
 
 using namespace mma_sync;
+using flash_mma::attend_tile;
 
 constexpr int kWarps = 4, kThreads = kWarps * 32, kMT = 2, kBlockM = 16 * kMT * kWarps, kBN = 64;
 
@@ -51,97 +53,8 @@ struct Rows {
   __device__ __forceinline__ int visible(int row) const {
     return causal ? min(len, first_visible + row / group) : len;
   }
+  __device__ __forceinline__ int operator()(int row) const { return visible(row); }  // attend_tile's rule
 };
-
-// One K/V tile for the warp: S = Q K^T, online softmax, O += P V (attention/03's attend_tile,
-// with the paged rows' own visibility rule).
-template <class T, int D, bool kMask>
-__device__ __forceinline__ void attend_tile(const Rows& rows, float scale_log2, unsigned q_lane,
-                                            unsigned k_lane, unsigned v_lane, int j0, int row0,
-                                            float (&o)[kMT][D / 8][4], float (&m)[kMT][2],
-                                            float (&l)[kMT][2]) {
-  const int lane = threadIdx.x % 32, t4 = lane % 4;
-  float s[kMT][kBN / 8][4];
-#pragma unroll
-  for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-    for (int n = 0; n < kBN / 8; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.0f;
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const unsigned q_kk = q_lane ^ (kk << 5), k_kk = k_lane ^ (kk << 5);
-    unsigned qk[kMT][4];
-#pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) ldsm_x4(qk[mt], q_kk + mt * 16 * D * 2);
-#pragma unroll
-    for (int np = 0; np < kBN / 16; ++np) {
-      unsigned kf[4];
-      ldsm_x4(kf, k_kk + np * 16 * D * 2);
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) {
-        mma16816<T>(s[mt][2 * np], qk[mt], kf[0], kf[1]);
-        mma16816<T>(s[mt][2 * np + 1], qk[mt], kf[2], kf[3]);
-      }
-    }
-  }
-  unsigned pf[kMT][kBN / 16][4];
-#pragma unroll
-  for (int mt = 0; mt < kMT; ++mt) {
-    float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int visible = kMask ? rows.visible(row0 + mt * 16 + 8 * r) : 0;
-#pragma unroll
-      for (int n = 0; n < kBN / 8; ++n)
-#pragma unroll
-        for (int e = 2 * r; e < 2 * r + 2; ++e) {
-          s[mt][n][e] *= scale_log2;
-          if (kMask && j0 + n * 8 + t4 * 2 + (e % 2) >= visible) s[mt][n][e] = -INFINITY;
-          tile_max[r] = fmaxf(tile_max[r], s[mt][n][e]);
-        }
-    }
-    float scale_o[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-      const float m_new = fmaxf(m[mt][r], tile_max[r]);
-      const float m_use = m_new == -INFINITY ? 0.0f : m_new;
-      scale_o[r] = exp2f(m[mt][r] - m_use);
-      l[mt][r] *= scale_o[r];
-      m[mt][r] = m_new;
-      tile_max[r] = m_use;
-    }
-#pragma unroll
-    for (int n = 0; n < kBN / 8; ++n) {
-      const float p0 = exp2f(s[mt][n][0] - tile_max[0]), p1 = exp2f(s[mt][n][1] - tile_max[0]);
-      const float p2 = exp2f(s[mt][n][2] - tile_max[1]), p3 = exp2f(s[mt][n][3] - tile_max[1]);
-      l[mt][0] += p0 + p1;
-      l[mt][1] += p2 + p3;
-      pf[mt][n / 2][(n % 2) * 2 + 0] = pack2<T>(p0, p1);
-      pf[mt][n / 2][(n % 2) * 2 + 1] = pack2<T>(p2, p3);
-    }
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      o[mt][n][0] *= scale_o[0];
-      o[mt][n][1] *= scale_o[0];
-      o[mt][n][2] *= scale_o[1];
-      o[mt][n][3] *= scale_o[1];
-    }
-  }
-#pragma unroll
-  for (int kk = 0; kk < kBN / 16; ++kk) {
-#pragma unroll
-    for (int dp = 0; dp < D / 16; ++dp) {
-      unsigned vf[4];
-      ldsm_x4_trans(vf, (v_lane ^ (dp << 5)) + kk * 16 * D * 2);
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) {
-        mma16816<T>(o[mt][2 * dp], pf[mt][kk], vf[0], vf[1]);
-        mma16816<T>(o[mt][2 * dp + 1], pf[mt][kk], vf[2], vf[3]);
-      }
-    }
-  }
-}
 
 template <class T, int D>
 __global__ void __launch_bounds__(kThreads)
@@ -219,10 +132,10 @@ __global__ void __launch_bounds__(kThreads)
     if (t + 1 < tiles) load_kv(next, j0 + kBN);  // the next tile flies while this one is computed
     cp_async_commit();
     if (t >= first_masked)
-      attend_tile<T, D, true>(rows, p.scale_log2, q_lane, ks + buf + k_lane0, vs + buf + v_lane0,
+      attend_tile<T, D, kMT, kBN, true>(rows, p.scale_log2, q_lane, ks + buf + k_lane0, vs + buf + v_lane0,
                               j0, row0, o, m, l);
     else
-      attend_tile<T, D, false>(rows, p.scale_log2, q_lane, ks + buf + k_lane0, vs + buf + v_lane0,
+      attend_tile<T, D, kMT, kBN, false>(rows, p.scale_log2, q_lane, ks + buf + k_lane0, vs + buf + v_lane0,
                                j0, row0, o, m, l);
     cp_async_wait<0>();
     __syncthreads();

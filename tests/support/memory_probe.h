@@ -20,23 +20,9 @@
 #include <vector>
 
 #include "attn/v1/attn.pb.h"
+#include "process_rss.h"
 
 namespace attn::testing {
-
-// VmRSS of `pid` in bytes, -1 when the process is gone.
-inline std::int64_t process_rss(int pid) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
-  std::string key;
-  while (in >> key) {
-    if (key == "VmRSS:") {
-      std::int64_t kb = 0;
-      in >> kb;
-      return kb * 1024;
-    }
-    std::getline(in, key);
-  }
-  return -1;
-}
 
 // Samples a process's RSS every `period` until destroyed; peak() is the highest seen.
 class RssSampler {

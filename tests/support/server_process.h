@@ -13,6 +13,8 @@
 #include <thread>
 #include <vector>
 
+#include "process_rss.h"
+
 namespace attn::testing {
 
 struct ServerProcessOptions {
@@ -113,19 +115,7 @@ class ServerProcess {
   }
 
   // Resident memory of the process, from /proc, in bytes.
-  std::int64_t rss_bytes() const {
-    std::ifstream in("/proc/" + std::to_string(pid_) + "/status");
-    std::string key;
-    while (in >> key) {
-      if (key == "VmRSS:") {
-        std::int64_t kb = 0;
-        in >> kb;
-        return kb * 1024;
-      }
-      std::getline(in, key);
-    }
-    return -1;
-  }
+  std::int64_t rss_bytes() const { return process_rss(pid_); }
 
   std::string log() const {
     std::ifstream in(log_file_);

@@ -469,34 +469,30 @@ class UnimplementedCall final : public grpc::ServerGenericBidiReactor {
 
 }  // namespace
 
+template <class Call, class Handler>
+void GatedMethods::add_method(const char* method, const char* op, Handler handler) {
+  const std::string& path = paths_.emplace_back("/attn.v1.AttnService/" + std::string(method));
+  Shared* shared = shared_.get();
+  AddMethod(new grpc::internal::RpcServiceMethod(path.c_str(), grpc::internal::RpcMethod::BIDI_STREAMING, nullptr));
+  MarkMethodRawCallback(static_cast<int>(paths_.size() - 1),
+                        new grpc::internal::CallbackBidiHandler<grpc::ByteBuffer, grpc::ByteBuffer>(
+                            [shared, handler, op](grpc::CallbackServerContext* ctx) {
+                              return new Call(*shared, handler, op, ctx);
+                            }));
+}
+
 template <class Request, class Response>
 void GatedMethods::add(const char* method, const char* op,
                        grpc::ServerUnaryReactor* (AttnService::*handler)(grpc::CallbackServerContext*, const Request*,
                                                                          Response*)) {
-  const std::string& path = paths_.emplace_back("/attn.v1.AttnService/" + std::string(method));
-  Shared* shared = shared_.get();
-  AddMethod(new grpc::internal::RpcServiceMethod(path.c_str(), grpc::internal::RpcMethod::BIDI_STREAMING, nullptr));
-  MarkMethodRawCallback(
-      static_cast<int>(paths_.size() - 1),
-      new grpc::internal::CallbackBidiHandler<grpc::ByteBuffer, grpc::ByteBuffer>(
-          [shared, handler, op](grpc::CallbackServerContext* ctx) {
-            return new GatedUnaryCall<Request, Response>(*shared, handler, op, ctx);
-          }));
+  add_method<GatedUnaryCall<Request, Response>>(method, op, handler);
 }
 
 template <class Request, class Response>
 void GatedMethods::add_streaming(const char* method, const char* op,
                                  grpc::ServerWriteReactor<Response>* (AttnService::*handler)(grpc::CallbackServerContext*,
                                                                                              const Request*)) {
-  const std::string& path = paths_.emplace_back("/attn.v1.AttnService/" + std::string(method));
-  Shared* shared = shared_.get();
-  AddMethod(new grpc::internal::RpcServiceMethod(path.c_str(), grpc::internal::RpcMethod::BIDI_STREAMING, nullptr));
-  MarkMethodRawCallback(
-      static_cast<int>(paths_.size() - 1),
-      new grpc::internal::CallbackBidiHandler<grpc::ByteBuffer, grpc::ByteBuffer>(
-          [shared, handler, op](grpc::CallbackServerContext* ctx) {
-            return new GatedWriterCall<Request, Response>(*shared, handler, op, ctx);
-          }));
+  add_method<GatedWriterCall<Request, Response>>(method, op, handler);
 }
 
 GatedMethods::GatedMethods(AttnService& service, GateConfig config)

@@ -56,6 +56,9 @@ class GatedMethods final : public grpc::Service {
   void add_streaming(const char* method, const char* op,
                      grpc::ServerWriteReactor<Response>* (AttnService::*handler)(grpc::CallbackServerContext*,
                                                                                  const Request*));
+  // Registers `method` as a one-message bidi call of raw bytes served by a `Call` reactor.
+  template <class Call, class Handler>
+  void add_method(const char* method, const char* op, Handler handler);
   std::unique_ptr<Shared> shared_;
   std::deque<std::string> paths_;  // gRPC keeps a pointer to each method's path
 };

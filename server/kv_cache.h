@@ -80,9 +80,7 @@ class KvCache {
   PagedKvLayer layer(int l) const;
   // Every layer as one pool pair, so that one launch can serve calls on different layers: page p
   // of layer l is page p + layer_page_offset(l) of it (the layers' K and V pools alternate in the
-  // cache's block, so V stays one pool after K). Usable while multi_layer_view() holds (the page
-  // numbers fit in int32; see KvCacheConfig::layers_fit_one_view).
-  bool multi_layer_view() const { return config_.layers_fit_one_view(); }
+  // cache's block, so V stays one pool after K). Usable where config().layers_fit_one_view().
   PagedKvLayer all_layers() const;
   std::int32_t layer_page_offset(int l) const {
     return static_cast<std::int32_t>(2 * static_cast<std::int64_t>(l) * config_.pages);

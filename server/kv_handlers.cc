@@ -468,7 +468,7 @@ grpc::ServerUnaryReactor* AttnService::serve_kv(grpc::CallbackServerContext* ctx
     char key[256];
     std::snprintf(
         key, sizeof key, "%s %p %d %s %lld %a %d %d", op, static_cast<const void*>(cache.get()),
-        cache->multi_layer_view() ? -1 : call->layer, r.variant->info.name.c_str(),
+        cache->config().layers_fit_one_view() ? -1 : call->layer, r.variant->info.name.c_str(),
         static_cast<long long>(call->args.q.dim(1)), static_cast<double>(call->args.scale),
         r.causal ? 1 : 0, req->return_lse() ? 1 : 0);
     call->key = key;

@@ -21,9 +21,10 @@ Status MemoryBudget::take(std::size_t bytes, const std::string& what) {
   std::size_t used = used_.load(std::memory_order_relaxed);
   do {
     if (bytes > limit_ || used > limit_ - bytes) {
-      return resource_exhausted(what + ": " + mib(bytes) + " would bring the bytes this server holds for calls to " +
+      return resource_exhausted(what + ": " + mib(bytes) + " would bring the host memory this server holds (calls' "
+                                "bytes; on the CPU backend also resident tensors and KV caches) to " +
                                 mib(used + bytes) + ", over its limit of " + mib(limit_) +
-                                " (--max-inflight-mb); retry when fewer calls are in flight");
+                                " (--max-inflight-mb); retry when fewer calls are in flight or fewer tensors held");
     }
   } while (!used_.compare_exchange_weak(used, used + bytes, std::memory_order_relaxed));
   return Status::Ok();

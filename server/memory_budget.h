@@ -2,6 +2,8 @@
 // on what it brings (its request, once read) and what it will send (its outputs, as decoding
 // allocates them) and gives it back when it is done. A hold that would pass the limit is refused,
 // so the call gets RESOURCE_EXHAUSTED at once while the calls already holding memory run on.
+// Resident tensors and KV caches in host memory (the CPU backend) are charged to the same budget
+// (TensorStoreOptions::host_budget).
 #pragma once
 
 #include <atomic>

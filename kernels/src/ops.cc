@@ -114,6 +114,13 @@ Result<AttentionDims> attention_dims(const TensorView& q, const TensorView& k,
   return d;
 }
 
+Status check_attention_options(std::int64_t window_left, std::int64_t window_right, float softcap) {
+  if (window_left < -1) return invalid_argument("window_left: expected >= 0, or -1 for unbounded, got " + std::to_string(window_left));
+  if (window_right < -1) return invalid_argument("window_right: expected >= 0, or -1 for unbounded, got " + std::to_string(window_right));
+  if (!(softcap >= 0.0f) || std::isinf(softcap)) return invalid_argument("softcap: expected a finite value >= 0 (0: none), got " + std::to_string(softcap));
+  return Status::Ok();
+}
+
 float resolve_attention_scale(float scale, std::int64_t head_dim) {
   return scale != 0.0f ? scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
 }
@@ -176,13 +183,25 @@ Result<Problem<SoftmaxArgs>> OpDesc<SoftmaxArgs>::problem(const ProblemSpec& spe
   return p;
 }
 
-Status OpDesc<AttentionArgs>::check(const AttentionArgs& a) { return attention_dims(a.q, a.k, a.v).status(); }
+Status OpDesc<AttentionArgs>::check(const AttentionArgs& a) {
+  ATTN_RETURN_IF_ERROR(check_attention_options(a.window_left, a.window_right, a.softcap));
+  return attention_dims(a.q, a.k, a.v).status();
+}
 
 OpCost OpDesc<AttentionArgs>::cost(const AttentionArgs& args) {
   auto d = attention_dims(args.q, args.k, args.v);
   if (!d.ok()) return {};
   std::int64_t flops = 4 * d->batch * d->heads_q * d->len_q * d->len_kv * d->head_dim;
-  if (args.causal && d->len_q == d->len_kv) flops /= 2;
+  if (has_window(args)) {  // the pairs the window keeps, counted
+    std::int64_t pairs = 0;
+    for (std::int64_t i = 0; i < d->len_q; ++i) {
+      const KeyRange r = visible_keys(i, d->len_q, d->len_kv, args);
+      pairs += r.end - r.begin;
+    }
+    flops = 4 * d->batch * d->heads_q * pairs * d->head_dim;
+  } else if (args.causal && d->len_q == d->len_kv) {
+    flops /= 2;
+  }
   const auto bytes = args.q.bytes() + args.k.bytes() + args.v.bytes() + args.o.bytes() +
                      (args.lse.empty() ? 0 : args.lse.bytes());
   return {flops, static_cast<std::int64_t>(bytes)};
@@ -193,6 +212,7 @@ Result<Problem<AttentionArgs>> OpDesc<AttentionArgs>::problem(const ProblemSpec&
   if (s.size() != 4) return invalid_argument("shape: expected [B, Hq, Sq, D] for attention, got " + shape_to_string(s));
   ATTN_RETURN_IF_ERROR(dims_at_least_one(s));
   if (spec.kv_heads < 0 || spec.kv_len < 0) return invalid_argument("kv_heads, kv_len: expected >= 0");
+  ATTN_RETURN_IF_ERROR(check_attention_options(spec.window_left, spec.window_right, spec.softcap));
   const std::int64_t hkv = spec.kv_heads ? spec.kv_heads : s[1], sk = spec.kv_len ? spec.kv_len : s[2];
   if (s[1] % hkv != 0) {
     return invalid_argument("kv_heads: expected a divisor of Hq = " + std::to_string(s[1]) + ", got " +
@@ -203,9 +223,10 @@ Result<Problem<AttentionArgs>> OpDesc<AttentionArgs>::problem(const ProblemSpec&
   p.inputs = {{"q", spec.dtype, s}, {"k", spec.dtype, kv}, {"v", spec.dtype, kv}};
   p.outputs = {{"o", spec.dtype, s}};
   if (spec.lse) p.outputs.push_back({"lse", DType::kFloat32, {s[0], s[1], s[2]}});
-  p.bind = [causal = spec.causal, scale = resolve_attention_scale(0.0f, s[3])](const std::vector<TensorView>& in,
-                                                                               const std::vector<TensorView>& out) {
-    return AttentionArgs{in[0], in[1], in[2], out[0], out.size() > 1 ? out[1] : TensorView{}, causal, scale};
+  p.bind = [spec, scale = resolve_attention_scale(0.0f, s[3])](const std::vector<TensorView>& in,
+                                                               const std::vector<TensorView>& out) {
+    return AttentionArgs{in[0],      in[1], in[2], out[0], out.size() > 1 ? out[1] : TensorView{}, spec.causal, scale,
+                         spec.window_left, spec.window_right, spec.softcap};
   };
   return p;
 }

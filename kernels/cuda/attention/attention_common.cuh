@@ -26,6 +26,8 @@ struct AttentionProblem {
   float scale;       // natural-log scale
   float scale_log2;  // scale * log2(e): scores go through exp2
   bool causal;
+  int window_left = -1, window_right = -1;  // -1: unbounded (see AttentionArgs)
+  float softcap = 0.0f;                     // 0: none
 
   // First element of row i of query head h (of batch b), and of key/value row j for that head.
   __host__ __device__ long long q_row(int b, int h, int i) const {
@@ -34,18 +36,34 @@ struct AttentionProblem {
   __host__ __device__ long long kv_row(int b, int h, int j) const {
     return ((static_cast<long long>(b) * heads_kv + h / group) * len_kv + j) * head_dim;
   }
-  // Keys [0, visible_keys(i)) are visible to query i.
+  // Keys [first_key(i), visible_keys(i)) are visible to query i (attn::visible_keys).
   __host__ __device__ int visible_keys(int i) const {
-    if (!causal) return len_kv;
-    const long long v = static_cast<long long>(i) + (len_kv - len_q) + 1;
+    const int right = causal ? 0 : window_right;
+    if (right < 0) return len_kv;
+    const long long v = static_cast<long long>(i) + (len_kv - len_q) + right + 1;
     return v < 0 ? 0 : (v > len_kv ? len_kv : static_cast<int>(v));
+  }
+  __host__ __device__ int first_key(int i) const {
+    if (window_left < 0) return 0;
+    const long long v = static_cast<long long>(i) + (len_kv - len_q) - window_left;
+    const int end = visible_keys(i);
+    return v < 0 ? 0 : (v > end ? end : static_cast<int>(v));
   }
 };
 
+// What a rung takes beyond plain (causal) attention; it refuses the rest by name.
+enum AttentionFeature : unsigned { kPlainOnly = 0, kTakesWindow = 1, kTakesSoftcap = 2 };
+
 // Checks dtype, head dim and sizes for a rung, and builds the problem.
 inline Result<AttentionProblem> attention_problem(const AttentionArgs& args, std::initializer_list<DType> dtypes,
-                                                  std::initializer_list<int> head_dims, const char* name) {
+                                                  std::initializer_list<int> head_dims, const char* name,
+                                                  unsigned features = kPlainOnly) {
   ATTN_ASSIGN_OR_RETURN(d, attention_dims(args.q, args.k, args.v));
+  ATTN_RETURN_IF_ERROR(check_attention_options(args.window_left, args.window_right, args.softcap));
+  if (has_window(args) && !(features & kTakesWindow))
+    return invalid_argument(std::string("window_left: ") + name + " takes no sliding window");
+  if (args.softcap > 0.0f && !(features & kTakesSoftcap))
+    return invalid_argument(std::string("softcap: ") + name + " takes no soft cap");
   bool dtype_ok = false;
   std::string dtype_list;
   for (DType t : dtypes) {
@@ -78,13 +96,19 @@ inline Result<AttentionProblem> attention_problem(const AttentionArgs& args, std
                      static_cast<int>(d.len_q), static_cast<int>(d.len_kv), static_cast<int>(d.head_dim),
                      static_cast<int>(d.heads_q / d.heads_kv), args.scale, args.scale * 1.4426950408889634f,
                      args.causal};
+  // Windows past the sequence are unbounded: the clamp keeps them in int.
+  const auto clamp_window = [&](std::int64_t w) { return w < 0 ? -1 : static_cast<int>(w > d.len_kv + d.len_q ? d.len_kv + d.len_q : w); };
+  p.window_left = clamp_window(args.window_left);
+  p.window_right = clamp_window(args.window_right);
+  p.softcap = args.softcap;
   return p;
 }
 
 // The problem for the bf16/fp16 tensor-core rungs (03, 04): head dims 64 and 128, one block row
 // of the grid per (batch, query head).
-inline Result<AttentionProblem> tensor_core_problem(const AttentionArgs& args, const char* name) {
-  ATTN_ASSIGN_OR_RETURN(p, attention_problem(args, {DType::kBFloat16, DType::kFloat16}, {64, 128}, name));
+inline Result<AttentionProblem> tensor_core_problem(const AttentionArgs& args, const char* name,
+                                                    unsigned features = kPlainOnly) {
+  ATTN_ASSIGN_OR_RETURN(p, attention_problem(args, {DType::kBFloat16, DType::kFloat16}, {64, 128}, name, features));
   if (static_cast<long long>(p.batch) * p.heads_q > 65535) {
     return invalid_argument(std::string("q.shape: ") + name + " takes B x Hq <= 65535");
   }

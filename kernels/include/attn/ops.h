@@ -55,21 +55,51 @@ struct SoftmaxDims {
 };
 Result<SoftmaxDims> softmax_dims(const TensorView& x);
 
-// O = softmax(scale . Q K^T + mask) V per (batch, query head); query head h reads key/value head
-// h / (Hq / Hkv). causal: query i sees key j only when j <= i + (Sk - Sq) (bottom-right aligned);
-// a row that sees no key yields zeros and lse = -inf.
+// O = softmax(softcap(scale . Q K^T) + mask) V per (batch, query head); query head h reads
+// key/value head h / (Hq / Hkv). Query i sits at key position i + (Sk - Sq) (bottom-right
+// aligned, as FlashAttention-2). causal: it sees key j only when j <= its position. A sliding
+// window (FlashAttention-2's window_size) keeps keys with position - window_left <= j <= position +
+// window_right, -1 meaning unbounded on that side; with causal the right side is 0. softcap > 0
+// turns each scaled score s into softcap * tanh(s / softcap) before the softmax (Gemma 2, Grok).
+// A row that sees no key yields zeros and lse = -inf.
 struct AttentionArgs {
   TensorView q, k, v;  // [B, Hq, Sq, D], [B, Hkv, Sk, D], [B, Hkv, Sk, D]
   TensorView o;        // [B, Hq, Sq, D], same dtype as q
   TensorView lse;      // optional float32 [B, Hq, Sq]; empty when not wanted
   bool causal = false;
   float scale = 0.0f;  // already resolved: never 0 once it reaches a kernel
+  std::int64_t window_left = -1, window_right = -1;  // -1: unbounded
+  float softcap = 0.0f;                              // 0: none
 };
+
+// The keys [begin, end) query i sees under causal and a window (see AttentionArgs); empty
+// (begin >= end) when it sees none. Shared by the reference, the CPU backend and the kernels' hosts.
+struct KeyRange {
+  std::int64_t begin = 0, end = 0;
+};
+inline KeyRange visible_keys(std::int64_t i, std::int64_t len_q, std::int64_t len_kv, bool causal,
+                             std::int64_t window_left = -1, std::int64_t window_right = -1) {
+  const std::int64_t pos = i + (len_kv - len_q);
+  KeyRange r{0, len_kv};
+  const std::int64_t right = causal ? 0 : window_right;
+  if (right >= 0 && pos + right + 1 < r.end) r.end = pos + right + 1;
+  if (window_left >= 0 && pos - window_left > r.begin) r.begin = pos - window_left;
+  if (r.end < 0) r.end = 0;
+  if (r.begin > r.end) r.begin = r.end;
+  return r;
+}
+inline KeyRange visible_keys(std::int64_t i, std::int64_t len_q, std::int64_t len_kv, const AttentionArgs& a) {
+  return visible_keys(i, len_q, len_kv, a.causal, a.window_left, a.window_right);
+}
 
 struct AttentionDims {
   std::int64_t batch = 0, heads_q = 0, heads_kv = 0, len_q = 0, len_kv = 0, head_dim = 0;
 };
 Result<AttentionDims> attention_dims(const TensorView& q, const TensorView& k, const TensorView& v);
+// window_left/right >= -1, softcap finite and >= 0; messages name the field.
+Status check_attention_options(std::int64_t window_left, std::int64_t window_right, float softcap);
+// Whether the args ask for a window or a soft cap (rungs that take neither refuse them by name).
+inline bool has_window(const AttentionArgs& a) { return a.window_left >= 0 || (!a.causal && a.window_right >= 0); }
 
 // 1/sqrt(head_dim) when `scale` is 0, else `scale`.
 float resolve_attention_scale(float scale, std::int64_t head_dim);
@@ -94,6 +124,8 @@ struct ProblemSpec {
   std::int64_t kv_heads = 0, kv_len = 0;
   bool causal = false;
   bool lse = false;
+  std::int64_t window_left = -1, window_right = -1;  // as AttentionArgs
+  float softcap = 0.0f;
 };
 
 // One tensor of a problem: its name in the API ("a", "q"), dtype and shape.

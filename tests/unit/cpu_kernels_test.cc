@@ -9,6 +9,7 @@
 namespace attn {
 namespace {
 
+using testing::mask_every;
 using testing::poison;
 using testing::random_tensor;
 
@@ -77,6 +78,25 @@ TEST_P(CpuKernels, SoftmaxMatchesReference) {
         EXPECT_LE(reference::relative_frobenius_error(y.view(), reference::softmax(args)),
                   reference::tolerance(dt));
       }
+    }
+  }
+}
+
+// Rows holding -inf (every third entry, the first one included): zeros there, never NaN.
+TEST_P(CpuKernels, SoftmaxRowsWithMinusInfinity) {
+  const DType dt = GetParam();
+  const Shape shapes[] = {{7}, {3, 33}, {2, 5, 1000}, {1, 4097}, {1000, 7}};
+  for (const auto& shape : shapes) {
+    for (const auto& v : registry.of<SoftmaxArgs>().variants()) {
+      if (v.info.backend != Backend::kCpu) continue;
+      SCOPED_TRACE(v.info.name + " " + dname(dt) + " " + shape_to_string(shape));
+      Tensor x = random_tensor(dt, shape, rng, 4.0f), y(dt, shape);
+      mask_every(x, 3);
+      poison(y);
+      SoftmaxArgs args{x.view(), y.view()};
+      run(v, args);
+      EXPECT_LE(reference::relative_frobenius_error(y.view(), reference::softmax(args)), reference::tolerance(dt));
+      for (std::size_t i = 0; i < static_cast<std::size_t>(y.numel()); i += 3) ASSERT_EQ(y.get(i), 0.0f) << i;
     }
   }
 }

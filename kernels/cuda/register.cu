@@ -94,10 +94,11 @@ void register_cuda_variants(Registry& r) {
   r.of<AttentionArgs>().add({{"attention/02_flash_fp32", Op::kAttention, Backend::kCuda, f32, "head dims 64, 128",
                     "K/V tiles in shared memory, online softmax, S never stored; CUDA cores", 2, 0},
                    attention_02_supports, attention_02_flash_fp32, {}});
-  r.of<AttentionArgs>().add({{"attention/03_flash_mma", Op::kAttention, Backend::kCuda, half, "head dims 64, 128",
+  r.of<AttentionArgs>().add({{"attention/03_flash_mma", Op::kAttention, Backend::kCuda, half,
+                    "head dims 32, 64, 80, 96, 128, 192, 256; sliding windows, soft cap",
                     "FlashAttention-2 split on mma.sync tensor cores, cp.async double buffering", 3, 0},
                    attention_03_supports, attention_03_flash_mma, {}});
-  r.of<AttentionArgs>().add({{"attention/04_wgmma_tma", Op::kAttention, Backend::kCuda, half, "Hopper (sm_90); head dims 64, 128",
+  r.of<AttentionArgs>().add({{"attention/04_wgmma_tma", Op::kAttention, Backend::kCuda, half, "Hopper (sm_90); head dims 32, 64, 80, 96, 128, 192, 256; sliding windows, soft cap",
                     "FlashAttention-3 style: wgmma + TMA ring, producer/consumer warpgroups ping-ponging, "
                     "softmax under the next tile's matmuls, persistent blocks",
                     2, 0},

@@ -251,7 +251,71 @@ TEST_P(GpuAttention, MatchesReference) {
   EXPECT_GT(ran, 0) << "the variant took none of the cases";
 }
 
+// Every common head dim (Phi-2 and Pythia-2.8B use 80, GPT-NeoX-20B 96, Gemma 256) on lengths that
+// are no multiple of any tile; the tensor-core rungs (03, and 04 on Hopper) must take all of them.
+TEST_P(GpuAttention, EveryHeadDim) {
+  REQUIRE_GPU();
+  const auto* v = default_registry().of<AttentionArgs>().find(GetParam());
+  ASSERT_NE(v, nullptr);
+  std::mt19937_64 rng(testing::seed());
+  struct Case {
+    std::int64_t b, hq, hkv, sq, sk;
+  };
+  const Case cases[] = {{1, 2, 1, 1, 1}, {1, 4, 2, 33, 200}, {2, 2, 2, 130, 130}, {1, 3, 1, 7, 1000}, {1, 2, 2, 300, 257}};
+  const bool must_take = GetParam() == "attention/03_flash_mma" ||
+                         (GetParam() == "attention/04_wgmma_tma" && gpu()->target().compute_capability == 90);
+  int ran = 0;
+  for (DType dt : kAllDTypes)
+    for (std::int64_t d : {32, 64, 80, 96, 128, 192, 256})
+      for (const auto& c : cases)
+        for (bool causal : {false, true}) {
+          SCOPED_TRACE(std::string(dtype_name(dt)) + " D" + std::to_string(d) + " Hq" + std::to_string(c.hq) + " Hkv" +
+                       std::to_string(c.hkv) + " Sq" + std::to_string(c.sq) + " Sk" + std::to_string(c.sk) +
+                       (causal ? " causal" : "") + " seed=" + std::to_string(testing::seed()));
+          Tensor q = random_tensor(dt, {c.b, c.hq, c.sq, d}, rng);
+          Tensor k = random_tensor(dt, {c.b, c.hkv, c.sk, d}, rng);
+          Tensor vv = random_tensor(dt, {c.b, c.hkv, c.sk, d}, rng);
+          Tensor o(dt, q.shape()), lse(DType::kFloat32, {c.b, c.hq, c.sq});
+          poison(o);
+          poison(lse);
+          AttentionArgs args{q.view(), k.view(), vv.view(), o.view(), lse.view(), causal, resolve_attention_scale(0.0f, d)};
+          const Status supported = v->supports(args);
+          if (!supported.ok()) {
+            EXPECT_FALSE(must_take && claims(v->info, dt)) << supported.message();
+            continue;
+          }
+          run_on_gpu(*v, args);
+          ++ran;
+          std::vector<double> want_lse;
+          const auto want = reference::attention(args, &want_lse);
+          EXPECT_LE(reference::relative_frobenius_error(o.view(), want), reference::tolerance(dt));
+          EXPECT_LE(reference::lse_error(lse.view(), want_lse), 1e-4);
+        }
+  if (must_take) EXPECT_GT(ran, 0);
+}
+
 INSTANTIATE_TEST_SUITE_P(Cuda, GpuAttention, ::testing::ValuesIn(cuda_names(Op::kAttention)), test_name);
+
+// `auto` on a GPU never leaves a GPU dtype and common head dim to the CPU: plain, causal, with a
+// sliding window and with a soft cap, prefill and decode shapes.
+TEST(GpuAuto, AttentionNeverFallsToTheCpu) {
+  if (!gpu()) GTEST_SKIP() << "no usable GPU on this machine";
+  const Target target = gpu()->target();
+  for (DType dt : kAllDTypes)
+    for (std::int64_t d : {32, 64, 80, 96, 128, 192, 256})
+      for (std::int64_t sq : {1, 1000})
+        for (int form = 0; form < 4; ++form) {
+          TensorView q{dt, {1, 8, sq, d}, nullptr, MemoryKind::kDevice};
+          TensorView kv{dt, {1, 2, 4096, d}, nullptr, MemoryKind::kDevice};
+          AttentionArgs a{q, kv, kv, q, {}, form == 1, 0.1f};
+          if (form == 2) a.causal = true, a.window_left = 256;
+          if (form == 3) a.softcap = 30.0f;
+          auto v = default_registry().of<AttentionArgs>().select(a, "", target);
+          ASSERT_TRUE(v.ok()) << dtype_name(dt) << " D" << d << " form " << form << ": " << v.status().to_string();
+          EXPECT_EQ((*v)->info.backend, Backend::kCuda)
+              << dtype_name(dt) << " D" << d << " Sq" << sq << " form " << form << ": " << (*v)->info.name;
+        }
+}
 
 // --- The KV-cache ops -------------------------------------------------------------------------
 // A ragged batch over a device cache: each sequence brings `fresh` new tokens onto `cached` ones.

@@ -122,7 +122,7 @@ void register_cuda_variants(Registry& r) {
                                 1, 0},
                                paged_decode_01_supports, paged_decode_01_block_per_head, {}});
   r.of<PagedDecodeArgs>().add({{"paged_decode/02_split_kv", Op::kPagedDecode, Backend::kCuda, paged_all,
-                                "head dims 64, 128 (256 in 16-bit types); 1, 2, 4 or 8 query heads per kv head; "
+                                "head dims 32, 64, 80, 96, 128 (192, 256 in 16-bit types); 1, 2, 4 or 8 query heads per kv head; "
                                 "any page size",
                                 "keys split into equal chunks planned from the lengths (about 4 waves), pages "
                                 "through bulk copies into a shared-memory ring, chunks merged by log-sum-exp",
@@ -135,13 +135,13 @@ void register_cuda_variants(Registry& r) {
                                 3, 0},
                                paged_decode_03_supports, paged_decode_03_split_kv_mma, {}});
   r.of<PagedDecodeArgs>().add({{"paged_decode/04_warp_pipes", Op::kPagedDecode, Backend::kCuda, half,
-                                "head dims 64, 128; 1 to 16 query heads per kv head; any page size",
+                                "head dims 32, 64, 80, 96, 128, 192, 256; 1 to 16 query heads per kv head; any page size",
                                 "rung 03 with a cp.async pipeline per warp (16-key tiles, 3 stages, __syncwarp "
                                 "only): 8 independent page streams per SM instead of 2",
                                 4, 0},
                                paged_decode_04_supports, paged_decode_04_warp_pipes, {}});
   r.of<AttentionArgs>().add({{"attention/decode_mma_split", Op::kAttention, Backend::kCuda, half,
-                    "Sq = 1 (decoding); head dims 64, 128; 1 to 16 query heads per key/value head",
+                    "Sq = 1 (decoding); head dims 32, 64, 80, 96, 128, 192, 256; 1 to 16 query heads per key/value head",
                     "paged_decode/04's kernel on dense K/V: equal key chunks over about 4 waves, the GQA "
                     "group on mma.sync, a cp.async pipeline per warp, merged by log-sum-exp",
                     // Ahead of decode_split_kv (4) at every measured shape since it runs rung 04's kernel
@@ -158,7 +158,7 @@ void register_cuda_variants(Registry& r) {
   // Rung 02 ahead of rung 01 wherever it applies (page sizes 16 to 128): 1.4x to 2.2x rung 01 on the
   // H200 at 64-onto-8k and 2k-onto-0, pages 16 and 64 (bench/results/2026-11-30-h200-serving.md).
   r.of<PagedPrefillArgs>().add({{"paged_prefill/02_wgmma", Op::kPagedPrefill, Backend::kCuda, half,
-                                 "Hopper (sm_90); head dims 64, 128; 1, 2, 4 or 8 query heads per kv head; page "
+                                 "Hopper (sm_90); head dims 32, 64, 80, 96, 128; 1, 2, 4 or 8 query heads per kv head; page "
                                  "sizes 16, 32, 64, 128",
                                  "attention/04's wgmma + TMA ring over the pages (a box per page), producer/consumer "
                                  "warpgroups ping-ponging, persistent blocks on a queue of (sequence, kv head, "

@@ -150,7 +150,7 @@ void register_cuda_variants(Registry& r) {
                     5, 0},
                    attention_decode_mma_supports, attention_decode_mma_split, {}});
   r.of<PagedPrefillArgs>().add({{"paged_prefill/01_flash_mma", Op::kPagedPrefill, Backend::kCuda, half,
-                                 "head dims 64, 128; 1, 2, 4 or 8 query heads per kv head; any page size",
+                                 "head dims 32, 64, 80, 96, 128, 192, 256; 1, 2, 4 or 8 query heads per kv head; any page size",
                                  "FlashAttention-2 on mma.sync over (token, group head) rows, K/V tiles gathered "
                                  "from the pages with cp.async, causal bottom-right per sequence",
                                  1, 0},

@@ -677,8 +677,8 @@ int main(int argc, char** argv) {
   std::vector<std::int64_t> matmul_sizes{2048, 4096, 8192};
   std::vector<std::int64_t> softmax_widths{1024, 4096, 16384, 65536, 262144};
   std::int64_t softmax_elements = 64LL << 20;
-  app.add_option("--op", op, "matmul, softmax, attention, paged or all")
-      ->check(CLI::IsMember({"matmul", "softmax", "attention", "paged", "all"}));
+  app.add_option("--op", op, "matmul, softmax, attention, heads (every common head dim), paged or all")
+      ->check(CLI::IsMember({"matmul", "softmax", "attention", "heads", "paged", "all"}));
   app.add_option("--json", json, "write the results here");
   app.add_option("--matmul-sizes", matmul_sizes, "square sizes");
   std::vector<std::int64_t> matmul_skinny{128, 256, 512, 1024};
@@ -740,6 +740,19 @@ int main(int argc, char** argv) {
     bench_attention(grid, {"attention/03_flash_mma", "attention/04_wgmma_tma"}, DType::kBFloat16, s, rows, copy);
     bench_attention(fp32_grid, {"attention/01_naive", "attention/02_flash_fp32"}, DType::kFloat32, s, rows, copy);
     bench_attention(decode, {"attention/03_flash_mma", "attention/decode_split_kv"}, DType::kBFloat16, s, rows, copy);
+  }
+
+  if (op == "heads") {  // every common head dim, bf16: torch_sdpa.py --heads times the same shapes
+    const double copy = copy_bandwidth(s);
+    std::vector<AttentionShape> grid;
+    for (std::int64_t d : {32, 64, 80, 96, 128, 192, 256})
+      for (std::int64_t seq : {1024, 4096, 16384})
+        for (bool causal : {false, true}) grid.push_back({16384 / seq, 16, 16, seq, seq, d, causal});
+    bench_attention(grid, {"attention/03_flash_mma", "attention/04_wgmma_tma"}, DType::kBFloat16, s, rows, copy);
+    std::vector<AttentionShape> decode;
+    for (std::int64_t d : {32, 64, 80, 96, 128, 192, 256}) decode.push_back({16, 32, 8, 1, 8192, d, false});
+    bench_attention(decode, {"attention/decode_mma_split", "attention/decode_split_kv"}, DType::kBFloat16, s, rows,
+                    copy);
   }
 
   if (op == "all" || op == "paged") {

@@ -19,8 +19,9 @@
 // - As in rung 03: masks only on tiles that cross a row's first or last visible key, tiles outside
 //   every row's causal or sliding window skipped; a soft cap through tanh.approx (a kernel of its
 //   own, so that the plain one keeps its registers).
-// bf16/fp16, head dims 32, 64, 80, 96, 128 (128-key tiles) and 192, 256 (64-key tiles: O takes
-// D / 2 registers and the stages must fit in shared memory). A head dim that is not a multiple
+// bf16/fp16, head dims 32, 64 (192-row tiles: three consumer warpgroups, 64-key tiles), 80, 96,
+// 128 (128 x 128 tiles) and 192, 256 (128 x 64 tiles: O takes D / 2 registers and the stages must
+// fit in shared memory). A head dim that is not a multiple
 // of 64 fills its last slab partly (TMA writes zeros past it); O += P V runs one wgmma per slab,
 // n64 or the remainder (n32, n16), so no padded column is computed.
 #include <algorithm>
@@ -39,22 +40,33 @@ using namespace hopper;
 
 using namespace wgmma_attention;
 
-constexpr int kBM = 128, kThreads = 384;
-// Named barriers kTurn and kTurn + 1: consumer warpgroup 0's and 1's turn to issue wgmma;
-// kWarpgroupSync + 0 / 1: the 128 threads of one consumer warpgroup.
-constexpr int kTurn = 1, kWarpgroupSync = 3;
+// Consumer warpgroups (64 query rows each) by head dim: three up to 64, where a tile's matrix work
+// is short next to its softmax and a third warpgroup's softmax can run under the other two's
+// wgmma (FlashAttention-3's 192-row tiles at head dim 64); two above, where O needs the registers.
+template <int D>
+struct Layout {
+  static constexpr int kWG = D <= 64 ? 3 : 2;
+  static constexpr int kBM = 64 * kWG, kThreads = 128 * (kWG + 1);
+  // Registers a producer / consumer thread keeps (setmaxnreg; 64k a block). The producer spilled
+  // at 24.
+  static constexpr int kProducerRegs = 40, kConsumerRegs = kWG == 3 ? 152 : 232;
+};
+// Named barriers kTurn + w: consumer warpgroup w's turn to issue wgmma; kWarpgroupSync + w: the
+// 128 threads of consumer warpgroup w.
+constexpr int kTurn = 1, kWarpgroupSync = 4;
 
-// Keys per K/V tile by head dim.
+// Keys per K/V tile by head dim: 128, but 64 where three consumer warpgroups share the registers
+// (the S and P of 128 keys spilled 232 bytes at 160 registers) or O takes most of them (above 128).
 template <int D>
 constexpr int keys_per_tile() {
-  return D <= 128 ? 128 : 64;
+  return D <= 64 || D > 128 ? 64 : 128;
 }
 
 template <int D, int kStagesIn = 2, int kKeys = keys_per_tile<D>()>
 struct Smem {
   static constexpr int kStages = kStagesIn;
-  static constexpr int kSlab = wgmma_attention::kSlab;
-  static constexpr int kQBytes = slabs<D>() * kSlab;          // Q: [128 rows][64] per slab
+  static constexpr int kQSlab = Layout<D>::kBM * 128;          // Q: [kBM rows][64] per slab
+  static constexpr int kQBytes = slabs<D>() * kQSlab;
   static constexpr int kTileBytes = slabs<D>() * kKeys * 128;  // a K or V tile: [kKeys rows][64] per slab
   static constexpr int kBytes = kQBytes + kStages * 2 * kTileBytes + 1024;
 };
@@ -64,7 +76,7 @@ struct Smem {
 // share a few heads' K and V in L2 and the long causal tiles start early.
 // Its K/V tiles are [first_tile, tiles); those from first_masked on or before front_masked hold a
 // key some row must not see.
-template <int kKeys>
+template <int kKeys, int kBM>
 struct WorkItem {
   int bh, i0, tiles, first_masked, first_tile, front_masked;
   __device__ WorkItem(const AttentionProblem& p, int q_tiles, int w) {
@@ -85,11 +97,13 @@ struct WorkItem {
 // to the consumers with its Q (item_slot, published before q_full completes; -1: no more) and loads
 // the next item's Q and K/V while the consumers finish and store the current one.
 template <class T, int D, int kStages, bool kPingPong, bool kQRegs, int kKeys, bool kCap>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(Layout<D>::kThreads, 1)
     wgmma_attention_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
                            const __grid_constant__ CUtensorMap map_v, AttentionProblem p, int* next_item) {
   using S = Smem<D, kStages, kKeys>;
-  using Item = WorkItem<kKeys>;
+  constexpr int kBM = Layout<D>::kBM, kWG = Layout<D>::kWG;
+  using Item = WorkItem<kKeys, kBM>;
+  static_assert(kWG == 2 || slabs<D>() == 1, "Q's slab stride in issue_scores is for 128-row tiles");
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   // K and V of a stage have their own barriers: "full" hears the TMA bytes land, "empty" hears
   // both consumer warpgroups finish with the tile. Q likewise, once per work item.
@@ -103,19 +117,19 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (threadIdx.x == 0) {
     mbar_init(&q_full, 1);
-    mbar_init(&q_empty, 2);
+    mbar_init(&q_empty, kWG);
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&k_full[s], 1);
       mbar_init(&v_full[s], 1);
-      mbar_init(&k_empty[s], 2);
-      mbar_init(&v_empty[s], 2);
+      mbar_init(&k_empty[s], kWG);
+      mbar_init(&v_empty[s], kWG);
     }
     mbar_fence_init();
   }
   __syncthreads();
 
   if (wg == 0) {  // producer
-    regs_decrease<40>();
+    regs_decrease<Layout<D>::kProducerRegs>();
     if (tid != 0) return;
     int s = 0;
     std::uint32_t phase = 0, q_phase = 0;
@@ -130,7 +144,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int bkv = (item.bh / p.heads_q) * p.heads_kv + (item.bh % p.heads_q) / p.group;
       mbar_expect_tx(&q_full, S::kQBytes);
       for (int slab = 0; slab < slabs<D>(); ++slab)
-        tma_load_3d(qs + slab * S::kSlab, &map_q, &q_full, 64 * slab, item.i0, item.bh);
+        tma_load_3d(qs + slab * S::kQSlab, &map_q, &q_full, 64 * slab, item.i0, item.bh);
       q_phase ^= 1;
       constexpr int kKvSlab = kKeys * 128;
       for (int t = item.first_tile; t < item.tiles; ++t) {
@@ -150,19 +164,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     return;
   }
 
-  regs_increase<232>();
+  regs_increase<Layout<D>::kConsumerRegs>();
   const int half = wg - 1, warp = tid / 32, lane = tid % 32, t4 = lane % 4;
   const unsigned char* q = qs + half * 64 * 128;  // this warpgroup's 64 rows of each Q slab
-  // Turns at the tensor cores alternate 0, 1, 0, 1, ...: a warpgroup waits at its own barrier,
-  // issues, and arrives at the other's. Warpgroup 1 opens warpgroup 0's first turn, and warpgroup
-  // 0 takes one more turn at the end, so every barrier sees as many arrivals as waits.
+  // Turns at the tensor cores go round 0, 1, (2,) 0, ...: a warpgroup waits at its own barrier,
+  // issues, and arrives at the next one's. The last warpgroup opens warpgroup 0's first turn, and
+  // warpgroup 0 takes one more turn at the end, so every barrier sees as many arrivals as waits.
   const auto take_turn = [&] {
     if constexpr (kPingPong) named_barrier(kTurn + half, 256);
   };
   const auto pass_turn = [&] {
-    if constexpr (kPingPong) named_barrier_arrive(kTurn + 1 - half, 256);
+    if constexpr (kPingPong) named_barrier_arrive(kTurn + (half + 1 == kWG ? 0 : half + 1), 256);
   };
-  if (kPingPong && half == 1) named_barrier_arrive(kTurn, 256);
+  if (kPingPong && half == kWG - 1) named_barrier_arrive(kTurn, 256);
   int s = 0;  // the ring's next stage and its phase, continued across work items
   std::uint32_t phase = 0, q_phase = 0;
   for (;;) {
@@ -251,7 +265,7 @@ cudaError_t launch(const AttentionProblem& p, const CUtensorMap& q, const CUtens
   constexpr int kKeys = keys_per_tile<D>();
   auto kernel = p.cap_log2 != 0.0f ? wgmma_attention_kernel<T, D, kStages, kPingPong, kQRegs, kKeys, true>
                                    : wgmma_attention_kernel<T, D, kStages, kPingPong, kQRegs, kKeys, false>;
-  constexpr int kBytes = Smem<D, kStages>::kBytes;
+  constexpr int kBytes = Smem<D, kStages>::kBytes, kBM = Layout<D>::kBM;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
   if (e != cudaSuccess) return e;
   const long long items = static_cast<long long>((p.len_q + kBM - 1) / kBM) * p.batch * p.heads_q;
@@ -271,7 +285,7 @@ cudaError_t launch(const AttentionProblem& p, const CUtensorMap& q, const CUtens
       return e;
     }
   }
-  kernel<<<blocks, kThreads, kBytes, s>>>(q, k, v, p, next_item);
+  kernel<<<blocks, Layout<D>::kThreads, kBytes, s>>>(q, k, v, p, next_item);
   e = cudaGetLastError();
   if (next_item) cudaFreeAsync(next_item, s);
   return e;
@@ -301,7 +315,7 @@ Status attention_04_supports(const AttentionArgs& args) {
   for (const TensorView* t : {&args.q, &args.k, &args.v})
     if (reinterpret_cast<std::uintptr_t>(t->data) % 16 != 0)
       return invalid_argument("q.data: attention/04_wgmma_tma needs 16-byte aligned q, k and v");
-  const long long tiles = (static_cast<long long>(p.len_q) + kBM - 1) / kBM * p.batch * p.heads_q;
+  const long long tiles = (static_cast<long long>(p.len_q) + 127) / 128 * p.batch * p.heads_q;  // the most
   if (tiles > INT_MAX / 2)  // item numbers run past the count by up to a grid
     return invalid_argument("q.shape: attention/04_wgmma_tma takes at most 2^30 - 1 tiles of 128 query rows, got " +
                             std::to_string(tiles));
@@ -312,9 +326,9 @@ Status attention_04_wgmma_tma(const AttentionArgs& args, Stream& stream) {
   ATTN_RETURN_IF_ERROR(attention_04_supports(args));
   ATTN_ASSIGN_OR_RETURN(p, tensor_core_problem(args, "attention/04_wgmma_tma", kFeatures));
   const DType dt = args.q.dtype;
-  // [heads][len][D], boxes of 128 query rows (K/V: the tile's keys) x 64 of the head dim.
-  const int kv_box = p.head_dim <= 128 ? 128 : 64;
-  ATTN_ASSIGN_OR_RETURN(mq, tensor_map_3d(p.q, dt, p.head_dim, p.len_q, static_cast<long long>(p.batch) * p.heads_q, 128));
+  // [heads][len][D], boxes of a tile's query rows (K/V: its keys) x 64 of the head dim.
+  const int q_box = p.head_dim <= 64 ? Layout<64>::kBM : Layout<128>::kBM, kv_box = p.head_dim <= 64 || p.head_dim > 128 ? 64 : 128;
+  ATTN_ASSIGN_OR_RETURN(mq, tensor_map_3d(p.q, dt, p.head_dim, p.len_q, static_cast<long long>(p.batch) * p.heads_q, q_box));
   ATTN_ASSIGN_OR_RETURN(mk, tensor_map_3d(p.k, dt, p.head_dim, p.len_kv, static_cast<long long>(p.batch) * p.heads_kv, kv_box));
   ATTN_ASSIGN_OR_RETURN(mv, tensor_map_3d(p.v, dt, p.head_dim, p.len_kv, static_cast<long long>(p.batch) * p.heads_kv, kv_box));
   const cudaStream_t s = attention_stream(stream);

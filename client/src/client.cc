@@ -154,6 +154,10 @@ Result<OpResult> Client::attention(const Tensor& q, const Tensor& k, const Tenso
   req.set_scale(options.scale);
   req.set_return_lse(options.return_lse);
   req.set_kernel(options.kernel);
+  // -1 is the server's default for an unset side; anything else goes as given (it checks).
+  if (options.window_left != -1) req.set_window_left(options.window_left);
+  if (options.window_right != -1) req.set_window_right(options.window_right);
+  req.set_softcap(options.softcap);
   v1::AttentionResponse resp;
   ATTN_RETURN_IF_ERROR(channel_status_);
   ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->Attention(make_context(req).get(), req, &resp)));

@@ -88,10 +88,12 @@ void register_cuda_variants(Registry& r) {
                  }});
 
   r.of<AttentionArgs>().add({{"attention/01_naive", Op::kAttention, Backend::kCuda, f32,
-                    "head dims 32, 64, 128, 256; S = B x Hq x Sq x Sk floats must fit in 8 GiB",
+                    "head dims 32, 64, 128, 256; S = B x Hq x Sq x Sk floats must fit in 8 GiB; sliding windows, "
+                    "soft-capping",
                     "S = QK^T materialized, softmax, O = PV: three kernels", 1, 0},
                    attention_01_supports, attention_01_naive, {}});
-  r.of<AttentionArgs>().add({{"attention/02_flash_fp32", Op::kAttention, Backend::kCuda, f32, "head dims 64, 128",
+  r.of<AttentionArgs>().add({{"attention/02_flash_fp32", Op::kAttention, Backend::kCuda, f32,
+                    "head dims 32, 64, 80, 96, 128, 192, 256; sliding windows, soft-capping",
                     "K/V tiles in shared memory, online softmax, S never stored; CUDA cores", 2, 0},
                    attention_02_supports, attention_02_flash_fp32, {}});
   r.of<AttentionArgs>().add({{"attention/03_flash_mma", Op::kAttention, Backend::kCuda, half,

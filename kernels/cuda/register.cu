@@ -86,6 +86,23 @@ void register_cuda_variants(Registry& r) {
                    const auto d = softmax_dims(a.x);
                    return d.ok() && d->cols >= 32768 ? 6 : 3;
                  }});
+  // The ring of bulk-copied stages is for what 05 and 06 leave below the copy bandwidth (H200,
+  // 2026-11-30): rows of 128 KB and more (06: 0.52-0.69x at 64k-256k) and 16-bit rows of 1-4 KB
+  // (05: 0.64x at bf16 1k); elsewhere 05 (0.95-0.97x) stays ahead until measured otherwise.
+  r.of<SoftmaxArgs>().add({{"softmax/07_bulk_ring", Op::kSoftmax, Backend::kCuda, all,
+                  "width x element size a multiple of 16 bytes; rows up to 400k float32 / 800k 16-bit columns; "
+                  "for rows >= 128 KB and 16-bit rows of 1-4 KB",
+                  "persistent blocks, rows through a ring of shared-memory stages filled by bulk copies; wide rows "
+                  "split over a cluster",
+                  5, 90},
+                 softmax_07_supports, softmax_07_bulk_ring, [](const SoftmaxArgs& a) {
+                   const auto d = softmax_dims(a.x);
+                   if (!d.ok()) return 3;
+                   const long long row_bytes = d->cols * static_cast<long long>(element_size(a.x.dtype));
+                   const bool wide = row_bytes >= (128 << 10);
+                   const bool narrow_16bit = element_size(a.x.dtype) == 2 && row_bytes >= 1024 && row_bytes <= 4096;
+                   return wide || narrow_16bit ? 7 : 3;
+                 }});
 
   r.of<AttentionArgs>().add({{"attention/01_naive", Op::kAttention, Backend::kCuda, f32,
                     "head dims 32, 64, 128, 256; S = B x Hq x Sq x Sk floats must fit in 8 GiB",

@@ -90,10 +90,10 @@ void register_cuda_variants(Registry& r) {
   // 2026-11-30): rows of 128 KB and more (06: 0.52-0.69x at 64k-256k) and 16-bit rows of 1-4 KB
   // (05: 0.64x at bf16 1k); elsewhere 05 (0.95-0.97x) stays ahead until measured otherwise.
   r.of<SoftmaxArgs>().add({{"softmax/07_bulk_ring", Op::kSoftmax, Backend::kCuda, all,
-                  "width x element size a multiple of 16 bytes; rows up to 400k float32 / 800k 16-bit columns; "
+                  "width x element size a multiple of 16 bytes; rows up to 256k float32 / 512k 16-bit columns; "
                   "for rows >= 128 KB and 16-bit rows of 1-4 KB",
-                  "persistent blocks, rows through a ring of shared-memory stages filled by bulk copies; wide rows "
-                  "split over a cluster",
+                  "persistent blocks, rows through a ring of shared-memory stages filled and emptied by bulk copies; "
+                  "wide rows split over a cluster",
                   5, 90},
                  softmax_07_supports, softmax_07_bulk_ring, [](const SoftmaxArgs& a) {
                    const auto d = softmax_dims(a.x);

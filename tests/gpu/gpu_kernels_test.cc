@@ -166,9 +166,9 @@ TEST(GpuAuto, SoftmaxTakesRung07ForWideAndNarrow16BitRows) {
   EXPECT_EQ(picked(bf16, 1024, 65536), "softmax/07_bulk_ring");
   EXPECT_EQ(picked(f32, 1024, 65536), "softmax/07_bulk_ring");
   EXPECT_EQ(picked(f32, 256, 262144), "softmax/07_bulk_ring");
-  EXPECT_EQ(picked(f32, 4, 300000), "softmax/07_bulk_ring");  // past 06's 256k
   EXPECT_EQ(picked(f32, 256, 70001), "softmax/06_split_row");  // not whole 16-byte vectors: 07 refuses
   EXPECT_EQ(picked(f32, 4, 1 << 20), "softmax/04_online");     // wider than 07 and 06 hold
+  EXPECT_EQ(picked(bf16, 4, 1 << 20), "softmax/04_online");
 }
 
 TEST_P(GpuSoftmax, MatchesReference) {
@@ -179,7 +179,8 @@ TEST_P(GpuSoftmax, MatchesReference) {
   // The last row: rung 07's paths, widths a multiple of 8 (whole 16-byte vectors in every dtype):
   // its ring of stages wrapping many times over short rows (40000 x 520) and over cluster-split
   // rows (96 x 262144: clusters of 16 for float32, 8 for 16-bit types), groups of several warps a
-  // row (300 x 4104), slices of unequal length (45 x 100008) and the widest rows it takes.
+  // row (300 x 4104), slices of unequal length (45 x 100008), and 16-bit rows split 16 ways (7 x 409600,
+  // refused for float32).
   const Shape shapes[] = {{1},       {7},         {3, 33},    {5, 1000},  {2, 3, 1024}, {3, 4097},
                           {2, 8191}, {1, 32768},  {2, 70001}, {1, 262144}, {1000, 7}, {4097, 33},
                           {40000, 520}, {300, 4104}, {96, 262144}, {45, 100008}, {7, 409600}};

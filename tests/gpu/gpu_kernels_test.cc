@@ -146,9 +146,9 @@ TEST(GpuAuto, MatmulTakesRung08WhereItsTilesFillTheGpu) {
   EXPECT_EQ(picked(64, 1024, 8192), "matmul/cublas");   // 16 tiles: K split
 }
 
-// `auto` takes rung 07 where 05 and 06 stay below the copy bandwidth (rows of 128 KB and more, 16-bit rows of
-// 1-4 KB), 05 and 06 elsewhere, and what else takes the widths 07 refuses.
-TEST(GpuAuto, SoftmaxTakesRung07ForWideAndNarrow16BitRows) {
+// `auto` takes rung 07 where it measured ahead of 05 and 06 (16-bit rows of 513-1024 columns, float32 rows of
+// 32k-64k), 05 wherever it holds the row, 06 beyond, and what else takes the widths 07 refuses.
+TEST(GpuAuto, SoftmaxTakesRung07WhereItMeasuredAhead) {
   if (!gpu()) GTEST_SKIP() << "no usable GPU on this machine";
   const Target target = gpu()->target();
   if (target.compute_capability != 90) GTEST_SKIP() << "rung 07 is for sm_90";
@@ -163,9 +163,12 @@ TEST(GpuAuto, SoftmaxTakesRung07ForWideAndNarrow16BitRows) {
   EXPECT_EQ(picked(f32, 4096, 16384), "softmax/05_vectorized");
   EXPECT_EQ(picked(bf16, 16384, 4096), "softmax/05_vectorized");
   EXPECT_EQ(picked(bf16, 65536, 1024), "softmax/07_bulk_ring");
-  EXPECT_EQ(picked(bf16, 1024, 65536), "softmax/07_bulk_ring");
+  EXPECT_EQ(picked(f32, 2048, 32768), "softmax/05_vectorized");
+  EXPECT_EQ(picked(bf16, 2048, 32768), "softmax/05_vectorized");
+  EXPECT_EQ(picked(f32, 1600, 40000), "softmax/07_bulk_ring");
   EXPECT_EQ(picked(f32, 1024, 65536), "softmax/07_bulk_ring");
-  EXPECT_EQ(picked(f32, 256, 262144), "softmax/07_bulk_ring");
+  EXPECT_EQ(picked(bf16, 1024, 65536), "softmax/06_split_row");
+  EXPECT_EQ(picked(f32, 256, 262144), "softmax/06_split_row");
   EXPECT_EQ(picked(f32, 256, 70001), "softmax/06_split_row");  // not whole 16-byte vectors: 07 refuses
   EXPECT_EQ(picked(f32, 4, 1 << 20), "softmax/04_online");     // wider than 07 and 06 hold
   EXPECT_EQ(picked(bf16, 4, 1 << 20), "softmax/04_online");
@@ -179,8 +182,7 @@ TEST_P(GpuSoftmax, MatchesReference) {
   // The last row: rung 07's paths, widths a multiple of 8 (whole 16-byte vectors in every dtype):
   // its ring of stages wrapping many times over short rows (40000 x 520) and over cluster-split
   // rows (96 x 262144: clusters of 16 for float32, 8 for 16-bit types), groups of several warps a
-  // row (300 x 4104), slices of unequal length (45 x 100008), and 16-bit rows split 16 ways (7 x 409600,
-  // refused for float32).
+  // row (300 x 4104), slices of unequal length (45 x 100008) and the widest rows it takes (7 x 409600).
   const Shape shapes[] = {{1},       {7},         {3, 33},    {5, 1000},  {2, 3, 1024}, {3, 4097},
                           {2, 8191}, {1, 32768},  {2, 70001}, {1, 262144}, {1000, 7}, {4097, 33},
                           {40000, 520}, {300, 4104}, {96, 262144}, {45, 100008}, {7, 409600}};

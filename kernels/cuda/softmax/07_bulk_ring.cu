@@ -1,19 +1,21 @@
 // softmax/07_bulk_ring: persistent blocks (one per SM, 1024 threads) streaming rows through a
-// ring of 3-8 shared-memory stages that bulk asynchronous copies fill (cp.async.bulk, an mbarrier
-// counting the bytes in) and empty (normalized in place, written back by a bulk store). While a
-// block reduces, exchanges and normalizes one stage, the next S - 2 are in flight (about 100 KB an
-// SM), and its stores drain through the copy engine, not the warps: 05 and 06 had in flight only
-// what their registers held, and nothing while a row waited on its reductions or its cluster
-// barrier (06 at 256k: load -> reduce -> barrier -> store in series, 0.52x of copy). A stage is
-// - several whole rows (rows up to 64 KB, stages of up to 48 KB), a group of 1024/R threads a row
-//   (8 lanes for rows of 512 bytes and less), so narrow 16-bit rows have many rows, so many bytes,
-//   a warp (05: a warp a row, 0.64x at bf16 1k); or
-// - one slice of a wider row (up to 64 KB), a cluster of 2-16 blocks sharing the row, which
-//   exchange their (max, sum) through distributed shared memory, double-buffered so one cluster
-//   barrier a row suffices.
-// Shared memory is read twice (an online max/sum pass, then the normalizing pass) and written
-// once. Rows must be whole 16-byte vectors (width x element size a multiple of 16) and the
-// tensors 16-byte aligned; other widths are refused (05 and 06 take them).
+// ring of 2-4 shared-memory stages filled by bulk asynchronous copies (cp.async.bulk, an mbarrier
+// counting the bytes in). A stage is issued as soon as the one it replaces has been written out,
+// so while a block reduces, exchanges and stores one stage the next ones are already in flight:
+// 64-200 KB per SM, where 05 and 06 had only what their registers held, and nothing while a row
+// waited on its reductions or cluster barrier (06 at 256k: load -> reduce -> barrier -> store in
+// series, 0.52x of copy). A stage is either
+// - several whole rows (rows up to 100 KB), a group of 1024/R threads per row (8 lanes for rows
+//   of 1 KB and less: more rows, so more bytes, per warp than 05's warp per row); or
+// - one slice of a wider row, a cluster of 2-16 blocks sharing the row, which exchange their
+//   (max, sum) through distributed shared memory, double-buffered so one cluster barrier a row
+//   suffices.
+// Shared memory is read twice (an online max/sum pass, then the normalizing pass with 16-byte
+// stores to global memory). Rows must be whole 16-byte vectors (width x element size a multiple
+// of 16) and the tensors 16-byte aligned; other widths are refused (05 and 06 take them).
+// Measured (H200): ahead only at bf16 1k (0.86x of copy, 05 0.65x) and fp32 64k (0.75x, 06
+// 0.69x); 0.86x flat at fp32 1k-16k, and below 06 from 128k. Each SM is bound by its own stage
+// loop (one stage ahead or three: the same), not by bytes in flight; see bench/NOTES.md.
 #include <cooperative_groups.h>
 
 #include <atomic>
@@ -34,10 +36,10 @@ using hopper::mbar_init;
 using hopper::mbar_wait;
 
 constexpr int kThreads = 1024, kWarps = kThreads / 32;
-constexpr int kMaxStages = 8, kMaxCluster = 16;
-constexpr long long kStageTarget = 48 << 10;    // bytes a stage of whole rows aims at
+constexpr int kMaxStages = 4, kMaxCluster = 16;
+constexpr long long kStageTarget = 64 << 10;    // bytes a stage of whole rows aims at
 constexpr long long kSharedBudget = 200 << 10;  // dynamic shared memory for the ring
-constexpr long long kMaxSlice = 64 << 10;       // a stage (rows or a slice) must fit 3 times
+constexpr long long kMaxSlice = kSharedBudget / 2;  // a row slice must fit twice
 constexpr unsigned kPiece = 32 << 10;           // bytes a bulk copy moves at most
 
 // How a launch splits the problem; computed on the host, read by every thread.
@@ -80,9 +82,8 @@ __device__ __forceinline__ MaxSum reduce_vectors(const uint4* v, int n, int t, i
   return {m, s};
 }
 
-// Normalizes the same vectors in place, for the bulk store to write out.
 template <class T>
-__device__ __forceinline__ void normalize_vectors(uint4* v, int n, int t, int stride, MaxSum total) {
+__device__ __forceinline__ void store_vectors(const uint4* v, uint4* out, int n, int t, int stride, MaxSum total) {
   constexpr int kPer = 16 / sizeof(T);
   const float inv = 1.0f / total.s;
 #pragma unroll 4
@@ -93,20 +94,8 @@ __device__ __forceinline__ void normalize_vectors(uint4* v, int n, int t, int st
     T* oe = reinterpret_cast<T*>(&o);
 #pragma unroll
     for (int j = 0; j < kPer; ++j) oe[j] = from_float<T>(__expf(to_float(e[j]) - total.m) * inv);
-    v[i] = o;
+    out[i] = o;
   }
-}
-
-// Copies `bytes` (a multiple of 16, both addresses 16-byte aligned) from shared to global memory
-// in the current bulk group.
-__device__ __forceinline__ void bulk_store(void* dst, const void* src, unsigned bytes) {
-  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(dst),
-               "r"(hopper::smem_u32(src)), "r"(bytes)
-               : "memory");
-}
-// Waits until all but the newest bulk group have read their shared memory.
-__device__ __forceinline__ void bulk_wait_read_all_but_newest() {
-  asm volatile("cp.async.bulk.wait_group.read 1;\n" ::: "memory");
 }
 
 // Combines over aligned groups of `lanes` lanes (a power of two <= 32) of the warp.
@@ -118,48 +107,31 @@ __device__ __forceinline__ MaxSum lanes_combine(MaxSum v, int lanes) {
   return v;
 }
 
-// Where a unit's part lies in x and y (byte offset) and how long it is: whole rows, or this
-// block's slice of a row.
-template <bool kSplit>
-__device__ __forceinline__ long long unit_span(const RingPlan& p, long long unit, int part, long long* bytes) {
+// Stage k of this block's sequence: unit q + k * Q, where q is this block's cluster (its block
+// with kSplit false) and Q the number of clusters. Thread 0 issues the copies.
+template <class T, bool kSplit>
+__device__ __forceinline__ void issue(const RingPlan& p, char* ring, std::uint64_t* full, long long unit, int k,
+                                      int part) {
+  const int stage = k % p.stages;
+  char* dst = ring + static_cast<long long>(stage) * p.stage_bytes;
+  const char* src;
+  long long bytes;
   if constexpr (kSplit) {
     const int begin = part * p.slice_vectors;
     const int end = min(p.row_vectors, begin + p.slice_vectors);
-    *bytes = end > begin ? 16LL * (end - begin) : 0;
-    return (unit * p.row_vectors + begin) * 16LL;
+    bytes = end > begin ? 16LL * (end - begin) : 0;
+    src = static_cast<const char*>(p.x) + (unit * p.row_vectors + begin) * 16LL;
   } else {
     const long long first = unit * p.rows_per_stage;
     const long long n = min(static_cast<long long>(p.rows_per_stage), p.rows - first);
-    *bytes = n * p.row_vectors * 16LL;
-    return first * p.row_vectors * 16LL;
+    bytes = n * p.row_vectors * 16LL;
+    src = static_cast<const char*>(p.x) + first * p.row_vectors * 16LL;
   }
-}
-
-// Stage k of this block's sequence holds unit q + k * Q, where q is this block's cluster (its
-// block with kSplit false) and Q the number of clusters. Thread 0 issues the copies.
-template <bool kSplit>
-__device__ __forceinline__ void issue_load(const RingPlan& p, char* ring, std::uint64_t* full, long long unit, int k,
-                                           int part) {
-  const int stage = k % p.stages;
-  char* dst = ring + static_cast<long long>(stage) * p.stage_bytes;
-  long long bytes;
-  const char* src = static_cast<const char*>(p.x) + unit_span<kSplit>(p, unit, part, &bytes);
   mbar_expect_tx(&full[stage], static_cast<std::uint32_t>(bytes));
   for (long long off = 0; off < bytes; off += kPiece) {
     const unsigned n = static_cast<unsigned>(min(static_cast<long long>(kPiece), bytes - off));
     bulk_load(dst + off, src + off, n, &full[stage]);
   }
-}
-
-// Writes stage k (normalized in place) out as one bulk group.
-template <bool kSplit>
-__device__ __forceinline__ void issue_store(const RingPlan& p, const char* ring, long long unit, int k, int part) {
-  const char* src = ring + static_cast<long long>(k % p.stages) * p.stage_bytes;
-  long long bytes;
-  char* dst = static_cast<char*>(p.y) + unit_span<kSplit>(p, unit, part, &bytes);
-  for (long long off = 0; off < bytes; off += kPiece)
-    bulk_store(dst + off, src + off, static_cast<unsigned>(min(static_cast<long long>(kPiece), bytes - off)));
-  hopper::tma_store_commit();
 }
 
 template <class T, bool kSplit>
@@ -183,28 +155,27 @@ __global__ void __launch_bounds__(kThreads, 1) bulk_ring_kernel(RingPlan p) {
     mbar_fence_init();
   }
   __syncthreads();
-  // Stages 0 .. S-2 now; stage k + S - 1 once stage k is processed and stage k - 1 (same buffer)
-  // has been read out by its bulk store.
   if (tid == 0)
-    for (int k = 0; k < p.stages - 1 && q + k * clusters < p.units; ++k)
-      issue_load<kSplit>(p, ring, full, q + k * clusters, k, part);
+    for (int k = 0; k < p.stages && q + k * clusters < p.units; ++k)
+      issue<T, kSplit>(p, ring, full, q + k * clusters, k, part);
 
   // Rows mode: thread tid serves row tid / group of the stage, as lane tid % group of its group.
   const int g = kSplit ? 0 : tid / p.group, t = kSplit ? tid : tid % p.group;
   const int stride = kSplit ? kThreads : p.group;
   int vectors = p.row_vectors;  // this thread's row (or slice) in the stage, in vectors
+  int first_vector = 0;         // where the slice starts in the row
   if constexpr (kSplit) {
-    const int first_vector = part * p.slice_vectors;
+    first_vector = part * p.slice_vectors;
     vectors = max(0, min(p.row_vectors, first_vector + p.slice_vectors) - first_vector);
   }
   int k = 0;
   for (long long unit = q; unit < p.units; unit += clusters, ++k) {
     const int stage = k % p.stages;
     mbar_wait(&full[stage], static_cast<std::uint32_t>((k / p.stages) & 1));
-    uint4* buf = reinterpret_cast<uint4*>(ring + static_cast<long long>(stage) * p.stage_bytes);
+    const uint4* buf = reinterpret_cast<const uint4*>(ring + static_cast<long long>(stage) * p.stage_bytes);
     const long long row = kSplit ? unit : unit * p.rows_per_stage + g;
     const bool active = row < p.rows;
-    uint4* mine = buf + static_cast<long long>(g) * p.row_vectors;
+    const uint4* mine = buf + static_cast<long long>(g) * p.row_vectors;
     MaxSum total = active ? reduce_vectors<T>(mine, vectors, t, stride) : MaxSum{-INFINITY, 0.0f};
     total = lanes_combine(total, min(stride, 32));
     if (kSplit || stride > 32) {
@@ -229,21 +200,15 @@ __global__ void __launch_bounds__(kThreads, 1) bulk_ring_kernel(RingPlan p) {
         total = lanes_combine(lane < per ? scratch[g * per + lane] : MaxSum{-INFINITY, 0.0f}, 32);
       }
     }
-    if (active) normalize_vectors<T>(mine, vectors, t, stride, total);
-    hopper::fence_async_shared();  // this thread's writes, before the bulk store reads them
-    // The stage is normalized (and, rows mode, scratch read): write it out, and refill the buffer
-    // of stage k - 1 with stage k + S - 1 once its own store has read it.
-    __syncthreads();
-    if (tid == 0) {
-      issue_store<kSplit>(p, ring, unit, k, part);
-      const long long next = unit + static_cast<long long>(p.stages - 1) * clusters;
-      if (next < p.units) {
-        bulk_wait_read_all_but_newest();
-        issue_load<kSplit>(p, ring, full, next, k + p.stages - 1, part);
-      }
+    if (active) {
+      uint4* out = reinterpret_cast<uint4*>(static_cast<T*>(p.y) + row * p.cols) + first_vector;
+      store_vectors<T>(mine, out, vectors, t, stride, total);
     }
+    // The stage is read out (and, rows mode, scratch too): refill it with stage k + S.
+    __syncthreads();
+    const long long next = unit + static_cast<long long>(p.stages) * clusters;
+    if (tid == 0 && next < p.units) issue<T, kSplit>(p, ring, full, next, k + p.stages, part);
   }
-  if (tid == 0) hopper::tma_store_wait_all();
   if constexpr (kSplit) cg::this_cluster().sync();  // no block leaves while another reads its exchange
 }
 
@@ -277,13 +242,13 @@ RingPlan plan_for(const SoftmaxProblem& p, int element_bytes, int* cluster) {
   }
   r.stages = r.stage_bytes > 0 ? static_cast<int>(kSharedBudget / r.stage_bytes) : kMaxStages;
   if (r.stages > kMaxStages) r.stages = kMaxStages;
-  if (r.stage_bytes > kMaxSlice) r.stages = 0;  // too wide even for 16 blocks (3 stages of 64 KB)
+  if (r.stage_bytes > kMaxSlice) r.stages = 0;  // too wide even for 16 blocks
   return r;
 }
 
 // Blocks (clusters of 2^i blocks) resident at once, per device, plus one; 0: not asked yet. The
-// attributes and the occupancy queries cost more host time than a 64 MB softmax takes on the GPU
-// (the benchmark saw ~20 us a call), so each kernel asks once per device and cluster size.
+// attributes and the occupancy queries are host work that every call would otherwise repeat (in
+// attn-bench, inside the timed events), so each kernel asks once per device and cluster size.
 constexpr int kMaxDevices = 16;
 template <class T, bool kSplit>
 std::atomic<int> g_resident[kMaxDevices][5];
@@ -342,7 +307,6 @@ cudaError_t launch(const RingPlan& plan, int cluster, cudaStream_t s) {
 }
 
 }  // namespace
-
 Status softmax_07_supports(const SoftmaxArgs& args) {
   ATTN_ASSIGN_OR_RETURN(p, softmax_problem(args));
   const int bytes = static_cast<int>(element_size(args.x.dtype));
@@ -352,7 +316,7 @@ Status softmax_07_supports(const SoftmaxArgs& args) {
                             std::to_string(p.cols) + " (use softmax/05_vectorized or 06_split_row)");
   }
   int cluster = 0;
-  if (plan_for(p, bytes, &cluster).stages < 3) {
+  if (plan_for(p, bytes, &cluster).stages < 2) {
     return invalid_argument("x.shape: softmax/07_bulk_ring holds a row in the shared memory of up to 16 blocks, "
                             "up to " + std::to_string(kMaxCluster * kMaxSlice / bytes) + " " +
                             std::string(dtype_name(args.x.dtype)) + " columns; got " + std::to_string(p.cols) +

@@ -79,12 +79,31 @@ void register_cuda_variants(Registry& r) {
   // Split rows pay off when a row is wide enough to keep 8 blocks busy and rows are too few to
   // fill the GPU one block each.
   r.of<SoftmaxArgs>().add({{"softmax/06_split_row", Op::kSoftmax, Backend::kCuda, all,
-                  "rows up to 256k float32 / 512k 16-bit columns; for rows >= 32k wide",
+                  "rows up to 256k float32 / 512k 16-bit columns; for rows wider than 05 holds",
                   "a cluster of 2 to 16 blocks per row, partial results through distributed shared memory",
                   5, 90},
                  softmax_06_supports, softmax_06_split_row, [](const SoftmaxArgs& a) {
                    const auto d = softmax_dims(a.x);
-                   return d.ok() && d->cols >= 32768 ? 6 : 3;
+                   // Only where 05 refuses: at 32k columns 05 measured 0.84x (fp32) and 0.82x (bf16)
+                   // against 06's 0.72x and 0.45x (H200, 2026-11-30).
+                   return d.ok() && d->cols > softmax_05_capacity(a.x.dtype) ? 6 : 3;
+                 }});
+  // Ahead where it measured ahead (H200, 2026-11-30, same run): 16-bit rows of 513-1024 columns
+  // (bf16 1k: 0.86x of copy, 05 0.65x; at 2k 05 is ahead, 0.93x against 0.80x) and float32 rows
+  // of 32k-64k columns (64k: 0.75x, 06 0.69x; 05 takes 32k at 0.84x). Elsewhere 05 and 06.
+  r.of<SoftmaxArgs>().add({{"softmax/07_bulk_ring", Op::kSoftmax, Backend::kCuda, all,
+                  "width x element size a multiple of 16 bytes; rows up to 400k float32 / 800k 16-bit columns; "
+                  "ranked first for 16-bit rows of 513-1024 and float32 rows of 32k-64k columns",
+                  "persistent blocks, rows through a ring of shared-memory stages filled by bulk copies; wide rows "
+                  "split over a cluster",
+                  5, 90},
+                 softmax_07_supports, softmax_07_bulk_ring, [](const SoftmaxArgs& a) {
+                   const auto d = softmax_dims(a.x);
+                   if (!d.ok()) return 3;
+                   const bool fp32 = a.x.dtype == DType::kFloat32;
+                   const bool narrow_16bit = !fp32 && d->cols > 512 && d->cols <= 1024;
+                   const bool fp32_64k = fp32 && d->cols > 32768 && d->cols <= 65536;
+                   return narrow_16bit || fp32_64k ? 7 : 3;
                  }});
 
   r.of<AttentionArgs>().add({{"attention/01_naive", Op::kAttention, Backend::kCuda, f32,

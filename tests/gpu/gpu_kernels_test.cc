@@ -146,13 +146,46 @@ TEST(GpuAuto, MatmulTakesRung08WhereItsTilesFillTheGpu) {
   EXPECT_EQ(picked(64, 1024, 8192), "matmul/cublas");   // 16 tiles: K split
 }
 
+// `auto` takes rung 07 where it measured ahead of 05 and 06 (16-bit rows of 513-1024 columns, float32 rows of
+// 32k-64k), 05 wherever it holds the row, 06 beyond, and what else takes the widths 07 refuses.
+TEST(GpuAuto, SoftmaxTakesRung07WhereItMeasuredAhead) {
+  if (!gpu()) GTEST_SKIP() << "no usable GPU on this machine";
+  const Target target = gpu()->target();
+  if (target.compute_capability != 90) GTEST_SKIP() << "rung 07 is for sm_90";
+  auto picked = [&](DType dt, std::int64_t rows, std::int64_t cols) {
+    TensorView x{dt, {rows, cols}, nullptr, MemoryKind::kDevice};  // shapes only: selection reads no data
+    TensorView y{dt, {rows, cols}, nullptr, MemoryKind::kDevice};
+    auto v = default_registry().of<SoftmaxArgs>().select(SoftmaxArgs{x, y}, "", target);
+    return v.ok() ? (*v)->info.name : v.status().to_string();
+  };
+  const DType f32 = DType::kFloat32, bf16 = DType::kBFloat16;
+  EXPECT_EQ(picked(f32, 65536, 1024), "softmax/05_vectorized");
+  EXPECT_EQ(picked(f32, 4096, 16384), "softmax/05_vectorized");
+  EXPECT_EQ(picked(bf16, 16384, 4096), "softmax/05_vectorized");
+  EXPECT_EQ(picked(bf16, 65536, 1024), "softmax/07_bulk_ring");
+  EXPECT_EQ(picked(f32, 2048, 32768), "softmax/05_vectorized");
+  EXPECT_EQ(picked(bf16, 2048, 32768), "softmax/05_vectorized");
+  EXPECT_EQ(picked(f32, 1600, 40000), "softmax/07_bulk_ring");
+  EXPECT_EQ(picked(f32, 1024, 65536), "softmax/07_bulk_ring");
+  EXPECT_EQ(picked(bf16, 1024, 65536), "softmax/06_split_row");
+  EXPECT_EQ(picked(f32, 256, 262144), "softmax/06_split_row");
+  EXPECT_EQ(picked(f32, 256, 70001), "softmax/06_split_row");  // not whole 16-byte vectors: 07 refuses
+  EXPECT_EQ(picked(f32, 4, 1 << 20), "softmax/04_online");     // wider than 07 and 06 hold
+  EXPECT_EQ(picked(bf16, 4, 1 << 20), "softmax/04_online");
+}
+
 TEST_P(GpuSoftmax, MatchesReference) {
   REQUIRE_GPU();
   const auto* v = default_registry().of<SoftmaxArgs>().find(GetParam());
   ASSERT_NE(v, nullptr);
   std::mt19937_64 rng(testing::seed());
+  // The last row: rung 07's paths, widths a multiple of 8 (whole 16-byte vectors in every dtype):
+  // its ring of stages wrapping many times over short rows (40000 x 520) and over cluster-split
+  // rows (96 x 262144: clusters of 16 for float32, 8 for 16-bit types), groups of several warps a
+  // row (300 x 4104), slices of unequal length (45 x 100008) and the widest rows it takes (7 x 409600).
   const Shape shapes[] = {{1},       {7},         {3, 33},    {5, 1000},  {2, 3, 1024}, {3, 4097},
-                          {2, 8191}, {1, 32768},  {2, 70001}, {1, 262144}, {1000, 7}, {4097, 33}};
+                          {2, 8191}, {1, 32768},  {2, 70001}, {1, 262144}, {1000, 7}, {4097, 33},
+                          {40000, 520}, {300, 4104}, {96, 262144}, {45, 100008}, {7, 409600}};
   for (DType dt : kAllDTypes)
     for (const auto& shape : shapes) {
       SCOPED_TRACE(std::string(dtype_name(dt)) + " " + shape_to_string(shape) + " seed=" +
@@ -178,7 +211,8 @@ TEST_P(GpuSoftmax, RowsWithMinusInfinity) {
   const auto* v = default_registry().of<SoftmaxArgs>().find(GetParam());
   ASSERT_NE(v, nullptr);
   std::mt19937_64 rng(testing::seed());
-  const Shape shapes[] = {{7}, {3, 33}, {5, 1000}, {3, 4097}, {2, 70001}, {1, 262144}, {1000, 7}};
+  const Shape shapes[] = {{7},       {3, 33},     {5, 1000},  {3, 4097},   {2, 70001}, {1, 262144},
+                          {1000, 7}, {3000, 520}, {300, 4104}, {45, 100008}};
   int ran = 0;
   for (DType dt : kAllDTypes)
     for (const auto& shape : shapes) {

@@ -696,8 +696,11 @@ int main(int argc, char** argv) {
   std::vector<std::int64_t> matmul_sizes{2048, 4096, 8192};
   std::vector<std::int64_t> softmax_widths{1024, 4096, 16384, 65536, 262144};
   std::int64_t softmax_elements = 64LL << 20;
-  app.add_option("--op", op, "matmul, softmax, attention, heads (every common head dim), paged or all")
-      ->check(CLI::IsMember({"matmul", "softmax", "attention", "heads", "paged", "all"}));
+  app.add_option("--op", op,
+                 "matmul, softmax, attention, heads (every common head dim), options (windows, soft caps), paged or all")
+      ->check(CLI::IsMember({"matmul", "softmax", "attention", "heads", "options", "paged", "all"}));
+  std::vector<std::int64_t> head_dims{32, 64, 80, 96, 128, 192, 256};
+  app.add_option("--head-dims", head_dims, "head dims of --op heads");
   app.add_option("--json", json, "write the results here");
   app.add_option("--matmul-sizes", matmul_sizes, "square sizes");
   std::vector<std::int64_t> matmul_skinny{128, 256, 512, 1024};
@@ -776,14 +779,33 @@ int main(int argc, char** argv) {
   if (op == "heads") {  // every common head dim, bf16: torch_sdpa.py --heads times the same shapes
     const double copy = copy_bandwidth(s);
     std::vector<AttentionShape> grid;
-    for (std::int64_t d : {32, 64, 80, 96, 128, 192, 256})
+    for (std::int64_t d : head_dims)
       for (std::int64_t seq : {1024, 4096, 16384})
         for (bool causal : {false, true}) grid.push_back({16384 / seq, 16, 16, seq, seq, d, causal});
     bench_attention(grid, {"attention/03_flash_mma", "attention/04_wgmma_tma"}, DType::kBFloat16, s, rows, copy);
     std::vector<AttentionShape> decode;
-    for (std::int64_t d : {32, 64, 80, 96, 128, 192, 256}) decode.push_back({16, 32, 8, 1, 8192, d, false});
+    for (std::int64_t d : head_dims) decode.push_back({16, 32, 8, 1, 8192, d, false});
     bench_attention(decode, {"attention/decode_mma_split", "attention/decode_split_kv"}, DType::kBFloat16, s, rows,
                     copy);
+  }
+
+  if (op == "options") {  // a sliding window and a soft cap against the same rung without them
+    const double copy = copy_bandwidth(s);
+    const std::vector<std::string> top{"attention/03_flash_mma", "attention/04_wgmma_tma"};
+    const std::vector<AttentionShape> long_causal{{1, 16, 16, 32768, 32768, 128, true}};
+    const std::vector<AttentionShape> capped{{4, 16, 16, 4096, 4096, 128, false},
+                                             {4, 16, 16, 4096, 4096, 128, true},
+                                             {4, 16, 16, 4096, 4096, 64, true},
+                                             {4, 16, 16, 4096, 4096, 256, true}};
+    g_attention_options = {};
+    bench_attention(long_causal, top, DType::kBFloat16, s, rows, copy);
+    g_attention_options.window_left = 4096;
+    bench_attention(long_causal, top, DType::kBFloat16, s, rows, copy);
+    g_attention_options = {};
+    bench_attention(capped, top, DType::kBFloat16, s, rows, copy);
+    g_attention_options.softcap = 50.0f;
+    bench_attention(capped, top, DType::kBFloat16, s, rows, copy);
+    g_attention_options = {};
   }
 
   if (op == "all" || op == "paged") {

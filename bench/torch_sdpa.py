@@ -3,7 +3,8 @@ attn-bench times, on the same GPU, in the same job: the baselines for the attent
 Usage: python3 torch_sdpa.py OUT.json
        python3 torch_sdpa.py --paged ATTN_BENCH.json OUT.json   (the KV-cache shapes: decode over
        attn-bench's ragged batch, read from its JSON, and the equal-length and prefill shapes)
-       python3 torch_sdpa.py --heads OUT.json   (every common head dim: attn-bench --op heads)"""
+       python3 torch_sdpa.py --heads OUT.json [DIMS]   (every common head dim, or DIMS such as 32,64:
+       attn-bench --op heads)"""
 import json
 import sys
 
@@ -22,9 +23,9 @@ def shapes():
     yield (16, 32, 8, 1, 16384, 128, False)
 
 
-def head_dim_shapes():
+def head_dim_shapes(dims=(32, 64, 80, 96, 128, 192, 256)):
     """attn-bench --op heads: B x S = 16k tokens, 16 heads, every common head dim, causal and not."""
-    for d in (32, 64, 80, 96, 128, 192, 256):
+    for d in dims:
         for s in (1024, 4096, 16384):
             for causal in (False, True):
                 yield (16384 // s, 16, 16, s, s, d, causal)
@@ -130,10 +131,12 @@ def main():
     if len(sys.argv) == 4 and sys.argv[1] == "--paged":
         paged(sys.argv[2], sys.argv[3])
         return
-    heads = len(sys.argv) == 3 and sys.argv[1] == "--heads"
+    heads = len(sys.argv) in (3, 4) and sys.argv[1] == "--heads"
     out_path = sys.argv[2] if heads else sys.argv[1]
+    dims = tuple(int(x) for x in sys.argv[3].split(",")) if heads and len(sys.argv) == 4 else None
+    grid = (head_dim_shapes(dims) if dims else head_dim_shapes()) if heads else shapes()
     out = []
-    for b, hq, hkv, sq, sk, d, causal in (head_dim_shapes() if heads else shapes()):
+    for b, hq, hkv, sq, sk, d, causal in grid:
         q = torch.randn(b, hq, sq, d, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(b, hkv, sk, d, device="cuda", dtype=torch.bfloat16)
         v = torch.randn(b, hkv, sk, d, device="cuda", dtype=torch.bfloat16)

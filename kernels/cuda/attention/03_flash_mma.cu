@@ -11,7 +11,7 @@
 //   per-fragment address registers): 1.23-1.30x over computing each swizzled address.
 // - exp2 with the scale folded in; only tiles that cross a row's first or last visible key are
 //   masked; tiles outside every row's causal or sliding window are skipped, and the query tiles
-//   run heaviest first. A soft cap maps each score through tanh.approx (one MUFU op).
+//   run heaviest first. A soft cap maps each score through tanh (soft_tanh: two MUFU ops).
 // Head dims 32, 64, 80, 96, 128, 192, 256: rows sit in shared memory padded to 64, 128 or 256
 // (padded_dim: the swizzle and the XOR addressing need a power of two), and above 128 a warp owns one m-tile (the O accumulators of
 // two would not fit in 255 registers).

@@ -17,7 +17,7 @@
 //   first: the next tile's Q and K/V load while the current one finishes and stores, and uneven
 //   causal tiles balance.
 // - As in rung 03: masks only on tiles that cross a row's first or last visible key, tiles outside
-//   every row's causal or sliding window skipped; a soft cap through tanh.approx (a kernel of its
+//   every row's causal or sliding window skipped; a soft cap through tanh (soft_tanh; a kernel of its
 //   own, so that the plain one keeps its registers).
 // bf16/fp16, head dims 32, 64 (192-row tiles: three consumer warpgroups, 64-key tiles), 80, 96,
 // 128 (128 x 128 tiles) and 192, 256 (128 x 64 tiles: O takes D / 2 registers and the stages must

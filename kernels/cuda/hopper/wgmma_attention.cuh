@@ -120,7 +120,7 @@ __device__ __forceinline__ void softmax_tile(float (&sc)[kKeys / 2], float (&m)[
     scale_log2 = scores;
   } else {
 #pragma unroll
-    for (int i = 0; i < kKeys / 2; ++i) sc[i] = scores.cap_log2 * cuda::tanh_approx(sc[i] * scores.cap_pre);
+    for (int i = 0; i < kKeys / 2; ++i) sc[i] = scores.cap_log2 * cuda::soft_tanh(sc[i] * scores.cap_pre);
     scale_log2 = 1.0f;
   }
   if (scale_log2 < 0.0f) {  // s x = (-s)(-x): the max below must be of the scaled scores

@@ -24,7 +24,7 @@ __global__ void scores_kernel(AttentionProblem p, float* s) {
   float acc = 0.0f;
   for (int c = 0; c < p.head_dim; ++c) acc += q[c] * k[c];
   float score = acc * p.scale;
-  if (p.softcap > 0.0f) score = p.softcap * tanhf(score / p.softcap);
+  if (p.softcap > 0.0f) score = p.softcap * soft_tanh(score / p.softcap);
   const bool visible = j >= p.first_key(i) && j < p.visible_keys(i);  // causal, window
   s[(static_cast<long long>(bh) * p.len_q + i) * p.len_kv + j] = visible ? score : -INFINITY;
 }

@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kThreads) flash_fp32_kernel(AttentionProblem p
       for (int c = 0; c < kSlice; ++c) part += q[c] * ks[jj][lane + c * kLanes];
 #pragma unroll
       for (int off = 1; off < kLanes; off <<= 1) part += __shfl_xor_sync(0xffffffffu, part, off);
-      if (capped) part = cap2 * tanhf(part * inv_cap2);
+      if (capped) part = cap2 * soft_tanh(part * inv_cap2);  // tanhf is tanh.approx under fast math
       const int j = j0 + jj;
       s[jj] = j >= first && j < visible ? part : -INFINITY;  // masks tiles crossing either edge
       tile_max = fmaxf(tile_max, s[jj]);

@@ -44,10 +44,49 @@ Status resolve_handle(const v1::Tensor& t, const char* field, const DecodeContex
   return Status::Ok();
 }
 
-// Decodes an input that may be inline or a handle.
+std::string off_message(const std::string& field) {
+  return field + ": this server serves no shared memory (start it with --shared-memory system)";
+}
+
+// A host buffer of `bytes`, not zeroed (it is overwritten whole), kept by the op.
+template <class Args>
+void* shm_buffer(std::size_t bytes, PreparedOp<Args>& op) {
+  op.shm_buffers.emplace_back(new unsigned char[std::max<std::size_t>(bytes, 1)]);
+  return op.shm_buffers.back().get();
+}
+
+// An input given as bytes in a shared-memory region: read (through the region's descriptor) into
+// a host buffer charged to the call.
+template <class Args>
+Result<wire::DecodedTensor> shm_input(const v1::Tensor& t, const char* field, const DecodeContext& ctx,
+                                      PreparedOp<Args>& op) {
+  const std::string f(field);
+  if (!ctx.shm || !ctx.shm->options().system) return failed_precondition(off_message(f + ".shm"));
+  if (!t.data().empty() || t.values_size() > 0 || !t.handle().empty()) {
+    return invalid_argument(f + ": expected shm or data/values/handle, got both");
+  }
+  if (t.dtype() == v1::D_TYPE_UNSPECIFIED || t.shape_size() == 0) {
+    return invalid_argument(f + ": a tensor in shared memory needs its dtype and shape");
+  }
+  const Shape shape(t.shape().begin(), t.shape().end());
+  ATTN_ASSIGN_OR_RETURN(numel, ctx.limits.check(shape, f));
+  const std::optional<DType> dtype = wire::from_proto(t.dtype());
+  if (!dtype) return invalid_argument(f + ".dtype: expected FLOAT32, FLOAT16 or BFLOAT16, got " + std::to_string(t.dtype()));
+  const std::size_t bytes = static_cast<std::size_t>(numel) * element_size(*dtype);
+  ATTN_ASSIGN_OR_RETURN(slice, ctx.shm->resolve(current_owner(), t.shm(), static_cast<std::int64_t>(bytes), f));
+  if (MemoryHold* hold = current_call_hold()) ATTN_RETURN_IF_ERROR(hold->add(bytes, f + " (read from shared memory)"));
+  void* buf = shm_buffer(bytes, op);
+  ATTN_RETURN_IF_ERROR(ctx.shm->read(slice, buf, f));
+  wire::DecodedTensor d;
+  d.view = TensorView{*dtype, shape, buf, MemoryKind::kHost};
+  return d;
+}
+
+// Decodes an input that may be inline, a handle or in shared memory.
 template <class Args>
 Result<wire::DecodedTensor> any_input(const v1::Tensor& t, bool present, const char* field,
                                       const DecodeContext& ctx, PreparedOp<Args>& op) {
+  if (present && t.has_shm()) return shm_input(t, field, ctx, op);
   if (present && !t.handle().empty()) {
     wire::DecodedTensor d;
     ATTN_RETURN_IF_ERROR(resolve_handle(t, field, ctx, d, op));
@@ -69,7 +108,23 @@ DecodeContext placed(const DecodeContext& ctx, const PreparedOp<Args>& op) {
 // device whose handle the response carries once the op has succeeded.
 template <class Args>
 Result<TensorView> output(DType dtype, const Shape& shape, v1::Tensor* out, bool keep, std::int64_t ttl_ms,
-                          const char* field, const DecodeContext& ctx, PreparedOp<Args>& op) {
+                          const char* field, const DecodeContext& ctx, PreparedOp<Args>& op,
+                          const v1::SharedMemoryRef* to_shm = nullptr) {
+  if (to_shm && !to_shm->region().empty()) {
+    const std::string f = std::string("output_shm (") + field + ")";
+    if (!ctx.shm || !ctx.shm->options().system) return failed_precondition(off_message(f));
+    if (keep) return invalid_argument(f + ": expected keep_output or output_shm, got both");
+    const std::size_t bytes = static_cast<std::size_t>(element_count(shape)) * element_size(dtype);
+    ATTN_ASSIGN_OR_RETURN(slice, ctx.shm->resolve(current_owner(), *to_shm, static_cast<std::int64_t>(bytes), f));
+    if (MemoryHold* hold = current_call_hold()) ATTN_RETURN_IF_ERROR(hold->add(bytes, f));
+    void* buf = shm_buffer(bytes, op);
+    op.shm_outputs.push_back({slice, f, buf});
+    out->set_dtype(wire::to_proto(dtype));
+    out->mutable_shape()->Assign(shape.begin(), shape.end());
+    *out->mutable_shm() = *to_shm;
+    out->mutable_shm()->set_bytes(static_cast<std::int64_t>(bytes));
+    return TensorView{dtype, shape, buf, MemoryKind::kHost};
+  }
   if (!keep) {
     // The response's bytes, charged to the call before they are allocated.
     if (MemoryHold* hold = current_call_hold()) {
@@ -92,6 +147,17 @@ Result<TensorView> output(DType dtype, const Shape& shape, v1::Tensor* out, bool
   const TensorView view = t->view();
   op.kept.push_back(std::move(t));
   return view;
+}
+
+// The request's output_shm entry for output `i`, or null; more entries than outputs: an error.
+const v1::SharedMemoryRef* output_ref(const google::protobuf::RepeatedPtrField<v1::SharedMemoryRef>& refs, int i) {
+  return i < refs.size() ? &refs.Get(i) : nullptr;
+}
+
+Status check_output_refs(const google::protobuf::RepeatedPtrField<v1::SharedMemoryRef>& refs, int outputs) {
+  if (refs.size() <= outputs) return Status::Ok();
+  return invalid_argument("output_shm: expected at most " + std::to_string(outputs) + " entries (one per output), got " +
+                          std::to_string(refs.size()));
 }
 
 // The output's shape must respect the same element limit as the inputs: small inputs can ask
@@ -141,8 +207,9 @@ Result<PreparedOp<MatmulArgs>> decode_matmul(const v1::MatmulRequest& req, v1::M
   op.args.transpose_b = req.transpose_b();
   ATTN_ASSIGN_OR_RETURN(variant, select(ctx.registry->of<MatmulArgs>(), op.args, req.kernel(), placed(ctx, op)));
   op.variant = variant;
+  ATTN_RETURN_IF_ERROR(check_output_refs(req.output_shm(), 1));
   ATTN_ASSIGN_OR_RETURN(c, output(a.view.dtype, c_shape, resp->mutable_c(), req.keep_output(),
-                                  req.output_ttl_ms(), "c", ctx, op));
+                                  req.output_ttl_ms(), "c", ctx, op, output_ref(req.output_shm(), 0)));
   op.args.c = c;
   op.inputs.push_back(std::move(a));
   op.inputs.push_back(std::move(b));
@@ -156,8 +223,9 @@ Result<PreparedOp<SoftmaxArgs>> decode_softmax(const v1::SoftmaxRequest& req,
   op.args.x = x.view;
   ATTN_ASSIGN_OR_RETURN(variant, select(ctx.registry->of<SoftmaxArgs>(), op.args, req.kernel(), placed(ctx, op)));
   op.variant = variant;
+  ATTN_RETURN_IF_ERROR(check_output_refs(req.output_shm(), 1));
   ATTN_ASSIGN_OR_RETURN(y, output(x.view.dtype, x.view.shape, resp->mutable_y(), req.keep_output(),
-                                  req.output_ttl_ms(), "y", ctx, op));
+                                  req.output_ttl_ms(), "y", ctx, op, output_ref(req.output_shm(), 0)));
   op.args.y = y;
   op.inputs.push_back(std::move(x));
   return op;
@@ -182,12 +250,14 @@ Result<PreparedOp<AttentionArgs>> decode_attention(const v1::AttentionRequest& r
   op.args.scale = resolve_attention_scale(req.scale(), dims.head_dim);
   ATTN_ASSIGN_OR_RETURN(variant, select(ctx.registry->of<AttentionArgs>(), op.args, req.kernel(), placed(ctx, op)));
   op.variant = variant;
+  ATTN_RETURN_IF_ERROR(check_output_refs(req.output_shm(), req.return_lse() ? 2 : 1));
   ATTN_ASSIGN_OR_RETURN(o, output(q.view.dtype, q.view.shape, resp->mutable_o(), req.keep_output(),
-                                  req.output_ttl_ms(), "o", ctx, op));
+                                  req.output_ttl_ms(), "o", ctx, op, output_ref(req.output_shm(), 0)));
   op.args.o = o;
   if (req.return_lse()) {
     ATTN_ASSIGN_OR_RETURN(lse, output(DType::kFloat32, {dims.batch, dims.heads_q, dims.len_q}, resp->mutable_lse(),
-                                      req.keep_output(), req.output_ttl_ms(), "lse", ctx, op));
+                                      req.keep_output(), req.output_ttl_ms(), "lse", ctx, op,
+                                      output_ref(req.output_shm(), 1)));
     op.args.lse = lse;
   }
   op.inputs.push_back(std::move(q));

@@ -16,6 +16,7 @@
 #include "health_service.h"
 #include "metrics.h"
 #include "scheduler.h"
+#include "shared_memory.h"
 #include "tensor_store.h"
 #include "kv_cache.h"
 
@@ -272,6 +273,18 @@ Result<std::unique_ptr<Server>> Server::start(const ServerOptions& options) {
     s->kv_caches_ = std::make_unique<KvCacheStore>(std::move(devices), s->store_.get(), kv_options);
     s->store_->set_reclaim([caches = s->kv_caches_.get()] { caches->drop_expired(); });
   }
+  {
+    auto shm = parse_shared_memory_flag(options.shared_memory);
+    if (!shm.ok()) {
+      s->scheduler_->stop();
+      return shm.status();
+    }
+    if (shm->system || shm->cuda) {
+      s->shm_ = std::make_unique<SharedMemoryRegistry>(*shm, s->store_.get());
+      spdlog::info("shared memory on: {}{}{}", shm->system ? "system" : "", shm->system && shm->cuda ? ", " : "",
+                   shm->cuda ? "cuda (IPC registration not served by this build yet)" : "");
+    }
+  }
   if (Status started = s->start_services(); !started.ok()) {
     s->scheduler_->stop();
     return started;
@@ -298,6 +311,7 @@ Status Server::start_services() {
   config.token = options_.security.token;
   config.store = store_.get();
   config.kv_caches = kv_caches_.get();
+  config.shm = shm_.get();
   config.fault_injection = options_.fault_injection;
   if (options_.fault_injection) spdlog::warn("fault injection is on: a call can make the device fault");
   if (!options_.metrics_listen.empty()) {

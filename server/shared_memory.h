@@ -1,0 +1,106 @@
+// Shared memory regions (--shared-memory system): a client on the same host registers a POSIX
+// shared-memory object it made; op inputs then name bytes in it and outputs are written into it,
+// so the bytes move at memory speed instead of through gRPC.
+//
+// The server never maps a region: it keeps the object's file descriptor (opened at registration)
+// and reads and writes through it with pread/pwrite. A client may shrink, unlink or rewrite its
+// object at any moment without faulting the server: a shrunk object answers a short read, which
+// fails the call with a status naming the region; an unlinked one stays readable through the open
+// descriptor until the region is unregistered; a rewritten one yields whatever bytes were there.
+// Regions belong to an owner (the caller's token; one owner when the server has no token) and
+// count against the resident-tensor quota.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "attn/status.h"
+#include "attn/v1/attn.pb.h"
+
+namespace attn::server {
+
+class TensorStore;
+
+struct SharedMemoryOptions {
+  bool system = false;  // POSIX shared memory
+  bool cuda = false;    // CUDA IPC (not served yet: registration answers UNIMPLEMENTED)
+};
+
+// "system", "cuda", "system,cuda" or empty (off), or why not.
+Result<SharedMemoryOptions> parse_shared_memory_flag(const std::string& flag);
+
+struct SharedMemoryRegion {
+  SharedMemoryRegion() = default;
+  SharedMemoryRegion(const SharedMemoryRegion&) = delete;
+  SharedMemoryRegion& operator=(const SharedMemoryRegion&) = delete;
+  ~SharedMemoryRegion();
+
+  std::string owner;
+  std::string name;
+  std::string key;
+  std::int64_t offset = 0;  // into the object
+  std::int64_t bytes = 0;
+  int fd = -1;
+
+  void describe(v1::SharedMemoryRegionInfo* out) const;
+};
+
+class SharedMemoryRegistry {
+ public:
+  // `store` (may be null) is charged each region's bytes while it is registered.
+  SharedMemoryRegistry(SharedMemoryOptions options, TensorStore* store);
+  ~SharedMemoryRegistry();
+
+  const SharedMemoryOptions& options() const { return options_; }
+
+  Result<std::shared_ptr<SharedMemoryRegion>> add(const std::string& owner, const v1::RegisterSharedMemoryRequest& req);
+  // Forgets `name` (empty: all of `owner`'s); returns how many went. Calls in flight keep theirs.
+  Result<int> remove(const std::string& owner, const std::string& name);
+  std::vector<std::shared_ptr<SharedMemoryRegion>> list(const std::string& owner, const std::string& name);
+  // `owner`'s region named by `ref`, with `ref`'s byte range checked against it and the tensor's
+  // `need` bytes: NOT_FOUND for an unknown region (another owner's included), INVALID_ARGUMENT
+  // for a range outside it. Errors name `field`.
+  struct Slice {
+    std::shared_ptr<SharedMemoryRegion> region;
+    std::int64_t offset = 0;  // into the object
+    std::int64_t bytes = 0;
+  };
+  Result<Slice> resolve(const std::string& owner, const v1::SharedMemoryRef& ref, std::int64_t need,
+                        const std::string& field);
+  // Copies the slice into `dst` / `src` into the slice, through the descriptor. A region shrunk
+  // under the slice: FAILED_PRECONDITION naming the region and `field`.
+  Status read(const Slice& s, void* dst, const std::string& field);
+  Status write(const Slice& s, const void* src, const std::string& field);
+
+  std::uint64_t bytes_read() const { return read_.load(std::memory_order_relaxed); }
+  std::uint64_t bytes_written() const { return written_.load(std::memory_order_relaxed); }
+
+ private:
+  SharedMemoryOptions options_;
+  TensorStore* store_;
+  std::mutex mu_;
+  std::map<std::string, std::map<std::string, std::shared_ptr<SharedMemoryRegion>>> by_owner_;
+  std::atomic<std::uint64_t> read_{0}, written_{0};
+};
+
+// The owner of the call whose request is being decoded on this thread ("" when none): set by the
+// handler around decoding, as current_call_hold.
+const std::string& current_owner();
+class CurrentOwner {
+ public:
+  explicit CurrentOwner(const std::string* owner);
+  ~CurrentOwner();
+  CurrentOwner(const CurrentOwner&) = delete;
+  CurrentOwner& operator=(const CurrentOwner&) = delete;
+
+ private:
+  const std::string* previous_;
+};
+
+}  // namespace attn::server

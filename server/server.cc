@@ -5,6 +5,7 @@
 #include <grpcpp/server_builder.h>
 #include <spdlog/spdlog.h>
 
+#include <sstream>
 #include <thread>
 
 #include "attn/executor.h"
@@ -338,6 +339,12 @@ Status Server::listen(const std::shared_ptr<grpc::ServerCredentials>& credential
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);  // a busy port is an error, not shared
   builder.SetMaxReceiveMessageSize(max_bytes);
   builder.SetMaxSendMessageSize(max_bytes);
+  if (const char* extra = std::getenv("ATTND_GRPC_ARGS")) {  // EXPERIMENT: name=int,...
+    std::stringstream in(extra);
+    for (std::string kv; std::getline(in, kv, ',');)
+      if (auto eq = kv.find('='); eq != std::string::npos)
+        builder.AddChannelArgument(kv.substr(0, eq), std::stoi(kv.substr(eq + 1)));
+  }
   // gRPC's own account of the bytes its transports hold (a request still arriving): past the
   // same limit it resets streams with RESOURCE_EXHAUSTED. Once read, a request is the budget's.
   grpc::ResourceQuota quota("attnd");

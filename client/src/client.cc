@@ -63,6 +63,11 @@ Result<std::shared_ptr<grpc::Channel>> make_channel(const std::string& target, c
   args.SetMaxReceiveMessageSize(max_bytes);
   args.SetMaxSendMessageSize(max_bytes);
   if (!options.load_balancing.empty()) args.SetLoadBalancingPolicyName(options.load_balancing);
+  if (const char* extra = std::getenv("ATTN_GRPC_ARGS")) {  // EXPERIMENT: name=int,...
+    std::stringstream in(extra);
+    for (std::string kv; std::getline(in, kv, ',');)
+      if (auto eq = kv.find('='); eq != std::string::npos) args.SetInt(kv.substr(0, eq), std::stoi(kv.substr(eq + 1)));
+  }
   // Every op is a pure function of its inputs, so a call that never reached a server (a replica
   // that just went away) is safe to send again; gRPC retries small requests (those within its
   // retry buffer) this way. The calls that change a KV cache are not: an UNAVAILABLE may come

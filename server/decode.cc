@@ -48,10 +48,11 @@ std::string off_message(const std::string& field) {
   return field + ": this server serves no shared memory (start it with --shared-memory system)";
 }
 
-// A host buffer of `bytes`, not zeroed (it is overwritten whole), kept by the op.
+// A host buffer of `bytes` from the registry's staging pool, not zeroed (it is overwritten whole),
+// kept by the op.
 template <class Args>
-void* shm_buffer(std::size_t bytes, PreparedOp<Args>& op) {
-  op.shm_buffers.emplace_back(new unsigned char[std::max<std::size_t>(bytes, 1)]);
+void* shm_buffer(std::size_t bytes, const DecodeContext& ctx, PreparedOp<Args>& op) {
+  op.shm_buffers.push_back(ctx.shm->staging(bytes));
   return op.shm_buffers.back().get();
 }
 
@@ -75,7 +76,7 @@ Result<wire::DecodedTensor> shm_input(const v1::Tensor& t, const char* field, co
   const std::size_t bytes = static_cast<std::size_t>(numel) * element_size(*dtype);
   ATTN_ASSIGN_OR_RETURN(slice, ctx.shm->resolve(current_owner(), t.shm(), static_cast<std::int64_t>(bytes), f));
   if (MemoryHold* hold = current_call_hold()) ATTN_RETURN_IF_ERROR(hold->add(bytes, f + " (read from shared memory)"));
-  void* buf = shm_buffer(bytes, op);
+  void* buf = shm_buffer(bytes, ctx, op);
   ATTN_RETURN_IF_ERROR(ctx.shm->read(slice, buf, f));
   wire::DecodedTensor d;
   d.view = TensorView{*dtype, shape, buf, MemoryKind::kHost};
@@ -117,7 +118,7 @@ Result<TensorView> output(DType dtype, const Shape& shape, v1::Tensor* out, bool
     const std::size_t bytes = static_cast<std::size_t>(element_count(shape)) * element_size(dtype);
     ATTN_ASSIGN_OR_RETURN(slice, ctx.shm->resolve(current_owner(), *to_shm, static_cast<std::int64_t>(bytes), f));
     if (MemoryHold* hold = current_call_hold()) ATTN_RETURN_IF_ERROR(hold->add(bytes, f));
-    void* buf = shm_buffer(bytes, op);
+    void* buf = shm_buffer(bytes, ctx, op);
     op.shm_outputs.push_back({slice, f, buf});
     out->set_dtype(wire::to_proto(dtype));
     out->mutable_shape()->Assign(shape.begin(), shape.end());

@@ -45,7 +45,7 @@ struct PreparedOp {
   std::vector<std::shared_ptr<ResidentTensor>> resident;  // inputs given by handle, held in use
   std::vector<std::shared_ptr<ResidentTensor>> kept;      // outputs to publish once the op succeeds
   // Host buffers of inputs read from shared memory and of outputs bound for it.
-  std::vector<std::unique_ptr<unsigned char[]>> shm_buffers;
+  std::vector<StagingBuffer> shm_buffers;
   struct ShmOutput {
     SharedMemoryRegistry::Slice slice;
     std::string field;

@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <sstream>
@@ -20,7 +21,8 @@ constexpr std::size_t kMaxRegionsPerOwner = 256;
 bool valid_name(const std::string& n) {
   if (n.empty() || n.size() > 128) return false;
   for (char c : n)
-    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-')) return false;
+    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-'))
+      return false;
   return true;
 }
 
@@ -47,11 +49,43 @@ Result<SharedMemoryOptions> parse_shared_memory_flag(const std::string& flag) {
     } else if (part == "cuda") {
       o.cuda = true;
     } else if (!part.empty()) {
-      return invalid_argument("--shared-memory: expected \"system\", \"cuda\" or both, comma-separated, got \"" +
-                              part + "\"");
+      return invalid_argument(
+          "--shared-memory: expected \"system\", \"cuda\" or both, comma-separated, got \"" + part +
+          "\"");
     }
   }
   return o;
+}
+
+StagingPool::Block StagingPool::take(std::size_t bytes) {
+  bytes = std::max<std::size_t>(bytes, 1);
+  {
+    std::lock_guard lock(mu_);
+    // The smallest idle block that holds `bytes` without wasting more than half of itself.
+    std::size_t best = idle_.size();
+    for (std::size_t i = 0; i < idle_.size(); ++i)
+      if (idle_[i].capacity >= bytes && idle_[i].capacity / 2 <= bytes &&
+          (best == idle_.size() || idle_[i].capacity < idle_[best].capacity))
+        best = i;
+    if (best < idle_.size()) {
+      Block b = std::move(idle_[best]);
+      idle_.erase(idle_.begin() + static_cast<std::ptrdiff_t>(best));
+      idle_bytes_ -= b.capacity;
+      return b;
+    }
+  }
+  return Block{std::unique_ptr<unsigned char[]>(new unsigned char[bytes]), bytes};
+}
+
+void StagingPool::give_back(Block b) {
+  std::lock_guard lock(mu_);
+  if (b.capacity > kMaxPooledBytes) return;
+  while (!idle_.empty() && idle_bytes_ + b.capacity > kMaxPooledBytes) {  // the oldest go first
+    idle_bytes_ -= idle_.front().capacity;
+    idle_.erase(idle_.begin());
+  }
+  idle_bytes_ += b.capacity;
+  idle_.push_back(std::move(b));
 }
 
 SharedMemoryRegion::~SharedMemoryRegion() {
@@ -75,53 +109,63 @@ SharedMemoryRegistry::~SharedMemoryRegistry() {
     for (auto& [name, r] : regions) store_->unreserve_unplaced(static_cast<std::size_t>(r->bytes));
 }
 
-Result<std::shared_ptr<SharedMemoryRegion>> SharedMemoryRegistry::add(const std::string& owner,
-                                                                       const v1::RegisterSharedMemoryRequest& req) {
+Result<std::shared_ptr<SharedMemoryRegion>> SharedMemoryRegistry::add(
+    const std::string& owner, const v1::RegisterSharedMemoryRequest& req) {
   if (req.kind() == v1::SHARED_MEMORY_KIND_CUDA) {
     if (!options_.cuda) {
-      return failed_precondition("kind: CUDA shared memory is off on this server (start it with --shared-memory cuda)");
+      return failed_precondition(
+          "kind: CUDA shared memory is off on this server (start it with --shared-memory cuda)");
     }
-    return failed_precondition("kind: CUDA IPC regions are not served by this build yet; use SHARED_MEMORY_KIND_SYSTEM");
+    return failed_precondition(
+        "kind: CUDA IPC regions are not served by this build yet; use SHARED_MEMORY_KIND_SYSTEM");
   }
   if (req.kind() != v1::SHARED_MEMORY_KIND_SYSTEM) {
-    return invalid_argument("kind: expected SHARED_MEMORY_KIND_SYSTEM or SHARED_MEMORY_KIND_CUDA, got " +
-                            v1::SharedMemoryKind_Name(req.kind()));
+    return invalid_argument(
+        "kind: expected SHARED_MEMORY_KIND_SYSTEM or SHARED_MEMORY_KIND_CUDA, got " +
+        v1::SharedMemoryKind_Name(req.kind()));
   }
   if (!options_.system) {
     return failed_precondition(
         "kind: system shared memory is off on this server (start it with --shared-memory system)");
   }
   if (!valid_name(req.name())) {
-    return invalid_argument("name: expected 1-128 characters of [A-Za-z0-9._-], got " + quoted(req.name()));
+    return invalid_argument("name: expected 1-128 characters of [A-Za-z0-9._-], got " +
+                            quoted(req.name()));
   }
   std::string key = req.key();
   if (!key.empty() && key.front() == '/') key = key.substr(1);
   if (!valid_name(key)) {
-    return invalid_argument("key: expected a POSIX shared-memory name (\"/name\", 1-128 characters of "
-                            "[A-Za-z0-9._-] after the '/'), got " + quoted(req.key()));
+    return invalid_argument(
+        "key: expected a POSIX shared-memory name (\"/name\", 1-128 characters of "
+        "[A-Za-z0-9._-] after the '/'), got " +
+        quoted(req.key()));
   }
   key = "/" + key;
   if (req.offset() < 0 || req.bytes() <= 0) {
-    return invalid_argument("offset, bytes: expected offset >= 0 and bytes >= 1, got " + std::to_string(req.offset()) +
-                            " and " + std::to_string(req.bytes()));
+    return invalid_argument("offset, bytes: expected offset >= 0 and bytes >= 1, got " +
+                            std::to_string(req.offset()) + " and " + std::to_string(req.bytes()));
   }
   // glibc's shm_open adds O_NOFOLLOW and O_CLOEXEC.
   const int fd = ::shm_open(key.c_str(), O_RDWR, 0);
   if (fd < 0) {
     const int e = errno;
     const std::string why = std::strerror(e);
-    if (e == ENOENT) return not_found("key: no shared-memory object " + quoted(key) + " on the server's host");
-    return failed_precondition("key: the server cannot open " + quoted(key) + " for reading and writing: " + why);
+    if (e == ENOENT)
+      return not_found("key: no shared-memory object " + quoted(key) + " on the server's host");
+    return failed_precondition("key: the server cannot open " + quoted(key) +
+                               " for reading and writing: " + why);
   }
   auto region = std::make_shared<SharedMemoryRegion>();
   region->fd = fd;
   struct stat st {};
   if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    return failed_precondition("key: " + quoted(key) + " is not a shared-memory object the server can use");
+    return failed_precondition("key: " + quoted(key) +
+                               " is not a shared-memory object the server can use");
   }
   if (req.offset() > st.st_size || req.bytes() > st.st_size - req.offset()) {
-    return invalid_argument("offset, bytes: " + quoted(key) + " holds " + std::to_string(st.st_size) +
-                            " bytes, the region asks for " + std::to_string(req.bytes()) + " from offset " +
+    return invalid_argument("offset, bytes: " + quoted(key) + " holds " +
+                            std::to_string(st.st_size) + " bytes, the region asks for " +
+                            std::to_string(req.bytes()) + " from offset " +
                             std::to_string(req.offset()));
   }
   region->owner = owner;
@@ -133,13 +177,15 @@ Result<std::shared_ptr<SharedMemoryRegion>> SharedMemoryRegistry::add(const std:
   std::lock_guard lock(mu_);
   auto& mine = by_owner_[owner];
   if (mine.count(req.name())) {
-    return failed_precondition("name: a region named " + quoted(req.name()) + " is registered already; unregister it first");
+    return failed_precondition("name: a region named " + quoted(req.name()) +
+                               " is registered already; unregister it first");
   }
   if (mine.size() >= kMaxRegionsPerOwner) {
     return resource_exhausted("name: " + std::to_string(kMaxRegionsPerOwner) +
                               " regions are registered already, the most one caller may hold");
   }
-  if (store_) ATTN_RETURN_IF_ERROR(store_->reserve_unplaced(static_cast<std::size_t>(req.bytes()), "bytes"));
+  if (store_)
+    ATTN_RETURN_IF_ERROR(store_->reserve_unplaced(static_cast<std::size_t>(req.bytes()), "bytes"));
   mine[req.name()] = region;
   return region;
 }
@@ -152,7 +198,8 @@ Result<int> SharedMemoryRegistry::remove(const std::string& owner, const std::st
     if (!name.empty()) {
       auto r = it == by_owner_.end() ? decltype(it->second.end()){} : it->second.find(name);
       if (it == by_owner_.end() || r == it->second.end()) {
-        return not_found("name: no shared-memory region named " + quoted(name) + " is registered by this caller");
+        return not_found("name: no shared-memory region named " + quoted(name) +
+                         " is registered by this caller");
       }
       gone.push_back(std::move(r->second));
       it->second.erase(r);
@@ -167,8 +214,8 @@ Result<int> SharedMemoryRegistry::remove(const std::string& owner, const std::st
   return static_cast<int>(gone.size());
 }
 
-std::vector<std::shared_ptr<SharedMemoryRegion>> SharedMemoryRegistry::list(const std::string& owner,
-                                                                            const std::string& name) {
+std::vector<std::shared_ptr<SharedMemoryRegion>> SharedMemoryRegistry::list(
+    const std::string& owner, const std::string& name) {
   std::vector<std::shared_ptr<SharedMemoryRegion>> out;
   std::lock_guard lock(mu_);
   auto it = by_owner_.find(owner);
@@ -179,7 +226,8 @@ std::vector<std::shared_ptr<SharedMemoryRegion>> SharedMemoryRegistry::list(cons
 }
 
 Result<SharedMemoryRegistry::Slice> SharedMemoryRegistry::resolve(const std::string& owner,
-                                                                  const v1::SharedMemoryRef& ref, std::int64_t need,
+                                                                  const v1::SharedMemoryRef& ref,
+                                                                  std::int64_t need,
                                                                   const std::string& field) {
   Slice s;
   {
@@ -195,13 +243,15 @@ Result<SharedMemoryRegistry::Slice> SharedMemoryRegistry::resolve(const std::str
                      " is registered by this caller (RegisterSharedMemory)");
   }
   if (ref.bytes() != 0 && ref.bytes() != need) {
-    return invalid_argument(field + ".shm.bytes: the tensor's dtype and shape take " + std::to_string(need) +
-                            " bytes, the request says " + std::to_string(ref.bytes()));
+    return invalid_argument(field + ".shm.bytes: the tensor's dtype and shape take " +
+                            std::to_string(need) + " bytes, the request says " +
+                            std::to_string(ref.bytes()));
   }
   if (ref.offset() < 0 || ref.offset() > s.region->bytes || need > s.region->bytes - ref.offset()) {
     return invalid_argument(field + ".shm: " + std::to_string(need) + " bytes from offset " +
-                            std::to_string(ref.offset()) + " do not fit in region " + quoted(ref.region()) +
-                            " of " + std::to_string(s.region->bytes) + " bytes");
+                            std::to_string(ref.offset()) + " do not fit in region " +
+                            quoted(ref.region()) + " of " + std::to_string(s.region->bytes) +
+                            " bytes");
   }
   s.offset = s.region->offset + ref.offset();
   s.bytes = need;
@@ -212,14 +262,17 @@ Status SharedMemoryRegistry::read(const Slice& s, void* dst, const std::string& 
   auto* out = static_cast<char*>(dst);
   std::int64_t done = 0;
   while (done < s.bytes) {
-    const ssize_t n = ::pread(s.region->fd, out + done, static_cast<std::size_t>(s.bytes - done), s.offset + done);
+    const ssize_t n = ::pread(s.region->fd, out + done, static_cast<std::size_t>(s.bytes - done),
+                              s.offset + done);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) {
       struct stat st {};
-      const long long size = ::fstat(s.region->fd, &st) == 0 ? static_cast<long long>(st.st_size) : -1;
-      return failed_precondition(field + ".shm: region " + quoted(s.region->name) + " (" + s.region->key +
-                                 ") ends at byte " + std::to_string(size) + " now, before the " +
-                                 std::to_string(s.bytes) + " bytes from object offset " + std::to_string(s.offset) +
+      const long long size =
+          ::fstat(s.region->fd, &st) == 0 ? static_cast<long long>(st.st_size) : -1;
+      return failed_precondition(field + ".shm: region " + quoted(s.region->name) + " (" +
+                                 s.region->key + ") ends at byte " + std::to_string(size) +
+                                 " now, before the " + std::to_string(s.bytes) +
+                                 " bytes from object offset " + std::to_string(s.offset) +
                                  " the input needs: was it truncated after registration?" +
                                  (n < 0 ? std::string(" (") + std::strerror(errno) + ")" : ""));
     }
@@ -234,18 +287,21 @@ Status SharedMemoryRegistry::write(const Slice& s, const void* src, const std::s
   // (a shrink racing this check grows it back to what was registered, no more).
   struct stat st {};
   if (::fstat(s.region->fd, &st) != 0 || st.st_size < s.offset + s.bytes) {
-    return failed_precondition(field + ": region " + quoted(s.region->name) + " (" + s.region->key +
-                               ") ends at byte " + std::to_string(static_cast<long long>(st.st_size)) +
-                               " now, before the " + std::to_string(s.bytes) + " bytes from object offset " +
-                               std::to_string(s.offset) + " the output needs: was it truncated after registration?");
+    return failed_precondition(
+        field + ": region " + quoted(s.region->name) + " (" + s.region->key + ") ends at byte " +
+        std::to_string(static_cast<long long>(st.st_size)) + " now, before the " +
+        std::to_string(s.bytes) + " bytes from object offset " + std::to_string(s.offset) +
+        " the output needs: was it truncated after registration?");
   }
   const auto* in = static_cast<const char*>(src);
   std::int64_t done = 0;
   while (done < s.bytes) {
-    const ssize_t n = ::pwrite(s.region->fd, in + done, static_cast<std::size_t>(s.bytes - done), s.offset + done);
+    const ssize_t n = ::pwrite(s.region->fd, in + done, static_cast<std::size_t>(s.bytes - done),
+                               s.offset + done);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) {
-      return failed_precondition(field + ": writing region " + quoted(s.region->name) + " (" + s.region->key +
+      return failed_precondition(field + ": writing region " + quoted(s.region->name) + " (" +
+                                 s.region->key +
                                  ") failed: " + (n < 0 ? std::strerror(errno) : "nothing written"));
     }
     done += n;

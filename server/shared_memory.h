@@ -51,6 +51,43 @@ struct SharedMemoryRegion {
   void describe(v1::SharedMemoryRegionInfo* out) const;
 };
 
+// Host buffers that shared-memory inputs are read into and outputs staged in, reused across
+// calls: a fresh 16 MB buffer costs its page faults and the kernel's zeroing (~1/3 of the time
+// of reading 50 MB of inputs on the CPU backend). Up to kMaxPooledBytes stay idle between calls.
+class StagingPool {
+ public:
+  static constexpr std::size_t kMaxPooledBytes = std::size_t{256} << 20;
+  struct Block {
+    std::unique_ptr<unsigned char[]> data;
+    std::size_t capacity = 0;
+  };
+  // A buffer of at least `bytes`, not zeroed.
+  Block take(std::size_t bytes);
+  void give_back(Block b);
+
+ private:
+  std::mutex mu_;
+  std::vector<Block> idle_;
+  std::size_t idle_bytes_ = 0;
+};
+
+// A staging buffer held by a call, returned to its pool when dropped.
+class StagingBuffer {
+ public:
+  StagingBuffer(std::shared_ptr<StagingPool> pool, std::size_t bytes)
+      : pool_(std::move(pool)), block_(pool_->take(bytes)) {}
+  StagingBuffer(StagingBuffer&&) noexcept = default;
+  StagingBuffer& operator=(StagingBuffer&&) noexcept = default;
+  ~StagingBuffer() {
+    if (pool_ && block_.data) pool_->give_back(std::move(block_));
+  }
+  unsigned char* get() const { return block_.data.get(); }
+
+ private:
+  std::shared_ptr<StagingPool> pool_;
+  StagingPool::Block block_;
+};
+
 class SharedMemoryRegistry {
  public:
   // `store` (may be null) is charged each region's bytes while it is registered.
@@ -59,10 +96,12 @@ class SharedMemoryRegistry {
 
   const SharedMemoryOptions& options() const { return options_; }
 
-  Result<std::shared_ptr<SharedMemoryRegion>> add(const std::string& owner, const v1::RegisterSharedMemoryRequest& req);
+  Result<std::shared_ptr<SharedMemoryRegion>> add(const std::string& owner,
+                                                  const v1::RegisterSharedMemoryRequest& req);
   // Forgets `name` (empty: all of `owner`'s); returns how many went. Calls in flight keep theirs.
   Result<int> remove(const std::string& owner, const std::string& name);
-  std::vector<std::shared_ptr<SharedMemoryRegion>> list(const std::string& owner, const std::string& name);
+  std::vector<std::shared_ptr<SharedMemoryRegion>> list(const std::string& owner,
+                                                        const std::string& name);
   // `owner`'s region named by `ref`, with `ref`'s byte range checked against it and the tensor's
   // `need` bytes: NOT_FOUND for an unknown region (another owner's included), INVALID_ARGUMENT
   // for a range outside it. Errors name `field`.
@@ -78,6 +117,8 @@ class SharedMemoryRegistry {
   Status read(const Slice& s, void* dst, const std::string& field);
   Status write(const Slice& s, const void* src, const std::string& field);
 
+  StagingBuffer staging(std::size_t bytes) { return StagingBuffer(pool_, bytes); }
+
   std::uint64_t bytes_read() const { return read_.load(std::memory_order_relaxed); }
   std::uint64_t bytes_written() const { return written_.load(std::memory_order_relaxed); }
 
@@ -87,6 +128,7 @@ class SharedMemoryRegistry {
   std::mutex mu_;
   std::map<std::string, std::map<std::string, std::shared_ptr<SharedMemoryRegion>>> by_owner_;
   std::atomic<std::uint64_t> read_{0}, written_{0};
+  std::shared_ptr<StagingPool> pool_ = std::make_shared<StagingPool>();
 };
 
 // The owner of the call whose request is being decoded on this thread ("" when none): set by the

@@ -8,15 +8,16 @@ namespace attn::server {
 namespace {
 
 Status shm_off(const char* method) {
-  return failed_precondition(std::string(method) +
-                             ": this server serves no shared memory (start it with --shared-memory system)");
+  return failed_precondition(
+      std::string(method) +
+      ": this server serves no shared memory (start it with --shared-memory system)");
 }
 
 }  // namespace
 
-grpc::ServerUnaryReactor* AttnService::RegisterSharedMemory(grpc::CallbackServerContext* ctx,
-                                                            const v1::RegisterSharedMemoryRequest* req,
-                                                            v1::RegisterSharedMemoryResponse* resp) {
+grpc::ServerUnaryReactor* AttnService::RegisterSharedMemory(
+    grpc::CallbackServerContext* ctx, const v1::RegisterSharedMemoryRequest* req,
+    v1::RegisterSharedMemoryResponse* resp) {
   const char* op = "register_shared_memory";
   if (auto* refused = refuse_unauthenticated(ctx, op, 0)) return refused;
   auto* reactor = ctx->DefaultReactor();
@@ -30,9 +31,9 @@ grpc::ServerUnaryReactor* AttnService::RegisterSharedMemory(grpc::CallbackServer
   return reactor;
 }
 
-grpc::ServerUnaryReactor* AttnService::UnregisterSharedMemory(grpc::CallbackServerContext* ctx,
-                                                              const v1::UnregisterSharedMemoryRequest* req,
-                                                              v1::UnregisterSharedMemoryResponse* resp) {
+grpc::ServerUnaryReactor* AttnService::UnregisterSharedMemory(
+    grpc::CallbackServerContext* ctx, const v1::UnregisterSharedMemoryRequest* req,
+    v1::UnregisterSharedMemoryResponse* resp) {
   const char* op = "unregister_shared_memory";
   if (auto* refused = refuse_unauthenticated(ctx, op, 0)) return refused;
   auto* reactor = ctx->DefaultReactor();
@@ -59,7 +60,8 @@ grpc::ServerUnaryReactor* AttnService::SharedMemoryStatus(grpc::CallbackServerCo
   const auto regions = config_.shm->list(token_.owner(*ctx), req->name());
   if (!req->name().empty() && regions.empty()) {
     finish(reactor, ctx, op, "",
-           not_found("name: no shared-memory region named \"" + req->name() + "\" is registered by this caller"),
+           not_found("name: no shared-memory region named \"" + req->name() +
+                     "\" is registered by this caller"),
            nullptr, 0, 0);
     return reactor;
   }

@@ -243,13 +243,17 @@ int run_bench_rpc(const BenchRpcOptions& o, const ClientOptions& client_options)
     }
   }
 
-  auto ops = load(o.server, client_options, o.clients, o.seconds, entries.size(),
-                  [&](Client& c, std::size_t i, Sample& s, int slot) { return call(c, entries[i], o.causal, slot, s); });
+  auto ops = o.echo_only ? std::vector<Stats>(entries.size())
+                         : load(o.server, client_options, o.clients, o.seconds, entries.size(),
+                                [&](Client& c, std::size_t i, Sample& s, int slot) {
+                                  return call(c, entries[i], o.causal, slot, s);
+                                });
   // The transport baseline: the same payload sizes echoed (a resident run sends no payload).
   std::vector<std::string> payloads;
   // (with --shm the echo still sends the payload inline: the gRPC path the region replaces)
   for (const auto& e : entries) payloads.emplace_back(o.resident ? 0 : e.request_bytes, 'x');
-  auto echoes = load(o.server, client_options, o.clients, std::max(1.0, o.seconds / 2), entries.size(),
+  auto echoes = load(o.server, client_options, o.clients, o.echo_only ? o.seconds : std::max(1.0, o.seconds / 2),
+                     entries.size(),
                      [&](Client& c, std::size_t i, Sample& s, int) {
                        v1::EchoRequest req;
                        req.set_payload(payloads[i]);

@@ -3,11 +3,10 @@
 // them, bit-equal to the inline path; every bad reference refused by name; a region shrunk,
 // unlinked or rewritten while calls run never takes the server down; the quota; the flag off.
 #include <fcntl.h>
-#include <sys/mman.h>
-#include <unistd.h>
-
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cstring>
@@ -55,7 +54,8 @@ struct AttentionInShm {
   Result<OpResult> call(Client& c, const std::string& region, bool copy_out = true) {
     AttentionOptions opts;
     opts.causal = true;
-    return c.attention_shm(region, buf, DType::kFloat32, q.shape(), k.shape(), offsets, o_offset, opts, copy_out);
+    return c.attention_shm(region, buf, DType::kFloat32, q.shape(), k.shape(), offsets, o_offset,
+                           opts, copy_out);
   }
 };
 
@@ -96,8 +96,10 @@ TEST(SharedMemory, RegisterStatusUnregister) {
             StatusCode::kInvalidArgument);
   EXPECT_EQ(client.register_shared_memory("r3", "/../etc/passwd", 0, 16).status().code(),
             StatusCode::kInvalidArgument);
-  EXPECT_EQ(client.register_shared_memory("r3", buf->key(), -1, 16).status().code(), StatusCode::kInvalidArgument);
-  EXPECT_EQ(client.register_shared_memory("r3", buf->key(), 0, 0).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(client.register_shared_memory("r3", buf->key(), -1, 16).status().code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(client.register_shared_memory("r3", buf->key(), 0, 0).status().code(),
+            StatusCode::kInvalidArgument);
 
   auto gone = client.unregister_shared_memory("r1");
   ASSERT_TRUE(gone.ok());
@@ -118,7 +120,9 @@ TEST(SharedMemory, ResultsEqualTheInlinePath) {
   Client client(server.address());
   std::mt19937_64 rng(testing::seed());
   AttentionInShm a(rng);
-  ASSERT_TRUE(client.register_shared_memory("io", a.buf.key(), 0, static_cast<std::int64_t>(a.buf.size())).ok());
+  ASSERT_TRUE(
+      client.register_shared_memory("io", a.buf.key(), 0, static_cast<std::int64_t>(a.buf.size()))
+          .ok());
   AttentionOptions opts;
   opts.causal = true;
   auto inline_result = client.attention(a.q, a.k, a.v, opts);
@@ -180,15 +184,17 @@ TEST(SharedMemory, BadReferencesAreRefusedByName) {
   const std::int64_t t = static_cast<std::int64_t>(a.q.bytes());
   EXPECT_TRUE(attention(a.offsets[1], 0, a.o_offset).ok());
   EXPECT_TRUE(attention(a.offsets[1], t, a.o_offset).ok());
-  for (auto [off, bytes, o_off, what] : std::vector<std::tuple<std::int64_t, std::int64_t, std::int64_t, std::string>>{
-           {size - t + 1, 0, a.o_offset, "k.shm"},   // past the end
-           {-1, 0, a.o_offset, "k.shm"},             // negative
+  for (auto [off, bytes, o_off, what] :
+       std::vector<std::tuple<std::int64_t, std::int64_t, std::int64_t, std::string>>{
+           {size - t + 1, 0, a.o_offset, "k.shm"},  // past the end
+           {-1, 0, a.o_offset, "k.shm"},            // negative
            {std::int64_t{1} << 62, 0, a.o_offset, "k.shm"},
            {a.offsets[1], t - 4, a.o_offset, "k.shm.bytes"},  // wrong size for the shape
            {a.offsets[1], 0, size - t + 1, "output_shm (o)"},
            {a.offsets[1], 0, -8, "output_shm (o)"}}) {
     const grpc::Status s = attention(off, bytes, o_off);
-    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << what << ": " << s.error_message();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT)
+        << what << ": " << s.error_message();
     EXPECT_THAT(s.error_message(), HasSubstr(what));
   }
 
@@ -241,7 +247,8 @@ TEST(SharedMemory, RegionsBelongToTheirToken) {
   EXPECT_EQ(*alice.unregister_shared_memory(), 1);
   EXPECT_TRUE(a.call(bob, "io").ok());
   Client nobody(server.address());
-  EXPECT_EQ(nobody.register_shared_memory("x", a.buf.key(), 0, size).status().code(), StatusCode::kUnauthenticated);
+  EXPECT_EQ(nobody.register_shared_memory("x", a.buf.key(), 0, size).status().code(),
+            StatusCode::kUnauthenticated);
 }
 
 TEST(SharedMemory, ShrunkRegionFailsByNameAndTheServerServesOn) {
@@ -379,7 +386,8 @@ TEST(SharedMemory, OffUnlessTheFlagSaysSo) {
   Client client(server.address());
   std::mt19937_64 rng(testing::seed());
   AttentionInShm a(rng);
-  auto reg = client.register_shared_memory("io", a.buf.key(), 0, static_cast<std::int64_t>(a.buf.size()));
+  auto reg =
+      client.register_shared_memory("io", a.buf.key(), 0, static_cast<std::int64_t>(a.buf.size()));
   EXPECT_EQ(reg.status().code(), StatusCode::kFailedPrecondition);
   EXPECT_THAT(reg.status().message(), HasSubstr("--shared-memory"));
   auto call = a.call(client, "io");
@@ -413,13 +421,17 @@ TEST(SharedMemory, MetricsCountBytesEachWay) {
   Client client(server.address());
   std::mt19937_64 rng(testing::seed());
   AttentionInShm a(rng);
-  ASSERT_TRUE(client.register_shared_memory("io", a.buf.key(), 0, static_cast<std::int64_t>(a.buf.size())).ok());
+  ASSERT_TRUE(
+      client.register_shared_memory("io", a.buf.key(), 0, static_cast<std::int64_t>(a.buf.size()))
+          .ok());
   ASSERT_TRUE(a.call(client, "io").ok());
   const std::string text = testing::http_get(server.metrics_port(), "/metrics");
-  EXPECT_THAT(text, HasSubstr("attnd_shared_memory_bytes_total{direction=\"in\",op=\"attention\"} " +
-                              std::to_string(3 * a.q.bytes())));
-  EXPECT_THAT(text, HasSubstr("attnd_shared_memory_bytes_total{direction=\"out\",op=\"attention\"} " +
-                              std::to_string(a.q.bytes())));
+  EXPECT_THAT(text,
+              HasSubstr("attnd_shared_memory_bytes_total{direction=\"in\",op=\"attention\"} " +
+                        std::to_string(3 * a.q.bytes())));
+  EXPECT_THAT(text,
+              HasSubstr("attnd_shared_memory_bytes_total{direction=\"out\",op=\"attention\"} " +
+                        std::to_string(a.q.bytes())));
 }
 
 }  // namespace

@@ -303,7 +303,7 @@ int run_bench_rpc(const BenchRpcOptions& o, const ClientOptions& client_options)
          << ", \"p50_ns\": " << pct(lat, 0.5) << ", \"p90_ns\": " << pct(lat, 0.9) << ", \"p99_ns\": " << pct(lat, 0.99)
          << ", \"mean_queue_ns\": " << mean(queue) << ", \"mean_copy_ns\": " << mean(copy)
          << ", \"mean_kernel_ns\": " << mean(kernel) << ", \"mean_total_ns\": " << mean(total)
-         << ", \"mean_outside_kernel_ns\": " << mean(outside) << ", \"echo_p50_ns\": " << pct(elat, 0.5)
+         << ", \"mean_outside_kernel_ns\": " << mean(outside) << ", \"echo_calls\": " << echoes[i].samples.size() << ", \"echo_p50_ns\": " << pct(elat, 0.5)
          << ", \"echo_p90_ns\": " << pct(elat, 0.9) << ", \"echo_p99_ns\": " << pct(elat, 0.99)
          << ", \"echo_mean_server_ns\": " << mean(esrv) << ", \"p50_over_echo_p50\": " << p50_ratio
          << ", \"outside_kernel_over_echo_server\": " << outside_ratio << ", \"kernel_share_of_server_time\": "

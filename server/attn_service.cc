@@ -77,6 +77,8 @@ AttnService::AttnService(Scheduler& scheduler, const Registry& registry, Service
   for (std::size_t i = 0; i < scheduler_.executors().size(); ++i) {
     decode_.executor_targets.push_back(scheduler_.executors()[i]->target());
     decode_.executor_devices.push_back(scheduler_.device_of(i));
+    const DeviceInfo& d = scheduler_.executors()[i]->device();
+    decode_.executor_cuda_ordinals.push_back(d.backend == Backend::kCuda ? d.ordinal : -1);
   }
 }
 

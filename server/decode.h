@@ -24,6 +24,8 @@ struct DecodeContext {
   // the device it runs on: a GPU's executors (one per stream) share its memory.
   std::vector<Target> executor_targets;
   std::vector<int> executor_devices;
+  // Each executor's CUDA ordinal, -1 for the CPU's (CUDA shared-memory regions pin ops to theirs).
+  std::vector<int> executor_cuda_ordinals;
   // Shared-memory regions (null: --shared-memory is off): inputs named by region, outputs
   // written into one. The caller is current_owner().
   SharedMemoryRegistry* shm = nullptr;
@@ -52,6 +54,8 @@ struct PreparedOp {
     const void* data = nullptr;
   };
   std::vector<ShmOutput> shm_outputs;  // written once the op succeeds
+  // CUDA regions the op reads or writes in place, held open until it is done.
+  std::vector<std::shared_ptr<SharedMemoryRegion>> shm_regions;
   // An executor of the device that must run it (where its resident inputs or kept outputs live;
   // any executor of that device will do), or -1.
   int executor = -1;

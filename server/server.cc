@@ -281,9 +281,15 @@ Result<std::unique_ptr<Server>> Server::start(const ServerOptions& options) {
       return shm.status();
     }
     if (shm->system || shm->cuda) {
-      s->shm_ = std::make_unique<SharedMemoryRegistry>(*shm, s->store_.get());
+      std::vector<int> cuda_devices;
+      for (const auto& ex : s->scheduler_->executors())
+        if (ex->device().backend == Backend::kCuda && ex->device().stream == 0) cuda_devices.push_back(ex->device().ordinal);
+      s->shm_ = std::make_unique<SharedMemoryRegistry>(*shm, s->store_.get(), cuda_devices);
       spdlog::info("shared memory on: {}{}{}", shm->system ? "system" : "", shm->system && shm->cuda ? ", " : "",
-                   shm->cuda ? "cuda (IPC registration not served by this build yet)" : "");
+                   !shm->cuda ? ""
+                   : !cuda_ipc_built() ? "cuda (but this build has no CUDA backend: CUDA regions are refused)"
+                   : cuda_devices.empty() ? "cuda (but no GPU is served: CUDA regions are refused)"
+                                          : "cuda (IPC)");
     }
   }
   if (Status started = s->start_services(); !started.ok()) {

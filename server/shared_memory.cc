@@ -90,18 +90,21 @@ void StagingPool::give_back(Block b) {
 
 SharedMemoryRegion::~SharedMemoryRegion() {
   if (fd >= 0) ::close(fd);
+  close_cuda_ipc(cuda);
 }
 
 void SharedMemoryRegion::describe(v1::SharedMemoryRegionInfo* out) const {
   out->set_name(name);
-  out->set_kind(v1::SHARED_MEMORY_KIND_SYSTEM);
+  out->set_kind(kind);
+  out->set_device_id(on_device() ? cuda.device : 0);
   out->set_key(key);
   out->set_offset(offset);
   out->set_bytes(bytes);
 }
 
-SharedMemoryRegistry::SharedMemoryRegistry(SharedMemoryOptions options, TensorStore* store)
-    : options_(options), store_(store) {}
+SharedMemoryRegistry::SharedMemoryRegistry(SharedMemoryOptions options, TensorStore* store,
+                                           std::vector<int> cuda_devices)
+    : options_(options), store_(store), cuda_devices_(std::move(cuda_devices)) {}
 
 SharedMemoryRegistry::~SharedMemoryRegistry() {
   if (!store_) return;
@@ -109,22 +112,44 @@ SharedMemoryRegistry::~SharedMemoryRegistry() {
     for (auto& [name, r] : regions) store_->unreserve_unplaced(static_cast<std::size_t>(r->bytes));
 }
 
+Result<std::shared_ptr<SharedMemoryRegion>> SharedMemoryRegistry::open_cuda(
+    const v1::RegisterSharedMemoryRequest& req) {
+  bool served = false;
+  for (int d : cuda_devices_) served |= d == req.device_id();
+  if (!served) {
+    std::string list;
+    for (int d : cuda_devices_) list += (list.empty() ? "cuda:" : ", cuda:") + std::to_string(d);
+    return failed_precondition(
+        "device_id: this server does not serve cuda:" + std::to_string(req.device_id()) +
+        (list.empty() ? std::string(" (it serves no GPU)") : " (it serves " + list + ")"));
+  }
+  ATTN_ASSIGN_OR_RETURN(mapping, open_cuda_ipc(req.cuda_ipc_handle(), req.device_id()));
+  auto region = std::make_shared<SharedMemoryRegion>();
+  region->kind = v1::SHARED_MEMORY_KIND_CUDA;
+  region->cuda = mapping;  // closed with the region
+  if (req.offset() > static_cast<std::int64_t>(mapping.bytes) ||
+      req.bytes() > static_cast<std::int64_t>(mapping.bytes) - req.offset()) {
+    return invalid_argument("offset, bytes: the exported allocation holds " +
+                            std::to_string(mapping.bytes) + " bytes, the region asks for " +
+                            std::to_string(req.bytes()) + " from offset " +
+                            std::to_string(req.offset()));
+  }
+  return region;
+}
+
 Result<std::shared_ptr<SharedMemoryRegion>> SharedMemoryRegistry::add(
     const std::string& owner, const v1::RegisterSharedMemoryRequest& req) {
-  if (req.kind() == v1::SHARED_MEMORY_KIND_CUDA) {
-    if (!options_.cuda) {
-      return failed_precondition(
-          "kind: CUDA shared memory is off on this server (start it with --shared-memory cuda)");
-    }
-    return failed_precondition(
-        "kind: CUDA IPC regions are not served by this build yet; use SHARED_MEMORY_KIND_SYSTEM");
-  }
-  if (req.kind() != v1::SHARED_MEMORY_KIND_SYSTEM) {
+  const bool cuda = req.kind() == v1::SHARED_MEMORY_KIND_CUDA;
+  if (!cuda && req.kind() != v1::SHARED_MEMORY_KIND_SYSTEM) {
     return invalid_argument(
         "kind: expected SHARED_MEMORY_KIND_SYSTEM or SHARED_MEMORY_KIND_CUDA, got " +
         v1::SharedMemoryKind_Name(req.kind()));
   }
-  if (!options_.system) {
+  if (cuda && !options_.cuda) {
+    return failed_precondition(
+        "kind: CUDA shared memory is off on this server (start it with --shared-memory cuda)");
+  }
+  if (!cuda && !options_.system) {
     return failed_precondition(
         "kind: system shared memory is off on this server (start it with --shared-memory system)");
   }
@@ -132,41 +157,49 @@ Result<std::shared_ptr<SharedMemoryRegion>> SharedMemoryRegistry::add(
     return invalid_argument("name: expected 1-128 characters of [A-Za-z0-9._-], got " +
                             quoted(req.name()));
   }
-  std::string key = req.key();
-  if (!key.empty() && key.front() == '/') key = key.substr(1);
-  if (!valid_name(key)) {
-    return invalid_argument(
-        "key: expected a POSIX shared-memory name (\"/name\", 1-128 characters of "
-        "[A-Za-z0-9._-] after the '/'), got " +
-        quoted(req.key()));
-  }
-  key = "/" + key;
   if (req.offset() < 0 || req.bytes() <= 0) {
     return invalid_argument("offset, bytes: expected offset >= 0 and bytes >= 1, got " +
                             std::to_string(req.offset()) + " and " + std::to_string(req.bytes()));
   }
-  // glibc's shm_open adds O_NOFOLLOW and O_CLOEXEC.
-  const int fd = ::shm_open(key.c_str(), O_RDWR, 0);
-  if (fd < 0) {
-    const int e = errno;
-    const std::string why = std::strerror(e);
-    if (e == ENOENT)
-      return not_found("key: no shared-memory object " + quoted(key) + " on the server's host");
-    return failed_precondition("key: the server cannot open " + quoted(key) +
-                               " for reading and writing: " + why);
-  }
-  auto region = std::make_shared<SharedMemoryRegion>();
-  region->fd = fd;
-  struct stat st {};
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    return failed_precondition("key: " + quoted(key) +
-                               " is not a shared-memory object the server can use");
-  }
-  if (req.offset() > st.st_size || req.bytes() > st.st_size - req.offset()) {
-    return invalid_argument("offset, bytes: " + quoted(key) + " holds " +
-                            std::to_string(st.st_size) + " bytes, the region asks for " +
-                            std::to_string(req.bytes()) + " from offset " +
-                            std::to_string(req.offset()));
+  std::shared_ptr<SharedMemoryRegion> region;
+  std::string key;
+  if (cuda) {
+    ATTN_ASSIGN_OR_RETURN(r, open_cuda(req));
+    region = std::move(r);
+    key = "cuda:" + std::to_string(req.device_id());
+  } else {
+    key = req.key();
+    if (!key.empty() && key.front() == '/') key = key.substr(1);
+    if (!valid_name(key)) {
+      return invalid_argument(
+          "key: expected a POSIX shared-memory name (\"/name\", 1-128 characters of "
+          "[A-Za-z0-9._-] after the '/'), got " +
+          quoted(req.key()));
+    }
+    key = "/" + key;
+    // glibc's shm_open adds O_NOFOLLOW and O_CLOEXEC.
+    const int fd = ::shm_open(key.c_str(), O_RDWR, 0);
+    if (fd < 0) {
+      const int e = errno;
+      const std::string why = std::strerror(e);
+      if (e == ENOENT)
+        return not_found("key: no shared-memory object " + quoted(key) + " on the server's host");
+      return failed_precondition("key: the server cannot open " + quoted(key) +
+                                 " for reading and writing: " + why);
+    }
+    region = std::make_shared<SharedMemoryRegion>();
+    region->fd = fd;
+    struct stat st {};
+    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+      return failed_precondition("key: " + quoted(key) +
+                                 " is not a shared-memory object the server can use");
+    }
+    if (req.offset() > st.st_size || req.bytes() > st.st_size - req.offset()) {
+      return invalid_argument("offset, bytes: " + quoted(key) + " holds " +
+                              std::to_string(st.st_size) + " bytes, the region asks for " +
+                              std::to_string(req.bytes()) + " from offset " +
+                              std::to_string(req.offset()));
+    }
   }
   region->owner = owner;
   region->name = req.name();
@@ -212,6 +245,15 @@ Result<int> SharedMemoryRegistry::remove(const std::string& owner, const std::st
   if (store_)
     for (const auto& r : gone) store_->unreserve_unplaced(static_cast<std::size_t>(r->bytes));
   return static_cast<int>(gone.size());
+}
+
+std::shared_ptr<SharedMemoryRegion> SharedMemoryRegistry::find(const std::string& owner,
+                                                               const std::string& name) {
+  std::lock_guard lock(mu_);
+  auto it = by_owner_.find(owner);
+  if (it == by_owner_.end()) return nullptr;
+  auto r = it->second.find(name);
+  return r == it->second.end() ? nullptr : r->second;
 }
 
 std::vector<std::shared_ptr<SharedMemoryRegion>> SharedMemoryRegistry::list(

@@ -22,6 +22,7 @@
 
 #include "attn/status.h"
 #include "attn/v1/attn.pb.h"
+#include "cuda_ipc.h"
 
 namespace attn::server {
 
@@ -29,7 +30,7 @@ class TensorStore;
 
 struct SharedMemoryOptions {
   bool system = false;  // POSIX shared memory
-  bool cuda = false;    // CUDA IPC (not served yet: registration answers UNIMPLEMENTED)
+  bool cuda = false;    // CUDA IPC
 };
 
 // "system", "cuda", "system,cuda" or empty (off), or why not.
@@ -46,7 +47,11 @@ struct SharedMemoryRegion {
   std::string key;
   std::int64_t offset = 0;  // into the object
   std::int64_t bytes = 0;
-  int fd = -1;
+  int fd = -1;  // SYSTEM
+  v1::SharedMemoryKind kind = v1::SHARED_MEMORY_KIND_SYSTEM;
+  CudaIpcMapping cuda;  // CUDA: the exporter's allocation, mapped here
+
+  bool on_device() const { return kind == v1::SHARED_MEMORY_KIND_CUDA; }
 
   void describe(v1::SharedMemoryRegionInfo* out) const;
 };
@@ -90,8 +95,10 @@ class StagingBuffer {
 
 class SharedMemoryRegistry {
  public:
-  // `store` (may be null) is charged each region's bytes while it is registered.
-  SharedMemoryRegistry(SharedMemoryOptions options, TensorStore* store);
+  // `store` (may be null) is charged each region's bytes while it is registered; CUDA regions may
+  // live on `cuda_devices` (the ordinals this server serves).
+  SharedMemoryRegistry(SharedMemoryOptions options, TensorStore* store,
+                       std::vector<int> cuda_devices = {});
   ~SharedMemoryRegistry();
 
   const SharedMemoryOptions& options() const { return options_; }
@@ -100,6 +107,8 @@ class SharedMemoryRegistry {
                                                   const v1::RegisterSharedMemoryRequest& req);
   // Forgets `name` (empty: all of `owner`'s); returns how many went. Calls in flight keep theirs.
   Result<int> remove(const std::string& owner, const std::string& name);
+  // `owner`'s region `name`, or null.
+  std::shared_ptr<SharedMemoryRegion> find(const std::string& owner, const std::string& name);
   std::vector<std::shared_ptr<SharedMemoryRegion>> list(const std::string& owner,
                                                         const std::string& name);
   // `owner`'s region named by `ref`, with `ref`'s byte range checked against it and the tensor's
@@ -123,8 +132,11 @@ class SharedMemoryRegistry {
   std::uint64_t bytes_written() const { return written_.load(std::memory_order_relaxed); }
 
  private:
+  Result<std::shared_ptr<SharedMemoryRegion>> open_cuda(const v1::RegisterSharedMemoryRequest& req);
+
   SharedMemoryOptions options_;
   TensorStore* store_;
+  std::vector<int> cuda_devices_;
   std::mutex mu_;
   std::map<std::string, std::map<std::string, std::shared_ptr<SharedMemoryRegion>>> by_owner_;
   std::atomic<std::uint64_t> read_{0}, written_{0};

@@ -329,6 +329,22 @@ Result<v1::SharedMemoryRegionInfo> Client::register_shared_memory(const std::str
   return resp.region();
 }
 
+Result<v1::SharedMemoryRegionInfo> Client::register_cuda_memory(const std::string& name,
+                                                                const std::string& ipc_handle, int device,
+                                                                std::int64_t offset, std::int64_t bytes) {
+  ATTN_RETURN_IF_ERROR(channel_status_);
+  v1::RegisterSharedMemoryRequest req;
+  req.set_name(name);
+  req.set_kind(v1::SHARED_MEMORY_KIND_CUDA);
+  req.set_cuda_ipc_handle(ipc_handle);
+  req.set_device_id(device);
+  req.set_offset(offset);
+  req.set_bytes(bytes);
+  v1::RegisterSharedMemoryResponse resp;
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->RegisterSharedMemory(make_context(req).get(), req, &resp)));
+  return resp.region();
+}
+
 Result<int> Client::unregister_shared_memory(const std::string& name) {
   ATTN_RETURN_IF_ERROR(channel_status_);
   v1::UnregisterSharedMemoryRequest req;

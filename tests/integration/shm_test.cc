@@ -407,6 +407,15 @@ TEST(SharedMemory, OffUnlessTheFlagSaysSo) {
   const grpc::Status s = c2.stub().RegisterSharedMemory(c2.make_context(req).get(), req, &resp);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   EXPECT_THAT(s.error_message(), HasSubstr("cuda"));
+
+  // On a server with the flag but no GPU: refused by name.
+  testing::ServerProcess cuda_cpu(ATTND_PATH,
+                                  {"--backend", "cpu", "--shared-memory", "system,cuda"});
+  Client c3(cuda_cpu.address());
+  const grpc::Status no_gpu =
+      c3.stub().RegisterSharedMemory(c3.make_context(req).get(), req, &resp);
+  EXPECT_EQ(no_gpu.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(no_gpu.error_message(), HasSubstr("serves no GPU"));
 }
 
 TEST(SharedMemory, BadFlagStopsTheServer) {

@@ -134,6 +134,11 @@ class Client {
   // (in_shared_memory) and outputs may be written into it (the requests' output_shm).
   Result<v1::SharedMemoryRegionInfo> register_shared_memory(const std::string& name, const std::string& key,
                                                             std::int64_t offset, std::int64_t bytes);
+  // CUDA IPC (servers run with --shared-memory cuda, on this GPU host): `bytes` from `offset` of
+  // the device allocation whose cudaIpcMemHandle_t's bytes are `ipc_handle`, on CUDA device
+  // `device`; ops then read and write it in place on that GPU.
+  Result<v1::SharedMemoryRegionInfo> register_cuda_memory(const std::string& name, const std::string& ipc_handle,
+                                                          int device, std::int64_t offset, std::int64_t bytes);
   // Forgets `name` (empty: all of this caller's regions); returns how many went.
   Result<int> unregister_shared_memory(const std::string& name = "");
   Result<v1::SharedMemoryStatusResponse> shared_memory_status(const std::string& name = "");

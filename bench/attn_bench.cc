@@ -268,29 +268,45 @@ void bench_softmax(const std::vector<std::int64_t>& widths, const std::vector<DT
     }
 }
 
-// Relative error of O over 3 sampled (batch, head, row) rows against float64.
+// --window-left, --window-right, --softcap: applied to every attention shape of the grid.
+struct BenchAttentionOptions {
+  std::int64_t window_left = -1, window_right = -1;
+  float softcap = 0.0f;
+} g_attention_options;
+
+AttentionArgs with_options(AttentionArgs a) {
+  a.window_left = g_attention_options.window_left;
+  a.window_right = g_attention_options.window_right;
+  a.softcap = g_attention_options.softcap;
+  return a;
+}
+
+// Relative error of O over 3 sampled (batch, head, row) rows against float64 (keys as
+// visible_keys says, scores soft-capped as `a` asks).
 double attention_sampled_error(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
-                               const AttentionDims& d, bool causal, float scale, std::mt19937_64& rng) {
+                               const AttentionDims& d, const AttentionArgs& a, float scale, std::mt19937_64& rng) {
   double num = 0, den = 0;
   for (int s = 0; s < 3; ++s) {
     const std::int64_t b = rng() % d.batch, h = rng() % d.heads_q, i = rng() % d.len_q;
     const std::int64_t kvh = h / (d.heads_q / d.heads_kv);
     const std::int64_t qoff = ((b * d.heads_q + h) * d.len_q + i) * d.head_dim;
     const std::int64_t kvoff = (b * d.heads_kv + kvh) * d.len_kv * d.head_dim;
-    const std::int64_t visible = causal ? std::clamp<std::int64_t>(i + d.len_kv - d.len_q + 1, 0, d.len_kv) : d.len_kv;
+    const KeyRange keys = visible_keys(i, d.len_q, d.len_kv, a);
+    const std::int64_t first = keys.begin, visible = keys.end;
     std::vector<double> sc(static_cast<std::size_t>(visible));
     double mx = -INFINITY;
-    for (std::int64_t j = 0; j < visible; ++j) {
+    for (std::int64_t j = first; j < visible; ++j) {
       double dot = 0;
       for (std::int64_t c = 0; c < d.head_dim; ++c) dot += double(q.get(qoff + c)) * k.get(kvoff + j * d.head_dim + c);
       sc[j] = dot * scale;
+      if (a.softcap > 0.0f) sc[j] = a.softcap * std::tanh(sc[j] / a.softcap);
       mx = std::max(mx, sc[j]);
     }
     double sum = 0;
-    for (auto& x : sc) sum += (x = std::exp(x - mx));
+    for (std::int64_t j = first; j < visible; ++j) sum += (sc[j] = std::exp(sc[j] - mx));
     for (std::int64_t c = 0; c < d.head_dim; ++c) {
       double want = 0;
-      for (std::int64_t j = 0; j < visible; ++j) want += sc[j] / sum * v.get(kvoff + j * d.head_dim + c);
+      for (std::int64_t j = first; j < visible; ++j) want += sc[j] / sum * v.get(kvoff + j * d.head_dim + c);
       const double got = o.get(qoff + c);
       if (!std::isfinite(got)) return INFINITY;
       num += (got - want) * (got - want);
@@ -320,12 +336,15 @@ void bench_attention(const std::vector<AttentionShape>& shapes, const std::vecto
     shape << sh.b << "x" << sh.hq << "/" << sh.hkv << "x" << sh.s_q;
     if (sh.s_kv != sh.s_q) shape << ":" << sh.s_kv;
     shape << "x" << sh.d << (sh.causal ? " causal" : "");
-    AttentionArgs probe{q.view, k.view, v.view, o.view, {}, sh.causal, scale};
+    if (g_attention_options.window_left >= 0 || g_attention_options.window_right >= 0)
+      shape << " w" << g_attention_options.window_left << "," << g_attention_options.window_right;
+    if (g_attention_options.softcap > 0.0f) shape << " cap" << g_attention_options.softcap;
+    const AttentionArgs probe = with_options({q.view, k.view, v.view, o.view, {}, sh.causal, scale});
     auto picked = reg.of<AttentionArgs>().select(probe, "", target);
     for (const auto& var : reg.of<AttentionArgs>().variants()) {
       if (var.info.backend != Backend::kCuda || !selected(var.info.name)) continue;
       if (!only.empty() && std::find(only.begin(), only.end(), var.info.name) == only.end()) continue;
-      AttentionArgs args{q.view, k.view, v.view, o.view, {}, sh.causal, scale};
+      const AttentionArgs args = with_options({q.view, k.view, v.view, o.view, {}, sh.causal, scale});
       if (!var.supports(args).ok()) continue;
       const bool decode = sh.s_q == 1;
       Row r{"attention", var.info.name, std::string(dtype_name(dt)), shape.str()};
@@ -333,13 +352,13 @@ void bench_attention(const std::vector<AttentionShape>& shapes, const std::vecto
       CHECK_CUDA(cudaMemset(o.view.data, 0xff, o.host.bytes()));
       Status st = var.run(args, stream);
       CHECK_CUDA(cudaStreamSynchronize(s));
-      r.error = st.ok() ? attention_sampled_error(q.host, k.host, v.host, o.to_host(), dims, sh.causal, scale, rng)
+      r.error = st.ok() ? attention_sampled_error(q.host, k.host, v.host, o.to_host(), dims, args, scale, rng)
                         : INFINITY;
       const bool correct = st.ok() && r.error <= tolerance(dt);
       auto [ms, runs] = time_median(s, [&](int) { (void)var.run(args, stream); });
       r.ms = ms;
       r.runs = runs;
-      AttentionArgs cost_args{q.view, k.view, v.view, o.view, {}, sh.causal, scale};
+      const AttentionArgs cost_args = args;  // FLOPs count the pairs a window keeps
       if (decode) {
         r.rate = double(k.host.bytes() + v.host.bytes()) / (ms * 1e-3) / 1e9;
         r.baseline_rate = copy_rate;
@@ -677,8 +696,8 @@ int main(int argc, char** argv) {
   std::vector<std::int64_t> matmul_sizes{2048, 4096, 8192};
   std::vector<std::int64_t> softmax_widths{1024, 4096, 16384, 65536, 262144};
   std::int64_t softmax_elements = 64LL << 20;
-  app.add_option("--op", op, "matmul, softmax, attention, paged or all")
-      ->check(CLI::IsMember({"matmul", "softmax", "attention", "paged", "all"}));
+  app.add_option("--op", op, "matmul, softmax, attention, heads (every common head dim), paged or all")
+      ->check(CLI::IsMember({"matmul", "softmax", "attention", "heads", "paged", "all"}));
   app.add_option("--json", json, "write the results here");
   app.add_option("--matmul-sizes", matmul_sizes, "square sizes");
   std::vector<std::int64_t> matmul_skinny{128, 256, 512, 1024};
@@ -690,7 +709,18 @@ int main(int argc, char** argv) {
   app.add_option("--attention-seqs", attention_seqs, "sequence lengths of the attention grid");
   app.add_option("--attention-dims", attention_dims, "head dims of the attention grid");
   app.add_option("--variants", g_variants, "only these rungs (e.g. matmul/08_wgmma_tma); baselines always run");
+  app.add_option("--window-left", g_attention_options.window_left,
+                 "attention: sliding window, keys left of a query's position (-1: unbounded)");
+  app.add_option("--window-right", g_attention_options.window_right,
+                 "attention: sliding window, keys right of it (-1: unbounded; 0 under causal)");
+  app.add_option("--softcap", g_attention_options.softcap, "attention and heads: soft-cap the scores (0: none)");
   CLI11_PARSE(app, argc, argv);
+  if (const Status bad = check_attention_options(g_attention_options.window_left, g_attention_options.window_right,
+                                                 g_attention_options.softcap);
+      !bad.ok()) {
+    std::fprintf(stderr, "attn-bench: %s\n", bad.message().c_str());
+    return 2;
+  }
 
   int dev = 0;
   cudaDeviceProp prop{};
@@ -737,9 +767,23 @@ int main(int argc, char** argv) {
     }
     decode.push_back({1, 32, 8, 1, 32768, 128, false});
     decode.push_back({16, 32, 8, 1, 16384, 128, false});
+    // Rungs that refuse a window or a cap (decode_split_kv) are skipped.
     bench_attention(grid, {"attention/03_flash_mma", "attention/04_wgmma_tma"}, DType::kBFloat16, s, rows, copy);
     bench_attention(fp32_grid, {"attention/01_naive", "attention/02_flash_fp32"}, DType::kFloat32, s, rows, copy);
     bench_attention(decode, {"attention/03_flash_mma", "attention/decode_split_kv"}, DType::kBFloat16, s, rows, copy);
+  }
+
+  if (op == "heads") {  // every common head dim, bf16: torch_sdpa.py --heads times the same shapes
+    const double copy = copy_bandwidth(s);
+    std::vector<AttentionShape> grid;
+    for (std::int64_t d : {32, 64, 80, 96, 128, 192, 256})
+      for (std::int64_t seq : {1024, 4096, 16384})
+        for (bool causal : {false, true}) grid.push_back({16384 / seq, 16, 16, seq, seq, d, causal});
+    bench_attention(grid, {"attention/03_flash_mma", "attention/04_wgmma_tma"}, DType::kBFloat16, s, rows, copy);
+    std::vector<AttentionShape> decode;
+    for (std::int64_t d : {32, 64, 80, 96, 128, 192, 256}) decode.push_back({16, 32, 8, 1, 8192, d, false});
+    bench_attention(decode, {"attention/decode_mma_split", "attention/decode_split_kv"}, DType::kBFloat16, s, rows,
+                    copy);
   }
 
   if (op == "all" || op == "paged") {

@@ -2,7 +2,8 @@
 attn-bench times, on the same GPU, in the same job: the baselines for the attention ratios.
 Usage: python3 torch_sdpa.py OUT.json
        python3 torch_sdpa.py --paged ATTN_BENCH.json OUT.json   (the KV-cache shapes: decode over
-       attn-bench's ragged batch, read from its JSON, and the equal-length and prefill shapes)"""
+       attn-bench's ragged batch, read from its JSON, and the equal-length and prefill shapes)
+       python3 torch_sdpa.py --heads OUT.json   (every common head dim: attn-bench --op heads)"""
 import json
 import sys
 
@@ -19,6 +20,14 @@ def shapes():
     yield (4, 32, 8, 4096, 4096, 128, True)
     yield (1, 32, 8, 1, 32768, 128, False)
     yield (16, 32, 8, 1, 16384, 128, False)
+
+
+def head_dim_shapes():
+    """attn-bench --op heads: B x S = 16k tokens, 16 heads, every common head dim, causal and not."""
+    for d in (32, 64, 80, 96, 128, 192, 256):
+        for s in (1024, 4096, 16384):
+            for causal in (False, True):
+                yield (16384 // s, 16, 16, s, s, d, causal)
 
 
 def median_ms(fn, min_runs=20):
@@ -121,8 +130,10 @@ def main():
     if len(sys.argv) == 4 and sys.argv[1] == "--paged":
         paged(sys.argv[2], sys.argv[3])
         return
+    heads = len(sys.argv) == 3 and sys.argv[1] == "--heads"
+    out_path = sys.argv[2] if heads else sys.argv[1]
     out = []
-    for b, hq, hkv, sq, sk, d, causal in shapes():
+    for b, hq, hkv, sq, sk, d, causal in (head_dim_shapes() if heads else shapes()):
         q = torch.randn(b, hq, sq, d, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(b, hkv, sk, d, device="cuda", dtype=torch.bfloat16)
         v = torch.randn(b, hkv, sk, d, device="cuda", dtype=torch.bfloat16)
@@ -142,7 +153,7 @@ def main():
             out.append(row)
             print(f"torch {name:6s} {str(row['shape']):40s} {ms:8.3f} ms {row['tflops']:7.1f} TFLOP/s "
                   f"{row['kv_gbps']:7.0f} GB/s(K+V)", flush=True)
-    with open(sys.argv[1], "w") as f:
+    with open(out_path, "w") as f:
         json.dump({"torch": torch.__version__, "device": torch.cuda.get_device_name(), "results": out}, f, indent=1)
 
 

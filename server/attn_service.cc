@@ -157,16 +157,19 @@ class OneShotCall final : public BatchMember {
              std::to_string(op.args.x.dim(-1));
     } else if constexpr (std::is_same_v<Args, AttentionArgs>) {
       // One query row per (batch, head) against the same resident K and V (sampling several
-      // continuations of one context): the rows stack along Sq, a query seeing every key.
+      // continuations of one context): the rows stack along Sq, a query seeing every key. A left
+      // window would move with the stacked row's position, so such calls stay alone; a right
+      // window is no limit for a single row (it sits at the last key).
       const AttentionArgs& a = op.args;
-      if (named || op.resident.size() != 2 || !op.kept.empty() || a.q.dim(2) != 1 || a.q.memory != MemoryKind::kHost) {
+      if (named || op.resident.size() != 2 || !op.kept.empty() || a.q.dim(2) != 1 || a.q.memory != MemoryKind::kHost ||
+          a.window_left >= 0) {
         return "";
       }
       char key[256];
-      std::snprintf(key, sizeof key, "attention %p %p %s %lld %lld %lld %a %d", a.k.data, a.v.data,
+      std::snprintf(key, sizeof key, "attention %p %p %s %lld %lld %lld %a %d %a", a.k.data, a.v.data,
                     std::string(dtype_name(a.q.dtype)).c_str(), static_cast<long long>(a.q.dim(0)),
                     static_cast<long long>(a.q.dim(1)), static_cast<long long>(a.q.dim(3)),
-                    static_cast<double>(a.scale), a.lse.empty() ? 0 : 1);
+                    static_cast<double>(a.scale), a.lse.empty() ? 0 : 1, static_cast<double>(a.softcap));
       return key;
     } else {
       return "";
@@ -235,6 +238,7 @@ class OneShotCall final : public BatchMember {
       all.o = o.view();
       all.lse = a.lse.empty() ? TensorView{} : lse.view();
       all.causal = false;  // with one query row, causal or not, every key is seen
+      all.window_right = -1;  // likewise for a right window (a left one never merges)
       auto chosen = service->registry_.of<AttentionArgs>().select(all, "", executor.target());
       if (!chosen.ok()) {  // no variant takes the union here: each runs alone
         for (const Merged& m : members) static_cast<OneShotCall*>(m.member)->run_alone(executor, m.queue_ns);

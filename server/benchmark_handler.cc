@@ -141,6 +141,9 @@ ProblemSpec spec_of(const v1::BenchmarkRequest& req, DType dtype) {
   spec.kv_heads = req.kv_heads();
   spec.kv_len = req.kv_len();
   spec.causal = req.causal();
+  spec.window_left = req.has_window_left() ? req.window_left() : -1;
+  spec.window_right = req.has_window_right() ? req.window_right() : -1;
+  spec.softcap = req.softcap();
   return spec;
 }
 

@@ -299,6 +299,11 @@ Result<PreparedOp<AttentionArgs>> decode_attention(const v1::AttentionRequest& r
   op.args.v = v.view;
   op.args.causal = req.causal();
   op.args.scale = resolve_attention_scale(req.scale(), dims.head_dim);
+  // Unset window sides are unbounded (-1); check_attention_options names the field it refuses.
+  op.args.window_left = req.has_window_left() ? req.window_left() : -1;
+  op.args.window_right = req.has_window_right() ? req.window_right() : -1;
+  op.args.softcap = req.softcap();
+  ATTN_RETURN_IF_ERROR(check_attention_options(op.args.window_left, op.args.window_right, op.args.softcap));
   ATTN_ASSIGN_OR_RETURN(variant, select(ctx.registry->of<AttentionArgs>(), op.args, req.kernel(), placed(ctx, op)));
   op.variant = variant;
   ATTN_RETURN_IF_ERROR(check_output_refs(req.output_shm(), req.return_lse() ? 2 : 1));

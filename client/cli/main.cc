@@ -244,6 +244,8 @@ int main(int argc, char** argv) {
   bool causal = false;
   float scale = 0.0f;
   std::int64_t kv_heads = 0, kv_len = 0;
+  std::int64_t window_left = -1, window_right = -1;
+  float softcap = 0.0f;
   std::string lse_out;
   auto* attention = app.add_subcommand("attention", "O = softmax(scale.QK^T) V");
   add_op_flags(attention, at, "Q.npy K.npy V.npy", "B,Hq,Sq,D: random inputs of these sizes");
@@ -252,6 +254,9 @@ int main(int argc, char** argv) {
   attention->add_option("--kv-heads", kv_heads, "with --random: key/value heads (default Hq)");
   attention->add_option("--kv-len", kv_len, "with --random: key/value length (default Sq)");
   attention->add_option("--lse-out", lse_out, "also write the log-sum-exp [B,Hq,Sq] here (.npy)");
+  attention->add_option("--window-left", window_left, "sliding window: keys seen left of a query's position (-1: all)");
+  attention->add_option("--window-right", window_right, "sliding window: keys seen right of it (-1: all)");
+  attention->add_option("--softcap", softcap, "soft-cap the scores: softcap * tanh(s / softcap) (0: none)");
 
   attn::cli::BenchRpcOptions brpc;
   auto* bench_rpc = app.add_subcommand("bench-rpc", "load generator: concurrent clients, latency percentiles, "
@@ -326,6 +331,8 @@ int main(int argc, char** argv) {
   std::int64_t bm_kv_heads = 0, bm_kv_len = 0;
   int bm_iterations = 0;
   bool bm_causal = false;
+  std::int64_t bm_window_left = -1, bm_window_right = -1;
+  float bm_softcap = 0.0f;
   auto* benchmark = app.add_subcommand("benchmark", "time variants on the server's device (Benchmark RPC)");
   benchmark->add_option("op", bm_op, "matmul, softmax or attention")->required();
   benchmark->add_option("shape", bm_shape, "M,K,N | ROWS,COLS | B,Hq,Sq,D")->required();
@@ -334,6 +341,9 @@ int main(int argc, char** argv) {
   benchmark->add_option("--kv-heads", bm_kv_heads, "attention: key/value heads (default Hq)");
   benchmark->add_option("--kv-len", bm_kv_len, "attention: key/value length (default Sq)");
   benchmark->add_flag("--causal", bm_causal, "attention: causal");
+  benchmark->add_option("--window-left", bm_window_left, "attention: sliding window, left side (-1: unbounded)");
+  benchmark->add_option("--window-right", bm_window_right, "attention: sliding window, right side (-1: unbounded)");
+  benchmark->add_option("--softcap", bm_softcap, "attention: soft-cap the scores (0: none)");
   benchmark->add_option("--iterations", bm_iterations, "timed runs per variant (default 20)");
 
   CLI11_PARSE(app, argc, argv);
@@ -421,6 +431,9 @@ int main(int argc, char** argv) {
     req.set_kv_heads(bm_kv_heads);
     req.set_kv_len(bm_kv_len);
     req.set_causal(bm_causal);
+    if (bm_window_left != -1) req.set_window_left(bm_window_left);
+    if (bm_window_right != -1) req.set_window_right(bm_window_right);
+    req.set_softcap(bm_softcap);
     req.set_iterations(bm_iterations);
     for (const auto& k : bm_kernels) req.add_kernels(k);
     auto r = client.benchmark(req);
@@ -562,12 +575,15 @@ int main(int argc, char** argv) {
         *outs[i] = std::move(*r);
       }
     }
-    attn::AttentionOptions o{causal, scale, !lse_out.empty(), at.kernel};
+    attn::AttentionOptions o{causal, scale, !lse_out.empty(), at.kernel, window_left, window_right, softcap};
     if (at.shm) {
       v1::AttentionRequest req;
       req.set_causal(causal);
       req.set_scale(scale);
       req.set_kernel(at.kernel);
+      if (window_left != -1) req.set_window_left(window_left);
+      if (window_right != -1) req.set_window_right(window_right);
+      req.set_softcap(softcap);
       if (!lse_out.empty()) return fail(attn::invalid_argument("--lse-out with --shm: not supported yet"));
       return report(c, call_in_shm(client, {&q, &k, &v}, q.bytes(), {req.mutable_q(), req.mutable_k(), req.mutable_v()},
                                    req, &v1::AttnService::Stub::Attention, &v1::AttentionResponse::o),

@@ -165,6 +165,10 @@ Result<OpResult> Client::attention(const Tensor& q, const Tensor& k, const Tenso
   req.set_scale(options.scale);
   req.set_return_lse(options.return_lse);
   req.set_kernel(options.kernel);
+  // -1 is the server's default for an unset side; anything else goes as given (it checks).
+  if (options.window_left != -1) req.set_window_left(options.window_left);
+  if (options.window_right != -1) req.set_window_right(options.window_right);
+  req.set_softcap(options.softcap);
   v1::AttentionResponse resp;
   ATTN_RETURN_IF_ERROR(channel_status_);
   ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->Attention(make_context(req).get(), req, &resp)));
@@ -391,6 +395,9 @@ Result<OpResult> Client::attention_shm(const std::string& region, const SharedMe
   req.set_scale(options.scale);
   req.set_return_lse(options.return_lse);
   req.set_kernel(options.kernel);
+  if (options.window_left != -1) req.set_window_left(options.window_left);
+  if (options.window_right != -1) req.set_window_right(options.window_right);
+  req.set_softcap(options.softcap);
   *req.add_output_shm() = shared_memory_ref(region, o_offset);
   v1::AttentionResponse resp;
   ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->Attention(make_context(req).get(), req, &resp)));

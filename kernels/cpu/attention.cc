@@ -1,6 +1,7 @@
 // attention/cpu: one task per (batch, query head, block of 16 query rows). Q, K and V are read as
 // float32 (converted once per call for float16/bfloat16); each query row computes its scores
-// against the keys it may see, a max-subtracted softmax in float32, and the weighted sum of V.
+// against the keys it may see (visible_keys: causal, sliding window), soft-capped when asked, a
+// max-subtracted softmax in float32, and the weighted sum of V.
 // K and V of a key/value head are shared by its Hq/Hkv query heads, never copied.
 #include <cmath>
 #include <limits>
@@ -47,30 +48,34 @@ Status attention_rows(const AttentionArgs& args, Stream&) {
     out.resize(static_cast<std::size_t>(d));
     for (std::int64_t i = i0; i < std::min(sq, i0 + kRowsPerTask); ++i) {
       const float* q_row = q + (bh * sq + i) * d;
-      // Keys [0, visible) are visible to query i.
-      const std::int64_t visible =
-          args.causal ? std::clamp<std::int64_t>(i + (sk - sq) + 1, 0, sk) : sk;
+      // Keys [begin, end) are visible to query i (causal, window).
+      const KeyRange keys = visible_keys(i, sq, sk, args);
+      const std::int64_t begin = keys.begin, end = keys.end;
+      const float cap = args.softcap, inv_cap = cap > 0.0f ? 1.0f / cap : 0.0f;
       float mx = neg_inf;
-      for (std::int64_t j = 0; j < visible; ++j) {
+      for (std::int64_t j = begin; j < end; ++j) {
         const float* k_row = k_head + j * d;
         float s = 0.0f;
         for (std::int64_t c = 0; c < d; ++c) s += q_row[c] * k_row[c];
-        scores[j] = s * args.scale;
-        mx = std::max(mx, scores[j]);
+        s *= args.scale;
+        if (cap > 0.0f) s = cap * std::tanh(s * inv_cap);
+        scores[j] = s;
+        mx = std::max(mx, s);
       }
       std::fill(out.begin(), out.end(), 0.0f);
       float sum = 0.0f;
-      for (std::int64_t j = 0; j < visible; ++j) {
+      for (std::int64_t j = begin; j < end; ++j) {
         const float p = std::exp(scores[j] - mx);
         sum += p;
         const float* v_row = v_head + j * d;
         for (std::int64_t c = 0; c < d; ++c) out[c] += p * v_row[c];
       }
-      const float inv = visible > 0 ? 1.0f / sum : 0.0f;
+      const bool any = end > begin;
+      const float inv = any ? 1.0f / sum : 0.0f;
       for (float& x : out) x *= inv;
       store_floats(args.o, (bh * sq + i) * d, d, out.data());
       if (!args.lse.empty()) {
-        static_cast<float*>(args.lse.data)[bh * sq + i] = visible > 0 ? mx + std::log(sum) : neg_inf;
+        static_cast<float*>(args.lse.data)[bh * sq + i] = any ? mx + std::log(sum) : neg_inf;
       }
     }
   });

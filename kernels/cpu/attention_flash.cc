@@ -1,12 +1,14 @@
 // attention/cpu_flash: flash attention on sgemm tiles. One task per (batch, query head, block of
 // up to 512 query rows), across threads, heaviest (latest under causal) blocks first. A task walks
 // the key blocks its rows may see, 512 keys at a time:
-//   S = scale * Q_blk K_blk^T (sgemm), the causal mask on the block that crosses the diagonal,
-//   online softmax per row (running max m and sum l; O rescaled when m grows),
+//   S = scale * Q_blk K_blk^T (sgemm), soft-capped when asked, the causal/window mask on blocks
+//   that cross the diagonal or a window edge, online softmax per row (running max m and sum l;
+//   O rescaled when m grows),
 //   O += P V_blk (sgemm, beta 1),
-// then O / l and lse = m + log l. Key blocks wholly above the diagonal are never touched, the one
-// crossing it is computed in slices of 64 rows each up to its last visible key; rows that see no
-// key (causal with Sq > Sk) are written as zeros with lse -inf without any work.
+// then O / l and lse = m + log l. Key blocks wholly outside the band a query block sees (above
+// the diagonal, left of a sliding window) are never touched, those crossing its edges are
+// computed in slices of 64 rows each over the keys those rows see; rows that see no key (causal
+// with Sq > Sk) are written as zeros with lse -inf without any work.
 // float16/bfloat16: the task's Q block and each K/V block are converted to float32 as they are
 // used (per-task buffers of a few blocks), float32 is read in place. Query head h reads key/value
 // head h / (Hq / Hkv). Each sgemm runs on its task's thread (SingleThreadedBlas): the tasks
@@ -64,18 +66,19 @@ Status attention_flash(const AttentionArgs& args, Stream&) {
   const auto o_size = static_cast<std::int64_t>(element_size(args.o.dtype));
   auto* o_bytes = static_cast<char*>(args.o.data);
   auto* lse = static_cast<float*>(args.lse.data);  // null when not wanted
-  // Keys [0, visible(i)) are the ones query row i sees.
-  auto visible = [&](std::int64_t i) {
-    return args.causal ? std::clamp<std::int64_t>(i + (sk - sq) + 1, 0, sk) : sk;
-  };
+  // Keys [begin, end) are the ones query row i sees (causal, window); both ends grow with i.
+  auto keys = [&](std::int64_t i) { return visible_keys(i, sq, sk, args); };
+  const float cap = args.softcap;  // > 0: scores soft-capped before the softmax
 
   const SingleThreadedBlas one_thread_each;
   parallel_for(heads * q_blocks, block_q * sk * d * 2, [&](std::int64_t task) {
     const std::int64_t bh = task % heads, i0 = (q_blocks - 1 - task / heads) * block_q;
     const std::int64_t rows = std::min(block_q, sq - i0);
     const std::int64_t kv_head = (bh / hq) * hkv + (bh % hq) / group;
-    // Rows [0, first) of the block see no key; the rest see keys [0, visible(row)).
-    const std::int64_t first = args.causal ? std::clamp(sq - sk - i0, std::int64_t{0}, rows) : 0;
+    // Rows [0, first) of the block see no key (causal or a right window with Sq > Sk: the rows
+    // that see none come first); the rest see keys [keys(row).begin, keys(row).end).
+    std::int64_t first = 0;
+    while (first < rows && keys(i0 + first).begin >= keys(i0 + first).end) ++first;
     const std::int64_t active = rows - first, row0 = bh * sq + i0;
     if (first > 0) {
       std::memset(o_bytes + row0 * d * o_size, 0, static_cast<std::size_t>(first * d * o_size));
@@ -88,33 +91,40 @@ Status attention_flash(const AttentionArgs& args, Stream&) {
     buf.o.assign(static_cast<std::size_t>(active * d), 0.0f);
     buf.m.assign(static_cast<std::size_t>(active), neg_inf);
     buf.l.assign(static_cast<std::size_t>(active), 0.0f);
-    const std::int64_t key_end = visible(i0 + rows - 1);
-    buf.s.resize(static_cast<std::size_t>(active * std::min(kBlockK, key_end)));
+    // The band of keys the block's rows see: from the first active row's begin to the last row's end.
+    const std::int64_t key_begin = keys(i0 + first).begin, key_end = keys(i0 + rows - 1).end;
+    buf.s.resize(static_cast<std::size_t>(active * std::min(kBlockK, key_end - key_begin)));
     const auto n_d = static_cast<blasint>(d);
 
-    // Key blocks end at key_end and go backwards (online softmax takes them in any order). A block
-    // that crosses the diagonal goes in slices of kSliceQ rows, each up to the last key its rows
-    // see: only triangles of kSliceQ rows are computed and masked, however tall the block.
-    for (std::int64_t j1 = key_end; j1 > 0; j1 -= kBlockK) {
-      const std::int64_t j0 = std::max<std::int64_t>(j1 - kBlockK, 0);
+    // Key blocks cover [key_begin, key_end) and go backwards (online softmax takes them in any
+    // order); blocks outside the band are never touched. A block that some row does not see whole
+    // (it crosses the causal diagonal or a window edge) goes in slices of kSliceQ rows, each over
+    // the keys its rows see: only slivers of kSliceQ rows are computed and masked.
+    for (std::int64_t j1 = key_end; j1 > key_begin; j1 -= kBlockK) {
+      const std::int64_t j0 = std::max(j1 - kBlockK, key_begin);
       const float* k = rows_as_float(args.k, (kv_head * sk + j0) * d, (j1 - j0) * d, buf.k);
       const float* v = rows_as_float(args.v, (kv_head * sk + j0) * d, (j1 - j0) * d, buf.v);
-      const bool crosses = visible(i0 + first) < j1;  // the first row does not see it all
+      // The first row sees the least on the right, the last the least on the left.
+      const bool crosses = keys(i0 + first).end < j1 || keys(i0 + rows - 1).begin > j0;
       const std::int64_t slice = crosses ? kSliceQ : active;
       for (std::int64_t r0 = 0; r0 < active; r0 += slice) {
         const std::int64_t nr = std::min(slice, active - r0);
-        const std::int64_t cols = std::min(j1, visible(i0 + first + r0 + nr - 1)) - j0;
-        if (cols <= 0) continue;  // no row of the slice sees this block
+        const std::int64_t c0 = std::max(j0, keys(i0 + first + r0).begin);
+        const std::int64_t c1 = std::min(j1, keys(i0 + first + r0 + nr - 1).end);
+        if (c1 <= c0) continue;  // no row of the slice sees this block
+        const std::int64_t cols = c1 - c0;
         const auto n_cols = static_cast<blasint>(cols), n_rows = static_cast<blasint>(nr);
         float* s = buf.s.data();
         float* o = buf.o.data() + r0 * d;
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n_rows, n_cols, n_d, args.scale,
-                    q + r0 * d, n_d, k, n_d, 0.0f, s, n_cols);
+                    q + r0 * d, n_d, k + (c0 - j0) * d, n_d, 0.0f, s, n_cols);
         for (std::int64_t r = 0; r < nr; ++r) {
           float* s_row = s + r * cols;
-          if (crosses) {  // hide the keys past the row's limit
-            const std::int64_t limit = visible(i0 + first + r0 + r) - j0;
-            std::fill(s_row + std::clamp<std::int64_t>(limit, 0, cols), s_row + cols, neg_inf);
+          if (cap > 0.0f) soft_cap(s_row, cols, cap);
+          if (crosses) {  // hide the keys outside the row's range
+            const KeyRange kr = keys(i0 + first + r0 + r);
+            std::fill(s_row, s_row + std::clamp<std::int64_t>(kr.begin - c0, 0, cols), neg_inf);
+            std::fill(s_row + std::clamp<std::int64_t>(kr.end - c0, 0, cols), s_row + cols, neg_inf);
           }
           float& m = buf.m[static_cast<std::size_t>(r0 + r)];
           float& l = buf.l[static_cast<std::size_t>(r0 + r)];
@@ -133,7 +143,7 @@ Status attention_flash(const AttentionArgs& args, Stream&) {
           m = m_new;
         }
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n_rows, n_d, n_cols, 1.0f, s, n_cols,
-                    v, n_d, 1.0f, o, n_d);
+                    v + (c0 - j0) * d, n_d, 1.0f, o, n_d);
       }
     }
 

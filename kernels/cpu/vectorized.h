@@ -22,6 +22,8 @@ float row_max(const float* x, std::int64_t n);
 // than 87 below `shift` (-inf: a masked score) becomes 0: its exp is below float32's normal
 // range, nothing next to the row's largest term, which is 1.
 float exp_shifted_sum(float* x, std::int64_t n, float shift);
+// x[i] = cap * tanh(x[i] / cap) for i < n (logit soft-capping); cap > 0.
+void soft_cap(float* x, std::int64_t n, float cap);
 
 // Whether the 8-wide versions run on this CPU (for the benchmark's report).
 bool vectorized_with_avx2();

@@ -79,25 +79,47 @@ void register_cuda_variants(Registry& r) {
   // Split rows pay off when a row is wide enough to keep 8 blocks busy and rows are too few to
   // fill the GPU one block each.
   r.of<SoftmaxArgs>().add({{"softmax/06_split_row", Op::kSoftmax, Backend::kCuda, all,
-                  "rows up to 256k float32 / 512k 16-bit columns; for rows >= 32k wide",
+                  "rows up to 256k float32 / 512k 16-bit columns; for rows wider than 05 holds",
                   "a cluster of 2 to 16 blocks per row, partial results through distributed shared memory",
                   5, 90},
                  softmax_06_supports, softmax_06_split_row, [](const SoftmaxArgs& a) {
                    const auto d = softmax_dims(a.x);
-                   return d.ok() && d->cols >= 32768 ? 6 : 3;
+                   // Only where 05 refuses: at 32k columns 05 measured 0.84x (fp32) and 0.82x (bf16)
+                   // against 06's 0.72x and 0.45x (H200, 2026-11-30).
+                   return d.ok() && d->cols > softmax_05_capacity(a.x.dtype) ? 6 : 3;
+                 }});
+  // Ahead where it measured ahead (H200, 2026-11-30, same run): 16-bit rows of 513-1024 columns
+  // (bf16 1k: 0.86x of copy, 05 0.65x; at 2k 05 is ahead, 0.93x against 0.80x) and float32 rows
+  // of 32k-64k columns (64k: 0.75x, 06 0.69x; 05 takes 32k at 0.84x). Elsewhere 05 and 06.
+  r.of<SoftmaxArgs>().add({{"softmax/07_bulk_ring", Op::kSoftmax, Backend::kCuda, all,
+                  "width x element size a multiple of 16 bytes; rows up to 400k float32 / 800k 16-bit columns; "
+                  "ranked first for 16-bit rows of 513-1024 and float32 rows of 32k-64k columns",
+                  "persistent blocks, rows through a ring of shared-memory stages filled by bulk copies; wide rows "
+                  "split over a cluster",
+                  5, 90},
+                 softmax_07_supports, softmax_07_bulk_ring, [](const SoftmaxArgs& a) {
+                   const auto d = softmax_dims(a.x);
+                   if (!d.ok()) return 3;
+                   const bool fp32 = a.x.dtype == DType::kFloat32;
+                   const bool narrow_16bit = !fp32 && d->cols > 512 && d->cols <= 1024;
+                   const bool fp32_64k = fp32 && d->cols > 32768 && d->cols <= 65536;
+                   return narrow_16bit || fp32_64k ? 7 : 3;
                  }});
 
   r.of<AttentionArgs>().add({{"attention/01_naive", Op::kAttention, Backend::kCuda, f32,
-                    "head dims 32, 64, 128, 256; S = B x Hq x Sq x Sk floats must fit in 8 GiB",
+                    "head dims 32, 64, 128, 256; S = B x Hq x Sq x Sk floats must fit in 8 GiB; sliding windows, "
+                    "soft-capping",
                     "S = QK^T materialized, softmax, O = PV: three kernels", 1, 0},
                    attention_01_supports, attention_01_naive, {}});
-  r.of<AttentionArgs>().add({{"attention/02_flash_fp32", Op::kAttention, Backend::kCuda, f32, "head dims 64, 128",
+  r.of<AttentionArgs>().add({{"attention/02_flash_fp32", Op::kAttention, Backend::kCuda, f32,
+                    "head dims 32, 64, 80, 96, 128, 192, 256; sliding windows, soft-capping",
                     "K/V tiles in shared memory, online softmax, S never stored; CUDA cores", 2, 0},
                    attention_02_supports, attention_02_flash_fp32, {}});
-  r.of<AttentionArgs>().add({{"attention/03_flash_mma", Op::kAttention, Backend::kCuda, half, "head dims 64, 128",
+  r.of<AttentionArgs>().add({{"attention/03_flash_mma", Op::kAttention, Backend::kCuda, half,
+                    "head dims 32, 64, 80, 96, 128, 192, 256; sliding windows, soft cap",
                     "FlashAttention-2 split on mma.sync tensor cores, cp.async double buffering", 3, 0},
                    attention_03_supports, attention_03_flash_mma, {}});
-  r.of<AttentionArgs>().add({{"attention/04_wgmma_tma", Op::kAttention, Backend::kCuda, half, "Hopper (sm_90); head dims 64, 128",
+  r.of<AttentionArgs>().add({{"attention/04_wgmma_tma", Op::kAttention, Backend::kCuda, half, "Hopper (sm_90); head dims 32, 64, 80, 96, 128, 192, 256; sliding windows, soft cap",
                     "FlashAttention-3 style: wgmma + TMA ring, producer/consumer warpgroups ping-ponging, "
                     "softmax under the next tile's matmuls, persistent blocks",
                     2, 0},
@@ -121,7 +143,7 @@ void register_cuda_variants(Registry& r) {
                                 1, 0},
                                paged_decode_01_supports, paged_decode_01_block_per_head, {}});
   r.of<PagedDecodeArgs>().add({{"paged_decode/02_split_kv", Op::kPagedDecode, Backend::kCuda, paged_all,
-                                "head dims 64, 128 (256 in 16-bit types); 1, 2, 4 or 8 query heads per kv head; "
+                                "head dims 32, 64, 80, 96, 128 (192, 256 in 16-bit types); 1, 2, 4 or 8 query heads per kv head; "
                                 "any page size",
                                 "keys split into equal chunks planned from the lengths (about 4 waves), pages "
                                 "through bulk copies into a shared-memory ring, chunks merged by log-sum-exp",
@@ -134,13 +156,13 @@ void register_cuda_variants(Registry& r) {
                                 3, 0},
                                paged_decode_03_supports, paged_decode_03_split_kv_mma, {}});
   r.of<PagedDecodeArgs>().add({{"paged_decode/04_warp_pipes", Op::kPagedDecode, Backend::kCuda, half,
-                                "head dims 64, 128; 1 to 16 query heads per kv head; any page size",
+                                "head dims 32, 64, 80, 96, 128, 192, 256; 1 to 16 query heads per kv head; any page size",
                                 "rung 03 with a cp.async pipeline per warp (16-key tiles, 3 stages, __syncwarp "
                                 "only): 8 independent page streams per SM instead of 2",
                                 4, 0},
                                paged_decode_04_supports, paged_decode_04_warp_pipes, {}});
   r.of<AttentionArgs>().add({{"attention/decode_mma_split", Op::kAttention, Backend::kCuda, half,
-                    "Sq = 1 (decoding); head dims 64, 128; 1 to 16 query heads per key/value head",
+                    "Sq = 1 (decoding); head dims 32, 64, 80, 96, 128, 192, 256; 1 to 16 query heads per key/value head",
                     "paged_decode/04's kernel on dense K/V: equal key chunks over about 4 waves, the GQA "
                     "group on mma.sync, a cp.async pipeline per warp, merged by log-sum-exp",
                     // Ahead of decode_split_kv (4) at every measured shape since it runs rung 04's kernel
@@ -149,7 +171,7 @@ void register_cuda_variants(Registry& r) {
                     5, 0},
                    attention_decode_mma_supports, attention_decode_mma_split, {}});
   r.of<PagedPrefillArgs>().add({{"paged_prefill/01_flash_mma", Op::kPagedPrefill, Backend::kCuda, half,
-                                 "head dims 64, 128; 1, 2, 4 or 8 query heads per kv head; any page size",
+                                 "head dims 32, 64, 80, 96, 128, 192, 256; 1, 2, 4 or 8 query heads per kv head; any page size",
                                  "FlashAttention-2 on mma.sync over (token, group head) rows, K/V tiles gathered "
                                  "from the pages with cp.async, causal bottom-right per sequence",
                                  1, 0},
@@ -157,7 +179,7 @@ void register_cuda_variants(Registry& r) {
   // Rung 02 ahead of rung 01 wherever it applies (page sizes 16 to 128): 1.4x to 2.2x rung 01 on the
   // H200 at 64-onto-8k and 2k-onto-0, pages 16 and 64 (bench/results/2026-11-30-h200-serving.md).
   r.of<PagedPrefillArgs>().add({{"paged_prefill/02_wgmma", Op::kPagedPrefill, Backend::kCuda, half,
-                                 "Hopper (sm_90); head dims 64, 128; 1, 2, 4 or 8 query heads per kv head; page "
+                                 "Hopper (sm_90); head dims 32, 64, 80, 96, 128; 1, 2, 4 or 8 query heads per kv head; page "
                                  "sizes 16, 32, 64, 128",
                                  "attention/04's wgmma + TMA ring over the pages (a box per page), producer/consumer "
                                  "warpgroups ping-ponging, persistent blocks on a queue of (sequence, kv head, "

@@ -50,24 +50,28 @@ void softmax_row(std::int64_t cols, const X& x, std::int64_t r, double* y) {
 }
 
 // Output row (b, h, i) of attention in float64 into o[0, D); returns its log-sum-exp (-inf and
-// zeros when the row sees no key). `s` is scratch of len_kv values.
+// zeros when the row sees no key). Keys outside visible_keys (causal, window) are masked; with
+// softcap > 0 each scaled score s becomes softcap * tanh(s / softcap). `s` is scratch of len_kv values.
 template <class Q, class K, class V>
-double attention_row(const AttentionDims& d, bool causal, double scale, const Q& q, const K& k, const V& v,
-                     std::int64_t b, std::int64_t h, std::int64_t i, double* o, std::vector<double>& s) {
+double attention_row(const AttentionDims& d, const AttentionArgs& args, double scale, const Q& q, const K& k,
+                     const V& v, std::int64_t b, std::int64_t h, std::int64_t i, double* o, std::vector<double>& s) {
   const std::int64_t kvh = h / (d.heads_q / d.heads_kv);
   const std::int64_t q_off = ((b * d.heads_q + h) * d.len_q + i) * d.head_dim;
   const std::int64_t kv_off = ((b * d.heads_kv + kvh) * d.len_kv) * d.head_dim;
+  const KeyRange keys = visible_keys(i, d.len_q, d.len_kv, args);
+  const double cap = args.softcap;
   s.resize(static_cast<std::size_t>(d.len_kv));
   for (std::int64_t c = 0; c < d.head_dim; ++c) o[c] = 0.0;
   double mx = -std::numeric_limits<double>::infinity();
   for (std::int64_t j = 0; j < d.len_kv; ++j) {
-    if (causal && !causal_visible(i, j, d.len_q, d.len_kv)) {
+    if (j < keys.begin || j >= keys.end) {
       s[j] = -std::numeric_limits<double>::infinity();
       continue;
     }
     double dot = 0.0;
     for (std::int64_t c = 0; c < d.head_dim; ++c) dot += q(q_off + c) * k(kv_off + j * d.head_dim + c);
     s[j] = dot * scale;
+    if (cap > 0.0) s[j] = cap * std::tanh(s[j] / cap);
     mx = std::max(mx, s[j]);
   }
   if (std::isinf(mx)) return -std::numeric_limits<double>::infinity();  // no visible key
@@ -214,7 +218,7 @@ std::vector<double> attention(const AttentionArgs& args, std::vector<double>* ls
     for (std::int64_t h = 0; h < d.heads_q; ++h)
       for (std::int64_t i = 0; i < d.len_q; ++i) {
         const std::size_t row = static_cast<std::size_t>((b * d.heads_q + h) * d.len_q + i);
-        const double row_lse = attention_row(d, args.causal, scale, q, k, v, b, h, i, o.data() + row * d.head_dim, s);
+        const double row_lse = attention_row(d, args, scale, q, k, v, b, h, i, o.data() + row * d.head_dim, s);
         if (lse) (*lse)[row] = row_lse;
       }
   return o;
@@ -256,7 +260,7 @@ Result<SampledCheck> sampled_error(const AttentionArgs& args, const std::vector<
   std::vector<double> got, want(static_cast<std::size_t>(d.head_dim)), scratch;
   for (int s = 0; s < 4; ++s) {
     const std::int64_t b = draw(rng, d.batch), h = draw(rng, d.heads_q), i = draw(rng, d.len_q);
-    attention_row(d, args.causal, scale, in[0], in[1], in[2], b, h, i, want.data(), scratch);
+    attention_row(d, args, scale, in[0], in[1], in[2], b, h, i, want.data(), scratch);
     ATTN_RETURN_IF_ERROR(out(((b * d.heads_q + h) * d.len_q + i) * d.head_dim, d.head_dim, got));
     for (std::int64_t c = 0; c < d.head_dim; ++c) e.add(got[c], want[c]);
   }

@@ -116,6 +116,30 @@ class CliTest(unittest.TestCase):
         self.assertLess(rel_err(np.load(self.path("o.npy")), o), 1e-5)
         self.assertLess(rel_err(np.load(self.path("lse.npy")), lse), 1e-5)
 
+    def test_attention_sliding_window_and_softcap(self):
+        q = (3 * self.rng.standard_normal((1, 2, 33, 32))).astype(np.float32)
+        k = (3 * self.rng.standard_normal((1, 2, 40, 32))).astype(np.float32)
+        v = self.rng.standard_normal((1, 2, 40, 32)).astype(np.float32)
+        for name, arr in (("wq", q), ("wk", k), ("wv", v)):
+            np.save(self.path(name + ".npy"), arr)
+        self.attn("attention", self.path("wq.npy"), self.path("wk.npy"), self.path("wv.npy"),
+                  "--window-left", "4", "--window-right", "2", "--softcap", "5", "-o", self.path("wo.npy"))
+        s = q.astype(np.float64) @ k.astype(np.float64).transpose(0, 1, 3, 2) / np.sqrt(32)
+        s = 5 * np.tanh(s / 5)
+        pos, j = np.arange(33)[:, None] + (40 - 33), np.arange(40)[None, :]
+        s = np.where((j >= pos - 4) & (j <= pos + 2), s, -np.inf)
+        self.assertLess(rel_err(np.load(self.path("wo.npy")), softmax64(s) @ v.astype(np.float64)), 1e-5)
+        r = self.attn("attention", "--random", "1,1,4,8", "--window-left", "-2", check=False)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("INVALID_ARGUMENT", r.stderr)
+        self.assertIn("window_left", r.stderr)
+        bench = json.loads(self.attn("--json", "benchmark", "attention", "1,2,33,32", "--dtype", "float32",
+                                     "--window-left", "8", "--softcap", "20", "--iterations", "2").stdout)
+        results = bench["results"]
+        self.assertGreaterEqual(len(results), 2)
+        for res in results:
+            self.assertTrue(res.get("correct"), res)
+
     def test_shm_inputs_and_outputs_equal_inline(self):
         q, k, v = (self.rng.standard_normal((1, 2, 40, 32)).astype(np.float16) for _ in range(3))
         for name, arr in (("sq", q), ("sk", k), ("sv", v)):

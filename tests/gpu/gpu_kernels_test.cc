@@ -15,6 +15,7 @@
 namespace attn {
 namespace {
 
+using testing::mask_every;
 using testing::poison;
 using testing::random_tensor;
 
@@ -145,13 +146,46 @@ TEST(GpuAuto, MatmulTakesRung08WhereItsTilesFillTheGpu) {
   EXPECT_EQ(picked(64, 1024, 8192), "matmul/cublas");   // 16 tiles: K split
 }
 
+// `auto` takes rung 07 where it measured ahead of 05 and 06 (16-bit rows of 513-1024 columns, float32 rows of
+// 32k-64k), 05 wherever it holds the row, 06 beyond, and what else takes the widths 07 refuses.
+TEST(GpuAuto, SoftmaxTakesRung07WhereItMeasuredAhead) {
+  if (!gpu()) GTEST_SKIP() << "no usable GPU on this machine";
+  const Target target = gpu()->target();
+  if (target.compute_capability != 90) GTEST_SKIP() << "rung 07 is for sm_90";
+  auto picked = [&](DType dt, std::int64_t rows, std::int64_t cols) {
+    TensorView x{dt, {rows, cols}, nullptr, MemoryKind::kDevice};  // shapes only: selection reads no data
+    TensorView y{dt, {rows, cols}, nullptr, MemoryKind::kDevice};
+    auto v = default_registry().of<SoftmaxArgs>().select(SoftmaxArgs{x, y}, "", target);
+    return v.ok() ? (*v)->info.name : v.status().to_string();
+  };
+  const DType f32 = DType::kFloat32, bf16 = DType::kBFloat16;
+  EXPECT_EQ(picked(f32, 65536, 1024), "softmax/05_vectorized");
+  EXPECT_EQ(picked(f32, 4096, 16384), "softmax/05_vectorized");
+  EXPECT_EQ(picked(bf16, 16384, 4096), "softmax/05_vectorized");
+  EXPECT_EQ(picked(bf16, 65536, 1024), "softmax/07_bulk_ring");
+  EXPECT_EQ(picked(f32, 2048, 32768), "softmax/05_vectorized");
+  EXPECT_EQ(picked(bf16, 2048, 32768), "softmax/05_vectorized");
+  EXPECT_EQ(picked(f32, 1600, 40000), "softmax/07_bulk_ring");
+  EXPECT_EQ(picked(f32, 1024, 65536), "softmax/07_bulk_ring");
+  EXPECT_EQ(picked(bf16, 1024, 65536), "softmax/06_split_row");
+  EXPECT_EQ(picked(f32, 256, 262144), "softmax/06_split_row");
+  EXPECT_EQ(picked(f32, 256, 70001), "softmax/06_split_row");  // not whole 16-byte vectors: 07 refuses
+  EXPECT_EQ(picked(f32, 4, 1 << 20), "softmax/04_online");     // wider than 07 and 06 hold
+  EXPECT_EQ(picked(bf16, 4, 1 << 20), "softmax/04_online");
+}
+
 TEST_P(GpuSoftmax, MatchesReference) {
   REQUIRE_GPU();
   const auto* v = default_registry().of<SoftmaxArgs>().find(GetParam());
   ASSERT_NE(v, nullptr);
   std::mt19937_64 rng(testing::seed());
+  // The last row: rung 07's paths, widths a multiple of 8 (whole 16-byte vectors in every dtype):
+  // its ring of stages wrapping many times over short rows (40000 x 520) and over cluster-split
+  // rows (96 x 262144: clusters of 16 for float32, 8 for 16-bit types), groups of several warps a
+  // row (300 x 4104), slices of unequal length (45 x 100008) and the widest rows it takes (7 x 409600).
   const Shape shapes[] = {{1},       {7},         {3, 33},    {5, 1000},  {2, 3, 1024}, {3, 4097},
-                          {2, 8191}, {1, 32768},  {2, 70001}, {1, 262144}, {1000, 7}, {4097, 33}};
+                          {2, 8191}, {1, 32768},  {2, 70001}, {1, 262144}, {1000, 7}, {4097, 33},
+                          {40000, 520}, {300, 4104}, {96, 262144}, {45, 100008}, {7, 409600}};
   for (DType dt : kAllDTypes)
     for (const auto& shape : shapes) {
       SCOPED_TRACE(std::string(dtype_name(dt)) + " " + shape_to_string(shape) + " seed=" +
@@ -168,6 +202,33 @@ TEST_P(GpuSoftmax, MatchesReference) {
       EXPECT_LE(reference::relative_frobenius_error(y.view(), reference::softmax(args)),
                 reference::tolerance(dt));
     }
+}
+
+// Rows holding -inf (every third entry, the first of the tensor included, as masks leave them):
+// those entries must come out 0 and the rest as the reference says, never NaN.
+TEST_P(GpuSoftmax, RowsWithMinusInfinity) {
+  REQUIRE_GPU();
+  const auto* v = default_registry().of<SoftmaxArgs>().find(GetParam());
+  ASSERT_NE(v, nullptr);
+  std::mt19937_64 rng(testing::seed());
+  const Shape shapes[] = {{7},       {3, 33},     {5, 1000},  {3, 4097},   {2, 70001}, {1, 262144},
+                          {1000, 7}, {3000, 520}, {300, 4104}, {45, 100008}};
+  int ran = 0;
+  for (DType dt : kAllDTypes)
+    for (const auto& shape : shapes) {
+      SCOPED_TRACE(std::string(dtype_name(dt)) + " " + shape_to_string(shape) + " seed=" +
+                   std::to_string(testing::seed()));
+      Tensor x = random_tensor(dt, shape, rng, 4.0f), y(dt, shape);
+      mask_every(x, 3);
+      poison(y);
+      SoftmaxArgs args{x.view(), y.view()};
+      if (!v->supports(args).ok()) continue;
+      run_on_gpu(*v, args);
+      ++ran;
+      EXPECT_LE(reference::relative_frobenius_error(y.view(), reference::softmax(args)), reference::tolerance(dt));
+      for (std::size_t i = 0; i < static_cast<std::size_t>(y.numel()); i += 3) ASSERT_EQ(y.get(i), 0.0f) << i;
+    }
+  EXPECT_GT(ran, 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Cuda, GpuSoftmax, ::testing::ValuesIn(cuda_names(Op::kSoftmax)), test_name);
@@ -225,7 +286,73 @@ TEST_P(GpuAttention, MatchesReference) {
   EXPECT_GT(ran, 0) << "the variant took none of the cases";
 }
 
+// Every common head dim (Phi-2 and Pythia-2.8B use 80, GPT-NeoX-20B 96, Gemma 256) on lengths that
+// are no multiple of any tile; the tensor-core rungs (03, and 04 on Hopper) must take all of them.
+TEST_P(GpuAttention, EveryHeadDim) {
+  REQUIRE_GPU();
+  const auto* v = default_registry().of<AttentionArgs>().find(GetParam());
+  ASSERT_NE(v, nullptr);
+  std::mt19937_64 rng(testing::seed());
+  struct Case {
+    std::int64_t b, hq, hkv, sq, sk;
+  };
+  const Case cases[] = {{1, 2, 1, 1, 1}, {1, 4, 2, 33, 200}, {2, 2, 2, 130, 130}, {1, 3, 1, 7, 1000}, {1, 2, 2, 300, 257}};
+  const bool must_take = GetParam() == "attention/03_flash_mma" ||
+                         (GetParam() == "attention/04_wgmma_tma" && gpu()->target().compute_capability == 90);
+  int ran = 0;
+  for (DType dt : kAllDTypes)
+    for (std::int64_t d : {32, 64, 80, 96, 128, 192, 256})
+      for (const auto& c : cases)
+        for (bool causal : {false, true}) {
+          SCOPED_TRACE(std::string(dtype_name(dt)) + " D" + std::to_string(d) + " Hq" + std::to_string(c.hq) + " Hkv" +
+                       std::to_string(c.hkv) + " Sq" + std::to_string(c.sq) + " Sk" + std::to_string(c.sk) +
+                       (causal ? " causal" : "") + " seed=" + std::to_string(testing::seed()));
+          Tensor q = random_tensor(dt, {c.b, c.hq, c.sq, d}, rng);
+          Tensor k = random_tensor(dt, {c.b, c.hkv, c.sk, d}, rng);
+          Tensor vv = random_tensor(dt, {c.b, c.hkv, c.sk, d}, rng);
+          Tensor o(dt, q.shape()), lse(DType::kFloat32, {c.b, c.hq, c.sq});
+          poison(o);
+          poison(lse);
+          AttentionArgs args{q.view(), k.view(), vv.view(), o.view(), lse.view(), causal, resolve_attention_scale(0.0f, d)};
+          const Status supported = v->supports(args);
+          if (!supported.ok()) {
+            EXPECT_FALSE(must_take && claims(v->info, dt)) << supported.message();
+            continue;
+          }
+          run_on_gpu(*v, args);
+          ++ran;
+          std::vector<double> want_lse;
+          const auto want = reference::attention(args, &want_lse);
+          EXPECT_LE(reference::relative_frobenius_error(o.view(), want), reference::tolerance(dt));
+          EXPECT_LE(reference::lse_error(lse.view(), want_lse), 1e-4);
+        }
+  if (must_take) {
+    EXPECT_GT(ran, 0);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Cuda, GpuAttention, ::testing::ValuesIn(cuda_names(Op::kAttention)), test_name);
+
+// `auto` on a GPU never leaves a GPU dtype and common head dim to the CPU: plain, causal, with a
+// sliding window and with a soft cap, prefill and decode shapes.
+TEST(GpuAuto, AttentionNeverFallsToTheCpu) {
+  if (!gpu()) GTEST_SKIP() << "no usable GPU on this machine";
+  const Target target = gpu()->target();
+  for (DType dt : kAllDTypes)
+    for (std::int64_t d : {32, 64, 80, 96, 128, 192, 256})
+      for (std::int64_t sq : {1, 1000})
+        for (int form = 0; form < 4; ++form) {
+          TensorView q{dt, {1, 8, sq, d}, nullptr, MemoryKind::kDevice};
+          TensorView kv{dt, {1, 2, 4096, d}, nullptr, MemoryKind::kDevice};
+          AttentionArgs a{q, kv, kv, q, {}, form == 1, 0.1f};
+          if (form == 2) a.causal = true, a.window_left = 256;
+          if (form == 3) a.softcap = 30.0f;
+          auto v = default_registry().of<AttentionArgs>().select(a, "", target);
+          ASSERT_TRUE(v.ok()) << dtype_name(dt) << " D" << d << " form " << form << ": " << v.status().to_string();
+          EXPECT_EQ((*v)->info.backend, Backend::kCuda)
+              << dtype_name(dt) << " D" << d << " Sq" << sq << " form " << form << ": " << (*v)->info.name;
+        }
+}
 
 // --- The KV-cache ops -------------------------------------------------------------------------
 // A ragged batch over a device cache: each sequence brings `fresh` new tokens onto `cached` ones.
@@ -371,6 +498,9 @@ TEST_P(GpuPagedDecode, AppendsAndMatchesReference) {
       decode(16, 2, 128, {5000, 2}),
       decode(8, 1, 128, {9000}),
       decode(6, 2, 64, {100}),  // 3 query heads per kv head: most rungs refuse it, by name
+      // The other common head dims (paged_decode/02 takes them all).
+      decode(8, 2, 32, {1, 300}), decode(8, 2, 80, {17, 1000}), decode(8, 4, 96, {65, 2000}),
+      decode(4, 2, 192, {1, 777}),
   };
   int ran = 0;
   for (DType dt : kAllDTypes)
@@ -477,6 +607,7 @@ TEST_P(GpuPagedPrefill, AppendsAndMatchesReference) {
       {16, 2, 128, {4097, 0}, {33, 65}},
       {32, 8, 128, {8, 64}, {64, 64}},
       {6, 2, 64, {10}, {10}},  // 3 query heads per kv head: refused by name
+      {8, 2, 80, {0, 100}, {150, 7}}, {8, 4, 96, {33, 0}, {65, 200}}, {4, 2, 32, {0}, {129}},  // other head dims
   };
   int ran = 0;
   for (DType dt : kAllDTypes)

@@ -290,6 +290,116 @@ TEST_F(ServerTest, RefusesHeadsThatDoNotGroup) {
                  INVALID_ARGUMENT, HasSubstr("k.shape[3]"), HasSubstr("64"), HasSubstr("got 32"));
 }
 
+// Sliding windows and soft-capping over gRPC, every dtype, the server's choice and each CPU
+// variant by name, against the float64 reference.
+TEST_F(ServerTest, AttentionWindowAndSoftcapMatchTheReference) {
+  struct Opt {
+    bool causal;
+    std::int64_t left, right;
+    float softcap;
+  };
+  const Opt opts[] = {{false, 5, 3, 0.0f}, {true, 9, -1, 0.0f}, {false, -1, 0, 5.0f},
+                      {true, 0, -1, 0.0f}, {false, 200, 100, 50.0f}};
+  int ran = 0;
+  for (DType dt : kAllDTypes)
+    for (const Opt& opt : opts)
+      for (const char* kernel : {"", "attention/cpu", "attention/cpu_flash"}) {
+        SCOPED_TRACE(std::string(dtype_name(dt)) + (opt.causal ? " causal" : "") + " window=(" +
+                     std::to_string(opt.left) + "," + std::to_string(opt.right) + ") softcap=" +
+                     std::to_string(opt.softcap) + " kernel=" + kernel + " seed=" + std::to_string(testing::seed()));
+        // Large logits so that the cap matters; Sq 37 over Sk 1000: several of cpu_flash's key blocks.
+        Tensor q = random_tensor(dt, {1, 4, 37, 64}, rng, 4.0f), k = random_tensor(dt, {1, 2, 1000, 64}, rng, 4.0f),
+               v = random_tensor(dt, {1, 2, 1000, 64}, rng);
+        AttentionOptions o{opt.causal, 0.0f, true, kernel};
+        o.window_left = opt.left;
+        o.window_right = opt.right;
+        o.softcap = opt.softcap;
+        auto r = client_.attention(q, k, v, o);
+        ASSERT_TRUE(r.ok()) << r.status().to_string();
+        EXPECT_EQ(r->timings.kernel().rfind("attention/cpu", 0), 0u) << r->timings.kernel();
+        if (*kernel) {
+          EXPECT_EQ(r->timings.kernel(), kernel);
+        }
+        AttentionArgs args{q.view(), k.view(), v.view(), r->output.view(), {}, opt.causal,
+                           resolve_attention_scale(0.0f, 64), opt.left, opt.right, opt.softcap};
+        std::vector<double> want_lse;
+        EXPECT_LE(reference::relative_frobenius_error(r->output.view(), reference::attention(args, &want_lse)),
+                  reference::tolerance(dt));
+        EXPECT_LE(reference::relative_frobenius_error(r->lse.view(), want_lse), 1e-5);
+        // The options reached the kernel: without them the answer differs.
+        AttentionArgs plain = args;
+        plain.window_left = plain.window_right = -1;
+        plain.softcap = 0.0f;
+        EXPECT_GT(reference::relative_frobenius_error(r->output.view(), reference::attention(plain)), 1e-2);
+        // FLOPs count the pairs the window keeps.
+        EXPECT_EQ(r->timings.flops(), cost_of(args).flops);
+        ++ran;
+      }
+  EXPECT_EQ(ran, 3 * 5 * 3);
+}
+
+TEST_F(ServerTest, RefusesBadWindowAndSoftcapNamingTheField) {
+  auto base = attention_request({1, 2, 7, 32}, {1, 2, 33, 32});
+  auto req = base;
+  req.set_window_left(-2);
+  EXPECT_REFUSED(call(&v1::AttnService::Stub::Attention, req), INVALID_ARGUMENT, HasSubstr("window_left"),
+                 HasSubstr("expected >= 0"), HasSubstr("got -2"));
+  req = base;
+  req.set_window_right(-5);
+  EXPECT_REFUSED(call(&v1::AttnService::Stub::Attention, req), INVALID_ARGUMENT, HasSubstr("window_right"),
+                 HasSubstr("got -5"));
+  for (float bad : {-1.0f, std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+                    -std::numeric_limits<float>::infinity()}) {
+    SCOPED_TRACE(std::to_string(bad));
+    req = base;
+    req.set_softcap(bad);
+    EXPECT_REFUSED(call(&v1::AttnService::Stub::Attention, req), INVALID_ARGUMENT, HasSubstr("softcap"),
+                   HasSubstr("finite value >= 0"));
+  }
+  // -1 set explicitly is the same as unset.
+  req = base;
+  req.set_window_left(-1);
+  req.set_window_right(-1);
+  EXPECT_TRUE(call(&v1::AttnService::Stub::Attention, req).ok());
+  // A rung that takes no window, named: refused with the rung named (on a CUDA server by the
+  // rung's own check, window_left first; on a CPU server because it runs elsewhere).
+  auto kernels = client_.list_kernels("attention");
+  ASSERT_TRUE(kernels.ok());
+  bool has_decode = false;
+  for (const auto& k : kernels->kernels()) has_decode |= k.name() == "attention/decode_split_kv";
+  if (has_decode) {
+    req = base;
+    req.set_window_left(4);
+    req.set_kernel("attention/decode_split_kv");
+    EXPECT_REFUSED(call(&v1::AttnService::Stub::Attention, req), INVALID_ARGUMENT,
+                   HasSubstr("attention/decode_split_kv"));
+  }
+  // The Benchmark RPC checks the same fields.
+  v1::BenchmarkRequest bm;
+  bm.set_op("attention");
+  bm.set_dtype(v1::D_TYPE_FLOAT32);
+  for (auto d : {1, 2, 7, 32}) bm.add_shape(d);
+  bm.set_window_left(-2);
+  auto r = client_.benchmark(bm);
+  EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_THAT(r.status().message(), HasSubstr("window_left"));
+  bm.clear_window_left();
+  bm.set_softcap(std::numeric_limits<float>::quiet_NaN());
+  r = client_.benchmark(bm);
+  EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_THAT(r.status().message(), HasSubstr("softcap"));
+  // And times a windowed, capped attention on every CPU variant, each checked against float64.
+  bm.set_softcap(30.0f);
+  bm.set_window_left(3);
+  bm.set_window_right(2);
+  bm.set_kv_len(50);
+  bm.set_iterations(3);
+  r = client_.benchmark(bm);
+  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  ASSERT_GE(r->results_size(), 2);
+  for (const auto& res : r->results()) EXPECT_TRUE(res.correct()) << res.kernel() << ": " << res.message();
+}
+
 TEST_F(ServerTest, RefusesUnknownKernel) {
   auto req = matmul_request({2, 2}, {2, 2});
   req.set_kernel("matmul/99_imaginary");

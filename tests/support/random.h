@@ -28,6 +28,12 @@ inline Tensor random_tensor(DType dtype, const Shape& shape, std::mt19937_64& rn
   return t;
 }
 
+// Sets every `period`-th element (the first one included) to -inf, as masks leave them.
+inline void mask_every(Tensor& t, std::size_t period) {
+  for (std::size_t i = 0; i < static_cast<std::size_t>(t.numel()); i += period)
+    t.set(i, -std::numeric_limits<float>::infinity());
+}
+
 // Fills with NaN so an element a kernel forgets to write cannot pass.
 inline void poison(Tensor& t) {
   for (std::size_t i = 0; i < static_cast<std::size_t>(t.numel()); ++i)

@@ -2,6 +2,9 @@
 // dtype, outputs poisoned with NaN before the run.
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <iterator>
+
 #include "attn/executor.h"
 #include "reference.h"
 #include "support/random.h"
@@ -9,6 +12,7 @@
 namespace attn {
 namespace {
 
+using testing::mask_every;
 using testing::poison;
 using testing::random_tensor;
 
@@ -81,6 +85,25 @@ TEST_P(CpuKernels, SoftmaxMatchesReference) {
   }
 }
 
+// Rows holding -inf (every third entry, the first one included): zeros there, never NaN.
+TEST_P(CpuKernels, SoftmaxRowsWithMinusInfinity) {
+  const DType dt = GetParam();
+  const Shape shapes[] = {{7}, {3, 33}, {2, 5, 1000}, {1, 4097}, {1000, 7}};
+  for (const auto& shape : shapes) {
+    for (const auto& v : registry.of<SoftmaxArgs>().variants()) {
+      if (v.info.backend != Backend::kCpu) continue;
+      SCOPED_TRACE(v.info.name + " " + dname(dt) + " " + shape_to_string(shape));
+      Tensor x = random_tensor(dt, shape, rng, 4.0f), y(dt, shape);
+      mask_every(x, 3);
+      poison(y);
+      SoftmaxArgs args{x.view(), y.view()};
+      run(v, args);
+      EXPECT_LE(reference::relative_frobenius_error(y.view(), reference::softmax(args)), reference::tolerance(dt));
+      for (std::size_t i = 0; i < static_cast<std::size_t>(y.numel()); i += 3) ASSERT_EQ(y.get(i), 0.0f) << i;
+    }
+  }
+}
+
 struct AttentionCase {
   std::int64_t b, hq, hkv, sq, sk, d;
 };
@@ -117,9 +140,138 @@ TEST_P(CpuKernels, AttentionMatchesReference) {
         }
 }
 
+// Sliding windows (left only, right only, both, window 0, with and without causal) and
+// soft-capping (50 and 5, with logits large enough that capping changes the answer).
+struct AttentionOptionsCase {
+  bool causal;
+  std::int64_t left, right;
+  float softcap;
+};
+
+const AttentionOptionsCase kOptionCases[] = {
+    {false, 5, -1, 0.0f},  {false, -1, 3, 0.0f}, {false, 7, 2, 0.0f},   {true, 6, -1, 0.0f},
+    {true, -1, 4, 0.0f},   {false, 0, 0, 0.0f},  {true, 0, -1, 0.0f},   {false, -1, 0, 0.0f},
+    {false, -1, -1, 50.0f}, {true, -1, -1, 5.0f}, {true, 100, -1, 5.0f}, {false, 300, 200, 50.0f},
+};
+
+std::string options_name(const AttentionOptionsCase& o) {
+  return std::string(o.causal ? " causal" : "") + " window=(" + std::to_string(o.left) + "," +
+         std::to_string(o.right) + ") softcap=" + std::to_string(o.softcap);
+}
+
+TEST_P(CpuKernels, AttentionWindowsAndSoftcapMatchReference) {
+  const DType dt = GetParam();
+  // Sq > Sk, Sq = 1, one key, and a long one (Sq 1000, Sk 1031) so that cpu_flash walks several
+  // key blocks of 512, skips some and slices the ones crossing a window edge.
+  const AttentionCase cases[] = {
+      {1, 1, 1, 1, 1, 64}, {2, 4, 2, 17, 33, 64}, {1, 2, 1, 33, 7, 32}, {1, 2, 2, 1, 77, 64},
+      {1, 1, 1, 1000, 1031, 16},
+  };
+  int ran = 0;
+  for (const auto& c : cases)
+    for (const auto& opt : kOptionCases) {
+      // Large logits (scaled scores of about 16 standard deviation) so that caps of 50 and 5 matter.
+      Tensor q = random_tensor(dt, {c.b, c.hq, c.sq, c.d}, rng, 4.0f);
+      Tensor k = random_tensor(dt, {c.b, c.hkv, c.sk, c.d}, rng, 4.0f);
+      Tensor vv = random_tensor(dt, {c.b, c.hkv, c.sk, c.d}, rng);
+      for (const auto& v : registry.of<AttentionArgs>().variants()) {
+        if (v.info.backend != Backend::kCpu) continue;
+        SCOPED_TRACE(v.info.name + " " + dname(dt) + " B" + std::to_string(c.b) + " Hq" + std::to_string(c.hq) +
+                     " Hkv" + std::to_string(c.hkv) + " Sq" + std::to_string(c.sq) + " Sk" + std::to_string(c.sk) +
+                     " D" + std::to_string(c.d) + options_name(opt) + " seed=" + std::to_string(testing::seed()));
+        Tensor o(dt, q.shape()), lse(DType::kFloat32, {c.b, c.hq, c.sq});
+        poison(o);
+        poison(lse);
+        AttentionArgs args{q.view(), k.view(), vv.view(), o.view(), lse.view(), opt.causal,
+                           resolve_attention_scale(0.0f, c.d), opt.left, opt.right, opt.softcap};
+        ASSERT_TRUE(v.supports(args).ok()) << v.supports(args).to_string();
+        run(v, args);
+        std::vector<double> want_lse;
+        const auto want = reference::attention(args, &want_lse);
+        EXPECT_LE(reference::relative_frobenius_error(o.view(), want), reference::tolerance(dt));
+        EXPECT_LE(reference::lse_error(lse.view(), want_lse), 1e-5);
+        if (opt.softcap > 0.0f && c.sk > 1) {  // the cap changes the answer: the test can tell
+          AttentionArgs plain = args;
+          plain.softcap = 0.0f;
+          std::vector<double> plain_lse;
+          reference::attention(plain, &plain_lse);
+          EXPECT_GT(reference::lse_error(lse.view(), plain_lse), 1e-3);
+        }
+        ++ran;
+      }
+    }
+  EXPECT_GE(ran, 2 * static_cast<int>(std::size(cases) * std::size(kOptionCases)));
+}
+
 INSTANTIATE_TEST_SUITE_P(AllDTypes, CpuKernels,
                          ::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
                          [](const auto& param_info) { return dname(param_info.param); });
+
+// The reference's window and soft cap against a brute-force double loop that spells the rule
+// out per key (position p = i + Sk - Sq; causal: j <= p; else j <= p + right; j >= p - left).
+TEST(ReferenceCheck, WindowAndSoftcapMatchBruteForce) {
+  std::mt19937_64 rng(testing::seed());
+  const std::int64_t shapes[][3] = {{7, 7, 8}, {9, 4, 8}, {3, 20, 16}, {1, 13, 8}};  // Sq, Sk, D
+  for (const auto& sh : shapes)
+    for (const auto& opt : kOptionCases) {
+      const std::int64_t sq = sh[0], sk = sh[1], d = sh[2];
+      SCOPED_TRACE("Sq" + std::to_string(sq) + " Sk" + std::to_string(sk) + options_name(opt));
+      Tensor q = random_tensor(DType::kFloat32, {1, 2, sq, d}, rng, 3.0f);
+      Tensor k = random_tensor(DType::kFloat32, {1, 1, sk, d}, rng, 3.0f);
+      Tensor v = random_tensor(DType::kFloat32, {1, 1, sk, d}, rng);
+      Tensor o(DType::kFloat32, q.shape());
+      const double scale = 0.7;
+      AttentionArgs args{q.view(), k.view(), v.view(), o.view(), {}, opt.causal, static_cast<float>(scale),
+                         opt.left, opt.right, opt.softcap};
+      std::vector<double> got_lse;
+      const auto got = reference::attention(args, &got_lse);
+      const auto* qp = static_cast<const float*>(q.data());
+      const auto* kp = static_cast<const float*>(k.data());
+      const auto* vp = static_cast<const float*>(v.data());
+      for (std::int64_t h = 0; h < 2; ++h)
+        for (std::int64_t i = 0; i < sq; ++i) {
+          const std::int64_t p = i + sk - sq;
+          std::vector<double> w(static_cast<std::size_t>(sk), 0.0);
+          double mx = -INFINITY;
+          for (std::int64_t j = 0; j < sk; ++j) {
+            bool seen = true;
+            if (opt.causal) seen &= j <= p;
+            else if (opt.right >= 0) seen &= j <= p + opt.right;
+            if (opt.left >= 0) seen &= j >= p - opt.left;
+            if (!seen) continue;
+            double s = 0.0;
+            for (std::int64_t c = 0; c < d; ++c) s += double(qp[(h * sq + i) * d + c]) * double(kp[j * d + c]);
+            s *= double(static_cast<float>(scale));
+            if (opt.softcap > 0) s = double(opt.softcap) * std::tanh(s / double(opt.softcap));
+            w[static_cast<std::size_t>(j)] = s;
+            mx = std::max(mx, s);
+          }
+          double sum = 0.0;
+          std::vector<double> want(static_cast<std::size_t>(d), 0.0);
+          for (std::int64_t j = 0; j < sk; ++j) {
+            bool seen = true;
+            if (opt.causal) seen &= j <= p;
+            else if (opt.right >= 0) seen &= j <= p + opt.right;
+            if (opt.left >= 0) seen &= j >= p - opt.left;
+            if (!seen) continue;
+            const double e = std::exp(w[static_cast<std::size_t>(j)] - mx);
+            sum += e;
+            for (std::int64_t c = 0; c < d; ++c) want[static_cast<std::size_t>(c)] += e * vp[j * d + c];
+          }
+          const std::size_t row = static_cast<std::size_t>(h * sq + i);
+          if (sum == 0.0) {
+            EXPECT_EQ(got_lse[row], -INFINITY) << "row " << i;
+          } else {
+            EXPECT_NEAR(got_lse[row], mx + std::log(sum), 1e-9) << "row " << i;
+          }
+          for (std::int64_t c = 0; c < d; ++c) {
+            const double wv = sum == 0.0 ? 0.0 : want[static_cast<std::size_t>(c)] / sum;
+            EXPECT_NEAR(got[row * static_cast<std::size_t>(d) + static_cast<std::size_t>(c)], wv, 1e-9)
+                << "row " << i << " col " << c;
+          }
+        }
+    }
+}
 
 // The checks above must be able to fail: a NaN, a missing element or a small error is caught.
 TEST(ReferenceCheck, RejectsNanMissingAndWrongValues) {

@@ -1,6 +1,9 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <utility>
+
 #include "attn/ops.h"
 
 namespace attn {
@@ -75,6 +78,71 @@ TEST(Shapes, CausalIsBottomRightAligned) {
   EXPECT_FALSE(causal_visible(3, 1, 5, 2));
 }
 
+// visible_keys(i, Sq, Sk, causal, left, right) -> [begin, end); query i sits at key i + Sk - Sq.
+TEST(Shapes, VisibleKeysEdgeCases) {
+  auto keys = [](std::int64_t i, std::int64_t sq, std::int64_t sk, bool causal, std::int64_t l, std::int64_t r) {
+    const KeyRange k = visible_keys(i, sq, sk, causal, l, r);
+    return std::make_pair(k.begin, k.end);
+  };
+  using P = std::pair<std::int64_t, std::int64_t>;
+  // No mask: every key.
+  EXPECT_EQ(keys(3, 7, 7, false, -1, -1), P(0, 7));
+  // Causal with Sq > Sk (5 queries, 2 keys): rows 0..2 see nothing, row 3 key 0, row 4 both.
+  EXPECT_EQ(keys(0, 5, 2, true, -1, -1), P(0, 0));
+  EXPECT_EQ(keys(2, 5, 2, true, -1, -1), P(0, 0));
+  EXPECT_EQ(keys(3, 5, 2, true, -1, -1), P(0, 1));
+  EXPECT_EQ(keys(4, 5, 2, true, -1, -1), P(0, 2));
+  // Window 0 on both sides: only the key at the query's own position.
+  EXPECT_EQ(keys(2, 4, 4, false, 0, 0), P(2, 3));
+  EXPECT_EQ(keys(0, 3, 10, false, 0, 0), P(7, 8));
+  // Left only: 3 queries over 10 keys, row 0 at position 7 sees 5..9.
+  EXPECT_EQ(keys(0, 3, 10, false, 2, -1), P(5, 10));
+  EXPECT_EQ(keys(0, 10, 10, false, 2, -1), P(0, 10));  // clamped at key 0
+  EXPECT_EQ(keys(0, 10, 10, false, 100, -1), P(0, 10));
+  // Right only.
+  EXPECT_EQ(keys(3, 10, 10, false, -1, 1), P(0, 5));
+  EXPECT_EQ(keys(9, 10, 10, false, -1, 1), P(0, 10));  // clamped at Sk
+  EXPECT_EQ(keys(3, 10, 10, false, -1, 0), P(0, 4));   // right 0 is causal
+  // Right only with Sq > Sk: rows left of key 0 by more than the window see nothing.
+  EXPECT_EQ(keys(0, 5, 2, false, -1, 1), P(0, 0));
+  EXPECT_EQ(keys(1, 5, 2, false, -1, 1), P(0, 0));
+  EXPECT_EQ(keys(2, 5, 2, false, -1, 1), P(0, 1));
+  // Left only with Sq > Sk: the window starts left of key 0, every key is seen.
+  EXPECT_EQ(keys(0, 5, 2, false, 0, -1), P(0, 2));
+  // Causal + window: the right side is 0 whatever window_right says.
+  EXPECT_EQ(keys(6, 10, 10, true, 3, 5), P(3, 7));
+  EXPECT_EQ(keys(6, 10, 10, true, 3, -1), P(3, 7));
+  EXPECT_EQ(keys(6, 10, 10, true, 0, -1), P(6, 7));
+  EXPECT_EQ(keys(0, 5, 2, true, 1, -1), P(0, 0));  // still nothing before the diagonal
+  // Empty ranges are never inverted.
+  for (std::int64_t i = 0; i < 5; ++i) {
+    const KeyRange k = visible_keys(i, 5, 2, true, 0, -1);
+    EXPECT_LE(k.begin, k.end);
+  }
+  // has_window: a right side under causal is no window; anything else set is.
+  AttentionArgs a;
+  EXPECT_FALSE(has_window(a));
+  a.causal = true;
+  a.window_right = 4;
+  EXPECT_FALSE(has_window(a));
+  a.window_left = 0;
+  EXPECT_TRUE(has_window(a));
+  a.causal = false;
+  a.window_left = -1;
+  EXPECT_TRUE(has_window(a));
+}
+
+TEST(Shapes, AttentionOptionChecksNameTheField) {
+  EXPECT_TRUE(check_attention_options(-1, -1, 0.0f).ok());
+  EXPECT_TRUE(check_attention_options(0, 0, 50.0f).ok());
+  EXPECT_THAT(check_attention_options(-2, -1, 0.0f).message(), HasSubstr("window_left: expected >= 0"));
+  EXPECT_THAT(check_attention_options(-1, -5, 0.0f).message(), HasSubstr("window_right: expected >= 0"));
+  EXPECT_THAT(check_attention_options(-1, -5, 0.0f).message(), HasSubstr("got -5"));
+  EXPECT_THAT(check_attention_options(-1, -1, -1.0f).message(), HasSubstr("softcap:"));
+  EXPECT_THAT(check_attention_options(-1, -1, std::nanf("")).message(), HasSubstr("softcap:"));
+  EXPECT_THAT(check_attention_options(-1, -1, INFINITY).message(), HasSubstr("softcap:"));
+}
+
 TEST(Shapes, Costs) {
   MatmulArgs m{view(DType::kFloat32, {8, 16}), view(DType::kFloat32, {16, 4}),
                view(DType::kFloat32, {8, 4})};
@@ -86,6 +154,10 @@ TEST(Shapes, Costs) {
   EXPECT_EQ(cost_of(a).flops, 4LL * 2 * 4 * 128 * 128 * 64);
   a.causal = true;
   EXPECT_EQ(cost_of(a).flops, 2LL * 2 * 4 * 128 * 128 * 64);
+  // A window counts the pairs it keeps: causal with 15 keys to the left keeps 16 per row but
+  // the first 15 rows' 1 + 2 + ... + 15.
+  a.window_left = 15;
+  EXPECT_EQ(cost_of(a).flops, 4LL * 2 * 4 * (128 * 16 - 15 * 16 / 2) * 64);
 }
 
 }  // namespace

@@ -43,6 +43,10 @@ struct AttentionOptions {
   float scale = 0.0f;  // 0: 1/sqrt(D)
   bool return_lse = false;
   std::string kernel;
+  // Sliding window (FlashAttention-2's window_size, bottom-right aligned): query i at key
+  // position p = i + Sk - Sq sees keys p - window_left .. p + window_right; -1 unbounded.
+  std::int64_t window_left = -1, window_right = -1;
+  float softcap = 0.0f;  // > 0: scores become softcap * tanh(s / softcap)
 };
 
 struct OpResult {

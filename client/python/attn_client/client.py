@@ -287,14 +287,23 @@ class Client:
         return Result(_output(resp.y, out), Timings.from_proto(resp.timings))
 
     def attention(self, q, k, v, *, causal=False, scale=0.0, return_lse=False, kernel="",
-                  keep_output=False, output_ttl_ms=0, out: Optional[ShmTensor] = None,
+                  keep_output=False, output_ttl_ms=0, window_left=None, window_right=None,
+                  softcap=0.0, out: Optional[ShmTensor] = None,
                   lse_out: Optional[ShmTensor] = None) -> Result:
         """O = softmax(scale . Q K^T [causal, bottom-right]) V for [B, H, S, D] tensors (GQA when
-        K/V have fewer heads). scale 0 means 1/sqrt(D)."""
+        K/V have fewer heads). scale 0 means 1/sqrt(D). window_left/window_right: a sliding
+        window (FlashAttention-2's window_size: query i at key position p = i + Sk - Sq sees keys
+        p - window_left .. p + window_right); None or -1 is unbounded on that side. softcap > 0:
+        each scaled score s becomes softcap * tanh(s / softcap). out/lse_out: ShmTensors the
+        server writes O / the LSE into (shared memory)."""
         req = attn_pb2.AttentionRequest(q=_input(q), k=_input(k), v=_input(v), causal=causal,
                                         scale=scale, return_lse=return_lse, kernel=kernel,
                                         keep_output=keep_output, output_ttl_ms=output_ttl_ms,
-                                        output_shm=_output_refs(out, lse_out))
+                                        softcap=softcap, output_shm=_output_refs(out, lse_out))
+        if window_left is not None:
+            req.window_left = window_left
+        if window_right is not None:
+            req.window_right = window_right
         resp = self._call(self._stub.Attention, req)
         lse = _output(resp.lse, lse_out) if return_lse else None
         return Result(_output(resp.o, out), Timings.from_proto(resp.timings), lse)
@@ -363,13 +372,19 @@ class Client:
         return Resident(handle)
 
     def benchmark(self, op: str, shape, *, dtype="bfloat16", kernels=(), kv_heads=0, kv_len=0,
-                  causal=False, iterations=0, warmup=0) -> list:
-        """Times variants on the server's device with inputs made there; BenchmarkResult list."""
+                  causal=False, iterations=0, warmup=0, window_left=None, window_right=None,
+                  softcap=0.0) -> list:
+        """Times variants on the server's device with inputs made there; BenchmarkResult list.
+        window_left/window_right/softcap: attention's, as in attention()."""
         dtypes = {"float32": attn_pb2.D_TYPE_FLOAT32, "float16": attn_pb2.D_TYPE_FLOAT16,
                   "bfloat16": attn_pb2.D_TYPE_BFLOAT16}
         req = attn_pb2.BenchmarkRequest(op=op, dtype=dtypes[dtype], shape=list(shape), kernels=list(kernels),
                                         kv_heads=kv_heads, kv_len=kv_len, causal=causal,
-                                        iterations=iterations, warmup=warmup)
+                                        iterations=iterations, warmup=warmup, softcap=softcap)
+        if window_left is not None:
+            req.window_left = window_left
+        if window_right is not None:
+            req.window_right = window_right
         return list(self._call(self._stub.Benchmark, req).results)
 
     def echo(self, payload: bytes) -> attn_pb2.EchoResponse:

@@ -21,19 +21,30 @@ def softmax64(x):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def attention64(q, k, v, causal, scale):
+def attention64(q, k, v, causal, scale, window_left=-1, window_right=-1, softcap=0.0):
     q, k, v = (np.asarray(t, dtype=np.float64) for t in (q, k, v))
     group = q.shape[1] // k.shape[1]
     k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
     s = scale * q @ k.transpose(0, 1, 3, 2)
+    if softcap > 0:
+        s = softcap * np.tanh(s / softcap)
     sq, sk = q.shape[2], k.shape[2]
-    if causal:  # bottom-right aligned: query i sees key j <= i + (sk - sq)
-        visible = np.arange(sk)[None, :] <= np.arange(sq)[:, None] + (sk - sq)
-        s = np.where(visible, s, -np.inf)
+    # bottom-right aligned: query i sits at key position i + (sk - sq)
+    pos, j = np.arange(sq)[:, None] + (sk - sq), np.arange(sk)[None, :]
+    visible = np.ones((sq, sk), dtype=bool)
+    if causal:
+        visible &= j <= pos
+    elif window_right >= 0:
+        visible &= j <= pos + window_right
+    if window_left >= 0:
+        visible &= j >= pos - window_left
+    s = np.where(visible, s, -np.inf)
     m = s.max(axis=-1, keepdims=True)
-    p = np.exp(s - m)
-    lse = (m + np.log(p.sum(axis=-1, keepdims=True)))[..., 0]
-    return (p / p.sum(axis=-1, keepdims=True)) @ v, lse
+    seen = np.isfinite(m)  # a row that sees no key: zeros, lse -inf
+    p = np.exp(s - np.where(seen, m, 0.0))
+    total = p.sum(axis=-1, keepdims=True)
+    lse = np.where(seen, m + np.log(np.where(seen, total, 1.0)), -np.inf)[..., 0]
+    return (p / np.where(seen, total, 1.0)) @ v, lse
 
 
 def test_softmax_float32_and_float16(server, rng):
@@ -77,6 +88,37 @@ def test_attention_gqa_with_lse(server, rng, causal):
     assert rel_error(r.output, want) < 1e-5
     assert rel_error(r.lse, lse) < 1e-5
     assert r.timings.flops > 0
+
+
+@pytest.mark.parametrize("causal,window_left,window_right,softcap",
+                         [(False, 5, 3, 0.0), (True, 10, None, 0.0), (False, None, 0, 5.0), (True, 0, None, 2.0)])
+def test_attention_sliding_window_and_softcap(server, rng, causal, window_left, window_right, softcap):
+    c = Client(server.address, timeout=30)
+    q = (3 * rng.standard_normal((1, 4, 33, 64))).astype(np.float32)  # large logits: the cap matters
+    k = (3 * rng.standard_normal((1, 2, 40, 64))).astype(np.float32)
+    v = rng.standard_normal((1, 2, 40, 64)).astype(np.float32)
+    r = c.attention(q, k, v, causal=causal, return_lse=True, window_left=window_left,
+                    window_right=window_right, softcap=softcap)
+    want, lse = attention64(q, k, v, causal, 1 / 8, -1 if window_left is None else window_left,
+                            -1 if window_right is None else window_right, softcap)
+    plain, _ = attention64(q, k, v, causal, 1 / 8)
+    assert rel_error(want, plain) > 1e-2  # the options change the answer
+    assert rel_error(r.output, want) < 1e-5
+    assert rel_error(r.lse, lse) < 1e-5
+
+
+@pytest.mark.parametrize("field,kwargs", [("window_left", {"window_left": -2}),
+                                          ("window_right", {"window_right": -5}),
+                                          ("softcap", {"softcap": -1.0}),
+                                          ("softcap", {"softcap": float("nan")}),
+                                          ("softcap", {"softcap": float("inf")})])
+def test_attention_bad_options_name_the_field(server, rng, field, kwargs):
+    c = Client(server.address, timeout=30)
+    q = rng.standard_normal((1, 1, 7, 32)).astype(np.float32)
+    with pytest.raises(AttnError) as e:
+        c.attention(q, q, q, **kwargs)
+    assert e.value.code.name == "INVALID_ARGUMENT"
+    assert e.value.message.startswith(field + ":")
 
 
 def test_bad_input_raises_with_the_field_named(server, rng):

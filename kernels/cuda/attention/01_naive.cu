@@ -2,7 +2,9 @@
 // materialized in device memory: S = scale . Q K^T (K read as stored, no transpose), a row
 // softmax of S in place (which also yields the log-sum-exp), then O = P V. S costs
 // B x Hq x Sq x Sk x 4 bytes written once and read twice: at long sequences that traffic, not
-// the arithmetic, is the time, and it is what the flash rungs remove. float32.
+// the arithmetic, is the time, and it is what the flash rungs remove. float32. Sliding windows
+// and soft-capping apply in the scores kernel (softcap * tanh(s / softcap), keys outside
+// [first_key, visible_keys) masked).
 #include "attention_common.cuh"
 #include "attention_rungs.h"
 #include "../softmax/softmax_common.cuh"
@@ -21,7 +23,10 @@ __global__ void scores_kernel(AttentionProblem p, float* s) {
   const float* k = static_cast<const float*>(p.k) + p.kv_row(b, h, j);
   float acc = 0.0f;
   for (int c = 0; c < p.head_dim; ++c) acc += q[c] * k[c];
-  s[(static_cast<long long>(bh) * p.len_q + i) * p.len_kv + j] = j < p.visible_keys(i) ? acc * p.scale : -INFINITY;
+  float score = acc * p.scale;
+  if (p.softcap > 0.0f) score = p.softcap * tanhf(score / p.softcap);
+  const bool visible = j >= p.first_key(i) && j < p.visible_keys(i);  // causal, window
+  s[(static_cast<long long>(bh) * p.len_q + i) * p.len_kv + j] = visible ? score : -INFINITY;
 }
 
 // A block per row of S: max, sum, then P = exp(S - max) / sum in place; lse = max + log(sum).
@@ -60,7 +65,8 @@ long long score_bytes(const AttentionProblem& p) {
 }  // namespace
 
 Status attention_01_supports(const AttentionArgs& args) {
-  ATTN_ASSIGN_OR_RETURN(p, attention_problem(args, {DType::kFloat32}, {32, 64, 128, 256}, "attention/01_naive"));
+  ATTN_ASSIGN_OR_RETURN(p, attention_problem(args, {DType::kFloat32}, {32, 64, 128, 256}, "attention/01_naive",
+                                             kTakesWindow | kTakesSoftcap));
   if (score_bytes(p) > kMaxScoreBytes) {
     return resource_exhausted("q.shape: attention/01_naive materializes S = B x Hq x Sq x Sk floats: " +
                               std::to_string(score_bytes(p) >> 20) + " MiB here, over its limit of " +
@@ -74,7 +80,8 @@ Status attention_01_supports(const AttentionArgs& args) {
 
 Status attention_01_naive(const AttentionArgs& args, Stream& stream) {
   ATTN_RETURN_IF_ERROR(attention_01_supports(args));
-  ATTN_ASSIGN_OR_RETURN(p, attention_problem(args, {DType::kFloat32}, {32, 64, 128, 256}, "attention/01_naive"));
+  ATTN_ASSIGN_OR_RETURN(p, attention_problem(args, {DType::kFloat32}, {32, 64, 128, 256}, "attention/01_naive",
+                                             kTakesWindow | kTakesSoftcap));
   const cudaStream_t s = attention_stream(stream);
   float* scores = nullptr;
   ATTN_RETURN_IF_ERROR(to_status(cudaMallocAsync(&scores, score_bytes(p), s), "attention/01_naive: S"));

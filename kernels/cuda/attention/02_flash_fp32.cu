@@ -5,18 +5,38 @@
 // from O(Sq x Sk) to reading Q, K and V once per 32 query rows, so long sequences stop being
 // bound by S. Four threads share a row, each owning every fourth element of the head dim; a
 // tile's 32 scores are reduced across the four with shuffles. Causal tiles past the diagonal are
-// skipped. exp2 with the scale folded in. float32, head dims 64 and 128.
+// skipped. exp2 with the scale folded in. float32.
+//
+// Every head dim 32, 64, 80, 96, 128, 192, 256 (a kernel per D): above 128 eight threads share
+// a row (16 rows a block) and key tiles are 16 keys, so q, o and the tile's scores stay within
+// 128 registers a thread (no spills) and the K/V tiles within 32 KiB of shared memory.
+//
+// Sliding windows and soft-capping: a block walks only the key tiles between its first row's
+// first key and its last row's last key (tiles wholly outside the band are skipped); scores
+// outside a row's [first_key, visible_keys) are masked, which covers tiles crossing either edge.
+// softcap > 0 turns each score s into softcap * tanh(s / softcap) (in log2 units here).
 #include "attention_common.cuh"
 #include "attention_rungs.h"
 
 namespace attn::cuda {
 namespace {
 
-constexpr int kRows = 32, kKeys = 32, kLanes = 4, kThreads = kRows * kLanes;
+constexpr int kThreads = 128;
+
+// The block's shape for head dim D.
+template <int D>
+struct Tiling {
+  static constexpr int kLanes = D <= 128 ? 4 : 8;   // threads sharing a query row
+  static constexpr int kRows = kThreads / kLanes;  // query rows per block
+  static constexpr int kKeys = D <= 128 ? 32 : 16;  // keys per shared-memory tile
+  static constexpr int kSlice = D / kLanes;         // head-dim elements per thread
+  static_assert(D % 4 == 0 && D % kLanes == 0, "rows are read 4 elements at a time, split over the lanes");
+};
 
 template <int D>
 __global__ void __launch_bounds__(kThreads) flash_fp32_kernel(AttentionProblem p) {
-  constexpr int kSlice = D / kLanes;
+  using Tl = Tiling<D>;
+  constexpr int kLanes = Tl::kLanes, kRows = Tl::kRows, kKeys = Tl::kKeys, kSlice = Tl::kSlice;
   __shared__ __align__(16) float ks[kKeys][D];
   __shared__ __align__(16) float vs[kKeys][D];
   const int bh = blockIdx.y, b = bh / p.heads_q, h = bh % p.heads_q;
@@ -32,13 +52,20 @@ __global__ void __launch_bounds__(kThreads) flash_fp32_kernel(AttentionProblem p
     o[c] = 0.0f;
   }
   float m = -INFINITY, l = 0.0f;
+  // Keys [first, visible) are this row's (causal, window); an inactive row sees none.
   const int visible = active ? p.visible_keys(i) : 0;
-  // The last key any row of this block can see; tiles after it are skipped.
-  const int block_end = p.visible_keys(min(i0 + kRows, p.len_q) - 1);
+  const int first = active ? p.first_key(i) : 0;
+  // The band any row of this block sees: from the first row's first key to the last row's last
+  // key (both grow with the row); tiles outside it are skipped.
+  const int last_row = min(i0 + kRows, p.len_q) - 1;
+  const int block_begin = p.first_key(i0) / kKeys * kKeys, block_end = p.visible_keys(last_row);
+  // Soft-capping in log2 units: s2 = s * log2(e) becomes cap * log2(e) * tanh(s2 / (cap * log2(e))).
+  const bool capped = p.softcap > 0.0f;
+  const float cap2 = p.softcap * 1.4426950408889634f, inv_cap2 = capped ? 1.0f / cap2 : 0.0f;
   const float* kbase = static_cast<const float*>(p.k) + p.kv_row(b, h, 0);
   const float* vbase = static_cast<const float*>(p.v) + p.kv_row(b, h, 0);
 
-  for (int j0 = 0; j0 < block_end; j0 += kKeys) {
+  for (int j0 = block_begin; j0 < block_end; j0 += kKeys) {
     __syncthreads();  // the previous tile is no longer read
     for (int idx = threadIdx.x; idx < kKeys * D / 4; idx += kThreads) {
       const int r = idx / (D / 4), c4 = (idx % (D / 4)) * 4;
@@ -57,9 +84,11 @@ __global__ void __launch_bounds__(kThreads) flash_fp32_kernel(AttentionProblem p
       float part = 0.0f;
 #pragma unroll
       for (int c = 0; c < kSlice; ++c) part += q[c] * ks[jj][lane + c * kLanes];
-      part += __shfl_xor_sync(0xffffffffu, part, 1);
-      part += __shfl_xor_sync(0xffffffffu, part, 2);
-      s[jj] = j0 + jj < visible ? part : -INFINITY;
+#pragma unroll
+      for (int off = 1; off < kLanes; off <<= 1) part += __shfl_xor_sync(0xffffffffu, part, off);
+      if (capped) part = cap2 * tanhf(part * inv_cap2);
+      const int j = j0 + jj;
+      s[jj] = j >= first && j < visible ? part : -INFINITY;  // masks tiles crossing either edge
       tile_max = fmaxf(tile_max, s[jj]);
     }
     const float m_new = fmaxf(m, tile_max);
@@ -88,10 +117,23 @@ __global__ void __launch_bounds__(kThreads) flash_fp32_kernel(AttentionProblem p
   }
 }
 
+constexpr const char* kName = "attention/02_flash_fp32";
+
+Result<AttentionProblem> problem_02(const AttentionArgs& args) {
+  return attention_problem(args, {DType::kFloat32}, {32, 64, 80, 96, 128, 192, 256}, kName,
+                           kTakesWindow | kTakesSoftcap);
+}
+
+template <int D>
+void launch(const AttentionProblem& p, cudaStream_t s) {
+  const dim3 grid((p.len_q + Tiling<D>::kRows - 1) / Tiling<D>::kRows, p.batch * p.heads_q);
+  flash_fp32_kernel<D><<<grid, kThreads, 0, s>>>(p);
+}
+
 }  // namespace
 
 Status attention_02_supports(const AttentionArgs& args) {
-  ATTN_ASSIGN_OR_RETURN(p, attention_problem(args, {DType::kFloat32}, {64, 128}, "attention/02_flash_fp32"));
+  ATTN_ASSIGN_OR_RETURN(p, problem_02(args));
   if (static_cast<long long>(p.batch) * p.heads_q > 65535) {
     return invalid_argument("q.shape: attention/02_flash_fp32 takes B x Hq <= 65535");
   }
@@ -100,11 +142,17 @@ Status attention_02_supports(const AttentionArgs& args) {
 
 Status attention_02_flash_fp32(const AttentionArgs& args, Stream& stream) {
   ATTN_RETURN_IF_ERROR(attention_02_supports(args));
-  ATTN_ASSIGN_OR_RETURN(p, attention_problem(args, {DType::kFloat32}, {64, 128}, "attention/02_flash_fp32"));
-  const dim3 grid((p.len_q + kRows - 1) / kRows, p.batch * p.heads_q);
+  ATTN_ASSIGN_OR_RETURN(p, problem_02(args));
   const cudaStream_t s = attention_stream(stream);
-  if (p.head_dim == 64) flash_fp32_kernel<64><<<grid, kThreads, 0, s>>>(p);
-  else flash_fp32_kernel<128><<<grid, kThreads, 0, s>>>(p);
+  switch (p.head_dim) {
+    case 32: launch<32>(p, s); break;
+    case 64: launch<64>(p, s); break;
+    case 80: launch<80>(p, s); break;
+    case 96: launch<96>(p, s); break;
+    case 128: launch<128>(p, s); break;
+    case 192: launch<192>(p, s); break;
+    default: launch<256>(p, s); break;  // problem_02 admits no other
+  }
   return to_status(cudaGetLastError(), "attention/02_flash_fp32 launch");
 }
 

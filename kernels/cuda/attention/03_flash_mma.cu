@@ -9,9 +9,12 @@
 // - Shared memory rows are XOR-swizzled in 16-byte chunks, so ldmatrix reads hit 8 banks apart,
 //   and each lane's ldmatrix address for a k-step is its base XOR a constant (one instruction, no
 //   per-fragment address registers): 1.23-1.30x over computing each swizzled address.
-// - exp2 with the scale folded in; only tiles that cross a row's last visible key are masked;
-//   causal tiles past the diagonal are skipped, and the query tiles run heaviest first.
-// Head dims 64 and 128.
+// - exp2 with the scale folded in; only tiles that cross a row's first or last visible key are
+//   masked; tiles outside every row's causal or sliding window are skipped, and the query tiles
+//   run heaviest first. A soft cap maps each score through tanh.approx (one MUFU op).
+// Head dims 32, 64, 80, 96, 128, 192, 256: rows sit in shared memory padded to 64, 128 or 256
+// (padded_dim: the swizzle and the XOR addressing need a power of two), and above 128 a warp owns one m-tile (the O accumulators of
+// two would not fit in 255 registers).
 #include "../common/flash_mma_tile.cuh"
 #include "../common/mma_sync.cuh"
 #include "attention_common.cuh"
@@ -27,41 +30,56 @@ using flash_mma::attend_tile;
 // Every lane's ldmatrix rows below start at a multiple of 8, so row & 7 is fixed per lane and the
 // chunk of k-step kk is reached by XOR-ing (kk << 5) into the lane's base address: one LOP3 per
 // k-step, and the other fragments of that step sit at immediate offsets (tiles are 256-aligned).
+// Rows are padded_dim<D>() elements in shared memory (D itself at 64 and 128).
 template <int D>
 __device__ __forceinline__ unsigned swizzled_bytes(int row, int chunk) {
-  return static_cast<unsigned>(row * D * 2 + ((chunk ^ (row & 7)) << 4));
+  return static_cast<unsigned>(row * padded_dim<D>() * 2 + ((chunk ^ (row & 7)) << 4));
 }
 
 // Copies rows [row0, row0 + rows) of a [len][D] head (zero past `len`) into a swizzled tile.
-// Each thread copies one 16-byte chunk per pass, at a fixed column and a row 8k apart per pass.
+// Each thread copies one 16-byte chunk per pass, at a fixed column and a row 8k apart per pass;
+// where the chunks of a row do not divide the threads (D = 80, 96, 192), pass by pass through
+// the tile's chunks in order.
 template <class T, int D, int kThreads, int kRows>
 __device__ __forceinline__ void load_tile(unsigned tile, const T* head, int row0, int len) {
-  constexpr int kChunks = D / 8, kRowsPerPass = kThreads / kChunks;
-  static_assert(kThreads % kChunks == 0 && kRowsPerPass % 8 == 0 && kRows % kRowsPerPass == 0);
-  const int r = threadIdx.x / kChunks, c = threadIdx.x % kChunks;
-  const unsigned dst = tile + swizzled_bytes<D>(r, c);
-  const T* src = head + static_cast<long long>(row0 + r) * D + c * 8;
+  constexpr int kChunks = D / 8, kRowsPerPass = kThreads / kChunks, kRowBytes = padded_dim<D>() * 2;
+  if constexpr (kThreads % kChunks == 0 && kRowsPerPass % 8 == 0 && kRows % kRowsPerPass == 0) {
+    const int r = threadIdx.x / kChunks, c = threadIdx.x % kChunks;
+    const unsigned dst = tile + swizzled_bytes<D>(r, c);
+    const T* src = head + static_cast<long long>(row0 + r) * D + c * 8;
 #pragma unroll
-  for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {
-    const int row = row0 + r + pass * kRowsPerPass;
-    const bool valid = row < len;
-    const T* from = valid ? src + static_cast<long long>(pass) * kRowsPerPass * D : head;
-    cp_async16(dst + pass * kRowsPerPass * D * 2, from, valid);
+    for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {
+      const int row = row0 + r + pass * kRowsPerPass;
+      const bool valid = row < len;
+      const T* from = valid ? src + static_cast<long long>(pass) * kRowsPerPass * D : head;
+      cp_async16(dst + pass * kRowsPerPass * kRowBytes, from, valid);
+    }
+  } else {
+    static_assert((kRows * kChunks) % kThreads == 0);
+#pragma unroll
+    for (int pass = 0; pass < kRows * kChunks / kThreads; ++pass) {
+      const int idx = pass * kThreads + threadIdx.x, r = idx / kChunks, c = idx % kChunks;
+      const bool valid = row0 + r < len;
+      const T* from = valid ? head + static_cast<long long>(row0 + r) * D + c * 8 : head;
+      cp_async16(tile + swizzled_bytes<D>(r, c), from, valid);
+    }
   }
 }
 
 // kMT: 16-row m-tiles per warp. With 2, every K and V fragment read from shared memory feeds
 // two mma instead of one and each warp has two independent chains in flight; Q is re-read from
 // shared memory per k-step (an ldmatrix) rather than held in registers, to stay within 255.
-template <class T, int D, int kWarps, int kMT, int kBN, int kMinBlocks>
+// kCap: scores go through the soft cap (a kernel of its own, so that the plain one keeps its
+// registers).
+template <class T, int D, int kWarps, int kMT, int kBN, int kMinBlocks, bool kCap>
 __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) flash_mma_kernel(AttentionProblem p) {
   constexpr int kThreads = kWarps * 32, kBlockM = 16 * kMT * kWarps;
-  constexpr unsigned kTileBytes = kBN * D * 2;
+  constexpr unsigned kTileBytes = kBN * padded_dim<D>() * 2;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   // Tiles start 256-aligned so that the XOR addressing above stays inside each row.
   const unsigned qs = (smem_addr(smem_raw) + 255u) & ~255u;
-  const unsigned ks = qs + kBlockM * D * 2;  // [2][kBN][D]
-  const unsigned vs = ks + 2 * kTileBytes;   // [2][kBN][D]
+  const unsigned ks = qs + kBlockM * padded_dim<D>() * 2;  // [2][kBN][padded D]
+  const unsigned vs = ks + 2 * kTileBytes;                  // [2][kBN][padded D]
   const int bh = blockIdx.y, b = bh / p.heads_q, h = bh % p.heads_q;
   const int m_tile = gridDim.x - 1 - blockIdx.x;  // heaviest (latest, under causal) first
   const int i0 = m_tile * kBlockM;
@@ -74,13 +92,16 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) flash_mma_kernel(Atte
   const int last_row = min(i0 + kBlockM, p.len_q) - 1;
   const int block_end = p.visible_keys(last_row);  // keys past it are masked for every row
   const int tiles = (block_end + kBN - 1) / kBN;
-  // Tiles from here on hold a key that some row of the block must not see.
+  // Tiles from here on hold a key that some row of the block must not see; under a sliding
+  // window, so do the tiles before front_masked, and those before first_tile none sees.
   const int first_masked = min(p.visible_keys(i0), p.len_kv) / kBN;
+  const int first_tile = min(p.first_key(i0) / kBN, tiles);
+  const int front_masked = (p.first_key(last_row) + kBN - 1) / kBN;
 
   load_tile<T, D, kThreads, kBlockM>(qs, qhead, i0, p.len_q);
-  if (tiles > 0) {
-    load_tile<T, D, kThreads, kBN>(ks, khead, 0, p.len_kv);
-    load_tile<T, D, kThreads, kBN>(vs, vhead, 0, p.len_kv);
+  if (tiles > first_tile) {
+    load_tile<T, D, kThreads, kBN>(ks, khead, first_tile * kBN, p.len_kv);
+    load_tile<T, D, kThreads, kBN>(vs, vhead, first_tile * kBN, p.len_kv);
   }
   cp_async_commit();
   cp_async_wait<0>();
@@ -103,20 +124,24 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) flash_mma_kernel(Atte
     l[mt][0] = l[mt][1] = 0.0f;
   }
   const int row0 = i0 + warp_row0 + g;  // this lane's first row; the others are +8, +16, +24
-  const auto visible = [&p](int row) { return p.visible_keys(row); };
+  const auto visible = [&p](int row) { return make_int2(p.first_key(row), p.visible_keys(row)); };
+  const auto scores = [&p] {
+    if constexpr (kCap) return p.score_map();
+    else return p.scale_log2;
+  }();
 
-  for (int t = 0; t < tiles; ++t) {
-    const unsigned buf = (t & 1) * kTileBytes, next = kTileBytes - buf;
+  for (int t = first_tile; t < tiles; ++t) {
+    const unsigned buf = ((t - first_tile) & 1) * kTileBytes, next = kTileBytes - buf;
     const int j0 = t * kBN;
     if (t + 1 < tiles) {  // the next tile flies while this one is computed
       load_tile<T, D, kThreads, kBN>(ks + next, khead, j0 + kBN, p.len_kv);
       load_tile<T, D, kThreads, kBN>(vs + next, vhead, j0 + kBN, p.len_kv);
     }
     cp_async_commit();
-    if (t >= first_masked)
-      attend_tile<T, D, kMT, kBN, true>(visible, p.scale_log2, q_lane, ks + buf + k_lane0, vs + buf + v_lane0, j0, row0, o, m, l);
+    if (t >= first_masked || t < front_masked)
+      attend_tile<T, D, kMT, kBN, true>(visible, scores, q_lane, ks + buf + k_lane0, vs + buf + v_lane0, j0, row0, o, m, l);
     else
-      attend_tile<T, D, kMT, kBN, false>(visible, p.scale_log2, q_lane, ks + buf + k_lane0, vs + buf + v_lane0, j0, row0, o, m, l);
+      attend_tile<T, D, kMT, kBN, false>(visible, scores, q_lane, ks + buf + k_lane0, vs + buf + v_lane0, j0, row0, o, m, l);
     cp_async_wait<0>();
     __syncthreads();  // tile t+1 has landed; nobody reads buffer `buf` any more
   }
@@ -128,8 +153,9 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) flash_mma_kernel(Atte
 template <class T, int D, int kWarps, int kMT, int kBN, int kMinBlocks = 1>
 cudaError_t launch_with(const AttentionProblem& p, cudaStream_t s) {
   constexpr int kBlockM = 16 * kMT * kWarps;
-  constexpr int kSmem = (kBlockM + 4 * kBN) * D * static_cast<int>(sizeof(T)) + 256;  // + alignment
-  auto kernel = flash_mma_kernel<T, D, kWarps, kMT, kBN, kMinBlocks>;
+  constexpr int kSmem = (kBlockM + 4 * kBN) * padded_dim<D>() * static_cast<int>(sizeof(T)) + 256;  // + alignment
+  auto kernel = p.cap_log2 != 0.0f ? flash_mma_kernel<T, D, kWarps, kMT, kBN, kMinBlocks, true>
+                                   : flash_mma_kernel<T, D, kWarps, kMT, kBN, kMinBlocks, false>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (e != cudaSuccess) return e;
   const dim3 grid((p.len_q + kBlockM - 1) / kBlockM, p.batch * p.heads_q);
@@ -140,25 +166,38 @@ cudaError_t launch_with(const AttentionProblem& p, cudaStream_t s) {
 // 4 warps x 2 m-tiles (128 query rows) x 64-key tiles: measured best on the H100 of five shapes
 // (2 m-tiles x 32 keys (D=128) or x 128 keys (D=64): 8-10% slower; 1 m-tile per warp with 8 warps
 // or 3 blocks/SM: 10-17% slower; 3 blocks/SM forced at D=64: 11% slower; bench/NOTES.md).
+// Above 128 one m-tile a warp (64 rows a block): O of two would take 2 D / 2 registers alone; at
+// 256, 32-key tiles (64 keys spilled 224 bytes).
 template <class T, int D>
 cudaError_t launch(const AttentionProblem& p, cudaStream_t s) {
-  return launch_with<T, D, 4, 2, 64>(p, s);
+  return launch_with<T, D, 4, D <= 128 ? 2 : 1, D <= 192 ? 64 : 32>(p, s);
 }
+
+template <class T>
+cudaError_t launch_dim(const AttentionProblem& p, cudaStream_t s) {
+  switch (p.head_dim) {
+    case 32: return launch<T, 32>(p, s);
+    case 64: return launch<T, 64>(p, s);
+    case 80: return launch<T, 80>(p, s);
+    case 96: return launch<T, 96>(p, s);
+    case 128: return launch<T, 128>(p, s);
+    case 192: return launch<T, 192>(p, s);
+    default: return launch<T, 256>(p, s);  // tensor_core_problem took no other
+  }
+}
+
+constexpr unsigned kFeatures = kTakesWindow | kTakesSoftcap;
 
 }  // namespace
 
 Status attention_03_supports(const AttentionArgs& args) {
-  return tensor_core_problem(args, "attention/03_flash_mma").status();
+  return tensor_core_problem(args, "attention/03_flash_mma", kFeatures).status();
 }
 
 Status attention_03_flash_mma(const AttentionArgs& args, Stream& stream) {
-  ATTN_ASSIGN_OR_RETURN(p, tensor_core_problem(args, "attention/03_flash_mma"));
+  ATTN_ASSIGN_OR_RETURN(p, tensor_core_problem(args, "attention/03_flash_mma", kFeatures));
   const cudaStream_t s = attention_stream(stream);
-  cudaError_t e;
-  if (args.q.dtype == DType::kBFloat16)
-    e = p.head_dim == 64 ? launch<__nv_bfloat16, 64>(p, s) : launch<__nv_bfloat16, 128>(p, s);
-  else
-    e = p.head_dim == 64 ? launch<__half, 64>(p, s) : launch<__half, 128>(p, s);
+  const cudaError_t e = args.q.dtype == DType::kBFloat16 ? launch_dim<__nv_bfloat16>(p, s) : launch_dim<__half>(p, s);
   return to_status(e, "attention/03_flash_mma launch");
 }
 

@@ -12,6 +12,7 @@
 #include "attn/executor.h"
 #include "attn/ops.h"
 #include "../common/mma_sync.cuh"
+#include "../common/score_rules.cuh"
 #include "../cuda_check.h"
 
 namespace attn::cuda {
@@ -28,6 +29,10 @@ struct AttentionProblem {
   bool causal;
   int window_left = -1, window_right = -1;  // -1: unbounded (see AttentionArgs)
   float softcap = 0.0f;                     // 0: none
+  float cap_pre = 0.0f, cap_log2 = 0.0f;    // scale / softcap, softcap * log2(e); 0 without a cap
+
+  __host__ __device__ ScoreMap score_map() const { return {scale_log2, cap_pre, cap_log2}; }
+  __host__ __device__ bool windowed() const { return window_left >= 0 || (!causal && window_right >= 0); }
 
   // First element of row i of query head h (of batch b), and of key/value row j for that head.
   __host__ __device__ long long q_row(int b, int h, int i) const {
@@ -101,14 +106,18 @@ inline Result<AttentionProblem> attention_problem(const AttentionArgs& args, std
   p.window_left = clamp_window(args.window_left);
   p.window_right = clamp_window(args.window_right);
   p.softcap = args.softcap;
+  if (args.softcap > 0.0f) {
+    p.cap_pre = args.scale / args.softcap;
+    p.cap_log2 = args.softcap * 1.4426950408889634f;
+  }
   return p;
 }
 
-// The problem for the bf16/fp16 tensor-core rungs (03, 04): head dims 64 and 128, one block row
-// of the grid per (batch, query head).
+// The problem for the bf16/fp16 tensor-core rungs (03, 04): head dims 32, 64, 80, 96, 128, 192
+// and 256, one block row of the grid per (batch, query head).
 inline Result<AttentionProblem> tensor_core_problem(const AttentionArgs& args, const char* name,
                                                     unsigned features = kPlainOnly) {
-  ATTN_ASSIGN_OR_RETURN(p, attention_problem(args, {DType::kBFloat16, DType::kFloat16}, {64, 128}, name, features));
+  ATTN_ASSIGN_OR_RETURN(p, attention_problem(args, {DType::kBFloat16, DType::kFloat16}, {32, 64, 80, 96, 128, 192, 256}, name, features));
   if (static_cast<long long>(p.batch) * p.heads_q > 65535) {
     return invalid_argument(std::string("q.shape: ") + name + " takes B x Hq <= 65535");
   }

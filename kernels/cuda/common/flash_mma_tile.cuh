@@ -1,10 +1,12 @@
 // The FlashAttention-2 tile on mma.sync, shared by attention/03_flash_mma and
 // paged_prefill/01_flash_mma: one warp's kMT 16-row m-tiles against one tile of kBN keys in
-// shared memory (Q, K, V rows of D 16-bit elements, XOR-swizzled 16-byte chunks, addressed
-// through the lanes' ldmatrix addresses), with the caller's visibility rule for masking.
+// shared memory (Q, K, V rows of D 16-bit elements padded to padded_dim<D>(), XOR-swizzled 16-byte
+// chunks, addressed through the lanes' ldmatrix addresses), with the caller's visibility rule for
+// masking and score map (a float scale, or a ScoreMap that may soft-cap).
 #pragma once
 
 #include "mma_sync.cuh"
+#include "score_rules.cuh"
 
 namespace attn::cuda::flash_mma {
 
@@ -13,12 +15,13 @@ using namespace mma_sync;
 // One K/V tile for the warp: S = Q K^T for its kMT m-tiles, the online softmax, O += P V.
 // kMask: the tile holds keys some of this block's rows must not see (past the sequence, or past
 // the causal diagonal); every other tile skips the compares.
-// `visible_keys(row)`: the keys row `row` sees (read only under kMask); scale_log2: the softmax
-// scale in log2 units.
-template <class T, int D, int kMT, int kBN, bool kMask, class Visible>
-__device__ __forceinline__ void attend_tile(const Visible& visible_keys, float scale_log2, unsigned q_lane,
+// `visible_keys(row)`: the keys row `row` sees, [0, int) or [x, y) of an int2 (read only under
+// kMask); `scores`: the softmax scale in log2 units (a float) or a ScoreMap.
+template <class T, int D, int kMT, int kBN, bool kMask, class Visible, class Scores>
+__device__ __forceinline__ void attend_tile(const Visible& visible_keys, Scores scores, unsigned q_lane,
                                             unsigned k_lane, unsigned v_lane, int j0, int row0,
                                             float (&o)[kMT][D / 8][4], float (&m)[kMT][2], float (&l)[kMT][2]) {
+  constexpr int kRowBytes = padded_dim<D>() * 2;
   const int lane = threadIdx.x % 32, t4 = lane % 4;
   float s[kMT][kBN / 8][4];
 #pragma unroll
@@ -30,11 +33,11 @@ __device__ __forceinline__ void attend_tile(const Visible& visible_keys, float s
     const unsigned q_kk = q_lane ^ (kk << 5), k_kk = k_lane ^ (kk << 5);
     unsigned qk[kMT][4];
 #pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) ldsm_x4(qk[mt], q_kk + mt * 16 * D * 2);
+    for (int mt = 0; mt < kMT; ++mt) ldsm_x4(qk[mt], q_kk + mt * 16 * kRowBytes);
 #pragma unroll
     for (int np = 0; np < kBN / 16; ++np) {
       unsigned kf[4];
-      ldsm_x4(kf, k_kk + np * 16 * D * 2);
+      ldsm_x4(kf, k_kk + np * 16 * kRowBytes);
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
         mma16816<T>(s[mt][2 * np], qk[mt], kf[0], kf[1]);
@@ -50,13 +53,19 @@ __device__ __forceinline__ void attend_tile(const Visible& visible_keys, float s
     float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int visible = kMask ? visible_keys(row0 + mt * 16 + 8 * r) : 0;
+      const int2 kept = kMask ? kept_keys(visible_keys, row0 + mt * 16 + 8 * r) : make_int2(0, 0);
 #pragma unroll
       for (int n = 0; n < kBN / 8; ++n)
 #pragma unroll
         for (int e = 2 * r; e < 2 * r + 2; ++e) {
-          s[mt][n][e] *= scale_log2;
-          if (kMask && j0 + n * 8 + t4 * 2 + (e % 2) >= visible) s[mt][n][e] = -INFINITY;
+          if constexpr (std::is_same_v<Scores, float>) s[mt][n][e] *= scores;
+          else s[mt][n][e] = scores(s[mt][n][e]);
+          const int key = j0 + n * 8 + t4 * 2 + (e % 2);
+          if constexpr (std::is_same_v<decltype(visible_keys(0)), int>) {
+            if (kMask && key >= kept.y) s[mt][n][e] = -INFINITY;
+          } else {
+            if (kMask && (key >= kept.y || key < kept.x)) s[mt][n][e] = -INFINITY;
+          }
           tile_max[r] = fmaxf(tile_max[r], s[mt][n][e]);
         }
     }
@@ -95,7 +104,7 @@ __device__ __forceinline__ void attend_tile(const Visible& visible_keys, float s
 #pragma unroll
     for (int dp = 0; dp < D / 16; ++dp) {
       unsigned vf[4];
-      ldsm_x4_trans(vf, (v_lane ^ (dp << 5)) + kk * 16 * D * 2);
+      ldsm_x4_trans(vf, (v_lane ^ (dp << 5)) + kk * 16 * kRowBytes);
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
         mma16816<T>(o[mt][2 * dp], pf[mt][kk], vf[0], vf[1]);

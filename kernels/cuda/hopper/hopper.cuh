@@ -228,6 +228,40 @@ __device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[32], const unsigne
 }
 #undef ATTN_WGMMA_M64N64K16_RS
 
+// D (64 x 32 / 64 x 16, fp32, 16 / 8 registers a thread) += A (64 x 16, registers) . B (16 x 32 /
+// 16 x 16, shared memory): the last, partial slab of head dims 96 / 32 and 80.
+#define ATTN_WGMMA_M64N32K16_RS(TY)   \
+  asm volatile(   \
+      "{\n .reg .pred p;\n setp.ne.b32 p, %21, 0;\n"   \
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32." TY "." TY " "   \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "   \
+      "{%16, %17, %18, %19}, %20, p, 1, 1, %22;\n}\n"   \
+      : ATTN_ACC8(0), ATTN_ACC8(8)   \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(kTransB))
+
+template <class T, int kTransB>
+__device__ __forceinline__ void wgmma_m64n32k16_rs(float (&d)[16], const unsigned (&a)[4], std::uint64_t desc_b,
+                                                   int accumulate) {
+  ATTN_WGMMA_FOR_TYPE(ATTN_WGMMA_M64N32K16_RS);
+}
+#undef ATTN_WGMMA_M64N32K16_RS
+
+#define ATTN_WGMMA_M64N16K16_RS(TY)   \
+  asm volatile(   \
+      "{\n .reg .pred p;\n setp.ne.b32 p, %13, 0;\n"   \
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32." TY "." TY " "   \
+      "{%0, %1, %2, %3, %4, %5, %6, %7}, "   \
+      "{%8, %9, %10, %11}, %12, p, 1, 1, %14;\n}\n"   \
+      : ATTN_ACC8(0)   \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(kTransB))
+
+template <class T, int kTransB>
+__device__ __forceinline__ void wgmma_m64n16k16_rs(float (&d)[8], const unsigned (&a)[4], std::uint64_t desc_b,
+                                                   int accumulate) {
+  ATTN_WGMMA_FOR_TYPE(ATTN_WGMMA_M64N16K16_RS);
+}
+#undef ATTN_WGMMA_M64N16K16_RS
+
 #undef ATTN_WGMMA_FOR_TYPE
 #undef ATTN_ACC128
 #undef ATTN_ACC64

@@ -15,8 +15,10 @@
 //   are formed before one max and one rescale.
 // - A sequence of one chunk writes its output directly; otherwise the last block of the
 //   (sequence, kv head) to finish (an atomic count) merges its chunks by their log-sum-exps.
-// bfloat16/float16 (head dims 64, 128, 256) and float32 (64, 128); 1, 2, 4 or 8 query heads per
-// key/value head; any page size (best at 16 and up: one copy per page segment).
+// bfloat16/float16 (head dims 32, 64, 80, 96, 128, 192, 256) and float32 (32 to 128); 1, 2, 4 or 8
+// query heads per key/value head; any page size (best at 16 and up: one copy per page segment).
+// A row's 16-byte vectors go to a power of two of lanes (at 80: 10 of 16 lanes work, 6 idle), so
+// the dot products reduce by shuffles within the lane group.
 #include <algorithm>
 
 #include "../common/paged_split.cuh"
@@ -37,9 +39,17 @@ struct Ring {
   static constexpr int kRingBytes = kStages * kStageBytes;
 };
 
+// Lanes a row of D elements takes: D / kVec vectors, rounded up to a power of two.
+constexpr int lanes_for(int vectors) {
+  int lanes = 1;
+  while (lanes < vectors) lanes *= 2;
+  return lanes;
+}
+
 template <class T, int D, int G>
 __global__ void __launch_bounds__(kThreads) split_kernel(PagedProblem p, SplitPartials sp) {
-  constexpr int kVec = 16 / sizeof(T), kLanes = D / kVec, kStreams = kThreads / kLanes;
+  constexpr int kVec = 16 / sizeof(T), kLanes = lanes_for(D / kVec), kStreams = kThreads / kLanes;
+  static_assert(D % kVec == 0);
   constexpr int kUnroll = kStageKeys / kStreams, kStages = Ring<T, D>::kStages;
   static_assert(kLanes <= 32 && kStageKeys % kStreams == 0);
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -89,13 +99,22 @@ __global__ void __launch_bounds__(kThreads) split_kernel(PagedProblem p, SplitPa
   __syncthreads();
 
   const int lane = threadIdx.x % kLanes, stream = threadIdx.x / kLanes;
+  const bool lane_works = lane * kVec < D;  // false only for the padding lanes of D = 80, 96, 192
   float q[G][kVec], o[G][kVec], m[G], l[G];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     m[g] = -INFINITY, l[g] = 0.0f;
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) q[g][e] = qs[g][lane * kVec + e], o[g][e] = 0.0f;
+    for (int e = 0; e < kVec; ++e) q[g][e] = lane_works ? qs[g][lane * kVec + e] : 0.0f, o[g][e] = 0.0f;
   }
+  const auto load16 = [&](const T* row, float (&f)[kVec]) {
+    if (lane_works) {
+      unpack16<T>(*reinterpret_cast<const uint4*>(row + lane * kVec), f);
+    } else {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) f[e] = 0.0f;
+    }
+  };
 
   for (int c = 0; c < stages; ++c) {
     mbar_wait(&full[c % kStages], (c / kStages) & 1);
@@ -106,8 +125,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(PagedProblem p, SplitPa
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       float kf[kVec];
-      unpack16<T>(*reinterpret_cast<const uint4*>(kt + (stream + u * kStreams) * D + lane * kVec),
-                  kf);
+      load16(kt + (stream + u * kStreams) * D, kf);
 #pragma unroll
       for (int g = 0; g < G; ++g) {
         float dot = 0.0f;
@@ -146,8 +164,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(PagedProblem p, SplitPa
     for (int u = 0; u < kUnroll; ++u) {
       if (!valid[u]) continue;
       float vf[kVec];
-      unpack16<T>(*reinterpret_cast<const uint4*>(vt + (stream + u * kStreams) * D + lane * kVec),
-                  vf);
+      load16(vt + (stream + u * kStreams) * D, vf);
 #pragma unroll
       for (int g = 0; g < G; ++g) {
         const float pj = exp2f(sc[u][g] - m[g]);
@@ -166,10 +183,11 @@ __global__ void __launch_bounds__(kThreads) split_kernel(PagedProblem p, SplitPa
   if (lane == 0)
 #pragma unroll
     for (int g = 0; g < G; ++g) red_m[stream][g] = m[g], red_l[stream][g] = l[g];
+  if (lane_works)
 #pragma unroll
-  for (int g = 0; g < G; ++g)
+    for (int g = 0; g < G; ++g)
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) staged[(stream * G + g) * D + lane * kVec + e] = o[g][e];
+      for (int e = 0; e < kVec; ++e) staged[(stream * G + g) * D + lane * kVec + e] = o[g][e];
   __syncthreads();
   const long long row0 = static_cast<long long>(i) * p.heads_q + h0;  // output row of query head h0
   for (int idx = threadIdx.x; idx < G * D; idx += kThreads) {
@@ -224,11 +242,11 @@ Status launch(const PagedDecodeArgs& a, const PagedProblem& p, cudaStream_t s, i
 
 Result<PagedProblem> problem(const PagedDecodeArgs& a) {
   ATTN_ASSIGN_OR_RETURN(
-      p, paged_problem(a, {}, {DType::kBFloat16, DType::kFloat16, DType::kFloat32}, {64, 128, 256},
+      p, paged_problem(a, {}, {DType::kBFloat16, DType::kFloat16, DType::kFloat32}, {32, 64, 80, 96, 128, 192, 256},
                        {1, 2, 4, 8}, "paged_decode/02_split_kv"));
-  if (a.cache.dtype == DType::kFloat32 && p.head_dim == 256)
-    return invalid_argument(
-        "q.shape: paged_decode/02_split_kv takes head dim 256 in 16-bit types only");
+  if (a.cache.dtype == DType::kFloat32 && p.head_dim > 128)
+    return invalid_argument("q.shape: paged_decode/02_split_kv takes head dims above 128 in 16-bit types only, got " +
+                            std::to_string(p.head_dim));
   return p;
 }
 
@@ -240,20 +258,24 @@ Status paged_decode_02_split_kv(const PagedDecodeArgs& args, Stream& stream) {
   ATTN_ASSIGN_OR_RETURN(p, problem(args));
   const cudaStream_t s = paged_stream(stream);
   const int dev = stream.device();
+  const auto by_dim = [&](auto tag) -> Status {
+    using T = decltype(tag);
+    switch (p.head_dim) {
+      case 32: return launch<T, 32>(args, p, s, dev);
+      case 64: return launch<T, 64>(args, p, s, dev);
+      case 80: return launch<T, 80>(args, p, s, dev);
+      case 96: return launch<T, 96>(args, p, s, dev);
+      case 128: return launch<T, 128>(args, p, s, dev);
+      default:
+        if constexpr (sizeof(T) == 2) return p.head_dim == 192 ? launch<T, 192>(args, p, s, dev) : launch<T, 256>(args, p, s, dev);
+        return invalid_argument("q.shape: unexpected head dim");  // problem() refused it
+    }
+  };
   switch (args.cache.dtype) {
-    case DType::kFloat32:
-      return p.head_dim == 64 ? launch<float, 64>(args, p, s, dev)
-                              : launch<float, 128>(args, p, s, dev);
-    case DType::kBFloat16:
-      return p.head_dim == 64    ? launch<__nv_bfloat16, 64>(args, p, s, dev)
-             : p.head_dim == 128 ? launch<__nv_bfloat16, 128>(args, p, s, dev)
-                                 : launch<__nv_bfloat16, 256>(args, p, s, dev);
-    case DType::kFloat16:
-      return p.head_dim == 64    ? launch<__half, 64>(args, p, s, dev)
-             : p.head_dim == 128 ? launch<__half, 128>(args, p, s, dev)
-                                 : launch<__half, 256>(args, p, s, dev);
-    default:
-      return invalid_argument("q.dtype: unexpected");
+    case DType::kFloat32: return by_dim(float{});
+    case DType::kBFloat16: return by_dim(__nv_bfloat16{});
+    case DType::kFloat16: return by_dim(__half{});
+    default: return invalid_argument("q.dtype: unexpected");
   }
 }
 

@@ -7,11 +7,13 @@
 // - Everything else is rung 03's: the plan, the mma.sync tiles, the swizzle, the merges.
 // - The same kernel reads dense [B, Hkv, Sk, D] K/V as one page per sequence: registered also as
 //   attention/decode_mma_split for Sq = 1.
-// bfloat16/float16; head dims 64, 128; 1 to 16 query heads per key/value head; any page size.
+// bfloat16/float16; head dims 32, 64, 80, 96, 128, 192, 256 (rows padded in shared memory to 64,
+// 128 or 256, as in attention/03); 1 to 16 query heads per key/value head; any page size.
 #include <vector>
 
 #include "../common/mma_sync.cuh"
 #include "../common/paged_split.cuh"
+#include "../common/score_rules.cuh"
 #include "paged_decode_rungs.h"
 
 namespace attn::cuda {
@@ -24,16 +26,16 @@ constexpr int kMinChunk = 256, kWaves = 4, kMaxChunksPerSeq = 32;
 
 template <int D>
 struct Pipe {
-  static constexpr int kTileBytes = 16 * D * 2;  // K or V of one warp's tile of 16 keys
+  static constexpr int kTileBytes = 16 * padded_dim<D>() * 2;  // K or V of one warp's tile of 16 keys
   static constexpr int kStageBytes = 2 * kTileBytes;
-  static constexpr int kStages = D == 64 ? 6 : 3;  // per warp
+  static constexpr int kStages = padded_dim<D>() == 64 ? 6 : 3;  // per warp
   static constexpr int kWarpBytes = kStages * kStageBytes;
   static constexpr int kSmem = kWarps * kWarpBytes + 1024;  // + alignment
 };
 
 template <int D>
 __device__ __forceinline__ unsigned swizzled_bytes(int row, int chunk) {
-  return static_cast<unsigned>(row * D * 2 + ((chunk ^ (row & 7)) << 4));
+  return static_cast<unsigned>(row * padded_dim<D>() * 2 + ((chunk ^ (row & 7)) << 4));
 }
 
 template <class T, int D>
@@ -60,19 +62,28 @@ __global__ void __launch_bounds__(kThreads) warp_pipes_kernel(PagedProblem p, Sp
   const int tiles = all_tiles > warp ? (all_tiles - warp + kWarps - 1) / kWarps : 0;  // this warp's
   const unsigned wbase = base + warp * P::kWarpBytes;
 
+  // A lane copies chunk `load_chunk` of rows load_row, + kRowsPerPass, ...; where the chunks of a
+  // row do not divide 32 (D = 80, 96, 192), the lanes walk the tile's chunks in order instead.
   constexpr int kChunks = D / 8, kRowsPerPass = 32 / kChunks;
+  constexpr bool kEven = 32 % kChunks == 0;
   const int load_row = lane / kChunks, load_chunk = lane % kChunks;
   auto load_tile = [&](int u) {  // the warp's tile u: keys [j0, j0 + 16), zeros past k_end
     const unsigned kst = wbase + (u % P::kStages) * P::kStageBytes, vst = kst + P::kTileBytes;
     const int j0 = k_begin + (u * kWarps + warp) * 16;
-#pragma unroll
-    for (int pass = 0; pass < 16 / kRowsPerPass; ++pass) {
-      const int row = load_row + pass * kRowsPerPass, j = j0 + row;
+    const auto copy = [&](int row, int chunk) {
+      const int j = j0 + row;
       const bool valid = j < k_end;
-      const long long off = valid ? p.key_offset(pages, i, hkv, j) + load_chunk * 8 : 0;
-      const unsigned dst = swizzled_bytes<D>(row, load_chunk);
+      const long long off = valid ? p.key_offset(pages, i, hkv, j) + chunk * 8 : 0;
+      const unsigned dst = swizzled_bytes<D>(row, chunk);
       cp_async16(kst + dst, kpool + off, valid);
       cp_async16(vst + dst, vpool + off, valid);
+    };
+    if constexpr (kEven) {
+#pragma unroll
+      for (int pass = 0; pass < 16 / kRowsPerPass; ++pass) copy(load_row + pass * kRowsPerPass, load_chunk);
+    } else {
+#pragma unroll
+      for (int idx = lane; idx < 16 * kChunks; idx += 32) copy(idx / kChunks, idx % kChunks);
     }
   };
 #pragma unroll
@@ -230,18 +241,26 @@ Status dispatch(DType dt, const PagedDecodeArgs& a, const PagedProblem& p, Strea
                 const char* name) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream.cuda_stream());
   const int dev = stream.device();
-  if (dt == DType::kBFloat16)
-    return p.head_dim == 64 ? launch<__nv_bfloat16, 64>(a, p, s, dev, name)
-                            : launch<__nv_bfloat16, 128>(a, p, s, dev, name);
-  return p.head_dim == 64 ? launch<__half, 64>(a, p, s, dev, name)
-                          : launch<__half, 128>(a, p, s, dev, name);
+  const auto by_dim = [&](auto tag) -> Status {
+    using T = decltype(tag);
+    switch (p.head_dim) {
+      case 32: return launch<T, 32>(a, p, s, dev, name);
+      case 64: return launch<T, 64>(a, p, s, dev, name);
+      case 80: return launch<T, 80>(a, p, s, dev, name);
+      case 96: return launch<T, 96>(a, p, s, dev, name);
+      case 128: return launch<T, 128>(a, p, s, dev, name);
+      case 192: return launch<T, 192>(a, p, s, dev, name);
+      default: return launch<T, 256>(a, p, s, dev, name);  // the problem took no other
+    }
+  };
+  return dt == DType::kBFloat16 ? by_dim(__nv_bfloat16{}) : by_dim(__half{});
 }
 
 constexpr const char* kPagedName = "paged_decode/04_warp_pipes";
 constexpr const char* kDenseName = "attention/decode_mma_split";
 
 Result<PagedProblem> paged(const PagedDecodeArgs& a) {
-  return paged_problem(a, {}, {DType::kBFloat16, DType::kFloat16}, {64, 128},
+  return paged_problem(a, {}, {DType::kBFloat16, DType::kFloat16}, {32, 64, 80, 96, 128, 192, 256},
                        {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16}, kPagedName);
 }
 
@@ -252,10 +271,14 @@ Result<PagedProblem> dense(const AttentionArgs& a) {
     return invalid_argument(std::string("q.dtype: ") + kDenseName +
                             " takes bfloat16, float16, got " + std::string(dtype_name(a.q.dtype)));
   }
-  if (d.head_dim != 64 && d.head_dim != 128) {
+  bool dim_ok = false;
+  for (int hd : {32, 64, 80, 96, 128, 192, 256}) dim_ok |= d.head_dim == hd;
+  if (!dim_ok) {
     return invalid_argument(std::string("q.shape[3]: ") + kDenseName +
-                            " takes head dims 64, 128, got " + std::to_string(d.head_dim));
+                            " takes head dims 32, 64, 80, 96, 128, 192, 256, got " + std::to_string(d.head_dim));
   }
+  if (has_window(a)) return invalid_argument(std::string("window_left: ") + kDenseName + " takes no sliding window");
+  if (a.softcap > 0.0f) return invalid_argument(std::string("softcap: ") + kDenseName + " takes no soft cap");
   if (d.len_q != 1) {
     return invalid_argument(std::string("q.shape[2]: ") + kDenseName +
                             " takes one query row per head (decoding), got " +

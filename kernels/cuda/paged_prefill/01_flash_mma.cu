@@ -10,7 +10,8 @@
 // - Causal bottom-right per sequence: new token j of a sequence of len keys with `fresh` new ones
 //   sees keys < len - fresh + j + 1; tiles past the block's last visible key are skipped and only
 //   tiles crossing a row's limit are masked.
-// bfloat16/float16; head dims 64, 128; 1, 2, 4 or 8 query heads per key/value head; any page size.
+// bfloat16/float16; head dims 32, 64, 80, 96, 128, 192, 256 (rows padded to 64, 128 or 256 in
+// shared memory, as in attention/03); 1, 2, 4 or 8 query heads per key/value head; any page size.
 #include "../common/flash_mma_tile.cuh"
 #include "../common/mma_sync.cuh"
 #include "../common/paged_common.cuh"
@@ -22,26 +23,43 @@ namespace {
 using namespace mma_sync;
 using flash_mma::attend_tile;
 
-constexpr int kWarps = 4, kThreads = kWarps * 32, kMT = 2, kBlockM = 16 * kMT * kWarps, kBN = 64;
+constexpr int kWarps = 4, kThreads = kWarps * 32;
 
-// Byte offset of (row, 16-byte chunk) in a [rows][D] tile whose chunks are XOR-swizzled by row & 7.
+// As attention/03: 2 m-tiles a warp and 64-key tiles up to head dim 128; above it one m-tile (O of
+// two would not fit in registers), and 32-key tiles at 256.
+template <int D>
+struct Tiling {
+  static constexpr int kMT = D <= 128 ? 2 : 1, kBlockM = 16 * kMT * kWarps, kBN = D <= 192 ? 64 : 32;
+};
+
+// Byte offset of (row, 16-byte chunk) in a [rows][padded D] tile whose chunks are XOR-swizzled by
+// row & 7 (padded_dim: rows of 64, 128 or 256 elements).
 template <int D>
 __device__ __forceinline__ unsigned swizzled_bytes(int row, int chunk) {
-  return static_cast<unsigned>(row * D * 2 + ((chunk ^ (row & 7)) << 4));
+  return static_cast<unsigned>(row * padded_dim<D>() * 2 + ((chunk ^ (row & 7)) << 4));
 }
 
 // Copies kRows rows into a swizzled tile; row_src(r) gives row r's first element, or null for a
-// row to zero-fill.
+// row to zero-fill. Where a row's chunks do not divide the threads, through the chunks in order.
 template <class T, int D, int kRows, class RowSrc>
 __device__ __forceinline__ void load_rows(unsigned tile, const T* any_valid, RowSrc row_src) {
   constexpr int kChunks = D / 8, kRowsPerPass = kThreads / kChunks;
-  static_assert(kThreads % kChunks == 0 && kRows % kRowsPerPass == 0);
-  const int r = threadIdx.x / kChunks, c = threadIdx.x % kChunks;
+  if constexpr (kThreads % kChunks == 0 && kRows % kRowsPerPass == 0) {
+    const int r = threadIdx.x / kChunks, c = threadIdx.x % kChunks;
 #pragma unroll
-  for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {
-    const int row = r + pass * kRowsPerPass;
-    const T* src = row_src(row);
-    cp_async16(tile + swizzled_bytes<D>(row, c), src ? src + c * 8 : any_valid, src != nullptr);
+    for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {
+      const int row = r + pass * kRowsPerPass;
+      const T* src = row_src(row);
+      cp_async16(tile + swizzled_bytes<D>(row, c), src ? src + c * 8 : any_valid, src != nullptr);
+    }
+  } else {
+    static_assert((kRows * kChunks) % kThreads == 0);
+#pragma unroll
+    for (int pass = 0; pass < kRows * kChunks / kThreads; ++pass) {
+      const int idx = pass * kThreads + threadIdx.x, row = idx / kChunks, c = idx % kChunks;
+      const T* src = row_src(row);
+      cp_async16(tile + swizzled_bytes<D>(row, c), src ? src + c * 8 : any_valid, src != nullptr);
+    }
   }
 }
 
@@ -59,11 +77,12 @@ struct Rows {
 template <class T, int D>
 __global__ void __launch_bounds__(kThreads)
     paged_flash_kernel(PagedProblem p, const int* tile_indptr) {
-  constexpr unsigned kTileBytes = kBN * D * 2;
+  constexpr int kMT = Tiling<D>::kMT, kBlockM = Tiling<D>::kBlockM, kBN = Tiling<D>::kBN;
+  constexpr unsigned kTileBytes = kBN * padded_dim<D>() * 2;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const unsigned qs = (smem_addr(smem_raw) + 255u) & ~255u;
-  const unsigned ks = qs + kBlockM * D * 2;  // [2][kBN][D]
-  const unsigned vs = ks + 2 * kTileBytes;   // [2][kBN][D]
+  const unsigned ks = qs + kBlockM * padded_dim<D>() * 2;  // [2][kBN][padded D]
+  const unsigned vs = ks + 2 * kTileBytes;                  // [2][kBN][padded D]
   const int x = gridDim.x - 1 - blockIdx.x;  // the last tiles (latest tokens, most keys) first
   const int hkv = blockIdx.y, h0 = hkv * p.group;
   const int i = owner_of_tile(tile_indptr, p.n, x);
@@ -93,14 +112,24 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kChunks = D / 8, kRowsPerPass = kThreads / kChunks;
   const int load_row = threadIdx.x / kChunks, load_chunk = threadIdx.x % kChunks;
   auto load_kv = [&](unsigned buf, int j0) {
-#pragma unroll
-    for (int pass = 0; pass < kBN / kRowsPerPass; ++pass) {
-      const int row = load_row + pass * kRowsPerPass, j = j0 + row;
+    const auto copy = [&](int row, int chunk) {
+      const int j = j0 + row;
       const bool valid = j < len;
-      const long long off = valid ? p.key_offset(pages, i, hkv, j) + load_chunk * 8 : 0;
-      const unsigned dst = swizzled_bytes<D>(row, load_chunk);
+      const long long off = valid ? p.key_offset(pages, i, hkv, j) + chunk * 8 : 0;
+      const unsigned dst = swizzled_bytes<D>(row, chunk);
       cp_async16(ks + buf + dst, kpool + off, valid);
       cp_async16(vs + buf + dst, vpool + off, valid);
+    };
+    if constexpr (kThreads % kChunks == 0 && kBN % kRowsPerPass == 0) {
+#pragma unroll
+      for (int pass = 0; pass < kBN / kRowsPerPass; ++pass) copy(load_row + pass * kRowsPerPass, load_chunk);
+    } else {
+      static_assert((kBN * kChunks) % kThreads == 0);
+#pragma unroll
+      for (int pass = 0; pass < kBN * kChunks / kThreads; ++pass) {
+        const int idx = pass * kThreads + threadIdx.x;
+        copy(idx / kChunks, idx % kChunks);
+      }
     }
   };
   load_rows<T, D, kBlockM>(qs, qbase, q_src);
@@ -165,6 +194,7 @@ __global__ void __launch_bounds__(kThreads)
 
 template <class T, int D>
 Status launch(const PagedPrefillArgs& a, const PagedProblem& p, cudaStream_t s) {
+  constexpr int kBlockM = Tiling<D>::kBlockM, kBN = Tiling<D>::kBN;
   long long tiles = 0;
   for (int i = 0; i < p.n; ++i)
     tiles += (static_cast<long long>(a.q_indptr_host[i + 1] - a.q_indptr_host[i]) * p.group +
@@ -172,7 +202,7 @@ Status launch(const PagedPrefillArgs& a, const PagedProblem& p, cudaStream_t s) 
              kBlockM;
   if (tiles > INT_MAX / 2)
     return invalid_argument("q.shape: paged_prefill/01 takes < 2^30 query tiles");
-  constexpr int kSmem = (kBlockM + 4 * kBN) * D * static_cast<int>(sizeof(T)) + 256;
+  constexpr int kSmem = (kBlockM + 4 * kBN) * padded_dim<D>() * static_cast<int>(sizeof(T)) + 256;
   auto kernel = paged_flash_kernel<T, D>;
   ATTN_RETURN_IF_ERROR(
       to_status(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
@@ -196,7 +226,7 @@ Status launch(const PagedPrefillArgs& a, const PagedProblem& p, cudaStream_t s) 
 
 Result<PagedProblem> problem(const PagedPrefillArgs& a) {
   ATTN_ASSIGN_OR_RETURN(p, paged_problem(a, a.q_indptr, {DType::kBFloat16, DType::kFloat16},
-                                         {64, 128}, {1, 2, 4, 8}, "paged_prefill/01_flash_mma"));
+                                         {32, 64, 80, 96, 128, 192, 256}, {1, 2, 4, 8}, "paged_prefill/01_flash_mma"));
   if (!a.q_indptr_host)
     return invalid_argument("q_indptr: paged_prefill/01_flash_mma plans from its host copy");
   p.causal = a.causal;
@@ -210,10 +240,19 @@ Status paged_prefill_01_supports(const PagedPrefillArgs& args) { return problem(
 Status paged_prefill_01_flash_mma(const PagedPrefillArgs& args, Stream& stream) {
   ATTN_ASSIGN_OR_RETURN(p, problem(args));
   const cudaStream_t s = paged_stream(stream);
-  if (args.cache.dtype == DType::kBFloat16)
-    return p.head_dim == 64 ? launch<__nv_bfloat16, 64>(args, p, s)
-                            : launch<__nv_bfloat16, 128>(args, p, s);
-  return p.head_dim == 64 ? launch<__half, 64>(args, p, s) : launch<__half, 128>(args, p, s);
+  const auto by_dim = [&](auto tag) -> Status {
+    using T = decltype(tag);
+    switch (p.head_dim) {
+      case 32: return launch<T, 32>(args, p, s);
+      case 64: return launch<T, 64>(args, p, s);
+      case 80: return launch<T, 80>(args, p, s);
+      case 96: return launch<T, 96>(args, p, s);
+      case 128: return launch<T, 128>(args, p, s);
+      case 192: return launch<T, 192>(args, p, s);
+      default: return launch<T, 256>(args, p, s);  // problem() took no other
+    }
+  };
+  return args.cache.dtype == DType::kBFloat16 ? by_dim(__nv_bfloat16{}) : by_dim(__half{});
 }
 
 }  // namespace attn::cuda

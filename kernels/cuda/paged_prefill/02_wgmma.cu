@@ -17,7 +17,7 @@
 // Ragged edges: rows past a sequence's new tokens are computed but not stored; pages past the
 // sequence are not loaded and keys past its length are masked, their V rows zeroed (a pool's
 // unused slots may hold anything, NaN included, and 0 x NaN would reach the output).
-// bf16/fp16; head dims 64, 128; 1, 2, 4 or 8 query heads per kv head; page sizes 16 to 128.
+// bf16/fp16; head dims 32, 64, 80, 96, 128 (a partial last slab as in attention/04); 1, 2, 4 or 8 query heads per kv head; page sizes 16 to 128.
 // Passed its GPU test on the H200; the auto prefill rung on Hopper (bench/results/2026-11-30-h200-serving.md).
 #include <algorithm>
 
@@ -43,7 +43,7 @@ template <int D>
 struct Smem {
   static constexpr int kStages = 2;
   static constexpr int kSlab = wgmma_attention::kSlab;
-  static constexpr int kTileBytes = (D / 64) * kSlab;  // Q, a K tile or a V tile
+  static constexpr int kTileBytes = slabs<D>() * kSlab;  // Q, a K tile or a V tile
   static constexpr int kBytes = kTileBytes + kStages * 2 * kTileBytes + 1024;
 };
 
@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // Q: [128 / group tokens][group heads][64] per slab; tokens past the batch read as zeros,
       // those of the next sequence are computed and dropped.
       mbar_expect_tx(&q_full, S::kTileBytes);
-      for (int slab = 0; slab < D / 64; ++slab)
+      for (int slab = 0; slab < slabs<D>(); ++slab)
         tma_load_4d(qs + slab * S::kSlab, &map_q, &q_full, 64 * slab, 0, item.hkv,
                     item.first + item.r0 / p.group);
       q_phase ^= 1;
@@ -147,13 +147,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int key0 = t * kBN;
         // Only the pages holding keys < len: the page table ends there.
         const int loaded = min(pages_per_tile, (item.rows.len - key0 + ps - 1) / ps);
-        const std::uint32_t bytes = static_cast<std::uint32_t>(loaded) * page_bytes * (D / 64);
+        const std::uint32_t bytes = static_cast<std::uint32_t>(loaded) * page_bytes * slabs<D>();
         unsigned char* kt = ring + s * 2 * S::kTileBytes;
         mbar_wait(&k_empty[s], phase ^ 1);
         mbar_expect_tx(&k_full[s], bytes);
         for (int pg = 0; pg < loaded; ++pg) {
           const int page_row = __ldg(pages + key0 / ps + pg) * p.heads_kv + item.hkv;
-          for (int slab = 0; slab < D / 64; ++slab)
+          for (int slab = 0; slab < slabs<D>(); ++slab)
             tma_load_3d(kt + slab * S::kSlab + pg * page_bytes, &map_k, &k_full[s], 64 * slab, 0,
                         page_row);
         }
@@ -161,7 +161,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         mbar_expect_tx(&v_full[s], bytes);
         for (int pg = 0; pg < loaded; ++pg) {
           const int page_row = __ldg(pages + key0 / ps + pg) * p.heads_kv + item.hkv;
-          for (int slab = 0; slab < D / 64; ++slab)
+          for (int slab = 0; slab < slabs<D>(); ++slab)
             tma_load_3d(kt + S::kTileBytes + slab * S::kSlab + pg * page_bytes, &map_v, &v_full[s],
                         64 * slab, 0, page_row);
         }
@@ -247,7 +247,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int kept = item.rows.len - (item.tiles - 1) * kBN;
       if (kept < kBN) {
         const int chunks = (kBN - kept) * 8;  // 16-byte pieces per slab
-        for (int c = tid; c < chunks * (D / 64); c += 128) {
+        for (int c = tid; c < chunks * slabs<D>(); c += 128) {
           const int slab = c / chunks, rc = c % chunks;
           *reinterpret_cast<uint4*>(vt + slab * S::kSlab + (kept + rc / 8) * 128 + (rc % 8) * 16) =
               make_uint4(0u, 0u, 0u, 0u);
@@ -361,7 +361,7 @@ Status launch(const PagedPrefillArgs& a, const PagedProblem& p, cudaStream_t s) 
 
 Result<PagedProblem> problem(const PagedPrefillArgs& a) {
   ATTN_ASSIGN_OR_RETURN(p, paged_problem(a, a.q_indptr, {DType::kBFloat16, DType::kFloat16},
-                                         {64, 128}, {1, 2, 4, 8}, kName));
+                                         {32, 64, 80, 96, 128}, {1, 2, 4, 8}, kName));
   ATTN_RETURN_IF_ERROR(require_hopper(kName));
   if (!a.q_indptr_host)
     return invalid_argument(std::string("q_indptr: ") + kName + " plans from its host copy");
@@ -388,10 +388,17 @@ Status paged_prefill_02_supports(const PagedPrefillArgs& args) { return problem(
 Status paged_prefill_02_wgmma(const PagedPrefillArgs& args, Stream& stream) {
   ATTN_ASSIGN_OR_RETURN(p, problem(args));
   const cudaStream_t s = paged_stream(stream);
-  if (args.cache.dtype == DType::kBFloat16)
-    return p.head_dim == 64 ? launch<__nv_bfloat16, 64>(args, p, s)
-                            : launch<__nv_bfloat16, 128>(args, p, s);
-  return p.head_dim == 64 ? launch<__half, 64>(args, p, s) : launch<__half, 128>(args, p, s);
+  const auto by_dim = [&](auto tag) -> Status {
+    using T = decltype(tag);
+    switch (p.head_dim) {
+      case 32: return launch<T, 32>(args, p, s);
+      case 64: return launch<T, 64>(args, p, s);
+      case 80: return launch<T, 80>(args, p, s);
+      case 96: return launch<T, 96>(args, p, s);
+      default: return launch<T, 128>(args, p, s);  // problem() took no other
+    }
+  };
+  return args.cache.dtype == DType::kBFloat16 ? by_dim(__nv_bfloat16{}) : by_dim(__half{});
 }
 
 }  // namespace attn::cuda

@@ -1,7 +1,8 @@
 // softmax/04_online: the max and the sum in one pass. Each thread keeps a running (max, sum)
 // and rescales the sum when the max grows; the pairs are combined across the block. Two passes
 // over the row in global memory instead of three: a third less traffic when rows do not stay
-// in cache. A block of 256 threads per row; any width.
+// in cache. A block of 256 threads per row; any width. An entry of -inf adds nothing to the sum
+// (it is skipped, not exponentiated: while the running max is still -inf that would be NaN).
 #include "softmax_common.cuh"
 #include "softmax_rungs.h"
 
@@ -22,7 +23,7 @@ __global__ void __launch_bounds__(kThreads) online_kernel(SoftmaxProblem p) {
       if (v > acc.m) {
         acc.s = acc.s * __expf(acc.m - v) + 1.0f;
         acc.m = v;
-      } else {
+      } else if (v != -INFINITY) {  // -inf adds nothing; exp(-inf - -inf) would be NaN
         acc.s += __expf(v - acc.m);
       }
     }

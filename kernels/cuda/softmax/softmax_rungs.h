@@ -14,5 +14,7 @@ Status softmax_05_supports(const SoftmaxArgs& args);
 int softmax_05_capacity(DType t);  // widest row 05 holds, in columns
 Status softmax_06_split_row(const SoftmaxArgs& args, Stream& stream);
 Status softmax_06_supports(const SoftmaxArgs& args);
+Status softmax_07_bulk_ring(const SoftmaxArgs& args, Stream& stream);
+Status softmax_07_supports(const SoftmaxArgs& args);
 
 }  // namespace attn::cuda

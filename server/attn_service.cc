@@ -73,9 +73,12 @@ AttnService::AttnService(Scheduler& scheduler, const Registry& registry, Service
   }
   decode_.limits = config_.limits;
   decode_.store = config_.store;
+  decode_.shm = config_.shm;
   for (std::size_t i = 0; i < scheduler_.executors().size(); ++i) {
     decode_.executor_targets.push_back(scheduler_.executors()[i]->target());
     decode_.executor_devices.push_back(scheduler_.device_of(i));
+    const DeviceInfo& d = scheduler_.executors()[i]->device();
+    decode_.executor_cuda_ordinals.push_back(d.backend == Backend::kCuda ? d.ordinal : -1);
   }
 }
 
@@ -270,9 +273,17 @@ class OneShotCall final : public BatchMember {
   void succeed(Executor& executor, const ExecTimings& t, std::int64_t queue_ns, int batched,
                const VariantInfo* ran = nullptr) {
     const VariantInfo& v = ran ? *ran : variant();
+    std::size_t shm_out = 0;
+    for (const auto& o : op->shm_outputs) {
+      const Status written = service->config_.shm->write(o.slice, o.data, o.field);
+      if (!written.ok()) return fail(written);
+      shm_out += static_cast<std::size_t>(o.slice.bytes);
+    }
+    if (shm_out && service->config_.metrics) service->config_.metrics->record_shared_memory(name(), 0, shm_out);
     for (const auto& kept : op->kept) service->config_.store->publish(kept);
     if (return_values)
-      for (v1::Tensor* out : outputs) wire::convert_to_values(out);  // kept outputs have no data
+      for (v1::Tensor* out : outputs)
+        if (!out->has_shm()) wire::convert_to_values(out);  // kept outputs have no data, shm ones neither
     v1::Timings* timings = resp->mutable_timings();
     fill_timings(timings, v.name, executor, queue_ns, t, cost_of(op->args), batched, start);
     spdlog::debug("{} {} on {}: queue {} us, kernel {} us, total {} us", name(), v.name, timings->device(),
@@ -291,10 +302,21 @@ grpc::ServerUnaryReactor* AttnService::serve(grpc::CallbackServerContext* ctx, c
   const std::size_t bytes_in = req->ByteSizeLong();
   if (auto* refused = refuse_unauthenticated(ctx, op, bytes_in)) return refused;
   auto* reactor = ctx->DefaultReactor();
-  auto prepared = Rpc::decode(*req, resp, decode_);
+  const std::string owner = config_.shm ? token_.owner(*ctx) : std::string();
+  auto prepared = [&] {
+    CurrentOwner as(&owner);
+    return Rpc::decode(*req, resp, decode_);
+  }();
   if (!prepared.ok()) {
     finish(reactor, ctx, op, "", prepared.status(), nullptr, bytes_in, 0);
     return reactor;
+  }
+  if (config_.metrics && !prepared->shm_buffers.empty()) {
+    std::size_t shm_in = 0;
+    for (const auto& in : prepared->inputs)
+      for (const auto& b : prepared->shm_buffers)
+        if (in.view.data == b.get()) shm_in += in.view.bytes();
+    config_.metrics->record_shared_memory(op, shm_in, 0);
   }
   call->service = this;
   call->ctx = ctx;

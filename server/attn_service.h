@@ -28,6 +28,7 @@ struct ServiceConfig {
   Metrics* metrics = nullptr;  // null: no metrics
   TensorStore* store = nullptr;  // resident tensors; null: none
   KvCacheStore* kv_caches = nullptr;  // KV caches; null: none
+  SharedMemoryRegistry* shm = nullptr;  // shared-memory regions; null: --shared-memory off
 };
 
 // Whether `name` is a one-shot op ("matmul", ...), and all their names quoted, for messages.
@@ -99,6 +100,16 @@ class AttnService final : public v1::AttnService::CallbackService {
                                     v1::PrefillResponse* resp) override;
   grpc::ServerWriteReactor<v1::ReadKvResponse>* ReadKv(grpc::CallbackServerContext* ctx,
                                                        const v1::ReadKvRequest* req) override;
+  // Shared memory (shm_handlers.cc).
+  grpc::ServerUnaryReactor* RegisterSharedMemory(grpc::CallbackServerContext* ctx,
+                                                 const v1::RegisterSharedMemoryRequest* req,
+                                                 v1::RegisterSharedMemoryResponse* resp) override;
+  grpc::ServerUnaryReactor* UnregisterSharedMemory(grpc::CallbackServerContext* ctx,
+                                                   const v1::UnregisterSharedMemoryRequest* req,
+                                                   v1::UnregisterSharedMemoryResponse* resp) override;
+  grpc::ServerUnaryReactor* SharedMemoryStatus(grpc::CallbackServerContext* ctx,
+                                               const v1::SharedMemoryStatusRequest* req,
+                                               v1::SharedMemoryStatusResponse* resp) override;
 
   // The executor index a tensor header asks for ("cuda:1", "cpu"), or the least used device of
   // the serving backend.

@@ -44,10 +44,88 @@ Status resolve_handle(const v1::Tensor& t, const char* field, const DecodeContex
   return Status::Ok();
 }
 
-// Decodes an input that may be inline or a handle.
+std::string off_message(const std::string& field) {
+  return field + ": this server serves no shared memory (start it with --shared-memory system)";
+}
+
+// Pins the op to an executor of CUDA device `ordinal`: FAILED_PRECONDITION when its other inputs
+// already pin it elsewhere.
+template <class Args>
+Status pin_to_cuda(int ordinal, const std::string& field, const DecodeContext& ctx, PreparedOp<Args>& op) {
+  if (op.executor >= 0) {
+    if (ctx.executor_cuda_ordinals[static_cast<std::size_t>(op.executor)] == ordinal) return Status::Ok();
+    return failed_precondition(field + ": lives on cuda:" + std::to_string(ordinal) +
+                               ", another device than the op's other inputs in device memory");
+  }
+  for (std::size_t i = 0; i < ctx.executor_cuda_ordinals.size(); ++i) {
+    if (ctx.executor_cuda_ordinals[i] == ordinal) {
+      op.executor = static_cast<int>(i);
+      return Status::Ok();
+    }
+  }
+  return failed_precondition(field + ": lives on cuda:" + std::to_string(ordinal) + ", which this server does not serve");
+}
+
+// Outputs bound for CUDA regions pin the op to their device before its variant is chosen.
+template <class Args>
+Status pin_output_regions(const google::protobuf::RepeatedPtrField<v1::SharedMemoryRef>& refs, const DecodeContext& ctx,
+                          PreparedOp<Args>& op) {
+  if (!ctx.shm) return Status::Ok();
+  for (const auto& ref : refs) {
+    if (ref.region().empty()) continue;
+    auto r = ctx.shm->find(current_owner(), ref.region());
+    if (r && r->on_device()) ATTN_RETURN_IF_ERROR(pin_to_cuda(r->cuda.device, "output_shm", ctx, op));
+  }
+  return Status::Ok();
+}
+
+// A host buffer of `bytes` from the registry's staging pool, not zeroed (it is overwritten whole),
+// kept by the op.
+template <class Args>
+void* shm_buffer(std::size_t bytes, const DecodeContext& ctx, PreparedOp<Args>& op) {
+  op.shm_buffers.push_back(ctx.shm->staging(bytes));
+  return op.shm_buffers.back().get();
+}
+
+// An input given as bytes in a shared-memory region: read (through the region's descriptor) into
+// a host buffer charged to the call.
+template <class Args>
+Result<wire::DecodedTensor> shm_input(const v1::Tensor& t, const char* field, const DecodeContext& ctx,
+                                      PreparedOp<Args>& op) {
+  const std::string f(field);
+  if (!ctx.shm) return failed_precondition(off_message(f + ".shm"));
+  if (!t.data().empty() || t.values_size() > 0 || !t.handle().empty()) {
+    return invalid_argument(f + ": expected shm or data/values/handle, got both");
+  }
+  if (t.dtype() == v1::D_TYPE_UNSPECIFIED || t.shape_size() == 0) {
+    return invalid_argument(f + ": a tensor in shared memory needs its dtype and shape");
+  }
+  const Shape shape(t.shape().begin(), t.shape().end());
+  ATTN_ASSIGN_OR_RETURN(numel, ctx.limits.check(shape, f));
+  const std::optional<DType> dtype = wire::from_proto(t.dtype());
+  if (!dtype) return invalid_argument(f + ".dtype: expected FLOAT32, FLOAT16 or BFLOAT16, got " + std::to_string(t.dtype()));
+  const std::size_t bytes = static_cast<std::size_t>(numel) * element_size(*dtype);
+  ATTN_ASSIGN_OR_RETURN(slice, ctx.shm->resolve(current_owner(), t.shm(), static_cast<std::int64_t>(bytes), f));
+  if (slice.region->on_device()) {  // read in place on its GPU
+    ATTN_RETURN_IF_ERROR(pin_to_cuda(slice.region->cuda.device, f + ".shm", ctx, op));
+    wire::DecodedTensor d;
+    d.view = TensorView{*dtype, shape, static_cast<char*>(slice.region->cuda.base) + slice.offset, MemoryKind::kDevice};
+    op.shm_regions.push_back(slice.region);
+    return d;
+  }
+  if (MemoryHold* hold = current_call_hold()) ATTN_RETURN_IF_ERROR(hold->add(bytes, f + " (read from shared memory)"));
+  void* buf = shm_buffer(bytes, ctx, op);
+  ATTN_RETURN_IF_ERROR(ctx.shm->read(slice, buf, f));
+  wire::DecodedTensor d;
+  d.view = TensorView{*dtype, shape, buf, MemoryKind::kHost};
+  return d;
+}
+
+// Decodes an input that may be inline, a handle or in shared memory.
 template <class Args>
 Result<wire::DecodedTensor> any_input(const v1::Tensor& t, bool present, const char* field,
                                       const DecodeContext& ctx, PreparedOp<Args>& op) {
+  if (present && t.has_shm()) return shm_input(t, field, ctx, op);
   if (present && !t.handle().empty()) {
     wire::DecodedTensor d;
     ATTN_RETURN_IF_ERROR(resolve_handle(t, field, ctx, d, op));
@@ -69,7 +147,32 @@ DecodeContext placed(const DecodeContext& ctx, const PreparedOp<Args>& op) {
 // device whose handle the response carries once the op has succeeded.
 template <class Args>
 Result<TensorView> output(DType dtype, const Shape& shape, v1::Tensor* out, bool keep, std::int64_t ttl_ms,
-                          const char* field, const DecodeContext& ctx, PreparedOp<Args>& op) {
+                          const char* field, const DecodeContext& ctx, PreparedOp<Args>& op,
+                          const v1::SharedMemoryRef* to_shm = nullptr) {
+  if (to_shm && !to_shm->region().empty()) {
+    const std::string f = std::string("output_shm (") + field + ")";
+    if (!ctx.shm) return failed_precondition(off_message(f));
+    if (keep) return invalid_argument(f + ": expected keep_output or output_shm, got both");
+    const std::size_t bytes = static_cast<std::size_t>(element_count(shape)) * element_size(dtype);
+    ATTN_ASSIGN_OR_RETURN(slice, ctx.shm->resolve(current_owner(), *to_shm, static_cast<std::int64_t>(bytes), f));
+    if (slice.region->on_device()) {  // written in place on its GPU (pin_output_regions placed the op there)
+      ATTN_RETURN_IF_ERROR(pin_to_cuda(slice.region->cuda.device, f, ctx, op));
+      out->set_dtype(wire::to_proto(dtype));
+      out->mutable_shape()->Assign(shape.begin(), shape.end());
+      *out->mutable_shm() = *to_shm;
+      out->mutable_shm()->set_bytes(static_cast<std::int64_t>(bytes));
+      op.shm_regions.push_back(slice.region);
+      return TensorView{dtype, shape, static_cast<char*>(slice.region->cuda.base) + slice.offset, MemoryKind::kDevice};
+    }
+    if (MemoryHold* hold = current_call_hold()) ATTN_RETURN_IF_ERROR(hold->add(bytes, f));
+    void* buf = shm_buffer(bytes, ctx, op);
+    op.shm_outputs.push_back({slice, f, buf});
+    out->set_dtype(wire::to_proto(dtype));
+    out->mutable_shape()->Assign(shape.begin(), shape.end());
+    *out->mutable_shm() = *to_shm;
+    out->mutable_shm()->set_bytes(static_cast<std::int64_t>(bytes));
+    return TensorView{dtype, shape, buf, MemoryKind::kHost};
+  }
   if (!keep) {
     // The response's bytes, charged to the call before they are allocated.
     if (MemoryHold* hold = current_call_hold()) {
@@ -92,6 +195,17 @@ Result<TensorView> output(DType dtype, const Shape& shape, v1::Tensor* out, bool
   const TensorView view = t->view();
   op.kept.push_back(std::move(t));
   return view;
+}
+
+// The request's output_shm entry for output `i`, or null; more entries than outputs: an error.
+const v1::SharedMemoryRef* output_ref(const google::protobuf::RepeatedPtrField<v1::SharedMemoryRef>& refs, int i) {
+  return i < refs.size() ? &refs.Get(i) : nullptr;
+}
+
+Status check_output_refs(const google::protobuf::RepeatedPtrField<v1::SharedMemoryRef>& refs, int outputs) {
+  if (refs.size() <= outputs) return Status::Ok();
+  return invalid_argument("output_shm: expected at most " + std::to_string(outputs) + " entries (one per output), got " +
+                          std::to_string(refs.size()));
 }
 
 // The output's shape must respect the same element limit as the inputs: small inputs can ask
@@ -139,10 +253,12 @@ Result<PreparedOp<MatmulArgs>> decode_matmul(const v1::MatmulRequest& req, v1::M
   op.args.b = b.view;
   op.args.transpose_a = req.transpose_a();
   op.args.transpose_b = req.transpose_b();
+  ATTN_RETURN_IF_ERROR(pin_output_regions(req.output_shm(), ctx, op));
   ATTN_ASSIGN_OR_RETURN(variant, select(ctx.registry->of<MatmulArgs>(), op.args, req.kernel(), placed(ctx, op)));
   op.variant = variant;
+  ATTN_RETURN_IF_ERROR(check_output_refs(req.output_shm(), 1));
   ATTN_ASSIGN_OR_RETURN(c, output(a.view.dtype, c_shape, resp->mutable_c(), req.keep_output(),
-                                  req.output_ttl_ms(), "c", ctx, op));
+                                  req.output_ttl_ms(), "c", ctx, op, output_ref(req.output_shm(), 0)));
   op.args.c = c;
   op.inputs.push_back(std::move(a));
   op.inputs.push_back(std::move(b));
@@ -154,10 +270,12 @@ Result<PreparedOp<SoftmaxArgs>> decode_softmax(const v1::SoftmaxRequest& req,
   PreparedOp<SoftmaxArgs> op;
   ATTN_ASSIGN_OR_RETURN(x, any_input(req.x(), req.has_x(), "x", ctx, op));
   op.args.x = x.view;
+  ATTN_RETURN_IF_ERROR(pin_output_regions(req.output_shm(), ctx, op));
   ATTN_ASSIGN_OR_RETURN(variant, select(ctx.registry->of<SoftmaxArgs>(), op.args, req.kernel(), placed(ctx, op)));
   op.variant = variant;
+  ATTN_RETURN_IF_ERROR(check_output_refs(req.output_shm(), 1));
   ATTN_ASSIGN_OR_RETURN(y, output(x.view.dtype, x.view.shape, resp->mutable_y(), req.keep_output(),
-                                  req.output_ttl_ms(), "y", ctx, op));
+                                  req.output_ttl_ms(), "y", ctx, op, output_ref(req.output_shm(), 0)));
   op.args.y = y;
   op.inputs.push_back(std::move(x));
   return op;
@@ -170,6 +288,7 @@ Result<PreparedOp<AttentionArgs>> decode_attention(const v1::AttentionRequest& r
   ATTN_ASSIGN_OR_RETURN(q, any_input(req.q(), req.has_q(), "q", ctx, op));
   ATTN_ASSIGN_OR_RETURN(k, any_input(req.k(), req.has_k(), "k", ctx, op));
   ATTN_ASSIGN_OR_RETURN(v, any_input(req.v(), req.has_v(), "v", ctx, op));
+  ATTN_RETURN_IF_ERROR(pin_output_regions(req.output_shm(), ctx, op));
   ATTN_ASSIGN_OR_RETURN(dims, attention_dims(q.view, k.view, v.view));
   if (!std::isfinite(req.scale())) {
     return invalid_argument("scale: expected a finite number (0 for 1/sqrt(D)), got " +
@@ -187,12 +306,14 @@ Result<PreparedOp<AttentionArgs>> decode_attention(const v1::AttentionRequest& r
   ATTN_RETURN_IF_ERROR(check_attention_options(op.args.window_left, op.args.window_right, op.args.softcap));
   ATTN_ASSIGN_OR_RETURN(variant, select(ctx.registry->of<AttentionArgs>(), op.args, req.kernel(), placed(ctx, op)));
   op.variant = variant;
+  ATTN_RETURN_IF_ERROR(check_output_refs(req.output_shm(), req.return_lse() ? 2 : 1));
   ATTN_ASSIGN_OR_RETURN(o, output(q.view.dtype, q.view.shape, resp->mutable_o(), req.keep_output(),
-                                  req.output_ttl_ms(), "o", ctx, op));
+                                  req.output_ttl_ms(), "o", ctx, op, output_ref(req.output_shm(), 0)));
   op.args.o = o;
   if (req.return_lse()) {
     ATTN_ASSIGN_OR_RETURN(lse, output(DType::kFloat32, {dims.batch, dims.heads_q, dims.len_q}, resp->mutable_lse(),
-                                      req.keep_output(), req.output_ttl_ms(), "lse", ctx, op));
+                                      req.keep_output(), req.output_ttl_ms(), "lse", ctx, op,
+                                      output_ref(req.output_shm(), 1)));
     op.args.lse = lse;
   }
   op.inputs.push_back(std::move(q));

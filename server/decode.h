@@ -7,6 +7,7 @@
 #include "attn/registry.h"
 #include "attn/v1/attn.pb.h"
 #include "attn/wire.h"
+#include "shared_memory.h"
 #include "tensor_store.h"
 
 namespace attn::server {
@@ -23,6 +24,11 @@ struct DecodeContext {
   // the device it runs on: a GPU's executors (one per stream) share its memory.
   std::vector<Target> executor_targets;
   std::vector<int> executor_devices;
+  // Each executor's CUDA ordinal, -1 for the CPU's (CUDA shared-memory regions pin ops to theirs).
+  std::vector<int> executor_cuda_ordinals;
+  // Shared-memory regions (null: --shared-memory is off): inputs named by region, outputs
+  // written into one. The caller is current_owner().
+  SharedMemoryRegistry* shm = nullptr;
 };
 
 // A tiny op costs less than a GPU round trip (copies, a launch, a sync: ~30 us) or a hand-off to
@@ -40,6 +46,16 @@ struct PreparedOp {
   std::vector<wire::DecodedTensor> inputs;  // keeps inputs given as `values` alive
   std::vector<std::shared_ptr<ResidentTensor>> resident;  // inputs given by handle, held in use
   std::vector<std::shared_ptr<ResidentTensor>> kept;      // outputs to publish once the op succeeds
+  // Host buffers of inputs read from shared memory and of outputs bound for it.
+  std::vector<StagingBuffer> shm_buffers;
+  struct ShmOutput {
+    SharedMemoryRegistry::Slice slice;
+    std::string field;
+    const void* data = nullptr;
+  };
+  std::vector<ShmOutput> shm_outputs;  // written once the op succeeds
+  // CUDA regions the op reads or writes in place, held open until it is done.
+  std::vector<std::shared_ptr<SharedMemoryRegion>> shm_regions;
   // An executor of the device that must run it (where its resident inputs or kept outputs live;
   // any executor of that device will do), or -1.
   int executor = -1;

@@ -517,6 +517,9 @@ GatedMethods::GatedMethods(AttnService& service, GateConfig config)
   add("ForkSequence", "fork_sequence", &AttnService::ForkSequence);
   add("Decode", "paged_decode", &AttnService::Decode);
   add("Prefill", "paged_prefill", &AttnService::Prefill);
+  add("RegisterSharedMemory", "register_shared_memory", &AttnService::RegisterSharedMemory);
+  add("UnregisterSharedMemory", "unregister_shared_memory", &AttnService::UnregisterSharedMemory);
+  add("SharedMemoryStatus", "shared_memory_status", &AttnService::SharedMemoryStatus);
   add_streaming("GetTensor", "get_tensor", &AttnService::GetTensor);
   add_streaming("ReadKv", "read_kv", &AttnService::ReadKv);
   int gated = 0;

@@ -106,6 +106,9 @@ void add_flags(CLI::App& app, attn::server::ServerOptions& options, ProcessFlags
                  "--listen's address, a wildcard host replaced by the host name)");
   app.add_option("--metrics-listen", options.metrics_listen,
                  "serve Prometheus metrics at http://ADDRESS:PORT/metrics (default: off)");
+  app.add_option("--shared-memory", options.shared_memory,
+                 "let clients on this host pass tensors through shared memory they register: system "
+                 "(POSIX shm), cuda (CUDA IPC), or system,cuda (default: off)");
   app.add_flag("--enable-fault-injection", options.fault_injection,
                "tests only: softmax with kernel \"fault_injection/trap\" makes the device fault");
   app.add_option("--log-level", flags.log_level, "trace, debug, info, warn, error")

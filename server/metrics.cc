@@ -90,6 +90,11 @@ struct Metrics::Impl {
           .Help("authenticated calls by op and whether their client declared the request's size "
                 "(attn-request-bytes): undeclared large requests are bounded only once read")
           .Register(*registry);
+  prometheus::Family<prometheus::Counter>& shared_memory =
+      prometheus::BuildCounter()
+          .Name("attnd_shared_memory_bytes_total")
+          .Help("bytes read from (in) and written to (out) clients' shared-memory regions, by op")
+          .Register(*registry);
 };
 
 Metrics::Metrics(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -137,6 +142,11 @@ void Metrics::record(const std::string& op, const std::string& variant, grpc::St
 
 void Metrics::record_request_size(const std::string& op, bool declared) {
   impl_->declared.Add({{"op", op}, {"declared", declared ? "yes" : "no"}}).Increment();
+}
+
+void Metrics::record_shared_memory(const std::string& op, std::size_t bytes_in, std::size_t bytes_out) {
+  if (bytes_in) impl_->shared_memory.Add({{"op", op}, {"direction", "in"}}).Increment(static_cast<double>(bytes_in));
+  if (bytes_out) impl_->shared_memory.Add({{"op", op}, {"direction", "out"}}).Increment(static_cast<double>(bytes_out));
 }
 
 void Metrics::record_batch(const std::string& op, std::size_t calls) {

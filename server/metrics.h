@@ -25,6 +25,8 @@ class Metrics {
   // One finished call. `timings` is null when the call failed before it ran.
   void record(const std::string& op, const std::string& variant, grpc::StatusCode code,
               const v1::Timings* timings, std::size_t bytes_in, std::size_t bytes_out);
+  // Bytes a call of `op` read from and wrote to shared-memory regions (--shared-memory).
+  void record_shared_memory(const std::string& op, std::size_t bytes_in, std::size_t bytes_out);
   // One launch that served `calls` calls of `op` together (dynamic batching).
   void record_batch(const std::string& op, std::size_t calls);
   // One authenticated call of `op` before its body was read: whether its client declared the

@@ -73,7 +73,29 @@ bool is_loopback_address(const std::string& listen) {
 }
 
 TokenCheck::TokenCheck(const std::string& token) : enabled_(!token.empty()) {
-  if (enabled_) expected_digest_ = sha256(token);
+  std::size_t at = 0;
+  while (enabled_ && at <= token.size()) {
+    std::size_t end = token.find('\n', at);
+    if (end == std::string::npos) end = token.size();
+    const std::string line = trim(token.substr(at, end - at));
+    if (!line.empty()) expected_digests_.push_back(sha256(line));
+    at = end + 1;
+  }
+}
+
+std::string TokenCheck::owner(const grpc::ServerContextBase& ctx) const {
+  if (!enabled_) return "";
+  const auto& md = ctx.client_metadata();
+  const auto it = md.find("authorization");
+  if (it == md.end()) return "";
+  const auto digest = sha256(std::string(it->second.data(), it->second.size()));
+  static const char* kHex = "0123456789abcdef";
+  std::string out;
+  for (std::size_t i = 0; i < 12; ++i) {
+    out += kHex[digest[i] >> 4];
+    out += kHex[digest[i] & 15];
+  }
+  return out;
 }
 
 Status TokenCheck::check(const grpc::ServerContextBase& ctx) const {
@@ -89,7 +111,10 @@ Status TokenCheck::check(const grpc::ServerContextBase& ctx) const {
     return unauthenticated("authorization: expected the \"Bearer\" scheme, got another");
   }
   const auto presented = sha256(value.substr(kScheme.size()));
-  if (CRYPTO_memcmp(presented.data(), expected_digest_.data(), presented.size()) != 0) {
+  int matched = 0;
+  for (const auto& expected : expected_digests_)
+    matched |= CRYPTO_memcmp(presented.data(), expected.data(), presented.size()) == 0;
+  if (!matched) {
     return unauthenticated("authorization: the bearer token is not this server's");
   }
   return Status::Ok();

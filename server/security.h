@@ -8,6 +8,7 @@
 #include <array>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "attn/status.h"
 
@@ -37,10 +38,15 @@ class TokenCheck {
   explicit TokenCheck(const std::string& token);
   bool enabled() const { return enabled_; }
   Status check(const grpc::ServerContextBase& ctx) const;
+  // Who a checked call is, for state that belongs to a caller (shared-memory regions): a digest
+  // of its token; empty when the server has no token.
+  std::string owner(const grpc::ServerContextBase& ctx) const;
 
  private:
   bool enabled_ = false;
-  std::array<unsigned char, 32> expected_digest_{};
+  // One digest per accepted token: the token (file or ATTND_TOKEN) may hold several, one a line,
+  // each a caller of its own.
+  std::vector<std::array<unsigned char, 32>> expected_digests_;
 };
 
 }  // namespace attn::server

@@ -5,6 +5,7 @@
 #include <grpcpp/server_builder.h>
 #include <spdlog/spdlog.h>
 
+#include <sstream>
 #include <thread>
 
 #include "attn/executor.h"
@@ -16,6 +17,7 @@
 #include "health_service.h"
 #include "metrics.h"
 #include "scheduler.h"
+#include "shared_memory.h"
 #include "tensor_store.h"
 #include "kv_cache.h"
 
@@ -272,6 +274,24 @@ Result<std::unique_ptr<Server>> Server::start(const ServerOptions& options) {
     s->kv_caches_ = std::make_unique<KvCacheStore>(std::move(devices), s->store_.get(), kv_options);
     s->store_->set_reclaim([caches = s->kv_caches_.get()] { caches->drop_expired(); });
   }
+  {
+    auto shm = parse_shared_memory_flag(options.shared_memory);
+    if (!shm.ok()) {
+      s->scheduler_->stop();
+      return shm.status();
+    }
+    if (shm->system || shm->cuda) {
+      std::vector<int> cuda_devices;
+      for (const auto& ex : s->scheduler_->executors())
+        if (ex->device().backend == Backend::kCuda && ex->device().stream == 0) cuda_devices.push_back(ex->device().ordinal);
+      s->shm_ = std::make_unique<SharedMemoryRegistry>(*shm, s->store_.get(), cuda_devices);
+      spdlog::info("shared memory on: {}{}{}", shm->system ? "system" : "", shm->system && shm->cuda ? ", " : "",
+                   !shm->cuda ? ""
+                   : !cuda_ipc_built() ? "cuda (but this build has no CUDA backend: CUDA regions are refused)"
+                   : cuda_devices.empty() ? "cuda (but no GPU is served: CUDA regions are refused)"
+                                          : "cuda (IPC)");
+    }
+  }
   if (Status started = s->start_services(); !started.ok()) {
     s->scheduler_->stop();
     return started;
@@ -298,6 +318,7 @@ Status Server::start_services() {
   config.token = options_.security.token;
   config.store = store_.get();
   config.kv_caches = kv_caches_.get();
+  config.shm = shm_.get();
   config.fault_injection = options_.fault_injection;
   if (options_.fault_injection) spdlog::warn("fault injection is on: a call can make the device fault");
   if (!options_.metrics_listen.empty()) {
@@ -324,6 +345,12 @@ Status Server::listen(const std::shared_ptr<grpc::ServerCredentials>& credential
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);  // a busy port is an error, not shared
   builder.SetMaxReceiveMessageSize(max_bytes);
   builder.SetMaxSendMessageSize(max_bytes);
+  if (const char* extra = std::getenv("ATTND_GRPC_ARGS")) {  // EXPERIMENT: name=int,...
+    std::stringstream in(extra);
+    for (std::string kv; std::getline(in, kv, ',');)
+      if (auto eq = kv.find('='); eq != std::string::npos)
+        builder.AddChannelArgument(kv.substr(0, eq), std::stoi(kv.substr(eq + 1)));
+  }
   // gRPC's own account of the bytes its transports hold (a request still arriving): past the
   // same limit it resets streams with RESOURCE_EXHAUSTED. Once read, a request is the budget's.
   grpc::ResourceQuota quota("attnd");

@@ -36,6 +36,8 @@ struct ServerOptions {
   std::int64_t tensor_ttl_s = 600;      // when PutTensor/keep_output give none
   std::int64_t tensor_max_ttl_s = 86400;
   bool fault_injection = false;
+  // --shared-memory: "system", "cuda", both comma-separated, or empty (off).
+  std::string shared_memory;
   // The address clients of several replicas reach this one at (KV caches live on one replica);
   // empty: --listen's, with a wildcard host replaced by the host name.
   std::string advertise_address;
@@ -47,6 +49,7 @@ struct ServerOptions {
 class Metrics;
 class TensorStore;
 class KvCacheStore;
+class SharedMemoryRegistry;
 
 class Scheduler;
 class AttnService;
@@ -85,6 +88,7 @@ class Server {
   std::unique_ptr<MemoryBudget> budget_;
   std::unique_ptr<TensorStore> store_;  // after the scheduler: its tensors go before the devices
   std::unique_ptr<KvCacheStore> kv_caches_;  // after the store, whose quota it shares
+  std::unique_ptr<SharedMemoryRegistry> shm_;  // likewise; null: --shared-memory off
   std::unique_ptr<AttnService> service_;
   std::unique_ptr<GatedMethods> gated_;
   std::unique_ptr<UnknownMethods> unknown_;

@@ -135,6 +135,23 @@ Status TensorStore::reserve(std::size_t bytes, std::size_t executor, const std::
   return Status::Ok();
 }
 
+Status TensorStore::reserve_unplaced(std::size_t bytes, const std::string& field) {
+  std::lock_guard lock(mu_);
+  if (used_ + bytes > options_.quota_bytes) {
+    return resource_exhausted(field + ": " + std::to_string(bytes) + " bytes would take the server's state "
+                              "(resident tensors, KV caches and shared-memory regions) to " +
+                              std::to_string(used_ + bytes) + " bytes, over its quota of " +
+                              std::to_string(options_.quota_bytes) + "; free some first");
+  }
+  used_ += bytes;
+  return Status::Ok();
+}
+
+void TensorStore::unreserve_unplaced(std::size_t bytes) {
+  std::lock_guard lock(mu_);
+  used_ -= bytes;
+}
+
 void TensorStore::unreserve(std::size_t bytes, std::size_t executor) {
   {
     std::lock_guard lock(mu_);

@@ -65,6 +65,10 @@ class TensorStore {
   // whose time to live has passed (KV caches) gives its memory back first.
   void set_reclaim(std::function<void()> reclaim) { reclaim_ = std::move(reclaim); }
   void unreserve(std::size_t bytes, std::size_t executor);
+  // Quota for what lives on no device of the server (registered shared-memory regions, which
+  // are the client's memory): counted in the quota only.
+  Status reserve_unplaced(std::size_t bytes, const std::string& field);
+  void unreserve_unplaced(std::size_t bytes);
   // Whether `executor`'s resident memory is charged to the host budget, and the charge.
   bool on_host(std::size_t executor) const;
   Status take_host(std::size_t bytes, std::size_t executor, const std::string& field);

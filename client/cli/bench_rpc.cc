@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstring>
 #include <cstdio>
 #include <fstream>
 #include <map>
@@ -10,6 +11,8 @@
 #include <random>
 #include <sstream>
 #include <thread>
+
+#include <unistd.h>
 
 #include "attn/wire.h"
 
@@ -24,6 +27,13 @@ struct Entry {
   std::vector<Tensor> inputs;  // a, b / x / q, k, v
   std::vector<std::string> handles;
   std::size_t request_bytes = 0;
+  Shape output_shape;
+  // --shm: the region, the inputs' offsets in it and this entry's first output slot (a client's
+  // slot is output_offset + client * output_bytes).
+  std::string region;
+  std::vector<std::int64_t> input_offsets;
+  std::int64_t output_offset = 0;
+  std::size_t output_bytes = 0;
 };
 
 struct Sample {
@@ -52,20 +62,27 @@ Result<Entry> parse_entry(const std::string& spec, DType dtype, std::mt19937_64&
   };
   if (e.op == "softmax") {
     e.inputs.push_back(random(e.shape));
+    e.output_shape = e.shape;
   } else if (e.op == "matmul" && e.shape.size() == 3) {
     e.inputs.push_back(random({e.shape[0], e.shape[1]}));
     e.inputs.push_back(random({e.shape[1], e.shape[2]}));
+    e.output_shape = {e.shape[0], e.shape[2]};
   } else if (e.op == "attention" && e.shape.size() == 4) {
     for (int i = 0; i < 3; ++i) e.inputs.push_back(random(e.shape));
+    e.output_shape = e.shape;
   } else {
     return invalid_argument("--mix: expected softmax:SHAPE, matmul:M,K,N or attention:B,H,S,D, got \"" + spec + "\"");
   }
   for (const auto& t : e.inputs) e.request_bytes += t.bytes();
+  e.output_bytes = static_cast<std::size_t>(element_count(e.output_shape)) * element_size(dtype);
   return e;
 }
 
 v1::Tensor tensor_or_handle(const Entry& e, std::size_t i) {
   if (!e.handles.empty()) return Client::resident(e.handles[i]);
+  if (!e.region.empty()) {
+    return Client::in_shared_memory(e.inputs[i].dtype(), e.inputs[i].shape(), e.region, e.input_offsets[i]);
+  }
   v1::Tensor t;
   wire::encode_tensor(e.inputs[i].view(), &t);
   return t;
@@ -73,15 +90,21 @@ v1::Tensor tensor_or_handle(const Entry& e, std::size_t i) {
 
 // One call of `e`; returns the gRPC status and fills the sample. Kept outputs are deleted after
 // the timing.
-grpc::Status call(Client& client, const Entry& e, bool causal, Sample& s) {
+grpc::Status call(Client& client, const Entry& e, bool causal, int slot, Sample& s) {
   const bool keep = !e.handles.empty();
   grpc::Status status;
   std::vector<std::string> kept;
+  v1::SharedMemoryRef out;
+  if (!e.region.empty()) {
+    out = Client::shared_memory_ref(
+        e.region, e.output_offset + static_cast<std::int64_t>(slot) * static_cast<std::int64_t>(e.output_bytes));
+  }
   const auto start = Clock::now();
   if (e.op == "softmax") {
     v1::SoftmaxRequest req;
     *req.mutable_x() = tensor_or_handle(e, 0);
     req.set_keep_output(keep);
+    if (!e.region.empty()) *req.add_output_shm() = out;
     v1::SoftmaxResponse resp;
     status = client.stub().Softmax(client.make_context(req).get(), req, &resp);
     s.timings = resp.timings();
@@ -91,6 +114,7 @@ grpc::Status call(Client& client, const Entry& e, bool causal, Sample& s) {
     *req.mutable_a() = tensor_or_handle(e, 0);
     *req.mutable_b() = tensor_or_handle(e, 1);
     req.set_keep_output(keep);
+    if (!e.region.empty()) *req.add_output_shm() = out;
     v1::MatmulResponse resp;
     status = client.stub().Matmul(client.make_context(req).get(), req, &resp);
     s.timings = resp.timings();
@@ -102,6 +126,7 @@ grpc::Status call(Client& client, const Entry& e, bool causal, Sample& s) {
     *req.mutable_v() = tensor_or_handle(e, 2);
     req.set_causal(causal);
     req.set_keep_output(keep);
+    if (!e.region.empty()) *req.add_output_shm() = out;
     v1::AttentionResponse resp;
     status = client.stub().Attention(client.make_context(req).get(), req, &resp);
     s.timings = resp.timings();
@@ -140,7 +165,7 @@ std::vector<Stats> load(const std::string& server, const ClientOptions& opts, in
       for (std::size_t i = static_cast<std::size_t>(c); Clock::now() < until; ++i) {
         const std::size_t e = i % entries;
         Sample s;
-        const grpc::Status status = fn(client, e, s);
+        const grpc::Status status = fn(client, e, s, c);
         if (status.ok()) local[e].samples.push_back(s);
         else ++local[e].errors[std::to_string(static_cast<int>(status.error_code()))];
       }
@@ -160,6 +185,10 @@ int run_bench_rpc(const BenchRpcOptions& o, const ClientOptions& client_options)
   auto dtype = parse_dtype(o.dtype);
   if (!dtype) {
     std::fprintf(stderr, "attn: --dtype: expected float32, float16 or bfloat16, got \"%s\"\n", o.dtype.c_str());
+    return 2;
+  }
+  if (o.resident && o.shm) {
+    std::fprintf(stderr, "attn: --resident and --shm: expected one of them, got both\n");
     return 2;
   }
   std::mt19937_64 rng(1);
@@ -184,13 +213,48 @@ int run_bench_rpc(const BenchRpcOptions& o, const ClientOptions& client_options)
         e.handles.push_back(info->handle());
       }
 
-  auto ops = load(o.server, client_options, o.clients, o.seconds, entries.size(),
-                  [&](Client& c, std::size_t i, Sample& s) { return call(c, entries[i], o.causal, s); });
+  // --shm: one region holds every entry's inputs, then each client's outputs.
+  SharedMemoryBuffer region;
+  if (o.shm) {
+    std::size_t total = 0;
+    for (const auto& e : entries) total += e.request_bytes + e.output_bytes * static_cast<std::size_t>(o.clients);
+    auto made = SharedMemoryBuffer::create(total);
+    if (!made.ok()) {
+      std::fprintf(stderr, "attn: --shm: %s\n", made.status().to_string().c_str());
+      return 1;
+    }
+    region = std::move(made).value();
+    const std::string name = "bench-rpc-" + std::to_string(::getpid());
+    std::int64_t at = 0;
+    for (auto& e : entries) {
+      e.region = name;
+      for (const auto& t : e.inputs) {
+        e.input_offsets.push_back(at);
+        std::memcpy(static_cast<char*>(region.data()) + at, t.data(), t.bytes());
+        at += static_cast<std::int64_t>(t.bytes());
+      }
+      e.output_offset = at;
+      at += static_cast<std::int64_t>(e.output_bytes) * o.clients;
+    }
+    auto reg = setup.register_shared_memory(name, region.key(), 0, static_cast<std::int64_t>(total));
+    if (!reg.ok()) {
+      std::fprintf(stderr, "attn: RegisterSharedMemory: %s\n", reg.status().to_string().c_str());
+      return 1;
+    }
+  }
+
+  auto ops = o.echo_only ? std::vector<Stats>(entries.size())
+                         : load(o.server, client_options, o.clients, o.seconds, entries.size(),
+                                [&](Client& c, std::size_t i, Sample& s, int slot) {
+                                  return call(c, entries[i], o.causal, slot, s);
+                                });
   // The transport baseline: the same payload sizes echoed (a resident run sends no payload).
   std::vector<std::string> payloads;
+  // (with --shm the echo still sends the payload inline: the gRPC path the region replaces)
   for (const auto& e : entries) payloads.emplace_back(o.resident ? 0 : e.request_bytes, 'x');
-  auto echoes = load(o.server, client_options, o.clients, std::max(1.0, o.seconds / 2), entries.size(),
-                     [&](Client& c, std::size_t i, Sample& s) {
+  auto echoes = load(o.server, client_options, o.clients, o.echo_only ? o.seconds : std::max(1.0, o.seconds / 2),
+                     entries.size(),
+                     [&](Client& c, std::size_t i, Sample& s, int) {
                        v1::EchoRequest req;
                        req.set_payload(payloads[i]);
                        auto ctx = c.make_context(req);
@@ -204,11 +268,13 @@ int run_bench_rpc(const BenchRpcOptions& o, const ClientOptions& client_options)
   if (o.resident)
     for (auto& e : entries)
       for (const auto& h : e.handles) (void)setup.delete_tensor(h);
+  if (o.shm) (void)setup.unregister_shared_memory(entries.front().region);
 
   std::ostringstream json;
   json << "{\"clients\": " << o.clients << ", \"seconds\": " << o.seconds << ", \"resident\": "
-       << (o.resident ? "true" : "false") << ", \"dtype\": \"" << o.dtype << "\", \"entries\": [";
-  std::printf("%d clients, %.0f s, %s%s\n", o.clients, o.seconds, o.dtype.c_str(), o.resident ? ", resident inputs" : "");
+       << (o.resident ? "true" : "false") << ", \"shm\": " << (o.shm ? "true" : "false") << ", \"dtype\": \"" << o.dtype << "\", \"entries\": [";
+  std::printf("%d clients, %.0f s, %s%s%s\n", o.clients, o.seconds, o.dtype.c_str(), o.resident ? ", resident inputs" : "",
+              o.shm ? ", inputs and outputs in shared memory" : "");
   std::printf("%-28s %9s %8s | %9s %9s %9s | %9s %9s %9s %9s | %9s %9s | %6s %6s %6s\n", "op", "payload", "calls/s",
               "p50", "p90", "p99", "queue", "copy", "kernel", "total", "echo p50", "echo srv", "p50/e", "out/e", "kern%");
   for (std::size_t i = 0; i < entries.size(); ++i) {
@@ -237,7 +303,7 @@ int run_bench_rpc(const BenchRpcOptions& o, const ClientOptions& client_options)
          << ", \"p50_ns\": " << pct(lat, 0.5) << ", \"p90_ns\": " << pct(lat, 0.9) << ", \"p99_ns\": " << pct(lat, 0.99)
          << ", \"mean_queue_ns\": " << mean(queue) << ", \"mean_copy_ns\": " << mean(copy)
          << ", \"mean_kernel_ns\": " << mean(kernel) << ", \"mean_total_ns\": " << mean(total)
-         << ", \"mean_outside_kernel_ns\": " << mean(outside) << ", \"echo_p50_ns\": " << pct(elat, 0.5)
+         << ", \"mean_outside_kernel_ns\": " << mean(outside) << ", \"echo_calls\": " << echoes[i].samples.size() << ", \"echo_p50_ns\": " << pct(elat, 0.5)
          << ", \"echo_p90_ns\": " << pct(elat, 0.9) << ", \"echo_p99_ns\": " << pct(elat, 0.99)
          << ", \"echo_mean_server_ns\": " << mean(esrv) << ", \"p50_over_echo_p50\": " << p50_ratio
          << ", \"outside_kernel_over_echo_server\": " << outside_ratio << ", \"kernel_share_of_server_time\": "

@@ -18,6 +18,11 @@ struct BenchRpcOptions {
   std::vector<std::string> mix = {"softmax:1,1"};
   std::string dtype = "float32";
   bool resident = false;   // inputs put once as resident tensors, outputs kept (and deleted)
+  // Inputs in a POSIX shared-memory region registered with the server (--shared-memory system),
+  // copied in once; each client's outputs written into its own slot of the region.
+  bool shm = false;
+  // Only the echo baseline (the transport alone): the mix's payload sizes echoed for `seconds`.
+  bool echo_only = false;
   bool causal = false;     // attention entries
   std::string json_path;   // also write the results here
 };

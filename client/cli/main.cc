@@ -2,7 +2,10 @@
 // the server's timings as a short table or JSON.
 #include <google/protobuf/util/json_util.h>
 
+#include <unistd.h>
+
 #include <CLI/CLI.hpp>
+#include <cstring>
 #include <cstdio>
 #include <iostream>
 #include <random>
@@ -21,6 +24,7 @@ using attn::Result;
 using attn::Shape;
 using attn::Status;
 using attn::Tensor;
+namespace v1 = attn::v1;
 
 struct Common {
   std::string server = "127.0.0.1:50051";
@@ -30,6 +34,7 @@ struct Common {
 };
 
 struct OpFlags {
+  bool shm = false;  // inputs and output through a POSIX shared-memory region
   std::vector<std::string> inputs;
   std::string random;
   std::string dtype = "float32";
@@ -133,6 +138,42 @@ void add_op_flags(CLI::App* cmd, OpFlags& f, const char* inputs_help, const char
   cmd->add_option("--kernel", f.kernel, "variant name from `attn kernels` (default: the server picks)");
   cmd->add_option("-o,--output", f.output, "write the result here (.npy)");
   cmd->add_option("--seed", f.seed, "seed for --random");
+  cmd->add_flag("--shm", f.shm,
+                "pass the inputs and the output through a POSIX shared-memory region (a server on this host "
+                "run with --shared-memory system)");
+}
+
+// --shm: the inputs copied into a new shared-memory region registered for this call, `request`
+// given their references and the output's, the output read back from the region.
+template <class Request, class Response>
+Result<attn::OpResult> call_in_shm(attn::Client& client, const std::vector<const Tensor*>& inputs,
+                                   std::size_t output_bytes, const std::vector<v1::Tensor*>& request_inputs,
+                                   Request& req, grpc::Status (v1::AttnService::Stub::*method)(
+                                                     grpc::ClientContext*, const Request&, Response*),
+                                   const v1::Tensor& (Response::*output)() const) {
+  std::size_t total = output_bytes;
+  for (const Tensor* t : inputs) total += t->bytes();
+  ATTN_ASSIGN_OR_RETURN(buf, attn::SharedMemoryBuffer::create(total));
+  const std::string name = "attn-cli-" + std::to_string(::getpid());
+  std::int64_t at = 0;
+  for (std::size_t i = 0; i < inputs.size(); ++i) {
+    std::memcpy(static_cast<char*>(buf.data()) + at, inputs[i]->data(), inputs[i]->bytes());
+    *request_inputs[i] = attn::Client::in_shared_memory(inputs[i]->dtype(), inputs[i]->shape(), name, at);
+    at += static_cast<std::int64_t>(inputs[i]->bytes());
+  }
+  *req.add_output_shm() = attn::Client::shared_memory_ref(name, at);
+  ATTN_RETURN_IF_ERROR(client.register_shared_memory(name, buf.key(), 0, static_cast<std::int64_t>(total)).status());
+  Response resp;
+  const Status called = attn::wire::from_grpc((client.stub().*method)(client.make_context(req).get(), req, &resp));
+  (void)client.unregister_shared_memory(name);
+  ATTN_RETURN_IF_ERROR(called);
+  const v1::Tensor& o = (resp.*output)();
+  const auto dtype = attn::wire::from_proto(o.dtype());
+  if (!dtype) return attn::internal_error("the response's output has no dtype");
+  Tensor out(*dtype, Shape(o.shape().begin(), o.shape().end()));
+  if (out.bytes() != output_bytes) return attn::internal_error("the response's output is not the size expected");
+  std::memcpy(out.data(), static_cast<const char*>(buf.data()) + at, out.bytes());
+  return attn::OpResult{std::move(out), {}, resp.timings()};
 }
 
 Status need_inputs(const OpFlags& f, std::size_t n, const char* names) {
@@ -226,6 +267,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   bench_rpc->add_option("--dtype", brpc.dtype, "float32, float16 or bfloat16")->capture_default_str();
   bench_rpc->add_flag("--resident", brpc.resident, "put the inputs once and keep outputs on the device");
+  bench_rpc->add_flag("--shm", brpc.shm,
+                      "inputs and outputs through a POSIX shared-memory region (the server on this host, run "
+                      "with --shared-memory system)");
+  bench_rpc->add_flag("--echo-only", brpc.echo_only, "only the echo baseline: the mix's payload sizes, for --seconds");
   bench_rpc->add_flag("--causal", brpc.causal, "attention entries are causal");
   bench_rpc->add_option("--json-out", brpc.json_path, "also write the results as JSON here");
 
@@ -470,6 +515,18 @@ int main(int argc, char** argv) {
       a = std::move(*ra);
       b = std::move(*rb);
     }
+    if (mm.shm) {
+      v1::MatmulRequest req;
+      req.set_transpose_a(ta);
+      req.set_transpose_b(tb);
+      req.set_kernel(mm.kernel);
+      const std::int64_t rows = a.shape()[a.shape().size() - (ta ? 1 : 2)];
+      const std::int64_t cols = b.shape()[b.shape().size() - (tb ? 2 : 1)];
+      const std::int64_t batch = a.shape().size() == 3 ? a.shape()[0] : 1;
+      const std::size_t out_bytes = static_cast<std::size_t>(batch * rows * cols) * attn::element_size(a.dtype());
+      return report(c, call_in_shm(client, {&a, &b}, out_bytes, {req.mutable_a(), req.mutable_b()}, req,
+                                   &v1::AttnService::Stub::Matmul, &v1::MatmulResponse::c), mm, nullptr);
+    }
     return report(c, client.matmul(a, b, {ta, tb, mm.kernel}), mm, nullptr);
   }
   if (softmax->parsed()) {
@@ -486,6 +543,12 @@ int main(int argc, char** argv) {
       auto rx = load_input(sm, 0);
       if (!rx.ok()) return fail(rx.status());
       x = std::move(*rx);
+    }
+    if (sm.shm) {
+      v1::SoftmaxRequest req;
+      req.set_kernel(sm.kernel);
+      return report(c, call_in_shm(client, {&x}, x.bytes(), {req.mutable_x()}, req, &v1::AttnService::Stub::Softmax,
+                                   &v1::SoftmaxResponse::y), sm, nullptr);
     }
     return report(c, client.softmax(x, sm.kernel), sm, nullptr);
   }
@@ -513,6 +576,19 @@ int main(int argc, char** argv) {
       }
     }
     attn::AttentionOptions o{causal, scale, !lse_out.empty(), at.kernel, window_left, window_right, softcap};
+    if (at.shm) {
+      v1::AttentionRequest req;
+      req.set_causal(causal);
+      req.set_scale(scale);
+      req.set_kernel(at.kernel);
+      if (window_left != -1) req.set_window_left(window_left);
+      if (window_right != -1) req.set_window_right(window_right);
+      req.set_softcap(softcap);
+      if (!lse_out.empty()) return fail(attn::invalid_argument("--lse-out with --shm: not supported yet"));
+      return report(c, call_in_shm(client, {&q, &k, &v}, q.bytes(), {req.mutable_q(), req.mutable_k(), req.mutable_v()},
+                                   req, &v1::AttnService::Stub::Attention, &v1::AttentionResponse::o),
+                    at, nullptr);
+    }
     return report(c, client.attention(q, k, v, o), at, lse_out.c_str());
   }
   return 0;

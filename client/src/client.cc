@@ -3,7 +3,13 @@
 #include <grpcpp/create_channel.h>
 #include <grpcpp/security/credentials.h>
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -57,6 +63,11 @@ Result<std::shared_ptr<grpc::Channel>> make_channel(const std::string& target, c
   args.SetMaxReceiveMessageSize(max_bytes);
   args.SetMaxSendMessageSize(max_bytes);
   if (!options.load_balancing.empty()) args.SetLoadBalancingPolicyName(options.load_balancing);
+  if (const char* extra = std::getenv("ATTN_GRPC_ARGS")) {  // EXPERIMENT: name=int,...
+    std::stringstream in(extra);
+    for (std::string kv; std::getline(in, kv, ',');)
+      if (auto eq = kv.find('='); eq != std::string::npos) args.SetInt(kv.substr(0, eq), std::stoi(kv.substr(eq + 1)));
+  }
   // Every op is a pure function of its inputs, so a call that never reached a server (a replica
   // that just went away) is safe to send again; gRPC retries small requests (those within its
   // retry buffer) this way. The calls that change a KV cache are not: an UNAVAILABLE may come
@@ -260,6 +271,149 @@ v1::Tensor Client::resident(const std::string& handle) {
   v1::Tensor t;
   t.set_handle(handle);
   return t;
+}
+
+// ---- shared memory ----
+
+Result<SharedMemoryBuffer> SharedMemoryBuffer::create(std::size_t bytes, const std::string& key) {
+  static std::atomic<unsigned> counter{0};
+  SharedMemoryBuffer b;
+  b.key_ = key.empty() ? "/attn-" + std::to_string(::getpid()) + "-" + std::to_string(counter++) : key;
+  b.fd_ = ::shm_open(b.key_.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+  if (b.fd_ < 0) return failed_precondition("shm_open " + b.key_ + ": " + std::strerror(errno));
+  b.size_ = bytes;
+  if (::ftruncate(b.fd_, static_cast<off_t>(bytes)) != 0) {
+    ::shm_unlink(b.key_.c_str());
+    return failed_precondition("ftruncate " + b.key_ + ": " + std::strerror(errno));
+  }
+  void* p = ::mmap(nullptr, std::max<std::size_t>(bytes, 1), PROT_READ | PROT_WRITE, MAP_SHARED, b.fd_, 0);
+  if (p == MAP_FAILED) {
+    ::shm_unlink(b.key_.c_str());
+    return failed_precondition("mmap " + b.key_ + ": " + std::strerror(errno));
+  }
+  b.data_ = p;
+  return b;
+}
+
+SharedMemoryBuffer& SharedMemoryBuffer::operator=(SharedMemoryBuffer&& o) noexcept {
+  if (this != &o) {
+    this->~SharedMemoryBuffer();
+    key_ = std::move(o.key_);
+    size_ = o.size_;
+    data_ = o.data_;
+    fd_ = o.fd_;
+    o.key_.clear();
+    o.data_ = nullptr;
+    o.fd_ = -1;
+    o.size_ = 0;
+  }
+  return *this;
+}
+
+SharedMemoryBuffer::~SharedMemoryBuffer() {
+  if (data_) ::munmap(data_, std::max<std::size_t>(size_, 1));
+  if (fd_ >= 0) ::close(fd_);
+  if (!key_.empty()) ::shm_unlink(key_.c_str());
+  data_ = nullptr;
+  fd_ = -1;
+  key_.clear();
+}
+
+Result<v1::SharedMemoryRegionInfo> Client::register_shared_memory(const std::string& name, const std::string& key,
+                                                                  std::int64_t offset, std::int64_t bytes) {
+  ATTN_RETURN_IF_ERROR(channel_status_);
+  v1::RegisterSharedMemoryRequest req;
+  req.set_name(name);
+  req.set_kind(v1::SHARED_MEMORY_KIND_SYSTEM);
+  req.set_key(key);
+  req.set_offset(offset);
+  req.set_bytes(bytes);
+  v1::RegisterSharedMemoryResponse resp;
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->RegisterSharedMemory(make_context(req).get(), req, &resp)));
+  return resp.region();
+}
+
+Result<v1::SharedMemoryRegionInfo> Client::register_cuda_memory(const std::string& name,
+                                                                const std::string& ipc_handle, int device,
+                                                                std::int64_t offset, std::int64_t bytes) {
+  ATTN_RETURN_IF_ERROR(channel_status_);
+  v1::RegisterSharedMemoryRequest req;
+  req.set_name(name);
+  req.set_kind(v1::SHARED_MEMORY_KIND_CUDA);
+  req.set_cuda_ipc_handle(ipc_handle);
+  req.set_device_id(device);
+  req.set_offset(offset);
+  req.set_bytes(bytes);
+  v1::RegisterSharedMemoryResponse resp;
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->RegisterSharedMemory(make_context(req).get(), req, &resp)));
+  return resp.region();
+}
+
+Result<int> Client::unregister_shared_memory(const std::string& name) {
+  ATTN_RETURN_IF_ERROR(channel_status_);
+  v1::UnregisterSharedMemoryRequest req;
+  req.set_name(name);
+  v1::UnregisterSharedMemoryResponse resp;
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->UnregisterSharedMemory(make_context(req).get(), req, &resp)));
+  return resp.unregistered();
+}
+
+Result<v1::SharedMemoryStatusResponse> Client::shared_memory_status(const std::string& name) {
+  ATTN_RETURN_IF_ERROR(channel_status_);
+  v1::SharedMemoryStatusRequest req;
+  req.set_name(name);
+  v1::SharedMemoryStatusResponse resp;
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->SharedMemoryStatus(make_context(req).get(), req, &resp)));
+  return resp;
+}
+
+v1::Tensor Client::in_shared_memory(DType dtype, const Shape& shape, const std::string& region, std::int64_t offset) {
+  v1::Tensor t;
+  t.set_dtype(wire::to_proto(dtype));
+  t.mutable_shape()->Assign(shape.begin(), shape.end());
+  *t.mutable_shm() = shared_memory_ref(region, offset);
+  return t;
+}
+
+v1::SharedMemoryRef Client::shared_memory_ref(const std::string& region, std::int64_t offset, std::int64_t bytes) {
+  v1::SharedMemoryRef r;
+  r.set_region(region);
+  r.set_offset(offset);
+  r.set_bytes(bytes);
+  return r;
+}
+
+Result<OpResult> Client::attention_shm(const std::string& region, const SharedMemoryBuffer& buffer, DType dtype,
+                                       const Shape& q_shape, const Shape& kv_shape, const std::int64_t offsets[3],
+                                       std::int64_t o_offset, const AttentionOptions& options, bool copy_out) {
+  ATTN_RETURN_IF_ERROR(channel_status_);
+  v1::AttentionRequest req;
+  *req.mutable_q() = in_shared_memory(dtype, q_shape, region, offsets[0]);
+  *req.mutable_k() = in_shared_memory(dtype, kv_shape, region, offsets[1]);
+  *req.mutable_v() = in_shared_memory(dtype, kv_shape, region, offsets[2]);
+  req.set_causal(options.causal);
+  req.set_scale(options.scale);
+  req.set_return_lse(options.return_lse);
+  req.set_kernel(options.kernel);
+  if (options.window_left != -1) req.set_window_left(options.window_left);
+  if (options.window_right != -1) req.set_window_right(options.window_right);
+  req.set_softcap(options.softcap);
+  *req.add_output_shm() = shared_memory_ref(region, o_offset);
+  v1::AttentionResponse resp;
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->Attention(make_context(req).get(), req, &resp)));
+  OpResult result{Tensor(), {}, resp.timings()};
+  if (copy_out) {
+    Tensor o(dtype, q_shape);
+    if (o_offset < 0 || static_cast<std::size_t>(o_offset) + o.bytes() > buffer.size())
+      return invalid_argument("o_offset: the output does not fit in the buffer");
+    std::memcpy(o.data(), static_cast<const char*>(buffer.data()) + o_offset, o.bytes());
+    result.output = std::move(o);
+  }
+  if (options.return_lse) {
+    ATTN_ASSIGN_OR_RETURN(lse, to_tensor(resp.lse(), "lse"));
+    result.lse = std::move(lse);
+  }
+  return result;
 }
 
 Result<v1::BenchmarkResponse> Client::benchmark(const v1::BenchmarkRequest& request) {

@@ -40,7 +40,7 @@ class CliTest(unittest.TestCase):
         cls.dir = tempfile.TemporaryDirectory()
         port_file = os.path.join(cls.dir.name, "port")
         cls.server = subprocess.Popen(
-            [ATTND, "--listen", "127.0.0.1:0", "--port-file", port_file],
+            [ATTND, "--listen", "127.0.0.1:0", "--port-file", port_file, "--shared-memory", "system"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(1500):
             if os.path.exists(port_file):
@@ -139,6 +139,29 @@ class CliTest(unittest.TestCase):
         self.assertGreaterEqual(len(results), 2)
         for res in results:
             self.assertTrue(res.get("correct"), res)
+
+    def test_shm_inputs_and_outputs_equal_inline(self):
+        q, k, v = (self.rng.standard_normal((1, 2, 40, 32)).astype(np.float16) for _ in range(3))
+        for name, arr in (("sq", q), ("sk", k), ("sv", v)):
+            np.save(self.path(name + ".npy"), arr)
+        ins = [self.path(n + ".npy") for n in ("sq", "sk", "sv")]
+        self.attn("attention", "--causal", *ins, "-o", self.path("o_inline.npy"))
+        self.attn("attention", "--causal", "--shm", *ins, "-o", self.path("o_shm.npy"))
+        self.assertTrue(np.array_equal(np.load(self.path("o_inline.npy")), np.load(self.path("o_shm.npy"))))
+        np.save(self.path("ma.npy"), q.reshape(2, 40, 32))
+        np.save(self.path("mb.npy"), k.reshape(2, 40, 32))
+        mats = [self.path("ma.npy"), self.path("mb.npy")]
+        self.attn("matmul", "--shm", "--transpose-b", *mats, "-o", self.path("m.npy"))
+        self.attn("matmul", "--transpose-b", *mats, "-o", self.path("m2.npy"))
+        self.assertTrue(np.array_equal(np.load(self.path("m.npy")), np.load(self.path("m2.npy"))))
+        out = self.attn("bench-rpc", "--shm", "--clients", "2", "--seconds", "0.5", "--mix", "softmax:64,256",
+                        "matmul:32,32,32", "attention:1,2,32,32", "--json-out", self.path("b.json"))
+        self.assertIn("inputs and outputs in shared memory", out.stdout)
+        doc = json.load(open(self.path("b.json")))
+        self.assertTrue(doc["shm"])
+        for e in doc["entries"]:
+            self.assertEqual(e["errors"], 0, e)
+            self.assertGreater(e["calls"], 0, e)
 
     def test_random_inputs_and_json(self):
         out = self.attn("--json", "matmul", "--random", "2,64,32,16", "--dtype", "bf16")

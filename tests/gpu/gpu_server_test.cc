@@ -345,5 +345,83 @@ TEST(GpuServer, BatchedDecodeOnTheGpuMatchesUnbatched) {
   EXPECT_GT(merged_calls, 0) << "no call shared a launch";
 }
 
+// CUDA IPC (--shared-memory cuda): q, k and v in one cudaMalloc of this process, exported by its IPC handle; the
+// server reads them in place and writes O straight into the same allocation. Bit-equal to the inline call (the same
+// variant on the same GPU); a wrong device, a region past the allocation and a server with the flag off are refused.
+TEST(GpuServer, CudaIpcInputsAndOutputsMatchTheInlinePath) {
+  SKIP_WITHOUT_GPU();
+  testing::ServerProcess server(ATTND_PATH, {"--backend", "cuda", "--devices", "0", "--shared-memory", "system,cuda"});
+  Client client(server.address());
+  std::mt19937_64 rng(testing::seed());
+  const Shape shape{4, 16, 1024, 128};  // the 50 MB call
+  Tensor q = random_tensor(DType::kBFloat16, shape, rng);
+  Tensor k = random_tensor(DType::kBFloat16, shape, rng);
+  Tensor v = random_tensor(DType::kBFloat16, shape, rng);
+  const std::size_t n = q.bytes();
+  ASSERT_EQ(cudaSetDevice(0), cudaSuccess);
+  void* base = nullptr;
+  ASSERT_EQ(cudaMalloc(&base, 4 * n), cudaSuccess);
+  char* dev = static_cast<char*>(base);
+  ASSERT_EQ(cudaMemcpy(dev, q.data(), n, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(dev + n, k.data(), n, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(dev + 2 * n, v.data(), n, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemset(dev + 3 * n, 0xff, n), cudaSuccess);
+  cudaIpcMemHandle_t handle;
+  ASSERT_EQ(cudaIpcGetMemHandle(&handle, base), cudaSuccess);
+
+  const std::string ipc(reinterpret_cast<const char*>(&handle), sizeof handle);
+  auto ok = client.register_cuda_memory("gpu", ipc, 0, 0, static_cast<std::int64_t>(4 * n));
+  ASSERT_TRUE(ok.ok()) << ok.status().to_string() << server.log();
+  EXPECT_EQ(ok->kind(), v1::SHARED_MEMORY_KIND_CUDA);
+  auto other = client.register_cuda_memory("gpu1", ipc, gpu_count(), 0, 64);  // a device this server does not serve
+  EXPECT_EQ(other.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_THAT(other.status().message(), HasSubstr("device_id"));
+  auto past = client.register_cuda_memory("gpu2", ipc, 0, 0, static_cast<std::int64_t>(4 * n) + 4096);
+  EXPECT_EQ(past.status().code(), StatusCode::kInvalidArgument) << past.status().to_string();
+
+  v1::AttentionRequest req;
+  const std::int64_t offsets[3] = {0, static_cast<std::int64_t>(n), static_cast<std::int64_t>(2 * n)};
+  *req.mutable_q() = Client::in_shared_memory(DType::kBFloat16, shape, "gpu", offsets[0]);
+  *req.mutable_k() = Client::in_shared_memory(DType::kBFloat16, shape, "gpu", offsets[1]);
+  *req.mutable_v() = Client::in_shared_memory(DType::kBFloat16, shape, "gpu", offsets[2]);
+  req.set_causal(true);
+  *req.add_output_shm() = Client::shared_memory_ref("gpu", static_cast<std::int64_t>(3 * n));
+  v1::AttentionResponse resp;
+  const grpc::Status called = client.stub().Attention(client.make_context(req).get(), req, &resp);
+  ASSERT_TRUE(called.ok()) << called.error_message();
+  EXPECT_TRUE(resp.o().has_shm());
+  std::printf("CUDA IPC attention %s: kernel %.3f ms, h2d %.3f ms, d2h %.3f ms, server total %.3f ms\n",
+              resp.timings().kernel().c_str(), resp.timings().kernel_ns() / 1e6, resp.timings().h2d_ns() / 1e6,
+              resp.timings().d2h_ns() / 1e6, resp.timings().total_ns() / 1e6);
+  Tensor o(DType::kBFloat16, shape);
+  ASSERT_EQ(cudaMemcpy(o.data(), dev + 3 * n, n, cudaMemcpyDeviceToHost), cudaSuccess);
+  AttentionOptions opts;
+  opts.causal = true;
+  auto inline_result = client.attention(q, k, v, opts);
+  ASSERT_TRUE(inline_result.ok()) << inline_result.status().to_string();
+  EXPECT_EQ(inline_result->timings.kernel(), resp.timings().kernel());
+  EXPECT_EQ(std::memcmp(o.data(), inline_result->output.data(), n), 0);
+
+  // Unregistered: the next call naming it is NOT_FOUND, and the server serves on.
+  EXPECT_TRUE(client.unregister_shared_memory("gpu").ok());
+  v1::AttentionResponse again;
+  EXPECT_EQ(client.stub().Attention(client.make_context(req).get(), req, &again).error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  EXPECT_TRUE(client.attention(q, k, v, opts).ok());
+  cudaFree(base);
+
+  testing::ServerProcess off(ATTND_PATH, {"--backend", "cuda", "--devices", "0", "--shared-memory", "system"});
+  Client off_client(off.address());
+  v1::RegisterSharedMemoryRequest off_req;
+  off_req.set_name("gpu");
+  off_req.set_kind(v1::SHARED_MEMORY_KIND_CUDA);
+  off_req.set_bytes(64);
+  v1::RegisterSharedMemoryResponse off_resp;
+  const grpc::Status refused = off_client.stub().RegisterSharedMemory(off_client.make_context(off_req).get(), off_req,
+                                                                      &off_resp);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(refused.error_message(), HasSubstr("--shared-memory cuda"));
+}
+
 }  // namespace
 }  // namespace attn

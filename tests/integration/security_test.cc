@@ -175,6 +175,12 @@ std::vector<grpc::StatusCode> call_every_method(const std::string& address, cons
     }
     codes.push_back(reader->Finish().error_code());
   }
+  v1::RegisterSharedMemoryResponse reg;
+  codes.push_back(stub->RegisterSharedMemory(ctx().get(), {}, &reg).error_code());
+  v1::UnregisterSharedMemoryResponse unreg;
+  codes.push_back(stub->UnregisterSharedMemory(ctx().get(), {}, &unreg).error_code());
+  v1::SharedMemoryStatusResponse shm_status;
+  codes.push_back(stub->SharedMemoryStatus(ctx().get(), {}, &shm_status).error_code());
   // A method added to the service must be added here too.
   EXPECT_EQ(static_cast<std::size_t>(google::protobuf::DescriptorPool::generated_pool()
                                          ->FindServiceByName("attn.v1.AttnService")

@@ -83,6 +83,30 @@ struct KvContents {
   Tensor v;
 };
 
+// A POSIX shared-memory object this process made and maps (shm_open + mmap), to hand a server on
+// the same host tensors at memory speed (RegisterSharedMemory). Unlinked and unmapped when
+// destroyed.
+class SharedMemoryBuffer {
+ public:
+  // A new object named `key` ("/attn-..."; empty: a unique name) of `bytes`, zero-filled.
+  static Result<SharedMemoryBuffer> create(std::size_t bytes, const std::string& key = "");
+  SharedMemoryBuffer() = default;
+  SharedMemoryBuffer(SharedMemoryBuffer&& o) noexcept { *this = std::move(o); }
+  SharedMemoryBuffer& operator=(SharedMemoryBuffer&& o) noexcept;
+  ~SharedMemoryBuffer();
+
+  const std::string& key() const { return key_; }
+  std::size_t size() const { return size_; }
+  void* data() const { return data_; }
+  int fd() const { return fd_; }
+
+ private:
+  std::string key_;
+  std::size_t size_ = 0;
+  void* data_ = nullptr;
+  int fd_ = -1;
+};
+
 class Client {
  public:
   // `target`: "host:port", or any gRPC target ("ipv4:127.0.0.1:1,127.0.0.1:2"). A TLS file that
@@ -109,6 +133,29 @@ class Client {
   static v1::Tensor resident(const std::string& handle);
 
   // Times variants on the server's device with inputs made there (see BenchmarkRequest).
+  // Shared memory (servers run with --shared-memory system): registers `bytes` from `offset` of the
+  // POSIX shared-memory object `key` as region `name`; inputs then name bytes in it
+  // (in_shared_memory) and outputs may be written into it (the requests' output_shm).
+  Result<v1::SharedMemoryRegionInfo> register_shared_memory(const std::string& name, const std::string& key,
+                                                            std::int64_t offset, std::int64_t bytes);
+  // CUDA IPC (servers run with --shared-memory cuda, on this GPU host): `bytes` from `offset` of
+  // the device allocation whose cudaIpcMemHandle_t's bytes are `ipc_handle`, on CUDA device
+  // `device`; ops then read and write it in place on that GPU.
+  Result<v1::SharedMemoryRegionInfo> register_cuda_memory(const std::string& name, const std::string& ipc_handle,
+                                                          int device, std::int64_t offset, std::int64_t bytes);
+  // Forgets `name` (empty: all of this caller's regions); returns how many went.
+  Result<int> unregister_shared_memory(const std::string& name = "");
+  Result<v1::SharedMemoryStatusResponse> shared_memory_status(const std::string& name = "");
+  // An op input held in region `region` at `offset`, with its dtype and shape.
+  static v1::Tensor in_shared_memory(DType dtype, const Shape& shape, const std::string& region, std::int64_t offset);
+  static v1::SharedMemoryRef shared_memory_ref(const std::string& region, std::int64_t offset, std::int64_t bytes = 0);
+  // Attention whose inputs are in `buffer`, registered as `region`: q, k and v at `offsets[0..2]`;
+  // O is written into the region at `o_offset` (and read back into the result's `output` when
+  // `copy_out`), as the inline attention() otherwise.
+  Result<OpResult> attention_shm(const std::string& region, const SharedMemoryBuffer& buffer, DType dtype,
+                                 const Shape& q_shape, const Shape& kv_shape, const std::int64_t offsets[3],
+                                 std::int64_t o_offset, const AttentionOptions& options = {}, bool copy_out = true);
+
   Result<v1::BenchmarkResponse> benchmark(const v1::BenchmarkRequest& request);
   // The payload back, and the server's time in the handler.
   Result<v1::EchoResponse> echo(const std::string& payload);

@@ -9,7 +9,8 @@ float32 and float16 arrays go as they are; bfloat16 travels as raw bits in a BFl
 (numpy has no bfloat16): to_bfloat16(array) makes one, .to_float32() reads one back.
 """
 
-from .client import AttnError, Client, KvResult, Resident, Result, Timings
+from .client import AttnError, Client, KvResult, Resident, Result, SharedMemoryRegion, ShmTensor, Timings
 from .tensors import BFloat16, to_bfloat16
 
-__all__ = ["AttnError", "BFloat16", "Client", "KvResult", "Resident", "Result", "Timings", "to_bfloat16"]
+__all__ = ["AttnError", "BFloat16", "Client", "KvResult", "Resident", "Result", "SharedMemoryRegion", "ShmTensor",
+           "Timings", "to_bfloat16"]

@@ -10,7 +10,7 @@ import numpy as np
 
 from attn.v1 import attn_pb2, attn_pb2_grpc
 
-from .tensors import decode, encode
+from .tensors import BFloat16, decode, encode
 
 # Every op is a pure function of its inputs: a call that never reached a server is safe to send
 # again, so small calls are retried once or twice on UNAVAILABLE (a replica that went away).
@@ -96,12 +96,101 @@ class Result:
     lse: Optional[np.ndarray] = None  # attention with return_lse
 
 
+_NUMPY_OF = {attn_pb2.D_TYPE_FLOAT32: np.dtype("<f4"), attn_pb2.D_TYPE_FLOAT16: np.dtype("<f2"),
+             attn_pb2.D_TYPE_BFLOAT16: np.dtype("<u2")}
+
+
+@dataclass
+class ShmTensor:
+    """A tensor in a registered shared-memory region: an op input (instead of an array) or where
+    an op writes its output (`out=`). Made by SharedMemoryRegion.put / .tensor."""
+
+    region: "SharedMemoryRegion"
+    offset: int
+    shape: tuple
+    dtype: str  # "float32", "float16" or "bfloat16"
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * _NUMPY_OF[_DTYPES[self.dtype]].itemsize
+
+    def ref(self) -> attn_pb2.SharedMemoryRef:
+        return attn_pb2.SharedMemoryRef(region=self.region.name, offset=self.offset, bytes=self.nbytes)
+
+    def proto(self) -> attn_pb2.Tensor:
+        return attn_pb2.Tensor(dtype=_DTYPES[self.dtype], shape=list(self.shape), shm=self.ref())
+
+    def array(self):
+        """The tensor's bytes as a numpy view into the shared memory (a BFloat16 for bfloat16)."""
+        np_dtype = _NUMPY_OF[_DTYPES[self.dtype]]
+        a = np.ndarray(self.shape, dtype=np_dtype, buffer=self.region.shm.buf,
+                       offset=self.region.offset + self.offset)
+        return BFloat16(a) if self.dtype == "bfloat16" else a
+
+
+class SharedMemoryRegion:
+    """Bytes of a multiprocessing.shared_memory.SharedMemory registered with a server on this host
+    (run with --shared-memory system): arrays put here travel to ops at memory speed, and ops may
+    write their outputs here. Client.register_shared_memory makes one."""
+
+    def __init__(self, client: "Client", name: str, shm, offset: int, size: int):
+        self.client, self.name, self.shm, self.offset, self.size = client, name, shm, offset, size
+        self._next = 0
+
+    def tensor(self, offset: int, shape, dtype="float32") -> ShmTensor:
+        """A tensor at `offset` (from the region's start) of `shape` and `dtype`."""
+        dtype = _DTYPE_ALIASES.get(dtype, dtype)
+        t = ShmTensor(self, int(offset), tuple(int(d) for d in shape), dtype)
+        if t.offset < 0 or t.offset + t.nbytes > self.size:
+            raise ValueError(f"{t.nbytes} bytes at offset {offset} do not fit in region {self.name!r} of {self.size}")
+        return t
+
+    def put(self, x, offset: Optional[int] = None) -> ShmTensor:
+        """Copies an array (float32/float16 numpy, or BFloat16) into the region, after the last one
+        put unless `offset` is given (64-byte aligned); returns its ShmTensor."""
+        if isinstance(x, BFloat16):
+            a, dtype = np.ascontiguousarray(x.bits, dtype="<u2"), "bfloat16"
+        else:
+            a = np.asarray(x)
+            dtype = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}.get(a.dtype)
+            if dtype is None:
+                raise TypeError(f"expected a float32 or float16 array or a BFloat16, got dtype {a.dtype}")
+        at = self._next if offset is None else int(offset)
+        t = self.tensor(at, a.shape, dtype)
+        dst = t.array()
+        np.copyto(dst.bits if isinstance(dst, BFloat16) else dst, a.reshape(a.shape))
+        self._next = max(self._next, (at + t.nbytes + 63) // 64 * 64)
+        return t
+
+    def alloc(self, shape, dtype="float32") -> ShmTensor:
+        """Room for an output after the last tensor put or allocated."""
+        t = self.tensor(self._next, shape, dtype)
+        self._next = (self._next + t.nbytes + 63) // 64 * 64
+        return t
+
+    def unregister(self):
+        self.client.unregister_shared_memory(self.name)
+
+
 def _input(x) -> attn_pb2.Tensor:
-    return attn_pb2.Tensor(handle=x.handle) if isinstance(x, Resident) else encode(x)
+    if isinstance(x, Resident):
+        return attn_pb2.Tensor(handle=x.handle)
+    if isinstance(x, ShmTensor):
+        return x.proto()
+    return encode(x)
 
 
-def _output(t: attn_pb2.Tensor):
+def _output(t: attn_pb2.Tensor, out: Optional[ShmTensor] = None):
+    if out is not None and t.HasField("shm"):
+        return out.array()
     return Resident(t.handle) if t.handle else decode(t)
+
+
+def _output_refs(*outs):
+    refs = [o.ref() if o is not None else attn_pb2.SharedMemoryRef() for o in outs]
+    while refs and not refs[-1].region:
+        refs.pop()
+    return refs
 
 
 class Client:
@@ -177,41 +266,67 @@ class Client:
     # Inputs may be arrays or Resident handles; keep_output=True leaves the outputs on the device
     # and returns Resident handles in their place.
 
+    # Inputs may be arrays, Resident handles or ShmTensors; `out=` (a ShmTensor) has the server
+    # write the output into shared memory, and the result's output is then a view of it.
+
     def matmul(self, a, b, *, transpose_a=False, transpose_b=False, kernel="", keep_output=False,
-               output_ttl_ms=0) -> Result:
+               output_ttl_ms=0, out: Optional[ShmTensor] = None) -> Result:
         """C = op(A) . op(B); rank 3 operands are batched."""
         req = attn_pb2.MatmulRequest(a=_input(a), b=_input(b), transpose_a=transpose_a,
                                      transpose_b=transpose_b, kernel=kernel, keep_output=keep_output,
-                                     output_ttl_ms=output_ttl_ms)
+                                     output_ttl_ms=output_ttl_ms, output_shm=_output_refs(out))
         resp = self._call(self._stub.Matmul, req)
-        return Result(_output(resp.c), Timings.from_proto(resp.timings))
+        return Result(_output(resp.c, out), Timings.from_proto(resp.timings))
 
-    def softmax(self, x, *, kernel="", keep_output=False, output_ttl_ms=0) -> Result:
+    def softmax(self, x, *, kernel="", keep_output=False, output_ttl_ms=0,
+                out: Optional[ShmTensor] = None) -> Result:
         """Softmax over the last dimension."""
         req = attn_pb2.SoftmaxRequest(x=_input(x), kernel=kernel, keep_output=keep_output,
-                                      output_ttl_ms=output_ttl_ms)
+                                      output_ttl_ms=output_ttl_ms, output_shm=_output_refs(out))
         resp = self._call(self._stub.Softmax, req)
-        return Result(_output(resp.y), Timings.from_proto(resp.timings))
+        return Result(_output(resp.y, out), Timings.from_proto(resp.timings))
 
     def attention(self, q, k, v, *, causal=False, scale=0.0, return_lse=False, kernel="",
                   keep_output=False, output_ttl_ms=0, window_left=None, window_right=None,
-                  softcap=0.0) -> Result:
+                  softcap=0.0, out: Optional[ShmTensor] = None,
+                  lse_out: Optional[ShmTensor] = None) -> Result:
         """O = softmax(scale . Q K^T [causal, bottom-right]) V for [B, H, S, D] tensors (GQA when
         K/V have fewer heads). scale 0 means 1/sqrt(D). window_left/window_right: a sliding
         window (FlashAttention-2's window_size: query i at key position p = i + Sk - Sq sees keys
         p - window_left .. p + window_right); None or -1 is unbounded on that side. softcap > 0:
-        each scaled score s becomes softcap * tanh(s / softcap)."""
+        each scaled score s becomes softcap * tanh(s / softcap). out/lse_out: ShmTensors the
+        server writes O / the LSE into (shared memory)."""
         req = attn_pb2.AttentionRequest(q=_input(q), k=_input(k), v=_input(v), causal=causal,
                                         scale=scale, return_lse=return_lse, kernel=kernel,
                                         keep_output=keep_output, output_ttl_ms=output_ttl_ms,
-                                        softcap=softcap)
+                                        softcap=softcap, output_shm=_output_refs(out, lse_out))
         if window_left is not None:
             req.window_left = window_left
         if window_right is not None:
             req.window_right = window_right
         resp = self._call(self._stub.Attention, req)
-        lse = _output(resp.lse) if return_lse else None
-        return Result(_output(resp.o), Timings.from_proto(resp.timings), lse)
+        lse = _output(resp.lse, lse_out) if return_lse else None
+        return Result(_output(resp.o, out), Timings.from_proto(resp.timings), lse)
+
+    # ---- shared memory ----
+
+    def register_shared_memory(self, name: str, shm, *, offset=0, size=None) -> SharedMemoryRegion:
+        """Registers `size` bytes (default: the rest) from `offset` of a
+        multiprocessing.shared_memory.SharedMemory as region `name` (server run with
+        --shared-memory system, on this host)."""
+        size = shm.size - offset if size is None else size
+        req = attn_pb2.RegisterSharedMemoryRequest(name=name, kind=attn_pb2.SHARED_MEMORY_KIND_SYSTEM,
+                                                   key="/" + shm.name.lstrip("/"), offset=offset, bytes=size)
+        self._call(self._stub.RegisterSharedMemory, req)
+        return SharedMemoryRegion(self, name, shm, offset, size)
+
+    def unregister_shared_memory(self, name: str = "") -> int:
+        """Forgets region `name` (empty: all of this caller's); returns how many went."""
+        req = attn_pb2.UnregisterSharedMemoryRequest(name=name)
+        return self._call(self._stub.UnregisterSharedMemory, req).unregistered
+
+    def shared_memory_status(self, name: str = "") -> attn_pb2.SharedMemoryStatusResponse:
+        return self._call(self._stub.SharedMemoryStatus, attn_pb2.SharedMemoryStatusRequest(name=name))
 
     # ---- resident tensors ----
 

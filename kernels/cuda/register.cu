@@ -124,10 +124,12 @@ void register_cuda_variants(Registry& r) {
                     "softmax under the next tile's matmuls, persistent blocks",
                     2, 0},
                    attention_04_supports, attention_04_wgmma_tma, [](const AttentionArgs& a) {
-                     // Ahead of rung 03 at both head dims (about 1.6x at 128, 1.3x at 64 on the H100);
-                     // one query row goes to decode_split_kv (priority 4).
+                     // Ahead of rung 03 (3) from head dim 80 up (1.4-2.1x on the H200); behind it at 32
+                     // and 64, where 03 measured 1.0-1.5x ahead (the softmax outweighs a tile's matrix
+                     // work: bench/results/2026-11-30-h200-head-dims.md). One query row goes to the
+                     // decode rungs (4, 5).
                      const auto d = attention_dims(a.q, a.k, a.v);
-                     return d.ok() && d->len_q > 1 ? 4 : 2;
+                     return d.ok() && d->len_q > 1 && d->head_dim > 64 ? 4 : 2;
                    }});
   r.of<AttentionArgs>().add({{"attention/decode_split_kv", Op::kAttention, Backend::kCuda, half,
                     "Sq = 1 (decoding); head dims 64, 128; 1, 2, 4 or 8 query heads per key/value head",

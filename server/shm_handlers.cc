@@ -7,6 +7,14 @@
 namespace attn::server {
 namespace {
 
+// Shared memory is for clients on the server's host: a region names an object in the host's
+// /dev/shm, so a caller from another host could only name somebody else's object (and read it
+// back through an op's output). Loopback and Unix-socket peers only.
+bool local_peer(const std::string& peer) {
+  return peer.rfind("unix:", 0) == 0 || peer.rfind("ipv4:127.", 0) == 0 || peer.rfind("ipv6:[::1]", 0) == 0 ||
+         peer.rfind("ipv6:%5B::1%5D", 0) == 0 || peer.rfind("ipv6:[::ffff:127.", 0) == 0;
+}
+
 Status shm_off(const char* method) {
   return failed_precondition(
       std::string(method) +
@@ -23,6 +31,13 @@ grpc::ServerUnaryReactor* AttnService::RegisterSharedMemory(
   auto* reactor = ctx->DefaultReactor();
   if (!config_.shm) {
     finish(reactor, ctx, op, "", shm_off("RegisterSharedMemory"), nullptr, 0, 0);
+    return reactor;
+  }
+  if (!local_peer(ctx->peer())) {
+    finish(reactor, ctx, op, "",
+           failed_precondition("RegisterSharedMemory: shared memory is for clients on the server's host "
+                               "(loopback or a Unix socket); this call came from " + ctx->peer()),
+           nullptr, 0, 0);
     return reactor;
   }
   auto r = config_.shm->add(token_.owner(*ctx), *req);

@@ -2,8 +2,11 @@
 // registered, listed and unregistered per caller; inputs read from and outputs written into
 // them, bit-equal to the inline path; every bad reference refused by name; a region shrunk,
 // unlinked or rewritten while calls run never takes the server down; the quota; the flag off.
+#include <arpa/inet.h>
 #include <fcntl.h>
 #include <gmock/gmock.h>
+#include <ifaddrs.h>
+#include <netinet/in.h>
 #include <gtest/gtest.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -416,6 +419,34 @@ TEST(SharedMemory, OffUnlessTheFlagSaysSo) {
       c3.stub().RegisterSharedMemory(c3.make_context(req).get(), req, &resp);
   EXPECT_EQ(no_gpu.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   EXPECT_THAT(no_gpu.error_message(), HasSubstr("serves no GPU"));
+}
+
+// A caller from another host could only name somebody else's object: registration is for loopback
+// and Unix-socket peers. Reached here through this host's own non-loopback address, where it has one.
+TEST(SharedMemory, RegistrationFromAnotherHostIsRefused) {
+  std::string ip;
+  ifaddrs* ifs = nullptr;
+  if (getifaddrs(&ifs) == 0) {
+    for (ifaddrs* i = ifs; i && ip.empty(); i = i->ifa_next) {
+      if (!i->ifa_addr || i->ifa_addr->sa_family != AF_INET) continue;
+      char text[INET_ADDRSTRLEN] = {};
+      inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(i->ifa_addr)->sin_addr, text, sizeof text);
+      if (std::string(text).rfind("127.", 0) != 0) ip = text;
+    }
+    freeifaddrs(ifs);
+  }
+  if (ip.empty()) GTEST_SKIP() << "this host has no non-loopback IPv4 address";
+  testing::ServerProcessOptions options;
+  options.listen = "0.0.0.0:0";
+  testing::ServerProcess server(ATTND_PATH, kShm, options);
+  auto buf = SharedMemoryBuffer::create(4096);
+  ASSERT_TRUE(buf.ok()) << buf.status().to_string();
+  Client remote(ip + ":" + std::to_string(server.port()));
+  auto reg = remote.register_shared_memory("r", buf->key(), 0, 4096);
+  EXPECT_EQ(reg.status().code(), StatusCode::kFailedPrecondition) << reg.status().to_string();
+  EXPECT_THAT(reg.status().message(), HasSubstr("server's host"));
+  Client local(server.address());  // the same server over loopback takes it
+  EXPECT_TRUE(local.register_shared_memory("r", buf->key(), 0, 4096).ok());
 }
 
 TEST(SharedMemory, BadFlagStopsTheServer) {

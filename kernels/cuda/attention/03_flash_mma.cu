@@ -16,6 +16,7 @@
 // (padded_dim: the swizzle and the XOR addressing need a power of two), and above 128 a warp owns one m-tile (the O accumulators of
 // two would not fit in 255 registers).
 #include "../common/flash_mma_tile.cuh"
+#include "../common/head_dims.cuh"
 #include "../common/mma_sync.cuh"
 #include "attention_common.cuh"
 #include "attention_rungs.h"
@@ -175,15 +176,7 @@ cudaError_t launch(const AttentionProblem& p, cudaStream_t s) {
 
 template <class T>
 cudaError_t launch_dim(const AttentionProblem& p, cudaStream_t s) {
-  switch (p.head_dim) {
-    case 32: return launch<T, 32>(p, s);
-    case 64: return launch<T, 64>(p, s);
-    case 80: return launch<T, 80>(p, s);
-    case 96: return launch<T, 96>(p, s);
-    case 128: return launch<T, 128>(p, s);
-    case 192: return launch<T, 192>(p, s);
-    default: return launch<T, 256>(p, s);  // tensor_core_problem took no other
-  }
+  return with_head_dim(p.head_dim, [&](auto d) { return launch<T, decltype(d)::value>(p, s); });
 }
 
 constexpr unsigned kFeatures = kTakesWindow | kTakesSoftcap;

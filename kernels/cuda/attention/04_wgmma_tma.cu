@@ -26,6 +26,7 @@
 // n64 or the remainder (n32, n16), so no padded column is computed.
 #include <algorithm>
 
+#include "../common/head_dims.cuh"
 #include "../common/mma_sync.cuh"
 #include "../hopper/hopper.cuh"
 #include "../hopper/tensor_map.h"
@@ -294,15 +295,7 @@ cudaError_t launch(const AttentionProblem& p, const CUtensorMap& q, const CUtens
 template <class T>
 cudaError_t launch_dim(const AttentionProblem& p, const CUtensorMap& q, const CUtensorMap& k, const CUtensorMap& v,
                        cudaStream_t s) {
-  switch (p.head_dim) {
-    case 32: return launch<T, 32>(p, q, k, v, s);
-    case 64: return launch<T, 64>(p, q, k, v, s);
-    case 80: return launch<T, 80>(p, q, k, v, s);
-    case 96: return launch<T, 96>(p, q, k, v, s);
-    case 128: return launch<T, 128>(p, q, k, v, s);
-    case 192: return launch<T, 192>(p, q, k, v, s);
-    default: return launch<T, 256>(p, q, k, v, s);  // tensor_core_problem took no other
-  }
+  return with_head_dim(p.head_dim, [&](auto d) { return launch<T, decltype(d)::value>(p, q, k, v, s); });
 }
 
 constexpr unsigned kFeatures = kTakesWindow | kTakesSoftcap;

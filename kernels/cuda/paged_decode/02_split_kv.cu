@@ -21,6 +21,7 @@
 // the dot products reduce by shuffles within the lane group.
 #include <algorithm>
 
+#include "../common/head_dims.cuh"
 #include "../common/paged_split.cuh"
 #include "../hopper/hopper.cuh"
 #include "paged_decode_rungs.h"
@@ -260,16 +261,9 @@ Status paged_decode_02_split_kv(const PagedDecodeArgs& args, Stream& stream) {
   const int dev = stream.device();
   const auto by_dim = [&](auto tag) -> Status {
     using T = decltype(tag);
-    switch (p.head_dim) {
-      case 32: return launch<T, 32>(args, p, s, dev);
-      case 64: return launch<T, 64>(args, p, s, dev);
-      case 80: return launch<T, 80>(args, p, s, dev);
-      case 96: return launch<T, 96>(args, p, s, dev);
-      case 128: return launch<T, 128>(args, p, s, dev);
-      default:
-        if constexpr (sizeof(T) == 2) return p.head_dim == 192 ? launch<T, 192>(args, p, s, dev) : launch<T, 256>(args, p, s, dev);
-        return invalid_argument("q.shape: unexpected head dim");  // problem() refused it
-    }
+    const auto run = [&](auto d) { return launch<T, decltype(d)::value>(args, p, s, dev); };
+    if constexpr (sizeof(T) == 2) return with_head_dim(p.head_dim, run);
+    else return with_head_dim<128>(p.head_dim, run);  // float32 up to 128: problem() refused more
   };
   switch (args.cache.dtype) {
     case DType::kFloat32: return by_dim(float{});

@@ -11,6 +11,7 @@
 // 128 or 256, as in attention/03); 1 to 16 query heads per key/value head; any page size.
 #include <vector>
 
+#include "../common/head_dims.cuh"
 #include "../common/mma_sync.cuh"
 #include "../common/paged_split.cuh"
 #include "../common/score_rules.cuh"
@@ -243,15 +244,7 @@ Status dispatch(DType dt, const PagedDecodeArgs& a, const PagedProblem& p, Strea
   const int dev = stream.device();
   const auto by_dim = [&](auto tag) -> Status {
     using T = decltype(tag);
-    switch (p.head_dim) {
-      case 32: return launch<T, 32>(a, p, s, dev, name);
-      case 64: return launch<T, 64>(a, p, s, dev, name);
-      case 80: return launch<T, 80>(a, p, s, dev, name);
-      case 96: return launch<T, 96>(a, p, s, dev, name);
-      case 128: return launch<T, 128>(a, p, s, dev, name);
-      case 192: return launch<T, 192>(a, p, s, dev, name);
-      default: return launch<T, 256>(a, p, s, dev, name);  // the problem took no other
-    }
+    return with_head_dim(p.head_dim, [&](auto d) { return launch<T, decltype(d)::value>(a, p, s, dev, name); });
   };
   return dt == DType::kBFloat16 ? by_dim(__nv_bfloat16{}) : by_dim(__half{});
 }

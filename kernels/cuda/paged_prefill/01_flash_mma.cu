@@ -13,6 +13,7 @@
 // bfloat16/float16; head dims 32, 64, 80, 96, 128, 192, 256 (rows padded to 64, 128 or 256 in
 // shared memory, as in attention/03); 1, 2, 4 or 8 query heads per key/value head; any page size.
 #include "../common/flash_mma_tile.cuh"
+#include "../common/head_dims.cuh"
 #include "../common/mma_sync.cuh"
 #include "../common/paged_common.cuh"
 #include "../paged_decode/paged_decode_rungs.h"
@@ -242,15 +243,7 @@ Status paged_prefill_01_flash_mma(const PagedPrefillArgs& args, Stream& stream) 
   const cudaStream_t s = paged_stream(stream);
   const auto by_dim = [&](auto tag) -> Status {
     using T = decltype(tag);
-    switch (p.head_dim) {
-      case 32: return launch<T, 32>(args, p, s);
-      case 64: return launch<T, 64>(args, p, s);
-      case 80: return launch<T, 80>(args, p, s);
-      case 96: return launch<T, 96>(args, p, s);
-      case 128: return launch<T, 128>(args, p, s);
-      case 192: return launch<T, 192>(args, p, s);
-      default: return launch<T, 256>(args, p, s);  // problem() took no other
-    }
+    return with_head_dim(p.head_dim, [&](auto d) { return launch<T, decltype(d)::value>(args, p, s); });
   };
   return args.cache.dtype == DType::kBFloat16 ? by_dim(__nv_bfloat16{}) : by_dim(__half{});
 }

@@ -21,6 +21,7 @@
 // Passed its GPU test on the H200; the auto prefill rung on Hopper (bench/results/2026-11-30-h200-serving.md).
 #include <algorithm>
 
+#include "../common/head_dims.cuh"
 #include "../common/mma_sync.cuh"
 #include "../common/paged_common.cuh"
 #include "../hopper/hopper.cuh"
@@ -390,13 +391,7 @@ Status paged_prefill_02_wgmma(const PagedPrefillArgs& args, Stream& stream) {
   const cudaStream_t s = paged_stream(stream);
   const auto by_dim = [&](auto tag) -> Status {
     using T = decltype(tag);
-    switch (p.head_dim) {
-      case 32: return launch<T, 32>(args, p, s);
-      case 64: return launch<T, 64>(args, p, s);
-      case 80: return launch<T, 80>(args, p, s);
-      case 96: return launch<T, 96>(args, p, s);
-      default: return launch<T, 128>(args, p, s);  // problem() took no other
-    }
+    return with_head_dim<128>(p.head_dim, [&](auto d) { return launch<T, decltype(d)::value>(args, p, s); });
   };
   return args.cache.dtype == DType::kBFloat16 ? by_dim(__nv_bfloat16{}) : by_dim(__half{});
 }

@@ -319,6 +319,12 @@ SharedMemoryBuffer::~SharedMemoryBuffer() {
   key_.clear();
 }
 
+Result<v1::SharedMemoryRegionInfo> Client::register_region(const v1::RegisterSharedMemoryRequest& req) {
+  v1::RegisterSharedMemoryResponse resp;
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->RegisterSharedMemory(make_context(req).get(), req, &resp)));
+  return resp.region();
+}
+
 Result<v1::SharedMemoryRegionInfo> Client::register_shared_memory(const std::string& name, const std::string& key,
                                                                   std::int64_t offset, std::int64_t bytes) {
   ATTN_RETURN_IF_ERROR(channel_status_);
@@ -328,9 +334,7 @@ Result<v1::SharedMemoryRegionInfo> Client::register_shared_memory(const std::str
   req.set_key(key);
   req.set_offset(offset);
   req.set_bytes(bytes);
-  v1::RegisterSharedMemoryResponse resp;
-  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->RegisterSharedMemory(make_context(req).get(), req, &resp)));
-  return resp.region();
+  return register_region(req);
 }
 
 Result<v1::SharedMemoryRegionInfo> Client::register_cuda_memory(const std::string& name,
@@ -344,9 +348,7 @@ Result<v1::SharedMemoryRegionInfo> Client::register_cuda_memory(const std::strin
   req.set_device_id(device);
   req.set_offset(offset);
   req.set_bytes(bytes);
-  v1::RegisterSharedMemoryResponse resp;
-  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->RegisterSharedMemory(make_context(req).get(), req, &resp)));
-  return resp.region();
+  return register_region(req);
 }
 
 Result<int> Client::unregister_shared_memory(const std::string& name) {

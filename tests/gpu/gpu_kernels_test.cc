@@ -10,26 +10,17 @@
 
 #include "attn/executor.h"
 #include "reference.h"
+#include "support/gpu_executor.h"
 #include "support/random.h"
 
 namespace attn {
 namespace {
 
+using testing::gpu;
 using testing::mask_every;
 using testing::poison;
 using testing::random_tensor;
 
-Executor* gpu() {
-  static std::vector<std::unique_ptr<Executor>> executors = [] {
-    auto r = make_cuda_executors();
-    if (!r.ok()) {
-      std::fprintf(stderr, "no usable GPU: %s\n", r.status().message().c_str());
-      return std::vector<std::unique_ptr<Executor>>{};
-    }
-    return std::move(r).value();
-  }();
-  return executors.empty() ? nullptr : executors.front().get();
-}
 
 std::vector<std::string> cuda_names(Op op) {
   std::vector<std::string> names;

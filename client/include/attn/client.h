@@ -206,6 +206,9 @@ class Client {
   const Status& channel_status() const { return channel_status_; }
 
  private:
+  // Sends a filled RegisterSharedMemory request (system or CUDA).
+  Result<v1::SharedMemoryRegionInfo> register_region(const v1::RegisterSharedMemoryRequest& req);
+
   // Handle -> replica address, and a stub per replica address (made on first use).
   struct KvRoutes {
     mutable std::mutex mu;

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <map>
 #include <set>
+#include <thread>
 
 #include "attn/client.h"
 #include "support/random.h"
@@ -199,11 +200,15 @@ void expect_routes_to_replicas(const ServerProcess& a, const ServerProcess& b) {
 
   std::vector<v1::KvCacheInfo> caches;
   std::set<std::string> replicas;
-  for (int i = 0; i < 6; ++i) {
+  // round_robin spreads calls over the replicas it is connected to, and the second connection may
+  // still be coming up when the first calls go: create until both replicas hold caches (or time runs out).
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (caches.size() < 6 || (replicas.size() < 2 && std::chrono::steady_clock::now() < give_up)) {
     auto info = client.create_kv_cache(config(1, 64));
     ASSERT_TRUE(info.ok()) << info.status().to_string();
     replicas.insert(info->replica());
     caches.push_back(*info);
+    if (replicas.size() < 2 && caches.size() >= 6) std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   EXPECT_EQ(replicas, (std::set<std::string>{a.address(), b.address()}));
   // Every call on every cache reaches its replica (round_robin alone would miss half of them).

@@ -1,6 +1,8 @@
 """KV caches through attn_client against the real server: lifecycle, Prefill and Decode against
 numpy in float64, fork, ReadKv, errors, and routing to the replica that holds a cache."""
 
+import time
+
 import grpc
 import numpy as np
 import pytest
@@ -247,7 +249,13 @@ def test_calls_follow_the_cache_to_its_replica(rng):
         addresses = [s.address for s in servers]
         target = "ipv4:" + ",".join(addresses)
         c = Client(target, timeout=30, load_balancing="round_robin")
+        # round_robin spreads calls over the replicas it is connected to, and the second
+        # connection may still be coming up: create until both hold caches (or time runs out).
         caches = [make_cache(c, layers=1) for _ in range(6)]
+        give_up = time.monotonic() + 20
+        while len({x.replica for x in caches}) < 2 and time.monotonic() < give_up:
+            time.sleep(0.05)
+            caches.append(make_cache(c, layers=1))
         assert {x.replica for x in caches} == set(addresses)
         for x in caches:
             assert c.kv_cache_replica(x.handle) == x.replica
@@ -272,7 +280,8 @@ def test_calls_follow_the_cache_to_its_replica(rng):
         channel = grpc.insecure_channel(target, [("grpc.lb_policy_name", "round_robin")])
         stub = attn_pb2_grpc.AttnServiceStub(channel)
         codes = set()
-        for _ in range(8):
+        give_up = time.monotonic() + 20  # until both connections are up, as above
+        while len(codes) < 2 and time.monotonic() < give_up:
             try:
                 stub.DescribeKvCache(attn_pb2.DescribeKvCacheRequest(handle=caches[0].handle), timeout=30)
                 codes.add(grpc.StatusCode.OK)

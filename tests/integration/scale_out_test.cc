@@ -35,6 +35,17 @@ TEST(ScaleOut, RoundRobinSpreadsCallsAndSurvivesAReplicaKilledMidRun) {
   options.timeout = std::chrono::seconds(10);
   Client client(target, options);
 
+  // round_robin spreads calls over the connections that are up; wait until all three are, so that
+  // each replica's share below is about the load, not about how fast a connection came up.
+  {
+    std::mt19937_64 rng(testing::seed());
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    while ((served(*servers[0]) == 0 || served(*servers[1]) == 0 || served(*servers[2]) == 0) &&
+           std::chrono::steady_clock::now() < give_up) {
+      (void)client.softmax(testing::random_tensor(DType::kFloat32, {1, 4}, rng));
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  }
   // Four callers keep calls in flight while one replica is killed.
   std::atomic<int> ok{0}, failed{0};
   std::atomic<bool> stop{false};

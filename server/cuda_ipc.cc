@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstring>
+#include <map>
 #include <mutex>
 #endif
 
@@ -35,6 +36,22 @@ PFN_cuMemGetAddressRange_v3020 address_range() {
   return fn;
 }
 
+// Mappings open in this process, by device and handle. The driver maps a handle once per context:
+// a second cudaIpcOpenMemHandle of the same allocation (two regions carved from one client
+// buffer, as a framework's caching allocator hands out) fails, so each further region shares the
+// first one's mapping, and the last to go closes it.
+struct OpenMapping {
+  void* base = nullptr;
+  int users = 0;
+};
+std::mutex open_mutex;
+std::map<std::string, OpenMapping>& open_mappings() {
+  static auto* m = new std::map<std::string, OpenMapping>;
+  return *m;
+}
+std::string mapping_key(int device, const std::string& handle) { return std::to_string(device) + ":" + handle; }
+void release(const CudaIpcMapping& m);
+
 }  // namespace
 
 bool cuda_ipc_built() { return true; }
@@ -62,10 +79,15 @@ Result<CudaIpcMapping> open_cuda_ipc(const std::string& handle, int device) {
   }
   cudaIpcMemHandle_t h;
   std::memcpy(&h, handle.data(), sizeof h);
+  std::lock_guard lock(open_mutex);
+  const std::string key = mapping_key(device, handle);
   void* p = nullptr;
-  // (The only flag there is; memory of another device is refused below, not read across the link.)
-  if (const cudaError_t e = cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess);
-      e != cudaSuccess) {
+  if (auto it = open_mappings().find(key); it != open_mappings().end()) {
+    p = it->second.base;
+  } else if (const cudaError_t e = cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess);
+             e != cudaSuccess) {
+    // (That flag is the only one there is; memory of another device is refused below, not read
+    // across the link.)
     cudaGetLastError();
     return failed_precondition(
         "cuda_ipc_handle: cudaIpcOpenMemHandle on cuda:" + std::to_string(device) + " failed (" +
@@ -76,12 +98,15 @@ Result<CudaIpcMapping> open_cuda_ipc(const std::string& handle, int device) {
   CudaIpcMapping m;
   m.base = p;
   m.device = device;
+  m.key = key;
+  ++open_mappings()[key].users;
+  open_mappings()[key].base = p;
   cudaPointerAttributes attr{};
   if (cudaPointerGetAttributes(&attr, p) != cudaSuccess || attr.type != cudaMemoryTypeDevice ||
       attr.device != device) {
     cudaGetLastError();
     const int on = attr.device;
-    close_cuda_ipc(m);
+    release(m);
     return failed_precondition(
         "device_id: the handle's memory lives on cuda:" + std::to_string(on) +
         ", not cuda:" + std::to_string(device) + "; register it with device_id " +
@@ -91,7 +116,7 @@ Result<CudaIpcMapping> open_cuda_ipc(const std::string& handle, int device) {
   std::size_t size = 0;
   auto range = address_range();
   if (!range || range(&base, &size, reinterpret_cast<CUdeviceptr>(p)) != CUDA_SUCCESS) {
-    close_cuda_ipc(m);
+    release(m);
     return failed_precondition(
         "cuda_ipc_handle: the driver would not say how large the exported allocation is "
         "(cuMemGetAddressRange), so its bounds cannot be checked");
@@ -102,6 +127,17 @@ Result<CudaIpcMapping> open_cuda_ipc(const std::string& handle, int device) {
 
 void close_cuda_ipc(const CudaIpcMapping& m) {
   if (!m.base) return;
+  std::lock_guard lock(open_mutex);
+  release(m);
+}
+
+namespace {
+
+// With open_mutex held: one user fewer, and the mapping closed when it was the last.
+void release(const CudaIpcMapping& m) {
+  auto it = open_mappings().find(m.key);
+  if (it != open_mappings().end() && --it->second.users > 0) return;
+  if (it != open_mappings().end()) open_mappings().erase(it);
   int previous = 0;
   cudaGetDevice(&previous);
   cudaSetDevice(m.device);
@@ -109,6 +145,8 @@ void close_cuda_ipc(const CudaIpcMapping& m) {
   cudaGetLastError();
   cudaSetDevice(previous);
 }
+
+}  // namespace
 
 #else
 

@@ -15,6 +15,7 @@ struct CudaIpcMapping {
   void* base = nullptr;   // the exporting allocation, mapped into this process
   std::size_t bytes = 0;  // that allocation's size, as the driver reports it
   int device = -1;        // the CUDA ordinal it lives on
+  std::string key;        // which open mapping it shares (one per device and handle)
 };
 
 // Whether this build can open CUDA IPC handles.
@@ -25,6 +26,7 @@ bool cuda_ipc_built();
 // when the memory lives on another device than `device`; INVALID_ARGUMENT for a handle of the
 // wrong size.
 Result<CudaIpcMapping> open_cuda_ipc(const std::string& handle, int device);
+// Each open is closed once; a handle opened again while open shares its mapping.
 void close_cuda_ipc(const CudaIpcMapping& m);
 
 }  // namespace attn::server

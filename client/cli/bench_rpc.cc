@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "attn/wire.h"
+#include "cuda_region.h"
 
 namespace attn::cli {
 namespace {
@@ -187,8 +188,9 @@ int run_bench_rpc(const BenchRpcOptions& o, const ClientOptions& client_options)
     std::fprintf(stderr, "attn: --dtype: expected float32, float16 or bfloat16, got \"%s\"\n", o.dtype.c_str());
     return 2;
   }
-  if (o.resident && o.shm) {
-    std::fprintf(stderr, "attn: --resident and --shm: expected one of them, got both\n");
+  const bool cuda_ipc = o.cuda_ipc_device >= 0;
+  if (int(o.resident) + int(o.shm) + int(cuda_ipc) > 1) {
+    std::fprintf(stderr, "attn: --resident, --shm and --cuda-ipc: expected one of them, got more\n");
     return 2;
   }
   std::mt19937_64 rng(1);
@@ -213,30 +215,49 @@ int run_bench_rpc(const BenchRpcOptions& o, const ClientOptions& client_options)
         e.handles.push_back(info->handle());
       }
 
-  // --shm: one region holds every entry's inputs, then each client's outputs.
+  // --shm / --cuda-ipc: one region holds every entry's inputs, then each client's outputs.
   SharedMemoryBuffer region;
-  if (o.shm) {
+  CudaRegion device_region;
+  if (o.shm || cuda_ipc) {
     std::size_t total = 0;
     for (const auto& e : entries) total += e.request_bytes + e.output_bytes * static_cast<std::size_t>(o.clients);
-    auto made = SharedMemoryBuffer::create(total);
-    if (!made.ok()) {
-      std::fprintf(stderr, "attn: --shm: %s\n", made.status().to_string().c_str());
-      return 1;
+    if (cuda_ipc) {
+      auto made = CudaRegion::create(o.cuda_ipc_device, total);
+      if (!made.ok()) {
+        std::fprintf(stderr, "attn: %s\n", made.status().to_string().c_str());
+        return 1;
+      }
+      device_region = std::move(made).value();
+    } else {
+      auto made = SharedMemoryBuffer::create(total);
+      if (!made.ok()) {
+        std::fprintf(stderr, "attn: --shm: %s\n", made.status().to_string().c_str());
+        return 1;
+      }
+      region = std::move(made).value();
     }
-    region = std::move(made).value();
     const std::string name = "bench-rpc-" + std::to_string(::getpid());
     std::int64_t at = 0;
     for (auto& e : entries) {
       e.region = name;
       for (const auto& t : e.inputs) {
         e.input_offsets.push_back(at);
-        std::memcpy(static_cast<char*>(region.data()) + at, t.data(), t.bytes());
+        if (cuda_ipc) {
+          if (Status up = device_region.upload(static_cast<std::size_t>(at), t.data(), t.bytes()); !up.ok()) {
+            std::fprintf(stderr, "attn: %s\n", up.to_string().c_str());
+            return 1;
+          }
+        } else {
+          std::memcpy(static_cast<char*>(region.data()) + at, t.data(), t.bytes());
+        }
         at += static_cast<std::int64_t>(t.bytes());
       }
       e.output_offset = at;
       at += static_cast<std::int64_t>(e.output_bytes) * o.clients;
     }
-    auto reg = setup.register_shared_memory(name, region.key(), 0, static_cast<std::int64_t>(total));
+    auto reg = cuda_ipc ? setup.register_cuda_memory(name, device_region.ipc_handle(), o.cuda_ipc_device, 0,
+                                                     static_cast<std::int64_t>(total))
+                        : setup.register_shared_memory(name, region.key(), 0, static_cast<std::int64_t>(total));
     if (!reg.ok()) {
       std::fprintf(stderr, "attn: RegisterSharedMemory: %s\n", reg.status().to_string().c_str());
       return 1;
@@ -250,7 +271,7 @@ int run_bench_rpc(const BenchRpcOptions& o, const ClientOptions& client_options)
                                 });
   // The transport baseline: the same payload sizes echoed (a resident run sends no payload).
   std::vector<std::string> payloads;
-  // (with --shm the echo still sends the payload inline: the gRPC path the region replaces)
+  // (with --shm or --cuda-ipc the echo still sends the payload inline: the gRPC path the region replaces)
   for (const auto& e : entries) payloads.emplace_back(o.resident ? 0 : e.request_bytes, 'x');
   auto echoes = load(o.server, client_options, o.clients, o.echo_only ? o.seconds : std::max(1.0, o.seconds / 2),
                      entries.size(),
@@ -268,13 +289,14 @@ int run_bench_rpc(const BenchRpcOptions& o, const ClientOptions& client_options)
   if (o.resident)
     for (auto& e : entries)
       for (const auto& h : e.handles) (void)setup.delete_tensor(h);
-  if (o.shm) (void)setup.unregister_shared_memory(entries.front().region);
+  if (o.shm || cuda_ipc) (void)setup.unregister_shared_memory(entries.front().region);
 
   std::ostringstream json;
   json << "{\"clients\": " << o.clients << ", \"seconds\": " << o.seconds << ", \"resident\": "
-       << (o.resident ? "true" : "false") << ", \"shm\": " << (o.shm ? "true" : "false") << ", \"dtype\": \"" << o.dtype << "\", \"entries\": [";
+       << (o.resident ? "true" : "false") << ", \"shm\": " << (o.shm ? "true" : "false")
+       << ", \"cuda_ipc\": " << (cuda_ipc ? "true" : "false") << ", \"dtype\": \"" << o.dtype << "\", \"entries\": [";
   std::printf("%d clients, %.0f s, %s%s%s\n", o.clients, o.seconds, o.dtype.c_str(), o.resident ? ", resident inputs" : "",
-              o.shm ? ", inputs and outputs in shared memory" : "");
+              o.shm ? ", inputs and outputs in shared memory" : cuda_ipc ? ", inputs and outputs in CUDA IPC memory" : "");
   std::printf("%-28s %9s %8s | %9s %9s %9s | %9s %9s %9s %9s | %9s %9s | %6s %6s %6s\n", "op", "payload", "calls/s",
               "p50", "p90", "p99", "queue", "copy", "kernel", "total", "echo p50", "echo srv", "p50/e", "out/e", "kern%");
   for (std::size_t i = 0; i < entries.size(); ++i) {

@@ -21,6 +21,9 @@ struct BenchRpcOptions {
   // Inputs in a POSIX shared-memory region registered with the server (--shared-memory system),
   // copied in once; each client's outputs written into its own slot of the region.
   bool shm = false;
+  // Inputs and outputs laid out as with --shm, in device memory of this CUDA device exported by
+  // CUDA IPC (--shared-memory cuda): the server reads and writes it in place. -1: off.
+  int cuda_ipc_device = -1;
   // Only the echo baseline (the transport alone): the mix's payload sizes echoed for `seconds`.
   bool echo_only = false;
   bool causal = false;     // attention entries

@@ -270,6 +270,9 @@ int main(int argc, char** argv) {
   bench_rpc->add_flag("--shm", brpc.shm,
                       "inputs and outputs through a POSIX shared-memory region (the server on this host, run "
                       "with --shared-memory system)");
+  bench_rpc->add_option("--cuda-ipc", brpc.cuda_ipc_device,
+                        "inputs and outputs in device memory of this CUDA device, exported by CUDA IPC (the server on "
+                        "this GPU host, run with --shared-memory cuda)");
   bench_rpc->add_flag("--echo-only", brpc.echo_only, "only the echo baseline: the mix's payload sizes, for --seconds");
   bench_rpc->add_flag("--causal", brpc.causal, "attention entries are causal");
   bench_rpc->add_option("--json-out", brpc.json_path, "also write the results as JSON here");

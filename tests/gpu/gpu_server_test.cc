@@ -378,6 +378,15 @@ TEST(GpuServer, CudaIpcInputsAndOutputsMatchTheInlinePath) {
   EXPECT_THAT(other.status().message(), HasSubstr("device_id"));
   auto past = client.register_cuda_memory("gpu2", ipc, 0, 0, static_cast<std::int64_t>(4 * n) + 4096);
   EXPECT_EQ(past.status().code(), StatusCode::kInvalidArgument) << past.status().to_string();
+  std::string forged = ipc;
+  for (std::size_t i = 8; i < forged.size(); ++i) forged[i] = static_cast<char>(forged[i] ^ 0x5a);
+  auto bad = client.register_cuda_memory("forged", forged, 0, 0, 64);  // no process exported this
+  EXPECT_EQ(bad.status().code(), StatusCode::kFailedPrecondition) << bad.status().to_string();
+  EXPECT_THAT(bad.status().message(), HasSubstr("cuda_ipc_handle"));
+  // A second region of the same allocation (the driver maps a handle once per process: the
+  // server shares the mapping), which outlives the first below.
+  auto twin = client.register_cuda_memory("gpu-twin", ipc, 0, static_cast<std::int64_t>(n), static_cast<std::int64_t>(3 * n));
+  ASSERT_TRUE(twin.ok()) << twin.status().to_string();
 
   v1::AttentionRequest req;
   const std::int64_t offsets[3] = {0, static_cast<std::int64_t>(n), static_cast<std::int64_t>(2 * n)};
@@ -408,6 +417,23 @@ TEST(GpuServer, CudaIpcInputsAndOutputsMatchTheInlinePath) {
   EXPECT_EQ(client.stub().Attention(client.make_context(req).get(), req, &again).error_code(),
             grpc::StatusCode::NOT_FOUND);
   EXPECT_TRUE(client.attention(q, k, v, opts).ok());
+
+  // The twin still reads and writes the allocation: attention(k, k, v) with O over the old O.
+  ASSERT_EQ(cudaMemset(dev + 3 * n, 0xff, n), cudaSuccess);
+  v1::AttentionRequest twin_req;
+  *twin_req.mutable_q() = Client::in_shared_memory(DType::kBFloat16, shape, "gpu-twin", 0);
+  *twin_req.mutable_k() = Client::in_shared_memory(DType::kBFloat16, shape, "gpu-twin", 0);
+  *twin_req.mutable_v() = Client::in_shared_memory(DType::kBFloat16, shape, "gpu-twin", static_cast<std::int64_t>(n));
+  twin_req.set_causal(true);
+  *twin_req.add_output_shm() = Client::shared_memory_ref("gpu-twin", static_cast<std::int64_t>(2 * n));
+  v1::AttentionResponse twin_resp;
+  const grpc::Status twin_called = client.stub().Attention(client.make_context(twin_req).get(), twin_req, &twin_resp);
+  ASSERT_TRUE(twin_called.ok()) << twin_called.error_message();
+  ASSERT_EQ(cudaMemcpy(o.data(), dev + 3 * n, n, cudaMemcpyDeviceToHost), cudaSuccess);
+  auto twin_inline = client.attention(k, k, v, opts);
+  ASSERT_TRUE(twin_inline.ok()) << twin_inline.status().to_string();
+  EXPECT_EQ(std::memcmp(o.data(), twin_inline->output.data(), n), 0);
+  EXPECT_TRUE(client.unregister_shared_memory("gpu-twin").ok());
   cudaFree(base);
 
   testing::ServerProcess off(ATTND_PATH, {"--backend", "cuda", "--devices", "0", "--shared-memory", "system"});

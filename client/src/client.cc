@@ -1,6 +1,11 @@
 #include "attn/client.h"
 
+#include <google/protobuf/io/coded_stream.h>
+#include <google/protobuf/io/zero_copy_stream_impl_lite.h>
+#include <google/protobuf/wire_format_lite.h>
 #include <grpcpp/create_channel.h>
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/support/proto_buffer_reader.h>
 #include <grpcpp/security/credentials.h>
 
 #include <fcntl.h>
@@ -10,6 +15,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -44,6 +50,170 @@ std::string trim(std::string s) {
   std::size_t i = 0;
   while (i < s.size() && std::isspace(static_cast<unsigned char>(s[i]))) ++i;
   return s.substr(i);
+}
+
+// Inputs from this size on go out from the caller's memory (see call_with_inputs).
+constexpr std::size_t kLargeInputBytes = std::size_t{1} << 20;
+
+struct InputField {
+  int field;  // the request's Tensor field number
+  const Tensor* tensor;
+};
+
+// Each input's Tensor field once more, holding only its data: its tag and lengths, to go out
+// before the data itself (protobuf merges repeated occurrences of a message field, as the
+// server's large responses do).
+std::string data_frame_header(int field, std::size_t n) {
+  using google::protobuf::internal::WireFormatLite;
+  using google::protobuf::io::CodedOutputStream;
+  std::string frame;
+  google::protobuf::io::StringOutputStream out(&frame);
+  CodedOutputStream coded(&out);
+  const std::uint32_t data_tag = WireFormatLite::MakeTag(3, WireFormatLite::WIRETYPE_LENGTH_DELIMITED);  // Tensor.data
+  const auto len = static_cast<std::uint32_t>(n);
+  coded.WriteTag(WireFormatLite::MakeTag(field, WireFormatLite::WIRETYPE_LENGTH_DELIMITED));
+  coded.WriteVarint32(static_cast<std::uint32_t>(CodedOutputStream::VarintSize32(data_tag) +
+                                                 CodedOutputStream::VarintSize32(len)) + len);
+  coded.WriteTag(data_tag);
+  coded.WriteVarint32(len);
+  coded.Trim();
+  return frame;
+}
+
+// Counts the input slices gRPC still holds, so that a call returns only once it has let go of
+// the caller's bytes (a write on its way to the socket may hold them past the call's status).
+struct BorrowedBytes {
+  std::mutex mu;
+  std::condition_variable cv;
+  int held = 0;
+  static void release(void* self) {
+    auto* b = static_cast<BorrowedBytes*>(self);
+    std::lock_guard lock(b->mu);
+    if (--b->held == 0) b->cv.notify_all();
+  }
+  void wait() {
+    std::unique_lock lock(mu);
+    cv.wait(lock, [&] { return held == 0; });
+  }
+};
+
+// A unary call whose inputs' bytes go out from the caller's tensors: `request` carries each
+// input's dtype and shape, then gRPC sends each input's data from where it lies, with no copy into
+// the request and none into a serialized buffer. (At 50 MB an input copied twice into fresh
+// memory cost the client about as much as the transport itself.)
+grpc::Status call_with_inputs(const std::shared_ptr<grpc::Channel>& channel, std::unique_ptr<grpc::ClientContext> ctx,
+                              const std::string& method, const google::protobuf::Message& request,
+                              const std::vector<InputField>& inputs, grpc::ByteBuffer* response_bytes) {
+  BorrowedBytes borrowed;
+  grpc::Status status;
+  {
+    std::vector<grpc::Slice> slices;
+    slices.emplace_back(request.SerializeAsString());
+    for (const auto& in : inputs) {
+      slices.emplace_back(data_frame_header(in.field, in.tensor->bytes()));
+      {
+        std::lock_guard lock(borrowed.mu);
+        ++borrowed.held;
+      }
+      slices.emplace_back(const_cast<void*>(in.tensor->data()), in.tensor->bytes(), &BorrowedBytes::release, &borrowed);
+    }
+    std::size_t total = 0;
+    for (const auto& sl : slices) total += sl.size();
+    ctx->AddMetadata("attn-request-bytes", std::to_string(total));
+    const grpc::ByteBuffer request_bytes(slices.data(), slices.size());
+    slices.clear();
+    std::mutex mu;
+    std::condition_variable cv;
+    bool done = false;
+    grpc::GenericStub stub(channel);
+    stub.UnaryCall(ctx.get(), method, grpc::StubOptions(), &request_bytes, response_bytes, [&](grpc::Status s) {
+      std::lock_guard lock(mu);
+      status = std::move(s);
+      done = true;
+      cv.notify_one();
+    });
+    {
+      std::unique_lock lock(mu);
+      cv.wait(lock, [&] { return done; });
+    }
+  }
+  ctx.reset();  // the call goes with its context, and with it what gRPC still held of the request
+  borrowed.wait();
+  return status;
+}
+
+// Parses a response, except the data of its large Tensor fields named in `outputs`, which is read
+// from the received bytes straight into a Tensor made from the field's dtype and shape (the
+// server sends them ahead of the data): one copy where protobuf's string and then the Tensor
+// would make two. Data that does not fit its dtype and shape stays in the message.
+bool parse_with_outputs(grpc::ByteBuffer* bytes, google::protobuf::Message* response, std::map<int, Tensor>* outputs) {
+  using google::protobuf::internal::WireFormatLite;
+  grpc::ProtoBufferReader reader(bytes);
+  google::protobuf::io::CodedInputStream in(&reader);
+  in.SetTotalBytesLimit(std::numeric_limits<int>::max());
+  std::string rest;  // every other field, as it came
+  std::map<int, v1::Tensor> heads;  // the output fields without their data
+  {
+    google::protobuf::io::StringOutputStream rest_stream(&rest);
+    google::protobuf::io::CodedOutputStream rest_out(&rest_stream);
+    for (std::uint32_t tag; (tag = in.ReadTag()) != 0;) {
+      const int field = static_cast<int>(WireFormatLite::GetTagFieldNumber(tag));
+      if (!outputs->count(field) || WireFormatLite::GetTagWireType(tag) != WireFormatLite::WIRETYPE_LENGTH_DELIMITED) {
+        if (!WireFormatLite::SkipField(&in, tag, &rest_out)) return false;
+        continue;
+      }
+      std::uint32_t length = 0;
+      if (!in.ReadVarint32(&length)) return false;
+      const auto limit = in.PushLimit(static_cast<int>(length));
+      v1::Tensor& head = heads[field];
+      for (std::uint32_t inner; (inner = in.ReadTag()) != 0;) {
+        if (WireFormatLite::GetTagFieldNumber(inner) == 3 &&
+            WireFormatLite::GetTagWireType(inner) == WireFormatLite::WIRETYPE_LENGTH_DELIMITED) {  // data
+          std::uint32_t n = 0;
+          if (!in.ReadVarint32(&n)) return false;
+          const auto dtype = wire::from_proto(head.dtype());
+          std::size_t expected = dtype ? element_size(*dtype) : 0;
+          for (std::int64_t d : head.shape()) {
+            if (d < 1 || expected > n) expected = 0;
+            expected *= static_cast<std::size_t>(std::max<std::int64_t>(d, 0));
+          }
+          if (expected == n && n > 0) {
+            Tensor t(*dtype, Shape(head.shape().begin(), head.shape().end()));
+            if (!in.ReadRaw(t.data(), static_cast<int>(n))) return false;
+            (*outputs)[field] = std::move(t);
+            head.clear_data();
+          } else if (!in.ReadString(head.mutable_data(), static_cast<int>(n))) {
+            return false;
+          }
+          continue;
+        }
+        std::string one;
+        {
+          google::protobuf::io::StringOutputStream one_stream(&one);
+          google::protobuf::io::CodedOutputStream one_out(&one_stream);
+          if (!WireFormatLite::SkipField(&in, inner, &one_out)) return false;
+        }
+        if (!head.MergeFromString(one)) return false;
+      }
+      if (!in.ConsumedEntireMessage()) return false;
+      in.PopLimit(limit);
+    }
+  }
+  if (!response->ParseFromString(rest)) return false;
+  for (auto& [field, head] : heads) {
+    const auto* f = response->GetDescriptor()->FindFieldByNumber(field);
+    if (!f) continue;
+    response->GetReflection()->MutableMessage(response, f)->MergeFrom(head);
+  }
+  for (auto it = outputs->begin(); it != outputs->end();)  // fields that carried no data here
+    it = it->second.shape().empty() ? outputs->erase(it) : std::next(it);
+  return true;
+}
+
+// An output: the Tensor its data was read into, or decoded from the message.
+Result<Tensor> take_output(std::map<int, Tensor>& outputs, int field, const v1::Tensor& t, const char* name) {
+  if (auto it = outputs.find(field); it != outputs.end()) return std::move(it->second);
+  return to_tensor(t, name);
 }
 
 }  // namespace
@@ -124,6 +294,37 @@ std::unique_ptr<grpc::ClientContext> Client::make_context() const {
   return ctx;
 }
 
+template <class Request, class Response>
+Status Client::call(Request& request, const std::vector<std::pair<int, const Tensor*>>& inputs, Response* response,
+                    std::map<int, Tensor>* outputs, const char* method,
+                    grpc::Status (v1::AttnService::Stub::*unary)(grpc::ClientContext*, const Request&, Response*)) {
+  const auto* descriptor = Request::descriptor();
+  std::vector<InputField> large;
+  for (const auto& [field, tensor] : inputs) {
+    auto* t = static_cast<v1::Tensor*>(request.GetReflection()->MutableMessage(&request, descriptor->FindFieldByNumber(field)));
+    if (tensor->bytes() >= kLargeInputBytes) {
+      t->set_dtype(wire::to_proto(tensor->dtype()));
+      t->mutable_shape()->Assign(tensor->shape().begin(), tensor->shape().end());
+      large.push_back({field, tensor});
+    } else {
+      wire::encode_tensor(tensor->view(), t);
+    }
+  }
+  outputs->clear();
+  if (large.empty()) return wire::from_grpc((stub_.get()->*unary)(make_context(request).get(), request, response));
+  grpc::ByteBuffer response_bytes;
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(call_with_inputs(
+      channel_, make_context(), std::string("/attn.v1.AttnService/") + method, request, large, &response_bytes)));
+  // The outputs (Tensor fields) a large call's response carries: read into Tensors directly.
+  for (int i = 0; i < Response::descriptor()->field_count(); ++i) {
+    const auto* f = Response::descriptor()->field(i);
+    if (f->message_type() == v1::Tensor::descriptor() && !f->is_repeated()) (*outputs)[f->number()] = Tensor();
+  }
+  if (!parse_with_outputs(&response_bytes, response, outputs))
+    return internal_error(std::string(method) + " response: could not be parsed");
+  return Status::Ok();
+}
+
 std::unique_ptr<grpc::ClientContext> Client::make_context(const google::protobuf::MessageLite& request) const {
   auto ctx = make_context();
   ctx->AddMetadata("attn-request-bytes", std::to_string(request.ByteSizeLong()));
@@ -132,35 +333,31 @@ std::unique_ptr<grpc::ClientContext> Client::make_context(const google::protobuf
 
 Result<OpResult> Client::matmul(const Tensor& a, const Tensor& b, const MatmulOptions& options) {
   v1::MatmulRequest req;
-  wire::encode_tensor(a.view(), req.mutable_a());
-  wire::encode_tensor(b.view(), req.mutable_b());
   req.set_transpose_a(options.transpose_a);
   req.set_transpose_b(options.transpose_b);
   req.set_kernel(options.kernel);
   v1::MatmulResponse resp;
   ATTN_RETURN_IF_ERROR(channel_status_);
-  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->Matmul(make_context(req).get(), req, &resp)));
-  ATTN_ASSIGN_OR_RETURN(c, to_tensor(resp.c(), "c"));
+  std::map<int, Tensor> outputs;
+  ATTN_RETURN_IF_ERROR(call(req, {{1, &a}, {2, &b}}, &resp, &outputs, "Matmul", &v1::AttnService::Stub::Matmul));
+  ATTN_ASSIGN_OR_RETURN(c, take_output(outputs, 1, resp.c(), "c"));
   return OpResult{std::move(c), {}, resp.timings()};
 }
 
 Result<OpResult> Client::softmax(const Tensor& x, const std::string& kernel) {
   v1::SoftmaxRequest req;
-  wire::encode_tensor(x.view(), req.mutable_x());
   req.set_kernel(kernel);
   v1::SoftmaxResponse resp;
   ATTN_RETURN_IF_ERROR(channel_status_);
-  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->Softmax(make_context(req).get(), req, &resp)));
-  ATTN_ASSIGN_OR_RETURN(y, to_tensor(resp.y(), "y"));
+  std::map<int, Tensor> outputs;
+  ATTN_RETURN_IF_ERROR(call(req, {{1, &x}}, &resp, &outputs, "Softmax", &v1::AttnService::Stub::Softmax));
+  ATTN_ASSIGN_OR_RETURN(y, take_output(outputs, 1, resp.y(), "y"));
   return OpResult{std::move(y), {}, resp.timings()};
 }
 
 Result<OpResult> Client::attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                    const AttentionOptions& options) {
   v1::AttentionRequest req;
-  wire::encode_tensor(q.view(), req.mutable_q());
-  wire::encode_tensor(k.view(), req.mutable_k());
-  wire::encode_tensor(v.view(), req.mutable_v());
   req.set_causal(options.causal);
   req.set_scale(options.scale);
   req.set_return_lse(options.return_lse);
@@ -171,11 +368,13 @@ Result<OpResult> Client::attention(const Tensor& q, const Tensor& k, const Tenso
   req.set_softcap(options.softcap);
   v1::AttentionResponse resp;
   ATTN_RETURN_IF_ERROR(channel_status_);
-  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->Attention(make_context(req).get(), req, &resp)));
-  ATTN_ASSIGN_OR_RETURN(o, to_tensor(resp.o(), "o"));
+  std::map<int, Tensor> outputs;
+  ATTN_RETURN_IF_ERROR(
+      call(req, {{1, &q}, {2, &k}, {3, &v}}, &resp, &outputs, "Attention", &v1::AttnService::Stub::Attention));
+  ATTN_ASSIGN_OR_RETURN(o, take_output(outputs, 1, resp.o(), "o"));
   OpResult result{std::move(o), {}, resp.timings()};
   if (options.return_lse) {
-    ATTN_ASSIGN_OR_RETURN(lse, to_tensor(resp.lse(), "lse"));
+    ATTN_ASSIGN_OR_RETURN(lse, take_output(outputs, 2, resp.lse(), "lse"));
     result.lse = std::move(lse);
   }
   return result;

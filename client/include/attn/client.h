@@ -206,6 +206,13 @@ class Client {
   const Status& channel_status() const { return channel_status_; }
 
  private:
+  // An op call: `inputs` (the request's Tensor field numbers and the caller's tensors) go into the
+  // request as usual when small, and from where they lie when large; a large call's outputs are
+  // read into `outputs` (by field number) rather than into the response's Tensor data.
+  template <class Request, class Response>
+  Status call(Request& request, const std::vector<std::pair<int, const Tensor*>>& inputs, Response* response,
+              std::map<int, Tensor>* outputs, const char* method,
+              grpc::Status (v1::AttnService::Stub::*unary)(grpc::ClientContext*, const Request&, Response*));
   // Sends a filled RegisterSharedMemory request (system or CUDA).
   Result<v1::SharedMemoryRegionInfo> register_region(const v1::RegisterSharedMemoryRequest& req);
 

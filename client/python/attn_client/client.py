@@ -91,7 +91,7 @@ class Resident:
 
 @dataclass
 class Result:
-    output: object  # numpy array, or BFloat16
+    output: object  # numpy array, or BFloat16; a torch tensor when out= was a CudaTensor
     timings: Timings
     lse: Optional[np.ndarray] = None  # attention with return_lse
 
@@ -100,15 +100,8 @@ _NUMPY_OF = {attn_pb2.D_TYPE_FLOAT32: np.dtype("<f4"), attn_pb2.D_TYPE_FLOAT16: 
              attn_pb2.D_TYPE_BFLOAT16: np.dtype("<u2")}
 
 
-@dataclass
-class ShmTensor:
-    """A tensor in a registered shared-memory region: an op input (instead of an array) or where
-    an op writes its output (`out=`). Made by SharedMemoryRegion.put / .tensor."""
-
-    region: "SharedMemoryRegion"
-    offset: int
-    shape: tuple
-    dtype: str  # "float32", "float16" or "bfloat16"
+class _RegionTensor:
+    """What ShmTensor and CudaTensor share: a tensor named by its region, offset, shape and dtype."""
 
     @property
     def nbytes(self) -> int:
@@ -120,6 +113,17 @@ class ShmTensor:
     def proto(self) -> attn_pb2.Tensor:
         return attn_pb2.Tensor(dtype=_DTYPES[self.dtype], shape=list(self.shape), shm=self.ref())
 
+
+@dataclass
+class ShmTensor(_RegionTensor):
+    """A tensor in a registered shared-memory region: an op input (instead of an array) or where
+    an op writes its output (`out=`). Made by SharedMemoryRegion.put / .tensor."""
+
+    region: "SharedMemoryRegion"
+    offset: int
+    shape: tuple
+    dtype: str  # "float32", "float16" or "bfloat16"
+
     def array(self):
         """The tensor's bytes as a numpy view into the shared memory (a BFloat16 for bfloat16)."""
         np_dtype = _NUMPY_OF[_DTYPES[self.dtype]]
@@ -128,7 +132,51 @@ class ShmTensor:
         return BFloat16(a) if self.dtype == "bfloat16" else a
 
 
-class SharedMemoryRegion:
+@dataclass
+class CudaTensor(_RegionTensor):
+    """A tensor in a registered CUDA region: an op input or where an op writes its output
+    (`out=`), as ShmTensor is for system shared memory. Made by CudaRegion.put / .alloc / .tensor."""
+
+    region: "CudaRegion"
+    offset: int
+    shape: tuple
+    dtype: str  # "float32", "float16" or "bfloat16"
+
+    def torch(self):
+        """The tensor's bytes as a torch view into the region's CUDA tensor."""
+        import torch
+
+        dtype = getattr(torch, self.dtype)  # torch.float32, torch.float16 or torch.bfloat16
+        return self.region._bytes[self.offset:self.offset + self.nbytes].view(dtype).reshape(self.shape)
+
+
+class _Region:
+    """Room in a registered region, handed out front to back (put, alloc) or by offset (tensor)."""
+
+    _align = 64
+
+    def _make(self, offset: int, shape, dtype: str):
+        raise NotImplementedError
+
+    def tensor(self, offset: int, shape, dtype="float32"):
+        """A tensor at `offset` (from the region's start) of `shape` and `dtype`."""
+        dtype = _DTYPE_ALIASES.get(dtype, dtype)
+        t = self._make(int(offset), tuple(int(d) for d in shape), dtype)
+        if t.offset < 0 or t.offset + t.nbytes > self.size:
+            raise ValueError(f"{t.nbytes} bytes at offset {offset} do not fit in region {self.name!r} of {self.size}")
+        return t
+
+    def _after(self, t) -> int:
+        return (t.offset + t.nbytes + self._align - 1) // self._align * self._align
+
+    def alloc(self, shape, dtype="float32"):
+        """Room for an output after the last tensor put or allocated."""
+        t = self.tensor(self._next, shape, dtype)
+        self._next = self._after(t)
+        return t
+
+
+class SharedMemoryRegion(_Region):
     """Bytes of a multiprocessing.shared_memory.SharedMemory registered with a server on this host
     (run with --shared-memory system): arrays put here travel to ops at memory speed, and ops may
     write their outputs here. Client.register_shared_memory makes one."""
@@ -137,13 +185,8 @@ class SharedMemoryRegion:
         self.client, self.name, self.shm, self.offset, self.size = client, name, shm, offset, size
         self._next = 0
 
-    def tensor(self, offset: int, shape, dtype="float32") -> ShmTensor:
-        """A tensor at `offset` (from the region's start) of `shape` and `dtype`."""
-        dtype = _DTYPE_ALIASES.get(dtype, dtype)
-        t = ShmTensor(self, int(offset), tuple(int(d) for d in shape), dtype)
-        if t.offset < 0 or t.offset + t.nbytes > self.size:
-            raise ValueError(f"{t.nbytes} bytes at offset {offset} do not fit in region {self.name!r} of {self.size}")
-        return t
+    def _make(self, offset, shape, dtype) -> ShmTensor:
+        return ShmTensor(self, offset, shape, dtype)
 
     def put(self, x, offset: Optional[int] = None) -> ShmTensor:
         """Copies an array (float32/float16 numpy, or BFloat16) into the region, after the last one
@@ -159,30 +202,123 @@ class SharedMemoryRegion:
         t = self.tensor(at, a.shape, dtype)
         dst = t.array()
         np.copyto(dst.bits if isinstance(dst, BFloat16) else dst, a.reshape(a.shape))
-        self._next = max(self._next, (at + t.nbytes + 63) // 64 * 64)
-        return t
-
-    def alloc(self, shape, dtype="float32") -> ShmTensor:
-        """Room for an output after the last tensor put or allocated."""
-        t = self.tensor(self._next, shape, dtype)
-        self._next = (self._next + t.nbytes + 63) // 64 * 64
+        self._next = max(self._next, self._after(t))
         return t
 
     def unregister(self):
         self.client.unregister_shared_memory(self.name)
 
 
+class _CudaIpcShare:
+    """A tensor's bytes as torch's _share_cuda_ exports them: the CUDA IPC handle of the cudaMalloc
+    block holding them, and where they lie in it. torch counts the share as a consumer of the
+    block: while it holds, a freed tensor's memory stays out of reuse (the server may still write
+    there), so release() comes after the server let go of the region."""
+
+    def __init__(self, tensor):
+        import torch
+
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_cuda:
+            what = f"a {tensor.device} tensor" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise TypeError(f"expected a torch CUDA tensor, got {what}")
+        if not tensor.is_contiguous():
+            raise TypeError("expected a contiguous CUDA tensor (its bytes are the region); call .contiguous()")
+        if tensor.nbytes == 0:
+            raise ValueError("expected a CUDA tensor of at least one byte, got an empty one")
+        # The tuple torch/multiprocessing/reductions.py (reduce_tensor) unpacks.
+        (_device, handle, _storage_bytes, storage_offset_bytes, ref_counter, ref_counter_offset,
+         _event, _event_sync_required) = tensor.untyped_storage()._share_cuda_()
+        self._ref_counter = (ref_counter, ref_counter_offset)
+        self.device_id = tensor.device.index
+        self.offset = storage_offset_bytes + tensor.storage_offset() * tensor.element_size()
+        self.bytes = tensor.nbytes
+        # Older torch gives the cudaIpcMemHandle_t bare; newer puts a version byte and a kind before
+        # it: 'c' for a cudaMalloc block, 'e' for an expandable segment (not a cudaIpc handle).
+        if len(handle) == _CUDA_IPC_HANDLE_BYTES:
+            self.handle = handle
+        elif len(handle) == _CUDA_IPC_HANDLE_BYTES + 2 and handle[1:2] == b"c":
+            self.handle = handle[2:]
+        else:
+            self.release()
+            raise ValueError("the tensor's memory cannot be shared through a CUDA IPC handle (torch gave a "
+                             f"{handle[1:2]!r} handle of {len(handle)} bytes): allocate it with "
+                             "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False")
+
+    def release(self):
+        if self._ref_counter is not None:
+            import torch
+
+            torch.UntypedStorage._release_ipc_counter_cuda(*self._ref_counter)
+            self._ref_counter = None
+
+
+_CUDA_IPC_HANDLE_BYTES = 64  # sizeof(cudaIpcMemHandle_t)
+
+
+class CudaRegion(_Region):
+    """Bytes of a torch CUDA tensor registered with a server on this GPU host (run with
+    --shared-memory cuda) through its CUDA IPC handle: ops read inputs put here and write their
+    outputs here in place, device to device. Client.register_cuda_tensor makes one; it keeps the
+    tensor (`base`) alive."""
+
+    _align = 256
+
+    def __init__(self, client: "Client", name: str, base, offset: int, size: int, share: _CudaIpcShare):
+        import torch
+
+        self.client, self.name, self.base, self.offset, self.size = client, name, base, offset, size
+        self._share = share
+        self._bytes = base.detach().view(-1).view(torch.uint8)  # CudaTensor.torch slices these
+        self._next = 0
+
+    def _make(self, offset, shape, dtype) -> CudaTensor:
+        return CudaTensor(self, offset, shape, dtype)
+
+    def put(self, x, offset: Optional[int] = None) -> CudaTensor:
+        """Copies a torch tensor (float32, float16 or bfloat16; on a GPU, or copied there) into the
+        region, after the last one put unless `offset` is given (256-byte aligned); returns its
+        CudaTensor. The copy is queued on torch's current stream; an op call waits for it."""
+        import torch
+
+        dtype = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(
+            getattr(x, "dtype", None))
+        if not isinstance(x, torch.Tensor) or dtype is None:
+            raise TypeError(f"expected a float32, float16 or bfloat16 torch tensor, got {getattr(x, 'dtype', type(x))}")
+        at = self._next if offset is None else int(offset)
+        t = self.tensor(at, x.shape, dtype)
+        t.torch().copy_(x)
+        self._next = max(self._next, self._after(t))
+        return t
+
+    def unregister(self):
+        """Unregisters the region; torch may then reuse the tensor's memory once it is freed."""
+        self.client.unregister_shared_memory(self.name)
+        self._share.release()
+
+
+def _synchronize_cuda(*tensors):
+    """Waits for the work queued on the GPU of each CudaTensor among `tensors`: the server reads
+    and writes those bytes on streams of its own, unordered with this process's, so what a put
+    copied or a fill wrote there must have landed first."""
+    devices = {t.region.base.device for t in tensors if isinstance(t, CudaTensor)}
+    if devices:
+        import torch
+
+        for device in devices:
+            torch.cuda.synchronize(device)
+
+
 def _input(x) -> attn_pb2.Tensor:
     if isinstance(x, Resident):
         return attn_pb2.Tensor(handle=x.handle)
-    if isinstance(x, ShmTensor):
+    if isinstance(x, _RegionTensor):
         return x.proto()
     return encode(x)
 
 
-def _output(t: attn_pb2.Tensor, out: Optional[ShmTensor] = None):
+def _output(t: attn_pb2.Tensor, out=None):
     if out is not None and t.HasField("shm"):
-        return out.array()
+        return out.torch() if isinstance(out, CudaTensor) else out.array()
     return Resident(t.handle) if t.handle else decode(t)
 
 
@@ -266,12 +402,16 @@ class Client:
     # Inputs may be arrays or Resident handles; keep_output=True leaves the outputs on the device
     # and returns Resident handles in their place.
 
-    # Inputs may be arrays, Resident handles or ShmTensors; `out=` (a ShmTensor) has the server
-    # write the output into shared memory, and the result's output is then a view of it.
+    # Inputs may be arrays, Resident handles, ShmTensors or CudaTensors; `out=` (a ShmTensor or a
+    # CudaTensor) has the server write the output into that region, and the result's output is
+    # then a view of it (numpy, or torch). A call with a CudaTensor input or output first waits for
+    # the work queued on that GPU (torch.cuda.synchronize): the server reads and writes the region
+    # on streams of its own, so what a put copied or a fill wrote must have landed before it starts.
 
     def matmul(self, a, b, *, transpose_a=False, transpose_b=False, kernel="", keep_output=False,
-               output_ttl_ms=0, out: Optional[ShmTensor] = None) -> Result:
+               output_ttl_ms=0, out: Optional[_RegionTensor] = None) -> Result:
         """C = op(A) . op(B); rank 3 operands are batched."""
+        _synchronize_cuda(a, b, out)
         req = attn_pb2.MatmulRequest(a=_input(a), b=_input(b), transpose_a=transpose_a,
                                      transpose_b=transpose_b, kernel=kernel, keep_output=keep_output,
                                      output_ttl_ms=output_ttl_ms, output_shm=_output_refs(out))
@@ -279,8 +419,9 @@ class Client:
         return Result(_output(resp.c, out), Timings.from_proto(resp.timings))
 
     def softmax(self, x, *, kernel="", keep_output=False, output_ttl_ms=0,
-                out: Optional[ShmTensor] = None) -> Result:
+                out: Optional[_RegionTensor] = None) -> Result:
         """Softmax over the last dimension."""
+        _synchronize_cuda(x, out)
         req = attn_pb2.SoftmaxRequest(x=_input(x), kernel=kernel, keep_output=keep_output,
                                       output_ttl_ms=output_ttl_ms, output_shm=_output_refs(out))
         resp = self._call(self._stub.Softmax, req)
@@ -288,14 +429,15 @@ class Client:
 
     def attention(self, q, k, v, *, causal=False, scale=0.0, return_lse=False, kernel="",
                   keep_output=False, output_ttl_ms=0, window_left=None, window_right=None,
-                  softcap=0.0, out: Optional[ShmTensor] = None,
-                  lse_out: Optional[ShmTensor] = None) -> Result:
+                  softcap=0.0, out: Optional[_RegionTensor] = None,
+                  lse_out: Optional[_RegionTensor] = None) -> Result:
         """O = softmax(scale . Q K^T [causal, bottom-right]) V for [B, H, S, D] tensors (GQA when
         K/V have fewer heads). scale 0 means 1/sqrt(D). window_left/window_right: a sliding
         window (FlashAttention-2's window_size: query i at key position p = i + Sk - Sq sees keys
         p - window_left .. p + window_right); None or -1 is unbounded on that side. softcap > 0:
-        each scaled score s becomes softcap * tanh(s / softcap). out/lse_out: ShmTensors the
-        server writes O / the LSE into (shared memory)."""
+        each scaled score s becomes softcap * tanh(s / softcap). out/lse_out: ShmTensors or
+        CudaTensors the server writes O / the LSE into (shared memory)."""
+        _synchronize_cuda(q, k, v, out, lse_out)
         req = attn_pb2.AttentionRequest(q=_input(q), k=_input(k), v=_input(v), causal=causal,
                                         scale=scale, return_lse=return_lse, kernel=kernel,
                                         keep_output=keep_output, output_ttl_ms=output_ttl_ms,
@@ -319,6 +461,23 @@ class Client:
                                                    key="/" + shm.name.lstrip("/"), offset=offset, bytes=size)
         self._call(self._stub.RegisterSharedMemory, req)
         return SharedMemoryRegion(self, name, shm, offset, size)
+
+    def register_cuda_tensor(self, name: str, tensor) -> CudaRegion:
+        """Registers the bytes of `tensor`, a contiguous torch CUDA tensor of any dtype, as region
+        `name` through its CUDA IPC handle (server on this host with --shared-memory cuda, serving
+        the tensor's GPU). torch's caching allocator carves several tensors out of one cudaMalloc
+        block, so several regions may name one handle: the server opens it once. The region keeps
+        the tensor alive; CudaRegion.unregister lets torch reuse its memory once freed."""
+        share = _CudaIpcShare(tensor)
+        req = attn_pb2.RegisterSharedMemoryRequest(name=name, kind=attn_pb2.SHARED_MEMORY_KIND_CUDA,
+                                                   cuda_ipc_handle=share.handle, device_id=share.device_id,
+                                                   offset=share.offset, bytes=share.bytes)
+        try:
+            self._call(self._stub.RegisterSharedMemory, req)
+        except AttnError:
+            share.release()
+            raise
+        return CudaRegion(self, name, tensor, share.offset, share.bytes, share)
 
     def unregister_shared_memory(self, name: str = "") -> int:
         """Forgets region `name` (empty: all of this caller's); returns how many went."""

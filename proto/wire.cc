@@ -1,6 +1,11 @@
 #include "attn/wire.h"
 
+#include <cstdint>
 #include <cstring>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace attn::wire {
 
@@ -82,11 +87,27 @@ Result<DecodedTensor> decode_tensor(const v1::Tensor& t, const std::string& fiel
   return out;
 }
 
+void advise_huge_pages(void* p, std::size_t n) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr std::uintptr_t kHuge = std::uintptr_t{2} << 20;
+  if (n < 2 * kHuge) return;
+  const auto begin = (reinterpret_cast<std::uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const auto end = (reinterpret_cast<std::uintptr_t>(p) + n) & ~(kHuge - 1);
+  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advice only
+#else
+  (void)p;
+  (void)n;
+#endif
+}
+
 TensorView prepare_output(DType dtype, const Shape& shape, v1::Tensor* out) {
   out->set_dtype(to_proto(dtype));
   out->mutable_shape()->Assign(shape.begin(), shape.end());
   std::string* data = out->mutable_data();
-  data->resize(static_cast<std::size_t>(element_count(shape)) * element_size(dtype));
+  const std::size_t bytes = static_cast<std::size_t>(element_count(shape)) * element_size(dtype);
+  data->reserve(bytes);
+  advise_huge_pages(data->data(), data->capacity());
+  data->resize(bytes);
   return {dtype, shape, data->data(), MemoryKind::kHost};
 }
 

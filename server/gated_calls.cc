@@ -103,7 +103,10 @@ bool parse_large(grpc::ByteBuffer& buffer, std::size_t size, google::protobuf::M
   const auto* reflection = message.GetReflection();
   for (int i = 0; i < descriptor->field_count(); ++i) {
     const auto* f = descriptor->field(i);
-    if (is_tensor(f)) static_cast<v1::Tensor*>(reflection->MutableMessage(&message, f))->mutable_data()->reserve(size);
+    if (!is_tensor(f)) continue;
+    std::string* data = static_cast<v1::Tensor*>(reflection->MutableMessage(&message, f))->mutable_data();
+    data->reserve(size);
+    wire::advise_huge_pages(data->data(), data->capacity());
   }
   ConsumingSliceStream stream(buffer);
   google::protobuf::io::CodedInputStream coded(&stream);

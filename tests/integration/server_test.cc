@@ -210,6 +210,66 @@ TEST_F(ServerTest, AttentionGqaCausalWithLse) {
     }
 }
 
+// Inputs from 1 MiB on go out from the caller's tensors and large outputs are read straight into
+// Tensors (attn::Client's large-call path); small fields beside them go the usual way.
+TEST_F(ServerTest, LargeCallsGiveTheBitsOfTheUsualPath) {
+  Tensor q = random_tensor(DType::kFloat32, {1, 1, 4100, 64}, rng);  // 1.05 MB: large
+  Tensor k = random_tensor(DType::kFloat32, {1, 1, 33, 64}, rng), v = random_tensor(DType::kFloat32, {1, 1, 33, 64}, rng);
+  auto r = client_.attention(q, k, v, {false, 0.0f, true, ""});
+  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  ASSERT_EQ(r->output.shape(), q.shape());
+  ASSERT_EQ(r->lse.shape(), (Shape{1, 1, 4100}));
+  AttentionArgs args{q.view(), k.view(), v.view(), r->output.view(), {}, false, resolve_attention_scale(0.0f, 64)};
+  std::vector<double> want_lse;
+  EXPECT_LE(reference::relative_frobenius_error(r->output.view(), reference::attention(args, &want_lse)),
+            reference::tolerance(DType::kFloat32));
+  EXPECT_LE(reference::relative_frobenius_error(r->lse.view(), want_lse), 1e-5);
+
+  // The same call through the generated stub (the request serialized whole, the response parsed
+  // by protobuf) gives the same bits.
+  v1::AttentionRequest req;
+  wire::encode_tensor(q.view(), req.mutable_q());
+  wire::encode_tensor(k.view(), req.mutable_k());
+  wire::encode_tensor(v.view(), req.mutable_v());
+  req.set_return_lse(true);
+  v1::AttentionResponse resp;
+  ASSERT_TRUE(client_.stub().Attention(client_.make_context(req).get(), req, &resp).ok());
+  ASSERT_EQ(resp.o().data().size(), r->output.bytes());
+  EXPECT_EQ(std::memcmp(resp.o().data().data(), r->output.data(), r->output.bytes()), 0);
+  ASSERT_EQ(resp.lse().data().size(), r->lse.bytes());
+  EXPECT_EQ(std::memcmp(resp.lse().data().data(), r->lse.data(), r->lse.bytes()), 0);
+
+  Tensor a = random_tensor(DType::kFloat32, {2100, 130}, rng), b = random_tensor(DType::kFloat32, {130, 129}, rng);
+  auto c = client_.matmul(a, b);
+  ASSERT_TRUE(c.ok()) << c.status().to_string();
+  MatmulArgs margs{a.view(), b.view(), c->output.view()};
+  EXPECT_LE(reference::relative_frobenius_error(c->output.view(), reference::matmul(margs)),
+            reference::tolerance(DType::kFloat32));
+  Tensor x = random_tensor(DType::kBFloat16, {700, 1000}, rng, 5.0f);
+  auto y = client_.softmax(x);
+  ASSERT_TRUE(y.ok()) << y.status().to_string();
+  SoftmaxArgs sargs{x.view(), y->output.view()};
+  EXPECT_LE(reference::relative_frobenius_error(y->output.view(), reference::softmax(sargs)),
+            reference::tolerance(DType::kBFloat16));
+}
+
+// A large call whose deadline passes while its bytes are still going out returns (gRPC lets go
+// of the caller's tensor) and the client's next call is served.
+TEST_F(ServerTest, LargeCallPastItsDeadlineReturnsAndTheNextIsServed) {
+  ClientOptions options;
+  options.timeout = std::chrono::milliseconds(1);
+  Client hasty(server_->address(), options);
+  Tensor x(DType::kFloat32, {10, 1 << 20});  // 40 MiB
+  for (int i = 0; i < 3; ++i) {
+    auto r = hasty.softmax(x);
+    EXPECT_EQ(r.status().code(), StatusCode::kDeadlineExceeded) << r.status().to_string();
+  }
+  Client patient(server_->address());
+  auto r = patient.softmax(x);
+  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  EXPECT_FLOAT_EQ(r->output.get(0), 1.0f / (1 << 20));
+}
+
 TEST_F(ServerTest, ManyConcurrentCallsAreEachCorrect) {
   std::atomic<int> wrong{0}, failed{0};
   std::vector<std::thread> threads;

@@ -1,11 +1,6 @@
 #include "attn/wire.h"
 
-#include <cstdint>
 #include <cstring>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 namespace attn::wire {
 
@@ -85,19 +80,6 @@ Result<DecodedTensor> decode_tensor(const v1::Tensor& t, const std::string& fiel
   }
   out.view = out.owned.view();
   return out;
-}
-
-void advise_huge_pages(void* p, std::size_t n) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr std::uintptr_t kHuge = std::uintptr_t{2} << 20;
-  if (n < 2 * kHuge) return;
-  const auto begin = (reinterpret_cast<std::uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
-  const auto end = (reinterpret_cast<std::uintptr_t>(p) + n) & ~(kHuge - 1);
-  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advice only
-#else
-  (void)p;
-  (void)n;
-#endif
 }
 
 TensorView prepare_output(DType dtype, const Shape& shape, v1::Tensor* out) {

@@ -106,7 +106,7 @@ bool parse_large(grpc::ByteBuffer& buffer, std::size_t size, google::protobuf::M
     if (!is_tensor(f)) continue;
     std::string* data = static_cast<v1::Tensor*>(reflection->MutableMessage(&message, f))->mutable_data();
     data->reserve(size);
-    wire::advise_huge_pages(data->data(), data->capacity());
+    advise_huge_pages(data->data(), data->capacity());
   }
   ConsumingSliceStream stream(buffer);
   google::protobuf::io::CodedInputStream coded(&stream);

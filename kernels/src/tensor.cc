@@ -1,6 +1,11 @@
 #include "attn/tensor.h"
 
+#include <cstdint>
 #include <limits>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace attn {
 
@@ -35,10 +40,25 @@ std::int64_t element_count(const Shape& shape) {
   return n;
 }
 
-Tensor::Tensor(DType dtype, Shape shape)
-    : dtype_(dtype),
-      shape_(std::move(shape)),
-      bytes_(static_cast<std::size_t>(element_count(shape_)) * element_size(dtype)) {}
+void advise_huge_pages(void* p, std::size_t n) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr std::uintptr_t kHuge = std::uintptr_t{2} << 20;
+  if (n < 2 * kHuge) return;
+  const auto begin = (reinterpret_cast<std::uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const auto end = (reinterpret_cast<std::uintptr_t>(p) + n) & ~(kHuge - 1);
+  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advice only
+#else
+  (void)p;
+  (void)n;
+#endif
+}
+
+Tensor::Tensor(DType dtype, Shape shape) : dtype_(dtype), shape_(std::move(shape)) {
+  const std::size_t n = static_cast<std::size_t>(element_count(shape_)) * element_size(dtype);
+  bytes_.reserve(n);  // room first, so that the zero fill below touches huge pages
+  advise_huge_pages(bytes_.data(), bytes_.capacity());
+  bytes_.resize(n);
+}
 
 Tensor Tensor::from_floats(DType dtype, Shape shape, const std::vector<float>& values) {
   Tensor t(dtype, std::move(shape));

@@ -45,12 +45,6 @@ Result<DecodedTensor> decode_tensor(const v1::Tensor& t, const std::string& fiel
 // writes its output straight into the response.
 TensorView prepare_output(DType dtype, const Shape& shape, v1::Tensor* out);
 
-// Asks the kernel to back the whole 2 MiB pages of [p, p + n) with huge pages when it first touches
-// them (Linux transparent huge pages, where they are on or "madvise"): a fresh 50 MB buffer then
-// takes 25 page faults instead of 12,800, which at that size cost more than the copy into it.
-// Does nothing for buffers under 4 MiB or elsewhere.
-void advise_huge_pages(void* p, std::size_t n);
-
 // Replaces `data` by float32 `values` (for clients that asked for values).
 void convert_to_values(v1::Tensor* t);
 

@@ -9,16 +9,16 @@ import pytest
 
 
 class Server:
-    def __init__(self, *args, env=None):
+    def __init__(self, *args, env=None, backend="cpu", start_s=30):
         binary = os.environ["ATTND"]
         self.dir = tempfile.mkdtemp(prefix="attnd-py-")
         port_file = os.path.join(self.dir, "port")
         self.log_path = os.path.join(self.dir, "attnd.log")
         self.proc = subprocess.Popen(
-            [binary, "--listen", "127.0.0.1:0", "--port-file", port_file, "--backend", "cpu", *args],
+            [binary, "--listen", "127.0.0.1:0", "--port-file", port_file, "--backend", backend, *args],
             stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})})
-        deadline = time.time() + 30
+        deadline = time.time() + start_s
         while time.time() < deadline:
             if os.path.exists(port_file):
                 self.port = int(open(port_file).read().split()[0])
@@ -27,7 +27,8 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError("attnd exited at start: " + open(self.log_path).read())
             time.sleep(0.02)
-        raise RuntimeError("attnd did not start in 30 s")
+        self.proc.kill()
+        raise RuntimeError(f"attnd did not start in {start_s} s")
 
     def stop(self):
         self.proc.terminate()

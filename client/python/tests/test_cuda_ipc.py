@@ -2,10 +2,6 @@
 attnd run with --backend cuda --shared-memory system,cuda. Skips without torch, without a GPU, or
 with an attnd that has no CUDA backend."""
 
-import os
-import subprocess
-import tempfile
-import time
 import warnings
 
 import grpc
@@ -23,34 +19,11 @@ from conftest import Server  # noqa: E402
 from test_client import attention64, rel_error  # noqa: E402
 
 
-class CudaServer(Server):
-    """conftest's Server on the CUDA backend (its command line says --backend cpu, and attnd takes
-    the flag once)."""
-
-    def __init__(self, *args):
-        self.dir = tempfile.mkdtemp(prefix="attnd-py-cuda-")
-        port_file = os.path.join(self.dir, "port")
-        self.log_path = os.path.join(self.dir, "attnd.log")
-        self.proc = subprocess.Popen(
-            [os.environ["ATTND"], "--listen", "127.0.0.1:0", "--port-file", port_file, "--backend", "cuda", *args],
-            stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT)
-        deadline = time.time() + 120  # CUDA start-up and kernel warm-up come first
-        while time.time() < deadline:
-            if os.path.exists(port_file):
-                self.port = int(open(port_file).read().split()[0])
-                self.address = f"127.0.0.1:{self.port}"
-                return
-            if self.proc.poll() is not None:
-                raise RuntimeError("attnd exited at start: " + open(self.log_path).read())
-            time.sleep(0.05)
-        self.proc.kill()
-        raise RuntimeError("attnd did not start in 120 s")
-
-
 @pytest.fixture(scope="module")
 def cuda_server():
     try:
-        s = CudaServer("--shared-memory", "system,cuda")
+        # CUDA start-up and kernel warm-up come first
+        s = Server("--shared-memory", "system,cuda", backend="cuda", start_s=120)
     except RuntimeError as e:
         if "--backend cuda" in str(e):  # a build without the CUDA backend, or no GPU it can use
             pytest.skip(f"attnd has no CUDA backend here: {e}")

@@ -41,6 +41,12 @@ struct TensorView {
 };
 
 // A dense row-major tensor in host memory that owns its bytes.
+// Asks the kernel to back the whole 2 MiB pages of [p, p + n) with huge pages when it first touches
+// them (Linux transparent huge pages, where they are on or "madvise"): a fresh 50 MB buffer then
+// takes 25 page faults instead of 12,800, which at that size cost more than the copy into it.
+// Does nothing for buffers under 4 MiB or elsewhere.
+void advise_huge_pages(void* p, std::size_t n);
+
 class Tensor {
  public:
   Tensor() = default;

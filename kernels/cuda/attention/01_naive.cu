@@ -65,8 +65,7 @@ long long score_bytes(const AttentionProblem& p) {
 }  // namespace
 
 Status attention_01_supports(const AttentionArgs& args) {
-  ATTN_ASSIGN_OR_RETURN(p, attention_problem(args, {DType::kFloat32}, {32, 64, 128, 256}, "attention/01_naive",
-                                             kTakesWindow | kTakesSoftcap));
+  ATTN_ASSIGN_OR_RETURN(p, attention_problem(args, kAttention01Caps, "attention/01_naive"));
   if (score_bytes(p) > kMaxScoreBytes) {
     return resource_exhausted("q.shape: attention/01_naive materializes S = B x Hq x Sq x Sk floats: " +
                               std::to_string(score_bytes(p) >> 20) + " MiB here, over its limit of " +
@@ -80,8 +79,7 @@ Status attention_01_supports(const AttentionArgs& args) {
 
 Status attention_01_naive(const AttentionArgs& args, Stream& stream) {
   ATTN_RETURN_IF_ERROR(attention_01_supports(args));
-  ATTN_ASSIGN_OR_RETURN(p, attention_problem(args, {DType::kFloat32}, {32, 64, 128, 256}, "attention/01_naive",
-                                             kTakesWindow | kTakesSoftcap));
+  ATTN_ASSIGN_OR_RETURN(p, attention_problem(args, kAttention01Caps, "attention/01_naive"));
   const cudaStream_t s = attention_stream(stream);
   float* scores = nullptr;
   ATTN_RETURN_IF_ERROR(to_status(cudaMallocAsync(&scores, score_bytes(p), s), "attention/01_naive: S"));

@@ -7,7 +7,7 @@
 // tile's 32 scores are reduced across the four with shuffles. Causal tiles past the diagonal are
 // skipped. exp2 with the scale folded in. float32.
 //
-// Every head dim 32, 64, 80, 96, 128, 192, 256 (a kernel per D): above 128 eight threads share
+// Every head dim of common/head_dims.cuh (a kernel per D): above 128 eight threads share
 // a row (16 rows a block) and key tiles are 16 keys, so q, o and the tile's scores stay within
 // 128 registers a thread (no spills) and the K/V tiles within 32 KiB of shared memory.
 //
@@ -120,8 +120,7 @@ __global__ void __launch_bounds__(kThreads) flash_fp32_kernel(AttentionProblem p
 constexpr const char* kName = "attention/02_flash_fp32";
 
 Result<AttentionProblem> problem_02(const AttentionArgs& args) {
-  return attention_problem(args, {DType::kFloat32}, {32, 64, 80, 96, 128, 192, 256}, kName,
-                           kTakesWindow | kTakesSoftcap);
+  return attention_problem(args, kAttention02Caps, kName);
 }
 
 template <int D>
@@ -144,15 +143,7 @@ Status attention_02_flash_fp32(const AttentionArgs& args, Stream& stream) {
   ATTN_RETURN_IF_ERROR(attention_02_supports(args));
   ATTN_ASSIGN_OR_RETURN(p, problem_02(args));
   const cudaStream_t s = attention_stream(stream);
-  switch (p.head_dim) {
-    case 32: launch<32>(p, s); break;
-    case 64: launch<64>(p, s); break;
-    case 80: launch<80>(p, s); break;
-    case 96: launch<96>(p, s); break;
-    case 128: launch<128>(p, s); break;
-    case 192: launch<192>(p, s); break;
-    default: launch<256>(p, s); break;  // problem_02 admits no other
-  }
+  with_head_dim<kAttention02Caps.head_dims>(p.head_dim, [&](auto d) { launch<decltype(d)::value>(p, s); });
   return to_status(cudaGetLastError(), "attention/02_flash_fp32 launch");
 }
 

@@ -12,7 +12,7 @@
 // - exp2 with the scale folded in; only tiles that cross a row's first or last visible key are
 //   masked; tiles outside every row's causal or sliding window are skipped, and the query tiles
 //   run heaviest first. A soft cap maps each score through tanh (soft_tanh: two MUFU ops).
-// Head dims 32, 64, 80, 96, 128, 192, 256: rows sit in shared memory padded to 64, 128 or 256
+// Every head dim of common/head_dims.cuh: rows sit in shared memory padded to 64, 128 or 256
 // (padded_dim: the swizzle and the XOR addressing need a power of two), and above 128 a warp owns one m-tile (the O accumulators of
 // two would not fit in 255 registers).
 #include "../common/flash_mma_tile.cuh"
@@ -176,19 +176,18 @@ cudaError_t launch(const AttentionProblem& p, cudaStream_t s) {
 
 template <class T>
 cudaError_t launch_dim(const AttentionProblem& p, cudaStream_t s) {
-  return with_head_dim(p.head_dim, [&](auto d) { return launch<T, decltype(d)::value>(p, s); });
+  return with_head_dim<kAttention03Caps.head_dims>(p.head_dim, [&](auto d) { return launch<T, decltype(d)::value>(p, s); });
 }
 
-constexpr unsigned kFeatures = kTakesWindow | kTakesSoftcap;
 
 }  // namespace
 
 Status attention_03_supports(const AttentionArgs& args) {
-  return tensor_core_problem(args, "attention/03_flash_mma", kFeatures).status();
+  return tensor_core_problem(args, kAttention03Caps, "attention/03_flash_mma").status();
 }
 
 Status attention_03_flash_mma(const AttentionArgs& args, Stream& stream) {
-  ATTN_ASSIGN_OR_RETURN(p, tensor_core_problem(args, "attention/03_flash_mma", kFeatures));
+  ATTN_ASSIGN_OR_RETURN(p, tensor_core_problem(args, kAttention03Caps, "attention/03_flash_mma"));
   const cudaStream_t s = attention_stream(stream);
   const cudaError_t e = args.q.dtype == DType::kBFloat16 ? launch_dim<__nv_bfloat16>(p, s) : launch_dim<__half>(p, s);
   return to_status(e, "attention/03_flash_mma launch");

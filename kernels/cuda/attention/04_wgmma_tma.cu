@@ -295,16 +295,15 @@ cudaError_t launch(const AttentionProblem& p, const CUtensorMap& q, const CUtens
 template <class T>
 cudaError_t launch_dim(const AttentionProblem& p, const CUtensorMap& q, const CUtensorMap& k, const CUtensorMap& v,
                        cudaStream_t s) {
-  return with_head_dim(p.head_dim, [&](auto d) { return launch<T, decltype(d)::value>(p, q, k, v, s); });
+  return with_head_dim<kAttention04Caps.head_dims>(p.head_dim, [&](auto d) { return launch<T, decltype(d)::value>(p, q, k, v, s); });
 }
 
-constexpr unsigned kFeatures = kTakesWindow | kTakesSoftcap;
 
 }  // namespace
 
 Status attention_04_supports(const AttentionArgs& args) {
-  ATTN_ASSIGN_OR_RETURN(p, tensor_core_problem(args, "attention/04_wgmma_tma", kFeatures));
-  ATTN_RETURN_IF_ERROR(require_hopper("attention/04_wgmma_tma"));
+  ATTN_ASSIGN_OR_RETURN(p, tensor_core_problem(args, kAttention04Caps, "attention/04_wgmma_tma"));
+  ATTN_RETURN_IF_ERROR(check_arch(kAttention04Caps, "attention/04_wgmma_tma"));
   for (const TensorView* t : {&args.q, &args.k, &args.v})
     if (reinterpret_cast<std::uintptr_t>(t->data) % 16 != 0)
       return invalid_argument("q.data: attention/04_wgmma_tma needs 16-byte aligned q, k and v");
@@ -317,7 +316,7 @@ Status attention_04_supports(const AttentionArgs& args) {
 
 Status attention_04_wgmma_tma(const AttentionArgs& args, Stream& stream) {
   ATTN_RETURN_IF_ERROR(attention_04_supports(args));
-  ATTN_ASSIGN_OR_RETURN(p, tensor_core_problem(args, "attention/04_wgmma_tma", kFeatures));
+  ATTN_ASSIGN_OR_RETURN(p, tensor_core_problem(args, kAttention04Caps, "attention/04_wgmma_tma"));
   const DType dt = args.q.dtype;
   // [heads][len][D], boxes of a tile's query rows (K/V: its keys) x 64 of the head dim.
   const int q_box = p.head_dim <= 64 ? Layout<64>::kBM : Layout<128>::kBM, kv_box = p.head_dim <= 64 || p.head_dim > 128 ? 64 : 128;

@@ -12,6 +12,7 @@
 #include "attn/executor.h"
 #include "attn/ops.h"
 #include "../common/mma_sync.cuh"
+#include "../common/rung_caps.h"
 #include "../common/score_rules.cuh"
 #include "../cuda_check.h"
 
@@ -56,39 +57,14 @@ struct AttentionProblem {
   }
 };
 
-// What a rung takes beyond plain (causal) attention; it refuses the rest by name.
-enum AttentionFeature : unsigned { kPlainOnly = 0, kTakesWindow = 1, kTakesSoftcap = 2 };
-
-// Checks dtype, head dim and sizes for a rung, and builds the problem.
-inline Result<AttentionProblem> attention_problem(const AttentionArgs& args, std::initializer_list<DType> dtypes,
-                                                  std::initializer_list<int> head_dims, const char* name,
-                                                  unsigned features = kPlainOnly) {
+// Checks the shapes and options of the call against what the rung takes (its RungCaps: dtypes,
+// head dims, options) and its sizes, and builds the problem.
+inline Result<AttentionProblem> attention_problem(const AttentionArgs& args, const RungCaps& caps, const char* name) {
   ATTN_ASSIGN_OR_RETURN(d, attention_dims(args.q, args.k, args.v));
   ATTN_RETURN_IF_ERROR(check_attention_options(args.window_left, args.window_right, args.softcap));
-  if (has_window(args) && !(features & kTakesWindow))
-    return invalid_argument(std::string("window_left: ") + name + " takes no sliding window");
-  if (args.softcap > 0.0f && !(features & kTakesSoftcap))
-    return invalid_argument(std::string("softcap: ") + name + " takes no soft cap");
-  bool dtype_ok = false;
-  std::string dtype_list;
-  for (DType t : dtypes) {
-    dtype_ok |= t == args.q.dtype;
-    dtype_list += (dtype_list.empty() ? "" : ", ") + std::string(dtype_name(t));
-  }
-  if (!dtype_ok) {
-    return invalid_argument(std::string("q.dtype: ") + name + " takes " + dtype_list + ", got " +
-                            std::string(dtype_name(args.q.dtype)));
-  }
-  bool dim_ok = false;
-  std::string dim_list;
-  for (int hd : head_dims) {
-    dim_ok |= hd == d.head_dim;
-    dim_list += (dim_list.empty() ? "" : ", ") + std::to_string(hd);
-  }
-  if (!dim_ok) {
-    return invalid_argument(std::string("q.shape[3]: ") + name + " takes head dims " + dim_list +
-                            ", got " + std::to_string(d.head_dim));
-  }
+  ATTN_RETURN_IF_ERROR(check_options(caps, has_window(args), args.softcap, name));
+  ATTN_RETURN_IF_ERROR(check_dtype(caps, args.q.dtype, "q.dtype", name));
+  ATTN_RETURN_IF_ERROR(check_head_dim(caps, args.q.dtype, d.head_dim, "q.shape[3]", name));
   if (d.len_q > INT_MAX / 2 || d.len_kv > INT_MAX / 2 || d.batch * d.heads_q > 65535 * 64) {
     return invalid_argument(std::string("q.shape: ") + name + " takes sequences < 2^30 and B x Hq <= 4M");
   }
@@ -113,11 +89,10 @@ inline Result<AttentionProblem> attention_problem(const AttentionArgs& args, std
   return p;
 }
 
-// The problem for the bf16/fp16 tensor-core rungs (03, 04): head dims 32, 64, 80, 96, 128, 192
-// and 256, one block row of the grid per (batch, query head).
-inline Result<AttentionProblem> tensor_core_problem(const AttentionArgs& args, const char* name,
-                                                    unsigned features = kPlainOnly) {
-  ATTN_ASSIGN_OR_RETURN(p, attention_problem(args, {DType::kBFloat16, DType::kFloat16}, {32, 64, 80, 96, 128, 192, 256}, name, features));
+// The problem for the bf16/fp16 tensor-core rungs (03, 04): one block row of the grid per
+// (batch, query head).
+inline Result<AttentionProblem> tensor_core_problem(const AttentionArgs& args, const RungCaps& caps, const char* name) {
+  ATTN_ASSIGN_OR_RETURN(p, attention_problem(args, caps, name));
   if (static_cast<long long>(p.batch) * p.heads_q > 65535) {
     return invalid_argument(std::string("q.shape: ") + name + " takes B x Hq <= 65535");
   }

@@ -280,19 +280,14 @@ Status launch(const AttentionProblem& p, cudaStream_t s, int sms) {
   return launched;
 }
 
+constexpr const char* kName = "attention/decode_split_kv";
+
 }  // namespace
 
 Status attention_decode_supports(const AttentionArgs& args) {
-  ATTN_ASSIGN_OR_RETURN(p, attention_problem(args, {DType::kBFloat16, DType::kFloat16}, {64, 128},
-                                             "attention/decode_split_kv"));
-  if (p.len_q != 1) {
-    return invalid_argument("q.shape[2]: attention/decode_split_kv takes one query row per head (decoding), got " +
-                            std::to_string(p.len_q));
-  }
-  if (p.group != 1 && p.group != 2 && p.group != 4 && p.group != 8) {
-    return invalid_argument("k.shape[1]: attention/decode_split_kv takes 1, 2, 4 or 8 query heads per key/value "
-                            "head, got " + std::to_string(p.group));
-  }
+  ATTN_ASSIGN_OR_RETURN(p, attention_problem(args, kAttentionDecodeCaps, kName));
+  ATTN_RETURN_IF_ERROR(check_query_rows(kAttentionDecodeCaps, p.len_q, "q.shape[2]", kName));
+  ATTN_RETURN_IF_ERROR(check_group(kAttentionDecodeCaps, p.group, "k.shape[1]", kName));
   if (static_cast<long long>(p.batch) * p.heads_kv > 65535) {
     return invalid_argument("k.shape: attention/decode_split_kv takes B x Hkv <= 65535");
   }
@@ -301,14 +296,16 @@ Status attention_decode_supports(const AttentionArgs& args) {
 
 Status attention_decode_split_kv(const AttentionArgs& args, Stream& stream) {
   ATTN_RETURN_IF_ERROR(attention_decode_supports(args));
-  ATTN_ASSIGN_OR_RETURN(p, attention_problem(args, {DType::kBFloat16, DType::kFloat16}, {64, 128},
-                                             "attention/decode_split_kv"));
+  ATTN_ASSIGN_OR_RETURN(p, attention_problem(args, kAttentionDecodeCaps, kName));
   int sms = 132;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, stream.device());
   const cudaStream_t s = attention_stream(stream);
-  if (args.q.dtype == DType::kBFloat16)
-    return p.head_dim == 64 ? launch<__nv_bfloat16, 64>(p, s, sms) : launch<__nv_bfloat16, 128>(p, s, sms);
-  return p.head_dim == 64 ? launch<__half, 64>(p, s, sms) : launch<__half, 128>(p, s, sms);
+  const auto by_dim = [&](auto tag) -> Status {
+    using T = decltype(tag);
+    return with_head_dim<kAttentionDecodeCaps.head_dims>(
+        p.head_dim, [&](auto d) { return launch<T, decltype(d)::value>(p, s, sms); });
+  };
+  return args.q.dtype == DType::kBFloat16 ? by_dim(__nv_bfloat16{}) : by_dim(__half{});
 }
 
 }  // namespace attn::cuda

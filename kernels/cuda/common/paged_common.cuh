@@ -12,6 +12,7 @@
 
 #include "../cuda_check.h"
 #include "../softmax/softmax_common.cuh"
+#include "rung_caps.h"
 #include "attn/executor.h"
 #include "attn/paged_ops.h"
 
@@ -67,42 +68,15 @@ inline int page_shift_of(std::int64_t page_size) {
 }
 
 // Checks what every paged CUDA rung needs (the op's shape rules, device memory, int32 ranges)
-// and the rung's own dtypes, head dims and group sizes; builds the problem.
+// and what the rung takes (its RungCaps: dtypes, head dims, group sizes); builds the problem.
 template <class Args>
-Result<PagedProblem> paged_problem(const Args& a, const TensorView& q_indptr,
-                                   std::initializer_list<DType> dtypes,
-                                   std::initializer_list<int> head_dims,
-                                   std::initializer_list<int> groups, const char* name) {
+Result<PagedProblem> paged_problem(const Args& a, const TensorView& q_indptr, const RungCaps& caps,
+                                   const char* name) {
   ATTN_RETURN_IF_ERROR(OpDesc<Args>::check(a));
-  bool ok = false;
-  std::string list;
-  for (DType t : dtypes) {
-    ok |= t == a.cache.dtype;
-    list += (list.empty() ? "" : ", ") + std::string(dtype_name(t));
-  }
-  if (!ok) {
-    return invalid_argument(std::string("q.dtype: ") + name + " takes " + list + ", got " +
-                            std::string(dtype_name(a.cache.dtype)));
-  }
-  ok = false, list.clear();
-  for (int d : head_dims) {
-    ok |= d == a.cache.head_dim;
-    list += (list.empty() ? "" : ", ") + std::to_string(d);
-  }
-  if (!ok) {
-    return invalid_argument(std::string("q.shape: ") + name + " takes head dims " + list +
-                            ", got " + std::to_string(a.cache.head_dim));
-  }
+  ATTN_RETURN_IF_ERROR(check_dtype(caps, a.cache.dtype, "q.dtype", name));
+  ATTN_RETURN_IF_ERROR(check_head_dim(caps, a.cache.dtype, a.cache.head_dim, "q.shape", name));
   const std::int64_t group = a.q.dim(1) / a.cache.heads_kv;
-  ok = false, list.clear();
-  for (int g : groups) {
-    ok |= g == group;
-    list += (list.empty() ? "" : ", ") + std::to_string(g);
-  }
-  if (!ok) {
-    return invalid_argument(std::string("q.shape: ") + name + " takes " + list +
-                            " query heads per key/value head, got " + std::to_string(group));
-  }
+  ATTN_RETURN_IF_ERROR(check_group(caps, group, "q.shape", name));
   if (a.cache.pages * a.cache.heads_kv * a.cache.page_size > INT_MAX ||
       a.seqs.max_seq_len > INT_MAX / 2 || a.q.dim(0) > INT_MAX / 64 ||
       a.seqs.count() > 65535 * 64 || a.cache.heads_kv > 65535) {

@@ -115,11 +115,7 @@ Status launch(const PagedProblem& p, cudaStream_t s) {
 
 Result<PagedProblem> problem(const PagedDecodeArgs& a) {
   ATTN_ASSIGN_OR_RETURN(
-      p, paged_problem(a, {}, {DType::kFloat32, DType::kBFloat16, DType::kFloat16}, {64, 128, 256},
-                       {1, 2, 4, 8}, "paged_decode/01_block_per_head"));
-  if (a.cache.dtype == DType::kFloat32 && p.head_dim == 256)
-    return invalid_argument(
-        "q.shape: paged_decode/01_block_per_head takes head dim 256 in 16-bit types only");
+      p, paged_problem(a, {}, kPagedDecode01Caps, "paged_decode/01_block_per_head"));
   return p;
 }
 
@@ -130,19 +126,17 @@ Status paged_decode_01_supports(const PagedDecodeArgs& args) { return problem(ar
 Status paged_decode_01_block_per_head(const PagedDecodeArgs& args, Stream& stream) {
   ATTN_ASSIGN_OR_RETURN(p, problem(args));
   const cudaStream_t s = paged_stream(stream);
+  const auto by_dim = [&](auto tag) -> Status {
+    using T = decltype(tag);
+    const auto run = [&](auto d) { return launch<T, decltype(d)::value>(p, s); };
+    if constexpr (sizeof(T) == 2) return with_head_dim<kPagedDecode01Caps.head_dims>(p.head_dim, run);
+    else return with_head_dim<kPagedDecode01Caps.float32_head_dims>(p.head_dim, run);
+  };
   switch (args.cache.dtype) {
-    case DType::kFloat32:
-      return p.head_dim == 64 ? launch<float, 64>(p, s) : launch<float, 128>(p, s);
-    case DType::kBFloat16:
-      return p.head_dim == 64    ? launch<__nv_bfloat16, 64>(p, s)
-             : p.head_dim == 128 ? launch<__nv_bfloat16, 128>(p, s)
-                                 : launch<__nv_bfloat16, 256>(p, s);
-    case DType::kFloat16:
-      return p.head_dim == 64    ? launch<__half, 64>(p, s)
-             : p.head_dim == 128 ? launch<__half, 128>(p, s)
-                                 : launch<__half, 256>(p, s);
-    default:
-      return invalid_argument("q.dtype: unexpected");
+    case DType::kFloat32: return by_dim(float{});
+    case DType::kBFloat16: return by_dim(__nv_bfloat16{});
+    case DType::kFloat16: return by_dim(__half{});
+    default: return invalid_argument("q.dtype: unexpected");
   }
 }
 

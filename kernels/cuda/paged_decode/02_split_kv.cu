@@ -15,7 +15,7 @@
 //   are formed before one max and one rescale.
 // - A sequence of one chunk writes its output directly; otherwise the last block of the
 //   (sequence, kv head) to finish (an atomic count) merges its chunks by their log-sum-exps.
-// bfloat16/float16 (head dims 32, 64, 80, 96, 128, 192, 256) and float32 (32 to 128); 1, 2, 4 or 8
+// bfloat16/float16 (every head dim of common/head_dims.cuh) and float32 (32 to 128); 1, 2, 4 or 8
 // query heads per key/value head; any page size (best at 16 and up: one copy per page segment).
 // A row's 16-byte vectors go to a power of two of lanes (at 80: 10 of 16 lanes work, 6 idle), so
 // the dot products reduce by shuffles within the lane group.
@@ -242,13 +242,7 @@ Status launch(const PagedDecodeArgs& a, const PagedProblem& p, cudaStream_t s, i
 }
 
 Result<PagedProblem> problem(const PagedDecodeArgs& a) {
-  ATTN_ASSIGN_OR_RETURN(
-      p, paged_problem(a, {}, {DType::kBFloat16, DType::kFloat16, DType::kFloat32}, {32, 64, 80, 96, 128, 192, 256},
-                       {1, 2, 4, 8}, "paged_decode/02_split_kv"));
-  if (a.cache.dtype == DType::kFloat32 && p.head_dim > 128)
-    return invalid_argument("q.shape: paged_decode/02_split_kv takes head dims above 128 in 16-bit types only, got " +
-                            std::to_string(p.head_dim));
-  return p;
+  return paged_problem(a, {}, kPagedDecode02Caps, "paged_decode/02_split_kv");
 }
 
 }  // namespace
@@ -262,8 +256,8 @@ Status paged_decode_02_split_kv(const PagedDecodeArgs& args, Stream& stream) {
   const auto by_dim = [&](auto tag) -> Status {
     using T = decltype(tag);
     const auto run = [&](auto d) { return launch<T, decltype(d)::value>(args, p, s, dev); };
-    if constexpr (sizeof(T) == 2) return with_head_dim(p.head_dim, run);
-    else return with_head_dim<128>(p.head_dim, run);  // float32 up to 128: problem() refused more
+    if constexpr (sizeof(T) == 2) return with_head_dim<kPagedDecode02Caps.head_dims>(p.head_dim, run);
+    else return with_head_dim<kPagedDecode02Caps.float32_head_dims>(p.head_dim, run);
   };
   switch (args.cache.dtype) {
     case DType::kFloat32: return by_dim(float{});

@@ -12,6 +12,7 @@
 //   free), 3 stages of 64 keys at D = 128 (6 at D = 64) in flight: 96 KB a block, 2 blocks an SM.
 //   Keys past the chunk are zero-filled by the copy itself, so masked V rows stay finite.
 // bfloat16/float16; head dims 64, 128; 1 to 16 query heads per key/value head; any page size.
+#include "../common/head_dims.cuh"
 #include "../common/mma_sync.cuh"
 #include "../common/paged_split.cuh"
 #include "paged_decode_rungs.h"
@@ -229,18 +230,18 @@ Status dispatch(DType dt, const PagedDecodeArgs& a, const PagedProblem& p, Strea
                 const char* name) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream.cuda_stream());
   const int dev = stream.device();
-  if (dt == DType::kBFloat16)
-    return p.head_dim == 64 ? launch<__nv_bfloat16, 64>(a, p, s, dev, name)
-                            : launch<__nv_bfloat16, 128>(a, p, s, dev, name);
-  return p.head_dim == 64 ? launch<__half, 64>(a, p, s, dev, name)
-                          : launch<__half, 128>(a, p, s, dev, name);
+  const auto by_dim = [&](auto tag) -> Status {
+    using T = decltype(tag);
+    return with_head_dim<kPagedDecode03Caps.head_dims>(
+        p.head_dim, [&](auto d) { return launch<T, decltype(d)::value>(a, p, s, dev, name); });
+  };
+  return dt == DType::kBFloat16 ? by_dim(__nv_bfloat16{}) : by_dim(__half{});
 }
 
 constexpr const char* kPagedName = "paged_decode/03_split_kv_mma";
 
 Result<PagedProblem> paged(const PagedDecodeArgs& a) {
-  return paged_problem(a, {}, {DType::kBFloat16, DType::kFloat16}, {64, 128},
-                       {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16}, kPagedName);
+  return paged_problem(a, {}, kPagedDecode03Caps, kPagedName);
 }
 
 }  // namespace

@@ -7,7 +7,7 @@
 // - Everything else is rung 03's: the plan, the mma.sync tiles, the swizzle, the merges.
 // - The same kernel reads dense [B, Hkv, Sk, D] K/V as one page per sequence: registered also as
 //   attention/decode_mma_split for Sq = 1.
-// bfloat16/float16; head dims 32, 64, 80, 96, 128, 192, 256 (rows padded in shared memory to 64,
+// bfloat16/float16; every head dim of common/head_dims.cuh (rows padded in shared memory to 64,
 // 128 or 256, as in attention/03); 1 to 16 query heads per key/value head; any page size.
 #include <vector>
 
@@ -238,13 +238,14 @@ Status launch(const PagedDecodeArgs& a, const PagedProblem& p, cudaStream_t s, i
   });
 }
 
+template <HeadDimSet kHeadDims>
 Status dispatch(DType dt, const PagedDecodeArgs& a, const PagedProblem& p, Stream& stream,
                 const char* name) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream.cuda_stream());
   const int dev = stream.device();
   const auto by_dim = [&](auto tag) -> Status {
     using T = decltype(tag);
-    return with_head_dim(p.head_dim, [&](auto d) { return launch<T, decltype(d)::value>(a, p, s, dev, name); });
+    return with_head_dim<kHeadDims>(p.head_dim, [&](auto d) { return launch<T, decltype(d)::value>(a, p, s, dev, name); });
   };
   return dt == DType::kBFloat16 ? by_dim(__nv_bfloat16{}) : by_dim(__half{});
 }
@@ -253,34 +254,18 @@ constexpr const char* kPagedName = "paged_decode/04_warp_pipes";
 constexpr const char* kDenseName = "attention/decode_mma_split";
 
 Result<PagedProblem> paged(const PagedDecodeArgs& a) {
-  return paged_problem(a, {}, {DType::kBFloat16, DType::kFloat16}, {32, 64, 80, 96, 128, 192, 256},
-                       {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16}, kPagedName);
+  return paged_problem(a, {}, kPagedDecode04Caps, kPagedName);
 }
 
 // Dense decode as a paged problem: sequence b is page b of pools [B, Hkv, Sk, D], Sk keys each.
 Result<PagedProblem> dense(const AttentionArgs& a) {
+  constexpr const RungCaps& kCaps = kAttentionDecodeMmaCaps;
   ATTN_ASSIGN_OR_RETURN(d, attention_dims(a.q, a.k, a.v));
-  if (a.q.dtype != DType::kBFloat16 && a.q.dtype != DType::kFloat16) {
-    return invalid_argument(std::string("q.dtype: ") + kDenseName +
-                            " takes bfloat16, float16, got " + std::string(dtype_name(a.q.dtype)));
-  }
-  bool dim_ok = false;
-  for (int hd : {32, 64, 80, 96, 128, 192, 256}) dim_ok |= d.head_dim == hd;
-  if (!dim_ok) {
-    return invalid_argument(std::string("q.shape[3]: ") + kDenseName +
-                            " takes head dims 32, 64, 80, 96, 128, 192, 256, got " + std::to_string(d.head_dim));
-  }
-  if (has_window(a)) return invalid_argument(std::string("window_left: ") + kDenseName + " takes no sliding window");
-  if (a.softcap > 0.0f) return invalid_argument(std::string("softcap: ") + kDenseName + " takes no soft cap");
-  if (d.len_q != 1) {
-    return invalid_argument(std::string("q.shape[2]: ") + kDenseName +
-                            " takes one query row per head (decoding), got " +
-                            std::to_string(d.len_q));
-  }
-  if (d.heads_q / d.heads_kv > kMaxGroup) {
-    return invalid_argument(std::string("k.shape[1]: ") + kDenseName +
-                            " takes up to 16 query heads per key/value head");
-  }
+  ATTN_RETURN_IF_ERROR(check_dtype(kCaps, a.q.dtype, "q.dtype", kDenseName));
+  ATTN_RETURN_IF_ERROR(check_head_dim(kCaps, a.q.dtype, d.head_dim, "q.shape[3]", kDenseName));
+  ATTN_RETURN_IF_ERROR(check_options(kCaps, has_window(a), a.softcap, kDenseName));
+  ATTN_RETURN_IF_ERROR(check_query_rows(kCaps, d.len_q, "q.shape[2]", kDenseName));
+  ATTN_RETURN_IF_ERROR(check_group(kCaps, d.heads_q / d.heads_kv, "k.shape[1]", kDenseName));
   if (d.batch > 65535 * 64 || d.heads_kv > 65535 || d.batch * d.heads_kv * d.len_kv > INT_MAX) {
     return invalid_argument(std::string("k.shape: ") + kDenseName + " takes B x Hkv x Sk < 2^31");
   }
@@ -306,7 +291,7 @@ Status paged_decode_04_supports(const PagedDecodeArgs& args) { return paged(args
 
 Status paged_decode_04_warp_pipes(const PagedDecodeArgs& args, Stream& stream) {
   ATTN_ASSIGN_OR_RETURN(p, paged(args));
-  return dispatch(args.cache.dtype, args, p, stream, kPagedName);
+  return dispatch<kPagedDecode04Caps.head_dims>(args.cache.dtype, args, p, stream, kPagedName);
 }
 
 Status attention_decode_mma_supports(const AttentionArgs& args) { return dense(args).status(); }
@@ -319,7 +304,7 @@ Status attention_decode_mma_split(const AttentionArgs& args, Stream& stream) {
   planned.seqs.seq_lens = TensorView{DType::kInt32, {p.n}, nullptr, MemoryKind::kDevice};
   planned.seqs.seq_lens_host = lens.data();
   planned.seqs.max_seq_len = p.fixed_len;
-  return dispatch(args.q.dtype, planned, p, stream, kDenseName);
+  return dispatch<kAttentionDecodeMmaCaps.head_dims>(args.q.dtype, planned, p, stream, kDenseName);
 }
 
 }  // namespace attn::cuda

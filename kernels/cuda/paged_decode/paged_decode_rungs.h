@@ -1,10 +1,36 @@
-// The KV-cache ladders on CUDA (paged_decode, paged_prefill), one file per rung.
+// The KV-cache ladders on CUDA (paged_decode, paged_prefill), one file per rung: for each its
+// entry points and what it takes (its RungCaps, read by its checks and by register.cu).
 #pragma once
 
 #include "attn/executor.h"
 #include "attn/paged_ops.h"
+#include "../common/rung_caps.h"
 
 namespace attn::cuda {
+
+inline constexpr RungCaps kPagedAllCaps =
+    RungCaps().with_dtypes({DType::kBFloat16, DType::kFloat16, DType::kFloat32});
+inline constexpr RungCaps kPagedSixteenBitCaps = RungCaps().with_dtypes({DType::kBFloat16, DType::kFloat16});
+
+inline constexpr RungCaps kPagedDecode01Caps = kPagedAllCaps.with_head_dims(head_dims_of({64, 128, 256}))
+                                                   .with_float32_head_dims(head_dims_of({64, 128}))
+                                                   .with_groups({1, 2, 4, 8});
+inline constexpr RungCaps kPagedDecode02Caps = kPagedAllCaps.with_head_dims(kAllHeadDims)
+                                                   .with_float32_head_dims(head_dims_up_to(128))
+                                                   .with_groups({1, 2, 4, 8})
+                                                   .with_min_arch(90);
+inline constexpr RungCaps kPagedDecode03Caps =
+    kPagedSixteenBitCaps.with_head_dims(head_dims_of({64, 128})).with_groups_up_to(16);
+inline constexpr RungCaps kPagedDecode04Caps = kPagedSixteenBitCaps.with_head_dims(kAllHeadDims).with_groups_up_to(16);
+// Rung 04's kernel on dense K/V (Sq = 1).
+inline constexpr RungCaps kAttentionDecodeMmaCaps = kPagedDecode04Caps.decoding();
+
+inline constexpr RungCaps kPagedPrefill01Caps = kPagedSixteenBitCaps.with_head_dims(kAllHeadDims).with_groups({1, 2, 4, 8});
+inline constexpr RungCaps kPagedPrefill02Caps = kPagedSixteenBitCaps.with_head_dims(head_dims_up_to(128))
+                                                    .with_groups({1, 2, 4, 8})
+                                                    .with_page_sizes({16, 32, 64, 128})
+                                                    .on_hopper_only()
+                                                    .with_min_arch(90);
 
 Status paged_decode_01_supports(const PagedDecodeArgs& args);
 Status paged_decode_01_block_per_head(const PagedDecodeArgs& args, Stream& stream);
@@ -14,7 +40,7 @@ Status paged_decode_03_supports(const PagedDecodeArgs& args);
 Status paged_decode_03_split_kv_mma(const PagedDecodeArgs& args, Stream& stream);
 Status paged_decode_04_supports(const PagedDecodeArgs& args);
 Status paged_decode_04_warp_pipes(const PagedDecodeArgs& args, Stream& stream);
-// Rung 03's kernel on dense K/V (Sq = 1): a sequence per batch item, one page each.
+// Rung 04's kernel on dense K/V (Sq = 1): a sequence per batch item, one page each.
 Status attention_decode_mma_supports(const AttentionArgs& args);
 Status attention_decode_mma_split(const AttentionArgs& args, Stream& stream);
 

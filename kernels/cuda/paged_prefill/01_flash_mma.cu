@@ -10,7 +10,7 @@
 // - Causal bottom-right per sequence: new token j of a sequence of len keys with `fresh` new ones
 //   sees keys < len - fresh + j + 1; tiles past the block's last visible key are skipped and only
 //   tiles crossing a row's limit are masked.
-// bfloat16/float16; head dims 32, 64, 80, 96, 128, 192, 256 (rows padded to 64, 128 or 256 in
+// bfloat16/float16; every head dim of common/head_dims.cuh (rows padded to 64, 128 or 256 in
 // shared memory, as in attention/03); 1, 2, 4 or 8 query heads per key/value head; any page size.
 #include "../common/flash_mma_tile.cuh"
 #include "../common/head_dims.cuh"
@@ -226,8 +226,7 @@ Status launch(const PagedPrefillArgs& a, const PagedProblem& p, cudaStream_t s) 
 }
 
 Result<PagedProblem> problem(const PagedPrefillArgs& a) {
-  ATTN_ASSIGN_OR_RETURN(p, paged_problem(a, a.q_indptr, {DType::kBFloat16, DType::kFloat16},
-                                         {32, 64, 80, 96, 128, 192, 256}, {1, 2, 4, 8}, "paged_prefill/01_flash_mma"));
+  ATTN_ASSIGN_OR_RETURN(p, paged_problem(a, a.q_indptr, kPagedPrefill01Caps, "paged_prefill/01_flash_mma"));
   if (!a.q_indptr_host)
     return invalid_argument("q_indptr: paged_prefill/01_flash_mma plans from its host copy");
   p.causal = a.causal;
@@ -243,7 +242,7 @@ Status paged_prefill_01_flash_mma(const PagedPrefillArgs& args, Stream& stream) 
   const cudaStream_t s = paged_stream(stream);
   const auto by_dim = [&](auto tag) -> Status {
     using T = decltype(tag);
-    return with_head_dim(p.head_dim, [&](auto d) { return launch<T, decltype(d)::value>(args, p, s); });
+    return with_head_dim<kPagedPrefill01Caps.head_dims>(p.head_dim, [&](auto d) { return launch<T, decltype(d)::value>(args, p, s); });
   };
   return args.cache.dtype == DType::kBFloat16 ? by_dim(__nv_bfloat16{}) : by_dim(__half{});
 }

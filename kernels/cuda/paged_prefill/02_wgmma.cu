@@ -361,17 +361,13 @@ Status launch(const PagedPrefillArgs& a, const PagedProblem& p, cudaStream_t s) 
 }
 
 Result<PagedProblem> problem(const PagedPrefillArgs& a) {
-  ATTN_ASSIGN_OR_RETURN(p, paged_problem(a, a.q_indptr, {DType::kBFloat16, DType::kFloat16},
-                                         {32, 64, 80, 96, 128}, {1, 2, 4, 8}, kName));
-  ATTN_RETURN_IF_ERROR(require_hopper(kName));
+  ATTN_ASSIGN_OR_RETURN(p, paged_problem(a, a.q_indptr, kPagedPrefill02Caps, kName));
+  ATTN_RETURN_IF_ERROR(check_arch(kPagedPrefill02Caps, kName));
   if (!a.q_indptr_host)
     return invalid_argument(std::string("q_indptr: ") + kName + " plans from its host copy");
   // A page is one TMA box of page_size rows landing a multiple of 1024 bytes into a 128-key tile
   // (so that the 128-byte swizzle lines up): powers of two from 16 to 128.
-  const std::int64_t ps = a.cache.page_size;
-  if (ps != 16 && ps != 32 && ps != 64 && ps != 128)
-    return invalid_argument(std::string("cache.page_size: ") + kName +
-                            " takes page sizes 16, 32, 64, 128, got " + std::to_string(ps));
+  ATTN_RETURN_IF_ERROR(check_page_size(kPagedPrefill02Caps, a.cache.page_size, kName));
   for (const TensorView* t : {&a.q, &a.o})
     if (reinterpret_cast<std::uintptr_t>(t->data) % 16 != 0)
       return invalid_argument(std::string("q.data: ") + kName + " needs 16-byte aligned q and o");
@@ -391,7 +387,7 @@ Status paged_prefill_02_wgmma(const PagedPrefillArgs& args, Stream& stream) {
   const cudaStream_t s = paged_stream(stream);
   const auto by_dim = [&](auto tag) -> Status {
     using T = decltype(tag);
-    return with_head_dim<128>(p.head_dim, [&](auto d) { return launch<T, decltype(d)::value>(args, p, s); });
+    return with_head_dim<kPagedPrefill02Caps.head_dims>(p.head_dim, [&](auto d) { return launch<T, decltype(d)::value>(args, p, s); });
   };
   return args.cache.dtype == DType::kBFloat16 ? by_dim(__nv_bfloat16{}) : by_dim(__half{});
 }

@@ -11,58 +11,49 @@
 // - Pages gather with cp.async, 16 bytes a thread, into XOR-swizzled rows (ldmatrix conflict
 //   free), 3 stages of 64 keys at D = 128 (6 at D = 64) in flight: 96 KB a block, 2 blocks an SM.
 //   Keys past the chunk are zero-filled by the copy itself, so masked V rows stay finite.
-// bfloat16/float16; head dims 64, 128; 1 to 16 query heads per key/value head; any page size.
-#include "../common/head_dims.cuh"
-#include "../common/mma_sync.cuh"
-#include "../common/paged_split.cuh"
+// The kernel is common/split_kv_mma_core.cuh (shared with rung 04); this file is its K/V loader,
+// the block-wide pipeline above. bfloat16/float16; head dims 64, 128; 1 to 16 query heads per
+// key/value head; any page size.
+#include "../common/split_kv_mma_core.cuh"
 #include "paged_decode_rungs.h"
 
 namespace attn::cuda {
 namespace {
 
-using namespace mma_sync;
+using namespace split_kv_mma;
 
-constexpr int kWarps = 4, kThreads = kWarps * 32, kTileKeys = 16 * kWarps, kMaxGroup = 16;
-constexpr int kMinChunk = 256, kWaves = 4, kMaxChunksPerSeq = 32;
-
-template <int D>
-struct Pipe {
+// One pipeline for the block: stage t % kStages holds the K then the V rows of keys
+// [64 t, 64 t + 64) of the chunk; warp w computes rows 16 w .. 16 w + 15 of each.
+template <class T, int D>
+struct BlockPipe {
   static constexpr int kTileBytes = kTileKeys * D * 2;  // K or V of one tile
   static constexpr int kStageBytes = 2 * kTileBytes;
   static constexpr int kStages = D == 64 ? 6 : 3;
-  static constexpr int kSmem = kStages * kStageBytes + 1024;  // + alignment
-};
+  static constexpr int kRingBytes = kStages * kStageBytes;
+  static constexpr int kChunks = D / 8, kRowsPerPass = kThreads / kChunks;
 
-template <int D>
-__device__ __forceinline__ unsigned swizzled_bytes(int row, int chunk) {
-  return static_cast<unsigned>(row * D * 2 + ((chunk ^ (row & 7)) << 4));
-}
+  const PagedProblem& p;
+  const int* pages;
+  const T *kpool, *vpool;
+  int i, hkv, k_begin, k_end;
+  unsigned base;
+  int warp, load_row, load_chunk;
 
-template <class T, int D>
-__global__ void __launch_bounds__(kThreads) mma_split_kernel(PagedProblem p, SplitPartials sp) {
-  using P = Pipe<D>;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  // Stages 1024-aligned, so the lanes' XOR addressing of chunks stays inside each row.
-  unsigned char* smem = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);
-  const unsigned base = smem_addr(smem);
-  __shared__ float red_m[kWarps][kMaxGroup], red_l[kWarps][kMaxGroup];
-  __shared__ bool last_block;
+  __device__ __forceinline__ BlockPipe(const PagedProblem& p_, const int* pages_, const T* kpool_,
+                                       const T* vpool_, int i_, int hkv_, int k_begin_, int k_end_,
+                                       unsigned base_, int warp_, int)
+      : p(p_), pages(pages_), kpool(kpool_), vpool(vpool_), i(i_), hkv(hkv_), k_begin(k_begin_),
+        k_end(k_end_), base(base_), warp(warp_), load_row(threadIdx.x / kChunks),
+        load_chunk(threadIdx.x % kChunks) {}
 
-  const int x = blockIdx.x, hkv = blockIdx.y, group = p.group, h0 = hkv * group;
-  const int i = owner_of_tile(sp.chunk_indptr, p.n, x);
-  const int x0 = __ldg(sp.chunk_indptr + i), chunks = __ldg(sp.chunk_indptr + i + 1) - x0;
-  const int len = p.seq_len(i);
-  const int2 keys = chunk_keys(len, chunks, x - x0, kTileKeys);
-  const int k_begin = keys.x, k_end = keys.y;
-  const int tiles = (k_end - k_begin + kTileKeys - 1) / kTileKeys;
-  const int* pages = p.page_indices ? p.page_indices + __ldg(p.page_indptr + i) : nullptr;
-  const T* kpool = static_cast<const T*>(p.k_pool);
-  const T* vpool = static_cast<const T*>(p.v_pool);
+  static __device__ __forceinline__ int warp_row(int w) { return w * 16; }
+  static __device__ __forceinline__ int tiles(int first, int end, int) {
+    return (end - first + kTileKeys - 1) / kTileKeys;  // every warp computes every tile
+  }
+  __device__ __forceinline__ int first_key(int t) const { return k_begin + t * kTileKeys + warp * 16; }
 
-  constexpr int kChunks = D / 8, kRowsPerPass = kThreads / kChunks;
-  const int load_row = threadIdx.x / kChunks, load_chunk = threadIdx.x % kChunks;
-  auto load_tile = [&](int t) {  // keys [j0, j0 + 64) into stage t % kStages, zeros past k_end
-    const unsigned kst = base + (t % P::kStages) * P::kStageBytes, vst = kst + P::kTileBytes;
+  __device__ __forceinline__ void load_tile(int t) const {  // keys [j0, j0 + 64), zeros past k_end
+    const unsigned kst = base + (t % kStages) * kStageBytes, vst = kst + kTileBytes;
     const int j0 = k_begin + t * kTileKeys;
 #pragma unroll
     for (int pass = 0; pass < kTileKeys / kRowsPerPass; ++pass) {
@@ -73,170 +64,22 @@ __global__ void __launch_bounds__(kThreads) mma_split_kernel(PagedProblem p, Spl
       cp_async16(kst + dst, kpool + off, valid);
       cp_async16(vst + dst, vpool + off, valid);
     }
-  };
-#pragma unroll
-  for (int t = 0; t < P::kStages - 1; ++t) {
-    if (t < tiles) load_tile(t);
-    cp_async_commit();
   }
-
-  // The group's query rows as the A operand (rows g and g + 8 of the m16 tile), zero past group.
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
-  const unsigned* q0 =
-      g < group
-          ? reinterpret_cast<const unsigned*>(static_cast<const T*>(p.q) +
-                                              (static_cast<long long>(i) * p.heads_q + h0 + g) * D)
-          : nullptr;
-  const unsigned* q1 = g + 8 < group ? q0 + 8 * D / 2 : nullptr;  // heads are D apart
-  unsigned qf[D / 16][4];
+  __device__ __forceinline__ void start(int count) const {
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const int c = (kk * 16 + 2 * t4) / 2;
-    qf[kk][0] = q0 ? __ldg(q0 + c) : 0u;
-    qf[kk][1] = q1 ? __ldg(q1 + c) : 0u;
-    qf[kk][2] = q0 ? __ldg(q0 + c + 4) : 0u;
-    qf[kk][3] = q1 ? __ldg(q1 + c + 4) : 0u;
+    for (int t = 0; t < kStages - 1; ++t) {
+      if (t < count) load_tile(t);
+      cp_async_commit();
+    }
   }
-
-  float o[D / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-#pragma unroll
-  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-  // ldmatrix lanes (attention/03's layout) for this warp's 16 keys of a tile.
-  const unsigned k_lane = swizzled_bytes<D>(warp * 16 + lane % 8 + (lane / 16) * 8, (lane / 8) % 2);
-  const unsigned v_lane = swizzled_bytes<D>(warp * 16 + lane % 8 + ((lane / 8) % 2) * 8, lane / 16);
-
-  for (int t = 0; t < tiles; ++t) {
-    cp_async_wait<P::kStages - 2>();
+  __device__ __forceinline__ unsigned wait(int t, int count) const {
+    cp_async_wait<kStages - 2>();
     __syncthreads();  // tile t has landed for every thread; stage (t - 1) % kStages is free
-    if (t + P::kStages - 1 < tiles) load_tile(t + P::kStages - 1);
+    if (t + kStages - 1 < count) load_tile(t + kStages - 1);
     cp_async_commit();
-    const unsigned kst = base + (t % P::kStages) * P::kStageBytes, vst = kst + P::kTileBytes;
-    float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      unsigned kf[4];
-      ldsm_x4(kf, (kst + k_lane) ^ (kk << 5));
-      mma16816<T>(s[0], qf[kk], kf[0], kf[1]);
-      mma16816<T>(s[1], qf[kk], kf[2], kf[3]);
-    }
-    const int jw = k_begin + t * kTileKeys + warp * 16;  // this warp's first key
-    const bool whole = jw + 16 <= k_end;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int n = 0; n < 2; ++n)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float v = s[n][2 * r + e] * p.scale_log2;
-          if (!whole && jw + n * 8 + 2 * t4 + e >= k_end) v = -INFINITY;
-          s[n][2 * r + e] = v;
-          mx = fmaxf(mx, v);
-        }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[r], mx);
-      const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // no key of this warp yet
-      const float alpha = exp2f(m[r] - m_use);
-      m[r] = m_new;
-      float sum = 0.0f;
-#pragma unroll
-      for (int n = 0; n < 2; ++n)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) sum += (s[n][2 * r + e] = exp2f(s[n][2 * r + e] - m_use));
-      l[r] = l[r] * alpha + sum;
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) o[n][2 * r] *= alpha, o[n][2 * r + 1] *= alpha;
-    }
-    const unsigned pf[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]),
-                            pack2<T>(s[1][0], s[1][1]), pack2<T>(s[1][2], s[1][3])};
-#pragma unroll
-    for (int dp = 0; dp < D / 16; ++dp) {
-      unsigned vf[4];
-      ldsm_x4_trans(vf, (vst + v_lane) ^ (dp << 5));
-      mma16816<T>(o[2 * dp], pf, vf[0], vf[1]);
-      mma16816<T>(o[2 * dp + 1], pf, vf[2], vf[3]);
-    }
+    return base + (t % kStages) * kStageBytes;
   }
-  cp_async_wait<0>();
-  __syncthreads();  // the stages are free: the warps' outputs merge there
-
-  float* staged = reinterpret_cast<float*>(smem);  // [kWarps][16][D]
-  static_assert(kWarps * 16 * D * sizeof(float) <= P::kStages * P::kStageBytes);
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    const int row = g + 8 * r;
-    if (row >= group) continue;
-    if (t4 == 0) red_m[warp][row] = m[r], red_l[warp][row] = l[r];
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n)
-      *reinterpret_cast<float2*>(staged + (warp * 16 + row) * D + n * 8 + 2 * t4) =
-          make_float2(o[n][2 * r], o[n][2 * r + 1]);
-  }
-  __syncthreads();
-  const long long row0 = static_cast<long long>(i) * p.heads_q + h0;
-  for (int idx = threadIdx.x; idx < group * D; idx += kThreads) {
-    const int gq = idx / D, c = idx % D;
-    float mb = -INFINITY, lb = 0.0f, acc = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) mb = fmaxf(mb, red_m[w][gq]);
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w)
-      if (red_m[w][gq] != -INFINITY) {
-        const float wt = exp2f(red_m[w][gq] - mb);
-        lb += red_l[w][gq] * wt;
-        acc += staged[(w * 16 + gq) * D + c] * wt;
-      }
-    if (chunks == 1) {
-      static_cast<T*>(p.o)[(row0 + gq) * D + c] = from_float<T>(acc / lb);
-      if (p.lse && c == 0) p.lse[row0 + gq] = (mb + log2f(lb)) * 0.6931471805599453f;
-    } else {
-      const long long prow = static_cast<long long>(x) * p.heads_q + h0 + gq;
-      sp.o[prow * D + c] = acc;
-      if (c == 0) sp.m[prow] = mb, sp.l[prow] = lb;
-    }
-  }
-  if (chunks == 1) return;
-  merge_chunks_if_last<T, D, kThreads>(p, sp, i, hkv, x0, chunks, reinterpret_cast<float*>(smem),
-                                       last_block);
-}
-
-template <class T, int D>
-Status launch(const PagedDecodeArgs& a, const PagedProblem& p, cudaStream_t s, int device,
-              const char* name) {
-  using P = Pipe<D>;
-  auto kernel = mma_split_kernel<T, D>;
-  ATTN_RETURN_IF_ERROR(to_status(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, P::kSmem), name));
-  int per_sm = 1, sms = 132;
-  ATTN_RETURN_IF_ERROR(to_status(
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, P::kSmem), name));
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  // At most 32 chunks a sequence: a batch of one long sequence gets about one wave of long chunks
-  // (each block streams long enough to hide its start) and a short merge, not 4 waves of 256-key
-  // chunks and a 128-way merge (78 us at 1 x 32k, 1 x 8 heads, on the H200).
-  const int max_chunks = std::min(
-      kMaxChunksPerSeq, P::kStages * P::kStageBytes / static_cast<int>(sizeof(float)) / p.group);
-  const SplitPlan plan = plan_split(a, p.heads_kv, std::max(per_sm, 1) * sms, kWaves, kMinChunk,
-                                    max_chunks, kTileKeys);
-  return run_split<T, D>(a.seqs, p, plan, s, name, [&](int chunks, const SplitPartials& sp) {
-    kernel<<<dim3(static_cast<unsigned>(chunks), p.heads_kv), kThreads, P::kSmem, s>>>(p, sp);
-  });
-}
-
-Status dispatch(DType dt, const PagedDecodeArgs& a, const PagedProblem& p, Stream& stream,
-                const char* name) {
-  const cudaStream_t s = static_cast<cudaStream_t>(stream.cuda_stream());
-  const int dev = stream.device();
-  const auto by_dim = [&](auto tag) -> Status {
-    using T = decltype(tag);
-    return with_head_dim<kPagedDecode03Caps.head_dims>(
-        p.head_dim, [&](auto d) { return launch<T, decltype(d)::value>(a, p, s, dev, name); });
-  };
-  return dt == DType::kBFloat16 ? by_dim(__nv_bfloat16{}) : by_dim(__half{});
-}
+};
 
 constexpr const char* kPagedName = "paged_decode/03_split_kv_mma";
 
@@ -250,7 +93,8 @@ Status paged_decode_03_supports(const PagedDecodeArgs& args) { return paged(args
 
 Status paged_decode_03_split_kv_mma(const PagedDecodeArgs& args, Stream& stream) {
   ATTN_ASSIGN_OR_RETURN(p, paged(args));
-  return dispatch(args.cache.dtype, args, p, stream, kPagedName);
+  return split_kv_mma::dispatch<BlockPipe, kPagedDecode03Caps.head_dims>(args.cache.dtype, args, p,
+                                                                         stream, kPagedName);
 }
 
 }  // namespace attn::cuda

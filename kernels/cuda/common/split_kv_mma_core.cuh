@@ -1,0 +1,229 @@
+// The split-KV tensor-core decode of paged_decode rungs 03 and 04 (and, through rung 04,
+// attention/decode_mma_split), everything but how K and V reach shared memory:
+// - paged_split.cuh's plan: equal chunks of a sequence's keys over about 4 waves, a block per
+//   (chunk, kv head), partials merged by their log-sum-exps by the last block to finish;
+// - the GQA group's query heads as the rows of one m16n8k16 A operand (padded to 16), so 16 keys
+//   cost 32 mma, 16 ldmatrix and a 16-wide softmax per warp;
+// - 4 warps, each with its own 16 keys of a 64-key tile and its own running max, sum and output,
+//   merged through shared memory at the end;
+// - K/V rows in XOR-swizzled shared memory (rows padded to padded_dim<D>()), read by ldmatrix.
+// The rung gives a loader policy, Loader<T, D>, for the K/V pipeline, the one thing the rungs
+// change:
+//   kTileBytes                  bytes of K in a stage (its V follows them);
+//   kRingBytes                  bytes of all the stages (the merge reuses them afterwards);
+//   warp_row(warp)              the row of the warp's first key in a stage;
+//   tiles(k_begin, k_end, warp) how many tiles of the keys [k_begin, k_end) the warp computes;
+//   Loader(p, pages, kpool, vpool, i, hkv, k_begin, k_end, base, warp, lane): the loader of
+//                               sequence i's keys [k_begin, k_end) for kv head hkv into the
+//                               1024-aligned stages at `base`;
+//   start(count)                puts the first of the warp's `count` tiles in flight;
+//   wait(t, count)              tile t has landed for the warp, the next tile to fetch is issued:
+//                               returns the address of tile t's K stage;
+//   first_key(t)                the key of the warp's first row in tile t.
+#pragma once
+
+#include <algorithm>
+
+#include "head_dims.cuh"
+#include "mma_sync.cuh"
+#include "paged_split.cuh"
+#include "score_rules.cuh"
+
+namespace attn::cuda::split_kv_mma {
+
+using namespace mma_sync;
+
+constexpr int kWarps = 4, kThreads = kWarps * 32, kTileKeys = 16 * kWarps, kMaxGroup = 16;
+constexpr int kMinChunk = 256, kWaves = 4, kMaxChunksPerSeq = 32;
+
+// Chunk `chunk` of row `row` (16-byte chunks, rows of padded_dim<D>() 16-bit elements), XOR-swizzled
+// with row % 8: ldmatrix reads 8 rows of one chunk without bank conflicts.
+template <int D>
+__device__ __forceinline__ unsigned swizzled_bytes(int row, int chunk) {
+  return static_cast<unsigned>(row * padded_dim<D>() * 2 + ((chunk ^ (row & 7)) << 4));
+}
+
+template <template <class, int> class Loader, class T, int D>
+__global__ void __launch_bounds__(kThreads) split_kv_mma_kernel(PagedProblem p, SplitPartials sp) {
+  using L = Loader<T, D>;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  // Stages 1024-aligned, so the lanes' XOR addressing of chunks stays inside each row.
+  unsigned char* smem = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);
+  const unsigned base = smem_addr(smem);
+  __shared__ float red_m[kWarps][kMaxGroup], red_l[kWarps][kMaxGroup];
+  __shared__ bool last_block;
+
+  const int x = blockIdx.x, hkv = blockIdx.y, group = p.group, h0 = hkv * group;
+  const int i = owner_of_tile(sp.chunk_indptr, p.n, x);
+  const int x0 = __ldg(sp.chunk_indptr + i), chunks = __ldg(sp.chunk_indptr + i + 1) - x0;
+  const int len = p.seq_len(i);
+  const int2 keys = chunk_keys(len, chunks, x - x0, kTileKeys);
+  const int k_begin = keys.x, k_end = keys.y;
+  const int* pages = p.page_indices ? p.page_indices + __ldg(p.page_indptr + i) : nullptr;
+  const T* kpool = static_cast<const T*>(p.k_pool);
+  const T* vpool = static_cast<const T*>(p.v_pool);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+  const int tiles = L::tiles(k_begin, k_end, warp);
+  const L load(p, pages, kpool, vpool, i, hkv, k_begin, k_end, base, warp, lane);
+  load.start(tiles);
+
+  // The group's query rows as the A operand (rows g and g + 8 of the m16 tile), zero past group.
+  const unsigned* q0 =
+      g < group
+          ? reinterpret_cast<const unsigned*>(static_cast<const T*>(p.q) +
+                                              (static_cast<long long>(i) * p.heads_q + h0 + g) * D)
+          : nullptr;
+  const unsigned* q1 = g + 8 < group ? q0 + 8 * D / 2 : nullptr;  // heads are D apart
+  unsigned qf[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int c = (kk * 16 + 2 * t4) / 2;
+    qf[kk][0] = q0 ? __ldg(q0 + c) : 0u;
+    qf[kk][1] = q1 ? __ldg(q1 + c) : 0u;
+    qf[kk][2] = q0 ? __ldg(q0 + c + 4) : 0u;
+    qf[kk][3] = q1 ? __ldg(q1 + c + 4) : 0u;
+  }
+
+  float o[D / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  // ldmatrix lanes (attention/03's layout) for this warp's 16 keys of a stage.
+  const int row0 = L::warp_row(warp);
+  const unsigned k_lane = swizzled_bytes<D>(row0 + lane % 8 + (lane / 16) * 8, (lane / 8) % 2);
+  const unsigned v_lane = swizzled_bytes<D>(row0 + lane % 8 + ((lane / 8) % 2) * 8, lane / 16);
+
+  for (int t = 0; t < tiles; ++t) {
+    const unsigned kst = load.wait(t, tiles), vst = kst + L::kTileBytes;
+    float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      unsigned kf[4];
+      ldsm_x4(kf, (kst + k_lane) ^ (kk << 5));
+      mma16816<T>(s[0], qf[kk], kf[0], kf[1]);
+      mma16816<T>(s[1], qf[kk], kf[2], kf[3]);
+    }
+    const int jw = load.first_key(t);
+    const bool whole = jw + 16 <= k_end;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float v = s[n][2 * r + e] * p.scale_log2;
+          if (!whole && jw + n * 8 + 2 * t4 + e >= k_end) v = -INFINITY;
+          s[n][2 * r + e] = v;
+          mx = fmaxf(mx, v);
+        }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[r], mx);
+      const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // no key of this warp yet
+      const float alpha = exp2f(m[r] - m_use);
+      m[r] = m_new;
+      float sum = 0.0f;
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) sum += (s[n][2 * r + e] = exp2f(s[n][2 * r + e] - m_use));
+      l[r] = l[r] * alpha + sum;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) o[n][2 * r] *= alpha, o[n][2 * r + 1] *= alpha;
+    }
+    const unsigned pf[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]),
+                            pack2<T>(s[1][0], s[1][1]), pack2<T>(s[1][2], s[1][3])};
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+      unsigned vf[4];
+      ldsm_x4_trans(vf, (vst + v_lane) ^ (dp << 5));
+      mma16816<T>(o[2 * dp], pf, vf[0], vf[1]);
+      mma16816<T>(o[2 * dp + 1], pf, vf[2], vf[3]);
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the stages are free: the warps' outputs merge there
+
+  float* staged = reinterpret_cast<float*>(smem);  // [kWarps][16][D]
+  static_assert(kWarps * 16 * D * sizeof(float) <= L::kRingBytes);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    const int row = g + 8 * r;
+    if (row >= group) continue;
+    if (t4 == 0) red_m[warp][row] = m[r], red_l[warp][row] = l[r];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+      *reinterpret_cast<float2*>(staged + (warp * 16 + row) * D + n * 8 + 2 * t4) =
+          make_float2(o[n][2 * r], o[n][2 * r + 1]);
+  }
+  __syncthreads();
+  const long long out0 = static_cast<long long>(i) * p.heads_q + h0;
+  for (int idx = threadIdx.x; idx < group * D; idx += kThreads) {
+    const int gq = idx / D, c = idx % D;
+    float mb = -INFINITY, lb = 0.0f, acc = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) mb = fmaxf(mb, red_m[w][gq]);
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w)
+      if (red_m[w][gq] != -INFINITY) {
+        const float wt = exp2f(red_m[w][gq] - mb);
+        lb += red_l[w][gq] * wt;
+        acc += staged[(w * 16 + gq) * D + c] * wt;
+      }
+    if (chunks == 1) {
+      static_cast<T*>(p.o)[(out0 + gq) * D + c] = from_float<T>(acc / lb);
+      if (p.lse && c == 0) p.lse[out0 + gq] = (mb + log2f(lb)) * 0.6931471805599453f;
+    } else {
+      const long long prow = static_cast<long long>(x) * p.heads_q + h0 + gq;
+      sp.o[prow * D + c] = acc;
+      if (c == 0) sp.m[prow] = mb, sp.l[prow] = lb;
+    }
+  }
+  if (chunks == 1) return;
+  merge_chunks_if_last<T, D, kThreads>(p, sp, i, hkv, x0, chunks, reinterpret_cast<float*>(smem),
+                                       last_block);
+}
+
+// Plans the split for the kernel's occupancy and launches it after the append.
+template <template <class, int> class Loader, class T, int D>
+Status launch(const PagedDecodeArgs& a, const PagedProblem& p, cudaStream_t s, int device,
+              const char* name) {
+  using L = Loader<T, D>;
+  constexpr int kSmem = L::kRingBytes + 1024;  // + alignment
+  auto kernel = split_kv_mma_kernel<Loader, T, D>;
+  ATTN_RETURN_IF_ERROR(to_status(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem), name));
+  int per_sm = 1, sms = 132;
+  ATTN_RETURN_IF_ERROR(to_status(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, kSmem), name));
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  // At most 32 chunks a sequence: a batch of one long sequence gets about one wave of long chunks
+  // (each block streams long enough to hide its start) and a short merge, not 4 waves of 256-key
+  // chunks and a 128-way merge (78 us at 1 x 32k, 1 x 8 heads, on the H200).
+  const int max_chunks =
+      std::min(kMaxChunksPerSeq, L::kRingBytes / static_cast<int>(sizeof(float)) / p.group);
+  const SplitPlan plan = plan_split(a, p.heads_kv, std::max(per_sm, 1) * sms, kWaves, kMinChunk,
+                                    max_chunks, kTileKeys);
+  return run_split<T, D>(a.seqs, p, plan, s, name, [&](int chunks, const SplitPartials& sp) {
+    kernel<<<dim3(static_cast<unsigned>(chunks), p.heads_kv), kThreads, kSmem, s>>>(p, sp);
+  });
+}
+
+// The kernel for the cache's dtype (bfloat16 or float16) and for p.head_dim among kHeadDims (a
+// head_dims.cuh set; the rung's check has refused the others).
+template <template <class, int> class Loader, unsigned kHeadDims>
+Status dispatch(DType dt, const PagedDecodeArgs& a, const PagedProblem& p, Stream& stream,
+                const char* name) {
+  const cudaStream_t s = static_cast<cudaStream_t>(stream.cuda_stream());
+  const int dev = stream.device();
+  const auto by_dim = [&](auto tag) -> Status {
+    using T = decltype(tag);
+    return with_head_dim<kHeadDims>(
+        p.head_dim, [&](auto d) { return launch<Loader, T, decltype(d)::value>(a, p, s, dev, name); });
+  };
+  return dt == DType::kBFloat16 ? by_dim(__nv_bfloat16{}) : by_dim(__half{});
+}
+
+}  // namespace attn::cuda::split_kv_mma

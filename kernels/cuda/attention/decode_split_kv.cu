@@ -8,11 +8,12 @@
 //   block keeps 3 stages (48 KB at D = 128) in flight without holding them in registers.
 // - Each half (or quarter) warp takes one key at a time from shared memory in 16-byte reads and
 //   keeps a running max, sum and output per query head: the scores of 4 keys, then one max and
-//   one rescale for the 4.
+//   one rescale for the 4 (common/stream_update.cuh, shared with paged_decode/02).
 // - The block's key streams merge in shared memory; the last block of a head to finish (an atomic
 //   count) merges the head's splits by their log-sum-exps, so there is no second kernel.
 // bf16/fp16, head dims 64 and 128, up to 8 query heads per key/value head.
 #include "../hopper/hopper.cuh"
+#include "../common/stream_update.cuh"
 #include "../softmax/softmax_common.cuh"
 #include "attention_common.cuh"
 #include "attention_rungs.h"
@@ -98,60 +99,14 @@ __global__ void __launch_bounds__(kThreads) split_kernel(AttentionProblem p, Par
     const T* kt = ring + (c % kStages) * 2 * kChunkKeys * D;
     const T* vt = kt + kChunkKeys * D;
     const int j0 = k_begin + c * kChunkKeys;
-    // The scores of this stream's kUnroll keys first (independent chains: dot products and
-    // shuffles overlap), then one max, one rescale and kUnroll updates per query head.
-    float sc[kUnroll][G];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      float kf[8];
-      unpack8<T>(*reinterpret_cast<const uint4*>(kt + (stream + u * kStreams) * D + lane * 8), kf);
-#pragma unroll
-      for (int gq = 0; gq < G; ++gq) {
-        float dot = 0.0f;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) dot += q[gq][e] * kf[e];
-        sc[u][gq] = dot;
-      }
-    }
-#pragma unroll
-    for (int off = kLanesPerKey / 2; off > 0; off >>= 1)
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-#pragma unroll
-        for (int gq = 0; gq < G; ++gq) sc[u][gq] += __shfl_xor_sync(0xffffffffu, sc[u][gq], off);
-    bool valid[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      valid[u] = j0 + stream + u * kStreams < k_end;  // rows past the slice hold stale data
-      if (!valid[u])
-#pragma unroll
-        for (int gq = 0; gq < G; ++gq) sc[u][gq] = -INFINITY;
-    }
-#pragma unroll
-    for (int gq = 0; gq < G; ++gq) {
-      float m_new = m[gq];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) m_new = fmaxf(m_new, sc[u][gq]);
-      if (m_new == -INFINITY) continue;  // nothing in this stream yet
-      const float alpha = exp2f(m[gq] - m_new);
-      l[gq] *= alpha;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) o[gq][e] *= alpha;
-      m[gq] = m_new;
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (!valid[u]) continue;
-      float vf[8];
-      unpack8<T>(*reinterpret_cast<const uint4*>(vt + (stream + u * kStreams) * D + lane * 8), vf);
-#pragma unroll
-      for (int gq = 0; gq < G; ++gq) {
-        const float pj = exp2f(sc[u][gq] - m[gq]);
-        l[gq] += pj;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) o[gq][e] += pj * vf[e];
-      }
-    }
+    stream_update<kUnroll, G, 8, kLanesPerKey>(
+        q, j0 + stream, kStreams, k_end, m, l, o,
+        [&](int u, float (&kf)[8]) {
+          unpack8<T>(*reinterpret_cast<const uint4*>(kt + (stream + u * kStreams) * D + lane * 8), kf);
+        },
+        [&](int u, float (&vf)[8]) {
+          unpack8<T>(*reinterpret_cast<const uint4*>(vt + (stream + u * kStreams) * D + lane * 8), vf);
+        });
     __syncthreads();  // every thread is done with this stage: refill it
     if (threadIdx.x == 0 && c + kStages < chunks) issue(c + kStages);
   }

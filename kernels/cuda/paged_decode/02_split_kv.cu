@@ -12,7 +12,8 @@
 //   without registers, and the page table read sits with the one issuing thread, off the
 //   compute path.
 // - The GQA group shares each K/V byte (one block per kv head); the scores of 4 keys per stream
-//   are formed before one max and one rescale.
+//   are formed before one max and one rescale (common/stream_update.cuh, attention/decode_split_kv's
+//   update too).
 // - A sequence of one chunk writes its output directly; otherwise the last block of the
 //   (sequence, kv head) to finish (an atomic count) merges its chunks by their log-sum-exps.
 // bfloat16/float16 (every head dim of common/head_dims.cuh) and float32 (32 to 128); 1, 2, 4 or 8
@@ -23,6 +24,7 @@
 
 #include "../common/head_dims.cuh"
 #include "../common/paged_split.cuh"
+#include "../common/stream_update.cuh"
 #include "../hopper/hopper.cuh"
 #include "paged_decode_rungs.h"
 
@@ -122,58 +124,10 @@ __global__ void __launch_bounds__(kThreads) split_kernel(PagedProblem p, SplitPa
     const T* kt = ring + (c % kStages) * 2 * kStageKeys * D;
     const T* vt = kt + kStageKeys * D;
     const int j0 = k_begin + c * kStageKeys;
-    float sc[kUnroll][G];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      float kf[kVec];
-      load16(kt + (stream + u * kStreams) * D, kf);
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        float dot = 0.0f;
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) dot += q[g][e] * kf[e];
-        sc[u][g] = dot;
-      }
-    }
-#pragma unroll
-    for (int off = kLanes / 2; off > 0; off >>= 1)
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-#pragma unroll
-        for (int g = 0; g < G; ++g) sc[u][g] += __shfl_xor_sync(0xffffffffu, sc[u][g], off);
-    bool valid[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      valid[u] = j0 + stream + u * kStreams < k_end;  // rows past the chunk hold stale data
-      if (!valid[u])
-#pragma unroll
-        for (int g = 0; g < G; ++g) sc[u][g] = -INFINITY;
-    }
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-      float m_new = m[g];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) m_new = fmaxf(m_new, sc[u][g]);
-      if (m_new == -INFINITY) continue;  // nothing in this stream yet
-      const float alpha = exp2f(m[g] - m_new);
-      l[g] *= alpha;
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) o[g][e] *= alpha;
-      m[g] = m_new;
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (!valid[u]) continue;
-      float vf[kVec];
-      load16(vt + (stream + u * kStreams) * D, vf);
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        const float pj = exp2f(sc[u][g] - m[g]);
-        l[g] += pj;
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) o[g][e] += pj * vf[e];
-      }
-    }
+    stream_update<kUnroll, G, kVec, kLanes>(
+        q, j0 + stream, kStreams, k_end, m, l, o,
+        [&](int u, float (&kf)[kVec]) { load16(kt + (stream + u * kStreams) * D, kf); },
+        [&](int u, float (&vf)[kVec]) { load16(vt + (stream + u * kStreams) * D, vf); });
     __syncthreads();  // every thread is done with this stage: refill it
     if (threadIdx.x == 0 && c + kStages < stages) issue(c + kStages);
   }

@@ -1,0 +1,152 @@
+#include "report.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace attn::cli::decode_bench {
+namespace {
+
+std::int64_t pct(std::vector<std::int64_t> v, double q) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[static_cast<std::size_t>(q * static_cast<double>(v.size() - 1) + 0.5)];
+}
+
+double mean(const std::vector<std::int64_t>& v) {
+  double s = 0;
+  for (auto x : v) s += static_cast<double>(x);
+  return v.empty() ? 0 : s / static_cast<double>(v.size());
+}
+
+std::string ms(double ns) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.3f ms", ns / 1e6);
+  return buf;
+}
+
+// The timed calls' figures, a column each, and what they add up to.
+struct CallColumns {
+  std::vector<std::int64_t> latency, kernel, server, queue, copy, batched;
+  double gbps = 0;  // in the kernel
+};
+
+CallColumns call_columns(const std::vector<CallSample>& calls) {
+  CallColumns c;
+  // A merged launch's kernel time comes with each of its calls, and each call's bytes are its
+  // share: the launch's bytes over its time is sum(bytes) / sum(kernel / calls in the launch).
+  double kv_bytes = 0, launch_ns = 0;
+  for (const auto& x : calls) {
+    c.latency.push_back(x.latency_ns);
+    c.kernel.push_back(x.timings.kernel_ns());
+    c.server.push_back(x.timings.total_ns());
+    c.queue.push_back(x.timings.queue_ns());
+    c.copy.push_back(x.timings.h2d_ns() + x.timings.d2h_ns());
+    c.batched.push_back(std::max(1, x.timings.batched_calls()));
+    kv_bytes += static_cast<double>(x.timings.bytes());
+    launch_ns +=
+        static_cast<double>(x.timings.kernel_ns()) / std::max(1, x.timings.batched_calls());
+  }
+  c.gbps = launch_ns > 0 ? kv_bytes / launch_ns : 0;
+  return c;
+}
+
+// The figures the report says, derived from the measurements.
+struct Figures {
+  CallColumns calls;
+  double steps_per_s;   // steps of each stream: each sequence advances once per step of its stream
+  double kernel_share;  // of a step's time seen here
+  std::string kernel_name, device_name;
+};
+
+Figures figures(const DecodeBenchOptions& o, const Samples& d) {
+  const double timed_s = std::chrono::duration<double>(d.end - d.start).count();
+  Figures f;
+  f.calls = call_columns(d.calls);
+  f.steps_per_s = o.steps / timed_s;
+  f.kernel_share = mean(d.step_ns) > 0 ? mean(d.step_kernel_ns) / mean(d.step_ns) : 0;
+  f.kernel_name = d.calls.back().timings.kernel();
+  f.device_name = d.calls.back().timings.device();
+  return f;
+}
+
+std::string json_record(const DecodeBenchOptions& o, const Workload& w, const Measured& m,
+                        const Figures& f) {
+  const Samples& d = m.decode;
+  const CallColumns& c = f.calls;
+  std::ostringstream json;
+  json.precision(10);
+  json << "{\"cache\": \"" << m.cache.handle() << "\", \"replica\": \"" << m.cache.replica()
+       << "\", \"device\": \"" << m.cache.device() << "\", \"kernel\": \"" << f.kernel_name
+       << "\", \"dtype\": \"" << o.dtype << "\", \"seqs\": " << o.seqs << ", \"context\": \""
+       << o.context << "\", \"prompt_tokens\": " << w.prompt_tokens << ", \"layers\": " << o.layers
+       << ", \"q_heads\": " << o.q_heads << ", \"kv_heads\": " << o.kv_heads
+       << ", \"head_dim\": " << o.head_dim << ", \"page_size\": " << w.page
+       << ", \"cache_bytes\": " << m.cache_bytes << ", \"prefill_calls\": " << m.prefill.calls
+       << ", \"prefill_ns\": " << m.prefill.ns << ", \"prefill_kernel_ns\": " << m.prefill.kernel_ns
+       << ", \"steps\": " << o.steps << ", \"warmup\": " << o.warmup
+       << ", \"clients\": " << o.clients << ", \"steps_per_s\": " << f.steps_per_s
+       << ", \"sequence_steps_per_s\": " << f.steps_per_s * o.seqs
+       << ", \"step_p50_ns\": " << pct(d.step_ns, 0.5)
+       << ", \"step_p99_ns\": " << pct(d.step_ns, 0.99)
+       << ", \"step_mean_kernel_ns\": " << mean(d.step_kernel_ns)
+       << ", \"step_mean_server_ns\": " << mean(d.step_server_ns)
+       << ", \"call_p50_ns\": " << pct(c.latency, 0.5)
+       << ", \"call_p99_ns\": " << pct(c.latency, 0.99)
+       << ", \"call_mean_kernel_ns\": " << mean(c.kernel)
+       << ", \"call_mean_server_ns\": " << mean(c.server)
+       << ", \"call_mean_queue_ns\": " << mean(c.queue)
+       << ", \"call_mean_copy_ns\": " << mean(c.copy)
+       << ", \"call_mean_batched_calls\": " << mean(c.batched) << ", \"kernel_gbps\": " << c.gbps
+       << ", \"kernel_share_of_step\": " << f.kernel_share << "}\n";
+  return json.str();
+}
+
+void print_table(const DecodeBenchOptions& o, const Workload& w, const Measured& m,
+                 const Figures& f) {
+  const Samples& d = m.decode;
+  const CallColumns& c = f.calls;
+  std::printf("cache %s on %s (%s), %s, page %lld, %.1f MiB\n", m.cache.handle().c_str(),
+              m.cache.replica().c_str(), m.cache.device().c_str(), o.dtype.c_str(),
+              static_cast<long long>(w.page), m.cache_bytes / 1048576.0);
+  std::printf(
+      "model: %d layers, Hq %d / Hkv %d / D %d; %d sequences, context %s (%lld prompt tokens)\n",
+      o.layers, o.q_heads, o.kv_heads, o.head_dim, o.seqs, o.context.c_str(),
+      static_cast<long long>(w.prompt_tokens));
+  std::printf("prefill: %lld calls, %.3f s, %.0f tokens/s over all layers (kernel %.3f s)\n",
+              static_cast<long long>(m.prefill.calls), m.prefill.ns / 1e9,
+              w.prompt_tokens / (m.prefill.ns / 1e9), m.prefill.kernel_ns / 1e9);
+  std::printf("decode: %d steps x %d layers after %d warm-up steps, %d stream%s, kernel %s\n",
+              o.steps, o.layers, o.warmup, o.clients,
+              o.clients == 1 ? "" : "s (sequences split among them)", f.kernel_name.c_str());
+  std::printf("  %.2f steps/s, %.1f sequence-steps/s (tokens/s)\n", f.steps_per_s,
+              f.steps_per_s * o.seqs);
+  std::printf(
+      "  per step: p50 %s  p99 %s | server: kernel %s, total %s (mean) | kernel share %.1f%%\n",
+      ms(pct(d.step_ns, 0.5)).c_str(), ms(pct(d.step_ns, 0.99)).c_str(),
+      ms(mean(d.step_kernel_ns)).c_str(), ms(mean(d.step_server_ns)).c_str(), 100 * f.kernel_share);
+  std::printf(
+      "  per call: p50 %s  p99 %s | server: queue %s, copies %s, kernel %s, total %s (mean) | "
+      "%.1f GB/s in the kernel; %.2f calls per launch\n",
+      ms(pct(c.latency, 0.5)).c_str(), ms(pct(c.latency, 0.99)).c_str(), ms(mean(c.queue)).c_str(),
+      ms(mean(c.copy)).c_str(), ms(mean(c.kernel)).c_str(), ms(mean(c.server)).c_str(), c.gbps,
+      mean(c.batched));
+  std::printf("  device: %s\n", f.device_name.c_str());
+}
+
+}  // namespace
+
+void report(const DecodeBenchOptions& o, const Workload& w, const Measured& m) {
+  const Figures f = figures(o, m.decode);
+  const std::string json = json_record(o, w, m, f);
+  if (!o.json_path.empty()) std::ofstream(o.json_path) << json;
+  if (o.json)
+    std::fputs(json.c_str(), stdout);
+  else
+    print_table(o, w, m, f);
+}
+
+}  // namespace attn::cli::decode_bench

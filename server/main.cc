@@ -15,7 +15,7 @@
 #include <thread>
 
 #include "attn/version.h"
-#include "memory_budget.h"
+#include "state/memory_budget.h"
 #include "server.h"
 
 namespace {

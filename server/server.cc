@@ -11,15 +11,15 @@
 #include "attn/executor.h"
 #include "attn/registry.h"
 #include "attn/version.h"
-#include "attn_service.h"
-#include "gated_calls.h"
-#include "memory_budget.h"
-#include "health_service.h"
-#include "metrics.h"
-#include "scheduler.h"
-#include "shared_memory.h"
-#include "tensor_store.h"
-#include "kv_cache.h"
+#include "handlers/attn_service.h"
+#include "rpc/gate.h"
+#include "state/memory_budget.h"
+#include "rpc/health_service.h"
+#include "rpc/metrics.h"
+#include "schedule/scheduler.h"
+#include "state/shared_memory.h"
+#include "state/tensor_store.h"
+#include "state/kv_cache.h"
 
 #include <unistd.h>
 
@@ -356,7 +356,6 @@ Status Server::listen(const std::shared_ptr<grpc::ServerCredentials>& credential
   grpc::ResourceQuota quota("attnd");
   quota.Resize(budget_->limit());
   builder.SetResourceQuota(quota);
-  builder.RegisterService(service_.get());
   builder.RegisterService(gated_.get());
   builder.RegisterCallbackGenericService(unknown_.get());
   builder.RegisterService(health_.get());

@@ -11,7 +11,7 @@
 #include <string>
 
 #include "attn/status.h"
-#include "security.h"
+#include "rpc/security.h"
 
 namespace attn::server {
 

@@ -1,14 +1,13 @@
 #include "attn/client.h"
 
+#include <fcntl.h>
 #include <google/protobuf/io/coded_stream.h>
 #include <google/protobuf/io/zero_copy_stream_impl_lite.h>
 #include <google/protobuf/wire_format_lite.h>
 #include <grpcpp/create_channel.h>
 #include <grpcpp/generic/generic_stub.h>
-#include <grpcpp/support/proto_buffer_reader.h>
 #include <grpcpp/security/credentials.h>
-
-#include <fcntl.h>
+#include <grpcpp/support/proto_buffer_reader.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -30,7 +29,8 @@ namespace {
 Result<Tensor> to_tensor(const v1::Tensor& t, const char* field) {
   wire::TensorLimits unlimited;
   unlimited.max_elements = std::numeric_limits<std::int64_t>::max();
-  ATTN_ASSIGN_OR_RETURN(decoded, wire::decode_tensor(t, std::string("response.") + field, unlimited));
+  ATTN_ASSIGN_OR_RETURN(decoded,
+                        wire::decode_tensor(t, std::string("response.") + field, unlimited));
   if (!decoded.owned.shape().empty()) return std::move(decoded.owned);
   Tensor out(decoded.view.dtype, decoded.view.shape);
   std::memcpy(out.data(), decoded.view.data, out.bytes());
@@ -69,11 +69,13 @@ std::string data_frame_header(int field, std::size_t n) {
   std::string frame;
   google::protobuf::io::StringOutputStream out(&frame);
   CodedOutputStream coded(&out);
-  const std::uint32_t data_tag = WireFormatLite::MakeTag(3, WireFormatLite::WIRETYPE_LENGTH_DELIMITED);  // Tensor.data
+  const std::uint32_t data_tag =
+      WireFormatLite::MakeTag(3, WireFormatLite::WIRETYPE_LENGTH_DELIMITED);  // Tensor.data
   const auto len = static_cast<std::uint32_t>(n);
   coded.WriteTag(WireFormatLite::MakeTag(field, WireFormatLite::WIRETYPE_LENGTH_DELIMITED));
   coded.WriteVarint32(static_cast<std::uint32_t>(CodedOutputStream::VarintSize32(data_tag) +
-                                                 CodedOutputStream::VarintSize32(len)) + len);
+                                                 CodedOutputStream::VarintSize32(len)) +
+                      len);
   coded.WriteTag(data_tag);
   coded.WriteVarint32(len);
   coded.Trim();
@@ -101,9 +103,11 @@ struct BorrowedBytes {
 // input's dtype and shape, then gRPC sends each input's data from where it lies, with no copy into
 // the request and none into a serialized buffer. (At 50 MB an input copied twice into fresh
 // memory cost the client about as much as the transport itself.)
-grpc::Status call_with_inputs(const std::shared_ptr<grpc::Channel>& channel, std::unique_ptr<grpc::ClientContext> ctx,
-                              const std::string& method, const google::protobuf::Message& request,
-                              const std::vector<InputField>& inputs, grpc::ByteBuffer* response_bytes) {
+grpc::Status call_with_inputs(const std::shared_ptr<grpc::Channel>& channel,
+                              std::unique_ptr<grpc::ClientContext> ctx, const std::string& method,
+                              const google::protobuf::Message& request,
+                              const std::vector<InputField>& inputs,
+                              grpc::ByteBuffer* response_bytes) {
   BorrowedBytes borrowed;
   grpc::Status status;
   {
@@ -115,7 +119,8 @@ grpc::Status call_with_inputs(const std::shared_ptr<grpc::Channel>& channel, std
         std::lock_guard lock(borrowed.mu);
         ++borrowed.held;
       }
-      slices.emplace_back(const_cast<void*>(in.tensor->data()), in.tensor->bytes(), &BorrowedBytes::release, &borrowed);
+      slices.emplace_back(const_cast<void*>(in.tensor->data()), in.tensor->bytes(),
+                          &BorrowedBytes::release, &borrowed);
     }
     std::size_t total = 0;
     for (const auto& sl : slices) total += sl.size();
@@ -126,12 +131,13 @@ grpc::Status call_with_inputs(const std::shared_ptr<grpc::Channel>& channel, std
     std::condition_variable cv;
     bool done = false;
     grpc::GenericStub stub(channel);
-    stub.UnaryCall(ctx.get(), method, grpc::StubOptions(), &request_bytes, response_bytes, [&](grpc::Status s) {
-      std::lock_guard lock(mu);
-      status = std::move(s);
-      done = true;
-      cv.notify_one();
-    });
+    stub.UnaryCall(ctx.get(), method, grpc::StubOptions(), &request_bytes, response_bytes,
+                   [&](grpc::Status s) {
+                     std::lock_guard lock(mu);
+                     status = std::move(s);
+                     done = true;
+                     cv.notify_one();
+                   });
     {
       std::unique_lock lock(mu);
       cv.wait(lock, [&] { return done; });
@@ -146,19 +152,21 @@ grpc::Status call_with_inputs(const std::shared_ptr<grpc::Channel>& channel, std
 // from the received bytes straight into a Tensor made from the field's dtype and shape (the
 // server sends them ahead of the data): one copy where protobuf's string and then the Tensor
 // would make two. Data that does not fit its dtype and shape stays in the message.
-bool parse_with_outputs(grpc::ByteBuffer* bytes, google::protobuf::Message* response, std::map<int, Tensor>* outputs) {
+bool parse_with_outputs(grpc::ByteBuffer* bytes, google::protobuf::Message* response,
+                        std::map<int, Tensor>* outputs) {
   using google::protobuf::internal::WireFormatLite;
   grpc::ProtoBufferReader reader(bytes);
   google::protobuf::io::CodedInputStream in(&reader);
   in.SetTotalBytesLimit(std::numeric_limits<int>::max());
-  std::string rest;  // every other field, as it came
+  std::string rest;                 // every other field, as it came
   std::map<int, v1::Tensor> heads;  // the output fields without their data
   {
     google::protobuf::io::StringOutputStream rest_stream(&rest);
     google::protobuf::io::CodedOutputStream rest_out(&rest_stream);
     for (std::uint32_t tag; (tag = in.ReadTag()) != 0;) {
       const int field = static_cast<int>(WireFormatLite::GetTagFieldNumber(tag));
-      if (!outputs->count(field) || WireFormatLite::GetTagWireType(tag) != WireFormatLite::WIRETYPE_LENGTH_DELIMITED) {
+      if (!outputs->count(field) ||
+          WireFormatLite::GetTagWireType(tag) != WireFormatLite::WIRETYPE_LENGTH_DELIMITED) {
         if (!WireFormatLite::SkipField(&in, tag, &rest_out)) return false;
         continue;
       }
@@ -168,7 +176,8 @@ bool parse_with_outputs(grpc::ByteBuffer* bytes, google::protobuf::Message* resp
       v1::Tensor& head = heads[field];
       for (std::uint32_t inner; (inner = in.ReadTag()) != 0;) {
         if (WireFormatLite::GetTagFieldNumber(inner) == 3 &&
-            WireFormatLite::GetTagWireType(inner) == WireFormatLite::WIRETYPE_LENGTH_DELIMITED) {  // data
+            WireFormatLite::GetTagWireType(inner) ==
+                WireFormatLite::WIRETYPE_LENGTH_DELIMITED) {  // data
           std::uint32_t n = 0;
           if (!in.ReadVarint32(&n)) return false;
           const auto dtype = wire::from_proto(head.dtype());
@@ -211,7 +220,8 @@ bool parse_with_outputs(grpc::ByteBuffer* bytes, google::protobuf::Message* resp
 }
 
 // An output: the Tensor its data was read into, or decoded from the message.
-Result<Tensor> take_output(std::map<int, Tensor>& outputs, int field, const v1::Tensor& t, const char* name) {
+Result<Tensor> take_output(std::map<int, Tensor>& outputs, int field, const v1::Tensor& t,
+                           const char* name) {
   if (auto it = outputs.find(field); it != outputs.end()) return std::move(it->second);
   return to_tensor(t, name);
 }
@@ -227,32 +237,46 @@ Result<std::string> load_client_token(const std::string& token_file) {
   return std::string(env ? trim(env) : "");
 }
 
-Result<std::shared_ptr<grpc::Channel>> make_channel(const std::string& target, const ClientOptions& options) {
+// The channel's retry policy, from what the proto declares of each method (MethodTraits): a
+// method that changes no state is a pure function of its request, so a call that never reached a
+// server (a replica that just went away) is safe to send again, and gRPC retries small requests
+// (those within its retry buffer) on UNAVAILABLE. A method that changes state (appends a token,
+// creates a cache) is not: an UNAVAILABLE may come after the server applied it (a reset
+// connection), and a second Decode would append the token twice. Those get gRPC's transparent
+// retries only (calls sent nowhere yet).
+std::string retry_service_config() {
+  const auto* service = v1::MatmulRequest::descriptor()->file()->FindServiceByName("AttnService");
+  std::string once;
+  for (int i = 0; i < service->method_count(); ++i) {
+    const auto* m = service->method(i);
+    if (!m->options().GetExtension(v1::method_traits).changes_state()) continue;
+    once += std::string(once.empty() ? "" : ", ") + R"({"service": ")" + service->full_name() +
+            R"(", "method": ")" + m->name() + "\"}";
+  }
+  std::string config = R"({"methodConfig": [{
+      "name": [{"service": ")" +
+                       service->full_name() + R"("}],
+      "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "1s",
+                      "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}})";
+  if (!once.empty()) config += R"(, {"name": [)" + once + "]}";
+  return config + "]}";
+}
+
+Result<std::shared_ptr<grpc::Channel>> make_channel(const std::string& target,
+                                                    const ClientOptions& options) {
   grpc::ChannelArguments args;
-  const int max_bytes = static_cast<int>(std::min<std::int64_t>(options.max_message_mb, 2047) << 20);
+  const int max_bytes =
+      static_cast<int>(std::min<std::int64_t>(options.max_message_mb, 2047) << 20);
   args.SetMaxReceiveMessageSize(max_bytes);
   args.SetMaxSendMessageSize(max_bytes);
   if (!options.load_balancing.empty()) args.SetLoadBalancingPolicyName(options.load_balancing);
   if (const char* extra = std::getenv("ATTN_GRPC_ARGS")) {  // EXPERIMENT: name=int,...
     std::stringstream in(extra);
     for (std::string kv; std::getline(in, kv, ',');)
-      if (auto eq = kv.find('='); eq != std::string::npos) args.SetInt(kv.substr(0, eq), std::stoi(kv.substr(eq + 1)));
+      if (auto eq = kv.find('='); eq != std::string::npos)
+        args.SetInt(kv.substr(0, eq), std::stoi(kv.substr(eq + 1)));
   }
-  // Every op is a pure function of its inputs, so a call that never reached a server (a replica
-  // that just went away) is safe to send again; gRPC retries small requests (those within its
-  // retry buffer) this way. The calls that change a KV cache are not: an UNAVAILABLE may come
-  // after the server applied one (a reset connection), and a second Decode would append the token
-  // twice. They get gRPC's transparent retries only (sent nowhere yet).
-  args.SetServiceConfigJSON(R"({"methodConfig": [{
-      "name": [{"service": "attn.v1.AttnService"}],
-      "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "1s",
-                      "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}, {
-      "name": [{"service": "attn.v1.AttnService", "method": "CreateKvCache"},
-               {"service": "attn.v1.AttnService", "method": "DeleteKvCache"},
-               {"service": "attn.v1.AttnService", "method": "ReleaseSequences"},
-               {"service": "attn.v1.AttnService", "method": "ForkSequence"},
-               {"service": "attn.v1.AttnService", "method": "Decode"},
-               {"service": "attn.v1.AttnService", "method": "Prefill"}]}]})");
+  args.SetServiceConfigJSON(retry_service_config());
   std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
   if (options.tls) {
     grpc::SslCredentialsOptions ssl;
@@ -272,7 +296,8 @@ Result<std::shared_ptr<grpc::Channel>> make_channel(const std::string& target, c
   return grpc::CreateCustomChannel(target, credentials, args);
 }
 
-Client::Client(const std::string& target, const ClientOptions& options) : options_(options), target_(target) {
+Client::Client(const std::string& target, const ClientOptions& options)
+    : options_(options), target_(target) {
   auto channel = make_channel(target, options);
   if (!channel.ok()) {
     channel_status_ = channel.status();
@@ -289,19 +314,22 @@ Client::Client(std::shared_ptr<grpc::Channel> channel, const ClientOptions& opti
 
 std::unique_ptr<grpc::ClientContext> Client::make_context() const {
   auto ctx = std::make_unique<grpc::ClientContext>();
-  if (options_.timeout.count() > 0) ctx->set_deadline(std::chrono::system_clock::now() + options_.timeout);
+  if (options_.timeout.count() > 0)
+    ctx->set_deadline(std::chrono::system_clock::now() + options_.timeout);
   if (!options_.token.empty()) ctx->AddMetadata("authorization", "Bearer " + options_.token);
   return ctx;
 }
 
 template <class Request, class Response>
-Status Client::call(Request& request, const std::vector<std::pair<int, const Tensor*>>& inputs, Response* response,
-                    std::map<int, Tensor>* outputs, const char* method,
-                    grpc::Status (v1::AttnService::Stub::*unary)(grpc::ClientContext*, const Request&, Response*)) {
+Status Client::call(Request& request, const std::vector<std::pair<int, const Tensor*>>& inputs,
+                    Response* response, std::map<int, Tensor>* outputs, const char* method,
+                    grpc::Status (v1::AttnService::Stub::*unary)(grpc::ClientContext*,
+                                                                 const Request&, Response*)) {
   const auto* descriptor = Request::descriptor();
   std::vector<InputField> large;
   for (const auto& [field, tensor] : inputs) {
-    auto* t = static_cast<v1::Tensor*>(request.GetReflection()->MutableMessage(&request, descriptor->FindFieldByNumber(field)));
+    auto* t = static_cast<v1::Tensor*>(
+        request.GetReflection()->MutableMessage(&request, descriptor->FindFieldByNumber(field)));
     if (tensor->bytes() >= kLargeInputBytes) {
       t->set_dtype(wire::to_proto(tensor->dtype()));
       t->mutable_shape()->Assign(tensor->shape().begin(), tensor->shape().end());
@@ -311,21 +339,25 @@ Status Client::call(Request& request, const std::vector<std::pair<int, const Ten
     }
   }
   outputs->clear();
-  if (large.empty()) return wire::from_grpc((stub_.get()->*unary)(make_context(request).get(), request, response));
+  if (large.empty())
+    return wire::from_grpc((stub_.get()->*unary)(make_context(request).get(), request, response));
   grpc::ByteBuffer response_bytes;
-  ATTN_RETURN_IF_ERROR(wire::from_grpc(call_with_inputs(
-      channel_, make_context(), std::string("/attn.v1.AttnService/") + method, request, large, &response_bytes)));
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(
+      call_with_inputs(channel_, make_context(), std::string("/attn.v1.AttnService/") + method,
+                       request, large, &response_bytes)));
   // The outputs (Tensor fields) a large call's response carries: read into Tensors directly.
   for (int i = 0; i < Response::descriptor()->field_count(); ++i) {
     const auto* f = Response::descriptor()->field(i);
-    if (f->message_type() == v1::Tensor::descriptor() && !f->is_repeated()) (*outputs)[f->number()] = Tensor();
+    if (f->message_type() == v1::Tensor::descriptor() && !f->is_repeated())
+      (*outputs)[f->number()] = Tensor();
   }
   if (!parse_with_outputs(&response_bytes, response, outputs))
     return internal_error(std::string(method) + " response: could not be parsed");
   return Status::Ok();
 }
 
-std::unique_ptr<grpc::ClientContext> Client::make_context(const google::protobuf::MessageLite& request) const {
+std::unique_ptr<grpc::ClientContext> Client::make_context(
+    const google::protobuf::MessageLite& request) const {
   auto ctx = make_context();
   ctx->AddMetadata("attn-request-bytes", std::to_string(request.ByteSizeLong()));
   return ctx;
@@ -339,7 +371,8 @@ Result<OpResult> Client::matmul(const Tensor& a, const Tensor& b, const MatmulOp
   v1::MatmulResponse resp;
   ATTN_RETURN_IF_ERROR(channel_status_);
   std::map<int, Tensor> outputs;
-  ATTN_RETURN_IF_ERROR(call(req, {{1, &a}, {2, &b}}, &resp, &outputs, "Matmul", &v1::AttnService::Stub::Matmul));
+  ATTN_RETURN_IF_ERROR(
+      call(req, {{1, &a}, {2, &b}}, &resp, &outputs, "Matmul", &v1::AttnService::Stub::Matmul));
   ATTN_ASSIGN_OR_RETURN(c, take_output(outputs, 1, resp.c(), "c"));
   return OpResult{std::move(c), {}, resp.timings()};
 }
@@ -350,7 +383,8 @@ Result<OpResult> Client::softmax(const Tensor& x, const std::string& kernel) {
   v1::SoftmaxResponse resp;
   ATTN_RETURN_IF_ERROR(channel_status_);
   std::map<int, Tensor> outputs;
-  ATTN_RETURN_IF_ERROR(call(req, {{1, &x}}, &resp, &outputs, "Softmax", &v1::AttnService::Stub::Softmax));
+  ATTN_RETURN_IF_ERROR(
+      call(req, {{1, &x}}, &resp, &outputs, "Softmax", &v1::AttnService::Stub::Softmax));
   ATTN_ASSIGN_OR_RETURN(y, take_output(outputs, 1, resp.y(), "y"));
   return OpResult{std::move(y), {}, resp.timings()};
 }
@@ -369,8 +403,8 @@ Result<OpResult> Client::attention(const Tensor& q, const Tensor& k, const Tenso
   v1::AttentionResponse resp;
   ATTN_RETURN_IF_ERROR(channel_status_);
   std::map<int, Tensor> outputs;
-  ATTN_RETURN_IF_ERROR(
-      call(req, {{1, &q}, {2, &k}, {3, &v}}, &resp, &outputs, "Attention", &v1::AttnService::Stub::Attention));
+  ATTN_RETURN_IF_ERROR(call(req, {{1, &q}, {2, &k}, {3, &v}}, &resp, &outputs, "Attention",
+                            &v1::AttnService::Stub::Attention));
   ATTN_ASSIGN_OR_RETURN(o, take_output(outputs, 1, resp.o(), "o"));
   OpResult result{std::move(o), {}, resp.timings()};
   if (options.return_lse) {
@@ -392,13 +426,13 @@ Result<v1::ListKernelsResponse> Client::list_kernels(const std::string& op) {
 Result<v1::GetServerInfoResponse> Client::server_info() {
   v1::GetServerInfoResponse resp;
   ATTN_RETURN_IF_ERROR(channel_status_);
-  ATTN_RETURN_IF_ERROR(wire::from_grpc(
-      stub_->GetServerInfo(make_context(v1::GetServerInfoRequest()).get(), v1::GetServerInfoRequest(), &resp)));
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->GetServerInfo(
+      make_context(v1::GetServerInfoRequest()).get(), v1::GetServerInfoRequest(), &resp)));
   return resp;
 }
 
-Result<v1::TensorInfo> Client::put_tensor(const Tensor& t, std::int64_t ttl_ms, const std::string& device,
-                                          std::size_t chunk_bytes) {
+Result<v1::TensorInfo> Client::put_tensor(const Tensor& t, std::int64_t ttl_ms,
+                                          const std::string& device, std::size_t chunk_bytes) {
   ATTN_RETURN_IF_ERROR(channel_status_);
   if (chunk_bytes == 0) return invalid_argument("chunk_bytes: expected > 0");
   auto ctx = make_context();
@@ -446,7 +480,8 @@ Result<Tensor> Client::get_tensor(const std::string& handle, std::size_t chunk_b
     }
   }
   ATTN_RETURN_IF_ERROR(wire::from_grpc(reader->Finish()));
-  if (!have_header || got != out.bytes()) return internal_error("GetTensor: the stream ended early");
+  if (!have_header || got != out.bytes())
+    return internal_error("GetTensor: the stream ended early");
   return out;
 }
 
@@ -462,7 +497,8 @@ Result<std::int64_t> Client::delete_tensor(const std::string& handle) {
 Result<v1::ListTensorsResponse> Client::list_tensors() {
   ATTN_RETURN_IF_ERROR(channel_status_);
   v1::ListTensorsResponse resp;
-  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->ListTensors(make_context(v1::ListTensorsRequest()).get(), {}, &resp)));
+  ATTN_RETURN_IF_ERROR(
+      wire::from_grpc(stub_->ListTensors(make_context(v1::ListTensorsRequest()).get(), {}, &resp)));
   return resp;
 }
 
@@ -477,7 +513,8 @@ v1::Tensor Client::resident(const std::string& handle) {
 Result<SharedMemoryBuffer> SharedMemoryBuffer::create(std::size_t bytes, const std::string& key) {
   static std::atomic<unsigned> counter{0};
   SharedMemoryBuffer b;
-  b.key_ = key.empty() ? "/attn-" + std::to_string(::getpid()) + "-" + std::to_string(counter++) : key;
+  b.key_ =
+      key.empty() ? "/attn-" + std::to_string(::getpid()) + "-" + std::to_string(counter++) : key;
   b.fd_ = ::shm_open(b.key_.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
   if (b.fd_ < 0) return failed_precondition("shm_open " + b.key_ + ": " + std::strerror(errno));
   b.size_ = bytes;
@@ -485,7 +522,8 @@ Result<SharedMemoryBuffer> SharedMemoryBuffer::create(std::size_t bytes, const s
     ::shm_unlink(b.key_.c_str());
     return failed_precondition("ftruncate " + b.key_ + ": " + std::strerror(errno));
   }
-  void* p = ::mmap(nullptr, std::max<std::size_t>(bytes, 1), PROT_READ | PROT_WRITE, MAP_SHARED, b.fd_, 0);
+  void* p = ::mmap(nullptr, std::max<std::size_t>(bytes, 1), PROT_READ | PROT_WRITE, MAP_SHARED,
+                   b.fd_, 0);
   if (p == MAP_FAILED) {
     ::shm_unlink(b.key_.c_str());
     return failed_precondition("mmap " + b.key_ + ": " + std::strerror(errno));
@@ -518,14 +556,18 @@ SharedMemoryBuffer::~SharedMemoryBuffer() {
   key_.clear();
 }
 
-Result<v1::SharedMemoryRegionInfo> Client::register_region(const v1::RegisterSharedMemoryRequest& req) {
+Result<v1::SharedMemoryRegionInfo> Client::register_region(
+    const v1::RegisterSharedMemoryRequest& req) {
   v1::RegisterSharedMemoryResponse resp;
-  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->RegisterSharedMemory(make_context(req).get(), req, &resp)));
+  ATTN_RETURN_IF_ERROR(
+      wire::from_grpc(stub_->RegisterSharedMemory(make_context(req).get(), req, &resp)));
   return resp.region();
 }
 
-Result<v1::SharedMemoryRegionInfo> Client::register_shared_memory(const std::string& name, const std::string& key,
-                                                                  std::int64_t offset, std::int64_t bytes) {
+Result<v1::SharedMemoryRegionInfo> Client::register_shared_memory(const std::string& name,
+                                                                  const std::string& key,
+                                                                  std::int64_t offset,
+                                                                  std::int64_t bytes) {
   ATTN_RETURN_IF_ERROR(channel_status_);
   v1::RegisterSharedMemoryRequest req;
   req.set_name(name);
@@ -537,8 +579,9 @@ Result<v1::SharedMemoryRegionInfo> Client::register_shared_memory(const std::str
 }
 
 Result<v1::SharedMemoryRegionInfo> Client::register_cuda_memory(const std::string& name,
-                                                                const std::string& ipc_handle, int device,
-                                                                std::int64_t offset, std::int64_t bytes) {
+                                                                const std::string& ipc_handle,
+                                                                int device, std::int64_t offset,
+                                                                std::int64_t bytes) {
   ATTN_RETURN_IF_ERROR(channel_status_);
   v1::RegisterSharedMemoryRequest req;
   req.set_name(name);
@@ -555,7 +598,8 @@ Result<int> Client::unregister_shared_memory(const std::string& name) {
   v1::UnregisterSharedMemoryRequest req;
   req.set_name(name);
   v1::UnregisterSharedMemoryResponse resp;
-  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->UnregisterSharedMemory(make_context(req).get(), req, &resp)));
+  ATTN_RETURN_IF_ERROR(
+      wire::from_grpc(stub_->UnregisterSharedMemory(make_context(req).get(), req, &resp)));
   return resp.unregistered();
 }
 
@@ -564,11 +608,13 @@ Result<v1::SharedMemoryStatusResponse> Client::shared_memory_status(const std::s
   v1::SharedMemoryStatusRequest req;
   req.set_name(name);
   v1::SharedMemoryStatusResponse resp;
-  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->SharedMemoryStatus(make_context(req).get(), req, &resp)));
+  ATTN_RETURN_IF_ERROR(
+      wire::from_grpc(stub_->SharedMemoryStatus(make_context(req).get(), req, &resp)));
   return resp;
 }
 
-v1::Tensor Client::in_shared_memory(DType dtype, const Shape& shape, const std::string& region, std::int64_t offset) {
+v1::Tensor Client::in_shared_memory(DType dtype, const Shape& shape, const std::string& region,
+                                    std::int64_t offset) {
   v1::Tensor t;
   t.set_dtype(wire::to_proto(dtype));
   t.mutable_shape()->Assign(shape.begin(), shape.end());
@@ -576,7 +622,8 @@ v1::Tensor Client::in_shared_memory(DType dtype, const Shape& shape, const std::
   return t;
 }
 
-v1::SharedMemoryRef Client::shared_memory_ref(const std::string& region, std::int64_t offset, std::int64_t bytes) {
+v1::SharedMemoryRef Client::shared_memory_ref(const std::string& region, std::int64_t offset,
+                                              std::int64_t bytes) {
   v1::SharedMemoryRef r;
   r.set_region(region);
   r.set_offset(offset);
@@ -584,9 +631,10 @@ v1::SharedMemoryRef Client::shared_memory_ref(const std::string& region, std::in
   return r;
 }
 
-Result<OpResult> Client::attention_shm(const std::string& region, const SharedMemoryBuffer& buffer, DType dtype,
-                                       const Shape& q_shape, const Shape& kv_shape, const std::int64_t offsets[3],
-                                       std::int64_t o_offset, const AttentionOptions& options, bool copy_out) {
+Result<OpResult> Client::attention_shm(const std::string& region, const SharedMemoryBuffer& buffer,
+                                       DType dtype, const Shape& q_shape, const Shape& kv_shape,
+                                       const std::int64_t offsets[3], std::int64_t o_offset,
+                                       const AttentionOptions& options, bool copy_out) {
   ATTN_RETURN_IF_ERROR(channel_status_);
   v1::AttentionRequest req;
   *req.mutable_q() = in_shared_memory(dtype, q_shape, region, offsets[0]);
@@ -620,7 +668,8 @@ Result<OpResult> Client::attention_shm(const std::string& region, const SharedMe
 Result<v1::BenchmarkResponse> Client::benchmark(const v1::BenchmarkRequest& request) {
   ATTN_RETURN_IF_ERROR(channel_status_);
   v1::BenchmarkResponse resp;
-  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->Benchmark(make_context(request).get(), request, &resp)));
+  ATTN_RETURN_IF_ERROR(
+      wire::from_grpc(stub_->Benchmark(make_context(request).get(), request, &resp)));
   return resp;
 }
 
@@ -638,8 +687,10 @@ Result<v1::EchoResponse> Client::echo(const std::string& payload) {
 void Client::learn_replica(const v1::KvCacheInfo& info) {
   std::lock_guard lock(routes_->mu);
   if (routes_->pinned.count(info.handle())) return;
-  if (info.replica().empty()) routes_->replica_of.erase(info.handle());
-  else routes_->replica_of[info.handle()] = info.replica();
+  if (info.replica().empty())
+    routes_->replica_of.erase(info.handle());
+  else
+    routes_->replica_of[info.handle()] = info.replica();
 }
 
 void Client::set_kv_cache_replica(const std::string& handle, const std::string& replica) {
@@ -677,8 +728,8 @@ Result<v1::AttnService::Stub*> Client::kv_stub(const std::string& cache) {
   return stub_for_replica(kv_cache_replica(cache));
 }
 
-Result<v1::KvCacheInfo> Client::create_kv_cache(const v1::KvCacheConfig& config, std::int64_t ttl_ms,
-                                                const std::string& device) {
+Result<v1::KvCacheInfo> Client::create_kv_cache(const v1::KvCacheConfig& config,
+                                                std::int64_t ttl_ms, const std::string& device) {
   ATTN_RETURN_IF_ERROR(channel_status_);
   v1::CreateKvCacheRequest req;
   *req.mutable_config() = config;
@@ -703,7 +754,8 @@ Result<v1::KvCacheInfo> Client::describe_kv_cache(const std::string& handle) {
 Result<v1::ListKvCachesResponse> Client::list_kv_caches(const std::string& replica) {
   ATTN_ASSIGN_OR_RETURN(stub, stub_for_replica(replica));
   v1::ListKvCachesResponse resp;
-  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub->ListKvCaches(make_context(v1::ListKvCachesRequest()).get(), {}, &resp)));
+  ATTN_RETURN_IF_ERROR(wire::from_grpc(
+      stub->ListKvCaches(make_context(v1::ListKvCachesRequest()).get(), {}, &resp)));
   for (const auto& info : resp.caches()) learn_replica(info);
   return resp;
 }
@@ -727,11 +779,13 @@ Result<std::int64_t> Client::release_sequences(const std::string& cache,
   req.set_cache(cache);
   for (const auto& id : sequence_ids) req.add_sequence_ids(id);
   v1::ReleaseSequencesResponse resp;
-  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub->ReleaseSequences(make_context(req).get(), req, &resp)));
+  ATTN_RETURN_IF_ERROR(
+      wire::from_grpc(stub->ReleaseSequences(make_context(req).get(), req, &resp)));
   return resp.freed_pages();
 }
 
-Result<v1::ForkSequenceResponse> Client::fork_sequence(const std::string& cache, const std::string& source_id,
+Result<v1::ForkSequenceResponse> Client::fork_sequence(const std::string& cache,
+                                                       const std::string& source_id,
                                                        const std::string& new_id) {
   ATTN_ASSIGN_OR_RETURN(stub, kv_stub(cache));
   v1::ForkSequenceRequest req;
@@ -748,7 +802,8 @@ namespace {
 template <class Response>
 Result<KvOpResult> kv_op_result(const Response& resp, bool with_lse) {
   ATTN_ASSIGN_OR_RETURN(o, to_tensor(resp.o(), "o"));
-  KvOpResult result{std::move(o), {}, resp.timings(), {resp.lengths().begin(), resp.lengths().end()}};
+  KvOpResult result{
+      std::move(o), {}, resp.timings(), {resp.lengths().begin(), resp.lengths().end()}};
   if (with_lse) {
     ATTN_ASSIGN_OR_RETURN(lse, to_tensor(resp.lse(), "lse"));
     result.lse = std::move(lse);
@@ -758,8 +813,9 @@ Result<KvOpResult> kv_op_result(const Response& resp, bool with_lse) {
 
 }  // namespace
 
-Result<KvOpResult> Client::decode(const std::string& cache, int layer, const std::vector<std::string>& sequence_ids,
-                                  const Tensor& q, const Tensor& k_new, const Tensor& v_new,
+Result<KvOpResult> Client::decode(const std::string& cache, int layer,
+                                  const std::vector<std::string>& sequence_ids, const Tensor& q,
+                                  const Tensor& k_new, const Tensor& v_new,
                                   const DecodeOptions& options) {
   ATTN_ASSIGN_OR_RETURN(stub, kv_stub(cache));
   v1::DecodeRequest req;
@@ -777,9 +833,11 @@ Result<KvOpResult> Client::decode(const std::string& cache, int layer, const std
   return kv_op_result(resp, options.return_lse);
 }
 
-Result<KvOpResult> Client::prefill(const std::string& cache, int layer, const std::vector<std::string>& sequence_ids,
-                                   const std::vector<std::int64_t>& lens, const Tensor& q, const Tensor& k,
-                                   const Tensor& v, const PrefillOptions& options) {
+Result<KvOpResult> Client::prefill(const std::string& cache, int layer,
+                                   const std::vector<std::string>& sequence_ids,
+                                   const std::vector<std::int64_t>& lens, const Tensor& q,
+                                   const Tensor& k, const Tensor& v,
+                                   const PrefillOptions& options) {
   ATTN_ASSIGN_OR_RETURN(stub, kv_stub(cache));
   v1::PrefillRequest req;
   req.set_cache(cache);
@@ -798,8 +856,8 @@ Result<KvOpResult> Client::prefill(const std::string& cache, int layer, const st
   return kv_op_result(resp, options.return_lse);
 }
 
-Result<KvContents> Client::read_kv(const std::string& cache, const std::string& sequence_id, int layer,
-                                   std::size_t chunk_bytes) {
+Result<KvContents> Client::read_kv(const std::string& cache, const std::string& sequence_id,
+                                   int layer, std::size_t chunk_bytes) {
   ATTN_ASSIGN_OR_RETURN(stub, kv_stub(cache));
   auto ctx = make_context();
   v1::ReadKvRequest req;
@@ -815,7 +873,8 @@ Result<KvContents> Client::read_kv(const std::string& cache, const std::string& 
   while (reader->Read(&msg)) {
     if (msg.has_header()) {
       const auto dtype = wire::from_proto(msg.header().dtype());
-      if (!dtype || have_header) return internal_error("ReadKv: the server sent a bad or second header");
+      if (!dtype || have_header)
+        return internal_error("ReadKv: the server sent a bad or second header");
       const Shape shape(msg.header().shape().begin(), msg.header().shape().end());
       out.k = Tensor(*dtype, shape);
       out.v = Tensor(*dtype, shape);
@@ -835,7 +894,8 @@ Result<KvContents> Client::read_kv(const std::string& cache, const std::string& 
     }
   }
   ATTN_RETURN_IF_ERROR(wire::from_grpc(reader->Finish()));
-  if (!have_header || got != out.k.bytes() + out.v.bytes()) return internal_error("ReadKv: the stream ended early");
+  if (!have_header || got != out.k.bytes() + out.v.bytes())
+    return internal_error("ReadKv: the stream ended early");
   return out;
 }
 

@@ -3,22 +3,23 @@
 // 2 attention, 3 Decode, 4 Prefill), the rest is parsed as that message; whatever decodes is run
 // and its outputs encoded as a response would be (Decode and Prefill into a small KV cache made
 // for the input: planned, run, committed). Any crash, sanitizer report or leak is a finding.
+#include <google/protobuf/stubs/logging.h>
+
 #include <cstddef>
 #include <cstdint>
 
-#include <google/protobuf/stubs/logging.h>
-
 #include "attn/executor.h"
 #include "attn/registry.h"
-#include "decode.h"
-#include "kv_cache.h"
-#include "kv_decode.h"
+#include "requests/kv_request.h"
+#include "requests/op_request.h"
+#include "state/kv_cache.h"
 
 namespace {
 
 struct Env {
   std::unique_ptr<attn::Executor> cpu = attn::make_cpu_executor();
-  attn::server::DecodeContext ctx;
+  attn::server::RequestContext ctx;
+  attn::server::CallContext call;  // in-process: no gRPC call, no memory budget
   attn::server::TensorStore quota{{cpu.get()}, {}};
   attn::server::KvCacheStore caches{{cpu.get()}, &quota, {}};
   Env() {
@@ -30,8 +31,8 @@ struct Env {
 };
 
 template <class Args>
-void run(Env& env, attn::Result<attn::server::PreparedOp<Args>> op, std::initializer_list<attn::v1::Tensor*> outputs,
-         bool return_values) {
+void run(Env& env, attn::Result<attn::server::PreparedOp<Args>> op,
+         std::initializer_list<attn::v1::Tensor*> outputs, bool return_values) {
   if (!op.ok()) return;
   attn::ExecTimings t;
   const attn::OpCall call = attn::make_call(*op->variant, op->args);
@@ -42,7 +43,8 @@ void run(Env& env, attn::Result<attn::server::PreparedOp<Args>> op, std::initial
 
 // A Decode or Prefill into a fresh cache of 2 layers, 2 kv heads, D 8, 16 pages of 4 tokens.
 template <class Request, class Response>
-void run_kv(Env& env, const Request& req, const attn::Result<std::vector<std::int64_t>>& fresh, bool create) {
+void run_kv(Env& env, const Request& req, const attn::Result<std::vector<std::int64_t>>& fresh,
+            bool create) {
   if (!fresh.ok()) return;
   attn::server::KvCacheConfig config;
   config.layers = 2;
@@ -54,7 +56,8 @@ void run_kv(Env& env, const Request& req, const attn::Result<std::vector<std::in
   auto cache = env.caches.create(config, 0, 0);
   if (!cache.ok()) return;
   Response resp;
-  auto call = attn::server::decode_kv_request(req, &resp, **cache, *fresh, *env.ctx.registry, env.ctx.limits);
+  auto call = attn::server::parse_kv_request(req, &resp, **cache, *fresh, *env.ctx.registry,
+                                             env.ctx.limits, env.call);
   if (call.ok()) {
     const std::vector<std::string> ids(req.sequence_ids().begin(), req.sequence_ids().end());
     auto plan = (*cache)->plan_append(req.layer(), ids, *fresh, create);
@@ -90,21 +93,24 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       v1::MatmulRequest req;
       if (!req.ParseFromArray(body, body_size)) return 0;
       v1::MatmulResponse resp;
-      run(env, server::decode_matmul(req, &resp, env.ctx), {resp.mutable_c()}, req.return_values());
+      run(env, server::parse_matmul(req, &resp, env.ctx, env.call), {resp.mutable_c()},
+          req.return_values());
       break;
     }
     case 1: {
       v1::SoftmaxRequest req;
       if (!req.ParseFromArray(body, body_size)) return 0;
       v1::SoftmaxResponse resp;
-      run(env, server::decode_softmax(req, &resp, env.ctx), {resp.mutable_y()}, req.return_values());
+      run(env, server::parse_softmax(req, &resp, env.ctx, env.call), {resp.mutable_y()},
+          req.return_values());
       break;
     }
     case 3: {
       v1::DecodeRequest req;
       if (!req.ParseFromArray(body, body_size)) return 0;
       run_kv<v1::DecodeRequest, v1::DecodeResponse>(
-          env, req, std::vector<std::int64_t>(static_cast<std::size_t>(req.sequence_ids_size()), 1), false);
+          env, req, std::vector<std::int64_t>(static_cast<std::size_t>(req.sequence_ids_size()), 1),
+          false);
       break;
     }
     case 4: {
@@ -117,8 +123,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       v1::AttentionRequest req;
       if (!req.ParseFromArray(body, body_size)) return 0;
       v1::AttentionResponse resp;
-      run(env, server::decode_attention(req, &resp, env.ctx), {resp.mutable_o(), resp.mutable_lse()},
-          req.return_values());
+      run(env, server::parse_attention(req, &resp, env.ctx, env.call),
+          {resp.mutable_o(), resp.mutable_lse()}, req.return_values());
       break;
     }
   }

@@ -11,7 +11,7 @@
 
 #include "attn/executor.h"
 #include "attn/registry.h"
-#include "kv_cache.h"
+#include "state/kv_cache.h"
 #include "reference.h"
 #include "support/random.h"
 

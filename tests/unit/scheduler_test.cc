@@ -11,7 +11,7 @@
 #include <thread>
 
 #include "attn/executor.h"
-#include "scheduler.h"
+#include "schedule/scheduler.h"
 #include "support/random.h"
 
 namespace attn::server {

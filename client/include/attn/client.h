@@ -239,6 +239,10 @@ class Client {
 // says why the TLS files cannot be used.
 Result<std::shared_ptr<grpc::Channel>> make_channel(const std::string& target, const ClientOptions& options);
 
+// The gRPC service config make_channel gives every channel: calls of methods that change no state
+// are retried on UNAVAILABLE; those the proto marks `changes_state` (MethodTraits) are not.
+std::string retry_service_config();
+
 // The bearer token in `token_file` when given, else in the ATTN_TOKEN environment variable, else
 // empty.
 Result<std::string> load_client_token(const std::string& token_file);

@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 from typing import Optional
 
+import json
 import threading
 
 import grpc
@@ -12,21 +13,27 @@ from attn.v1 import attn_pb2, attn_pb2_grpc
 
 from .tensors import BFloat16, decode, encode
 
-# Every op is a pure function of its inputs: a call that never reached a server is safe to send
-# again, so small calls are retried once or twice on UNAVAILABLE (a replica that went away).
-# The calls that change a KV cache are not: an UNAVAILABLE may come after the server applied one
-# (a reset connection), and a second Decode would append the token twice; they get gRPC's
-# transparent retries only (calls sent nowhere yet).
-_SERVICE_CONFIG = """{"methodConfig": [{
-  "name": [{"service": "attn.v1.AttnService"}],
-  "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "1s",
-                  "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}, {
-  "name": [{"service": "attn.v1.AttnService", "method": "CreateKvCache"},
-           {"service": "attn.v1.AttnService", "method": "DeleteKvCache"},
-           {"service": "attn.v1.AttnService", "method": "ReleaseSequences"},
-           {"service": "attn.v1.AttnService", "method": "ForkSequence"},
-           {"service": "attn.v1.AttnService", "method": "Decode"},
-           {"service": "attn.v1.AttnService", "method": "Prefill"}]}]}"""
+def retry_service_config() -> str:
+    """The gRPC service config of every channel, from what the proto declares of each method.
+
+    A method whose MethodTraits say it changes no state is a pure function of its request: a call
+    that never reached a server (a replica that went away) is safe to send again, so small calls
+    are retried on UNAVAILABLE. A method that changes state (Decode appends a token) is not: an
+    UNAVAILABLE may come after the server applied it (a reset connection), and a second Decode
+    would append the token twice; such calls get gRPC's transparent retries only (calls sent
+    nowhere yet). No list of methods is written here: the proto is the one place."""
+    service = attn_pb2.DESCRIPTOR.services_by_name["AttnService"]
+    once = [{"service": service.full_name, "method": m.name} for m in service.methods
+            if m.GetOptions().Extensions[attn_pb2.method_traits].changes_state]
+    configs = [{"name": [{"service": service.full_name}],
+                "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "1s",
+                                "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]
+    if once:
+        configs.append({"name": once})
+    return json.dumps({"methodConfig": configs})
+
+
+_SERVICE_CONFIG = retry_service_config()
 
 _DTYPES = {"float32": attn_pb2.D_TYPE_FLOAT32, "float16": attn_pb2.D_TYPE_FLOAT16,
            "bfloat16": attn_pb2.D_TYPE_BFLOAT16}

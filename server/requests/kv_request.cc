@@ -1,0 +1,198 @@
+#include "requests/kv_request.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <set>
+#include <string>
+
+#include "state/memory_budget.h"
+
+namespace attn::server {
+namespace {
+
+std::string str(std::int64_t v) { return std::to_string(v); }
+
+}  // namespace
+
+Status check_layer(const KvCache& c, std::int64_t layer) {
+  if (layer < 0 || layer >= c.config().layers) {
+    return invalid_argument("layer: expected 0.." + str(c.config().layers - 1) +
+                            " (the cache has " + str(c.config().layers) + " layers), got " +
+                            str(layer));
+  }
+  return Status::Ok();
+}
+
+Status check_ids(const google::protobuf::RepeatedPtrField<std::string>& ids) {
+  if (ids.empty())
+    return invalid_argument("sequence_ids: expected at least one sequence, got none");
+  std::set<std::string> seen;
+  for (int i = 0; i < ids.size(); ++i) {
+    if (ids[i].empty())
+      return invalid_argument("sequence_ids[" + str(i) + "]: expected a sequence id, got \"\"");
+    if (!seen.insert(ids[i]).second) {
+      return invalid_argument("sequence_ids[" + str(i) + "]: \"" + ids[i] +
+                              "\" appears twice in one call");
+    }
+  }
+  return Status::Ok();
+}
+
+namespace {
+
+// An inline tensor of the cache's dtype and shape [rows, heads, D].
+Result<wire::DecodedTensor> kv_input(const v1::Tensor& t, bool present, const std::string& field,
+                                     const KvCache& c, std::int64_t rows, std::int64_t heads,
+                                     const wire::TensorLimits& limits) {
+  if (!present) return invalid_argument(field + ": expected a tensor, got none");
+  if (!t.handle().empty())
+    return invalid_argument(field + ".handle: KV-cache calls take inline tensors, got a handle");
+  ATTN_ASSIGN_OR_RETURN(d, wire::decode_tensor(t, field, limits));
+  const KvCacheConfig& cfg = c.config();
+  if (d.view.dtype != cfg.dtype) {
+    return invalid_argument(field + ".dtype: expected " + std::string(dtype_name(cfg.dtype)) +
+                            " (the cache's), got " + std::string(dtype_name(d.view.dtype)));
+  }
+  const std::string want =
+      heads > 0 ? "[" + str(rows) + ", " + str(heads) + ", " + str(cfg.head_dim) + "]"
+                : "[" + str(rows) + ", Hq (a multiple of " + str(cfg.heads_kv) + "), " +
+                      str(cfg.head_dim) + "]";
+  const Shape& s = d.view.shape;
+  const bool ok = s.size() == 3 && s[0] == rows && s[2] == cfg.head_dim &&
+                  (heads > 0 ? s[1] == heads : s[1] % cfg.heads_kv == 0);
+  if (!ok)
+    return invalid_argument(field + ".shape: expected " + want + ", got " + shape_to_string(s));
+  return d;
+}
+
+// Where Decode and Prefill requests differ: the names of their K/V fields and their mask.
+template <class Request>
+struct KvFields;
+
+template <>
+struct KvFields<v1::DecodeRequest> {
+  static constexpr const char* kK = "k_new";
+  static constexpr const char* kV = "v_new";
+  static const v1::Tensor& k(const v1::DecodeRequest& r) { return r.k_new(); }
+  static const v1::Tensor& v(const v1::DecodeRequest& r) { return r.v_new(); }
+  static bool has_k(const v1::DecodeRequest& r) { return r.has_k_new(); }
+  static bool has_v(const v1::DecodeRequest& r) { return r.has_v_new(); }
+  // One new token per sequence sees the whole sequence: no mask.
+  static bool set_mask(const v1::DecodeRequest&, const std::vector<std::int64_t>&,
+                       PagedDecodeArgs&) {
+    return false;
+  }
+};
+
+template <>
+struct KvFields<v1::PrefillRequest> {
+  static constexpr const char* kK = "k";
+  static constexpr const char* kV = "v";
+  static const v1::Tensor& k(const v1::PrefillRequest& r) { return r.k(); }
+  static const v1::Tensor& v(const v1::PrefillRequest& r) { return r.v(); }
+  static bool has_k(const v1::PrefillRequest& r) { return r.has_k(); }
+  static bool has_v(const v1::PrefillRequest& r) { return r.has_v(); }
+  // Causal unless asked otherwise: each new token sees the cache and the new tokens up to itself.
+  static bool set_mask(const v1::PrefillRequest& r, const std::vector<std::int64_t>& fresh,
+                       PagedPrefillArgs& a) {
+    a.causal = !r.non_causal();
+    a.max_new_tokens = *std::max_element(fresh.begin(), fresh.end());
+    return a.causal;
+  }
+};
+
+template <class Args, class Request, class Response>
+Result<KvRequest<Args>> parse_request(const Request& req, Response* resp, const KvCache& cache,
+                                      const std::vector<std::int64_t>& fresh,
+                                      const Registry& registry, const wire::TensorLimits& limits,
+                                      const CallContext& call) {
+  ATTN_RETURN_IF_ERROR(check_layer(cache, req.layer()));
+  ATTN_RETURN_IF_ERROR(check_ids(req.sequence_ids()));
+  if (fresh.size() != static_cast<std::size_t>(req.sequence_ids_size())) {
+    return invalid_argument("lens: expected one count per sequence (" +
+                            str(req.sequence_ids_size()) + "), got " +
+                            str(static_cast<std::int64_t>(fresh.size())));
+  }
+  std::int64_t rows = 0;
+  for (auto f : fresh) rows += f;
+  ATTN_ASSIGN_OR_RETURN(q, kv_input(req.q(), req.has_q(), "q", cache, rows, 0, limits));
+  using Fields = KvFields<Request>;
+  const std::int64_t hkv = cache.config().heads_kv;
+  ATTN_ASSIGN_OR_RETURN(
+      k, kv_input(Fields::k(req), Fields::has_k(req), Fields::kK, cache, rows, hkv, limits));
+  ATTN_ASSIGN_OR_RETURN(
+      v, kv_input(Fields::v(req), Fields::has_v(req), Fields::kV, cache, rows, hkv, limits));
+  if (!std::isfinite(req.scale())) {
+    return invalid_argument("scale: expected a finite number (0 for 1/sqrt(D)), got " +
+                            std::to_string(req.scale()));
+  }
+  KvRequest<Args> out;
+  Args& a = out.args;
+  a.q = q.view;
+  a.k_new = k.view;
+  a.v_new = v.view;
+  a.cache = cache.layer(req.layer());
+  a.scale = resolve_attention_scale(req.scale(), cache.config().head_dim);
+  // The plan comes on the worker, in the cache's order; variants are chosen now, on its shape.
+  out.placeholder = PagedPlan::placeholder(static_cast<std::int64_t>(fresh.size()));
+  bind_plan(out.placeholder, a);
+  const bool causal = Fields::set_mask(req, fresh, a);
+  // The response's bytes, charged to the call (the server's memory bound) before they exist.
+  const std::size_t o_bytes =
+      static_cast<std::size_t>(element_count(q.view.shape)) * element_size(cache.config().dtype);
+  ATTN_RETURN_IF_ERROR(call.hold_more(o_bytes, "o"));
+  if (req.return_lse())
+    ATTN_RETURN_IF_ERROR(call.hold_more(static_cast<std::size_t>(rows * q.view.dim(1)) * 4, "lse"));
+  a.o = wire::prepare_output(cache.config().dtype, q.view.shape, resp->mutable_o());
+  if (req.return_lse())
+    a.lse = wire::prepare_output(DType::kFloat32, {rows, q.view.dim(1)}, resp->mutable_lse());
+  ATTN_ASSIGN_OR_RETURN(variant,
+                        registry.of<Args>().select(a, req.kernel(), cache.owner().target()));
+  out.variant = variant;
+  out.causal = causal;
+  out.inputs.push_back(std::move(q));
+  out.inputs.push_back(std::move(k));
+  out.inputs.push_back(std::move(v));
+  return out;
+}
+
+}  // namespace
+
+Result<KvRequest<PagedDecodeArgs>> parse_kv_request(const v1::DecodeRequest& req,
+                                                    v1::DecodeResponse* resp, const KvCache& cache,
+                                                    const std::vector<std::int64_t>& fresh,
+                                                    const Registry& registry,
+                                                    const wire::TensorLimits& limits,
+                                                    const CallContext& call) {
+  return parse_request<PagedDecodeArgs>(req, resp, cache, fresh, registry, limits, call);
+}
+
+Result<KvRequest<PagedPrefillArgs>> parse_kv_request(
+    const v1::PrefillRequest& req, v1::PrefillResponse* resp, const KvCache& cache,
+    const std::vector<std::int64_t>& fresh, const Registry& registry,
+    const wire::TensorLimits& limits, const CallContext& call) {
+  return parse_request<PagedPrefillArgs>(req, resp, cache, fresh, registry, limits, call);
+}
+
+Result<std::vector<std::int64_t>> prefill_lens(const v1::PrefillRequest& req) {
+  std::vector<std::int64_t> fresh(req.lens().begin(), req.lens().end());
+  if (fresh.size() != static_cast<std::size_t>(req.sequence_ids_size())) {
+    return invalid_argument("lens: expected one count per sequence (" +
+                            str(req.sequence_ids_size()) + "), got " +
+                            str(static_cast<std::int64_t>(fresh.size())));
+  }
+  std::int64_t total = 0;
+  for (std::size_t i = 0; i < fresh.size(); ++i) {
+    if (fresh[i] < 1 || fresh[i] > std::numeric_limits<std::int32_t>::max()) {
+      return invalid_argument("lens[" + str(static_cast<std::int64_t>(i)) +
+                              "]: expected 1..2^31-1 new tokens, got " + str(fresh[i]));
+    }
+    total += fresh[i];
+    if (total > std::numeric_limits<std::int32_t>::max())
+      return invalid_argument("lens: expected a sum below 2^31");
+  }
+  return fresh;
+}
+
+}  // namespace attn::server

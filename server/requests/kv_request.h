@@ -1,0 +1,50 @@
+// Decode and Prefill requests to kernel-library arguments, checked against their cache: every
+// field checked (a Status naming it otherwise), the request's tensors viewed in place, the
+// outputs allocated in the response, the variant chosen for the cache's device. The plan (pages,
+// lengths) comes later, on the cache's worker, in the cache's order.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "attn/registry.h"
+#include "attn/v1/attn.pb.h"
+#include "attn/wire.h"
+#include "rpc/call_context.h"
+#include "state/kv_cache.h"
+
+namespace attn::server {
+
+template <class Args>
+struct KvRequest {
+  std::vector<wire::DecodedTensor> inputs;  // q, k, v: views into the request
+  Args args;  // its index arrays bound to `placeholder` until the plan replaces them
+  const Variant<Args>* variant = nullptr;
+  PagedPlan placeholder;
+  bool causal = false;
+};
+
+// Binds a plan's index arrays (pages, lengths) into the op's arguments.
+inline void bind_plan(const PagedPlan& plan, PagedDecodeArgs& a) { plan.bind(a.seqs); }
+inline void bind_plan(const PagedPlan& plan, PagedPrefillArgs& a) { plan.bind(a); }
+
+// `fresh`: the new tokens of each sequence (Decode: one each; Prefill: prefill_lens).
+Result<KvRequest<PagedDecodeArgs>> parse_kv_request(const v1::DecodeRequest& req,
+                                                    v1::DecodeResponse* resp, const KvCache& cache,
+                                                    const std::vector<std::int64_t>& fresh,
+                                                    const Registry& registry,
+                                                    const wire::TensorLimits& limits,
+                                                    const CallContext& call);
+Result<KvRequest<PagedPrefillArgs>> parse_kv_request(
+    const v1::PrefillRequest& req, v1::PrefillResponse* resp, const KvCache& cache,
+    const std::vector<std::int64_t>& fresh, const Registry& registry,
+    const wire::TensorLimits& limits, const CallContext& call);
+
+// Prefill's `lens`: one per sequence, each 1..2^31-1, their sum below 2^31.
+Result<std::vector<std::int64_t>> prefill_lens(const v1::PrefillRequest& req);
+
+// The layer against the cache's layers; sequence ids: at least one, none empty, none twice.
+Status check_layer(const KvCache& c, std::int64_t layer);
+Status check_ids(const google::protobuf::RepeatedPtrField<std::string>& ids);
+
+}  // namespace attn::server

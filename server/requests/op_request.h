@@ -1,0 +1,113 @@
+// Requests to kernel-library arguments: every field checked, the variant chosen, the outputs
+// allocated inside the response (kernels write there directly), or a Status naming the problem.
+#pragma once
+
+#include <vector>
+
+#include "attn/registry.h"
+#include "attn/v1/attn.pb.h"
+#include "attn/wire.h"
+#include "rpc/call_context.h"
+#include "state/shared_memory.h"
+#include "state/tensor_store.h"
+
+namespace attn::server {
+
+struct RequestContext {
+  const Registry* registry = nullptr;
+  // Where variants may run, the device first: a CUDA server keeps the CPU as a fallback for
+  // what its GPU variants cannot take.
+  std::vector<Target> targets;
+  wire::TensorLimits limits;
+  // Resident tensors (null: none): inputs given by handle, outputs kept on a device.
+  TensorStore* store = nullptr;
+  // Every executor's target, by executor index (the index ResidentTensor::executor uses), and
+  // the device it runs on: a GPU's executors (one per stream) share its memory.
+  std::vector<Target> executor_targets;
+  std::vector<int> executor_devices;
+  // Each executor's CUDA ordinal, -1 for the CPU's (CUDA shared-memory regions pin ops to theirs).
+  std::vector<int> executor_cuda_ordinals;
+  // Shared-memory regions (null: --shared-memory is off): inputs named by region, outputs
+  // written into one, of the call's caller (CallContext::caller).
+  SharedMemoryRegistry* shm = nullptr;
+};
+
+// A tiny op costs less than a GPU round trip (copies, a launch, a sync: ~30 us) or a hand-off to
+// a worker thread (~20 us): with no variant named it runs on the CPU, on the gRPC thread when the
+// CPU is idle.
+inline constexpr std::int64_t kTinyOpMaxFlops = 1 << 20;
+inline constexpr std::int64_t kTinyOpMaxBytes = 256 << 10;
+inline bool tiny(const OpCost& c) {
+  return c.flops <= kTinyOpMaxFlops && c.bytes <= kTinyOpMaxBytes;
+}
+
+// Whether `info` can run on one of the context's targets.
+bool available(const VariantInfo& info, const RequestContext& ctx);
+
+template <class Args>
+struct PreparedOp {
+  std::vector<wire::DecodedTensor> inputs;                // keeps inputs given as `values` alive
+  std::vector<std::shared_ptr<ResidentTensor>> resident;  // inputs given by handle, held in use
+  std::vector<std::shared_ptr<ResidentTensor>> kept;      // outputs to publish once the op succeeds
+  // Host buffers of inputs read from shared memory and of outputs bound for it.
+  std::vector<StagingBuffer> shm_buffers;
+  struct ShmOutput {
+    SharedMemoryRegistry::Slice slice;
+    std::string field;
+    const void* data = nullptr;
+  };
+  std::vector<ShmOutput> shm_outputs;  // written once the op succeeds
+  // CUDA regions the op reads or writes in place, held open until it is done.
+  std::vector<std::shared_ptr<SharedMemoryRegion>> shm_regions;
+  // An executor of the device that must run it (where its resident inputs or kept outputs live;
+  // any executor of that device will do), or -1.
+  int executor = -1;
+  Args args;
+  const Variant<Args>* variant = nullptr;
+};
+
+Result<PreparedOp<MatmulArgs>> parse_matmul(const v1::MatmulRequest& req, v1::MatmulResponse* resp,
+                                            const RequestContext& ctx, const CallContext& call);
+Result<PreparedOp<SoftmaxArgs>> parse_softmax(const v1::SoftmaxRequest& req,
+                                              v1::SoftmaxResponse* resp, const RequestContext& ctx,
+                                              const CallContext& call);
+Result<PreparedOp<AttentionArgs>> parse_attention(const v1::AttentionRequest& req,
+                                                  v1::AttentionResponse* resp,
+                                                  const RequestContext& ctx,
+                                                  const CallContext& call);
+
+// Each RPC of an op, described once for the generic handler (AttnService::serve): its Args, its
+// decoding and the response tensors that carry its outputs.
+template <class Request>
+struct RpcOp;
+
+template <>
+struct RpcOp<v1::MatmulRequest> {
+  using Args = MatmulArgs;
+  static constexpr auto parse = parse_matmul;
+  static std::vector<v1::Tensor*> outputs(const v1::MatmulRequest&, v1::MatmulResponse* r) {
+    return {r->mutable_c()};
+  }
+};
+
+template <>
+struct RpcOp<v1::SoftmaxRequest> {
+  using Args = SoftmaxArgs;
+  static constexpr auto parse = parse_softmax;
+  static std::vector<v1::Tensor*> outputs(const v1::SoftmaxRequest&, v1::SoftmaxResponse* r) {
+    return {r->mutable_y()};
+  }
+};
+
+template <>
+struct RpcOp<v1::AttentionRequest> {
+  using Args = AttentionArgs;
+  static constexpr auto parse = parse_attention;
+  static std::vector<v1::Tensor*> outputs(const v1::AttentionRequest& req,
+                                          v1::AttentionResponse* r) {
+    if (!req.return_lse()) return {r->mutable_o()};
+    return {r->mutable_o(), r->mutable_lse()};
+  }
+};
+
+}  // namespace attn::server

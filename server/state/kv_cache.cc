@@ -1,0 +1,455 @@
+#include "state/kv_cache.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <limits>
+#include <random>
+#include <set>
+
+namespace attn::server {
+namespace {
+
+std::string new_handle() {
+  static thread_local std::random_device device;
+  char buf[40];
+  std::snprintf(buf, sizeof buf, "kv-%08x%08x%08x%08x", device(), device(), device(), device());
+  return buf;
+}
+
+std::string str(std::int64_t v) { return std::to_string(v); }
+
+std::int64_t pages_for(std::int64_t tokens, std::int64_t page_size) {
+  return (tokens + page_size - 1) / page_size;
+}
+
+}  // namespace
+
+Status check_kv_config(const KvCacheConfig& c, std::int64_t capacity_tokens,
+                       std::int64_t max_elements) {
+  const std::string f = "config.";
+  if (c.layers < 1 || c.layers > 4096)
+    return invalid_argument(f + "layers: expected 1..4096, got " + str(c.layers));
+  if (c.heads_kv < 1 || c.heads_kv > 1024) {
+    return invalid_argument(f + "kv_heads: expected 1..1024, got " + str(c.heads_kv));
+  }
+  if (c.head_dim < 1 || c.head_dim > 1024) {
+    return invalid_argument(f + "head_dim: expected 1..1024, got " + str(c.head_dim));
+  }
+  if (c.page_size != 8 && c.page_size != 16 && c.page_size != 32 && c.page_size != 64 &&
+      c.page_size != 128) {
+    return invalid_argument(f + "page_size: expected 8, 16, 32, 64 or 128 (0 for 16), got " +
+                            str(c.page_size));
+  }
+  // Positions and lengths travel as int32: the capacity, rounded up to whole pages, must fit.
+  if (capacity_tokens < 1 || pages_for(capacity_tokens, c.page_size) * c.page_size >
+                                 std::numeric_limits<std::int32_t>::max()) {
+    return invalid_argument(f + "capacity_tokens: expected 1..2^31-1 (in whole pages), got " +
+                            str(capacity_tokens));
+  }
+  // One pool (K or V of one layer) is a tensor like any other: the element limit applies.
+  const std::int64_t pool =
+      pages_for(capacity_tokens, c.page_size) * c.page_size * c.heads_kv * c.head_dim;
+  if (pool / c.page_size / c.heads_kv != pages_for(capacity_tokens, c.page_size) * c.head_dim ||
+      pool > max_elements) {
+    return resource_exhausted(f + "capacity_tokens: " + str(capacity_tokens) + " tokens x " +
+                              str(c.heads_kv) + " heads x " + str(c.head_dim) +
+                              " exceeds the server's limit of " + str(max_elements) +
+                              " elements per layer pool");
+  }
+  return Status::Ok();
+}
+
+KvCache::~KvCache() {
+  if (data_ && owner_) owner_->deallocate(data_);
+  if (store_) store_->released(*this);
+}
+
+PagedKvLayer KvCache::layer(int l) const {
+  PagedKvLayer p;
+  p.dtype = config_.dtype;
+  p.pages = config_.pages;
+  p.heads_kv = config_.heads_kv;
+  p.page_size = config_.page_size;
+  p.head_dim = config_.head_dim;
+  auto* base = static_cast<char*>(data_);
+  p.k = base + (2 * static_cast<std::size_t>(l)) * config_.pool_bytes();
+  p.v = base + (2 * static_cast<std::size_t>(l) + 1) * config_.pool_bytes();
+  p.memory = owner_->resident_kind();
+  return p;
+}
+
+PagedKvLayer KvCache::all_layers() const {
+  PagedKvLayer p = layer(0);
+  p.pages = (2 * static_cast<std::int64_t>(config_.layers) - 1) * config_.pages;
+  return p;
+}
+
+std::string KvCache::capacity_words() const {
+  return str(static_cast<std::int64_t>(free_.size()) - reserved_) + " of " + str(config_.pages) +
+         " pages of " + str(config_.page_size) + " tokens free (capacity " +
+         str(config_.capacity_tokens()) + " tokens); release sequences or create a larger cache";
+}
+
+Result<KvCache::PendingAppend> KvCache::plan_append(int layer, const std::vector<std::string>& ids,
+                                                    const std::vector<std::int64_t>& fresh,
+                                                    bool create_missing) {
+  std::lock_guard lock(mu_);
+  PendingAppend p;
+  p.layer = layer;
+  p.ids = ids;
+  const std::int64_t ps = config_.page_size;
+  std::int64_t needed = 0;
+  std::vector<std::int64_t> need(ids.size());
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    auto it = sequences_.find(ids[i]);
+    if (it == sequences_.end() && !create_missing) {
+      return not_found("sequence_ids[" + str(static_cast<std::int64_t>(i)) + "]: no sequence \"" +
+                       ids[i] + "\" in kv cache " + handle_ + " (Prefill creates sequences)");
+    }
+    const std::int64_t len =
+        it == sequences_.end() ? 0 : it->second.lengths[static_cast<std::size_t>(layer)];
+    const std::int64_t held =
+        it == sequences_.end() ? 0 : static_cast<std::int64_t>(it->second.pages.size());
+    const std::int64_t new_len = len + fresh[i];
+    if (new_len > config_.capacity_tokens()) {
+      return resource_exhausted(
+          "sequence_ids[" + str(static_cast<std::int64_t>(i)) + "]: sequence \"" + ids[i] +
+          "\" would hold " + str(new_len) + " tokens at layer " + str(layer) +
+          ", more than the cache's capacity of " + str(config_.capacity_tokens()));
+    }
+    need[i] = std::max<std::int64_t>(0, pages_for(new_len, ps) - held);
+    needed += need[i];
+    p.new_lengths.push_back(new_len);
+    p.created.push_back(it == sequences_.end());
+  }
+  // page_indptr is int32: the page references of one call must fit (forks share pages, so they
+  // can exceed the cache's pages).
+  std::int64_t references = needed;
+  for (const std::string& id : ids)
+    if (auto it = sequences_.find(id); it != sequences_.end())
+      references += static_cast<std::int64_t>(it->second.pages.size());
+  if (references > std::numeric_limits<std::int32_t>::max()) {
+    return invalid_argument("sequence_ids: the call's sequences hold " + str(references) +
+                            " page references, over 2^31-1; split the call");
+  }
+  const std::int64_t available = static_cast<std::int64_t>(free_.size()) - reserved_;
+  if (needed > available) {
+    return resource_exhausted("kv cache " + handle_ + ": the call needs " + str(needed) +
+                              " more pages, " + capacity_words());
+  }
+  // Reserve from the back of the free list without taking them yet: pages [size - reserved -
+  // needed, size - reserved) belong to this call until commit or abort. Calls on a cache run one
+  // at a time, so no other plan interleaves.
+  std::size_t next = free_.size() - static_cast<std::size_t>(reserved_);
+  reserved_ += needed;
+  p.plan.page_indptr.push_back(0);
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    auto it = sequences_.find(ids[i]);
+    if (it != sequences_.end())
+      p.plan.page_indices.insert(p.plan.page_indices.end(), it->second.pages.begin(),
+                                 it->second.pages.end());
+    std::vector<std::int32_t> mine;
+    for (std::int64_t k = 0; k < need[i]; ++k) mine.push_back(free_[--next]);
+    p.plan.page_indices.insert(p.plan.page_indices.end(), mine.begin(), mine.end());
+    p.new_pages.push_back(std::move(mine));
+    p.plan.page_indptr.push_back(static_cast<std::int32_t>(p.plan.page_indices.size()));
+    p.plan.seq_lens.push_back(static_cast<std::int32_t>(p.new_lengths[i]));
+  }
+  p.plan.q_indptr.push_back(0);
+  for (std::size_t i = 0; i < ids.size(); ++i)
+    p.plan.q_indptr.push_back(p.plan.q_indptr.back() + static_cast<std::int32_t>(fresh[i]));
+  return p;
+}
+
+void KvCache::commit(PendingAppend& p) {
+  std::lock_guard lock(mu_);
+  std::int64_t taken = 0;
+  for (std::size_t i = 0; i < p.ids.size(); ++i) {
+    Sequence& s = sequences_[p.ids[i]];
+    if (s.lengths.empty()) s.lengths.assign(static_cast<std::size_t>(config_.layers), 0);
+    for (std::int32_t page : p.new_pages[i]) {
+      s.pages.push_back(page);
+      refs_[static_cast<std::size_t>(page)] = 1;
+      ++taken;
+    }
+    s.lengths[static_cast<std::size_t>(p.layer)] = p.new_lengths[i];
+  }
+  // The reserved pages were the last `taken` of the free list's unreserved part, which is its
+  // end: no other plan runs between this call's plan and its commit.
+  free_.resize(free_.size() - static_cast<std::size_t>(taken));
+  reserved_ -= taken;
+}
+
+void KvCache::abort(PendingAppend& p) {
+  std::lock_guard lock(mu_);
+  std::int64_t taken = 0;
+  for (const auto& pages : p.new_pages) taken += static_cast<std::int64_t>(pages.size());
+  reserved_ -= taken;
+}
+
+Result<std::int64_t> KvCache::release(const std::vector<std::string>& ids) {
+  std::lock_guard lock(mu_);
+  std::set<std::string> seen;
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    if (!sequences_.count(ids[i])) {
+      return not_found("sequence_ids[" + str(static_cast<std::int64_t>(i)) + "]: no sequence \"" +
+                       ids[i] + "\" in kv cache " + handle_);
+    }
+    if (!seen.insert(ids[i]).second) {
+      return invalid_argument("sequence_ids[" + str(static_cast<std::int64_t>(i)) + "]: \"" +
+                              ids[i] + "\" appears twice");
+    }
+  }
+  std::int64_t freed = 0;
+  for (const std::string& id : ids) {
+    auto it = sequences_.find(id);
+    for (std::int32_t page : it->second.pages)
+      if (--refs_[static_cast<std::size_t>(page)] == 0) {
+        free_.push_back(page);
+        ++freed;
+      }
+    sequences_.erase(it);
+  }
+  return freed;
+}
+
+Result<std::int64_t> KvCache::fork(const std::string& from, const std::string& to,
+                                   KvSequenceSummary* out) {
+  std::unique_lock lock(mu_);
+  auto src = sequences_.find(from);
+  if (src == sequences_.end())
+    return not_found("source_id: no sequence \"" + from + "\" in kv cache " + handle_);
+  if (to.empty()) return invalid_argument("new_id: expected a sequence id, got an empty string");
+  if (sequences_.count(to)) {
+    return invalid_argument("new_id: sequence \"" + to + "\" already exists in kv cache " +
+                            handle_ + " (release it first)");
+  }
+  // Forks take pages from the back of the free list, where pending appends reserve theirs: the
+  // cache's order never runs a fork while an append is pending.
+  if (reserved_ != 0)
+    return internal_error("kv cache " + handle_ + ": a fork while an append is pending");
+  const std::int64_t ps = config_.page_size;
+  const std::int64_t shortest =
+      *std::min_element(src->second.lengths.begin(), src->second.lengths.end());
+  // Pages every layer has filled are never written again: shared. The rest are copied.
+  const std::size_t shared = static_cast<std::size_t>(
+      std::min<std::int64_t>(shortest / ps, static_cast<std::int64_t>(src->second.pages.size())));
+  const std::int64_t copies = static_cast<std::int64_t>(src->second.pages.size() - shared);
+  if (copies > static_cast<std::int64_t>(free_.size()) - reserved_) {
+    return resource_exhausted("kv cache " + handle_ + ": the fork needs " + str(copies) +
+                              " pages, " + capacity_words());
+  }
+  Sequence fork;
+  fork.lengths = src->second.lengths;
+  fork.pages.assign(src->second.pages.begin(),
+                    src->second.pages.begin() + static_cast<std::ptrdiff_t>(shared));
+  std::vector<std::pair<std::int32_t, std::int32_t>> copy;  // (from page, to page)
+  for (std::size_t i = shared; i < src->second.pages.size(); ++i) {
+    const std::int32_t page = free_.back();
+    free_.pop_back();
+    copy.emplace_back(src->second.pages[i], page);
+    fork.pages.push_back(page);
+  }
+  // The copies, page by page through the host (a fork copies at most a page or two per layer).
+  const std::size_t page_bytes =
+      static_cast<std::size_t>(config_.heads_kv * ps * config_.head_dim) *
+      element_size(config_.dtype);
+  std::vector<unsigned char> buf(page_bytes);
+  Status copied = Status::Ok();
+  for (int l = 0; l < config_.layers && copied.ok(); ++l) {
+    const std::size_t layer_base = 2 * static_cast<std::size_t>(l) * config_.pool_bytes();
+    for (std::size_t pool = 0; pool < 2 && copied.ok(); ++pool)
+      for (const auto& [a, b] : copy) {
+        const std::size_t base = layer_base + pool * config_.pool_bytes();
+        copied = owner_->read(buf.data(), data_, base + static_cast<std::size_t>(a) * page_bytes,
+                              page_bytes);
+        if (copied.ok())
+          copied = owner_->write(data_, base + static_cast<std::size_t>(b) * page_bytes, buf.data(),
+                                 page_bytes);
+        if (!copied.ok()) break;
+      }
+  }
+  if (!copied.ok()) {
+    for (const auto& c : copy) free_.push_back(c.second);
+    return copied;
+  }
+  for (std::size_t i = 0; i < shared; ++i) ++refs_[static_cast<std::size_t>(fork.pages[i])];
+  for (const auto& c : copy) refs_[static_cast<std::size_t>(c.second)] = 1;
+  if (out) {
+    out->id = to;
+    out->lengths = fork.lengths;
+    out->pages = static_cast<std::int64_t>(fork.pages.size());
+    out->shared_pages = static_cast<std::int64_t>(shared);
+  }
+  sequences_.emplace(to, std::move(fork));
+  return copies;
+}
+
+Status KvCache::read(const std::string& id, int layer, Shape* shape, std::vector<unsigned char>* k,
+                     std::vector<unsigned char>* v) const {
+  std::vector<std::int32_t> pages;
+  std::int64_t len = 0;
+  {
+    std::lock_guard lock(mu_);
+    auto it = sequences_.find(id);
+    if (it == sequences_.end())
+      return not_found("sequence_id: no sequence \"" + id + "\" in kv cache " + handle_);
+    pages = it->second.pages;
+    len = it->second.lengths[static_cast<std::size_t>(layer)];
+  }
+  const std::int64_t hkv = config_.heads_kv, ps = config_.page_size, d = config_.head_dim;
+  const std::size_t es = element_size(config_.dtype), row = static_cast<std::size_t>(d) * es;
+  const std::size_t page_bytes = static_cast<std::size_t>(hkv * ps) * row;
+  *shape = {len, hkv, d};
+  k->assign(static_cast<std::size_t>(len * hkv) * row, 0);
+  v->assign(k->size(), 0);
+  std::vector<unsigned char> buf(page_bytes);
+  const std::size_t layer_base = 2 * static_cast<std::size_t>(layer) * config_.pool_bytes();
+  for (std::size_t pool = 0; pool < 2; ++pool) {
+    std::vector<unsigned char>& out = pool == 0 ? *k : *v;
+    for (std::int64_t p0 = 0; p0 < len; p0 += ps) {
+      const std::size_t page = static_cast<std::size_t>(pages[static_cast<std::size_t>(p0 / ps)]);
+      ATTN_RETURN_IF_ERROR(
+          owner_->read(buf.data(), data_,
+                       layer_base + pool * config_.pool_bytes() + page * page_bytes, page_bytes));
+      // Page [Hkv, page_size, D] -> rows [len, Hkv, D].
+      for (std::int64_t t = 0; t < std::min(ps, len - p0); ++t)
+        for (std::int64_t h = 0; h < hkv; ++h)
+          std::copy_n(buf.data() + static_cast<std::size_t>(h * ps + t) * row, row,
+                      out.data() + static_cast<std::size_t>((p0 + t) * hkv + h) * row);
+    }
+  }
+  return Status::Ok();
+}
+
+KvCacheSummary KvCache::summary(bool with_sequences) const {
+  std::lock_guard lock(mu_);
+  KvCacheSummary s;
+  s.pages_free = static_cast<std::int64_t>(free_.size()) - reserved_;
+  s.pages_used = config_.pages - s.pages_free;
+  s.sequences = static_cast<std::int64_t>(sequences_.size());
+  for (const auto& [id, seq] : sequences_) {
+    const std::int64_t longest = *std::max_element(seq.lengths.begin(), seq.lengths.end());
+    s.pages_unshared += pages_for(longest, config_.page_size);
+    if (!with_sequences) continue;
+    KvSequenceSummary q;
+    q.id = id;
+    q.lengths = seq.lengths;
+    q.pages = static_cast<std::int64_t>(seq.pages.size());
+    for (std::int32_t page : seq.pages) q.shared_pages += refs_[static_cast<std::size_t>(page)] > 1;
+    s.sequence_list.push_back(std::move(q));
+  }
+  return s;
+}
+
+KvCacheStore::KvCacheStore(std::vector<Executor*> executors, TensorStore* quota,
+                           TensorStoreOptions options)
+    : executors_(std::move(executors)), quota_(quota), options_(options) {}
+
+KvCacheStore::~KvCacheStore() {
+  std::map<std::string, Entry> entries;
+  {
+    std::lock_guard lock(mu_);
+    entries.swap(entries_);
+  }
+}
+
+void KvCacheStore::released(const KvCache& c) { quota_->unreserve(c.bytes(), c.executor()); }
+
+void KvCacheStore::drop_expired() {
+  std::vector<std::shared_ptr<KvCache>> expired;  // freed outside the lock
+  std::lock_guard lock(mu_);
+  const auto now = std::chrono::steady_clock::now();
+  for (auto it = entries_.begin(); it != entries_.end();) {
+    if (it->second.expires <= now) {
+      expired.push_back(std::move(it->second.cache));
+      it = entries_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+Result<std::shared_ptr<KvCache>> KvCacheStore::create(const KvCacheConfig& config,
+                                                      std::int64_t ttl_ms, std::size_t executor) {
+  if (ttl_ms < 0) return invalid_argument("ttl_ms: expected >= 0, got " + str(ttl_ms));
+  drop_expired();
+  ATTN_RETURN_IF_ERROR(quota_->reserve(config.bytes(), executor, "config.capacity_tokens"));
+  std::shared_ptr<KvCache> c(new KvCache());
+  c->store_ = this;  // from here on the destructor gives the quota back
+  c->handle_ = new_handle();
+  c->config_ = config;
+  c->executor_ = executor;
+  c->owner_ = executors_[executor];
+  c->ttl_ = ttl_ms == 0 ? options_.default_ttl
+                        : std::min(std::chrono::milliseconds(ttl_ms), options_.max_ttl);
+  auto p = c->owner_->allocate(config.bytes());
+  if (!p.ok()) return resource_exhausted("config.capacity_tokens: " + p.status().message());
+  c->data_ = *p;
+  c->refs_.assign(static_cast<std::size_t>(config.pages), 0);
+  // Pages are taken from the back: page 0 first.
+  for (std::int64_t i = config.pages - 1; i >= 0; --i)
+    c->free_.push_back(static_cast<std::int32_t>(i));
+  std::lock_guard lock(mu_);
+  entries_[c->handle_] = {c, std::chrono::steady_clock::now() + c->ttl_};
+  return c;
+}
+
+Result<std::shared_ptr<KvCache>> KvCacheStore::find(const std::string& handle,
+                                                    const std::string& field) {
+  drop_expired();  // every cache's TTL, not only this one's: an abandoned cache frees its memory
+  std::shared_ptr<KvCache> expired;  // freed after the lock
+  std::unique_lock lock(mu_);
+  const auto now = std::chrono::steady_clock::now();
+  auto it = entries_.find(handle);
+  if (it == entries_.end() || it->second.expires <= now) {
+    if (it != entries_.end()) {
+      expired = std::move(it->second.cache);
+      entries_.erase(it);
+    }
+    lock.unlock();
+    return not_found(field + ": no kv cache \"" + handle +
+                     "\" on this server (never created here, deleted, or "
+                     "expired; a cache lives on the replica its info names)");
+  }
+  it->second.expires = now + it->second.cache->ttl();
+  return it->second.cache;
+}
+
+Result<std::size_t> KvCacheStore::erase(const std::string& handle) {
+  std::shared_ptr<KvCache> gone;
+  {
+    std::lock_guard lock(mu_);
+    auto it = entries_.find(handle);
+    if (it == entries_.end() || it->second.expires <= std::chrono::steady_clock::now()) {
+      return not_found("handle: no kv cache \"" + handle +
+                       "\" on this server (never created here, deleted, or expired)");
+    }
+    gone = std::move(it->second.cache);
+    entries_.erase(it);
+  }
+  return gone->bytes();
+}
+
+std::vector<KvCacheStore::Listing> KvCacheStore::list() {
+  drop_expired();
+  std::vector<Listing> out;
+  std::lock_guard lock(mu_);
+  const auto now = std::chrono::steady_clock::now();
+  const auto wall = std::chrono::system_clock::now();
+  for (const auto& [handle, e] : entries_)
+    out.push_back({e.cache, wall + std::chrono::duration_cast<std::chrono::system_clock::duration>(
+                                       e.expires - now)});
+  return out;
+}
+
+std::chrono::system_clock::time_point KvCacheStore::expires(const KvCache& c) const {
+  std::lock_guard lock(mu_);
+  auto it = entries_.find(c.handle());
+  const auto now = std::chrono::steady_clock::now();
+  const auto left = it == entries_.end() ? c.ttl() : it->second.expires - now;
+  return std::chrono::system_clock::now() +
+         std::chrono::duration_cast<std::chrono::system_clock::duration>(left);
+}
+
+}  // namespace attn::server

@@ -263,7 +263,7 @@ class KvCall final : public BatchMember {
   int layer = 0;
   std::vector<std::string> ids;
   std::vector<std::int64_t> fresh;
-  std::vector<wire::DecodedTensor> inputs;
+  RequestTensors tensors;  // what keeps q and the new K/V's views valid
   Args args;
   const Variant<Args>* variant = nullptr;
   std::string key;
@@ -438,14 +438,20 @@ grpc::ServerUnaryReactor* AttnService::serve_kv(CallContext& call, const Request
   auto prepared = [&]() -> Status {
     ATTN_ASSIGN_OR_RETURN(cache, find_cache(req->cache(), "cache"));
     kv->cache = cache;
-    ATTN_ASSIGN_OR_RETURN(
-        r, parse_kv_request(*req, resp, *cache, kv->fresh, registry_, requests_.limits, call));
-    kv->inputs = std::move(r.inputs);
+    ATTN_ASSIGN_OR_RETURN(r, parse_kv_request(*req, resp, *cache, kv->fresh, requests_, call));
+    if (config_.metrics && !r.shm_buffers.empty())
+      config_.metrics->record_shared_memory(op, r.shm_bytes_in(), 0);
+    kv->tensors = std::move(static_cast<RequestTensors&>(r));
     kv->args = r.args;
     kv->placeholder = std::move(r.placeholder);  // its arrays keep their storage: args stay valid
     kv->variant = r.variant;
     // Calls merge when one launch can serve them all: the same cache, variant, query heads,
     // scale, mask and outputs; any layers (one view of all of them), where its page numbers fit.
+    // Inputs in host memory only: the merged call gathers them with memcpy.
+    const Args& a = kv->args;
+    if (a.q.memory != MemoryKind::kHost || a.k_new.memory != MemoryKind::kHost ||
+        a.v_new.memory != MemoryKind::kHost)
+      return Status::Ok();
     char key[256];
     std::snprintf(key, sizeof key, "%s %p %d %s %lld %a %d %d", op,
                   static_cast<const void*>(cache.get()),

@@ -251,13 +251,8 @@ grpc::ServerUnaryReactor* AttnService::serve(CallContext& ctx, const Request* re
     finish(ctx, reactor, "", prepared.status(), nullptr, 0);
     return reactor;
   }
-  if (config_.metrics && !prepared->shm_buffers.empty()) {
-    std::size_t shm_in = 0;
-    for (const auto& in : prepared->inputs)
-      for (const auto& b : prepared->shm_buffers)
-        if (in.view.data == b.get()) shm_in += in.view.bytes();
-    config_.metrics->record_shared_memory(op, shm_in, 0);
-  }
+  if (config_.metrics && !prepared->shm_buffers.empty())
+    config_.metrics->record_shared_memory(op, prepared->shm_bytes_in(), 0);
   call->service = this;
   call->call = &ctx;
   call->reactor = reactor;

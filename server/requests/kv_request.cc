@@ -41,17 +41,30 @@ Status check_ids(const google::protobuf::RepeatedPtrField<std::string>& ids) {
 
 namespace {
 
-// An inline tensor of the cache's dtype and shape [rows, heads, D].
-Result<wire::DecodedTensor> kv_input(const v1::Tensor& t, bool present, const std::string& field,
+// Where a tensor in device memory lives, for refusals.
+std::string device_of(int executor, const RequestContext& ctx) {
+  const int ordinal = ctx.executor_cuda_ordinals[static_cast<std::size_t>(executor)];
+  return ordinal >= 0 ? "cuda:" + str(ordinal) : "the CPU";
+}
+
+// An input of the cache's dtype and shape [rows, heads, D], from any source (any_input); one in a
+// device's memory must be on the cache's device.
+Result<wire::DecodedTensor> kv_input(const v1::Tensor& t, bool present, const char* field,
                                      const KvCache& c, std::int64_t rows, std::int64_t heads,
-                                     const wire::TensorLimits& limits) {
-  if (!present) return invalid_argument(field + ": expected a tensor, got none");
-  if (!t.handle().empty())
-    return invalid_argument(field + ".handle: KV-cache calls take inline tensors, got a handle");
-  ATTN_ASSIGN_OR_RETURN(d, wire::decode_tensor(t, field, limits));
+                                     const RequestContext& ctx, const CallContext& call,
+                                     RequestTensors& held) {
+  const std::string f(field);
+  ATTN_ASSIGN_OR_RETURN(d, any_input(t, present, field, ctx, call, held));
+  if (held.executor >= 0 && ctx.executor_devices[static_cast<std::size_t>(held.executor)] !=
+                                ctx.executor_devices[c.executor()]) {
+    return failed_precondition(f + ": lives on " + device_of(held.executor, ctx) +
+                               ", the cache on " + c.owner().device().label() +
+                               "; send it inline, through host shared memory or from the cache's "
+                               "device");
+  }
   const KvCacheConfig& cfg = c.config();
   if (d.view.dtype != cfg.dtype) {
-    return invalid_argument(field + ".dtype: expected " + std::string(dtype_name(cfg.dtype)) +
+    return invalid_argument(f + ".dtype: expected " + std::string(dtype_name(cfg.dtype)) +
                             " (the cache's), got " + std::string(dtype_name(d.view.dtype)));
   }
   const std::string want =
@@ -61,8 +74,7 @@ Result<wire::DecodedTensor> kv_input(const v1::Tensor& t, bool present, const st
   const Shape& s = d.view.shape;
   const bool ok = s.size() == 3 && s[0] == rows && s[2] == cfg.head_dim &&
                   (heads > 0 ? s[1] == heads : s[1] % cfg.heads_kv == 0);
-  if (!ok)
-    return invalid_argument(field + ".shape: expected " + want + ", got " + shape_to_string(s));
+  if (!ok) return invalid_argument(f + ".shape: expected " + want + ", got " + shape_to_string(s));
   return d;
 }
 
@@ -105,8 +117,7 @@ struct KvFields<v1::PrefillRequest> {
 template <class Args, class Request, class Response>
 Result<KvRequest<Args>> parse_request(const Request& req, Response* resp, const KvCache& cache,
                                       const std::vector<std::int64_t>& fresh,
-                                      const Registry& registry, const wire::TensorLimits& limits,
-                                      const CallContext& call) {
+                                      const RequestContext& ctx, const CallContext& call) {
   ATTN_RETURN_IF_ERROR(check_layer(cache, req.layer()));
   ATTN_RETURN_IF_ERROR(check_ids(req.sequence_ids()));
   if (fresh.size() != static_cast<std::size_t>(req.sequence_ids_size())) {
@@ -116,18 +127,18 @@ Result<KvRequest<Args>> parse_request(const Request& req, Response* resp, const 
   }
   std::int64_t rows = 0;
   for (auto f : fresh) rows += f;
-  ATTN_ASSIGN_OR_RETURN(q, kv_input(req.q(), req.has_q(), "q", cache, rows, 0, limits));
+  KvRequest<Args> out;
+  ATTN_ASSIGN_OR_RETURN(q, kv_input(req.q(), req.has_q(), "q", cache, rows, 0, ctx, call, out));
   using Fields = KvFields<Request>;
   const std::int64_t hkv = cache.config().heads_kv;
-  ATTN_ASSIGN_OR_RETURN(
-      k, kv_input(Fields::k(req), Fields::has_k(req), Fields::kK, cache, rows, hkv, limits));
-  ATTN_ASSIGN_OR_RETURN(
-      v, kv_input(Fields::v(req), Fields::has_v(req), Fields::kV, cache, rows, hkv, limits));
+  ATTN_ASSIGN_OR_RETURN(k, kv_input(Fields::k(req), Fields::has_k(req), Fields::kK, cache, rows,
+                                    hkv, ctx, call, out));
+  ATTN_ASSIGN_OR_RETURN(v, kv_input(Fields::v(req), Fields::has_v(req), Fields::kV, cache, rows,
+                                    hkv, ctx, call, out));
   if (!std::isfinite(req.scale())) {
     return invalid_argument("scale: expected a finite number (0 for 1/sqrt(D)), got " +
                             std::to_string(req.scale()));
   }
-  KvRequest<Args> out;
   Args& a = out.args;
   a.q = q.view;
   a.k_new = k.view;
@@ -148,7 +159,7 @@ Result<KvRequest<Args>> parse_request(const Request& req, Response* resp, const 
   if (req.return_lse())
     a.lse = wire::prepare_output(DType::kFloat32, {rows, q.view.dim(1)}, resp->mutable_lse());
   ATTN_ASSIGN_OR_RETURN(variant,
-                        registry.of<Args>().select(a, req.kernel(), cache.owner().target()));
+                        ctx.registry->of<Args>().select(a, req.kernel(), cache.owner().target()));
   out.variant = variant;
   out.causal = causal;
   out.inputs.push_back(std::move(q));
@@ -162,17 +173,15 @@ Result<KvRequest<Args>> parse_request(const Request& req, Response* resp, const 
 Result<KvRequest<PagedDecodeArgs>> parse_kv_request(const v1::DecodeRequest& req,
                                                     v1::DecodeResponse* resp, const KvCache& cache,
                                                     const std::vector<std::int64_t>& fresh,
-                                                    const Registry& registry,
-                                                    const wire::TensorLimits& limits,
+                                                    const RequestContext& ctx,
                                                     const CallContext& call) {
-  return parse_request<PagedDecodeArgs>(req, resp, cache, fresh, registry, limits, call);
+  return parse_request<PagedDecodeArgs>(req, resp, cache, fresh, ctx, call);
 }
 
 Result<KvRequest<PagedPrefillArgs>> parse_kv_request(
     const v1::PrefillRequest& req, v1::PrefillResponse* resp, const KvCache& cache,
-    const std::vector<std::int64_t>& fresh, const Registry& registry,
-    const wire::TensorLimits& limits, const CallContext& call) {
-  return parse_request<PagedPrefillArgs>(req, resp, cache, fresh, registry, limits, call);
+    const std::vector<std::int64_t>& fresh, const RequestContext& ctx, const CallContext& call) {
+  return parse_request<PagedPrefillArgs>(req, resp, cache, fresh, ctx, call);
 }
 
 Result<std::vector<std::int64_t>> prefill_lens(const v1::PrefillRequest& req) {

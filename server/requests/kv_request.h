@@ -10,14 +10,16 @@
 #include "attn/registry.h"
 #include "attn/v1/attn.pb.h"
 #include "attn/wire.h"
+#include "requests/op_request.h"
 #include "rpc/call_context.h"
 #include "state/kv_cache.h"
 
 namespace attn::server {
 
+// A Decode or Prefill call's arguments; its tensors (q and the new K/V: inline, resident, shared
+// memory or CUDA IPC, decoded as every op's are) in the base.
 template <class Args>
-struct KvRequest {
-  std::vector<wire::DecodedTensor> inputs;  // q, k, v: views into the request
+struct KvRequest : RequestTensors {
   Args args;  // its index arrays bound to `placeholder` until the plan replaces them
   const Variant<Args>* variant = nullptr;
   PagedPlan placeholder;
@@ -32,13 +34,11 @@ inline void bind_plan(const PagedPlan& plan, PagedPrefillArgs& a) { plan.bind(a)
 Result<KvRequest<PagedDecodeArgs>> parse_kv_request(const v1::DecodeRequest& req,
                                                     v1::DecodeResponse* resp, const KvCache& cache,
                                                     const std::vector<std::int64_t>& fresh,
-                                                    const Registry& registry,
-                                                    const wire::TensorLimits& limits,
+                                                    const RequestContext& ctx,
                                                     const CallContext& call);
 Result<KvRequest<PagedPrefillArgs>> parse_kv_request(
     const v1::PrefillRequest& req, v1::PrefillResponse* resp, const KvCache& cache,
-    const std::vector<std::int64_t>& fresh, const Registry& registry,
-    const wire::TensorLimits& limits, const CallContext& call);
+    const std::vector<std::int64_t>& fresh, const RequestContext& ctx, const CallContext& call);
 
 // Prefill's `lens`: one per sequence, each 1..2^31-1, their sum below 2^31.
 Result<std::vector<std::int64_t>> prefill_lens(const v1::PrefillRequest& req);

@@ -16,9 +16,8 @@ Result<wire::DecodedTensor> input(const v1::Tensor& t, bool present, const char*
 
 // An input given by handle, or null: its view replaces `decoded`'s, and the op is pinned to the
 // device holding it.
-template <class Args>
 Status resolve_handle(const v1::Tensor& t, const char* field, const RequestContext& ctx,
-                      wire::DecodedTensor& decoded, PreparedOp<Args>& op) {
+                      wire::DecodedTensor& decoded, RequestTensors& op) {
   const std::string f(field);
   if (!ctx.store) return failed_precondition(f + ".handle: this server keeps no resident tensors");
   if (!t.data().empty() || t.values_size() > 0) {
@@ -52,9 +51,8 @@ std::string off_message(const std::string& field) {
 
 // Pins the op to an executor of CUDA device `ordinal`: FAILED_PRECONDITION when its other inputs
 // already pin it elsewhere.
-template <class Args>
 Status pin_to_cuda(int ordinal, const std::string& field, const RequestContext& ctx,
-                   PreparedOp<Args>& op) {
+                   RequestTensors& op) {
   if (op.executor >= 0) {
     if (ctx.executor_cuda_ordinals[static_cast<std::size_t>(op.executor)] == ordinal)
       return Status::Ok();
@@ -72,10 +70,8 @@ Status pin_to_cuda(int ordinal, const std::string& field, const RequestContext& 
 }
 
 // Outputs bound for CUDA regions pin the op to their device before its variant is chosen.
-template <class Args>
 Status pin_output_regions(const google::protobuf::RepeatedPtrField<v1::SharedMemoryRef>& refs,
-                          const RequestContext& ctx, const CallContext& call,
-                          PreparedOp<Args>& op) {
+                          const RequestContext& ctx, const CallContext& call, RequestTensors& op) {
   if (!ctx.shm) return Status::Ok();
   for (const auto& ref : refs) {
     if (ref.region().empty()) continue;
@@ -88,18 +84,16 @@ Status pin_output_regions(const google::protobuf::RepeatedPtrField<v1::SharedMem
 
 // A host buffer of `bytes` from the registry's staging pool, not zeroed (it is overwritten whole),
 // kept by the op.
-template <class Args>
-void* shm_buffer(std::size_t bytes, const RequestContext& ctx, PreparedOp<Args>& op) {
+void* shm_buffer(std::size_t bytes, const RequestContext& ctx, RequestTensors& op) {
   op.shm_buffers.push_back(ctx.shm->staging(bytes));
   return op.shm_buffers.back().get();
 }
 
 // An input given as bytes in a shared-memory region: read (through the region's descriptor) into
 // a host buffer charged to the call.
-template <class Args>
 Result<wire::DecodedTensor> shm_input(const v1::Tensor& t, const char* field,
                                       const RequestContext& ctx, const CallContext& call,
-                                      PreparedOp<Args>& op) {
+                                      RequestTensors& op) {
   const std::string f(field);
   if (!ctx.shm) return failed_precondition(off_message(f + ".shm"));
   if (!t.data().empty() || t.values_size() > 0 || !t.handle().empty()) {
@@ -133,11 +127,11 @@ Result<wire::DecodedTensor> shm_input(const v1::Tensor& t, const char* field,
   return d;
 }
 
-// Decodes an input that may be inline, a handle or in shared memory.
-template <class Args>
+}  // namespace
+
 Result<wire::DecodedTensor> any_input(const v1::Tensor& t, bool present, const char* field,
                                       const RequestContext& ctx, const CallContext& call,
-                                      PreparedOp<Args>& op) {
+                                      RequestTensors& op) {
   if (present && t.has_shm()) return shm_input(t, field, ctx, call, op);
   if (present && !t.handle().empty()) {
     wire::DecodedTensor d;
@@ -147,9 +141,10 @@ Result<wire::DecodedTensor> any_input(const v1::Tensor& t, bool present, const c
   return input(t, present, field, ctx);
 }
 
+namespace {
+
 // The context to select a variant in: only the pinned device's target when there is one.
-template <class Args>
-RequestContext placed(const RequestContext& ctx, const PreparedOp<Args>& op) {
+RequestContext placed(const RequestContext& ctx, const RequestTensors& op) {
   if (op.executor < 0) return ctx;
   RequestContext c = ctx;
   c.targets = {ctx.executor_targets[static_cast<std::size_t>(op.executor)]};

@@ -44,8 +44,9 @@ inline bool tiny(const OpCost& c) {
 // Whether `info` can run on one of the context's targets.
 bool available(const VariantInfo& info, const RequestContext& ctx);
 
-template <class Args>
-struct PreparedOp {
+// What a call's tensors hold while it runs, whatever their source (inline, resident, shared
+// memory, CUDA IPC): the buffers and holds behind its views, and the device they pin it to.
+struct RequestTensors {
   std::vector<wire::DecodedTensor> inputs;                // keeps inputs given as `values` alive
   std::vector<std::shared_ptr<ResidentTensor>> resident;  // inputs given by handle, held in use
   std::vector<std::shared_ptr<ResidentTensor>> kept;      // outputs to publish once the op succeeds
@@ -62,9 +63,30 @@ struct PreparedOp {
   // An executor of the device that must run it (where its resident inputs or kept outputs live;
   // any executor of that device will do), or -1.
   int executor = -1;
+
+  // The bytes of inputs read from host shared memory (for the metrics).
+  std::size_t shm_bytes_in() const {
+    std::size_t n = 0;
+    for (const auto& in : inputs)
+      for (const auto& b : shm_buffers)
+        if (in.view.data == b.get()) n += in.view.bytes();
+    return n;
+  }
+};
+
+template <class Args>
+struct PreparedOp : RequestTensors {
   Args args;
   const Variant<Args>* variant = nullptr;
 };
+
+// The one decoder of a request's input tensors, for every op: `t` inline (data or values), by
+// handle (a resident tensor, which pins `held` to its device) or in a shared-memory region (host:
+// read into a staging buffer charged to the call; CUDA: viewed in place, pinning `held` to its
+// GPU). What keeps the view valid is added to `held`; refusals name `field`.
+Result<wire::DecodedTensor> any_input(const v1::Tensor& t, bool present, const char* field,
+                                      const RequestContext& ctx, const CallContext& call,
+                                      RequestTensors& held);
 
 Result<PreparedOp<MatmulArgs>> parse_matmul(const v1::MatmulRequest& req, v1::MatmulResponse* resp,
                                             const RequestContext& ctx, const CallContext& call);

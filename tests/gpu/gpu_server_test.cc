@@ -449,5 +449,94 @@ TEST(GpuServer, CudaIpcInputsAndOutputsMatchTheInlinePath) {
   EXPECT_THAT(refused.error_message(), HasSubstr("--shared-memory cuda"));
 }
 
+// Decode and Prefill on a GPU cache read inputs in place from the GPU: q from a CUDA IPC region,
+// K by handle of a resident tensor, V inline give the bits of a twin cache fed all inline.
+TEST(GpuServer, KvCallsReadDeviceInputsInPlace) {
+  SKIP_WITHOUT_GPU();
+  testing::ServerProcess server(ATTND_PATH, {"--backend", "cuda", "--devices", "0", "--shared-memory", "system,cuda"});
+  Client client(server.address());
+  std::mt19937_64 rng(testing::seed());
+  const int hkv = 2, d = 128;
+  auto create = [&] {
+    v1::CreateKvCacheRequest req;
+    auto* c = req.mutable_config();
+    c->set_layers(1);
+    c->set_kv_heads(hkv);
+    c->set_head_dim(d);
+    c->set_dtype(v1::D_TYPE_BFLOAT16);
+    c->set_page_size(16);
+    c->set_capacity_tokens(8192);
+    v1::CreateKvCacheResponse resp;
+    const grpc::Status s = client.stub().CreateKvCache(client.make_context(req).get(), req, &resp);
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    return resp.cache().handle();
+  };
+  const std::string device_fed = create(), inline_fed = create();
+  const std::int64_t rows = 1000;
+  const int hq_decode = 14;  // Decode: Qwen2.5-7B's group of 7 over two KV heads
+  Tensor q = random_tensor(DType::kBFloat16, {rows, hkv, d}, rng), k = random_tensor(DType::kBFloat16, {rows, hkv, d}, rng),
+         v = random_tensor(DType::kBFloat16, {rows, hkv, d}, rng);
+  auto hk = client.put_tensor(k);
+  ASSERT_TRUE(hk.ok()) << hk.status().to_string();
+  void* base = nullptr;
+  ASSERT_EQ(cudaSetDevice(0), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&base, q.bytes() + (1 << 20)), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(base, q.data(), q.bytes(), cudaMemcpyHostToDevice), cudaSuccess);
+  cudaIpcMemHandle_t ipc;
+  ASSERT_EQ(cudaIpcGetMemHandle(&ipc, base), cudaSuccess);
+  auto region = client.register_cuda_memory("q", std::string(reinterpret_cast<const char*>(&ipc), sizeof ipc), 0, 0,
+                                            static_cast<std::int64_t>(q.bytes() + (1 << 20)));
+  ASSERT_TRUE(region.ok()) << region.status().to_string();
+
+  auto prefill = [&](const std::string& cache, bool from_device, v1::PrefillResponse* resp) {
+    v1::PrefillRequest req;
+    req.set_cache(cache);
+    req.add_sequence_ids("s");
+    req.add_lens(rows);
+    if (from_device) {
+      *req.mutable_q() = Client::in_shared_memory(DType::kBFloat16, q.shape(), "q", 0);
+      *req.mutable_k() = Client::resident(hk->handle());
+    } else {
+      *req.mutable_q() = testing::to_wire(q);
+      *req.mutable_k() = testing::to_wire(k);
+    }
+    *req.mutable_v() = testing::to_wire(v);
+    return client.stub().Prefill(client.make_context(req).get(), req, resp);
+  };
+  v1::PrefillResponse got, want;
+  const grpc::Status s = prefill(device_fed, true, &got);
+  ASSERT_TRUE(s.ok()) << s.error_message() << server.log();
+  ASSERT_TRUE(prefill(inline_fed, false, &want).ok());
+  EXPECT_THAT(got.timings().kernel(), ::testing::Not(HasSubstr("/cpu")));
+  EXPECT_EQ(got.timings().kernel(), want.timings().kernel());
+  EXPECT_EQ(got.o().data(), want.o().data());
+  EXPECT_FALSE(got.o().data().empty());
+
+  // Decode with q from the region (its first hq_decode/hkv rows as one row of 14 heads).
+  auto decode = [&](const std::string& cache, bool from_device, v1::DecodeResponse* resp) {
+    v1::DecodeRequest req;
+    req.set_cache(cache);
+    req.add_sequence_ids("s");
+    Tensor q1(DType::kBFloat16, {1, hq_decode, d}), kv1(DType::kBFloat16, {1, hkv, d});
+    std::memcpy(q1.data(), q.data(), q1.bytes());
+    std::memcpy(kv1.data(), k.data(), kv1.bytes());
+    if (from_device)
+      *req.mutable_q() = Client::in_shared_memory(DType::kBFloat16, q1.shape(), "q", 0);
+    else
+      *req.mutable_q() = testing::to_wire(q1);
+    *req.mutable_k_new() = testing::to_wire(kv1);
+    *req.mutable_v_new() = testing::to_wire(kv1);
+    return client.stub().Decode(client.make_context(req).get(), req, resp);
+  };
+  v1::DecodeResponse dgot, dwant;
+  const grpc::Status ds = decode(device_fed, true, &dgot);
+  ASSERT_TRUE(ds.ok()) << ds.error_message();
+  ASSERT_TRUE(decode(inline_fed, false, &dwant).ok());
+  EXPECT_EQ(dgot.o().data(), dwant.o().data());
+  EXPECT_EQ(dgot.lengths(0), rows + 1);
+  ASSERT_TRUE(client.unregister_shared_memory("q").ok());
+  cudaFree(base);
+}
+
 }  // namespace
 }  // namespace attn

@@ -5,9 +5,9 @@
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <gmock/gmock.h>
+#include <gtest/gtest.h>
 #include <ifaddrs.h>
 #include <netinet/in.h>
-#include <gtest/gtest.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -422,7 +422,8 @@ TEST(SharedMemory, OffUnlessTheFlagSaysSo) {
 }
 
 // A caller from another host could only name somebody else's object: registration is for loopback
-// and Unix-socket peers. Reached here through this host's own non-loopback address, where it has one.
+// and Unix-socket peers. Reached here through this host's own non-loopback address, where it has
+// one.
 TEST(SharedMemory, RegistrationFromAnotherHostIsRefused) {
   std::string ip;
   ifaddrs* ifs = nullptr;
@@ -472,6 +473,135 @@ TEST(SharedMemory, MetricsCountBytesEachWay) {
   EXPECT_THAT(text,
               HasSubstr("attnd_shared_memory_bytes_total{direction=\"out\",op=\"attention\"} " +
                         std::to_string(a.q.bytes())));
+}
+
+}  // namespace
+}  // namespace attn
+
+namespace attn {
+namespace {
+
+// Decode and Prefill decode their inputs as every op does: q inline, K from a shared-memory
+// region, V from a resident tensor give the same bits as all three inline (a twin cache fed the
+// same tokens inline), the region's bytes are counted; a bad reference is refused by its field
+// and leaves the cache as it was.
+TEST(SharedMemory, KvCallsTakeInputsFromEverySource) {
+  std::vector<std::string> args = kShm;
+  args.insert(args.end(), {"--metrics-listen", "127.0.0.1:0"});
+  testing::ServerProcess server(ATTND_PATH, args);
+  Client client(server.address());
+  std::mt19937_64 rng(testing::seed());
+  const int hkv = 2, hq = 6, d = 32;
+  auto create = [&] {
+    v1::CreateKvCacheRequest req;
+    auto* c = req.mutable_config();
+    c->set_layers(1);
+    c->set_kv_heads(hkv);
+    c->set_head_dim(d);
+    c->set_dtype(v1::D_TYPE_FLOAT32);
+    c->set_page_size(16);
+    c->set_capacity_tokens(1024);
+    v1::CreateKvCacheResponse resp;
+    const grpc::Status s = client.stub().CreateKvCache(client.make_context(req).get(), req, &resp);
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    return resp.cache().handle();
+  };
+  const std::string mixed = create(), plain = create();
+  const std::int64_t rows = 33;  // a prompt of 33: three pages of 16
+  Tensor q = random_tensor(DType::kFloat32, {rows, hq, d}, rng),
+         k = random_tensor(DType::kFloat32, {rows, hkv, d}, rng),
+         v = random_tensor(DType::kFloat32, {rows, hkv, d}, rng);
+  auto buf = SharedMemoryBuffer::create(k.bytes());
+  ASSERT_TRUE(buf.ok()) << buf.status().to_string();
+  std::memcpy(buf->data(), k.data(), k.bytes());
+  ASSERT_TRUE(
+      client.register_shared_memory("kv", buf->key(), 0, static_cast<std::int64_t>(k.bytes()))
+          .ok());
+  auto v_resident = client.put_tensor(v);
+  ASSERT_TRUE(v_resident.ok()) << v_resident.status().to_string();
+
+  auto prefill = [&](const std::string& cache, bool from_elsewhere, v1::PrefillResponse* resp) {
+    v1::PrefillRequest req;
+    req.set_cache(cache);
+    req.add_sequence_ids("s");
+    req.add_lens(rows);
+    wire::encode_tensor(q.view(), req.mutable_q());
+    if (from_elsewhere) {
+      *req.mutable_k() = Client::in_shared_memory(DType::kFloat32, k.shape(), "kv", 0);
+      req.mutable_v()->set_handle(v_resident->handle());
+    } else {
+      wire::encode_tensor(k.view(), req.mutable_k());
+      wire::encode_tensor(v.view(), req.mutable_v());
+    }
+    return client.stub().Prefill(client.make_context(req).get(), req, resp);
+  };
+  v1::PrefillResponse got, want;
+  const grpc::Status s = prefill(mixed, true, &got);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  ASSERT_TRUE(prefill(plain, false, &want).ok());
+  EXPECT_EQ(got.o().data(), want.o().data());
+  EXPECT_FALSE(got.o().data().empty());
+  EXPECT_EQ(got.lengths(0), rows);
+  const std::string text = testing::http_get(server.metrics_port(), "/metrics");
+  EXPECT_THAT(text,
+              HasSubstr("attnd_shared_memory_bytes_total{direction=\"in\",op=\"paged_prefill\"} " +
+                        std::to_string(k.bytes())));
+
+  // Decode: k_new from the region (its first row), the rest inline; the same bits again.
+  auto decode = [&](const std::string& cache, v1::Tensor k_new, v1::DecodeResponse* resp) {
+    v1::DecodeRequest req;
+    req.set_cache(cache);
+    req.add_sequence_ids("s");
+    Tensor q1(DType::kFloat32, {1, hq, d}), v1t(DType::kFloat32, {1, hkv, d});
+    std::memcpy(q1.data(), q.data(), q1.bytes());
+    std::memcpy(v1t.data(), v.data(), v1t.bytes());
+    wire::encode_tensor(q1.view(), req.mutable_q());
+    *req.mutable_k_new() = std::move(k_new);
+    wire::encode_tensor(v1t.view(), req.mutable_v_new());
+    return client.stub().Decode(client.make_context(req).get(), req, resp);
+  };
+  Tensor k1(DType::kFloat32, {1, hkv, d});
+  std::memcpy(k1.data(), k.data(), k1.bytes());
+  v1::Tensor k1_inline;
+  wire::encode_tensor(k1.view(), &k1_inline);
+  v1::DecodeResponse dgot, dwant;
+  ASSERT_TRUE(
+      decode(mixed, Client::in_shared_memory(DType::kFloat32, {1, hkv, d}, "kv", 0), &dgot).ok());
+  ASSERT_TRUE(decode(plain, k1_inline, &dwant).ok());
+  EXPECT_EQ(dgot.o().data(), dwant.o().data());
+  EXPECT_EQ(dgot.lengths(0), rows + 1);
+
+  // Bad references, each named, the sequence still rows + 1 long after each.
+  struct Bad {
+    v1::Tensor k_new;
+    grpc::StatusCode code;
+    std::string field;
+  };
+  v1::Tensor no_region = Client::in_shared_memory(DType::kFloat32, {1, hkv, d}, "nope", 0);
+  v1::Tensor past_end = Client::in_shared_memory(DType::kFloat32, {1, hkv, d}, "kv",
+                                                 static_cast<std::int64_t>(k.bytes()) - 4);
+  v1::Tensor wrong_shape = Client::in_shared_memory(DType::kFloat32, {1, hkv + 1, d}, "kv", 0);
+  v1::Tensor no_handle;
+  no_handle.set_handle("t-no-such-tensor");
+  v1::Tensor wrong_dtype_handle;  // the resident V is [33, 2, 32]: not a row of k_new
+  wrong_dtype_handle.set_handle(v_resident->handle());
+  for (const Bad& bad :
+       std::vector<Bad>{{no_region, grpc::StatusCode::NOT_FOUND, "k_new.shm.region"},
+                        {past_end, grpc::StatusCode::INVALID_ARGUMENT, "k_new.shm"},
+                        {wrong_shape, grpc::StatusCode::INVALID_ARGUMENT, "k_new.shape"},
+                        {no_handle, grpc::StatusCode::NOT_FOUND, "k_new.handle"},
+                        {wrong_dtype_handle, grpc::StatusCode::INVALID_ARGUMENT, "k_new.shape"}}) {
+    v1::DecodeResponse r;
+    const grpc::Status bs = decode(mixed, bad.k_new, &r);
+    EXPECT_EQ(bs.error_code(), bad.code) << bad.field << ": " << bs.error_message();
+    EXPECT_THAT(bs.error_message(), HasSubstr(bad.field));
+  }
+  v1::DescribeKvCacheRequest dreq;
+  dreq.set_handle(mixed);
+  v1::DescribeKvCacheResponse dresp;
+  ASSERT_TRUE(client.stub().DescribeKvCache(client.make_context(dreq).get(), dreq, &dresp).ok());
+  ASSERT_EQ(dresp.cache().sequences_size(), 1);
+  EXPECT_EQ(dresp.cache().sequences(0).lengths(0), rows + 1);
 }
 
 }  // namespace

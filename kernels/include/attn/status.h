@@ -68,7 +68,7 @@ inline Status cancelled(std::string m) { return {StatusCode::kCancelled, std::mo
 template <class T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : v_(std::move(value)) {}  // NOLINT: implicit on purpose, like absl::StatusOr
+  Result(T result) : v_(std::move(result)) {}  // NOLINT: implicit on purpose, like absl::StatusOr
   Result(Status status) : v_(std::move(status)) {}  // NOLINT
 
   bool ok() const { return std::holds_alternative<T>(v_); }

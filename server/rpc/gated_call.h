@@ -41,6 +41,18 @@ inline constexpr std::size_t kUndeclaredRequestBytes = std::size_t{4} << 20;
 Result<std::int64_t> declared_request_bytes(const grpc::ServerContextBase& ctx,
                                             std::size_t max_message_bytes);
 
+// The call's context as the gate builds it for every method: its gRPC context, method and memory
+// hold, then its caller once the token is checked (the refusal otherwise).
+inline Status admit(const GatedMethods::Shared& shared, grpc::CallbackServerContext* ctx,
+                    const MethodInfo& method, MemoryHold& hold, CallContext& call) {
+  call.grpc = ctx;
+  call.method = &method;
+  call.hold = &hold;
+  ATTN_RETURN_IF_ERROR(shared.token.check(*ctx));
+  call.caller = shared.token.owner(*ctx);
+  return Status::Ok();
+}
+
 // The call object a unary handler's reactor finishes through: it forwards to the streaming call
 // that carries it.
 class UnaryCallBridge final : public grpc::ServerCallbackUnary {
@@ -73,14 +85,10 @@ class GatedUnaryCall final : public grpc::ServerBidiReactor<grpc::ByteBuffer, gr
         op_(method.op.c_str()),
         ctx_(ctx),
         hold_(shared.budget) {
-    call_.grpc = ctx;
-    call_.method = &method;
-    call_.hold = &hold_;
-    if (Status s = shared_.token.check(*ctx_); !s.ok()) {
+    if (Status s = admit(shared_, ctx, method, hold_, call_); !s.ok()) {
       refuse(s);
       return;
     }
-    call_.caller = shared_.token.owner(*ctx_);
     // Room for the request before it is read, so that a call past the limit is refused before
     // its bytes come: the size its client declares, else room for a small one (a larger body
     // must then find room once it has come, and gRPC's quota bounds it while it arrives).
@@ -259,14 +267,10 @@ class GatedWriterCall final : public grpc::ServerBidiReactor<grpc::ByteBuffer, g
         op_(method.op.c_str()),
         ctx_(ctx),
         hold_(shared.budget) {
-    call_.grpc = ctx;
-    call_.method = &method;
-    call_.hold = &hold_;
-    if (Status s = shared_.token.check(*ctx_); !s.ok()) {
+    if (Status s = admit(shared_, ctx, method, hold_, call_); !s.ok()) {
       refuse(s);
       return;
     }
-    call_.caller = shared_.token.owner(*ctx_);
     StartRead(&request_bytes_);
   }
 

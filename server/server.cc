@@ -4,6 +4,7 @@
 #include <grpcpp/resource_quota.h>
 #include <grpcpp/server_builder.h>
 #include <spdlog/spdlog.h>
+#include <unistd.h>
 
 #include <sstream>
 #include <thread>
@@ -12,16 +13,15 @@
 #include "attn/registry.h"
 #include "attn/version.h"
 #include "handlers/attn_service.h"
+#include "requests/kv_request.h"
 #include "rpc/gate.h"
-#include "state/memory_budget.h"
 #include "rpc/health_service.h"
 #include "rpc/metrics.h"
 #include "schedule/scheduler.h"
+#include "state/kv_cache.h"
+#include "state/memory_budget.h"
 #include "state/shared_memory.h"
 #include "state/tensor_store.h"
-#include "state/kv_cache.h"
-
-#include <unistd.h>
 
 namespace attn::server {
 namespace {
@@ -36,7 +36,8 @@ Result<std::vector<int>> parse_devices(const std::string& devices) {
   while (pos <= devices.size()) {
     const std::size_t comma = std::min(devices.find(',', pos), devices.size());
     const std::string item = devices.substr(pos, comma - pos);
-    if (item.empty() || item.find_first_not_of("0123456789") != std::string::npos || item.size() > 4) {
+    if (item.empty() || item.find_first_not_of("0123456789") != std::string::npos ||
+        item.size() > 4) {
       return invalid_argument("--devices: expected \"all\" or CUDA ordinals like \"0,1\", got \"" +
                               devices + "\"");
     }
@@ -47,7 +48,8 @@ Result<std::vector<int>> parse_devices(const std::string& devices) {
 }
 
 Result<std::vector<std::unique_ptr<Executor>>> choose_executors(const std::string& backend,
-                                                                const std::string& devices, int streams) {
+                                                                const std::string& devices,
+                                                                int streams) {
   std::vector<std::unique_ptr<Executor>> cpu;
   ATTN_ASSIGN_OR_RETURN(ordinals, parse_devices(devices));
   if (backend == "cpu") {
@@ -78,7 +80,8 @@ Result<std::vector<std::unique_ptr<Executor>>> choose_executors(const std::strin
 }
 
 // The KV-cache ops' variants, once each per dtype on a one-token call into a small cache of
-// head dims 64 and 128 made on the device (they have no generated problems: their state is a cache).
+// head dims 64 and 128 made on the device (they have no generated problems: their state is a
+// cache).
 int warm_up_paged(Executor& executor) {
   const Registry& registry = default_registry();
   const Target target = executor.target();
@@ -93,7 +96,7 @@ int warm_up_paged(Executor& executor) {
       layer.v = static_cast<char*>(*memory) + pool;
       PagedPlan plan{{0, 1}, {0}, {1}, {0, 1}};
       Tensor q(dt, {1, 1, d}), k(dt, {1, 1, d}), v(dt, {1, 1, d}), o(dt, {1, 1, d});
-      auto run = [&](auto& args, const auto& variants) {
+      auto run = [&](const auto& args, const auto& variants) {
         for (const auto& variant : variants) {
           if (!available_on(variant.info, target).ok() || !variant.supports(args).ok()) continue;
           ExecTimings t;
@@ -103,24 +106,10 @@ int warm_up_paged(Executor& executor) {
           ++ran;
         }
       };
-      PagedDecodeArgs decode;
-      decode.q = q.view();
-      decode.k_new = k.view();
-      decode.v_new = v.view();
-      decode.o = o.view();
-      decode.cache = layer;
-      decode.scale = 1.0f;
-      plan.bind(decode.seqs);
-      run(decode, registry.of<PagedDecodeArgs>().variants());
-      PagedPrefillArgs prefill;
-      prefill.q = q.view();
-      prefill.k_new = k.view();
-      prefill.v_new = v.view();
-      prefill.o = o.view();
-      prefill.cache = layer;
-      prefill.scale = 1.0f;
-      plan.bind(prefill);
-      run(prefill, registry.of<PagedPrefillArgs>().variants());
+      run(paged_call<PagedDecodeArgs>(layer, q.view(), k.view(), v.view(), o.view(), plan),
+          registry.of<PagedDecodeArgs>().variants());
+      run(paged_call<PagedPrefillArgs>(layer, q.view(), k.view(), v.view(), o.view(), plan),
+          registry.of<PagedPrefillArgs>().variants());
       executor.deallocate(*memory);
     }
   return ran;
@@ -139,8 +128,10 @@ void warm_up(Executor& executor) {
       std::vector<Tensor> tensors;
       tensors.reserve(problem.inputs.size() + problem.outputs.size());
       std::vector<TensorView> in, out;
-      for (const TensorSpec& t : problem.inputs) in.push_back(tensors.emplace_back(t.dtype, t.shape).view());
-      for (const TensorSpec& t : problem.outputs) out.push_back(tensors.emplace_back(t.dtype, t.shape).view());
+      for (const TensorSpec& t : problem.inputs)
+        in.push_back(tensors.emplace_back(t.dtype, t.shape).view());
+      for (const TensorSpec& t : problem.outputs)
+        out.push_back(tensors.emplace_back(t.dtype, t.shape).view());
       for (const auto& variant : registry.of<Args>().variants()) {
         Args args = problem.bind(in, out);
         if (!available_on(variant.info, target).ok() || !variant.supports(args).ok()) continue;
@@ -156,20 +147,23 @@ void warm_up(Executor& executor) {
 }
 
 std::size_t inflight_bytes(const ServerOptions& options) {
-  return options.max_inflight_mb > 0 ? static_cast<std::size_t>(options.max_inflight_mb) << 20 : default_inflight_bytes();
+  return options.max_inflight_mb > 0 ? static_cast<std::size_t>(options.max_inflight_mb) << 20
+                                     : default_inflight_bytes();
 }
 
 Status check_options(const ServerOptions& options) {
   if (options.max_inflight_mb < 0) {
-    return invalid_argument("--max-inflight-mb: expected 0 (half of this machine's memory) or more, got " +
-                            std::to_string(options.max_inflight_mb));
+    return invalid_argument(
+        "--max-inflight-mb: expected 0 (half of this machine's memory) or more, got " +
+        std::to_string(options.max_inflight_mb));
   }
   // Else the largest requests could never be served.
   if (inflight_bytes(options) < static_cast<std::size_t>(options.max_message_mb) << 20) {
-    return invalid_argument("--max-inflight-mb: expected at least --max-message-mb (" +
-                            std::to_string(options.max_message_mb) + "), got " +
-                            std::to_string(inflight_bytes(options) >> 20) +
-                            (options.max_inflight_mb > 0 ? "" : " (half of this machine's memory)"));
+    return invalid_argument(
+        "--max-inflight-mb: expected at least --max-message-mb (" +
+        std::to_string(options.max_message_mb) + "), got " +
+        std::to_string(inflight_bytes(options) >> 20) +
+        (options.max_inflight_mb > 0 ? "" : " (half of this machine's memory)"));
   }
   if (options.max_message_mb < 1 || options.max_message_mb > 2047) {
     return invalid_argument("--max-message-mb: expected 1..2047 (protobuf's limit is 2 GiB), got " +
@@ -177,16 +171,21 @@ Status check_options(const ServerOptions& options) {
   }
   if (options.queue_depth < 1) return invalid_argument("--queue-depth: expected >= 1, got 0");
   if (options.batch_window_us < 0 || options.batch_window_us > 1000000) {
-    return invalid_argument("--batch-window-us: expected 0 (off) to 1000000, got " + std::to_string(options.batch_window_us));
+    return invalid_argument("--batch-window-us: expected 0 (off) to 1000000, got " +
+                            std::to_string(options.batch_window_us));
   }
   if (options.max_batch_calls < 1 || options.max_batch_calls > 1024) {
-    return invalid_argument("--max-batch-calls: expected 1..1024, got " + std::to_string(options.max_batch_calls));
+    return invalid_argument("--max-batch-calls: expected 1..1024, got " +
+                            std::to_string(options.max_batch_calls));
   }
   if (options.streams_per_device < 1 || options.streams_per_device > 8) {
-    return invalid_argument("--streams-per-device: expected 1..8, got " + std::to_string(options.streams_per_device));
+    return invalid_argument("--streams-per-device: expected 1..8, got " +
+                            std::to_string(options.streams_per_device));
   }
-  if (options.tensor_quota_mb < 0 || options.tensor_ttl_s < 1 || options.tensor_max_ttl_s < options.tensor_ttl_s) {
-    return invalid_argument("--tensor-quota-mb >= 0, --tensor-ttl-s >= 1 and --tensor-max-ttl-s >= --tensor-ttl-s");
+  if (options.tensor_quota_mb < 0 || options.tensor_ttl_s < 1 ||
+      options.tensor_max_ttl_s < options.tensor_ttl_s) {
+    return invalid_argument(
+        "--tensor-quota-mb >= 0, --tensor-ttl-s >= 1 and --tensor-max-ttl-s >= --tensor-ttl-s");
   }
   return Status::Ok();
 }
@@ -195,7 +194,9 @@ Status check_options(const ServerOptions& options) {
 void announce_and_warm_up(const std::vector<std::unique_ptr<Executor>>& executors) {
   for (const auto& ex : executors) {
     spdlog::info("device: {}{}{}", ex->device().label(),
-                 ex->target().backend == Backend::kCuda ? " stream " + std::to_string(ex->device().stream) : "",
+                 ex->target().backend == Backend::kCuda
+                     ? " stream " + std::to_string(ex->device().stream)
+                     : "",
                  ex.get() != executors.front().get() && ex->target().backend == Backend::kCpu
                      ? " (fallback for what the GPU variants cannot take)"
                      : "");
@@ -227,22 +228,26 @@ std::string advertise_address(const ServerOptions& options, int port) {
   return host + ":" + std::to_string(port);
 }
 
-void log_serving(const ServerOptions& options, int port, const std::string& backend, int metrics_port) {
+void log_serving(const ServerOptions& options, int port, const std::string& backend,
+                 int metrics_port) {
   const std::string host = options.listen.substr(0, options.listen.rfind(':'));
   const bool tls = !options.security.tls_cert_file.empty();
   const bool mtls = tls && !options.security.tls_client_ca_file.empty();
-  spdlog::info("attnd {} serving on {}:{} with the {} backend; {}, {}; max message {} MiB, max {} "
-               "elements per tensor, queue depth {}, {} MiB in flight",
-               kVersion, host, port, backend, mtls ? "mutual TLS" : (tls ? "TLS" : "plaintext"),
-               options.security.token.empty() ? "no token" : "bearer token required", options.max_message_mb,
-               options.max_elements, options.queue_depth, inflight_bytes(options) >> 20);
+  spdlog::info(
+      "attnd {} serving on {}:{} with the {} backend; {}, {}; max message {} MiB, max {} "
+      "elements per tensor, queue depth {}, {} MiB in flight",
+      kVersion, host, port, backend, mtls ? "mutual TLS" : (tls ? "TLS" : "plaintext"),
+      options.security.token.empty() ? "no token" : "bearer token required", options.max_message_mb,
+      options.max_elements, options.queue_depth, inflight_bytes(options) >> 20);
   if (!is_loopback_address(options.listen) && !tls && options.security.token.empty()) {
-    spdlog::warn("listening on {} beyond loopback with neither TLS nor a token: anyone who can reach "
-                 "the port can use the server (see --tls-cert, --token-file)", options.listen);
+    spdlog::warn(
+        "listening on {} beyond loopback with neither TLS nor a token: anyone who can reach "
+        "the port can use the server (see --tls-cert, --token-file)",
+        options.listen);
   }
   if (metrics_port) {
-    spdlog::info("metrics on http://{}:{}/metrics", options.metrics_listen.substr(0, options.metrics_listen.rfind(':')),
-                 metrics_port);
+    spdlog::info("metrics on http://{}:{}/metrics",
+                 options.metrics_listen.substr(0, options.metrics_listen.rfind(':')), metrics_port);
   }
 }
 
@@ -250,7 +255,8 @@ void log_serving(const ServerOptions& options, int port, const std::string& back
 
 Result<std::unique_ptr<Server>> Server::start(const ServerOptions& options) {
   ATTN_RETURN_IF_ERROR(check_options(options));
-  ATTN_ASSIGN_OR_RETURN(executors, choose_executors(options.backend, options.devices, options.streams_per_device));
+  ATTN_ASSIGN_OR_RETURN(
+      executors, choose_executors(options.backend, options.devices, options.streams_per_device));
   ATTN_ASSIGN_OR_RETURN(credentials, make_server_credentials(options.security));
 
   std::unique_ptr<Server> s(new Server());
@@ -283,11 +289,14 @@ Result<std::unique_ptr<Server>> Server::start(const ServerOptions& options) {
     if (shm->system || shm->cuda) {
       std::vector<int> cuda_devices;
       for (const auto& ex : s->scheduler_->executors())
-        if (ex->device().backend == Backend::kCuda && ex->device().stream == 0) cuda_devices.push_back(ex->device().ordinal);
+        if (ex->device().backend == Backend::kCuda && ex->device().stream == 0)
+          cuda_devices.push_back(ex->device().ordinal);
       s->shm_ = std::make_unique<SharedMemoryRegistry>(*shm, s->store_.get(), cuda_devices);
-      spdlog::info("shared memory on: {}{}{}", shm->system ? "system" : "", shm->system && shm->cuda ? ", " : "",
+      spdlog::info("shared memory on: {}{}{}", shm->system ? "system" : "",
+                   shm->system && shm->cuda ? ", " : "",
                    !shm->cuda ? ""
-                   : !cuda_ipc_built() ? "cuda (but this build has no CUDA backend: CUDA regions are refused)"
+                   : !cuda_ipc_built()
+                       ? "cuda (but this build has no CUDA backend: CUDA regions are refused)"
                    : cuda_devices.empty() ? "cuda (but no GPU is served: CUDA regions are refused)"
                                           : "cuda (IPC)");
     }
@@ -310,8 +319,10 @@ Status Server::start_services() {
   ServiceConfig config;
   config.max_message_bytes = max_bytes;
   config.limits.max_elements = options_.max_elements;
-  health_ = std::make_unique<HealthService>(std::set<std::string>{std::string(v1::AttnService::service_full_name())});
-  config.on_device_fault = [health = health_.get(), on_fatal = options_.on_fatal](const std::string& why) {
+  health_ = std::make_unique<HealthService>(
+      std::set<std::string>{std::string(v1::AttnService::service_full_name())});
+  config.on_device_fault = [health = health_.get(),
+                            on_fatal = options_.on_fatal](const std::string& why) {
     health->set_all(grpc::health::v1::HealthCheckResponse::NOT_SERVING);
     if (on_fatal) on_fatal(why);
   };
@@ -320,7 +331,8 @@ Status Server::start_services() {
   config.kv_caches = kv_caches_.get();
   config.shm = shm_.get();
   config.fault_injection = options_.fault_injection;
-  if (options_.fault_injection) spdlog::warn("fault injection is on: a call can make the device fault");
+  if (options_.fault_injection)
+    spdlog::warn("fault injection is on: a call can make the device fault");
   if (!options_.metrics_listen.empty()) {
     ATTN_ASSIGN_OR_RETURN(metrics, Metrics::start(options_.metrics_listen, *scheduler_));
     metrics_ = std::move(metrics);

@@ -80,29 +80,17 @@ Placement AttnService::placement_of(const KvCache& c) const {
 // Whether some paged variant on `target` can take a cache of `cfg` (checked at creation, so a
 // cache is not placed where no kernel can serve it).
 Status AttnService::kv_servable(const KvCacheConfig& cfg, const Target& target) const {
-  PagedDecodeArgs a;
-  const std::int64_t hq = cfg.heads_kv;
-  a.q = {cfg.dtype, {1, hq, cfg.head_dim}, nullptr, MemoryKind::kHost};
-  a.k_new = a.v_new = {cfg.dtype, {1, cfg.heads_kv, cfg.head_dim}, nullptr, MemoryKind::kHost};
-  a.o = a.q;
-  a.cache.dtype = cfg.dtype;
-  a.cache.pages = cfg.pages;
-  a.cache.heads_kv = cfg.heads_kv;
-  a.cache.page_size = cfg.page_size;
-  a.cache.head_dim = cfg.head_dim;
-  const PagedPlan placeholder = PagedPlan::placeholder(1);
-  placeholder.bind(a.seqs);
-  a.scale = 1.0f;
-  PagedPrefillArgs p;
-  p.q = a.q;
-  p.k_new = a.k_new;
-  p.v_new = a.v_new;
-  p.o = a.o;
-  p.cache = a.cache;
-  placeholder.bind(p);
-  p.scale = 1.0f;
-  ATTN_RETURN_IF_ERROR(registry_.of<PagedDecodeArgs>().select(a, "", target).status());
-  return registry_.of<PagedPrefillArgs>().select(p, "", target).status();
+  const PagedKvLayer cache{cfg.dtype,    cfg.pages, cfg.heads_kv, cfg.page_size,
+                           cfg.head_dim, nullptr,   nullptr,      MemoryKind::kHost};
+  // One token of one sequence, as many query heads as KV heads (every variant takes group 1).
+  const TensorView q{cfg.dtype, {1, cfg.heads_kv, cfg.head_dim}, nullptr, MemoryKind::kHost};
+  const PagedPlan plan = PagedPlan::placeholder(1);
+  ATTN_RETURN_IF_ERROR(registry_.of<PagedDecodeArgs>()
+                           .select(paged_call<PagedDecodeArgs>(cache, q, q, q, q, plan), "", target)
+                           .status());
+  return registry_.of<PagedPrefillArgs>()
+      .select(paged_call<PagedPrefillArgs>(cache, q, q, q, q, plan), "", target)
+      .status();
 }
 
 grpc::ServerUnaryReactor* AttnService::CreateKvCache(CallContext& call,

@@ -30,6 +30,23 @@ struct KvRequest : RequestTensors {
 inline void bind_plan(const PagedPlan& plan, PagedDecodeArgs& a) { plan.bind(a.seqs); }
 inline void bind_plan(const PagedPlan& plan, PagedPrefillArgs& a) { plan.bind(a); }
 
+// A paged op's arguments for `plan`'s sequences in `cache`, given its tensors (views with no data
+// when only probing what the variants take), scale 1: what the cache check at CreateKvCache and
+// the warm-up build for both ops.
+template <class Args>
+Args paged_call(const PagedKvLayer& cache, const TensorView& q, const TensorView& k_new,
+                const TensorView& v_new, const TensorView& o, const PagedPlan& plan) {
+  Args a;
+  a.q = q;
+  a.k_new = k_new;
+  a.v_new = v_new;
+  a.o = o;
+  a.cache = cache;
+  a.scale = 1.0f;
+  bind_plan(plan, a);
+  return a;
+}
+
 // `fresh`: the new tokens of each sequence (Decode: one each; Prefill: prefill_lens).
 Result<KvRequest<PagedDecodeArgs>> parse_kv_request(const v1::DecodeRequest& req,
                                                     v1::DecodeResponse* resp, const KvCache& cache,

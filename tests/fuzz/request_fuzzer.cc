@@ -56,18 +56,13 @@ void run_kv(Env& env, const Request& req, const attn::Result<std::vector<std::in
   auto cache = env.caches.create(config, 0, 0);
   if (!cache.ok()) return;
   Response resp;
-  auto call = attn::server::parse_kv_request(req, &resp, **cache, *fresh, *env.ctx.registry,
-                                             env.ctx.limits, env.call);
+  auto call = attn::server::parse_kv_request(req, &resp, **cache, *fresh, env.ctx, env.call);
   if (call.ok()) {
     const std::vector<std::string> ids(req.sequence_ids().begin(), req.sequence_ids().end());
     auto plan = (*cache)->plan_append(req.layer(), ids, *fresh, create);
     if (plan.ok()) {
       auto& args = call->args;
-      if constexpr (std::is_same_v<Request, attn::v1::PrefillRequest>) {
-        plan->plan.bind(args);
-      } else {
-        plan->plan.bind(args.seqs);
-      }
+      attn::server::bind_plan(plan->plan, args);
       attn::ExecTimings t;
       if (env.cpu->execute(attn::make_call(*call->variant, args), t).ok()) {
         (*cache)->commit(*plan);

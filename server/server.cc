@@ -11,6 +11,7 @@
 
 #include "attn/executor.h"
 #include "attn/registry.h"
+#include "attn/v1/attn.grpc.pb.h"
 #include "attn/version.h"
 #include "handlers/attn_service.h"
 #include "requests/kv_request.h"
@@ -79,12 +80,27 @@ Result<std::vector<std::unique_ptr<Executor>>> choose_executors(const std::strin
   return cpu;
 }
 
-// The KV-cache ops' variants, once each per dtype on a one-token call into a small cache of
-// head dims 64 and 128 made on the device (they have no generated problems: their state is a
-// cache).
+// Runs every variant of `variants` this executor can run on `args` once; how many ran.
+template <class Args>
+int warm_up_variants(Executor& executor, const OpRegistry<Args>& variants, const Args& args) {
+  int ran = 0;
+  for (const auto& variant : variants.variants()) {
+    if (!available_on(variant.info, executor.target()).ok() || !variant.supports(args).ok())
+      continue;
+    ExecTimings t;
+    Args copy = args;  // a run may rebind its views
+    const Status s = executor.execute(make_call(variant, copy), t);
+    if (!s.ok()) spdlog::warn("warm-up of {} failed: {}", variant.info.name, s.to_string());
+    ++ran;
+  }
+  return ran;
+}
+
+// The KV-cache ops' variants (every op of PagedOpArgs), once each per dtype on a one-token call
+// into a small cache of head dims 64 and 128 made on the device (they have no generated problems:
+// their state is a cache).
 int warm_up_paged(Executor& executor) {
   const Registry& registry = default_registry();
-  const Target target = executor.target();
   int ran = 0;
   for (DType dt : kAllDTypes)
     for (std::int64_t d : {64, 128}) {
@@ -96,20 +112,12 @@ int warm_up_paged(Executor& executor) {
       layer.v = static_cast<char*>(*memory) + pool;
       PagedPlan plan{{0, 1}, {0}, {1}, {0, 1}};
       Tensor q(dt, {1, 1, d}), k(dt, {1, 1, d}), v(dt, {1, 1, d}), o(dt, {1, 1, d});
-      auto run = [&](const auto& args, const auto& variants) {
-        for (const auto& variant : variants) {
-          if (!available_on(variant.info, target).ok() || !variant.supports(args).ok()) continue;
-          ExecTimings t;
-          auto copy = args;
-          const Status s = executor.execute(make_call(variant, copy), t);
-          if (!s.ok()) spdlog::warn("warm-up of {} failed: {}", variant.info.name, s.to_string());
-          ++ran;
-        }
-      };
-      run(paged_call<PagedDecodeArgs>(layer, q.view(), k.view(), v.view(), o.view(), plan),
-          registry.of<PagedDecodeArgs>().variants());
-      run(paged_call<PagedPrefillArgs>(layer, q.view(), k.view(), v.view(), o.view(), plan),
-          registry.of<PagedPrefillArgs>().variants());
+      for_each_paged_op([&](auto desc) {
+        using Args = typename decltype(desc)::Args;
+        ran +=
+            warm_up_variants(executor, registry.of<Args>(),
+                             paged_call<Args>(layer, q.view(), k.view(), v.view(), o.view(), plan));
+      });
       executor.deallocate(*memory);
     }
   return ran;
@@ -119,7 +127,6 @@ int warm_up_paged(Executor& executor) {
 // that the first real calls do not pay for lazy kernel loading and library handles.
 void warm_up(Executor& executor) {
   const Registry& registry = default_registry();
-  const Target target = executor.target();
   int ran = 0;
   for_each_op([&](auto desc) {
     using Args = typename decltype(desc)::Args;
@@ -132,14 +139,7 @@ void warm_up(Executor& executor) {
         in.push_back(tensors.emplace_back(t.dtype, t.shape).view());
       for (const TensorSpec& t : problem.outputs)
         out.push_back(tensors.emplace_back(t.dtype, t.shape).view());
-      for (const auto& variant : registry.of<Args>().variants()) {
-        Args args = problem.bind(in, out);
-        if (!available_on(variant.info, target).ok() || !variant.supports(args).ok()) continue;
-        ExecTimings t;
-        const Status s = executor.execute(make_call(variant, args), t);
-        if (!s.ok()) spdlog::warn("warm-up of {} failed: {}", variant.info.name, s.to_string());
-        ++ran;
-      }
+      ran += warm_up_variants(executor, registry.of<Args>(), problem.bind(in, out));
     }
   });
   ran += warm_up_paged(executor);
@@ -309,7 +309,7 @@ Result<std::unique_ptr<Server>> Server::start(const ServerOptions& options) {
     s->scheduler_->stop();
     return listening;
   }
-  s->service_->set_advertise_address(advertise_address(options, s->port_));
+  s->service_->kv.set_advertise_address(advertise_address(options, s->port_));
   log_serving(options, s->port_, s->backend_, s->metrics_port());
   return s;
 }

@@ -52,7 +52,7 @@ class KvCacheStore;
 class SharedMemoryRegistry;
 
 class Scheduler;
-class AttnService;
+struct AttnService;
 class GatedMethods;
 class UnknownMethods;
 class MemoryBudget;

@@ -8,35 +8,35 @@
 
 namespace attn::server {
 
-void bind_methods(GatedMethods& gate) {
+void bind_methods(GatedMethods& gate, AttnService& s) {
   // One-shot ops and self-description (op_handlers.cc).
-  gate.unary("Matmul", &AttnService::Matmul);
-  gate.unary("Softmax", &AttnService::Softmax);
-  gate.unary("Attention", &AttnService::Attention);
-  gate.unary("ListKernels", &AttnService::ListKernels);
-  gate.unary("GetServerInfo", &AttnService::GetServerInfo);
+  gate.unary("Matmul", s.ops, &OpHandlers::Matmul);
+  gate.unary("Softmax", s.ops, &OpHandlers::Softmax);
+  gate.unary("Attention", s.ops, &OpHandlers::Attention);
+  gate.unary("ListKernels", s.ops, &OpHandlers::ListKernels);
+  gate.unary("GetServerInfo", s.ops, &OpHandlers::GetServerInfo);
   // Resident tensors (tensor_handlers.cc).
-  gate.client_streaming("PutTensor", &AttnService::PutTensor);
-  gate.server_streaming("GetTensor", &AttnService::GetTensor);
-  gate.unary("DeleteTensor", &AttnService::DeleteTensor);
-  gate.unary("ListTensors", &AttnService::ListTensors);
-  // Timing and transport (benchmark_handler.cc).
-  gate.unary("Benchmark", &AttnService::Benchmark);
-  gate.unary("Echo", &AttnService::Echo);
+  gate.client_streaming("PutTensor", s.tensors, &TensorHandlers::PutTensor);
+  gate.server_streaming("GetTensor", s.tensors, &TensorHandlers::GetTensor);
+  gate.unary("DeleteTensor", s.tensors, &TensorHandlers::DeleteTensor);
+  gate.unary("ListTensors", s.tensors, &TensorHandlers::ListTensors);
+  // Timing and transport (benchmark_handlers.cc).
+  gate.unary("Benchmark", s.benchmarks, &BenchmarkHandlers::Benchmark);
+  gate.unary("Echo", s.benchmarks, &BenchmarkHandlers::Echo);
   // KV caches (kv_handlers.cc).
-  gate.unary("CreateKvCache", &AttnService::CreateKvCache);
-  gate.unary("DescribeKvCache", &AttnService::DescribeKvCache);
-  gate.unary("ListKvCaches", &AttnService::ListKvCaches);
-  gate.unary("DeleteKvCache", &AttnService::DeleteKvCache);
-  gate.unary("ReleaseSequences", &AttnService::ReleaseSequences);
-  gate.unary("ForkSequence", &AttnService::ForkSequence);
-  gate.unary("Decode", &AttnService::Decode);
-  gate.unary("Prefill", &AttnService::Prefill);
-  gate.server_streaming("ReadKv", &AttnService::ReadKv);
+  gate.unary("CreateKvCache", s.kv, &KvHandlers::CreateKvCache);
+  gate.unary("DescribeKvCache", s.kv, &KvHandlers::DescribeKvCache);
+  gate.unary("ListKvCaches", s.kv, &KvHandlers::ListKvCaches);
+  gate.unary("DeleteKvCache", s.kv, &KvHandlers::DeleteKvCache);
+  gate.unary("ReleaseSequences", s.kv, &KvHandlers::ReleaseSequences);
+  gate.unary("ForkSequence", s.kv, &KvHandlers::ForkSequence);
+  gate.unary("Decode", s.kv, &KvHandlers::Decode);
+  gate.unary("Prefill", s.kv, &KvHandlers::Prefill);
+  gate.server_streaming("ReadKv", s.kv, &KvHandlers::ReadKv);
   // Shared memory (shm_handlers.cc).
-  gate.unary("RegisterSharedMemory", &AttnService::RegisterSharedMemory);
-  gate.unary("UnregisterSharedMemory", &AttnService::UnregisterSharedMemory);
-  gate.unary("SharedMemoryStatus", &AttnService::SharedMemoryStatus);
+  gate.unary("RegisterSharedMemory", s.shm, &ShmHandlers::RegisterSharedMemory);
+  gate.unary("UnregisterSharedMemory", s.shm, &ShmHandlers::UnregisterSharedMemory);
+  gate.unary("SharedMemoryStatus", s.shm, &ShmHandlers::SharedMemoryStatus);
 }
 
 }  // namespace attn::server

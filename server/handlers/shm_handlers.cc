@@ -1,6 +1,7 @@
 // RegisterSharedMemory, UnregisterSharedMemory and SharedMemoryStatus: a caller's regions
 // (shared_memory.h), served on the gRPC thread.
-#include "handlers/attn_service.h"
+#include "handlers/shm_handlers.h"
+
 #include "state/shared_memory.h"
 #include "state/tensor_store.h"
 
@@ -24,65 +25,65 @@ Status shm_off(const char* method) {
 
 }  // namespace
 
-grpc::ServerUnaryReactor* AttnService::RegisterSharedMemory(
+grpc::ServerUnaryReactor* ShmHandlers::RegisterSharedMemory(
     CallContext& call, const v1::RegisterSharedMemoryRequest* req,
     v1::RegisterSharedMemoryResponse* resp) {
   auto* reactor = call.grpc->DefaultReactor();
-  if (!config_.shm) {
-    finish(call, reactor, "", shm_off("RegisterSharedMemory"), nullptr, 0);
+  if (!core_.config.shm) {
+    core_.finish(call, reactor, "", shm_off("RegisterSharedMemory"), nullptr, 0);
     return reactor;
   }
   if (!local_peer(call.peer())) {
-    finish(call, reactor, "",
-           failed_precondition(
-               "RegisterSharedMemory: shared memory is for clients on the server's host "
-               "(loopback or a Unix socket); this call came from " +
-               call.peer()),
-           nullptr, 0);
+    core_.finish(call, reactor, "",
+                 failed_precondition(
+                     "RegisterSharedMemory: shared memory is for clients on the server's host "
+                     "(loopback or a Unix socket); this call came from " +
+                     call.peer()),
+                 nullptr, 0);
     return reactor;
   }
-  auto r = config_.shm->add(call.caller, *req);
+  auto r = core_.config.shm->add(call.caller, *req);
   if (r.ok()) (*r)->describe(resp->mutable_region());
-  finish(call, reactor, "", r.status(), nullptr, 0);
+  core_.finish(call, reactor, "", r.status(), nullptr, 0);
   return reactor;
 }
 
-grpc::ServerUnaryReactor* AttnService::UnregisterSharedMemory(
+grpc::ServerUnaryReactor* ShmHandlers::UnregisterSharedMemory(
     CallContext& call, const v1::UnregisterSharedMemoryRequest* req,
     v1::UnregisterSharedMemoryResponse* resp) {
   auto* reactor = call.grpc->DefaultReactor();
-  if (!config_.shm) {
-    finish(call, reactor, "", shm_off("UnregisterSharedMemory"), nullptr, 0);
+  if (!core_.config.shm) {
+    core_.finish(call, reactor, "", shm_off("UnregisterSharedMemory"), nullptr, 0);
     return reactor;
   }
-  auto n = config_.shm->remove(call.caller, req->name());
+  auto n = core_.config.shm->remove(call.caller, req->name());
   if (n.ok()) resp->set_unregistered(*n);
-  finish(call, reactor, "", n.status(), nullptr, 0);
+  core_.finish(call, reactor, "", n.status(), nullptr, 0);
   return reactor;
 }
 
-grpc::ServerUnaryReactor* AttnService::SharedMemoryStatus(CallContext& call,
+grpc::ServerUnaryReactor* ShmHandlers::SharedMemoryStatus(CallContext& call,
                                                           const v1::SharedMemoryStatusRequest* req,
                                                           v1::SharedMemoryStatusResponse* resp) {
   auto* reactor = call.grpc->DefaultReactor();
-  if (!config_.shm) {
-    finish(call, reactor, "", shm_off("SharedMemoryStatus"), nullptr, 0);
+  if (!core_.config.shm) {
+    core_.finish(call, reactor, "", shm_off("SharedMemoryStatus"), nullptr, 0);
     return reactor;
   }
-  const auto regions = config_.shm->list(call.caller, req->name());
+  const auto regions = core_.config.shm->list(call.caller, req->name());
   if (!req->name().empty() && regions.empty()) {
-    finish(call, reactor, "",
-           not_found("name: no shared-memory region named \"" + req->name() +
-                     "\" is registered by this caller"),
-           nullptr, 0);
+    core_.finish(call, reactor, "",
+                 not_found("name: no shared-memory region named \"" + req->name() +
+                           "\" is registered by this caller"),
+                 nullptr, 0);
     return reactor;
   }
   for (const auto& r : regions) r->describe(resp->add_regions());
-  if (config_.store) {
-    resp->set_used_bytes(static_cast<std::int64_t>(config_.store->used_bytes()));
-    resp->set_quota_bytes(static_cast<std::int64_t>(config_.store->quota_bytes()));
+  if (core_.config.store) {
+    resp->set_used_bytes(static_cast<std::int64_t>(core_.config.store->used_bytes()));
+    resp->set_quota_bytes(static_cast<std::int64_t>(core_.config.store->quota_bytes()));
   }
-  finish(call, reactor, "", Status::Ok(), nullptr, resp->ByteSizeLong());
+  core_.finish(call, reactor, "", Status::Ok(), nullptr, resp->ByteSizeLong());
   return reactor;
 }
 

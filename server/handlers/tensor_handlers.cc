@@ -1,47 +1,31 @@
-// PutTensor / GetTensor / DeleteTensor / ListTensors: the resident-tensor half of AttnService.
+// PutTensor / GetTensor / DeleteTensor / ListTensors: resident tensors.
+#include "handlers/tensor_handlers.h"
+
 #include <spdlog/spdlog.h>
 
-#include "handlers/attn_service.h"
 #include "handlers/handler_support.h"
+#include "state/tensor_store.h"
 
 namespace attn::server {
 
-void AttnService::describe(const ResidentTensor& t, v1::TensorInfo* out) const {
+namespace {
+
+void describe(const TensorStore& store, const ResidentTensor& t, v1::TensorInfo* out) {
   out->set_handle(t.handle);
   out->set_dtype(wire::to_proto(t.dtype));
   out->mutable_shape()->Assign(t.shape.begin(), t.shape.end());
   out->set_bytes(static_cast<std::int64_t>(t.bytes));
   out->set_device(t.owner->device().label());
-  out->set_expires_unix_ms(unix_ms(config_.store->expires(t)));
-}
-
-Result<std::size_t> AttnService::place(const std::string& device) {
-  const auto& executors = scheduler_.executors();
-  if (!device.empty()) {
-    for (std::size_t i = 0; i < executors.size(); ++i) {
-      const std::string label = executors[i]->device().label();
-      if (label == device || label.rfind(device + " ", 0) == 0 || label.rfind(device + ":", 0) == 0)
-        return i;
-    }
-    std::string known;
-    for (const auto& ex : executors)
-      known += (known.empty() ? "\"" : ", \"") + ex->device().label() + "\"";
-    return invalid_argument("header.device: expected one of " + known +
-                            " (or a prefix like \"cuda:0\"), got \"" + device + "\"");
-  }
-  std::vector<std::size_t> serving;
-  for (std::size_t i = 0; i < executors.size(); ++i)
-    if (executors[i]->target().backend == requests_.targets.front().backend) serving.push_back(i);
-  return config_.store->least_used(serving);
+  out->set_expires_unix_ms(unix_ms(store.expires(t)));
 }
 
 // Header first, then chunks written straight into the resident buffer; published at the end
 // when every byte came.
 class PutTensorReactor final : public grpc::ServerReadReactor<v1::PutTensorRequest> {
  public:
-  PutTensorReactor(AttnService& service, grpc::CallbackServerContext* ctx,
+  PutTensorReactor(const ServiceCore& core, grpc::CallbackServerContext* ctx,
                    v1::PutTensorResponse* resp)
-      : service_(service), ctx_(ctx), resp_(resp) {
+      : core_(core), ctx_(ctx), resp_(resp) {
     StartRead(&req_);
   }
   void OnReadDone(bool ok) override {
@@ -60,10 +44,10 @@ class PutTensorReactor final : public grpc::ServerReadReactor<v1::PutTensorReque
     ATTN_ASSIGN_OR_RETURN(dtype, wire::dtype_from_proto(h.dtype(), "header.dtype"));
     if (h.shape_size() == 0)
       return invalid_argument("header.shape: expected at least one dimension, got none");
-    ATTN_ASSIGN_OR_RETURN(executor, service_.place(h.device()));
+    ATTN_ASSIGN_OR_RETURN(executor, core_.place(h.device()));
     ATTN_ASSIGN_OR_RETURN(
-        t, service_.config_.store->create(dtype, Shape(h.shape().begin(), h.shape().end()),
-                                          h.ttl_ms(), executor, "header"));
+        t, core_.config.store->create(dtype, Shape(h.shape().begin(), h.shape().end()), h.ttl_ms(),
+                                      executor, "header"));
     tensor_ = std::move(t);
     return Status::Ok();
   }
@@ -87,8 +71,8 @@ class PutTensorReactor final : public grpc::ServerReadReactor<v1::PutTensorReque
                                    std::to_string(tensor_->bytes) + " bytes, the stream brought " +
                                    std::to_string(written_)));
     }
-    service_.config_.store->publish(tensor_);
-    service_.describe(*tensor_, resp_->mutable_tensor());
+    core_.config.store->publish(tensor_);
+    describe(*core_.config.store, *tensor_, resp_->mutable_tensor());
     spdlog::debug("PutTensor {} {} on {}", tensor_->handle, shape_to_string(tensor_->shape),
                   tensor_->owner->device().label());
     Finish(grpc::Status::OK);
@@ -99,7 +83,7 @@ class PutTensorReactor final : public grpc::ServerReadReactor<v1::PutTensorReque
     Finish(wire::to_grpc(s));
   }
 
-  AttnService& service_;
+  const ServiceCore& core_;
   grpc::CallbackServerContext* ctx_;
   v1::PutTensorResponse* resp_;
   v1::PutTensorRequest req_;
@@ -110,9 +94,10 @@ class PutTensorReactor final : public grpc::ServerReadReactor<v1::PutTensorReque
 // The header, then chunks read from the device one at a time as the client takes them.
 class GetTensorReactor final : public grpc::ServerWriteReactor<v1::GetTensorResponse> {
  public:
-  GetTensorReactor(AttnService& service, std::shared_ptr<ResidentTensor> t, std::size_t chunk_bytes)
+  GetTensorReactor(const TensorStore& store, std::shared_ptr<ResidentTensor> t,
+                   std::size_t chunk_bytes)
       : tensor_(std::move(t)), chunk_bytes_(chunk_bytes) {
-    service.describe(*tensor_, msg_.mutable_tensor());
+    describe(store, *tensor_, msg_.mutable_tensor());
     StartWrite(&msg_);
   }
   void OnWriteDone(bool ok) override {
@@ -135,63 +120,67 @@ class GetTensorReactor final : public grpc::ServerWriteReactor<v1::GetTensorResp
   v1::GetTensorResponse msg_;
 };
 
-grpc::ServerReadReactor<v1::PutTensorRequest>* AttnService::PutTensor(
+}  // namespace
+
+grpc::ServerReadReactor<v1::PutTensorRequest>* TensorHandlers::PutTensor(
     grpc::CallbackServerContext* ctx, v1::PutTensorResponse* resp) {
-  if (Status s = token_.check(*ctx); !s.ok())
+  if (Status s = core_.token.check(*ctx); !s.ok())
     return new Refused<grpc::ServerReadReactor<v1::PutTensorRequest>>(s);
-  if (!config_.store) {
+  if (!core_.config.store) {
     return new Refused<grpc::ServerReadReactor<v1::PutTensorRequest>>(
         failed_precondition("PutTensor: this server keeps no resident tensors"));
   }
-  return new PutTensorReactor(*this, ctx, resp);
+  return new PutTensorReactor(core_, ctx, resp);
 }
 
-grpc::ServerWriteReactor<v1::GetTensorResponse>* AttnService::GetTensor(
+grpc::ServerWriteReactor<v1::GetTensorResponse>* TensorHandlers::GetTensor(
     CallContext& /*call*/, const v1::GetTensorRequest* req) {
   using Base = grpc::ServerWriteReactor<v1::GetTensorResponse>;
-  if (!config_.store)
+  if (!core_.config.store)
     return new Refused<Base>(
         failed_precondition("GetTensor: this server keeps no resident tensors"));
-  if (req->chunk_bytes() < 0 || req->chunk_bytes() > config_.max_message_bytes / 2) {
+  if (req->chunk_bytes() < 0 || req->chunk_bytes() > core_.config.max_message_bytes / 2) {
     return new Refused<Base>(invalid_argument("chunk_bytes: expected 0 (1 MiB) to " +
-                                              std::to_string(config_.max_message_bytes / 2) +
+                                              std::to_string(core_.config.max_message_bytes / 2) +
                                               ", got " + std::to_string(req->chunk_bytes())));
   }
-  auto t = config_.store->find(req->handle(), "handle");
+  auto t = core_.config.store->find(req->handle(), "handle");
   if (!t.ok()) return new Refused<Base>(t.status());
   const std::size_t chunk =
       req->chunk_bytes() == 0 ? std::size_t{1} << 20 : static_cast<std::size_t>(req->chunk_bytes());
-  return new GetTensorReactor(*this, std::move(t).value(), chunk);
+  return new GetTensorReactor(*core_.config.store, std::move(t).value(), chunk);
 }
 
-grpc::ServerUnaryReactor* AttnService::DeleteTensor(CallContext& call,
-                                                    const v1::DeleteTensorRequest* req,
-                                                    v1::DeleteTensorResponse* resp) {
+grpc::ServerUnaryReactor* TensorHandlers::DeleteTensor(CallContext& call,
+                                                       const v1::DeleteTensorRequest* req,
+                                                       v1::DeleteTensorResponse* resp) {
   auto* reactor = call.grpc->DefaultReactor();
-  if (!config_.store) {
-    finish(call, reactor, "",
-           failed_precondition("DeleteTensor: this server keeps no resident tensors"), nullptr, 0);
+  if (!core_.config.store) {
+    core_.finish(call, reactor, "",
+                 failed_precondition("DeleteTensor: this server keeps no resident tensors"),
+                 nullptr, 0);
     return reactor;
   }
-  auto freed = config_.store->erase(req->handle());
+  auto freed = core_.config.store->erase(req->handle());
   if (freed.ok()) resp->set_freed_bytes(static_cast<std::int64_t>(*freed));
-  finish(call, reactor, "", freed.status(), nullptr, 0);
+  core_.finish(call, reactor, "", freed.status(), nullptr, 0);
   return reactor;
 }
 
-grpc::ServerUnaryReactor* AttnService::ListTensors(CallContext& call, const v1::ListTensorsRequest*,
-                                                   v1::ListTensorsResponse* resp) {
+grpc::ServerUnaryReactor* TensorHandlers::ListTensors(CallContext& call,
+                                                      const v1::ListTensorsRequest*,
+                                                      v1::ListTensorsResponse* resp) {
   auto* reactor = call.grpc->DefaultReactor();
-  if (config_.store) {
-    for (const auto& l : config_.store->list()) {
+  if (core_.config.store) {
+    for (const auto& l : core_.config.store->list()) {
       v1::TensorInfo* info = resp->add_tensors();
-      describe(*l.tensor, info);
+      describe(*core_.config.store, *l.tensor, info);
       info->set_expires_unix_ms(unix_ms(l.expires));
     }
-    resp->set_used_bytes(static_cast<std::int64_t>(config_.store->used_bytes()));
-    resp->set_quota_bytes(static_cast<std::int64_t>(config_.store->quota_bytes()));
+    resp->set_used_bytes(static_cast<std::int64_t>(core_.config.store->used_bytes()));
+    resp->set_quota_bytes(static_cast<std::int64_t>(core_.config.store->quota_bytes()));
   }
-  finish(call, reactor, "", Status::Ok(), nullptr, 0);
+  core_.finish(call, reactor, "", Status::Ok(), nullptr, 0);
   return reactor;
 }
 

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 #include "attn/registry.h"
@@ -29,6 +30,15 @@ struct KvRequest : RequestTensors {
 // Binds a plan's index arrays (pages, lengths) into the op's arguments.
 inline void bind_plan(const PagedPlan& plan, PagedDecodeArgs& a) { plan.bind(a.seqs); }
 inline void bind_plan(const PagedPlan& plan, PagedPrefillArgs& a) { plan.bind(a); }
+
+// The kernel-library ops the KV-cache RPCs run (Decode, Prefill): what the cache check at
+// CreateKvCache and the warm-up go through, so that a new one is listed here once.
+using PagedOpArgs = std::tuple<PagedDecodeArgs, PagedPrefillArgs>;
+template <class F>
+void for_each_paged_op(F&& f) {
+  std::apply([&](const auto&... args) { (f(OpDesc<std::decay_t<decltype(args)>>{}), ...); },
+             PagedOpArgs{});
+}
 
 // A paged op's arguments for `plan`'s sequences in `cache`, given its tensors (views with no data
 // when only probing what the variants take), scale 1: what the cache check at CreateKvCache and

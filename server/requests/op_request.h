@@ -98,7 +98,7 @@ Result<PreparedOp<AttentionArgs>> parse_attention(const v1::AttentionRequest& re
                                                   const RequestContext& ctx,
                                                   const CallContext& call);
 
-// Each RPC of an op, described once for the generic handler (AttnService::serve): its Args, its
+// Each RPC of an op, described once for the generic handler (OpHandlers::serve): its Args, its
 // decoding and the response tensors that carry its outputs.
 template <class Request>
 struct RpcOp;

@@ -56,9 +56,9 @@ const MethodInfo& GatedMethods::add_path(const char* method,
 }
 
 GatedMethods::GatedMethods(AttnService& service, GateConfig config)
-    : shared_(new Shared{service, TokenCheck(config.token), config.budget, config.metrics,
+    : shared_(new Shared{TokenCheck(config.token), config.budget, config.metrics,
                          config.max_message_bytes}) {
-  bind_methods(*this);
+  bind_methods(*this, service);
   if (const std::string problems = check_served_methods(served_); !problems.empty()) {
     // A method of the proto without its table entry would go unserved.
     spdlog::critical("the method table and attn.v1.AttnService disagree: {}", problems);

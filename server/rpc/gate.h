@@ -23,6 +23,7 @@
 #include <grpcpp/support/server_callback.h>
 
 #include <deque>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -33,7 +34,7 @@
 
 namespace attn::server {
 
-class AttnService;
+struct AttnService;
 class Metrics;
 
 // Metadata a client may send with a call: its request's serialized size in bytes. gRPC carries
@@ -54,16 +55,42 @@ class GatedMethods final : public grpc::Service {
   ~GatedMethods() override;
 
   template <class Request, class Response>
-  using UnaryHandler = grpc::ServerUnaryReactor* (AttnService::*)(CallContext&, const Request*,
-                                                                  Response*);
+  using UnaryHandler =
+      std::function<grpc::ServerUnaryReactor*(CallContext&, const Request*, Response*)>;
   template <class Request, class Response>
-  using WriterHandler = grpc::ServerWriteReactor<Response>* (AttnService::*)(CallContext&,
-                                                                             const Request*);
+  using WriterHandler =
+      std::function<grpc::ServerWriteReactor<Response>*(CallContext&, const Request*)>;
   template <class Request, class Response>
   using ReaderHandler =
-      grpc::ServerReadReactor<Request>* (AttnService::*)(grpc::CallbackServerContext*, Response*);
+      std::function<grpc::ServerReadReactor<Request>*(grpc::CallbackServerContext*, Response*)>;
 
-  // The table's entries (handlers/method_table.cc): one per method, by its name in the proto.
+  // The table's entries (handlers/method_table.cc): one per method, by its name in the proto,
+  // served by a member function of one handler group.
+  template <class Group, class Request, class Response>
+  void unary(const char* method, Group& group,
+             grpc::ServerUnaryReactor* (Group::*handler)(CallContext&, const Request*, Response*)) {
+    unary<Request, Response>(method,
+                             [&group, handler](CallContext& c, const Request* q, Response* r) {
+                               return (group.*handler)(c, q, r);
+                             });
+  }
+  template <class Group, class Request, class Response>
+  void server_streaming(const char* method, Group& group,
+                        grpc::ServerWriteReactor<Response>* (Group::*handler)(CallContext&,
+                                                                              const Request*)) {
+    server_streaming<Request, Response>(
+        method,
+        [&group, handler](CallContext& c, const Request* q) { return (group.*handler)(c, q); });
+  }
+  template <class Group, class Request, class Response>
+  void client_streaming(const char* method, Group& group,
+                        grpc::ServerReadReactor<Request>* (Group::*handler)(
+                            grpc::CallbackServerContext*, Response*)) {
+    client_streaming<Request, Response>(
+        method, [&group, handler](grpc::CallbackServerContext* ctx, Response* r) {
+          return (group.*handler)(ctx, r);
+        });
+  }
   template <class Request, class Response>
   void unary(const char* method, UnaryHandler<Request, Response> handler);
   template <class Request, class Response>
@@ -88,6 +115,6 @@ class UnknownMethods final : public grpc::CallbackGenericService {
 };
 
 // The table of attn.v1.AttnService's handlers (handlers/method_table.cc).
-void bind_methods(GatedMethods& gate);
+void bind_methods(GatedMethods& gate, AttnService& service);
 
 }  // namespace attn::server

@@ -2,6 +2,7 @@
 // handlers/method_table.cc, which instantiates them for each method). See gate.h.
 #pragma once
 
+#include <grpcpp/impl/codegen/proto_utils.h>
 #include <grpcpp/impl/codegen/server_callback_handlers.h>
 #include <grpcpp/impl/rpc_service_method.h>
 #include <grpcpp/support/proto_buffer_reader.h>
@@ -20,7 +21,6 @@
 namespace attn::server {
 
 struct GatedMethods::Shared {
-  AttnService& service;
   TokenCheck token;
   MemoryBudget* budget;
   Metrics* metrics;
@@ -78,8 +78,8 @@ class GatedUnaryCall final : public grpc::ServerBidiReactor<grpc::ByteBuffer, gr
  public:
   using Handler = GatedMethods::UnaryHandler<Request, Response>;
 
-  GatedUnaryCall(const GatedMethods::Shared& shared, Handler handler, const MethodInfo& method,
-                 grpc::CallbackServerContext* ctx)
+  GatedUnaryCall(const GatedMethods::Shared& shared, const Handler& handler,
+                 const MethodInfo& method, grpc::CallbackServerContext* ctx)
       : shared_(shared),
         handler_(handler),
         op_(method.op.c_str()),
@@ -177,7 +177,7 @@ class GatedUnaryCall final : public grpc::ServerBidiReactor<grpc::ByteBuffer, gr
     }
     bridge_.on_finish = [this](grpc::Status s) { respond(std::move(s)); };
     bridge_.on_send_initial_metadata = [this] { StartSendInitialMetadata(); };
-    grpc::ServerUnaryReactor* reactor = (shared_.service.*handler_)(call_, &request_, &response_);
+    grpc::ServerUnaryReactor* reactor = handler_(call_, &request_, &response_);
     unary_.store(reactor);
     bridge_.bind(reactor);
   }
@@ -211,7 +211,8 @@ class GatedUnaryCall final : public grpc::ServerBidiReactor<grpc::ByteBuffer, gr
   }
 
   const GatedMethods::Shared& shared_;
-  Handler handler_;
+  // The table's, shared by every copy of the registration's function: alive as long as the server.
+  const Handler& handler_;
   const char* op_;
   grpc::CallbackServerContext* ctx_;
   MemoryHold hold_;
@@ -260,8 +261,8 @@ class GatedWriterCall final : public grpc::ServerBidiReactor<grpc::ByteBuffer, g
  public:
   using Handler = GatedMethods::WriterHandler<Request, Response>;
 
-  GatedWriterCall(const GatedMethods::Shared& shared, Handler handler, const MethodInfo& method,
-                  grpc::CallbackServerContext* ctx)
+  GatedWriterCall(const GatedMethods::Shared& shared, const Handler& handler,
+                  const MethodInfo& method, grpc::CallbackServerContext* ctx)
       : shared_(shared),
         handler_(handler),
         op_(method.op.c_str()),
@@ -307,7 +308,7 @@ class GatedWriterCall final : public grpc::ServerBidiReactor<grpc::ByteBuffer, g
     };
     bridge_.on_finish = [this](grpc::Status s) { Finish(std::move(s)); };
     bridge_.on_send_initial_metadata = [this] { StartSendInitialMetadata(); };
-    grpc::ServerWriteReactor<Response>* reactor = (shared_.service.*handler_)(call_, &request_);
+    grpc::ServerWriteReactor<Response>* reactor = handler_(call_, &request_);
     writer_.store(reactor);
     bridge_.bind(reactor);
   }
@@ -335,7 +336,8 @@ class GatedWriterCall final : public grpc::ServerBidiReactor<grpc::ByteBuffer, g
   }
 
   const GatedMethods::Shared& shared_;
-  Handler handler_;
+  // The table's, shared by every copy of the registration's function: alive as long as the server.
+  const Handler& handler_;
   const char* op_;
   grpc::CallbackServerContext* ctx_;
   MemoryHold hold_;
@@ -352,35 +354,36 @@ template <class Request, class Response>
 void GatedMethods::unary(const char* method, UnaryHandler<Request, Response> handler) {
   const MethodInfo& info = add_path(method, grpc::internal::RpcMethod::BIDI_STREAMING);
   Shared* shared = shared_.get();
-  MarkMethodRawCallback(static_cast<int>(paths_.size() - 1),
-                        new grpc::internal::CallbackBidiHandler<grpc::ByteBuffer, grpc::ByteBuffer>(
-                            [shared, handler, &info](grpc::CallbackServerContext* ctx) {
-                              return new gated::GatedUnaryCall<Request, Response>(*shared, handler,
-                                                                                  info, ctx);
-                            }));
+  MarkMethodRawCallback(
+      static_cast<int>(paths_.size() - 1),
+      new grpc::internal::CallbackBidiHandler<grpc::ByteBuffer, grpc::ByteBuffer>(
+          [shared,
+           handler = std::make_shared<const UnaryHandler<Request, Response>>(std::move(handler)),
+           &info](grpc::CallbackServerContext* ctx) {
+            return new gated::GatedUnaryCall<Request, Response>(*shared, *handler, info, ctx);
+          }));
 }
 
 template <class Request, class Response>
 void GatedMethods::server_streaming(const char* method, WriterHandler<Request, Response> handler) {
   const MethodInfo& info = add_path(method, grpc::internal::RpcMethod::BIDI_STREAMING);
   Shared* shared = shared_.get();
-  MarkMethodRawCallback(static_cast<int>(paths_.size() - 1),
-                        new grpc::internal::CallbackBidiHandler<grpc::ByteBuffer, grpc::ByteBuffer>(
-                            [shared, handler, &info](grpc::CallbackServerContext* ctx) {
-                              return new gated::GatedWriterCall<Request, Response>(*shared, handler,
-                                                                                   info, ctx);
-                            }));
+  MarkMethodRawCallback(
+      static_cast<int>(paths_.size() - 1),
+      new grpc::internal::CallbackBidiHandler<grpc::ByteBuffer, grpc::ByteBuffer>(
+          [shared,
+           handler = std::make_shared<const WriterHandler<Request, Response>>(std::move(handler)),
+           &info](grpc::CallbackServerContext* ctx) {
+            return new gated::GatedWriterCall<Request, Response>(*shared, *handler, info, ctx);
+          }));
 }
 
 template <class Request, class Response>
 void GatedMethods::client_streaming(const char* method, ReaderHandler<Request, Response> handler) {
   (void)add_path(method, grpc::internal::RpcMethod::CLIENT_STREAMING);
-  Shared* shared = shared_.get();
-  MarkMethodCallback(static_cast<int>(paths_.size() - 1),
-                     new grpc::internal::CallbackClientStreamingHandler<Request, Response>(
-                         [shared, handler](grpc::CallbackServerContext* ctx, Response* response) {
-                           return (shared->service.*handler)(ctx, response);
-                         }));
+  MarkMethodCallback(
+      static_cast<int>(paths_.size() - 1),
+      new grpc::internal::CallbackClientStreamingHandler<Request, Response>(std::move(handler)));
 }
 
 }  // namespace attn::server

@@ -2,6 +2,8 @@
 // variant timed with CUDA events (or the CPU clock) on the serving device's worker, and its
 // outputs checked at sampled positions against float64 sums of the same seeded inputs.
 // Echo: the transport baseline.
+#include "handlers/benchmark_handlers.h"
+
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -9,11 +11,25 @@
 #include <random>
 
 #include "attn/hash_uniform.h"
-#include "handlers/attn_service.h"
 #include "reference.h"
 
 namespace attn::server {
 namespace {
+
+// Whether `name` is a one-shot op ("matmul", ...), and all their names quoted, for messages.
+bool known_op(const std::string& name) {
+  bool known = false;
+  for_each_op([&](auto desc) { known |= name == decltype(desc)::kName; });
+  return known;
+}
+
+std::string op_names() {
+  std::string names;
+  for_each_op([&](auto desc) {
+    names += (names.empty() ? "\"" : ", \"") + std::string(decltype(desc)::kName) + "\"";
+  });
+  return names;
+}
 
 using Clock = std::chrono::steady_clock;
 
@@ -209,8 +225,9 @@ Status check_counts(const v1::BenchmarkRequest& req) {
 
 }  // namespace
 
-grpc::ServerUnaryReactor* AttnService::Benchmark(CallContext& call, const v1::BenchmarkRequest* req,
-                                                 v1::BenchmarkResponse* resp) {
+grpc::ServerUnaryReactor* BenchmarkHandlers::Benchmark(CallContext& call,
+                                                       const v1::BenchmarkRequest* req,
+                                                       v1::BenchmarkResponse* resp) {
   auto* reactor = call.grpc->DefaultReactor();
   // The op's problem, checked now, before any memory is taken.
   Status valid =
@@ -221,40 +238,40 @@ grpc::ServerUnaryReactor* AttnService::Benchmark(CallContext& call, const v1::Be
   for_each_op([&](auto desc) {
     using Args = typename decltype(desc)::Args;
     if (!valid.ok() || req->op() != decltype(desc)::kName) return;
-    auto problem = problem_of<Args>(*req, requests_.limits);
+    auto problem = problem_of<Args>(*req, core_.requests.limits);
     if (!problem.ok()) {
       valid = problem.status();
       return;
     }
     run = [this, req, resp, problem = std::move(problem).value()](Executor& ex) {
-      return run_benchmark(ex, registry_.of<Args>(), problem, *req, resp);
+      return run_benchmark(ex, core_.registry.of<Args>(), problem, *req, resp);
     };
   });
   if (valid.ok()) valid = check_counts(*req);
-  if (valid.ok()) valid = known_kernels(*req, registry_);
+  if (valid.ok()) valid = known_kernels(*req, core_.registry);
   if (!valid.ok()) {
-    finish(call, reactor, "", valid, nullptr, 0);
+    core_.finish(call, reactor, "", valid, nullptr, 0);
     return reactor;
   }
   // On the serving backend's least loaded device, on its worker: the timings are not shared.
   Placement placement;
-  placement.backend = requests_.targets.front().backend;
-  submit(call, reactor, "", placement, [=, this, &call](Executor& ex, std::int64_t) {
+  placement.backend = core_.serving_backend();
+  core_.submit(call, reactor, "", placement, [=, this, &call](Executor& ex, std::int64_t) {
     const Status s = run(ex);
-    device_faulted(ex, "benchmark", s);
-    finish(call, reactor, "", s, nullptr, 0);
+    core_.device_faulted(ex, "benchmark", s);
+    core_.finish(call, reactor, "", s, nullptr, 0);
   });
   return reactor;
 }
 
-grpc::ServerUnaryReactor* AttnService::Echo(CallContext& call, const v1::EchoRequest* req,
-                                            v1::EchoResponse* resp) {
+grpc::ServerUnaryReactor* BenchmarkHandlers::Echo(CallContext& call, const v1::EchoRequest* req,
+                                                  v1::EchoResponse* resp) {
   const auto start = Clock::now();
   auto* reactor = call.grpc->DefaultReactor();
   resp->set_payload(req->payload());
   resp->set_server_ns(
       std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start).count());
-  finish(call, reactor, "", Status::Ok(), nullptr, req->payload().size());
+  core_.finish(call, reactor, "", Status::Ok(), nullptr, req->payload().size());
   return reactor;
 }
 

@@ -561,7 +561,7 @@ void bench_paged(const std::vector<PagedShape>& shapes, bool prefill, DType dt, 
     };
     auto prefill_args = [&](int set) {
       PagedPrefillArgs a;
-      a.q = q.view, a.k_new = k_new.view, a.v_new = v_new.view, a.o = o.view, a.cache = b.cache, a.causal = true;
+      a.q = q.view, a.k_new = k_new.view, a.v_new = v_new.view, a.o = o.view, a.cache = b.cache, a.mask.causal = true;
       a.scale = scale;
       b.sets[static_cast<std::size_t>(set)]->bind(a);
       return a;

@@ -129,7 +129,7 @@ Status paged_decode(const PagedDecodeArgs& a, Stream&) {
 
 Status paged_prefill(const PagedPrefillArgs& a, Stream&) {
   return run({a.q, a.k_new, a.v_new, a.o, a.lse, a.cache, a.seqs,
-              static_cast<const std::int32_t*>(a.q_indptr.data), a.causal, a.scale});
+              static_cast<const std::int32_t*>(a.q_indptr.data), a.mask.causal, a.scale});
 }
 
 }  // namespace attn::cpu

@@ -171,7 +171,7 @@ std::vector<double> paged_prefill(const PagedPrefillArgs& a, std::vector<double>
   if (lse) lse->assign(static_cast<std::size_t>(a.q.dim(0) * a.q.dim(1)), 0.0);
   const auto* qi = static_cast<const std::int32_t*>(a.q_indptr.data);
   for (std::int64_t i = 0; i < a.seqs.count(); ++i)
-    paged_rows(a.q, a.k_new, a.v_new, a.cache, a.seqs, a.scale, a.causal, i, qi[i], qi[i + 1] - qi[i], o, lse);
+    paged_rows(a.q, a.k_new, a.v_new, a.cache, a.seqs, a.scale, a.mask.causal, i, qi[i], qi[i + 1] - qi[i], o, lse);
   return o;
 }
 

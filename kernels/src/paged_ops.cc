@@ -76,10 +76,22 @@ Status check_rows(const TensorView& q, const TensorView& k_new, const TensorView
   return Status::Ok();
 }
 
+// The paged kernels take causal masks only so far: a window is refused by name, never ignored.
+Status check_no_window(const AttentionMask& m, const char* op) {
+  if (m.window_left != -1)
+    return invalid_argument("mask.window_left: expected -1 (" + std::string(op) +
+                            " takes no window yet), got " + str(m.window_left));
+  if (m.window_right != -1)
+    return invalid_argument("mask.window_right: expected -1 (" + std::string(op) +
+                            " takes no window yet), got " + str(m.window_right));
+  return Status::Ok();
+}
+
 }  // namespace
 
 Status check_paged_decode(const PagedDecodeArgs& a) {
   ATTN_RETURN_IF_ERROR(check_rows(a.q, a.k_new, a.v_new, a.o, a.lse, a.cache, a.seqs));
+  ATTN_RETURN_IF_ERROR(check_no_window(a.mask, "paged_decode"));
   if (a.q.dim(0) != a.seqs.count()) {
     return invalid_argument("q.shape: expected one row per sequence (" + str(a.seqs.count()) +
                             "), got " + str(a.q.dim(0)));
@@ -98,6 +110,7 @@ Status check_paged_decode(const PagedDecodeArgs& a) {
 
 Status check_paged_prefill(const PagedPrefillArgs& a) {
   ATTN_RETURN_IF_ERROR(check_rows(a.q, a.k_new, a.v_new, a.o, a.lse, a.cache, a.seqs));
+  ATTN_RETURN_IF_ERROR(check_no_window(a.mask, "paged_prefill"));
   ATTN_RETURN_IF_ERROR(expect_shape(a.q_indptr, {a.seqs.count() + 1}, "q_indptr"));
   ATTN_RETURN_IF_ERROR(expect_dtype(a.q_indptr, DType::kInt32, "q_indptr"));
   if (a.max_new_tokens < 1) return invalid_argument("max_new_tokens: expected >= 1");
@@ -131,7 +144,7 @@ OpCost OpDesc<PagedPrefillArgs>::cost(const PagedPrefillArgs& a) {
     for (std::int64_t i = 0; i < a.seqs.count(); ++i) {
       const std::int64_t len = a.seqs.seq_lens_host[i],
                          fresh = a.q_indptr_host[i + 1] - a.q_indptr_host[i];
-      pairs += a.causal ? fresh * (len - fresh) + fresh * (fresh + 1) / 2 : fresh * len;
+      pairs += a.mask.causal ? fresh * (len - fresh) + fresh * (fresh + 1) / 2 : fresh * len;
     }
   const std::int64_t hq = a.q.rank() == 3 ? a.q.dim(1) : 0;
   const auto bytes =

@@ -256,16 +256,17 @@ struct KvMerging {
   // mask and outputs; any layers (one view of all of them), where its page numbers fit. Inputs
   // in host memory only: the merged launch gathers them with memcpy.
   static std::string key(const Args& a, const Variant<Args>& variant, const KvCache& cache,
-                         int layer, bool causal) {
+                         int layer) {
     if (a.q.memory != MemoryKind::kHost || a.k_new.memory != MemoryKind::kHost ||
         a.v_new.memory != MemoryKind::kHost)
       return "";
     char key[256];
-    std::snprintf(key, sizeof key, "%s %p %d %s %lld %a %d %d", OpDesc<Args>::kName,
+    std::snprintf(key, sizeof key, "%s %p %d %s %lld %a %d %lld %lld %d", OpDesc<Args>::kName,
                   static_cast<const void*>(&cache),
                   cache.config().layers_fit_one_view() ? -1 : layer, variant.info.name.c_str(),
-                  static_cast<long long>(a.q.dim(1)), static_cast<double>(a.scale), causal ? 1 : 0,
-                  a.lse.empty() ? 0 : 1);
+                  static_cast<long long>(a.q.dim(1)), static_cast<double>(a.scale),
+                  a.mask.causal ? 1 : 0, static_cast<long long>(a.mask.window_left),
+                  static_cast<long long>(a.mask.window_right), a.lse.empty() ? 0 : 1);
     return key;
   }
   static TensorView rows(const TensorView& v) { return v; }
@@ -428,7 +429,7 @@ grpc::ServerUnaryReactor* KvHandlers::serve_kv(CallContext& call, const Request*
     kv->args = r.args;
     kv->placeholder = std::move(r.placeholder);  // its arrays keep their storage: args stay valid
     kv->variant = r.variant;
-    kv->key = KvMerging<Args>::key(kv->args, *kv->variant, *cache, kv->layer, r.causal);
+    kv->key = KvMerging<Args>::key(kv->args, *kv->variant, *cache, kv->layer);
     return Status::Ok();
   }();
   if (!prepared.ok()) {

@@ -78,7 +78,8 @@ Result<wire::DecodedTensor> kv_input(const v1::Tensor& t, bool present, const ch
   return d;
 }
 
-// Where Decode and Prefill requests differ: the names of their K/V fields and their mask.
+// Where Decode and Prefill requests differ: the names of their K/V fields, their mask, and
+// Prefill's count of new tokens per sequence.
 template <class Request>
 struct KvFields;
 
@@ -90,11 +91,10 @@ struct KvFields<v1::DecodeRequest> {
   static const v1::Tensor& v(const v1::DecodeRequest& r) { return r.v_new(); }
   static bool has_k(const v1::DecodeRequest& r) { return r.has_k_new(); }
   static bool has_v(const v1::DecodeRequest& r) { return r.has_v_new(); }
-  // One new token per sequence sees the whole sequence: no mask.
-  static bool set_mask(const v1::DecodeRequest&, const std::vector<std::int64_t>&,
-                       PagedDecodeArgs&) {
-    return false;
-  }
+  // Prefill's one-token case: each new token sits at the end of its sequence, so the causal mask
+  // lets it see every key.
+  static AttentionMask mask(const v1::DecodeRequest&) { return AttentionMask{true}; }
+  static void set_new_tokens(const std::vector<std::int64_t>&, PagedDecodeArgs&) {}
 };
 
 template <>
@@ -106,11 +106,9 @@ struct KvFields<v1::PrefillRequest> {
   static bool has_k(const v1::PrefillRequest& r) { return r.has_k(); }
   static bool has_v(const v1::PrefillRequest& r) { return r.has_v(); }
   // Causal unless asked otherwise: each new token sees the cache and the new tokens up to itself.
-  static bool set_mask(const v1::PrefillRequest& r, const std::vector<std::int64_t>& fresh,
-                       PagedPrefillArgs& a) {
-    a.causal = !r.non_causal();
+  static AttentionMask mask(const v1::PrefillRequest& r) { return AttentionMask{!r.non_causal()}; }
+  static void set_new_tokens(const std::vector<std::int64_t>& fresh, PagedPrefillArgs& a) {
     a.max_new_tokens = *std::max_element(fresh.begin(), fresh.end());
-    return a.causal;
   }
 };
 
@@ -148,7 +146,8 @@ Result<KvRequest<Args>> parse_request(const Request& req, Response* resp, const 
   // The plan comes on the worker, in the cache's order; variants are chosen now, on its shape.
   out.placeholder = PagedPlan::placeholder(static_cast<std::int64_t>(fresh.size()));
   bind_plan(out.placeholder, a);
-  const bool causal = Fields::set_mask(req, fresh, a);
+  a.mask = Fields::mask(req);
+  Fields::set_new_tokens(fresh, a);
   // The response's bytes, charged to the call (the server's memory bound) before they exist.
   const std::size_t o_bytes =
       static_cast<std::size_t>(element_count(q.view.shape)) * element_size(cache.config().dtype);
@@ -161,7 +160,6 @@ Result<KvRequest<Args>> parse_request(const Request& req, Response* resp, const 
   ATTN_ASSIGN_OR_RETURN(variant,
                         ctx.registry->of<Args>().select(a, req.kernel(), cache.owner().target()));
   out.variant = variant;
-  out.causal = causal;
   out.inputs.push_back(std::move(q));
   out.inputs.push_back(std::move(k));
   out.inputs.push_back(std::move(v));

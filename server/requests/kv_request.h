@@ -24,7 +24,6 @@ struct KvRequest : RequestTensors {
   Args args;  // its index arrays bound to `placeholder` until the plan replaces them
   const Variant<Args>* variant = nullptr;
   PagedPlan placeholder;
-  bool causal = false;
 };
 
 // Binds a plan's index arrays (pages, lengths) into the op's arguments.

@@ -617,7 +617,7 @@ TEST_P(GpuPagedPrefill, AppendsAndMatchesReference) {
           args.q = q.view(), args.k_new = k_new.view(), args.v_new = v_new.view(), args.o = o.view();
           args.lse = lse.view();
           args.cache = batch.device;
-          args.causal = causal;
+          args.mask.causal = causal;
           args.scale = resolve_attention_scale(0.0f, c.d);
           batch.plan.bind(args);
           if (refused(*v, args, dt)) continue;

@@ -11,8 +11,8 @@
 
 #include "attn/executor.h"
 #include "attn/registry.h"
-#include "state/kv_cache.h"
 #include "reference.h"
+#include "state/kv_cache.h"
 #include "support/random.h"
 
 namespace attn {
@@ -97,7 +97,7 @@ std::vector<const VariantInfo*> cpu_variants(Op op) {
 template <class Args>
 void check(const Variant<Args>& variant, PagedCase& c, bool causal = true) {
   Args a = c.args<Args>();
-  if constexpr (std::is_same_v<Args, PagedPrefillArgs>) a.causal = causal;
+  if constexpr (std::is_same_v<Args, PagedPrefillArgs>) a.mask.causal = causal;
   ASSERT_TRUE(variant.supports(a).ok()) << variant.supports(a).to_string();
   std::vector<double> want_lse;
   std::vector<double> want;
@@ -229,6 +229,32 @@ TEST(PagedChecks, RefuseMismatchedShapesNamingTheField) {
   EXPECT_NE(check_paged_decode(bad).message().find("merged_calls_host"), std::string::npos);
   bad.merged_calls = 0;
   EXPECT_NE(check_paged_decode(bad).message().find("merged_calls_host"), std::string::npos);
+}
+
+// The mask is one parameter of both paged ops; until their kernels take windows, a window is
+// refused by every variant, naming the field, never ignored.
+TEST(PagedChecks, RefuseWindowsNamingTheMaskField) {
+  std::mt19937_64 rng(testing::seed());
+  PagedCase c({{3, 1}, {5, 2}}, 4, 2, 16, 16, DType::kFloat32, rng);
+  PagedPrefillArgs prefill = c.args<PagedPrefillArgs>();
+  PagedCase one_token({{3, 1}}, 4, 2, 16, 16, DType::kFloat32, rng);
+  PagedDecodeArgs decode = one_token.args<PagedDecodeArgs>();
+  EXPECT_TRUE(check_paged_decode(decode).ok());
+  EXPECT_TRUE(prefill.mask.causal);  // Prefill is causal unless asked otherwise
+  EXPECT_TRUE(check_paged_prefill(prefill).ok());
+  prefill.mask.causal = false;
+  EXPECT_TRUE(check_paged_prefill(prefill).ok());
+  prefill.mask.window_left = 8;
+  EXPECT_NE(check_paged_prefill(prefill).message().find("mask.window_left"), std::string::npos);
+  prefill.mask.window_left = -1;
+  prefill.mask.window_right = 0;
+  EXPECT_NE(check_paged_prefill(prefill).message().find("mask.window_right"), std::string::npos);
+  for (const auto& v : default_registry().of<PagedPrefillArgs>().variants())
+    EXPECT_FALSE(v.supports(prefill).ok()) << v.info.name;
+  decode.mask.window_left = 0;
+  EXPECT_NE(check_paged_decode(decode).message().find("mask.window_left"), std::string::npos);
+  for (const auto& v : default_registry().of<PagedDecodeArgs>().variants())
+    EXPECT_FALSE(v.supports(decode).ok()) << v.info.name;
 }
 
 // Decode calls on different layers of a cache merge through one view of all its layers: only

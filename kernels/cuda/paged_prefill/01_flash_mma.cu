@@ -229,7 +229,7 @@ Result<PagedProblem> problem(const PagedPrefillArgs& a) {
   ATTN_ASSIGN_OR_RETURN(p, paged_problem(a, a.q_indptr, kPagedPrefill01Caps, "paged_prefill/01_flash_mma"));
   if (!a.q_indptr_host)
     return invalid_argument("q_indptr: paged_prefill/01_flash_mma plans from its host copy");
-  p.causal = a.causal;
+  p.causal = a.mask.causal;
   return p;
 }
 

@@ -371,7 +371,7 @@ Result<PagedProblem> problem(const PagedPrefillArgs& a) {
   for (const TensorView* t : {&a.q, &a.o})
     if (reinterpret_cast<std::uintptr_t>(t->data) % 16 != 0)
       return invalid_argument(std::string("q.data: ") + kName + " needs 16-byte aligned q and o");
-  p.causal = a.causal;
+  p.causal = a.mask.causal;
   if (total_tiles(a, p) * p.heads_kv >
       INT_MAX / 2)  // item numbers run past the count by up to a grid
     return invalid_argument(std::string("q.shape: ") + kName + " takes < 2^30 work items");

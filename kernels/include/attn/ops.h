@@ -55,6 +55,15 @@ struct SoftmaxDims {
 };
 Result<SoftmaxDims> softmax_dims(const TensorView& x);
 
+// Which keys a query row sees: the mask of the attention ops over a KV cache (paged decode and
+// prefill), one parameter so that windows and, later, trees are one field more, not one argument
+// per op. Positions are bottom-right aligned as in AttentionArgs below: a query at position p
+// sees key j when j <= p (causal), and p - window_left <= j <= p + window_right (-1: unbounded).
+struct AttentionMask {
+  bool causal = false;
+  std::int64_t window_left = -1, window_right = -1;
+};
+
 // O = softmax(softcap(scale . Q K^T) + mask) V per (batch, query head); query head h reads
 // key/value head h / (Hq / Hkv). Query i sits at key position i + (Sk - Sq) (bottom-right
 // aligned, as FlashAttention-2). causal: it sees key j only when j <= its position. A sliding

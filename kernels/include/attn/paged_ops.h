@@ -63,6 +63,9 @@ struct PagedDecodeArgs {
   PagedKvLayer cache;
   PagedSequences seqs;
   float scale = 0.0f;  // resolved: never 0 once it reaches a kernel
+  // Prefill's one-token case: the new token sits at the end of its sequence, so the causal mask
+  // sees every key. No variant takes a window yet (check_paged_decode refuses one).
+  AttentionMask mask{true};
   // Calls merged into this one (dynamic batching), on the host: call c owns sequences
   // merged_calls_host[c] .. merged_calls_host[c + 1] - 1 (merged_calls + 1 offsets, 0 to n).
   // Variants that plan their work across the batch (split-KV chunk lengths) plan each call's
@@ -76,8 +79,8 @@ struct PagedDecodeArgs {
 // q_indptr[i] .. of the packed q, k_new, v_new). Appends them at positions seq_lens[i] - new_i ..
 // seq_lens[i] - 1, then each new token attends to the sequence's earlier cache and, when causal,
 // to the new tokens up to itself (bottom-right aligned: new token j sits at position
-// seq_lens[i] - new_i + j and sees the keys at positions <= that); when not causal, to all of the
-// sequence's tokens.
+// seq_lens[i] - new_i + j and sees the keys at positions <= that: mask.causal); when not causal,
+// to all of the sequence's tokens.
 struct PagedPrefillArgs {
   TensorView q;             // [T, Hq, D], T = q_indptr[n]
   TensorView k_new, v_new;  // [T, Hkv, D]
@@ -88,7 +91,7 @@ struct PagedPrefillArgs {
   std::int64_t max_new_tokens = 0;  // the largest new_i
   PagedKvLayer cache;
   PagedSequences seqs;
-  bool causal = true;
+  AttentionMask mask{true};  // causal by default; no variant takes a window yet (refused)
   float scale = 0.0f;
 };
 

@@ -293,7 +293,7 @@ struct KvMerging {
     if (layers_differ) all.cache = first.cache->all_layers();
     bind_plan(u.plan, all);
     mark_members(all, u.members_at);
-    return first.variant;
+    return first.request.variant;
   }
 
  private:
@@ -320,16 +320,14 @@ class KvCall final : public BatchMember {
   int layer = 0;
   std::vector<std::string> ids;
   std::vector<std::int64_t> fresh;
-  RequestTensors tensors;  // what keeps q and the new K/V's views valid
-  Args args;
-  const Variant<Args>* variant = nullptr;
+  // Its arguments and variant; q and the new K/V decoded in place (what keeps their views valid).
+  KvRequest<Args> request;
   std::string key;
-  PagedPlan placeholder;                          // the arrays' shapes while the variant is chosen
   std::optional<KvCache::PendingAppend> pending;  // its pages and lengths, once planned
 
   // Finishes the call with an error (a refusal, a drop from the queue).
   void fail(const Status& s) {
-    core->finish(*call, reactor, variant ? variant->info.name : "", s, nullptr, 0);
+    core->finish(*call, reactor, request.variant ? request.variant->info.name : "", s, nullptr, 0);
   }
   const std::string& batch_key() const override { return key; }
 
@@ -346,15 +344,15 @@ class KvCall final : public BatchMember {
     if (!pending) {
       if (Status planned = plan(); !planned.ok()) return fail(planned);
     }
-    bind_plan(pending->plan, args);
+    bind_plan(pending->plan, request.args);
     ExecTimings t;
-    const Status status = executor.execute(make_call(*variant, args), t);
+    const Status status = executor.execute(make_call(*request.variant, request.args), t);
     if (!status.ok()) {
-      core->device_faulted(executor, variant->info.name, status);
+      core->device_faulted(executor, request.variant->info.name, status);
       undo_together();
       return fail(status);
     }
-    ran_together(executor, t, queue_ns, 1, variant->info);
+    ran_together(executor, t, queue_ns, 1, request.variant->info);
   }
 
   // Together: each call planned (one that cannot be, fails alone), then one launch.
@@ -377,19 +375,20 @@ class KvCall final : public BatchMember {
 
   // Its part in a launch (merged_launch.h): the launch failed (its pages go back), or ran (its
   // appends are committed, its rows answered).
-  const Args& launch_args() const { return args; }
+  const Args& launch_args() const { return request.args; }
   void undo_together() { cache->abort(*pending); }
   void ran_together(Executor& executor, const ExecTimings& t, std::int64_t queue_ns, int batched,
                     const VariantInfo& ran) {
     cache->commit(*pending);
-    bind_plan(pending->plan, args);  // for its own cost
+    bind_plan(pending->plan, request.args);  // for its own cost
     for (auto len : pending->new_lengths) resp->add_lengths(len);
     if (return_values) {
       wire::convert_to_values(resp->mutable_o());
       if (resp->has_lse()) wire::convert_to_values(resp->mutable_lse());
     }
     v1::Timings* timings = resp->mutable_timings();
-    fill_timings(timings, ran.name, executor, queue_ns, t, cost_of(args), batched, call->start);
+    fill_timings(timings, ran.name, executor, queue_ns, t, cost_of(request.args), batched,
+                 call->start);
     core->finish(*call, reactor, ran.name, Status::Ok(), timings, resp->ByteSizeLong());
   }
 
@@ -425,20 +424,18 @@ grpc::ServerUnaryReactor* KvHandlers::serve_kv(CallContext& call, const Request*
     ATTN_ASSIGN_OR_RETURN(r, parse_kv_request(*req, resp, *cache, kv->fresh, core_.requests, call));
     if (core_.config.metrics && !r.shm_buffers.empty())
       core_.config.metrics->record_shared_memory(op, r.shm_bytes_in(), 0);
-    kv->tensors = std::move(static_cast<RequestTensors&>(r));
-    kv->args = r.args;
-    kv->placeholder = std::move(r.placeholder);  // its arrays keep their storage: args stay valid
-    kv->variant = r.variant;
-    kv->key = KvMerging<Args>::key(kv->args, *kv->variant, *cache, kv->layer);
+    // Moved, the placeholder's arrays keep their storage: the arguments' views stay valid.
+    kv->request = std::move(r);
+    kv->key = KvMerging<Args>::key(kv->request.args, *kv->request.variant, *cache, kv->layer);
     return Status::Ok();
   }();
   if (!prepared.ok()) {
     core_.finish(call, kv->reactor, "", prepared, nullptr, 0);
     return kv->reactor;
   }
-  const VariantInfo* variant = &kv->variant->info;
+  const VariantInfo* variant = &kv->request.variant->info;
   Placement placement = placement_of(core_.scheduler, *kv->cache);
-  placement.inline_when_idle = variant->backend == Backend::kCpu && tiny(cost_of(kv->args));
+  placement.inline_when_idle = variant->backend == Backend::kCpu && tiny(cost_of(kv->request.args));
   Scheduler::Job job;
   job.abandoned = [&call] { return call_abandoned(call); };
   job.drop = [kv](const Status& why) { kv->fail(why); };

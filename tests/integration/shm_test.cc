@@ -475,12 +475,6 @@ TEST(SharedMemory, MetricsCountBytesEachWay) {
                         std::to_string(a.q.bytes())));
 }
 
-}  // namespace
-}  // namespace attn
-
-namespace attn {
-namespace {
-
 // Decode and Prefill decode their inputs as every op does: q inline, K from a shared-memory
 // region, V from a resident tensor give the same bits as all three inline (a twin cache fed the
 // same tokens inline), the region's bytes are counted; a bad reference is refused by its field
@@ -492,19 +486,17 @@ TEST(SharedMemory, KvCallsTakeInputsFromEverySource) {
   Client client(server.address());
   std::mt19937_64 rng(testing::seed());
   const int hkv = 2, hq = 6, d = 32;
+  v1::KvCacheConfig config;
+  config.set_layers(1);
+  config.set_kv_heads(hkv);
+  config.set_head_dim(d);
+  config.set_dtype(v1::D_TYPE_FLOAT32);
+  config.set_page_size(16);
+  config.set_capacity_tokens(1024);
   auto create = [&] {
-    v1::CreateKvCacheRequest req;
-    auto* c = req.mutable_config();
-    c->set_layers(1);
-    c->set_kv_heads(hkv);
-    c->set_head_dim(d);
-    c->set_dtype(v1::D_TYPE_FLOAT32);
-    c->set_page_size(16);
-    c->set_capacity_tokens(1024);
-    v1::CreateKvCacheResponse resp;
-    const grpc::Status s = client.stub().CreateKvCache(client.make_context(req).get(), req, &resp);
-    EXPECT_TRUE(s.ok()) << s.error_message();
-    return resp.cache().handle();
+    auto c = client.create_kv_cache(config);
+    EXPECT_TRUE(c.ok()) << c.status().to_string();
+    return c.ok() ? c->handle() : std::string();
   };
   const std::string mixed = create(), plain = create();
   const std::int64_t rows = 33;  // a prompt of 33: three pages of 16
@@ -596,12 +588,10 @@ TEST(SharedMemory, KvCallsTakeInputsFromEverySource) {
     EXPECT_EQ(bs.error_code(), bad.code) << bad.field << ": " << bs.error_message();
     EXPECT_THAT(bs.error_message(), HasSubstr(bad.field));
   }
-  v1::DescribeKvCacheRequest dreq;
-  dreq.set_handle(mixed);
-  v1::DescribeKvCacheResponse dresp;
-  ASSERT_TRUE(client.stub().DescribeKvCache(client.make_context(dreq).get(), dreq, &dresp).ok());
-  ASSERT_EQ(dresp.cache().sequences_size(), 1);
-  EXPECT_EQ(dresp.cache().sequences(0).lengths(0), rows + 1);
+  auto described = client.describe_kv_cache(mixed);
+  ASSERT_TRUE(described.ok()) << described.status().to_string();
+  ASSERT_EQ(described->sequences_size(), 1);
+  EXPECT_EQ(described->sequences(0).lengths(0), rows + 1);
 }
 
 }  // namespace

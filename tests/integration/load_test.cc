@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 
 #include <future>
+#include <stdexcept>
+#include <string>
 #include <thread>
 
 #include "attn/client.h"
@@ -22,18 +24,26 @@ using testing::random_tensor;
 
 // A matmul that keeps the server busy for about two seconds (calibrated while other tests may
 // load the machine, so it may run several times faster; the tests need only a few hundred ms).
+// Its inputs are resident on the server, so that each call is a request of two handles: it is in
+// the server's hands at once, not after tens of MB have crossed a loaded machine (a second call
+// sent inline once arrived only after the first had finished, and never queued behind it).
 struct SlowMatmul {
-  explicit SlowMatmul(Client& client) : n(testing::calibrated_matmul_size(client, 2.0)) {}
+  explicit SlowMatmul(Client& client) : n(testing::calibrated_matmul_size(client, 2.0)) {
+    std::mt19937_64 rng{testing::seed()};
+    for (std::string* handle : {&a, &b}) {
+      auto put = client.put_tensor(random_tensor(DType::kFloat32, {n, n}, rng));
+      if (!put.ok()) throw std::runtime_error("PutTensor failed: " + put.status().to_string());
+      *handle = put->handle();
+    }
+  }
   std::int64_t n;
-  std::mt19937_64 rng{testing::seed()};
-  Tensor a = random_tensor(DType::kFloat32, {n, n}, rng);
-  Tensor b = random_tensor(DType::kFloat32, {n, n}, rng);
+  std::string a, b;  // resident tensors' handles
 };
 
 v1::MatmulRequest request_of(const SlowMatmul& m) {
   v1::MatmulRequest req;
-  wire::encode_tensor(m.a.view(), req.mutable_a());
-  wire::encode_tensor(m.b.view(), req.mutable_b());
+  *req.mutable_a() = Client::resident(m.a);
+  *req.mutable_b() = Client::resident(m.b);
   req.set_kernel(testing::kSlowMatmulKernel);
   return req;
 }

@@ -121,6 +121,16 @@ Status check_attention_options(std::int64_t window_left, std::int64_t window_rig
   return Status::Ok();
 }
 
+Status check_sinks(const TensorView& sinks, std::int64_t heads_q) {
+  if (sinks.empty()) return Status::Ok();
+  if (sinks.dtype != DType::kFloat32)
+    return invalid_argument("sinks.dtype: expected float32, got " + std::string(dtype_name(sinks.dtype)));
+  if (sinks.rank() != 1 || sinks.dim(0) != heads_q)
+    return invalid_argument("sinks.shape: expected [" + std::to_string(heads_q) + "] (one per query head), got " +
+                            shape_to_string(sinks.shape));
+  return Status::Ok();
+}
+
 float resolve_attention_scale(float scale, std::int64_t head_dim) {
   return scale != 0.0f ? scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
 }
@@ -185,7 +195,8 @@ Result<Problem<SoftmaxArgs>> OpDesc<SoftmaxArgs>::problem(const ProblemSpec& spe
 
 Status OpDesc<AttentionArgs>::check(const AttentionArgs& a) {
   ATTN_RETURN_IF_ERROR(check_attention_options(a.window_left, a.window_right, a.softcap));
-  return attention_dims(a.q, a.k, a.v).status();
+  ATTN_ASSIGN_OR_RETURN(d, attention_dims(a.q, a.k, a.v));
+  return check_sinks(a.sinks, d.heads_q);
 }
 
 OpCost OpDesc<AttentionArgs>::cost(const AttentionArgs& args) {

@@ -76,22 +76,17 @@ Status check_rows(const TensorView& q, const TensorView& k_new, const TensorView
   return Status::Ok();
 }
 
-// The paged kernels take causal masks only so far: a window is refused by name, never ignored.
-Status check_no_window(const AttentionMask& m, const char* op) {
-  if (m.window_left != -1)
-    return invalid_argument("mask.window_left: expected -1 (" + std::string(op) +
-                            " takes no window yet), got " + str(m.window_left));
-  if (m.window_right != -1)
-    return invalid_argument("mask.window_right: expected -1 (" + std::string(op) +
-                            " takes no window yet), got " + str(m.window_right));
-  return Status::Ok();
+// Windows, soft caps and sinks have the one-shot Attention's rules.
+Status check_mask_options(const AttentionMask& m, float softcap, const TensorView& sinks, const TensorView& q) {
+  ATTN_RETURN_IF_ERROR(check_attention_options(m.window_left, m.window_right, softcap));
+  return check_sinks(sinks, q.dim(1));
 }
 
 }  // namespace
 
 Status check_paged_decode(const PagedDecodeArgs& a) {
   ATTN_RETURN_IF_ERROR(check_rows(a.q, a.k_new, a.v_new, a.o, a.lse, a.cache, a.seqs));
-  ATTN_RETURN_IF_ERROR(check_no_window(a.mask, "paged_decode"));
+  ATTN_RETURN_IF_ERROR(check_mask_options(a.mask, a.softcap, a.sinks, a.q));
   if (a.q.dim(0) != a.seqs.count()) {
     return invalid_argument("q.shape: expected one row per sequence (" + str(a.seqs.count()) +
                             "), got " + str(a.q.dim(0)));
@@ -110,45 +105,59 @@ Status check_paged_decode(const PagedDecodeArgs& a) {
 
 Status check_paged_prefill(const PagedPrefillArgs& a) {
   ATTN_RETURN_IF_ERROR(check_rows(a.q, a.k_new, a.v_new, a.o, a.lse, a.cache, a.seqs));
-  ATTN_RETURN_IF_ERROR(check_no_window(a.mask, "paged_prefill"));
+  ATTN_RETURN_IF_ERROR(check_mask_options(a.mask, a.softcap, a.sinks, a.q));
   ATTN_RETURN_IF_ERROR(expect_shape(a.q_indptr, {a.seqs.count() + 1}, "q_indptr"));
   ATTN_RETURN_IF_ERROR(expect_dtype(a.q_indptr, DType::kInt32, "q_indptr"));
   if (a.max_new_tokens < 1) return invalid_argument("max_new_tokens: expected >= 1");
   return Status::Ok();
 }
 
-std::int64_t paged_kv_bytes_read(const PagedKvLayer& cache, const PagedSequences& seqs) {
+std::int64_t paged_kv_bytes_read(const PagedKvLayer& cache, const PagedSequences& seqs,
+                                 std::int64_t window_left) {
   std::int64_t tokens = 0;
   if (seqs.seq_lens_host)
-    for (std::int64_t i = 0; i < seqs.count(); ++i) tokens += seqs.seq_lens_host[i];
+    for (std::int64_t i = 0; i < seqs.count(); ++i) {
+      const std::int64_t len = seqs.seq_lens_host[i];
+      tokens += window_left >= 0 && window_left + 1 < len ? window_left + 1 : len;
+    }
   return 2 * tokens * cache.heads_kv * cache.head_dim *
          static_cast<std::int64_t>(element_size(cache.dtype));
 }
 
 OpCost OpDesc<PagedDecodeArgs>::cost(const PagedDecodeArgs& a) {
-  std::int64_t keys = 0;
-  if (a.seqs.seq_lens_host)
-    for (std::int64_t i = 0; i < a.seqs.count(); ++i) keys += a.seqs.seq_lens_host[i];
   const std::int64_t hq = a.q.rank() == 3 ? a.q.dim(1) : 0;
+  const std::int64_t kv_bytes = paged_kv_bytes_read(a.cache, a.seqs, a.mask.window_left);
+  const std::int64_t keys =
+      a.cache.heads_kv * a.cache.head_dim > 0
+          ? kv_bytes / (2 * a.cache.heads_kv * a.cache.head_dim * static_cast<std::int64_t>(element_size(a.cache.dtype)))
+          : 0;
   const std::int64_t flops = 4 * keys * hq * a.cache.head_dim;
   const auto bytes =
-      paged_kv_bytes_read(a.cache, a.seqs) +
-      static_cast<std::int64_t>(a.q.bytes() + a.k_new.bytes() + a.v_new.bytes() + a.o.bytes());
+      kv_bytes + static_cast<std::int64_t>(a.q.bytes() + a.k_new.bytes() + a.v_new.bytes() + a.o.bytes());
   return {flops, bytes};
 }
 
 OpCost OpDesc<PagedPrefillArgs>::cost(const PagedPrefillArgs& a) {
-  // Keys each new token sees, summed: the earlier cache, plus (causal) the new tokens up to itself.
+  // Keys each new token sees, summed: the earlier cache, plus (causal) the new tokens up to itself,
+  // within its window.
   std::int64_t pairs = 0;
+  const bool windowed = a.mask.window_left >= 0 || (!a.mask.causal && a.mask.window_right >= 0);
   if (a.seqs.seq_lens_host && a.q_indptr_host)
     for (std::int64_t i = 0; i < a.seqs.count(); ++i) {
       const std::int64_t len = a.seqs.seq_lens_host[i],
                          fresh = a.q_indptr_host[i + 1] - a.q_indptr_host[i];
-      pairs += a.mask.causal ? fresh * (len - fresh) + fresh * (fresh + 1) / 2 : fresh * len;
+      if (!windowed) {
+        pairs += a.mask.causal ? fresh * (len - fresh) + fresh * (fresh + 1) / 2 : fresh * len;
+        continue;
+      }
+      for (std::int64_t j = 0; j < fresh; ++j) {
+        const KeyRange r = visible_keys(j, fresh, len, a.mask.causal, a.mask.window_left, a.mask.window_right);
+        pairs += r.end - r.begin;
+      }
     }
   const std::int64_t hq = a.q.rank() == 3 ? a.q.dim(1) : 0;
   const auto bytes =
-      paged_kv_bytes_read(a.cache, a.seqs) +
+      paged_kv_bytes_read(a.cache, a.seqs, a.mask.window_left >= 0 ? a.mask.window_left + a.max_new_tokens - 1 : -1) +
       static_cast<std::int64_t>(a.q.bytes() + a.k_new.bytes() + a.v_new.bytes() + a.o.bytes());
   return {4 * pairs * hq * a.cache.head_dim, bytes};
 }

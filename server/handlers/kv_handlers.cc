@@ -239,6 +239,14 @@ grpc::ServerUnaryReactor* KvHandlers::ForkSequence(CallContext& call,
   return reactor;
 }
 
+grpc::ServerUnaryReactor* KvHandlers::TruncateSequence(CallContext& call,
+                                                       const v1::TruncateSequenceRequest*,
+                                                       v1::TruncateSequenceResponse*) {
+  auto* reactor = call.grpc->DefaultReactor();
+  core_.finish(call, reactor, "", failed_precondition("TruncateSequence: not served yet"), nullptr, 0);
+  return reactor;
+}
+
 // How Decode or Prefill calls waiting together share a launch (merged_launch.h): their rows
 // stack along axis 0 and one plan covers every call's sequences.
 template <class A>

@@ -28,6 +28,8 @@ class KvHandlers final {
                                              v1::ReleaseSequencesResponse* resp);
   grpc::ServerUnaryReactor* ForkSequence(CallContext& call, const v1::ForkSequenceRequest* req,
                                          v1::ForkSequenceResponse* resp);
+  grpc::ServerUnaryReactor* TruncateSequence(CallContext& call, const v1::TruncateSequenceRequest* req,
+                                             v1::TruncateSequenceResponse* resp);
   grpc::ServerUnaryReactor* Decode(CallContext& call, const v1::DecodeRequest* req,
                                    v1::DecodeResponse* resp);
   grpc::ServerUnaryReactor* Prefill(CallContext& call, const v1::PrefillRequest* req,

@@ -30,6 +30,7 @@ void bind_methods(GatedMethods& gate, AttnService& s) {
   gate.unary("DeleteKvCache", s.kv, &KvHandlers::DeleteKvCache);
   gate.unary("ReleaseSequences", s.kv, &KvHandlers::ReleaseSequences);
   gate.unary("ForkSequence", s.kv, &KvHandlers::ForkSequence);
+  gate.unary("TruncateSequence", s.kv, &KvHandlers::TruncateSequence);
   gate.unary("Decode", s.kv, &KvHandlers::Decode);
   gate.unary("Prefill", s.kv, &KvHandlers::Prefill);
   gate.server_streaming("ReadKv", s.kv, &KvHandlers::ReadKv);

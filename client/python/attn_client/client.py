@@ -323,6 +323,23 @@ def _input(x) -> attn_pb2.Tensor:
     return encode(x)
 
 
+def _sinks(sinks) -> attn_pb2.Tensor:
+    """Attention sinks as a float32 tensor message (any float array, or a Resident)."""
+    if isinstance(sinks, (Resident, _RegionTensor)):
+        return _input(sinks)
+    return encode(np.ascontiguousarray(sinks, dtype=np.float32))
+
+
+def _mask_options(req, window_left=None, window_right=None, softcap=0.0, sinks=None):
+    if window_left is not None:
+        req.window_left = window_left
+    if window_right is not None:
+        req.window_right = window_right
+    req.softcap = softcap
+    if sinks is not None:
+        req.sinks.CopyFrom(_sinks(sinks))
+
+
 def _output(t: attn_pb2.Tensor, out=None):
     if out is not None and t.HasField("shm"):
         return out.torch() if isinstance(out, CudaTensor) else out.array()
@@ -436,14 +453,15 @@ class Client:
 
     def attention(self, q, k, v, *, causal=False, scale=0.0, return_lse=False, kernel="",
                   keep_output=False, output_ttl_ms=0, window_left=None, window_right=None,
-                  softcap=0.0, out: Optional[_RegionTensor] = None,
+                  softcap=0.0, sinks=None, out: Optional[_RegionTensor] = None,
                   lse_out: Optional[_RegionTensor] = None) -> Result:
         """O = softmax(scale . Q K^T [causal, bottom-right]) V for [B, H, S, D] tensors (GQA when
         K/V have fewer heads). scale 0 means 1/sqrt(D). window_left/window_right: a sliding
         window (FlashAttention-2's window_size: query i at key position p = i + Sk - Sq sees keys
         p - window_left .. p + window_right); None or -1 is unbounded on that side. softcap > 0:
-        each scaled score s becomes softcap * tanh(s / softcap). out/lse_out: ShmTensors or
-        CudaTensors the server writes O / the LSE into (shared memory)."""
+        each scaled score s becomes softcap * tanh(s / softcap). sinks: float32 [Hq], a logit
+        per query head joining every row's softmax denominator (gpt-oss). out/lse_out: ShmTensors
+        or CudaTensors the server writes O / the LSE into (shared memory)."""
         _synchronize_cuda(q, k, v, out, lse_out)
         req = attn_pb2.AttentionRequest(q=_input(q), k=_input(k), v=_input(v), causal=causal,
                                         scale=scale, return_lse=return_lse, kernel=kernel,
@@ -453,6 +471,8 @@ class Client:
             req.window_left = window_left
         if window_right is not None:
             req.window_right = window_right
+        if sinks is not None:
+            req.sinks.CopyFrom(_sinks(sinks))
         resp = self._call(self._stub.Attention, req)
         lse = _output(resp.lse, lse_out) if return_lse else None
         return Result(_output(resp.o, out), Timings.from_proto(resp.timings), lse)
@@ -666,28 +686,41 @@ class Client:
         return self._call(self._kv_stub(cache).ForkSequence, req)
 
     def decode(self, cache: str, layer: int, sequence_ids, q, k_new, v_new, *, scale=0.0,
-               return_lse=False, kernel="") -> KvResult:
+               return_lse=False, kernel="", window_left=None, softcap=0.0, sinks=None) -> KvResult:
         """One token per sequence at one layer: appends k_new/v_new [n, Hkv, D], then attends
-        q [n, Hq, D] over each sequence's whole cache. Arrays in the cache's dtype."""
+        q [n, Hq, D] over each sequence's whole cache. Arrays in the cache's dtype (or Resident
+        handles, or shared-memory / CUDA region tensors). window_left: the new token sees only
+        the last window_left + 1 tokens; softcap, sinks: as attention()."""
+        _synchronize_cuda(q, k_new, v_new)
         req = attn_pb2.DecodeRequest(cache=cache, layer=layer, sequence_ids=_sequence_ids(sequence_ids),
-                                     q=encode(q), k_new=encode(k_new), v_new=encode(v_new),
+                                     q=_input(q), k_new=_input(k_new), v_new=_input(v_new),
                                      scale=scale, return_lse=return_lse, kernel=kernel)
+        _mask_options(req, window_left, None, softcap, sinks)
         resp = self._call(self._kv_stub(cache).Decode, req)
         return KvResult(decode(resp.o), list(resp.lengths), Timings.from_proto(resp.timings),
                         decode(resp.lse) if return_lse else None)
 
     def prefill(self, cache: str, layer: int, sequence_ids, lens, q, k, v, *, non_causal=False,
-                scale=0.0, return_lse=False, kernel="") -> KvResult:
+                scale=0.0, return_lse=False, kernel="", window_left=None, window_right=None,
+                softcap=0.0, sinks=None) -> KvResult:
         """lens[i] new tokens of sequence i (packed: q [sum(lens), Hq, D], k/v [sum(lens), Hkv,
         D]) appended at one layer, with causal attention over each sequence's cache; unknown ids
-        are created."""
+        are created. window_left/window_right, softcap, sinks: as attention()."""
+        _synchronize_cuda(q, k, v)
         req = attn_pb2.PrefillRequest(cache=cache, layer=layer, sequence_ids=_sequence_ids(sequence_ids),
-                                      lens=[int(n) for n in lens], q=encode(q), k=encode(k),
-                                      v=encode(v), non_causal=non_causal, scale=scale,
+                                      lens=[int(n) for n in lens], q=_input(q), k=_input(k),
+                                      v=_input(v), non_causal=non_causal, scale=scale,
                                       return_lse=return_lse, kernel=kernel)
+        _mask_options(req, window_left, window_right, softcap, sinks)
         resp = self._call(self._kv_stub(cache).Prefill, req)
         return KvResult(decode(resp.o), list(resp.lengths), Timings.from_proto(resp.timings),
                         decode(resp.lse) if return_lse else None)
+
+    def truncate_sequence(self, cache: str, sequence_id: str, length: int) -> attn_pb2.TruncateSequenceResponse:
+        """Cuts a sequence back to `length` tokens at every layer (speculative decoding's
+        rollback); `.sequence`, `.freed_pages`, `.copied_pages`."""
+        req = attn_pb2.TruncateSequenceRequest(cache=cache, sequence_id=sequence_id, length=int(length))
+        return self._call(self._kv_stub(cache).TruncateSequence, req)
 
     def read_kv(self, cache: str, sequence_id: str, layer: int, *, chunk_bytes=0):
         """One sequence's cached (K, V) at one layer, each [len, Hkv, D] in the cache's dtype."""

@@ -62,7 +62,7 @@ struct AttentionProblem {
 inline Result<AttentionProblem> attention_problem(const AttentionArgs& args, const RungCaps& caps, const char* name) {
   ATTN_ASSIGN_OR_RETURN(d, attention_dims(args.q, args.k, args.v));
   ATTN_RETURN_IF_ERROR(check_attention_options(args.window_left, args.window_right, args.softcap));
-  ATTN_RETURN_IF_ERROR(check_options(caps, has_window(args), args.softcap, name));
+  ATTN_RETURN_IF_ERROR(check_options(caps, has_window(args), args.softcap, !args.sinks.empty(), name));
   ATTN_RETURN_IF_ERROR(check_dtype(caps, args.q.dtype, "q.dtype", name));
   ATTN_RETURN_IF_ERROR(check_head_dim(caps, args.q.dtype, d.head_dim, "q.shape[3]", name));
   if (d.len_q > INT_MAX / 2 || d.len_kv > INT_MAX / 2 || d.batch * d.heads_q > 65535 * 64) {

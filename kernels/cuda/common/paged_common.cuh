@@ -77,6 +77,8 @@ Result<PagedProblem> paged_problem(const Args& a, const TensorView& q_indptr, co
   ATTN_RETURN_IF_ERROR(check_head_dim(caps, a.cache.dtype, a.cache.head_dim, "q.shape", name));
   const std::int64_t group = a.q.dim(1) / a.cache.heads_kv;
   ATTN_RETURN_IF_ERROR(check_group(caps, group, "q.shape", name));
+  const bool windowed = a.mask.window_left >= 0 || (!a.mask.causal && a.mask.window_right >= 0);
+  ATTN_RETURN_IF_ERROR(check_options(caps, windowed, a.softcap, !a.sinks.empty(), name));
   if (a.cache.pages * a.cache.heads_kv * a.cache.page_size > INT_MAX ||
       a.seqs.max_seq_len > INT_MAX / 2 || a.q.dim(0) > INT_MAX / 64 ||
       a.seqs.count() > 65535 * 64 || a.cache.heads_kv > 65535) {

@@ -61,6 +61,7 @@ std::string limits_text(const RungCaps& caps, Op op) {
   std::vector<std::string> options;
   if (caps.features & kTakesWindow) options.emplace_back("sliding windows");
   if (caps.features & kTakesSoftcap) options.emplace_back("soft caps");
+  if (caps.features & kTakesSinks) options.emplace_back("attention sinks");
   if (!options.empty()) parts.push_back(join(options, ", "));
   return join(parts, "; ");
 }
@@ -85,11 +86,13 @@ Status check_group(const RungCaps& caps, long long group, const char* field, con
   return refuse(field, name, groups_text(caps.groups) + " query heads per key/value head", std::to_string(group));
 }
 
-Status check_options(const RungCaps& caps, bool window, float softcap, const char* name) {
+Status check_options(const RungCaps& caps, bool window, float softcap, bool sinks, const char* name) {
   if (window && !(caps.features & kTakesWindow))
     return invalid_argument(std::string("window_left: ") + name + " takes no sliding window");
   if (softcap > 0.0f && !(caps.features & kTakesSoftcap))
     return invalid_argument(std::string("softcap: ") + name + " takes no soft cap");
+  if (sinks && !(caps.features & kTakesSinks))
+    return invalid_argument(std::string("sinks: ") + name + " takes no attention sinks");
   return Status::Ok();
 }
 

@@ -18,7 +18,8 @@
 namespace attn::cuda {
 
 // Options beyond plain (causal) attention a rung takes; it refuses the rest by name.
-enum AttentionFeature : unsigned { kPlainOnly = 0, kTakesWindow = 1, kTakesSoftcap = 2 };
+enum AttentionFeature : unsigned { kPlainOnly = 0, kTakesWindow = 1, kTakesSoftcap = 2, kTakesSinks = 4 };
+inline constexpr unsigned kAllFeatures = kTakesWindow | kTakesSoftcap | kTakesSinks;
 
 // A set of query heads per key/value head: bit g - 1 for g.
 using GroupSet = unsigned;
@@ -135,7 +136,7 @@ Status check_dtype(const RungCaps& caps, DType dtype, const char* field, const c
 Status check_head_dim(const RungCaps& caps, DType dtype, long long head_dim, const char* field,
                       const char* name);
 Status check_group(const RungCaps& caps, long long group, const char* field, const char* name);
-Status check_options(const RungCaps& caps, bool window, float softcap, const char* name);
+Status check_options(const RungCaps& caps, bool window, float softcap, bool sinks, const char* name);
 Status check_query_rows(const RungCaps& caps, long long len_q, const char* field, const char* name);
 Status check_page_size(const RungCaps& caps, long long page_size, const char* name);
 // FAILED_PRECONDITION off Hopper for a hopper_only rung (the device of the calling thread).

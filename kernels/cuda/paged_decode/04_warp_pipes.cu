@@ -104,7 +104,7 @@ Result<PagedProblem> dense(const AttentionArgs& a) {
   ATTN_ASSIGN_OR_RETURN(d, attention_dims(a.q, a.k, a.v));
   ATTN_RETURN_IF_ERROR(check_dtype(kCaps, a.q.dtype, "q.dtype", kDenseName));
   ATTN_RETURN_IF_ERROR(check_head_dim(kCaps, a.q.dtype, d.head_dim, "q.shape[3]", kDenseName));
-  ATTN_RETURN_IF_ERROR(check_options(kCaps, has_window(a), a.softcap, kDenseName));
+  ATTN_RETURN_IF_ERROR(check_options(kCaps, has_window(a), a.softcap, !a.sinks.empty(), kDenseName));
   ATTN_RETURN_IF_ERROR(check_query_rows(kCaps, d.len_q, "q.shape[2]", kDenseName));
   ATTN_RETURN_IF_ERROR(check_group(kCaps, d.heads_q / d.heads_kv, "k.shape[1]", kDenseName));
   if (d.batch > 65535 * 64 || d.heads_kv > 65535 || d.batch * d.heads_kv * d.len_kv > INT_MAX) {

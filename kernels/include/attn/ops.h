@@ -70,7 +70,10 @@ struct AttentionMask {
 // window (FlashAttention-2's window_size) keeps keys with position - window_left <= j <= position +
 // window_right, -1 meaning unbounded on that side; with causal the right side is 0. softcap > 0
 // turns each scaled score s into softcap * tanh(s / softcap) before the softmax (Gemma 2, Grok).
-// A row that sees no key yields zeros and lse = -inf.
+// sinks (gpt-oss's learned attention sinks, StreamingLLM): a float32 logit per query head that
+// joins every row's softmax denominator and has no value row: o = sum_j e^(s_j) v_j / (e^(sink_h) +
+// sum_j e^(s_j)), in the units of the (scaled, capped) scores; the returned lse is the log of that
+// whole denominator. A row that sees no key yields zeros and lse = -inf (sink_h with sinks).
 struct AttentionArgs {
   TensorView q, k, v;  // [B, Hq, Sq, D], [B, Hkv, Sk, D], [B, Hkv, Sk, D]
   TensorView o;        // [B, Hq, Sq, D], same dtype as q
@@ -79,6 +82,7 @@ struct AttentionArgs {
   float scale = 0.0f;  // already resolved: never 0 once it reaches a kernel
   std::int64_t window_left = -1, window_right = -1;  // -1: unbounded
   float softcap = 0.0f;                              // 0: none
+  TensorView sinks;  // optional float32 [Hq]; empty: none
 };
 
 // The keys [begin, end) query i sees under causal and a window (see AttentionArgs); empty
@@ -107,6 +111,9 @@ struct AttentionDims {
 Result<AttentionDims> attention_dims(const TensorView& q, const TensorView& k, const TensorView& v);
 // window_left/right >= -1, softcap finite and >= 0; messages name the field.
 Status check_attention_options(std::int64_t window_left, std::int64_t window_right, float softcap);
+// Optional sinks: empty, or float32 [heads_q] (the values are the caller's to check: they may be
+// in device memory).
+Status check_sinks(const TensorView& sinks, std::int64_t heads_q);
 // Whether the args ask for a window or a soft cap (rungs that take neither refuse them by name).
 inline bool has_window(const AttentionArgs& a) { return a.window_left >= 0 || (!a.causal && a.window_right >= 0); }
 
@@ -194,7 +201,10 @@ struct OpDesc<AttentionArgs> {
   static constexpr const char* kName = "attention";
   static Status check(const AttentionArgs& a);
   static OpCost cost(const AttentionArgs& a);
-  static std::vector<TensorView*> inputs(AttentionArgs& a) { return {&a.q, &a.k, &a.v}; }
+  static std::vector<TensorView*> inputs(AttentionArgs& a) {
+    if (a.sinks.empty()) return {&a.q, &a.k, &a.v};
+    return {&a.q, &a.k, &a.v, &a.sinks};
+  }
   static std::vector<TensorView*> outputs(AttentionArgs& a) {
     if (a.lse.empty()) return {&a.o};
     return {&a.o, &a.lse};

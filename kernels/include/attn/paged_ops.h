@@ -63,9 +63,12 @@ struct PagedDecodeArgs {
   PagedKvLayer cache;
   PagedSequences seqs;
   float scale = 0.0f;  // resolved: never 0 once it reaches a kernel
-  // Prefill's one-token case: the new token sits at the end of its sequence, so the causal mask
-  // sees every key. No variant takes a window yet (check_paged_decode refuses one).
+  // Prefill's one-token case: the new token sits at the end of its sequence (position len - 1), so
+  // the causal mask sees every key; a window (mask.window_left >= 0) keeps the keys at positions
+  // len - 1 - window_left .. len - 1 (window_right has no effect under causal).
   AttentionMask mask{true};
+  float softcap = 0.0f;  // as AttentionArgs::softcap; 0: none
+  TensorView sinks;      // as AttentionArgs::sinks: optional float32 [Hq]
   // Calls merged into this one (dynamic batching), on the host: call c owns sequences
   // merged_calls_host[c] .. merged_calls_host[c + 1] - 1 (merged_calls + 1 offsets, 0 to n).
   // Variants that plan their work across the batch (split-KV chunk lengths) plan each call's
@@ -91,8 +94,12 @@ struct PagedPrefillArgs {
   std::int64_t max_new_tokens = 0;  // the largest new_i
   PagedKvLayer cache;
   PagedSequences seqs;
-  AttentionMask mask{true};  // causal by default; no variant takes a window yet (refused)
+  // Causal by default. A window keeps, for the new token at position p, the keys at positions
+  // p - window_left .. p + window_right (window_right only when not causal), as AttentionArgs.
+  AttentionMask mask{true};
   float scale = 0.0f;
+  float softcap = 0.0f;  // as AttentionArgs::softcap; 0: none
+  TensorView sinks;      // as AttentionArgs::sinks: optional float32 [Hq]
 };
 
 // The shape rules of both (everything but the values of the integer arrays, which the server
@@ -101,9 +108,11 @@ struct PagedPrefillArgs {
 Status check_paged_decode(const PagedDecodeArgs& a);
 Status check_paged_prefill(const PagedPrefillArgs& a);
 
-// Bytes of K/V a paged call reads (every sequence's cached tokens, all heads) and writes (the
-// new rows): the figure its bandwidth is quoted against.
-std::int64_t paged_kv_bytes_read(const PagedKvLayer& cache, const PagedSequences& seqs);
+// Bytes of K/V a paged call reads (every sequence's cached tokens, all heads; with a window of
+// window_left >= 0 keys before the last token, the last window_left + 1 of each): the figure its
+// bandwidth is quoted against.
+std::int64_t paged_kv_bytes_read(const PagedKvLayer& cache, const PagedSequences& seqs,
+                                 std::int64_t window_left = -1);
 
 template <>
 struct OpDesc<PagedDecodeArgs> {
@@ -113,7 +122,9 @@ struct OpDesc<PagedDecodeArgs> {
   static Status check(const PagedDecodeArgs& a) { return check_paged_decode(a); }
   static OpCost cost(const PagedDecodeArgs& a);
   static std::vector<TensorView*> inputs(PagedDecodeArgs& a) {
-    return {&a.q, &a.k_new, &a.v_new, &a.seqs.page_indptr, &a.seqs.page_indices, &a.seqs.seq_lens};
+    std::vector<TensorView*> in{&a.q, &a.k_new, &a.v_new, &a.seqs.page_indptr, &a.seqs.page_indices, &a.seqs.seq_lens};
+    if (!a.sinks.empty()) in.push_back(&a.sinks);
+    return in;
   }
   static std::vector<TensorView*> outputs(PagedDecodeArgs& a) {
     if (a.lse.empty()) return {&a.o};
@@ -129,13 +140,10 @@ struct OpDesc<PagedPrefillArgs> {
   static Status check(const PagedPrefillArgs& a) { return check_paged_prefill(a); }
   static OpCost cost(const PagedPrefillArgs& a);
   static std::vector<TensorView*> inputs(PagedPrefillArgs& a) {
-    return {&a.q,
-            &a.k_new,
-            &a.v_new,
-            &a.q_indptr,
-            &a.seqs.page_indptr,
-            &a.seqs.page_indices,
-            &a.seqs.seq_lens};
+    std::vector<TensorView*> in{&a.q,         &a.k_new, &a.v_new, &a.q_indptr, &a.seqs.page_indptr,
+                                &a.seqs.page_indices, &a.seqs.seq_lens};
+    if (!a.sinks.empty()) in.push_back(&a.sinks);
+    return in;
   }
   static std::vector<TensorView*> outputs(PagedPrefillArgs& a) {
     if (a.lse.empty()) return {&a.o};

@@ -484,6 +484,10 @@ struct PagedBench {
 // Relative error of a few output rows (query head h of new token `row` of sequence i, which sees
 // `visible` keys) against float64 over the cache as the call left it; infinite if a new K row in
 // the cache differs from k_new.
+// The window of the paged rows (decode, and causal prefill): keys from position - window_left;
+// -1: the whole sequence.
+std::int64_t g_paged_window = -1;
+
 double paged_sampled_error(const PagedBench& b, const PagedSet& set, const Tensor& q, const Tensor& k_new,
                            const DeviceTensor& o_dev, std::int64_t hq, bool causal, std::mt19937_64& rng) {
   const std::int64_t d = b.cache.head_dim, group = hq / b.cache.heads_kv;
@@ -497,12 +501,13 @@ double paged_sampled_error(const PagedBench& b, const PagedSet& set, const Tenso
     const std::int64_t j = static_cast<std::int64_t>(rng() % fresh), h = static_cast<std::int64_t>(rng() % hq);
     const std::int64_t hkv = h / group, row = first + j;
     const std::int64_t visible = causal ? len - fresh + j + 1 : len;
+    const std::int64_t first_key = g_paged_window >= 0 ? std::max<std::int64_t>(0, visible - 1 - g_paged_window) : 0;
     const auto keys = b.rows(set, i, hkv, false, len), values = b.rows(set, i, hkv, true, len);
     for (std::int64_t x = 0; x < d; ++x)  // the append: the new row in its slot
       if (keys[(len - fresh + j) * d + x] != k_new.get((row * b.cache.heads_kv + hkv) * d + x)) return INFINITY;
-    std::vector<double> sc(static_cast<std::size_t>(visible));
+    std::vector<double> sc(static_cast<std::size_t>(visible), -INFINITY);
     double mx = -INFINITY, sum = 0;
-    for (std::int64_t t = 0; t < visible; ++t) {
+    for (std::int64_t t = first_key; t < visible; ++t) {
       double dot = 0;
       for (std::int64_t x = 0; x < d; ++x) dot += double(q.get((row * hq + h) * d + x)) * keys[t * d + x];
       sc[t] = dot * scale;
@@ -511,7 +516,7 @@ double paged_sampled_error(const PagedBench& b, const PagedSet& set, const Tenso
     for (auto& e : sc) sum += (e = std::exp(e - mx));
     for (std::int64_t x = 0; x < d; ++x) {
       double want = 0;
-      for (std::int64_t t = 0; t < visible; ++t) want += sc[t] / sum * values[t * d + x];
+      for (std::int64_t t = first_key; t < visible; ++t) want += sc[t] / sum * values[t * d + x];
       const double got = o.get((row * hq + h) * d + x);
       if (!std::isfinite(got)) return INFINITY;
       num += (got - want) * (got - want);
@@ -554,14 +559,18 @@ void bench_paged(const std::vector<PagedShape>& shapes, bool prefill, DType dt, 
     const float scale = resolve_attention_scale(0.0f, d);
     std::ostringstream shape;
     shape << sh.name << " p" << sh.page_size;
+    if (g_paged_window >= 0) shape << " w" << g_paged_window;
+    shape << " " << hq << "/" << hkv << " heads";
     auto decode_args = [&](int set) {
       PagedDecodeArgs a{q.view, k_new.view, v_new.view, o.view, {}, b.cache, {}, scale};
+      a.mask.window_left = g_paged_window;
       b.sets[static_cast<std::size_t>(set)]->bind(a.seqs);
       return a;
     };
     auto prefill_args = [&](int set) {
       PagedPrefillArgs a;
       a.q = q.view, a.k_new = k_new.view, a.v_new = v_new.view, a.o = o.view, a.cache = b.cache, a.mask.causal = true;
+      a.mask.window_left = g_paged_window;
       a.scale = scale;
       b.sets[static_cast<std::size_t>(set)]->bind(a);
       return a;
@@ -595,7 +604,9 @@ void bench_paged(const std::vector<PagedShape>& shapes, bool prefill, DType dt, 
           r.rate = flops / (ms * 1e-3) / 1e12;
           if (si < dense_ms.size() && dense_ms[si] > 0) r.baseline_rate = flops / (dense_ms[si] * 1e-3) / 1e12;
         } else {
-          r.rate = double(b.kv_bytes) / (ms * 1e-3) / 1e9;
+          // The bytes it must read: the window's keys of each sequence.
+          const PagedDecodeArgs read_args = decode_args(0);
+          r.rate = double(paged_kv_bytes_read(b.cache, read_args.seqs, g_paged_window)) / (ms * 1e-3) / 1e9;
           r.baseline_rate = copy_rate;
         }
         r.status = correct ? "ok" : ("WRONG " + st.to_string());
@@ -697,8 +708,9 @@ int main(int argc, char** argv) {
   std::vector<std::int64_t> softmax_widths{1024, 4096, 16384, 65536, 262144};
   std::int64_t softmax_elements = 64LL << 20;
   app.add_option("--op", op,
-                 "matmul, softmax, attention, heads (every common head dim), options (windows, soft caps), paged or all")
-      ->check(CLI::IsMember({"matmul", "softmax", "attention", "heads", "options", "paged", "all"}));
+                 "matmul, softmax, attention, heads (every common head dim), options (windows, soft caps), paged, "
+                 "families (GQA groups 7 and multi-query against 8 at the same KV bytes; windowed decode) or all")
+      ->check(CLI::IsMember({"matmul", "softmax", "attention", "heads", "options", "paged", "families", "all"}));
   std::vector<std::int64_t> head_dims{32, 64, 80, 96, 128, 192, 256};
   app.add_option("--head-dims", head_dims, "head dims of --op heads");
   app.add_option("--json", json, "write the results here");
@@ -850,6 +862,42 @@ int main(int argc, char** argv) {
         bench_paged({{c.name, std::vector<std::int32_t>(n, c.cached), std::vector<std::int32_t>(n, c.fresh), ps}}, true,
                     bf16, hq, hkv, d, s, rows, copy, {dense});
     }
+  }
+
+  if (op == "all" || op == "families") {
+    const double copy = copy_bandwidth(s);
+    std::printf("families: copy bandwidth %.0f GB/s (read + write), the decode baseline\n", copy);
+    const DType bf16 = DType::kBFloat16;
+    const std::int64_t d = 128;
+    // The same K/V bytes in every row of a table: 4 kv heads x n sequences, or 1 kv head x 4n.
+    struct Heads {
+      std::int64_t hq, hkv;
+    };
+    const Heads heads[] = {{32, 4}, {28, 4}, {32, 1}, {128, 1}};
+    for (const auto& [batch, len] : std::vector<std::pair<int, int>>{{32, 4096}, {8, 16384}}) {
+      for (const Heads& h : heads) {
+        const int n = batch * static_cast<int>(4 / h.hkv);
+        PagedShape sh{std::to_string(n) + "x" + std::to_string(len), {}, {}, 16};
+        for (int i = 0; i < n; ++i) sh.cached.push_back(len - 1), sh.fresh.push_back(1);
+        bench_paged({sh}, false, bf16, h.hq, h.hkv, d, s, rows, copy);
+      }
+    }
+    for (const auto& [batch, fresh] : std::vector<std::pair<int, int>>{{8, 2048}, {16, 512}}) {
+      for (const Heads& h : heads) {
+        const auto n = static_cast<std::size_t>(batch * (4 / h.hkv));
+        bench_paged({{std::to_string(n) + "x(0+" + std::to_string(fresh) + ")", std::vector<std::int32_t>(n, 0),
+                      std::vector<std::int32_t>(n, fresh), 64}},
+                    true, bf16, h.hq, h.hkv, d, s, rows, copy);
+      }
+    }
+    // Windowed decode reads only its window: time against the window's length (Mistral-like
+    // 32/8 heads, 16 sequences of 32k).
+    for (std::int64_t w : {-1, 32767, 8191, 4095, 1023, 255}) {
+      g_paged_window = w;
+      PagedShape sh{"16x32768", std::vector<std::int32_t>(16, 32767), std::vector<std::int32_t>(16, 1), 16};
+      bench_paged({sh}, false, bf16, 32, 8, d, s, rows, copy);
+    }
+    g_paged_window = -1;
   }
 
   if (!json.empty()) {

@@ -165,7 +165,8 @@ void register_cuda_variants(Registry& r) {
   auto& paged_decode = r.of<PagedDecodeArgs>();
   paged_decode.add(variant<PagedDecodeArgs>(
       "paged_decode/01_block_per_head", kPagedDecode01Caps,
-      "a block per (sequence, kv head) walking its pages, the GQA group sharing each row", /*priority=*/1,
+      "a block per (sequence, kv head, group slice) walking the pages in its window, the slice's query heads "
+      "sharing each row; takes every dtype, head dim and option", /*priority=*/1,
       paged_decode_01_supports, paged_decode_01_block_per_head));
   paged_decode.add(variant<PagedDecodeArgs>(
       "paged_decode/02_split_kv", kPagedDecode02Caps,
@@ -191,6 +192,11 @@ void register_cuda_variants(Registry& r) {
       "cp.async pipeline per warp, merged by log-sum-exp",
       /*priority=*/5, attention_decode_mma_supports, attention_decode_mma_split));
   auto& paged_prefill = r.of<PagedPrefillArgs>();
+  paged_prefill.add(variant<PagedPrefillArgs>(
+      "paged_prefill/00_block_per_row", kPagedPrefill00Caps,
+      "paged_decode/01's kernel for every new token: a block per (token, kv head, group slice) walking the "
+      "keys it sees on CUDA cores; takes every dtype, head dim and option",
+      /*priority=*/0, paged_prefill_00_supports, paged_prefill_00_block_per_row));
   paged_prefill.add(variant<PagedPrefillArgs>(
       "paged_prefill/01_flash_mma", kPagedPrefill01Caps,
       "FlashAttention-2 on mma.sync over (token, group head) rows, K/V tiles gathered from the pages with "

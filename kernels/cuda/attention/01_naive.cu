@@ -37,13 +37,17 @@ __global__ void softmax_kernel(AttentionProblem p, float* s) {
   float m = -INFINITY;
   for (int j = threadIdx.x; j < p.len_kv; j += blockDim.x) m = fmaxf(m, r[j]);
   m = block_reduce<true>(m, scratch);
+  // The sink of the row's head joins the denominator (a column of S with no V row).
+  const float sink = p.sinks ? p.sinks[(row / p.len_q) % p.heads_q] : -INFINITY;
+  const float m_all = fmaxf(m, sink);
   float sum = 0.0f;
   if (m != -INFINITY)
-    for (int j = threadIdx.x; j < p.len_kv; j += blockDim.x) sum += __expf(r[j] - m);
+    for (int j = threadIdx.x; j < p.len_kv; j += blockDim.x) sum += __expf(r[j] - m_all);
   sum = block_reduce<false>(sum, scratch);
+  if (p.sinks) sum += __expf(sink - m_all);
   const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;  // a row that sees no key: P = 0, O = 0
-  for (int j = threadIdx.x; j < p.len_kv; j += blockDim.x) r[j] = m == -INFINITY ? 0.0f : __expf(r[j] - m) * inv;
-  if (p.lse && threadIdx.x == 0) p.lse[row] = m == -INFINITY ? -INFINITY : m + logf(sum);
+  for (int j = threadIdx.x; j < p.len_kv; j += blockDim.x) r[j] = m == -INFINITY ? 0.0f : __expf(r[j] - m_all) * inv;
+  if (p.lse && threadIdx.x == 0) p.lse[row] = m_all == -INFINITY ? -INFINITY : m_all + logf(sum);
 }
 
 // One thread per output element; threadIdx.x walks the head dim so V reads coalesce.

@@ -107,14 +107,12 @@ __global__ void __launch_bounds__(kThreads) flash_fp32_kernel(AttentionProblem p
     m = m_new;
   }
   if (!active) return;
-  const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+  const RowEnd end = finish_row(m, l, p.sinks, h);
   float* orow = static_cast<float*>(p.o) + p.q_row(b, h, i);
 #pragma unroll
-  for (int c = 0; c < kSlice; ++c) orow[lane + c * kLanes] = o[c] * inv;
-  if (p.lse && lane == 0) {
-    p.lse[(static_cast<long long>(b) * p.heads_q + h) * p.len_q + i] =
-        l > 0.0f ? (m + log2f(l)) * 0.6931471805599453f : -INFINITY;
-  }
+  for (int c = 0; c < kSlice; ++c) orow[lane + c * kLanes] = o[c] * end.inv;
+  if (p.lse && lane == 0)
+    p.lse[(static_cast<long long>(b) * p.heads_q + h) * p.len_q + i] = end.lse_log2 * 0.6931471805599453f;
 }
 
 constexpr const char* kName = "attention/02_flash_fp32";

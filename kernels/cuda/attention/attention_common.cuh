@@ -31,6 +31,7 @@ struct AttentionProblem {
   int window_left = -1, window_right = -1;  // -1: unbounded (see AttentionArgs)
   float softcap = 0.0f;                     // 0: none
   float cap_pre = 0.0f, cap_log2 = 0.0f;    // scale / softcap, softcap * log2(e); 0 without a cap
+  const float* sinks = nullptr;             // [Hq] natural-log sink logits, or null
 
   __host__ __device__ ScoreMap score_map() const { return {scale_log2, cap_pre, cap_log2}; }
   __host__ __device__ bool windowed() const { return window_left >= 0 || (!causal && window_right >= 0); }
@@ -86,6 +87,8 @@ inline Result<AttentionProblem> attention_problem(const AttentionArgs& args, con
     p.cap_pre = args.scale / args.softcap;
     p.cap_log2 = args.softcap * 1.4426950408889634f;
   }
+  ATTN_RETURN_IF_ERROR(check_sinks(args.sinks, d.heads_q));
+  p.sinks = args.sinks.empty() ? nullptr : static_cast<const float*>(args.sinks.data);
   return p;
 }
 
@@ -114,15 +117,15 @@ __device__ __forceinline__ void store_output_rows(const AttentionProblem& p, int
     lr += __shfl_xor_sync(0xffffffffu, lr, 1);
     lr += __shfl_xor_sync(0xffffffffu, lr, 2);
     if (i >= p.len_q) continue;
-    const float inv = lr > 0.0f ? 1.0f / lr : 0.0f;
+    const RowEnd end = finish_row(m[r], lr, p.sinks, h);
+    const float inv = end.inv;
     T* orow = ohead + static_cast<long long>(i) * D;
 #pragma unroll
     for (int j = 0; j < D / 8; ++j)
       *reinterpret_cast<unsigned*>(orow + 8 * j + 2 * t4) =
           mma_sync::pack2<T>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
     if (p.lse && t4 == 0) {
-      p.lse[(static_cast<long long>(b) * p.heads_q + h) * p.len_q + i] =
-          lr > 0.0f ? (m[r] + log2f(lr)) * 0.6931471805599453f : -INFINITY;
+      p.lse[(static_cast<long long>(b) * p.heads_q + h) * p.len_q + i] = end.lse_log2 * 0.6931471805599453f;
     }
   }
 }

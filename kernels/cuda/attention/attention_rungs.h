@@ -11,16 +11,16 @@ inline constexpr RungCaps kFloat32Caps = RungCaps().with_dtypes({DType::kFloat32
 inline constexpr RungCaps kSixteenBitCaps = RungCaps().with_dtypes({DType::kBFloat16, DType::kFloat16});
 
 inline constexpr RungCaps kAttention01Caps = kFloat32Caps.with_head_dims(head_dims_of({32, 64, 128, 256}))
-                                                 .with_features(kTakesWindow | kTakesSoftcap)
+                                                 .with_features(kAllFeatures)
                                                  .with_more("S = B x Hq x Sq x Sk floats must fit in 8 GiB");
 inline constexpr RungCaps kAttention02Caps =
-    kFloat32Caps.with_head_dims(kAllHeadDims).with_features(kTakesWindow | kTakesSoftcap);
+    kFloat32Caps.with_head_dims(kAllHeadDims).with_features(kAllFeatures);
 inline constexpr RungCaps kAttention03Caps =
-    kSixteenBitCaps.with_head_dims(kAllHeadDims).with_features(kTakesWindow | kTakesSoftcap);
+    kSixteenBitCaps.with_head_dims(kAllHeadDims).with_features(kAllFeatures);
 inline constexpr RungCaps kAttention04Caps =
-    kSixteenBitCaps.with_head_dims(kAllHeadDims).with_features(kTakesWindow | kTakesSoftcap).on_hopper_only();
+    kSixteenBitCaps.with_head_dims(kAllHeadDims).with_features(kAllFeatures).on_hopper_only();
 inline constexpr RungCaps kAttentionDecodeCaps =
-    kSixteenBitCaps.with_head_dims(head_dims_of({64, 128})).with_groups({1, 2, 4, 8}).decoding();
+    kSixteenBitCaps.with_head_dims(head_dims_of({64, 128})).decoding();
 
 Status attention_01_naive(const AttentionArgs& args, Stream& stream);
 Status attention_01_supports(const AttentionArgs& args);

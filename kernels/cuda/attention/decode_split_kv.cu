@@ -11,7 +11,8 @@
 //   one rescale for the 4 (common/stream_update.cuh, shared with paged_decode/02).
 // - The block's key streams merge in shared memory; the last block of a head to finish (an atomic
 //   count) merges the head's splits by their log-sum-exps, so there is no second kernel.
-// bf16/fp16, head dims 64 and 128, up to 8 query heads per key/value head.
+// bf16/fp16, head dims 64 and 128, any number of query heads per key/value head (up to 8 a block,
+// larger groups in slices of 8).
 #include "../hopper/hopper.cuh"
 #include "../common/stream_update.cuh"
 #include "../softmax/softmax_common.cuh"
@@ -27,7 +28,7 @@ struct Partials {
   float* o;        // [B*Hq][splits][D], unnormalized
   float* m;        // [B*Hq][splits], log2 units
   float* l;        // [B*Hq][splits]
-  int* finished;   // [B*Hkv]: blocks of that head done (zeroed before the launch)
+  int* finished;   // [B*Hkv*slices]: blocks of that unit done (zeroed before the launch)
   int splits, keys_per_split;
 };
 
@@ -53,8 +54,9 @@ __global__ void __launch_bounds__(kThreads) split_kernel(AttentionProblem p, Par
   __shared__ float red_m[kStreams][G], red_l[kStreams][G];
   __shared__ bool last_block;
 
-  const int split = blockIdx.x, bkv = blockIdx.y, b = bkv / p.heads_kv, hkv = bkv % p.heads_kv;
-  const int h0 = hkv * p.group;
+  const int slices = (p.group + G - 1) / G, unit = blockIdx.y, bkv = unit / slices, slice = unit % slices;
+  const int split = blockIdx.x, b = bkv / p.heads_kv, hkv = bkv % p.heads_kv;
+  const int h0 = hkv * p.group + slice * G, count = min(G, p.group - slice * G);
   const int k_begin = split * part.keys_per_split;
   const int k_end = min(p.len_kv, k_begin + part.keys_per_split);
   const int chunks = max(0, (k_end - k_begin + kChunkKeys - 1) / kChunkKeys);
@@ -75,7 +77,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(AttentionProblem p, Par
   }
   for (int idx = threadIdx.x; idx < G * D; idx += kThreads) {
     const int gq = idx / D, c = idx % D;
-    qs[gq][c] = to_float(static_cast<const T*>(p.q)[p.q_row(b, h0 + gq, 0) + c]) * p.scale_log2;
+    qs[gq][c] = gq < count ? to_float(static_cast<const T*>(p.q)[p.q_row(b, h0 + gq, 0) + c]) * p.scale_log2 : 0.0f;
   }
   __syncthreads();
 
@@ -127,7 +129,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(AttentionProblem p, Par
   }
   __syncthreads();
   const long long row_base = static_cast<long long>(b) * p.heads_q + h0;
-  for (int idx = threadIdx.x; idx < G * D; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < count * D; idx += kThreads) {
     const int gq = idx / D, c = idx % D;
     float mb = -INFINITY, acc = 0.0f;
     for (int s = 0; s < kStreams; ++s) mb = fmaxf(mb, red_m[s][gq]);
@@ -135,7 +137,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(AttentionProblem p, Par
       if (red_m[s][gq] != -INFINITY) acc += staged[(s * G + gq) * D + c] * exp2f(red_m[s][gq] - mb);
     part.o[((row_base + gq) * part.splits + split) * D + c] = acc;
   }
-  if (threadIdx.x < G) {
+  if (threadIdx.x < count) {
     const int gq = threadIdx.x;
     float mb = -INFINITY, lb = 0.0f;
     for (int s = 0; s < kStreams; ++s) mb = fmaxf(mb, red_m[s][gq]);
@@ -150,13 +152,13 @@ __global__ void __launch_bounds__(kThreads) split_kernel(AttentionProblem p, Par
   // shared memory, free now), then each thread sums output elements over the splits.
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) last_block = atomicAdd(&part.finished[bkv], 1) == part.splits - 1;
+  if (threadIdx.x == 0) last_block = atomicAdd(&part.finished[unit], 1) == part.splits - 1;
   __syncthreads();
   if (!last_block) return;
   __threadfence();
   float* weights = reinterpret_cast<float*>(smem_raw);  // [G][splits]
   const int warp = threadIdx.x / 32, wl = threadIdx.x % 32;
-  for (int gq = warp; gq < G; gq += kThreads / 32) {
+  for (int gq = warp; gq < count; gq += kThreads / 32) {
     const float* ms = part.m + (row_base + gq) * part.splits;
     const float* ls = part.l + (row_base + gq) * part.splits;
     float mx = -INFINITY;
@@ -176,7 +178,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(AttentionProblem p, Par
       p.lse[row_base + gq] = total > 0.0f ? (mx + log2f(total)) * 0.6931471805599453f : -INFINITY;
   }
   __syncthreads();
-  for (int idx = threadIdx.x; idx < G * D / 4; idx += kThreads) {  // 4 elements per thread and load
+  for (int idx = threadIdx.x; idx < count * D / 4; idx += kThreads) {  // 4 elements per thread and load
     const int gq = idx / (D / 4), c = idx % (D / 4) * 4;
     const float4* po = reinterpret_cast<const float4*>(part.o + (row_base + gq) * part.splits * D + c);
     const float* w = weights + gq * part.splits;
@@ -194,10 +196,11 @@ __global__ void __launch_bounds__(kThreads) split_kernel(AttentionProblem p, Par
 
 template <class T, int D>
 Status launch(const AttentionProblem& p, cudaStream_t s, int sms) {
-  void (*kernel)(AttentionProblem, Partials) = p.group == 1   ? split_kernel<T, D, 1>
-                                               : p.group == 2 ? split_kernel<T, D, 2>
-                                               : p.group == 4 ? split_kernel<T, D, 4>
-                                                              : split_kernel<T, D, 8>;
+  const int g = p.group <= 1 ? 1 : p.group <= 2 ? 2 : p.group <= 4 ? 4 : 8, slices = (p.group + g - 1) / g;
+  void (*kernel)(AttentionProblem, Partials) = g == 1   ? split_kernel<T, D, 1>
+                                               : g == 2 ? split_kernel<T, D, 2>
+                                               : g == 4 ? split_kernel<T, D, 4>
+                                                        : split_kernel<T, D, 8>;
   // As many blocks as fit on the GPU at once, in one wave with no straggler wave, but no slice
   // shorter than 256 keys.
   constexpr int kRingBytes = kStages * 2 * kChunkKeys * D * static_cast<int>(sizeof(T));
@@ -206,11 +209,11 @@ Status launch(const AttentionProblem& p, cudaStream_t s, int sms) {
   int per_sm = 1;
   ATTN_RETURN_IF_ERROR(to_status(
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, kRingBytes), "decode occupancy"));
-  const long long heads = static_cast<long long>(p.batch) * p.heads_kv;
+  const long long heads = static_cast<long long>(p.batch) * p.heads_kv * slices;
   int splits = static_cast<int>(std::max<long long>(1, static_cast<long long>(std::max(per_sm, 1)) * sms / heads));
   splits = std::min(splits, std::max(1, (p.len_kv + 255) / 256));
   // The merging block keeps [G][splits] weights in the ring's shared memory.
-  splits = std::min(splits, kRingBytes / static_cast<int>(sizeof(float)) / p.group);
+  splits = std::min(splits, kRingBytes / static_cast<int>(sizeof(float)) / g);
   Partials part{};
   part.splits = splits;
   part.keys_per_split = (p.len_kv + splits - 1) / splits;
@@ -243,8 +246,8 @@ Status attention_decode_supports(const AttentionArgs& args) {
   ATTN_ASSIGN_OR_RETURN(p, attention_problem(args, kAttentionDecodeCaps, kName));
   ATTN_RETURN_IF_ERROR(check_query_rows(kAttentionDecodeCaps, p.len_q, "q.shape[2]", kName));
   ATTN_RETURN_IF_ERROR(check_group(kAttentionDecodeCaps, p.group, "k.shape[1]", kName));
-  if (static_cast<long long>(p.batch) * p.heads_kv > 65535) {
-    return invalid_argument("k.shape: attention/decode_split_kv takes B x Hkv <= 65535");
+  if (static_cast<long long>(p.batch) * p.heads_kv * ((p.group + 7) / 8) > 65535) {
+    return invalid_argument("k.shape: attention/decode_split_kv takes B x Hkv x ceil(group / 8) <= 65535");
   }
   return Status::Ok();
 }

@@ -13,10 +13,30 @@
 #include "../cuda_check.h"
 #include "../softmax/softmax_common.cuh"
 #include "rung_caps.h"
+#include "score_rules.cuh"
 #include "attn/executor.h"
 #include "attn/paged_ops.h"
 
 namespace attn::cuda {
+
+// Which keys a new token sees (attn::visible_keys for the tokens of a paged call), as a small
+// value a tile's rule can hold.
+struct PagedMask {
+  bool causal;
+  int window_left, window_right;
+  // The keys [x, y) new token t (0-based among the sequence's `fresh` new ones) of a sequence of
+  // `len` keys sees: it sits at position len - fresh + t.
+  __host__ __device__ __forceinline__ int2 visible(int len, int fresh, int t) const {
+    const int pos = len - fresh + t;
+    int end = len;
+    if (causal) end = min(len, pos + 1);
+    else if (window_right >= 0 && pos + window_right + 1 < len) end = pos + window_right + 1;
+    int begin = window_left >= 0 && pos - window_left > 0 ? pos - window_left : 0;
+    if (end < 0) end = 0;
+    if (begin > end) begin = end;
+    return make_int2(begin, end);
+  }
+};
 
 struct PagedProblem {
   const void* q;
@@ -35,6 +55,22 @@ struct PagedProblem {
   bool causal;
   int fixed_len;   // with seq_lens null and page_indices null: dense [n, Hkv, fixed_len, D] K/V
   int page_shift;  // log2(page_size) when a power of two (a shift and a mask per key), else -1
+  int window_left = -1, window_right = -1;  // the mask's window (AttentionMask); -1: unbounded
+  float cap_pre = 0.0f, cap_log2 = 0.0f;    // the soft cap as a ScoreMap; 0: none
+  const float* sinks = nullptr;             // [Hq] natural-log sink logits, or null
+
+  __host__ __device__ ScoreMap score_map() const { return {scale_log2, cap_pre, cap_log2}; }
+  __host__ __device__ bool capped() const { return cap_log2 != 0.0f; }
+  // The keys [x, y) new token t (0-based among the sequence's `fresh` new ones) of a sequence of
+  // `len` keys sees: it sits at position len - fresh + t (attn::visible_keys).
+  __host__ __device__ int2 visible(int len, int fresh, int t) const {
+    return mask().visible(len, fresh, t);
+  }
+  __host__ __device__ PagedMask mask() const { return {causal, window_left, window_right}; }
+  // Decode (the new token last, causal): the first key of the window, and the keys it sees.
+  __host__ __device__ int decode_first_key(int len) const {
+    return window_left >= 0 && len - 1 - window_left > 0 ? len - 1 - window_left : 0;
+  }
 
   __device__ __forceinline__ int seq_len(int i) const {
     return seq_lens ? __ldg(seq_lens + i) : fixed_len;
@@ -112,19 +148,28 @@ Result<PagedProblem> paged_problem(const Args& a, const TensorView& q_indptr, co
   p.head_dim = static_cast<int>(a.cache.head_dim);
   p.scale = a.scale;
   p.scale_log2 = a.scale * 1.4426950408889634f;
-  p.causal = false;
+  p.causal = a.mask.causal;
   p.page_shift = page_shift_of(p.page_size);
+  p.window_left = static_cast<int>(std::min<std::int64_t>(a.mask.window_left, INT_MAX / 2));
+  p.window_right = static_cast<int>(std::min<std::int64_t>(a.mask.window_right, INT_MAX / 2));
+  if (a.softcap > 0.0f) {
+    p.cap_pre = a.scale / a.softcap;
+    p.cap_log2 = a.softcap * 1.4426950408889634f;
+  }
+  p.sinks = a.sinks.empty() ? nullptr : static_cast<const float*>(a.sinks.data);
   return p;
 }
 
 // What the append launch also prepares for the attention kernel that follows it on the stream:
 // tile_indptr[i] = sum over sequences before i of ceil(units(i) / per_tile), where units are the
-// sequence's keys (decode: split into chunks) or its new rows x group (prefill: query tiles); and
+// sequence's keys in its window (decode: split into chunks) or its new rows x rows_per_token
+// (prefill: query tiles); and
 // `zero_count` ints zeroed (the merge counters). Both optional.
 struct PagedPrep {
   int* tile_indptr = nullptr;  // [n + 1]
   int per_tile = 1;
-  bool units_are_new_rows = false;  // false: seq_lens
+  bool units_are_new_rows = false;  // false: the keys of the sequence in the decode window
+  int rows_per_token = 1;           // with units_are_new_rows: rows a new token brings
   int* zeroed = nullptr;
   int zero_count = 0;
 };
@@ -143,7 +188,9 @@ __global__ void __launch_bounds__(128) paged_append_kernel(PagedProblem p, Paged
         const int i = base + lane;
         int tiles = 0;
         if (i < p.n) {
-          const int units = prep.units_are_new_rows ? p.new_count(i) * p.group : p.seq_len(i);
+          const int len = p.seq_len(i);
+          const int units = prep.units_are_new_rows ? p.new_count(i) * prep.rows_per_token
+                                                    : len - p.decode_first_key(len);
           tiles = (units + prep.per_tile - 1) / prep.per_tile;
         }
 #pragma unroll

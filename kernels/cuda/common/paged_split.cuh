@@ -13,7 +13,7 @@ namespace attn::cuda {
 
 struct SplitPartials {
   const int* chunk_indptr;  // [n + 1], written by the append launch
-  int* finished;            // [n * Hkv], zeroed by the append launch
+  int* finished;            // [n * units], zeroed by the append launch
   float* o;                 // [chunks][Hq][D], unnormalized
   float* m;                 // [chunks][Hq], log2 units
   float* l;                 // [chunks][Hq]
@@ -21,16 +21,18 @@ struct SplitPartials {
 };
 
 // Called by every thread of a block that has written its partial (o, m, l rows x * Hq + h0 ..
-// + group) of chunk x of sequence i: the last block of the (sequence, kv head) to get here merges
-// all `chunks` partials from chunk x0 on into o (and lse). `smem` holds group x chunks floats.
+// + group) of chunk x of sequence i for unit `unit` of `units` (a kv head, or a slice of its
+// group's query heads): the last block of the (sequence, unit) to get here merges all `chunks`
+// partials from chunk x0 on into o (and lse), the sinks joining. `smem` holds group x chunks
+// floats.
 template <class T, int D, int kThreads>
 __device__ __forceinline__ void merge_chunks_if_last(const PagedProblem& p, const SplitPartials& sp,
-                                                     int i, int hkv, int x0, int chunks,
-                                                     float* smem, bool& last_block) {
-  const int h0 = hkv * p.group, group = p.group;
+                                                     int i, int unit, int units, int h0, int group,
+                                                     int x0, int chunks, float* smem,
+                                                     bool& last_block) {
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) last_block = atomicAdd(&sp.finished[i * p.heads_kv + hkv], 1) == chunks - 1;
+  if (threadIdx.x == 0) last_block = atomicAdd(&sp.finished[i * units + unit], 1) == chunks - 1;
   __syncthreads();
   if (!last_block) return;
   __threadfence();
@@ -42,6 +44,9 @@ __device__ __forceinline__ void merge_chunks_if_last(const PagedProblem& p, cons
     for (int s = wl; s < chunks; s += 32)
       mx = fmaxf(mx, __ldcg(sp.m + static_cast<long long>(x0 + s) * p.heads_q + h0 + g));
     mx = warp_max(mx);
+    // The sink joins as one more partial of weight e^sink and no output.
+    const float sink = p.sinks ? __ldg(p.sinks + h0 + g) * 1.4426950408889634f : -INFINITY;
+    mx = fmaxf(mx, sink);
     float total = 0.0f;
     for (int s = wl; s < chunks; s += 32) {
       const long long prow = static_cast<long long>(x0 + s) * p.heads_q + h0 + g;
@@ -50,6 +55,7 @@ __device__ __forceinline__ void merge_chunks_if_last(const PagedProblem& p, cons
       total += __ldcg(sp.l + prow) * w;
     }
     total = warp_sum(total);
+    if (p.sinks) total += exp2f(sink - mx);
     for (int s = wl; s < chunks; s += 32) weights[g * chunks + s] /= total;
     if (p.lse && wl == 0) p.lse[row0 + g] = (mx + log2f(total)) * 0.6931471805599453f;
   }
@@ -108,10 +114,21 @@ inline int balanced_chunk(const std::int32_t* lens, std::int64_t first, std::int
   return static_cast<int>((chunk + granule - 1) / granule * granule);
 }
 
+// The keys a decode call reads of each sequence: its length, or the last window_left + 1 keys.
+inline std::vector<std::int32_t> decode_key_counts(const PagedDecodeArgs& a) {
+  const std::int64_t n = a.seqs.count(), w = a.mask.window_left;
+  std::vector<std::int32_t> keys(a.seqs.seq_lens_host, a.seqs.seq_lens_host + n);
+  if (w >= 0)
+    for (auto& k : keys) k = static_cast<std::int32_t>(std::min<std::int64_t>(k, w + 1));
+  return keys;
+}
+
 // The plan of a call, or of merged calls: each call's sequences cut as that call alone would be.
+// `heads_kv`: the blocks a chunk of a sequence takes (kv heads x slices of their groups).
 inline SplitPlan plan_split(const PagedDecodeArgs& a, std::int64_t heads_kv, int resident,
                             int waves, int min_chunk, int max_chunks, int granule) {
-  const std::int32_t* lens = a.seqs.seq_lens_host;
+  const std::vector<std::int32_t> counts = decode_key_counts(a);
+  const std::int32_t* lens = counts.data();
   const std::int64_t n = a.seqs.count();
   SplitPlan plan;
   if (!a.merged_calls_host || a.merged_calls <= 1) {
@@ -134,20 +151,20 @@ inline SplitPlan plan_split(const PagedDecodeArgs& a, std::int64_t heads_kv, int
 // Plans, allocates the workspace, appends (with the scan and the zeroing), then calls
 // launch(total_chunks, partials) to launch the attention kernel; frees the workspace in stream
 // order.
+// `units`: blocks per chunk (kv heads x slices of their groups).
 template <class T, int D, class Launch>
-Status run_split(const PagedSequences& seqs, const PagedProblem& p, const SplitPlan& plan,
+Status run_split(const PagedDecodeArgs& a, const PagedProblem& p, const SplitPlan& plan, int units,
                  cudaStream_t s, const char* name, Launch&& launch) {
   long long total_chunks = 0;
   if (plan.chunk_indptr.empty()) {
-    for (int i = 0; i < p.n; ++i)
-      total_chunks += (seqs.seq_lens_host[i] + plan.chunk - 1) / plan.chunk;
+    for (const std::int32_t keys : decode_key_counts(a)) total_chunks += (keys + plan.chunk - 1) / plan.chunk;
   } else {
     total_chunks = plan.chunk_indptr.back();
   }
-  if (total_chunks > INT_MAX / 2)
+  if (total_chunks > INT_MAX / 2 / units)
     return invalid_argument(std::string("seq_lens: ") + name + " takes < 2^30 chunks");
   const std::size_t ints =
-      static_cast<std::size_t>(p.n + 1) + static_cast<std::size_t>(p.n) * p.heads_kv;
+      static_cast<std::size_t>(p.n + 1) + static_cast<std::size_t>(p.n) * units;
   const std::size_t head_bytes = (ints * sizeof(int) + 255) / 256 * 256;
   const std::size_t rows = static_cast<std::size_t>(total_chunks) * p.heads_q;
   const std::size_t o_bytes = rows * D * sizeof(float),
@@ -169,7 +186,7 @@ Status run_split(const PagedSequences& seqs, const PagedProblem& p, const SplitP
     prep.per_tile = plan.chunk;
   }
   prep.zeroed = sp.finished;
-  prep.zero_count = p.n * p.heads_kv;
+  prep.zero_count = p.n * units;
   // Merged calls' chunk offsets come from the host (pageable: staged before the call returns).
   const Status copied =
       plan.chunk_indptr.empty()

@@ -38,6 +38,21 @@ struct ScoreMap {
   }
 };
 
+// The end of a row's online softmax, with the sink of its query head (null: none) joining the
+// denominator: from its running max m and sum l (log2 units), the factor its unnormalized output
+// takes (0 for a row that saw no key) and its log-sum-exp in log2 units (-inf, or the sink).
+struct RowEnd {
+  float inv, lse_log2;
+};
+__device__ __forceinline__ RowEnd finish_row(float m, float l, const float* sinks, int head) {
+  if (!sinks) return {l > 0.0f ? 1.0f / l : 0.0f, m + log2f(l)};
+  const float s2 = __ldg(sinks + head) * 1.4426950408889634f;
+  const float mf = fmaxf(m, s2);
+  const float keep = m == -INFINITY ? 0.0f : exp2f(m - mf);
+  const float total = l * keep + exp2f(s2 - mf);
+  return {keep / total, mf + log2f(total)};
+}
+
 // The keys [x, y) a row keeps, from a rule that gives either the end alone (an int: keys from 0)
 // or both ends (an int2).
 template <class Rule>

@@ -3,7 +3,11 @@
 // - paged_split.cuh's plan: equal chunks of a sequence's keys over about 4 waves, a block per
 //   (chunk, kv head), partials merged by their log-sum-exps by the last block to finish;
 // - the GQA group's query heads as the rows of one m16n8k16 A operand (padded to 16), so 16 keys
-//   cost 32 mma, 16 ldmatrix and a 16-wide softmax per warp;
+//   cost 32 mma, 16 ldmatrix and a 16-wide softmax per warp; a larger group (multi-query: up to
+//   128 query heads on one kv head) runs in slices of 16 heads, the slices of one chunk side by
+//   side in the grid so that the second and later read the chunk's K/V from L2;
+// - a window reads only the keys in it (the plan splits the window, not the sequence); a soft cap
+//   maps the scores; the sinks join the denominators where the outputs are finished;
 // - 4 warps, each with its own 16 keys of a 64-key tile and its own running max, sum and output,
 //   merged through shared memory at the end;
 // - K/V rows in XOR-swizzled shared memory (rows padded to padded_dim<D>()), read by ldmatrix.
@@ -53,12 +57,15 @@ __global__ void __launch_bounds__(kThreads) split_kv_mma_kernel(PagedProblem p, 
   __shared__ float red_m[kWarps][kMaxGroup], red_l[kWarps][kMaxGroup];
   __shared__ bool last_block;
 
-  const int x = blockIdx.x, hkv = blockIdx.y, group = p.group, h0 = hkv * group;
+  const int slices = (p.group + kMaxGroup - 1) / kMaxGroup;
+  const int x = blockIdx.x / slices, slice = blockIdx.x % slices, hkv = blockIdx.y;
+  const int h0 = hkv * p.group + slice * kMaxGroup, group = min(kMaxGroup, p.group - slice * kMaxGroup);
   const int i = owner_of_tile(sp.chunk_indptr, p.n, x);
   const int x0 = __ldg(sp.chunk_indptr + i), chunks = __ldg(sp.chunk_indptr + i + 1) - x0;
-  const int len = p.seq_len(i);
-  const int2 keys = chunk_keys(len, chunks, x - x0, kTileKeys);
-  const int k_begin = keys.x, k_end = keys.y;
+  const int len = p.seq_len(i), first_key = p.decode_first_key(len);
+  const int2 keys = chunk_keys(len - first_key, chunks, x - x0, kTileKeys);
+  const int k_begin = first_key + keys.x, k_end = first_key + keys.y;
+  const ScoreMap score = p.score_map();
   const int* pages = p.page_indices ? p.page_indices + __ldg(p.page_indptr + i) : nullptr;
   const T* kpool = static_cast<const T*>(p.k_pool);
   const T* vpool = static_cast<const T*>(p.v_pool);
@@ -111,7 +118,7 @@ __global__ void __launch_bounds__(kThreads) split_kv_mma_kernel(PagedProblem p, 
       for (int n = 0; n < 2; ++n)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          float v = s[n][2 * r + e] * p.scale_log2;
+          float v = score(s[n][2 * r + e]);
           if (!whole && jw + n * 8 + 2 * t4 + e >= k_end) v = -INFINITY;
           s[n][2 * r + e] = v;
           mx = fmaxf(mx, v);
@@ -173,8 +180,9 @@ __global__ void __launch_bounds__(kThreads) split_kv_mma_kernel(PagedProblem p, 
         acc += staged[(w * 16 + gq) * D + c] * wt;
       }
     if (chunks == 1) {
-      static_cast<T*>(p.o)[(out0 + gq) * D + c] = from_float<T>(acc / lb);
-      if (p.lse && c == 0) p.lse[out0 + gq] = (mb + log2f(lb)) * 0.6931471805599453f;
+      const RowEnd end = finish_row(mb, lb, p.sinks, h0 + gq);
+      static_cast<T*>(p.o)[(out0 + gq) * D + c] = from_float<T>(acc * end.inv);
+      if (p.lse && c == 0) p.lse[out0 + gq] = end.lse_log2 * 0.6931471805599453f;
     } else {
       const long long prow = static_cast<long long>(x) * p.heads_q + h0 + gq;
       sp.o[prow * D + c] = acc;
@@ -182,8 +190,8 @@ __global__ void __launch_bounds__(kThreads) split_kv_mma_kernel(PagedProblem p, 
     }
   }
   if (chunks == 1) return;
-  merge_chunks_if_last<T, D, kThreads>(p, sp, i, hkv, x0, chunks, reinterpret_cast<float*>(smem),
-                                       last_block);
+  merge_chunks_if_last<T, D, kThreads>(p, sp, i, hkv * slices + slice, p.heads_kv * slices, h0, group, x0,
+                                       chunks, reinterpret_cast<float*>(smem), last_block);
 }
 
 // Plans the split for the kernel's occupancy and launches it after the append.
@@ -202,12 +210,13 @@ Status launch(const PagedDecodeArgs& a, const PagedProblem& p, cudaStream_t s, i
   // At most 32 chunks a sequence: a batch of one long sequence gets about one wave of long chunks
   // (each block streams long enough to hide its start) and a short merge, not 4 waves of 256-key
   // chunks and a 128-way merge (78 us at 1 x 32k, 1 x 8 heads, on the H200).
+  const int slices = (p.group + kMaxGroup - 1) / kMaxGroup;
   const int max_chunks =
-      std::min(kMaxChunksPerSeq, L::kRingBytes / static_cast<int>(sizeof(float)) / p.group);
-  const SplitPlan plan = plan_split(a, p.heads_kv, std::max(per_sm, 1) * sms, kWaves, kMinChunk,
-                                    max_chunks, kTileKeys);
-  return run_split<T, D>(a.seqs, p, plan, s, name, [&](int chunks, const SplitPartials& sp) {
-    kernel<<<dim3(static_cast<unsigned>(chunks), p.heads_kv), kThreads, kSmem, s>>>(p, sp);
+      std::min(kMaxChunksPerSeq, L::kRingBytes / static_cast<int>(sizeof(float)) / std::min(p.group, kMaxGroup));
+  const SplitPlan plan = plan_split(a, static_cast<std::int64_t>(p.heads_kv) * slices,
+                                    std::max(per_sm, 1) * sms, kWaves, kMinChunk, max_chunks, kTileKeys);
+  return run_split<T, D>(a, p, plan, p.heads_kv * slices, s, name, [&](int chunks, const SplitPartials& sp) {
+    kernel<<<dim3(static_cast<unsigned>(chunks * slices), p.heads_kv), kThreads, kSmem, s>>>(p, sp);
   });
 }
 

@@ -16,8 +16,8 @@
 //   update too).
 // - A sequence of one chunk writes its output directly; otherwise the last block of the
 //   (sequence, kv head) to finish (an atomic count) merges its chunks by their log-sum-exps.
-// bfloat16/float16 (every head dim of common/head_dims.cuh) and float32 (32 to 128); 1, 2, 4 or 8
-// query heads per key/value head; any page size (best at 16 and up: one copy per page segment).
+// bfloat16/float16 (every head dim of common/head_dims.cuh) and float32 (32 to 128); any number of
+// query heads per key/value head (up to 8 a block, larger groups in slices of 8); any page size (best at 16 and up: one copy per page segment).
 // A row's 16-byte vectors go to a power of two of lanes (at 80: 10 of 16 lanes work, 6 idle), so
 // the dot products reduce by shuffles within the lane group.
 #include <algorithm>
@@ -62,7 +62,10 @@ __global__ void __launch_bounds__(kThreads) split_kernel(PagedProblem p, SplitPa
   __shared__ float red_m[kStreams][G], red_l[kStreams][G];
   __shared__ bool last_block;
 
-  const int x = blockIdx.x, hkv = blockIdx.y, h0 = hkv * G;
+  // A slice of up to G query heads of the group (multi-query groups run in several).
+  const int slices = (p.group + G - 1) / G;
+  const int x = blockIdx.x / slices, slice = blockIdx.x % slices, hkv = blockIdx.y;
+  const int h0 = hkv * p.group + slice * G, count = min(G, p.group - slice * G);
   const int i = owner_of_tile(sp.chunk_indptr, p.n, x);
   const int x0 = __ldg(sp.chunk_indptr + i), chunks = __ldg(sp.chunk_indptr + i + 1) - x0;
   const int len = __ldg(p.seq_lens + i);
@@ -95,9 +98,10 @@ __global__ void __launch_bounds__(kThreads) split_kernel(PagedProblem p, SplitPa
   }
   for (int idx = threadIdx.x; idx < G * D; idx += kThreads) {
     const int g = idx / D, c = idx % D;
-    qs[g][c] = to_float(static_cast<const T*>(
-                   p.q)[(static_cast<long long>(i) * p.heads_q + h0 + g) * D + c]) *
-               p.scale_log2;
+    qs[g][c] = g < count ? to_float(static_cast<const T*>(
+                               p.q)[(static_cast<long long>(i) * p.heads_q + h0 + g) * D + c]) *
+                               p.scale_log2
+                         : 0.0f;
   }
   __syncthreads();
 
@@ -145,7 +149,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(PagedProblem p, SplitPa
       for (int e = 0; e < kVec; ++e) staged[(stream * G + g) * D + lane * kVec + e] = o[g][e];
   __syncthreads();
   const long long row0 = static_cast<long long>(i) * p.heads_q + h0;  // output row of query head h0
-  for (int idx = threadIdx.x; idx < G * D; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < count * D; idx += kThreads) {
     const int g = idx / D, c = idx % D;
     float mb = -INFINITY, lb = 0.0f, acc = 0.0f;
     for (int s = 0; s < kStreams; ++s) mb = fmaxf(mb, red_m[s][g]);
@@ -168,16 +172,18 @@ __global__ void __launch_bounds__(kThreads) split_kernel(PagedProblem p, SplitPa
 
   // The last block of this (sequence, kv head) to finish merges its chunks (the ring's shared
   // memory holds the weights).
-  merge_chunks_if_last<T, D, kThreads>(p, sp, i, hkv, x0, chunks,
-                                       reinterpret_cast<float*>(smem_raw), last_block);
+  merge_chunks_if_last<T, D, kThreads>(p, sp, i, hkv * slices + slice, p.heads_kv * slices, h0, count, x0,
+                                       chunks, reinterpret_cast<float*>(smem_raw), last_block);
 }
 
 template <class T, int D>
 Status launch(const PagedDecodeArgs& a, const PagedProblem& p, cudaStream_t s, int device) {
-  void (*kernel)(PagedProblem, SplitPartials) = p.group == 1   ? split_kernel<T, D, 1>
-                                                : p.group == 2 ? split_kernel<T, D, 2>
-                                                : p.group == 4 ? split_kernel<T, D, 4>
-                                                               : split_kernel<T, D, 8>;
+  // Up to 4 heads a block as the group needs, else slices of 8.
+  const int g = p.group <= 1 ? 1 : p.group <= 2 ? 2 : p.group <= 4 ? 4 : 8, slices = (p.group + g - 1) / g;
+  void (*kernel)(PagedProblem, SplitPartials) = g == 1   ? split_kernel<T, D, 1>
+                                                : g == 2 ? split_kernel<T, D, 2>
+                                                : g == 4 ? split_kernel<T, D, 4>
+                                                         : split_kernel<T, D, 8>;
   constexpr int kRing = Ring<T, D>::kRingBytes;
   ATTN_RETURN_IF_ERROR(
       to_status(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRing),
@@ -187,12 +193,12 @@ Status launch(const PagedDecodeArgs& a, const PagedProblem& p, cudaStream_t s, i
       to_status(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, kRing),
                 "paged_decode/02 occupancy"));
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  const SplitPlan plan = plan_split(a, p.heads_kv, std::max(per_sm, 1) * sms, kWaves, kMinChunk,
-                                    kRing / static_cast<int>(sizeof(float)) / p.group, kStageKeys);
-  return run_split<T, D>(
-      a.seqs, p, plan, s, "paged_decode/02_split_kv", [&](int chunks, const SplitPartials& sp) {
-        kernel<<<dim3(static_cast<unsigned>(chunks), p.heads_kv), kThreads, kRing, s>>>(p, sp);
-      });
+  const SplitPlan plan = plan_split(a, static_cast<std::int64_t>(p.heads_kv) * slices, std::max(per_sm, 1) * sms,
+                                    kWaves, kMinChunk, kRing / static_cast<int>(sizeof(float)) / g, kStageKeys);
+  return run_split<T, D>(a, p, plan, p.heads_kv * slices, s, "paged_decode/02_split_kv",
+                         [&](int chunks, const SplitPartials& sp) {
+                           kernel<<<dim3(static_cast<unsigned>(chunks * slices), p.heads_kv), kThreads, kRing, s>>>(p, sp);
+                         });
 }
 
 Result<PagedProblem> problem(const PagedDecodeArgs& a) {

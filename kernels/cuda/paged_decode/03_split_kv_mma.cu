@@ -12,8 +12,8 @@
 //   free), 3 stages of 64 keys at D = 128 (6 at D = 64) in flight: 96 KB a block, 2 blocks an SM.
 //   Keys past the chunk are zero-filled by the copy itself, so masked V rows stay finite.
 // The kernel is common/split_kv_mma_core.cuh (shared with rung 04); this file is its K/V loader,
-// the block-wide pipeline above. bfloat16/float16; head dims 64, 128; 1 to 16 query heads per
-// key/value head; any page size.
+// the block-wide pipeline above. bfloat16/float16; head dims 64, 128; any number of query heads
+// per key/value head (16 a block, more in slices); any page size; windows, soft caps and sinks.
 #include "../common/split_kv_mma_core.cuh"
 #include "paged_decode_rungs.h"
 

@@ -9,7 +9,9 @@
 // - The same kernel reads dense [B, Hkv, Sk, D] K/V as one page per sequence: registered also as
 //   attention/decode_mma_split for Sq = 1.
 // bfloat16/float16; every head dim of common/head_dims.cuh (rows padded in shared memory to 64,
-// 128 or 256, as in attention/03); 1 to 16 query heads per key/value head; any page size.
+// 128 or 256, as in attention/03); any number of query heads per key/value head (16 a block, more
+// in slices); any page size; sliding windows (the plan splits only the keys in the window), soft
+// caps and attention sinks.
 #include <vector>
 
 #include "../common/split_kv_mma_core.cuh"
@@ -123,6 +125,14 @@ Result<PagedProblem> dense(const AttentionArgs& a) {
   // when Sk is a power of two).
   p.page_shift = page_shift_of(d.len_kv);
   p.scale = a.scale, p.scale_log2 = a.scale * 1.4426950408889634f;
+  // The one query sits at key Sk - 1: a window keeps its last window_left + 1 keys (the right side
+  // has nothing past it).
+  p.window_left = static_cast<int>(std::min<std::int64_t>(a.window_left, INT_MAX / 2));
+  if (a.softcap > 0.0f) p.cap_pre = a.scale / a.softcap, p.cap_log2 = a.softcap * 1.4426950408889634f;
+  if (!a.sinks.empty()) {
+    ATTN_RETURN_IF_ERROR(check_sinks(a.sinks, d.heads_q));
+    p.sinks = static_cast<const float*>(a.sinks.data);
+  }
   return p;
 }
 
@@ -146,6 +156,7 @@ Status attention_decode_mma_split(const AttentionArgs& args, Stream& stream) {
   planned.seqs.seq_lens = TensorView{DType::kInt32, {p.n}, nullptr, MemoryKind::kDevice};
   planned.seqs.seq_lens_host = lens.data();
   planned.seqs.max_seq_len = p.fixed_len;
+  planned.mask.window_left = p.window_left;
   return split_kv_mma::dispatch<WarpPipe, kAttentionDecodeMmaCaps.head_dims>(args.q.dtype, planned, p, stream,
                                                                              kDenseName);
 }

@@ -8,10 +8,14 @@
 //   from its page (the table read is per row, cached in L1), double-buffered into XOR-swizzled
 //   shared memory; Q/K fragments through ldmatrix, V with .trans; P stays in registers.
 // - Causal bottom-right per sequence: new token j of a sequence of len keys with `fresh` new ones
-//   sees keys < len - fresh + j + 1; tiles past the block's last visible key are skipped and only
-//   tiles crossing a row's limit are masked.
+//   sees keys < len - fresh + j + 1, and with a window only those from its position minus
+//   window_left; tiles outside every row's keys are skipped and only tiles crossing a row's
+//   limits are masked. A soft cap maps the scores (attention/03's ScoreMap); the sinks join each
+//   row's denominator at the end.
 // bfloat16/float16; every head dim of common/head_dims.cuh (rows padded to 64, 128 or 256 in
-// shared memory, as in attention/03); 1, 2, 4 or 8 query heads per key/value head; any page size.
+// shared memory, as in attention/03); any number of query heads per key/value head (a group of 7
+// packs 7 heads of each token into consecutive rows; 128 rows hold 18 tokens and 2 heads of a
+// 19th); any page size; windows, soft caps and sinks.
 #include "../common/flash_mma_tile.cuh"
 #include "../common/head_dims.cuh"
 #include "../common/mma_sync.cuh"
@@ -64,18 +68,22 @@ __device__ __forceinline__ void load_rows(unsigned tile, const T* any_valid, Row
   }
 }
 
+// The keys packed row `row` (token row / group of the sequence's new ones) sees: [x, y) with a
+// window (kWindow), else [0, end) (the causal limit, or all len), which keeps the plain path's
+// registers as they were.
+template <bool kWindow>
 struct Rows {
-  int len;            // keys of the sequence, new ones included
-  int first_visible;  // causal: row token t sees keys < first_visible + t; else len for all
-  bool causal;
-  int group;
-  __device__ __forceinline__ int visible(int row) const {
-    return causal ? min(len, first_visible + row / group) : len;
+  PagedMask mask;
+  int len, fresh, group;
+  __device__ __forceinline__ auto operator()(int row) const {  // attend_tile's rule
+    if constexpr (kWindow) return mask.visible(len, fresh, row / group);
+    else return mask.causal ? min(len, len - fresh + 1 + row / group) : len;
   }
-  __device__ __forceinline__ int operator()(int row) const { return visible(row); }  // attend_tile's rule
 };
 
-template <class T, int D>
+// kOptions: a window, a soft cap or sinks (the int2 rule, the ScoreMap, the sinks' row ends), else
+// the plain path.
+template <class T, int D, bool kOptions>
 __global__ void __launch_bounds__(kThreads)
     paged_flash_kernel(PagedProblem p, const int* tile_indptr) {
   constexpr int kMT = Tiling<D>::kMT, kBlockM = Tiling<D>::kBlockM, kBN = Tiling<D>::kBN;
@@ -90,17 +98,21 @@ __global__ void __launch_bounds__(kThreads)
   const int r0 = (x - __ldg(tile_indptr + i)) * kBlockM;  // first (token, group head) row
   const int first = p.first_new(i), fresh = p.new_count(i), len = __ldg(p.seq_lens + i);
   const int row_count = fresh * p.group;
-  const Rows rows{len, len - fresh + 1, p.causal, p.group};
+  const Rows<kOptions> rows{p.mask(), len, fresh, p.group};
   const int* pages = p.page_indices + __ldg(p.page_indptr + i);
   const T* qbase = static_cast<const T*>(p.q);
   const T* kpool = static_cast<const T*>(p.k_pool);
   const T* vpool = static_cast<const T*>(p.v_pool);
 
+  // Rows' key ranges grow with the row (later tokens, same window): the block's keys are
+  // [first row's x, last row's y); tiles from first_masked on or before front_masked hold a key
+  // some row must not see.
   const int last_row = min(r0 + kBlockM, row_count) - 1;
-  const int block_end = rows.visible(last_row);  // keys past it are masked for every row
-  const int tiles = (block_end + kBN - 1) / kBN;
-  const int first_masked =
-      rows.visible(r0) / kBN;  // from here on a tile holds a key some row can't see
+  const int2 first_keys = kept_keys(rows, r0), last_keys = kept_keys(rows, last_row);
+  const int tiles = (last_keys.y + kBN - 1) / kBN;
+  const int first_tile = kOptions ? min(first_keys.x / kBN, tiles) : 0;  // 0 without a window
+  const int first_masked = first_keys.y / kBN;
+  const int front_masked = kOptions ? (last_keys.x + kBN - 1) / kBN : 0;
 
   auto q_src = [&](int r) -> const T* {
     const int row = r0 + r;
@@ -134,7 +146,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   };
   load_rows<T, D, kBlockM>(qs, qbase, q_src);
-  if (tiles > 0) load_kv(0, 0);
+  if (tiles > first_tile) load_kv(0, first_tile * kBN);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
@@ -156,16 +168,20 @@ __global__ void __launch_bounds__(kThreads)
   }
   const int row0 = r0 + warp_row0 + g;  // this lane's first row; the others are +8, +16, +24
 
-  for (int t = 0; t < tiles; ++t) {
-    const unsigned buf = (t & 1) * kTileBytes, next = kTileBytes - buf;
+  const auto scores = [&] {
+    if constexpr (kOptions) return p.score_map();
+    else return p.scale_log2;
+  }();
+  for (int t = first_tile; t < tiles; ++t) {
+    const unsigned buf = ((t - first_tile) & 1) * kTileBytes, next = kTileBytes - buf;
     const int j0 = t * kBN;
     if (t + 1 < tiles) load_kv(next, j0 + kBN);  // the next tile flies while this one is computed
     cp_async_commit();
-    if (t >= first_masked)
-      attend_tile<T, D, kMT, kBN, true>(rows, p.scale_log2, q_lane, ks + buf + k_lane0, vs + buf + v_lane0,
+    if (t >= first_masked || t < front_masked)
+      attend_tile<T, D, kMT, kBN, true>(rows, scores, q_lane, ks + buf + k_lane0, vs + buf + v_lane0,
                               j0, row0, o, m, l);
     else
-      attend_tile<T, D, kMT, kBN, false>(rows, p.scale_log2, q_lane, ks + buf + k_lane0, vs + buf + v_lane0,
+      attend_tile<T, D, kMT, kBN, false>(rows, scores, q_lane, ks + buf + k_lane0, vs + buf + v_lane0,
                                j0, row0, o, m, l);
     cp_async_wait<0>();
     __syncthreads();
@@ -183,13 +199,15 @@ __global__ void __launch_bounds__(kThreads)
       if (row >= row_count) continue;
       const long long orow =
           static_cast<long long>(first + row / p.group) * p.heads_q + h0 + row % p.group;
-      const float inv = 1.0f / lr;  // every row sees at least its own key
+      const RowEnd end = kOptions ? finish_row(m[mt][r], lr, p.sinks, h0 + row % p.group)
+                                  : RowEnd{1.0f / lr, m[mt][r] + log2f(lr)};  // every row sees its own key
+      const float inv = end.inv;
       T* out = static_cast<T*>(p.o) + orow * D;
 #pragma unroll
       for (int j = 0; j < D / 8; ++j)
         *reinterpret_cast<unsigned*>(out + 8 * j + 2 * t4) =
             pack2<T>(o[mt][j][2 * r] * inv, o[mt][j][2 * r + 1] * inv);
-      if (p.lse && t4 == 0) p.lse[orow] = (m[mt][r] + log2f(lr)) * 0.6931471805599453f;
+      if (p.lse && t4 == 0) p.lse[orow] = end.lse_log2 * 0.6931471805599453f;
     }
 }
 
@@ -204,7 +222,8 @@ Status launch(const PagedPrefillArgs& a, const PagedProblem& p, cudaStream_t s) 
   if (tiles > INT_MAX / 2)
     return invalid_argument("q.shape: paged_prefill/01 takes < 2^30 query tiles");
   constexpr int kSmem = (kBlockM + 4 * kBN) * padded_dim<D>() * static_cast<int>(sizeof(T)) + 256;
-  auto kernel = paged_flash_kernel<T, D>;
+  const bool options = p.capped() || p.sinks || p.window_left >= 0 || (!p.causal && p.window_right >= 0);
+  auto kernel = options ? paged_flash_kernel<T, D, true> : paged_flash_kernel<T, D, false>;
   ATTN_RETURN_IF_ERROR(
       to_status(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
                 "paged_prefill/01 shared memory"));
@@ -215,6 +234,7 @@ Status launch(const PagedPrefillArgs& a, const PagedProblem& p, cudaStream_t s) 
   prep.tile_indptr = tile_indptr;
   prep.per_tile = kBlockM;
   prep.units_are_new_rows = true;
+  prep.rows_per_token = p.group;
   const Status st = launch_paged_append<T>(p, prep, s, "paged_prefill/01 append");
   if (st.ok()) {
     kernel<<<dim3(static_cast<unsigned>(tiles), p.heads_kv), kThreads, kSmem, s>>>(p, tile_indptr);
@@ -229,7 +249,6 @@ Result<PagedProblem> problem(const PagedPrefillArgs& a) {
   ATTN_ASSIGN_OR_RETURN(p, paged_problem(a, a.q_indptr, kPagedPrefill01Caps, "paged_prefill/01_flash_mma"));
   if (!a.q_indptr_host)
     return invalid_argument("q_indptr: paged_prefill/01_flash_mma plans from its host copy");
-  p.causal = a.mask.causal;
   return p;
 }
 

@@ -10,14 +10,19 @@
 //   layout a 128-row box would make, since a page's rows start a multiple of 1024 bytes in; one
 //   producer thread keeps a 2-stage ring full while 256 consumer threads only compute.
 // - Query rows stay rung 01's (new token, query head of the group) pairs, so the GQA group shares
-//   each K/V tile: the 128 rows of a tile are one 4-D TMA box [tokens][group heads][64 of D].
+//   each K/V tile: the rows of a tile are one 4-D TMA box [tokens][group heads][64 of D], a tile
+//   holding whole tokens, 128 / group of them (a group of 7: 18 tokens, 126 of 128 rows; the
+//   rows past them are computed and dropped).
+// - Windows skip the tiles no row of a tile sees and mask the tiles at either edge; a soft cap
+//   maps the scores as in attention/04; the sinks join each row's denominator at the end.
 // - Work items (sequence, kv head, 128-row tile) go to one block per SM through an atomic queue,
 //   the latest tiles (the most keys under causal) first; the append launch plans the tile offsets
 //   on the device and zeroes the queue, so there is no host-to-device copy per call.
 // Ragged edges: rows past a sequence's new tokens are computed but not stored; pages past the
 // sequence are not loaded and keys past its length are masked, their V rows zeroed (a pool's
 // unused slots may hold anything, NaN included, and 0 x NaN would reach the output).
-// bf16/fp16; head dims 32, 64, 80, 96, 128 (a partial last slab as in attention/04); 1, 2, 4 or 8 query heads per kv head; page sizes 16 to 128.
+// bf16/fp16; head dims 32, 64, 80, 96, 128 (a partial last slab as in attention/04); 1 to 128 query
+// heads per kv head; page sizes 16 to 128; windows, soft caps, sinks.
 // Passed its GPU test on the H200; the auto prefill rung on Hopper (bench/results/2026-11-30-h200-serving.md).
 #include <algorithm>
 
@@ -58,39 +63,44 @@ __device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, s
       : "memory");
 }
 
-// Which keys a packed row (new token row / group, query head row % group of the group) sees:
-// keys < first_visible + token under causal (bottom-right: first_visible = len - new + 1), else
-// all len.
+// Which keys [x, y) a packed row (new token row / group, query head row % group of the group) sees.
 struct Rows {
-  int len, first_visible, group;
-  bool causal;
-  __device__ __forceinline__ int visible(int row) const {
-    return causal ? min(len, first_visible + row / group) : len;
-  }
-  __device__ __forceinline__ int operator()(int row) const { return visible(row); }  // softmax_tile's rule
+  PagedMask mask;
+  int len, fresh, group;
+  __device__ __forceinline__ int2 visible(int row) const { return mask.visible(len, fresh, row / group); }
+  __device__ __forceinline__ int2 operator()(int row) const { return visible(row); }  // softmax_tile's rule
 };
+
+// Whole tokens a 128-row tile holds: 128 / group of them (group <= 128).
+__host__ __device__ __forceinline__ int tile_tokens(int group) { return kBM / group; }
 
 // Work item w: kv head w % Hkv of query tile x = tiles - 1 - w / Hkv in the batch's tile order
 // (tile_indptr from the append launch), so the latest tiles of the latest sequences go first and
 // the kv heads of one tile run side by side.
+// Its K/V tiles are [first_tile, tiles); those from first_masked on or before front_masked hold a
+// key some row must not see. Its rows are [r0, row_end) of the sequence's packed rows.
 struct WorkItem {
-  int seq, hkv, r0, first, row_count, tiles, first_masked;
+  int seq, hkv, r0, row_end, first, tiles, first_tile, first_masked, front_masked;
   Rows rows;
   __device__ WorkItem(const PagedProblem& p, const int* tile_indptr, int total_tiles, int w) {
     hkv = w % p.heads_kv;
     const int x = total_tiles - 1 - w / p.heads_kv;
     seq = owner_of_tile(tile_indptr, p.n, x);
-    r0 = (x - __ldg(tile_indptr + seq)) * kBM;
+    r0 = (x - __ldg(tile_indptr + seq)) * tile_tokens(p.group) * p.group;
     first = __ldg(p.q_indptr + seq);
     const int fresh = __ldg(p.q_indptr + seq + 1) - first, len = __ldg(p.seq_lens + seq);
-    row_count = fresh * p.group;
-    rows = Rows{len, len - fresh + 1, p.group, p.causal};
-    tiles = (rows.visible(min(r0 + kBM, row_count) - 1) + kBN - 1) / kBN;
-    first_masked = rows.visible(r0) / kBN;  // every tile from here holds a key some row can't see
+    row_end = min(r0 + tile_tokens(p.group) * p.group, fresh * p.group);
+    rows = Rows{p.mask(), len, fresh, p.group};
+    const int2 first_keys = rows.visible(r0), last_keys = rows.visible(row_end - 1);
+    tiles = (last_keys.y + kBN - 1) / kBN;
+    first_tile = min(first_keys.x / kBN, tiles);
+    first_masked = first_keys.y / kBN;
+    front_masked = (last_keys.x + kBN - 1) / kBN;
   }
+  __device__ bool masked(int t) const { return t >= first_masked || t < front_masked; }
 };
 
-template <class T, int D, bool kQRegs>
+template <class T, int D, bool kQRegs, bool kCap>
 __global__ void __launch_bounds__(kThreads, 1)
     paged_wgmma_kernel(const __grid_constant__ CUtensorMap map_q,
                        const __grid_constant__ CUtensorMap map_k,
@@ -137,14 +147,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       const WorkItem item(p, tile_indptr, total_tiles, w);
       // Q: [128 / group tokens][group heads][64] per slab; tokens past the batch read as zeros,
-      // those of the next sequence are computed and dropped.
-      mbar_expect_tx(&q_full, S::kTileBytes);
+      // those of the next sequence are computed and dropped, as are the rows past the box.
+      mbar_expect_tx(&q_full, static_cast<std::uint32_t>(tile_tokens(p.group) * p.group * 128 * slabs<D>()));
       for (int slab = 0; slab < slabs<D>(); ++slab)
         tma_load_4d(qs + slab * S::kSlab, &map_q, &q_full, 64 * slab, 0, item.hkv,
                     item.first + item.r0 / p.group);
       q_phase ^= 1;
       const int* pages = p.page_indices + __ldg(p.page_indptr + item.seq);
-      for (int t = 0; t < item.tiles; ++t) {
+      for (int t = item.first_tile; t < item.tiles; ++t) {
         const int key0 = t * kBN;
         // Only the pages holding keys < len: the page table ends there.
         const int loaded = min(pages_per_tile, (item.rows.len - key0 + ps - 1) / ps);
@@ -203,7 +213,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       named_barrier(kWarpgroupSync + half, 128);
       release_q();
     }
-    if (item.tiles == 0) {
+    const auto scores = [&] {
+      if constexpr (kCap) return p.score_map();
+      else return p.scale_log2;
+    }();
+    const int t0 = item.first_tile, n = item.tiles - t0;  // tile t0 + u is the u-th of the item
+    if (n <= 0) {
       if (!kQRegs) release_q();
     } else {
       mbar_wait(&k_full[s], phase);
@@ -213,10 +228,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_wait<0>();
       fence_registers(sc);
       if (tid == 0) mbar_arrive(&k_empty[s]);
-      if (!kQRegs && item.tiles == 1) release_q();
-      softmax_tile(sc, m, l, scale_o, p.scale_log2, item.rows, item.first_masked == 0, 0, row0, t4);
+      if (!kQRegs && n == 1) release_q();
+      softmax_tile(sc, m, l, scale_o, scores, item.rows, item.masked(t0), t0 * kBN, row0, t4);
       pack_probabilities<T>(pf, sc);
-      for (int t = 1; t < item.tiles; ++t) {
+      for (int u = 1; u < n; ++u) {
         const int sn = s + 1 == kStages ? 0 : s + 1;
         const std::uint32_t phase_n = sn == 0 ? phase ^ 1 : phase;
         mbar_wait(&k_full[sn], phase_n);
@@ -229,9 +244,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_wait<1>();
         fence_registers(sc);
         if (tid == 0) mbar_arrive(&k_empty[sn]);
-        if (!kQRegs && t == item.tiles - 1) release_q();
-        softmax_tile(sc, m, l, scale_o, p.scale_log2, item.rows, t >= item.first_masked, t * kBN,
-                     row0, t4);
+        if (!kQRegs && u == n - 1) release_q();
+        softmax_tile(sc, m, l, scale_o, scores, item.rows, item.masked(t0 + u), (t0 + u) * kBN, row0, t4);
         wgmma_wait<0>();
         fence_registers(o);
         if (tid == 0) mbar_arrive(&v_empty[s]);
@@ -270,16 +284,17 @@ __global__ void __launch_bounds__(kThreads, 1)
       float lr = l[r];
       lr += __shfl_xor_sync(0xffffffffu, lr, 1);
       lr += __shfl_xor_sync(0xffffffffu, lr, 2);
-      if (row >= item.row_count) continue;
-      const long long orow = static_cast<long long>(item.first + row / p.group) * p.heads_q +
-                             item.hkv * p.group + row % p.group;
-      const float inv = 1.0f / lr;  // every row sees at least its own key
+      if (row >= item.row_end) continue;
+      const int head = item.hkv * p.group + row % p.group;
+      const long long orow = static_cast<long long>(item.first + row / p.group) * p.heads_q + head;
+      const RowEnd end = finish_row(m[r], lr, p.sinks, head);
+      const float inv = end.inv;
       T* out = static_cast<T*>(p.o) + orow * D;
 #pragma unroll
       for (int j = 0; j < D / 8; ++j)
         *reinterpret_cast<unsigned*>(out + 8 * j + 2 * t4) =
             mma_sync::pack2<T>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
-      if (p.lse && t4 == 0) p.lse[orow] = (m[r] + log2f(lr)) * 0.6931471805599453f;
+      if (p.lse && t4 == 0) p.lse[orow] = end.lse_log2 * 0.6931471805599453f;
     }
   }
   if (half == 0) named_barrier(kTurn, 256);
@@ -296,7 +311,7 @@ Result<CUtensorMap> q_map(const PagedProblem& p, DType dt) {
                               static_cast<cuuint64_t>(p.tokens)};
   const cuuint64_t strides[3] = {d * 2, d * 2 * p.group, d * 2 * p.heads_q};
   const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(p.group), 1,
-                             static_cast<cuuint32_t>(kBM / p.group)};
+                             static_cast<cuuint32_t>(tile_tokens(p.group))};
   const cuuint32_t unit[4] = {1, 1, 1, 1};
   const CUresult r = encode(
       &map,
@@ -312,9 +327,7 @@ Result<CUtensorMap> q_map(const PagedProblem& p, DType dt) {
 long long total_tiles(const PagedPrefillArgs& a, const PagedProblem& p) {
   long long tiles = 0;
   for (int i = 0; i < p.n; ++i)
-    tiles +=
-        (static_cast<long long>(a.q_indptr_host[i + 1] - a.q_indptr_host[i]) * p.group + kBM - 1) /
-        kBM;
+    tiles += (a.q_indptr_host[i + 1] - a.q_indptr_host[i] + tile_tokens(p.group) - 1) / tile_tokens(p.group);
   return tiles;
 }
 
@@ -328,7 +341,7 @@ Status launch(const PagedPrefillArgs& a, const PagedProblem& p, cudaStream_t s) 
   const long long tiles = total_tiles(a, p), items = tiles * p.heads_kv;
   constexpr bool kQRegs =
       D == 128;  // as attention/04: Q in registers at 128, from shared memory at 64
-  auto kernel = paged_wgmma_kernel<T, D, kQRegs>;
+  auto kernel = p.capped() ? paged_wgmma_kernel<T, D, kQRegs, true> : paged_wgmma_kernel<T, D, kQRegs, false>;
   constexpr int kBytes = Smem<D>::kBytes;
   ATTN_RETURN_IF_ERROR(
       to_status(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes),
@@ -345,8 +358,8 @@ Status launch(const PagedPrefillArgs& a, const PagedProblem& p, cudaStream_t s) 
       to_status(cudaMallocAsync(&ws, (p.n + 2) * sizeof(int), s), "paged_prefill/02 workspace"));
   PagedPrep prep;
   prep.tile_indptr = ws;
-  prep.per_tile = kBM;
-  prep.units_are_new_rows = true;
+  prep.per_tile = tile_tokens(p.group);
+  prep.units_are_new_rows = true;  // tokens: rows_per_token 1
   prep.zeroed = ws + p.n + 1;
   prep.zero_count = 1;
   const Status st = launch_paged_append<T>(p, prep, s, "paged_prefill/02 append");
@@ -371,7 +384,9 @@ Result<PagedProblem> problem(const PagedPrefillArgs& a) {
   for (const TensorView* t : {&a.q, &a.o})
     if (reinterpret_cast<std::uintptr_t>(t->data) % 16 != 0)
       return invalid_argument(std::string("q.data: ") + kName + " needs 16-byte aligned q and o");
-  p.causal = a.mask.causal;
+  if (p.group > kBM)
+    return invalid_argument(std::string("q.shape: ") + kName + " takes up to 128 query heads per key/value head, got " +
+                            std::to_string(p.group));
   if (total_tiles(a, p) * p.heads_kv >
       INT_MAX / 2)  // item numbers run past the count by up to a grid
     return invalid_argument(std::string("q.shape: ") + kName + " takes < 2^30 work items");

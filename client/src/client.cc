@@ -797,6 +797,20 @@ Result<v1::ForkSequenceResponse> Client::fork_sequence(const std::string& cache,
   return resp;
 }
 
+Result<v1::TruncateSequenceResponse> Client::truncate_sequence(const std::string& cache,
+                                                               const std::string& sequence_id,
+                                                               std::int64_t length) {
+  ATTN_ASSIGN_OR_RETURN(stub, kv_stub(cache));
+  v1::TruncateSequenceRequest req;
+  req.set_cache(cache);
+  req.set_sequence_id(sequence_id);
+  req.set_length(length);
+  v1::TruncateSequenceResponse resp;
+  ATTN_RETURN_IF_ERROR(
+      wire::from_grpc(stub->TruncateSequence(make_context(req).get(), req, &resp)));
+  return resp;
+}
+
 namespace {
 
 template <class Response>

@@ -145,6 +145,23 @@ void expect_prefill_decode_read_kv(const ServerProcess& server) {
   auto fork = client.fork_sequence(cache, "a", "a2");
   ASSERT_TRUE(fork.ok()) << fork.status().to_string();
   EXPECT_EQ(fork->sequence().shared_pages(), 1);  // 10 tokens: one full page of 8
+  // Cut inside the shared page: a2 gets a copy of it and gives its own second page back.
+  auto cut = client.truncate_sequence(cache, "a2", 3);
+  ASSERT_TRUE(cut.ok()) << cut.status().to_string();
+  EXPECT_THAT(cut->sequence().lengths(), ::testing::ElementsAre(3, 3));
+  EXPECT_EQ(cut->sequence().pages(), 1);
+  EXPECT_EQ(cut->sequence().shared_pages(), 0);
+  EXPECT_EQ(cut->copied_pages(), 1);
+  EXPECT_EQ(cut->freed_pages(), 1);
+  auto cut_a2 = client.read_kv(cache, "a2", 0);
+  ASSERT_TRUE(cut_a2.ok()) << cut_a2.status().to_string();
+  ASSERT_EQ(cut_a2->k.shape(), (Shape{3, kHkv, kD}));
+  for (std::int64_t t = 0; t < 3; ++t)
+    for (int i = 0; i < kHkv * kD; ++i)
+      ASSERT_EQ(cut_a2->v.get(static_cast<std::size_t>(t * kHkv * kD + i)), ref[0].v["a"][t][i]);
+  auto too_long = client.truncate_sequence(cache, "a2", 4);
+  EXPECT_EQ(too_long.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_THAT(too_long.status().message(), ::testing::HasSubstr("length"));
   auto described = client.describe_kv_cache(cache);
   ASSERT_TRUE(described.ok());
   EXPECT_EQ(described->sequence_count(), 3);
@@ -178,6 +195,8 @@ void expect_errors_with_codes(const ServerProcess& server) {
   EXPECT_EQ(client.decode(info->handle(), 1, {"a"}, q, k, v).status().code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(client.prefill(info->handle(), 0, {"a"}, {2}, q, k, v).status().code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(client.read_kv(info->handle(), "nobody", 0).status().code(), StatusCode::kNotFound);
+  EXPECT_EQ(client.truncate_sequence(info->handle(), "nobody", 0).status().code(), StatusCode::kNotFound);
+  EXPECT_EQ(client.truncate_sequence("no-such-cache", "a", 0).status().code(), StatusCode::kNotFound);
   // A handle placed by hand on a replica that is not there: the call fails there, not elsewhere.
   client.set_kv_cache_replica(info->handle(), "127.0.0.1:1");
   EXPECT_EQ(client.describe_kv_cache(info->handle()).status().code(), StatusCode::kUnavailable);

@@ -2,38 +2,14 @@
 attnd (float32 cache) against the same model run here in float64, and the same greedy tokens."""
 
 import os
-import subprocess
 import sys
-import tempfile
-import time
 
 import numpy as np
-import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import kv_transformer as kt  # noqa: E402
 
 TOLERANCE = 1e-3  # relative to each row's largest logit, float32 attention and activations
-
-
-@pytest.fixture(scope="module")
-def server_address():
-    """The binary named by $ATTND on a free loopback port, CPU backend."""
-    work = tempfile.mkdtemp(prefix="attnd-example-")
-    port_file, log_path = os.path.join(work, "port"), os.path.join(work, "attnd.log")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([os.environ["ATTND"], "--listen", "127.0.0.1:0", "--port-file", port_file,
-                                 "--backend", "cpu"], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 30
-        while not (os.path.exists(port_file) and open(port_file).read().split()):
-            assert proc.poll() is None, "attnd exited at start: " + open(log_path).read()
-            assert time.time() < deadline, "attnd did not start in 30 s"
-            time.sleep(0.02)
-        yield "127.0.0.1:" + open(port_file).read().split()[0]
-    finally:
-        proc.terminate()
-        assert proc.wait(timeout=30) == 0, open(log_path).read()
 
 
 def test_served_decode_matches_float64_reference(server_address):

@@ -239,11 +239,30 @@ grpc::ServerUnaryReactor* KvHandlers::ForkSequence(CallContext& call,
   return reactor;
 }
 
+// In the cache's order like an append: a Decode or Prefill queued before it sees the whole
+// sequence, one queued after it the cut one.
 grpc::ServerUnaryReactor* KvHandlers::TruncateSequence(CallContext& call,
-                                                       const v1::TruncateSequenceRequest*,
-                                                       v1::TruncateSequenceResponse*) {
+                                                       const v1::TruncateSequenceRequest* req,
+                                                       v1::TruncateSequenceResponse* resp) {
   auto* reactor = call.grpc->DefaultReactor();
-  core_.finish(call, reactor, "", failed_precondition("TruncateSequence: not served yet"), nullptr, 0);
+  auto c = find_cache(req->cache(), "cache");
+  if (!c.ok()) {
+    core_.finish(call, reactor, "", c.status(), nullptr, 0);
+    return reactor;
+  }
+  std::shared_ptr<KvCache> cache = std::move(c).value();
+  core_.submit(call, reactor, "", placement_of(core_.scheduler, *cache),
+               [=, this, &call](Executor&, std::int64_t) {
+                 auto cut = cache->truncate(req->sequence_id(), req->length());
+                 if (cut.ok()) {
+                   fill_sequence(cut->sequence, resp->mutable_sequence());
+                   resp->set_freed_pages(cut->freed_pages);
+                   resp->set_copied_pages(cut->copied_pages);
+                 }
+                 // A copy of a shared page ran on the cache's executor.
+                 core_.device_faulted(cache->owner(), call.op(), cut.status());
+                 core_.finish(call, reactor, "", cut.status(), nullptr, 0);
+               });
   return reactor;
 }
 

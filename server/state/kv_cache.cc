@@ -251,24 +251,7 @@ Result<std::int64_t> KvCache::fork(const std::string& from, const std::string& t
     fork.pages.push_back(page);
   }
   // The copies, page by page through the host (a fork copies at most a page or two per layer).
-  const std::size_t page_bytes =
-      static_cast<std::size_t>(config_.heads_kv * ps * config_.head_dim) *
-      element_size(config_.dtype);
-  std::vector<unsigned char> buf(page_bytes);
-  Status copied = Status::Ok();
-  for (int l = 0; l < config_.layers && copied.ok(); ++l) {
-    const std::size_t layer_base = 2 * static_cast<std::size_t>(l) * config_.pool_bytes();
-    for (std::size_t pool = 0; pool < 2 && copied.ok(); ++pool)
-      for (const auto& [a, b] : copy) {
-        const std::size_t base = layer_base + pool * config_.pool_bytes();
-        copied = owner_->read(buf.data(), data_, base + static_cast<std::size_t>(a) * page_bytes,
-                              page_bytes);
-        if (copied.ok())
-          copied = owner_->write(data_, base + static_cast<std::size_t>(b) * page_bytes, buf.data(),
-                                 page_bytes);
-        if (!copied.ok()) break;
-      }
-  }
+  const Status copied = copy_pages(copy);
   if (!copied.ok()) {
     for (const auto& c : copy) free_.push_back(c.second);
     return copied;
@@ -283,6 +266,99 @@ Result<std::int64_t> KvCache::fork(const std::string& from, const std::string& t
   }
   sequences_.emplace(to, std::move(fork));
   return copies;
+}
+
+Status KvCache::copy_pages(const std::vector<std::pair<std::int32_t, std::int32_t>>& copies) {
+  const std::size_t page_bytes =
+      static_cast<std::size_t>(config_.heads_kv * config_.page_size * config_.head_dim) *
+      element_size(config_.dtype);
+  std::vector<unsigned char> buf(page_bytes);
+  for (int l = 0; l < config_.layers; ++l) {
+    const std::size_t layer_base = 2 * static_cast<std::size_t>(l) * config_.pool_bytes();
+    for (std::size_t pool = 0; pool < 2; ++pool)
+      for (const auto& [a, b] : copies) {
+        const std::size_t base = layer_base + pool * config_.pool_bytes();
+        ATTN_RETURN_IF_ERROR(owner_->read(
+            buf.data(), data_, base + static_cast<std::size_t>(a) * page_bytes, page_bytes));
+        ATTN_RETURN_IF_ERROR(owner_->write(data_, base + static_cast<std::size_t>(b) * page_bytes,
+                                           buf.data(), page_bytes));
+      }
+  }
+  return Status::Ok();
+}
+
+Result<KvCache::Truncated> KvCache::truncate(const std::string& id, std::int64_t length) {
+  std::lock_guard lock(mu_);
+  auto it = sequences_.find(id);
+  if (it == sequences_.end())
+    return not_found("sequence_id: no sequence \"" + id + "\" in kv cache " + handle_);
+  Sequence& seq = it->second;
+  const std::int64_t longest = *std::max_element(seq.lengths.begin(), seq.lengths.end());
+  if (length < 0 || length > longest) {
+    return invalid_argument("length: expected 0.." + str(longest) + " (sequence \"" + id +
+                            "\"'s longest layer), got " + str(length));
+  }
+  // Truncations take pages from the back of the free list, where pending appends reserve theirs:
+  // the cache's order never runs one while an append is pending.
+  if (reserved_ != 0)
+    return internal_error("kv cache " + handle_ + ": a truncation while an append is pending");
+  const std::int64_t ps = config_.page_size;
+  const std::size_t keep = static_cast<std::size_t>(
+      std::min<std::int64_t>(pages_for(length, ps), static_cast<std::int64_t>(seq.pages.size())));
+  // Pages some layer writes again after the cut: from the one holding the shortest layer's next
+  // token on. Those another sequence holds too (a fork shared them when they were full) are
+  // copied for this sequence first; the others are its own already.
+  const std::int64_t shortest =
+      std::min(length, *std::min_element(seq.lengths.begin(), seq.lengths.end()));
+  std::vector<std::size_t> shared_written;  // indices in the table
+  for (std::size_t i = static_cast<std::size_t>(shortest / ps); i < keep; ++i)
+    if (refs_[static_cast<std::size_t>(seq.pages[i])] > 1) shared_written.push_back(i);
+  // Copies go to free pages, then to the pages the cut drops that this sequence alone holds (no
+  // page is needed beyond what the cut gives back).
+  std::vector<std::int32_t> targets;
+  for (std::size_t i = 0; i < free_.size() && targets.size() < shared_written.size(); ++i)
+    targets.push_back(free_[free_.size() - 1 - i]);
+  const std::size_t from_free = targets.size();
+  std::set<std::int32_t> reused;  // dropped pages that become copies
+  for (std::size_t i = keep; i < seq.pages.size() && targets.size() < shared_written.size(); ++i)
+    if (refs_[static_cast<std::size_t>(seq.pages[i])] == 1) {
+      targets.push_back(seq.pages[i]);
+      reused.insert(seq.pages[i]);
+    }
+  if (targets.size() < shared_written.size()) {
+    return resource_exhausted("kv cache " + handle_ + ": the cut lands inside a page shared with " +
+                              "another sequence, which needs a copy: " + capacity_words());
+  }
+  std::vector<std::pair<std::int32_t, std::int32_t>> copy;  // (from page, to page)
+  for (std::size_t c = 0; c < shared_written.size(); ++c)
+    copy.emplace_back(seq.pages[shared_written[c]], targets[c]);
+  // A copy that fails (a device fault) leaves the bookkeeping as it was.
+  ATTN_RETURN_IF_ERROR(copy_pages(copy));
+
+  Truncated out;
+  free_.resize(free_.size() - from_free);
+  for (std::size_t c = 0; c < copy.size(); ++c) {
+    --refs_[static_cast<std::size_t>(copy[c].first)];  // still held by another sequence
+    refs_[static_cast<std::size_t>(copy[c].second)] = 1;
+    seq.pages[shared_written[c]] = copy[c].second;
+  }
+  for (std::size_t i = keep; i < seq.pages.size(); ++i) {
+    const std::int32_t page = seq.pages[i];
+    if (reused.count(page)) continue;  // now one of the copies, still this sequence's
+    if (--refs_[static_cast<std::size_t>(page)] == 0) {
+      free_.push_back(page);
+      ++out.freed_pages;
+    }
+  }
+  seq.pages.resize(keep);
+  for (std::int64_t& len : seq.lengths) len = std::min(len, length);
+  out.copied_pages = static_cast<std::int64_t>(copy.size());
+  out.sequence.id = id;
+  out.sequence.lengths = seq.lengths;
+  out.sequence.pages = static_cast<std::int64_t>(seq.pages.size());
+  for (std::int32_t page : seq.pages)
+    out.sequence.shared_pages += refs_[static_cast<std::size_t>(page)] > 1;
+  return out;
 }
 
 Status KvCache::read(const std::string& id, int layer, Shape* shape, std::vector<unsigned char>* k,

@@ -3,11 +3,11 @@
 // from one free list per cache and a sequence's page table is shared by all its layers (vLLM's
 // layout), each layer with its own length.
 //
-// Ordering: every call that changes a cache (append, release, fork) runs as a job on the cache's
-// state in the scheduler, so they happen one at a time in arrival order. The mutex only guards
-// the bookkeeping against concurrent readers (describe, list). A change is planned first (every
-// check made, pages reserved) and applied only once the kernel has succeeded: a call that fails
-// leaves the cache as it was.
+// Ordering: every call that changes a cache (append, release, fork, truncate) runs as a job on
+// the cache's state in the scheduler, so they happen one at a time in arrival order. The mutex
+// only guards the bookkeeping against concurrent readers (describe, list). A change is planned
+// first (every check made, pages reserved) and applied only once the kernel has succeeded: a call
+// that fails leaves the cache as it was.
 #pragma once
 
 #include <chrono>
@@ -109,6 +109,17 @@ class KvCache {
   // `to` shares `from`'s pages that every layer has filled and gets copies of the rest (the
   // partial last page). Returns the pages copied.
   Result<std::int64_t> fork(const std::string& from, const std::string& to, KvSequenceSummary* out);
+  // Cuts sequence `id` back to `length` tokens at every layer (a layer already shorter keeps its
+  // length); `length` 0 .. its longest layer's. Whole pages past the new end leave its table (a
+  // page goes back to the free list with its last holder); a page some layer will write again
+  // that another sequence holds too (the cut lands inside a page shared with a fork) is copied
+  // first, so that appends never write a shared page. NOT_FOUND naming sequence_id,
+  // INVALID_ARGUMENT naming length, RESOURCE_EXHAUSTED when a copy finds no page: nothing changed.
+  struct Truncated {
+    KvSequenceSummary sequence;
+    std::int64_t freed_pages = 0, copied_pages = 0;
+  };
+  Result<Truncated> truncate(const std::string& id, std::int64_t length);
   // One sequence's K and V at one layer as [len, Hkv, D] host bytes.
   Status read(const std::string& id, int layer, Shape* shape, std::vector<unsigned char>* k,
               std::vector<unsigned char>* v) const;
@@ -119,6 +130,8 @@ class KvCache {
   friend class KvCacheStore;
   KvCache() = default;
   std::string capacity_words() const;
+  // Copies pages (K and V of every layer) from -> to, through the host; mu_ held.
+  Status copy_pages(const std::vector<std::pair<std::int32_t, std::int32_t>>& copies);
 
   struct Sequence {
     std::vector<std::int32_t> pages;

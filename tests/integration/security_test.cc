@@ -163,6 +163,8 @@ std::vector<grpc::StatusCode> call_every_method(const std::string& address, cons
   codes.push_back(stub->ReleaseSequences(ctx().get(), {}, &rel).error_code());
   v1::ForkSequenceResponse fork;
   codes.push_back(stub->ForkSequence(ctx().get(), {}, &fork).error_code());
+  v1::TruncateSequenceResponse truncate;
+  codes.push_back(stub->TruncateSequence(ctx().get(), {}, &truncate).error_code());
   v1::DecodeResponse dec;
   codes.push_back(stub->Decode(ctx().get(), {}, &dec).error_code());
   v1::PrefillResponse pre;

@@ -175,6 +175,9 @@ class Client {
   Result<std::int64_t> release_sequences(const std::string& cache, const std::vector<std::string>& sequence_ids);
   Result<v1::ForkSequenceResponse> fork_sequence(const std::string& cache, const std::string& source_id,
                                                  const std::string& new_id);
+  // Cuts `sequence_id` back to `length` tokens at every layer (speculative decoding's rollback).
+  Result<v1::TruncateSequenceResponse> truncate_sequence(const std::string& cache, const std::string& sequence_id,
+                                                         std::int64_t length);
   // q [n, Hq, D], k_new/v_new [n, Hkv, D]: one token per sequence, at one layer.
   Result<KvOpResult> decode(const std::string& cache, int layer, const std::vector<std::string>& sequence_ids,
                             const Tensor& q, const Tensor& k_new, const Tensor& v_new,

@@ -193,6 +193,51 @@ def test_fork_shares_pages_and_diverges(server, rng):
         c.delete_kv_cache(info.handle)
 
 
+def test_truncate_rolls_back_and_decoding_goes_on(server, rng):
+    c = Client(server.address, timeout=30)
+    info = make_cache(c, layers=2, capacity=256, page_size=8)
+    h = info.handle
+    ref = Reference(2)
+    try:
+        for layer in range(2):  # 30 rows: 3 full pages + 6
+            q, k, v = rows(rng, 30, HQ), rows(rng, 30, HKV), rows(rng, 30, HKV)
+            c.prefill(h, layer, ["s"], [30], q, k, v)
+            ref.prefill(layer, ["s"], [30], q, k, v)
+        cut = c.truncate_sequence(h, "s", 13)
+        assert cut.sequence.id == "s" and list(cut.sequence.lengths) == [13, 13]
+        assert cut.sequence.pages == 2 and cut.freed_pages == 2 and cut.copied_pages == 0
+        assert c.describe_kv_cache(h).pages_used == 2
+        for layer in range(2):
+            ref.k[layer]["s"], ref.v[layer]["s"] = ref.k[layer]["s"][:13], ref.v[layer]["s"][:13]
+            kk, vv = c.read_kv(h, "s", layer)
+            np.testing.assert_array_equal(kk, ref.k[layer]["s"].astype(np.float32))
+            np.testing.assert_array_equal(vv, ref.v[layer]["s"].astype(np.float32))
+        for _ in range(5):  # over the kept prefix and the new tokens only
+            for layer in range(2):
+                q, k, v = rows(rng, 1, HQ), rows(rng, 1, HKV), rows(rng, 1, HKV)
+                r = c.decode(h, layer, ["s"], q, k, v)
+                o, _ = ref.decode(layer, ["s"], q, k, v)
+                assert rel_error(r.output, o) < 1e-5
+        assert r.lengths == [18]
+        # Past the longest layer: INVALID_ARGUMENT naming length, nothing changed.
+        before = c.describe_kv_cache(h)
+        with pytest.raises(AttnError) as e:
+            c.truncate_sequence(h, "s", 19)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "length" in e.value.message and "0..18" in e.value.message and "19" in e.value.message
+        with pytest.raises(AttnError) as e:
+            c.truncate_sequence(h, "nobody", 0)
+        assert e.value.code == grpc.StatusCode.NOT_FOUND and "sequence_id" in e.value.message
+        after = c.describe_kv_cache(h)
+        assert list(after.sequences) == list(before.sequences) and after.pages_used == before.pages_used
+        # To 0: the sequence stays, empty.
+        assert c.truncate_sequence(h, "s", 0).freed_pages == 3
+        described = c.describe_kv_cache(h)
+        assert described.sequence_count == 1 and described.pages_used == 0
+    finally:
+        c.delete_kv_cache(h)
+
+
 def test_errors_name_the_problem_and_change_nothing(server, rng):
     c = Client(server.address, timeout=30)
     info = make_cache(c, layers=2, capacity=32, page_size=16)

@@ -26,7 +26,8 @@ def test_every_method_has_a_unique_op_label():
 # What a user relies on: a retried call of these could apply twice (a token appended twice, a
 # second tensor or cache made), so they must be marked; reads and pure ops must not be.
 CHANGES_STATE = {"PutTensor", "DeleteTensor", "CreateKvCache", "DeleteKvCache", "ReleaseSequences",
-                 "ForkSequence", "Decode", "Prefill", "RegisterSharedMemory", "UnregisterSharedMemory"}
+                 "ForkSequence", "TruncateSequence", "Decode", "Prefill", "RegisterSharedMemory",
+                 "UnregisterSharedMemory"}
 
 
 def test_state_changing_methods_are_marked_and_only_they():

@@ -9,8 +9,9 @@
 // - The same kernel reads dense [B, Hkv, Sk, D] K/V as one page per sequence: registered also as
 //   attention/decode_mma_split for Sq = 1.
 // bfloat16/float16; every head dim of common/head_dims.cuh (rows padded in shared memory to 64,
-// 128 or 256, as in attention/03); any number of query heads per key/value head (16 a block, more
-// in slices); any page size; sliding windows (the plan splits only the keys in the window), soft
+// 128 or 256, as in attention/03); any number of query heads per key/value head (16 a block;
+// larger groups on the core's wide path: the warps split the heads over block-wide 64-key tiles,
+// 64 heads a block); any page size; sliding windows (the plan splits only the keys in the window), soft
 // caps and attention sinks.
 #include <vector>
 

@@ -206,7 +206,7 @@ def attention_function(client):
         cache, layer = _pending_owner(module, key, value)
         if cache is not None:
             if attention_mask is not None or not is_causal:
-                cache._pending.pop(layer, None)
+                cache._drop_pending(layer)
                 raise ValueError("attnd: an AttnCache serves causal attention without padding only (batch rows "
                                  "of one length, attention_mask all ones); this call has a padding or custom "
                                  "mask, or a non-causal attention")
@@ -493,9 +493,20 @@ def _classes_made():
             if self._closed:
                 raise RuntimeError("AttnCache: closed")
 
-        def _attend(self, layer, query, key, value, *, scale, window, softcap, sinks):
-            """Runs this layer's pending K/V with `query` on the server: [B, S, Hq, D] back."""
+        def _drop_pending(self, layer):
+            """Forgets a layer's pending K/V (their tokens were never stored)."""
             self._pending.pop(layer, None)
+            self._seen[layer] = self._stored[layer]
+
+        def _attend(self, layer, query, key, value, **options):
+            """Runs this layer's pending K/V with `query` on the server: [B, S, Hq, D] back. A call
+            that fails leaves the layer as it was (the server changes nothing on a failed call)."""
+            try:
+                return self._attend_on_server(layer, query, key, value, **options)
+            finally:
+                self._drop_pending(layer)
+
+        def _attend_on_server(self, layer, query, key, value, *, scale, window, softcap, sinks):
             b, hq, s, d = query.shape
             dt = self.dtype
             q = _to_wire(query.transpose(1, 2).reshape(b * s, hq, d), dt)
@@ -512,7 +523,7 @@ def _classes_made():
             if any(int(n) != want for n in r.lengths):
                 raise RuntimeError(f"AttnCache: layer {layer} holds {list(r.lengths)} tokens on the server, "
                                    f"expected {want} per sequence")
-            self._stored[layer] = want
+            self._stored[layer] = want  # _drop_pending then keeps _seen == _stored
             return _from_wire(r.output, query).reshape(b, s, hq, d)
 
         def close(self):

@@ -247,7 +247,8 @@ def attnd_mask(*args, **kwargs):
              and not kwargs.get("allow_is_bidirectional_skip", False))
     if plain and not padded:
         return None
-    kwargs["allow_is_bidirectional_skip"] = False
+    if "allow_is_bidirectional_skip" in kwargs:
+        kwargs["allow_is_bidirectional_skip"] = False
     return eager_mask(*args, **kwargs)
 
 

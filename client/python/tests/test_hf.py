@@ -33,10 +33,15 @@ def hf_server():
 
 
 @pytest.fixture(scope="module")
-def client(hf_server):
+def server_client(hf_server):
     with Client(hf_server.address, timeout=120) as c:
-        register(c, NAME)
         yield c
+
+
+@pytest.fixture
+def client(server_client):
+    register(server_client, NAME)  # each test: test_hf_reference.py registers the same name for its client
+    return server_client
 
 
 # ---- tiny configs (head_dim 64 throughout: every GPU kernel takes it) ----

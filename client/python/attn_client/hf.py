@@ -1,0 +1,562 @@
+"""Hugging Face transformers (5.x) on attnd: an attention implementation and a KV cache.
+
+    from attn_client import Client
+    from attn_client.hf import AttnCache, register
+    client = Client("127.0.0.1:50051")
+    register(client)                                  # attn_implementation "attnd"
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="attnd")
+    cache = AttnCache.from_model(client, model, batch_size=1, capacity_tokens=8192)
+    out = model.generate(input_ids, past_key_values=cache, max_new_tokens=32)
+    cache.close()                                     # frees the server's cache
+
+With an AttnCache the keys and values live on the server: each layer's new K/V go up once, with
+the queries, in one Prefill (a prompt) or Decode (a token) call, and only the attention output
+comes back. Without one (use_cache=False, or transformers' own DynamicCache) each call is a
+one-shot Attention over the K/V the model hands over. Sliding windows (Mistral, Gemma 2, Qwen2,
+gpt-oss), logit soft caps (Gemma 2) and attention sinks (gpt-oss) are passed through; GQA/MQA
+need nothing. Padding (a 2D attention_mask with zeros) is refused with an AttnCache; without one
+such calls, and any other mask that is not plain causal, run in torch (`_torch_attention`).
+
+torch and transformers are imported only inside the functions that need them, so that the config
+helpers here (cache_config, window_left, dtype_name) work without them.
+"""
+
+import uuid
+import weakref
+from typing import Optional
+
+import numpy as np
+
+from .tensors import BFloat16
+
+__all__ = ["AttnCache", "register", "cache_config", "window_left", "dtype_name", "attention_function",
+           "attnd_mask"]
+
+_DTYPE_NAMES = {"float32": "float32", "float": "float32", "fp32": "float32", "f32": "float32",
+                "float16": "float16", "half": "float16", "fp16": "float16", "f16": "float16",
+                "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+# ---- config mapping (no torch needed) ----
+
+def dtype_name(dtype) -> str:
+    """The attnd dtype name ("float32", "float16", "bfloat16") of a torch dtype, a numpy dtype or a
+    string; ValueError for anything else (float64 and the integer types among them)."""
+    s = str(dtype)
+    if s.startswith("torch."):
+        s = s[len("torch."):]
+    name = _DTYPE_NAMES.get(s)
+    if name is None:
+        try:
+            name = _DTYPE_NAMES.get(np.dtype(dtype).name)
+        except TypeError:
+            name = None
+    if name is None:
+        raise ValueError(f"dtype: attnd caches hold float32, float16 or bfloat16, got {dtype!r}")
+    return name
+
+
+def window_left(sliding_window) -> Optional[int]:
+    """attnd's window_left for Hugging Face's sliding_window W (a token sees the last W tokens,
+    itself included: masking_utils.sliding_window_overlay keeps kv_idx > q_idx - W), that is
+    W - 1; None (no window) for None or a W <= 0."""
+    if sliding_window is None:
+        return None
+    w = int(sliding_window)
+    return w - 1 if w > 0 else None
+
+
+def _text_config(config):
+    get = getattr(config, "get_text_config", None)
+    if callable(get):
+        try:
+            return get(decoder=True)
+        except TypeError:
+            return get()
+    return config
+
+
+def cache_config(config) -> dict:
+    """The attnd KV-cache shape of a (decoder) model config: layers, kv_heads, head_dim, and the
+    q_heads the attention calls will have. head_dim: config.head_dim when set, else hidden_size //
+    num_attention_heads; kv_heads: num_key_value_heads when set, else num_attention_heads."""
+    config = _text_config(config)
+    q_heads = int(config.num_attention_heads)
+    kv_heads = getattr(config, "num_key_value_heads", None) or q_heads
+    head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // q_heads
+    if q_heads % int(kv_heads):
+        raise ValueError(f"num_attention_heads {q_heads} is not a multiple of num_key_value_heads {kv_heads}")
+    return {"layers": int(config.num_hidden_layers), "kv_heads": int(kv_heads), "head_dim": int(head_dim),
+            "q_heads": q_heads}
+
+
+# ---- torch <-> the client's arrays ----
+
+def _to_wire(t, dtype: str):
+    """A torch tensor as the client's array in `dtype` (numpy float32/float16, or BFloat16)."""
+    import torch
+
+    t = t.detach()
+    if dtype == "bfloat16":
+        t = t.to(device="cpu", dtype=torch.bfloat16).contiguous()
+        return BFloat16(t.view(torch.int16).numpy().view(np.uint16))
+    return t.to(device="cpu", dtype=getattr(torch, dtype)).contiguous().numpy()
+
+
+def _from_wire(a, like):
+    """The client's array as a torch tensor on `like`'s device, in `like`'s dtype."""
+    import torch
+
+    if isinstance(a, BFloat16):
+        t = torch.from_numpy(np.ascontiguousarray(a.bits).view(np.int16)).view(torch.bfloat16)
+    else:
+        t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.to(device=like.device, dtype=like.dtype)
+
+
+def _wire_dtype_of(t) -> str:
+    try:
+        return dtype_name(t.dtype)
+    except ValueError:
+        return "float32"  # float64 and the like go as float32
+
+
+def _sinks_of(module, kwargs):
+    sinks = kwargs.get("s_aux")
+    if sinks is None:
+        sinks = kwargs.get("sinks")
+    if sinks is None:
+        sinks = getattr(module, "sinks", None)
+    return sinks
+
+
+def _softcap_of(kwargs) -> float:
+    softcap = kwargs.get("softcap")
+    return float(softcap) if softcap else 0.0
+
+
+# ---- the attention function and its mask ----
+
+def _torch_attention(query, key, value, attention_mask, scaling, softcap=0.0, sinks=None):
+    """Attention in torch, as transformers' eager paths compute it: q [B, Hq, S, D], k/v [B, Hkv, Sk,
+    D] (GQA repeated here), an additive float or a boolean 4D mask (or None: no mask at all),
+    softcap on the scaled scores, sinks joining the softmax denominator. Returns [B, S, Hq, D]."""
+    import torch
+
+    rep = query.shape[1] // key.shape[1]
+    if rep > 1:
+        key = key.repeat_interleave(rep, dim=1)
+        value = value.repeat_interleave(rep, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        mask = attention_mask[:, :, :, :key.shape[-2]]
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask.to(scores.dtype)
+    if sinks is not None:
+        sink = sinks.reshape(1, -1, 1, 1).to(scores.dtype).expand(scores.shape[0], -1, scores.shape[2], 1)
+        combined = torch.cat([scores, sink], dim=-1)
+        combined = combined - combined.max(dim=-1, keepdim=True).values
+        probs = torch.softmax(combined, dim=-1, dtype=torch.float32)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    out = torch.matmul(probs.to(value.dtype), value)
+    return out.transpose(1, 2).contiguous()
+
+
+_LIVE_CACHES = weakref.WeakSet()  # the AttnCaches alive now: the attention function looks for its K/V there
+
+
+def _pending_owner(module, key, value):
+    """The AttnCache (and layer) whose update() just handed out `key`/`value`, or (None, None)."""
+    layer = getattr(module, "layer_idx", None)
+    for cache in list(_LIVE_CACHES):
+        if layer is not None:
+            p = cache._pending.get(layer)
+            if p is not None and p[0] is key and p[1] is value:
+                return cache, layer
+        else:
+            for idx, p in cache._pending.items():
+                if p[0] is key and p[1] is value:
+                    return cache, idx
+    return None, None
+
+
+def attention_function(client):
+    """The function register() hands to transformers' AttentionInterface, bound to `client` for
+    one-shot Attention calls: fn(module, query, key, value, attention_mask, scaling=None,
+    dropout=0.0, **kwargs) -> (attn_output [B, S, Hq, D], None), query [B, Hq, S, D] and key/value
+    [B, Hkv, Sk, D] as the models pass them."""
+
+    def attnd_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if dropout and getattr(module, "training", False):
+            raise ValueError("attnd attention: no dropout (inference only); call model.eval()")
+        if scaling is None:
+            scaling = query.shape[-1] ** -0.5
+        softcap = _softcap_of(kwargs)
+        sinks = _sinks_of(module, kwargs)
+        sliding_window = kwargs.get("sliding_window")
+        is_causal = kwargs.get("is_causal")
+        if is_causal is None:
+            is_causal = getattr(module, "is_causal", True)
+
+        cache, layer = _pending_owner(module, key, value)
+        if cache is not None:
+            if attention_mask is not None or not is_causal:
+                cache._drop_pending(layer)
+                raise ValueError("attnd: an AttnCache serves causal attention without padding only (batch rows "
+                                 "of one length, attention_mask all ones); this call has a padding or custom "
+                                 "mask, or a non-causal attention")
+            out = cache._attend(layer, query, key, value, scale=float(scaling), window=window_left(sliding_window),
+                                softcap=softcap, sinks=sinks)
+            return out, None
+
+        if attention_mask is not None or not is_causal:
+            # a padding or custom mask, or bidirectional attention: torch computes it, as eager would
+            return _torch_attention(query, key, value, attention_mask, scaling, softcap, sinks), None
+
+        dtype = _wire_dtype_of(query)
+        r = client.attention(_to_wire(query, dtype), _to_wire(key, dtype), _to_wire(value, dtype), causal=True,
+                             scale=float(scaling), window_left=window_left(sliding_window), softcap=softcap,
+                             sinks=None if sinks is None else _to_wire(sinks, "float32"))
+        out = _from_wire(r.output, query)  # [B, Hq, S, D]
+        return out.transpose(1, 2).contiguous(), None
+
+    attnd_attention.__name__ = "attnd_attention"
+    return attnd_attention
+
+
+def attnd_mask(*args, **kwargs):
+    """The mask function register() hands to transformers' AttentionMaskInterface (called by
+    create_causal_mask & co. with keywords: batch_size, q_length, kv_length, offsets,
+    mask_function, attention_mask [B, kv] bool or None, allow_is_causal_skip, use_vmap, dtype,
+    config, device, ...). None (the attention function then applies causal masking and the
+    layer's sliding window itself) for a plain causal or sliding-window mask without padding;
+    otherwise transformers' eager_mask of the same arguments (0 / dtype min, [B, 1, q, kv]), which
+    sends the call to torch (or, with an AttnCache, to an error). Plain: the caller allowed the
+    is_causal skip and added no custom (vmap) pattern; bidirectional masks always come
+    materialized."""
+    from transformers.masking_utils import eager_mask
+
+    attention_mask = kwargs.get("attention_mask")
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    plain = (kwargs.get("allow_is_causal_skip", False) and not kwargs.get("use_vmap", False)
+             and not kwargs.get("allow_is_bidirectional_skip", False))
+    if plain and not padded:
+        return None
+    if "allow_is_bidirectional_skip" in kwargs:
+        kwargs["allow_is_bidirectional_skip"] = False
+    return eager_mask(*args, **kwargs)
+
+
+def register(client, name: str = "attnd") -> str:
+    """Registers attnd as attention implementation `name` (and its mask function under the same
+    name) with transformers, so that from_pretrained/from_config(..., attn_implementation=name)
+    and model.set_attn_implementation(name) accept it. Returns `name`."""
+    try:
+        from transformers import AttentionInterface, AttentionMaskInterface
+    except ImportError:  # older layouts
+        from transformers.masking_utils import AttentionMaskInterface
+        from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(name, attention_function(client))
+    AttentionMaskInterface.register(name, attnd_mask)
+    return name
+
+
+# ---- the cache ----
+
+def _cache_base():
+    from transformers.cache_utils import Cache
+
+    return Cache
+
+
+def _layer_base():
+    try:
+        from transformers.cache_utils import CacheLayerMixin
+    except ImportError:
+        return object
+    return CacheLayerMixin
+
+
+_classes = {}
+
+
+def _classes_made():
+    """AttnCache and its layer class, made on first use (they subclass transformers' classes)."""
+    if _classes:
+        return _classes
+    Cache, LayerBase = _cache_base(), _layer_base()
+
+    class AttnLayer(LayerBase):
+        """One layer of an AttnCache: lengths only (its K/V are on the server)."""
+
+        is_compileable = False
+        is_sliding = False
+
+        def __init__(self, owner, layer_idx):
+            if LayerBase is not object:
+                LayerBase.__init__(self)
+            self._owner = weakref.ref(owner)
+            self.layer_idx = layer_idx
+            self.keys, self.values = None, None
+            self.is_initialized = False
+
+        def lazy_initialization(self, key_states, value_states=None, *args, **kwargs):
+            self.dtype, self.device = key_states.dtype, key_states.device
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            return self._owner().update(key_states, value_states, self.layer_idx)
+
+        def get_seq_length(self, *args, **kwargs):
+            return self._owner()._seen[self.layer_idx]
+
+        def get_mask_sizes(self, query_length, *args, **kwargs):
+            return self._owner().get_mask_sizes(query_length, self.layer_idx)
+
+        def get_max_cache_shape(self, *args, **kwargs):
+            return -1
+
+        def reset(self):
+            pass  # the owner releases the sequences
+
+        def offload(self):
+            pass
+
+        def prefetch(self):
+            pass
+
+    AttnLayer.__abstractmethods__ = frozenset()  # whatever a newer CacheLayerMixin adds, it is not used here
+
+    class AttnCache(Cache):
+        """A transformers Cache whose keys and values live in an attnd KV cache (one sequence per
+        batch row). update() keeps the layer's new K/V aside and returns them as they are (the
+        history never comes back); the attnd attention function recognizes them and runs Prefill
+        (a prompt, or a layer's first call) or Decode (one token) for that layer on the server.
+        Needs the model's attn_implementation to be the one register() made. Free it with close()
+        (or a with block); __del__ tries too."""
+
+        def __init__(self, client, config, batch_size: int = 1, capacity_tokens: Optional[int] = None,
+                     dtype="float32", page_size: int = 0, ttl_ms: int = 0):
+            shape = cache_config(config)
+            self.client = client
+            self.batch_size = int(batch_size)
+            self.num_layers, self.kv_heads, self.head_dim = shape["layers"], shape["kv_heads"], shape["head_dim"]
+            self.dtype = dtype_name(dtype)
+            if capacity_tokens is None:
+                limit = getattr(_text_config(config), "max_position_embeddings", None) or 4096
+                capacity_tokens = self.batch_size * min(int(limit), 4096)
+            self.capacity_tokens = int(capacity_tokens)
+            self._seen = [0] * self.num_layers      # tokens per row per layer, counted at update()
+            self._stored = [0] * self.num_layers    # tokens per row per layer, on the server
+            self._pending = {}                      # layer -> (key, value) handed out by update()
+            self._closed = True                     # until the server's cache exists
+            layers = [AttnLayer(self, i) for i in range(self.num_layers)]
+            try:
+                Cache.__init__(self, layers=layers)
+            except TypeError:
+                self.layers = layers
+            self.info = client.create_kv_cache(layers=self.num_layers, kv_heads=self.kv_heads,
+                                               head_dim=self.head_dim, capacity_tokens=self.capacity_tokens,
+                                               dtype=self.dtype, page_size=page_size, ttl_ms=ttl_ms)
+            self.handle = self.info.handle
+            tag = uuid.uuid4().hex[:12]
+            self.sequence_ids = [f"hf-{tag}-{i}" for i in range(self.batch_size)]
+            self._closed = False
+            _LIVE_CACHES.add(self)
+
+        @classmethod
+        def from_model(cls, client, model, batch_size: int = 1, capacity_tokens: Optional[int] = None,
+                       dtype=None, page_size: int = 0, ttl_ms: int = 0):
+            """A cache for `model` (its config; its dtype unless `dtype` is given)."""
+            if dtype is None:
+                dtype = getattr(model, "dtype", "float32")
+            return cls(client, model.config, batch_size=batch_size, capacity_tokens=capacity_tokens,
+                       dtype=dtype, page_size=page_size, ttl_ms=ttl_ms)
+
+        # -- what transformers calls --
+
+        def update(self, key_states, value_states, layer_idx: int, cache_kwargs=None, *args, **kwargs):
+            """Keeps this layer's new K/V [B, Hkv, S, D] for the attention call that follows and
+            returns them unchanged."""
+            self._check_open()
+            if layer_idx in self._pending:
+                raise RuntimeError(
+                    f"AttnCache: layer {layer_idx} was updated twice without an attnd attention call in between: "
+                    "the model's attn_implementation must be the one attn_client.hf.register made")
+            b, hkv, s, d = key_states.shape
+            if b != self.batch_size or hkv != self.kv_heads or d != self.head_dim:
+                raise ValueError(f"AttnCache: K/V of shape {tuple(key_states.shape)}, the cache holds batch "
+                                 f"{self.batch_size}, {self.kv_heads} kv heads of {self.head_dim}")
+            layer = self.layers[layer_idx]
+            if not layer.is_initialized:
+                layer.lazy_initialization(key_states, value_states)
+            self._pending[layer_idx] = (key_states, value_states)
+            self._seen[layer_idx] += s
+            return key_states, value_states
+
+        def get_seq_length(self, layer_idx: Optional[int] = 0, *args, **kwargs) -> int:
+            return self._seen[layer_idx or 0] if (layer_idx or 0) < self.num_layers else 0
+
+        def get_mask_sizes(self, query_length, layer_idx: int = 0, *args, **kwargs):
+            """(kv_length, kv_offset): the cached tokens plus the query's, from position 0. Takes
+            the query length, or (older transformers) the cache_position tensor."""
+            q = int(query_length.shape[0]) if hasattr(query_length, "shape") else int(query_length)
+            return self.get_seq_length(layer_idx) + q, 0
+
+        def get_max_cache_shape(self, layer_idx: int = 0, *args, **kwargs) -> int:
+            return -1
+
+        @property
+        def is_compileable(self) -> bool:
+            return False
+
+        @is_compileable.setter
+        def is_compileable(self, value):
+            pass  # fixed by design; Cache.__init__ may assign it
+
+        @property
+        def is_sliding(self):
+            return [False] * self.num_layers  # the server applies each layer's window itself
+
+        @is_sliding.setter
+        def is_sliding(self, value):
+            pass  # fixed by design; Cache.__init__ may assign it
+
+        @property
+        def is_initialized(self) -> bool:
+            return any(self._seen)
+
+        @is_initialized.setter
+        def is_initialized(self, value):
+            pass  # fixed by design; Cache.__init__ may assign it
+
+        @property
+        def max_batch_size(self) -> int:
+            return self.batch_size
+
+        @max_batch_size.setter
+        def max_batch_size(self, value):
+            pass  # fixed by design; Cache.__init__ may assign it
+
+        @property
+        def max_cache_len(self) -> int:
+            return -1
+
+        @max_cache_len.setter
+        def max_cache_len(self, value):
+            pass  # fixed by design; Cache.__init__ may assign it
+
+        def __len__(self):
+            return self.num_layers
+
+        def reset(self):
+            """Forgets every sequence (their pages go back to the server's free list)."""
+            self._check_open()
+            self.client.release_sequences(self.handle, self.sequence_ids)
+            self._seen = [0] * self.num_layers
+            self._stored = [0] * self.num_layers
+            self._pending.clear()
+            for layer in self.layers:
+                layer.is_initialized = False
+
+        def crop(self, max_length: int):
+            """Cuts every row back to max_length tokens (negative: that many fewer), at every layer."""
+            self._check_open()
+            seen = self.get_seq_length()
+            if max_length < 0:
+                max_length = seen - abs(max_length)
+            if max_length >= seen:
+                return
+            for sid in self.sequence_ids:
+                self.client.truncate_sequence(self.handle, sid, max_length)
+            self._seen = [min(n, max_length) for n in self._seen]
+            self._stored = [min(n, max_length) for n in self._stored]
+            self._pending.clear()
+
+        def reorder_cache(self, beam_idx):
+            raise NotImplementedError("AttnCache: no beam search (reorder_cache); use greedy or sampling")
+
+        def batch_repeat_interleave(self, repeats: int):
+            raise NotImplementedError("AttnCache: no batch expansion; make the cache with the final batch size")
+
+        def batch_select_indices(self, indices):
+            raise NotImplementedError("AttnCache: no batch selection")
+
+        # -- the server side --
+
+        def _check_open(self):
+            if self._closed:
+                raise RuntimeError("AttnCache: closed")
+
+        def _drop_pending(self, layer):
+            """Forgets a layer's pending K/V (their tokens were never stored)."""
+            self._pending.pop(layer, None)
+            self._seen[layer] = self._stored[layer]
+
+        def _attend(self, layer, query, key, value, **options):
+            """Runs this layer's pending K/V with `query` on the server: [B, S, Hq, D] back. A call
+            that fails leaves the layer as it was (the server changes nothing on a failed call)."""
+            try:
+                return self._attend_on_server(layer, query, key, value, **options)
+            finally:
+                self._drop_pending(layer)
+
+        def _attend_on_server(self, layer, query, key, value, *, scale, window, softcap, sinks):
+            b, hq, s, d = query.shape
+            dt = self.dtype
+            q = _to_wire(query.transpose(1, 2).reshape(b * s, hq, d), dt)
+            k = _to_wire(key.transpose(1, 2).reshape(b * s, key.shape[1], d), dt)
+            v = _to_wire(value.transpose(1, 2).reshape(b * s, value.shape[1], d), dt)
+            sinks = None if sinks is None else _to_wire(sinks, "float32")
+            if s == 1 and self._stored[layer] > 0:
+                r = self.client.decode(self.handle, layer, self.sequence_ids, q, k, v, scale=scale,
+                                       window_left=window, softcap=softcap, sinks=sinks)
+            else:
+                r = self.client.prefill(self.handle, layer, self.sequence_ids, [s] * b, q, k, v, scale=scale,
+                                        window_left=window, softcap=softcap, sinks=sinks)
+            want = self._stored[layer] + s
+            if any(int(n) != want for n in r.lengths):
+                raise RuntimeError(f"AttnCache: layer {layer} holds {list(r.lengths)} tokens on the server, "
+                                   f"expected {want} per sequence")
+            self._stored[layer] = want  # _drop_pending then keeps _seen == _stored
+            return _from_wire(r.output, query).reshape(b, s, hq, d)
+
+        def close(self):
+            """Deletes the server's cache (idempotent)."""
+            if self._closed:
+                return
+            self._closed = True
+            _LIVE_CACHES.discard(self)
+            self.client.delete_kv_cache(self.handle)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.close()
+
+        def __del__(self):
+            try:
+                self.close()
+            except Exception:
+                pass
+
+        def __repr__(self):
+            return (f"AttnCache(handle={self.handle!r}, layers={self.num_layers}, batch={self.batch_size}, "
+                    f"seen={self.get_seq_length()}, dtype={self.dtype})")
+
+    AttnCache.__abstractmethods__ = frozenset()
+    _classes["AttnCache"], _classes["AttnLayer"] = AttnCache, AttnLayer
+    return _classes
+
+
+def __getattr__(name):  # AttnCache is made when first asked for (it needs transformers)
+    if name in ("AttnCache", "AttnLayer"):
+        return _classes_made()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -403,8 +403,10 @@ Result<OpResult> Client::attention(const Tensor& q, const Tensor& k, const Tenso
   v1::AttentionResponse resp;
   ATTN_RETURN_IF_ERROR(channel_status_);
   std::map<int, Tensor> outputs;
-  ATTN_RETURN_IF_ERROR(call(req, {{1, &q}, {2, &k}, {3, &v}}, &resp, &outputs, "Attention",
-                            &v1::AttnService::Stub::Attention));
+  std::vector<std::pair<int, const Tensor*>> inputs{{1, &q}, {2, &k}, {3, &v}};
+  if (!options.sinks.shape().empty()) inputs.emplace_back(14, &options.sinks);  // sinks
+  ATTN_RETURN_IF_ERROR(
+      call(req, inputs, &resp, &outputs, "Attention", &v1::AttnService::Stub::Attention));
   ATTN_ASSIGN_OR_RETURN(o, take_output(outputs, 1, resp.o(), "o"));
   OpResult result{std::move(o), {}, resp.timings()};
   if (options.return_lse) {
@@ -647,6 +649,8 @@ Result<OpResult> Client::attention_shm(const std::string& region, const SharedMe
   if (options.window_left != -1) req.set_window_left(options.window_left);
   if (options.window_right != -1) req.set_window_right(options.window_right);
   req.set_softcap(options.softcap);
+  if (!options.sinks.shape().empty())
+    wire::encode_tensor(options.sinks.view(), req.mutable_sinks());
   *req.add_output_shm() = shared_memory_ref(region, o_offset);
   v1::AttentionResponse resp;
   ATTN_RETURN_IF_ERROR(wire::from_grpc(stub_->Attention(make_context(req).get(), req, &resp)));
@@ -842,6 +846,10 @@ Result<KvOpResult> Client::decode(const std::string& cache, int layer,
   req.set_scale(options.scale);
   req.set_kernel(options.kernel);
   req.set_return_lse(options.return_lse);
+  if (options.window_left != -1) req.set_window_left(options.window_left);
+  req.set_softcap(options.softcap);
+  if (!options.sinks.shape().empty())
+    wire::encode_tensor(options.sinks.view(), req.mutable_sinks());
   v1::DecodeResponse resp;
   ATTN_RETURN_IF_ERROR(wire::from_grpc(stub->Decode(make_context(req).get(), req, &resp)));
   return kv_op_result(resp, options.return_lse);
@@ -865,6 +873,11 @@ Result<KvOpResult> Client::prefill(const std::string& cache, int layer,
   req.set_scale(options.scale);
   req.set_kernel(options.kernel);
   req.set_return_lse(options.return_lse);
+  if (options.window_left != -1) req.set_window_left(options.window_left);
+  if (options.window_right != -1) req.set_window_right(options.window_right);
+  req.set_softcap(options.softcap);
+  if (!options.sinks.shape().empty())
+    wire::encode_tensor(options.sinks.view(), req.mutable_sinks());
   v1::PrefillResponse resp;
   ATTN_RETURN_IF_ERROR(wire::from_grpc(stub->Prefill(make_context(req).get(), req, &resp)));
   return kv_op_result(resp, options.return_lse);

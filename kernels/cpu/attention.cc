@@ -1,7 +1,8 @@
 // attention/cpu: one task per (batch, query head, block of 16 query rows). Q, K and V are read as
 // float32 (converted once per call for float16/bfloat16); each query row computes its scores
 // against the keys it may see (visible_keys: causal, sliding window), soft-capped when asked, a
-// max-subtracted softmax in float32, and the weighted sum of V.
+// max-subtracted softmax in float32, and the weighted sum of V. A sink (args.sinks[h]) joins the
+// max and the denominator and adds no value: a row that sees no key yields zeros, lse = the sink.
 // K and V of a key/value head are shared by its Hq/Hkv query heads, never copied.
 #include <cmath>
 #include <limits>
@@ -37,6 +38,7 @@ Status attention_rows(const AttentionArgs& args, Stream&) {
   const std::int64_t group = hq / hkv;
   const std::int64_t blocks = (sq + kRowsPerTask - 1) / kRowsPerTask;
   const float neg_inf = -std::numeric_limits<float>::infinity();
+  const auto* sinks = static_cast<const float*>(args.sinks.data);  // null: none
 
   parallel_for(batch * hq * blocks, kRowsPerTask * sk * d * 2, [&](std::int64_t task) {
     const std::int64_t bh = task / blocks, i0 = (task % blocks) * kRowsPerTask;
@@ -52,7 +54,8 @@ Status attention_rows(const AttentionArgs& args, Stream&) {
       const KeyRange keys = visible_keys(i, sq, sk, args);
       const std::int64_t begin = keys.begin, end = keys.end;
       const float cap = args.softcap, inv_cap = cap > 0.0f ? 1.0f / cap : 0.0f;
-      float mx = neg_inf;
+      const float sink = sinks ? sinks[h] : neg_inf;
+      float mx = sink;
       for (std::int64_t j = begin; j < end; ++j) {
         const float* k_row = k_head + j * d;
         float s = 0.0f;
@@ -63,14 +66,14 @@ Status attention_rows(const AttentionArgs& args, Stream&) {
         mx = std::max(mx, s);
       }
       std::fill(out.begin(), out.end(), 0.0f);
-      float sum = 0.0f;
+      float sum = sinks ? std::exp(sink - mx) : 0.0f;
       for (std::int64_t j = begin; j < end; ++j) {
         const float p = std::exp(scores[j] - mx);
         sum += p;
         const float* v_row = v_head + j * d;
         for (std::int64_t c = 0; c < d; ++c) out[c] += p * v_row[c];
       }
-      const bool any = end > begin;
+      const bool any = end > begin || sinks;
       const float inv = any ? 1.0f / sum : 0.0f;
       for (float& x : out) x *= inv;
       store_floats(args.o, (bh * sq + i) * d, d, out.data());

@@ -5,14 +5,14 @@
 //   that cross the diagonal or a window edge, online softmax per row (running max m and sum l;
 //   O rescaled when m grows),
 //   O += P V_blk (sgemm, beta 1),
-// then O / l and lse = m + log l. Key blocks wholly outside the band a query block sees (above
-// the diagonal, left of a sliding window) are never touched, those crossing its edges are
-// computed in slices of 64 rows each over the keys those rows see; rows that see no key (causal
-// with Sq > Sk) are written as zeros with lse -inf without any work.
-// float16/bfloat16: the task's Q block and each K/V block are converted to float32 as they are
-// used (per-task buffers of a few blocks), float32 is read in place. Query head h reads key/value
-// head h / (Hq / Hkv). Each sgemm runs on its task's thread (SingleThreadedBlas): the tasks
-// already fill every CPU.
+// then O / l and lse = m + log l, a sink (args.sinks[h]) folded into m and l first (it adds no
+// value). Key blocks wholly outside the band a query block sees (above the diagonal, left of a
+// sliding window) are never touched, those crossing its edges are computed in slices of 64 rows
+// each over the keys those rows see; rows that see no key (causal with Sq > Sk) are written as
+// zeros with lse -inf without any work. float16/bfloat16: the task's Q block and each K/V block are
+// converted to float32 as they are used (per-task buffers of a few blocks), float32 is read in
+// place. Query head h reads key/value head h / (Hq / Hkv). Each sgemm runs on its task's thread
+// (SingleThreadedBlas): the tasks already fill every CPU.
 #include <cblas.h>
 
 #include <algorithm>
@@ -69,6 +69,7 @@ Status attention_flash(const AttentionArgs& args, Stream&) {
   // Keys [begin, end) are the ones query row i sees (causal, window); both ends grow with i.
   auto keys = [&](std::int64_t i) { return visible_keys(i, sq, sk, args); };
   const float cap = args.softcap;  // > 0: scores soft-capped before the softmax
+  const auto* sinks = static_cast<const float*>(args.sinks.data);  // null: none; [Hq]
 
   const SingleThreadedBlas one_thread_each;
   parallel_for(heads * q_blocks, block_q * sk * d * 2, [&](std::int64_t task) {
@@ -82,7 +83,7 @@ Status attention_flash(const AttentionArgs& args, Stream&) {
     const std::int64_t active = rows - first, row0 = bh * sq + i0;
     if (first > 0) {
       std::memset(o_bytes + row0 * d * o_size, 0, static_cast<std::size_t>(first * d * o_size));
-      if (lse) std::fill(lse + row0, lse + row0 + first, neg_inf);
+      if (lse) std::fill(lse + row0, lse + row0 + first, sinks ? sinks[bh % hq] : neg_inf);
     }
     if (active == 0) return;
 
@@ -148,6 +149,16 @@ Status attention_flash(const AttentionArgs& args, Stream&) {
     }
 
     for (std::int64_t r = 0; r < active; ++r) {
+      if (sinks) {  // the sink joins the running max and sum, with no value row
+        const float sink = sinks[bh % hq];
+        float& m = buf.m[static_cast<std::size_t>(r)];
+        float& l = buf.l[static_cast<std::size_t>(r)];
+        const float m_new = std::max(m, sink);
+        const float alpha = m == neg_inf ? 0.0f : std::exp(m - m_new);
+        for (std::int64_t c = 0; c < d; ++c) buf.o[static_cast<std::size_t>(r * d + c)] *= alpha;
+        l = l * alpha + std::exp(sink - m_new);
+        m = m_new;
+      }
       const float l = buf.l[static_cast<std::size_t>(r)];
       const float inv = l > 0.0f ? 1.0f / l : 0.0f;
       float* o_row = buf.o.data() + r * d;

@@ -2,6 +2,10 @@
 // One task per (sequence, kv head): it appends that head's new rows to the sequence's pages,
 // then walks the pages once for every query head of its group (GQA: each K/V page is converted
 // to float32 once per group, not once per query head), with an online softmax per query row.
+// A window (mask.window_left/right) limits each row to the keys visible_keys gives it, and only
+// the pages holding some row's keys are read (a windowed decode touches window_left + 1 keys, not
+// the whole sequence); soft caps apply to the scaled scores; a sink starts each row's running
+// max and sum (m = sink, l = 1, no value row), so it joins the denominator.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -19,8 +23,10 @@ struct PagedWork {
   const PagedKvLayer& cache;
   const PagedSequences& seqs;
   const std::int32_t* q_indptr;  // null: one new row per sequence
-  bool causal;
+  AttentionMask mask;
   float scale;
+  float softcap;       // > 0: scores soft-capped
+  const float* sinks;  // null: none; else [Hq], in host memory
 };
 
 void copy_row(const TensorView& src, std::int64_t src_elem, void* pool, DType dt,
@@ -50,47 +56,65 @@ void run_task(const PagedWork& w, std::int64_t seq, std::int64_t hk) {
     copy_row(w.v_new, (first + j) * c.heads_kv * d + hk * d, c.v, c.dtype, slot, d);
   }
 
-  // Query rows of the group, scaled; running max, sum and output per row.
+  // Query rows of the group, scaled; running max, sum and output per row (a sink starts them:
+  // m = sink, l = e^0 = 1, no value). Each new token's keys: [key_begin[j], key_end[j]).
   const std::int64_t rows = fresh * group;
   std::vector<float> qf(static_cast<std::size_t>(rows * d)),
       acc(static_cast<std::size_t>(rows * d), 0.0f);
   std::vector<float> m(static_cast<std::size_t>(rows), -std::numeric_limits<float>::infinity());
   std::vector<float> l(static_cast<std::size_t>(rows), 0.0f);
-  for (std::int64_t j = 0; j < fresh; ++j)
+  std::vector<std::int64_t> key_begin(static_cast<std::size_t>(fresh)),
+      key_end(static_cast<std::size_t>(fresh));
+  std::int64_t lo = len, hi = 0;  // the keys any row sees
+  for (std::int64_t j = 0; j < fresh; ++j) {
+    const KeyRange kr =
+        visible_keys(j, fresh, len, w.mask.causal, w.mask.window_left, w.mask.window_right);
+    key_begin[static_cast<std::size_t>(j)] = kr.begin;
+    key_end[static_cast<std::size_t>(j)] = kr.end;
+    if (kr.end > kr.begin) lo = std::min(lo, kr.begin), hi = std::max(hi, kr.end);
     for (std::int64_t g = 0; g < group; ++g) {
-      float* dst = qf.data() + (j * group + g) * d;
+      const std::int64_t r = j * group + g;
+      float* dst = qf.data() + r * d;
       load_floats(w.q, ((first + j) * hq + hk * group + g) * d, d, dst);
       for (std::int64_t x = 0; x < d; ++x) dst[x] *= w.scale;
+      if (w.sinks)
+        m[static_cast<std::size_t>(r)] = w.sinks[hk * group + g],
+        l[static_cast<std::size_t>(r)] = 1.0f;
     }
+  }
+  const float cap = w.softcap, inv_cap = cap > 0.0f ? 1.0f / cap : 0.0f;
 
   std::vector<float> kf(static_cast<std::size_t>(ps * d)), vf(static_cast<std::size_t>(ps * d)),
       s(static_cast<std::size_t>(ps));
   const TensorView k_pool{c.dtype, {c.pages * c.page_elements()}, c.k, MemoryKind::kHost};
   const TensorView v_pool{c.dtype, {c.pages * c.page_elements()}, c.v, MemoryKind::kHost};
-  for (std::int64_t p0 = 0; p0 < len; p0 += ps) {
+  // Only the pages that hold keys some row sees: [lo, hi) rounded out to pages.
+  for (std::int64_t p0 = lo / ps * ps; p0 < hi; p0 += ps) {
     const std::int64_t n = std::min(ps, len - p0);
     const std::int64_t base = c.offset(pages[p0 / ps], hk, 0);
     load_floats(k_pool, base, n * d, kf.data());
     load_floats(v_pool, base, n * d, vf.data());
     for (std::int64_t r = 0; r < rows; ++r) {
-      const std::int64_t j = r / group;
-      // Keys this row sees in the page: all, or (causal) positions <= its own.
-      const std::int64_t visible = w.causal ? std::min(n, len - fresh + j + 1 - p0) : n;
-      if (visible <= 0) continue;
+      const std::size_t j = static_cast<std::size_t>(r / group);
+      // Keys [t0, t1) of the page this row sees (causal, window).
+      const std::int64_t t0 = std::max<std::int64_t>(key_begin[j] - p0, 0);
+      const std::int64_t t1 = std::min(n, key_end[j] - p0);
+      if (t1 <= t0) continue;
       const float* qr = qf.data() + r * d;
       float mx = m[static_cast<std::size_t>(r)];
-      for (std::int64_t t = 0; t < visible; ++t) {
+      for (std::int64_t t = t0; t < t1; ++t) {
         const float* kr = kf.data() + t * d;
         float dot = 0.0f;
         for (std::int64_t x = 0; x < d; ++x) dot += qr[x] * kr[x];
+        if (cap > 0.0f) dot = cap * std::tanh(dot * inv_cap);
         s[static_cast<std::size_t>(t)] = dot;
         mx = std::max(mx, dot);
       }
-      const float rescale = std::exp(m[static_cast<std::size_t>(r)] - mx);  // 0 on the first page
+      const float rescale = std::exp(m[static_cast<std::size_t>(r)] - mx);  // 0 on the first keys
       float* out = acc.data() + r * d;
       float sum = l[static_cast<std::size_t>(r)] * rescale;
       for (std::int64_t x = 0; x < d; ++x) out[x] *= rescale;
-      for (std::int64_t t = 0; t < visible; ++t) {
+      for (std::int64_t t = t0; t < t1; ++t) {
         const float p = std::exp(s[static_cast<std::size_t>(t)] - mx);
         sum += p;
         const float* vr = vf.data() + t * d;
@@ -103,12 +127,15 @@ void run_task(const PagedWork& w, std::int64_t seq, std::int64_t hk) {
   for (std::int64_t r = 0; r < rows; ++r) {
     const std::int64_t j = r / group, h = hk * group + r % group, row = first + j;
     float* out = acc.data() + r * d;
-    const float inv = 1.0f / l[static_cast<std::size_t>(r)];  // every row sees at least itself
+    // l = 0 only for a row that sees no key and has no sink: zeros, lse -inf.
+    const float lr = l[static_cast<std::size_t>(r)];
+    const float inv = lr > 0.0f ? 1.0f / lr : 0.0f;
     for (std::int64_t x = 0; x < d; ++x) out[x] *= inv;
     store_floats(w.o, (row * hq + h) * d, d, out);
     if (!w.lse.empty())
       static_cast<float*>(w.lse.data)[row * hq + h] =
-          m[static_cast<std::size_t>(r)] + std::log(l[static_cast<std::size_t>(r)]);
+          lr > 0.0f ? m[static_cast<std::size_t>(r)] + std::log(lr)
+                    : -std::numeric_limits<float>::infinity();
   }
 }
 
@@ -124,12 +151,14 @@ Status run(const PagedWork& w) {
 }  // namespace
 
 Status paged_decode(const PagedDecodeArgs& a, Stream&) {
-  return run({a.q, a.k_new, a.v_new, a.o, a.lse, a.cache, a.seqs, nullptr, false, a.scale});
+  return run({a.q, a.k_new, a.v_new, a.o, a.lse, a.cache, a.seqs, nullptr, a.mask, a.scale,
+              a.softcap, static_cast<const float*>(a.sinks.data)});
 }
 
 Status paged_prefill(const PagedPrefillArgs& a, Stream&) {
   return run({a.q, a.k_new, a.v_new, a.o, a.lse, a.cache, a.seqs,
-              static_cast<const std::int32_t*>(a.q_indptr.data), a.mask.causal, a.scale});
+              static_cast<const std::int32_t*>(a.q_indptr.data), a.mask, a.scale, a.softcap,
+              static_cast<const float*>(a.sinks.data)});
 }
 
 }  // namespace attn::cpu

@@ -39,25 +39,26 @@ void register_cpu_variants(Registry& r) {
                  [](const SoftmaxArgs& a) { return softmax_dims(a.x).status(); },
                  cpu::softmax_rows});
   r.of<AttentionArgs>().add({{"attention/cpu_flash", Op::kAttention, Backend::kCpu, all,
-                    "any head dim; served by " + blas,
+                    "any head dim; causal, sliding windows, soft caps, attention sinks; served by " + blas,
                     "flash attention on cblas_sgemm tiles of 64 queries x 128 keys (" + blas +
                         "), online softmax, (batch, head, query block) across threads",
                     10, 0},
-                   [](const AttentionArgs& a) { return attention_dims(a.q, a.k, a.v).status(); },
-                   cpu::attention_flash});
-  r.of<AttentionArgs>().add({{"attention/cpu", Op::kAttention, Backend::kCpu, all, "any head dim",
+                   OpDesc<AttentionArgs>::check, cpu::attention_flash});
+  r.of<AttentionArgs>().add({{"attention/cpu", Op::kAttention, Backend::kCpu, all,
+                    "any head dim; causal, sliding windows, soft caps, attention sinks",
                     "query rows across threads, float32 arithmetic", 0, 0},
-                   [](const AttentionArgs& a) { return attention_dims(a.q, a.k, a.v).status(); },
-                   cpu::attention_rows});
-  r.of<PagedDecodeArgs>().add({{"paged_decode/cpu", Op::kPagedDecode, Backend::kCpu, all, "any head dim, page size",
-                                "a (sequence, kv head) per task: append, then one pass over the pages for the "
-                                "whole GQA group, online softmax in float32",
+                   OpDesc<AttentionArgs>::check, cpu::attention_rows});
+  r.of<PagedDecodeArgs>().add({{"paged_decode/cpu", Op::kPagedDecode, Backend::kCpu, all,
+                                "any head dim, page size; sliding windows, soft caps, attention sinks",
+                                "a (sequence, kv head) per task: append, then one pass over the pages in the "
+                                "window for the whole GQA group, online softmax in float32",
                                 0, 0},
                                check_paged_decode, cpu::paged_decode});
   r.of<PagedPrefillArgs>().add({{"paged_prefill/cpu", Op::kPagedPrefill, Backend::kCpu, all,
-                                 "any head dim, page size",
+                                 "any head dim, page size; sliding windows, soft caps, attention sinks",
                                  "a (sequence, kv head) per task: append, then one pass over the pages for "
-                                 "every new token of the group, causal, online softmax in float32",
+                                 "every new token of the group, causal or not, windowed, online softmax in "
+                                 "float32",
                                  0, 0},
                                 check_paged_prefill, cpu::paged_prefill});
 }

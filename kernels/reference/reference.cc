@@ -50,11 +50,13 @@ void softmax_row(std::int64_t cols, const X& x, std::int64_t r, double* y) {
 }
 
 // Output row (b, h, i) of attention in float64 into o[0, D); returns its log-sum-exp (-inf and
-// zeros when the row sees no key). Keys outside visible_keys (causal, window) are masked; with
-// softcap > 0 each scaled score s becomes softcap * tanh(s / softcap). `s` is scratch of len_kv values.
+// zeros when the row sees no key; the sink then). Keys outside visible_keys (causal, window) are
+// masked; with softcap > 0 each scaled score s becomes softcap * tanh(s / softcap); `sink` (null:
+// none) joins the softmax's denominator with no value row. `s` is scratch of len_kv values.
 template <class Q, class K, class V>
 double attention_row(const AttentionDims& d, const AttentionArgs& args, double scale, const Q& q, const K& k,
-                     const V& v, std::int64_t b, std::int64_t h, std::int64_t i, double* o, std::vector<double>& s) {
+                     const V& v, std::int64_t b, std::int64_t h, std::int64_t i, double* o, std::vector<double>& s,
+                     const double* sink = nullptr) {
   const std::int64_t kvh = h / (d.heads_q / d.heads_kv);
   const std::int64_t q_off = ((b * d.heads_q + h) * d.len_q + i) * d.head_dim;
   const std::int64_t kv_off = ((b * d.heads_kv + kvh) * d.len_kv) * d.head_dim;
@@ -62,7 +64,8 @@ double attention_row(const AttentionDims& d, const AttentionArgs& args, double s
   const double cap = args.softcap;
   s.resize(static_cast<std::size_t>(d.len_kv));
   for (std::int64_t c = 0; c < d.head_dim; ++c) o[c] = 0.0;
-  double mx = -std::numeric_limits<double>::infinity();
+  double mx = sink ? *sink : -std::numeric_limits<double>::infinity();
+  bool any = false;
   for (std::int64_t j = 0; j < d.len_kv; ++j) {
     if (j < keys.begin || j >= keys.end) {
       s[j] = -std::numeric_limits<double>::infinity();
@@ -73,9 +76,10 @@ double attention_row(const AttentionDims& d, const AttentionArgs& args, double s
     s[j] = dot * scale;
     if (cap > 0.0) s[j] = cap * std::tanh(s[j] / cap);
     mx = std::max(mx, s[j]);
+    any = true;
   }
-  if (std::isinf(mx)) return -std::numeric_limits<double>::infinity();  // no visible key
-  double sum = 0.0;
+  if (!any) return sink ? *sink : -std::numeric_limits<double>::infinity();  // no visible key
+  double sum = sink ? std::exp(*sink - mx) : 0.0;
   for (std::int64_t j = 0; j < d.len_kv; ++j) sum += std::isinf(s[j]) ? 0.0 : std::exp(s[j] - mx);
   for (std::int64_t j = 0; j < d.len_kv; ++j) {
     if (std::isinf(s[j])) continue;
@@ -83,6 +87,13 @@ double attention_row(const AttentionDims& d, const AttentionArgs& args, double s
     for (std::int64_t c = 0; c < d.head_dim; ++c) o[c] += p * v(kv_off + j * d.head_dim + c);
   }
   return mx + std::log(sum);
+}
+
+// The sink of query head h as float64, or null when there are none (`store` holds it).
+const double* sink_of(const TensorView& sinks, std::int64_t h, double& store) {
+  if (sinks.empty()) return nullptr;
+  store = at(sinks, h);
+  return &store;
 }
 
 std::int64_t draw(std::mt19937_64& rng, std::int64_t n) {
@@ -122,32 +133,42 @@ struct PagedSequenceReader {
 };
 
 // Rows [first_row, first_row + fresh) of q: sequence `seq`'s new tokens; token j (0-based among
-// the new) sits at position len - fresh + j and sees keys <= that when causal, all otherwise.
+// the new) sits at position len - fresh + j and sees the keys visible_keys gives it (causal,
+// window), its scores soft-capped when softcap > 0, the head's sink in the denominator.
 void paged_rows(const TensorView& q, const TensorView& k_new, const TensorView& v_new, const PagedKvLayer& cache,
-                const PagedSequences& seqs, float scale_in, bool causal, std::int64_t seq, std::int64_t first_row,
-                std::int64_t fresh, std::vector<double>& o, std::vector<double>* lse) {
+                const PagedSequences& seqs, float scale_in, const AttentionMask& mask, float softcap,
+                const TensorView& sinks, std::int64_t seq, std::int64_t first_row, std::int64_t fresh,
+                std::vector<double>& o, std::vector<double>* lse) {
   const auto* indptr = static_cast<const std::int32_t*>(seqs.page_indptr.data);
   const std::int64_t len = static_cast<const std::int32_t*>(seqs.seq_lens.data)[seq];
   const PagedSequenceReader r{cache, k_new, v_new, static_cast<const std::int32_t*>(seqs.page_indices.data) + indptr[seq],
                               len - fresh, first_row};
   const std::int64_t hq = q.dim(1), d = q.dim(2), group = hq / cache.heads_kv;
-  const double scale = resolve_attention_scale(scale_in, d);
+  const double scale = resolve_attention_scale(scale_in, d), cap = softcap;
   std::vector<double> s(static_cast<std::size_t>(len));
   for (std::int64_t j = 0; j < fresh; ++j) {
-    const std::int64_t row = first_row + j, visible = causal ? len - fresh + j + 1 : len;
+    const std::int64_t row = first_row + j;
+    const KeyRange keys = visible_keys(j, fresh, len, mask.causal, mask.window_left, mask.window_right);
     for (std::int64_t h = 0; h < hq; ++h) {
       const std::int64_t hk = h / group;
-      double mx = -std::numeric_limits<double>::infinity();
-      for (std::int64_t t = 0; t < visible; ++t) {
+      double sink_store = 0.0;
+      const double* sink = sink_of(sinks, h, sink_store);
+      double mx = sink ? *sink : -std::numeric_limits<double>::infinity();
+      for (std::int64_t t = keys.begin; t < keys.end; ++t) {
         double dot = 0.0;
         for (std::int64_t c = 0; c < d; ++c) dot += at(q, (row * hq + h) * d + c) * r.key(t, hk, c);
         s[t] = dot * scale;
+        if (cap > 0.0) s[t] = cap * std::tanh(s[t] / cap);
         mx = std::max(mx, s[t]);
       }
-      double sum = 0.0;
-      for (std::int64_t t = 0; t < visible; ++t) sum += std::exp(s[t] - mx);
       double* out = o.data() + (row * hq + h) * d;
-      for (std::int64_t t = 0; t < visible; ++t) {
+      if (keys.end <= keys.begin) {  // no key: zeros, lse the sink or -inf
+        if (lse) (*lse)[static_cast<std::size_t>(row * hq + h)] = sink ? *sink : -std::numeric_limits<double>::infinity();
+        continue;
+      }
+      double sum = sink ? std::exp(*sink - mx) : 0.0;
+      for (std::int64_t t = keys.begin; t < keys.end; ++t) sum += std::exp(s[t] - mx);
+      for (std::int64_t t = keys.begin; t < keys.end; ++t) {
         const double p = std::exp(s[t] - mx) / sum;
         for (std::int64_t c = 0; c < d; ++c) out[c] += p * r.value(t, hk, c);
       }
@@ -162,7 +183,7 @@ std::vector<double> paged_decode(const PagedDecodeArgs& a, std::vector<double>* 
   std::vector<double> o(static_cast<std::size_t>(a.q.numel()), 0.0);
   if (lse) lse->assign(static_cast<std::size_t>(a.q.dim(0) * a.q.dim(1)), 0.0);
   for (std::int64_t i = 0; i < a.seqs.count(); ++i)
-    paged_rows(a.q, a.k_new, a.v_new, a.cache, a.seqs, a.scale, false, i, i, 1, o, lse);
+    paged_rows(a.q, a.k_new, a.v_new, a.cache, a.seqs, a.scale, a.mask, a.softcap, a.sinks, i, i, 1, o, lse);
   return o;
 }
 
@@ -171,7 +192,8 @@ std::vector<double> paged_prefill(const PagedPrefillArgs& a, std::vector<double>
   if (lse) lse->assign(static_cast<std::size_t>(a.q.dim(0) * a.q.dim(1)), 0.0);
   const auto* qi = static_cast<const std::int32_t*>(a.q_indptr.data);
   for (std::int64_t i = 0; i < a.seqs.count(); ++i)
-    paged_rows(a.q, a.k_new, a.v_new, a.cache, a.seqs, a.scale, a.mask.causal, i, qi[i], qi[i + 1] - qi[i], o, lse);
+    paged_rows(a.q, a.k_new, a.v_new, a.cache, a.seqs, a.scale, a.mask, a.softcap, a.sinks, i, qi[i], qi[i + 1] - qi[i],
+               o, lse);
   return o;
 }
 
@@ -218,7 +240,9 @@ std::vector<double> attention(const AttentionArgs& args, std::vector<double>* ls
     for (std::int64_t h = 0; h < d.heads_q; ++h)
       for (std::int64_t i = 0; i < d.len_q; ++i) {
         const std::size_t row = static_cast<std::size_t>((b * d.heads_q + h) * d.len_q + i);
-        const double row_lse = attention_row(d, args, scale, q, k, v, b, h, i, o.data() + row * d.head_dim, s);
+        double sink_store = 0.0;
+        const double* sink = sink_of(args.sinks, h, sink_store);
+        const double row_lse = attention_row(d, args, scale, q, k, v, b, h, i, o.data() + row * d.head_dim, s, sink);
         if (lse) (*lse)[row] = row_lse;
       }
   return o;
@@ -260,7 +284,11 @@ Result<SampledCheck> sampled_error(const AttentionArgs& args, const std::vector<
   std::vector<double> got, want(static_cast<std::size_t>(d.head_dim)), scratch;
   for (int s = 0; s < 4; ++s) {
     const std::int64_t b = draw(rng, d.batch), h = draw(rng, d.heads_q), i = draw(rng, d.len_q);
-    attention_row(d, args, scale, in[0], in[1], in[2], b, h, i, want.data(), scratch);
+    // Sinks, when given, are the fourth input (OpDesc<AttentionArgs>::inputs).
+    double sink_store = 0.0;
+    const bool sinks = !args.sinks.empty() && in.size() > 3;
+    if (sinks) sink_store = in[3](h);
+    attention_row(d, args, scale, in[0], in[1], in[2], b, h, i, want.data(), scratch, sinks ? &sink_store : nullptr);
     ATTN_RETURN_IF_ERROR(out(((b * d.heads_q + h) * d.len_q + i) * d.head_dim, d.head_dim, got));
     for (std::int64_t c = 0; c < d.head_dim; ++c) e.add(got[c], want[c]);
   }

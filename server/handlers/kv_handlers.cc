@@ -280,21 +280,24 @@ struct KvMerging {
   };
 
   // Calls merge when one launch can serve them all: the same cache, variant, query heads, scale,
-  // mask and outputs; any layers (one view of all of them), where its page numbers fit. Inputs
-  // in host memory only: the merged launch gathers them with memcpy.
+  // mask (causal, window), soft cap, sinks (their values: the union runs with the first call's)
+  // and outputs; any layers (one view of all of them), where its page numbers fit. Inputs in
+  // host memory only: the merged launch gathers them with memcpy.
   static std::string key(const Args& a, const Variant<Args>& variant, const KvCache& cache,
                          int layer) {
     if (a.q.memory != MemoryKind::kHost || a.k_new.memory != MemoryKind::kHost ||
-        a.v_new.memory != MemoryKind::kHost)
+        a.v_new.memory != MemoryKind::kHost ||
+        (!a.sinks.empty() && a.sinks.memory != MemoryKind::kHost))
       return "";
     char key[256];
-    std::snprintf(key, sizeof key, "%s %p %d %s %lld %a %d %lld %lld %d", OpDesc<Args>::kName,
+    std::snprintf(key, sizeof key, "%s %p %d %s %lld %a %d %lld %lld %d %a", OpDesc<Args>::kName,
                   static_cast<const void*>(&cache),
                   cache.config().layers_fit_one_view() ? -1 : layer, variant.info.name.c_str(),
                   static_cast<long long>(a.q.dim(1)), static_cast<double>(a.scale),
                   a.mask.causal ? 1 : 0, static_cast<long long>(a.mask.window_left),
-                  static_cast<long long>(a.mask.window_right), a.lse.empty() ? 0 : 1);
-    return key;
+                  static_cast<long long>(a.mask.window_right), a.lse.empty() ? 0 : 1,
+                  static_cast<double>(a.softcap));
+    return key + sinks_key(a.sinks);
   }
   static TensorView rows(const TensorView& v) { return v; }
   // One plan over the calls' planned sequences, in order; calls on other layers than the first

@@ -61,4 +61,16 @@ void unstack(const TensorView& whole, const std::vector<TensorView>& parts, int 
   copy_rows<false>(whole.data, parts, axis);
 }
 
+std::string sinks_key(const TensorView& sinks) {
+  if (sinks.empty()) return "";
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string key = " sinks ";
+  const auto* b = static_cast<const unsigned char*>(sinks.data);
+  for (std::size_t i = 0; i < sinks.bytes(); ++i) {
+    key += kHex[b[i] >> 4];
+    key += kHex[b[i] & 15];
+  }
+  return key;
+}
+
 }  // namespace attn::server

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "attn/registry.h"
@@ -19,6 +20,10 @@
 #include "handlers/service_core.h"
 
 namespace attn::server {
+
+// The part of a batch key that sinks (AttentionArgs::sinks, in host memory) add: "" for none, else
+// their bytes in hex, so that only calls with the same sink values (bit for bit) share a launch.
+std::string sinks_key(const TensorView& sinks);
 
 // The parts stacked along `axis` (every other dimension equal) into one tensor in host memory.
 Tensor stack(const std::vector<TensorView>& parts, int axis);

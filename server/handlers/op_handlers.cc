@@ -95,7 +95,8 @@ struct Merging<AttentionArgs> {
     // right window is no limit for a single row (it sits at the last key).
     const AttentionArgs& a = op.args;
     if (named || op.resident.size() != 2 || !op.kept.empty() || a.q.dim(2) != 1 ||
-        a.q.memory != MemoryKind::kHost || a.window_left >= 0) {
+        a.q.memory != MemoryKind::kHost || a.window_left >= 0 ||
+        (!a.sinks.empty() && a.sinks.memory != MemoryKind::kHost)) {
       return "";
     }
     char key[256];
@@ -104,7 +105,7 @@ struct Merging<AttentionArgs> {
                   static_cast<long long>(a.q.dim(1)), static_cast<long long>(a.q.dim(3)),
                   static_cast<double>(a.scale), a.lse.empty() ? 0 : 1,
                   static_cast<double>(a.softcap));
-    return key;
+    return key + sinks_key(a.sinks);  // the union runs with the first call's sinks
   }
   static TensorView rows(const TensorView& v) { return v; }
   // The variant that takes the union here (another than the calls' own, perhaps).

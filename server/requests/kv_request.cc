@@ -92,8 +92,10 @@ struct KvFields<v1::DecodeRequest> {
   static bool has_k(const v1::DecodeRequest& r) { return r.has_k_new(); }
   static bool has_v(const v1::DecodeRequest& r) { return r.has_v_new(); }
   // Prefill's one-token case: each new token sits at the end of its sequence, so the causal mask
-  // lets it see every key.
-  static AttentionMask mask(const v1::DecodeRequest&) { return AttentionMask{true}; }
+  // lets it see every key, or (window_left) the last window_left + 1 of them.
+  static AttentionMask mask(const v1::DecodeRequest& r) {
+    return AttentionMask{true, r.has_window_left() ? r.window_left() : -1, -1};
+  }
   static void set_new_tokens(const std::vector<std::int64_t>&, PagedDecodeArgs&) {}
 };
 
@@ -105,8 +107,12 @@ struct KvFields<v1::PrefillRequest> {
   static const v1::Tensor& v(const v1::PrefillRequest& r) { return r.v(); }
   static bool has_k(const v1::PrefillRequest& r) { return r.has_k(); }
   static bool has_v(const v1::PrefillRequest& r) { return r.has_v(); }
-  // Causal unless asked otherwise: each new token sees the cache and the new tokens up to itself.
-  static AttentionMask mask(const v1::PrefillRequest& r) { return AttentionMask{!r.non_causal()}; }
+  // Causal unless asked otherwise: each new token sees the cache and the new tokens up to itself,
+  // within its window (unset sides: unbounded, -1).
+  static AttentionMask mask(const v1::PrefillRequest& r) {
+    return AttentionMask{!r.non_causal(), r.has_window_left() ? r.window_left() : -1,
+                         r.has_window_right() ? r.window_right() : -1};
+  }
   static void set_new_tokens(const std::vector<std::int64_t>& fresh, PagedPrefillArgs& a) {
     a.max_new_tokens = *std::max_element(fresh.begin(), fresh.end());
   }
@@ -137,6 +143,19 @@ Result<KvRequest<Args>> parse_request(const Request& req, Response* resp, const 
     return invalid_argument("scale: expected a finite number (0 for 1/sqrt(D)), got " +
                             std::to_string(req.scale()));
   }
+  // Windows, soft cap and sinks: checked here, before the call is queued, so a refused call
+  // never reaches the cache (nothing appended).
+  const AttentionMask mask = Fields::mask(req);
+  ATTN_RETURN_IF_ERROR(check_attention_options(mask.window_left, mask.window_right, req.softcap()));
+  ATTN_ASSIGN_OR_RETURN(sinks,
+                        sinks_input(req.sinks(), req.has_sinks(), q.view.dim(1), ctx, call, out));
+  if (out.executor >= 0 && ctx.executor_devices[static_cast<std::size_t>(out.executor)] !=
+                               ctx.executor_devices[cache.executor()]) {
+    return failed_precondition("sinks: lives on " + device_of(out.executor, ctx) +
+                               ", the cache on " + cache.owner().device().label() +
+                               "; send them inline, through host shared memory or from the cache's "
+                               "device");
+  }
   Args& a = out.args;
   a.q = q.view;
   a.k_new = k.view;
@@ -146,7 +165,9 @@ Result<KvRequest<Args>> parse_request(const Request& req, Response* resp, const 
   // The plan comes on the worker, in the cache's order; variants are chosen now, on its shape.
   out.placeholder = PagedPlan::placeholder(static_cast<std::int64_t>(fresh.size()));
   bind_plan(out.placeholder, a);
-  a.mask = Fields::mask(req);
+  a.mask = mask;
+  a.softcap = req.softcap();
+  a.sinks = sinks;
   Fields::set_new_tokens(fresh, a);
   // The response's bytes, charged to the call (the server's memory bound) before they exist.
   const std::size_t o_bytes =

@@ -141,6 +141,25 @@ Result<wire::DecodedTensor> any_input(const v1::Tensor& t, bool present, const c
   return input(t, present, field, ctx);
 }
 
+Result<TensorView> sinks_input(const v1::Tensor& t, bool present, std::int64_t heads_q,
+                               const RequestContext& ctx, const CallContext& call,
+                               RequestTensors& held) {
+  if (!present) return TensorView{};
+  ATTN_ASSIGN_OR_RETURN(d, any_input(t, present, "sinks", ctx, call, held));
+  ATTN_RETURN_IF_ERROR(check_sinks(d.view, heads_q));
+  if (d.view.memory == MemoryKind::kHost) {
+    for (std::int64_t h = 0; h < heads_q; ++h) {
+      const float x = load_as_float(d.view.data, d.view.dtype, static_cast<std::size_t>(h));
+      if (!std::isfinite(x))
+        return invalid_argument("sinks[" + std::to_string(h) + "]: expected a finite logit, got " +
+                                std::to_string(x));
+    }
+  }
+  const TensorView view = d.view;
+  held.inputs.push_back(std::move(d));
+  return view;
+}
+
 namespace {
 
 // The context to select a variant in: only the pinned device's target when there is one.
@@ -326,6 +345,9 @@ Result<PreparedOp<AttentionArgs>> parse_attention(const v1::AttentionRequest& re
   op.args.softcap = req.softcap();
   ATTN_RETURN_IF_ERROR(
       check_attention_options(op.args.window_left, op.args.window_right, op.args.softcap));
+  ATTN_ASSIGN_OR_RETURN(sinks,
+                        sinks_input(req.sinks(), req.has_sinks(), dims.heads_q, ctx, call, op));
+  op.args.sinks = sinks;
   ATTN_ASSIGN_OR_RETURN(
       variant, select(ctx.registry->of<AttentionArgs>(), op.args, req.kernel(), placed(ctx, op)));
   op.variant = variant;

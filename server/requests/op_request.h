@@ -88,6 +88,13 @@ Result<wire::DecodedTensor> any_input(const v1::Tensor& t, bool present, const c
                                       const RequestContext& ctx, const CallContext& call,
                                       RequestTensors& held);
 
+// An op's optional attention sinks (AttentionArgs::sinks): none when absent (an empty view), else
+// decoded from any source as any_input does, float32 [heads_q], each value finite where it can be
+// read here (host memory); refusals name `sinks`.
+Result<TensorView> sinks_input(const v1::Tensor& t, bool present, std::int64_t heads_q,
+                               const RequestContext& ctx, const CallContext& call,
+                               RequestTensors& held);
+
 Result<PreparedOp<MatmulArgs>> parse_matmul(const v1::MatmulRequest& req, v1::MatmulResponse* resp,
                                             const RequestContext& ctx, const CallContext& call);
 Result<PreparedOp<SoftmaxArgs>> parse_softmax(const v1::SoftmaxRequest& req,

@@ -203,6 +203,93 @@ TEST_P(CpuKernels, AttentionWindowsAndSoftcapMatchReference) {
   EXPECT_GE(ran, 2 * static_cast<int>(std::size(cases) * std::size(kOptionCases)));
 }
 
+// Attention sinks (gpt-oss): random, large positive (the sink takes nearly all the weight) and
+// very negative (it takes none) logits per query head, alone and with windows and soft caps,
+// GQA groups of 3 and 7, rows that see no key (causal with Sq > Sk: zeros, lse = the sink).
+TEST_P(CpuKernels, AttentionSinksMatchReference) {
+  const DType dt = GetParam();
+  const AttentionCase cases[] = {
+      {1, 1, 1, 1, 1, 64}, {2, 6, 2, 17, 33, 64}, {1, 7, 1, 33, 7, 32}, {1, 3, 1, 1, 1000, 16},
+      {1, 2, 1, 1000, 1031, 16},
+  };
+  const AttentionOptionsCase options[] = {
+      {false, -1, -1, 0.0f}, {true, -1, -1, 0.0f}, {true, 5, -1, 0.0f}, {false, 0, 1, 0.0f},
+      {true, -1, -1, 5.0f},  {false, 7, 2, 50.0f},
+  };
+  int ran = 0;
+  for (const auto& c : cases)
+    for (const auto& opt : options)
+      // Large sinks: 30 over scores of about 4 standard deviations. float16 outputs, about
+      // e^(s - sink) |v|, would fall into its subnormals: a sink of 4 over scores of about 1 there.
+      for (float sink_scale : {1.0f, dt == DType::kFloat16 ? 4.0f : 30.0f, -1e4f}) {
+        const float spread = dt == DType::kFloat16 ? 1.0f : 2.0f;
+        Tensor q = random_tensor(dt, {c.b, c.hq, c.sq, c.d}, rng, spread);
+        Tensor k = random_tensor(dt, {c.b, c.hkv, c.sk, c.d}, rng, spread);
+        Tensor vv = random_tensor(dt, {c.b, c.hkv, c.sk, c.d}, rng);
+        // Random around 0, around +30 (+4) or around -1e4.
+        Tensor sinks = random_tensor(DType::kFloat32, {c.hq}, rng);
+        if (sink_scale != 1.0f)
+          for (std::size_t h = 0; h < static_cast<std::size_t>(c.hq); ++h)
+            sinks.set(h, sink_scale + sinks.get(h));
+        for (const auto& v : registry.of<AttentionArgs>().variants()) {
+          if (v.info.backend != Backend::kCpu) continue;
+          SCOPED_TRACE(v.info.name + " " + dname(dt) + " Hq" + std::to_string(c.hq) + " Hkv" +
+                       std::to_string(c.hkv) + " Sq" + std::to_string(c.sq) + " Sk" + std::to_string(c.sk) +
+                       options_name(opt) + " sinks~" + std::to_string(sink_scale) +
+                       " seed=" + std::to_string(testing::seed()));
+          Tensor o(dt, q.shape()), lse(DType::kFloat32, {c.b, c.hq, c.sq});
+          poison(o);
+          poison(lse);
+          AttentionArgs args{q.view(), k.view(), vv.view(), o.view(), lse.view(), opt.causal,
+                             resolve_attention_scale(0.0f, c.d), opt.left, opt.right, opt.softcap};
+          args.sinks = sinks.view();
+          ASSERT_TRUE(v.supports(args).ok()) << v.supports(args).to_string();
+          run(v, args);
+          std::vector<double> want_lse;
+          const auto want = reference::attention(args, &want_lse);
+          EXPECT_LE(reference::relative_frobenius_error(o.view(), want), reference::tolerance(dt));
+          EXPECT_LE(reference::lse_error(lse.view(), want_lse), 1e-5);
+          // Sinks near 30 outweigh the keys and change the answer: the test can tell.
+          if (sink_scale > 10.0f) {
+            AttentionArgs plain = args;
+            plain.sinks = {};
+            std::vector<double> plain_lse;
+            reference::attention(plain, &plain_lse);
+            EXPECT_GT(reference::lse_error(lse.view(), plain_lse), 1e-4);
+          }
+          ++ran;
+        }
+      }
+  EXPECT_GE(ran, 2 * static_cast<int>(std::size(cases) * std::size(options) * 3));
+}
+
+// Rows that see no key (causal, Sq > Sk): zeros, and lse = the sink (not -inf) with sinks.
+TEST_P(CpuKernels, AttentionSinksOnRowsThatSeeNoKey) {
+  const DType dt = GetParam();
+  Tensor q = random_tensor(dt, {1, 2, 9, 16}, rng), k = random_tensor(dt, {1, 1, 4, 16}, rng),
+         vv = random_tensor(dt, {1, 1, 4, 16}, rng);
+  Tensor sinks = Tensor::from_floats(DType::kFloat32, {2}, {0.5f, -3.0f});
+  for (const auto& v : registry.of<AttentionArgs>().variants()) {
+    if (v.info.backend != Backend::kCpu) continue;
+    SCOPED_TRACE(v.info.name);
+    Tensor o(dt, q.shape()), lse(DType::kFloat32, {1, 2, 9});
+    poison(o);
+    poison(lse);
+    AttentionArgs args{q.view(), k.view(), vv.view(), o.view(), lse.view(), true, 0.25f};
+    args.sinks = sinks.view();
+    run(v, args);
+    for (std::size_t h = 0; h < 2; ++h)
+      for (std::size_t i = 0; i < 5; ++i) {  // rows 0..4 sit before the first key
+        EXPECT_EQ(lse.get(h * 9 + i), sinks.get(h)) << "row " << i;
+        for (std::size_t c = 0; c < 16; ++c) EXPECT_EQ(o.get((h * 9 + i) * 16 + c), 0.0f);
+      }
+    std::vector<double> want_lse;
+    const auto want = reference::attention(args, &want_lse);
+    EXPECT_LE(reference::relative_frobenius_error(o.view(), want), reference::tolerance(dt));
+    EXPECT_LE(reference::lse_error(lse.view(), want_lse), 1e-5);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(AllDTypes, CpuKernels,
                          ::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
                          [](const auto& param_info) { return dname(param_info.param); });
@@ -268,6 +355,52 @@ TEST(ReferenceCheck, WindowAndSoftcapMatchBruteForce) {
             const double wv = sum == 0.0 ? 0.0 : want[static_cast<std::size_t>(c)] / sum;
             EXPECT_NEAR(got[row * static_cast<std::size_t>(d) + static_cast<std::size_t>(c)], wv, 1e-9)
                 << "row " << i << " col " << c;
+          }
+        }
+    }
+}
+
+// The reference's sinks against gpt-oss's definition spelled out: the sink logit appended as an
+// extra column after scaling, capping and masking, softmax over the row, the column dropped; the
+// lse the log of the whole denominator.
+TEST(ReferenceCheck, SinksMatchAnExtraSoftmaxColumn) {
+  std::mt19937_64 rng(testing::seed());
+  for (bool causal : {false, true})
+    for (float cap : {0.0f, 2.0f}) {
+      const std::int64_t sq = 5, sk = 3, d = 8;  // causal with Sq > Sk: rows 0, 1 see no key
+      Tensor q = random_tensor(DType::kFloat32, {1, 2, sq, d}, rng, 2.0f);
+      Tensor k = random_tensor(DType::kFloat32, {1, 1, sk, d}, rng, 2.0f);
+      Tensor v = random_tensor(DType::kFloat32, {1, 1, sk, d}, rng);
+      Tensor sinks = random_tensor(DType::kFloat32, {2}, rng, 2.0f);
+      Tensor o(DType::kFloat32, q.shape());
+      AttentionArgs args{q.view(), k.view(), v.view(), o.view(), {}, causal, 0.5f, -1, -1, cap};
+      args.sinks = sinks.view();
+      std::vector<double> got_lse;
+      const auto got = reference::attention(args, &got_lse);
+      for (std::int64_t h = 0; h < 2; ++h)
+        for (std::int64_t i = 0; i < sq; ++i) {
+          std::vector<double> cols;  // the visible keys' scores, then the sink
+          for (std::int64_t j = 0; j < sk; ++j) {
+            if (causal && j > i + sk - sq) continue;
+            double s = 0.0;
+            for (std::int64_t c = 0; c < d; ++c) s += double(q.get(std::size_t((h * sq + i) * d + c))) * k.get(std::size_t(j * d + c));
+            s *= 0.5;
+            if (cap > 0) s = cap * std::tanh(s / cap);
+            cols.push_back(s);
+          }
+          cols.push_back(sinks.get(std::size_t(h)));
+          double denom = 0.0;
+          for (double x : cols) denom += std::exp(x);
+          const std::size_t row = static_cast<std::size_t>(h * sq + i);
+          EXPECT_NEAR(got_lse[row], std::log(denom), 1e-9);
+          for (std::int64_t c = 0; c < d; ++c) {
+            double want = 0.0;
+            std::size_t n = 0;
+            for (std::int64_t j = 0; j < sk; ++j) {
+              if (causal && j > i + sk - sq) continue;
+              want += std::exp(cols[n++]) / denom * v.get(std::size_t(j * d + c));
+            }
+            EXPECT_NEAR(got[row * std::size_t(d) + std::size_t(c)], want, 1e-9);
           }
         }
     }

@@ -6,7 +6,9 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
 
 #include "attn/executor.h"
@@ -93,11 +95,24 @@ std::vector<const VariantInfo*> cpu_variants(Op op) {
   return out;
 }
 
+// A call's options beyond the plain causal mask: window, soft cap, sinks (empty: none).
+struct PagedOptions {
+  AttentionMask mask{true};
+  float softcap = 0.0f;
+  std::vector<float> sinks;
+};
+
 // Runs `variant` and checks o, lse and the pools against the reference and the inputs.
 template <class Args>
-void check(const Variant<Args>& variant, PagedCase& c, bool causal = true) {
+void check(const Variant<Args>& variant, PagedCase& c, const PagedOptions& opt) {
   Args a = c.args<Args>();
-  if constexpr (std::is_same_v<Args, PagedPrefillArgs>) a.mask.causal = causal;
+  a.mask = opt.mask;
+  a.softcap = opt.softcap;
+  Tensor sinks;
+  if (!opt.sinks.empty()) {
+    sinks = Tensor::from_floats(DType::kFloat32, {c.hq}, opt.sinks);
+    a.sinks = sinks.view();
+  }
   ASSERT_TRUE(variant.supports(a).ok()) << variant.supports(a).to_string();
   std::vector<double> want_lse;
   std::vector<double> want;
@@ -144,6 +159,13 @@ void check(const Variant<Args>& variant, PagedCase& c, bool causal = true) {
   }
   EXPECT_EQ(std::memcmp(k_want.data(), c.k_pool.data(), k_want.bytes()), 0) << "K pool";
   EXPECT_EQ(std::memcmp(v_want.data(), c.v_pool.data(), v_want.bytes()), 0) << "V pool";
+}
+
+template <class Args>
+void check(const Variant<Args>& variant, PagedCase& c, bool causal = true) {
+  PagedOptions opt;
+  opt.mask.causal = causal;
+  check(variant, c, opt);
 }
 
 class PagedCpu : public ::testing::TestWithParam<std::tuple<DType, int>> {};
@@ -231,30 +253,206 @@ TEST(PagedChecks, RefuseMismatchedShapesNamingTheField) {
   EXPECT_NE(check_paged_decode(bad).message().find("merged_calls_host"), std::string::npos);
 }
 
-// The mask is one parameter of both paged ops; until their kernels take windows, a window is
-// refused by every variant, naming the field, never ignored.
-TEST(PagedChecks, RefuseWindowsNamingTheMaskField) {
+// Windows, soft caps and sinks are parameters of both paged ops: taken in range by every CPU
+// variant, refused out of range naming the field (window_left/right < -1, softcap < 0, NaN or
+// infinite, sinks of another dtype or shape).
+TEST(PagedChecks, RefuseOutOfRangeWindowsSoftcapsAndSinksNamingTheField) {
   std::mt19937_64 rng(testing::seed());
   PagedCase c({{3, 1}, {5, 2}}, 4, 2, 16, 16, DType::kFloat32, rng);
   PagedPrefillArgs prefill = c.args<PagedPrefillArgs>();
   PagedCase one_token({{3, 1}}, 4, 2, 16, 16, DType::kFloat32, rng);
   PagedDecodeArgs decode = one_token.args<PagedDecodeArgs>();
-  EXPECT_TRUE(check_paged_decode(decode).ok());
+  Tensor sinks = random_tensor(DType::kFloat32, {4}, rng);
+  Tensor bf16_sinks = random_tensor(DType::kBFloat16, {4}, rng);
+  Tensor short_sinks = random_tensor(DType::kFloat32, {2}, rng);
+  Tensor square_sinks = random_tensor(DType::kFloat32, {4, 1}, rng);
   EXPECT_TRUE(prefill.mask.causal);  // Prefill is causal unless asked otherwise
-  EXPECT_TRUE(check_paged_prefill(prefill).ok());
-  prefill.mask.causal = false;
-  EXPECT_TRUE(check_paged_prefill(prefill).ok());
-  prefill.mask.window_left = 8;
-  EXPECT_NE(check_paged_prefill(prefill).message().find("mask.window_left"), std::string::npos);
-  prefill.mask.window_left = -1;
-  prefill.mask.window_right = 0;
-  EXPECT_NE(check_paged_prefill(prefill).message().find("mask.window_right"), std::string::npos);
-  for (const auto& v : default_registry().of<PagedPrefillArgs>().variants())
-    EXPECT_FALSE(v.supports(prefill).ok()) << v.info.name;
+  // In range: taken by the checks and by every CPU variant.
+  for (auto [left, right] :
+       {std::pair{0, -1}, std::pair{5, 3}, std::pair{-1, 0}, std::pair{1000, 1000}})
+    for (bool causal : {true, false}) {
+      prefill.mask = {causal, left, right};
+      prefill.softcap = 30.0f;
+      prefill.sinks = sinks.view();
+      EXPECT_TRUE(check_paged_prefill(prefill).ok()) << check_paged_prefill(prefill).to_string();
+      for (const auto& v : default_registry().of<PagedPrefillArgs>().variants())
+        if (v.info.backend == Backend::kCpu) {
+          EXPECT_TRUE(v.supports(prefill).ok()) << v.info.name;
+        }
+    }
   decode.mask.window_left = 0;
-  EXPECT_NE(check_paged_decode(decode).message().find("mask.window_left"), std::string::npos);
+  decode.softcap = 1.0f;
+  decode.sinks = sinks.view();
+  EXPECT_TRUE(check_paged_decode(decode).ok());
   for (const auto& v : default_registry().of<PagedDecodeArgs>().variants())
-    EXPECT_FALSE(v.supports(decode).ok()) << v.info.name;
+    if (v.info.backend == Backend::kCpu) {
+      EXPECT_TRUE(v.supports(decode).ok()) << v.info.name;
+    }
+
+  // Out of range: each refused naming its field, by the checks and every variant.
+  auto refused = [&](auto args, const std::string& field) {
+    Status s;
+    if constexpr (std::is_same_v<decltype(args), PagedPrefillArgs>) {
+      s = check_paged_prefill(args);
+      for (const auto& v : default_registry().of<PagedPrefillArgs>().variants())
+        EXPECT_FALSE(v.supports(args).ok()) << v.info.name << " " << field;
+    } else {
+      s = check_paged_decode(args);
+      for (const auto& v : default_registry().of<PagedDecodeArgs>().variants())
+        EXPECT_FALSE(v.supports(args).ok()) << v.info.name << " " << field;
+    }
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << field;
+    EXPECT_EQ(s.message().rfind(field, 0), 0u) << s.message();
+  };
+  auto each = [&](const auto& args) {
+    auto bad = args;
+    bad.mask.window_left = -2;
+    refused(bad, "window_left");
+    bad = args;
+    bad.mask.causal = false;
+    bad.mask.window_right = -7;
+    refused(bad, "window_right");
+    for (float cap :
+         {-1.0f, std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+      bad = args;
+      bad.softcap = cap;
+      refused(bad, "softcap");
+    }
+    bad = args;
+    bad.sinks = bf16_sinks.view();
+    refused(bad, "sinks.dtype");
+    bad.sinks = short_sinks.view();
+    refused(bad, "sinks.shape");
+    bad.sinks = square_sinks.view();
+    refused(bad, "sinks.shape");
+  };
+  each(prefill);
+  each(decode);
+}
+
+// Sequences whose caches are 1, 7, 33 and 1000 long (awkward against pages of 16), for every
+// window (0, 1, 5, longer than any sequence), with and without a soft cap, with sinks near 0,
+// large positive and very negative, for GQA groups of 1, 3, 6, 7 and 32 (MQA: one K/V head).
+struct GroupSpec {
+  std::int64_t hq, hkv;
+};
+const GroupSpec kGroups[] = {{2, 2}, {6, 2}, {12, 2}, {7, 1}, {32, 1}};
+const std::int64_t kWindows[] = {-1, 0, 1, 5, 5000};
+
+std::vector<float> sinks_around(float center, std::int64_t hq, std::mt19937_64& rng) {
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  std::vector<float> s(static_cast<std::size_t>(hq));
+  for (float& x : s) x = center + dist(rng);
+  return s;
+}
+
+TEST(PagedOptionsCpu, DecodeWindowsSoftcapsAndSinksMatchReference) {
+  std::mt19937_64 rng(testing::seed());
+  const std::vector<SeqSpec> seqs{{0, 1}, {6, 1}, {32, 1}, {999, 1}};
+  const auto* v = default_registry().of<PagedDecodeArgs>().find("paged_decode/cpu");
+  ASSERT_NE(v, nullptr);
+  for (const auto& g : kGroups)
+    for (std::int64_t window : kWindows)
+      for (float cap : {0.0f, 2.0f})
+        for (float sink : {std::nanf(""), 0.0f, 25.0f, -1e4f}) {
+          SCOPED_TRACE("Hq " + std::to_string(g.hq) + " Hkv " + std::to_string(g.hkv) + " window " +
+                       std::to_string(window) + " softcap " + std::to_string(cap) + " sinks ~" +
+                       std::to_string(sink) + " seed " + std::to_string(testing::seed()));
+          PagedCase c(seqs, g.hq, g.hkv, 24, 16, DType::kFloat32, rng);
+          PagedOptions opt;
+          opt.mask.window_left = window;
+          opt.softcap = cap;
+          if (!std::isnan(sink)) opt.sinks = sinks_around(sink, g.hq, rng);
+          check(*v, c, opt);
+        }
+}
+
+// The options change the answer (the tests above can tell): a window of 5, a cap of 2, sinks
+// near 25 each move o or lse away from the plain result.
+TEST(PagedOptionsCpu, EachOptionChangesTheAnswer) {
+  std::mt19937_64 rng(testing::seed());
+  PagedCase c({{40, 1}}, 4, 2, 16, 16, DType::kFloat32, rng);
+  PagedDecodeArgs plain = c.args<PagedDecodeArgs>();
+  std::vector<double> plain_lse;
+  const auto plain_o = reference::paged_decode(plain, &plain_lse);
+  Tensor sinks = Tensor::from_floats(DType::kFloat32, {4}, sinks_around(25.0f, 4, rng));
+  for (int which = 0; which < 3; ++which) {
+    PagedDecodeArgs a = plain;
+    if (which == 0) a.mask.window_left = 5;
+    if (which == 1) a.softcap = 0.5f;
+    if (which == 2) a.sinks = sinks.view();
+    std::vector<double> lse;
+    const auto o = reference::paged_decode(a, &lse);
+    EXPECT_GT(reference::relative_frobenius_error(o, plain_o) +
+                  reference::relative_frobenius_error(lse, plain_lse),
+              1e-3)
+        << which;
+  }
+}
+
+// A windowed decode reads the pages of its window only: the page-table entries of pages wholly
+// before the window point far outside the pools, so a kernel that walked them would fault.
+TEST(PagedOptionsCpu, WindowedDecodeReadsOnlyThePagesOfItsWindow) {
+  std::mt19937_64 rng(testing::seed());
+  for (std::int64_t window : {0, 1, 5, 20}) {
+    PagedCase c({{999, 1}, {70, 1}}, 6, 2, 16, 16, DType::kFloat32, rng);
+    for (std::size_t i = 0; i + 1 < c.plan.page_indptr.size(); ++i) {
+      const std::int64_t len = c.plan.seq_lens[i],
+                         first_key = std::max<std::int64_t>(0, len - 1 - window);
+      for (std::int64_t p = 0; (p + 1) * c.page_size <= first_key; ++p)
+        c.plan.page_indices[static_cast<std::size_t>(c.plan.page_indptr[i] + p)] = 1 << 28;
+    }
+    PagedOptions opt;
+    opt.mask.window_left = window;
+    opt.sinks = sinks_around(0.0f, 6, rng);
+    SCOPED_TRACE("window " + std::to_string(window));
+    check(*default_registry().of<PagedDecodeArgs>().find("paged_decode/cpu"), c, opt);
+  }
+}
+
+// Prefill in chunks (onto empty caches and caches of 1, 7, 33 and 1000 tokens; chunks of 1, 7, 33
+// and 1000 new tokens) with windows, causal or not (right windows), soft caps and sinks.
+TEST(PagedOptionsCpu, ChunkedPrefillWindowsSoftcapsAndSinksMatchReference) {
+  std::mt19937_64 rng(testing::seed());
+  const std::vector<SeqSpec> seqs{{0, 1}, {0, 33}, {1, 7}, {7, 33}, {33, 1}, {1000, 7}, {5, 1000}};
+  const auto* v = default_registry().of<PagedPrefillArgs>().find("paged_prefill/cpu");
+  ASSERT_NE(v, nullptr);
+  struct MaskCase {
+    bool causal;
+    std::int64_t left, right;
+  };
+  const MaskCase masks[] = {{true, 0, -1}, {true, 1, -1},  {true, 5, -1}, {true, 5000, -1},
+                            {false, 5, 3}, {false, -1, 0}, {false, 0, 0}, {false, 1, 5000}};
+  for (const auto& g : {GroupSpec{6, 2}, GroupSpec{7, 1}, GroupSpec{32, 1}})
+    for (const auto& m : masks)
+      for (float sink : {std::nanf(""), 25.0f, -1e4f}) {
+        const float cap = m.left == 5 ? 2.0f : 0.0f;
+        SCOPED_TRACE("Hq " + std::to_string(g.hq) + " Hkv " + std::to_string(g.hkv) +
+                     (m.causal ? " causal" : "") + " window (" + std::to_string(m.left) + ", " +
+                     std::to_string(m.right) + ") softcap " + std::to_string(cap) + " sinks ~" +
+                     std::to_string(sink) + " seed " + std::to_string(testing::seed()));
+        PagedCase c(seqs, g.hq, g.hkv, 8, 16, DType::kFloat32, rng);
+        PagedOptions opt;
+        opt.mask = {m.causal, m.left, m.right};
+        opt.softcap = cap;
+        if (!std::isnan(sink)) opt.sinks = sinks_around(sink, g.hq, rng);
+        check(*v, c, opt);
+      }
+}
+
+// Half precision caches with every option at once.
+TEST_P(PagedCpu, WindowSoftcapAndSinksInEveryDtype) {
+  const auto [dtype, page_size] = GetParam();
+  std::mt19937_64 rng(testing::seed());
+  PagedCase d({{0, 1}, {6, 1}, {999, 1}}, 12, 2, 32, page_size, dtype, rng);
+  PagedOptions opt;
+  opt.mask.window_left = 33;
+  opt.softcap = 3.0f;
+  opt.sinks = sinks_around(1.0f, 12, rng);
+  check(*default_registry().of<PagedDecodeArgs>().find("paged_decode/cpu"), d, opt);
+  PagedCase p({{33, 7}, {0, 40}}, 12, 2, 32, page_size, dtype, rng);
+  opt.mask = {true, 7, -1};
+  check(*default_registry().of<PagedPrefillArgs>().find("paged_prefill/cpu"), p, opt);
 }
 
 // Decode calls on different layers of a cache merge through one view of all its layers: only

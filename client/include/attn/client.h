@@ -47,6 +47,9 @@ struct AttentionOptions {
   // position p = i + Sk - Sq sees keys p - window_left .. p + window_right; -1 unbounded.
   std::int64_t window_left = -1, window_right = -1;
   float softcap = 0.0f;  // > 0: scores become softcap * tanh(s / softcap)
+  // Attention sinks (gpt-oss): float32 [Hq], one logit per query head joining each row's softmax
+  // denominator with no value row; empty (no shape): none.
+  Tensor sinks;
 };
 
 struct OpResult {
@@ -59,6 +62,11 @@ struct DecodeOptions {
   float scale = 0.0f;  // 0: 1/sqrt(D)
   bool return_lse = false;
   std::string kernel;
+  // Sliding window: the new token (position len - 1) sees keys len - 1 - window_left .. len - 1;
+  // -1 unbounded.
+  std::int64_t window_left = -1;
+  float softcap = 0.0f;  // > 0: scores become softcap * tanh(s / softcap)
+  Tensor sinks;          // float32 [Hq], as AttentionOptions::sinks; empty: none
 };
 
 struct PrefillOptions {
@@ -66,6 +74,11 @@ struct PrefillOptions {
   float scale = 0.0f;
   bool return_lse = false;
   std::string kernel;
+  // Sliding window: new token at position p sees keys p - window_left .. p + window_right
+  // (window_right only with non_causal); -1 unbounded.
+  std::int64_t window_left = -1, window_right = -1;
+  float softcap = 0.0f;  // > 0: scores become softcap * tanh(s / softcap)
+  Tensor sinks;          // float32 [Hq], as AttentionOptions::sinks; empty: none
 };
 
 // A Decode or Prefill result: o [rows, Hq, D], lse float32 [rows, Hq] when asked for, and each

@@ -172,7 +172,8 @@ class KvOptionsServer : public ::testing::Test {
 // caps and sinks (near 0, large positive, very negative), GQA groups of 3 and 32 (one K/V head).
 TEST_F(KvOptionsServer, WindowsSoftcapsAndSinksMatchFloat64) {
   std::mt19937_64 rng(testing::seed());
-  for (auto [hq, hkv] : {std::pair{6, 2}, std::pair{32, 1}}) {
+  for (const auto& heads : {std::pair{6, 2}, std::pair{32, 1}}) {
+    const int hq = heads.first, hkv = heads.second;  // named (lambdas can't capture bindings in C++17)
     SCOPED_TRACE("Hq " + std::to_string(hq) + " Hkv " + std::to_string(hkv) + " seed " +
                  std::to_string(testing::seed()));
     const int d = 16, page = 16;

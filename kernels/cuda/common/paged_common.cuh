@@ -116,10 +116,10 @@ Result<PagedProblem> paged_problem(const Args& a, const TensorView& q_indptr, co
   const bool windowed = a.mask.window_left >= 0 || (!a.mask.causal && a.mask.window_right >= 0);
   ATTN_RETURN_IF_ERROR(check_options(caps, windowed, a.softcap, !a.sinks.empty(), name));
   if (a.cache.pages * a.cache.heads_kv * a.cache.page_size > INT_MAX ||
-      a.seqs.max_seq_len > INT_MAX / 2 || a.q.dim(0) > INT_MAX / 64 ||
+      a.seqs.max_seq_len > INT_MAX / 2 || a.q.dim(0) > INT_MAX / 64 || a.q.dim(0) * group > INT_MAX / 2 ||
       a.seqs.count() > 65535 * 64 || a.cache.heads_kv > 65535) {
     return invalid_argument(std::string("cache: ") + name +
-                            " takes pages x Hkv x page_size < 2^31 and sequences < 2^30");
+                            " takes pages x Hkv x page_size < 2^31, sequences < 2^30 and new rows x group < 2^30");
   }
   if (!a.seqs.seq_lens_host || !a.seqs.page_indptr_host) {
     return invalid_argument(std::string("seq_lens: ") + name +

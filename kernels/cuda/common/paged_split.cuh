@@ -93,6 +93,7 @@ __device__ __forceinline__ int2 chunk_keys(int len, int chunks, int c, int granu
 struct SplitPlan {
   int chunk = 0;
   std::vector<std::int32_t> chunk_indptr;  // [n + 1] when the calls' chunk lengths differ
+  long long total_chunks = 0;              // over every sequence
 };
 
 // The chunk length for sequences [first, last): about `waves` waves of `resident` blocks over all
@@ -134,6 +135,7 @@ inline SplitPlan plan_split(const PagedDecodeArgs& a, std::int64_t heads_kv, int
   if (!a.merged_calls_host || a.merged_calls <= 1) {
     plan.chunk =
         balanced_chunk(lens, 0, n, heads_kv, resident, waves, min_chunk, max_chunks, granule);
+    for (const std::int32_t keys : counts) plan.total_chunks += (keys + plan.chunk - 1) / plan.chunk;
     return plan;
   }
   plan.chunk_indptr.reserve(static_cast<std::size_t>(n) + 1);
@@ -145,6 +147,7 @@ inline SplitPlan plan_split(const PagedDecodeArgs& a, std::int64_t heads_kv, int
     for (std::int64_t i = first; i < last; ++i)
       plan.chunk_indptr.push_back(plan.chunk_indptr.back() + (lens[i] + chunk - 1) / chunk);
   }
+  plan.total_chunks = plan.chunk_indptr.back();
   return plan;
 }
 
@@ -153,14 +156,9 @@ inline SplitPlan plan_split(const PagedDecodeArgs& a, std::int64_t heads_kv, int
 // order.
 // `units`: blocks per chunk (kv heads x slices of their groups).
 template <class T, int D, class Launch>
-Status run_split(const PagedDecodeArgs& a, const PagedProblem& p, const SplitPlan& plan, int units,
+Status run_split(const PagedProblem& p, const SplitPlan& plan, int units,
                  cudaStream_t s, const char* name, Launch&& launch) {
-  long long total_chunks = 0;
-  if (plan.chunk_indptr.empty()) {
-    for (const std::int32_t keys : decode_key_counts(a)) total_chunks += (keys + plan.chunk - 1) / plan.chunk;
-  } else {
-    total_chunks = plan.chunk_indptr.back();
-  }
+  const long long total_chunks = plan.total_chunks;
   if (total_chunks > INT_MAX / 2 / units)
     return invalid_argument(std::string("seq_lens: ") + name + " takes < 2^30 chunks");
   const std::size_t ints =

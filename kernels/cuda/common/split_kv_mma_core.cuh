@@ -50,6 +50,80 @@ __device__ __forceinline__ unsigned swizzled_bytes(int row, int chunk) {
   return static_cast<unsigned>(row * padded_dim<D>() * 2 + ((chunk ^ (row & 7)) << 4));
 }
 
+// The A operand of a warp's 16 query rows: heads h0 + g and h0 + g + 8 of sequence i (rows g and
+// g + 8 of the m16 tile), zeros for rows at or past `group`.
+template <class T, int D>
+__device__ __forceinline__ void load_query_rows(const PagedProblem& p, int i, int h0, int group, int g, int t4,
+                                                unsigned (&qf)[D / 16][4]) {
+  const unsigned* q0 =
+      g < group ? reinterpret_cast<const unsigned*>(static_cast<const T*>(p.q) +
+                                                    (static_cast<long long>(i) * p.heads_q + h0 + g) * D)
+                : nullptr;
+  const unsigned* q1 = g + 8 < group ? q0 + 8 * D / 2 : nullptr;  // heads are D apart
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int c = (kk * 16 + 2 * t4) / 2;
+    qf[kk][0] = q0 ? __ldg(q0 + c) : 0u;
+    qf[kk][1] = q1 ? __ldg(q1 + c) : 0u;
+    qf[kk][2] = q0 ? __ldg(q0 + c + 4) : 0u;
+    qf[kk][3] = q1 ? __ldg(q1 + c + 4) : 0u;
+  }
+}
+
+// One warp's 16 keys: S = Q K^T for its 16 query rows (q fragments qf), the scores mapped and
+// masked past k_end, the online softmax of rows g and g + 8, O += P V. k_addr / v_addr: the lane's
+// ldmatrix addresses of the 16 keys' K and V rows in swizzled shared memory; jw: the first key.
+template <class T, int D>
+__device__ __forceinline__ void attend16(const unsigned (&qf)[D / 16][4], unsigned k_addr, unsigned v_addr, int jw,
+                                         int k_end, const ScoreMap& score, int t4, float (&o)[D / 8][4],
+                                         float (&m)[2], float (&l)[2]) {
+  float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    unsigned kf[4];
+    ldsm_x4(kf, k_addr ^ (kk << 5));
+    mma16816<T>(s[0], qf[kk], kf[0], kf[1]);
+    mma16816<T>(s[1], qf[kk], kf[2], kf[3]);
+  }
+  const bool whole = jw + 16 <= k_end;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float v = score(s[n][2 * r + e]);
+        if (!whole && jw + n * 8 + 2 * t4 + e >= k_end) v = -INFINITY;
+        s[n][2 * r + e] = v;
+        mx = fmaxf(mx, v);
+      }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m[r], mx);
+    const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // no key of this warp yet
+    const float alpha = exp2f(m[r] - m_use);
+    m[r] = m_new;
+    float sum = 0.0f;
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) sum += (s[n][2 * r + e] = exp2f(s[n][2 * r + e] - m_use));
+    l[r] = l[r] * alpha + sum;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) o[n][2 * r] *= alpha, o[n][2 * r + 1] *= alpha;
+  }
+  const unsigned pf[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]), pack2<T>(s[1][0], s[1][1]),
+                          pack2<T>(s[1][2], s[1][3])};
+#pragma unroll
+  for (int dp = 0; dp < D / 16; ++dp) {
+    unsigned vf[4];
+    ldsm_x4_trans(vf, v_addr ^ (dp << 5));
+    mma16816<T>(o[2 * dp], pf, vf[0], vf[1]);
+    mma16816<T>(o[2 * dp + 1], pf, vf[2], vf[3]);
+  }
+}
+
 template <template <class, int> class Loader, class T, int D>
 __global__ void __launch_bounds__(kThreads) split_kv_mma_kernel(PagedProblem p, SplitPartials sp) {
   using L = Loader<T, D>;
@@ -78,21 +152,8 @@ __global__ void __launch_bounds__(kThreads) split_kv_mma_kernel(PagedProblem p, 
   load.start(tiles);
 
   // The group's query rows as the A operand (rows g and g + 8 of the m16 tile), zero past group.
-  const unsigned* q0 =
-      g < group
-          ? reinterpret_cast<const unsigned*>(static_cast<const T*>(p.q) +
-                                              (static_cast<long long>(i) * p.heads_q + h0 + g) * D)
-          : nullptr;
-  const unsigned* q1 = g + 8 < group ? q0 + 8 * D / 2 : nullptr;  // heads are D apart
   unsigned qf[D / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const int c = (kk * 16 + 2 * t4) / 2;
-    qf[kk][0] = q0 ? __ldg(q0 + c) : 0u;
-    qf[kk][1] = q1 ? __ldg(q1 + c) : 0u;
-    qf[kk][2] = q0 ? __ldg(q0 + c + 4) : 0u;
-    qf[kk][3] = q1 ? __ldg(q1 + c + 4) : 0u;
-  }
+  load_query_rows<T, D>(p, i, h0, group, g, t4, qf);
 
   float o[D / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
 #pragma unroll
@@ -104,52 +165,7 @@ __global__ void __launch_bounds__(kThreads) split_kv_mma_kernel(PagedProblem p, 
 
   for (int t = 0; t < tiles; ++t) {
     const unsigned kst = load.wait(t, tiles), vst = kst + L::kTileBytes;
-    float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      unsigned kf[4];
-      ldsm_x4(kf, (kst + k_lane) ^ (kk << 5));
-      mma16816<T>(s[0], qf[kk], kf[0], kf[1]);
-      mma16816<T>(s[1], qf[kk], kf[2], kf[3]);
-    }
-    const int jw = load.first_key(t);
-    const bool whole = jw + 16 <= k_end;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int n = 0; n < 2; ++n)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float v = score(s[n][2 * r + e]);
-          if (!whole && jw + n * 8 + 2 * t4 + e >= k_end) v = -INFINITY;
-          s[n][2 * r + e] = v;
-          mx = fmaxf(mx, v);
-        }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[r], mx);
-      const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // no key of this warp yet
-      const float alpha = exp2f(m[r] - m_use);
-      m[r] = m_new;
-      float sum = 0.0f;
-#pragma unroll
-      for (int n = 0; n < 2; ++n)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) sum += (s[n][2 * r + e] = exp2f(s[n][2 * r + e] - m_use));
-      l[r] = l[r] * alpha + sum;
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) o[n][2 * r] *= alpha, o[n][2 * r + 1] *= alpha;
-    }
-    const unsigned pf[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]),
-                            pack2<T>(s[1][0], s[1][1]), pack2<T>(s[1][2], s[1][3])};
-#pragma unroll
-    for (int dp = 0; dp < D / 16; ++dp) {
-      unsigned vf[4];
-      ldsm_x4_trans(vf, (vst + v_lane) ^ (dp << 5));
-      mma16816<T>(o[2 * dp], pf, vf[0], vf[1]);
-      mma16816<T>(o[2 * dp + 1], pf, vf[2], vf[3]);
-    }
+    attend16<T, D>(qf, kst + k_lane, vst + v_lane, load.first_key(t), k_end, score, t4, o, m, l);
   }
   cp_async_wait<0>();
   __syncthreads();  // the stages are free: the warps' outputs merge there
@@ -286,20 +302,8 @@ __global__ void __launch_bounds__(kThreads) wide_group_kernel(PagedProblem p, Sp
   load.start(tiles);
 
   const int h0 = hb + warp * 16, group = min(16, block_heads - warp * 16);  // this warp's heads
-  const unsigned* q0 =
-      g < group ? reinterpret_cast<const unsigned*>(static_cast<const T*>(p.q) +
-                                                    (static_cast<long long>(i) * p.heads_q + h0 + g) * D)
-                : nullptr;
-  const unsigned* q1 = g + 8 < group ? q0 + 8 * D / 2 : nullptr;
   unsigned qf[D / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const int c = (kk * 16 + 2 * t4) / 2;
-    qf[kk][0] = q0 ? __ldg(q0 + c) : 0u;
-    qf[kk][1] = q1 ? __ldg(q1 + c) : 0u;
-    qf[kk][2] = q0 ? __ldg(q0 + c + 4) : 0u;
-    qf[kk][3] = q1 ? __ldg(q1 + c + 4) : 0u;
-  }
+  load_query_rows<T, D>(p, i, h0, group, g, t4, qf);
   float o[D / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
@@ -314,51 +318,8 @@ __global__ void __launch_bounds__(kThreads) wide_group_kernel(PagedProblem p, Sp
     for (int sub = 0; sub < kTileKeys / 16; ++sub) {
       const int jw = k_begin + t * kTileKeys + sub * 16;
       if (jw >= k_end) break;
-      float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        unsigned kf[4];
-        ldsm_x4(kf, (kst + sub * kSubBytes + k_lane0) ^ (kk << 5));
-        mma16816<T>(s[0], qf[kk], kf[0], kf[1]);
-        mma16816<T>(s[1], qf[kk], kf[2], kf[3]);
-      }
-      const bool whole = jw + 16 <= k_end;
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = -INFINITY;
-#pragma unroll
-        for (int n = 0; n < 2; ++n)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float v = score(s[n][2 * r + e]);
-            if (!whole && jw + n * 8 + 2 * t4 + e >= k_end) v = -INFINITY;
-            s[n][2 * r + e] = v;
-            mx = fmaxf(mx, v);
-          }
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m[r], mx);
-        const float m_use = m_new == -INFINITY ? 0.0f : m_new;
-        const float alpha = exp2f(m[r] - m_use);
-        m[r] = m_new;
-        float sum = 0.0f;
-#pragma unroll
-        for (int n = 0; n < 2; ++n)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) sum += (s[n][2 * r + e] = exp2f(s[n][2 * r + e] - m_use));
-        l[r] = l[r] * alpha + sum;
-#pragma unroll
-        for (int n = 0; n < D / 8; ++n) o[n][2 * r] *= alpha, o[n][2 * r + 1] *= alpha;
-      }
-      const unsigned pf[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]),
-                              pack2<T>(s[1][0], s[1][1]), pack2<T>(s[1][2], s[1][3])};
-#pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        unsigned vf[4];
-        ldsm_x4_trans(vf, (vst + sub * kSubBytes + v_lane0) ^ (dp << 5));
-        mma16816<T>(o[2 * dp], pf, vf[0], vf[1]);
-        mma16816<T>(o[2 * dp + 1], pf, vf[2], vf[3]);
-      }
+      attend16<T, D>(qf, kst + sub * kSubBytes + k_lane0, vst + sub * kSubBytes + v_lane0, jw, k_end, score, t4, o,
+                     m, l);
     }
   }
   cp_async_wait<0>();
@@ -406,7 +367,7 @@ Status launch_wide(const PagedDecodeArgs& a, const PagedProblem& p, cudaStream_t
       std::min(kMaxChunksPerSeq, L::kRingBytes / static_cast<int>(sizeof(float)) / std::min(p.group, kWideGroup));
   const SplitPlan plan = plan_split(a, static_cast<std::int64_t>(p.heads_kv) * slices,
                                     std::max(per_sm, 1) * sms, kWaves, kMinChunk, max_chunks, kTileKeys);
-  return run_split<T, D>(a, p, plan, p.heads_kv * slices, s, name, [&](int chunks, const SplitPartials& sp) {
+  return run_split<T, D>(p, plan, p.heads_kv * slices, s, name, [&](int chunks, const SplitPartials& sp) {
     kernel<<<dim3(static_cast<unsigned>(chunks * slices), p.heads_kv), kThreads, kSmem, s>>>(p, sp);
   });
 }
@@ -433,7 +394,7 @@ Status launch(const PagedDecodeArgs& a, const PagedProblem& p, cudaStream_t s, i
       std::min(kMaxChunksPerSeq, L::kRingBytes / static_cast<int>(sizeof(float)) / std::min(p.group, kMaxGroup));
   const SplitPlan plan = plan_split(a, static_cast<std::int64_t>(p.heads_kv) * slices,
                                     std::max(per_sm, 1) * sms, kWaves, kMinChunk, max_chunks, kTileKeys);
-  return run_split<T, D>(a, p, plan, p.heads_kv * slices, s, name, [&](int chunks, const SplitPartials& sp) {
+  return run_split<T, D>(p, plan, p.heads_kv * slices, s, name, [&](int chunks, const SplitPartials& sp) {
     kernel<<<dim3(static_cast<unsigned>(chunks * slices), p.heads_kv), kThreads, kSmem, s>>>(p, sp);
   });
 }

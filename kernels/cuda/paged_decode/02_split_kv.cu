@@ -195,7 +195,7 @@ Status launch(const PagedDecodeArgs& a, const PagedProblem& p, cudaStream_t s, i
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   const SplitPlan plan = plan_split(a, static_cast<std::int64_t>(p.heads_kv) * slices, std::max(per_sm, 1) * sms,
                                     kWaves, kMinChunk, kRing / static_cast<int>(sizeof(float)) / g, kStageKeys);
-  return run_split<T, D>(a, p, plan, p.heads_kv * slices, s, "paged_decode/02_split_kv",
+  return run_split<T, D>(p, plan, p.heads_kv * slices, s, "paged_decode/02_split_kv",
                          [&](int chunks, const SplitPartials& sp) {
                            kernel<<<dim3(static_cast<unsigned>(chunks * slices), p.heads_kv), kThreads, kRing, s>>>(p, sp);
                          });

@@ -270,6 +270,18 @@ Result<std::unique_ptr<Server>> Server::start(const ServerOptions& options) {
   // One budget for the host memory the process holds: calls' bytes and, on the CPU backend,
   // resident tensors and KV caches.
   s->budget_ = std::make_unique<MemoryBudget>(inflight_bytes(options));
+  // The GPU executors' pinned staging is bounded and held for the process's life: charged once.
+  std::size_t pinned = 0;
+  for (const auto& ex : s->scheduler_->executors()) pinned += ex->pinned_staging_bound();
+  if (pinned > 0) {
+    const Status charged = s->budget_->take(pinned, "the GPU executors' pinned staging");
+    if (!charged.ok()) {
+      s->scheduler_->stop();
+      return invalid_argument("--max-inflight-mb: expected room for the GPU executors' pinned staging (" +
+                              std::to_string(pinned >> 20) + " MiB) besides calls: " + charged.message());
+    }
+    spdlog::info("pinned staging: {} MiB, charged to the in-flight budget", pinned >> 20);
+  }
   s->store_ = make_store(options, *s->scheduler_, s->budget_.get());
   {
     std::vector<Executor*> devices;

@@ -1,6 +1,9 @@
 // The CUDA executor: one per device, used by one worker thread. Inputs go host -> pinned staging
 // -> device on the executor's stream, into buffers from the device's stream-ordered pool (no
-// cudaMalloc per call); CUDA events time the copies and the kernel.
+// cudaMalloc per call); CUDA events time the copies and the kernel. The pinned staging is bounded
+// (two buffers of kStagingChunk): a call larger than one buffer streams through both in turn, the
+// host copy of one chunk overlapping the DMA of the other, so a 1 GB call costs no 1 GB of pinned
+// memory and nothing stays pinned after it.
 #include <cuda_runtime.h>
 
 #include <atomic>
@@ -57,6 +60,10 @@ void parallel_memcpy(void* dst, const void* src, std::size_t bytes) {
   for (auto& th : pool) th.join();
 }
 
+// One staging buffer's size. Calls up to it (every decode step) take one copy each way; larger
+// ones stream in chunks of it. 32 MiB keeps 8 host threads busy per chunk and the DMA engine fed.
+constexpr std::size_t kStagingChunk = std::size_t{32} << 20;
+
 std::int64_t ns_between(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(b - a).count();
 }
@@ -76,12 +83,16 @@ class CudaExecutor final : public Executor {
       if (e) cudaEventDestroy(e);
     if (stream_) cudaStreamDestroy(stream_);
     if (side_stream_) cudaStreamDestroy(side_stream_);
-    if (staging_) cudaFreeHost(staging_);
+    for (auto* e : chunk_done_)
+      if (e) cudaEventDestroy(e);
+    for (char* buffer : staging_)
+      if (buffer) cudaFreeHost(buffer);
   }
 
   const DeviceInfo& device() const override { return info_; }
   Target target() const override { return {Backend::kCuda, info_.cc_major * 10 + info_.cc_minor}; }
   bool poisoned() const override { return poisoned_; }
+  std::size_t pinned_staging_bound() const override { return 2 * kStagingChunk; }
   std::int64_t memory_in_use() const override {
     std::uint64_t used = 0;
     if (!pool_ || cudaMemPoolGetAttribute(pool_, cudaMemPoolAttrUsedMemCurrent, &used) != cudaSuccess)
@@ -146,7 +157,7 @@ class CudaExecutor final : public Executor {
     StagedCall staged(*this, call);  // its views point back at host memory when it ends
     ATTN_RETURN_IF_ERROR(staged.allocate());
     const auto pack = Clock::now();
-    staged.pack_inputs();
+    staged.pack_inputs();  // a chunked call packs as it copies, in copy_in
     const auto packed = Clock::now();
     ATTN_RETURN_IF_ERROR(check(cudaEventRecord(events_[0], stream_), "cudaEventRecord"));
     ATTN_RETURN_IF_ERROR(staged.copy_in());
@@ -167,7 +178,7 @@ class CudaExecutor final : public Executor {
     cudaEventElapsedTime(&d2h_ms, events_[2], events_[3]);
     timings.h2d_ns = ns_between(pack, packed) + static_cast<std::int64_t>(h2d_ms * 1e6);
     timings.kernel_ns = static_cast<std::int64_t>(kernel_ms * 1e6);
-    timings.d2h_ns = static_cast<std::int64_t>(d2h_ms * 1e6) + ns_between(unpack, done);
+    timings.d2h_ns = static_cast<std::int64_t>(d2h_ms * 1e6) + ns_between(unpack, done) + staged.chunked_out_ns();
     return Status::Ok();
   }
 
@@ -182,13 +193,16 @@ class CudaExecutor final : public Executor {
    public:
     // Each view at a 256-byte aligned offset: the inputs, then the outputs, in one device block,
     // so a call makes one pool allocation, one copy in and one copy out however many views it
-    // has (a decode call has six inputs: three tensors and its page tables).
+    // has (a decode call has six inputs: three tensors and its page tables). The staging buffer
+    // mirrors that layout, a chunk of it at a time when the call is larger than one buffer.
     StagedCall(CudaExecutor& ex, const OpCall& call) : ex_(ex) {
       for (auto* v : call.inputs)
         if (v->memory != MemoryKind::kDevice) ins_.push_back(v), in_at_.push_back(in_bytes_), in_bytes_ += aligned(v->bytes());
       for (auto* v : call.outputs)
         if (v->memory != MemoryKind::kDevice)
           outs_.push_back(v), out_at_.push_back(out_bytes_), out_bytes_ += aligned(v->bytes());
+      for (auto* v : ins_) in_host_.push_back(v->data);
+      for (auto* v : outs_) out_host_.push_back(v->data);
     }
     ~StagedCall() {
       if (device_) cudaFreeAsync(device_, ex_.stream_);
@@ -201,18 +215,32 @@ class CudaExecutor final : public Executor {
     StagedCall& operator=(const StagedCall&) = delete;
 
     Status allocate() {
-      ATTN_RETURN_IF_ERROR(ex_.ensure_staging(std::max(in_bytes_, out_bytes_)));
+      const std::size_t largest = std::max(in_bytes_, out_bytes_);
+      ATTN_RETURN_IF_ERROR(ex_.ensure_staging(0, std::min(largest, kStagingChunk)));
+      if (largest > kStagingChunk) ATTN_RETURN_IF_ERROR(ex_.ensure_staging(1, kStagingChunk));
       if (in_bytes_ + out_bytes_ == 0) return Status::Ok();
       return ex_.check(cudaMallocAsync(&device_, in_bytes_ + out_bytes_, ex_.stream_), "cudaMallocAsync");
     }
-    // Host -> pinned staging, on the calling thread.
+    // Host -> pinned staging, on the calling thread (a call within one buffer).
     void pack_inputs() {
-      for (std::size_t i = 0; i < ins_.size(); ++i) parallel_memcpy(ex_.staging_ + in_at_[i], ins_[i]->data, ins_[i]->bytes());
+      if (in_bytes_ <= kStagingChunk) pack_window(0, in_bytes_, ex_.staging_[0]);
     }
     Status copy_in() {
       if (in_bytes_ == 0) return Status::Ok();
-      return ex_.check(cudaMemcpyAsync(device_, ex_.staging_, in_bytes_, cudaMemcpyHostToDevice, ex_.stream_),
-                       "cudaMemcpyAsync (host to device)");
+      if (in_bytes_ <= kStagingChunk)
+        return ex_.check(cudaMemcpyAsync(device_, ex_.staging_[0], in_bytes_, cudaMemcpyHostToDevice, ex_.stream_),
+                         "cudaMemcpyAsync (host to device)");
+      // Chunk c goes through buffer c % 2 once that buffer's previous copy has finished.
+      for (std::size_t c = 0, begin = 0; begin < in_bytes_; ++c, begin += kStagingChunk) {
+        const std::size_t end = std::min(begin + kStagingChunk, in_bytes_);
+        if (c >= 2) ATTN_RETURN_IF_ERROR(ex_.check(cudaEventSynchronize(ex_.chunk_done_[c % 2]), "staging chunk"));
+        pack_window(begin, end, ex_.staging_[c % 2]);
+        ATTN_RETURN_IF_ERROR(ex_.check(cudaMemcpyAsync(static_cast<char*>(device_) + begin, ex_.staging_[c % 2],
+                                                       end - begin, cudaMemcpyHostToDevice, ex_.stream_),
+                                       "cudaMemcpyAsync (host to device)"));
+        ATTN_RETURN_IF_ERROR(ex_.check(cudaEventRecord(ex_.chunk_done_[c % 2], ex_.stream_), "cudaEventRecord"));
+      }
+      return Status::Ok();
     }
     void point_at_device() {
       for (std::size_t i = 0; i < ins_.size(); ++i) point(ins_[i], in_at_[i]);
@@ -220,18 +248,60 @@ class CudaExecutor final : public Executor {
     }
     Status copy_out() {
       if (out_bytes_ == 0) return Status::Ok();
-      return ex_.check(cudaMemcpyAsync(ex_.staging_, static_cast<char*>(device_) + in_bytes_, out_bytes_,
-                                       cudaMemcpyDeviceToHost, ex_.stream_),
-                       "cudaMemcpyAsync (device to host)");
+      char* from = static_cast<char*>(device_) + in_bytes_;
+      if (out_bytes_ <= kStagingChunk)
+        return ex_.check(cudaMemcpyAsync(ex_.staging_[0], from, out_bytes_, cudaMemcpyDeviceToHost, ex_.stream_),
+                         "cudaMemcpyAsync (device to host)");
+      // The kernel first (its time is its own), then chunk c + 1's DMA runs while chunk c is
+      // copied out of its buffer on the host.
+      ATTN_RETURN_IF_ERROR(ex_.check(cudaEventSynchronize(ex_.events_[2]), "the kernel"));
+      const auto start = Clock::now();
+      const std::size_t chunks = (out_bytes_ + kStagingChunk - 1) / kStagingChunk;
+      auto issue = [&](std::size_t c) {
+        const std::size_t begin = c * kStagingChunk, end = std::min(begin + kStagingChunk, out_bytes_);
+        ATTN_RETURN_IF_ERROR(ex_.check(cudaMemcpyAsync(ex_.staging_[c % 2], from + begin, end - begin,
+                                                       cudaMemcpyDeviceToHost, ex_.stream_),
+                                       "cudaMemcpyAsync (device to host)"));
+        return ex_.check(cudaEventRecord(ex_.chunk_done_[c % 2], ex_.stream_), "cudaEventRecord");
+      };
+      ATTN_RETURN_IF_ERROR(issue(0));
+      for (std::size_t c = 0; c < chunks; ++c) {
+        if (c + 1 < chunks) ATTN_RETURN_IF_ERROR(issue(c + 1));
+        ATTN_RETURN_IF_ERROR(ex_.check(cudaEventSynchronize(ex_.chunk_done_[c % 2]), "staging chunk"));
+        const std::size_t begin = c * kStagingChunk;
+        unpack_window(begin, std::min(begin + kStagingChunk, out_bytes_), ex_.staging_[c % 2]);
+      }
+      chunked_out_ns_ = ns_between(start, Clock::now());
+      return Status::Ok();
     }
-    // Pinned staging -> the host outputs, once the stream has finished.
+    // Pinned staging -> the host outputs, once the stream has finished (a call within one buffer).
     void unpack_outputs() {
-      for (std::size_t o = 0; o < outs_.size(); ++o)
-        parallel_memcpy(host_[ins_.size() + o], ex_.staging_ + out_at_[o], outs_[o]->bytes());
+      if (out_bytes_ <= kStagingChunk) unpack_window(0, out_bytes_, ex_.staging_[0]);
     }
+    std::int64_t chunked_out_ns() const { return chunked_out_ns_; }
 
    private:
     static std::size_t aligned(std::size_t bytes) { return (std::max<std::size_t>(bytes, 1) + 255) / 256 * 256; }
+    // The parts of the views (at `at` in the block's layout) inside [begin, end), between host
+    // memory and a staging buffer that holds that window.
+    template <class Copy>
+    static void each_part(const std::vector<TensorView*>& views, const std::vector<std::size_t>& at,
+                          std::size_t begin, std::size_t end, Copy&& copy) {
+      for (std::size_t i = 0; i < views.size(); ++i) {
+        const std::size_t lo = std::max(at[i], begin), hi = std::min(at[i] + views[i]->bytes(), end);
+        if (lo < hi) copy(i, lo - at[i], lo - begin, hi - lo);
+      }
+    }
+    void pack_window(std::size_t begin, std::size_t end, char* buffer) {
+      each_part(ins_, in_at_, begin, end, [&](std::size_t i, std::size_t from, std::size_t to, std::size_t n) {
+        parallel_memcpy(buffer + to, static_cast<const char*>(in_host_[i]) + from, n);
+      });
+    }
+    void unpack_window(std::size_t begin, std::size_t end, const char* buffer) {
+      each_part(outs_, out_at_, begin, end, [&](std::size_t o, std::size_t to, std::size_t from, std::size_t n) {
+        parallel_memcpy(static_cast<char*>(out_host_[o]) + to, buffer + from, n);
+      });
+    }
     void point(TensorView* v, std::size_t at) {
       host_.push_back(v->data);
       v->data = static_cast<char*>(device_) + at;
@@ -240,10 +310,12 @@ class CudaExecutor final : public Executor {
 
     CudaExecutor& ex_;
     std::vector<TensorView*> ins_, outs_;
-    std::vector<std::size_t> in_at_, out_at_;  // offsets in the staging buffer and the device block
+    std::vector<std::size_t> in_at_, out_at_;  // offsets in the device block (and the staging layout)
+    std::vector<void*> in_host_, out_host_;    // the views' host memory
     std::size_t in_bytes_ = 0, out_bytes_ = 0;
     void* device_ = nullptr;
     std::vector<void*> host_;  // the views' host pointers while they point at the device block
+    std::int64_t chunked_out_ns_ = 0;
   };
 
   // The op's kernels on the stream. A refusal before any launch leaves the device fine; a CUDA
@@ -269,6 +341,7 @@ class CudaExecutor final : public Executor {
     ATTN_CUDA_RETURN(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     ATTN_CUDA_RETURN(cudaStreamCreateWithFlags(&side_stream_, cudaStreamNonBlocking));
     for (auto*& e : events_) ATTN_CUDA_RETURN(cudaEventCreate(&e));
+    for (auto*& e : chunk_done_) ATTN_CUDA_RETURN(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     // Keep freed pool memory cached for the next call instead of returning it to the driver.
     ATTN_CUDA_RETURN(cudaDeviceGetDefaultMemPool(&pool_, ordinal));
     cudaMemPool_t pool = pool_;
@@ -277,17 +350,18 @@ class CudaExecutor final : public Executor {
     return Status::Ok();
   }
 
-  Status ensure_staging(std::size_t bytes) {
-    if (bytes <= staging_bytes_) return Status::Ok();
-    // Grow at least 2x, so a run of slowly growing requests does not re-pin memory every call.
-    const std::size_t want = std::max(bytes, staging_bytes_ * 2);
-    if (staging_) cudaFreeHost(staging_);
-    staging_ = nullptr;
-    staging_bytes_ = 0;
+  // Staging buffer `which` holds at least `bytes` (<= kStagingChunk). Buffer 0 grows at least 2x
+  // at a time, so slowly growing calls do not re-pin memory every call; neither passes the chunk.
+  Status ensure_staging(int which, std::size_t bytes) {
+    if (bytes <= staging_bytes_[which]) return Status::Ok();
+    const std::size_t want = std::min(std::max(bytes, staging_bytes_[which] * 2), kStagingChunk);
+    if (staging_[which]) cudaFreeHost(staging_[which]);
+    staging_[which] = nullptr;
+    staging_bytes_[which] = 0;
     void* p = nullptr;
     ATTN_RETURN_IF_ERROR(check(cudaMallocHost(&p, want), "cudaMallocHost (pinned staging)"));
-    staging_ = static_cast<char*>(p);
-    staging_bytes_ = want;
+    staging_[which] = static_cast<char*>(p);
+    staging_bytes_[which] = want;
     return Status::Ok();
   }
 
@@ -304,8 +378,9 @@ class CudaExecutor final : public Executor {
   cudaStream_t side_stream_ = nullptr;  // resident-memory work (the store), apart from the ops
   cudaMemPool_t pool_ = nullptr;
   cudaEvent_t events_[4] = {};
-  char* staging_ = nullptr;
-  std::size_t staging_bytes_ = 0;
+  cudaEvent_t chunk_done_[2] = {};  // a staging buffer's last copy, in a chunked call
+  char* staging_[2] = {};
+  std::size_t staging_bytes_[2] = {};
   std::atomic<bool> poisoned_{false};  // set by any thread that sees a sticky error
 };
 

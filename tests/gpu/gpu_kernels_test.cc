@@ -120,6 +120,43 @@ TEST_P(GpuMatmul, MatchesReference) {
 
 INSTANTIATE_TEST_SUITE_P(Cuda, GpuMatmul, ::testing::ValuesIn(cuda_names(Op::kMatmul)), test_name);
 
+// Calls larger than the executor's pinned staging (two 32 MiB buffers) stream through it in
+// chunks: inputs whose chunk boundaries fall inside a view and between views, outputs over several
+// chunks, and both at once. Each result must be what the float64 reference says, bit for bit the
+// same as the same call again (the staging path must not depend on what a buffer held before).
+TEST(GpuExecutor, CallsLargerThanTheStagingStreamThroughItInChunks) {
+  if (!gpu()) GTEST_SKIP() << "no usable GPU on this machine";
+  EXPECT_EQ(gpu()->pinned_staging_bound(), std::size_t{64} << 20);
+  const auto* v = default_registry().of<MatmulArgs>().find("matmul/auto");
+  ASSERT_NE(v, nullptr);
+  std::mt19937_64 rng(testing::seed());
+  struct Case {
+    Shape a, b;
+  };
+  const Case cases[] = {
+      {{2500, 4001}, {4001, 4}},  // a: 40 MB, two chunks; b after it in the second
+      {{4100, 3}, {3, 2101}},     // the output: 34 MB, two chunks
+      {{4, 4}, {4, 2200001}},     // 35 MB in and 35 MB out
+      {{7, 33}, {33, 5}},         // small again after the chunked calls
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(std::string("a") + shape_to_string(c.a) + " b" + shape_to_string(c.b) + " seed=" +
+                 std::to_string(testing::seed()));
+    Tensor a = random_tensor(DType::kFloat32, c.a, rng), b = random_tensor(DType::kFloat32, c.b, rng);
+    Tensor out(DType::kFloat32, {c.a[0], c.b[1]}), again(DType::kFloat32, {c.a[0], c.b[1]});
+    poison(out);
+    poison(again);
+    MatmulArgs args{a.view(), b.view(), out.view(), false, false};
+    ASSERT_TRUE(v->supports(args).ok());
+    run_on_gpu(*v, args);
+    MatmulArgs repeat{a.view(), b.view(), again.view(), false, false};
+    run_on_gpu(*v, repeat);
+    EXPECT_EQ(std::memcmp(out.data(), again.data(), out.bytes()), 0);
+    // tf32 may be taken for float32 on the tensor cores: its tolerance.
+    EXPECT_LE(reference::relative_frobenius_error(out.view(), reference::matmul(args)), 1e-3);
+  }
+}
+
 class GpuSoftmax : public ::testing::TestWithParam<std::string> {};
 
 // `auto` takes rung 08 over cuBLAS only where its tiles fill the GPU without splitting K (where

@@ -87,6 +87,9 @@ class Executor {
   // True once a fault has poisoned the device (a CUDA illegal address, say): nothing more can
   // run on it and the process must be restarted.
   virtual bool poisoned() const { return false; }
+  // Pinned host memory the executor may hold for staging, at most (0 on the CPU). Fixed, so the
+  // server charges it to its in-flight memory budget once, at start.
+  virtual std::size_t pinned_staging_bound() const { return 0; }
   // Device memory the executor's buffers hold now, in bytes (0 on the CPU).
   virtual std::int64_t memory_in_use() const { return 0; }
   // Test hook: makes the device fault the way a buggy kernel would (a trap that poisons the

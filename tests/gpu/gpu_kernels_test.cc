@@ -127,8 +127,6 @@ INSTANTIATE_TEST_SUITE_P(Cuda, GpuMatmul, ::testing::ValuesIn(cuda_names(Op::kMa
 TEST(GpuExecutor, CallsLargerThanTheStagingStreamThroughItInChunks) {
   if (!gpu()) GTEST_SKIP() << "no usable GPU on this machine";
   EXPECT_EQ(gpu()->pinned_staging_bound(), std::size_t{64} << 20);
-  const auto* v = default_registry().of<MatmulArgs>().find("matmul/auto");
-  ASSERT_NE(v, nullptr);
   std::mt19937_64 rng(testing::seed());
   struct Case {
     Shape a, b;
@@ -147,10 +145,11 @@ TEST(GpuExecutor, CallsLargerThanTheStagingStreamThroughItInChunks) {
     poison(out);
     poison(again);
     MatmulArgs args{a.view(), b.view(), out.view(), false, false};
-    ASSERT_TRUE(v->supports(args).ok());
-    run_on_gpu(*v, args);
+    auto v = default_registry().of<MatmulArgs>().select(args, "", gpu()->target());
+    ASSERT_TRUE(v.ok()) << v.status().to_string();
+    run_on_gpu(**v, args);
     MatmulArgs repeat{a.view(), b.view(), again.view(), false, false};
-    run_on_gpu(*v, repeat);
+    run_on_gpu(**v, repeat);
     EXPECT_EQ(std::memcmp(out.data(), again.data(), out.bytes()), 0);
     // tf32 may be taken for float32 on the tensor cores: its tolerance.
     EXPECT_LE(reference::relative_frobenius_error(out.view(), reference::matmul(args)), 1e-3);

@@ -231,14 +231,15 @@ def attention_function(client):
 
 def attnd_mask(*args, **kwargs):
     """The mask function register() hands to transformers' AttentionMaskInterface (called by
-    create_causal_mask & co. with keywords: batch_size, q_length, kv_length, offsets,
-    mask_function, attention_mask [B, kv] bool or None, allow_is_causal_skip, use_vmap, dtype,
-    config, device, ...). None (the attention function then applies causal masking and the
-    layer's sliding window itself) for a plain causal or sliding-window mask without padding;
-    otherwise transformers' eager_mask of the same arguments (0 / dtype min, [B, 1, q, kv]), which
-    sends the call to torch (or, with an AttnCache, to an error). Plain: the caller allowed the
-    is_causal skip and added no custom (vmap) pattern; bidirectional masks always come
-    materialized."""
+    create_causal_mask & co. with keywords: batch_size, q_length, kv_length, q_offset, kv_offset
+    (transformers < 5.4: cache_position instead of q_length/q_offset), mask_function,
+    attention_mask [B, kv] bool or None, allow_is_causal_skip, allow_is_bidirectional_skip,
+    local_size, use_vmap, dtype, config, device, ...). None (the attention function then applies
+    causal masking and the layer's sliding window itself) for a plain causal or sliding-window
+    mask without padding; otherwise transformers' eager_mask of the same arguments (0 / dtype min,
+    [B, 1, q, kv]), which sends the call to torch (or, with an AttnCache, to an error). Plain: the
+    caller allowed the is_causal skip and added no custom (vmap) pattern; bidirectional masks
+    always come materialized."""
     from transformers.masking_utils import eager_mask
 
     attention_mask = kwargs.get("attention_mask")
@@ -286,8 +287,23 @@ def _layer_base():
 _classes = {}
 
 
+def _crop_target(seen: int, tokens_to_remove: int) -> int:
+    """The length crop(tokens_to_remove) keeps, as transformers (5.15 on) reads the argument: a negative n
+    removes the last |n| tokens, 0 removes nothing, and a positive n (the older meaning, which transformers
+    still takes with a deprecation warning) is the length to keep."""
+    n = int(tokens_to_remove)
+    if n > 0:
+        return n
+    return max(seen - abs(n), 0)
+
+
 def _classes_made():
-    """AttnCache and its layer class, made on first use (they subclass transformers' classes)."""
+    """AttnCache and its layer class, made on first use (they subclass transformers' classes).
+
+    transformers 5.x's Cache exposes read-only properties (batch_size, is_compileable, is_initialized,
+    is_sliding, is_croppable, is_linear, max_batch_size, max_cache_len) computed from its layers: an
+    AttnCache keeps its own state under private names and overrides each of those properties, so that
+    nothing here ever assigns to a name the base class owns."""
     if _classes:
         return _classes
     Cache, LayerBase = _cache_base(), _layer_base()
@@ -296,15 +312,17 @@ def _classes_made():
         """One layer of an AttnCache: lengths only (its K/V are on the server)."""
 
         is_compileable = False
-        is_sliding = False
+        is_sliding = False    # the server applies each layer's window; the masks size full lengths
+        is_croppable = True   # crop() truncates the server's sequences: no trace of the cut tokens stays
 
         def __init__(self, owner, layer_idx):
             if LayerBase is not object:
-                LayerBase.__init__(self)
+                LayerBase.__init__(self)  # keys, values = None; is_initialized = False
+            else:
+                self.keys, self.values = None, None
+                self.is_initialized = False
             self._owner = weakref.ref(owner)
             self.layer_idx = layer_idx
-            self.keys, self.values = None, None
-            self.is_initialized = False
 
         def lazy_initialization(self, key_states, value_states=None, *args, **kwargs):
             self.dtype, self.device = key_states.dtype, key_states.device
@@ -314,12 +332,15 @@ def _classes_made():
             return self._owner().update(key_states, value_states, self.layer_idx)
 
         def get_seq_length(self, *args, **kwargs):
-            return self._owner()._seen[self.layer_idx]
+            return self._owner().get_seq_length(self.layer_idx)
 
         def get_mask_sizes(self, query_length, *args, **kwargs):
             return self._owner().get_mask_sizes(query_length, self.layer_idx)
 
-        def get_max_cache_shape(self, *args, **kwargs):
+        def get_max_length(self, *args, **kwargs):
+            return -1  # no per-row maximum: the server's pages are shared by every row and layer
+
+        def get_max_cache_shape(self, *args, **kwargs):  # transformers < 5.13 name of get_max_length
             return -1
 
         def reset(self):
@@ -331,6 +352,9 @@ def _classes_made():
         def prefetch(self):
             pass
 
+        def reorder_cache(self, beam_idx):
+            raise NotImplementedError("AttnCache: no beam search (reorder_cache); use greedy or sampling")
+
     AttnLayer.__abstractmethods__ = frozenset()  # whatever a newer CacheLayerMixin adds, it is not used here
 
     class AttnCache(Cache):
@@ -341,32 +365,37 @@ def _classes_made():
         Needs the model's attn_implementation to be the one register() made. Free it with close()
         (or a with block); __del__ tries too."""
 
+        __hash__ = object.__hash__  # _LIVE_CACHES (a WeakSet) holds it, whatever Cache does with __eq__
+
         def __init__(self, client, config, batch_size: int = 1, capacity_tokens: Optional[int] = None,
                      dtype="float32", page_size: int = 0, ttl_ms: int = 0):
+            self._closed = True  # until the server's cache exists (close() and __del__ read it)
+            self._handle, self._info = None, None
             shape = cache_config(config)
-            self.client = client
-            self.batch_size = int(batch_size)
-            self.num_layers, self.kv_heads, self.head_dim = shape["layers"], shape["kv_heads"], shape["head_dim"]
-            self.dtype = dtype_name(dtype)
+            self._client = client
+            self._batch = int(batch_size)
+            if self._batch < 1:
+                raise ValueError(f"AttnCache: batch_size {batch_size} (one server sequence per row, at least 1)")
+            self._num_layers, self._kv_heads, self._head_dim = shape["layers"], shape["kv_heads"], shape["head_dim"]
+            self._dtype = dtype_name(dtype)
             if capacity_tokens is None:
                 limit = getattr(_text_config(config), "max_position_embeddings", None) or 4096
-                capacity_tokens = self.batch_size * min(int(limit), 4096)
-            self.capacity_tokens = int(capacity_tokens)
-            self._seen = [0] * self.num_layers      # tokens per row per layer, counted at update()
-            self._stored = [0] * self.num_layers    # tokens per row per layer, on the server
+                capacity_tokens = self._batch * min(int(limit), 4096)
+            self._capacity = int(capacity_tokens)
+            self._seen = [0] * self._num_layers     # tokens per row per layer, counted at update()
+            self._stored = [0] * self._num_layers   # tokens per row per layer, on the server
             self._pending = {}                      # layer -> (key, value) handed out by update()
-            self._closed = True                     # until the server's cache exists
-            layers = [AttnLayer(self, i) for i in range(self.num_layers)]
+            layers = [AttnLayer(self, i) for i in range(self._num_layers)]
             try:
                 Cache.__init__(self, layers=layers)
-            except TypeError:
+            except TypeError:  # a Cache whose __init__ takes no layers (transformers 4.x)
                 self.layers = layers
-            self.info = client.create_kv_cache(layers=self.num_layers, kv_heads=self.kv_heads,
-                                               head_dim=self.head_dim, capacity_tokens=self.capacity_tokens,
-                                               dtype=self.dtype, page_size=page_size, ttl_ms=ttl_ms)
-            self.handle = self.info.handle
+            self._info = client.create_kv_cache(layers=self._num_layers, kv_heads=self._kv_heads,
+                                                head_dim=self._head_dim, capacity_tokens=self._capacity,
+                                                dtype=self._dtype, page_size=page_size, ttl_ms=ttl_ms)
+            self._handle = self._info.handle
             tag = uuid.uuid4().hex[:12]
-            self.sequence_ids = [f"hf-{tag}-{i}" for i in range(self.batch_size)]
+            self._sequence_ids = [f"hf-{tag}-{i}" for i in range(self._batch)]
             self._closed = False
             _LIVE_CACHES.add(self)
 
@@ -379,20 +408,120 @@ def _classes_made():
             return cls(client, model.config, batch_size=batch_size, capacity_tokens=capacity_tokens,
                        dtype=dtype, page_size=page_size, ttl_ms=ttl_ms)
 
+        # -- what it is (read-only) --
+
+        @property
+        def client(self):
+            return self._client
+
+        @property
+        def handle(self) -> str:
+            """The server's KV-cache handle."""
+            return self._handle
+
+        @property
+        def info(self):
+            """What CreateKvCache answered."""
+            return self._info
+
+        @property
+        def sequence_ids(self) -> list:
+            """The server sequence of each batch row."""
+            return list(self._sequence_ids)
+
+        @property
+        def num_layers(self) -> int:
+            return self._num_layers
+
+        @property
+        def kv_heads(self) -> int:
+            return self._kv_heads
+
+        @property
+        def head_dim(self) -> int:
+            return self._head_dim
+
+        @property
+        def capacity_tokens(self) -> int:
+            return self._capacity
+
+        @property
+        def dtype(self) -> str:
+            """The server cache's dtype name ("float32", "float16" or "bfloat16")."""
+            return self._dtype
+
+        @property
+        def batch_size(self) -> int:
+            """The batch rows (server sequences) this cache was made for (Cache.batch_size's meaning)."""
+            return self._batch
+
+        @property
+        def max_batch_size(self) -> int:  # transformers' deprecated name of batch_size
+            return self._batch
+
+        @max_batch_size.setter
+        def max_batch_size(self, value):
+            pass  # fixed by design; an older Cache.__init__ may assign it
+
+        @property
+        def max_cache_len(self) -> int:  # transformers' deprecated name of get_max_length()
+            return -1
+
+        @max_cache_len.setter
+        def max_cache_len(self, value):
+            pass  # fixed by design; an older Cache.__init__ may assign it
+
+        @property
+        def is_compileable(self) -> bool:
+            return False  # every call goes over gRPC
+
+        @is_compileable.setter
+        def is_compileable(self, value):
+            pass  # fixed by design; an older Cache.__init__ may assign it
+
+        @property
+        def is_sliding(self):
+            return [False] * self._num_layers  # the server applies each layer's window itself
+
+        @is_sliding.setter
+        def is_sliding(self, value):
+            pass  # fixed by design; an older Cache.__init__ may assign it
+
+        @property
+        def is_linear(self):
+            return [False] * self._num_layers
+
+        @property
+        def is_croppable(self) -> bool:
+            return True  # crop() truncates the server's sequences (TruncateSequence)
+
+        @property
+        def is_initialized(self) -> bool:
+            return any(self._seen)
+
+        @is_initialized.setter
+        def is_initialized(self, value):
+            pass  # fixed by design; an older Cache.__init__ may assign it
+
+        def __len__(self):
+            return self._num_layers
+
         # -- what transformers calls --
 
-        def update(self, key_states, value_states, layer_idx: int, cache_kwargs=None, *args, **kwargs):
+        def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
             """Keeps this layer's new K/V [B, Hkv, S, D] for the attention call that follows and
-            returns them unchanged."""
+            returns them unchanged (cache_kwargs and the like are not needed)."""
             self._check_open()
+            if not 0 <= layer_idx < self._num_layers:
+                raise IndexError(f"AttnCache: layer {layer_idx}, the cache has {self._num_layers}")
             if layer_idx in self._pending:
                 raise RuntimeError(
                     f"AttnCache: layer {layer_idx} was updated twice without an attnd attention call in between: "
                     "the model's attn_implementation must be the one attn_client.hf.register made")
             b, hkv, s, d = key_states.shape
-            if b != self.batch_size or hkv != self.kv_heads or d != self.head_dim:
+            if b != self._batch or hkv != self._kv_heads or d != self._head_dim:
                 raise ValueError(f"AttnCache: K/V of shape {tuple(key_states.shape)}, the cache holds batch "
-                                 f"{self.batch_size}, {self.kv_heads} kv heads of {self.head_dim}")
+                                 f"{self._batch}, {self._kv_heads} kv heads of {self._head_dim}")
             layer = self.layers[layer_idx]
             if not layer.is_initialized:
                 layer.lazy_initialization(key_states, value_states)
@@ -401,83 +530,53 @@ def _classes_made():
             return key_states, value_states
 
         def get_seq_length(self, layer_idx: Optional[int] = 0, *args, **kwargs) -> int:
-            return self._seen[layer_idx or 0] if (layer_idx or 0) < self.num_layers else 0
+            i = 0 if layer_idx is None else int(layer_idx)
+            return self._seen[i] if 0 <= i < self._num_layers else 0
+
+        def get_query_offset(self, layer_idx: Optional[int] = 0, *args, **kwargs) -> int:
+            """The position of the next query's first token (masking_utils asks; == get_seq_length)."""
+            return self.get_seq_length(layer_idx)
 
         def get_mask_sizes(self, query_length, layer_idx: int = 0, *args, **kwargs):
             """(kv_length, kv_offset): the cached tokens plus the query's, from position 0. Takes
-            the query length, or (older transformers) the cache_position tensor."""
+            the query length, or (transformers < 5.4) the cache_position tensor."""
             q = int(query_length.shape[0]) if hasattr(query_length, "shape") else int(query_length)
             return self.get_seq_length(layer_idx) + q, 0
 
-        def get_max_cache_shape(self, layer_idx: int = 0, *args, **kwargs) -> int:
+        def get_max_length(self, layer_idx: Optional[int] = None, *args, **kwargs) -> int:
+            return -1  # no per-row maximum: the server's pages are shared by every row and layer
+
+        def get_max_cache_shape(self, layer_idx: int = 0, *args, **kwargs) -> int:  # the older name
             return -1
-
-        @property
-        def is_compileable(self) -> bool:
-            return False
-
-        @is_compileable.setter
-        def is_compileable(self, value):
-            pass  # fixed by design; Cache.__init__ may assign it
-
-        @property
-        def is_sliding(self):
-            return [False] * self.num_layers  # the server applies each layer's window itself
-
-        @is_sliding.setter
-        def is_sliding(self, value):
-            pass  # fixed by design; Cache.__init__ may assign it
-
-        @property
-        def is_initialized(self) -> bool:
-            return any(self._seen)
-
-        @is_initialized.setter
-        def is_initialized(self, value):
-            pass  # fixed by design; Cache.__init__ may assign it
-
-        @property
-        def max_batch_size(self) -> int:
-            return self.batch_size
-
-        @max_batch_size.setter
-        def max_batch_size(self, value):
-            pass  # fixed by design; Cache.__init__ may assign it
-
-        @property
-        def max_cache_len(self) -> int:
-            return -1
-
-        @max_cache_len.setter
-        def max_cache_len(self, value):
-            pass  # fixed by design; Cache.__init__ may assign it
-
-        def __len__(self):
-            return self.num_layers
 
         def reset(self):
             """Forgets every sequence (their pages go back to the server's free list)."""
             self._check_open()
-            self.client.release_sequences(self.handle, self.sequence_ids)
-            self._seen = [0] * self.num_layers
-            self._stored = [0] * self.num_layers
+            if any(self._stored):  # a sequence exists on the server only once a Prefill stored it
+                self._client.release_sequences(self._handle, self._sequence_ids)
+            self._seen = [0] * self._num_layers
+            self._stored = [0] * self._num_layers
             self._pending.clear()
             for layer in self.layers:
                 layer.is_initialized = False
 
-        def crop(self, max_length: int):
-            """Cuts every row back to max_length tokens (negative: that many fewer), at every layer."""
+        def crop(self, tokens_to_remove: Optional[int] = None, *, max_length: Optional[int] = None):
+            """Cuts every row back, at every layer, as transformers' Cache.crop (5.15 on) reads its
+            argument: crop(-n) removes the last n tokens, crop(0) nothing, and a positive crop(n)
+            (transformers' older, deprecated meaning) keeps the first n."""
+            n = tokens_to_remove if tokens_to_remove is not None else max_length
+            if n is None:
+                raise TypeError("AttnCache.crop: give the tokens to remove (negative) or the length to keep")
             self._check_open()
-            seen = self.get_seq_length()
-            if max_length < 0:
-                max_length = seen - abs(max_length)
-            if max_length >= seen:
-                return
-            for sid in self.sequence_ids:
-                self.client.truncate_sequence(self.handle, sid, max_length)
-            self._seen = [min(n, max_length) for n in self._seen]
-            self._stored = [min(n, max_length) for n in self._stored]
+            keep = _crop_target(self.get_seq_length(), n)
             self._pending.clear()
+            if all(s <= keep for s in self._stored):
+                self._seen = list(self._stored)
+                return
+            for sid in self._sequence_ids:
+                self._client.truncate_sequence(self._handle, sid, keep)
+            self._stored = [min(s, keep) for s in self._stored]
+            self._seen = list(self._stored)
 
         def reorder_cache(self, beam_idx):
             raise NotImplementedError("AttnCache: no beam search (reorder_cache); use greedy or sampling")
@@ -509,17 +608,17 @@ def _classes_made():
 
         def _attend_on_server(self, layer, query, key, value, *, scale, window, softcap, sinks):
             b, hq, s, d = query.shape
-            dt = self.dtype
+            dt = self._dtype
             q = _to_wire(query.transpose(1, 2).reshape(b * s, hq, d), dt)
             k = _to_wire(key.transpose(1, 2).reshape(b * s, key.shape[1], d), dt)
             v = _to_wire(value.transpose(1, 2).reshape(b * s, value.shape[1], d), dt)
             sinks = None if sinks is None else _to_wire(sinks, "float32")
             if s == 1 and self._stored[layer] > 0:
-                r = self.client.decode(self.handle, layer, self.sequence_ids, q, k, v, scale=scale,
-                                       window_left=window, softcap=softcap, sinks=sinks)
-            else:
-                r = self.client.prefill(self.handle, layer, self.sequence_ids, [s] * b, q, k, v, scale=scale,
+                r = self._client.decode(self._handle, layer, self._sequence_ids, q, k, v, scale=scale,
                                         window_left=window, softcap=softcap, sinks=sinks)
+            else:
+                r = self._client.prefill(self._handle, layer, self._sequence_ids, [s] * b, q, k, v, scale=scale,
+                                         window_left=window, softcap=softcap, sinks=sinks)
             want = self._stored[layer] + s
             if any(int(n) != want for n in r.lengths):
                 raise RuntimeError(f"AttnCache: layer {layer} holds {list(r.lengths)} tokens on the server, "
@@ -529,11 +628,11 @@ def _classes_made():
 
         def close(self):
             """Deletes the server's cache (idempotent)."""
-            if self._closed:
+            if getattr(self, "_closed", True):
                 return
             self._closed = True
             _LIVE_CACHES.discard(self)
-            self.client.delete_kv_cache(self.handle)
+            self._client.delete_kv_cache(self._handle)
 
         def __enter__(self):
             return self
@@ -548,8 +647,10 @@ def _classes_made():
                 pass
 
         def __repr__(self):
-            return (f"AttnCache(handle={self.handle!r}, layers={self.num_layers}, batch={self.batch_size}, "
-                    f"seen={self.get_seq_length()}, dtype={self.dtype})")
+            seen = getattr(self, "_seen", None)
+            return (f"AttnCache(handle={getattr(self, '_handle', None)!r}, layers={getattr(self, '_num_layers', '?')}, "
+                    f"batch={getattr(self, '_batch', '?')}, seen={seen[0] if seen else 0}, "
+                    f"dtype={getattr(self, '_dtype', '?')})")
 
     AttnCache.__abstractmethods__ = frozenset()
     _classes["AttnCache"], _classes["AttnLayer"] = AttnCache, AttnLayer

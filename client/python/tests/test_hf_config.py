@@ -122,14 +122,82 @@ def fake_transformers(monkeypatch):
     except ImportError:
         pass
 
-    class Cache:
-        def __init__(self, layers=None, layer_class_to_replicate=None):
-            self.layers = layers
+    import abc
 
-    class CacheLayerMixin:
-        def __init__(self):
+    # The shape of transformers 5.x's cache_utils, as far as AttnCache meets it: an abstract layer
+    # class, and a Cache whose batch_size, is_* and max_* are read-only properties computed from
+    # its layers (assigning to one raises AttributeError, as it did on the GPU machine).
+    class CacheLayerMixin(abc.ABC):
+        is_compileable = False
+        is_croppable = False
+        supports_early_init = True
+
+        def __init__(self, **kwargs):
             self.keys = self.values = None
             self.is_initialized = False
+
+        @abc.abstractmethod
+        def lazy_initialization(self, key_states, value_states): ...
+
+        @abc.abstractmethod
+        def update(self, key_states, value_states, *args, **kwargs): ...
+
+        @abc.abstractmethod
+        def get_mask_sizes(self, query_length): ...
+
+        @abc.abstractmethod
+        def get_seq_length(self): ...
+
+        @abc.abstractmethod
+        def get_max_length(self): ...
+
+    class Cache:
+        def __init__(self, layers=None, layer_class_to_replicate=None, offloading=False,
+                     offload_only_non_sliding=True):
+            if (layers is None) == (layer_class_to_replicate is None):
+                raise ValueError("exactly one of layers and layer_class_to_replicate")
+            self.layers = layers if layers is not None else []
+            self.layer_class_to_replicate = layer_class_to_replicate
+            self.offloading = offloading
+
+        def get_query_offset(self, layer_idx=0):
+            return self.get_seq_length(layer_idx=layer_idx)
+
+        def get_max_length(self, layer_idx=None):
+            return max(layer.get_max_length() for layer in self.layers)
+
+        @property
+        def batch_size(self):
+            sizes = {layer.batch_size for layer in self.layers if hasattr(layer, "batch_size")}
+            return sizes.pop() if sizes else -1
+
+        @property
+        def max_batch_size(self):
+            return self.batch_size
+
+        @property
+        def max_cache_len(self):
+            return self.get_max_length()
+
+        @property
+        def is_compileable(self):
+            return bool(self.layers) and all(layer.is_compileable for layer in self.layers)
+
+        @property
+        def is_initialized(self):
+            return bool(self.layers) and all(layer.is_initialized for layer in self.layers)
+
+        @property
+        def is_croppable(self):
+            return all(layer.is_croppable for layer in self.layers)
+
+        @property
+        def is_sliding(self):
+            return [getattr(layer, "is_sliding", False) for layer in self.layers]
+
+        @property
+        def is_linear(self):
+            return [False for _ in self.layers]
 
     cache_utils = types.ModuleType("transformers.cache_utils")
     cache_utils.Cache, cache_utils.CacheLayerMixin = Cache, CacheLayerMixin
@@ -153,9 +221,17 @@ def test_attn_cache_bookkeeping(fake_transformers):
     assert client.calls[0] == ("create", dict(layers=2, kv_heads=2, head_dim=64, capacity_tokens=1024,
                                               dtype="bfloat16", page_size=0, ttl_ms=0))
     assert len(cache.sequence_ids) == 2 and len(set(cache.sequence_ids)) == 2
-    other = hf.AttnCache(client, cfg, batch_size=2, capacity_tokens=1024)
+    other = hf.AttnCache(FakeClient(), cfg, batch_size=2, capacity_tokens=1024)
     assert not set(cache.sequence_ids) & set(other.sequence_ids)  # unique per instance
     assert cache.get_seq_length() == 0 and not cache.is_compileable and cache.is_sliding == [False, False]
+    # the base class's read-only properties, answered by AttnCache
+    assert cache.batch_size == 2 and cache.max_batch_size == 2 and cache.dtype == "bfloat16"
+    assert cache.get_max_length() == -1 and cache.max_cache_len == -1 and cache.is_croppable
+    assert cache.is_linear == [False, False] and not cache.is_initialized and len(cache) == 2
+    assert all(layer.get_max_length() == -1 for layer in cache.layers)
+    with pytest.raises(AttributeError):
+        cache.batch_size = 3
+    other.close()
 
     k, v = kv(2, 2, 5, 64), kv(2, 2, 5, 64)
     assert cache.update(k, v, 0, {"cache_position": None}) == (k, v)  # the new K/V, as they came
@@ -167,11 +243,21 @@ def test_attn_cache_bookkeeping(fake_transformers):
         cache.update(kv(3, 2, 1, 64), kv(3, 2, 1, 64), 1)
 
     cache._pending.clear()
-    cache.crop(3)
+    cache._stored = [5, 5]  # as if the attnd attention calls had stored the 5 tokens
+    cache._seen = [5, 5]
+    assert cache.get_query_offset(0) == 5 and cache.is_initialized
+    cache.crop(0)  # transformers 5.15 on: removes nothing
+    cache.crop(7)  # the older meaning, a length to keep: longer than what is there
+    assert not [c for c in client.calls if c[0] == "truncate"] and cache.get_seq_length() == 5
+    cache.crop(-2)  # removes the last 2 tokens of every row
     assert [c for c in client.calls if c[0] == "truncate"] == [("truncate", "h1", sid, 3) for sid in cache.sequence_ids]
-    assert cache.get_seq_length(0) == 3
+    assert cache.get_seq_length(0) == 3 and cache.get_seq_length(1) == 3
+    cache.crop(2)  # keeps the first 2
+    assert client.calls[-1] == ("truncate", "h1", cache.sequence_ids[-1], 2) and cache.get_seq_length() == 2
     cache.reset()
     assert client.calls[-1] == ("release", "h1", cache.sequence_ids) and cache.get_seq_length() == 0
+    cache.reset()  # nothing on the server any more: no second release
+    assert [c[0] for c in client.calls].count("release") == 1
     cache.close()
     cache.close()
     assert [c for c in client.calls if c[0] == "delete"] == [("delete", "h1")]
@@ -188,3 +274,23 @@ def test_attn_cache_pending_owner(fake_transformers):
     assert hf._pending_owner(SimpleNamespace(), k, v) == (cache, 1)
     assert hf._pending_owner(SimpleNamespace(layer_idx=1), kv(1, 2, 4, 64), v) == (None, None)
     cache.close()
+
+
+def test_attn_cache_half_built(fake_transformers):
+    class Refusing(FakeClient):
+        def create_kv_cache(self, **kw):
+            raise RuntimeError("no room")
+
+    with pytest.raises(RuntimeError, match="no room"):
+        hf.AttnCache(Refusing(), llama_like(head_dim=64), batch_size=1, capacity_tokens=64)
+    # a cache whose server side never came: repr and close work, nothing is deleted
+    cache = hf.AttnCache.__new__(hf.AttnCache)
+    assert "AttnCache(" in repr(cache)
+    cache.close()
+    with pytest.raises(ValueError, match="batch_size"):
+        hf.AttnCache(FakeClient(), llama_like(head_dim=64), batch_size=0, capacity_tokens=64)
+
+
+@pytest.mark.parametrize("seen, n, keep", [(10, -4, 6), (10, 0, 10), (10, 6, 6), (10, 12, 12), (3, -5, 0)])
+def test_crop_target(seen, n, keep):
+    assert hf._crop_target(seen, n) == keep

@@ -101,7 +101,8 @@ class KvRetry:
     again when their outcome is unknown: on UNAVAILABLE and on DEADLINE_EXCEEDED of their own
     attempt's deadline (the client's `timeout`, per attempt), up to max_attempts in all, waiting
     initial_backoff seconds, then `multiplier` times longer each time up to max_backoff (each wait
-    jittered to between half and all of it). Other errors (FAILED_PRECONDITION: the cache is not
+    jittered to between half and all of it). With a timeout, an attempt waits for the channel to
+    reconnect within it instead of failing at once. Other errors (FAILED_PRECONDITION: the cache is not
     where the call expected it) are raised at once. Calls without expected_lengths are never
     resent."""
 
@@ -437,19 +438,21 @@ class Client:
     def __exit__(self, *exc):
         self.close()
 
-    def _call(self, method, request):
+    def _call(self, method, request, wait_for_ready=None):
         metadata = self._metadata
         if hasattr(request, "ByteSize"):  # one request (not a stream of them): declare its size, so
             # that the server can set room aside for it, or refuse it, before its bytes come
             metadata = metadata + [("attn-request-bytes", str(request.ByteSize()))]
         try:
-            return method(request, timeout=self._timeout, metadata=metadata)
+            return method(request, timeout=self._timeout, metadata=metadata, wait_for_ready=wait_for_ready)
         except grpc.RpcError as e:
             raise AttnError(e.code(), e.details()) from None
 
     def _call_exactly_once(self, method, request):
         """_call, resent per self._kv_retry while the outcome is unknown (the request carries
-        expected_lengths, so the server applies it once); returns (response, attempts)."""
+        expected_lengths, so the server applies it once); returns (response, attempts). With a
+        timeout, each attempt waits for the channel to (re)connect within it (wait_for_ready)
+        instead of failing at once while it reconnects."""
         retry, backoff = self._kv_retry, self._kv_retry.initial_backoff
         unknown = {grpc.StatusCode.UNAVAILABLE}
         if self._timeout:
@@ -458,7 +461,7 @@ class Client:
         while True:
             attempts += 1
             try:
-                return self._call(method, request), attempts
+                return self._call(method, request, wait_for_ready=True if self._timeout else None), attempts
             except AttnError as e:
                 if e.code not in unknown or attempts >= max(1, retry.max_attempts):
                     if attempts == 1:

@@ -8,6 +8,7 @@
 // (KvRetryOptions); the test sends a call again when the client gives up. The same loop runs
 // fault-free on a cache of its own: at the end every output and every sequence's K/V (ReadKv)
 // equal the fault-free run's, bit for bit. ATTN_TEST_SEED replays a run's draws.
+#include <gmock/gmock.h>
 #include <grpcpp/create_channel.h>
 #include <gtest/gtest.h>
 
@@ -440,6 +441,52 @@ TEST(KvExactlyOnce, CallsInAMergedLaunchAreJudgedOneByOne) {
   EXPECT_TRUE(alone.second == merged.second) << "the caches differ";
   std::printf("calls that shared a launch: %d\n", shared);
   EXPECT_GT(shared, 0) << "no call shared a launch";
+}
+
+// A response lost once the server ran the call: without expected_lengths the client reports
+// UNAVAILABLE (the token was appended all the same); with them it resends and gets the recorded
+// answer. FAILED_PRECONDITION is not resent.
+TEST(KvExactlyOnce, OnlyCallsWithExpectationsAreResent) {
+  testing::ServerProcess server(ATTND_PATH, {"--backend", "cpu"});
+  testing::FaultProxy proxy(server.port(), testing::seed(), {});
+  ClientOptions options;
+  options.timeout = std::chrono::seconds(20);
+  options.kv_retry.initial_backoff = std::chrono::milliseconds(1);
+  Client direct(server.address());
+  Client through(proxy.address(), options);
+  const std::string cache = create_cache(direct);
+  through.set_kv_cache_replica(cache, proxy.address());
+  std::mt19937_64 rng(testing::seed());
+  auto row = [&](std::int64_t heads) {
+    return random_tensor(DType::kFloat32, {1, heads, kD}, rng);
+  };
+  auto length = [&] {
+    auto info = direct.describe_kv_cache(cache);
+    return info.ok() && info->sequences_size() == 1 ? info->sequences(0).lengths(0) : -1;
+  };
+  Tensor q = row(kHq), k = row(kHkv), v = row(kHkv);
+  PrefillOptions first;
+  first.expected_lengths = {0};
+  proxy.drop_next_response();
+  auto p = through.prefill(cache, 0, {"s"}, {1}, q, k, v, first);
+  ASSERT_TRUE(p.ok()) << p.status().to_string();
+  EXPECT_TRUE(p->replayed);
+  EXPECT_EQ(p->attempts, 2);
+  EXPECT_EQ(length(), 1);
+
+  q = row(kHq), k = row(kHkv), v = row(kHkv);
+  proxy.drop_next_response();
+  auto plain = through.decode(cache, 0, {"s"}, q, k, v);
+  EXPECT_EQ(plain.status().code(), StatusCode::kUnavailable) << plain.status().to_string();
+  EXPECT_EQ(length(), 2) << "applied, though its caller cannot tell";
+
+  DecodeOptions wrong;
+  wrong.expected_lengths = {1};
+  auto refused = through.decode(cache, 0, {"s"}, q, k, v, wrong);
+  EXPECT_EQ(refused.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_THAT(refused.status().message(), ::testing::Not(::testing::HasSubstr("attempts")));
+  EXPECT_EQ(proxy.stats().forced_drops.load(), 2);
+  EXPECT_EQ(length(), 2);
 }
 
 }  // namespace

@@ -289,6 +289,8 @@ Result<std::unique_ptr<Server>> Server::start(const ServerOptions& options) {
     TensorStoreOptions kv_options;
     kv_options.default_ttl = std::chrono::seconds(options.tensor_ttl_s);
     kv_options.max_ttl = std::chrono::seconds(options.tensor_max_ttl_s);
+    // The records kept for repeats (expected_lengths) are host memory, held between calls.
+    kv_options.host_budget = s->budget_.get();
     s->kv_caches_ = std::make_unique<KvCacheStore>(std::move(devices), s->store_.get(), kv_options);
     s->store_->set_reclaim([caches = s->kv_caches_.get()] { caches->drop_expired(); });
   }

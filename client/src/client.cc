@@ -18,7 +18,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <random>
 #include <sstream>
+#include <thread>
 
 #include "attn/wire.h"
 
@@ -242,8 +244,10 @@ Result<std::string> load_client_token(const std::string& token_file) {
 // server (a replica that just went away) is safe to send again, and gRPC retries small requests
 // (those within its retry buffer) on UNAVAILABLE. A method that changes state (appends a token,
 // creates a cache) is not: an UNAVAILABLE may come after the server applied it (a reset
-// connection), and a second Decode would append the token twice. Those get gRPC's transparent
-// retries only (calls sent nowhere yet).
+// connection), and gRPC cannot tell a second Decode from a new one. Those get gRPC's transparent
+// retries only (calls sent nowhere yet); Client::decode/prefill resend the calls that carry
+// expected_lengths themselves (send_kv), which the server recognises when they repeat an applied
+// call.
 std::string retry_service_config() {
   const auto* service = v1::MatmulRequest::descriptor()->file()->FindServiceByName("AttnService");
   std::string once;
@@ -818,10 +822,11 @@ Result<v1::TruncateSequenceResponse> Client::truncate_sequence(const std::string
 namespace {
 
 template <class Response>
-Result<KvOpResult> kv_op_result(const Response& resp, bool with_lse) {
+Result<KvOpResult> kv_op_result(const Response& resp, bool with_lse, int attempts) {
   ATTN_ASSIGN_OR_RETURN(o, to_tensor(resp.o(), "o"));
-  KvOpResult result{
-      std::move(o), {}, resp.timings(), {resp.lengths().begin(), resp.lengths().end()}};
+  KvOpResult result{std::move(o),    {},
+                    resp.timings(),  {resp.lengths().begin(), resp.lengths().end()},
+                    resp.replayed(), attempts};
   if (with_lse) {
     ATTN_ASSIGN_OR_RETURN(lse, to_tensor(resp.lse(), "lse"));
     result.lse = std::move(lse);
@@ -829,7 +834,48 @@ Result<KvOpResult> kv_op_result(const Response& resp, bool with_lse) {
   return result;
 }
 
+// Whether an attempt of an exactly-once call ended without its outcome being known: the
+// connection failed (UNAVAILABLE), or the attempt's own deadline passed.
+bool outcome_unknown(const grpc::Status& s, bool own_deadline) {
+  return s.error_code() == grpc::StatusCode::UNAVAILABLE ||
+         (own_deadline && s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED);
+}
+
 }  // namespace
+
+template <class Request, class Response>
+Status Client::send_kv(v1::AttnService::Stub* stub, const Request& request, Response* response,
+                       grpc::Status (v1::AttnService::Stub::*unary)(grpc::ClientContext*,
+                                                                    const Request&, Response*),
+                       bool exactly_once, int* attempts) {
+  const KvRetryOptions& retry = options_.kv_retry;
+  const int most = exactly_once ? std::max(1, retry.max_attempts) : 1;
+  static thread_local std::mt19937_64 jitter{std::random_device{}()};
+  double backoff_ms = static_cast<double>(retry.initial_backoff.count());
+  grpc::Status status;
+  for (*attempts = 1;; ++*attempts) {
+    response->Clear();
+    auto ctx = make_context(request);
+    // With a deadline of its own, an attempt waits for the channel to connect again (after a
+    // reset) rather than failing at once while it reconnects: gRPC makes progress on a
+    // connection only while a call waits on it.
+    if (exactly_once && options_.timeout.count() > 0) ctx->set_wait_for_ready(true);
+    status = (stub->*unary)(ctx.get(), request, response);
+    if (status.ok() || *attempts >= most || !outcome_unknown(status, options_.timeout.count() > 0))
+      break;
+    // Half to all of the backoff, so that clients cut off together do not come back together.
+    std::uniform_real_distribution<double> share(0.5, 1.0);
+    std::this_thread::sleep_for(
+        std::chrono::duration<double, std::milli>(backoff_ms * share(jitter)));
+    backoff_ms =
+        std::min(backoff_ms * retry.multiplier, static_cast<double>(retry.max_backoff.count()));
+  }
+  Status out = wire::from_grpc(status);
+  if (!out.ok() && *attempts > 1)
+    return Status(out.code(),
+                  out.message() + " (after " + std::to_string(*attempts) + " attempts)");
+  return out;
+}
 
 Result<KvOpResult> Client::decode(const std::string& cache, int layer,
                                   const std::vector<std::string>& sequence_ids, const Tensor& q,
@@ -850,9 +896,13 @@ Result<KvOpResult> Client::decode(const std::string& cache, int layer,
   req.set_softcap(options.softcap);
   if (!options.sinks.shape().empty())
     wire::encode_tensor(options.sinks.view(), req.mutable_sinks());
+  req.mutable_expected_lengths()->Assign(options.expected_lengths.begin(),
+                                         options.expected_lengths.end());
   v1::DecodeResponse resp;
-  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub->Decode(make_context(req).get(), req, &resp)));
-  return kv_op_result(resp, options.return_lse);
+  int attempts = 0;
+  ATTN_RETURN_IF_ERROR(send_kv(stub, req, &resp, &v1::AttnService::Stub::Decode,
+                               !options.expected_lengths.empty(), &attempts));
+  return kv_op_result(resp, options.return_lse, attempts);
 }
 
 Result<KvOpResult> Client::prefill(const std::string& cache, int layer,
@@ -878,9 +928,13 @@ Result<KvOpResult> Client::prefill(const std::string& cache, int layer,
   req.set_softcap(options.softcap);
   if (!options.sinks.shape().empty())
     wire::encode_tensor(options.sinks.view(), req.mutable_sinks());
+  req.mutable_expected_lengths()->Assign(options.expected_lengths.begin(),
+                                         options.expected_lengths.end());
   v1::PrefillResponse resp;
-  ATTN_RETURN_IF_ERROR(wire::from_grpc(stub->Prefill(make_context(req).get(), req, &resp)));
-  return kv_op_result(resp, options.return_lse);
+  int attempts = 0;
+  ATTN_RETURN_IF_ERROR(send_kv(stub, req, &resp, &v1::AttnService::Stub::Prefill,
+                               !options.expected_lengths.empty(), &attempts));
+  return kv_op_result(resp, options.return_lse, attempts);
 }
 
 Result<KvContents> Client::read_kv(const std::string& cache, const std::string& sequence_id,

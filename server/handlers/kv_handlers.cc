@@ -62,6 +62,7 @@ void KvHandlers::describe(const KvCache& c, bool with_sequences, v1::KvCacheInfo
   out->set_bytes(static_cast<std::int64_t>(c.bytes()));
   out->set_sequence_count(s.sequences);
   out->set_pages_unshared(s.pages_unshared);
+  out->set_replay_bytes(s.replay_bytes);
   out->set_expires_unix_ms(unix_ms(core_.config.kv_caches->expires(c)));
   for (const auto& q : s.sequence_list) fill_sequence(q, out->add_sequences());
 }
@@ -369,11 +370,13 @@ class KvCall final : public BatchMember {
     return true;
   }
 
-  // Alone: planned (unless a batch planned it already), run, committed (or its pages given back).
+  // Alone: planned (unless a batch planned it already), run, committed (or its pages given back);
+  // a repeat is answered from its record.
   void run_alone(Executor& executor, std::int64_t queue_ns) {
     if (!pending) {
       if (Status planned = plan(); !planned.ok()) return fail(planned);
     }
+    if (pending->repeat_of) return replay(executor, queue_ns);
     bind_plan(pending->plan, request.args);
     ExecTimings t;
     const Status status = executor.execute(make_call(*request.variant, request.args), t);
@@ -385,7 +388,8 @@ class KvCall final : public BatchMember {
     ran_together(executor, t, queue_ns, 1, request.variant->info);
   }
 
-  // Together: each call planned (one that cannot be, fails alone), then one launch.
+  // Together: each call planned and judged on its own (one that cannot be planned fails alone, a
+  // repeat is answered alone from its record), then one launch for the others.
   void run_together(Executor& executor, const std::vector<Merged>& members) override {
     std::vector<KvCall*> live;
     std::vector<std::int64_t> waits;
@@ -393,6 +397,10 @@ class KvCall final : public BatchMember {
       auto* member = static_cast<KvCall*>(m.member);
       if (Status planned = member->plan(); !planned.ok()) {
         member->fail(planned);
+        continue;
+      }
+      if (member->pending->repeat_of) {
+        member->replay(executor, m.queue_ns);
         continue;
       }
       live.push_back(member);
@@ -409,13 +417,19 @@ class KvCall final : public BatchMember {
   void undo_together() { cache->abort(*pending); }
   void ran_together(Executor& executor, const ExecTimings& t, std::int64_t queue_ns, int batched,
                     const VariantInfo& ran) {
-    cache->commit(*pending);
     bind_plan(pending->plan, request.args);  // for its own cost
     for (auto len : pending->new_lengths) resp->add_lengths(len);
     if (return_values) {
       wire::convert_to_values(resp->mutable_o());
       if (resp->has_lse()) wire::convert_to_values(resp->mutable_lse());
     }
+    if (AppliedCall* record = pending->record.get()) {  // kept for a repeat, as it is sent
+      record->o = resp->o();
+      record->has_lse = resp->has_lse();
+      if (record->has_lse) record->lse = resp->lse();
+      record->variant = ran.name;
+    }
+    cache->commit(*pending);
     v1::Timings* timings = resp->mutable_timings();
     fill_timings(timings, ran.name, executor, queue_ns, t, cost_of(request.args), batched,
                  call->start);
@@ -424,10 +438,34 @@ class KvCall final : public BatchMember {
 
  private:
   Status plan() {
-    auto p = cache->plan_append(layer, ids, fresh, create_missing);
+    auto p = cache->plan_append(layer, ids, fresh, create_missing,
+                                request.expectation ? &*request.expectation : nullptr);
     if (!p.ok()) return p.status();
     pending = std::move(p).value();
     return Status::Ok();
+  }
+
+  // A repeat of the last applied call on its sequences: that call's response, bit for bit, and
+  // nothing appended; its own timings (no kernel ran, no cost).
+  void replay(Executor& executor, std::int64_t queue_ns) {
+    const AppliedCall& r = *pending->repeat_of;
+    *resp->mutable_o() = r.o;
+    if (r.has_lse)
+      *resp->mutable_lse() = r.lse;
+    else
+      resp->clear_lse();
+    resp->mutable_lengths()->Assign(r.lengths.begin(), r.lengths.end());
+    resp->set_replayed(true);
+    v1::Timings* timings = resp->mutable_timings();
+    fill_timings(timings, r.variant, executor, queue_ns, ExecTimings{}, OpCost{}, 1, call->start);
+    if (core->config.metrics) core->config.metrics->record_replay(call->op());
+    spdlog::info(
+        "{}: a repeat of the call applied to {} sequence(s) from \"{}\" (expected length "
+        "{}) at layer {} of kv cache {} (fingerprint {}): answered from its record, "
+        "nothing appended ({})",
+        call->op(), r.ids.size(), r.ids.front(), r.expected.front(), layer, cache->handle(),
+        short_hex(r.fingerprint), call->peer());
+    core->finish(*call, reactor, r.variant, Status::Ok(), timings, resp->ByteSizeLong());
   }
 };
 

@@ -6,6 +6,7 @@
 #include <set>
 #include <string>
 
+#include "requests/kv_fingerprint.h"
 #include "state/memory_budget.h"
 
 namespace attn::server {
@@ -36,6 +37,21 @@ Status check_ids(const google::protobuf::RepeatedPtrField<std::string>& ids) {
                               "\" appears twice in one call");
     }
   }
+  return Status::Ok();
+}
+
+Status check_expected_lengths(const google::protobuf::RepeatedField<std::int64_t>& expected,
+                              int sequences) {
+  if (expected.empty()) return Status::Ok();
+  if (expected.size() != sequences) {
+    return invalid_argument("expected_lengths: expected one length per sequence (" +
+                            str(sequences) + ", or none), got " + str(expected.size()));
+  }
+  for (int i = 0; i < expected.size(); ++i)
+    if (expected[i] < 0 || expected[i] > std::numeric_limits<std::int32_t>::max()) {
+      return invalid_argument("expected_lengths[" + str(i) +
+                              "]: expected a length 0..2^31-1, got " + str(expected[i]));
+    }
   return Status::Ok();
 }
 
@@ -129,6 +145,7 @@ Result<KvRequest<Args>> parse_request(const Request& req, Response* resp, const 
                             str(req.sequence_ids_size()) + "), got " +
                             str(static_cast<std::int64_t>(fresh.size())));
   }
+  ATTN_RETURN_IF_ERROR(check_expected_lengths(req.expected_lengths(), req.sequence_ids_size()));
   std::int64_t rows = 0;
   for (auto f : fresh) rows += f;
   KvRequest<Args> out;
@@ -181,6 +198,21 @@ Result<KvRequest<Args>> parse_request(const Request& req, Response* resp, const 
   ATTN_ASSIGN_OR_RETURN(variant,
                         ctx.registry->of<Args>().select(a, req.kernel(), cache.owner().target()));
   out.variant = variant;
+  if (!req.expected_lengths().empty()) {
+    const std::vector<std::string> ids(req.sequence_ids().begin(), req.sequence_ids().end());
+    KvCallIdentity identity{OpDesc<Args>::kName, req.layer(),       &ids, &fresh, req.return_lse(),
+                            req.return_values(), variant->info.name};
+    ATTN_ASSIGN_OR_RETURN(fingerprint, kv_fingerprint(identity, a, cache.owner()));
+    Expectation e;
+    e.lengths.assign(req.expected_lengths().begin(), req.expected_lengths().end());
+    e.fingerprint = fingerprint;
+    // What its record will hold: o and lse as sent (float32 values when return_values), the ids.
+    const std::size_t o_kept =
+        req.return_values() ? static_cast<std::size_t>(a.o.numel()) * 4 : a.o.bytes();
+    e.record_bytes = o_kept + a.lse.bytes() + 256;
+    for (const std::string& id : ids) e.record_bytes += id.size() + 48;
+    out.expectation = std::move(e);
+  }
   out.inputs.push_back(std::move(q));
   out.inputs.push_back(std::move(k));
   out.inputs.push_back(std::move(v));

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -24,6 +25,9 @@ struct KvRequest : RequestTensors {
   Args args;  // its index arrays bound to `placeholder` until the plan replaces them
   const Variant<Args>* variant = nullptr;
   PagedPlan placeholder;
+  // expected_lengths given: what the call states (its lengths, fingerprint and record size),
+  // judged on the cache's worker when it is planned.
+  std::optional<Expectation> expectation;
 };
 
 // Binds a plan's index arrays (pages, lengths) into the op's arguments.
@@ -65,6 +69,10 @@ Result<KvRequest<PagedDecodeArgs>> parse_kv_request(const v1::DecodeRequest& req
 Result<KvRequest<PagedPrefillArgs>> parse_kv_request(
     const v1::PrefillRequest& req, v1::PrefillResponse* resp, const KvCache& cache,
     const std::vector<std::int64_t>& fresh, const RequestContext& ctx, const CallContext& call);
+
+// expected_lengths: empty, or one per sequence, each 0..2^31-1 (a length a cache can hold).
+Status check_expected_lengths(const google::protobuf::RepeatedField<std::int64_t>& expected,
+                              int sequences);
 
 // Prefill's `lens`: one per sequence, each 1..2^31-1, their sum below 2^31.
 Result<std::vector<std::int64_t>> prefill_lens(const v1::PrefillRequest& req);

@@ -93,6 +93,13 @@ struct Metrics::Impl {
               "authenticated calls by op and whether their client declared the request's size "
               "(attn-request-bytes): undeclared large requests are bounded only once read")
           .Register(*registry);
+  prometheus::Family<prometheus::Counter>& replays =
+      prometheus::BuildCounter()
+          .Name("attnd_kv_replays_total")
+          .Help(
+              "Decode/Prefill calls answered as repeats of the call applied before them "
+              "(expected_lengths), by op: nothing appended")
+          .Register(*registry);
   prometheus::Family<prometheus::Counter>& shared_memory =
       prometheus::BuildCounter()
           .Name("attnd_shared_memory_bytes_total")
@@ -162,6 +169,8 @@ void Metrics::record_shared_memory(const std::string& op, std::size_t bytes_in,
     impl_->shared_memory.Add({{"op", op}, {"direction", "out"}})
         .Increment(static_cast<double>(bytes_out));
 }
+
+void Metrics::record_replay(const std::string& op) { impl_->replays.Add({{"op", op}}).Increment(); }
 
 void Metrics::record_batch(const std::string& op, std::size_t calls) {
   impl_->merged.Add({{"op", op}}).Increment();

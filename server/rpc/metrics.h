@@ -28,6 +28,9 @@ class Metrics {
               const v1::Timings* timings, std::size_t bytes_in, std::size_t bytes_out);
   // Bytes a call of `op` read from and wrote to shared-memory regions (--shared-memory).
   void record_shared_memory(const std::string& op, std::size_t bytes_in, std::size_t bytes_out);
+  // One Decode or Prefill of `op` answered as a repeat of the call applied before it
+  // (expected_lengths): nothing appended.
+  void record_replay(const std::string& op);
   // One launch that served `calls` calls of `op` together (dynamic batching).
   void record_batch(const std::string& op, std::size_t calls);
   // One authenticated call of `op` before its body was read: whether its client declared the

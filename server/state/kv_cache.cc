@@ -84,6 +84,15 @@ PagedKvLayer KvCache::all_layers() const {
   return p;
 }
 
+Status KvCache::unknown_sequence(std::size_t i, const std::string& id) const {
+  return not_found("sequence_ids[" + str(static_cast<std::int64_t>(i)) + "]: no sequence \"" + id +
+                   "\" in kv cache " + handle_ + " (Prefill creates sequences)");
+}
+
+MemoryBudget* KvCache::replay_budget() const {
+  return store_ ? store_->options_.host_budget : nullptr;
+}
+
 std::string KvCache::capacity_words() const {
   return str(static_cast<std::int64_t>(free_.size()) - reserved_) + " of " + str(config_.pages) +
          " pages of " + str(config_.page_size) + " tokens free (capacity " +
@@ -92,20 +101,22 @@ std::string KvCache::capacity_words() const {
 
 Result<KvCache::PendingAppend> KvCache::plan_append(int layer, const std::vector<std::string>& ids,
                                                     const std::vector<std::int64_t>& fresh,
-                                                    bool create_missing) {
+                                                    bool create_missing,
+                                                    const Expectation* expect) {
   std::lock_guard lock(mu_);
   PendingAppend p;
   p.layer = layer;
   p.ids = ids;
+  if (expect) {
+    ATTN_RETURN_IF_ERROR(judge(layer, ids, fresh, create_missing, *expect, &p.repeat_of));
+    if (p.repeat_of) return p;  // nothing to plan: the record answers
+  }
   const std::int64_t ps = config_.page_size;
   std::int64_t needed = 0;
   std::vector<std::int64_t> need(ids.size());
   for (std::size_t i = 0; i < ids.size(); ++i) {
     auto it = sequences_.find(ids[i]);
-    if (it == sequences_.end() && !create_missing) {
-      return not_found("sequence_ids[" + str(static_cast<std::int64_t>(i)) + "]: no sequence \"" +
-                       ids[i] + "\" in kv cache " + handle_ + " (Prefill creates sequences)");
-    }
+    if (it == sequences_.end() && !create_missing) return unknown_sequence(i, ids[i]);
     const std::int64_t len =
         it == sequences_.end() ? 0 : it->second.lengths[static_cast<std::size_t>(layer)];
     const std::int64_t held =
@@ -136,6 +147,14 @@ Result<KvCache::PendingAppend> KvCache::plan_append(int layer, const std::vector
   if (needed > available) {
     return resource_exhausted("kv cache " + handle_ + ": the call needs " + str(needed) +
                               " more pages, " + capacity_words());
+  }
+  if (expect) {  // the last check: the memory its record will hold
+    ATTN_ASSIGN_OR_RETURN(record, AppliedCall::reserve(replay_budget(), expect->record_bytes));
+    record->ids = ids;
+    record->expected = expect->lengths;
+    record->lengths = p.new_lengths;
+    record->fingerprint = expect->fingerprint;
+    p.record = std::move(record);
   }
   // Reserve from the back of the free list without taking them yet: pages [size - reserved -
   // needed, size - reserved) belong to this call until commit or abort. Calls on a cache run one
@@ -173,6 +192,8 @@ void KvCache::commit(PendingAppend& p) {
       ++taken;
     }
     s.lengths[static_cast<std::size_t>(p.layer)] = p.new_lengths[i];
+    if (p.record && s.last.empty()) s.last.resize(static_cast<std::size_t>(config_.layers));
+    if (!s.last.empty()) s.last[static_cast<std::size_t>(p.layer)] = p.record;
   }
   // The reserved pages were the last `taken` of the free list's unreserved part, which is its
   // end: no other plan runs between this call's plan and its commit.
@@ -352,6 +373,7 @@ Result<KvCache::Truncated> KvCache::truncate(const std::string& id, std::int64_t
   }
   seq.pages.resize(keep);
   for (std::int64_t& len : seq.lengths) len = std::min(len, length);
+  seq.last.clear();
   out.copied_pages = static_cast<std::int64_t>(copy.size());
   out.sequence.id = id;
   out.sequence.lengths = seq.lengths;
@@ -404,6 +426,11 @@ KvCacheSummary KvCache::summary(bool with_sequences) const {
   s.pages_free = static_cast<std::int64_t>(free_.size()) - reserved_;
   s.pages_used = config_.pages - s.pages_free;
   s.sequences = static_cast<std::int64_t>(sequences_.size());
+  std::set<const AppliedCall*> records;  // shared by the sequences of one call: counted once
+  for (const auto& [id, seq] : sequences_)
+    for (const auto& r : seq.last)
+      if (r && records.insert(r.get()).second)
+        s.replay_bytes += static_cast<std::int64_t>(r->bytes());
   for (const auto& [id, seq] : sequences_) {
     const std::int64_t longest = *std::max_element(seq.lengths.begin(), seq.lengths.end());
     s.pages_unshared += pages_for(longest, config_.page_size);

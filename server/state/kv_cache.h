@@ -8,6 +8,11 @@
 // only guards the bookkeeping against concurrent readers (describe, list). A change is planned
 // first (every check made, pages reserved) and applied only once the kernel has succeeded: a call
 // that fails leaves the cache as it was.
+//
+// Exactly-once (kv_replay.h): an append that states its expectation is judged against the
+// sequences' lengths and their last applied calls in plan_append, under the same lock and in the
+// same order as the append itself, so no other call on those sequences comes between the check
+// and the apply.
 #pragma once
 
 #include <chrono>
@@ -21,6 +26,7 @@
 #include "attn/executor.h"
 #include "attn/paged_ops.h"
 #include "attn/status.h"
+#include "state/kv_replay.h"
 #include "state/tensor_store.h"
 
 namespace attn::server {
@@ -58,6 +64,7 @@ struct KvSequenceSummary {
 
 struct KvCacheSummary {
   std::int64_t pages_used = 0, pages_free = 0, sequences = 0, pages_unshared = 0;
+  std::int64_t replay_bytes = 0;                 // the records kept for repeats (each counted once)
   std::vector<KvSequenceSummary> sequence_list;  // when asked for
 };
 
@@ -94,26 +101,38 @@ class KvCache {
     std::vector<std::vector<std::int32_t>> new_pages;  // per sequence, appended to its table
     std::vector<bool> created;
     PagedPlan plan;
+    // With an expectation: set when the call is a repeat of this applied call (nothing planned
+    // or reserved: answer from it), else the record to fill with the response before commit.
+    std::shared_ptr<const AppliedCall> repeat_of;
+    std::shared_ptr<AppliedCall> record;
   };
   // Plans appending fresh[i] tokens to sequence ids[i] at `layer`: NOT_FOUND for an unknown id
   // (unless create_missing, which starts it empty), RESOURCE_EXHAUSTED when the free pages do
   // not cover the call, naming the capacity. Reserves the pages; commit or abort must follow.
+  // With `expect` (expected_lengths), first judges the call: every sequence at its expected
+  // length: planned as above, with a record reserved; every one at expected + fresh with this
+  // call as its last applied one at `layer`: a repeat (repeat_of); else FAILED_PRECONDITION
+  // naming the sequence, the length expected and the one found.
   Result<PendingAppend> plan_append(int layer, const std::vector<std::string>& ids,
-                                    const std::vector<std::int64_t>& fresh, bool create_missing);
+                                    const std::vector<std::int64_t>& fresh, bool create_missing,
+                                    const Expectation* expect = nullptr);
+  // Applies a planned append. Its record (when it has one, filled by then) becomes the last
+  // applied call of each of its (sequence, layer); without one those slots are cleared.
   void commit(PendingAppend& p);
   void abort(PendingAppend& p);
 
-  // Frees the sequences' pages (a page goes back to the free list with its last holder). All
-  // ids must exist (NOT_FOUND otherwise, nothing freed). Returns the pages freed.
+  // Frees the sequences' pages (a page goes back to the free list with its last holder) and their
+  // records. All ids must exist (NOT_FOUND otherwise, nothing freed). Returns the pages freed.
   Result<std::int64_t> release(const std::vector<std::string>& ids);
   // `to` shares `from`'s pages that every layer has filled and gets copies of the rest (the
-  // partial last page). Returns the pages copied.
+  // partial last page), not its records. Returns the pages copied.
   Result<std::int64_t> fork(const std::string& from, const std::string& to, KvSequenceSummary* out);
   // Cuts sequence `id` back to `length` tokens at every layer (a layer already shorter keeps its
   // length); `length` 0 .. its longest layer's. Whole pages past the new end leave its table (a
   // page goes back to the free list with its last holder); a page some layer will write again
   // that another sequence holds too (the cut lands inside a page shared with a fork) is copied
-  // first, so that appends never write a shared page. NOT_FOUND naming sequence_id,
+  // first, so that appends never write a shared page. Its records go (at every layer): a call
+  // before the cut can no longer be repeated. NOT_FOUND naming sequence_id,
   // INVALID_ARGUMENT naming length, RESOURCE_EXHAUSTED when a copy finds no page: nothing changed.
   struct Truncated {
     KvSequenceSummary sequence;
@@ -130,12 +149,24 @@ class KvCache {
   friend class KvCacheStore;
   KvCache() = default;
   std::string capacity_words() const;
+  Status unknown_sequence(std::size_t i, const std::string& id) const;
+  // The judgement of plan_append for a call with an expectation (mu_ held): OK to apply, OK with
+  // *repeat set for a repeat, or the refusal.
+  Status judge(int layer, const std::vector<std::string>& ids,
+               const std::vector<std::int64_t>& fresh, bool create_missing, const Expectation& e,
+               std::shared_ptr<const AppliedCall>* repeat) const;
+  MemoryBudget* replay_budget() const;
   // Copies pages (K and V of every layer) from -> to, through the host; mu_ held.
   Status copy_pages(const std::vector<std::pair<std::int32_t, std::int32_t>>& copies);
 
   struct Sequence {
     std::vector<std::int32_t> pages;
     std::vector<std::int64_t> lengths;  // per layer
+    // Per layer, the last applied call when it stated its expectation; empty until one did.
+    std::vector<std::shared_ptr<const AppliedCall>> last;
+    const AppliedCall* last_at(int layer) const {
+      return last.empty() ? nullptr : last[static_cast<std::size_t>(layer)].get();
+    }
   };
 
   std::string handle_;

@@ -2,7 +2,8 @@
 // dispatch path on the CPU backend. The first byte picks the request type (0 matmul, 1 softmax,
 // 2 attention, 3 Decode, 4 Prefill), the rest is parsed as that message; whatever decodes is run
 // and its outputs encoded as a response would be (Decode and Prefill into a small KV cache made
-// for the input: planned, run, committed). Any crash, sanitizer report or leak is a finding.
+// for the input: planned, run, committed; with expected_lengths, sent a second time as a repeat).
+// Any crash, sanitizer report or leak is a finding.
 #include <google/protobuf/stubs/logging.h>
 
 #include <cstddef>
@@ -59,16 +60,20 @@ void run_kv(Env& env, const Request& req, const attn::Result<std::vector<std::in
   auto call = attn::server::parse_kv_request(req, &resp, **cache, *fresh, env.ctx, env.call);
   if (call.ok()) {
     const std::vector<std::string> ids(req.sequence_ids().begin(), req.sequence_ids().end());
-    auto plan = (*cache)->plan_append(req.layer(), ids, *fresh, create);
-    if (plan.ok()) {
+    // With expected_lengths, the same call twice: applied and recorded, then judged a repeat.
+    const attn::server::Expectation* expect = call->expectation ? &*call->expectation : nullptr;
+    for (int round = 0; round < (expect ? 2 : 1); ++round) {
+      auto plan = (*cache)->plan_append(req.layer(), ids, *fresh, create, expect);
+      if (!plan.ok() || plan->repeat_of) break;
       auto& args = call->args;
       attn::server::bind_plan(plan->plan, args);
       attn::ExecTimings t;
-      if (env.cpu->execute(attn::make_call(*call->variant, args), t).ok()) {
-        (*cache)->commit(*plan);
-      } else {
+      if (!env.cpu->execute(attn::make_call(*call->variant, args), t).ok()) {
         (*cache)->abort(*plan);
+        break;
       }
+      if (plan->record) plan->record->o = resp.o();
+      (*cache)->commit(*plan);
     }
   }
   (void)env.caches.erase((*cache)->handle());

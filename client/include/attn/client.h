@@ -18,9 +18,25 @@
 
 namespace attn {
 
+// How decode and prefill calls that carry expected_lengths (exactly-once on the server: a repeat
+// is answered without appending again) are sent again when their outcome is unknown: on
+// UNAVAILABLE (a reset connection, a replica going away) and on DEADLINE_EXCEEDED of their own
+// attempt's deadline (ClientOptions::timeout, per attempt), up to `max_attempts` attempts in all,
+// waiting initial_backoff, then `multiplier` times longer each time up to max_backoff (each
+// wait jittered to between half and all of it). With a timeout, each attempt waits for the
+// channel to (re)connect within it (gRPC's wait_for_ready) instead of failing at once. Any other
+// error (FAILED_PRECONDITION: the cache is not where the call expected it) is returned at once.
+// Calls without expected_lengths are never resent.
+struct KvRetryOptions {
+  int max_attempts = 5;
+  std::chrono::milliseconds initial_backoff{50};
+  std::chrono::milliseconds max_backoff{1000};
+  double multiplier = 2.0;
+};
+
 struct ClientOptions {
   std::int64_t max_message_mb = 1024;
-  std::chrono::milliseconds timeout{0};  // per call; 0 = none
+  std::chrono::milliseconds timeout{0};  // per call (per attempt when resent); 0 = none
   // TLS: set `tls` (the system's roots verify the server unless `tls_ca_file` is given); a client
   // certificate and key for servers that require mutual TLS.
   bool tls = false;
@@ -30,6 +46,7 @@ struct ClientOptions {
   std::string tls_server_name;  // verify the certificate against this name instead of the target's
   std::string token;            // bearer token sent with every call; empty: none
   std::string load_balancing;   // gRPC policy, "round_robin"; empty: gRPC's default (pick_first)
+  KvRetryOptions kv_retry;      // decode/prefill with expected_lengths
 };
 
 struct MatmulOptions {
@@ -67,6 +84,10 @@ struct DecodeOptions {
   std::int64_t window_left = -1;
   float softcap = 0.0f;  // > 0: scores become softcap * tanh(s / softcap)
   Tensor sinks;          // float32 [Hq], as AttentionOptions::sinks; empty: none
+  // Exactly-once: each sequence's length at this layer before the call. Given, the server
+  // applies the call once however often it arrives, and the client resends it when its outcome
+  // is unknown (KvRetryOptions); empty: no check, never resent.
+  std::vector<std::int64_t> expected_lengths;
 };
 
 struct PrefillOptions {
@@ -79,6 +100,8 @@ struct PrefillOptions {
   std::int64_t window_left = -1, window_right = -1;
   float softcap = 0.0f;  // > 0: scores become softcap * tanh(s / softcap)
   Tensor sinks;          // float32 [Hq], as AttentionOptions::sinks; empty: none
+  // As DecodeOptions::expected_lengths (0 for a sequence this call creates).
+  std::vector<std::int64_t> expected_lengths;
 };
 
 // A Decode or Prefill result: o [rows, Hq, D], lse float32 [rows, Hq] when asked for, and each
@@ -88,6 +111,8 @@ struct KvOpResult {
   Tensor lse;
   v1::Timings timings;
   std::vector<std::int64_t> lengths;
+  bool replayed = false;  // the server answered a repeat of a call it had applied
+  int attempts = 1;       // times the call was sent
 };
 
 // One sequence's cached K and V at one layer, each [len, Hkv, D] in the cache's dtype.
@@ -229,6 +254,13 @@ class Client {
   Status call(Request& request, const std::vector<std::pair<int, const Tensor*>>& inputs, Response* response,
               std::map<int, Tensor>* outputs, const char* method,
               grpc::Status (v1::AttnService::Stub::*unary)(grpc::ClientContext*, const Request&, Response*));
+  // Sends a Decode or Prefill; resends it per options_.kv_retry when `exactly_once` (the request
+  // carries expected_lengths). `attempts` gets the times it was sent.
+  template <class Request, class Response>
+  Status send_kv(v1::AttnService::Stub* stub, const Request& request, Response* response,
+                 grpc::Status (v1::AttnService::Stub::*unary)(grpc::ClientContext*, const Request&,
+                                                              Response*),
+                 bool exactly_once, int* attempts);
   // Sends a filled RegisterSharedMemory request (system or CUDA).
   Result<v1::SharedMemoryRegionInfo> register_region(const v1::RegisterSharedMemoryRequest& req);
 
@@ -256,7 +288,9 @@ class Client {
 Result<std::shared_ptr<grpc::Channel>> make_channel(const std::string& target, const ClientOptions& options);
 
 // The gRPC service config make_channel gives every channel: calls of methods that change no state
-// are retried on UNAVAILABLE; those the proto marks `changes_state` (MethodTraits) are not.
+// are retried on UNAVAILABLE; those the proto marks `changes_state` (MethodTraits) are not (gRPC
+// cannot tell a repeat from a new call): Client::decode/prefill resend those that carry
+// expected_lengths themselves (KvRetryOptions).
 std::string retry_service_config();
 
 // The bearer token in `token_file` when given, else in the ATTN_TOKEN environment variable, else

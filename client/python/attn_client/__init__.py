@@ -10,9 +10,9 @@ float32 and float16 arrays go as they are; bfloat16 travels as raw bits in a BFl
 torch is needed only for CUDA regions (Client.register_cuda_tensor), imported when used.
 """
 
-from .client import (AttnError, Client, CudaRegion, CudaTensor, KvResult, Resident, Result, SharedMemoryRegion,
-                     ShmTensor, Timings)
+from .client import (AttnError, Client, CudaRegion, CudaTensor, KvResult, KvRetry, Resident, Result,
+                     SharedMemoryRegion, ShmTensor, Timings)
 from .tensors import BFloat16, to_bfloat16
 
-__all__ = ["AttnError", "BFloat16", "Client", "CudaRegion", "CudaTensor", "KvResult", "Resident", "Result",
-           "SharedMemoryRegion", "ShmTensor", "Timings", "to_bfloat16"]
+__all__ = ["AttnError", "BFloat16", "Client", "CudaRegion", "CudaTensor", "KvResult", "KvRetry", "Resident",
+           "Result", "SharedMemoryRegion", "ShmTensor", "Timings", "to_bfloat16"]

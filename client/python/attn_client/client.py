@@ -4,7 +4,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import json
+import random
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -19,9 +21,11 @@ def retry_service_config() -> str:
     A method whose MethodTraits say it changes no state is a pure function of its request: a call
     that never reached a server (a replica that went away) is safe to send again, so small calls
     are retried on UNAVAILABLE. A method that changes state (Decode appends a token) is not: an
-    UNAVAILABLE may come after the server applied it (a reset connection), and a second Decode
-    would append the token twice; such calls get gRPC's transparent retries only (calls sent
-    nowhere yet). No list of methods is written here: the proto is the one place."""
+    UNAVAILABLE may come after the server applied it (a reset connection), and gRPC cannot tell a
+    second Decode from a new one; such calls get gRPC's transparent retries only (calls sent
+    nowhere yet). Client.decode/prefill resend the calls that carry expected_lengths themselves
+    (the server answers a repeat of an applied call without appending again: see KvRetry). No list
+    of methods is written here: the proto is the one place."""
     service = attn_pb2.DESCRIPTOR.services_by_name["AttnService"]
     once = [{"service": service.full_name, "method": m.name} for m in service.methods
             if m.GetOptions().Extensions[attn_pb2.method_traits].changes_state]
@@ -87,6 +91,25 @@ class KvResult:
     lengths: list
     timings: Timings
     lse: Optional[np.ndarray] = None
+    replayed: bool = False  # the server answered a repeat of a call it had applied
+    attempts: int = 1  # times the call was sent
+
+
+@dataclass
+class KvRetry:
+    """How decode/prefill calls that carry expected_lengths (exactly-once on the server) are sent
+    again when their outcome is unknown: on UNAVAILABLE and on DEADLINE_EXCEEDED of their own
+    attempt's deadline (the client's `timeout`, per attempt), up to max_attempts in all, waiting
+    initial_backoff seconds, then `multiplier` times longer each time up to max_backoff (each wait
+    jittered to between half and all of it). With a timeout, an attempt waits for the channel to
+    reconnect within it instead of failing at once. Other errors (FAILED_PRECONDITION: the cache is not
+    where the call expected it) are raised at once. Calls without expected_lengths are never
+    resent."""
+
+    max_attempts: int = 5
+    initial_backoff: float = 0.05
+    max_backoff: float = 1.0
+    multiplier: float = 2.0
 
 
 @dataclass
@@ -369,7 +392,8 @@ class Client:
                  root_certificates: Optional[bytes] = None,
                  certificate_chain: Optional[bytes] = None, private_key: Optional[bytes] = None,
                  server_name: Optional[str] = None, timeout: Optional[float] = None,
-                 load_balancing: Optional[str] = None, max_message_mb: int = 1024):
+                 load_balancing: Optional[str] = None, max_message_mb: int = 1024,
+                 kv_retry: Optional[KvRetry] = None):
         import os
 
         limit = min(max_message_mb, 2047) << 20
@@ -400,6 +424,7 @@ class Client:
         token = token if token is not None else os.environ.get("ATTN_TOKEN", "").strip()
         self._metadata = [("authorization", f"Bearer {token}")] if token else []
         self._timeout = timeout
+        self._kv_retry = kv_retry or KvRetry()
 
     def close(self):
         self._channel.close()
@@ -413,15 +438,37 @@ class Client:
     def __exit__(self, *exc):
         self.close()
 
-    def _call(self, method, request):
+    def _call(self, method, request, wait_for_ready=None):
         metadata = self._metadata
         if hasattr(request, "ByteSize"):  # one request (not a stream of them): declare its size, so
             # that the server can set room aside for it, or refuse it, before its bytes come
             metadata = metadata + [("attn-request-bytes", str(request.ByteSize()))]
         try:
-            return method(request, timeout=self._timeout, metadata=metadata)
+            return method(request, timeout=self._timeout, metadata=metadata, wait_for_ready=wait_for_ready)
         except grpc.RpcError as e:
             raise AttnError(e.code(), e.details()) from None
+
+    def _call_exactly_once(self, method, request):
+        """_call, resent per self._kv_retry while the outcome is unknown (the request carries
+        expected_lengths, so the server applies it once); returns (response, attempts). With a
+        timeout, each attempt waits for the channel to (re)connect within it (wait_for_ready)
+        instead of failing at once while it reconnects."""
+        retry, backoff = self._kv_retry, self._kv_retry.initial_backoff
+        unknown = {grpc.StatusCode.UNAVAILABLE}
+        if self._timeout:
+            unknown.add(grpc.StatusCode.DEADLINE_EXCEEDED)  # this attempt's own deadline
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                return self._call(method, request, wait_for_ready=True if self._timeout else None), attempts
+            except AttnError as e:
+                if e.code not in unknown or attempts >= max(1, retry.max_attempts):
+                    if attempts == 1:
+                        raise
+                    raise AttnError(e.code, f"{e.message} (after {attempts} attempts)") from None
+            time.sleep(backoff * random.uniform(0.5, 1.0))
+            backoff = min(backoff * retry.multiplier, retry.max_backoff)
 
     # Inputs may be arrays or Resident handles; keep_output=True leaves the outputs on the device
     # and returns Resident handles in their place.
@@ -685,36 +732,47 @@ class Client:
         req = attn_pb2.ForkSequenceRequest(cache=cache, source_id=source_id, new_id=new_id)
         return self._call(self._kv_stub(cache).ForkSequence, req)
 
+    def _send_kv(self, method, req, expected_lengths):
+        if expected_lengths is None:
+            return self._call(method, req), 1
+        req.expected_lengths.extend(int(n) for n in expected_lengths)
+        return self._call_exactly_once(method, req)
+
     def decode(self, cache: str, layer: int, sequence_ids, q, k_new, v_new, *, scale=0.0,
-               return_lse=False, kernel="", window_left=None, softcap=0.0, sinks=None) -> KvResult:
+               return_lse=False, kernel="", window_left=None, softcap=0.0, sinks=None,
+               expected_lengths=None) -> KvResult:
         """One token per sequence at one layer: appends k_new/v_new [n, Hkv, D], then attends
         q [n, Hq, D] over each sequence's whole cache. Arrays in the cache's dtype (or Resident
         handles, or shared-memory / CUDA region tensors). window_left: the new token sees only
-        the last window_left + 1 tokens; softcap, sinks: as attention()."""
+        the last window_left + 1 tokens; softcap, sinks: as attention().
+        expected_lengths: each sequence's length at this layer before the call; given, the server
+        applies the call once however often it arrives, and it is resent when its outcome is
+        unknown (KvRetry); `.replayed` says the server answered a repeat."""
         _synchronize_cuda(q, k_new, v_new)
         req = attn_pb2.DecodeRequest(cache=cache, layer=layer, sequence_ids=_sequence_ids(sequence_ids),
                                      q=_input(q), k_new=_input(k_new), v_new=_input(v_new),
                                      scale=scale, return_lse=return_lse, kernel=kernel)
         _mask_options(req, window_left, None, softcap, sinks)
-        resp = self._call(self._kv_stub(cache).Decode, req)
+        resp, attempts = self._send_kv(self._kv_stub(cache).Decode, req, expected_lengths)
         return KvResult(decode(resp.o), list(resp.lengths), Timings.from_proto(resp.timings),
-                        decode(resp.lse) if return_lse else None)
+                        decode(resp.lse) if return_lse else None, resp.replayed, attempts)
 
     def prefill(self, cache: str, layer: int, sequence_ids, lens, q, k, v, *, non_causal=False,
                 scale=0.0, return_lse=False, kernel="", window_left=None, window_right=None,
-                softcap=0.0, sinks=None) -> KvResult:
+                softcap=0.0, sinks=None, expected_lengths=None) -> KvResult:
         """lens[i] new tokens of sequence i (packed: q [sum(lens), Hq, D], k/v [sum(lens), Hkv,
         D]) appended at one layer, with causal attention over each sequence's cache; unknown ids
-        are created. window_left/window_right, softcap, sinks: as attention()."""
+        are created. window_left/window_right, softcap, sinks: as attention(). expected_lengths:
+        as decode()'s (0 for a sequence this call creates)."""
         _synchronize_cuda(q, k, v)
         req = attn_pb2.PrefillRequest(cache=cache, layer=layer, sequence_ids=_sequence_ids(sequence_ids),
                                       lens=[int(n) for n in lens], q=_input(q), k=_input(k),
                                       v=_input(v), non_causal=non_causal, scale=scale,
                                       return_lse=return_lse, kernel=kernel)
         _mask_options(req, window_left, window_right, softcap, sinks)
-        resp = self._call(self._kv_stub(cache).Prefill, req)
+        resp, attempts = self._send_kv(self._kv_stub(cache).Prefill, req, expected_lengths)
         return KvResult(decode(resp.o), list(resp.lengths), Timings.from_proto(resp.timings),
-                        decode(resp.lse) if return_lse else None)
+                        decode(resp.lse) if return_lse else None, resp.replayed, attempts)
 
     def truncate_sequence(self, cache: str, sequence_id: str, length: int) -> attn_pb2.TruncateSequenceResponse:
         """Cuts a sequence back to `length` tokens at every layer (speculative decoding's

@@ -613,12 +613,17 @@ def _classes_made():
             k = _to_wire(key.transpose(1, 2).reshape(b * s, key.shape[1], d), dt)
             v = _to_wire(value.transpose(1, 2).reshape(b * s, value.shape[1], d), dt)
             sinks = None if sinks is None else _to_wire(sinks, "float32")
+            # Each row's length before the call: the server applies it once, so the client may
+            # resend it when a response is lost.
+            expected = [self._stored[layer]] * b
             if s == 1 and self._stored[layer] > 0:
                 r = self._client.decode(self._handle, layer, self._sequence_ids, q, k, v, scale=scale,
-                                        window_left=window, softcap=softcap, sinks=sinks)
+                                        window_left=window, softcap=softcap, sinks=sinks,
+                                        expected_lengths=expected)
             else:
                 r = self._client.prefill(self._handle, layer, self._sequence_ids, [s] * b, q, k, v, scale=scale,
-                                         window_left=window, softcap=softcap, sinks=sinks)
+                                         window_left=window, softcap=softcap, sinks=sinks,
+                                         expected_lengths=expected)
             want = self._stored[layer] + s
             if any(int(n) != want for n in r.lengths):
                 raise RuntimeError(f"AttnCache: layer {layer} holds {list(r.lengths)} tokens on the server, "

@@ -84,8 +84,11 @@ class ReferenceClient:
         for layer in self.caches[cache].seqs[sid]:
             layer[0], layer[1] = layer[0][:length], layer[1][:length]
 
-    def _run(self, cache, layer, ids, lens, q, k, v, scale, window_left, softcap, sinks):
+    def _run(self, cache, layer, ids, lens, q, k, v, scale, window_left, softcap, sinks, expected_lengths):
         c = self.caches[cache]
+        if expected_lengths is not None:  # the server refuses a call that expects other lengths
+            have = [c.seqs[sid][layer][0].shape[0] if sid in c.seqs else 0 for sid in ids]
+            assert have == list(expected_lengths), f"expected_lengths {list(expected_lengths)}, cache has {have}"
         qf, kf, vf = _f64(q), _f64(k), _f64(v)
         out, lengths, at = [], [], 0
         for sid, n in zip(ids, lens):
@@ -103,13 +106,15 @@ class ReferenceClient:
         return KvResult(_like(np.concatenate(out), q), lengths, None)
 
     def prefill(self, cache, layer, sequence_ids, lens, q, k, v, *, non_causal=False, scale=0.0, return_lse=False,
-                kernel="", window_left=None, window_right=None, softcap=0.0, sinks=None):
-        return self._run(cache, layer, list(sequence_ids), list(lens), q, k, v, scale, window_left, softcap, sinks)
+                kernel="", window_left=None, window_right=None, softcap=0.0, sinks=None, expected_lengths=None):
+        return self._run(cache, layer, list(sequence_ids), list(lens), q, k, v, scale, window_left, softcap, sinks,
+                         expected_lengths)
 
     def decode(self, cache, layer, sequence_ids, q, k_new, v_new, *, scale=0.0, return_lse=False, kernel="",
-               window_left=None, softcap=0.0, sinks=None):
+               window_left=None, softcap=0.0, sinks=None, expected_lengths=None):
         ids = list(sequence_ids)
-        return self._run(cache, layer, ids, [1] * len(ids), q, k_new, v_new, scale, window_left, softcap, sinks)
+        return self._run(cache, layer, ids, [1] * len(ids), q, k_new, v_new, scale, window_left, softcap, sinks,
+                         expected_lengths)
 
     def attention(self, q, k, v, *, causal=False, scale=0.0, window_left=None, window_right=None, softcap=0.0,
                   sinks=None, **unused):

@@ -4,6 +4,7 @@
 #include <dlfcn.h>
 
 #include <cstdlib>
+#include <memory>
 #include <mutex>
 #include <sstream>
 
@@ -52,6 +53,24 @@ void configure_openblas_threads() {
     // (OpenMP, serial) lack it, hence the lookups.
     if (auto shutdown = reinterpret_cast<Hook>(dlsym(RTLD_DEFAULT, "blas_thread_shutdown_")))
       shutdown();
+  });
+}
+
+void start_openblas_pool() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    configure_openblas_threads();
+    // One 1024^3 sgemm (~7 ms on 2 cores), which OpenBLAS threads: it starts the pool that
+    // configure_openblas_threads stopped (from this thread, so with its signal mask) and touches
+    // the pool's packing scratch. Without it the server's first matmul started the pool and
+    // faulted that scratch inside its kernel time: 1.2-3.4x a later call's kernel time, ~1,000
+    // more page faults (bench/results/2026-12-07-cpu-matmul-server.md).
+    constexpr int n = 1024;
+    const std::size_t elements = std::size_t{n} * n;
+    auto a = std::make_unique<float[]>(elements), b = std::make_unique<float[]>(elements),
+         c = std::make_unique<float[]>(elements);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, a.get(), n, b.get(), n,
+                0.0f, c.get(), n);
   });
 }
 

@@ -14,6 +14,12 @@ std::string openblas_description();
 // Every path into OpenBLAS calls it first; cheap after the first time.
 void configure_openblas_threads();
 
+// Starts OpenBLAS's thread pool and faults in the scratch its calls pack into, with one threaded
+// sgemm, once: the CPU executor calls it when it is made (the server's main thread, its stop
+// signals already blocked, so the pool's threads inherit that mask), so that the first call does
+// not pay for either.
+void start_openblas_pool();
+
 // OpenBLAS's current thread count (for tests).
 int openblas_threads();
 

@@ -74,6 +74,7 @@ class CpuExecutor final : public Executor {
     info_.name = "cpu: " + std::to_string(info_.multiprocessors) + " threads, " +
                  cpu::openblas_description();
     cpu::configure_openblas_threads();
+    cpu::start_openblas_pool();
     info_.memory_bytes = static_cast<std::int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
   }
   const DeviceInfo& device() const override { return info_; }

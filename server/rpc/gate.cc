@@ -1,6 +1,8 @@
 #include "rpc/gate.h"
 
+#include <algorithm>
 #include <charconv>
+#include <vector>
 
 #include "handlers/attn_service.h"
 #include "rpc/gated_call.h"
@@ -26,6 +28,27 @@ Result<std::int64_t> gated::declared_request_bytes(const grpc::ServerContextBase
                               std::to_string(max_message_bytes) + " (--max-message-mb)");
   }
   return bytes;
+}
+
+namespace {
+
+bool reaches_tensor(const google::protobuf::Descriptor* d,
+                     std::vector<const google::protobuf::Descriptor*>& seen) {
+  if (d == v1::Tensor::descriptor()) return true;
+  if (std::find(seen.begin(), seen.end(), d) != seen.end()) return false;
+  seen.push_back(d);
+  for (int i = 0; i < d->field_count(); ++i) {
+    const auto* f = d->field(i);
+    if (f->message_type() && reaches_tensor(f->message_type(), seen)) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+bool gated::carries_tensors(const google::protobuf::Descriptor* request) {
+  std::vector<const google::protobuf::Descriptor*> seen;
+  return reaches_tensor(request, seen);
 }
 
 namespace {

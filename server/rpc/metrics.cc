@@ -91,7 +91,8 @@ struct Metrics::Impl {
           .Name("attnd_request_size_declared_total")
           .Help(
               "authenticated calls by op and whether their client declared the request's size "
-              "(attn-request-bytes): undeclared large requests are bounded only once read")
+              "(attn-request-bytes): undeclared ones hold room for the largest request while they "
+              "arrive")
           .Register(*registry);
   prometheus::Family<prometheus::Counter>& replays =
       prometheus::BuildCounter()

@@ -15,16 +15,22 @@ std::string mib(std::size_t bytes) { return std::to_string((bytes + kMiB - 1) / 
 
 }  // namespace
 
-Status MemoryBudget::take(std::size_t bytes, const std::string& what) {
+std::size_t MemoryBudget::small_call_reserve() const {
+  return std::min(limit_ / 32, std::size_t{64} << 20);
+}
+
+Status MemoryBudget::take(std::size_t bytes, const std::string& what, std::size_t keep_free) {
   std::size_t used = used_.load(std::memory_order_relaxed);
+  const std::size_t room = limit_ > keep_free ? limit_ - keep_free : 0;
   do {
-    if (bytes > limit_ || used > limit_ - bytes) {
+    if (bytes > room || used > room - bytes) {
       return resource_exhausted(
           what + ": " + mib(bytes) +
           " would bring the host memory this server holds (calls' "
           "bytes; on the CPU backend also resident tensors and KV caches) to " +
-          mib(used + bytes) + ", over its limit of " + mib(limit_) +
-          " (--max-inflight-mb); retry when fewer calls are in flight or fewer tensors held");
+          mib(used + bytes) + ", over its limit of " + mib(limit_) + " (--max-inflight-mb" +
+          (keep_free ? ", less " + mib(keep_free) + " kept for small calls" : std::string()) +
+          "); retry when fewer calls are in flight or fewer tensors held");
     }
   } while (!used_.compare_exchange_weak(used, used + bytes, std::memory_order_relaxed));
   return Status::Ok();
@@ -32,6 +38,12 @@ Status MemoryBudget::take(std::size_t bytes, const std::string& what) {
 
 Status MemoryHold::add(std::size_t bytes, const std::string& what) {
   if (budget_) ATTN_RETURN_IF_ERROR(budget_->take(bytes, what));
+  bytes_ += bytes;
+  return Status::Ok();
+}
+
+Status MemoryHold::add_large(std::size_t bytes, const std::string& what) {
+  if (budget_) ATTN_RETURN_IF_ERROR(budget_->take(bytes, what, budget_->small_call_reserve()));
   bytes_ += bytes;
   return Status::Ok();
 }

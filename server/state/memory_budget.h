@@ -20,8 +20,11 @@ class MemoryBudget {
   explicit MemoryBudget(std::size_t limit_bytes) : limit_(limit_bytes) {}
   std::size_t limit() const { return limit_; }
   std::size_t used() const { return used_.load(std::memory_order_relaxed); }
-  // Takes `bytes` if they fit under the limit; `what` names them in the refusal.
-  Status take(std::size_t bytes, const std::string& what);
+  // Takes `bytes` if they fit under the limit with `keep_free` bytes still free after them;
+  // `what` names them in the refusal.
+  Status take(std::size_t bytes, const std::string& what, std::size_t keep_free = 0);
+  // What large requests leave free for small calls: 1/32 of the limit, 64 MiB at most.
+  std::size_t small_call_reserve() const;
   void give_back(std::size_t bytes) { used_.fetch_sub(bytes, std::memory_order_relaxed); }
 
  private:
@@ -39,6 +42,8 @@ class MemoryHold {
 
   // Adds `bytes` to the hold, or says why they do not fit (a null budget holds everything).
   Status add(std::size_t bytes, const std::string& what);
+  // The same, leaving the budget's small_call_reserve() free after them (a large request's room).
+  Status add_large(std::size_t bytes, const std::string& what);
   std::size_t bytes() const { return bytes_; }
   void release();
 

@@ -140,6 +140,51 @@ TEST(Memory, InflightBoundRefusesWhatIsPastIt) {
   EXPECT_TRUE(alone[0].status.ok()) << alone[0].status.error_message();
 }
 
+// The same eight calls without a declared size (grpcurl, a client of one's own): each is charged
+// room for the largest request (--max-message-mb) until its body has come, so the calls past the
+// bound are refused before their bodies come, as declared ones are. Before: an undeclared call was
+// charged 4 MiB until read, the bodies all came, and the server reached 1.6x the bound (+3.5 GB).
+TEST(Memory, UndeclaredCallsAreRefusedAtTheBound) {
+  const std::int64_t bound_mib = 2048 / kScale, max_message_mib = 1024 / kScale;
+  testing::ServerProcess server(ATTND_PATH,
+                                {"--backend", "cpu", "--max-inflight-mb", std::to_string(bound_mib),
+                                 "--max-message-mb", std::to_string(max_message_mib)},
+                                with_token());
+  const std::int64_t idle = idle_rss(server);
+  const grpc::ByteBuffer request = testing::softmax_request_bytes(kBigRequest);
+  std::vector<testing::CallResult> results;
+  std::int64_t peak = 0;
+  {
+    testing::RssSampler rss(server.pid());
+    results = testing::concurrent_calls(server.address(), kSoftmax, request, 8, kToken, /*declare_size=*/false);
+    peak = rss.peak();
+  }
+  int refused_at_once = 0;
+  for (const auto& r : results) {
+    EXPECT_THAT(r.status.error_code(), AnyOf(Eq(grpc::StatusCode::OK), Eq(grpc::StatusCode::RESOURCE_EXHAUSTED)))
+        << r.status.error_message();
+    if (r.status.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED && r.took < ms(1000)) {
+      EXPECT_THAT(r.status.error_message(), ::testing::HasSubstr("attn-request-bytes"));
+      EXPECT_THAT(r.status.error_message(), ::testing::HasSubstr("--max-inflight-mb"));
+      ++refused_at_once;
+    }
+  }
+  // Two largest requests' room fits the bound: at least six are refused unread.
+  EXPECT_GE(refused_at_once, 6);
+  if (!kAsan) {
+    EXPECT_LE(peak - idle, 2500 * 1000 * 1000LL) << "idle " << idle / kMiB << " MiB";
+  }
+  // Once read, a call holds its actual size: afterwards a 1 GB undeclared call alone succeeds.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  std::vector<testing::CallResult> alone;
+  do {
+    alone = testing::concurrent_calls(server.address(), kSoftmax, request, 1, kToken, false);
+    if (alone[0].status.error_code() != grpc::StatusCode::RESOURCE_EXHAUSTED) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  } while (std::chrono::steady_clock::now() < deadline);
+  EXPECT_TRUE(alone[0].status.ok()) << alone[0].status.error_message();
+}
+
 // The declared size is checked before the body is read (a malformed or too large one) and
 // against the body once it has come.
 TEST(Memory, DeclaredSizeIsChecked) {

@@ -152,28 +152,32 @@ def test_dtype_and_shape_of_the_server_cache(client):
         assert cache.dtype == "bfloat16"
 
 
-# ---- bfloat16: logits of a prefill and decode steps near eager's ----
+# ---- bfloat16: logits of a prefill and decode steps as near float32's as eager's ----
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_bfloat16_prefill_and_decode_logits_near_eager(client, family):
+    """Two bfloat16 runs of one model differ by bfloat16's rounding at different places (1-6%
+    relative on these logits, measured: as much with float64 attention, the reference client), so
+    each is measured against float32 eager: attnd's error must be about eager's own."""
     device = "cuda" if GPU else "cpu"
     config = CONFIGS[family]()
+    truth, _ = build_pair(config, device=device, dtype=torch.float32)
     eager, ours = build_pair(config, device=device, dtype=torch.bfloat16)
     ids = prompt(2, 12).to(device)
     with torch.no_grad(), AttnCache.from_model(client, ours, batch_size=2, capacity_tokens=512) as cache:
         assert cache.dtype == "bfloat16"
-        ref = eager(ids, use_cache=True)
-        got = ours(ids, past_key_values=cache, use_cache=True)
-        errors = [rel_fro(got.logits, ref.logits)]
-        ref_cache = ref.past_key_values
+        want, ref, got = truth(ids, use_cache=True), eager(ids, use_cache=True), ours(ids, past_key_values=cache, use_cache=True)
+        ours_err, eager_err = [rel_fro(got.logits, want.logits)], [rel_fro(ref.logits, want.logits)]
         for _ in range(4):
-            nxt = ref.logits[:, -1:].argmax(-1)  # the same token into both
-            ref = eager(nxt, past_key_values=ref_cache, use_cache=True)
-            ref_cache = ref.past_key_values
+            nxt = want.logits[:, -1:].argmax(-1)  # the same token into all three
+            want = truth(nxt, past_key_values=want.past_key_values, use_cache=True)
+            ref = eager(nxt, past_key_values=ref.past_key_values, use_cache=True)
             got = ours(nxt, past_key_values=cache, use_cache=True)
-            errors.append(rel_fro(got.logits, ref.logits))
+            ours_err.append(rel_fro(got.logits, want.logits))
+            eager_err.append(rel_fro(ref.logits, want.logits))
         assert cache.get_seq_length() == 16
-    assert max(errors) < 2e-2, errors
+    for step, (o, e) in enumerate(zip(ours_err, eager_err)):
+        assert o <= 1.5 * e + 5e-3, f"step {step}: attnd {ours_err}, eager {eager_err} (bfloat16 vs float32)"
 
 
 # ---- without an AttnCache: one-shot Attention calls ----

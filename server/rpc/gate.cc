@@ -33,7 +33,7 @@ Result<std::int64_t> gated::declared_request_bytes(const grpc::ServerContextBase
 namespace {
 
 bool reaches_tensor(const google::protobuf::Descriptor* d,
-                     std::vector<const google::protobuf::Descriptor*>& seen) {
+                    std::vector<const google::protobuf::Descriptor*>& seen) {
   if (d == v1::Tensor::descriptor()) return true;
   if (std::find(seen.begin(), seen.end(), d) != seen.end()) return false;
   seen.push_back(d);

@@ -125,6 +125,11 @@ class DecodeBenchTest(unittest.TestCase):
             r = json.loads(r.stdout)
             self.assertEqual(r["transport"], "shm")
             self.assertGreater(r["call_p50_ns"], 0)
+            # --cuda-ipc needs a CUDA build of attn and a server with --shared-memory cuda: refused
+            # here, by name.
+            r = run(*small, "--cuda-ipc", "0")
+            self.assertNotEqual(r.returncode, 0)
+            self.assertIn("--cuda-ipc", r.stderr)
         finally:
             server.terminate()
             self.assertEqual(server.wait(timeout=30), 0)

@@ -31,6 +31,12 @@ struct DecodeBenchOptions {
   std::string kernel;                 // Decode's variant; empty: the server picks
   std::string device;                 // where the cache goes; empty: the server picks
   std::uint64_t seed = 1;
+  // --shm: each stream's q, k_new, v_new and o in a POSIX shared-memory region the bench makes
+  // and registers (the server on this host, run with --shared-memory system); --cuda-ipc DEVICE:
+  // in device memory of that CUDA device, exported by CUDA IPC (--shared-memory cuda, the cache
+  // on that device). The prefill stays inline.
+  bool shm = false;
+  int cuda_ipc_device = -1;
   bool keep = false;  // leave the cache on the server
   bool json = false;  // print JSON instead of the table
   std::string json_path;

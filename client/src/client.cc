@@ -937,6 +937,127 @@ Result<KvOpResult> Client::prefill(const std::string& cache, int layer,
   return kv_op_result(resp, options.return_lse, attempts);
 }
 
+namespace {
+
+// A region's bytes at `offset` as a tensor of `dtype` and `shape`, or why they do not fit.
+Result<Tensor> from_region(const SharedMemoryBuffer& buffer, std::int64_t offset, DType dtype,
+                           const Shape& shape, const char* field) {
+  Tensor t(dtype, shape);
+  if (offset < 0 || static_cast<std::size_t>(offset) + t.bytes() > buffer.size())
+    return invalid_argument(std::string(field) + ": the output does not fit in the buffer");
+  std::memcpy(t.data(), static_cast<const char*>(buffer.data()) + offset, t.bytes());
+  return t;
+}
+
+// A Decode or Prefill request's inputs and outputs in `region` (decode_shm, prefill_shm).
+template <class Request>
+void place_in_region(Request& req, v1::Tensor* q, v1::Tensor* k, v1::Tensor* v,
+                     const std::string& region, DType dtype, const Shape& q_shape,
+                     const Shape& kv_shape, const std::int64_t offsets[3], std::int64_t o_offset,
+                     bool return_lse, std::int64_t lse_offset) {
+  *q = Client::in_shared_memory(dtype, q_shape, region, offsets[0]);
+  *k = Client::in_shared_memory(dtype, kv_shape, region, offsets[1]);
+  *v = Client::in_shared_memory(dtype, kv_shape, region, offsets[2]);
+  *req.add_output_shm() = Client::shared_memory_ref(region, o_offset);
+  if (return_lse && lse_offset >= 0)
+    *req.add_output_shm() = Client::shared_memory_ref(region, lse_offset);
+}
+
+// The result of a Decode or Prefill whose outputs went into `buffer` (the LSE inline when
+// `lse_offset` is -1).
+template <class Response>
+Result<KvOpResult> kv_shm_result(const Response& resp, const SharedMemoryBuffer& buffer,
+                                 DType dtype, const Shape& q_shape, std::int64_t o_offset,
+                                 bool return_lse, std::int64_t lse_offset, bool copy_out,
+                                 int attempts) {
+  KvOpResult result{Tensor(),        {},
+                    resp.timings(),  {resp.lengths().begin(), resp.lengths().end()},
+                    resp.replayed(), attempts};
+  if (copy_out) {
+    ATTN_ASSIGN_OR_RETURN(o, from_region(buffer, o_offset, dtype, q_shape, "o_offset"));
+    result.output = std::move(o);
+  }
+  if (return_lse && lse_offset < 0) {
+    ATTN_ASSIGN_OR_RETURN(lse, to_tensor(resp.lse(), "lse"));
+    result.lse = std::move(lse);
+  } else if (return_lse && copy_out) {
+    ATTN_ASSIGN_OR_RETURN(lse, from_region(buffer, lse_offset, DType::kFloat32,
+                                           {q_shape[0], q_shape[1]}, "lse_offset"));
+    result.lse = std::move(lse);
+  }
+  return result;
+}
+
+}  // namespace
+
+Result<KvOpResult> Client::decode_shm(const std::string& cache, int layer,
+                                      const std::vector<std::string>& sequence_ids,
+                                      const std::string& region, const SharedMemoryBuffer& buffer,
+                                      DType dtype, const Shape& q_shape, const Shape& kv_shape,
+                                      const std::int64_t offsets[3], std::int64_t o_offset,
+                                      const DecodeOptions& options, bool copy_out,
+                                      std::int64_t lse_offset) {
+  ATTN_ASSIGN_OR_RETURN(stub, kv_stub(cache));
+  if (q_shape.size() != 3) return invalid_argument("q_shape: expected [n, Hq, D]");
+  v1::DecodeRequest req;
+  req.set_cache(cache);
+  req.set_layer(layer);
+  for (const auto& id : sequence_ids) req.add_sequence_ids(id);
+  place_in_region(req, req.mutable_q(), req.mutable_k_new(), req.mutable_v_new(), region, dtype,
+                  q_shape, kv_shape, offsets, o_offset, options.return_lse, lse_offset);
+  req.set_scale(options.scale);
+  req.set_kernel(options.kernel);
+  req.set_return_lse(options.return_lse);
+  if (options.window_left != -1) req.set_window_left(options.window_left);
+  req.set_softcap(options.softcap);
+  if (!options.sinks.shape().empty())
+    wire::encode_tensor(options.sinks.view(), req.mutable_sinks());
+  req.mutable_expected_lengths()->Assign(options.expected_lengths.begin(),
+                                         options.expected_lengths.end());
+  v1::DecodeResponse resp;
+  int attempts = 0;
+  ATTN_RETURN_IF_ERROR(send_kv(stub, req, &resp, &v1::AttnService::Stub::Decode,
+                               !options.expected_lengths.empty(), &attempts));
+  return kv_shm_result(resp, buffer, dtype, q_shape, o_offset, options.return_lse, lse_offset,
+                       copy_out, attempts);
+}
+
+Result<KvOpResult> Client::prefill_shm(const std::string& cache, int layer,
+                                       const std::vector<std::string>& sequence_ids,
+                                       const std::vector<std::int64_t>& lens,
+                                       const std::string& region, const SharedMemoryBuffer& buffer,
+                                       DType dtype, const Shape& q_shape, const Shape& kv_shape,
+                                       const std::int64_t offsets[3], std::int64_t o_offset,
+                                       const PrefillOptions& options, bool copy_out,
+                                       std::int64_t lse_offset) {
+  ATTN_ASSIGN_OR_RETURN(stub, kv_stub(cache));
+  if (q_shape.size() != 3) return invalid_argument("q_shape: expected [sum(lens), Hq, D]");
+  v1::PrefillRequest req;
+  req.set_cache(cache);
+  req.set_layer(layer);
+  for (const auto& id : sequence_ids) req.add_sequence_ids(id);
+  req.mutable_lens()->Assign(lens.begin(), lens.end());
+  place_in_region(req, req.mutable_q(), req.mutable_k(), req.mutable_v(), region, dtype, q_shape,
+                  kv_shape, offsets, o_offset, options.return_lse, lse_offset);
+  req.set_non_causal(options.non_causal);
+  req.set_scale(options.scale);
+  req.set_kernel(options.kernel);
+  req.set_return_lse(options.return_lse);
+  if (options.window_left != -1) req.set_window_left(options.window_left);
+  if (options.window_right != -1) req.set_window_right(options.window_right);
+  req.set_softcap(options.softcap);
+  if (!options.sinks.shape().empty())
+    wire::encode_tensor(options.sinks.view(), req.mutable_sinks());
+  req.mutable_expected_lengths()->Assign(options.expected_lengths.begin(),
+                                         options.expected_lengths.end());
+  v1::PrefillResponse resp;
+  int attempts = 0;
+  ATTN_RETURN_IF_ERROR(send_kv(stub, req, &resp, &v1::AttnService::Stub::Prefill,
+                               !options.expected_lengths.empty(), &attempts));
+  return kv_shm_result(resp, buffer, dtype, q_shape, o_offset, options.return_lse, lse_offset,
+                       copy_out, attempts);
+}
+
 Result<KvContents> Client::read_kv(const std::string& cache, const std::string& sequence_id,
                                    int layer, std::size_t chunk_bytes) {
   ATTN_ASSIGN_OR_RETURN(stub, kv_stub(cache));

@@ -62,6 +62,7 @@ class DecodeBenchTest(unittest.TestCase):
         as_json = json.loads(self.attn("--json", *args).stdout)  # --json prints the same record
         self.assertEqual(set(as_json), set(r))
         self.assertEqual(as_json["clients"], 1)
+        self.assertEqual(as_json["transport"], "inline")
         self.assertEqual(as_json["call_mean_batched_calls"], 1)  # one stream: nothing to merge with
 
     def test_decode_bench_concurrent_streams(self):
@@ -90,6 +91,48 @@ class DecodeBenchTest(unittest.TestCase):
         self.assertNotEqual(r.returncode, 0)
         self.assertIn("INVALID_ARGUMENT", r.stderr)
         self.assertEqual(self.caches(), [], "a failed benchmark deletes its cache too")
+
+    def test_decode_bench_shm(self):
+        # The server above runs without shared memory: --shm is refused there, by the server.
+        small = ["decode-bench", "--seqs", "3", "--context", "5:20", "--steps", "3", "--layers", "2",
+                 "--q-heads", "4", "--kv-heads", "2", "--head-dim", "16", "--dtype", "float32"]
+        r = self.attn(*small, "--shm", check=False)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("--shm", r.stderr)
+        self.assertIn("--shared-memory", r.stderr)
+        self.assertEqual(self.caches(), [])
+        r = self.attn(*small, "--shm", "--cuda-ipc", "0", check=False)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("expected one of them, got both", r.stderr)
+        # One that serves it: q, k_new, v_new and o through a region, the same report.
+        port_file = os.path.join(self.dir.name, "shm-port")
+        server = subprocess.Popen([ATTND, "--listen", "127.0.0.1:0", "--port-file", port_file, "--backend", "cpu",
+                                   "--shared-memory", "system"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.time() + 30
+            while not (os.path.exists(port_file) and open(port_file).read().split()):
+                assert server.poll() is None and time.time() < deadline, "attnd did not start"
+                time.sleep(0.02)
+            address = "127.0.0.1:" + open(port_file).read().split()[0]
+            run = lambda *args: subprocess.run([ATTN, "--server", address, *args], capture_output=True, text=True,
+                                               timeout=120)
+            table = run(*small, "--clients", "2", "--shm")
+            self.assertEqual(table.returncode, 0, table.stderr)
+            self.assertIn("tensors shm", table.stdout)
+            self.assertIn("per call: p50", table.stdout)
+            r = run("--json", *small, "--shm")
+            self.assertEqual(r.returncode, 0, r.stderr)
+            r = json.loads(r.stdout)
+            self.assertEqual(r["transport"], "shm")
+            self.assertGreater(r["call_p50_ns"], 0)
+            # --cuda-ipc needs a CUDA build of attn and a server with --shared-memory cuda: refused
+            # here, by name.
+            r = run(*small, "--cuda-ipc", "0")
+            self.assertNotEqual(r.returncode, 0)
+            self.assertIn("--cuda-ipc", r.stderr)
+        finally:
+            server.terminate()
+            self.assertEqual(server.wait(timeout=30), 0)
 
     def test_kv_create_describe_list_delete(self):
         made = json.loads(self.attn("--json", "kv", "create", "--layers", "2", "--kv-heads", "2", "--head-dim", "16",

@@ -282,13 +282,15 @@ struct KvMerging {
 
   // Calls merge when one launch can serve them all: the same cache, variant, query heads, scale,
   // mask (causal, window), soft cap, sinks (their values: the union runs with the first call's)
-  // and outputs; any layers (one view of all of them), where its page numbers fit. Inputs in
-  // host memory only: the merged launch gathers them with memcpy.
+  // and outputs; any layers (one view of all of them), where its page numbers fit. Inputs and
+  // outputs in host memory only (an output bound for a host region is staged there): the merged
+  // launch gathers and scatters them with memcpy.
   static std::string key(const Args& a, const Variant<Args>& variant, const KvCache& cache,
                          int layer) {
     if (a.q.memory != MemoryKind::kHost || a.k_new.memory != MemoryKind::kHost ||
         a.v_new.memory != MemoryKind::kHost ||
-        (!a.sinks.empty() && a.sinks.memory != MemoryKind::kHost))
+        (!a.sinks.empty() && a.sinks.memory != MemoryKind::kHost) ||
+        a.o.memory != MemoryKind::kHost || (!a.lse.empty() && a.lse.memory != MemoryKind::kHost))
       return "";
     char key[256];
     std::snprintf(key, sizeof key, "%s %p %d %s %lld %a %d %lld %lld %d %a", OpDesc<Args>::kName,
@@ -417,17 +419,26 @@ class KvCall final : public BatchMember {
   void undo_together() { cache->abort(*pending); }
   void ran_together(Executor& executor, const ExecTimings& t, std::int64_t queue_ns, int batched,
                     const VariantInfo& ran) {
-    bind_plan(pending->plan, request.args);  // for its own cost
-    for (auto len : pending->new_lengths) resp->add_lengths(len);
-    if (return_values) {
-      wire::convert_to_values(resp->mutable_o());
-      if (resp->has_lse()) wire::convert_to_values(resp->mutable_lse());
-    }
-    if (AppliedCall* record = pending->record.get()) {  // kept for a repeat, as it is sent
-      record->o = resp->o();
+    bind_plan(pending->plan, request.args);             // for its own cost
+    if (AppliedCall* record = pending->record.get()) {  // kept for a repeat: the outputs' bytes
+      Status kept = keep_output(executor, request.args.o, resp->o(), &record->o);
       record->has_lse = resp->has_lse();
-      if (record->has_lse) record->lse = resp->lse();
+      if (kept.ok() && record->has_lse)
+        kept = keep_output(executor, request.args.lse, resp->lse(), &record->lse);
       record->variant = ran.name;
+      if (!kept.ok()) {
+        core->device_faulted(executor, ran.name, kept);
+        return undo_or_commit(kept, batched);
+      }
+    }
+    // Outputs bound for host regions, written before the append is committed: one that cannot be
+    // written (the object shrunk under it) fails the call with nothing appended, unless it shared
+    // a launch (the calls' pages are committed in order).
+    if (Status written = deliver(); !written.ok()) return undo_or_commit(written, batched);
+    for (auto len : pending->new_lengths) resp->add_lengths(len);
+    if (return_values) {  // inline outputs only: those in a region have no bytes here
+      if (!resp->o().has_shm()) wire::convert_to_values(resp->mutable_o());
+      if (resp->has_lse() && !resp->lse().has_shm()) wire::convert_to_values(resp->mutable_lse());
     }
     cache->commit(*pending);
     v1::Timings* timings = resp->mutable_timings();
@@ -445,15 +456,83 @@ class KvCall final : public BatchMember {
     return Status::Ok();
   }
 
-  // A repeat of the last applied call on its sequences: that call's response, bit for bit, and
-  // nothing appended; its own timings (no kernel ran, no cost).
+  // A host output's bytes (inline in `sent`, or staged at `view` for a host region) or a device
+  // one's (a CUDA region, read back through `executor`) into `kept`: dtype, shape and data.
+  static Status keep_output(Executor& executor, const TensorView& view, const v1::Tensor& sent,
+                            v1::Tensor* kept) {
+    kept->set_dtype(wire::to_proto(view.dtype));
+    kept->mutable_shape()->Assign(view.shape.begin(), view.shape.end());
+    if (!sent.has_shm()) {
+      kept->set_data(sent.data());
+      return Status::Ok();
+    }
+    std::string* bytes = kept->mutable_data();
+    bytes->resize(view.bytes());
+    if (view.memory == MemoryKind::kHost) {
+      std::memcpy(bytes->data(), view.data, view.bytes());
+      return Status::Ok();
+    }
+    return executor.read(bytes->data(), view.data, 0, view.bytes());
+  }
+
+  // The call failed after its kernel ran: alone, its pages go back (nothing appended); in a shared
+  // launch the append stands (later calls' pages were planned after its own) and the failure says
+  // so.
+  void undo_or_commit(const Status& why, int batched) {
+    if (batched <= 1) {
+      cache->abort(*pending);
+      return fail(why);
+    }
+    cache->commit(*pending);
+    fail(Status(why.code(),
+                why.message() +
+                    " (the call shared a launch: its tokens were appended; a repeat with "
+                    "expected_lengths answers from its record)"));
+  }
+
+  // Writes the outputs staged for host regions.
+  Status deliver() {
+    if (request.shm_outputs.empty()) return Status::Ok();
+    std::size_t written = 0;
+    ATTN_RETURN_IF_ERROR(write_shm_outputs(*core->config.shm, request, &written));
+    if (core->config.metrics) core->config.metrics->record_shared_memory(call->op(), 0, written);
+    return Status::Ok();
+  }
+
+  // A recorded output into this call's response: into the region its output_shm names (host:
+  // written through the registry; device: copied in place through `executor`), else inline.
+  Status replay_output(Executor& executor, const v1::Tensor& kept, const TensorView& view,
+                       v1::Tensor* out) {
+    if (!out->has_shm()) {
+      *out = kept;
+      if (return_values) wire::convert_to_values(out);
+      return Status::Ok();
+    }
+    if (kept.data().size() != view.bytes())
+      return internal_error("replay: the record's output is not the size of this call's");
+    if (view.memory != MemoryKind::kHost)
+      return executor.write(view.data, 0, kept.data().data(), view.bytes());
+    for (const auto& o : request.shm_outputs)
+      if (o.data == view.data) {
+        ATTN_RETURN_IF_ERROR(core->config.shm->write(o.slice, kept.data().data(), o.field));
+        if (core->config.metrics)
+          core->config.metrics->record_shared_memory(call->op(), 0,
+                                                     static_cast<std::size_t>(o.slice.bytes));
+        return Status::Ok();
+      }
+    return internal_error("replay: no staged region for an output in shared memory");
+  }
+
+  // A repeat of the last applied call on its sequences: that call's response, bit for bit (its
+  // outputs written into the regions this call names), and nothing appended; its own timings (no
+  // kernel ran, no cost).
   void replay(Executor& executor, std::int64_t queue_ns) {
     const AppliedCall& r = *pending->repeat_of;
-    *resp->mutable_o() = r.o;
-    if (r.has_lse)
-      *resp->mutable_lse() = r.lse;
-    else
-      resp->clear_lse();
+    Status replayed = replay_output(executor, r.o, request.args.o, resp->mutable_o());
+    if (replayed.ok() && r.has_lse)
+      replayed = replay_output(executor, r.lse, request.args.lse, resp->mutable_lse());
+    if (!replayed.ok()) return fail(replayed);
+    if (!r.has_lse) resp->clear_lse();
     resp->mutable_lengths()->Assign(r.lengths.begin(), r.lengths.end());
     resp->set_replayed(true);
     v1::Timings* timings = resp->mutable_timings();

@@ -178,10 +178,9 @@ class OneShotCall final : public BatchMember {
                const VariantInfo* ran = nullptr) {
     const VariantInfo& v = ran ? *ran : variant();
     std::size_t shm_out = 0;
-    for (const auto& o : op->shm_outputs) {
-      const Status written = core->config.shm->write(o.slice, o.data, o.field);
+    if (!op->shm_outputs.empty()) {
+      const Status written = write_shm_outputs(*core->config.shm, *op, &shm_out);
       if (!written.ok()) return fail(written);
-      shm_out += static_cast<std::size_t>(o.slice.bytes);
     }
     if (shm_out && core->config.metrics)
       core->config.metrics->record_shared_memory(name(), 0, shm_out);

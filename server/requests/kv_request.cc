@@ -94,6 +94,33 @@ Result<wire::DecodedTensor> kv_input(const v1::Tensor& t, bool present, const ch
   return d;
 }
 
+// An output of a Decode or Prefill call: in the region its output_shm entry names (shm_output:
+// one in a device's memory must be on the cache's device), else inline in the response.
+Result<TensorView> kv_output(DType dtype, const Shape& shape, v1::Tensor* out, const char* field,
+                             const v1::SharedMemoryRef* to_shm, const KvCache& c,
+                             const RequestContext& ctx, const CallContext& call,
+                             RequestTensors& held) {
+  if (!to_shm || to_shm->region().empty()) {
+    ATTN_RETURN_IF_ERROR(call.hold_more(
+        static_cast<std::size_t>(element_count(shape)) * element_size(dtype), field));
+    return wire::prepare_output(dtype, shape, out);
+  }
+  // Pinned by the region (a CUDA one) or by the inputs: the cache's device only.
+  RequestTensors pinned;
+  ATTN_ASSIGN_OR_RETURN(view, shm_output(dtype, shape, out, *to_shm, field, ctx, call, pinned));
+  if (pinned.executor >= 0 && ctx.executor_devices[static_cast<std::size_t>(pinned.executor)] !=
+                                  ctx.executor_devices[c.executor()]) {
+    return failed_precondition(std::string("output_shm (") + field + "): region \"" +
+                               to_shm->region() + "\" lives on " + device_of(pinned.executor, ctx) +
+                               ", the cache on " + c.owner().device().label() +
+                               "; name a region on the cache's device or in host shared memory");
+  }
+  for (auto& b : pinned.shm_buffers) held.shm_buffers.push_back(std::move(b));
+  for (auto& o : pinned.shm_outputs) held.shm_outputs.push_back(std::move(o));
+  for (auto& r : pinned.shm_regions) held.shm_regions.push_back(std::move(r));
+  return view;
+}
+
 // Where Decode and Prefill requests differ: the names of their K/V fields, their mask, and
 // Prefill's count of new tokens per sequence.
 template <class Request>
@@ -146,6 +173,7 @@ Result<KvRequest<Args>> parse_request(const Request& req, Response* resp, const 
                             str(static_cast<std::int64_t>(fresh.size())));
   }
   ATTN_RETURN_IF_ERROR(check_expected_lengths(req.expected_lengths(), req.sequence_ids_size()));
+  ATTN_RETURN_IF_ERROR(check_output_refs(req.output_shm(), req.return_lse() ? 2 : 1));
   std::int64_t rows = 0;
   for (auto f : fresh) rows += f;
   KvRequest<Args> out;
@@ -186,15 +214,18 @@ Result<KvRequest<Args>> parse_request(const Request& req, Response* resp, const 
   a.softcap = req.softcap();
   a.sinks = sinks;
   Fields::set_new_tokens(fresh, a);
-  // The response's bytes, charged to the call (the server's memory bound) before they exist.
-  const std::size_t o_bytes =
-      static_cast<std::size_t>(element_count(q.view.shape)) * element_size(cache.config().dtype);
-  ATTN_RETURN_IF_ERROR(call.hold_more(o_bytes, "o"));
-  if (req.return_lse())
-    ATTN_RETURN_IF_ERROR(call.hold_more(static_cast<std::size_t>(rows * q.view.dim(1)) * 4, "lse"));
-  a.o = wire::prepare_output(cache.config().dtype, q.view.shape, resp->mutable_o());
-  if (req.return_lse())
-    a.lse = wire::prepare_output(DType::kFloat32, {rows, q.view.dim(1)}, resp->mutable_lse());
+  // The outputs: in registered shared memory where output_shm names a region (one on a device
+  // must be the cache's), else the response's bytes, charged to the call (the server's memory
+  // bound) before they exist.
+  ATTN_ASSIGN_OR_RETURN(o, kv_output(cache.config().dtype, q.view.shape, resp->mutable_o(), "o",
+                                     output_ref(req.output_shm(), 0), cache, ctx, call, out));
+  a.o = o;
+  if (req.return_lse()) {
+    ATTN_ASSIGN_OR_RETURN(
+        lse, kv_output(DType::kFloat32, {rows, q.view.dim(1)}, resp->mutable_lse(), "lse",
+                       output_ref(req.output_shm(), 1), cache, ctx, call, out));
+    a.lse = lse;
+  }
   ATTN_ASSIGN_OR_RETURN(variant,
                         ctx.registry->of<Args>().select(a, req.kernel(), cache.owner().target()));
   out.variant = variant;
@@ -206,10 +237,8 @@ Result<KvRequest<Args>> parse_request(const Request& req, Response* resp, const 
     Expectation e;
     e.lengths.assign(req.expected_lengths().begin(), req.expected_lengths().end());
     e.fingerprint = fingerprint;
-    // What its record will hold: o and lse as sent (float32 values when return_values), the ids.
-    const std::size_t o_kept =
-        req.return_values() ? static_cast<std::size_t>(a.o.numel()) * 4 : a.o.bytes();
-    e.record_bytes = o_kept + a.lse.bytes() + 256;
+    // What its record will hold: the bytes of o and lse (wherever they were sent), the ids.
+    e.record_bytes = a.o.bytes() + a.lse.bytes() + 256;
     for (const std::string& id : ids) e.record_bytes += id.size() + 48;
     out.expectation = std::move(e);
   }

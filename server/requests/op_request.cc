@@ -69,19 +69,6 @@ Status pin_to_cuda(int ordinal, const std::string& field, const RequestContext& 
                              ", which this server does not serve");
 }
 
-// Outputs bound for CUDA regions pin the op to their device before its variant is chosen.
-Status pin_output_regions(const google::protobuf::RepeatedPtrField<v1::SharedMemoryRef>& refs,
-                          const RequestContext& ctx, const CallContext& call, RequestTensors& op) {
-  if (!ctx.shm) return Status::Ok();
-  for (const auto& ref : refs) {
-    if (ref.region().empty()) continue;
-    auto r = ctx.shm->find(call.caller, ref.region());
-    if (r && r->on_device())
-      ATTN_RETURN_IF_ERROR(pin_to_cuda(r->cuda.device, "output_shm", ctx, op));
-  }
-  return Status::Ok();
-}
-
 // A host buffer of `bytes` from the registry's staging pool, not zeroed (it is overwritten whole),
 // kept by the op.
 void* shm_buffer(std::size_t bytes, const RequestContext& ctx, RequestTensors& op) {
@@ -160,6 +147,67 @@ Result<TensorView> sinks_input(const v1::Tensor& t, bool present, std::int64_t h
   return view;
 }
 
+// Outputs bound for CUDA regions pin the op to their device before its variant is chosen.
+Status pin_output_regions(const google::protobuf::RepeatedPtrField<v1::SharedMemoryRef>& refs,
+                          const RequestContext& ctx, const CallContext& call, RequestTensors& op) {
+  if (!ctx.shm) return Status::Ok();
+  for (const auto& ref : refs) {
+    if (ref.region().empty()) continue;
+    auto r = ctx.shm->find(call.caller, ref.region());
+    if (r && r->on_device())
+      ATTN_RETURN_IF_ERROR(pin_to_cuda(r->cuda.device, "output_shm", ctx, op));
+  }
+  return Status::Ok();
+}
+
+const v1::SharedMemoryRef* output_ref(
+    const google::protobuf::RepeatedPtrField<v1::SharedMemoryRef>& refs, int i) {
+  return i < refs.size() ? &refs.Get(i) : nullptr;
+}
+
+Status check_output_refs(const google::protobuf::RepeatedPtrField<v1::SharedMemoryRef>& refs,
+                         int outputs) {
+  if (refs.size() <= outputs) return Status::Ok();
+  return invalid_argument("output_shm: expected at most " + std::to_string(outputs) +
+                          " entries (one per output), got " + std::to_string(refs.size()));
+}
+
+Result<TensorView> shm_output(DType dtype, const Shape& shape, v1::Tensor* out,
+                              const v1::SharedMemoryRef& to_shm, const char* field,
+                              const RequestContext& ctx, const CallContext& call,
+                              RequestTensors& op) {
+  const std::string f = std::string("output_shm (") + field + ")";
+  if (!ctx.shm) return failed_precondition(off_message(f));
+  const std::size_t bytes = static_cast<std::size_t>(element_count(shape)) * element_size(dtype);
+  ATTN_ASSIGN_OR_RETURN(slice,
+                        ctx.shm->resolve(call.caller, to_shm, static_cast<std::int64_t>(bytes), f));
+  out->set_dtype(wire::to_proto(dtype));
+  out->mutable_shape()->Assign(shape.begin(), shape.end());
+  *out->mutable_shm() = to_shm;
+  out->mutable_shm()->set_bytes(static_cast<std::int64_t>(bytes));
+  if (slice.region->on_device()) {  // written in place on its GPU (pin_output_regions placed the
+                                    // op there)
+    ATTN_RETURN_IF_ERROR(pin_to_cuda(slice.region->cuda.device, f, ctx, op));
+    op.shm_regions.push_back(slice.region);
+    return TensorView{dtype, shape, static_cast<char*>(slice.region->cuda.base) + slice.offset,
+                      MemoryKind::kDevice};
+  }
+  ATTN_RETURN_IF_ERROR(call.hold_more(bytes, f));
+  void* buf = shm_buffer(bytes, ctx, op);
+  op.shm_outputs.push_back({slice, f, buf});
+  return TensorView{dtype, shape, buf, MemoryKind::kHost};
+}
+
+Status write_shm_outputs(SharedMemoryRegistry& shm, const RequestTensors& held,
+                         std::size_t* written) {
+  *written = 0;
+  for (const auto& o : held.shm_outputs) {
+    ATTN_RETURN_IF_ERROR(shm.write(o.slice, o.data, o.field));
+    *written += static_cast<std::size_t>(o.slice.bytes);
+  }
+  return Status::Ok();
+}
+
 namespace {
 
 // The context to select a variant in: only the pinned device's target when there is one.
@@ -181,28 +229,7 @@ Result<TensorView> output(DType dtype, const Shape& shape, v1::Tensor* out, bool
     const std::string f = std::string("output_shm (") + field + ")";
     if (!ctx.shm) return failed_precondition(off_message(f));
     if (keep) return invalid_argument(f + ": expected keep_output or output_shm, got both");
-    const std::size_t bytes = static_cast<std::size_t>(element_count(shape)) * element_size(dtype);
-    ATTN_ASSIGN_OR_RETURN(
-        slice, ctx.shm->resolve(call.caller, *to_shm, static_cast<std::int64_t>(bytes), f));
-    if (slice.region->on_device()) {  // written in place on its GPU (pin_output_regions placed the
-                                      // op there)
-      ATTN_RETURN_IF_ERROR(pin_to_cuda(slice.region->cuda.device, f, ctx, op));
-      out->set_dtype(wire::to_proto(dtype));
-      out->mutable_shape()->Assign(shape.begin(), shape.end());
-      *out->mutable_shm() = *to_shm;
-      out->mutable_shm()->set_bytes(static_cast<std::int64_t>(bytes));
-      op.shm_regions.push_back(slice.region);
-      return TensorView{dtype, shape, static_cast<char*>(slice.region->cuda.base) + slice.offset,
-                        MemoryKind::kDevice};
-    }
-    ATTN_RETURN_IF_ERROR(call.hold_more(bytes, f));
-    void* buf = shm_buffer(bytes, ctx, op);
-    op.shm_outputs.push_back({slice, f, buf});
-    out->set_dtype(wire::to_proto(dtype));
-    out->mutable_shape()->Assign(shape.begin(), shape.end());
-    *out->mutable_shm() = *to_shm;
-    out->mutable_shm()->set_bytes(static_cast<std::int64_t>(bytes));
-    return TensorView{dtype, shape, buf, MemoryKind::kHost};
+    return shm_output(dtype, shape, out, *to_shm, field, ctx, call, op);
   }
   if (!keep) {
     // The response's bytes, charged to the call before they are allocated.
@@ -226,19 +253,6 @@ Result<TensorView> output(DType dtype, const Shape& shape, v1::Tensor* out, bool
   const TensorView view = t->view();
   op.kept.push_back(std::move(t));
   return view;
-}
-
-// The request's output_shm entry for output `i`, or null; more entries than outputs: an error.
-const v1::SharedMemoryRef* output_ref(
-    const google::protobuf::RepeatedPtrField<v1::SharedMemoryRef>& refs, int i) {
-  return i < refs.size() ? &refs.Get(i) : nullptr;
-}
-
-Status check_output_refs(const google::protobuf::RepeatedPtrField<v1::SharedMemoryRef>& refs,
-                         int outputs) {
-  if (refs.size() <= outputs) return Status::Ok();
-  return invalid_argument("output_shm: expected at most " + std::to_string(outputs) +
-                          " entries (one per output), got " + std::to_string(refs.size()));
 }
 
 // The output's shape must respect the same element limit as the inputs: small inputs can ask

@@ -95,6 +95,30 @@ Result<TensorView> sinks_input(const v1::Tensor& t, bool present, std::int64_t h
                                const RequestContext& ctx, const CallContext& call,
                                RequestTensors& held);
 
+// Outputs (the requests' output_shm, one-shot ops' and Decode/Prefill's alike). Where outputs go
+// into registered shared memory, in the order a request is parsed:
+// - check_output_refs: at most `outputs` entries (INVALID_ARGUMENT naming output_shm otherwise);
+// - pin_output_regions: entries naming a CUDA region pin `held` to its GPU, before a variant is
+//   chosen;
+// - output_ref(refs, i): output i's entry, or null (then, or with an empty region, it is inline);
+// - shm_output: an output placed in the region `to_shm` names, its range checked (refusals name
+//   "output_shm (<field>)"); `out` (the response's tensor) then carries dtype, shape and shm. A
+//   host region's output is staged in a buffer charged to the call and written by
+//   write_shm_outputs once the op has succeeded; a CUDA region's is written in place.
+Status check_output_refs(const google::protobuf::RepeatedPtrField<v1::SharedMemoryRef>& refs,
+                         int outputs);
+Status pin_output_regions(const google::protobuf::RepeatedPtrField<v1::SharedMemoryRef>& refs,
+                          const RequestContext& ctx, const CallContext& call, RequestTensors& held);
+const v1::SharedMemoryRef* output_ref(
+    const google::protobuf::RepeatedPtrField<v1::SharedMemoryRef>& refs, int i);
+Result<TensorView> shm_output(DType dtype, const Shape& shape, v1::Tensor* out,
+                              const v1::SharedMemoryRef& to_shm, const char* field,
+                              const RequestContext& ctx, const CallContext& call,
+                              RequestTensors& held);
+// Writes the staged outputs of `held` into their host regions; `written` gets their bytes.
+Status write_shm_outputs(SharedMemoryRegistry& shm, const RequestTensors& held,
+                         std::size_t* written);
+
 Result<PreparedOp<MatmulArgs>> parse_matmul(const v1::MatmulRequest& req, v1::MatmulResponse* resp,
                                             const RequestContext& ctx, const CallContext& call);
 Result<PreparedOp<SoftmaxArgs>> parse_softmax(const v1::SoftmaxRequest& req,

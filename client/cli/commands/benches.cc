@@ -67,6 +67,13 @@ Subcommand add_decode_bench(CLI::App& app) {
   cmd->add_option("--device", o->device,
                   "the cache's device, e.g. cuda:1 (default: the server picks)");
   cmd->add_option("--seed", o->seed, "seed of the lengths and values")->capture_default_str();
+  cmd->add_flag("--shm", o->shm,
+                "decode's q, k_new, v_new and o through a POSIX shared-memory region (the server "
+                "on this host, run with --shared-memory system)");
+  cmd->add_option("--cuda-ipc", o->cuda_ipc_device,
+                  "decode's q, k_new, v_new and o in device memory of this CUDA device, exported "
+                  "by CUDA IPC (the server on this GPU host, run with --shared-memory cuda, the "
+                  "cache on that device)");
   cmd->add_flag("--keep", o->keep, "leave the cache on the server");
   cmd->add_option("--json-out", o->json_path, "also write the results as JSON here");
   return {cmd, [o](const Session& session) {

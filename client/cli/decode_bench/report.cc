@@ -73,6 +73,11 @@ Figures figures(const DecodeBenchOptions& o, const Samples& d) {
   return f;
 }
 
+// Where decode's tensors travelled: "inline", "shm" or "cuda-ipc".
+std::string transport(const DecodeBenchOptions& o) {
+  return o.shm ? "shm" : o.cuda_ipc_device >= 0 ? "cuda-ipc" : "inline";
+}
+
 std::string json_record(const DecodeBenchOptions& o, const Workload& w, const Measured& m,
                         const Figures& f) {
   const Samples& d = m.decode;
@@ -88,7 +93,8 @@ std::string json_record(const DecodeBenchOptions& o, const Workload& w, const Me
        << ", \"cache_bytes\": " << m.cache_bytes << ", \"prefill_calls\": " << m.prefill.calls
        << ", \"prefill_ns\": " << m.prefill.ns << ", \"prefill_kernel_ns\": " << m.prefill.kernel_ns
        << ", \"steps\": " << o.steps << ", \"warmup\": " << o.warmup
-       << ", \"clients\": " << o.clients << ", \"steps_per_s\": " << f.steps_per_s
+       << ", \"clients\": " << o.clients << ", \"transport\": \"" << transport(o)
+       << "\", \"steps_per_s\": " << f.steps_per_s
        << ", \"sequence_steps_per_s\": " << f.steps_per_s * o.seqs
        << ", \"step_p50_ns\": " << pct(d.step_ns, 0.5)
        << ", \"step_p99_ns\": " << pct(d.step_ns, 0.99)
@@ -119,9 +125,11 @@ void print_table(const DecodeBenchOptions& o, const Workload& w, const Measured&
   std::printf("prefill: %lld calls, %.3f s, %.0f tokens/s over all layers (kernel %.3f s)\n",
               static_cast<long long>(m.prefill.calls), m.prefill.ns / 1e9,
               w.prompt_tokens / (m.prefill.ns / 1e9), m.prefill.kernel_ns / 1e9);
-  std::printf("decode: %d steps x %d layers after %d warm-up steps, %d stream%s, kernel %s\n",
-              o.steps, o.layers, o.warmup, o.clients,
-              o.clients == 1 ? "" : "s (sequences split among them)", f.kernel_name.c_str());
+  std::printf(
+      "decode: %d steps x %d layers after %d warm-up steps, %d stream%s, kernel %s, tensors %s\n",
+      o.steps, o.layers, o.warmup, o.clients,
+      o.clients == 1 ? "" : "s (sequences split among them)", f.kernel_name.c_str(),
+      transport(o).c_str());
   std::printf("  %.2f steps/s, %.1f sequence-steps/s (tokens/s)\n", f.steps_per_s,
               f.steps_per_s * o.seqs);
   std::printf(

@@ -40,7 +40,7 @@ struct Stream {
 };
 
 std::vector<Stream> make_streams(const DecodeBenchOptions& o, const Workload& w, const Pools& pools,
-                                 const std::string& cache) {
+                                 const std::string& cache, const InRegion& region) {
   std::vector<Stream> streams(static_cast<std::size_t>(o.clients));
   for (int c = 0; c < o.clients; ++c) {
     auto& req = streams[static_cast<std::size_t>(c)].req;
@@ -48,10 +48,21 @@ std::vector<Stream> make_streams(const DecodeBenchOptions& o, const Workload& w,
     for (int i = c; i < o.seqs; i += o.clients)
       req.add_sequence_ids(w.ids[static_cast<std::size_t>(i)]);
     const int n = req.sequence_ids_size();
+    req.set_kernel(o.kernel);
+    if (!region.name.empty()) {  // the pools' bytes were copied there
+      const auto& at = region.offsets[static_cast<std::size_t>(c)];
+      *req.mutable_q() =
+          Client::in_shared_memory(w.dtype, {n, o.q_heads, o.head_dim}, region.name, at[0]);
+      *req.mutable_k_new() =
+          Client::in_shared_memory(w.dtype, {n, o.kv_heads, o.head_dim}, region.name, at[1]);
+      *req.mutable_v_new() =
+          Client::in_shared_memory(w.dtype, {n, o.kv_heads, o.head_dim}, region.name, at[2]);
+      *req.add_output_shm() = Client::shared_memory_ref(region.name, at[3]);
+      continue;
+    }
     set_tensor(req.mutable_q(), w.dtype, n, o.q_heads, o.head_dim, pools.q);
     set_tensor(req.mutable_k_new(), w.dtype, n, o.kv_heads, o.head_dim, pools.kv);
     set_tensor(req.mutable_v_new(), w.dtype, n, o.kv_heads, o.head_dim, pools.kv);
-    req.set_kernel(o.kernel);
   }
   return streams;
 }
@@ -175,9 +186,15 @@ Result<PrefillStats> prefill(const DecodeBenchOptions& o, const Workload& w, con
   return stats;
 }
 
+std::vector<int> stream_sequences(const DecodeBenchOptions& o) {
+  std::vector<int> n(static_cast<std::size_t>(o.clients), 0);
+  for (int i = 0; i < o.seqs; ++i) ++n[static_cast<std::size_t>(i % o.clients)];
+  return n;
+}
+
 Result<Samples> decode(const DecodeBenchOptions& o, const Workload& w, const Pools& pools,
-                       const Target& to) {
-  std::vector<Stream> streams = make_streams(o, w, pools, to.cache);
+                       const Target& to, const InRegion& region) {
+  std::vector<Stream> streams = make_streams(o, w, pools, to.cache, region);
   ATTN_RETURN_IF_ERROR(run_streams(streams, o, to));
   return merge(streams);
 }

@@ -2,6 +2,7 @@
 // the timed ones measured.
 #pragma once
 
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <string>
@@ -41,11 +42,21 @@ struct Samples {
   Clock::time_point start, end;  // of the timed steps
 };
 
+// --shm / --cuda-ipc: the region the decode streams' tensors lie in, and each stream's offsets
+// in it (q, k_new, v_new, o); an empty name: inline.
+struct InRegion {
+  std::string name;
+  std::vector<std::array<std::int64_t, 4>> offsets;
+};
+
+// Each stream's sequences (stream c gets sequences c, c + --clients, ...): how many.
+std::vector<int> stream_sequences(const DecodeBenchOptions& o);
+
 // --clients streams, each with its own sequences (round robin), each sending one Decode per
 // layer per step over them; the same request every time (the values do not change the work).
 // Concurrent streams' calls on one layer may share a launch (the server's batching). The first
 // failure, or every stream's samples merged.
 Result<Samples> decode(const DecodeBenchOptions& o, const Workload& w, const Pools& pools,
-                       const Target& to);
+                       const Target& to, const InRegion& region = {});
 
 }  // namespace attn::cli::decode_bench

@@ -224,6 +224,23 @@ class Client {
   Result<KvOpResult> prefill(const std::string& cache, int layer, const std::vector<std::string>& sequence_ids,
                              const std::vector<std::int64_t>& lens, const Tensor& q, const Tensor& k,
                              const Tensor& v, const PrefillOptions& options = {});
+  // Decode and Prefill whose inputs are in `buffer`, registered as `region`: q, k and v (k_new and
+  // v_new) at `offsets[0..2]`, of `dtype` (the cache's) and shapes `q_shape` / `kv_shape`; O is
+  // written into the region at `o_offset`, and the LSE (options.return_lse) at `lse_offset`, or
+  // inline when it is -1. Both are read back into the result's `output` / `lse` when `copy_out`,
+  // as the inline decode() / prefill() otherwise (a resent exactly-once call included: the server
+  // writes the recorded outputs into the region again).
+  Result<KvOpResult> decode_shm(const std::string& cache, int layer, const std::vector<std::string>& sequence_ids,
+                                const std::string& region, const SharedMemoryBuffer& buffer, DType dtype,
+                                const Shape& q_shape, const Shape& kv_shape, const std::int64_t offsets[3],
+                                std::int64_t o_offset, const DecodeOptions& options = {}, bool copy_out = true,
+                                std::int64_t lse_offset = -1);
+  Result<KvOpResult> prefill_shm(const std::string& cache, int layer, const std::vector<std::string>& sequence_ids,
+                                 const std::vector<std::int64_t>& lens, const std::string& region,
+                                 const SharedMemoryBuffer& buffer, DType dtype, const Shape& q_shape,
+                                 const Shape& kv_shape, const std::int64_t offsets[3], std::int64_t o_offset,
+                                 const PrefillOptions& options = {}, bool copy_out = true,
+                                 std::int64_t lse_offset = -1);
   Result<KvContents> read_kv(const std::string& cache, const std::string& sequence_id, int layer,
                              std::size_t chunk_bytes = 0);
   // Where a cache made elsewhere (another process) lives: its KvCacheInfo.replica.

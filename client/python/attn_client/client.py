@@ -87,7 +87,7 @@ class KvResult:
     """A Decode or Prefill result: o [rows, Hq, D], each sequence's length at that layer after the
     call, the server's timings, and the log-sum-exp float32 [rows, Hq] when asked for."""
 
-    output: object  # numpy array, or BFloat16
+    output: object  # numpy array, or BFloat16; a view of out= when given (torch for a CudaTensor)
     lengths: list
     timings: Timings
     lse: Optional[np.ndarray] = None
@@ -740,39 +740,46 @@ class Client:
 
     def decode(self, cache: str, layer: int, sequence_ids, q, k_new, v_new, *, scale=0.0,
                return_lse=False, kernel="", window_left=None, softcap=0.0, sinks=None,
-               expected_lengths=None) -> KvResult:
+               expected_lengths=None, out: Optional[_RegionTensor] = None,
+               lse_out: Optional[_RegionTensor] = None) -> KvResult:
         """One token per sequence at one layer: appends k_new/v_new [n, Hkv, D], then attends
         q [n, Hq, D] over each sequence's whole cache. Arrays in the cache's dtype (or Resident
         handles, or shared-memory / CUDA region tensors). window_left: the new token sees only
         the last window_left + 1 tokens; softcap, sinks: as attention().
         expected_lengths: each sequence's length at this layer before the call; given, the server
         applies the call once however often it arrives, and it is resent when its outcome is
-        unknown (KvRetry); `.replayed` says the server answered a repeat."""
-        _synchronize_cuda(q, k_new, v_new)
+        unknown (KvRetry); `.replayed` says the server answered a repeat (a repeat writes the
+        recorded outputs into its out/lse_out). out/lse_out: ShmTensors or CudaTensors (on the
+        cache's device) the server writes O / the LSE into, as attention()'s; the result's
+        output / lse are then views of them."""
+        _synchronize_cuda(q, k_new, v_new, out, lse_out)
         req = attn_pb2.DecodeRequest(cache=cache, layer=layer, sequence_ids=_sequence_ids(sequence_ids),
                                      q=_input(q), k_new=_input(k_new), v_new=_input(v_new),
-                                     scale=scale, return_lse=return_lse, kernel=kernel)
+                                     scale=scale, return_lse=return_lse, kernel=kernel,
+                                     output_shm=_output_refs(out, lse_out))
         _mask_options(req, window_left, None, softcap, sinks)
         resp, attempts = self._send_kv(self._kv_stub(cache).Decode, req, expected_lengths)
-        return KvResult(decode(resp.o), list(resp.lengths), Timings.from_proto(resp.timings),
-                        decode(resp.lse) if return_lse else None, resp.replayed, attempts)
+        return KvResult(_output(resp.o, out), list(resp.lengths), Timings.from_proto(resp.timings),
+                        _output(resp.lse, lse_out) if return_lse else None, resp.replayed, attempts)
 
     def prefill(self, cache: str, layer: int, sequence_ids, lens, q, k, v, *, non_causal=False,
                 scale=0.0, return_lse=False, kernel="", window_left=None, window_right=None,
-                softcap=0.0, sinks=None, expected_lengths=None) -> KvResult:
+                softcap=0.0, sinks=None, expected_lengths=None, out: Optional[_RegionTensor] = None,
+                lse_out: Optional[_RegionTensor] = None) -> KvResult:
         """lens[i] new tokens of sequence i (packed: q [sum(lens), Hq, D], k/v [sum(lens), Hkv,
         D]) appended at one layer, with causal attention over each sequence's cache; unknown ids
         are created. window_left/window_right, softcap, sinks: as attention(). expected_lengths:
-        as decode()'s (0 for a sequence this call creates)."""
-        _synchronize_cuda(q, k, v)
+        as decode()'s (0 for a sequence this call creates). out/lse_out: as decode()'s."""
+        _synchronize_cuda(q, k, v, out, lse_out)
         req = attn_pb2.PrefillRequest(cache=cache, layer=layer, sequence_ids=_sequence_ids(sequence_ids),
                                       lens=[int(n) for n in lens], q=_input(q), k=_input(k),
                                       v=_input(v), non_causal=non_causal, scale=scale,
-                                      return_lse=return_lse, kernel=kernel)
+                                      return_lse=return_lse, kernel=kernel,
+                                      output_shm=_output_refs(out, lse_out))
         _mask_options(req, window_left, window_right, softcap, sinks)
         resp, attempts = self._send_kv(self._kv_stub(cache).Prefill, req, expected_lengths)
-        return KvResult(decode(resp.o), list(resp.lengths), Timings.from_proto(resp.timings),
-                        decode(resp.lse) if return_lse else None, resp.replayed, attempts)
+        return KvResult(_output(resp.o, out), list(resp.lengths), Timings.from_proto(resp.timings),
+                        _output(resp.lse, lse_out) if return_lse else None, resp.replayed, attempts)
 
     def truncate_sequence(self, cache: str, sequence_id: str, length: int) -> attn_pb2.TruncateSequenceResponse:
         """Cuts a sequence back to `length` tokens at every layer (speculative decoding's

@@ -99,6 +99,8 @@ inline std::vector<CallerLog> run_decode_callers(const std::string& address, int
         *req.mutable_v() = to_wire(random_tensor(DType::kBFloat16, {rows, kHkv, kD}, rng));
         v1::PrefillResponse resp;
         grpc::ClientContext ctx;
+        // As attn::Client does: an undeclared request holds room for the largest one until read.
+        ctx.AddMetadata("attn-request-bytes", std::to_string(req.ByteSizeLong()));
         const grpc::Status s = own.stub().Prefill(&ctx, req, &resp);
         EXPECT_TRUE(s.ok()) << s.error_message();
       }
@@ -114,6 +116,7 @@ inline std::vector<CallerLog> run_decode_callers(const std::string& address, int
           *req.mutable_v_new() = to_wire(random_tensor(DType::kBFloat16, {n, kHkv, kD}, rng));
           v1::DecodeResponse resp;
           grpc::ClientContext ctx;
+          ctx.AddMetadata("attn-request-bytes", std::to_string(req.ByteSizeLong()));
           if (t == hurried)
             ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::microseconds(200));
           // Every other call of a cancelling caller is cancelled after a short while: before,

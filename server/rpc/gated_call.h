@@ -101,9 +101,12 @@ class GatedUnaryCall final : public grpc::ServerBidiReactor<grpc::ByteBuffer, gr
     // its bytes come: the size its client declares, else the largest a request may be. gRPC reads
     // a message whole before the call sees it, so an undeclared body charged less could bring the
     // server past the bound before it could be refused (measured: 1.6x the bound with eight
-    // undeclared 1 GB calls when it was charged 4 MiB). Both clients declare every request. A
-    // method whose requests carry no tensors is charged a small room, so that probes (grpcurl's
-    // GetServerInfo) answer however full the budget; gRPC's quota bounds a body past it.
+    // undeclared 1 GB calls when it was charged 4 MiB). Both clients declare every request. An
+    // undeclared call waits for that room (its body unread: HTTP/2 flow control holds the client
+    // back) instead of being refused, so clients that do not declare are slowed, not failed, by
+    // the bound; only a declared call past it is refused at once. A method whose requests carry no
+    // tensors is charged a small room, so that probes (grpcurl's GetServerInfo) answer however
+    // full the budget; gRPC's quota bounds a body past it.
     auto declared = declared_request_bytes(*ctx_, shared_.max_message_bytes);
     if (!declared.ok()) {
       refuse(declared.status());
@@ -119,6 +122,18 @@ class GatedUnaryCall final : public grpc::ServerBidiReactor<grpc::ByteBuffer, gr
     const std::string what = declared_ >= 0 ? std::string(kRequestBytesKey)
                              : may_be_large ? kUndeclaredRoom
                                             : "request (undeclared)";
+    if (declared_ < 0 && may_be_large && shared_.budget) {
+      auto ticket = shared_.budget->take_when_free(room, what, shared_.budget->small_call_reserve(),
+                                                   [this, room] { read_in(room); });
+      if (!ticket.ok()) {
+        refuse(ticket.status());
+      } else if (*ticket == 0) {
+        read_in(room);
+      } else {
+        waiting_ticket_.store(*ticket);
+      }
+      return;
+    }
     if (Status s = room >= kOwnThreadBytes ? hold_.add_large(room, what) : hold_.add(room, what);
         !s.ok()) {
       refuse(s);
@@ -147,8 +162,11 @@ class GatedUnaryCall final : public grpc::ServerBidiReactor<grpc::ByteBuffer, gr
                               std::to_string(bytes_in_)));
       return;
     }
-    hold_.release();
-    if (Status s = hold_.add(bytes_in_, "request"); !s.ok()) {
+    // The room becomes the request's size. What is left goes back for this call's outputs: calls
+    // waiting for room have it once this one is done, not between its request and its outputs.
+    if (bytes_in_ <= hold_.bytes()) {
+      hold_.shrink_to(bytes_in_);
+    } else if (Status s = hold_.add(bytes_in_ - hold_.bytes(), "request"); !s.ok()) {
       request_bytes_.Clear();
       refuse(s);
       return;
@@ -164,6 +182,13 @@ class GatedUnaryCall final : public grpc::ServerBidiReactor<grpc::ByteBuffer, gr
   }
 
   void OnCancel() override {
+    // Cancelled (or past its deadline) while it waited for room: it stops waiting and ends here.
+    if (const std::uint64_t t = waiting_ticket_.exchange(0); t && shared_.budget->withdraw(t)) {
+      refuse(
+          cancelled("request: the call ended while it waited for room for its body "
+                    "(--max-inflight-mb; its size undeclared)"));
+      return;
+    }
     if (auto* reactor = unary_.load()) reactor->OnCancel();
   }
 
@@ -175,6 +200,12 @@ class GatedUnaryCall final : public grpc::ServerBidiReactor<grpc::ByteBuffer, gr
   }
 
  private:
+  // The room for the body is the call's: read it.
+  void read_in(std::size_t room) {
+    hold_.adopt(room);
+    StartRead(&request_bytes_);
+  }
+
   // Parses the request and hands it to the unary handler.
   void dispatch() {
     bool parsed;
@@ -234,7 +265,8 @@ class GatedUnaryCall final : public grpc::ServerBidiReactor<grpc::ByteBuffer, gr
   grpc::CallbackServerContext* ctx_;
   MemoryHold hold_;
   CallContext call_;
-  std::int64_t declared_ = -1;  // attn-request-bytes, -1: not sent
+  std::int64_t declared_ = -1;                    // attn-request-bytes, -1: not sent
+  std::atomic<std::uint64_t> waiting_ticket_{0};  // MemoryBudget::take_when_free's, while waiting
   std::size_t bytes_in_ = 0;
   grpc::ByteBuffer request_bytes_, response_bytes_;
   Request request_;

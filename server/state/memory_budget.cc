@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <fstream>
+#include <vector>
 
 namespace attn::server {
 namespace {
@@ -17,6 +18,71 @@ std::string mib(std::size_t bytes) { return std::to_string((bytes + kMiB - 1) / 
 
 std::size_t MemoryBudget::small_call_reserve() const {
   return std::min(limit_ / 32, std::size_t{64} << 20);
+}
+
+bool MemoryBudget::try_take(std::size_t bytes, std::size_t keep_free) {
+  const std::size_t room = limit_ > keep_free ? limit_ - keep_free : 0;
+  std::size_t used = used_.load();
+  do {
+    if (bytes > room || used > room - bytes) return false;
+  } while (!used_.compare_exchange_weak(used, used + bytes));
+  return true;
+}
+
+void MemoryBudget::give_back(std::size_t bytes, bool wake) {
+  used_.fetch_sub(bytes);  // sequentially consistent with waiting_ (see take_when_free)
+  if (wake && waiting_.load() > 0) grant_waiters();
+}
+
+void MemoryBudget::grant_waiters() {
+  std::vector<std::function<void()>> granted;
+  {
+    std::lock_guard<std::mutex> lock(waiters_mutex_);
+    for (auto it = waiters_.begin(); it != waiters_.end();) {
+      if (try_take(it->bytes, it->keep_free)) {
+        granted.push_back(std::move(it->granted));
+        it = waiters_.erase(it);
+        waiting_.fetch_sub(1);
+      } else {
+        ++it;
+      }
+    }
+  }
+  for (auto& g : granted) g();
+}
+
+Result<std::uint64_t> MemoryBudget::take_when_free(std::size_t bytes, const std::string& what,
+                                                   std::size_t keep_free,
+                                                   std::function<void()> granted) {
+  std::unique_lock<std::mutex> lock(waiters_mutex_);
+  // Counted as waiting before trying, so that a give_back() between the try and the wait below
+  // sees it (both atomics sequentially consistent) and grants it once this lock is let go.
+  waiting_.fetch_add(1);
+  if (try_take(bytes, keep_free)) {
+    waiting_.fetch_sub(1);
+    return std::uint64_t{0};
+  }
+  const std::size_t resident = used_.load() - std::min(used_.load(), calls_.load());
+  if (bytes + keep_free > limit_ || resident > limit_ - keep_free - bytes) {
+    waiting_.fetch_sub(1);
+    lock.unlock();
+    return take(bytes, what, keep_free);  // refused, naming the bytes and the limit
+  }
+  const std::uint64_t ticket = next_ticket_++;
+  waiters_.push_back(Waiter{ticket, bytes, keep_free, std::move(granted)});
+  return ticket;
+}
+
+bool MemoryBudget::withdraw(std::uint64_t ticket) {
+  std::lock_guard<std::mutex> lock(waiters_mutex_);
+  for (auto it = waiters_.begin(); it != waiters_.end(); ++it) {
+    if (it->ticket == ticket) {
+      waiters_.erase(it);
+      waiting_.fetch_sub(1);
+      return true;
+    }
+  }
+  return false;
 }
 
 Status MemoryBudget::take(std::size_t bytes, const std::string& what, std::size_t keep_free) {
@@ -37,19 +103,42 @@ Status MemoryBudget::take(std::size_t bytes, const std::string& what, std::size_
 }
 
 Status MemoryHold::add(std::size_t bytes, const std::string& what) {
-  if (budget_) ATTN_RETURN_IF_ERROR(budget_->take(bytes, what));
+  if (budget_) {
+    ATTN_RETURN_IF_ERROR(budget_->take(bytes, what));
+    budget_->note_call_bytes(static_cast<std::ptrdiff_t>(bytes));
+  }
   bytes_ += bytes;
   return Status::Ok();
 }
 
+void MemoryHold::shrink_to(std::size_t bytes) {
+  if (bytes >= bytes_) return;
+  if (budget_) {
+    budget_->note_call_bytes(-static_cast<std::ptrdiff_t>(bytes_ - bytes));
+    budget_->give_back(bytes_ - bytes, /*wake=*/false);
+  }
+  bytes_ = bytes;
+}
+
+void MemoryHold::adopt(std::size_t bytes) {
+  if (budget_) budget_->note_call_bytes(static_cast<std::ptrdiff_t>(bytes));
+  bytes_ += bytes;
+}
+
 Status MemoryHold::add_large(std::size_t bytes, const std::string& what) {
-  if (budget_) ATTN_RETURN_IF_ERROR(budget_->take(bytes, what, budget_->small_call_reserve()));
+  if (budget_) {
+    ATTN_RETURN_IF_ERROR(budget_->take(bytes, what, budget_->small_call_reserve()));
+    budget_->note_call_bytes(static_cast<std::ptrdiff_t>(bytes));
+  }
   bytes_ += bytes;
   return Status::Ok();
 }
 
 void MemoryHold::release() {
-  if (budget_ && bytes_) budget_->give_back(bytes_);
+  if (budget_ && bytes_) {
+    budget_->note_call_bytes(-static_cast<std::ptrdiff_t>(bytes_));
+    budget_->give_back(bytes_);
+  }
   bytes_ = 0;
 }
 

@@ -9,6 +9,9 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
+#include <list>
+#include <mutex>
 #include <string>
 
 #include "attn/status.h"
@@ -25,11 +28,41 @@ class MemoryBudget {
   Status take(std::size_t bytes, const std::string& what, std::size_t keep_free = 0);
   // What large requests leave free for small calls: 1/32 of the limit, 64 MiB at most.
   std::size_t small_call_reserve() const;
-  void give_back(std::size_t bytes) { used_.fetch_sub(bytes, std::memory_order_relaxed); }
+  // Gives `bytes` back; `wake`: takes waiting for room may have them (a call that will go on
+  // allocating its outputs gives back the unused part of its request's room without waking them).
+  void give_back(std::size_t bytes, bool wake = true);
+
+  // Takes `bytes` (leaving `keep_free`) now, or as soon as calls give enough back: `granted` then
+  // runs on the thread that gave it back. Returns 0 when taken now (`granted` not called), else a
+  // ticket for withdraw(). Refuses (as take() does) what could not fit even once every call in
+  // flight has given its bytes back (resident tensors, KV caches and staging fill the rest).
+  Result<std::uint64_t> take_when_free(std::size_t bytes, const std::string& what,
+                                       std::size_t keep_free, std::function<void()> granted);
+  // Withdraws a waiting take: true when it was still waiting (it will never be granted), false
+  // when it has been granted (its `granted` runs or ran).
+  bool withdraw(std::uint64_t ticket);
+
+  // Bytes held by calls (MemoryHold), as opposed to resident state charged with take().
+  void note_call_bytes(std::ptrdiff_t delta) { calls_.fetch_add(static_cast<std::size_t>(delta)); }
 
  private:
+  bool try_take(std::size_t bytes, std::size_t keep_free);
+  void grant_waiters();
+
+  struct Waiter {
+    std::uint64_t ticket;
+    std::size_t bytes, keep_free;
+    std::function<void()> granted;
+  };
   const std::size_t limit_;
   std::atomic<std::size_t> used_{0};
+  std::atomic<std::size_t> calls_{0};
+  // Takes waiting for room, in arrival order; waiting_ mirrors their count so that give_back()
+  // locks only when someone waits.
+  std::mutex waiters_mutex_;
+  std::list<Waiter> waiters_;
+  std::atomic<std::size_t> waiting_{0};
+  std::uint64_t next_ticket_ = 1;
 };
 
 // One call's share of the budget, given back when destroyed.
@@ -44,6 +77,10 @@ class MemoryHold {
   Status add(std::size_t bytes, const std::string& what);
   // The same, leaving the budget's small_call_reserve() free after them (a large request's room).
   Status add_large(std::size_t bytes, const std::string& what);
+  // Makes the hold own `bytes` its call already took from the budget (take_when_free).
+  void adopt(std::size_t bytes);
+  // Gives back what the hold has past `bytes`, for this call's own later use: waiters stay waiting.
+  void shrink_to(std::size_t bytes);
   std::size_t bytes() const { return bytes_; }
   void release();
 

@@ -274,7 +274,7 @@ Result<std::unique_ptr<Server>> Server::start(const ServerOptions& options) {
   std::size_t pinned = 0;
   for (const auto& ex : s->scheduler_->executors()) pinned += ex->pinned_staging_bound();
   if (pinned > 0) {
-    const Status charged = s->budget_->take(pinned, "the GPU executors' pinned staging");
+    const Status charged = s->budget_->take_resident(pinned, "the GPU executors' pinned staging");
     if (!charged.ok()) {
       s->scheduler_->stop();
       return invalid_argument("--max-inflight-mb: expected room for the GPU executors' pinned staging (" +

@@ -11,7 +11,7 @@ std::string str(std::int64_t v) { return std::to_string(v); }
 
 Result<std::shared_ptr<AppliedCall>> AppliedCall::reserve(MemoryBudget* budget, std::size_t bytes) {
   if (budget) {
-    ATTN_RETURN_IF_ERROR(budget->take(
+    ATTN_RETURN_IF_ERROR(budget->take_resident(
         bytes,
         "expected_lengths: keeping this call's response for a repeat (the last applied "
         "call per sequence and layer)"));
@@ -20,7 +20,7 @@ Result<std::shared_ptr<AppliedCall>> AppliedCall::reserve(MemoryBudget* budget, 
 }
 
 AppliedCall::~AppliedCall() {
-  if (budget_) budget_->give_back(bytes_);
+  if (budget_) budget_->give_back_resident(bytes_);
 }
 
 // KvCache's judgement of a call with an expectation, beside the records it reads. Every refusal

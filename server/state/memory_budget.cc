@@ -62,7 +62,7 @@ Result<std::uint64_t> MemoryBudget::take_when_free(std::size_t bytes, const std:
     waiting_.fetch_sub(1);
     return std::uint64_t{0};
   }
-  const std::size_t resident = used_.load() - std::min(used_.load(), calls_.load());
+  const std::size_t resident = resident_.load();
   if (bytes + keep_free > limit_ || resident > limit_ - keep_free - bytes) {
     waiting_.fetch_sub(1);
     lock.unlock();
@@ -102,43 +102,39 @@ Status MemoryBudget::take(std::size_t bytes, const std::string& what, std::size_
   return Status::Ok();
 }
 
+Status MemoryBudget::take_resident(std::size_t bytes, const std::string& what) {
+  ATTN_RETURN_IF_ERROR(take(bytes, what));
+  resident_.fetch_add(bytes);
+  return Status::Ok();
+}
+
+void MemoryBudget::give_back_resident(std::size_t bytes) {
+  resident_.fetch_sub(bytes);
+  give_back(bytes);
+}
+
 Status MemoryHold::add(std::size_t bytes, const std::string& what) {
-  if (budget_) {
-    ATTN_RETURN_IF_ERROR(budget_->take(bytes, what));
-    budget_->note_call_bytes(static_cast<std::ptrdiff_t>(bytes));
-  }
+  if (budget_) ATTN_RETURN_IF_ERROR(budget_->take(bytes, what));
   bytes_ += bytes;
   return Status::Ok();
 }
 
 void MemoryHold::shrink_to(std::size_t bytes) {
   if (bytes >= bytes_) return;
-  if (budget_) {
-    budget_->note_call_bytes(-static_cast<std::ptrdiff_t>(bytes_ - bytes));
-    budget_->give_back(bytes_ - bytes, /*wake=*/false);
-  }
+  if (budget_) budget_->give_back(bytes_ - bytes, /*wake=*/false);
   bytes_ = bytes;
 }
 
-void MemoryHold::adopt(std::size_t bytes) {
-  if (budget_) budget_->note_call_bytes(static_cast<std::ptrdiff_t>(bytes));
-  bytes_ += bytes;
-}
+void MemoryHold::adopt(std::size_t bytes) { bytes_ += bytes; }
 
 Status MemoryHold::add_large(std::size_t bytes, const std::string& what) {
-  if (budget_) {
-    ATTN_RETURN_IF_ERROR(budget_->take(bytes, what, budget_->small_call_reserve()));
-    budget_->note_call_bytes(static_cast<std::ptrdiff_t>(bytes));
-  }
+  if (budget_) ATTN_RETURN_IF_ERROR(budget_->take(bytes, what, budget_->small_call_reserve()));
   bytes_ += bytes;
   return Status::Ok();
 }
 
 void MemoryHold::release() {
-  if (budget_ && bytes_) {
-    budget_->note_call_bytes(-static_cast<std::ptrdiff_t>(bytes_));
-    budget_->give_back(bytes_);
-  }
+  if (budget_ && bytes_) budget_->give_back(bytes_);
   bytes_ = 0;
 }
 

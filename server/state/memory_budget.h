@@ -42,8 +42,10 @@ class MemoryBudget {
   // when it has been granted (its `granted` runs or ran).
   bool withdraw(std::uint64_t ticket);
 
-  // Bytes held by calls (MemoryHold), as opposed to resident state charged with take().
-  void note_call_bytes(std::ptrdiff_t delta) { calls_.fetch_add(static_cast<std::size_t>(delta)); }
+  // Resident state (tensors, KV caches' replay records, pinned staging): charged like take() and
+  // counted apart from calls' bytes, so that take_when_free() can tell what no call will give back.
+  Status take_resident(std::size_t bytes, const std::string& what);
+  void give_back_resident(std::size_t bytes);
 
  private:
   bool try_take(std::size_t bytes, std::size_t keep_free);
@@ -56,7 +58,9 @@ class MemoryBudget {
   };
   const std::size_t limit_;
   std::atomic<std::size_t> used_{0};
-  std::atomic<std::size_t> calls_{0};
+  // Part of used_. Raised after used_ and lowered before it, so that it never reads high: a
+  // waiting take is never refused for a call's bytes counted as resident.
+  std::atomic<std::size_t> resident_{0};
   // Takes waiting for room, in arrival order; waiting_ mirrors their count so that give_back()
   // locks only when someone waits.
   std::mutex waiters_mutex_;

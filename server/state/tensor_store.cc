@@ -43,7 +43,7 @@ void TensorStore::released(const ResidentTensor& t) {
     used_ -= t.bytes;
     used_by_executor_[t.executor] -= t.bytes;
   }
-  if (on_host(t.executor)) options_.host_budget->give_back(t.bytes);
+  if (on_host(t.executor)) options_.host_budget->give_back_resident(t.bytes);
 }
 
 Result<std::shared_ptr<ResidentTensor>> TensorStore::create(DType dtype, const Shape& shape,
@@ -119,7 +119,7 @@ bool TensorStore::on_host(std::size_t executor) const {
 
 Status TensorStore::take_host(std::size_t bytes, std::size_t executor, const std::string& field) {
   if (!on_host(executor)) return Status::Ok();
-  return options_.host_budget->take(bytes, field + " (held in host memory)");
+  return options_.host_budget->take_resident(bytes, field + " (held in host memory)");
 }
 
 Status TensorStore::reserve(std::size_t bytes, std::size_t executor, const std::string& field) {
@@ -168,7 +168,7 @@ void TensorStore::unreserve(std::size_t bytes, std::size_t executor) {
     used_ -= bytes;
     used_by_executor_[executor] -= bytes;
   }
-  if (on_host(executor)) options_.host_budget->give_back(bytes);
+  if (on_host(executor)) options_.host_budget->give_back_resident(bytes);
 }
 
 void TensorStore::publish(const std::shared_ptr<ResidentTensor>& t) {

@@ -1059,7 +1059,7 @@ Result<KvOpResult> Client::prefill_shm(const std::string& cache, int layer,
 }
 
 Result<KvContents> Client::read_kv(const std::string& cache, const std::string& sequence_id,
-                                   int layer, std::size_t chunk_bytes) {
+                                   int layer, std::size_t chunk_bytes, bool dequantize) {
   ATTN_ASSIGN_OR_RETURN(stub, kv_stub(cache));
   auto ctx = make_context();
   v1::ReadKvRequest req;
@@ -1067,37 +1067,59 @@ Result<KvContents> Client::read_kv(const std::string& cache, const std::string& 
   req.set_sequence_id(sequence_id);
   req.set_layer(layer);
   req.set_chunk_bytes(static_cast<std::int64_t>(chunk_bytes));
+  if (dequantize) req.set_form(v1::READ_KV_FORM_DEQUANTIZED);
   auto reader = stub->ReadKv(ctx.get(), req);
   v1::ReadKvResponse msg;
   KvContents out;
-  std::size_t got = 0;  // over K's bytes, then V's
+  // Where the stream's bytes go, in order: K, V (and float8's K and V scales).
+  std::vector<std::pair<void*, std::size_t>> parts;
+  std::size_t part = 0, at = 0;
   bool have_header = false;
   while (reader->Read(&msg)) {
     if (msg.has_header()) {
-      const auto dtype = wire::from_proto(msg.header().dtype());
-      if (!dtype || have_header)
-        return internal_error("ReadKv: the server sent a bad or second header");
-      const Shape shape(msg.header().shape().begin(), msg.header().shape().end());
-      out.k = Tensor(*dtype, shape);
-      out.v = Tensor(*dtype, shape);
+      if (have_header) return internal_error("ReadKv: the server sent a second header");
+      const v1::ReadKvHeader& h = msg.header();
+      out.shape.assign(h.shape().begin(), h.shape().end());
+      out.page_size = h.page_size();
+      ATTN_ASSIGN_OR_RETURN(count, checked_element_count(out.shape, "ReadKv header.shape"));
+      if (h.dtype() == v1::D_TYPE_FLOAT8_E4M3) {
+        out.fp8 = true;
+        out.scales_shape.assign(h.scales_shape().begin(), h.scales_shape().end());
+        ATTN_ASSIGN_OR_RETURN(
+            scales, checked_element_count(out.scales_shape, "ReadKv header.scales_shape"));
+        out.k_codes.resize(static_cast<std::size_t>(count));
+        out.v_codes.resize(static_cast<std::size_t>(count));
+        out.k_scales.resize(static_cast<std::size_t>(scales));
+        out.v_scales.resize(static_cast<std::size_t>(scales));
+        parts = {{out.k_codes.data(), out.k_codes.size()},
+                 {out.v_codes.data(), out.v_codes.size()},
+                 {out.k_scales.data(), out.k_scales.size() * sizeof(float)},
+                 {out.v_scales.data(), out.v_scales.size() * sizeof(float)}};
+      } else {
+        const auto dtype = wire::from_proto(h.dtype());
+        if (!dtype) return internal_error("ReadKv: the server sent a header of no known dtype");
+        out.k = Tensor(*dtype, out.shape);
+        out.v = Tensor(*dtype, out.shape);
+        parts = {{out.k.data(), out.k.bytes()}, {out.v.data(), out.v.bytes()}};
+      }
       have_header = true;
       continue;
     }
     const std::string& chunk = msg.chunk();
-    if (!have_header || got + chunk.size() > out.k.bytes() + out.v.bytes())
-      return internal_error("ReadKv: the server sent more bytes than the shape holds");
+    if (!have_header) return internal_error("ReadKv: the server sent bytes before the header");
     for (std::size_t used = 0; used < chunk.size();) {
-      Tensor& dst = got < out.k.bytes() ? out.k : out.v;
-      const std::size_t at = got < out.k.bytes() ? got : got - out.k.bytes();
-      const std::size_t n = std::min(chunk.size() - used, dst.bytes() - at);
-      std::memcpy(static_cast<char*>(dst.data()) + at, chunk.data() + used, n);
+      while (part < parts.size() && at == parts[part].second) ++part, at = 0;
+      if (part == parts.size())
+        return internal_error("ReadKv: the server sent more bytes than the shape holds");
+      const std::size_t n = std::min(chunk.size() - used, parts[part].second - at);
+      std::memcpy(static_cast<char*>(parts[part].first) + at, chunk.data() + used, n);
       used += n;
-      got += n;
+      at += n;
     }
   }
   ATTN_RETURN_IF_ERROR(wire::from_grpc(reader->Finish()));
-  if (!have_header || got != out.k.bytes() + out.v.bytes())
-    return internal_error("ReadKv: the stream ended early");
+  while (part < parts.size() && at == parts[part].second) ++part, at = 0;
+  if (!have_header || part != parts.size()) return internal_error("ReadKv: the stream ended early");
   return out;
 }
 

@@ -6,11 +6,15 @@
 // the pages holding some row's keys are read (a windowed decode touches window_left + 1 keys, not
 // the whole sequence); soft caps apply to the scaled scores; a sink starts each row's running
 // max and sum (m = sink, l = 1, no value row), so it joins the denominator.
+// float8 storage: the append quantizes each page's new rows of the head with the page's scale
+// (setting or growing it, attn/paged_ops.h) and the walk dequantizes a page of a head with its one
+// scale; the rest is the same float32 arithmetic.
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
+#include "attn/fp8.h"
 #include "convert.h"
 #include "cpu_kernels.h"
 #include "parallel.h"
@@ -37,6 +41,35 @@ void copy_row(const TensorView& src, std::int64_t src_elem, void* pool, DType dt
               static_cast<char*>(pool) + dst_elem * static_cast<std::int64_t>(es));
 }
 
+// float8 storage: appends rows [r0, r1) of one head of one page, from rows `src_row` .. of
+// `src` ([rows, Hkv, D]), to one pool, setting or growing the page's scale for that head.
+void append_fp8(const PagedKvLayer& c, const TensorView& src, std::int64_t src_row, void* pool,
+                float* scales, std::int64_t page, std::int64_t hk, std::int64_t r0,
+                std::int64_t r1) {
+  const std::int64_t d = c.head_dim, n = (r1 - r0) * d;
+  std::vector<float> x(static_cast<std::size_t>(n));
+  for (std::int64_t r = r0; r < r1; ++r)
+    load_floats(src, ((src_row + r - r0) * c.heads_kv + hk) * d, d, x.data() + (r - r0) * d);
+  auto* codes = static_cast<std::uint8_t*>(pool);
+  float& scale = scales[page * c.heads_kv + hk];
+  if (!c.fixed_scales) {
+    float amax = 0.0f;
+    for (float v : x)
+      if (std::isfinite(v)) amax = std::max(amax, std::abs(v));
+    const float old = r0 == 0 ? 0.0f : scale;  // row 0: a fresh page (at this layer)
+    const float grown = std::max(old, fp8_pow2_scale(amax));
+    if (old > 0.0f && grown > old) {
+      // The rows already here, to the larger scale: a power-of-two ratio, exact for normals.
+      std::vector<float> kept(static_cast<std::size_t>(r0 * d));
+      std::uint8_t* at = codes + c.offset(page, hk, 0);
+      dequantize_fp8_e4m3(at, r0 * d, old, kept.data());
+      quantize_fp8_e4m3(kept.data(), r0 * d, grown, at);
+    }
+    scale = grown;
+  }
+  quantize_fp8_e4m3(x.data(), n, scale, codes + c.offset(page, hk, r0));
+}
+
 void run_task(const PagedWork& w, std::int64_t seq, std::int64_t hk) {
   const PagedKvLayer& c = w.cache;
   const std::int64_t d = c.head_dim, hq = w.q.dim(1), group = hq / c.heads_kv, ps = c.page_size;
@@ -48,8 +81,15 @@ void run_task(const PagedWork& w, std::int64_t seq, std::int64_t hk) {
   const std::int64_t first = w.q_indptr ? w.q_indptr[seq] : seq;
   const std::int64_t fresh = w.q_indptr ? w.q_indptr[seq + 1] - first : 1;
 
-  // The append: this head's new rows into their slots.
-  for (std::int64_t j = 0; j < fresh; ++j) {
+  // The append: this head's new rows into their slots (float8: a page's rows at a time).
+  for (std::int64_t j = 0; c.fp8() && j < fresh;) {
+    const std::int64_t t = len - fresh + j, r0 = t % ps, r1 = std::min(ps, r0 + fresh - j);
+    const std::int64_t page = pages[t / ps];
+    append_fp8(c, w.k_new, first + j, c.k, c.k_scales, page, hk, r0, r1);
+    append_fp8(c, w.v_new, first + j, c.v, c.v_scales, page, hk, r0, r1);
+    j += r1 - r0;
+  }
+  for (std::int64_t j = 0; !c.fp8() && j < fresh; ++j) {
     const std::int64_t t = len - fresh + j;
     const std::int64_t slot = c.offset(pages[t / ps], hk, t % ps);
     copy_row(w.k_new, (first + j) * c.heads_kv * d + hk * d, c.k, c.dtype, slot, d);
@@ -92,8 +132,16 @@ void run_task(const PagedWork& w, std::int64_t seq, std::int64_t hk) {
   for (std::int64_t p0 = lo / ps * ps; p0 < hi; p0 += ps) {
     const std::int64_t n = std::min(ps, len - p0);
     const std::int64_t base = c.offset(pages[p0 / ps], hk, 0);
-    load_floats(k_pool, base, n * d, kf.data());
-    load_floats(v_pool, base, n * d, vf.data());
+    if (c.fp8()) {
+      const std::int64_t at = pages[p0 / ps] * c.heads_kv + hk;
+      dequantize_fp8_e4m3(static_cast<const std::uint8_t*>(c.k) + base, n * d, c.k_scales[at],
+                          kf.data());
+      dequantize_fp8_e4m3(static_cast<const std::uint8_t*>(c.v) + base, n * d, c.v_scales[at],
+                          vf.data());
+    } else {
+      load_floats(k_pool, base, n * d, kf.data());
+      load_floats(v_pool, base, n * d, vf.data());
+    }
     for (std::int64_t r = 0; r < rows; ++r) {
       const std::size_t j = static_cast<std::size_t>(r / group);
       // Keys [t0, t1) of the page this row sees (causal, window).

@@ -48,19 +48,25 @@ void register_cpu_variants(Registry& r) {
                     "any head dim; causal, sliding windows, soft caps, attention sinks",
                     "query rows across threads, float32 arithmetic", 0, 0},
                    OpDesc<AttentionArgs>::check, cpu::attention_rows});
-  r.of<PagedDecodeArgs>().add({{"paged_decode/cpu", Op::kPagedDecode, Backend::kCpu, all,
-                                "any head dim, page size; sliding windows, soft caps, attention sinks",
-                                "a (sequence, kv head) per task: append, then one pass over the pages in the "
-                                "window for the whole GQA group, online softmax in float32",
-                                0, 0},
-                               check_paged_decode, cpu::paged_decode});
-  r.of<PagedPrefillArgs>().add({{"paged_prefill/cpu", Op::kPagedPrefill, Backend::kCpu, all,
-                                 "any head dim, page size; sliding windows, soft caps, attention sinks",
-                                 "a (sequence, kv head) per task: append, then one pass over the pages for "
-                                 "every new token of the group, causal or not, windowed, online softmax in "
-                                 "float32",
-                                 0, 0},
-                                check_paged_prefill, cpu::paged_prefill});
+  r.of<PagedDecodeArgs>().add(
+      {{"paged_decode/cpu", Op::kPagedDecode, Backend::kCpu, all,
+        "any head dim, page size; sliding windows, soft caps, attention sinks; float8 e4m3 K/V "
+        "storage",
+        "a (sequence, kv head) per task: append, then one pass over the pages in the "
+        "window for the whole GQA group, online softmax in float32",
+        0, 0},
+       check_paged_decode,
+       cpu::paged_decode});
+  r.of<PagedPrefillArgs>().add(
+      {{"paged_prefill/cpu", Op::kPagedPrefill, Backend::kCpu, all,
+        "any head dim, page size; sliding windows, soft caps, attention sinks; float8 e4m3 K/V "
+        "storage",
+        "a (sequence, kv head) per task: append, then one pass over the pages for "
+        "every new token of the group, causal or not, windowed, online softmax in "
+        "float32",
+        0, 0},
+       check_paged_prefill,
+       cpu::paged_prefill});
 }
 
 namespace {

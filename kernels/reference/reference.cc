@@ -4,6 +4,8 @@
 #include <cmath>
 #include <limits>
 
+#include "attn/fp8.h"
+
 namespace attn::reference {
 namespace {
 
@@ -126,9 +128,15 @@ struct PagedSequenceReader {
   double key(std::int64_t t, std::int64_t head, std::int64_t c) const { return element(cache.k, k_new, t, head, c); }
   double value(std::int64_t t, std::int64_t head, std::int64_t c) const { return element(cache.v, v_new, t, head, c); }
   double element(const void* pool, const TensorView& fresh, std::int64_t t, std::int64_t head, std::int64_t c) const {
-    if (t >= cached) return at(fresh, ((first_new + t - cached) * cache.heads_kv + head) * cache.head_dim + c);
+    // float8: every token from the cache (the call's append has run), dequantized exactly.
+    if (t >= cached && !cache.fp8())
+      return at(fresh, ((first_new + t - cached) * cache.heads_kv + head) * cache.head_dim + c);
     const std::int64_t page = pages[t / cache.page_size];
-    return load_as_float(pool, cache.dtype, static_cast<std::size_t>(cache.offset(page, head, t % cache.page_size) + c));
+    const auto i = static_cast<std::size_t>(cache.offset(page, head, t % cache.page_size) + c);
+    if (!cache.fp8()) return load_as_float(pool, cache.dtype, i);
+    const float* scales = pool == cache.k ? cache.k_scales : cache.v_scales;
+    return static_cast<double>(fp8_e4m3_to_float(static_cast<const std::uint8_t*>(pool)[i])) *
+           static_cast<double>(scales[page * cache.heads_kv + head]);
   }
 };
 

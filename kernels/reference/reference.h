@@ -20,6 +20,9 @@ std::vector<double> attention(const AttentionArgs& args, std::vector<double>* ls
 
 // The KV-cache ops as float64, [tokens, Hq, D], from host views: cached tokens read through
 // the page tables, the call's new tokens from k_new/v_new (the reference never writes the cache).
+// A float8 cache (PagedKvLayer::fp8) is read whole, the new tokens included, each element
+// dequantized as stored (code x its page's scale): call it after the kernel's append, to judge
+// the attention over exactly what the cache holds.
 std::vector<double> paged_decode(const PagedDecodeArgs& args, std::vector<double>* lse = nullptr);
 std::vector<double> paged_prefill(const PagedPrefillArgs& args, std::vector<double>* lse = nullptr);
 

@@ -29,6 +29,12 @@ Status check_cache(const PagedKvLayer& c) {
   }
   if (c.dtype == DType::kInt32)
     return invalid_argument("cache.dtype: expected a floating-point dtype, got int32");
+  if (c.fp8() && c.dtype == DType::kFloat32) {
+    return invalid_argument(
+        "cache.storage: float8_e4m3 storage serves float16 and bfloat16 caches, got float32");
+  }
+  if (c.fp8() && (!c.k_scales || !c.v_scales))
+    return invalid_argument("cache.k_scales: float8_e4m3 storage needs its scales");
   return Status::Ok();
 }
 
@@ -84,6 +90,10 @@ Status check_mask_options(const AttentionMask& m, float softcap, const TensorVie
 
 }  // namespace
 
+const char* kv_storage_name(KvStorage s) {
+  return s == KvStorage::kFloat8E4M3 ? "float8_e4m3" : "dtype";
+}
+
 Status check_paged_decode(const PagedDecodeArgs& a) {
   ATTN_RETURN_IF_ERROR(check_rows(a.q, a.k_new, a.v_new, a.o, a.lse, a.cache, a.seqs));
   ATTN_RETURN_IF_ERROR(check_mask_options(a.mask, a.softcap, a.sinks, a.q));
@@ -121,7 +131,7 @@ std::int64_t paged_kv_bytes_read(const PagedKvLayer& cache, const PagedSequences
       tokens += window_left >= 0 && window_left + 1 < len ? window_left + 1 : len;
     }
   return 2 * tokens * cache.heads_kv * cache.head_dim *
-         static_cast<std::int64_t>(element_size(cache.dtype));
+         static_cast<std::int64_t>(cache.storage_element_size());
 }
 
 OpCost OpDesc<PagedDecodeArgs>::cost(const PagedDecodeArgs& a) {
@@ -129,7 +139,8 @@ OpCost OpDesc<PagedDecodeArgs>::cost(const PagedDecodeArgs& a) {
   const std::int64_t kv_bytes = paged_kv_bytes_read(a.cache, a.seqs, a.mask.window_left);
   const std::int64_t keys =
       a.cache.heads_kv * a.cache.head_dim > 0
-          ? kv_bytes / (2 * a.cache.heads_kv * a.cache.head_dim * static_cast<std::int64_t>(element_size(a.cache.dtype)))
+          ? kv_bytes / (2 * a.cache.heads_kv * a.cache.head_dim *
+                        static_cast<std::int64_t>(a.cache.storage_element_size()))
           : 0;
   const std::int64_t flops = 4 * keys * hq * a.cache.head_dim;
   const auto bytes =

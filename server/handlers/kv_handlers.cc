@@ -50,6 +50,7 @@ void KvHandlers::describe(const KvCache& c, bool with_sequences, v1::KvCacheInfo
   conf->set_dtype(wire::to_proto(cfg.dtype));
   conf->set_page_size(cfg.page_size);
   conf->set_capacity_tokens(cfg.capacity_tokens());
+  if (cfg.fp8()) conf->set_kv_storage(v1::D_TYPE_FLOAT8_E4M3);
   out->set_device(c.owner().device().label());
   {
     std::lock_guard lock(advertise_mu_);
@@ -86,8 +87,14 @@ Placement placement_of(const Scheduler& scheduler, const KvCache& c) {
 // Whether some paged variant on `target` can take a cache of `cfg` (checked at creation, so a
 // cache is not placed where no kernel can serve it).
 Status KvHandlers::kv_servable(const KvCacheConfig& cfg, const Target& target) const {
-  const PagedKvLayer cache{cfg.dtype,    cfg.pages, cfg.heads_kv, cfg.page_size,
-                           cfg.head_dim, nullptr,   nullptr,      MemoryKind::kHost};
+  PagedKvLayer cache{cfg.dtype,    cfg.pages, cfg.heads_kv, cfg.page_size,
+                     cfg.head_dim, nullptr,   nullptr,      MemoryKind::kHost};
+  float no_scales = 0.0f;  // the checks look at the pointers' presence only
+  if (cfg.fp8()) {
+    cache.storage = KvStorage::kFloat8E4M3;
+    cache.k_scales = cache.v_scales = &no_scales;
+    cache.fixed_scales = cfg.fixed_scales();
+  }
   // One token of one sequence, as many query heads as KV heads (every variant takes group 1).
   const TensorView q{cfg.dtype, {1, cfg.heads_kv, cfg.head_dim}, nullptr, MemoryKind::kHost};
   const PagedPlan plan = PagedPlan::placeholder(1);
@@ -117,11 +124,33 @@ grpc::ServerUnaryReactor* KvHandlers::CreateKvCache(CallContext& call,
     cfg.page_size = c.page_size() == 0 ? 16 : c.page_size();
     ATTN_ASSIGN_OR_RETURN(dtype, wire::dtype_from_proto(c.dtype(), "config.dtype"));
     cfg.dtype = dtype;
+    if (c.kv_storage() == v1::D_TYPE_FLOAT8_E4M3) {
+      cfg.storage = KvStorage::kFloat8E4M3;
+    } else if (c.kv_storage() != v1::D_TYPE_UNSPECIFIED && c.kv_storage() != c.dtype()) {
+      const std::string got = v1::DType_IsValid(c.kv_storage())
+                                  ? v1::DType_Name(c.kv_storage())
+                                  : std::to_string(static_cast<int>(c.kv_storage()));
+      return invalid_argument(
+          "config.kv_storage: expected D_TYPE_UNSPECIFIED or config.dtype (stored in the "
+          "cache's dtype) or D_TYPE_FLOAT8_E4M3, got " +
+          got);
+    }
+    cfg.fixed_k_scales.assign(c.k_scales().begin(), c.k_scales().end());
+    cfg.fixed_v_scales.assign(c.v_scales().begin(), c.v_scales().end());
     ATTN_RETURN_IF_ERROR(
         check_kv_config(cfg, c.capacity_tokens(), core_.config.limits.max_elements));
     cfg.pages = (c.capacity_tokens() + cfg.page_size - 1) / cfg.page_size;
     ATTN_ASSIGN_OR_RETURN(executor, core_.place(req->device()));
     const auto& executors = core_.scheduler.executors();
+    // No GPU rung reads float8 pages yet: a cache the caller put on a GPU is refused; one it left
+    // to the server goes to the CPU below (kv_servable: the GPU rungs refuse the storage).
+    if (cfg.fp8() && !req->device().empty() &&
+        executors[executor]->target().backend != Backend::kCpu) {
+      return failed_precondition(
+          "config.kv_storage: D_TYPE_FLOAT8_E4M3 caches are served on the CPU only for now (no "
+          "GPU rung serves float8 storage yet); device \"" +
+          req->device() + "\" is a GPU: name \"cpu\" or leave device empty");
+    }
     Status servable = kv_servable(cfg, executors[executor]->target());
     if (!servable.ok() && req->device().empty()) {
       // No kernel of the serving device takes this configuration: the CPU, which takes any, holds
@@ -129,10 +158,12 @@ grpc::ServerUnaryReactor* KvHandlers::CreateKvCache(CallContext& call,
       for (std::size_t i = 0; i < executors.size(); ++i)
         if (executors[i]->target().backend == Backend::kCpu) {
           spdlog::warn(
-              "kv cache: {} cannot serve {} layers x {} heads x D {} {} pages of {} ({}); placing "
+              "kv cache: {} cannot serve {} layers x {} heads x D {} {} ({} storage) pages of {} "
+              "({}); placing "
               "it on the CPU",
               executors[executor]->device().label(), cfg.layers, cfg.heads_kv, cfg.head_dim,
-              dtype_name(cfg.dtype), cfg.page_size, servable.message());
+              dtype_name(cfg.dtype), kv_storage_name(cfg.storage), cfg.page_size,
+              servable.message());
           executor = i;
           servable = Status::Ok();
           break;
@@ -625,16 +656,23 @@ class ReadKvReactor final : public grpc::ServerWriteReactor<v1::ReadKvResponse> 
                  : Status::Ok();
     };
     job.drop = [this](const Status& why) { Finish(wire::to_grpc(why)); };
-    job.run = [this, id = req.sequence_id(), layer = req.layer()](Executor&, std::int64_t) {
-      Shape shape;
-      const Status s = cache_->read(id, layer, &shape, &k_, &v_);
+    job.run = [this, id = req.sequence_id(), layer = req.layer(),
+               dequantize = req.form() == v1::READ_KV_FORM_DEQUANTIZED](Executor&, std::int64_t) {
+      const Status s = cache_->read(id, layer, dequantize, &kv_);
       if (!s.ok()) {
         core_.device_faulted(cache_->owner(), "read_kv", s);
         return Finish(wire::to_grpc(s));
       }
       v1::ReadKvHeader* h = msg_.mutable_header();
-      h->set_dtype(wire::to_proto(cache_->config().dtype));
-      h->mutable_shape()->Assign(shape.begin(), shape.end());
+      h->set_dtype(kv_.fp8 ? v1::D_TYPE_FLOAT8_E4M3 : wire::to_proto(cache_->config().dtype));
+      h->mutable_shape()->Assign(kv_.shape.begin(), kv_.shape.end());
+      h->set_page_size(cache_->config().page_size);
+      if (kv_.fp8)
+        h->mutable_scales_shape()->Assign(kv_.scales_shape.begin(), kv_.scales_shape.end());
+      parts_ = {{kv_.k.data(), kv_.k.size()},
+                {kv_.v.data(), kv_.v.size()},
+                {kv_.k_scales.data(), kv_.k_scales.size() * sizeof(float)},
+                {kv_.v_scales.data(), kv_.v_scales.size() * sizeof(float)}};
       StartWrite(&msg_);
     };
     const Status queued =
@@ -643,14 +681,12 @@ class ReadKvReactor final : public grpc::ServerWriteReactor<v1::ReadKvResponse> 
   }
   void OnWriteDone(bool ok) override {
     if (!ok) return Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the client went away"));
-    const std::size_t total = k_.size() + v_.size();
-    if (sent_ == total) return Finish(grpc::Status::OK);
-    // A chunk never straddles K and V.
-    const bool in_k = sent_ < k_.size();
-    const std::vector<unsigned char>& src = in_k ? k_ : v_;
-    const std::size_t at = in_k ? sent_ : sent_ - k_.size();
-    const std::size_t n = std::min(chunk_bytes_, src.size() - at);
-    msg_.set_chunk(src.data() + at, n);
+    // A chunk never straddles two parts (K, V, and float8's K and V scales).
+    while (part_ < parts_.size() && sent_ == parts_[part_].second) ++part_, sent_ = 0;
+    if (part_ == parts_.size()) return Finish(grpc::Status::OK);
+    const auto& [data, size] = parts_[part_];
+    const std::size_t n = std::min(chunk_bytes_, size - sent_);
+    msg_.set_chunk(static_cast<const char*>(data) + sent_, n);
     sent_ += n;
     StartWrite(&msg_);
   }
@@ -660,8 +696,9 @@ class ReadKvReactor final : public grpc::ServerWriteReactor<v1::ReadKvResponse> 
   const ServiceCore& core_;
   std::shared_ptr<KvCache> cache_;
   std::size_t chunk_bytes_;
-  std::vector<unsigned char> k_, v_;
-  std::size_t sent_ = 0;
+  KvCache::Contents kv_;
+  std::vector<std::pair<const void*, std::size_t>> parts_;  // into kv_
+  std::size_t part_ = 0, sent_ = 0;                         // sent_: of parts_[part_]
   v1::ReadKvResponse msg_;
 };
 
@@ -672,6 +709,13 @@ grpc::ServerWriteReactor<v1::ReadKvResponse>* KvHandlers::ReadKv(CallContext& ca
     return new Refused<Base>(invalid_argument("chunk_bytes: expected 0 (1 MiB) to " +
                                               str(core_.config.max_message_bytes / 2) + ", got " +
                                               str(req->chunk_bytes())));
+  }
+  if (req->form() != v1::READ_KV_FORM_UNSPECIFIED && req->form() != v1::READ_KV_FORM_STORED &&
+      req->form() != v1::READ_KV_FORM_DEQUANTIZED) {
+    return new Refused<Base>(
+        invalid_argument("form: expected READ_KV_FORM_UNSPECIFIED, READ_KV_FORM_STORED or "
+                         "READ_KV_FORM_DEQUANTIZED, got " +
+                         str(static_cast<std::int64_t>(req->form()))));
   }
   auto c = find_cache(req->cache(), "cache");
   if (!c.ok()) return new Refused<Base>(c.status());

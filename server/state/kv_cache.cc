@@ -1,10 +1,13 @@
 #include "state/kv_cache.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <limits>
 #include <random>
 #include <set>
+
+#include "attn/fp8.h"
 
 namespace attn::server {
 namespace {
@@ -39,6 +42,36 @@ Status check_kv_config(const KvCacheConfig& c, std::int64_t capacity_tokens,
       c.page_size != 128) {
     return invalid_argument(f + "page_size: expected 8, 16, 32, 64 or 128 (0 for 16), got " +
                             str(c.page_size));
+  }
+  if (c.fp8() && c.dtype == DType::kFloat32) {
+    return invalid_argument(f + "kv_storage: D_TYPE_FLOAT8_E4M3 storage serves float16 and " +
+                            "bfloat16 caches (config.dtype), got float32");
+  }
+  const auto expected_scales =
+      static_cast<std::size_t>(c.layers) * static_cast<std::size_t>(c.heads_kv);
+  for (const auto& [scales, name] :
+       {std::pair{&c.fixed_k_scales, "k_scales"}, std::pair{&c.fixed_v_scales, "v_scales"}}) {
+    if (scales->empty() && c.fixed_k_scales.empty() && c.fixed_v_scales.empty()) continue;
+    if (!c.fp8()) {
+      return invalid_argument(f + name + ": scales come with float8 storage (config.kv_storage " +
+                              "D_TYPE_FLOAT8_E4M3), got " +
+                              str(static_cast<std::int64_t>(scales->size())) +
+                              " scales for a cache stored in its dtype");
+    }
+    if (scales->size() != expected_scales) {
+      return invalid_argument(
+          f + name +
+          ": expected layers x kv_heads = " + str(static_cast<std::int64_t>(expected_scales)) +
+          " float32 scales (with both k_scales and v_scales, or neither), got " +
+          str(static_cast<std::int64_t>(scales->size())));
+    }
+    for (std::size_t i = 0; i < scales->size(); ++i) {
+      const float v = (*scales)[i];
+      if (!(v > 0.0f) || !std::isfinite(v)) {
+        return invalid_argument(f + name + "[" + str(static_cast<std::int64_t>(i)) +
+                                "]: expected a positive finite scale, got " + std::to_string(v));
+      }
+    }
   }
   // Positions and lengths travel as int32: the capacity, rounded up to whole pages, must fit.
   if (capacity_tokens < 1 || pages_for(capacity_tokens, c.page_size) * c.page_size >
@@ -75,6 +108,14 @@ PagedKvLayer KvCache::layer(int l) const {
   p.k = base + (2 * static_cast<std::size_t>(l)) * config_.pool_bytes();
   p.v = base + (2 * static_cast<std::size_t>(l) + 1) * config_.pool_bytes();
   p.memory = owner_->resident_kind();
+  if (config_.fp8()) {
+    p.storage = KvStorage::kFloat8E4M3;
+    p.fixed_scales = config_.fixed_scales();
+    auto* scales = reinterpret_cast<float*>(base + config_.pools_bytes());
+    const std::size_t per_pool = static_cast<std::size_t>(config_.pages * config_.heads_kv);
+    p.k_scales = scales + 2 * static_cast<std::size_t>(l) * per_pool;
+    p.v_scales = p.k_scales + per_pool;
+  }
   return p;
 }
 
@@ -292,7 +333,20 @@ Result<std::int64_t> KvCache::fork(const std::string& from, const std::string& t
 Status KvCache::copy_pages(const std::vector<std::pair<std::int32_t, std::int32_t>>& copies) {
   const std::size_t page_bytes =
       static_cast<std::size_t>(config_.heads_kv * config_.page_size * config_.head_dim) *
-      element_size(config_.dtype);
+      config_.storage_element_size();
+  if (config_.fp8()) {  // each page's scales, of every layer and pool, go with its codes
+    const std::size_t row = static_cast<std::size_t>(config_.heads_kv) * sizeof(float);
+    std::vector<unsigned char> scales(row);
+    for (std::size_t pool = 0; pool < 2 * static_cast<std::size_t>(config_.layers); ++pool)
+      for (const auto& [a, b] : copies) {
+        const std::size_t base =
+            config_.pools_bytes() + pool * static_cast<std::size_t>(config_.pages) * row;
+        ATTN_RETURN_IF_ERROR(
+            owner_->read(scales.data(), data_, base + static_cast<std::size_t>(a) * row, row));
+        ATTN_RETURN_IF_ERROR(
+            owner_->write(data_, base + static_cast<std::size_t>(b) * row, scales.data(), row));
+      }
+  }
   std::vector<unsigned char> buf(page_bytes);
   for (int l = 0; l < config_.layers; ++l) {
     const std::size_t layer_base = 2 * static_cast<std::size_t>(l) * config_.pool_bytes();
@@ -383,8 +437,7 @@ Result<KvCache::Truncated> KvCache::truncate(const std::string& id, std::int64_t
   return out;
 }
 
-Status KvCache::read(const std::string& id, int layer, Shape* shape, std::vector<unsigned char>* k,
-                     std::vector<unsigned char>* v) const {
+Status KvCache::read(const std::string& id, int layer, bool dequantize, Contents* out) const {
   std::vector<std::int32_t> pages;
   std::int64_t len = 0;
   {
@@ -396,15 +449,31 @@ Status KvCache::read(const std::string& id, int layer, Shape* shape, std::vector
     len = it->second.lengths[static_cast<std::size_t>(layer)];
   }
   const std::int64_t hkv = config_.heads_kv, ps = config_.page_size, d = config_.head_dim;
-  const std::size_t es = element_size(config_.dtype), row = static_cast<std::size_t>(d) * es;
+  const std::int64_t used = (len + ps - 1) / ps;  // the sequence's pages at this layer
+  const std::size_t es = config_.storage_element_size(), row = static_cast<std::size_t>(d) * es;
   const std::size_t page_bytes = static_cast<std::size_t>(hkv * ps) * row;
-  *shape = {len, hkv, d};
-  k->assign(static_cast<std::size_t>(len * hkv) * row, 0);
-  v->assign(k->size(), 0);
+  out->shape = {len, hkv, d};
+  out->fp8 = config_.fp8() && !dequantize;
+  out->k.assign(static_cast<std::size_t>(len * hkv) * row, 0);
+  out->v.assign(out->k.size(), 0);
+  std::vector<float> scales[2];
+  if (config_.fp8()) {
+    const std::size_t srow = static_cast<std::size_t>(hkv) * sizeof(float);
+    for (std::size_t pool = 0; pool < 2; ++pool) {
+      scales[pool].resize(static_cast<std::size_t>(used * hkv));
+      const std::size_t base =
+          config_.pools_bytes() + (2 * static_cast<std::size_t>(layer) + pool) *
+                                      static_cast<std::size_t>(config_.pages) * srow;
+      for (std::int64_t p = 0; p < used; ++p)
+        ATTN_RETURN_IF_ERROR(owner_->read(
+            scales[pool].data() + p * hkv, data_,
+            base + static_cast<std::size_t>(pages[static_cast<std::size_t>(p)]) * srow, srow));
+    }
+  }
   std::vector<unsigned char> buf(page_bytes);
   const std::size_t layer_base = 2 * static_cast<std::size_t>(layer) * config_.pool_bytes();
   for (std::size_t pool = 0; pool < 2; ++pool) {
-    std::vector<unsigned char>& out = pool == 0 ? *k : *v;
+    std::vector<unsigned char>& dst = pool == 0 ? out->k : out->v;
     for (std::int64_t p0 = 0; p0 < len; p0 += ps) {
       const std::size_t page = static_cast<std::size_t>(pages[static_cast<std::size_t>(p0 / ps)]);
       ATTN_RETURN_IF_ERROR(
@@ -414,7 +483,29 @@ Status KvCache::read(const std::string& id, int layer, Shape* shape, std::vector
       for (std::int64_t t = 0; t < std::min(ps, len - p0); ++t)
         for (std::int64_t h = 0; h < hkv; ++h)
           std::copy_n(buf.data() + static_cast<std::size_t>(h * ps + t) * row, row,
-                      out.data() + static_cast<std::size_t>((p0 + t) * hkv + h) * row);
+                      dst.data() + static_cast<std::size_t>((p0 + t) * hkv + h) * row);
+    }
+  }
+  if (out->fp8) {
+    out->scales_shape = {used, hkv};
+    out->k_scales = std::move(scales[0]);
+    out->v_scales = std::move(scales[1]);
+  } else if (config_.fp8()) {  // dequantized: code x its page's scale, in the cache's dtype
+    const std::size_t es16 = element_size(config_.dtype);
+    for (std::size_t pool = 0; pool < 2; ++pool) {
+      std::vector<unsigned char>& dst = pool == 0 ? out->k : out->v;
+      std::vector<unsigned char> wide(dst.size() * es16);
+      std::vector<float> x(static_cast<std::size_t>(d));
+      for (std::int64_t t = 0; t < len; ++t)
+        for (std::int64_t h = 0; h < hkv; ++h) {
+          const std::size_t at = static_cast<std::size_t>((t * hkv + h) * d);
+          dequantize_fp8_e4m3(dst.data() + at, d,
+                              scales[pool][static_cast<std::size_t>(t / ps * hkv + h)], x.data());
+          for (std::int64_t c = 0; c < d; ++c)
+            store_from_float(wide.data(), config_.dtype, at + static_cast<std::size_t>(c),
+                             x[static_cast<std::size_t>(c)]);
+        }
+      dst = std::move(wide);
     }
   }
   return Status::Ok();
@@ -489,6 +580,22 @@ Result<std::shared_ptr<KvCache>> KvCacheStore::create(const KvCacheConfig& confi
   auto p = c->owner_->allocate(config.bytes());
   if (!p.ok()) return resource_exhausted("config.capacity_tokens: " + p.status().message());
   c->data_ = *p;
+  if (config.fp8()) {
+    // Every page's scale slots: the client's fixed scales, or 0 (computed on append).
+    const std::size_t per_pool = static_cast<std::size_t>(config.pages * config.heads_kv);
+    std::vector<float> scales(2 * static_cast<std::size_t>(config.layers) * per_pool, 0.0f);
+    if (config.fixed_scales())
+      for (std::size_t l = 0; l < static_cast<std::size_t>(config.layers); ++l)
+        for (std::size_t pool = 0; pool < 2; ++pool) {
+          const std::vector<float>& fixed =
+              pool == 0 ? config.fixed_k_scales : config.fixed_v_scales;
+          const std::size_t hkv = static_cast<std::size_t>(config.heads_kv);
+          for (std::size_t i = 0; i < per_pool; ++i)
+            scales[(2 * l + pool) * per_pool + i] = fixed[l * hkv + i % hkv];
+        }
+    ATTN_RETURN_IF_ERROR(c->owner_->write(c->data_, config.pools_bytes(), scales.data(),
+                                          scales.size() * sizeof(float)));
+  }
   c->refs_.assign(static_cast<std::size_t>(config.pages), 0);
   // Pages are taken from the back: page 0 first.
   for (std::int64_t i = config.pages - 1; i >= 0; --i)

@@ -35,13 +35,29 @@ struct KvCacheConfig {
   int layers = 0, heads_kv = 0, head_dim = 0, page_size = 16;
   DType dtype = DType::kBFloat16;
   std::int64_t pages = 0;
+  // float8 storage: codes in the pools, and after every layer's pools a block of float32 scales
+  // [layers][K, V][pages][Hkv] (the pools' layout, one scale per (page, kv head)).
+  KvStorage storage = KvStorage::kDType;
+  // Client-calibrated scales of K and V, [layers][Hkv] each, written into every page's slots at
+  // creation and fixed for the cache's life; empty: computed on append.
+  std::vector<float> fixed_k_scales, fixed_v_scales;
+  bool fixed_scales() const { return !fixed_k_scales.empty(); }
 
+  bool fp8() const { return storage == KvStorage::kFloat8E4M3; }
+  std::size_t storage_element_size() const { return fp8() ? 1 : element_size(dtype); }
   std::int64_t capacity_tokens() const { return pages * page_size; }
-  // Bytes of one pool (K or V) of one layer, and of the whole cache.
+  // Bytes of one pool (K or V) of one layer, of the scales (float8 storage) and of the whole cache.
   std::size_t pool_bytes() const {
-    return static_cast<std::size_t>(pages * heads_kv * page_size * head_dim) * element_size(dtype);
+    return static_cast<std::size_t>(pages * heads_kv * page_size * head_dim) *
+           storage_element_size();
   }
-  std::size_t bytes() const { return static_cast<std::size_t>(layers) * 2 * pool_bytes(); }
+  std::size_t pools_bytes() const { return static_cast<std::size_t>(layers) * 2 * pool_bytes(); }
+  std::size_t scale_bytes() const {
+    return fp8() ? static_cast<std::size_t>(layers) * 2 *
+                       static_cast<std::size_t>(pages * heads_kv) * sizeof(float)
+                 : 0;
+  }
+  std::size_t bytes() const { return pools_bytes() + scale_bytes(); }
   // Whether every layer fits one pool view (KvCache::all_layers): its page numbers, and the rows
   // of all the pools (pages x Hkv x page_size, what the CUDA rungs index with int32), below 2^31.
   bool layers_fit_one_view() const {
@@ -52,7 +68,9 @@ struct KvCacheConfig {
 };
 
 // Page sizes a cache may have, and the checks of a requested configuration (fields named as in
-// CreateKvCacheRequest.config). `max_elements` bounds one pool, like any tensor.
+// CreateKvCacheRequest.config). `max_elements` bounds one pool, like any tensor. float8 storage
+// serves float16 and bfloat16 caches; fixed scales (k_scales/v_scales) must be layers x Hkv
+// each, positive and finite, and only come with float8 storage.
 Status check_kv_config(const KvCacheConfig& c, std::int64_t capacity_tokens,
                        std::int64_t max_elements);
 
@@ -139,9 +157,17 @@ class KvCache {
     std::int64_t freed_pages = 0, copied_pages = 0;
   };
   Result<Truncated> truncate(const std::string& id, std::int64_t length);
-  // One sequence's K and V at one layer as [len, Hkv, D] host bytes.
-  Status read(const std::string& id, int layer, Shape* shape, std::vector<unsigned char>* k,
-              std::vector<unsigned char>* v) const;
+  // One sequence's K and V at one layer as [len, Hkv, D] host bytes, as stored (float8 storage:
+  // the codes, and the float32 scales [pages of the sequence, Hkv] of K and V), or with
+  // `dequantize` in the cache's dtype (a float8 element's code x scale, rounded to it).
+  struct Contents {
+    Shape shape;
+    std::vector<unsigned char> k, v;
+    bool fp8 = false;  // k/v hold float8 codes, and the scales below come with them
+    Shape scales_shape;
+    std::vector<float> k_scales, v_scales;
+  };
+  Status read(const std::string& id, int layer, bool dequantize, Contents* out) const;
 
   KvCacheSummary summary(bool with_sequences) const;
 

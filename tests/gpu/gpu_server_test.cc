@@ -177,6 +177,45 @@ TEST(GpuServer, CallsSpreadOverEveryGpu) {
 // A KV cache on the GPU through the real server: ragged prefill (1, 17, 1000, 4097 tokens) and
 // decode steps across page boundaries on the CUDA paged kernels, every output against float64
 // attention over the test's mirror, ReadKv bit for bit, and a fork copied on the device.
+// No GPU rung reads float8 pages yet: a float8 cache named onto the GPU is refused naming
+// config.kv_storage; one left to the server is placed on the CPU and served there.
+TEST(GpuServer, Fp8KvCacheIsRefusedOnTheGpuAndPlacedOnTheCpu) {
+  SKIP_WITHOUT_GPU();
+  testing::ServerProcess server(ATTND_PATH, {"--backend", "cuda", "--devices", "0"});
+  Client client(server.address());
+  v1::CreateKvCacheRequest creq;
+  auto* c = creq.mutable_config();
+  c->set_layers(1);
+  c->set_kv_heads(2);
+  c->set_head_dim(64);
+  c->set_dtype(v1::D_TYPE_BFLOAT16);
+  c->set_capacity_tokens(256);
+  c->set_kv_storage(v1::D_TYPE_FLOAT8_E4M3);
+  creq.set_device("cuda:0");
+  {
+    v1::CreateKvCacheResponse cresp;
+    grpc::ClientContext ctx;
+    const grpc::Status s = client.stub().CreateKvCache(&ctx, creq, &cresp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << s.error_message();
+    EXPECT_THAT(s.error_message(), HasSubstr("config.kv_storage"));
+  }
+  creq.clear_device();
+  v1::CreateKvCacheResponse cresp;
+  {
+    grpc::ClientContext ctx;
+    const grpc::Status s = client.stub().CreateKvCache(&ctx, creq, &cresp);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+  }
+  EXPECT_THAT(cresp.cache().device(), HasSubstr("cpu"));
+  std::mt19937_64 rng(testing::seed());
+  auto r = client.prefill(cresp.cache().handle(), 0, {"a"}, {5},
+                          random_tensor(DType::kBFloat16, {5, 4, 64}, rng),
+                          random_tensor(DType::kBFloat16, {5, 2, 64}, rng),
+                          random_tensor(DType::kBFloat16, {5, 2, 64}, rng));
+  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  EXPECT_THAT(r->timings.kernel(), HasSubstr("cpu"));
+}
+
 TEST(GpuServer, KvCacheDecodeAndPrefillOnTheGpuMatchFloat64) {
   SKIP_WITHOUT_GPU();
   testing::ServerProcess server(ATTND_PATH, {"--backend", "cuda", "--devices", "0", "--streams-per-device", "2"});

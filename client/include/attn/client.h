@@ -115,10 +115,18 @@ struct KvOpResult {
   int attempts = 1;       // times the call was sent
 };
 
-// One sequence's cached K and V at one layer, each [len, Hkv, D] in the cache's dtype.
+// One sequence's cached K and V at one layer, each [len, Hkv, D] in the cache's dtype; for a
+// cache stored in float8 read as stored (fp8), the e4m3 codes [len, Hkv, D] in k_codes/v_codes
+// and their float32 scales [ceil(len / page_size), Hkv] instead (k and v then empty): token t of
+// head h is e4m3(code) x scales[t / page_size][h] (attn/fp8.h decodes a code).
 struct KvContents {
   Tensor k;
   Tensor v;
+  bool fp8 = false;
+  Shape shape, scales_shape;
+  std::int64_t page_size = 0;
+  std::vector<std::uint8_t> k_codes, v_codes;
+  std::vector<float> k_scales, v_scales;
 };
 
 // A POSIX shared-memory object this process made and maps (shm_open + mmap), to hand a server on
@@ -241,8 +249,9 @@ class Client {
                                  const Shape& kv_shape, const std::int64_t offsets[3], std::int64_t o_offset,
                                  const PrefillOptions& options = {}, bool copy_out = true,
                                  std::int64_t lse_offset = -1);
+  // `dequantize`: a float8 cache's K/V in its dtype (ReadKvRequest.form) instead of as stored.
   Result<KvContents> read_kv(const std::string& cache, const std::string& sequence_id, int layer,
-                             std::size_t chunk_bytes = 0);
+                             std::size_t chunk_bytes = 0, bool dequantize = false);
   // Where a cache made elsewhere (another process) lives: its KvCacheInfo.replica.
   void set_kv_cache_replica(const std::string& handle, const std::string& replica);
   // The replica this client sends `handle`'s calls to; empty: the main channel.

@@ -112,6 +112,35 @@ class KvRetry:
     multiplier: float = 2.0
 
 
+def _e4m3_table():
+    """The value of every float8 e4m3 (OCP E4M3FN) code: bias 7, no infinities, 0x7f/0xff NaN."""
+    c = np.arange(256)
+    e, m = (c >> 3) & 15, (c & 7).astype(np.float64)
+    mag = np.where(e == 0, m / 8 * 2.0 ** -6, (1 + m / 8) * 2.0 ** (e - 7))
+    mag[(c & 0x7f) == 0x7f] = np.nan
+    return np.where(c & 0x80, -mag, mag).astype(np.float32)
+
+
+_E4M3 = _e4m3_table()
+
+
+@dataclass
+class Fp8Kv:
+    """A float8 cache's K and V as stored: e4m3 codes (uint8 [len, Hkv, D]) and float32 scales
+    [ceil(len / page_size), Hkv]; token t of head h is e4m3(code) * scales[t // page_size, h]."""
+    k: np.ndarray
+    v: np.ndarray
+    k_scales: np.ndarray
+    v_scales: np.ndarray
+    page_size: int
+
+    def dequantized(self):
+        """(K, V) as float32 [len, Hkv, D]."""
+        rows = np.arange(self.k.shape[0]) // max(self.page_size, 1)
+        return tuple(_E4M3[codes] * scales[rows][:, :, None]
+                     for codes, scales in ((self.k, self.k_scales), (self.v, self.v_scales)))
+
+
 @dataclass
 class Resident:
     """An op input given by the handle of a resident tensor."""
@@ -787,10 +816,13 @@ class Client:
         req = attn_pb2.TruncateSequenceRequest(cache=cache, sequence_id=sequence_id, length=int(length))
         return self._call(self._kv_stub(cache).TruncateSequence, req)
 
-    def read_kv(self, cache: str, sequence_id: str, layer: int, *, chunk_bytes=0):
-        """One sequence's cached (K, V) at one layer, each [len, Hkv, D] in the cache's dtype."""
+    def read_kv(self, cache: str, sequence_id: str, layer: int, *, chunk_bytes=0, dequantize=False):
+        """One sequence's cached (K, V) at one layer, each [len, Hkv, D] in the cache's dtype.
+        A cache stored in float8 (kv_storage D_TYPE_FLOAT8_E4M3) gives a Fp8Kv instead (the
+        stored codes and scales), unless `dequantize` asks for (K, V) in the cache's dtype."""
+        form = attn_pb2.READ_KV_FORM_DEQUANTIZED if dequantize else attn_pb2.READ_KV_FORM_UNSPECIFIED
         req = attn_pb2.ReadKvRequest(cache=cache, sequence_id=sequence_id, layer=layer,
-                                     chunk_bytes=chunk_bytes)
+                                     chunk_bytes=chunk_bytes, form=form)
         try:
             header, chunks = None, []
             for msg in self._kv_stub(cache).ReadKv(req, timeout=self._timeout, metadata=self._metadata):
@@ -803,6 +835,15 @@ class Client:
         if header is None:
             raise AttnError(grpc.StatusCode.INTERNAL, "ReadKv: the stream had no header")
         data = b"".join(chunks)
+        if header.dtype == attn_pb2.D_TYPE_FLOAT8_E4M3:
+            shape, sshape = tuple(header.shape), tuple(header.scales_shape)
+            n, ns = int(np.prod(shape)), int(np.prod(sshape))
+            if len(data) != 2 * n + 8 * ns:
+                raise AttnError(grpc.StatusCode.INTERNAL, "ReadKv: the float8 stream's size is not its shapes'")
+            codes = np.frombuffer(data, dtype=np.uint8, count=2 * n)
+            scales = np.frombuffer(data, dtype="<f4", count=2 * ns, offset=2 * n)
+            return Fp8Kv(codes[:n].reshape(shape), codes[n:].reshape(shape), scales[:ns].reshape(sshape),
+                         scales[ns:].reshape(sshape), header.page_size)
         if len(data) % 2:
             raise AttnError(grpc.StatusCode.INTERNAL, "ReadKv: K and V differ in size")
         half = len(data) // 2

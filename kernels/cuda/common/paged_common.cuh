@@ -109,6 +109,12 @@ template <class Args>
 Result<PagedProblem> paged_problem(const Args& a, const TensorView& q_indptr, const RungCaps& caps,
                                    const char* name) {
   ATTN_RETURN_IF_ERROR(OpDesc<Args>::check(a));
+  // No CUDA rung reads float8 pages yet: such a cache is placed on the CPU at creation.
+  if (a.cache.storage != KvStorage::kDType) {
+    return invalid_argument(std::string("cache.storage: ") + name +
+                            " reads pages in the cache's dtype; no GPU rung serves float8_e4m3 "
+                            "storage yet (the CPU does)");
+  }
   ATTN_RETURN_IF_ERROR(check_dtype(caps, a.cache.dtype, "q.dtype", name));
   ATTN_RETURN_IF_ERROR(check_head_dim(caps, a.cache.dtype, a.cache.head_dim, "q.shape", name));
   const std::int64_t group = a.q.dim(1) / a.cache.heads_kv;

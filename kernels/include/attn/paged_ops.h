@@ -22,6 +22,14 @@
 
 namespace attn {
 
+// How a KV cache stores K and V: in its dtype (that of q, the new K/V rows and o), or as float8
+// e4m3 codes with a float32 scale per (page, kv head) of each pool (attn/fp8.h): element
+// (page, h, row, c) holds e4m3(code) x scale[page, h].
+enum class KvStorage : std::uint8_t { kDType, kFloat8E4M3 };
+
+// "dtype" (the cache's own) or "float8_e4m3".
+const char* kv_storage_name(KvStorage s);
+
 // One layer of a paged KV cache, where it lives.
 struct PagedKvLayer {
   DType dtype = DType::kBFloat16;
@@ -29,7 +37,22 @@ struct PagedKvLayer {
   void* k = nullptr;  // [pages, Hkv, page_size, D]
   void* v = nullptr;  // [pages, Hkv, page_size, D]
   MemoryKind memory = MemoryKind::kHost;
+  KvStorage storage = KvStorage::kDType;
+  // float8 storage: float32 [pages, Hkv] per pool, in the pools' memory. With fixed_scales (the
+  // client calibrated them) an append quantizes with the page's scale, saturating at +-448 x
+  // scale, and never changes it. Otherwise the append sets them: a page's first rows (row 0)
+  // give it the power-of-two scale of their largest magnitude (fp8_pow2_scale); later rows that
+  // need more grow it to theirs, and the rows already in the page are requantized to the new
+  // scale (exactly, scales being powers of two, but for values falling into e4m3's subnormals).
+  // A page is only ever appended to by the one sequence holding it (the server copies a shared
+  // page before anyone writes it), so a scale never changes under another sequence.
+  float* k_scales = nullptr;
+  float* v_scales = nullptr;
+  bool fixed_scales = false;
 
+  bool fp8() const { return storage == KvStorage::kFloat8E4M3; }
+  // Bytes of one stored element: 1 for float8, the dtype's otherwise.
+  std::size_t storage_element_size() const { return fp8() ? 1 : element_size(dtype); }
   // Elements of one page of one pool, and the offset of (page, head, row) in a pool.
   std::int64_t page_elements() const { return heads_kv * page_size * head_dim; }
   std::int64_t offset(std::int64_t page, std::int64_t head, std::int64_t row) const {

@@ -465,31 +465,56 @@ TEST_F(KvFp8Server, BadConfigurationsAndFormsFailNamingTheField) {
   EXPECT_EQ(len->sequences(0).lengths(0), 3) << "a refused call appends nothing";
 }
 
-// The error a float8 cache adds over a bfloat16 cache, same inputs (printed; bounded loosely).
+// The error a float8 cache adds over a bfloat16 cache, same inputs: scales computed per page on
+// append, and calibrated per kv head (each head's largest magnitude over all the tokens, fixed).
+// Printed, and bounded loosely (a wrong kernel is off by ~1). Outliers in K dominate the
+// softmax, and e4m3's 3 mantissa bits on those logits are what the error is made of there,
+// whatever the scales' granularity.
 TEST_F(KvFp8Server, ErrorAgainstABfloat16CacheOnNormalStudentTAndOutlierKv) {
   std::mt19937_64 rng(testing::seed());
-  const int hq = 8, hkv = 2, d = 128;
+  const int hq = 8, hkv = 2, d = 128, n = 512;
   for (const Tail tail : {Tail::kNormal, Tail::kStudentT, Tail::kOutliers}) {
-    const std::string fp8 = create(config(1, hkv, d, v1::D_TYPE_BFLOAT16, 16, 2048));
-    const std::string bf16 = create(config(1, hkv, d, v1::D_TYPE_BFLOAT16, 16, 2048, false));
-    const Tensor q = testing::random_tensor(DType::kBFloat16, {512, hq, d}, rng);
-    const Tensor k = kv_tensor(DType::kBFloat16, {512, hkv, d}, rng, tail);
-    const Tensor v = kv_tensor(DType::kBFloat16, {512, hkv, d}, rng, tail);
-    auto a = client_.prefill(fp8, 0, {"s"}, {512}, q, k, v);
-    auto b = client_.prefill(bf16, 0, {"s"}, {512}, q, k, v);
-    ASSERT_TRUE(a.ok() && b.ok());
-    std::vector<double> got, want;
-    for (std::int64_t i = 0; i < a->output.numel(); ++i) {
-      got.push_back(a->output.get(static_cast<std::size_t>(i)));
-      want.push_back(b->output.get(static_cast<std::size_t>(i)));
+    const Tensor q = testing::random_tensor(DType::kBFloat16, {n, hq, d}, rng);
+    const Tensor k = kv_tensor(DType::kBFloat16, {n, hkv, d}, rng, tail);
+    const Tensor v = kv_tensor(DType::kBFloat16, {n, hkv, d}, rng, tail);
+    v1::KvCacheConfig per_head = config(1, hkv, d, v1::D_TYPE_BFLOAT16, 16, 2048);
+    for (int h = 0; h < hkv; ++h) {
+      float ka = 0, va = 0;
+      for (std::int64_t t = 0; t < n; ++t)
+        for (std::int64_t c = 0; c < d; ++c) {
+          const auto i = static_cast<std::size_t>((t * hkv + h) * d + c);
+          ka = std::max(ka, std::fabs(k.get(i))), va = std::max(va, std::fabs(v.get(i)));
+        }
+      per_head.add_k_scales(ka / 448.0f), per_head.add_v_scales(va / 448.0f);
     }
-    const double err = reference::relative_frobenius_error(got, want);
+    const std::string bf16 = create(config(1, hkv, d, v1::D_TYPE_BFLOAT16, 16, 2048, false));
+    auto want = client_.prefill(bf16, 0, {"s"}, {n}, q, k, v);
+    ASSERT_TRUE(want.ok()) << want.status().to_string();
+    double errs[2] = {};
+    int at = 0;
+    for (const v1::KvCacheConfig& c :
+         {config(1, hkv, d, v1::D_TYPE_BFLOAT16, 16, 2048), per_head}) {
+      auto got = client_.prefill(create(c), 0, {"s"}, {n}, q, k, v);
+      ASSERT_TRUE(got.ok()) << got.status().to_string();
+      std::vector<double> g, w;
+      for (std::int64_t i = 0; i < got->output.numel(); ++i) {
+        g.push_back(got->output.get(static_cast<std::size_t>(i)));
+        w.push_back(want->output.get(static_cast<std::size_t>(i)));
+      }
+      errs[at++] = reference::relative_frobenius_error(g, w);
+    }
     const char* name = tail == Tail::kNormal     ? "normal"
                        : tail == Tail::kStudentT ? "student-t(3)"
-                                                 : "1/200 x100 outliers";
-    std::printf("[fp8 vs bf16 cache] K/V %s: relative Frobenius error of o = %.4f\n", name, err);
-    EXPECT_LE(err, 0.08) << name << " seed=" << testing::seed();
-    EXPECT_GT(err, 0.0) << "float8 storage must differ from bfloat16 somewhere";
+                                                 : "normal, 1 in 200 x100";
+    std::printf(
+        "[fp8 vs bf16 cache, Hq %d Hkv %d D %d, %d tokens] K/V %s: relative Frobenius error of o "
+        "= %.4f (scales per page on append), %.4f (calibrated per kv head)\n",
+        hq, hkv, d, n, name, errs[0], errs[1]);
+    const double bound = tail == Tail::kNormal ? 0.06 : tail == Tail::kStudentT ? 0.1 : 0.25;
+    for (double e : errs) {
+      EXPECT_LE(e, bound) << name << " seed=" << testing::seed();
+      EXPECT_GT(e, 0.0) << "float8 storage must differ from bfloat16 somewhere";
+    }
   }
 }
 

@@ -712,10 +712,13 @@ class Client:
         return self._stub_for_replica(self._replica_of.get(cache, ""))
 
     def create_kv_cache(self, *, layers: int, kv_heads: int, head_dim: int, capacity_tokens: int,
-                        dtype="float32", page_size=0, ttl_ms=0, device="") -> attn_pb2.KvCacheInfo:
+                        dtype="float32", page_size=0, ttl_ms=0, device="", kv_storage="",
+                        k_scales=None, v_scales=None) -> attn_pb2.KvCacheInfo:
         """A paged K/V store for `layers` layers of `kv_heads` heads of `head_dim`, holding
         `capacity_tokens` tokens over all its sequences (each sequence fills whole pages of its
-        own); dtype "float32", "float16" or "bfloat16" (or a numpy dtype).
+        own); dtype "float32", "float16" or "bfloat16" (or a numpy dtype). kv_storage
+        "float8_e4m3" stores K/V in float8 with a scale per (page, kv head), computed on append
+        or fixed by k_scales/v_scales ([layers, kv_heads] each).
         Returns its KvCacheInfo (`.handle`, `.replica`, `.pages_total`, ...)."""
         name = np.dtype(dtype).name if not isinstance(dtype, str) else _DTYPE_ALIASES.get(dtype, dtype)
         if name not in _DTYPES:
@@ -723,6 +726,13 @@ class Client:
         config = attn_pb2.KvCacheConfig(layers=layers, kv_heads=kv_heads, head_dim=head_dim,
                                         dtype=_DTYPES[name], page_size=page_size,
                                         capacity_tokens=capacity_tokens)
+        if kv_storage:
+            if kv_storage not in ("float8_e4m3", "fp8", "e4m3"):
+                raise ValueError(f"kv_storage: expected float8_e4m3 or empty, got {kv_storage!r}")
+            config.kv_storage = attn_pb2.D_TYPE_FLOAT8_E4M3
+        for field, scales in (("k_scales", k_scales), ("v_scales", v_scales)):
+            if scales is not None:
+                getattr(config, field).extend(float(x) for x in np.asarray(scales, dtype=np.float32).ravel())
         req = attn_pb2.CreateKvCacheRequest(config=config, ttl_ms=ttl_ms, device=device)
         info = self._call(self._stub.CreateKvCache, req).cache
         self._learn(info)

@@ -238,6 +238,31 @@ def test_truncate_rolls_back_and_decoding_goes_on(server, rng):
         c.delete_kv_cache(h)
 
 
+def test_float8_cache_reads_back_as_stored_and_dequantized(server, rng):
+    c = Client(server.address, timeout=30)
+    info = c.create_kv_cache(layers=1, kv_heads=HKV, head_dim=D, capacity_tokens=512, dtype="float16",
+                             page_size=8, kv_storage="float8_e4m3")
+    assert info.config.kv_storage == attn_pb2.D_TYPE_FLOAT8_E4M3
+    try:
+        q, k, v = (rows(rng, 13, h).astype(np.float16) for h in (HQ, HKV, HKV))
+        k[2, 0, 3] = 200.0  # an outlier: its page's scale grows, the other page's does not
+        r = c.prefill(info.handle, 0, ["s"], [13], q, k, v)
+        stored = c.read_kv(info.handle, "s", 0, chunk_bytes=100)
+        assert stored.k.dtype == np.uint8 and stored.k.shape == (13, HKV, D)
+        assert stored.k_scales.shape == (2, HKV) and stored.page_size == 8
+        assert stored.k_scales[0, 0] > stored.k_scales[1, 0]
+        kd, vd = stored.dequantized()
+        dk, dv = c.read_kv(info.handle, "s", 0, dequantize=True)
+        assert dk.dtype == np.float16
+        np.testing.assert_array_equal(kd.astype(np.float16), dk)
+        np.testing.assert_array_equal(vd.astype(np.float16), dv)
+        assert rel_error(kd, k.astype(np.float32)) < 0.05  # e4m3's step
+        o, _ = Reference(1).prefill(0, ["s"], [13], q.astype(np.float32), kd, vd)
+        assert rel_error(r.output.astype(np.float32), o) < 1e-2
+    finally:
+        c.delete_kv_cache(info.handle)
+
+
 def test_errors_name_the_problem_and_change_nothing(server, rng):
     c = Client(server.address, timeout=30)
     info = make_cache(c, layers=2, capacity=32, page_size=16)

@@ -1081,12 +1081,21 @@ Result<KvContents> Client::read_kv(const std::string& cache, const std::string& 
       const v1::ReadKvHeader& h = msg.header();
       out.shape.assign(h.shape().begin(), h.shape().end());
       out.page_size = h.page_size();
-      ATTN_ASSIGN_OR_RETURN(count, checked_element_count(out.shape, "ReadKv header.shape"));
+      // A sequence may hold no token at a layer: [0, Hkv, D] is a shape here.
+      const auto elements = [](const Shape& shape) -> Result<std::int64_t> {
+        std::int64_t n = 1;
+        for (std::int64_t d : shape) {
+          if (d < 0 || d > (std::int64_t{1} << 31))
+            return internal_error("ReadKv: the server sent a bad shape " + shape_to_string(shape));
+          n *= d;
+        }
+        return n;
+      };
+      ATTN_ASSIGN_OR_RETURN(count, elements(out.shape));
       if (h.dtype() == v1::D_TYPE_FLOAT8_E4M3) {
         out.fp8 = true;
         out.scales_shape.assign(h.scales_shape().begin(), h.scales_shape().end());
-        ATTN_ASSIGN_OR_RETURN(
-            scales, checked_element_count(out.scales_shape, "ReadKv header.scales_shape"));
+        ATTN_ASSIGN_OR_RETURN(scales, elements(out.scales_shape));
         out.k_codes.resize(static_cast<std::size_t>(count));
         out.v_codes.resize(static_cast<std::size_t>(count));
         out.k_scales.resize(static_cast<std::size_t>(scales));

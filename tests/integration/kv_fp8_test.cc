@@ -362,6 +362,11 @@ TEST_F(KvFp8Server, FixedScalesSaturateAndNeverChange) {
     EXPECT_EQ(kv->v_scales[2 * p], 0.06f);
   }
   EXPECT_EQ(kv->k_codes[3], 0x7e);  // saturated at 448 x scale
+  auto empty = client_.read_kv(cache, "f", 0);  // no token at layer 0 yet
+  ASSERT_TRUE(empty.ok()) << empty.status().to_string();
+  EXPECT_TRUE(empty->fp8);
+  EXPECT_EQ(empty->shape, (Shape{0, 2, 16}));
+  EXPECT_EQ(empty->scales_shape, (Shape{0, 2}));
   const Held h = held(client_, cache, "f", 1);
   const auto want = truth(h, q, 0, 11, {});
   std::vector<double> got;

@@ -1004,13 +1004,15 @@ class AsyncKvCall {
                   [this](bool) { send(); });
       return;
     }
-    Result<KvOpResult> result =
-        s.ok() ? kv_op_result(response_, request_.return_lse(), attempts_.count())
-               : Result<KvOpResult>(attempts_.outcome(s));
-    KvCallback done = std::move(done_);
     std::function<void()> release = std::move(release_);
-    delete this;
-    done(std::move(result));
+    {
+      Result<KvOpResult> result =
+          s.ok() ? kv_op_result(response_, request_.return_lse(), attempts_.count())
+                 : Result<KvOpResult>(attempts_.outcome(s));
+      KvCallback done = std::move(done_);
+      delete this;
+      done(std::move(result));
+    }  // the callback, and what it holds, go before the client learns that the call ended
     release();
   }
 

@@ -12,43 +12,21 @@ them. Make it inside the event loop that uses it.
 """
 
 import asyncio
-from typing import Optional
 
 import grpc
 import grpc.aio
 
-from attn.v1 import attn_pb2, attn_pb2_grpc
+from attn.v1 import attn_pb2
 
-from .client import (AttnError, KvResult, KvRetry, _auth_metadata, _channel_options, _credentials,
-                     _declared, _decode_request, _kv_cache_request, _kv_result, _KvAttempts,
-                     _prefill_request, _Routes, _sequence_ids)
+from .client import (AttnError, KvResult, _Connection, _declared, _decode_request, _kv_cache_request,
+                     _kv_result, _KvAttempts, _prefill_request, _sequence_ids)
 
 
-class AsyncClient:
+class AsyncClient(_Connection):
     """A connection to one attnd (or several behind one target) for asyncio: the KV-cache calls of
     Client as coroutines. Constructor arguments as Client's."""
 
-    def __init__(self, target: str, *, token: Optional[str] = None, tls: bool = False,
-                 root_certificates: Optional[bytes] = None,
-                 certificate_chain: Optional[bytes] = None, private_key: Optional[bytes] = None,
-                 server_name: Optional[str] = None, timeout: Optional[float] = None,
-                 load_balancing: Optional[str] = None, max_message_mb: int = 1024,
-                 kv_retry: Optional[KvRetry] = None):
-        options = _channel_options(max_message_mb, load_balancing, server_name)
-        creds = _credentials(tls, root_certificates, certificate_chain, private_key)
-
-        def channel(address, options):
-            if creds is not None:
-                return grpc.aio.secure_channel(address, creds, options)
-            return grpc.aio.insecure_channel(address, options)
-
-        self._channel = channel(target, options)
-        self._stub = attn_pb2_grpc.AttnServiceStub(self._channel)
-        one = [o for o in options if o[0] != "grpc.lb_policy_name"]  # a replica: pick_first
-        self._routes = _Routes(target, self._stub, lambda address: channel(address, one))
-        self._metadata = _auth_metadata(token)
-        self._timeout = timeout
-        self._kv_retry = kv_retry or KvRetry()
+    _grpc = grpc.aio
 
     async def close(self):
         await self._channel.close()
@@ -79,12 +57,6 @@ class AsyncClient:
             await asyncio.sleep(wait)
 
     # ---- KV caches (Client's calls of the same names) ----
-
-    def set_kv_cache_replica(self, handle: str, replica: str):
-        self._routes.pin(handle, replica)
-
-    def kv_cache_replica(self, handle: str) -> str:
-        return self._routes.replica_of.get(handle, "")
 
     async def create_kv_cache(self, **config) -> attn_pb2.KvCacheInfo:
         """Client.create_kv_cache's keyword arguments; its KvCacheInfo."""

@@ -545,17 +545,12 @@ def _declared(metadata: list, request) -> list:
     return metadata
 
 
-class Client:
-    """A connection to one attnd, or to several behind one target with a load-balancing policy.
+class _Connection:
+    """What Client and aio.AsyncClient share: the channel to the target (made by the module
+    `_grpc`: grpc, or grpc.aio), the routing of each cache's calls to its replica, the token, the
+    per-call timeout and the KV retry schedule. Client's docstring tells the arguments."""
 
-    target: "host:port", "dns:///attnd.default.svc:50051", "ipv4:127.0.0.1:1,127.0.0.1:2", ...
-    token: the server's bearer token (default: $ATTN_TOKEN when set).
-    tls: connect with TLS; root_certificates / certificate_chain / private_key are PEM bytes
-    (the latter two for mutual TLS); server_name checks the certificate against that name.
-    load_balancing: "round_robin" to spread calls over every address the target resolves to.
-    KV caches stay on the replica that made them: calls on a cache go there (its KvCacheInfo's
-    `replica`, over a channel of its own with these options), whatever the policy.
-    """
+    _grpc = grpc
 
     def __init__(self, target: str, *, token: Optional[str] = None, tls: bool = False,
                  root_certificates: Optional[bytes] = None,
@@ -568,8 +563,8 @@ class Client:
 
         def channel(address, options):
             if creds is not None:
-                return grpc.secure_channel(address, creds, options)
-            return grpc.insecure_channel(address, options)
+                return self._grpc.secure_channel(address, creds, options)
+            return self._grpc.insecure_channel(address, options)
 
         self._channel = channel(target, options)
         self._stub = attn_pb2_grpc.AttnServiceStub(self._channel)
@@ -578,6 +573,28 @@ class Client:
         self._metadata = _auth_metadata(token)
         self._timeout = timeout
         self._kv_retry = kv_retry or KvRetry()
+
+    def set_kv_cache_replica(self, handle: str, replica: str):
+        """Where a cache made elsewhere (another process) lives: its KvCacheInfo.replica. What a
+        server later says does not move it."""
+        self._routes.pin(handle, replica)
+
+    def kv_cache_replica(self, handle: str) -> str:
+        """The replica this client sends `handle`'s calls to; "" for the main channel."""
+        return self._routes.replica_of.get(handle, "")
+
+
+class Client(_Connection):
+    """A connection to one attnd, or to several behind one target with a load-balancing policy.
+
+    target: "host:port", "dns:///attnd.default.svc:50051", "ipv4:127.0.0.1:1,127.0.0.1:2", ...
+    token: the server's bearer token (default: $ATTN_TOKEN when set).
+    tls: connect with TLS; root_certificates / certificate_chain / private_key are PEM bytes
+    (the latter two for mutual TLS); server_name checks the certificate against that name.
+    load_balancing: "round_robin" to spread calls over every address the target resolves to.
+    KV caches stay on the replica that made them: calls on a cache go there (its KvCacheInfo's
+    `replica`, over a channel of its own with these options), whatever the policy.
+    """
 
     def close(self):
         self._channel.close()
@@ -819,15 +836,6 @@ class Client:
     # Every call on a cache goes to the replica its KvCacheInfo names (learned from create,
     # describe and list, or told with set_kv_cache_replica); a handle this client has not learned
     # goes over the main channel.
-
-    def set_kv_cache_replica(self, handle: str, replica: str):
-        """Where a cache made elsewhere (another process) lives: its KvCacheInfo.replica. What a
-        server later says does not move it."""
-        self._routes.pin(handle, replica)
-
-    def kv_cache_replica(self, handle: str) -> str:
-        """The replica this client sends `handle`'s calls to; "" for the main channel."""
-        return self._routes.replica_of.get(handle, "")
 
     def _learn(self, info: attn_pb2.KvCacheInfo):
         self._routes.learn(info)

@@ -39,6 +39,9 @@ std::string new_cache(Client& client) {
   return info.ok() ? info->handle() : "";
 }
 
+// Sequence i's id.
+std::string seq(int i) { return std::string("s").append(std::to_string(i)); }
+
 struct Rows {
   Tensor q, k, v;
 };
@@ -51,11 +54,11 @@ Rows rows(std::mt19937_64& rng, std::int64_t n) {
 
 // All a result says: o and lse bytes, lengths, replayed, attempts; or the error.
 std::string said(const Result<KvOpResult>& r) {
-  if (!r.ok()) return "error " + r.status().to_string();
+  if (!r.ok()) return std::string("error ").append(r.status().to_string());
   std::string s(static_cast<const char*>(r->output.data()), r->output.bytes());
   s.append(static_cast<const char*>(r->lse.data()), r->lse.bytes());
-  for (auto len : r->lengths) s += "," + std::to_string(len);
-  return s + (r->replayed ? " replayed " : " applied ") + std::to_string(r->attempts);
+  for (auto len : r->lengths) s.append(",").append(std::to_string(len));
+  return s.append(r->replayed ? " replayed " : " applied ").append(std::to_string(r->attempts));
 }
 
 // Each sequence's lengths per layer, as the server has them.
@@ -140,7 +143,7 @@ TEST(AsyncClient, ManyCallsInFlightOnOneClient) {
   std::vector<Rows> steps;
   for (int i = 0; i < kCalls; ++i) {
     const Rows p = rows(rng, 2);
-    const std::vector<std::string> id{"s" + std::to_string(i)};
+    const std::vector<std::string> id{seq(i)};
     ASSERT_TRUE(direct.prefill(cache, i % kLayers, id, {2}, p.q, p.k, p.v).ok());
     ASSERT_TRUE(direct.prefill(twin, i % kLayers, id, {2}, p.q, p.k, p.v).ok());
     steps.push_back(rows(rng, 1));
@@ -154,7 +157,7 @@ TEST(AsyncClient, ManyCallsInFlightOnOneClient) {
   o.expected_lengths = {2};
   for (int i = 0; i < kCalls; ++i) {
     const Rows& r = steps[static_cast<std::size_t>(i)];
-    const std::vector<std::string> id{"s" + std::to_string(i)};
+    const std::vector<std::string> id{seq(i)};
     if (i % 2 == 0) {
       futures.push_back(through.decode_async(cache, i % kLayers, id, r.q, r.k, r.v, o));
     } else {
@@ -181,7 +184,7 @@ TEST(AsyncClient, ManyCallsInFlightOnOneClient) {
   proxy.release_responses();
   for (int i = 0; i < kCalls; ++i) {
     const Rows& r = steps[static_cast<std::size_t>(i)];
-    auto want = direct.decode(twin, i % kLayers, {"s" + std::to_string(i)}, r.q, r.k, r.v, o);
+    auto want = direct.decode(twin, i % kLayers, {seq(i)}, r.q, r.k, r.v, o);
     ASSERT_TRUE(want.ok()) << want.status().to_string();
     if (i % 2 == 0) {
       EXPECT_EQ(said(wait(futures[static_cast<std::size_t>(i / 2)])), said(want)) << "call " << i;
@@ -306,7 +309,7 @@ TEST(AsyncClient, TheDestructorWaitsForCallsInFlight) {
   std::vector<Rows> steps;
   for (int i = 0; i < kCalls; ++i) {
     const Rows p = rows(rng, 1);
-    ASSERT_TRUE(direct.prefill(cache, 0, {"s" + std::to_string(i)}, {1}, p.q, p.k, p.v).ok());
+    ASSERT_TRUE(direct.prefill(cache, 0, {seq(i)}, {1}, p.q, p.k, p.v).ok());
     steps.push_back(rows(rng, 1));
   }
   std::atomic<int> ok{0}, done{0};
@@ -314,11 +317,10 @@ TEST(AsyncClient, TheDestructorWaitsForCallsInFlight) {
     Client client(server.address());
     for (int i = 0; i < kCalls; ++i) {
       const Rows& r = steps[static_cast<std::size_t>(i)];
-      client.decode_async(cache, 0, {"s" + std::to_string(i)}, r.q, r.k, r.v, {},
-                          [&](Result<KvOpResult> res) {
-                            ok += res.ok();
-                            ++done;
-                          });
+      client.decode_async(cache, 0, {seq(i)}, r.q, r.k, r.v, {}, [&](Result<KvOpResult> res) {
+        ok += res.ok();
+        ++done;
+      });
     }
   }
   EXPECT_EQ(done.load(), kCalls);

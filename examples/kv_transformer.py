@@ -175,22 +175,34 @@ class Model:
     def __init__(self, cfg: Config, weights: Weights, attention):
         self.cfg, self.w, self.attention = cfg, weights, attention
 
+    def attention_inputs(self, layer, x, positions):
+        """One layer's q [tokens, Hq, D], k and v [tokens, Hkv, D] of hidden states x at their
+        positions (rotary embeddings applied to q and k)."""
+        cfg, lw = self.cfg, self.w.layers[layer]
+        h = rms_norm(x, lw["attn_norm"], cfg.norm_eps)
+        q = (h @ lw["wq"]).reshape(-1, cfg.q_heads, cfg.head_dim)
+        k = (h @ lw["wk"]).reshape(-1, cfg.kv_heads, cfg.head_dim)
+        v = (h @ lw["wv"]).reshape(-1, cfg.kv_heads, cfg.head_dim)
+        return rotary(q, positions, cfg.rope_base), rotary(k, positions, cfg.rope_base), v
+
+    def after_attention(self, layer, x, o):
+        """The hidden states after one layer, given its attention output o [tokens, Hq, D]: the
+        output projection and the MLP, each with its residual."""
+        cfg, lw = self.cfg, self.w.layers[layer]
+        x = x + np.asarray(o, dtype=x.dtype).reshape(len(x), -1) @ lw["wo"]
+        h = rms_norm(x, lw["mlp_norm"], cfg.norm_eps)
+        return x + (silu(h @ lw["w_gate"]) * (h @ lw["w_up"])) @ lw["w_down"]
+
+    def logits(self, x):
+        return rms_norm(x, self.w.final_norm, self.cfg.norm_eps) @ self.w.unembed
+
     def _forward(self, tokens, positions, attend):
         """Logits [tokens, vocab] of a batch of tokens at their positions; `attend(layer, q, k, v)`
         runs attention over [tokens, heads, D] arrays."""
-        cfg, w = self.cfg, self.w
-        x = w.embed[tokens]
-        for layer, lw in enumerate(w.layers):
-            h = rms_norm(x, lw["attn_norm"], cfg.norm_eps)
-            q = (h @ lw["wq"]).reshape(-1, cfg.q_heads, cfg.head_dim)
-            k = (h @ lw["wk"]).reshape(-1, cfg.kv_heads, cfg.head_dim)
-            v = (h @ lw["wv"]).reshape(-1, cfg.kv_heads, cfg.head_dim)
-            q, k = rotary(q, positions, cfg.rope_base), rotary(k, positions, cfg.rope_base)
-            o = np.asarray(attend(layer, q, k, v), dtype=x.dtype)
-            x = x + o.reshape(len(tokens), -1) @ lw["wo"]
-            h = rms_norm(x, lw["mlp_norm"], cfg.norm_eps)
-            x = x + (silu(h @ lw["w_gate"]) * (h @ lw["w_up"])) @ lw["w_down"]
-        return rms_norm(x, w.final_norm, cfg.norm_eps) @ w.unembed
+        x = self.w.embed[tokens]
+        for layer in range(len(self.w.layers)):
+            x = self.after_attention(layer, x, attend(layer, *self.attention_inputs(layer, x, positions)))
+        return self.logits(x)
 
     def generate(self, prompts, steps, forced=None) -> Generation:
         """Greedy decoding of `steps` tokens after each prompt. `forced` (per sequence, the tokens to

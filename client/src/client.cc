@@ -4,6 +4,7 @@
 #include <google/protobuf/io/coded_stream.h>
 #include <google/protobuf/io/zero_copy_stream_impl_lite.h>
 #include <google/protobuf/wire_format_lite.h>
+#include <grpcpp/alarm.h>
 #include <grpcpp/create_channel.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/security/credentials.h>
@@ -18,6 +19,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <thread>
@@ -834,11 +836,202 @@ Result<KvOpResult> kv_op_result(const Response& resp, bool with_lse, int attempt
   return result;
 }
 
-// Whether an attempt of an exactly-once call ended without its outcome being known: the
-// connection failed (UNAVAILABLE), or the attempt's own deadline passed.
-bool outcome_unknown(const grpc::Status& s, bool own_deadline) {
-  return s.error_code() == grpc::StatusCode::UNAVAILABLE ||
-         (own_deadline && s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED);
+// How one Decode or Prefill is sent, and sent again (KvRetryOptions): an exactly-once call after
+// an attempt whose outcome is unknown (the connection failed, or the attempt's own deadline
+// passed) while attempts remain, after a jittered wait growing from initial_backoff; any other
+// call once. The blocking and the asynchronous calls both follow it.
+class KvAttempts {
+ public:
+  KvAttempts(const KvRetryOptions& retry, bool exactly_once, bool own_deadline)
+      : retry_(retry),
+        most_(exactly_once ? std::max(1, retry.max_attempts) : 1),
+        exactly_once_(exactly_once),
+        own_deadline_(own_deadline),
+        backoff_ms_(static_cast<double>(retry.initial_backoff.count())) {}
+
+  // The context of the next attempt, counting it.
+  std::unique_ptr<grpc::ClientContext> next(const Client& client,
+                                            const google::protobuf::MessageLite& request) {
+    ++count_;
+    auto ctx = client.make_context(request);
+    // With a deadline of its own, an attempt waits for the channel to connect again (after a
+    // reset) rather than failing at once while it reconnects: gRPC makes progress on a
+    // connection only while a call waits on it.
+    if (exactly_once_ && own_deadline_) ctx->set_wait_for_ready(true);
+    return ctx;
+  }
+
+  // After the attempt ended with `s`: how long to wait before sending the call again, or nothing
+  // when the call ends with `s`.
+  std::optional<std::chrono::nanoseconds> retry_after(const grpc::Status& s) {
+    const bool unknown = s.error_code() == grpc::StatusCode::UNAVAILABLE ||
+                         (own_deadline_ && s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED);
+    if (s.ok() || count_ >= most_ || !unknown) return std::nullopt;
+    // Half to all of the backoff, so that clients cut off together do not come back together.
+    static thread_local std::mt19937_64 jitter{std::random_device{}()};
+    std::uniform_real_distribution<double> share(0.5, 1.0);
+    const std::chrono::duration<double, std::milli> wait(backoff_ms_ * share(jitter));
+    backoff_ms_ =
+        std::min(backoff_ms_ * retry_.multiplier, static_cast<double>(retry_.max_backoff.count()));
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(wait);
+  }
+
+  // The status the call ends with: `s`, saying how many attempts it took when more than one.
+  Status outcome(const grpc::Status& s) const {
+    Status out = wire::from_grpc(s);
+    if (!out.ok() && count_ > 1)
+      return Status(out.code(), out.message() + " (after " + std::to_string(count_) + " attempts)");
+    return out;
+  }
+
+  int count() const { return count_; }
+
+ private:
+  KvRetryOptions retry_;
+  int most_;
+  bool exactly_once_, own_deadline_;
+  double backoff_ms_;
+  int count_ = 0;
+};
+
+// The fields every Decode and Prefill request starts with.
+template <class Request>
+Request kv_request(const std::string& cache, int layer,
+                   const std::vector<std::string>& sequence_ids) {
+  Request req;
+  req.set_cache(cache);
+  req.set_layer(layer);
+  for (const auto& id : sequence_ids) req.add_sequence_ids(id);
+  return req;
+}
+
+// A Decode request's options, whatever carries its tensors.
+void set_options(const DecodeOptions& options, v1::DecodeRequest* req) {
+  req->set_scale(options.scale);
+  req->set_kernel(options.kernel);
+  req->set_return_lse(options.return_lse);
+  if (options.window_left != -1) req->set_window_left(options.window_left);
+  req->set_softcap(options.softcap);
+  if (!options.sinks.shape().empty())
+    wire::encode_tensor(options.sinks.view(), req->mutable_sinks());
+  req->mutable_expected_lengths()->Assign(options.expected_lengths.begin(),
+                                          options.expected_lengths.end());
+}
+
+void set_options(const PrefillOptions& options, v1::PrefillRequest* req) {
+  req->set_non_causal(options.non_causal);
+  req->set_scale(options.scale);
+  req->set_kernel(options.kernel);
+  req->set_return_lse(options.return_lse);
+  if (options.window_left != -1) req->set_window_left(options.window_left);
+  if (options.window_right != -1) req->set_window_right(options.window_right);
+  req->set_softcap(options.softcap);
+  if (!options.sinks.shape().empty())
+    wire::encode_tensor(options.sinks.view(), req->mutable_sinks());
+  req->mutable_expected_lengths()->Assign(options.expected_lengths.begin(),
+                                          options.expected_lengths.end());
+}
+
+// A Decode with its inputs inline (decode, decode_async).
+v1::DecodeRequest decode_request(const std::string& cache, int layer,
+                                 const std::vector<std::string>& sequence_ids, const Tensor& q,
+                                 const Tensor& k_new, const Tensor& v_new,
+                                 const DecodeOptions& options) {
+  auto req = kv_request<v1::DecodeRequest>(cache, layer, sequence_ids);
+  wire::encode_tensor(q.view(), req.mutable_q());
+  wire::encode_tensor(k_new.view(), req.mutable_k_new());
+  wire::encode_tensor(v_new.view(), req.mutable_v_new());
+  set_options(options, &req);
+  return req;
+}
+
+// A Prefill with its inputs inline (prefill, prefill_async).
+v1::PrefillRequest prefill_request(const std::string& cache, int layer,
+                                   const std::vector<std::string>& sequence_ids,
+                                   const std::vector<std::int64_t>& lens, const Tensor& q,
+                                   const Tensor& k, const Tensor& v,
+                                   const PrefillOptions& options) {
+  auto req = kv_request<v1::PrefillRequest>(cache, layer, sequence_ids);
+  req.mutable_lens()->Assign(lens.begin(), lens.end());
+  wire::encode_tensor(q.view(), req.mutable_q());
+  wire::encode_tensor(k.view(), req.mutable_k());
+  wire::encode_tensor(v.view(), req.mutable_v());
+  set_options(options, &req);
+  return req;
+}
+
+// The callback stub's unary call for each request.
+void start_call(v1::AttnService::Stub* stub, grpc::ClientContext* ctx, const v1::DecodeRequest* req,
+                v1::DecodeResponse* resp, std::function<void(grpc::Status)> done) {
+  stub->async()->Decode(ctx, req, resp, std::move(done));
+}
+
+void start_call(v1::AttnService::Stub* stub, grpc::ClientContext* ctx,
+                const v1::PrefillRequest* req, v1::PrefillResponse* resp,
+                std::function<void(grpc::Status)> done) {
+  stub->async()->Prefill(ctx, req, resp, std::move(done));
+}
+
+// One Decode or Prefill in flight (decode_async, prefill_async): its request, the attempt under
+// way and what is left of its retries. Each attempt ends in a gRPC callback, which either sends
+// the call again after a wait on a gRPC timer (no thread held) or delivers the result; the call
+// then deletes itself, and `release` says it is gone.
+template <class Request, class Response>
+class AsyncKvCall {
+ public:
+  AsyncKvCall(const Client& client, v1::AttnService::Stub* stub, Request request,
+              KvAttempts attempts, KvCallback done, std::function<void()> release)
+      : client_(client),
+        stub_(stub),
+        request_(std::move(request)),
+        attempts_(std::move(attempts)),
+        done_(std::move(done)),
+        release_(std::move(release)) {}
+
+  void send() {
+    response_.Clear();
+    ctx_ = attempts_.next(client_, request_);
+    start_call(stub_, ctx_.get(), &request_, &response_,
+               [this](grpc::Status s) { ended(std::move(s)); });
+  }
+
+ private:
+  void ended(grpc::Status s) {
+    if (const auto wait = attempts_.retry_after(s)) {
+      alarm_ = std::make_unique<grpc::Alarm>();
+      alarm_->Set(std::chrono::system_clock::now() +
+                      std::chrono::duration_cast<std::chrono::system_clock::duration>(*wait),
+                  [this](bool) { send(); });
+      return;
+    }
+    std::function<void()> release = std::move(release_);
+    {
+      Result<KvOpResult> result =
+          s.ok() ? kv_op_result(response_, request_.return_lse(), attempts_.count())
+                 : Result<KvOpResult>(attempts_.outcome(s));
+      KvCallback done = std::move(done_);
+      delete this;
+      done(std::move(result));
+    }  // the callback, and what it holds, go before the client learns that the call ended
+    release();
+  }
+
+  const Client& client_;
+  v1::AttnService::Stub* stub_;
+  const Request request_;
+  Response response_;
+  std::unique_ptr<grpc::ClientContext> ctx_;
+  std::unique_ptr<grpc::Alarm> alarm_;
+  KvAttempts attempts_;
+  KvCallback done_;
+  std::function<void()> release_;
+};
+
+// A future for a call that delivers its result to a callback.
+std::pair<std::future<Result<KvOpResult>>, KvCallback> kv_future() {
+  auto promise = std::make_shared<std::promise<Result<KvOpResult>>>();
+  auto future = promise->get_future();
+  return {std::move(future), [promise](Result<KvOpResult> r) { promise->set_value(std::move(r)); }};
 }
 
 }  // namespace
@@ -848,33 +1041,45 @@ Status Client::send_kv(v1::AttnService::Stub* stub, const Request& request, Resp
                        grpc::Status (v1::AttnService::Stub::*unary)(grpc::ClientContext*,
                                                                     const Request&, Response*),
                        bool exactly_once, int* attempts) {
-  const KvRetryOptions& retry = options_.kv_retry;
-  const int most = exactly_once ? std::max(1, retry.max_attempts) : 1;
-  static thread_local std::mt19937_64 jitter{std::random_device{}()};
-  double backoff_ms = static_cast<double>(retry.initial_backoff.count());
+  KvAttempts tries(options_.kv_retry, exactly_once, options_.timeout.count() > 0);
   grpc::Status status;
-  for (*attempts = 1;; ++*attempts) {
+  for (;;) {
     response->Clear();
-    auto ctx = make_context(request);
-    // With a deadline of its own, an attempt waits for the channel to connect again (after a
-    // reset) rather than failing at once while it reconnects: gRPC makes progress on a
-    // connection only while a call waits on it.
-    if (exactly_once && options_.timeout.count() > 0) ctx->set_wait_for_ready(true);
-    status = (stub->*unary)(ctx.get(), request, response);
-    if (status.ok() || *attempts >= most || !outcome_unknown(status, options_.timeout.count() > 0))
-      break;
-    // Half to all of the backoff, so that clients cut off together do not come back together.
-    std::uniform_real_distribution<double> share(0.5, 1.0);
-    std::this_thread::sleep_for(
-        std::chrono::duration<double, std::milli>(backoff_ms * share(jitter)));
-    backoff_ms =
-        std::min(backoff_ms * retry.multiplier, static_cast<double>(retry.max_backoff.count()));
+    status = (stub->*unary)(tries.next(*this, request).get(), request, response);
+    const auto wait = tries.retry_after(status);
+    if (!wait) break;
+    std::this_thread::sleep_for(*wait);
   }
-  Status out = wire::from_grpc(status);
-  if (!out.ok() && *attempts > 1)
-    return Status(out.code(),
-                  out.message() + " (after " + std::to_string(*attempts) + " attempts)");
-  return out;
+  *attempts = tries.count();
+  return tries.outcome(status);
+}
+
+template <class Request, class Response>
+void Client::send_kv_async(const std::string& cache, Request request, KvCallback done) {
+  auto stub = kv_stub(cache);
+  if (!stub.ok()) {
+    done(stub.status());
+    return;
+  }
+  {
+    std::lock_guard lock(in_flight_->mu);
+    ++in_flight_->calls;
+  }
+  const bool exactly_once = request.expected_lengths_size() > 0;
+  auto* call = new AsyncKvCall<Request, Response>(
+      *this, *stub, std::move(request),
+      KvAttempts(options_.kv_retry, exactly_once, options_.timeout.count() > 0), std::move(done),
+      [in_flight = in_flight_.get()] {
+        std::lock_guard lock(in_flight->mu);
+        if (--in_flight->calls == 0) in_flight->cv.notify_all();
+      });
+  call->send();
+}
+
+Client::~Client() {
+  if (!in_flight_) return;
+  std::unique_lock lock(in_flight_->mu);
+  in_flight_->cv.wait(lock, [&] { return in_flight_->calls == 0; });
 }
 
 Result<KvOpResult> Client::decode(const std::string& cache, int layer,
@@ -882,22 +1087,7 @@ Result<KvOpResult> Client::decode(const std::string& cache, int layer,
                                   const Tensor& k_new, const Tensor& v_new,
                                   const DecodeOptions& options) {
   ATTN_ASSIGN_OR_RETURN(stub, kv_stub(cache));
-  v1::DecodeRequest req;
-  req.set_cache(cache);
-  req.set_layer(layer);
-  for (const auto& id : sequence_ids) req.add_sequence_ids(id);
-  wire::encode_tensor(q.view(), req.mutable_q());
-  wire::encode_tensor(k_new.view(), req.mutable_k_new());
-  wire::encode_tensor(v_new.view(), req.mutable_v_new());
-  req.set_scale(options.scale);
-  req.set_kernel(options.kernel);
-  req.set_return_lse(options.return_lse);
-  if (options.window_left != -1) req.set_window_left(options.window_left);
-  req.set_softcap(options.softcap);
-  if (!options.sinks.shape().empty())
-    wire::encode_tensor(options.sinks.view(), req.mutable_sinks());
-  req.mutable_expected_lengths()->Assign(options.expected_lengths.begin(),
-                                         options.expected_lengths.end());
+  const auto req = decode_request(cache, layer, sequence_ids, q, k_new, v_new, options);
   v1::DecodeResponse resp;
   int attempts = 0;
   ATTN_RETURN_IF_ERROR(send_kv(stub, req, &resp, &v1::AttnService::Stub::Decode,
@@ -911,30 +1101,49 @@ Result<KvOpResult> Client::prefill(const std::string& cache, int layer,
                                    const Tensor& k, const Tensor& v,
                                    const PrefillOptions& options) {
   ATTN_ASSIGN_OR_RETURN(stub, kv_stub(cache));
-  v1::PrefillRequest req;
-  req.set_cache(cache);
-  req.set_layer(layer);
-  for (const auto& id : sequence_ids) req.add_sequence_ids(id);
-  req.mutable_lens()->Assign(lens.begin(), lens.end());
-  wire::encode_tensor(q.view(), req.mutable_q());
-  wire::encode_tensor(k.view(), req.mutable_k());
-  wire::encode_tensor(v.view(), req.mutable_v());
-  req.set_non_causal(options.non_causal);
-  req.set_scale(options.scale);
-  req.set_kernel(options.kernel);
-  req.set_return_lse(options.return_lse);
-  if (options.window_left != -1) req.set_window_left(options.window_left);
-  if (options.window_right != -1) req.set_window_right(options.window_right);
-  req.set_softcap(options.softcap);
-  if (!options.sinks.shape().empty())
-    wire::encode_tensor(options.sinks.view(), req.mutable_sinks());
-  req.mutable_expected_lengths()->Assign(options.expected_lengths.begin(),
-                                         options.expected_lengths.end());
+  const auto req = prefill_request(cache, layer, sequence_ids, lens, q, k, v, options);
   v1::PrefillResponse resp;
   int attempts = 0;
   ATTN_RETURN_IF_ERROR(send_kv(stub, req, &resp, &v1::AttnService::Stub::Prefill,
                                !options.expected_lengths.empty(), &attempts));
   return kv_op_result(resp, options.return_lse, attempts);
+}
+
+void Client::decode_async(const std::string& cache, int layer,
+                          const std::vector<std::string>& sequence_ids, const Tensor& q,
+                          const Tensor& k_new, const Tensor& v_new, const DecodeOptions& options,
+                          KvCallback done) {
+  send_kv_async<v1::DecodeRequest, v1::DecodeResponse>(
+      cache, decode_request(cache, layer, sequence_ids, q, k_new, v_new, options), std::move(done));
+}
+
+std::future<Result<KvOpResult>> Client::decode_async(const std::string& cache, int layer,
+                                                     const std::vector<std::string>& sequence_ids,
+                                                     const Tensor& q, const Tensor& k_new,
+                                                     const Tensor& v_new,
+                                                     const DecodeOptions& options) {
+  auto [future, done] = kv_future();
+  decode_async(cache, layer, sequence_ids, q, k_new, v_new, options, std::move(done));
+  return std::move(future);
+}
+
+void Client::prefill_async(const std::string& cache, int layer,
+                           const std::vector<std::string>& sequence_ids,
+                           const std::vector<std::int64_t>& lens, const Tensor& q, const Tensor& k,
+                           const Tensor& v, const PrefillOptions& options, KvCallback done) {
+  send_kv_async<v1::PrefillRequest, v1::PrefillResponse>(
+      cache, prefill_request(cache, layer, sequence_ids, lens, q, k, v, options), std::move(done));
+}
+
+std::future<Result<KvOpResult>> Client::prefill_async(const std::string& cache, int layer,
+                                                      const std::vector<std::string>& sequence_ids,
+                                                      const std::vector<std::int64_t>& lens,
+                                                      const Tensor& q, const Tensor& k,
+                                                      const Tensor& v,
+                                                      const PrefillOptions& options) {
+  auto [future, done] = kv_future();
+  prefill_async(cache, layer, sequence_ids, lens, q, k, v, options, std::move(done));
+  return std::move(future);
 }
 
 namespace {
@@ -999,21 +1208,10 @@ Result<KvOpResult> Client::decode_shm(const std::string& cache, int layer,
                                       std::int64_t lse_offset) {
   ATTN_ASSIGN_OR_RETURN(stub, kv_stub(cache));
   if (q_shape.size() != 3) return invalid_argument("q_shape: expected [n, Hq, D]");
-  v1::DecodeRequest req;
-  req.set_cache(cache);
-  req.set_layer(layer);
-  for (const auto& id : sequence_ids) req.add_sequence_ids(id);
+  auto req = kv_request<v1::DecodeRequest>(cache, layer, sequence_ids);
   place_in_region(req, req.mutable_q(), req.mutable_k_new(), req.mutable_v_new(), region, dtype,
                   q_shape, kv_shape, offsets, o_offset, options.return_lse, lse_offset);
-  req.set_scale(options.scale);
-  req.set_kernel(options.kernel);
-  req.set_return_lse(options.return_lse);
-  if (options.window_left != -1) req.set_window_left(options.window_left);
-  req.set_softcap(options.softcap);
-  if (!options.sinks.shape().empty())
-    wire::encode_tensor(options.sinks.view(), req.mutable_sinks());
-  req.mutable_expected_lengths()->Assign(options.expected_lengths.begin(),
-                                         options.expected_lengths.end());
+  set_options(options, &req);
   v1::DecodeResponse resp;
   int attempts = 0;
   ATTN_RETURN_IF_ERROR(send_kv(stub, req, &resp, &v1::AttnService::Stub::Decode,
@@ -1032,24 +1230,11 @@ Result<KvOpResult> Client::prefill_shm(const std::string& cache, int layer,
                                        std::int64_t lse_offset) {
   ATTN_ASSIGN_OR_RETURN(stub, kv_stub(cache));
   if (q_shape.size() != 3) return invalid_argument("q_shape: expected [sum(lens), Hq, D]");
-  v1::PrefillRequest req;
-  req.set_cache(cache);
-  req.set_layer(layer);
-  for (const auto& id : sequence_ids) req.add_sequence_ids(id);
+  auto req = kv_request<v1::PrefillRequest>(cache, layer, sequence_ids);
   req.mutable_lens()->Assign(lens.begin(), lens.end());
   place_in_region(req, req.mutable_q(), req.mutable_k(), req.mutable_v(), region, dtype, q_shape,
                   kv_shape, offsets, o_offset, options.return_lse, lse_offset);
-  req.set_non_causal(options.non_causal);
-  req.set_scale(options.scale);
-  req.set_kernel(options.kernel);
-  req.set_return_lse(options.return_lse);
-  if (options.window_left != -1) req.set_window_left(options.window_left);
-  if (options.window_right != -1) req.set_window_right(options.window_right);
-  req.set_softcap(options.softcap);
-  if (!options.sinks.shape().empty())
-    wire::encode_tensor(options.sinks.view(), req.mutable_sinks());
-  req.mutable_expected_lengths()->Assign(options.expected_lengths.begin(),
-                                         options.expected_lengths.end());
+  set_options(options, &req);
   v1::PrefillResponse resp;
   int attempts = 0;
   ATTN_RETURN_IF_ERROR(send_kv(stub, req, &resp, &v1::AttnService::Stub::Prefill,

@@ -2,7 +2,8 @@
 // it resets connections (client to server bytes), delays bytes in either direction, stalls a
 // connection past a client's deadline, and drops responses: it forwards the request upstream,
 // then, when the server's response begins (an HTTP/2 HEADERS frame on a stream, which attnd sends
-// only once the call has run), resets the client's side instead of forwarding it. Plain sockets
+// only once the call has run), resets the client's side instead of forwarding it; or holds every
+// response until the test lets them go (hold_responses). Plain sockets
 // and two threads per connection; each direction of each connection draws from its own generator
 // (seed, connection number, direction), so a seed replays the same decisions for the same bytes.
 #pragma once
@@ -17,6 +18,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <list>
 #include <memory>
@@ -62,6 +64,7 @@ class FaultProxy {
   }
 
   ~FaultProxy() {
+    release_responses();
     stopping_ = true;
     shutdown(listen_fd_, SHUT_RDWR);
     acceptor_.join();
@@ -77,6 +80,19 @@ class FaultProxy {
   void set_enabled(bool on) { enabled_ = on; }
   // The next response to begin, on any connection, is dropped (whatever the draws say).
   void drop_next_response() { drop_next_ = true; }
+  // From now on a response that begins waits, with all that follows it on its connection, until
+  // release_responses().
+  void hold_responses() {
+    std::lock_guard lock(gate_mu_);
+    held_ = true;
+  }
+  void release_responses() {
+    {
+      std::lock_guard lock(gate_mu_);
+      held_ = false;
+    }
+    gate_cv_.notify_all();
+  }
 
  private:
   static sockaddr_in loopback(int port) {
@@ -194,6 +210,10 @@ class FaultProxy {
         std::size_t at = scanner.next_response(buf, static_cast<std::size_t>(n));
         bool drop = false;
         if (at < static_cast<std::size_t>(n)) {
+          {
+            std::unique_lock lock(proxy_.gate_mu_);
+            proxy_.gate_cv_.wait(lock, [&] { return !proxy_.held_; });
+          }
           if (proxy_.drop_next_.exchange(false)) {
             ++stats.forced_drops;
             drop = true;
@@ -256,6 +276,9 @@ class FaultProxy {
   int listen_fd_ = -1;
   int port_ = 0;
   std::atomic<bool> stopping_{false}, enabled_{true}, drop_next_{false};
+  std::mutex gate_mu_;
+  std::condition_variable gate_cv_;
+  bool held_ = false;
   ProxyStats stats_;
   std::mutex mu_;
   std::list<std::unique_ptr<Connection>> connections_;

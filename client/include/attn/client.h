@@ -5,6 +5,9 @@
 #include <grpcpp/channel.h>
 
 #include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <future>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -115,6 +118,10 @@ struct KvOpResult {
   int attempts = 1;       // times the call was sent
 };
 
+// Where an asynchronous Decode or Prefill delivers its result (Client::decode_async,
+// prefill_async): called once.
+using KvCallback = std::function<void(Result<KvOpResult>)>;
+
 // One sequence's cached K and V at one layer, each [len, Hkv, D] in the cache's dtype; for a
 // cache stored in float8 read as stored (fp8), the e4m3 codes [len, Hkv, D] in k_codes/v_codes
 // and their float32 scales [ceil(len / page_size), Hkv] instead (k and v then empty): token t of
@@ -159,6 +166,10 @@ class Client {
   // cannot be read makes every call fail with the reason.
   explicit Client(const std::string& target, const ClientOptions& options = {});
   explicit Client(std::shared_ptr<grpc::Channel> channel, const ClientOptions& options = {});
+  // Waits for the asynchronous calls still in flight (decode_async, prefill_async).
+  ~Client();
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
 
   Result<OpResult> matmul(const Tensor& a, const Tensor& b, const MatmulOptions& options = {});
   Result<OpResult> softmax(const Tensor& x, const std::string& kernel = "");
@@ -170,7 +181,8 @@ class Client {
   // Resident tensors: stored on the server's device under a handle (streamed in chunks, so any
   // size), read back, listed, deleted. An op takes a handle in place of an input through
   // `resident(handle)`, and keeps its outputs on the device with keep_output (see the proto).
-  Result<v1::TensorInfo> put_tensor(const Tensor& t, std::int64_t ttl_ms = 0, const std::string& device = "",
+  Result<v1::TensorInfo> put_tensor(const Tensor& t, std::int64_t ttl_ms = 0,
+                                    const std::string& device = "",
                                     std::size_t chunk_bytes = std::size_t{1} << 20);
   Result<Tensor> get_tensor(const std::string& handle, std::size_t chunk_bytes = 0);
   Result<std::int64_t> delete_tensor(const std::string& handle);
@@ -182,25 +194,31 @@ class Client {
   // Shared memory (servers run with --shared-memory system): registers `bytes` from `offset` of the
   // POSIX shared-memory object `key` as region `name`; inputs then name bytes in it
   // (in_shared_memory) and outputs may be written into it (the requests' output_shm).
-  Result<v1::SharedMemoryRegionInfo> register_shared_memory(const std::string& name, const std::string& key,
-                                                            std::int64_t offset, std::int64_t bytes);
+  Result<v1::SharedMemoryRegionInfo> register_shared_memory(const std::string& name,
+                                                            const std::string& key,
+                                                            std::int64_t offset,
+                                                            std::int64_t bytes);
   // CUDA IPC (servers run with --shared-memory cuda, on this GPU host): `bytes` from `offset` of
   // the device allocation whose cudaIpcMemHandle_t's bytes are `ipc_handle`, on CUDA device
   // `device`; ops then read and write it in place on that GPU.
-  Result<v1::SharedMemoryRegionInfo> register_cuda_memory(const std::string& name, const std::string& ipc_handle,
-                                                          int device, std::int64_t offset, std::int64_t bytes);
+  Result<v1::SharedMemoryRegionInfo> register_cuda_memory(const std::string& name,
+                                                          const std::string& ipc_handle, int device,
+                                                          std::int64_t offset, std::int64_t bytes);
   // Forgets `name` (empty: all of this caller's regions); returns how many went.
   Result<int> unregister_shared_memory(const std::string& name = "");
   Result<v1::SharedMemoryStatusResponse> shared_memory_status(const std::string& name = "");
   // An op input held in region `region` at `offset`, with its dtype and shape.
-  static v1::Tensor in_shared_memory(DType dtype, const Shape& shape, const std::string& region, std::int64_t offset);
-  static v1::SharedMemoryRef shared_memory_ref(const std::string& region, std::int64_t offset, std::int64_t bytes = 0);
+  static v1::Tensor in_shared_memory(DType dtype, const Shape& shape, const std::string& region,
+                                     std::int64_t offset);
+  static v1::SharedMemoryRef shared_memory_ref(const std::string& region, std::int64_t offset,
+                                               std::int64_t bytes = 0);
   // Attention whose inputs are in `buffer`, registered as `region`: q, k and v at `offsets[0..2]`;
   // O is written into the region at `o_offset` (and read back into the result's `output` when
   // `copy_out`), as the inline attention() otherwise.
-  Result<OpResult> attention_shm(const std::string& region, const SharedMemoryBuffer& buffer, DType dtype,
-                                 const Shape& q_shape, const Shape& kv_shape, const std::int64_t offsets[3],
-                                 std::int64_t o_offset, const AttentionOptions& options = {}, bool copy_out = true);
+  Result<OpResult> attention_shm(const std::string& region, const SharedMemoryBuffer& buffer,
+                                 DType dtype, const Shape& q_shape, const Shape& kv_shape,
+                                 const std::int64_t offsets[3], std::int64_t o_offset,
+                                 const AttentionOptions& options = {}, bool copy_out = true);
 
   Result<v1::BenchmarkResponse> benchmark(const v1::BenchmarkRequest& request);
   // The payload back, and the server's time in the handler.
@@ -218,35 +236,73 @@ class Client {
   // Returns the bytes freed.
   Result<std::int64_t> delete_kv_cache(const std::string& handle);
   // Returns the pages freed.
-  Result<std::int64_t> release_sequences(const std::string& cache, const std::vector<std::string>& sequence_ids);
-  Result<v1::ForkSequenceResponse> fork_sequence(const std::string& cache, const std::string& source_id,
+  Result<std::int64_t> release_sequences(const std::string& cache,
+                                         const std::vector<std::string>& sequence_ids);
+  Result<v1::ForkSequenceResponse> fork_sequence(const std::string& cache,
+                                                 const std::string& source_id,
                                                  const std::string& new_id);
   // Cuts `sequence_id` back to `length` tokens at every layer (speculative decoding's rollback).
-  Result<v1::TruncateSequenceResponse> truncate_sequence(const std::string& cache, const std::string& sequence_id,
+  Result<v1::TruncateSequenceResponse> truncate_sequence(const std::string& cache,
+                                                         const std::string& sequence_id,
                                                          std::int64_t length);
   // q [n, Hq, D], k_new/v_new [n, Hkv, D]: one token per sequence, at one layer.
-  Result<KvOpResult> decode(const std::string& cache, int layer, const std::vector<std::string>& sequence_ids,
-                            const Tensor& q, const Tensor& k_new, const Tensor& v_new,
+  Result<KvOpResult> decode(const std::string& cache, int layer,
+                            const std::vector<std::string>& sequence_ids, const Tensor& q,
+                            const Tensor& k_new, const Tensor& v_new,
                             const DecodeOptions& options = {});
   // q [sum(lens), Hq, D], k/v [sum(lens), Hkv, D]: lens[i] new tokens of sequence i, packed.
-  Result<KvOpResult> prefill(const std::string& cache, int layer, const std::vector<std::string>& sequence_ids,
-                             const std::vector<std::int64_t>& lens, const Tensor& q, const Tensor& k,
-                             const Tensor& v, const PrefillOptions& options = {});
+  Result<KvOpResult> prefill(const std::string& cache, int layer,
+                             const std::vector<std::string>& sequence_ids,
+                             const std::vector<std::int64_t>& lens, const Tensor& q,
+                             const Tensor& k, const Tensor& v, const PrefillOptions& options = {});
+  // Decode and Prefill without blocking, with decode()'s and prefill()'s arguments and results:
+  // they return once the call is on its way, its inputs copied into the request (the caller's
+  // tensors may go at once), so that a decode loop can run its own work while the server attends.
+  // The result comes through the future, or through `done`, called once on a gRPC thread (keep
+  // it short, and never wait there for another call of this client), or on the caller's thread
+  // before the call returns when it cannot be sent (a replica whose channel cannot be made). An
+  // exactly-once call (expected_lengths) is resent as decode() resends it, each wait on a gRPC
+  // timer, holding no thread. Many calls may be in flight at once; the server runs those on one
+  // cache in the order they arrive, which for calls in flight together need not be the order they
+  // were made: a call on a (sequence, layer) waits for the one before it there. The client must
+  // outlive its calls: its destructor waits for those in flight.
+  std::future<Result<KvOpResult>> decode_async(const std::string& cache, int layer,
+                                               const std::vector<std::string>& sequence_ids,
+                                               const Tensor& q, const Tensor& k_new,
+                                               const Tensor& v_new,
+                                               const DecodeOptions& options = {});
+  void decode_async(const std::string& cache, int layer,
+                    const std::vector<std::string>& sequence_ids, const Tensor& q,
+                    const Tensor& k_new, const Tensor& v_new, const DecodeOptions& options,
+                    KvCallback done);
+  std::future<Result<KvOpResult>> prefill_async(const std::string& cache, int layer,
+                                                const std::vector<std::string>& sequence_ids,
+                                                const std::vector<std::int64_t>& lens,
+                                                const Tensor& q, const Tensor& k, const Tensor& v,
+                                                const PrefillOptions& options = {});
+  void prefill_async(const std::string& cache, int layer,
+                     const std::vector<std::string>& sequence_ids,
+                     const std::vector<std::int64_t>& lens, const Tensor& q, const Tensor& k,
+                     const Tensor& v, const PrefillOptions& options, KvCallback done);
   // Decode and Prefill whose inputs are in `buffer`, registered as `region`: q, k and v (k_new and
   // v_new) at `offsets[0..2]`, of `dtype` (the cache's) and shapes `q_shape` / `kv_shape`; O is
   // written into the region at `o_offset`, and the LSE (options.return_lse) at `lse_offset`, or
   // inline when it is -1. Both are read back into the result's `output` / `lse` when `copy_out`,
   // as the inline decode() / prefill() otherwise (a resent exactly-once call included: the server
   // writes the recorded outputs into the region again).
-  Result<KvOpResult> decode_shm(const std::string& cache, int layer, const std::vector<std::string>& sequence_ids,
-                                const std::string& region, const SharedMemoryBuffer& buffer, DType dtype,
-                                const Shape& q_shape, const Shape& kv_shape, const std::int64_t offsets[3],
-                                std::int64_t o_offset, const DecodeOptions& options = {}, bool copy_out = true,
+  Result<KvOpResult> decode_shm(const std::string& cache, int layer,
+                                const std::vector<std::string>& sequence_ids,
+                                const std::string& region, const SharedMemoryBuffer& buffer,
+                                DType dtype, const Shape& q_shape, const Shape& kv_shape,
+                                const std::int64_t offsets[3], std::int64_t o_offset,
+                                const DecodeOptions& options = {}, bool copy_out = true,
                                 std::int64_t lse_offset = -1);
-  Result<KvOpResult> prefill_shm(const std::string& cache, int layer, const std::vector<std::string>& sequence_ids,
+  Result<KvOpResult> prefill_shm(const std::string& cache, int layer,
+                                 const std::vector<std::string>& sequence_ids,
                                  const std::vector<std::int64_t>& lens, const std::string& region,
-                                 const SharedMemoryBuffer& buffer, DType dtype, const Shape& q_shape,
-                                 const Shape& kv_shape, const std::int64_t offsets[3], std::int64_t o_offset,
+                                 const SharedMemoryBuffer& buffer, DType dtype,
+                                 const Shape& q_shape, const Shape& kv_shape,
+                                 const std::int64_t offsets[3], std::int64_t o_offset,
                                  const PrefillOptions& options = {}, bool copy_out = true,
                                  std::int64_t lse_offset = -1);
   // `dequantize`: a float8 cache's K/V in its dtype (ReadKvRequest.form) instead of as stored.
@@ -268,7 +324,8 @@ class Client {
   std::unique_ptr<grpc::ClientContext> make_context() const;
   // The same, declaring `request`'s serialized size (attn-request-bytes), so that the server can
   // set room aside for it, or refuse it, before its bytes come: for every call with one request.
-  std::unique_ptr<grpc::ClientContext> make_context(const google::protobuf::MessageLite& request) const;
+  std::unique_ptr<grpc::ClientContext> make_context(
+      const google::protobuf::MessageLite& request) const;
   // Why the channel could not be made, or OK.
   const Status& channel_status() const { return channel_status_; }
 
@@ -277,9 +334,10 @@ class Client {
   // request as usual when small, and from where they lie when large; a large call's outputs are
   // read into `outputs` (by field number) rather than into the response's Tensor data.
   template <class Request, class Response>
-  Status call(Request& request, const std::vector<std::pair<int, const Tensor*>>& inputs, Response* response,
-              std::map<int, Tensor>* outputs, const char* method,
-              grpc::Status (v1::AttnService::Stub::*unary)(grpc::ClientContext*, const Request&, Response*));
+  Status call(Request& request, const std::vector<std::pair<int, const Tensor*>>& inputs,
+              Response* response, std::map<int, Tensor>* outputs, const char* method,
+              grpc::Status (v1::AttnService::Stub::*unary)(grpc::ClientContext*, const Request&,
+                                                           Response*));
   // Sends a Decode or Prefill; resends it per options_.kv_retry when `exactly_once` (the request
   // carries expected_lengths). `attempts` gets the times it was sent.
   template <class Request, class Response>
@@ -287,6 +345,10 @@ class Client {
                  grpc::Status (v1::AttnService::Stub::*unary)(grpc::ClientContext*, const Request&,
                                                               Response*),
                  bool exactly_once, int* attempts);
+  // Sends a Decode or Prefill on `cache` without blocking, attempt after attempt as send_kv, and
+  // hands `done` the result.
+  template <class Request, class Response>
+  void send_kv_async(const std::string& cache, Request request, KvCallback done);
   // Sends a filled RegisterSharedMemory request (system or CUDA).
   Result<v1::SharedMemoryRegionInfo> register_region(const v1::RegisterSharedMemoryRequest& req);
 
@@ -294,7 +356,8 @@ class Client {
   struct KvRoutes {
     mutable std::mutex mu;
     std::map<std::string, std::string> replica_of;
-    std::set<std::string> pinned;  // told by set_kv_cache_replica: what the server says won't move it
+    std::set<std::string>
+        pinned;  // told by set_kv_cache_replica: what the server says won't move it
     std::map<std::string, std::unique_ptr<v1::AttnService::Stub>> stubs;
   };
 
@@ -307,11 +370,19 @@ class Client {
   ClientOptions options_;
   std::string target_;  // empty when made from a channel
   std::unique_ptr<KvRoutes> routes_ = std::make_unique<KvRoutes>();
+  // The asynchronous calls in flight, for the destructor to wait for.
+  struct InFlight {
+    std::mutex mu;
+    std::condition_variable cv;
+    int calls = 0;
+  };
+  std::unique_ptr<InFlight> in_flight_ = std::make_unique<InFlight>();
 };
 
 // Makes a channel to `target` with the message limits, TLS and load balancing of `options`, or
 // says why the TLS files cannot be used.
-Result<std::shared_ptr<grpc::Channel>> make_channel(const std::string& target, const ClientOptions& options);
+Result<std::shared_ptr<grpc::Channel>> make_channel(const std::string& target,
+                                                    const ClientOptions& options);
 
 // The gRPC service config make_channel gives every channel: calls of methods that change no state
 // are retried on UNAVAILABLE; those the proto marks `changes_state` (MethodTraits) are not (gRPC

@@ -1,5 +1,6 @@
 """attn_client.Client: the attn.v1.AttnService ops with numpy in and out."""
 
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Optional
 
@@ -405,7 +406,222 @@ def _output_refs(*outs):
     return refs
 
 
-class Client:
+# What the blocking, the future-returning and the asyncio KV calls share: the requests, the
+# results, the retry schedule and the routing of calls to each cache's replica.
+
+def _decode_request(cache, layer, sequence_ids, q, k_new, v_new, *, scale=0.0, return_lse=False,
+                    kernel="", window_left=None, softcap=0.0, sinks=None, expected_lengths=None,
+                    out=None, lse_out=None) -> attn_pb2.DecodeRequest:
+    _synchronize_cuda(q, k_new, v_new, out, lse_out)
+    req = attn_pb2.DecodeRequest(cache=cache, layer=layer, sequence_ids=_sequence_ids(sequence_ids),
+                                 q=_input(q), k_new=_input(k_new), v_new=_input(v_new),
+                                 scale=scale, return_lse=return_lse, kernel=kernel,
+                                 output_shm=_output_refs(out, lse_out))
+    _mask_options(req, window_left, None, softcap, sinks)
+    if expected_lengths is not None:
+        req.expected_lengths.extend(int(n) for n in expected_lengths)
+    return req
+
+
+def _prefill_request(cache, layer, sequence_ids, lens, q, k, v, *, non_causal=False, scale=0.0,
+                     return_lse=False, kernel="", window_left=None, window_right=None, softcap=0.0,
+                     sinks=None, expected_lengths=None, out=None, lse_out=None) -> attn_pb2.PrefillRequest:
+    _synchronize_cuda(q, k, v, out, lse_out)
+    req = attn_pb2.PrefillRequest(cache=cache, layer=layer, sequence_ids=_sequence_ids(sequence_ids),
+                                  lens=[int(n) for n in lens], q=_input(q), k=_input(k),
+                                  v=_input(v), non_causal=non_causal, scale=scale,
+                                  return_lse=return_lse, kernel=kernel,
+                                  output_shm=_output_refs(out, lse_out))
+    _mask_options(req, window_left, window_right, softcap, sinks)
+    if expected_lengths is not None:
+        req.expected_lengths.extend(int(n) for n in expected_lengths)
+    return req
+
+
+def _kv_result(request, resp, attempts, out=None, lse_out=None) -> "KvResult":
+    """A Decode or Prefill response as a KvResult (the LSE when the request asked for it)."""
+    lse = _output(resp.lse, lse_out) if request.return_lse else None
+    return KvResult(_output(resp.o, out), list(resp.lengths), Timings.from_proto(resp.timings), lse,
+                    resp.replayed, attempts)
+
+
+def _kv_cache_request(*, layers, kv_heads, head_dim, capacity_tokens, dtype="float32", page_size=0,
+                      ttl_ms=0, device="", kv_storage="", k_scales=None,
+                      v_scales=None) -> attn_pb2.CreateKvCacheRequest:
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else _DTYPE_ALIASES.get(dtype, dtype)
+    if name not in _DTYPES:
+        raise ValueError(f"dtype: expected float32, float16 or bfloat16, got {dtype!r}")
+    config = attn_pb2.KvCacheConfig(layers=layers, kv_heads=kv_heads, head_dim=head_dim,
+                                    dtype=_DTYPES[name], page_size=page_size,
+                                    capacity_tokens=capacity_tokens)
+    if kv_storage:
+        if kv_storage not in ("float8_e4m3", "fp8", "e4m3"):
+            raise ValueError(f"kv_storage: expected float8_e4m3 or empty, got {kv_storage!r}")
+        config.kv_storage = attn_pb2.D_TYPE_FLOAT8_E4M3
+    for field, scales in (("k_scales", k_scales), ("v_scales", v_scales)):
+        if scales is not None:
+            getattr(config, field).extend(float(x) for x in np.asarray(scales, dtype=np.float32).ravel())
+    return attn_pb2.CreateKvCacheRequest(config=config, ttl_ms=ttl_ms, device=device)
+
+
+class _KvAttempts:
+    """How one Decode or Prefill is sent, and sent again (KvRetry): a call that carries
+    expected_lengths after an attempt whose outcome is unknown (UNAVAILABLE, or the attempt's own
+    deadline passed) while attempts remain, after a jittered wait growing from initial_backoff;
+    any other call once. With a timeout, each attempt of an exactly-once call waits for the
+    channel to (re)connect within it (wait_for_ready) instead of failing at once while it
+    reconnects. Every kind of call (blocking, future, asyncio) follows it."""
+
+    def __init__(self, retry: "KvRetry", timeout, request):
+        self.exactly_once = len(request.expected_lengths) > 0
+        self.most = max(1, retry.max_attempts) if self.exactly_once else 1
+        self.wait_for_ready = True if self.exactly_once and timeout else None
+        self.unknown = {grpc.StatusCode.UNAVAILABLE}
+        if timeout:
+            self.unknown.add(grpc.StatusCode.DEADLINE_EXCEEDED)  # this attempt's own deadline
+        self.retry, self.backoff, self.count = retry, retry.initial_backoff, 0
+
+    def begin(self):
+        """Counts an attempt; returns its wait_for_ready."""
+        self.count += 1
+        return self.wait_for_ready
+
+    def retry_after(self, e: "AttnError") -> float:
+        """After an attempt failed with `e`: seconds to wait before sending the call again. Raises
+        the error the call ends with instead (saying how many attempts it took when more than
+        one) when it ends here."""
+        if e.code not in self.unknown or self.count >= self.most:
+            if self.count == 1:
+                raise e
+            raise AttnError(e.code, f"{e.message} (after {self.count} attempts)") from None
+        wait = self.backoff * random.uniform(0.5, 1.0)
+        self.backoff = min(self.backoff * self.retry.multiplier, self.retry.max_backoff)
+        return wait
+
+
+class _Routes:
+    """KV-cache routing: a cache lives on one replica, named in its KvCacheInfo.replica. Each
+    replica gets its own pick_first channel (same credentials and limits) on first use, made by
+    `make_channel(address)`; a handle not learned goes over the main channel (`main`, a stub)."""
+
+    def __init__(self, target: str, main, make_channel):
+        self.target, self.main, self.make_channel = target, main, make_channel
+        self.replica_of = {}  # handle -> replica address
+        self.pinned = set()  # handles placed by pin()
+        self.channels = {}  # address -> (channel, stub)
+        self.lock = threading.Lock()  # one channel per address, whichever thread asks first
+
+    def pin(self, handle: str, replica: str):
+        self.replica_of[handle] = replica
+        self.pinned.add(handle)
+
+    def learn(self, info: attn_pb2.KvCacheInfo):
+        if info.handle in self.pinned:
+            return
+        if info.replica:
+            self.replica_of[info.handle] = info.replica
+        else:
+            self.replica_of.pop(info.handle, None)
+
+    def forget(self, handle: str):
+        self.replica_of.pop(handle, None)
+        self.pinned.discard(handle)
+
+    def stub(self, replica: str):
+        if not replica or replica == self.target:
+            return self.main
+        with self.lock:
+            if replica not in self.channels:
+                channel = self.make_channel(replica)
+                self.channels[replica] = (channel, attn_pb2_grpc.AttnServiceStub(channel))
+            return self.channels[replica][1]
+
+    def of_cache(self, cache: str):
+        return self.stub(self.replica_of.get(cache, ""))
+
+    def take_channels(self) -> list:
+        """The replicas' channels, for the owner to close; forgets them."""
+        with self.lock:
+            channels = [channel for channel, _ in self.channels.values()]
+            self.channels.clear()
+        return channels
+
+
+def _channel_options(max_message_mb: int, load_balancing: Optional[str], server_name: Optional[str]) -> list:
+    limit = min(max_message_mb, 2047) << 20
+    options = [("grpc.max_send_message_length", limit),
+               ("grpc.max_receive_message_length", limit),
+               ("grpc.service_config", _SERVICE_CONFIG),
+               ("grpc.enable_retries", 1)]
+    if load_balancing:
+        options.append(("grpc.lb_policy_name", load_balancing))
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return options
+
+
+def _credentials(tls, root_certificates, certificate_chain, private_key):
+    """TLS channel credentials, or None for a plaintext channel."""
+    if tls or root_certificates or certificate_chain:
+        return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+    return None
+
+
+def _auth_metadata(token: Optional[str]) -> list:
+    import os
+
+    token = token if token is not None else os.environ.get("ATTN_TOKEN", "").strip()
+    return [("authorization", f"Bearer {token}")] if token else []
+
+
+def _declared(metadata: list, request) -> list:
+    """`metadata` declaring the request's serialized size (attn-request-bytes), so that the server
+    can set room aside for it, or refuse it, before its bytes come: for calls of one request."""
+    if hasattr(request, "ByteSize"):
+        return metadata + [("attn-request-bytes", str(request.ByteSize()))]
+    return metadata
+
+
+class _Connection:
+    """What Client and aio.AsyncClient share: the channel to the target (made by the module
+    `_grpc`: grpc, or grpc.aio), the routing of each cache's calls to its replica, the token, the
+    per-call timeout and the KV retry schedule. Client's docstring tells the arguments."""
+
+    _grpc = grpc
+
+    def __init__(self, target: str, *, token: Optional[str] = None, tls: bool = False,
+                 root_certificates: Optional[bytes] = None,
+                 certificate_chain: Optional[bytes] = None, private_key: Optional[bytes] = None,
+                 server_name: Optional[str] = None, timeout: Optional[float] = None,
+                 load_balancing: Optional[str] = None, max_message_mb: int = 1024,
+                 kv_retry: Optional[KvRetry] = None):
+        options = _channel_options(max_message_mb, load_balancing, server_name)
+        creds = _credentials(tls, root_certificates, certificate_chain, private_key)
+
+        def channel(address, options):
+            if creds is not None:
+                return self._grpc.secure_channel(address, creds, options)
+            return self._grpc.insecure_channel(address, options)
+
+        self._channel = channel(target, options)
+        self._stub = attn_pb2_grpc.AttnServiceStub(self._channel)
+        one = [o for o in options if o[0] != "grpc.lb_policy_name"]  # a replica: pick_first
+        self._routes = _Routes(target, self._stub, lambda address: channel(address, one))
+        self._metadata = _auth_metadata(token)
+        self._timeout = timeout
+        self._kv_retry = kv_retry or KvRetry()
+
+    def set_kv_cache_replica(self, handle: str, replica: str):
+        """Where a cache made elsewhere (another process) lives: its KvCacheInfo.replica. What a
+        server later says does not move it."""
+        self._routes.pin(handle, replica)
+
+    def kv_cache_replica(self, handle: str) -> str:
+        """The replica this client sends `handle`'s calls to; "" for the main channel."""
+        return self._routes.replica_of.get(handle, "")
+
+
+class Client(_Connection):
     """A connection to one attnd, or to several behind one target with a load-balancing policy.
 
     target: "host:port", "dns:///attnd.default.svc:50051", "ipv4:127.0.0.1:1,127.0.0.1:2", ...
@@ -417,49 +633,10 @@ class Client:
     `replica`, over a channel of its own with these options), whatever the policy.
     """
 
-    def __init__(self, target: str, *, token: Optional[str] = None, tls: bool = False,
-                 root_certificates: Optional[bytes] = None,
-                 certificate_chain: Optional[bytes] = None, private_key: Optional[bytes] = None,
-                 server_name: Optional[str] = None, timeout: Optional[float] = None,
-                 load_balancing: Optional[str] = None, max_message_mb: int = 1024,
-                 kv_retry: Optional[KvRetry] = None):
-        import os
-
-        limit = min(max_message_mb, 2047) << 20
-        options = [("grpc.max_send_message_length", limit),
-                   ("grpc.max_receive_message_length", limit),
-                   ("grpc.service_config", _SERVICE_CONFIG),
-                   ("grpc.enable_retries", 1)]
-        if load_balancing:
-            options.append(("grpc.lb_policy_name", load_balancing))
-        if server_name:
-            options.append(("grpc.ssl_target_name_override", server_name))
-        creds = None
-        if tls or root_certificates or certificate_chain:
-            creds = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
-            self._channel = grpc.secure_channel(target, creds, options)
-        else:
-            self._channel = grpc.insecure_channel(target, options)
-        self._stub = attn_pb2_grpc.AttnServiceStub(self._channel)
-        # KV-cache routing: a cache lives on one replica, named in its KvCacheInfo.replica. Each
-        # replica gets its own pick_first channel (same credentials and limits) on first use.
-        self._target = target
-        self._replica_options = [o for o in options if o[0] != "grpc.lb_policy_name"]
-        self._creds = creds
-        self._replica_of = {}  # handle -> replica address
-        self._pinned = set()  # handles placed by set_kv_cache_replica
-        self._replica_channels = {}  # address -> (channel, stub)
-        self._replica_lock = threading.Lock()  # one channel per address, whichever thread asks first
-        token = token if token is not None else os.environ.get("ATTN_TOKEN", "").strip()
-        self._metadata = [("authorization", f"Bearer {token}")] if token else []
-        self._timeout = timeout
-        self._kv_retry = kv_retry or KvRetry()
-
     def close(self):
         self._channel.close()
-        for channel, _ in self._replica_channels.values():
+        for channel in self._routes.take_channels():
             channel.close()
-        self._replica_channels.clear()
 
     def __enter__(self):
         return self
@@ -468,36 +645,55 @@ class Client:
         self.close()
 
     def _call(self, method, request, wait_for_ready=None):
-        metadata = self._metadata
-        if hasattr(request, "ByteSize"):  # one request (not a stream of them): declare its size, so
-            # that the server can set room aside for it, or refuse it, before its bytes come
-            metadata = metadata + [("attn-request-bytes", str(request.ByteSize()))]
         try:
-            return method(request, timeout=self._timeout, metadata=metadata, wait_for_ready=wait_for_ready)
+            return method(request, timeout=self._timeout, metadata=_declared(self._metadata, request),
+                          wait_for_ready=wait_for_ready)
         except grpc.RpcError as e:
             raise AttnError(e.code(), e.details()) from None
 
-    def _call_exactly_once(self, method, request):
-        """_call, resent per self._kv_retry while the outcome is unknown (the request carries
-        expected_lengths, so the server applies it once); returns (response, attempts). With a
-        timeout, each attempt waits for the channel to (re)connect within it (wait_for_ready)
-        instead of failing at once while it reconnects."""
-        retry, backoff = self._kv_retry, self._kv_retry.initial_backoff
-        unknown = {grpc.StatusCode.UNAVAILABLE}
-        if self._timeout:
-            unknown.add(grpc.StatusCode.DEADLINE_EXCEEDED)  # this attempt's own deadline
-        attempts = 0
+    def _send_kv(self, method, request):
+        """A Decode or Prefill, resent per self._kv_retry while its outcome is unknown when it
+        carries expected_lengths (the server applies it once); returns (response, attempts)."""
+        tries = _KvAttempts(self._kv_retry, self._timeout, request)
         while True:
-            attempts += 1
             try:
-                return self._call(method, request, wait_for_ready=True if self._timeout else None), attempts
+                return self._call(method, request, wait_for_ready=tries.begin()), tries.count
             except AttnError as e:
-                if e.code not in unknown or attempts >= max(1, retry.max_attempts):
-                    if attempts == 1:
-                        raise
-                    raise AttnError(e.code, f"{e.message} (after {attempts} attempts)") from None
-            time.sleep(backoff * random.uniform(0.5, 1.0))
-            backoff = min(backoff * retry.multiplier, retry.max_backoff)
+                wait = tries.retry_after(e)
+            time.sleep(wait)
+
+    def _send_kv_future(self, method, request, finish) -> Future:
+        """_send_kv without blocking: a concurrent.futures.Future of finish(response, attempts).
+        Each attempt is grpc's future of the call; its done-callback sends the next (after the
+        backoff, on a timer) or completes the future, with the result or the AttnError."""
+        result, tries = Future(), _KvAttempts(self._kv_retry, self._timeout, request)
+        metadata = _declared(self._metadata, request)
+
+        def attempt():
+            try:
+                call = method.future(request, timeout=self._timeout, metadata=metadata,
+                                     wait_for_ready=tries.begin())
+            except Exception as e:  # noqa: BLE001 (the future carries whatever stopped the call)
+                result.set_exception(e)
+                return
+            call.add_done_callback(ended)
+
+        def ended(call):
+            try:
+                try:
+                    response = call.result()
+                except grpc.RpcError as e:
+                    timer = threading.Timer(tries.retry_after(AttnError(e.code(), e.details())), attempt)
+                    timer.daemon = True
+                    timer.start()
+                    return
+                result.set_result(finish(response, tries.count))
+            except Exception as e:  # noqa: BLE001 (the call's AttnError, or a response that does not decode)
+                result.set_exception(e)
+
+        result.set_running_or_notify_cancel()
+        attempt()
+        return result
 
     # Inputs may be arrays or Resident handles; keep_output=True leaves the outputs on the device
     # and returns Resident handles in their place.
@@ -678,38 +874,14 @@ class Client:
     # describe and list, or told with set_kv_cache_replica); a handle this client has not learned
     # goes over the main channel.
 
-    def set_kv_cache_replica(self, handle: str, replica: str):
-        """Where a cache made elsewhere (another process) lives: its KvCacheInfo.replica. What a
-        server later says does not move it."""
-        self._replica_of[handle] = replica
-        self._pinned.add(handle)
-
-    def kv_cache_replica(self, handle: str) -> str:
-        """The replica this client sends `handle`'s calls to; "" for the main channel."""
-        return self._replica_of.get(handle, "")
-
     def _learn(self, info: attn_pb2.KvCacheInfo):
-        if info.handle in self._pinned:
-            return
-        if info.replica:
-            self._replica_of[info.handle] = info.replica
-        else:
-            self._replica_of.pop(info.handle, None)
+        self._routes.learn(info)
 
     def _stub_for_replica(self, replica: str):
-        if not replica or replica == self._target:
-            return self._stub
-        with self._replica_lock:
-            if replica not in self._replica_channels:
-                if self._creds is not None:
-                    channel = grpc.secure_channel(replica, self._creds, self._replica_options)
-                else:
-                    channel = grpc.insecure_channel(replica, self._replica_options)
-                self._replica_channels[replica] = (channel, attn_pb2_grpc.AttnServiceStub(channel))
-            return self._replica_channels[replica][1]
+        return self._routes.stub(replica)
 
     def _kv_stub(self, cache: str):
-        return self._stub_for_replica(self._replica_of.get(cache, ""))
+        return self._routes.of_cache(cache)
 
     def create_kv_cache(self, *, layers: int, kv_heads: int, head_dim: int, capacity_tokens: int,
                         dtype="float32", page_size=0, ttl_ms=0, device="", kv_storage="",
@@ -720,20 +892,10 @@ class Client:
         "float8_e4m3" stores K/V in float8 with a scale per (page, kv head), computed on append
         or fixed by k_scales/v_scales ([layers, kv_heads] each).
         Returns its KvCacheInfo (`.handle`, `.replica`, `.pages_total`, ...)."""
-        name = np.dtype(dtype).name if not isinstance(dtype, str) else _DTYPE_ALIASES.get(dtype, dtype)
-        if name not in _DTYPES:
-            raise ValueError(f"dtype: expected float32, float16 or bfloat16, got {dtype!r}")
-        config = attn_pb2.KvCacheConfig(layers=layers, kv_heads=kv_heads, head_dim=head_dim,
-                                        dtype=_DTYPES[name], page_size=page_size,
-                                        capacity_tokens=capacity_tokens)
-        if kv_storage:
-            if kv_storage not in ("float8_e4m3", "fp8", "e4m3"):
-                raise ValueError(f"kv_storage: expected float8_e4m3 or empty, got {kv_storage!r}")
-            config.kv_storage = attn_pb2.D_TYPE_FLOAT8_E4M3
-        for field, scales in (("k_scales", k_scales), ("v_scales", v_scales)):
-            if scales is not None:
-                getattr(config, field).extend(float(x) for x in np.asarray(scales, dtype=np.float32).ravel())
-        req = attn_pb2.CreateKvCacheRequest(config=config, ttl_ms=ttl_ms, device=device)
+        req = _kv_cache_request(layers=layers, kv_heads=kv_heads, head_dim=head_dim,
+                                capacity_tokens=capacity_tokens, dtype=dtype, page_size=page_size,
+                                ttl_ms=ttl_ms, device=device, kv_storage=kv_storage,
+                                k_scales=k_scales, v_scales=v_scales)
         info = self._call(self._stub.CreateKvCache, req).cache
         self._learn(info)
         return info
@@ -757,8 +919,7 @@ class Client:
         """Drops a cache; returns the bytes freed."""
         freed = self._call(self._kv_stub(handle).DeleteKvCache,
                            attn_pb2.DeleteKvCacheRequest(handle=handle)).freed_bytes
-        self._replica_of.pop(handle, None)
-        self._pinned.discard(handle)
+        self._routes.forget(handle)
         return freed
 
     def release_sequences(self, cache: str, sequence_ids) -> int:
@@ -770,12 +931,6 @@ class Client:
         """A new sequence sharing the source's full pages; `.sequence`, `.copied_pages`."""
         req = attn_pb2.ForkSequenceRequest(cache=cache, source_id=source_id, new_id=new_id)
         return self._call(self._kv_stub(cache).ForkSequence, req)
-
-    def _send_kv(self, method, req, expected_lengths):
-        if expected_lengths is None:
-            return self._call(method, req), 1
-        req.expected_lengths.extend(int(n) for n in expected_lengths)
-        return self._call_exactly_once(method, req)
 
     def decode(self, cache: str, layer: int, sequence_ids, q, k_new, v_new, *, scale=0.0,
                return_lse=False, kernel="", window_left=None, softcap=0.0, sinks=None,
@@ -791,15 +946,26 @@ class Client:
         recorded outputs into its out/lse_out). out/lse_out: ShmTensors or CudaTensors (on the
         cache's device) the server writes O / the LSE into, as attention()'s; the result's
         output / lse are then views of them."""
-        _synchronize_cuda(q, k_new, v_new, out, lse_out)
-        req = attn_pb2.DecodeRequest(cache=cache, layer=layer, sequence_ids=_sequence_ids(sequence_ids),
-                                     q=_input(q), k_new=_input(k_new), v_new=_input(v_new),
-                                     scale=scale, return_lse=return_lse, kernel=kernel,
-                                     output_shm=_output_refs(out, lse_out))
-        _mask_options(req, window_left, None, softcap, sinks)
-        resp, attempts = self._send_kv(self._kv_stub(cache).Decode, req, expected_lengths)
-        return KvResult(_output(resp.o, out), list(resp.lengths), Timings.from_proto(resp.timings),
-                        _output(resp.lse, lse_out) if return_lse else None, resp.replayed, attempts)
+        req = _decode_request(cache, layer, sequence_ids, q, k_new, v_new, scale=scale,
+                              return_lse=return_lse, kernel=kernel, window_left=window_left,
+                              softcap=softcap, sinks=sinks, expected_lengths=expected_lengths,
+                              out=out, lse_out=lse_out)
+        resp, attempts = self._send_kv(self._kv_stub(cache).Decode, req)
+        return _kv_result(req, resp, attempts, out, lse_out)
+
+    def decode_async(self, cache: str, layer: int, sequence_ids, q, k_new, v_new, **options) -> Future:
+        """decode() without blocking: returns a concurrent.futures.Future at once, whose result()
+        is decode()'s KvResult or raises its AttnError, so that a decode loop can run its own work
+        while the server attends. Same arguments; the inputs are encoded before it returns (the
+        arrays may change after). An exactly-once call (expected_lengths) is resent as decode()
+        resends it. Many calls may be in flight at once; the server runs those on one cache in the
+        order they arrive, which for calls in flight together need not be the order they were
+        made: a call on a (sequence, layer) waits for the one before it there. The future cannot
+        be cancelled."""
+        req = _decode_request(cache, layer, sequence_ids, q, k_new, v_new, **options)
+        return self._send_kv_future(self._kv_stub(cache).Decode, req,
+                                    lambda resp, attempts: _kv_result(req, resp, attempts, options.get("out"),
+                                                                      options.get("lse_out")))
 
     def prefill(self, cache: str, layer: int, sequence_ids, lens, q, k, v, *, non_causal=False,
                 scale=0.0, return_lse=False, kernel="", window_left=None, window_right=None,
@@ -809,16 +975,20 @@ class Client:
         D]) appended at one layer, with causal attention over each sequence's cache; unknown ids
         are created. window_left/window_right, softcap, sinks: as attention(). expected_lengths:
         as decode()'s (0 for a sequence this call creates). out/lse_out: as decode()'s."""
-        _synchronize_cuda(q, k, v, out, lse_out)
-        req = attn_pb2.PrefillRequest(cache=cache, layer=layer, sequence_ids=_sequence_ids(sequence_ids),
-                                      lens=[int(n) for n in lens], q=_input(q), k=_input(k),
-                                      v=_input(v), non_causal=non_causal, scale=scale,
-                                      return_lse=return_lse, kernel=kernel,
-                                      output_shm=_output_refs(out, lse_out))
-        _mask_options(req, window_left, window_right, softcap, sinks)
-        resp, attempts = self._send_kv(self._kv_stub(cache).Prefill, req, expected_lengths)
-        return KvResult(_output(resp.o, out), list(resp.lengths), Timings.from_proto(resp.timings),
-                        _output(resp.lse, lse_out) if return_lse else None, resp.replayed, attempts)
+        req = _prefill_request(cache, layer, sequence_ids, lens, q, k, v, non_causal=non_causal,
+                               scale=scale, return_lse=return_lse, kernel=kernel,
+                               window_left=window_left, window_right=window_right, softcap=softcap,
+                               sinks=sinks, expected_lengths=expected_lengths, out=out, lse_out=lse_out)
+        resp, attempts = self._send_kv(self._kv_stub(cache).Prefill, req)
+        return _kv_result(req, resp, attempts, out, lse_out)
+
+    def prefill_async(self, cache: str, layer: int, sequence_ids, lens, q, k, v, **options) -> Future:
+        """prefill() without blocking, as decode_async() is decode(): a concurrent.futures.Future
+        of its KvResult."""
+        req = _prefill_request(cache, layer, sequence_ids, lens, q, k, v, **options)
+        return self._send_kv_future(self._kv_stub(cache).Prefill, req,
+                                    lambda resp, attempts: _kv_result(req, resp, attempts, options.get("out"),
+                                                                      options.get("lse_out")))
 
     def truncate_sequence(self, cache: str, sequence_id: str, length: int) -> attn_pb2.TruncateSequenceResponse:
         """Cuts a sequence back to `length` tokens at every layer (speculative decoding's

@@ -21,12 +21,14 @@ class ResponseLosingProxy:
     """127.0.0.1 TCP proxy to `upstream`. `lose` responses are lost: when the server's response to a
     call begins (its first HTTP/2 HEADERS frame on a stream, which attnd sends once the call has
     run), the connection is reset instead of passing it on; `hold` seconds, when set, delay each
-    response instead. Counts connections."""
+    response instead; `gate`, when set (a threading.Event), holds each response until it is set.
+    Counts connections."""
 
     def __init__(self, upstream_port):
         self.upstream_port = upstream_port
         self.lose = 0
         self.hold = 0.0
+        self.gate = None
         self.connections = 0
         self._lock = threading.Lock()
         self._listener = socket.socket()
@@ -108,6 +110,8 @@ class ResponseLosingProxy:
                         return
                     if self.hold:
                         time.sleep(self.hold)
+                    if self.gate is not None:
+                        self.gate.wait()
                 out, pending = out + pending[:9 + length], pending[9 + length:]
             try:
                 dst.sendall(out)

@@ -15,6 +15,7 @@
 #include <type_traits>
 
 #include "attn/executor.h"
+#include "attn/fp8.h"
 #include "attn/paged_ops.h"
 
 namespace {
@@ -403,6 +404,10 @@ struct PagedSet {
   }
 };
 
+// Float8 e4m3 pages (with --fp8): every page's scale fp8_pow2_scale(4), codes of N(0, 1) values.
+bool g_paged_fp8 = false;
+const float kBenchFp8Scale = fp8_pow2_scale(4.0f);
+
 // Pools of `sets` x (pages of one batch), random values, and `sets` page tables over disjoint
 // shuffled pages: rotating among the sets keeps a small batch from being timed out of L2.
 struct PagedBench {
@@ -417,14 +422,26 @@ struct PagedBench {
       pages += (cached[i] + fresh[i] + page_size - 1) / page_size;
       tokens += cached[i] + fresh[i];
     }
-    kv_bytes = 2 * tokens * hkv * d * static_cast<std::int64_t>(element_size(dt));
+    const std::int64_t es = g_paged_fp8 ? 1 : static_cast<std::int64_t>(element_size(dt));
+    kv_bytes = 2 * tokens * hkv * d * es;
     const int count = sets_for(static_cast<std::size_t>(kv_bytes));
     cache = PagedKvLayer{dt, pages * count, hkv, page_size, d, nullptr, nullptr, MemoryKind::kDevice};
-    const std::size_t pool_bytes = static_cast<std::size_t>(cache.pages * cache.page_elements()) * element_size(dt);
+    const std::size_t pool_bytes = static_cast<std::size_t>(cache.pages * cache.page_elements() * es);
     CHECK_CUDA(cudaMalloc(&cache.k, pool_bytes));
     CHECK_CUDA(cudaMalloc(&cache.v, pool_bytes));
-    fill_random(cache.k, pool_bytes, dt, rng);
-    fill_random(cache.v, pool_bytes, dt, rng);
+    if (g_paged_fp8) {
+      cache.storage = KvStorage::kFloat8E4M3;
+      const std::vector<float> scales(static_cast<std::size_t>(cache.pages * hkv), kBenchFp8Scale);
+      CHECK_CUDA(cudaMalloc(&cache.k_scales, scales.size() * 4));
+      CHECK_CUDA(cudaMalloc(&cache.v_scales, scales.size() * 4));
+      CHECK_CUDA(cudaMemcpy(cache.k_scales, scales.data(), scales.size() * 4, cudaMemcpyHostToDevice));
+      CHECK_CUDA(cudaMemcpy(cache.v_scales, scales.data(), scales.size() * 4, cudaMemcpyHostToDevice));
+      fill_codes(cache.k, pool_bytes, rng);
+      fill_codes(cache.v, pool_bytes, rng);
+    } else {
+      fill_random(cache.k, pool_bytes, dt, rng);
+      fill_random(cache.v, pool_bytes, dt, rng);
+    }
     std::vector<std::int32_t> ids(static_cast<std::size_t>(cache.pages));
     std::iota(ids.begin(), ids.end(), 0);
     std::shuffle(ids.begin(), ids.end(), rng);
@@ -451,6 +468,17 @@ struct PagedBench {
   ~PagedBench() {
     cudaFree(cache.k);
     cudaFree(cache.v);
+    cudaFree(cache.k_scales);
+    cudaFree(cache.v_scales);
+  }
+  // e4m3 codes of N(0, 1) values at kBenchFp8Scale: one 32 MiB block copied over the pool.
+  static void fill_codes(void* dst, std::size_t bytes, std::mt19937_64& rng) {
+    const std::size_t block = std::min<std::size_t>(bytes, 32u << 20);
+    std::vector<std::uint8_t> host(block);
+    std::normal_distribution<float> dist(0.0f, 1.0f);
+    for (auto& c : host) c = float_to_fp8_e4m3(dist(rng) / kBenchFp8Scale);
+    for (std::size_t off = 0; off < bytes; off += block)
+      CHECK_CUDA(cudaMemcpy(static_cast<char*>(dst) + off, host.data(), std::min(block, bytes - off), cudaMemcpyHostToDevice));
   }
   PagedBench(const PagedBench&) = delete;
 
@@ -467,6 +495,7 @@ struct PagedBench {
 
   // Row t of sequence i's head hkv (K or V) from the device.
   std::vector<float> rows(const PagedSet& set, std::size_t i, std::int64_t hkv, bool v, std::int64_t count) const {
+    if (cache.fp8()) return fp8_rows(set, i, hkv, v, count);
     const std::size_t es = element_size(cache.dtype);
     Tensor buf(cache.dtype, {count, cache.head_dim});
     const std::int64_t ps = cache.page_size;
@@ -478,6 +507,24 @@ struct PagedBench {
                             n * cache.head_dim * es, cudaMemcpyDeviceToHost));
     }
     return buf.to_floats();
+  }
+  // The same from float8 pages: codes x their page's scale (read from the device).
+  std::vector<float> fp8_rows(const PagedSet& set, std::size_t i, std::int64_t hkv, bool v, std::int64_t count) const {
+    std::vector<float> out(static_cast<std::size_t>(count * cache.head_dim));
+    std::vector<std::uint8_t> codes(static_cast<std::size_t>(cache.page_size * cache.head_dim));
+    const std::int64_t ps = cache.page_size;
+    for (std::int64_t t = 0; t < count; t += ps) {
+      const std::int64_t page = set.plan.page_indices[set.plan.page_indptr[i] + t / ps];
+      const std::int64_t n = std::min(ps, count - t);
+      float scale = 0.0f;
+      CHECK_CUDA(cudaMemcpy(&scale, (v ? cache.v_scales : cache.k_scales) + page * cache.heads_kv + hkv, 4,
+                            cudaMemcpyDeviceToHost));
+      CHECK_CUDA(cudaMemcpy(codes.data(), static_cast<const char*>(v ? cache.v : cache.k) + cache.offset(page, hkv, 0),
+                            static_cast<std::size_t>(n * cache.head_dim), cudaMemcpyDeviceToHost));
+      for (std::int64_t e = 0; e < n * cache.head_dim; ++e)
+        out[static_cast<std::size_t>(t * cache.head_dim + e)] = fp8_e4m3_to_float(codes[static_cast<std::size_t>(e)]) * scale;
+    }
+    return out;
   }
 };
 
@@ -503,8 +550,10 @@ double paged_sampled_error(const PagedBench& b, const PagedSet& set, const Tenso
     const std::int64_t visible = causal ? len - fresh + j + 1 : len;
     const std::int64_t first_key = g_paged_window >= 0 ? std::max<std::int64_t>(0, visible - 1 - g_paged_window) : 0;
     const auto keys = b.rows(set, i, hkv, false, len), values = b.rows(set, i, hkv, true, len);
-    for (std::int64_t x = 0; x < d; ++x)  // the append: the new row in its slot
-      if (keys[(len - fresh + j) * d + x] != k_new.get((row * b.cache.heads_kv + hkv) * d + x)) return INFINITY;
+    for (std::int64_t x = 0; x < d; ++x) {  // the append: the new row in its slot (float8: rounded)
+      const float want = k_new.get((row * b.cache.heads_kv + hkv) * d + x), got = keys[(len - fresh + j) * d + x];
+      if (b.cache.fp8() ? !(std::fabs(got - want) <= 0.07f * std::fabs(want) + 0.01f) : got != want) return INFINITY;
+    }
     std::vector<double> sc(static_cast<std::size_t>(visible), -INFINITY);
     double mx = -INFINITY, sum = 0;
     for (std::int64_t t = first_key; t < visible; ++t) {
@@ -560,6 +609,7 @@ void bench_paged(const std::vector<PagedShape>& shapes, bool prefill, DType dt, 
     std::ostringstream shape;
     shape << sh.name << " p" << sh.page_size;
     if (g_paged_window >= 0) shape << " w" << g_paged_window;
+    if (g_paged_fp8) shape << " fp8";
     shape << " " << hq << "/" << hkv << " heads";
     auto decode_args = [&](int set) {
       PagedDecodeArgs a{q.view, k_new.view, v_new.view, o.view, {}, b.cache, {}, scale};
@@ -703,6 +753,7 @@ std::string json_escape(const std::string& s) {
 int main(int argc, char** argv) {
   CLI::App app{"attn-bench: the kernel ladders against their baselines"};
   std::string op = "all", json;
+  bool paged_fp8 = false;
   bool quick = false;
   std::vector<std::int64_t> matmul_sizes{2048, 4096, 8192};
   std::vector<std::int64_t> softmax_widths{1024, 4096, 16384, 65536, 262144};
@@ -720,6 +771,7 @@ int main(int argc, char** argv) {
   app.add_option("--softmax-widths", softmax_widths, "row widths");
   app.add_option("--softmax-elements", softmax_elements, "rows x width");
   app.add_flag("--quick", quick, "skip the slowest rungs at the largest size");
+  app.add_flag("--fp8", paged_fp8, "--op paged: every paged row again over float8 e4m3 pages");
   std::vector<std::int64_t> attention_seqs{512, 1024, 2048, 4096, 8192, 16384}, attention_dims{64, 128};
   app.add_option("--attention-seqs", attention_seqs, "sequence lengths of the attention grid");
   app.add_option("--attention-dims", attention_dims, "head dims of the attention grid");
@@ -838,13 +890,22 @@ int main(int argc, char** argv) {
     const std::int64_t ragged_tokens = std::accumulate(ragged.begin(), ragged.end(), std::int64_t{0});
     std::printf("paged: ragged batch of 64, %lld tokens\n", static_cast<long long>(ragged_tokens));
     for (auto l : ragged) g_ragged_lengths.push_back(l);
-    bench_paged({decode_of("ragged64", ragged, 16), decode_of("ragged64", ragged, 64)}, false, bf16, hq, hkv, d, s,
-                rows, copy);
+    // With --fp8 each paged row runs again over float8 pages (the same shapes, half the bytes).
+    const std::vector<bool> storages = paged_fp8 ? std::vector<bool>{false, true} : std::vector<bool>{false};
+    for (const bool fp8 : storages) {
+      g_paged_fp8 = fp8;
+      bench_paged({decode_of("ragged64", ragged, 16), decode_of("ragged64", ragged, 64)}, false, bf16, hq, hkv, d, s,
+                  rows, copy);
+    }
     // (b) equal lengths, paged (page 64) and dense.
     for (auto [batch, len] : std::vector<std::pair<int, int>>{{1, 32768}, {32, 4096}, {16, 16384}, {64, 8192}, {1, 4096}}) {
       const std::string name = std::to_string(batch) + "x" + std::to_string(len);
-      bench_paged({decode_of(name, std::vector<std::int32_t>(static_cast<std::size_t>(batch), len), 64)}, false, bf16,
-                  hq, hkv, d, s, rows, copy);
+      for (const bool fp8 : storages) {
+        g_paged_fp8 = fp8;
+        bench_paged({decode_of(name, std::vector<std::int32_t>(static_cast<std::size_t>(batch), len), 64)}, false, bf16,
+                    hq, hkv, d, s, rows, copy);
+      }
+      g_paged_fp8 = false;
       for (const char* dense : {"attention/decode_split_kv", "attention/decode_mma_split"})
         bench_dense(dense, {batch, hq, hkv, 1, len, d, false}, name, bf16, s, rows, copy, rng);
     }
@@ -858,9 +919,13 @@ int main(int argc, char** argv) {
       const double dense = bench_dense("attention/04_wgmma_tma", {c.batch, hq, hkv, c.fresh, c.cached + c.fresh, d, true},
                                        c.name, bf16, s, rows, copy, rng);
       const auto n = static_cast<std::size_t>(c.batch);
-      for (std::int64_t ps : {16, 64})
-        bench_paged({{c.name, std::vector<std::int32_t>(n, c.cached), std::vector<std::int32_t>(n, c.fresh), ps}}, true,
-                    bf16, hq, hkv, d, s, rows, copy, {dense});
+      for (const bool fp8 : storages)
+        for (std::int64_t ps : {16, 64}) {
+          g_paged_fp8 = fp8;
+          bench_paged({{c.name, std::vector<std::int32_t>(n, c.cached), std::vector<std::int32_t>(n, c.fresh), ps}}, true,
+                      bf16, hq, hkv, d, s, rows, copy, {dense});
+        }
+      g_paged_fp8 = false;
     }
   }
 

@@ -142,15 +142,6 @@ grpc::ServerUnaryReactor* KvHandlers::CreateKvCache(CallContext& call,
     cfg.pages = (c.capacity_tokens() + cfg.page_size - 1) / cfg.page_size;
     ATTN_ASSIGN_OR_RETURN(executor, core_.place(req->device()));
     const auto& executors = core_.scheduler.executors();
-    // No GPU rung reads float8 pages yet: a cache the caller put on a GPU is refused; one it left
-    // to the server goes to the CPU below (kv_servable: the GPU rungs refuse the storage).
-    if (cfg.fp8() && !req->device().empty() &&
-        executors[executor]->target().backend != Backend::kCpu) {
-      return failed_precondition(
-          "config.kv_storage: D_TYPE_FLOAT8_E4M3 caches are served on the CPU only for now (no "
-          "GPU rung serves float8 storage yet); device \"" +
-          req->device() + "\" is a GPU: name \"cpu\" or leave device empty");
-    }
     Status servable = kv_servable(cfg, executors[executor]->target());
     if (!servable.ok() && req->device().empty()) {
       // No kernel of the serving device takes this configuration: the CPU, which takes any, holds

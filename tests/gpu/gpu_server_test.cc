@@ -177,43 +177,99 @@ TEST(GpuServer, CallsSpreadOverEveryGpu) {
 // A KV cache on the GPU through the real server: ragged prefill (1, 17, 1000, 4097 tokens) and
 // decode steps across page boundaries on the CUDA paged kernels, every output against float64
 // attention over the test's mirror, ReadKv bit for bit, and a fork copied on the device.
-// No GPU rung reads float8 pages yet: a float8 cache named onto the GPU is refused naming
-// config.kv_storage; one left to the server is placed on the CPU and served there.
-TEST(GpuServer, Fp8KvCacheIsRefusedOnTheGpuAndPlacedOnTheCpu) {
+// A float8 cache on the GPU holds what the CPU backend's holds: the same calls (prefill onto empty
+// and cached sequences, decode steps, a fork appended to, a truncation into a page) on a cache on
+// cuda:0 and one on the CPU of the same server leave the same codes and scales bit for bit
+// (ReadKv as stored), and the outputs agree within bfloat16's error (the CPU's are checked
+// against float64 by integration.KvFp8Server); windows, soft caps and sinks at GQA 7.
+TEST(GpuServer, Fp8KvCacheOnTheGpuHoldsWhatTheCpuHolds) {
   SKIP_WITHOUT_GPU();
   testing::ServerProcess server(ATTND_PATH, {"--backend", "cuda", "--devices", "0"});
   Client client(server.address());
-  v1::CreateKvCacheRequest creq;
-  auto* c = creq.mutable_config();
-  c->set_layers(1);
-  c->set_kv_heads(2);
-  c->set_head_dim(64);
-  c->set_dtype(v1::D_TYPE_BFLOAT16);
-  c->set_capacity_tokens(256);
-  c->set_kv_storage(v1::D_TYPE_FLOAT8_E4M3);
-  creq.set_device("cuda:0");
-  {
-    v1::CreateKvCacheResponse cresp;
-    grpc::ClientContext ctx;
-    const grpc::Status s = client.stub().CreateKvCache(&ctx, creq, &cresp);
-    EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << s.error_message();
-    EXPECT_THAT(s.error_message(), HasSubstr("config.kv_storage"));
-  }
-  creq.clear_device();
-  v1::CreateKvCacheResponse cresp;
-  {
-    grpc::ClientContext ctx;
-    const grpc::Status s = client.stub().CreateKvCache(&ctx, creq, &cresp);
-    ASSERT_TRUE(s.ok()) << s.error_message();
-  }
-  EXPECT_THAT(cresp.cache().device(), HasSubstr("cpu"));
   std::mt19937_64 rng(testing::seed());
-  auto r = client.prefill(cresp.cache().handle(), 0, {"a"}, {5},
-                          random_tensor(DType::kBFloat16, {5, 4, 64}, rng),
-                          random_tensor(DType::kBFloat16, {5, 2, 64}, rng),
-                          random_tensor(DType::kBFloat16, {5, 2, 64}, rng));
-  ASSERT_TRUE(r.ok()) << r.status().to_string();
-  EXPECT_THAT(r->timings.kernel(), HasSubstr("cpu"));
+  for (const int d : {128, 64}) {
+    const int hkv = 4, hq = 28, page = d == 128 ? 16 : 64;
+    SCOPED_TRACE("D " + std::to_string(d) + " page " + std::to_string(page) + " seed " + std::to_string(testing::seed()));
+    v1::KvCacheConfig cfg;
+    cfg.set_layers(1);
+    cfg.set_kv_heads(hkv);
+    cfg.set_head_dim(d);
+    cfg.set_dtype(v1::D_TYPE_BFLOAT16);
+    cfg.set_page_size(page);
+    cfg.set_capacity_tokens(8192);
+    cfg.set_kv_storage(v1::D_TYPE_FLOAT8_E4M3);
+    auto on_gpu = client.create_kv_cache(cfg, 0, "cuda:0");
+    ASSERT_TRUE(on_gpu.ok()) << on_gpu.status().to_string();
+    EXPECT_THAT(on_gpu->device(), HasSubstr("cuda:0"));
+    auto on_cpu = client.create_kv_cache(cfg, 0, "cpu");
+    ASSERT_TRUE(on_cpu.ok()) << on_cpu.status().to_string();
+    const std::string caches[2] = {on_gpu->handle(), on_cpu->handle()};
+    // Heavier rows later: pages' scales grow and their earlier rows are requantized.
+    const auto rows = [&](std::int64_t n, std::int64_t heads, float scale) {
+      Tensor t = random_tensor(DType::kBFloat16, {n, heads, d}, rng);
+      for (std::size_t e = 0; e < static_cast<std::size_t>(t.numel()); ++e) t.set(e, t.get(e) * scale);
+      return t;
+    };
+    const auto same_outputs = [&](const Result<KvOpResult>& g, const Result<KvOpResult>& c, const std::string& what) {
+      ASSERT_TRUE(g.ok()) << what << ": " << g.status().to_string();
+      ASSERT_TRUE(c.ok()) << what << ": " << c.status().to_string();
+      EXPECT_THAT(g->timings.kernel(), ::testing::Not(HasSubstr("/cpu"))) << what;
+      std::vector<double> want;
+      for (std::size_t e = 0; e < static_cast<std::size_t>(c->output.numel()); ++e) want.push_back(c->output.get(e));
+      EXPECT_LE(reference::relative_frobenius_error(g->output.view(), want), 1e-2) << what;
+    };
+    const auto same_cache = [&](const std::string& id, const std::string& what) {
+      auto g = client.read_kv(caches[0], id, 0), c = client.read_kv(caches[1], id, 0);
+      ASSERT_TRUE(g.ok() && c.ok()) << what;
+      ASSERT_TRUE(g->fp8 && c->fp8) << what;
+      EXPECT_EQ(g->shape, c->shape) << what;
+      EXPECT_TRUE(g->k_codes == c->k_codes && g->v_codes == c->v_codes) << what << ": codes differ (" << id << ")";
+      EXPECT_TRUE(g->k_scales == c->k_scales && g->v_scales == c->v_scales) << what << ": scales differ (" << id << ")";
+    };
+    const std::vector<std::string> ids{"a", "b", "c"};
+    const std::vector<std::int64_t> lens{1, 37, 700};
+    {
+      const std::int64_t total = 738;
+      Tensor q = rows(total, hq, 1.0f), k = rows(total, hkv, 1.0f), v = rows(total, hkv, 1.0f);
+      same_outputs(client.prefill(caches[0], 0, ids, lens, q, k, v), client.prefill(caches[1], 0, ids, lens, q, k, v),
+                   "prefill onto empty");
+      for (const auto& id : ids) same_cache(id, "prefill onto empty");
+    }
+    {
+      const std::vector<std::int64_t> more{20, 5, 100};
+      Tensor q = rows(125, hq, 1.0f), k = rows(125, hkv, 3.0f), v = rows(125, hkv, 5.0f);
+      PrefillOptions opt;
+      opt.window_left = 50;
+      opt.softcap = 30.0f;
+      same_outputs(client.prefill(caches[0], 0, ids, more, q, k, v, opt),
+                   client.prefill(caches[1], 0, ids, more, q, k, v, opt), "prefill onto cached, windowed");
+      for (const auto& id : ids) same_cache(id, "prefill onto cached");
+    }
+    ASSERT_TRUE(client.fork_sequence(caches[0], "c", "c2").ok());
+    ASSERT_TRUE(client.fork_sequence(caches[1], "c", "c2").ok());
+    const std::vector<std::string> all{"a", "b", "c", "c2"};
+    for (int step = 0; step < 40; ++step) {
+      Tensor q = rows(4, hq, 1.0f), k = rows(4, hkv, step == 20 ? 40.0f : 1.0f), v = rows(4, hkv, step == 30 ? 40.0f : 1.0f);
+      DecodeOptions opt;
+      if (step % 3 == 1) opt.window_left = 100;
+      if (step % 4 == 2) opt.softcap = 20.0f;
+      if (step % 5 == 3) {
+        opt.sinks = Tensor(DType::kFloat32, {hq});
+        for (int h = 0; h < hq; ++h) opt.sinks.set(static_cast<std::size_t>(h), 0.5f * static_cast<float>(h % 3));
+      }
+      same_outputs(client.decode(caches[0], 0, all, q, k, v, opt), client.decode(caches[1], 0, all, q, k, v, opt),
+                   "decode step " + std::to_string(step));
+    }
+    for (const auto& id : all) same_cache(id, "after decoding");
+    ASSERT_TRUE(client.truncate_sequence(caches[0], "c2", 705).ok());
+    ASSERT_TRUE(client.truncate_sequence(caches[1], "c2", 705).ok());
+    {
+      Tensor q = rows(4, hq, 1.0f), k = rows(4, hkv, 8.0f), v = rows(4, hkv, 8.0f);
+      same_outputs(client.decode(caches[0], 0, all, q, k, v), client.decode(caches[1], 0, all, q, k, v),
+                   "decode after truncation");
+    }
+    for (const auto& id : all) same_cache(id, "after truncation");
+  }
 }
 
 TEST(GpuServer, KvCacheDecodeAndPrefillOnTheGpuMatchFloat64) {

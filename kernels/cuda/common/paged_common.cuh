@@ -9,6 +9,7 @@
 #include <climits>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "../cuda_check.h"
 #include "../softmax/softmax_common.cuh"
@@ -58,6 +59,17 @@ struct PagedProblem {
   int window_left = -1, window_right = -1;  // the mask's window (AttentionMask); -1: unbounded
   float cap_pre = 0.0f, cap_log2 = 0.0f;    // the soft cap as a ScoreMap; 0: none
   const float* sinks = nullptr;             // [Hq] natural-log sink logits, or null
+  // float8 e4m3 pages (PagedKvLayer::fp8): the pools hold codes, a float32 scale per (page, kv
+  // head) of each pool (attn/paged_ops.h); the append quantizes (paged_fp8.cuh).
+  bool fp8 = false, fixed_scales = false;
+  float* k_scales = nullptr;
+  float* v_scales = nullptr;
+  // The call's new rows are already in the pools (a caller appended them): the append launch
+  // only plans.
+  bool appended = false;
+  // Host copies (never read on the device): the lengths, and prefill's q_indptr (null for decode).
+  const std::int32_t* seq_lens_host = nullptr;
+  const std::int32_t* q_indptr_host = nullptr;
 
   __host__ __device__ ScoreMap score_map() const { return {scale_log2, cap_pre, cap_log2}; }
   __host__ __device__ bool capped() const { return cap_log2 != 0.0f; }
@@ -109,11 +121,10 @@ template <class Args>
 Result<PagedProblem> paged_problem(const Args& a, const TensorView& q_indptr, const RungCaps& caps,
                                    const char* name) {
   ATTN_RETURN_IF_ERROR(OpDesc<Args>::check(a));
-  // No CUDA rung reads float8 pages yet: such a cache is placed on the CPU at creation.
-  if (a.cache.storage != KvStorage::kDType) {
+  if (a.cache.fp8() && !caps.fp8_pages) {
     return invalid_argument(std::string("cache.storage: ") + name +
-                            " reads pages in the cache's dtype; no GPU rung serves float8_e4m3 "
-                            "storage yet (the CPU does)");
+                            " reads pages in the cache's dtype, not float8_e4m3 (paged_decode/04_warp_pipes "
+                            "and paged_prefill/02_wgmma do)");
   }
   ATTN_RETURN_IF_ERROR(check_dtype(caps, a.cache.dtype, "q.dtype", name));
   ATTN_RETURN_IF_ERROR(check_head_dim(caps, a.cache.dtype, a.cache.head_dim, "q.shape", name));
@@ -163,6 +174,14 @@ Result<PagedProblem> paged_problem(const Args& a, const TensorView& q_indptr, co
     p.cap_log2 = a.softcap * 1.4426950408889634f;
   }
   p.sinks = a.sinks.empty() ? nullptr : static_cast<const float*>(a.sinks.data);
+  p.seq_lens_host = a.seqs.seq_lens_host;
+  if constexpr (std::is_same_v<Args, PagedPrefillArgs>) p.q_indptr_host = a.q_indptr_host;
+  if (a.cache.fp8()) {
+    if (!a.cache.k_scales || !a.cache.v_scales)
+      return invalid_argument(std::string("cache.k_scales: ") + name + " needs the float8 pages' scales");
+    p.fp8 = true, p.fixed_scales = a.cache.fixed_scales;
+    p.k_scales = a.cache.k_scales, p.v_scales = a.cache.v_scales;
+  }
   return p;
 }
 
@@ -180,34 +199,39 @@ struct PagedPrep {
   int zero_count = 0;
 };
 
+// The planning part of the append launch: tile_indptr (a scan) and the zeroing.
+__device__ __forceinline__ void paged_prep(const PagedProblem& p, const PagedPrep& prep) {
+  if (prep.zeroed)
+    for (int i = threadIdx.x; i < prep.zero_count; i += blockDim.x) prep.zeroed[i] = 0;
+  if (prep.tile_indptr && threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    int carry = 0;
+    if (lane == 0) prep.tile_indptr[0] = 0;
+    for (int base = 0; base < p.n; base += 32) {
+      const int i = base + lane;
+      int tiles = 0;
+      if (i < p.n) {
+        const int len = p.seq_len(i);
+        const int units = prep.units_are_new_rows ? p.new_count(i) * prep.rows_per_token
+                                                  : len - p.decode_first_key(len);
+        tiles = (units + prep.per_tile - 1) / prep.per_tile;
+      }
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {  // inclusive scan across the warp
+        const int x = __shfl_up_sync(0xffffffffu, tiles, off);
+        if (lane >= off) tiles += x;
+      }
+      if (i < p.n) prep.tile_indptr[i + 1] = carry + tiles;
+      carry += __shfl_sync(0xffffffffu, tiles, 31);
+    }
+  }
+}
+
 // Block b < tokens appends new row b (every kv head); block `tokens` runs the scan and zeroing.
 template <class T>
 __global__ void __launch_bounds__(128) paged_append_kernel(PagedProblem p, PagedPrep prep) {
   if (blockIdx.x == static_cast<unsigned>(p.tokens)) {
-    if (prep.zeroed)
-      for (int i = threadIdx.x; i < prep.zero_count; i += blockDim.x) prep.zeroed[i] = 0;
-    if (prep.tile_indptr && threadIdx.x < 32) {
-      const int lane = threadIdx.x;
-      int carry = 0;
-      if (lane == 0) prep.tile_indptr[0] = 0;
-      for (int base = 0; base < p.n; base += 32) {
-        const int i = base + lane;
-        int tiles = 0;
-        if (i < p.n) {
-          const int len = p.seq_len(i);
-          const int units = prep.units_are_new_rows ? p.new_count(i) * prep.rows_per_token
-                                                    : len - p.decode_first_key(len);
-          tiles = (units + prep.per_tile - 1) / prep.per_tile;
-        }
-#pragma unroll
-        for (int off = 1; off < 32; off <<= 1) {  // inclusive scan across the warp
-          const int x = __shfl_up_sync(0xffffffffu, tiles, off);
-          if (lane >= off) tiles += x;
-        }
-        if (i < p.n) prep.tile_indptr[i + 1] = carry + tiles;
-        carry += __shfl_sync(0xffffffffu, tiles, 31);
-      }
-    }
+    paged_prep(p, prep);
     return;
   }
   const int t = blockIdx.x;
@@ -239,10 +263,25 @@ __global__ void __launch_bounds__(128) paged_append_kernel(PagedProblem p, Paged
   }
 }
 
+}  // namespace attn::cuda
+
+#include "paged_fp8.cuh"
+
+namespace attn::cuda {
+
+// The append of a call's new rows (float8 pages: quantized, paged_fp8.cuh), with the plan.
 template <class T>
 Status launch_paged_append(const PagedProblem& p, const PagedPrep& prep, cudaStream_t s,
                            const char* name) {
   const bool extra = prep.tile_indptr || prep.zeroed;
+  if (p.fp8 && !p.appended) return launch_paged_append_fp8<T>(p, prep, s, name);
+  if (p.appended) {  // planning only: a launch whose one block is the plan's
+    if (!extra) return Status::Ok();
+    PagedProblem plan = p;
+    plan.tokens = 0;
+    paged_append_kernel<T><<<1, 128, 0, s>>>(plan, prep);
+    return to_status(cudaGetLastError(), name);
+  }
   paged_append_kernel<T><<<p.tokens + (extra ? 1 : 0), 128, 0, s>>>(p, prep);
   return to_status(cudaGetLastError(), name);
 }

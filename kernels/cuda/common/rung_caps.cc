@@ -58,6 +58,7 @@ std::string limits_text(const RungCaps& caps, Op op) {
   if (op == Op::kPagedDecode || op == Op::kPagedPrefill)
     parts.push_back(caps.page_sizes ? "page sizes " + page_sizes_text(caps.page_sizes) : "any page size");
   if (*caps.more) parts.emplace_back(caps.more);
+  if (caps.fp8_pages) parts.emplace_back("float8 e4m3 K/V pages");
   std::vector<std::string> options;
   if (caps.features & kTakesWindow) options.emplace_back("sliding windows");
   if (caps.features & kTakesSoftcap) options.emplace_back("soft caps");

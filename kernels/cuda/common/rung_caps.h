@@ -34,6 +34,7 @@ struct RungCaps {
   bool one_query_row = false;        // Sq = 1 only (decoding)
   unsigned page_sizes = 0;           // bit k: 2^k keys a page; 0: any page size
   bool hopper_only = false;          // supports() refuses other GPUs (wgmma, TMA)
+  bool fp8_pages = false;            // KV ops: reads float8 e4m3 pages too
   int min_arch = 0;                  // the registry's minimum compute capability; 0: any
   const char* more = "";             // the rest of its limits, in words (sizes, alignment)
 
@@ -82,6 +83,11 @@ struct RungCaps {
       while ((1 << k) != s) ++k;  // powers of two only
       c.page_sizes |= 1u << k;
     }
+    return c;
+  }
+  constexpr RungCaps with_fp8_pages() const {
+    RungCaps c = *this;
+    c.fp8_pages = true;
     return c;
   }
   constexpr RungCaps on_hopper_only() const {

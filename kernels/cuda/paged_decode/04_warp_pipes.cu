@@ -13,8 +13,11 @@
 // larger groups on the core's wide path: the warps split the heads over block-wide 64-key tiles,
 // 64 heads a block); any page size; sliding windows (the plan splits only the keys in the window), soft
 // caps and attention sinks.
+// float8 e4m3 pages: common/split_kv_fp8.cuh (the same plan and pipelines, codes widened in
+// registers).
 #include <vector>
 
+#include "../common/split_kv_fp8.cuh"
 #include "../common/split_kv_mma_core.cuh"
 #include "paged_decode_rungs.h"
 
@@ -143,6 +146,8 @@ Status paged_decode_04_supports(const PagedDecodeArgs& args) { return paged(args
 
 Status paged_decode_04_warp_pipes(const PagedDecodeArgs& args, Stream& stream) {
   ATTN_ASSIGN_OR_RETURN(p, paged(args));
+  if (p.fp8)
+    return split_kv_fp8::dispatch<kPagedDecode04Caps.head_dims>(args.cache.dtype, args, p, stream, kPagedName);
   return split_kv_mma::dispatch<WarpPipe, kPagedDecode04Caps.head_dims>(args.cache.dtype, args, p, stream,
                                                                         kPagedName);
 }

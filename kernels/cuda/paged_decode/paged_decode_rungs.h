@@ -22,9 +22,10 @@ inline constexpr RungCaps kPagedDecode02Caps = kPagedAllCaps.with_head_dims(kAll
 inline constexpr RungCaps kPagedDecode03Caps =
     kPagedSixteenBitCaps.with_head_dims(head_dims_of({64, 128})).with_features(kAllFeatures);
 inline constexpr RungCaps kPagedDecode04Caps =
-    kPagedSixteenBitCaps.with_head_dims(kAllHeadDims).with_features(kAllFeatures);
+    kPagedSixteenBitCaps.with_head_dims(kAllHeadDims).with_features(kAllFeatures).with_fp8_pages();
 // Rung 04's kernel on dense K/V (Sq = 1).
-inline constexpr RungCaps kAttentionDecodeMmaCaps = kPagedDecode04Caps.decoding();
+inline constexpr RungCaps kAttentionDecodeMmaCaps =
+    kPagedSixteenBitCaps.with_head_dims(kAllHeadDims).with_features(kAllFeatures).decoding();
 
 inline constexpr RungCaps kPagedPrefill00Caps =
     kPagedAllCaps.with_head_dims(kAllHeadDims).with_features(kAllFeatures);
@@ -35,6 +36,7 @@ inline constexpr RungCaps kPagedPrefill02Caps = kPagedSixteenBitCaps.with_head_d
                                                     .with_more("up to 128 query heads per key/value head")
                                                     .with_page_sizes({16, 32, 64, 128})
                                                     .on_hopper_only()
+                                                    .with_fp8_pages()
                                                     .with_min_arch(90);
 
 Status paged_decode_01_supports(const PagedDecodeArgs& args);

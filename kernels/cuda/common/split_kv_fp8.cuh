@@ -68,7 +68,11 @@ struct WarpPipe8 {
   static constexpr int kTileBytes = 16 * row_bytes<D>();
   static constexpr int kScaleOffset = 2 * kTileBytes;
   static constexpr int kStageBytes = 2 * kTileBytes + 128;
-  static constexpr int kStages = 24576 / kStageBytes > 3 ? 24576 / kStageBytes : 3;  // ~24 KB a warp
+  // ~12 KB a warp (at least 3 stages), ~50 KB a block: 3 blocks an SM at D 128 (12 warps; the
+  // registers allow 3). With rung 04's 24 KB a warp (2 blocks, 8 warps) the kernel was latency-bound:
+  // 4.4 cycles between a warp's instructions, DRAM 56% busy (ncu, H100); the bytes in flight
+  // (8 KB a warp, 96 KB an SM) still cover the memory's latency.
+  static constexpr int kStages = 12800 / kStageBytes > 3 ? 12800 / kStageBytes : 3;
   static constexpr int kWarpBytes = kStages * kStageBytes;
   static constexpr int kRingBytes = kWarps * kWarpBytes;
   static constexpr int kChunks = D / 16;  // 16-byte chunks of a row's codes

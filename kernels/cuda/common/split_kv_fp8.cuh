@@ -5,8 +5,8 @@
 //   scale arrays), and are widened in registers: ldmatrix hands each lane 4 codes, and integer
 //   operations place each code's sign, exponent and mantissa into a float16 (an e4m3 code shifted
 //   into float16's fields is the code's value x 2^-8 exactly, subnormals included; the 2^8 joins
-//   the scales). The conversion instruction (cvt.f16x2.e4m3x2) ran at 0.6x of the copy's
-//   bandwidth on the H100; the shifts and masks run on the integer pipes. The MMAs run in float16
+//   the scales): shifts and masks on the integer pipes (cvt.f16x2.e4m3x2 measured the same on the
+//   H100; the kernel was latency-bound, not conversion-bound: see kStages). The MMAs run in float16
 //   whatever the query's type (the widened codes are exact there; the query is rounded to it once).
 // - A 32-bit word of codes [c0 c1 c2 c3] widens into the pairs (c0, c2) and (c1, c3).
 // - K: ldmatrix gives lane (g, t4) dims 4 t4 .. 4 t4 + 3 of key g of a 16-dim chunk, so the dims of

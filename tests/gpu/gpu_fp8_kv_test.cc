@@ -224,6 +224,7 @@ TEST(GpuFp8Kv, DecodeMatchesTheCpuAppendAndFloat64) {
 
 TEST(GpuFp8Kv, PrefillMatchesTheCpuAppendAndFloat64) {
   if (!gpu()) GTEST_SKIP() << "no usable GPU on this machine";
+  if (gpu()->target().compute_capability != 90) GTEST_SKIP() << "paged_prefill/02_wgmma is for sm_90";
   const auto& reg = default_registry().of<PagedPrefillArgs>();
   const auto* cpu_variant = reg.find("paged_prefill/cpu");
   ASSERT_NE(cpu_variant, nullptr);
@@ -295,6 +296,88 @@ TEST(GpuFp8Kv, PrefillMatchesTheCpuAppendAndFloat64) {
                 EXPECT_LE(reference::lse_error(lse.view(), want_lse), 1e-4);
               }
   EXPECT_GT(ran, 0);
+}
+
+// The append on awkward values, against the CPU's codes and scales bit for bit (this library builds
+// with fast math; the append must not flush what the CPU keeps): pages of zeros (scale 0), tiny
+// magnitudes (scales at the 2^-126 floor, bfloat16 subnormals), NaN of either sign (kept, with its
+// sign, also through a requantization), float16's largest values, and a client's calibrated scales
+// that are not powers of two.
+TEST(GpuFp8Kv, AppendOfAwkwardValuesMatchesTheCpu) {
+  if (!gpu()) GTEST_SKIP() << "no usable GPU on this machine";
+  const auto& reg = default_registry().of<PagedDecodeArgs>();
+  const auto* gpu_variant = reg.find("paged_decode/04_warp_pipes");
+  const auto* cpu_variant = reg.find("paged_decode/cpu");
+  ASSERT_NE(gpu_variant, nullptr);
+  ASSERT_NE(cpu_variant, nullptr);
+  auto cpu = make_cpu_executor();
+  std::mt19937_64 rng(testing::seed());
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  struct Kind {
+    const char* name;
+    DType dt;
+    float scale;         // times N(0, 1)
+    bool nans, fixed;    // NaN of both signs in the new rows; calibrated scales
+  };
+  for (const Kind& kind : {Kind{"zeros", DType::kBFloat16, 0.0f, false, false},
+                           Kind{"tiny 1e-37", DType::kBFloat16, 1e-37f, false, false},
+                           Kind{"bf16 subnormals 1e-39", DType::kBFloat16, 1e-39f, false, false},
+                           Kind{"huge 1e30", DType::kBFloat16, 1e30f, false, false},
+                           Kind{"NaN", DType::kBFloat16, 1.0f, true, false},
+                           Kind{"f16 near 65504", DType::kFloat16, 30000.0f, false, false},
+                           Kind{"calibrated scales", DType::kBFloat16, 1.0f, false, true}}) {
+    SCOPED_TRACE(std::string(kind.name) + " seed=" + std::to_string(testing::seed()));
+    PagedCase c{8, 2, 64, {0, 5, 16, 28}, {1, 1, 1, 1}};
+    PagedBatch batch(kind.dt, c, 16, rng);
+    Fp8Layer layer(batch);
+    Fp8Layer::Copy cpu_cache = layer.host_copy();
+    if (kind.fixed) {  // calibrated: fixed, not powers of two, on both copies
+      std::vector<float> ks(layer.ks.size()), vs(layer.vs.size());
+      for (std::size_t i = 0; i < ks.size(); ++i) ks[i] = 0.0037f * static_cast<float>(i % 7 + 1), vs[i] = 0.011f / static_cast<float>(i % 5 + 1);
+      ASSERT_TRUE(gpu()->write(layer.device.k_scales, 0, ks.data(), ks.size() * 4).ok());
+      ASSERT_TRUE(gpu()->write(layer.device.v_scales, 0, vs.data(), vs.size() * 4).ok());
+      cpu_cache.ks = ks, cpu_cache.vs = vs;
+      cpu_cache.layer.k_scales = cpu_cache.ks.data(), cpu_cache.layer.v_scales = cpu_cache.vs.data();
+      layer.device.fixed_scales = cpu_cache.layer.fixed_scales = true;
+    }
+    // Four decode steps of each sequence: the pages' later rows grow scales (x 64 at step 2).
+    for (int step = 0; step < 4; ++step) {
+      const std::int64_t n = 4;
+      Tensor q = random_tensor(kind.dt, {n, c.hq, c.d}, rng);
+      Tensor k_new = random_tensor(kind.dt, {n, c.hkv, c.d}, rng), v_new = random_tensor(kind.dt, {n, c.hkv, c.d}, rng);
+      const float factor = kind.scale * (step == 2 ? 64.0f : 1.0f) * (kind.dt == DType::kFloat16 && step == 2 ? 1.0f / 64 : 1.0f);
+      for (Tensor* t : {&k_new, &v_new})
+        for (std::size_t e = 0; e < static_cast<std::size_t>(t->numel()); ++e) {
+          float x = t->get(e) * factor;
+          if (kind.dt == DType::kFloat16) x = std::max(-65504.0f, std::min(65504.0f, x));
+          if (kind.nans && e % 37 == 3) x = e % 2 ? -nan : nan;
+          t->set(e, x);
+        }
+      Tensor o(kind.dt, q.shape()), o_cpu(kind.dt, q.shape());
+      PagedDecodeArgs args{q.view(), k_new.view(), v_new.view(), o.view(), {}, layer.device, {}, 0.125f};
+      PagedPlan plan = batch.plan;
+      for (std::size_t i = 0; i < plan.seq_lens.size(); ++i) plan.seq_lens[i] += step;
+      // Each step appends one more row: the pages hold cached + fresh + 3 rows at most (16 a page).
+      plan.bind(args.seqs);
+      const Status s = run(*gpu(), *gpu_variant, args);
+      ASSERT_TRUE(s.ok()) << s.to_string();
+      PagedDecodeArgs cpu_args = args;
+      cpu_args.cache = cpu_cache.layer;
+      cpu_args.o = o_cpu.view();
+      ASSERT_TRUE(run(*cpu, *cpu_variant, cpu_args).ok());
+      const Fp8Layer::Copy got = layer.read_device();
+      SCOPED_TRACE("step " + std::to_string(step));
+      expect_same_cache(got, cpu_cache);
+      // Outputs where both backends' float32 stays in range (fast math flushes the GPU's subnormal
+      // scores and sums: tiny caches' outputs are not comparable; NaN propagates).
+      if (kind.dt == DType::kFloat16 || kind.fixed) {
+        std::vector<double> want;
+        for (std::size_t e = 0; e < static_cast<std::size_t>(o_cpu.numel()); ++e) want.push_back(o_cpu.get(e));
+        EXPECT_LE(reference::relative_frobenius_error(o.view(), want), reference::tolerance(kind.dt, 64))
+            << "the GPU's outputs against the CPU's over the same cache";
+      }
+    }
+  }
 }
 
 // The rungs that read only 16-bit pages refuse a float8 cache naming cache.storage.

@@ -147,7 +147,10 @@ __device__ __forceinline__ void load_query_rows_f16(const PagedProblem& p, int i
         const uint2 raw = __ldg(reinterpret_cast<const uint2*>(q + kk * 16 + 4 * t4));
         const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-        for (int k = 0; k < 4; ++k) x[k] = fminf(fmaxf(to_float(e[k]), -65504.0f), 65504.0f);
+        for (int k = 0; k < 4; ++k) {  // NaN stays NaN
+          x[k] = to_float(e[k]);
+          if (fabsf(x[k]) > 65504.0f) x[k] = copysignf(65504.0f, x[k]);
+        }
       }
       qf[kk][r] = pack2<__half>(x[0], x[2]);
       qf[kk][2 + r] = pack2<__half>(x[1], x[3]);

@@ -321,29 +321,7 @@ __global__ void __launch_bounds__(kThreads) split_kv_fp8_kernel(PagedProblem p, 
                       o[2 * c + 1][2 * r + 1] * vref);
   }
   __syncthreads();
-  const long long out0 = static_cast<long long>(i) * p.heads_q + h0;
-  for (int idx = threadIdx.x; idx < group * D; idx += kThreads) {
-    const int gq = idx / D, c = idx % D;
-    float mb = -INFINITY, lb = 0.0f, acc = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) mb = fmaxf(mb, red_m[w][gq]);
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w)
-      if (red_m[w][gq] != -INFINITY) {
-        const float wt = exp2f(red_m[w][gq] - mb);
-        lb += red_l[w][gq] * wt;
-        acc += staged[(w * 16 + gq) * D + c] * wt;
-      }
-    if (chunks == 1) {
-      const RowEnd end = finish_row(mb, lb, p.sinks, h0 + gq);
-      static_cast<T*>(p.o)[(out0 + gq) * D + c] = from_float<T>(acc * end.inv);
-      if (p.lse && c == 0) p.lse[out0 + gq] = end.lse_log2 * 0.6931471805599453f;
-    } else {
-      const long long prow = static_cast<long long>(x) * p.heads_q + h0 + gq;
-      sp.o[prow * D + c] = acc;
-      if (c == 0) sp.m[prow] = mb, sp.l[prow] = lb;
-    }
-  }
+  merge_warp_rows<T, D>(p, sp, staged, red_m, red_l, i, x, h0, group, chunks);
   if (chunks == 1) return;
   merge_chunks_if_last<T, D, kThreads>(p, sp, i, hkv * slices + slice, p.heads_kv * slices, h0, group, x0,
                                        chunks, reinterpret_cast<float*>(smem), last_block);

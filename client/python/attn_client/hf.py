@@ -8,17 +8,22 @@
     cache = AttnCache.from_model(client, model, batch_size=1, capacity_tokens=8192)
     out = model.generate(input_ids, past_key_values=cache, max_new_tokens=32)
     cache.close()                                     # frees the server's cache
+    cache = AttnCache.from_model(client, model, kv_storage="float8_e4m3")   # K/V kept in float8
 
 With an AttnCache the keys and values live on the server: each layer's new K/V go up once, with
 the queries, in one Prefill (a prompt) or Decode (a token) call, and only the attention output
-comes back. Without one (use_cache=False, or transformers' own DynamicCache) each call is a
-one-shot Attention over the K/V the model hands over. Sliding windows (Mistral, Gemma 2, Qwen2,
-gpt-oss), logit soft caps (Gemma 2) and attention sinks (gpt-oss) are passed through; GQA/MQA
-need nothing. Padding (a 2D attention_mask with zeros) is refused with an AttnCache; without one
-such calls, and any other mask that is not plain causal, run in torch (`_torch_attention`).
+comes back. kv_storage="float8_e4m3" (a float16 or bfloat16 model) has the server store them as
+float8 e4m3 with a float32 scale per (page, kv head), computed on append: twice the tokens in the
+same memory, for e4m3's rounding (3 mantissa bits) of every cached element; what goes over the
+wire and comes back keeps the model's dtype. Without an AttnCache (use_cache=False, or
+transformers' own DynamicCache) each call is a one-shot Attention over the K/V the model hands
+over. Sliding windows (Mistral, Gemma 2, Qwen2, gpt-oss), logit soft caps (Gemma 2) and
+attention sinks (gpt-oss) are passed through; GQA/MQA need nothing. Padding (a 2D attention_mask
+with zeros) is refused with an AttnCache; without one such calls, and any other mask that is not
+plain causal, run in torch (`_torch_attention`).
 
 torch and transformers are imported only inside the functions that need them, so that the config
-helpers here (cache_config, window_left, dtype_name) work without them.
+helpers here (cache_config, window_left, dtype_name, kv_storage_name) work without them.
 """
 
 import uuid
@@ -29,12 +34,13 @@ import numpy as np
 
 from .tensors import BFloat16
 
-__all__ = ["AttnCache", "register", "cache_config", "window_left", "dtype_name", "attention_function",
-           "attnd_mask"]
+__all__ = ["AttnCache", "register", "cache_config", "window_left", "dtype_name", "kv_storage_name",
+           "attention_function", "attnd_mask"]
 
 _DTYPE_NAMES = {"float32": "float32", "float": "float32", "fp32": "float32", "f32": "float32",
                 "float16": "float16", "half": "float16", "fp16": "float16", "f16": "float16",
                 "bfloat16": "bfloat16", "bf16": "bfloat16"}
+_FLOAT8_NAMES = ("float8_e4m3", "float8_e4m3fn", "fp8", "e4m3")  # float8_e4m3fn: torch's name
 
 
 # ---- config mapping (no torch needed) ----
@@ -54,6 +60,26 @@ def dtype_name(dtype) -> str:
     if name is None:
         raise ValueError(f"dtype: attnd caches hold float32, float16 or bfloat16, got {dtype!r}")
     return name
+
+
+def kv_storage_name(kv_storage, dtype: str) -> str:
+    """How an AttnCache of `dtype` (a dtype_name) has the server store its K/V: "float8_e4m3" for
+    "float8_e4m3" (or "fp8", "e4m3", torch.float8_e4m3fn), `dtype` itself for None, "" or `dtype`.
+    ValueError naming kv_storage for anything else, and for float8 under a float32 cache (the
+    server stores float8 for float16 and bfloat16 caches only)."""
+    if kv_storage is None or kv_storage == "":
+        return dtype
+    s = str(kv_storage)
+    if s.startswith("torch."):
+        s = s[len("torch."):]
+    if s in _FLOAT8_NAMES:
+        if dtype == "float32":
+            raise ValueError("kv_storage: float8_e4m3 stores float16 and bfloat16 caches, this one is float32 "
+                             "(the model's dtype, or dtype=)")
+        return "float8_e4m3"
+    if _DTYPE_NAMES.get(s) == dtype:
+        return dtype
+    raise ValueError(f"kv_storage: expected float8_e4m3, or None for the cache's dtype ({dtype}), got {kv_storage!r}")
 
 
 def window_left(sliding_window) -> Optional[int]:
@@ -363,12 +389,17 @@ def _classes_made():
         history never comes back); the attnd attention function recognizes them and runs Prefill
         (a prompt, or a layer's first call) or Decode (one token) for that layer on the server.
         Needs the model's attn_implementation to be the one register() made. Free it with close()
-        (or a with block); __del__ tries too."""
+        (or a with block); __del__ tries too.
+
+        dtype: the server cache's (and the wire's) dtype. kv_storage: how the server stores K/V;
+        None (the default) in `dtype`, "float8_e4m3" in float8 e4m3 with a float32 scale per
+        (page, kv head) computed on append (float16 and bfloat16 caches): one byte an element
+        instead of two, for e4m3's rounding (3 mantissa bits, ~2^-4 relative) of each."""
 
         __hash__ = object.__hash__  # _LIVE_CACHES (a WeakSet) holds it, whatever Cache does with __eq__
 
         def __init__(self, client, config, batch_size: int = 1, capacity_tokens: Optional[int] = None,
-                     dtype="float32", page_size: int = 0, ttl_ms: int = 0):
+                     dtype="float32", page_size: int = 0, ttl_ms: int = 0, kv_storage: Optional[str] = None):
             self._closed = True  # until the server's cache exists (close() and __del__ read it)
             self._handle, self._info = None, None
             shape = cache_config(config)
@@ -378,6 +409,7 @@ def _classes_made():
                 raise ValueError(f"AttnCache: batch_size {batch_size} (one server sequence per row, at least 1)")
             self._num_layers, self._kv_heads, self._head_dim = shape["layers"], shape["kv_heads"], shape["head_dim"]
             self._dtype = dtype_name(dtype)
+            self._kv_storage = kv_storage_name(kv_storage, self._dtype)
             if capacity_tokens is None:
                 limit = getattr(_text_config(config), "max_position_embeddings", None) or 4096
                 capacity_tokens = self._batch * min(int(limit), 4096)
@@ -392,7 +424,8 @@ def _classes_made():
                 self.layers = layers
             self._info = client.create_kv_cache(layers=self._num_layers, kv_heads=self._kv_heads,
                                                 head_dim=self._head_dim, capacity_tokens=self._capacity,
-                                                dtype=self._dtype, page_size=page_size, ttl_ms=ttl_ms)
+                                                dtype=self._dtype, page_size=page_size, ttl_ms=ttl_ms,
+                                                kv_storage="" if self._kv_storage == self._dtype else self._kv_storage)
             self._handle = self._info.handle
             tag = uuid.uuid4().hex[:12]
             self._sequence_ids = [f"hf-{tag}-{i}" for i in range(self._batch)]
@@ -401,12 +434,13 @@ def _classes_made():
 
         @classmethod
         def from_model(cls, client, model, batch_size: int = 1, capacity_tokens: Optional[int] = None,
-                       dtype=None, page_size: int = 0, ttl_ms: int = 0):
-            """A cache for `model` (its config; its dtype unless `dtype` is given)."""
+                       dtype=None, page_size: int = 0, ttl_ms: int = 0, kv_storage: Optional[str] = None):
+            """A cache for `model` (its config; its dtype unless `dtype` is given); kv_storage
+            "float8_e4m3" stores its K/V in float8 (a float16 or bfloat16 model)."""
             if dtype is None:
                 dtype = getattr(model, "dtype", "float32")
             return cls(client, model.config, batch_size=batch_size, capacity_tokens=capacity_tokens,
-                       dtype=dtype, page_size=page_size, ttl_ms=ttl_ms)
+                       dtype=dtype, page_size=page_size, ttl_ms=ttl_ms, kv_storage=kv_storage)
 
         # -- what it is (read-only) --
 
@@ -449,6 +483,11 @@ def _classes_made():
         def dtype(self) -> str:
             """The server cache's dtype name ("float32", "float16" or "bfloat16")."""
             return self._dtype
+
+        @property
+        def kv_storage(self) -> str:
+            """How the server stores K/V: "float8_e4m3", or the cache's dtype name."""
+            return self._kv_storage
 
         @property
         def batch_size(self) -> int:
@@ -655,7 +694,7 @@ def _classes_made():
             seen = getattr(self, "_seen", None)
             return (f"AttnCache(handle={getattr(self, '_handle', None)!r}, layers={getattr(self, '_num_layers', '?')}, "
                     f"batch={getattr(self, '_batch', '?')}, seen={seen[0] if seen else 0}, "
-                    f"dtype={getattr(self, '_dtype', '?')})")
+                    f"dtype={getattr(self, '_dtype', '?')}, kv_storage={getattr(self, '_kv_storage', '?')})")
 
     AttnCache.__abstractmethods__ = frozenset()
     _classes["AttnCache"], _classes["AttnLayer"] = AttnCache, AttnLayer

@@ -1,7 +1,8 @@
 """attn_client.hf against the real attnd: tiny random-weight Hugging Face models (Llama, Qwen2,
 Mistral, Gemma 2, gpt-oss) run with attn_implementation "attnd" and an AttnCache, checked against
-the same weights under "eager". attnd serves on CUDA when torch sees a GPU (and attnd was built
-with it), else on the CPU. Skips without torch or transformers."""
+the same weights under "eager", and a float8 AttnCache against a bfloat16 one. attnd serves on
+CUDA when torch sees a GPU (and attnd was built with it), else on the CPU. Skips without torch or
+transformers."""
 
 import copy
 
@@ -10,7 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from attn_client import AttnError, Client  # noqa: E402 (after the skips)
+from attn.v1 import attn_pb2  # noqa: E402 (after the skips)
+from attn_client import AttnError, Client  # noqa: E402
 from attn_client.hf import AttnCache, register  # noqa: E402
 from conftest import Server  # noqa: E402
 
@@ -178,6 +180,66 @@ def test_bfloat16_prefill_and_decode_logits_near_eager(client, family):
         assert cache.get_seq_length() == 16
     for step, (o, e) in enumerate(zip(ours_err, eager_err)):
         assert o <= 1.5 * e + 5e-3, f"step {step}: attnd {ours_err}, eager {eager_err} (bfloat16 vs float32)"
+
+
+# ---- a float8 cache against a bfloat16 one ----
+
+def teacher_forced_logits(model, tokens, prompt_length, cache):
+    """The logits after the last of `tokens`, fed as generate() feeds them: the prompt in one call,
+    then one token a call."""
+    with torch.no_grad():
+        out = model(tokens[:, :prompt_length], past_key_values=cache, use_cache=True)
+        for t in range(prompt_length, tokens.shape[1]):
+            out = model(tokens[:, t:t + 1], past_key_values=cache, use_cache=True)
+    return out.logits[:, -1]
+
+
+# The last step's logits of a float8 cache against a bfloat16 one's, both fed the bfloat16 run's
+# tokens (after a differing greedy token the two runs' logits would answer different prefixes).
+# e4m3 keeps 3 mantissa bits: each cached element is off by up to 2^-4 (6%) relative, ~3.5% rms;
+# attention outputs carry about that (0.035 measured for normal K/V, README), and the residual
+# stream dilutes it on the way to the logits: 1e-2 to 5e-2 expected on these models (0.017-0.019
+# measured on the CPU server for examples/kv_transformer.py's numpy model of these two shapes,
+# 2 layers, 12 + 16 tokens). 0.1 leaves room for that spread while a wrong scale or code (errors
+# of order 1) still fails.
+FP8_LOGITS_BOUND = 0.1
+
+
+# Llama: GQA 4; Qwen2: GQA 7 (its q heads do not split into powers of two)
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_float8_cache_generates_near_a_bfloat16_cache(client, family):
+    device = "cuda" if GPU else "cpu"
+    _, ours = build_pair(CONFIGS[family](), device=device, dtype=torch.bfloat16)
+    ids = prompt(1, 12).to(device)
+    new = 16
+    with AttnCache.from_model(client, ours, capacity_tokens=256) as ref, \
+            AttnCache.from_model(client, ours, capacity_tokens=256, kv_storage="float8_e4m3") as fp8:
+        # the server holds float8: a cache that ignored kv_storage would pass the comparisons below
+        assert (ref.kv_storage, fp8.kv_storage, fp8.dtype) == ("bfloat16", "float8_e4m3", "bfloat16")
+        ref_info, info = client.describe_kv_cache(ref.handle), client.describe_kv_cache(fp8.handle)
+        assert ref_info.config.kv_storage == attn_pb2.D_TYPE_UNSPECIFIED  # stored in its dtype
+        assert info.config.kv_storage == attn_pb2.D_TYPE_FLOAT8_E4M3
+        assert info.config.dtype == attn_pb2.D_TYPE_BFLOAT16
+        assert info.config.capacity_tokens == 256 == info.pages_total * info.config.page_size
+        assert info.pages_total == ref_info.pages_total
+        # a byte an element instead of two, plus a float32 scale per (layer, K or V, page, kv head)
+        scales = info.config.layers * 2 * info.pages_total * info.config.kv_heads * 4
+        assert info.bytes == ref_info.bytes // 2 + scales, (info.bytes, ref_info.bytes)
+
+        want = generate(ours, ids, ref, new_tokens=new)
+        got = generate(ours, ids, fp8, new_tokens=new)
+        assert fp8.get_seq_length() == ids.shape[1] + new - 1
+        same = (got.sequences[0, 12:] == want.sequences[0, 12:]).float().mean().item()
+
+        fed = want.sequences[:, :-1]  # the last generated token is never fed back
+        ref.reset()
+        fp8.reset()
+        err = rel_fro(teacher_forced_logits(ours, fed, 12, fp8), teacher_forced_logits(ours, fed, 12, ref))
+    summary = (f"{family}: float8 vs bfloat16 cache, {new} greedy tokens: last-step logits rel. Frobenius "
+               f"{err:.4f} (bound {FP8_LOGITS_BOUND}), identical tokens {same:.0%}")
+    print(summary)
+    assert 0 < err < FP8_LOGITS_BOUND, summary  # 0: nothing was rounded, the float8 path never ran
+    assert got.sequences[0, 12] == want.sequences[0, 12], summary
 
 
 # ---- without an AttnCache: one-shot Attention calls ----

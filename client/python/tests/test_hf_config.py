@@ -82,6 +82,24 @@ def test_dtype_name_refuses(d):
         hf.dtype_name(d)
 
 
+@pytest.mark.parametrize("storage, dtype, want", [
+    (None, "bfloat16", "bfloat16"), ("", "float32", "float32"), ("float16", "float16", "float16"),
+    ("bf16", "bfloat16", "bfloat16"), ("float8_e4m3", "bfloat16", "float8_e4m3"), ("fp8", "float16", "float8_e4m3"),
+    ("e4m3", "bfloat16", "float8_e4m3"), ("torch.float8_e4m3fn", "bfloat16", "float8_e4m3")])
+def test_kv_storage_name(storage, dtype, want):
+    assert hf.kv_storage_name(storage, dtype) == want
+
+
+@pytest.mark.parametrize("storage, dtype, why", [("float8_e4m3", "float32", "float16 and bfloat16"),
+                                                 ("fp8", "float32", "float32"),
+                                                 ("float16", "bfloat16", "expected float8_e4m3"),
+                                                 ("int8", "float16", "int8"), ("float8_e5m2", "bfloat16", "e5m2")])
+def test_kv_storage_name_refuses(storage, dtype, why):
+    with pytest.raises(ValueError, match="kv_storage") as e:
+        hf.kv_storage_name(storage, dtype)
+    assert why in str(e.value)
+
+
 def test_importing_hf_imports_neither_torch_nor_transformers():
     import os
     import subprocess
@@ -219,7 +237,8 @@ def test_attn_cache_bookkeeping(fake_transformers):
     cfg = llama_like(head_dim=64)
     cache = hf.AttnCache(client, cfg, batch_size=2, capacity_tokens=1024, dtype="torch.bfloat16")
     assert client.calls[0] == ("create", dict(layers=2, kv_heads=2, head_dim=64, capacity_tokens=1024,
-                                              dtype="bfloat16", page_size=0, ttl_ms=0))
+                                              dtype="bfloat16", page_size=0, ttl_ms=0, kv_storage=""))
+    assert cache.kv_storage == "bfloat16"
     assert len(cache.sequence_ids) == 2 and len(set(cache.sequence_ids)) == 2
     other = hf.AttnCache(FakeClient(), cfg, batch_size=2, capacity_tokens=1024)
     assert not set(cache.sequence_ids) & set(other.sequence_ids)  # unique per instance
@@ -263,6 +282,24 @@ def test_attn_cache_bookkeeping(fake_transformers):
     assert [c for c in client.calls if c[0] == "delete"] == [("delete", "h1")]
     with pytest.raises(RuntimeError, match="closed"):
         cache.update(k, v, 0)
+
+
+def test_attn_cache_float8_storage(fake_transformers):
+    client = FakeClient()
+    cfg = llama_like(head_dim=64)
+    cache = hf.AttnCache(client, cfg, capacity_tokens=256, dtype="torch.bfloat16", kv_storage="fp8")
+    assert client.calls[0] == ("create", dict(layers=2, kv_heads=2, head_dim=64, capacity_tokens=256,
+                                              dtype="bfloat16", page_size=0, ttl_ms=0, kv_storage="float8_e4m3"))
+    assert cache.kv_storage == "float8_e4m3" and cache.dtype == "bfloat16"  # the wire keeps bfloat16
+    assert "kv_storage=float8_e4m3" in repr(cache)
+    cache.close()
+    # refused before anything is made on the server: float8 stores float16 and bfloat16 caches
+    refused = FakeClient()
+    with pytest.raises(ValueError, match="kv_storage: float8_e4m3 stores float16 and bfloat16"):
+        hf.AttnCache(refused, cfg, capacity_tokens=256, dtype="float32", kv_storage="float8_e4m3")
+    with pytest.raises(ValueError, match="kv_storage: expected float8_e4m3"):
+        hf.AttnCache(refused, cfg, capacity_tokens=256, dtype="float16", kv_storage="int4")
+    assert refused.calls == []
 
 
 def test_attn_cache_pending_owner(fake_transformers):

@@ -57,7 +57,8 @@ class ReferenceClient:
         self.caches, self.n = {}, 0
 
     def create_kv_cache(self, *, layers, kv_heads, head_dim, capacity_tokens, dtype="float32", page_size=0,
-                        ttl_ms=0, device=""):
+                        ttl_ms=0, device="", kv_storage=""):
+        assert not kv_storage, "the stand-in keeps K/V in float64: no float8 storage"
         self.n += 1
         handle = f"ref{self.n}"
         self.caches[handle] = SimpleNamespace(config=SimpleNamespace(layers=layers, kv_heads=kv_heads,
@@ -125,6 +126,11 @@ class ReferenceClient:
                                 np.arange(sq) + sk - sq, scale, window_left, softcap,
                                 None if sinks is None else _f64(sinks)).transpose(1, 0, 2) for i in range(b)])
         return Result(_like(out, q), None)
+
+
+@pytest.mark.skip(reason="float8 storage and its sizes are the server's: the stand-in keeps K/V in float64")
+def test_float8_cache_generates_near_a_bfloat16_cache():
+    pass
 
 
 @pytest.fixture(scope="module")

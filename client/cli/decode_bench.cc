@@ -31,6 +31,10 @@ int check_options(const DecodeBenchOptions& o) {
   if (!parse_dtype(o.dtype))
     return fail("--dtype",
                 invalid_argument("expected float32, float16 or bfloat16, got " + o.dtype));
+  if (o.fp8 && *parse_dtype(o.dtype) == DType::kFloat32) {
+    const std::string why = "float8 storage serves float16 and bfloat16 caches, got --dtype ";
+    return fail("--fp8", invalid_argument(why + o.dtype));
+  }
   if (o.seqs < 1 || o.steps < 1 || o.warmup < 0 || o.layers < 1 || o.q_heads < 1 ||
       o.kv_heads < 1 || o.head_dim < 1 || o.prefill_chunk < 1)
     return fail("options", invalid_argument("--seqs, --steps, --layers, the heads, --head-dim and "
@@ -172,6 +176,10 @@ int run_decode_bench(const DecodeBenchOptions& o, Client& client) {
   auto info = client.create_kv_cache(decode_bench::cache_config(o, *w), 0, o.device);
   if (!info.ok()) return fail("CreateKvCache", info.status());
   const CacheLease lease(client, info->handle(), o.keep);
+  // A server that predates float8 storage ignores the field: say so rather than time its dtype.
+  if (o.fp8 && info->config().kv_storage() != v1::D_TYPE_FLOAT8_E4M3)
+    return fail("--fp8", failed_precondition("the server made a cache stored in its dtype (no "
+                                             "float8 storage there)"));
   return run_on_cache(o, *w, *info, client, rng);
 }
 

@@ -26,6 +26,9 @@ struct DecodeBenchOptions {
   int kv_heads = 8;
   int head_dim = 128;
   std::string dtype = "bfloat16";
+  // --fp8: the cache stores K/V in float8 e4m3, scales computed on append (a float16 or bfloat16
+  // cache); the wire keeps `dtype`.
+  bool fp8 = false;
   int page_size = 16;
   std::int64_t prefill_chunk = 8192;  // tokens per Prefill call at most
   std::string kernel;                 // Decode's variant; empty: the server picks

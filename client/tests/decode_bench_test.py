@@ -46,9 +46,11 @@ class DecodeBenchTest(unittest.TestCase):
         table = self.attn(*args, "--json-out", out).stdout
         for words in ("steps/s", "sequence-steps/s", "per step: p50", "per call: p50", "kernel share", "prefill:"):
             self.assertIn(words, table)
+        self.assertNotIn("float8", table)
         with open(out) as f:
             r = json.load(f)
         self.assertEqual((r["seqs"], r["steps"], r["layers"], r["dtype"]), (3, 4, 2, "float32"))
+        self.assertEqual(r["kv_storage"], "float32")
         self.assertTrue(5 * 3 <= r["prompt_tokens"] <= 40 * 3)
         self.assertGreaterEqual(r["prefill_calls"], 2 * -(-r["prompt_tokens"] // 32))  # chunks x layers
         self.assertTrue(r["kernel"].startswith("paged_decode/"))
@@ -64,6 +66,27 @@ class DecodeBenchTest(unittest.TestCase):
         self.assertEqual(as_json["clients"], 1)
         self.assertEqual(as_json["transport"], "inline")
         self.assertEqual(as_json["call_mean_batched_calls"], 1)  # one stream: nothing to merge with
+
+    def test_decode_bench_fp8(self):
+        out = os.path.join(self.dir.name, "fp8.json")
+        args = ["decode-bench", "--seqs", "3", "--context", "5:40", "--steps", "3", "--warmup", "1", "--layers", "2",
+                "--q-heads", "4", "--kv-heads", "2", "--head-dim", "16", "--dtype", "bfloat16", "--page-size", "8"]
+        table = self.attn(*args, "--fp8", "--json-out", out).stdout
+        header = table.splitlines()[0]
+        self.assertTrue(header.startswith("cache "), header)
+        self.assertIn("), bfloat16, float8_e4m3 cache, page 8, ", header)
+        self.assertIn("per call: p50", table)
+        with open(out) as f:
+            r = json.load(f)
+        self.assertEqual((r["dtype"], r["kv_storage"], r["page_size"]), ("bfloat16", "float8_e4m3", 8))
+        self.assertGreater(r["steps_per_s"], 0)
+        # The same workload (same seed, same pages) stored in bfloat16: the float8 cache holds a
+        # byte an element instead of two, plus a float32 scale per (layer, K or V, page, kv head).
+        plain = json.loads(self.attn("--json", *args).stdout)
+        self.assertEqual(plain["kv_storage"], "bfloat16")
+        pages = plain["cache_bytes"] // (2 * 2 * 2 * 8 * 16 * 2)  # layers, K and V, Hkv, page, D, bytes
+        self.assertEqual(r["cache_bytes"], plain["cache_bytes"] // 2 + 2 * 2 * pages * 2 * 4)
+        self.assertEqual(self.caches(), [])
 
     def test_decode_bench_concurrent_streams(self):
         r = json.loads(self.attn("--json", "decode-bench", "--clients", "3", "--seqs", "6", "--context", "20",
@@ -85,6 +108,10 @@ class DecodeBenchTest(unittest.TestCase):
         r = self.attn("decode-bench", "--dtype", "int8", check=False)
         self.assertNotEqual(r.returncode, 0)
         self.assertIn("--dtype", r.stderr)
+        r = self.attn("decode-bench", "--fp8", "--dtype", "float32", check=False)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("--fp8: INVALID_ARGUMENT", r.stderr)
+        self.assertIn("float16 and bfloat16", r.stderr)
         # The server's refusal comes through with its code: 3 query heads over 2 kv heads.
         r = self.attn("decode-bench", "--seqs", "1", "--context", "4", "--layers", "1", "--q-heads", "3",
                       "--kv-heads", "2", "--head-dim", "16", "--dtype", "float32", check=False)

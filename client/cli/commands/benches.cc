@@ -60,6 +60,9 @@ Subcommand add_decode_bench(CLI::App& app) {
   cmd->add_option("--kv-heads", o->kv_heads, "key/value heads")->capture_default_str();
   cmd->add_option("--head-dim", o->head_dim, "head dimension")->capture_default_str();
   cmd->add_option("--dtype", o->dtype, "float32, float16 or bfloat16")->capture_default_str();
+  cmd->add_flag("--fp8", o->fp8,
+                "store the cache's K/V in float8 e4m3, scales computed on append (--dtype float16 "
+                "or bfloat16; the wire keeps --dtype)");
   cmd->add_option("--page-size", o->page_size, "tokens per page (8 .. 128)")->capture_default_str();
   cmd->add_option("--prefill-chunk", o->prefill_chunk, "tokens per Prefill call at most")
       ->capture_default_str();

@@ -73,6 +73,14 @@ Figures figures(const DecodeBenchOptions& o, const Samples& d) {
   return f;
 }
 
+// How the cache stores K/V, as the server made it: "float8_e4m3" (--fp8), or the dtype.
+bool fp8_storage(const Measured& m) {
+  return m.cache.config().kv_storage() == v1::D_TYPE_FLOAT8_E4M3;
+}
+std::string kv_storage(const DecodeBenchOptions& o, const Measured& m) {
+  return fp8_storage(m) ? "float8_e4m3" : o.dtype;
+}
+
 // Where decode's tensors travelled: "inline", "shm" or "cuda-ipc".
 std::string transport(const DecodeBenchOptions& o) {
   return o.shm ? "shm" : o.cuda_ipc_device >= 0 ? "cuda-ipc" : "inline";
@@ -86,8 +94,9 @@ std::string json_record(const DecodeBenchOptions& o, const Workload& w, const Me
   json.precision(10);
   json << "{\"cache\": \"" << m.cache.handle() << "\", \"replica\": \"" << m.cache.replica()
        << "\", \"device\": \"" << m.cache.device() << "\", \"kernel\": \"" << f.kernel_name
-       << "\", \"dtype\": \"" << o.dtype << "\", \"seqs\": " << o.seqs << ", \"context\": \""
-       << o.context << "\", \"prompt_tokens\": " << w.prompt_tokens << ", \"layers\": " << o.layers
+       << "\", \"dtype\": \"" << o.dtype << "\", \"kv_storage\": \"" << kv_storage(o, m)
+       << "\", \"seqs\": " << o.seqs << ", \"context\": \"" << o.context
+       << "\", \"prompt_tokens\": " << w.prompt_tokens << ", \"layers\": " << o.layers
        << ", \"q_heads\": " << o.q_heads << ", \"kv_heads\": " << o.kv_heads
        << ", \"head_dim\": " << o.head_dim << ", \"page_size\": " << w.page
        << ", \"cache_bytes\": " << m.cache_bytes << ", \"prefill_calls\": " << m.prefill.calls
@@ -115,9 +124,10 @@ void print_table(const DecodeBenchOptions& o, const Workload& w, const Measured&
                  const Figures& f) {
   const Samples& d = m.decode;
   const CallColumns& c = f.calls;
-  std::printf("cache %s on %s (%s), %s, page %lld, %.1f MiB\n", m.cache.handle().c_str(),
+  std::printf("cache %s on %s (%s), %s%s, page %lld, %.1f MiB\n", m.cache.handle().c_str(),
               m.cache.replica().c_str(), m.cache.device().c_str(), o.dtype.c_str(),
-              static_cast<long long>(w.page), m.cache_bytes / 1048576.0);
+              fp8_storage(m) ? ", float8_e4m3 cache" : "", static_cast<long long>(w.page),
+              m.cache_bytes / 1048576.0);
   std::printf(
       "model: %d layers, Hq %d / Hkv %d / D %d; %d sequences, context %s (%lld prompt tokens)\n",
       o.layers, o.q_heads, o.kv_heads, o.head_dim, o.seqs, o.context.c_str(),

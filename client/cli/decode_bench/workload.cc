@@ -69,6 +69,7 @@ v1::KvCacheConfig cache_config(const DecodeBenchOptions& o, const Workload& w) {
   config.set_kv_heads(o.kv_heads);
   config.set_head_dim(o.head_dim);
   config.set_dtype(wire::to_proto(w.dtype));
+  if (o.fp8) config.set_kv_storage(v1::D_TYPE_FLOAT8_E4M3);  // scales computed on append
   config.set_page_size(o.page_size);
   config.set_capacity_tokens(w.capacity);
   return config;

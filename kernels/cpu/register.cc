@@ -92,6 +92,7 @@ class CpuExecutor final : public Executor {
     timings.kernel_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
                             std::chrono::steady_clock::now() - start)
                             .count();
+    timings.execute_ns = timings.kernel_ns;
     return s;
   }
 

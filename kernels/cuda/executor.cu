@@ -154,6 +154,7 @@ class CudaExecutor final : public Executor {
   Status execute(const OpCall& call, ExecTimings& timings) override {
     if (poisoned_) return unavailable("device " + info_.label() + " faulted earlier; restart the server");
     ATTN_CUDA_RETURN(cudaSetDevice(info_.ordinal));
+    const auto begin = Clock::now();
     StagedCall staged(*this, call);  // its views point back at host memory when it ends
     ATTN_RETURN_IF_ERROR(staged.allocate());
     const auto pack = Clock::now();
@@ -167,6 +168,7 @@ class CudaExecutor final : public Executor {
     ATTN_RETURN_IF_ERROR(check(cudaEventRecord(events_[2], stream_), "cudaEventRecord"));
     ATTN_RETURN_IF_ERROR(staged.copy_out());
     ATTN_RETURN_IF_ERROR(check(cudaEventRecord(events_[3], stream_), "cudaEventRecord"));
+    const auto issued = Clock::now();
     ATTN_RETURN_IF_ERROR(check(cudaStreamSynchronize(stream_), "the kernel"));
     const auto unpack = Clock::now();
     staged.unpack_outputs();
@@ -179,6 +181,9 @@ class CudaExecutor final : public Executor {
     timings.h2d_ns = ns_between(pack, packed) + static_cast<std::int64_t>(h2d_ms * 1e6);
     timings.kernel_ns = static_cast<std::int64_t>(kernel_ms * 1e6);
     timings.d2h_ns = static_cast<std::int64_t>(d2h_ms * 1e6) + ns_between(unpack, done) + staged.chunked_out_ns();
+    timings.issue_ns = ns_between(begin, issued) - ns_between(pack, packed) - staged.chunked_out_ns();
+    timings.wait_ns = ns_between(issued, unpack);
+    timings.execute_ns = ns_between(begin, Clock::now());
     return Status::Ok();
   }
 

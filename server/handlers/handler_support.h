@@ -2,6 +2,7 @@
 // milliseconds for expiry times, and a finished call's Timings.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <string>
@@ -40,9 +41,17 @@ inline void fill_timings(v1::Timings* out, const std::string& kernel, const Exec
   out->set_flops(cost.flops);
   out->set_bytes(cost.bytes);
   out->set_batched_calls(batched);
-  out->set_total_ns(
+  const std::int64_t total =
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start)
-          .count());
+          .count();
+  out->set_total_ns(total);
+  // The host's parts: receive and parse (set by the handler), prepare, issue and wait (inside execute), and
+  // what is left after execute: the response.
+  out->set_prepare_ns(t.prepare_ns);
+  out->set_issue_ns(t.issue_ns);
+  out->set_wait_ns(t.wait_ns);
+  out->set_finish_ns(std::max<std::int64_t>(
+      0, total - out->receive_ns() - out->parse_ns() - queue_ns - t.prepare_ns - t.execute_ns));
 }
 
 }  // namespace attn::server

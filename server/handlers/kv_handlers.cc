@@ -403,6 +403,7 @@ class KvCall final : public BatchMember {
     if (pending->repeat_of) return replay(executor, queue_ns);
     bind_plan(pending->plan, request.args);
     ExecTimings t;
+    t.prepare_ns = plan_ns;
     const Status status = executor.execute(make_call(*request.variant, request.args), t);
     if (!status.ok()) {
       core->device_faulted(executor, request.variant->info.name, status);
@@ -435,12 +436,16 @@ class KvCall final : public BatchMember {
     run_merged<KvMerging<Args>>(*core, executor, live, waits);
   }
 
+  std::int64_t plan_ns = 0;  // host time planning its pages
+
   // Its part in a launch (merged_launch.h): the launch failed (its pages go back), or ran (its
   // appends are committed, its rows answered).
   const Args& launch_args() const { return request.args; }
   void undo_together() { cache->abort(*pending); }
-  void ran_together(Executor& executor, const ExecTimings& t, std::int64_t queue_ns, int batched,
-                    const VariantInfo& ran) {
+  void ran_together(Executor& executor, const ExecTimings& launched, std::int64_t queue_ns,
+                    int batched, const VariantInfo& ran) {
+    ExecTimings t = launched;
+    if (batched > 1) t.prepare_ns += plan_ns;  // alone, run_alone counted it
     bind_plan(pending->plan, request.args);             // for its own cost
     if (AppliedCall* record = pending->record.get()) {  // kept for a repeat: the outputs' bytes
       Status kept = keep_output(executor, request.args.o, resp->o(), &record->o);
@@ -471,10 +476,12 @@ class KvCall final : public BatchMember {
 
  private:
   Status plan() {
+    const auto begin = Clock::now();
     auto p = cache->plan_append(layer, ids, fresh, create_missing,
                                 request.expectation ? &*request.expectation : nullptr);
     if (!p.ok()) return p.status();
     pending = std::move(p).value();
+    plan_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - begin).count();
     return Status::Ok();
   }
 
@@ -610,6 +617,8 @@ grpc::ServerUnaryReactor* KvHandlers::serve_kv(CallContext& call, const Request*
   job.drop = [kv](const Status& why) { kv->fail(why); };
   job.run = [kv](Executor& executor, std::int64_t queue_ns) { kv->run_alone(executor, queue_ns); };
   job.batch = kv;
+  resp->mutable_timings()->set_receive_ns(call.receive_ns());
+  resp->mutable_timings()->set_parse_ns(call.parse_ns());
   const Status queued = core_.scheduler.submit(placement, std::move(job));
   if (!queued.ok()) kv->fail(queued);
   return kv->reactor;

@@ -11,6 +11,7 @@
 // the call changed goes back, before any call is answered), fail() and ran_together().
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -37,6 +38,7 @@ template <class Spec, class Call>
 void run_merged(const ServiceCore& core, Executor& executor, const std::vector<Call*>& calls,
                 const std::vector<std::int64_t>& waits) {
   using Args = typename Spec::Args;
+  const auto begin = std::chrono::steady_clock::now();
   Args all = calls.front()->launch_args();
   std::vector<Tensor> storage;
   storage.reserve(Spec::kInputs.size() + Spec::kOutputs.size());
@@ -58,6 +60,9 @@ void run_merged(const ServiceCore& core, Executor& executor, const std::vector<C
   }
   const VariantInfo& ran = (*variant)->info;
   ExecTimings t;
+  t.prepare_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                     std::chrono::steady_clock::now() - begin)
+                     .count();  // the stacking and the union's plan
   const Status status = executor.execute(make_call(**variant, all), t);
   if (!status.ok()) {
     core.device_faulted(executor, ran.name, status);

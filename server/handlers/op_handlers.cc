@@ -230,6 +230,8 @@ grpc::ServerUnaryReactor* OpHandlers::serve(CallContext& ctx, const Request* req
   // A tiny op on the CPU runs on this thread when the CPU is idle: handing it to the worker
   // (a queue push and a wake-up, ~20 us) would cost more than the op itself.
   placement.inline_when_idle = variant->backend == Backend::kCpu && tiny(cost_of(call->op->args));
+  resp->mutable_timings()->set_receive_ns(ctx.receive_ns());
+  resp->mutable_timings()->set_parse_ns(ctx.parse_ns());
   core_.submit(
       ctx, reactor, variant->name, placement,
       [call](Executor& executor, std::int64_t queue_ns) { call->run_alone(executor, queue_ns); },

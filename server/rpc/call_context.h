@@ -26,7 +26,20 @@ struct CallContext {
   // to it. Null: no budget (tests, the fuzzer).
   MemoryHold* hold = nullptr;
   std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
+  // When its whole request had arrived (its body read, before parsing): start until then is the
+  // transfer (and any wait for room in the memory budget).
+  std::chrono::steady_clock::time_point received = start;
   std::size_t bytes_in = 0;  // the request's serialized size
+
+  // Timings' receive_ns and parse_ns of a call being queued now.
+  std::int64_t receive_ns() const {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(received - start).count();
+  }
+  std::int64_t parse_ns() const {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() -
+                                                                received)
+        .count();
+  }
 
   const char* op() const { return method ? method->op.c_str() : "unknown"; }
   std::string peer() const { return grpc ? grpc->peer() : std::string("in-process"); }

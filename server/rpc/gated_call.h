@@ -209,6 +209,7 @@ class GatedUnaryCall final : public grpc::ServerBidiReactor<grpc::ByteBuffer, gr
   // Parses the request and hands it to the unary handler.
   void dispatch() {
     bool parsed;
+    call_.received = std::chrono::steady_clock::now();
     call_.bytes_in = bytes_in_;
     if (bytes_in_ >= kLargeMessageBytes) {
       parsed = parse_large(request_bytes_, bytes_in_, request_);

@@ -634,5 +634,176 @@ TEST(GpuServer, KvCallsReadDeviceInputsInPlace) {
   cudaFree(base);
 }
 
+// Decode and Prefill with every tensor in a CUDA IPC region (q, K/V in; O and the LSE out, device
+// to device) give the inline path's bits, call after call; a reference past the region's end, to
+// a region that is gone, or of the wrong size is refused by name with the cache unchanged.
+TEST(GpuServer, KvCallsThroughCudaIpcMatchTheInlinePathBitForBit) {
+  SKIP_WITHOUT_GPU();
+  testing::ServerProcess server(ATTND_PATH, {"--backend", "cuda", "--devices", "0", "--shared-memory", "system,cuda"});
+  Client client(server.address());
+  std::mt19937_64 rng(testing::seed());
+  const int hkv = 8, hq = 32, d = 128, seqs = 5;
+  const std::int64_t lens[seqs] = {1, 7, 33, 1000, 70};  // awkward: none a multiple of a page or tile
+  v1::KvCacheConfig config;
+  config.set_layers(2);
+  config.set_kv_heads(hkv);
+  config.set_head_dim(d);
+  config.set_dtype(v1::D_TYPE_BFLOAT16);
+  config.set_page_size(16);
+  config.set_capacity_tokens(16384);
+  auto made_ipc = client.create_kv_cache(config);
+  auto made_inline = client.create_kv_cache(config);
+  ASSERT_TRUE(made_ipc.ok() && made_inline.ok()) << made_ipc.status().to_string() << server.log();
+  const std::string via_ipc = made_ipc->handle(), via_inline = made_inline->handle();
+  std::int64_t rows = 0;
+  for (auto l : lens) rows += l;
+  auto seq_id = [](int i) {  // not "s" + to_string(i): GCC 12's -Wrestrict misfires on it at -O3
+    std::string id = "s";
+    id += std::to_string(i);
+    return id;
+  };
+
+  // One allocation: the prefill's q, k, v, o, lse, then room for decode's.
+  const std::size_t row_q = static_cast<std::size_t>(hq) * d * 2, row_kv = static_cast<std::size_t>(hkv) * d * 2;
+  const std::size_t q_at = 0, k_at = q_at + rows * row_q, v_at = k_at + rows * row_kv, o_at = v_at + rows * row_kv,
+                    lse_at = o_at + rows * row_q, bytes = lse_at + rows * hq * 4;
+  ASSERT_EQ(cudaSetDevice(0), cudaSuccess);
+  char* dev = nullptr;
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&dev), bytes), cudaSuccess);
+  cudaIpcMemHandle_t handle;
+  ASSERT_EQ(cudaIpcGetMemHandle(&handle, dev), cudaSuccess);
+  const std::string ipc(reinterpret_cast<const char*>(&handle), sizeof handle);
+  auto region = client.register_cuda_memory("kv", ipc, 0, 0, static_cast<std::int64_t>(bytes));
+  ASSERT_TRUE(region.ok()) << region.status().to_string();
+  auto lengths_of = [&](const std::string& cache) {
+    std::vector<std::vector<std::int64_t>> out;
+    auto info = client.describe_kv_cache(cache);
+    EXPECT_TRUE(info.ok()) << info.status().to_string();
+    if (info.ok())
+      for (const auto& s : info->sequences()) out.emplace_back(s.lengths().begin(), s.lengths().end());
+    return out;
+  };
+  auto upload = [&](const Tensor& t, std::size_t at) {
+    ASSERT_EQ(cudaMemcpy(dev + at, t.data(), t.bytes(), cudaMemcpyHostToDevice), cudaSuccess);
+  };
+  auto poison_outputs = [&](std::int64_t n) {  // NaN bits where O and the LSE will go
+    ASSERT_EQ(cudaMemset(dev + o_at, 0xff, n * row_q), cudaSuccess);
+    ASSERT_EQ(cudaMemset(dev + lse_at, 0xff, n * hq * 4), cudaSuccess);
+  };
+  auto download = [&](std::size_t at, std::size_t n) {
+    std::string out(n, '\0');
+    EXPECT_EQ(cudaMemcpy(out.data(), dev + at, n, cudaMemcpyDeviceToHost), cudaSuccess);
+    return out;
+  };
+
+  // Prefill, both layers.
+  for (int layer = 0; layer < 2; ++layer) {
+    Tensor q = random_tensor(DType::kBFloat16, {rows, hq, d}, rng), k = random_tensor(DType::kBFloat16, {rows, hkv, d}, rng),
+           v = random_tensor(DType::kBFloat16, {rows, hkv, d}, rng);
+    upload(q, q_at), upload(k, k_at), upload(v, v_at), poison_outputs(rows);
+    v1::PrefillRequest req;
+    req.set_layer(layer);
+    req.set_return_lse(true);
+    for (int i = 0; i < seqs; ++i) req.add_sequence_ids(seq_id(i)), req.add_lens(lens[i]);
+    v1::PrefillRequest inline_req = req;
+    req.set_cache(via_ipc);
+    *req.mutable_q() = Client::in_shared_memory(DType::kBFloat16, q.shape(), "kv", q_at);
+    *req.mutable_k() = Client::in_shared_memory(DType::kBFloat16, k.shape(), "kv", k_at);
+    *req.mutable_v() = Client::in_shared_memory(DType::kBFloat16, v.shape(), "kv", v_at);
+    *req.add_output_shm() = Client::shared_memory_ref("kv", o_at);
+    *req.add_output_shm() = Client::shared_memory_ref("kv", lse_at);
+    inline_req.set_cache(via_inline);
+    *inline_req.mutable_q() = testing::to_wire(q);
+    *inline_req.mutable_k() = testing::to_wire(k);
+    *inline_req.mutable_v() = testing::to_wire(v);
+    v1::PrefillResponse got, want;
+    const grpc::Status s = client.stub().Prefill(client.make_context(req).get(), req, &got);
+    ASSERT_TRUE(s.ok()) << s.error_message() << server.log();
+    ASSERT_TRUE(client.stub().Prefill(client.make_context(inline_req).get(), inline_req, &want).ok());
+    EXPECT_TRUE(got.o().has_shm() && got.o().data().empty());
+    EXPECT_EQ(got.timings().kernel(), want.timings().kernel());
+    EXPECT_EQ(download(o_at, rows * row_q), want.o().data()) << "prefill O, layer " << layer;
+    EXPECT_EQ(download(lse_at, rows * hq * 4), want.lse().data()) << "prefill LSE, layer " << layer;
+  }
+
+  // 12 decode steps over both layers; the timings say where the server's time went.
+  for (int step = 0; step < 12; ++step) {
+    const int layer = step % 2;
+    Tensor q = random_tensor(DType::kBFloat16, {seqs, hq, d}, rng), k = random_tensor(DType::kBFloat16, {seqs, hkv, d}, rng),
+           v = random_tensor(DType::kBFloat16, {seqs, hkv, d}, rng);
+    upload(q, q_at), upload(k, k_at), upload(v, v_at), poison_outputs(seqs);
+    v1::DecodeRequest req;
+    req.set_layer(layer);
+    req.set_return_lse(true);
+    for (int i = 0; i < seqs; ++i) req.add_sequence_ids(seq_id(i));
+    v1::DecodeRequest inline_req = req;
+    req.set_cache(via_ipc);
+    *req.mutable_q() = Client::in_shared_memory(DType::kBFloat16, q.shape(), "kv", q_at);
+    *req.mutable_k_new() = Client::in_shared_memory(DType::kBFloat16, k.shape(), "kv", k_at);
+    *req.mutable_v_new() = Client::in_shared_memory(DType::kBFloat16, v.shape(), "kv", v_at);
+    *req.add_output_shm() = Client::shared_memory_ref("kv", o_at);
+    *req.add_output_shm() = Client::shared_memory_ref("kv", lse_at);
+    inline_req.set_cache(via_inline);
+    *inline_req.mutable_q() = testing::to_wire(q);
+    *inline_req.mutable_k_new() = testing::to_wire(k);
+    *inline_req.mutable_v_new() = testing::to_wire(v);
+    v1::DecodeResponse got, want;
+    const grpc::Status s = client.stub().Decode(client.make_context(req).get(), req, &got);
+    ASSERT_TRUE(s.ok()) << s.error_message() << server.log();
+    ASSERT_TRUE(client.stub().Decode(client.make_context(inline_req).get(), inline_req, &want).ok());
+    EXPECT_EQ(download(o_at, seqs * row_q), want.o().data()) << "decode O, step " << step;
+    EXPECT_EQ(download(lse_at, seqs * hq * 4), want.lse().data()) << "decode LSE, step " << step;
+    EXPECT_EQ(std::vector<std::int64_t>(got.lengths().begin(), got.lengths().end()),
+              std::vector<std::int64_t>(want.lengths().begin(), want.lengths().end()));
+    const v1::Timings& t = got.timings();
+    if (step == 11)
+      std::printf("CUDA IPC decode (%d sequences): kernel %.1f us, server total %.1f us: receive %.1f, parse %.1f, "
+                  "queue %.1f, prepare %.1f, issue %.1f, wait %.1f, finish %.1f us\n",
+                  seqs, t.kernel_ns() / 1e3, t.total_ns() / 1e3, t.receive_ns() / 1e3, t.parse_ns() / 1e3,
+                  t.queue_ns() / 1e3,
+                  t.prepare_ns() / 1e3, t.issue_ns() / 1e3, t.wait_ns() / 1e3, t.finish_ns() / 1e3);
+    EXPECT_GT(t.issue_ns(), 0);
+    EXPECT_GT(t.parse_ns(), 0);
+    EXPECT_LE(t.receive_ns() + t.parse_ns() + t.queue_ns() + t.prepare_ns() + t.issue_ns() + t.wait_ns(), t.total_ns());
+  }
+  const auto before = lengths_of(via_ipc);
+  ASSERT_EQ(before, lengths_of(via_inline));
+
+  // Refusals, each naming its field, and the cache as it was.
+  auto refused = [&](v1::DecodeRequest req, grpc::StatusCode code, const std::string& names) {
+    req.set_cache(via_ipc);
+    for (int i = 0; i < seqs; ++i) req.add_sequence_ids(seq_id(i));
+    if (!req.has_q()) *req.mutable_q() = Client::in_shared_memory(DType::kBFloat16, {seqs, hq, d}, "kv", q_at);
+    if (!req.has_k_new()) *req.mutable_k_new() = Client::in_shared_memory(DType::kBFloat16, {seqs, hkv, d}, "kv", k_at);
+    if (!req.has_v_new()) *req.mutable_v_new() = Client::in_shared_memory(DType::kBFloat16, {seqs, hkv, d}, "kv", v_at);
+    v1::DecodeResponse resp;
+    const grpc::Status s = client.stub().Decode(client.make_context(req).get(), req, &resp);
+    EXPECT_EQ(s.error_code(), code) << s.error_message();
+    EXPECT_THAT(s.error_message(), HasSubstr(names));
+    EXPECT_EQ(lengths_of(via_ipc), before) << s.error_message();
+  };
+  v1::DecodeRequest past_end;  // q's last bytes beyond the region
+  *past_end.mutable_q() = Client::in_shared_memory(DType::kBFloat16, {seqs, hq, d}, "kv",
+                                                   static_cast<std::int64_t>(bytes - row_q));
+  refused(past_end, grpc::StatusCode::INVALID_ARGUMENT, "q.shm: ");
+  v1::DecodeRequest out_past_end;  // O written beyond the region
+  *out_past_end.add_output_shm() = Client::shared_memory_ref("kv", static_cast<std::int64_t>(bytes - 16));
+  refused(out_past_end, grpc::StatusCode::INVALID_ARGUMENT, "output_shm (o).shm: ");
+  v1::DecodeRequest negative;
+  *negative.mutable_k_new() = Client::in_shared_memory(DType::kBFloat16, {seqs, hkv, d}, "kv", -256);
+  refused(negative, grpc::StatusCode::INVALID_ARGUMENT, "k_new.shm: ");
+  v1::DecodeRequest wrong_rows;  // v_new of 4 rows for 5 sequences
+  *wrong_rows.mutable_v_new() = Client::in_shared_memory(DType::kBFloat16, {seqs - 1, hkv, d}, "kv", v_at);
+  refused(wrong_rows, grpc::StatusCode::INVALID_ARGUMENT, "v_new.shape");
+  v1::DecodeRequest unknown;  // a region never registered
+  *unknown.mutable_q() = Client::in_shared_memory(DType::kBFloat16, {seqs, hq, d}, "nope", 0);
+  refused(unknown, grpc::StatusCode::NOT_FOUND, "q.shm.region: no shared-memory region named \"nope\"");
+  ASSERT_TRUE(client.unregister_shared_memory("kv").ok());
+  v1::DecodeRequest gone;  // the region unregistered: inputs and output
+  *gone.add_output_shm() = Client::shared_memory_ref("kv", o_at);
+  refused(gone, grpc::StatusCode::NOT_FOUND, "q.shm.region: no shared-memory region named \"kv\"");
+  cudaFree(dev);
+}
+
 }  // namespace
 }  // namespace attn

@@ -178,6 +178,16 @@ TEST_F(KvCacheServer, PrefillThenDecodeMatchFloat64InEveryDtype) {
                   reference::tolerance(dt, 1020))
             << "decode step " << step << " layer " << layer;
         EXPECT_EQ(from_wire(resp.lse()).shape(), (Shape{n, hq}));
+        // Where the server's time went: the parts it measured, within its total.
+        const v1::Timings& t = resp.timings();
+        EXPECT_GT(t.parse_ns(), 0);
+        EXPECT_GT(t.prepare_ns(), 0);  // the pages planned
+        EXPECT_GT(t.finish_ns(), 0);
+        EXPECT_GE(t.receive_ns(), 0);
+        EXPECT_EQ(t.issue_ns(), 0);  // the CPU backend issues nothing to a device
+        EXPECT_LE(t.receive_ns() + t.parse_ns() + t.queue_ns() + t.prepare_ns() + t.kernel_ns() +
+                      t.finish_ns(),
+                  t.total_ns());
       }
     // What the server holds is the mirror, bit for bit (both rounded to the dtype once).
     for (const auto& id : ids)

@@ -149,6 +149,9 @@ TEST_F(ServerTest, MatmulEveryDtypeAndTransposeIsCorrect) {
         EXPECT_EQ(t.bytes(), static_cast<std::int64_t>((m * k + k * n + m * n) * element_size(dt)));
         EXPECT_GT(t.kernel_ns(), 0);
         EXPECT_GE(t.total_ns(), t.kernel_ns() + t.queue_ns());
+        EXPECT_GT(t.parse_ns(), 0);
+        EXPECT_LE(t.receive_ns() + t.parse_ns() + t.queue_ns() + t.kernel_ns() + t.finish_ns(),
+                  t.total_ns());
       }
 }
 

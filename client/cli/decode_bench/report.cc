@@ -31,6 +31,8 @@ std::string ms(double ns) {
 // The timed calls' figures, a column each, and what they add up to.
 struct CallColumns {
   std::vector<std::int64_t> latency, kernel, server, queue, copy, batched;
+  // The server's host stages (Timings' parse .. finish): where its time outside the kernel goes.
+  std::vector<std::int64_t> receive, parse, prepare, issue, wait, finish;
   double gbps = 0;  // in the kernel
 };
 
@@ -46,6 +48,12 @@ CallColumns call_columns(const std::vector<CallSample>& calls) {
     c.queue.push_back(x.timings.queue_ns());
     c.copy.push_back(x.timings.h2d_ns() + x.timings.d2h_ns());
     c.batched.push_back(std::max(1, x.timings.batched_calls()));
+    c.receive.push_back(x.timings.receive_ns());
+    c.parse.push_back(x.timings.parse_ns());
+    c.prepare.push_back(x.timings.prepare_ns());
+    c.issue.push_back(x.timings.issue_ns());
+    c.wait.push_back(x.timings.wait_ns());
+    c.finish.push_back(x.timings.finish_ns());
     kv_bytes += static_cast<double>(x.timings.bytes());
     launch_ns +=
         static_cast<double>(x.timings.kernel_ns()) / std::max(1, x.timings.batched_calls());
@@ -115,6 +123,12 @@ std::string json_record(const DecodeBenchOptions& o, const Workload& w, const Me
        << ", \"call_mean_server_ns\": " << mean(c.server)
        << ", \"call_mean_queue_ns\": " << mean(c.queue)
        << ", \"call_mean_copy_ns\": " << mean(c.copy)
+       << ", \"call_mean_receive_ns\": " << mean(c.receive)
+       << ", \"call_mean_parse_ns\": " << mean(c.parse)
+       << ", \"call_mean_prepare_ns\": " << mean(c.prepare)
+       << ", \"call_mean_issue_ns\": " << mean(c.issue)
+       << ", \"call_mean_wait_ns\": " << mean(c.wait)
+       << ", \"call_mean_finish_ns\": " << mean(c.finish)
        << ", \"call_mean_batched_calls\": " << mean(c.batched) << ", \"kernel_gbps\": " << c.gbps
        << ", \"kernel_share_of_step\": " << f.kernel_share << "}\n";
   return json.str();
@@ -152,6 +166,11 @@ void print_table(const DecodeBenchOptions& o, const Workload& w, const Measured&
       ms(pct(c.latency, 0.5)).c_str(), ms(pct(c.latency, 0.99)).c_str(), ms(mean(c.queue)).c_str(),
       ms(mean(c.copy)).c_str(), ms(mean(c.kernel)).c_str(), ms(mean(c.server)).c_str(), c.gbps,
       mean(c.batched));
+  std::printf(
+      "  server's time per call (mean): receive %s, parse %s, queue %s, prepare %s, issue %s, "
+      "wait %s, finish %s\n",
+      ms(mean(c.receive)).c_str(), ms(mean(c.parse)).c_str(), ms(mean(c.queue)).c_str(), ms(mean(c.prepare)).c_str(),
+      ms(mean(c.issue)).c_str(), ms(mean(c.wait)).c_str(), ms(mean(c.finish)).c_str());
   std::printf("  device: %s\n", f.device_name.c_str());
 }
 

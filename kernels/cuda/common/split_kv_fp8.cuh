@@ -331,17 +331,13 @@ template <class T, int D>
 Status launch(const PagedDecodeArgs& a, const PagedProblem& p, cudaStream_t s, int device, const char* name) {
   using L = WarpPipe8<D>;
   constexpr int kSmem = L::kRingBytes + 1024;
-  auto kernel = split_kv_fp8_kernel<T, D>;
-  ATTN_RETURN_IF_ERROR(
-      to_status(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem), name));
-  int per_sm = 1, sms = 132;
-  ATTN_RETURN_IF_ERROR(
-      to_status(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, kSmem), name));
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  constexpr auto kernel = split_kv_fp8_kernel<T, D>;
+  LaunchFit fit;
+  ATTN_RETURN_IF_ERROR((launch_fit<kernel, kThreads, kSmem>(device, name, &fit)));
   const int slices = (p.group + kMaxGroup - 1) / kMaxGroup;
   const int max_chunks =
       std::min(kMaxChunksPerSeq, L::kRingBytes / static_cast<int>(sizeof(float)) / std::min(p.group, kMaxGroup));
-  const SplitPlan plan = plan_split(a, static_cast<std::int64_t>(p.heads_kv) * slices, std::max(per_sm, 1) * sms,
+  const SplitPlan plan = plan_split(a, static_cast<std::int64_t>(p.heads_kv) * slices, fit.resident(),
                                     kWaves, kMinChunk, max_chunks, kTileKeys);
   return run_split<T, D>(p, plan, p.heads_kv * slices, s, name, [&](int chunks, const SplitPartials& sp) {
     kernel<<<dim3(static_cast<unsigned>(chunks * slices), p.heads_kv), kThreads, kSmem, s>>>(p, sp);

@@ -32,6 +32,7 @@
 #include <algorithm>
 
 #include "head_dims.cuh"
+#include "launch_fit.cuh"
 #include "mma_sync.cuh"
 #include "paged_split.cuh"
 #include "score_rules.cuh"
@@ -366,18 +367,14 @@ template <class T, int D>
 Status launch_wide(const PagedDecodeArgs& a, const PagedProblem& p, cudaStream_t s, int device, const char* name) {
   using L = BlockPipe<T, D>;
   constexpr int kSmem = L::kRingBytes + 1024;
-  auto kernel = wide_group_kernel<T, D>;
-  ATTN_RETURN_IF_ERROR(to_status(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem), name));
-  int per_sm = 1, sms = 132;
-  ATTN_RETURN_IF_ERROR(to_status(
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, kSmem), name));
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  constexpr auto kernel = wide_group_kernel<T, D>;
+  LaunchFit fit;
+  ATTN_RETURN_IF_ERROR((launch_fit<kernel, kThreads, kSmem>(device, name, &fit)));
   const int slices = (p.group + kWideGroup - 1) / kWideGroup;
   const int max_chunks =
       std::min(kMaxChunksPerSeq, L::kRingBytes / static_cast<int>(sizeof(float)) / std::min(p.group, kWideGroup));
   const SplitPlan plan = plan_split(a, static_cast<std::int64_t>(p.heads_kv) * slices,
-                                    std::max(per_sm, 1) * sms, kWaves, kMinChunk, max_chunks, kTileKeys);
+                                    fit.resident(), kWaves, kMinChunk, max_chunks, kTileKeys);
   return run_split<T, D>(p, plan, p.heads_kv * slices, s, name, [&](int chunks, const SplitPartials& sp) {
     kernel<<<dim3(static_cast<unsigned>(chunks * slices), p.heads_kv), kThreads, kSmem, s>>>(p, sp);
   });
@@ -390,13 +387,9 @@ Status launch(const PagedDecodeArgs& a, const PagedProblem& p, cudaStream_t s, i
   if (p.group > kMaxGroup) return launch_wide<T, D>(a, p, s, device, name);
   using L = Loader<T, D>;
   constexpr int kSmem = L::kRingBytes + 1024;  // + alignment
-  auto kernel = split_kv_mma_kernel<Loader, T, D>;
-  ATTN_RETURN_IF_ERROR(to_status(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem), name));
-  int per_sm = 1, sms = 132;
-  ATTN_RETURN_IF_ERROR(to_status(
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, kSmem), name));
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  constexpr auto kernel = split_kv_mma_kernel<Loader, T, D>;
+  LaunchFit fit;
+  ATTN_RETURN_IF_ERROR((launch_fit<kernel, kThreads, kSmem>(device, name, &fit)));
   // At most 32 chunks a sequence: a batch of one long sequence gets about one wave of long chunks
   // (each block streams long enough to hide its start) and a short merge, not 4 waves of 256-key
   // chunks and a 128-way merge (78 us at 1 x 32k, 1 x 8 heads, on the H200).
@@ -404,7 +397,7 @@ Status launch(const PagedDecodeArgs& a, const PagedProblem& p, cudaStream_t s, i
   const int max_chunks =
       std::min(kMaxChunksPerSeq, L::kRingBytes / static_cast<int>(sizeof(float)) / std::min(p.group, kMaxGroup));
   const SplitPlan plan = plan_split(a, static_cast<std::int64_t>(p.heads_kv) * slices,
-                                    std::max(per_sm, 1) * sms, kWaves, kMinChunk, max_chunks, kTileKeys);
+                                    fit.resident(), kWaves, kMinChunk, max_chunks, kTileKeys);
   return run_split<T, D>(p, plan, p.heads_kv * slices, s, name, [&](int chunks, const SplitPartials& sp) {
     kernel<<<dim3(static_cast<unsigned>(chunks * slices), p.heads_kv), kThreads, kSmem, s>>>(p, sp);
   });

@@ -47,6 +47,13 @@ struct ExecTimings {
   std::int64_t h2d_ns = 0;
   std::int64_t kernel_ns = 0;
   std::int64_t d2h_ns = 0;
+  // Host clock: issuing the copies and launches (driver calls), waiting for the device, and the
+  // whole of execute().
+  std::int64_t issue_ns = 0;
+  std::int64_t wait_ns = 0;
+  std::int64_t execute_ns = 0;
+  // Set by the caller, not the executor: its host time before execute() (plans, stacking).
+  std::int64_t prepare_ns = 0;
 };
 
 // One op, ready to run: the views it reads and writes (inside the args that `launch` captured)

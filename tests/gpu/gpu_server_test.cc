@@ -695,27 +695,34 @@ TEST(GpuServer, KvCallsThroughCudaIpcMatchTheInlinePathBitForBit) {
     EXPECT_EQ(cudaMemcpy(out.data(), dev + at, n, cudaMemcpyDeviceToHost), cudaSuccess);
     return out;
   };
+  // A call twice: `req` with q, K/V in the region and O, the LSE written there; `inline_req` the same
+  // call on the other cache, its tensors in the message. `k_of`/`v_of`: the op's K/V fields.
+  auto route = [&](auto& req, auto& inline_req, auto k_of, auto v_of, const Tensor& q, const Tensor& k,
+                   const Tensor& v) {
+    req.set_return_lse(true);
+    inline_req.set_return_lse(true);
+    req.set_cache(via_ipc);
+    *req.mutable_q() = Client::in_shared_memory(DType::kBFloat16, q.shape(), "kv", q_at);
+    *(req.*k_of)() = Client::in_shared_memory(DType::kBFloat16, k.shape(), "kv", k_at);
+    *(req.*v_of)() = Client::in_shared_memory(DType::kBFloat16, v.shape(), "kv", v_at);
+    *req.add_output_shm() = Client::shared_memory_ref("kv", o_at);
+    *req.add_output_shm() = Client::shared_memory_ref("kv", lse_at);
+    inline_req.set_cache(via_inline);
+    *inline_req.mutable_q() = testing::to_wire(q);
+    *(inline_req.*k_of)() = testing::to_wire(k);
+    *(inline_req.*v_of)() = testing::to_wire(v);
+  };
 
   // Prefill, both layers.
   for (int layer = 0; layer < 2; ++layer) {
     Tensor q = random_tensor(DType::kBFloat16, {rows, hq, d}, rng), k = random_tensor(DType::kBFloat16, {rows, hkv, d}, rng),
            v = random_tensor(DType::kBFloat16, {rows, hkv, d}, rng);
     upload(q, q_at), upload(k, k_at), upload(v, v_at), poison_outputs(rows);
-    v1::PrefillRequest req;
-    req.set_layer(layer);
-    req.set_return_lse(true);
-    for (int i = 0; i < seqs; ++i) req.add_sequence_ids(seq_id(i)), req.add_lens(lens[i]);
-    v1::PrefillRequest inline_req = req;
-    req.set_cache(via_ipc);
-    *req.mutable_q() = Client::in_shared_memory(DType::kBFloat16, q.shape(), "kv", q_at);
-    *req.mutable_k() = Client::in_shared_memory(DType::kBFloat16, k.shape(), "kv", k_at);
-    *req.mutable_v() = Client::in_shared_memory(DType::kBFloat16, v.shape(), "kv", v_at);
-    *req.add_output_shm() = Client::shared_memory_ref("kv", o_at);
-    *req.add_output_shm() = Client::shared_memory_ref("kv", lse_at);
-    inline_req.set_cache(via_inline);
-    *inline_req.mutable_q() = testing::to_wire(q);
-    *inline_req.mutable_k() = testing::to_wire(k);
-    *inline_req.mutable_v() = testing::to_wire(v);
+    v1::PrefillRequest inline_req;
+    inline_req.set_layer(layer);
+    for (int i = 0; i < seqs; ++i) inline_req.add_sequence_ids(seq_id(i)), inline_req.add_lens(lens[i]);
+    v1::PrefillRequest req = inline_req;
+    route(req, inline_req, &v1::PrefillRequest::mutable_k, &v1::PrefillRequest::mutable_v, q, k, v);
     v1::PrefillResponse got, want;
     const grpc::Status s = client.stub().Prefill(client.make_context(req).get(), req, &got);
     ASSERT_TRUE(s.ok()) << s.error_message() << server.log();
@@ -732,21 +739,11 @@ TEST(GpuServer, KvCallsThroughCudaIpcMatchTheInlinePathBitForBit) {
     Tensor q = random_tensor(DType::kBFloat16, {seqs, hq, d}, rng), k = random_tensor(DType::kBFloat16, {seqs, hkv, d}, rng),
            v = random_tensor(DType::kBFloat16, {seqs, hkv, d}, rng);
     upload(q, q_at), upload(k, k_at), upload(v, v_at), poison_outputs(seqs);
-    v1::DecodeRequest req;
-    req.set_layer(layer);
-    req.set_return_lse(true);
-    for (int i = 0; i < seqs; ++i) req.add_sequence_ids(seq_id(i));
-    v1::DecodeRequest inline_req = req;
-    req.set_cache(via_ipc);
-    *req.mutable_q() = Client::in_shared_memory(DType::kBFloat16, q.shape(), "kv", q_at);
-    *req.mutable_k_new() = Client::in_shared_memory(DType::kBFloat16, k.shape(), "kv", k_at);
-    *req.mutable_v_new() = Client::in_shared_memory(DType::kBFloat16, v.shape(), "kv", v_at);
-    *req.add_output_shm() = Client::shared_memory_ref("kv", o_at);
-    *req.add_output_shm() = Client::shared_memory_ref("kv", lse_at);
-    inline_req.set_cache(via_inline);
-    *inline_req.mutable_q() = testing::to_wire(q);
-    *inline_req.mutable_k_new() = testing::to_wire(k);
-    *inline_req.mutable_v_new() = testing::to_wire(v);
+    v1::DecodeRequest inline_req;
+    inline_req.set_layer(layer);
+    for (int i = 0; i < seqs; ++i) inline_req.add_sequence_ids(seq_id(i));
+    v1::DecodeRequest req = inline_req;
+    route(req, inline_req, &v1::DecodeRequest::mutable_k_new, &v1::DecodeRequest::mutable_v_new, q, k, v);
     v1::DecodeResponse got, want;
     const grpc::Status s = client.stub().Decode(client.make_context(req).get(), req, &got);
     ASSERT_TRUE(s.ok()) << s.error_message() << server.log();

@@ -45,8 +45,8 @@ inline void fill_timings(v1::Timings* out, const std::string& kernel, const Exec
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start)
           .count();
   out->set_total_ns(total);
-  // The host's parts: receive and parse (set by the handler), prepare, issue and wait (inside execute), and
-  // what is left after execute: the response.
+  // The host's parts: receive and parse (set by the handler), prepare, issue and wait (inside
+  // execute), and what is left after execute: the response.
   out->set_prepare_ns(t.prepare_ns);
   out->set_issue_ns(t.issue_ns);
   out->set_wait_ns(t.wait_ns);

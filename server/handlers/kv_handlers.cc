@@ -445,7 +445,7 @@ class KvCall final : public BatchMember {
   void ran_together(Executor& executor, const ExecTimings& launched, std::int64_t queue_ns,
                     int batched, const VariantInfo& ran) {
     ExecTimings t = launched;
-    if (batched > 1) t.prepare_ns += plan_ns;  // alone, run_alone counted it
+    if (batched > 1) t.prepare_ns += plan_ns;           // alone, run_alone counted it
     bind_plan(pending->plan, request.args);             // for its own cost
     if (AppliedCall* record = pending->record.get()) {  // kept for a repeat: the outputs' bytes
       Status kept = keep_output(executor, request.args.o, resp->o(), &record->o);

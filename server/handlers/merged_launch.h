@@ -60,9 +60,9 @@ void run_merged(const ServiceCore& core, Executor& executor, const std::vector<C
   }
   const VariantInfo& ran = (*variant)->info;
   ExecTimings t;
-  t.prepare_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
-                     std::chrono::steady_clock::now() - begin)
-                     .count();  // the stacking and the union's plan
+  t.prepare_ns =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - begin)
+          .count();  // the stacking and the union's plan
   const Status status = executor.execute(make_call(**variant, all), t);
   if (!status.ok()) {
     core.device_faulted(executor, ran.name, status);

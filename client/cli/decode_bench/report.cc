@@ -169,8 +169,9 @@ void print_table(const DecodeBenchOptions& o, const Workload& w, const Measured&
   std::printf(
       "  server's time per call (mean): receive %s, parse %s, queue %s, prepare %s, issue %s, "
       "wait %s, finish %s\n",
-      ms(mean(c.receive)).c_str(), ms(mean(c.parse)).c_str(), ms(mean(c.queue)).c_str(), ms(mean(c.prepare)).c_str(),
-      ms(mean(c.issue)).c_str(), ms(mean(c.wait)).c_str(), ms(mean(c.finish)).c_str());
+      ms(mean(c.receive)).c_str(), ms(mean(c.parse)).c_str(), ms(mean(c.queue)).c_str(),
+      ms(mean(c.prepare)).c_str(), ms(mean(c.issue)).c_str(), ms(mean(c.wait)).c_str(),
+      ms(mean(c.finish)).c_str());
   std::printf("  device: %s\n", f.device_name.c_str());
 }
 
